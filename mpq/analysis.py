@@ -1,0 +1,111 @@
+"""Per-layer analysis of a model: shapes, MACs, parameters and the int8 memory model.
+
+This is what `mpq inspect` prints. It only reads the IR and the memory model (DESIGN §5); the
+numbers are those of the layer-based schedule with every tensor at 8 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mpq.boards import Board
+from mpq.ir import Graph, node_macs, node_params
+from mpq.memory import flash_bytes, layer_memory
+
+# Code size is only known after a build (`arm-none-eabi-size`); until then mpq estimates it
+# from the kernels the model needs. Labelled as an estimate wherever it is shown.
+CODE_BASE_ESTIMATE = 4096
+CODE_PER_KERNEL_ESTIMATE = 2048
+
+
+@dataclass
+class LayerInfo:
+    """One IR node as `mpq inspect` reports it."""
+
+    name: str
+    op: str
+    act: str
+    in_shape: list[int]
+    out_shape: list[int]
+    macs: int
+    params: int
+    act_bytes: int  # int8 input(s) + output bytes of this layer
+    scratch_bytes: int
+
+
+@dataclass
+class BoardFit:
+    """Whether the layer-based int8 model fits a board's budgets."""
+
+    board: str
+    sram_budget: int
+    sram_needed: int  # peak SRAM + the input buffer the application passes in
+    sram_margin: int
+    flash_budget: int
+    flash_needed: int  # parameters + code estimate
+    flash_margin: int
+
+    @property
+    def fits(self) -> bool:
+        return self.sram_margin >= 0 and self.flash_margin >= 0
+
+
+@dataclass
+class ModelSummary:
+    """Totals and per-layer rows of a model at int8, layer-based schedule."""
+
+    model: str
+    inputs: dict[str, list[int]]
+    outputs: dict[str, list[int]]
+    layers: list[LayerInfo]
+    macs: int
+    params: int
+    arena_bytes: int
+    scratch_bytes: int
+    peak_sram_bytes: int
+    input_bytes: int
+    output_bytes: int
+    flash_bytes: int
+    code_bytes_estimate: int
+    inplace_depthwise: int
+    fit: BoardFit | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.fit is not None:
+            d["fit"]["fits"] = self.fit.fits
+        return d
+
+
+def summarise(graph: Graph, model_name: str, board: Board | None = None) -> ModelSummary:
+    """Analyse a graph at int8 in the layer-based schedule, optionally against a board."""
+    mem = layer_memory(graph)
+    layers = []
+    for node, step in zip(graph.nodes, mem.steps, strict=True):
+        tensors = [graph.tensors[t] for t in node.inputs + node.outputs]
+        layers.append(LayerInfo(
+            name=node.name, op=node.kind, act=node.act,
+            in_shape=list(graph.tensors[node.inputs[0]].shape),
+            out_shape=list(graph.tensors[node.outputs[0]].shape),
+            macs=node_macs(node, graph), params=node_params(node),
+            act_bytes=sum(t.size for t in tensors), scratch_bytes=step.scratch))
+    kinds = {layer.op for layer in layers if layer.op != "reshape"}
+    code = CODE_BASE_ESTIMATE + CODE_PER_KERNEL_ESTIMATE * len(kinds)
+    flash = flash_bytes(graph)
+    summary = ModelSummary(
+        model=model_name,
+        inputs={t: list(graph.tensors[t].shape) for t in graph.inputs},
+        outputs={t: list(graph.tensors[t].shape) for t in graph.outputs},
+        layers=layers, macs=sum(x.macs for x in layers), params=sum(x.params for x in layers),
+        arena_bytes=mem.arena_bytes, scratch_bytes=mem.scratch_bytes,
+        peak_sram_bytes=mem.peak_sram_bytes, input_bytes=mem.input_bytes,
+        output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
+        inplace_depthwise=len(mem.inplace))
+    if board is not None:
+        sram_needed = mem.peak_sram_bytes + mem.input_bytes
+        flash_needed = flash + code
+        summary.fit = BoardFit(
+            board=board.name, sram_budget=board.sram_budget, sram_needed=sram_needed,
+            sram_margin=board.sram_budget - sram_needed, flash_budget=board.flash_budget,
+            flash_needed=flash_needed, flash_margin=board.flash_budget - flash_needed)
+    return summary

@@ -1,0 +1,859 @@
+"""ONNX → NHWC IR (DESIGN §3).
+
+One handler per ONNX op, registered in `HANDLERS`, in the spirit of onnx's reference evaluator.
+The importer walks the graph once in topological order. Every ONNX value maps either to a
+constant array or to an IR tensor plus the layout in which the ONNX graph sees it (the IR keeps
+rank-4 tensors NHWC; the ONNX graph may see the same data as NCHW). Transposes that only
+convert between those two views disappear, BatchNormalization and bias Adds fold into the
+producing conv/FC, Relu/Clip fuse into their producer, and Pad folds into the next conv/pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from mpq.errors import MpqError
+from mpq.ir import ACT_OPS, LAYOUT_NCHW, LAYOUT_NHWC, Graph, Node, Tensor, conv_out_size
+
+NCHW_TO_NHWC = (0, 2, 3, 1)
+NHWC_TO_NCHW = (0, 3, 1, 2)
+
+
+@dataclass
+class Value:
+    """An ONNX activation value: the IR tensor that holds it and the ONNX-side layout."""
+
+    tensor: str
+    layout: str  # LAYOUT_NCHW: the ONNX value is the NCHW view of a rank-4 NHWC IR tensor
+
+
+@dataclass
+class PendingPad:
+    """A zero Pad waiting to be folded into the conv/pool that consumes it."""
+
+    source: Value
+    pads: tuple[int, int, int, int]  # t, l, b, r
+    node_name: str
+
+
+@dataclass
+class Importer:
+    """State of one import: constants, value map, the IR being built."""
+
+    model: onnx.ModelProto
+    source: str
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    values: dict[str, Value] = field(default_factory=dict)
+    pending_pads: dict[str, PendingPad] = field(default_factory=dict)
+    fc_perm: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=list)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    graph_outputs: set[str] = field(default_factory=set)
+    notes: Counter = field(default_factory=Counter)
+
+    def fail(self, message: str) -> MpqError:
+        return MpqError(f"{self.source}: {message}")
+
+    # -- values ---------------------------------------------------------------------------------
+    def value(self, name: str, node: onnx.NodeProto) -> Value:
+        if name in self.pending_pads:
+            raise self.fail(f"node '{node.name}' ({node.op_type}) reads the output of Pad "
+                            f"'{self.pending_pads[name].node_name}', which can only be folded "
+                            "into a following Conv or MaxPool")
+        if name not in self.values:
+            if name in self.consts:
+                raise self.fail(f"node '{node.name}' ({node.op_type}) has a constant where an "
+                                f"activation is expected (input '{name}')")
+            raise self.fail(f"node '{node.name}' ({node.op_type}) reads '{name}', which is "
+                            "neither a graph input, an initializer nor a node output "
+                            "(missing initializer?)")
+        return self.values[name]
+
+    def const(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
+        if name not in self.consts:
+            if name in self.values:
+                raise self.fail(f"node '{node.name}' ({node.op_type}): {what} must be a constant "
+                                f"(initializer), but '{name}' is computed at run time")
+            raise self.fail(f"node '{node.name}' ({node.op_type}): {what} '{name}' is missing "
+                            "(no initializer, Constant node or producer)")
+        return self.consts[name]
+
+    def shape(self, value: Value) -> tuple[int, ...]:
+        """The shape of a value as the ONNX graph sees it."""
+        ir = self.tensors[value.tensor].shape
+        if value.layout == LAYOUT_NCHW:
+            return tuple(ir[i] for i in NHWC_TO_NCHW)
+        return ir
+
+    def new_tensor(self, name: str, shape: tuple[int, ...]) -> str:
+        if name in self.tensors:
+            raise self.fail(f"value '{name}' is defined twice")
+        self.tensors[name] = Tensor(name, tuple(int(d) for d in shape))
+        return name
+
+    def producer_of(self, tensor: str) -> Node | None:
+        for n in reversed(self.nodes):
+            if tensor in n.outputs:
+                return n
+        return None
+
+    def sole_consumer(self, onnx_name: str) -> bool:
+        """True when one node reads this ONNX value and it is not a graph output."""
+        return len(self.consumers.get(onnx_name, [])) == 1 and onnx_name not in self.graph_outputs
+
+    def ir_readers(self, tensor: str) -> int:
+        return sum(tensor in n.inputs for n in self.nodes)
+
+    def fusable_producer(self, onnx_name: str, ops: tuple[str, ...]) -> Node | None:
+        """The IR node producing `onnx_name` if a following op may be folded into it."""
+        if not self.sole_consumer(onnx_name) or onnx_name not in self.values:
+            return None
+        tensor = self.values[onnx_name].tensor
+        prod = self.producer_of(tensor)
+        if prod is None or prod.op not in ops or self.ir_readers(tensor) > 0:
+            return None
+        # The same IR tensor may also be visible under other ONNX names (aliases).
+        if sum(v.tensor == tensor for v in self.values.values()) > 1:
+            return None
+        return prod
+
+    def rename_output(self, node: Node, old: str, new_onnx_name: str, layout: str) -> None:
+        """Give a producer's output the name of the op folded into it (keeps names stable)."""
+        new = new_onnx_name
+        tensor = self.tensors.pop(old)
+        self.tensors[new] = Tensor(new, tensor.shape)
+        node.outputs = [new if t == old else t for t in node.outputs]
+        for name, v in list(self.values.items()):
+            if v.tensor == old:
+                del self.values[name]
+        self.values[new_onnx_name] = Value(new, layout)
+
+
+Handler = Callable[[Importer, onnx.NodeProto], None]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*op_types: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for op in op_types:
+            HANDLERS[op] = fn
+        return fn
+    return register
+
+
+def supported_ops() -> list[str]:
+    """The ONNX op types the importer accepts (the list quoted in error messages)."""
+    return sorted(HANDLERS)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _decode(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _spatial_pads(imp: Importer, node: onnx.NodeProto, attrs: dict, in_hw: tuple[int, int],
+                  kernel: tuple[int, int], strides: tuple[int, int],
+                  dilations: tuple[int, int]) -> tuple[int, int, int, int]:
+    """ONNX pads/auto_pad → (top, left, bottom, right)."""
+    auto_pad = _decode(attrs.get("auto_pad", "NOTSET"))
+    if auto_pad in ("NOTSET", ""):
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        if len(pads) != 4:
+            raise imp.fail(f"node '{node.name}' ({node.op_type}): only 2-D spatial ops are "
+                           f"supported (pads {pads})")
+        return pads[0], pads[1], pads[2], pads[3]
+    if auto_pad == "VALID":
+        return 0, 0, 0, 0
+    out = []
+    for axis in range(2):
+        size, k, s, d = in_hw[axis], kernel[axis], strides[axis], dilations[axis]
+        target = -(-size // s)
+        total = max(0, (target - 1) * s + d * (k - 1) + 1 - size)
+        lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+        out.append((lo, total - lo))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+def _take_pad(imp: Importer, name: str, node: onnx.NodeProto) -> tuple[Value, tuple[int, ...]]:
+    """Resolve a conv/pool input, folding a preceding zero Pad (returns value and extra pads)."""
+    if name in imp.pending_pads:
+        pending = imp.pending_pads.pop(name)
+        imp.notes["Pad folded"] += 1
+        return pending.source, pending.pads
+    return imp.value(name, node), (0, 0, 0, 0)
+
+
+def _require_nchw(imp: Importer, value: Value, node: onnx.NodeProto) -> None:
+    if value.layout != LAYOUT_NCHW or len(imp.tensors[value.tensor].shape) != 4:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): only 2-D (NCHW rank-4) inputs "
+                       f"are supported, got shape {list(imp.shape(value))}")
+
+
+# -- convolution and fully connected ----------------------------------------------------------
+
+@handles("Conv")
+def _conv(imp: Importer, node: onnx.NodeProto) -> None:
+    attrs = _attrs(node)
+    x, extra = _take_pad(imp, node.input[0], node)
+    _require_nchw(imp, x, node)
+    w = imp.const(node.input[1], node, "weight").astype(np.float32)
+    if w.ndim != 4:
+        raise imp.fail(f"node '{node.name}' (Conv): only 2-D convolution is supported "
+                       f"(weight rank {w.ndim})")
+    bias = (imp.const(node.input[2], node, "bias").astype(np.float32)
+            if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32))
+    _, h, wd, cin = imp.tensors[x.tensor].shape
+    groups = int(attrs.get("group", 1))
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", w.shape[2:]))
+    strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
+    dilations = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
+    if w.shape[1] * groups != cin or w.shape[0] % groups:
+        raise imp.fail(f"node '{node.name}' (Conv): weight shape {list(w.shape)} does not match "
+                       f"{cin} input channels in {groups} groups")
+    pads = _spatial_pads(imp, node, attrs, (h, wd), kernel, strides, dilations)
+    pads = tuple(p + e for p, e in zip(pads, extra, strict=True))
+    ho = conv_out_size(h, kernel[0], strides[0], dilations[0], pads[0], pads[2])
+    wo = conv_out_size(wd, kernel[1], strides[1], dilations[1], pads[1], pads[3])
+    if ho <= 0 or wo <= 0:
+        raise imp.fail(f"node '{node.name}' (Conv): empty output {ho}x{wo}")
+    out = imp.new_tensor(node.output[0], (1, ho, wo, w.shape[0]))
+    imp.nodes.append(Node(
+        name=node.name, op="conv2d", inputs=[x.tensor], outputs=[out],
+        attrs={"kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads,
+               "groups": groups},
+        weight=np.ascontiguousarray(w.transpose(0, 2, 3, 1)), bias=bias))
+    imp.values[node.output[0]] = Value(out, LAYOUT_NCHW)
+
+
+def _fc(imp: Importer, node: onnx.NodeProto, x: Value, weight_nk: np.ndarray,
+        bias: np.ndarray) -> None:
+    """Emit a fully connected node; weight is given as [N, K] in ONNX input order."""
+    shape = imp.tensors[x.tensor].shape
+    if len(shape) != 2 or shape[0] != 1:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): input must be [1, K], got "
+                       f"{list(imp.shape(x))}")
+    if weight_nk.shape[1] != shape[1]:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): weight {list(weight_nk.shape)} "
+                       f"does not match input width {shape[1]}")
+    perm = imp.fc_perm.get(node.input[0])
+    if perm is not None:
+        # The ONNX flatten ran in NCHW order; the IR flattens NHWC. Feature j of the ONNX
+        # vector is IR element perm[j], so column perm[j] of the IR weight is ONNX column j.
+        permuted = np.empty_like(weight_nk)
+        permuted[:, perm] = weight_nk
+        weight_nk = permuted
+    out = imp.new_tensor(node.output[0], (1, weight_nk.shape[0]))
+    imp.nodes.append(Node(name=node.name, op="fully_connected", inputs=[x.tensor],
+                          outputs=[out], weight=np.ascontiguousarray(weight_nk, np.float32),
+                          bias=bias.astype(np.float32)))
+    imp.values[node.output[0]] = Value(out, LAYOUT_NHWC)
+
+
+@handles("Gemm")
+def _gemm(imp: Importer, node: onnx.NodeProto) -> None:
+    attrs = _attrs(node)
+    if attrs.get("transA", 0):
+        raise imp.fail(f"node '{node.name}' (Gemm): transA=1 is not supported")
+    x = imp.value(node.input[0], node)
+    w = imp.const(node.input[1], node, "weight").astype(np.float64)
+    w = w if attrs.get("transB", 0) else w.T
+    w = w * float(attrs.get("alpha", 1.0))
+    n = w.shape[0]
+    bias = np.zeros(n)
+    if len(node.input) > 2 and node.input[2]:
+        c = imp.const(node.input[2], node, "bias").astype(np.float64)
+        bias = np.broadcast_to(c.reshape(-1), (n,)) * float(attrs.get("beta", 1.0))
+    _fc(imp, node, x, w.astype(np.float32), bias.astype(np.float32))
+
+
+@handles("MatMul")
+def _matmul(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    w = imp.const(node.input[1], node, "weight (second MatMul input)")
+    if w.ndim != 2:
+        raise imp.fail(f"node '{node.name}' (MatMul): weight must be 2-D, got {list(w.shape)}")
+    _fc(imp, node, x, w.T.astype(np.float32), np.zeros(w.shape[1], np.float32))
+
+
+def _channel_vector(imp: Importer, node: onnx.NodeProto, c: np.ndarray, producer: Node,
+                    layout: str) -> np.ndarray | None:
+    """A per-channel constant broadcast against the producer's output, or None if not one."""
+    cout = producer.weight.shape[0]
+    if c.size == 1:
+        return np.full(cout, float(c.reshape(-1)[0]), np.float32)
+    squeezed = [d for d in c.shape if d != 1]
+    if squeezed != [cout]:
+        return None
+    if layout == LAYOUT_NCHW:
+        ok = c.ndim >= 3 and c.shape[-3] == cout  # [C,1,1] or [1,C,1,1]
+    else:
+        ok = c.shape[-1] == cout
+    return c.reshape(-1).astype(np.float32) if ok else None
+
+
+# -- elementwise ----------------------------------------------------------------------------------
+
+@handles("Add")
+def _add(imp: Importer, node: onnx.NodeProto) -> None:
+    a, b = node.input[0], node.input[1]
+    if a in imp.consts and b in imp.consts:
+        raise imp.fail(f"node '{node.name}' (Add): both inputs are constant")
+    if a in imp.consts or b in imp.consts:
+        act_name, const_name = (b, a) if a in imp.consts else (a, b)
+        x = imp.value(act_name, node)
+        prod = imp.fusable_producer(act_name, ("conv2d", "fully_connected"))
+        vec = None
+        if prod is not None and prod.act == "none":
+            vec = _channel_vector(imp, node, imp.consts[const_name], prod, x.layout)
+        if vec is None:
+            raise imp.fail(f"node '{node.name}' (Add): adding a constant is supported only as a "
+                           "per-channel bias directly after Conv/Gemm/MatMul")
+        prod.bias = (prod.bias + vec).astype(np.float32)
+        imp.rename_output(prod, x.tensor, node.output[0], x.layout)
+        imp.notes["bias Add folded"] += 1
+        return
+    xa, xb = imp.value(a, node), imp.value(b, node)
+    if imp.shape(xa) != imp.shape(xb) or xa.layout != xb.layout:
+        raise imp.fail(f"node '{node.name}' (Add): broadcasting Add is not supported "
+                       f"({list(imp.shape(xa))} + {list(imp.shape(xb))})")
+    out = imp.new_tensor(node.output[0], imp.tensors[xa.tensor].shape)
+    imp.nodes.append(Node(name=node.name, op="add", inputs=[xa.tensor, xb.tensor],
+                          outputs=[out]))
+    imp.values[node.output[0]] = Value(out, xa.layout)
+
+
+@handles("BatchNormalization")
+def _batchnorm(imp: Importer, node: onnx.NodeProto) -> None:
+    attrs = _attrs(node)
+    eps = float(attrs.get("epsilon", 1e-5))
+    x = imp.value(node.input[0], node)
+    gamma, beta, mean, var = (imp.const(n, node, "BatchNormalization parameter").astype(np.float64)
+                              for n in node.input[1:5])
+    scale = gamma / np.sqrt(var + eps)
+    shift = beta - mean * scale
+    prod = imp.fusable_producer(node.input[0], ("conv2d",))
+    if prod is not None and prod.act == "none":
+        prod.weight = (prod.weight * scale[:, None, None, None]).astype(np.float32)
+        prod.bias = (prod.bias * scale + shift).astype(np.float32)
+        imp.rename_output(prod, x.tensor, node.output[0], x.layout)
+        imp.notes["BatchNormalization folded"] += 1
+        return
+    # A BatchNorm with nothing to fold into is a per-channel affine map: a 1×1 depthwise conv.
+    _require_nchw(imp, x, node)
+    c = imp.tensors[x.tensor].shape[3]
+    out = imp.new_tensor(node.output[0], imp.tensors[x.tensor].shape)
+    imp.nodes.append(Node(
+        name=node.name, op="conv2d", inputs=[x.tensor], outputs=[out],
+        attrs={"kernel": (1, 1), "strides": (1, 1), "dilations": (1, 1), "pads": (0, 0, 0, 0),
+               "groups": c},
+        weight=scale.reshape(c, 1, 1, 1).astype(np.float32), bias=shift.astype(np.float32)))
+    imp.values[node.output[0]] = Value(out, LAYOUT_NCHW)
+
+
+def _fuse_clamp(imp: Importer, node: onnx.NodeProto, lo: float, hi: float) -> None:
+    x = imp.value(node.input[0], node)
+    prod = imp.fusable_producer(node.input[0], ACT_OPS)
+    if prod is None:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): an activation must directly "
+                       "follow a Conv, Gemm/MatMul, Add or pooling op whose output it alone reads")
+    prod.attrs["act_min"] = max(lo, prod.attrs.get("act_min", -math.inf))
+    prod.attrs["act_max"] = min(hi, prod.attrs.get("act_max", math.inf))
+    imp.rename_output(prod, x.tensor, node.output[0], x.layout)
+    imp.notes[f"{node.op_type} fused"] += 1
+
+
+@handles("Relu")
+def _relu(imp: Importer, node: onnx.NodeProto) -> None:
+    _fuse_clamp(imp, node, 0.0, math.inf)
+
+
+@handles("Clip")
+def _clip(imp: Importer, node: onnx.NodeProto) -> None:
+    attrs = _attrs(node)
+    lo, hi = float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
+    if len(node.input) > 1 and node.input[1]:
+        lo = float(imp.const(node.input[1], node, "min").reshape(-1)[0])
+    if len(node.input) > 2 and node.input[2]:
+        hi = float(imp.const(node.input[2], node, "max").reshape(-1)[0])
+    _fuse_clamp(imp, node, lo, hi)
+
+
+# -- pooling ---------------------------------------------------------------------------------
+
+def _pool(imp: Importer, node: onnx.NodeProto, op: str) -> None:
+    attrs = _attrs(node)
+    x, extra = _take_pad(imp, node.input[0], node)
+    _require_nchw(imp, x, node)
+    _, h, w, c = imp.tensors[x.tensor].shape
+    kernel = tuple(int(k) for k in attrs["kernel_shape"])
+    strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
+    if any(d != 1 for d in attrs.get("dilations", (1, 1))):
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): dilated pooling is not supported")
+    pads = _spatial_pads(imp, node, attrs, (h, w), kernel, strides, (1, 1))
+    if op == "avg_pool" and attrs.get("count_include_pad", 0) and any(pads):
+        raise imp.fail(f"node '{node.name}' (AveragePool): count_include_pad=1 with padding is "
+                       "not supported (CMSIS-NN averages over in-bounds taps only)")
+    pads = tuple(p + e for p, e in zip(pads, extra, strict=True))
+    pads = list(pads)
+    if attrs.get("ceil_mode", 0):
+        # Ceil mode adds windows that hang over the bottom/right edge; their out-of-range taps
+        # are skipped exactly like padding taps, so extend the bottom/right pads to cover them.
+        for axis, size in ((0, h), (1, w)):
+            span = size + pads[axis] + pads[axis + 2] - kernel[axis]
+            extra_out = -(-span // strides[axis]) - span // strides[axis]
+            pads[axis + 2] += extra_out * strides[axis]
+    ho = conv_out_size(h, kernel[0], strides[0], 1, pads[0], pads[2])
+    wo = conv_out_size(w, kernel[1], strides[1], 1, pads[1], pads[3])
+    out = imp.new_tensor(node.output[0], (1, ho, wo, c))
+    imp.nodes.append(Node(name=node.name, op=op, inputs=[x.tensor], outputs=[out],
+                          attrs={"kernel": kernel, "strides": strides, "pads": tuple(pads)}))
+    imp.values[node.output[0]] = Value(out, LAYOUT_NCHW)
+
+
+@handles("MaxPool")
+def _maxpool(imp: Importer, node: onnx.NodeProto) -> None:
+    if len(node.output) > 1 and node.output[1]:
+        raise imp.fail(f"node '{node.name}' (MaxPool): the Indices output is not supported")
+    if node.input[0] in imp.pending_pads:
+        # Zero padding equals max-pool padding only when the input is never negative.
+        source = imp.pending_pads[node.input[0]].source
+        prod = imp.producer_of(source.tensor)
+        if prod is None or prod.attrs.get("act_min", -math.inf) < 0.0:
+            raise imp.fail(f"node '{node.name}' (MaxPool): a zero Pad before MaxPool can only be "
+                           "folded when its input is non-negative (after Relu)")
+    _pool(imp, node, "max_pool")
+
+
+@handles("AveragePool")
+def _avgpool(imp: Importer, node: onnx.NodeProto) -> None:
+    if node.input[0] in imp.pending_pads:
+        raise imp.fail(f"node '{node.name}' (AveragePool): a Pad before AveragePool cannot be "
+                       "folded (padding taps would be counted)")
+    _pool(imp, node, "avg_pool")
+
+
+@handles("GlobalAveragePool")
+def _global_avgpool(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    _require_nchw(imp, x, node)
+    _, h, w, c = imp.tensors[x.tensor].shape
+    out = imp.new_tensor(node.output[0], (1, 1, 1, c))
+    imp.nodes.append(Node(name=node.name, op="avg_pool", inputs=[x.tensor], outputs=[out],
+                          attrs={"kernel": (h, w), "strides": (h, w), "pads": (0, 0, 0, 0)}))
+    imp.values[node.output[0]] = Value(out, LAYOUT_NCHW)
+
+
+@handles("Pad")
+def _pad(imp: Importer, node: onnx.NodeProto) -> None:
+    attrs = _attrs(node)
+    mode = _decode(attrs.get("mode", "constant"))
+    pads = attrs.get("pads")
+    if len(node.input) > 1 and node.input[1]:
+        pads = imp.const(node.input[1], node, "pads").astype(np.int64).tolist()
+    value = float(attrs.get("value", 0.0))
+    if len(node.input) > 2 and node.input[2]:
+        value = float(imp.const(node.input[2], node, "constant_value").reshape(-1)[0])
+    if len(node.input) > 3 and node.input[3]:
+        raise imp.fail(f"node '{node.name}' (Pad): the axes input is not supported")
+    x = imp.value(node.input[0], node)
+    if mode != "constant" or value != 0.0:
+        raise imp.fail(f"node '{node.name}' (Pad): only zero constant padding is supported "
+                       f"(mode {mode}, value {value})")
+    if pads is None or len(pads) != 8 or x.layout != LAYOUT_NCHW:
+        raise imp.fail(f"node '{node.name}' (Pad): only padding of NCHW rank-4 tensors is "
+                       "supported")
+    if any(pads[i] for i in (0, 1, 4, 5)) or any(p < 0 for p in pads):
+        raise imp.fail(f"node '{node.name}' (Pad): only non-negative spatial padding can be "
+                       f"folded (pads {pads})")
+    imp.pending_pads[node.output[0]] = PendingPad(x, (pads[2], pads[3], pads[6], pads[7]),
+                                                  node.name)
+
+
+# -- layout and shape ops -----------------------------------------------------------------------
+
+@handles("Transpose")
+def _transpose(imp: Importer, node: onnx.NodeProto) -> None:
+    perm = tuple(int(p) for p in _attrs(node).get("perm", ()))
+    x = imp.value(node.input[0], node)
+    rank4 = len(imp.tensors[x.tensor].shape) == 4
+    if rank4 and x.layout == LAYOUT_NHWC and perm == NHWC_TO_NCHW:
+        imp.values[node.output[0]] = Value(x.tensor, LAYOUT_NCHW)
+        imp.notes["Transpose absorbed"] += 1
+    elif rank4 and x.layout == LAYOUT_NCHW and perm == NCHW_TO_NHWC:
+        imp.values[node.output[0]] = Value(x.tensor, LAYOUT_NHWC)
+        imp.notes["Transpose absorbed"] += 1
+    else:
+        raise imp.fail(f"node '{node.name}' (Transpose): only the NHWC↔NCHW layout transposes "
+                       f"are supported (perm {list(perm)})")
+
+
+def _onnx_view(index: np.ndarray, layout: str) -> np.ndarray:
+    return index.transpose(NHWC_TO_NCHW) if layout == LAYOUT_NCHW else index
+
+
+def _reshape_to(imp: Importer, node: onnx.NodeProto, x: Value, shape: list[int]) -> None:
+    """Emit an IR reshape (or alias) for an ONNX reshape of `x` to the ONNX shape `shape`."""
+    in_ir = imp.tensors[x.tensor].shape
+    if math.prod(shape) != math.prod(in_ir):
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): cannot reshape "
+                       f"{list(imp.shape(x))} to {shape}")
+    out_layout = LAYOUT_NHWC
+    if len(shape) == 4:
+        readers = imp.consumers.get(node.output[0], [])
+        to_nhwc = readers and all(r.op_type == "Transpose" and tuple(
+            _attrs(r).get("perm", ())) == NHWC_TO_NCHW for r in readers)
+        out_layout = LAYOUT_NHWC if to_nhwc else LAYOUT_NCHW
+    out_ir = tuple(shape[i] for i in NCHW_TO_NHWC) if out_layout == LAYOUT_NCHW else tuple(shape)
+    # Where does each element of the ONNX output live in the IR input's memory?
+    index = np.arange(math.prod(in_ir)).reshape(in_ir)
+    gathered = _onnx_view(index, x.layout).reshape(shape)
+    if out_layout == LAYOUT_NCHW:
+        gathered = gathered.transpose(NCHW_TO_NHWC)
+    order = gathered.reshape(-1)
+    if not np.array_equal(order, np.arange(order.size)):
+        readers = imp.consumers.get(node.output[0], [])
+        if len(shape) == 2 and readers and all(r.op_type in ("Gemm", "MatMul")
+                                               and r.input[0] == node.output[0] for r in readers):
+            imp.fc_perm[node.output[0]] = order
+        else:
+            raise imp.fail(f"node '{node.name}' ({node.op_type}): this reshape reorders data "
+                           "between NCHW and NHWC; only a flatten feeding Gemm/MatMul is supported")
+    if out_ir == in_ir:
+        imp.values[node.output[0]] = Value(x.tensor, out_layout)
+        imp.notes[f"{node.op_type} absorbed"] += 1
+        return
+    out = imp.new_tensor(node.output[0], out_ir)
+    imp.nodes.append(Node(name=node.name, op="reshape", inputs=[x.tensor], outputs=[out],
+                          attrs={"shape": out_ir}))
+    imp.values[node.output[0]] = Value(out, out_layout)
+
+
+@handles("Reshape")
+def _reshape(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    target = imp.const(node.input[1], node, "shape").astype(np.int64).tolist()
+    in_shape = imp.shape(x)
+    allow_zero = int(_attrs(node).get("allowzero", 0))
+    shape = [in_shape[i] if d == 0 and not allow_zero else d for i, d in enumerate(target)]
+    if shape.count(-1) > 1:
+        raise imp.fail(f"node '{node.name}' (Reshape): more than one -1 in {target}")
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        shape[shape.index(-1)] = math.prod(in_shape) // max(known, 1)
+    _reshape_to(imp, node, x, [int(d) for d in shape])
+
+
+@handles("Flatten")
+def _flatten(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    shape = imp.shape(x)
+    axis = int(_attrs(node).get("axis", 1)) % (len(shape) + 1)
+    _reshape_to(imp, node, x, [math.prod(shape[:axis]), math.prod(shape[axis:])])
+
+
+def _axes(imp: Importer, node: onnx.NodeProto) -> list[int] | None:
+    attrs = _attrs(node)
+    if len(node.input) > 1 and node.input[1]:
+        return imp.const(node.input[1], node, "axes").astype(np.int64).tolist()
+    return list(attrs["axes"]) if "axes" in attrs else None
+
+
+@handles("Squeeze")
+def _squeeze(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    shape = list(imp.shape(x))
+    axes = _axes(imp, node)
+    axes = [a % len(shape) for a in axes] if axes is not None else \
+        [i for i, d in enumerate(shape) if d == 1 and i > 0]
+    _reshape_to(imp, node, x, [d for i, d in enumerate(shape) if i not in axes])
+
+
+@handles("Unsqueeze")
+def _unsqueeze(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    shape = list(imp.shape(x))
+    axes = _axes(imp, node) or []
+    rank = len(shape) + len(axes)
+    for a in sorted(a % rank for a in axes):
+        shape.insert(a, 1)
+    _reshape_to(imp, node, x, shape)
+
+
+@handles("Concat")
+def _concat(imp: Importer, node: onnx.NodeProto) -> None:
+    xs = [imp.value(n, node) for n in node.input]
+    layouts = {x.layout for x in xs}
+    shapes = [imp.shape(x) for x in xs]
+    rank = len(shapes[0])
+    axis = int(_attrs(node)["axis"]) % rank
+    if len(layouts) != 1 or any(len(s) != rank for s in shapes):
+        raise imp.fail(f"node '{node.name}' (Concat): inputs differ in layout or rank")
+    layout = layouts.pop()
+    ir_axis = NCHW_TO_NHWC.index(axis) if layout == LAYOUT_NCHW else axis
+    ir_shapes = [imp.tensors[x.tensor].shape for x in xs]
+    for s in ir_shapes:
+        if any(s[i] != ir_shapes[0][i] for i in range(rank) if i != ir_axis):
+            raise imp.fail(f"node '{node.name}' (Concat): shapes {shapes} do not match")
+    out_shape = list(ir_shapes[0])
+    out_shape[ir_axis] = sum(s[ir_axis] for s in ir_shapes)
+    out = imp.new_tensor(node.output[0], tuple(out_shape))
+    imp.nodes.append(Node(name=node.name, op="concat", inputs=[x.tensor for x in xs],
+                          outputs=[out], attrs={"axis": ir_axis}))
+    imp.values[node.output[0]] = Value(out, layout)
+
+
+@handles("Softmax")
+def _softmax(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    shape = imp.shape(x)
+    opset = _opset(imp.model)
+    axis = int(_attrs(node).get("axis", -1 if opset >= 13 else 1)) % len(shape)
+    ir_axis = NCHW_TO_NHWC.index(axis) if x.layout == LAYOUT_NCHW else axis
+    ir_shape = imp.tensors[x.tensor].shape
+    inner = math.prod(ir_shape[ir_axis + 1:])
+    if opset < 13 and axis != len(shape) - 1:
+        raise imp.fail(f"node '{node.name}' (Softmax): opset {opset} softmax over several "
+                       "axes is not supported")
+    if inner != 1:
+        raise imp.fail(f"node '{node.name}' (Softmax): only softmax over the channel (last) "
+                       "axis is supported")
+    out = imp.new_tensor(node.output[0], ir_shape)
+    imp.nodes.append(Node(name=node.name, op="softmax", inputs=[x.tensor], outputs=[out],
+                          attrs={"axis": len(ir_shape) - 1}))
+    imp.values[node.output[0]] = Value(out, x.layout)
+
+
+@handles("Identity", "Dropout")
+def _identity(imp: Importer, node: onnx.NodeProto) -> None:
+    imp.values[node.output[0]] = imp.value(node.input[0], node)
+    imp.notes[f"{node.op_type} removed"] += 1
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def _opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    v = helper.get_attribute_value(a)
+    dtype = np.int64 if a.name.startswith("value_int") else np.float32
+    return np.array(v, dtype=dtype)
+
+
+# Ops on constants only (shape arithmetic that exporters leave behind) are evaluated at import.
+_FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Mul", "Add",
+             "Sub", "Div", "Reshape", "ConstantOfShape", "Range", "Transpose", "Identity",
+             "Neg", "Sqrt", "Floor", "Ceil", "ReduceProd", "Expand", "Equal", "Where"}
+
+
+def _fold_constant(imp: Importer, node: onnx.NodeProto) -> bool:
+    """Evaluate `node` now if all its inputs are known constants (or static shapes)."""
+    if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Shape" and node.input[0] in imp.values:
+        shape = np.array(imp.shape(imp.values[node.input[0]]), np.int64)
+        attrs = _attrs(node)
+        imp.consts[node.output[0]] = shape[attrs.get("start", 0):attrs.get("end", None)]
+        return True
+    if not all((not n) or n in imp.consts for n in node.input):
+        return False
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [n for n in node.input if n]
+    sub = helper.make_graph(
+        [node], "fold",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(imp.consts[n].dtype),
+                                       imp.consts[n].shape) for n in inputs],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+         for o in node.output])
+    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", _opset(imp.model))])
+    results = ReferenceEvaluator(model).run(None, {n: imp.consts[n] for n in inputs})
+    for name, value in zip(node.output, results, strict=True):
+        imp.consts[name] = np.asarray(value)
+    return True
+
+
+def _check_input(imp: Importer, vi: onnx.ValueInfoProto) -> tuple[int, ...]:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        raise imp.fail(f"graph input '{vi.name}' is not a tensor")
+    if t.elem_type != onnx.TensorProto.FLOAT:
+        raise imp.fail(f"graph input '{vi.name}' has element type "
+                       f"{onnx.TensorProto.DataType.Name(t.elem_type)}; only float32 inputs "
+                       "are supported")
+    if not t.HasField("shape"):
+        raise imp.fail(f"graph input '{vi.name}' has no shape")
+    dims = []
+    for i, d in enumerate(t.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif i == 0:
+            dims.append(1)  # symbolic batch: mpq runs one sample at a time
+        else:
+            label = d.dim_param or "?"
+            raise imp.fail(f"graph input '{vi.name}' has a dynamic dimension {i} ('{label}'); "
+                           "export the model with a fixed input size")
+    if dims and dims[0] != 1:
+        raise imp.fail(f"graph input '{vi.name}' has batch size {dims[0]}; mpq needs batch 1 "
+                       "or a symbolic batch dimension")
+    return tuple(dims)
+
+
+def _input_layout(imp: Importer, name: str, shape: tuple[int, ...]) -> str:
+    """Decide whether a rank-4 graph input is NHWC (tf2onnx) or NCHW (PyTorch)."""
+    if len(shape) != 4:
+        return LAYOUT_NHWC
+    readers = imp.consumers.get(name, [])
+    if readers and all(r.op_type == "Transpose"
+                       and tuple(_attrs(r).get("perm", ())) == NHWC_TO_NCHW for r in readers):
+        return LAYOUT_NHWC
+    if readers and all(r.op_type == "Reshape" for r in readers):
+        return LAYOUT_NHWC  # e.g. the KWS DS-CNN: [1,49,10,1] reshaped to NCHW [1,1,49,10]
+    return LAYOUT_NCHW
+
+
+def _check_initializers(imp: Importer) -> None:
+    for init in imp.model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT16:
+            raise imp.fail(f"initializer '{init.name}' is float16; mpq imports float32 models "
+                           "only (convert the weights to float32)")
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise imp.fail(f"initializer '{init.name}' keeps its data in an external file, "
+                           "which mpq does not read")
+        imp.consts[init.name] = numpy_helper.to_array(init)
+
+
+def _remove_dead(graph: Graph) -> None:
+    live = set(graph.outputs)
+    kept: list[Node] = []
+    for n in reversed(graph.nodes):
+        if any(o in live for o in n.outputs):
+            kept.append(n)
+            live.update(n.inputs)
+    graph.nodes = kept[::-1]
+    used = set(graph.inputs) | set(graph.outputs)
+    for n in graph.nodes:
+        used.update(n.inputs)
+        used.update(n.outputs)
+    graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
+
+
+def _check_names(model: onnx.ModelProto, source: str) -> None:
+    """Name a node input that nothing defines (the checker's own message blames ordering)."""
+    g = model.graph
+    known = {i.name for i in g.initializer} | {i.name for i in g.input} | {""}
+    for node in g.node:
+        for name in node.input:
+            if name not in known:
+                produced_later = any(name in n.output for n in g.node)
+                if not produced_later:
+                    raise MpqError(f"{source}: node '{node.name}' ({node.op_type}) reads "
+                                   f"'{name}', which is neither a graph input, an initializer "
+                                   "nor a node output (missing initializer?)")
+        known.update(node.output)
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX file, turning every way it can be unreadable into one MpqError line."""
+    p = Path(path)
+    if not p.exists():
+        raise MpqError(f"{path}: no such file")
+    if not p.is_file():
+        raise MpqError(f"{path}: not a file")
+    data = p.read_bytes()
+    if not data:
+        raise MpqError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise MpqError(f"{path}: not an ONNX model or truncated file "
+                       f"({type(exc).__name__})") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise MpqError(f"{path}: not an ONNX model or truncated file (no graph)")
+    _check_names(model, str(path))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise MpqError(f"{path}: invalid ONNX model or truncated file: {first}") from None
+    return model
+
+
+def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
+    """Convert an ONNX model to the IR (DESIGN §3). Raises MpqError on anything unsupported."""
+    imp = Importer(model=model, source=source)
+    g = model.graph
+    for n in g.node:
+        for name in n.input:
+            imp.consumers.setdefault(name, []).append(n)
+    imp.graph_outputs = {o.name for o in g.output}
+    _check_initializers(imp)
+
+    inputs: list[str] = []
+    input_layouts: dict[str, str] = {}
+    init_names = set(imp.consts)
+    for vi in g.input:
+        if vi.name in init_names:
+            continue
+        shape = _check_input(imp, vi)
+        layout = _input_layout(imp, vi.name, shape)
+        ir_shape = tuple(shape[i] for i in NCHW_TO_NHWC) if layout == LAYOUT_NCHW else shape
+        imp.new_tensor(vi.name, ir_shape)
+        imp.values[vi.name] = Value(vi.name, layout)
+        inputs.append(vi.name)
+        input_layouts[vi.name] = layout
+    if not inputs:
+        raise imp.fail("the graph has no (non-initializer) input")
+
+    for node in g.node:
+        if node.op_type == "Constant":
+            imp.consts[node.output[0]] = _constant_node_value(node)
+            imp.notes["Constant resolved"] += 1
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            raise imp.fail(f"node '{node.name}' has op {node.domain}.{node.op_type} from a "
+                           "custom domain; supported ops: " + ", ".join(supported_ops()))
+        if _fold_constant(imp, node):
+            imp.notes["constant subgraph node folded"] += 1
+            continue
+        handler = HANDLERS.get(node.op_type)
+        if handler is None:
+            raise imp.fail(f"node '{node.name}' has unsupported op {node.op_type}; supported "
+                           "ops: " + ", ".join(supported_ops()))
+        handler(imp, node)
+
+    outputs: list[str] = []
+    output_layouts: dict[str, str] = {}
+    for vi in g.output:
+        value = imp.value(vi.name, onnx.NodeProto(name="<graph output>", op_type="Output"))
+        outputs.append(value.tensor)
+        output_layouts[value.tensor] = value.layout
+    graph = Graph(name=g.name or Path(source).stem, tensors=imp.tensors, nodes=imp.nodes,
+                  inputs=inputs, outputs=outputs, input_layouts=input_layouts,
+                  output_layouts=output_layouts, notes=dict(sorted(imp.notes.items())))
+    _remove_dead(graph)
+    return graph
+
+
+def import_onnx(path: str | Path) -> Graph:
+    """Load and import an ONNX file."""
+    return import_model(load_onnx(path), str(path))

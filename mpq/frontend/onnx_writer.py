@@ -1,0 +1,174 @@
+"""IR → normalised ONNX (the `model.mpq.onnx` of DESIGN §1).
+
+The written model is plain opset-13 ONNX that onnxruntime runs and that `import_model` reads
+back into the same IR: BatchNorm already folded, activations as one Relu/Clip after their
+producer, pads as attributes, rank-4 tensors NCHW inside, and the graph inputs and outputs in
+the original model's layout (an NHWC input keeps its `Transpose`, as tf2onnx writes it).
+IR tensor names become ONNX value names, so names stay stable across a round trip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mpq import __version__
+from mpq.ir import LAYOUT_NCHW, Graph, Node
+
+NORMALISED_KEY = "mpq.normalised"
+OPSET = 13
+
+
+class _Writer:
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        # Shapes by ONNX value name (IR names plus the renamed graph inputs/outputs).
+        self.shapes = {name: t.shape for name, t in graph.tensors.items()}
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def rank4(self, tensor: str) -> bool:
+        return len(self.shapes[tensor]) == 4
+
+    def add(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    def with_act(self, node: Node, op: str, inputs: list[str], **attrs) -> None:
+        """Emit `op` followed by its fused activation, the activation writing the IR name."""
+        out = node.outputs[0]
+        lo = node.attrs.get("act_min", -math.inf)
+        hi = node.attrs.get("act_max", math.inf)
+        if lo == -math.inf and hi == math.inf:
+            self.add(op, inputs, [out], node.name, **attrs)
+            return
+        pre = f"{out}__preact"
+        self.add(op, inputs, [pre], node.name, **attrs)
+        if lo == 0.0 and hi == math.inf:
+            self.add("Relu", [pre], [out], f"{node.name}/act")
+            return
+        lo_name = self.init(f"{node.name}/act/min", np.array(lo, np.float32)) \
+            if lo != -math.inf else ""
+        hi_name = self.init(f"{node.name}/act/max", np.array(hi, np.float32)) \
+            if hi != math.inf else ""
+        self.add("Clip", [pre, lo_name, hi_name], [out], f"{node.name}/act")
+
+    def conv2d(self, node: Node) -> None:
+        a = node.attrs
+        w = self.init(f"{node.name}/weight", node.weight.transpose(0, 3, 1, 2).copy())
+        b = self.init(f"{node.name}/bias", node.bias)
+        t, left, bottom, r = a["pads"]
+        self.with_act(node, "Conv", [node.inputs[0], w, b], kernel_shape=list(a["kernel"]),
+                      strides=list(a["strides"]), dilations=list(a["dilations"]),
+                      pads=[t, left, bottom, r], group=a["groups"])
+
+    def fully_connected(self, node: Node) -> None:
+        w = self.init(f"{node.name}/weight", node.weight)
+        b = self.init(f"{node.name}/bias", node.bias)
+        self.with_act(node, "Gemm", [node.inputs[0], w, b], transB=1)
+
+    def add_(self, node: Node) -> None:
+        self.with_act(node, "Add", list(node.inputs))
+
+    def pool(self, node: Node, op: str) -> None:
+        a = node.attrs
+        attrs = {"kernel_shape": list(a["kernel"]), "strides": list(a["strides"]),
+                 "pads": list(a["pads"])}
+        if op == "AveragePool":
+            attrs["count_include_pad"] = 0
+        self.with_act(node, op, list(node.inputs), **attrs)
+
+    def reshape(self, node: Node) -> None:
+        src, out = node.inputs[0], node.outputs[0]
+        # The IR reshape keeps NHWC memory order; in NCHW ONNX that means going through NHWC.
+        if self.rank4(src):
+            self.add("Transpose", [src], [f"{out}__nhwc_in"], f"{node.name}/to_nhwc",
+                     perm=[0, 2, 3, 1])
+            src = f"{out}__nhwc_in"
+        shape = [-1] + list(node.attrs["shape"][1:])
+        s = self.init(f"{node.name}/shape", np.array(shape, np.int64))
+        if self.rank4(out):
+            self.add("Reshape", [src, s], [f"{out}__nhwc"], node.name)
+            self.add("Transpose", [f"{out}__nhwc"], [out], f"{node.name}/to_nchw",
+                     perm=[0, 3, 1, 2])
+        else:
+            self.add("Reshape", [src, s], [out], node.name)
+
+    def concat(self, node: Node) -> None:
+        axis = node.attrs["axis"]
+        if self.rank4(node.outputs[0]):
+            axis = (0, 2, 3, 1)[axis]
+        self.add("Concat", list(node.inputs), list(node.outputs), node.name, axis=axis)
+
+    def softmax(self, node: Node) -> None:
+        axis = 1 if self.rank4(node.outputs[0]) else -1
+        self.add("Softmax", list(node.inputs), list(node.outputs), node.name, axis=axis)
+
+    def emit(self, node: Node) -> None:
+        dispatch = {
+            "conv2d": self.conv2d,
+            "fully_connected": self.fully_connected,
+            "add": self.add_,
+            "max_pool": lambda n: self.pool(n, "MaxPool"),
+            "avg_pool": lambda n: self.pool(n, "AveragePool"),
+            "reshape": self.reshape,
+            "concat": self.concat,
+            "softmax": self.softmax,
+        }
+        dispatch[node.op](node)
+
+
+def _value_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch"] + list(shape[1:]))
+
+
+def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
+    """Write the IR as a normalised ONNX model (see the module docstring)."""
+    w = _Writer(graph)
+    renames: dict[str, str] = {}
+    inputs = []
+    for name in graph.inputs:
+        shape = graph.tensors[name].shape
+        if len(shape) == 4 and graph.input_layouts.get(name) != LAYOUT_NCHW:
+            # Original input is NHWC: declare it so, and transpose to NCHW as tf2onnx does.
+            inputs.append(_value_info(name, shape))
+            renames[name] = f"{name}__nchw"
+            w.add("Transpose", [name], [renames[name]], f"{name}/to_nchw", perm=[0, 3, 1, 2])
+        else:
+            nchw = tuple(shape[i] for i in (0, 3, 1, 2)) if len(shape) == 4 else shape
+            inputs.append(_value_info(name, nchw))
+
+    out_renames = {name: f"{name}__nchw" for name in graph.outputs
+                   if len(graph.tensors[name].shape) == 4
+                   and graph.output_layouts.get(name) != LAYOUT_NCHW}
+    for old, new in list(renames.items()) + list(out_renames.items()):
+        w.shapes[new] = graph.tensors[old].shape
+    for node in graph.nodes:
+        renamed = Node(node.name, node.op,
+                       [renames.get(t, out_renames.get(t, t)) for t in node.inputs],
+                       [out_renames.get(t, t) for t in node.outputs], node.attrs, node.weight,
+                       node.bias)
+        w.emit(renamed)
+    outputs = []
+    for name in graph.outputs:
+        shape = graph.tensors[name].shape
+        if name in out_renames:
+            w.add("Transpose", [out_renames[name]], [name], f"{name}/to_nhwc", perm=[0, 2, 3, 1])
+            outputs.append(_value_info(name, shape))
+        else:
+            nchw = tuple(shape[i] for i in (0, 3, 1, 2)) if len(shape) == 4 else shape
+            outputs.append(_value_info(name, nchw))
+
+    onnx_graph = helper.make_graph(w.nodes, graph.name, inputs, outputs, initializer=w.inits)
+    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="mpq", producer_version=__version__)
+    model.ir_version = 8
+    helper.set_model_props(model, {NORMALISED_KEY: "1"})
+    onnx.checker.check_model(model)
+    return model

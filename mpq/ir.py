@@ -1,0 +1,159 @@
+"""The NHWC intermediate representation every stage after import works on (DESIGN §3).
+
+A `Graph` is a list of `Node`s in topological order over named `Tensor`s. Rank-4 activation
+tensors are NHWC (CMSIS-NN's layout); convolution weights are OHWI `[Cout, KH, KW, Cin/groups]`
+and fully connected weights are `[Cout, K]`, so later stages never transpose. Activation
+functions are fused into their producer as a clamp range, and padding is always explicit and
+four-sided `(top, left, bottom, right)`, so asymmetric TF "SAME" pads survive exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Layout of a graph input or output as the *original* model sees it, so that data given in
+# the ONNX model's layout can be fed to the IR (and results handed back) without guessing.
+LAYOUT_NHWC = "nhwc"  # the original tensor is already in the IR's layout (any rank)
+LAYOUT_NCHW = "nchw"  # the original rank-4 tensor is NCHW; the IR holds it as NHWC
+
+OPS = (
+    "conv2d",
+    "fully_connected",
+    "add",
+    "max_pool",
+    "avg_pool",
+    "reshape",
+    "concat",
+    "softmax",
+)
+
+# Ops that accept a fused activation clamp.
+ACT_OPS = ("conv2d", "fully_connected", "add", "max_pool", "avg_pool")
+
+
+@dataclass
+class Tensor:
+    """An activation tensor: its name and static shape (batch 1, NHWC when rank 4)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(math.prod(self.shape))
+
+
+@dataclass
+class Node:
+    """One IR operation.
+
+    `attrs` by op:
+      conv2d          kernel (kh, kw), strides (sh, sw), dilations (dh, dw), pads (t, l, b, r),
+                      groups; weight [Cout, KH, KW, Cin/groups], bias [Cout]
+      fully_connected weight [Cout, K], bias [Cout]
+      add             (two activation inputs of equal shape)
+      max_pool        kernel, strides, pads
+      avg_pool        kernel, strides, pads (padding taps are excluded from the count)
+      reshape         shape (the output shape; NHWC memory order is kept)
+      concat          axis (in the IR layout)
+      softmax         axis (always the last)
+    Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
+    """
+
+    name: str
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    @property
+    def act(self) -> str:
+        """The fused activation as a word: none, relu, relu6 or clip."""
+        lo = self.attrs.get("act_min", -math.inf)
+        hi = self.attrs.get("act_max", math.inf)
+        if lo == -math.inf and hi == math.inf:
+            return "none"
+        if lo == 0.0 and hi == math.inf:
+            return "relu"
+        if lo == 0.0 and hi == 6.0:
+            return "relu6"
+        return "clip"
+
+    @property
+    def is_depthwise(self) -> bool:
+        """A conv2d whose every group has exactly one input channel (any channel multiplier)."""
+        return self.op == "conv2d" and self.weight is not None and self.weight.shape[3] == 1 \
+            and self.attrs["groups"] > 1
+
+    @property
+    def kind(self) -> str:
+        """A finer op name for tables: depthwise and grouped convolutions are told apart."""
+        if self.op == "conv2d":
+            if self.is_depthwise:
+                return "depthwise"
+            if self.attrs["groups"] > 1:
+                return "grouped_conv"
+            return "conv2d"
+        return self.op
+
+
+@dataclass
+class Graph:
+    """A whole network in the IR."""
+
+    name: str
+    tensors: dict[str, Tensor]
+    nodes: list[Node]
+    inputs: list[str]
+    outputs: list[str]
+    input_layouts: dict[str, str] = field(default_factory=dict)
+    output_layouts: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)  # what import folded, fused, removed
+
+    def producer(self) -> dict[str, Node]:
+        """Map each tensor name to the node that writes it."""
+        return {t: n for n in self.nodes for t in n.outputs}
+
+    def consumers(self) -> dict[str, list[Node]]:
+        """Map each tensor name to the nodes that read it, in schedule order."""
+        out: dict[str, list[Node]] = {name: [] for name in self.tensors}
+        for n in self.nodes:
+            for t in n.inputs:
+                out[t].append(n)
+        return out
+
+
+def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad_lo: int,
+                  pad_hi: int) -> int:
+    """Output length of a convolution or pooling window along one axis (ONNX/TFLite formula)."""
+    effective = dilation * (kernel - 1) + 1
+    return (size + pad_lo + pad_hi - effective) // stride + 1
+
+
+def node_macs(node: Node, graph: Graph) -> int:
+    """Multiply-accumulates of one node: conv Cout·Ho·Wo·KH·KW·Cin/groups, FC Cout·K, else 0."""
+    if node.op == "conv2d":
+        cout, kh, kw, cin_g = node.weight.shape
+        _, ho, wo, _ = graph.tensors[node.outputs[0]].shape
+        return int(cout * ho * wo * kh * kw * cin_g)
+    if node.op == "fully_connected":
+        cout, k = node.weight.shape
+        return int(cout * k)
+    return 0
+
+
+def node_params(node: Node) -> int:
+    """Trainable parameters of one node: weights plus biases."""
+    total = 0
+    if node.weight is not None:
+        total += int(node.weight.size)
+    if node.bias is not None:
+        total += int(node.bias.size)
+    return total
