@@ -731,6 +731,22 @@ def _input_layout(imp: Importer, name: str, shape: tuple[int, ...]) -> str:
     return LAYOUT_NCHW
 
 
+def _unsupported(imp: Importer, node: onnx.NodeProto) -> MpqError:
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    return imp.fail(f"node '{node.name}' has unsupported op {op}; supported ops: "
+                    + ", ".join(supported_ops()))
+
+
+def _check_ops(imp: Importer) -> None:
+    """Refuse unsupported ops before anything else, so the error names the real culprit."""
+    for node in imp.model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise _unsupported(imp, node)
+        if node.op_type not in HANDLERS and node.op_type not in _FOLDABLE \
+                and node.op_type != "Constant":
+            raise _unsupported(imp, node)
+
+
 def _check_initializers(imp: Importer) -> None:
     for init in imp.model.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT16:
@@ -806,6 +822,7 @@ def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
         for name in n.input:
             imp.consumers.setdefault(name, []).append(n)
     imp.graph_outputs = {o.name for o in g.output}
+    _check_ops(imp)
     _check_initializers(imp)
 
     inputs: list[str] = []
@@ -829,16 +846,12 @@ def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
             imp.consts[node.output[0]] = _constant_node_value(node)
             imp.notes["Constant resolved"] += 1
             continue
-        if node.domain not in ("", "ai.onnx"):
-            raise imp.fail(f"node '{node.name}' has op {node.domain}.{node.op_type} from a "
-                           "custom domain; supported ops: " + ", ".join(supported_ops()))
         if _fold_constant(imp, node):
             imp.notes["constant subgraph node folded"] += 1
             continue
         handler = HANDLERS.get(node.op_type)
-        if handler is None:
-            raise imp.fail(f"node '{node.name}' has unsupported op {node.op_type}; supported "
-                           "ops: " + ", ".join(supported_ops()))
+        if handler is None:  # a shape op whose inputs are not constant
+            raise _unsupported(imp, node)
         handler(imp, node)
 
     outputs: list[str] = []

@@ -1,0 +1,61 @@
+"""Shared test helpers: where the repository and the shared models are, and running the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MODELS = REPO.parent / "shared" / "models"
+
+SHARED_ONNX = {
+    "resnet8": "pretrainedResnet.onnx",
+    "vww": "vww_96_float.onnx",
+    "kws": "kws_ref_model_fp32.onnx",
+    "ad": "ad01_fp32.onnx",
+}
+
+
+def shared_model(name: str) -> Path:
+    """Path of a file in ../shared/models; skipped outside CI when the folder is absent."""
+    path = SHARED_MODELS / name
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared model {path} is missing in CI")
+        pytest.skip(f"{path} not present (tests read ../shared/models beside the repository)")
+    return path
+
+
+def run_mpq(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `mpq` CLI in a subprocess (as a user or a Makefile would)."""
+    return subprocess.run([sys.executable, "-m", "mpq.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def ort_run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    """First output of onnxruntime on one input batch."""
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def random_input(model: onnx.ModelProto, batch: int = 2, seed: int = 0,
+                 scale: float = 1.0) -> np.ndarray:
+    """Random float input in [0, scale) for the model's first input (batch dim replaced)."""
+    vi = model.graph.input[0]
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim][1:]
+    rng = np.random.default_rng(seed)
+    return (rng.random([batch, *dims]) * scale).astype(np.float32)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a − b| relative to the range of b."""
+    return float(np.abs(a - b).max() / max(float(np.ptp(b)), 1e-12))

@@ -1,0 +1,100 @@
+"""The commands as a user runs them: `mpq boards`, `mpq import`, `mpq inspect`, `--help`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_builders as B
+import pytest
+from conftest import ort_run, random_input, rel_err, run_mpq, shared_model
+
+from mpq.boards import get_board, list_boards
+
+
+def save(path: Path, model) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("cmd", [[], ["boards"], ["import"], ["inspect"]])
+def test_help_everywhere(cmd: list[str]) -> None:
+    result = run_mpq(*cmd, "--help")
+    assert result.returncode == 0 and "Usage:" in result.stdout
+    assert "Exit codes" in result.stdout
+
+
+def test_boards_table_and_json() -> None:
+    table = run_mpq("boards")
+    assert table.returncode == 0
+    for name in ("nano33ble", "stm32h743", "stm32f746", "stm32f412", "mps2-an386", "mps2-an500"):
+        assert name in table.stdout
+    data = json.loads(run_mpq("boards", "--json").stdout)
+    by_name = {b["name"]: b for b in data}
+    assert by_name["nano33ble"]["sram_budget"] == get_board("nano33ble").sram_budget
+    assert len(data) == len(list_boards())
+
+
+def test_import_writes_a_model_onnxruntime_runs(tmp_path: Path) -> None:
+    src = save(tmp_path / "mbv2.onnx", B.mobilenet_v2(0.35, 64, num_classes=10))
+    result = run_mpq("import", src)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "mbv2.mpq.onnx"  # default name beside the input
+    assert out.exists() and "BatchNormalization folded ×52" in result.stdout
+    x = random_input(B.mobilenet_v2(0.35, 64, num_classes=10))
+    assert rel_err(ort_run(out, x), ort_run(src, x)) <= 1e-4
+    first = out.read_bytes()
+    assert run_mpq("import", src, "-o", out).returncode == 0
+    assert out.read_bytes() == first  # same input, same bytes
+
+
+def test_inspect_json_keys_and_totals(tmp_path: Path) -> None:
+    src = save(tmp_path / "mbv2.onnx", B.mobilenet_v2(1.0, 224))
+    result = run_mpq("inspect", src, "--json")
+    assert result.returncode == 0, result.stderr
+    d = json.loads(result.stdout)
+    for key in ("macs", "params", "arena_bytes", "scratch_bytes", "peak_sram_bytes",
+                "flash_bytes", "layers"):
+        assert key in d
+    assert d["arena_bytes"] == 112 * 112 * (16 + 96)
+    assert d["peak_sram_bytes"] == d["arena_bytes"] + d["scratch_bytes"]
+    assert d["macs"] == B.mobilenet_v2_macs(1.0, 224) == sum(x["macs"] for x in d["layers"])
+    assert d["params"] == sum(x["params"] for x in d["layers"])
+    for layer in d["layers"]:
+        assert {"name", "op", "macs", "params", "in_shape", "out_shape"} <= set(layer)
+    # Flash = int8 weights + int32 bias + int32 (M, S) per output channel.
+    weights = sum(x["params"] for x in d["layers"])
+    channels = sum(x["out_shape"][-1] for x in d["layers"] if x["op"] in
+                   ("conv2d", "depthwise", "fully_connected"))
+    assert d["flash_bytes"] == weights - channels + 4 * channels + 8 * channels
+
+
+def test_inspect_board_fit(tmp_path: Path) -> None:
+    path = shared_model("vww_96_float.onnx")
+    d = json.loads(run_mpq("inspect", path, "--board", "nano33ble", "--json").stdout)
+    fit, board = d["fit"], get_board("nano33ble")
+    assert fit["sram_budget"] == board.sram_budget
+    assert fit["sram_needed"] == d["peak_sram_bytes"] + d["input_bytes"]
+    assert fit["sram_margin"] == fit["sram_budget"] - fit["sram_needed"]
+    assert fit["fits"] is True
+    big = save(tmp_path / "big.onnx", B.mobilenet_v2(1.0, 224))
+    d = json.loads(run_mpq("inspect", big, "--board", "nano33ble", "--json").stdout)
+    assert d["fit"]["fits"] is False and d["fit"]["sram_margin"] < 0
+    table = run_mpq("inspect", big, "--board", "nano33ble")
+    assert table.returncode == 0 and "does not fit" in table.stdout
+
+
+def test_inspect_table_lists_every_layer() -> None:
+    result = run_mpq("inspect", shared_model("kws_ref_model_fp32.onnx"))
+    assert result.returncode == 0
+    assert result.stdout.count("│ depthwise ") == 4
+    assert "peak SRAM" in result.stdout and "16,000" in result.stdout
+
+
+def test_float_interpreter_matches_on_inspected_model(tmp_path: Path) -> None:
+    # The normalised model and the original agree on many random inputs, not just one.
+    src = save(tmp_path / "m.onnx", B.concat_model())
+    assert run_mpq("import", src, "-o", tmp_path / "n.onnx").returncode == 0
+    x = random_input(B.concat_model(), batch=16, seed=3)
+    assert np.allclose(ort_run(tmp_path / "n.onnx", x), ort_run(src, x), atol=1e-5)
