@@ -157,3 +157,23 @@ def node_params(node: Node) -> int:
     if node.bias is not None:
         total += int(node.bias.size)
     return total
+
+
+def graph_fingerprint(graph: Graph) -> str:
+    """sha256 over the graph's structure and weights: identifies "the same model" across files.
+
+    Two imports of the same network (original ONNX, normalised ONNX) give the same value, so
+    statistics and plans can refuse a model they were not made for.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in graph.inputs:
+        h.update(f"in:{name}:{graph.tensors[name].shape}".encode())
+    for n in graph.nodes:
+        attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
+        h.update(f"{n.name}|{n.op}|{n.inputs}|{n.outputs}|{attrs}".encode())
+        for arr in (n.weight, n.bias):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr, np.float32).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Quantisation: calibration statistics, quantisers and the integer arithmetic (DESIGN §4)."""
