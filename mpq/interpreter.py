@@ -52,39 +52,63 @@ class Op:
         raise NotImplementedError
 
 
+def conv2d_nhwc(x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+                dilations: tuple[int, int], groups: int, out_hw: tuple[int, int]) -> np.ndarray:
+    """Convolution of an already padded NHWC batch with OHWI weights, no bias.
+
+    Runs in the dtype of `x` and `w`: float32 for the float interpreter, float64 for the
+    integer reference (exact while |acc| < 2^53, DESIGN §4.4).
+    """
+    ho, wo = out_hw
+    cout, kh, kw, cin_g = w.shape
+    n = x.shape[0]
+    if (kh, kw) == (1, 1) and groups == 1 and strides == (1, 1):
+        # Pointwise: one GEMM over all pixels, no window copies.
+        return (x[:, :ho, :wo].reshape(-1, x.shape[3]) @ w.reshape(cout, -1).T).reshape(
+            n, ho, wo, cout)
+    if cin_g == 1 and groups == x.shape[3] and groups > 1:
+        # Depthwise: accumulate tap by tap; far cheaper than a grouped GEMM.
+        mult = cout // groups
+        sh, sw = strides
+        dh, dw = dilations
+        xr = np.repeat(x, mult, axis=3) if mult > 1 else x
+        acc = np.zeros((n, ho, wo, cout), np.result_type(x, w))
+        for ky in range(kh):
+            for kx in range(kw):
+                tap = xr[:, ky * dh: ky * dh + sh * (ho - 1) + 1: sh,
+                         kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
+                acc += tap * w[:, ky, kx, 0]
+        return acc
+    win = windows(x, (kh, kw), strides, dilations, (ho, wo))  # N,Ho,Wo,C,KH,KW
+    cout_g = cout // groups
+    outs = []
+    for g in range(groups):
+        patch = win[:, :, :, g * cin_g:(g + 1) * cin_g]  # N,Ho,Wo,Cin_g,KH,KW
+        patch = patch.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cin_g)
+        wg = w[g * cout_g:(g + 1) * cout_g].reshape(cout_g, -1)
+        outs.append(patch @ wg.T)
+    y = np.concatenate(outs, axis=1) if groups > 1 else outs[0]
+    return y.reshape(n, ho, wo, cout)
+
+
+def pool_windows(x: np.ndarray, node: Node, out_hw: tuple[int, int],
+                 pad_value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pooling windows [N,Ho,Wo,C,KH,KW] of the padded input, and the in-bounds tap counts."""
+    a = node.attrs
+    xp = pad_nhwc(x, a["pads"], pad_value)
+    ones = pad_nhwc(np.ones((1,) + x.shape[1:3] + (1,), np.int64), a["pads"])
+    win = windows(xp, a["kernel"], a["strides"], (1, 1), out_hw)
+    count = windows(ones, a["kernel"], a["strides"], (1, 1), out_hw).sum(axis=(4, 5))
+    return win, count
+
+
 class Conv2D(Op):
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
         a = node.attrs
-        x = pad_nhwc(xs[0], a["pads"])
-        ho, wo = out_shape[1], out_shape[2]
-        w = node.weight  # [Cout, KH, KW, Cin/g]
-        cout, kh, kw, cin_g = w.shape
-        groups = a["groups"]
-        n = x.shape[0]
-        if cin_g == 1 and groups == x.shape[3]:
-            # Depthwise: accumulate tap by tap; far cheaper than a grouped GEMM.
-            mult = cout // groups
-            sh, sw = a["strides"]
-            dh, dw = a["dilations"]
-            xr = np.repeat(x, mult, axis=3) if mult > 1 else x
-            acc = np.zeros((n, ho, wo, cout), np.float32)
-            for ky in range(kh):
-                for kx in range(kw):
-                    tap = xr[:, ky * dh: ky * dh + sh * (ho - 1) + 1: sh,
-                             kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
-                    acc += tap * w[:, ky, kx, 0]
-            return _clamp(node, acc + node.bias)
-        win = windows(x, (kh, kw), a["strides"], a["dilations"], (ho, wo))  # N,Ho,Wo,C,KH,KW
-        cout_g = cout // groups
-        outs = []
-        for g in range(groups):
-            patch = win[:, :, :, g * cin_g:(g + 1) * cin_g]  # N,Ho,Wo,Cin_g,KH,KW
-            patch = patch.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * cin_g)
-            wg = w[g * cout_g:(g + 1) * cout_g].reshape(cout_g, -1)
-            outs.append(patch @ wg.T)
-        y = np.concatenate(outs, axis=1) if groups > 1 else outs[0]
-        return _clamp(node, y.reshape(n, ho, wo, cout) + node.bias)
+        y = conv2d_nhwc(pad_nhwc(xs[0], a["pads"]), node.weight, a["strides"], a["dilations"],
+                        a["groups"], out_shape[1:3])
+        return _clamp(node, y + node.bias)
 
 
 class FullyConnected(Op):
@@ -103,20 +127,14 @@ class Add(Op):
 class MaxPool(Op):
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-        a = node.attrs
-        x = pad_nhwc(xs[0], a["pads"], -np.inf)
-        win = windows(x, a["kernel"], a["strides"], (1, 1), out_shape[1:3])
+        win, _ = pool_windows(xs[0], node, out_shape[1:3], -np.inf)
         return _clamp(node, win.max(axis=(4, 5)))
 
 
 class AvgPool(Op):
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-        a = node.attrs
-        x = pad_nhwc(xs[0], a["pads"])
-        ones = pad_nhwc(np.ones((1,) + xs[0].shape[1:3] + (1,), np.float32), a["pads"])
-        win = windows(x, a["kernel"], a["strides"], (1, 1), out_shape[1:3])
-        count = windows(ones, a["kernel"], a["strides"], (1, 1), out_shape[1:3]).sum(axis=(4, 5))
+        win, count = pool_windows(xs[0], node, out_shape[1:3], 0.0)
         return _clamp(node, win.sum(axis=(4, 5)) / count)
 
 

@@ -1,0 +1,155 @@
+"""A quantised model: the IR plus per-tensor and per-layer integer parameters (DESIGN §4).
+
+`QuantModel` is what the integer reference executes and what export will emit. It is built by
+`build_quant_model` from activation (scale, zero point, bits) per tensor and quantised weights
+per layer — from mpq's own quantiser (`quantize_graph`) or from an int8 `.tflite`'s own
+parameters. Everything derived (requantisation multipliers, clamp ranges, add and softmax
+constants) is computed here, once, by the functions of `mpq.quant.arith`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpq.errors import MpqError
+from mpq.ir import Graph, Node
+from mpq.quant import arith
+
+# Ops whose output must carry exactly the input's quantisation (no requantisation happens).
+SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape")
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Quantisation of one activation tensor: real = scale·(q − zero_point), q in b bits."""
+
+    scale: float
+    zero_point: int
+    bits: int = 8
+
+
+@dataclass
+class LayerQuant:
+    """Integer parameters of one node."""
+
+    weight: np.ndarray | None = None  # int8 values (b-bit range), IR layout
+    weight_scale: np.ndarray | None = None  # float32 per output channel
+    weight_bits: int = 8
+    bias: np.ndarray | None = None  # int32 values (held as int64)
+    multiplier: np.ndarray | None = None  # per output channel
+    shift: np.ndarray | None = None
+    act_min: int = -128
+    act_max: int = 127
+    extra: dict[str, int] = field(default_factory=dict)  # add / softmax constants
+
+
+@dataclass
+class QuantModel:
+    """The IR with integer parameters for every tensor and node."""
+
+    graph: Graph
+    acts: dict[str, ActQuant]
+    layers: dict[str, LayerQuant]
+
+    def input_quant(self) -> ActQuant:
+        return self.acts[self.graph.inputs[0]]
+
+    def output_quant(self) -> ActQuant:
+        return self.acts[self.graph.outputs[0]]
+
+
+def _check_same(node: Node, acts: dict[str, ActQuant]) -> None:
+    a, b = acts[node.inputs[0]], acts[node.outputs[0]]
+    if (a.scale, a.zero_point, a.bits) != (b.scale, b.zero_point, b.bits):
+        raise MpqError(f"layer '{node.name}' ({node.op}): output quantisation must equal the "
+                       f"input's ({b} vs {a})")
+
+
+def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | None = None,
+                 weight_scale: np.ndarray | None = None, weight_bits: int = 8,
+                 bias: np.ndarray | None = None) -> LayerQuant:
+    """Derive one node's integer parameters from its tensors' quantisation (DESIGN §4.1).
+
+    conv/FC: (M, S) per channel from s_in·s_w[c]/s_out; all ops with a fused activation: the
+    clamp range in the output's bits; add: TFLM's add constants; softmax: its fixed point
+    constants (output must be 1/256, −128 at 8 bits, as TFLM requires).
+    """
+    out = acts[node.outputs[0]]
+    lo = node.attrs.get("act_min", -np.inf)
+    hi = node.attrs.get("act_max", np.inf)
+    amin, amax = arith.clamp_activation(lo, hi, out.scale, out.zero_point, out.bits)
+    lq = LayerQuant(act_min=amin, act_max=amax)
+    if node.op in ("conv2d", "fully_connected"):
+        src = acts[node.inputs[0]]
+        lq.weight, lq.weight_scale, lq.weight_bits = weight, weight_scale, weight_bits
+        lq.bias = np.asarray(bias, np.int64)
+        lq.multiplier, lq.shift = arith.conv_multipliers(src.scale, weight_scale, out.scale)
+    elif node.op == "add":
+        a, b = acts[node.inputs[0]], acts[node.inputs[1]]
+        lq.extra = arith.add_params(a.scale, b.scale, out.scale)
+    elif node.op in SAME_AS_INPUT:
+        _check_same(node, acts)
+    elif node.op == "concat":
+        for t in node.inputs:
+            if acts[t] != out:
+                raise MpqError(f"layer '{node.name}' (concat): every input must share the "
+                               "output's quantisation")
+    elif node.op == "softmax":
+        if (out.scale, out.zero_point, out.bits) != (float(np.float32(1 / 256)), -128, 8):
+            raise MpqError(f"layer '{node.name}' (softmax): output must be 8-bit with scale "
+                           "1/256 and zero point −128")
+        m, shift, diff_min = arith.softmax_params(acts[node.inputs[0]].scale)
+        lq.extra = {"multiplier": m, "left_shift": shift, "diff_min": diff_min}
+    return lq
+
+
+def softmax_output_quant() -> ActQuant:
+    """The fixed output quantisation of int8 softmax (TFLM softmax_common.cc)."""
+    return ActQuant(float(np.float32(1 / 256)), -128, 8)
+
+
+def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
+                   act_bits: dict[str, int] | None = None,
+                   weight_bits: dict[str, int] | None = None) -> QuantModel:
+    """mpq's own quantiser: TFLite-spec parameters at any per-tensor bitwidth (DESIGN §4.1–4.2).
+
+    Activations: asymmetric from the calibrated real range; pool/reshape outputs inherit their
+    input's parameters, concat inputs share the output's, softmax outputs are 1/256, −128.
+    Weights: symmetric per output channel at the node's weight bits; bias int32 at s_in·s_w.
+    """
+    act_bits = act_bits or {}
+    weight_bits = weight_bits or {}
+    ranges = dict(ranges)
+    producer = graph.producer()
+    # Concat: the inputs take the union range so one set of parameters fits all.
+    for node in graph.nodes:
+        if node.op == "concat":
+            lo = min(ranges[t][0] for t in node.inputs + node.outputs)
+            hi = max(ranges[t][1] for t in node.inputs + node.outputs)
+            for t in node.inputs + node.outputs:
+                ranges[t] = (lo, hi)
+    acts: dict[str, ActQuant] = {}
+    for name in graph.tensors:
+        if name in producer and producer[name].op in SAME_AS_INPUT:
+            continue
+        if name in producer and producer[name].op == "softmax":
+            acts[name] = softmax_output_quant()
+            continue
+        bits = act_bits.get(name, 8)
+        scale, zp = arith.choose_activation_params(*ranges[name], bits)
+        acts[name] = ActQuant(scale, zp, bits)
+    for node in graph.nodes:  # in order, so chains of pools/reshapes resolve
+        if node.op in SAME_AS_INPUT:
+            acts[node.outputs[0]] = acts[node.inputs[0]]
+    layers: dict[str, LayerQuant] = {}
+    for node in graph.nodes:
+        if node.op in ("conv2d", "fully_connected"):
+            wb = weight_bits.get(node.name, 8)
+            q, s = arith.quantize_weights_symmetric(node.weight, wb)
+            bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, s)
+            layers[node.name] = layer_params(node, acts, q, s, wb, bias)
+        else:
+            layers[node.name] = layer_params(node, acts)
+    return QuantModel(graph=graph, acts=acts, layers=layers)
