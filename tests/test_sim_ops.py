@@ -16,7 +16,7 @@ from mpq.quant.qmodel import ActQuant, QuantModel, layer_params
 from mpq.sim import run_packed
 
 BITS = (8, 4, 2)
-CASES = 216  # 8 per (in, out, weight) bit combination
+CASES = 270  # 10 per (in, out, weight) bit combination
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -69,7 +69,7 @@ def combos():
 
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "grouped"])
 def test_conv_random(kind: str) -> None:
-    mismatches = 0
+    mismatches = cases = 0
     for seed, bi, bo, bw in combos():
         rng = np.random.default_rng(seed + {"conv": 0, "depthwise": 1, "grouped": 2}[kind] * 10000)
         cin = int(rng.integers(1, 5))
@@ -91,6 +91,7 @@ def test_conv_random(kind: str) -> None:
         wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
         if ho <= 0 or wo <= 0:
             continue
+        cases += 1
         a_in, a_out = rand_act(rng, bi), rand_act(rng, bo)
         lo, hi = rand_clamp(rng, a_out)
         wmax = arith.weight_qmax(bw)
@@ -110,7 +111,7 @@ def test_conv_random(kind: str) -> None:
                      lq.multiplier.tolist(), lq.shift.tolist(), a_out.zero_point, lq.act_min,
                      lq.act_max, (sh, sw), (dh, dw), pads, groups)
         mismatches += int((got != np.array(ref)).sum())
-    assert mismatches == 0
+    assert cases >= 200 and mismatches == 0
 
 
 def test_fully_connected_random() -> None:

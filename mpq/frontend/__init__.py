@@ -17,6 +17,8 @@ def load_model(path: str | Path) -> Graph:
 
         return import_onnx(p)
     if suffix == ".tflite":
-        raise MpqError(f"{path}: the TFLite frontend is not available yet; convert the model "
-                       "to ONNX (e.g. with tf2onnx)")
-    raise MpqError(f"{path}: unknown model format '{suffix or p.name}' (expected .onnx)")
+        from mpq.frontend.tflite_import import import_tflite
+
+        return import_tflite(p).graph
+    raise MpqError(f"{path}: unknown model format '{suffix or p.name}' "
+                   "(expected .onnx or .tflite)")

@@ -302,8 +302,8 @@ class _Importer:
         if scale.size != 1 or zp.size != 1:
             raise self.fail(f"{what} '{self.names[index]}' is quantised per channel; "
                             "activations must be quantised per tensor")
-        if not scale[0] > 0:
-            raise self.fail(f"{what} '{self.names[index]}' has scale {float(scale[0])}")
+        if not (np.isfinite(scale[0]) and scale[0] > 0):
+            raise self.fail(f"{what} '{self.names[index]}' has invalid scale {float(scale[0])}")
         return TensorQuant(np.float32(scale[0]), int(zp[0]), self.type_name(index))
 
     def act(self, index: int, opts: Any) -> dict[str, float]:
@@ -447,6 +447,9 @@ def _weights(imp: _Importer, op_index: int, w_index: int, b_index: int, x_index:
     if np.any(zp != 0):
         raise imp.fail(f"{imp.where(op_index)}: int8 weights '{imp.names[w_index]}' have a "
                        "non-zero zero point; weights must be symmetric")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise imp.fail(f"{imp.where(op_index)}: weights '{imp.names[w_index]}' have invalid "
+                       "scales (not finite and positive)")
     per_channel = scale.size > 1
     if per_channel and (scale.size != cout or qdim != axis):
         raise imp.fail(f"{imp.where(op_index)}: weights '{imp.names[w_index]}' have "

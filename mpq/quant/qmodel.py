@@ -153,3 +153,20 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
         else:
             layers[node.name] = layer_params(node, acts)
     return QuantModel(graph=graph, acts=acts, layers=layers)
+
+
+def quant_model_from_parameters(graph: Graph, acts: dict[str, ActQuant],
+                                weights: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+                                ) -> QuantModel:
+    """A QuantModel from given parameters (e.g. an int8 `.tflite`'s own).
+
+    `weights[node] = (int8 weights in IR layout, float32 scale per channel, int32 bias)`.
+    """
+    layers: dict[str, LayerQuant] = {}
+    for node in graph.nodes:
+        if node.op in ("conv2d", "fully_connected"):
+            w, s, b = weights[node.name]
+            layers[node.name] = layer_params(node, acts, w, np.asarray(s, np.float32), 8, b)
+        else:
+            layers[node.name] = layer_params(node, acts)
+    return QuantModel(graph=graph, acts=acts, layers=layers)
