@@ -198,5 +198,206 @@ def _print_summary(s: Any) -> None:
                   f"margin {f.flash_margin:>+11,} B")
 
 
+# -- progress ----------------------------------------------------------------------------------
+
+class progress_bar:  # noqa: N801 - used as a context manager like open()
+    """A rich progress bar on a terminal; silent when stdout is not a terminal or with --quiet.
+
+    `with progress_bar("calibrating", total) as advance: advance(n)`.
+    """
+
+    def __init__(self, description: str, total: int, quiet: bool = False) -> None:
+        self.enabled = sys.stdout.isatty() and not quiet
+        self.description = description
+        self.total = total
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.progress = Progress("[progress.description]{task.description}", BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), console=out,
+                                 transient=True)
+        self.progress.start()
+        task = self.progress.add_task(self.description, total=self.total)
+        return lambda n: self.progress.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+METHOD = click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+                      default="minmax", show_default=True,
+                      help="How activation ranges are chosen from the statistics.")
+
+
+def _stats_for(graph: Any, data: Path | None, stats: Path | None, quiet: bool,
+               what: str) -> Any:
+    """Calibration statistics from a stats file or by calibrating on a data set."""
+    from mpq.quant.calibrate import CalibrationStats, calibrate, load_dataset, total_steps
+
+    if stats is not None:
+        return CalibrationStats.load(stats, graph)
+    if data is None:
+        raise MpqError(f"{what} needs calibration data: give --calib/--data D or --stats S")
+    ds = load_dataset(data, graph)
+    with progress_bar("calibrating", total_steps(ds), quiet) as advance:
+        return calibrate(graph, ds, progress=advance)
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+
+@main.command(epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+              help="Calibration data: .npz with x (ONNX input layout) [and y], or a folder "
+                   "of .npy files.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Statistics file to write (.npz).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--bins", default=2048, show_default=True, type=click.IntRange(2),
+              help="Histogram bins per tensor.")
+@QUIET
+@user_errors
+def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
+              quiet: bool) -> None:
+    """Stream calibration data through MODEL and save per-tensor statistics.
+
+    Min/max, mean and σ, a histogram and percentiles for every activation; two passes, memory
+    independent of the number of samples. Activations are computed with onnxruntime.
+    """
+    from mpq.frontend import load_model
+    from mpq.quant.calibrate import calibrate as run_calibration
+    from mpq.quant.calibrate import load_dataset, total_steps
+
+    graph = load_model(model)
+    ds = load_dataset(data, graph)
+    with progress_bar("calibrating", total_steps(ds), quiet) as advance:
+        stats = run_calibration(graph, ds, batch_size=batch_size, bins=bins, progress=advance)
+    stats.save(output)
+    out.print(f"{model} × {len(ds)} samples → {output} ({len(stats.tensors)} tensors, "
+              f"{bins} bins, onnxruntime)")
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+@main.command(epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help=".npy of float inputs in the model's input layout (one sample or a batch).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the integer outputs (int8 values) to this .npy.")
+@click.option("--bits", type=click.Choice(["8", "4", "2"]), default="8", show_default=True,
+              help="Uniform activation bits (weights stay 8-bit).")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Calibration data (for ONNX models).")
+@click.option("--stats", type=click.Path(path_type=Path),
+              help="Statistics from `mpq calibrate` instead of --data.")
+@METHOD
+@QUIET
+@user_errors
+def run(model: Path, input_path: Path, output: Path | None, bits: str, data: Path | None,
+        stats: Path | None, method: str, quiet: bool) -> None:
+    """Run MODEL through the bit-exact integer reference.
+
+    An int8 .tflite runs with its own quantisation; an ONNX model is quantised with
+    calibration data (--data or --stats) at the given activation bits.
+    """
+    import numpy as np
+
+    from mpq.evaluate import quant_outputs
+    from mpq.fileio import write_atomic
+    from mpq.quant.calibrate import load_dataset
+    from mpq.quant.pipeline import load_for_quantisation, quantise
+    from mpq.sim import dequantize
+
+    loaded = load_for_quantisation(model)
+    ds = load_dataset(input_path, loaded.graph)
+    if loaded.own_quant is not None and bits == "8" and data is None and stats is None:
+        qm = loaded.own_quant
+    else:
+        qm = quantise(loaded.graph, _stats_for(loaded.graph, data, stats, quiet, "mpq run"),
+                      int(bits), method)
+    ys = np.concatenate([quant_outputs(qm, batch) for batch in ds.batches(256)])
+    oq = qm.output_quant()
+    if output is not None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, ys.astype(np.int8))
+        write_atomic(output, buf.getvalue())
+    real = dequantize(oq, ys)
+    flat = ys.reshape(len(ys), -1)
+    for i in range(min(len(ys), 8)):
+        top = int(real.reshape(len(ys), -1)[i].argmax())
+        out.print(f"sample {i}: top-1 {top}  int {flat[i][:12].tolist()}"
+                  f"{' …' if flat.shape[1] > 12 else ''}")
+    out.print(f"{len(ys)} samples; output scale {oq.scale:.6g}, zero point {oq.zero_point}, "
+              f"{oq.bits} bits" + (f"; written to {output}" if output else ""))
+
+
+# -- eval ---------------------------------------------------------------------------------------
+
+@main.command("eval", epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Labelled test data: .npz with x and y.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration data for quantising an ONNX model.")
+@click.option("--stats", type=click.Path(path_type=Path),
+              help="Statistics from `mpq calibrate` instead of --calib.")
+@click.option("--act-bits", default="8", show_default=True,
+              help="Comma-separated uniform activation bitwidths to evaluate, e.g. 8,4,2.")
+@METHOD
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@QUIET
+@user_errors
+def eval_(model: Path, data: Path, calib: Path | None, stats: Path | None, act_bits: str,
+          method: str, as_json: bool, quiet: bool) -> None:
+    """Top-1 accuracy of the float model and of the integer reference, side by side."""
+    from mpq.evaluate import accuracy, float_predictions, quant_predictions
+    from mpq.quant.calibrate import load_dataset
+    from mpq.quant.pipeline import load_for_quantisation, quantise
+
+    try:
+        bit_list = [int(b) for b in act_bits.split(",")]
+    except ValueError:
+        raise MpqError(f"--act-bits must be a comma-separated list of 8, 4, 2, not "
+                       f"'{act_bits}'") from None
+    loaded = load_for_quantisation(model)
+    ds = load_dataset(data, loaded.graph)
+    if ds.y is None:
+        raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
+    labels = ds.y
+    results: dict[str, Any] = {"samples": len(ds)}
+    with progress_bar("float", len(ds), quiet) as advance:
+        results["float"] = accuracy(float_predictions(model, loaded.graph, ds,
+                                                      progress=advance), labels)
+    stats_obj = None
+    for b in bit_list:
+        key = "int8" if b == 8 else f"act{b}"
+        if b == 8 and loaded.own_quant is not None and calib is None and stats is None:
+            qm = loaded.own_quant
+        else:
+            if stats_obj is None:
+                stats_obj = _stats_for(loaded.graph, calib, stats, quiet, "mpq eval")
+            qm = quantise(loaded.graph, stats_obj, b, method)
+        with progress_bar(key, len(ds), quiet) as advance:
+            results[key] = accuracy(quant_predictions(qm, ds, progress=advance), labels)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{model.name}: top-1 accuracy on {len(ds)} samples")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for key, value in results.items():
+        if key != "samples":
+            table.add_row(key, f"{value:.4f}")
+    out.print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
