@@ -34,6 +34,17 @@ SHARED = REPO.parent / "shared" / "models"
 console = Console(width=140)
 
 
+def show(title: str, columns: list[str], rows: list[list[str]]) -> dict:
+    """Print a table and return it in a form `write_markdown` can render again."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return {"title": title, "columns": columns, "rows": rows}
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": __import__("os").cpu_count()}
@@ -55,11 +66,9 @@ def bench_inspect() -> dict:
     result = {"model": "MobileNetV2-1.0@224", "seconds_best": min(runs),
               "seconds_all": runs, "goal_seconds": 5.0, "ok": min(runs) < 5.0,
               "arena_bytes": arena}
-    table = Table(title="mpq inspect speed")
-    for col in ("model", "best of 3 (s)", "goal (s)", "ok"):
-        table.add_column(col)
-    table.add_row(result["model"], f"{result['seconds_best']:.2f}", "5.0", str(result["ok"]))
-    console.print(table)
+    result["table"] = show("mpq inspect speed", ["model", "best of 3 (s)", "goal (s)", "ok"],
+                           [[result["model"], f"{result['seconds_best']:.2f}", "5.0",
+                             str(result["ok"])]])
     return result
 
 
@@ -79,28 +88,116 @@ def bench_tflm_arena() -> dict:
                      "mpq_scratch": mem.scratch_bytes, "mpq_peak_sram": mem.peak_sram_bytes,
                      "mpq_input": mem.input_bytes, "tflm_head": tflm.head,
                      "tflm_tail": tflm.tail, "tflm_total": tflm.total})
-    table = Table(title="Layer-based int8 SRAM: mpq vs TFLM (bytes)")
-    for col in ("task", "mpq arena", "mpq scratch", "mpq peak", "input (caller's)",
-                "TFLM head", "TFLM tail", "arena ≤ TFLM head"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["task"], f"{r['mpq_arena']:,}", f"{r['mpq_scratch']:,}",
-                      f"{r['mpq_peak_sram']:,}", f"{r['mpq_input']:,}", f"{r['tflm_head']:,}",
-                      f"{r['tflm_tail']:,}", str(r["mpq_arena"] <= r["tflm_head"]))
-    console.print(table)
-    console.print("TFLM's head holds every tensor incl. the input; its tail holds persistent "
-                  "structures. mpq's arena excludes the input, which the caller passes in.")
-    return {"rows": rows}
+    table = show("Layer-based int8 SRAM: mpq vs TFLM (bytes)",
+                 ["task", "mpq arena", "mpq scratch", "mpq peak", "input (caller's)",
+                  "TFLM head", "TFLM tail", "arena ≤ TFLM head"],
+                 [[r["task"], f"{r['mpq_arena']:,}", f"{r['mpq_scratch']:,}",
+                   f"{r['mpq_peak_sram']:,}", f"{r['mpq_input']:,}", f"{r['tflm_head']:,}",
+                   f"{r['tflm_tail']:,}", str(r["mpq_arena"] <= r["tflm_head"])] for r in rows])
+    table["note"] = ("TFLM's head holds every tensor incl. the input; its tail holds persistent "
+                     "structures. mpq's arena excludes the input, which the caller passes in.")
+    console.print(table["note"])
+    return {"rows": rows, "table": table}
 
 
-BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena}
+def bench_sim_speed() -> dict:
+    """Integer reference throughput: VWW int8 (its own parameters), 1000 samples (goal < 60 s)."""
+    import numpy as np
+
+    from mpq.quant.pipeline import load_for_quantisation
+    from mpq.sim import run_int
+
+    qm = load_for_quantisation(SHARED / "vww_96_int8.tflite").own_quant
+    g = qm.graph
+    x = np.random.default_rng(0).integers(-128, 128, (1000, 96, 96, 3))
+    t0 = time.perf_counter()
+    for start in range(0, len(x), 100):
+        run_int(qm, {g.inputs[0]: x[start:start + 100]})
+    seconds = time.perf_counter() - t0
+    result = {"model": "VWW MobileNetV1-0.25@96 int8", "samples": len(x), "seconds": seconds,
+              "samples_per_second": len(x) / seconds, "goal_seconds": 60.0,
+              "ok": seconds < 60.0}
+    result["table"] = show("Integer reference speed",
+                           ["model", "samples", "seconds", "samples/s", "goal (s)", "ok"],
+                           [[result["model"], "1000", f"{seconds:.1f}",
+                             f"{len(x) / seconds:.1f}", "60", str(result["ok"])]])
+    return result
+
+
+def bench_kws_accuracy() -> dict:
+    """KWS DS-CNN: float vs TFLite int8 vs mpq's uniform 8/4/2-bit activations, per range
+    method; calibrated on the first 100 shared clips, evaluated on the other 900."""
+    import numpy as np
+
+    from mpq.evaluate import accuracy, quant_predictions
+    from mpq.quant.calibrate import calibrate, load_dataset
+    from mpq.quant.pipeline import quantise
+
+    d = np.load(SHARED / "kws01_mfcc_int8_1000.npz")
+    x = (d["x"].astype(np.float32) - 83) * np.float32(0.5847029)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, test = Path(tmp) / "calib.npz", Path(tmp) / "test.npz"
+        np.savez(calib, x=x[:100], y=d["y"][:100])
+        np.savez(test, x=x[100:], y=d["y"][100:])
+        from mpq.evaluate import float_predictions
+        from mpq.quant.pipeline import load_for_quantisation
+
+        onnx_path = SHARED / "kws_ref_model_fp32.onnx"
+        graph = import_onnx(onnx_path)
+        ds = load_dataset(test, graph)
+        rows.append({"model": "float (onnxruntime)", "method": "-", "act_bits": 32,
+                     "accuracy": accuracy(float_predictions(onnx_path, graph, ds), ds.y)})
+        tfl = load_for_quantisation(SHARED / "kws_ref_model.tflite")
+        rows.append({"model": "TFLite int8", "method": "TFLite", "act_bits": 8,
+                     "accuracy": accuracy(quant_predictions(tfl.own_quant, ds), ds.y)})
+        stats = calibrate(graph, load_dataset(calib, graph))
+        for method in ("minmax", "percentile", "entropy"):
+            for bits in (8, 4, 2):
+                qm = quantise(graph, stats, bits, method)
+                rows.append({"model": f"mpq A{bits}W8", "method": method, "act_bits": bits,
+                             "accuracy": accuracy(quant_predictions(qm, ds), ds.y)})
+    table = show("KWS DS-CNN top-1 on 900 clips (calibrated on 100)",
+                 ["model", "range method", "accuracy"],
+                 [[r["model"], r["method"], f"{r['accuracy']:.4f}"] for r in rows])
+    return {"rows": rows, "table": table}
+
+
+BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
+              "sim_speed": bench_sim_speed, "kws_accuracy": bench_kws_accuracy}
+
+
+def write_markdown() -> None:
+    """benchmarks/RESULTS.md from every result JSON present (tables as they were printed)."""
+    lines = ["# Benchmark results", "",
+             "Written by `python benchmarks/run.py`; each table comes from the JSON beside it in "
+             "`benchmarks/results/`.", ""]
+    for name in BENCHMARKS:
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        table = data["result"]["table"]
+        m = data["machine"]
+        lines += [f"## {table['title']}", "",
+                  f"`{name}` — run {data['date']} on {m['machine']}, {m['cpus']} CPUs, "
+                  f"Python {m['python']}.", "",
+                  "| " + " | ".join(table["columns"]) + " |",
+                  "|" + "---|" * len(table["columns"])]
+        lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+        if "note" in table:
+            lines += ["", table["note"]]
+        lines.append("")
+    (REPO / "benchmarks" / "RESULTS.md").write_text("\n".join(lines))
 
 
 def main(names: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in names or list(BENCHMARKS):
-        result = {"benchmark": name, "machine": machine(), "result": BENCHMARKS[name]()}
+        result = {"benchmark": name, "machine": machine(),
+                  "date": time.strftime("%Y-%m-%d"), "result": BENCHMARKS[name]()}
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_markdown()
 
 
 if __name__ == "__main__":
