@@ -285,7 +285,10 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
 # -- run ----------------------------------------------------------------------------------------
 
 @main.command(epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("model", metavar="MODEL_OR_PLAN", type=click.Path(dir_okay=True,
+                                                                  path_type=Path))
+@click.option("--model", "plan_model", type=click.Path(path_type=Path),
+              help="With a plan: the model file (default: next to the plan).")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
               help=".npy of float inputs in the model's input layout (one sample or a batch).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -299,12 +302,13 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
 @METHOD
 @QUIET
 @user_errors
-def run(model: Path, input_path: Path, output: Path | None, bits: str, data: Path | None,
-        stats: Path | None, method: str, quiet: bool) -> None:
-    """Run MODEL through the bit-exact integer reference.
+def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | None,
+        bits: str, data: Path | None, stats: Path | None, method: str, quiet: bool) -> None:
+    """Run a model or a plan through the bit-exact integer reference.
 
-    An int8 .tflite runs with its own quantisation; an ONNX model is quantised with
-    calibration data (--data or --stats) at the given activation bits.
+    A plan (.json) runs exactly as its firmware will; an int8 .tflite runs with its own
+    quantisation; an ONNX model is quantised with calibration data (--data or --stats) at the
+    given activation bits.
     """
     import numpy as np
 
@@ -314,15 +318,27 @@ def run(model: Path, input_path: Path, output: Path | None, bits: str, data: Pat
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.sim import dequantize
 
-    loaded = load_for_quantisation(model)
-    ds = load_dataset(input_path, loaded.graph)
-    if loaded.own_quant is not None and bits == "8" and data is None and stats is None:
-        qm = loaded.own_quant
+    if model.suffix.lower() == ".json":
+        from mpq.evaluate import PlanRunner
+        from mpq.frontend import load_model
+        from mpq.plan import load_plan, resolve_model
+
+        plan = load_plan(model)
+        graph = load_model(resolve_model(plan, model, plan_model))
+        runner = PlanRunner(plan, graph)
+        ds = load_dataset(input_path, graph)
+        ys = np.concatenate([runner.outputs(batch) for batch in ds.batches(256)])
+        oq = runner.mixed.output_quant()
     else:
-        qm = quantise(loaded.graph, _stats_for(loaded.graph, data, stats, quiet, "mpq run"),
-                      int(bits), method)
-    ys = np.concatenate([quant_outputs(qm, batch) for batch in ds.batches(256)])
-    oq = qm.output_quant()
+        loaded = load_for_quantisation(model)
+        ds = load_dataset(input_path, loaded.graph)
+        if loaded.own_quant is not None and bits == "8" and data is None and stats is None:
+            qm = loaded.own_quant
+        else:
+            qm = quantise(loaded.graph, _stats_for(loaded.graph, data, stats, quiet,
+                                                   "mpq run"), int(bits), method)
+        ys = np.concatenate([quant_outputs(qm, batch) for batch in ds.batches(256)])
+        oq = qm.output_quant()
     if output is not None:
         import io
 
@@ -342,7 +358,10 @@ def run(model: Path, input_path: Path, output: Path | None, bits: str, data: Pat
 # -- eval ---------------------------------------------------------------------------------------
 
 @main.command("eval", epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("model", metavar="MODEL_OR_PLAN", type=click.Path(dir_okay=True,
+                                                                  path_type=Path))
+@click.option("--model", "plan_model", type=click.Path(path_type=Path),
+              help="With a plan: the model file (default: next to the plan).")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Labelled test data: .npz with x and y.")
 @click.option("--calib", type=click.Path(path_type=Path),
@@ -355,12 +374,20 @@ def run(model: Path, input_path: Path, output: Path | None, bits: str, data: Pat
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
-def eval_(model: Path, data: Path, calib: Path | None, stats: Path | None, act_bits: str,
-          method: str, as_json: bool, quiet: bool) -> None:
-    """Top-1 accuracy of the float model and of the integer reference, side by side."""
+def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
+          stats: Path | None, act_bits: str, method: str, as_json: bool, quiet: bool) -> None:
+    """Top-1 accuracy of the float model and of the integer reference, side by side.
+
+    Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
+    branches) beside the float model and the all-int8 model at the plan's ranges.
+    """
     from mpq.evaluate import accuracy, float_predictions, quant_predictions
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
+
+    if model.suffix.lower() == ".json":
+        _eval_plan(model, plan_model, data, as_json, quiet)
+        return
 
     try:
         bit_list = [int(b) for b in act_bits.split(",")]
@@ -397,6 +424,180 @@ def eval_(model: Path, data: Path, calib: Path | None, stats: Path | None, act_b
         if key != "samples":
             table.add_row(key, f"{value:.4f}")
     out.print(table)
+
+
+def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
+               quiet: bool) -> None:
+    from mpq.evaluate import (
+        PlanRunner,
+        accuracy,
+        float_predictions,
+        plan_int8_ranges,
+        quant_predictions,
+    )
+    from mpq.frontend import load_model
+    from mpq.plan import load_plan, resolve_model
+    from mpq.quant.calibrate import load_dataset
+    from mpq.quant.qmodel import quantize_graph
+
+    plan = load_plan(plan_path)
+    model_path = resolve_model(plan, plan_path, model)
+    graph = load_model(model_path)
+    ds = load_dataset(data, graph)
+    if ds.y is None:
+        raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
+    results: dict[str, Any] = {"samples": len(ds)}
+    with progress_bar("float", len(ds), quiet) as advance:
+        results["float"] = accuracy(float_predictions(model_path, graph, ds, progress=advance),
+                                    ds.y)
+    int8 = quantize_graph(graph, plan_int8_ranges(plan))
+    with progress_bar("int8", len(ds), quiet) as advance:
+        results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), ds.y)
+    runner = PlanRunner(plan, graph)
+    with progress_bar("plan", len(ds), quiet) as advance:
+        results["plan"] = accuracy(runner.predictions(ds, progress=advance), ds.y)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{plan_path.name}: top-1 accuracy on {len(ds)} samples")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for key in ("float", "int8", "plan"):
+        table.add_row(key, f"{results[key]:.4f}")
+    out.print(table)
+
+
+# -- search -------------------------------------------------------------------------------------
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise MpqError(f"{what} must be a comma-separated list of integers, not '{text}'") \
+            from None
+    bad = [v for v in values if v not in (8, 4, 2)]
+    if bad:
+        raise MpqError(f"{what}: bitwidth {bad[0]} is not one of 8, 4, 2")
+    return values
+
+
+@main.command("search", epilog=EPILOG)
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--board", "board_name", required=True, help="Board name or board TOML file.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Calibration data (.npz with x, or a folder of .npy).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Plan JSON to write.")
+@click.option("--sram", type=click.IntRange(1), help="Override the board's SRAM budget (bytes).")
+@click.option("--flash", type=click.IntRange(1),
+              help="Override the board's Flash budget (bytes).")
+@click.option("--strategy", type=click.Choice(["exact", "vdqs", "int8", "qe"]),
+              default="exact", show_default=True)
+@click.option("--lambda", "lam", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="λ of S = −λΩ + (1−λ)Φ.")
+@click.option("--phi", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.96,
+              show_default=True, help="VDPC central probability mass φ.")
+@click.option("--bins", type=click.IntRange(2), default=256, show_default=True,
+              help="Entropy bins k.")
+@click.option("--bits", default="8,4,2", show_default=True,
+              help="Candidate activation bitwidths.")
+@click.option("--weight-bits", default="8", show_default=True,
+              help="Candidate weight bitwidths (8,4 lets the search choose).")
+@click.option("--patches", default="auto", show_default=True,
+              help="auto, none, or k=K,n=N (K layers per patch, N×N grid).")
+@click.option("--no-vdpc", is_flag=True, help="All patches mixed-precision.")
+@click.option("--vdpc-min-outliers", type=click.IntRange(1), default=1, show_default=True,
+              help="Outliers a patch needs to take the 8-bit branch.")
+@click.option("--no-qbr", is_flag=True, help="Skip QBR bit refinement.")
+@click.option("--phi-norm", type=click.Choice(["global", "map"]), default="global",
+              show_default=True, help="Normalisation of the BitOPs term Φ.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="entropy", show_default=True,
+              help="How activation ranges are chosen (entropy keeps sub-byte maps usable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@QUIET
+@user_errors
+def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
+               sram: int | None, flash: int | None, strategy: str, lam: float, phi: float,
+               bins: int, bits: str, weight_bits: str, patches: str, no_vdpc: bool,
+               vdpc_min_outliers: int, no_qbr: bool, phi_norm: str, method: str,
+               as_json: bool, quiet: bool) -> None:
+    """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
+    import time
+
+    from mpq.boards import get_board
+    from mpq.frontend import load_model
+    from mpq.quant.calibrate import load_dataset, total_steps
+    from mpq.search.driver import SearchOptions, search
+
+    t0 = time.perf_counter()
+    board = get_board(board_name)
+    opts = SearchOptions(strategy=strategy, lam=lam, phi=phi, bins=bins,
+                         bits=_int_list(bits, "--bits"),
+                         weight_bits=_int_list(weight_bits, "--weight-bits"), patches=patches,
+                         vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
+                         phi_norm=phi_norm, range_method=method, sram=sram, flash=flash)
+    graph = load_model(model)
+    ds = load_dataset(data, graph) if data is not None else None
+    total = total_steps(ds) if ds is not None else 0
+    with progress_bar("calibrating", total, quiet or ds is None) as advance:
+        result = search(model, graph, board, ds, opts, progress=advance)
+    result.plan.save(output)
+    seconds = time.perf_counter() - t0
+    summary = _search_summary(result.plan, seconds, output)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    _print_search(result.plan, summary)
+
+
+def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
+    p = plan.predicted
+    return {"plan": str(output), "board": plan.board, "strategy": plan.strategy,
+            "predicted": p, "patch": None if plan.patch is None else {
+                k: plan.patch[k] for k in ("split_layer", "n", "redundant_macs",
+                                           "redundant_macs_percent")},
+            "objective": plan.search["objective"], "seconds": round(seconds, 3),
+            "bits": {t.name: t.bits for t in plan.tensors}}
+
+
+def _print_search(plan: Any, summary: dict[str, Any]) -> None:
+    p, b = plan.predicted, plan.board
+    table = Table(title=f"{plan.model} on {b['name']} ({plan.strategy})")
+    for col in ("", "predicted", "budget", "margin"):
+        table.add_column(col, justify="right")
+    table.add_row("SRAM (peak + input)", f"{p['sram_needed_bytes']:,}", f"{b['sram_budget']:,}",
+                  f"{b['sram_budget'] - p['sram_needed_bytes']:+,}")
+    flash = p["flash_bytes"] + p["code_bytes_estimate"]
+    table.add_row("Flash (params + code est.)", f"{flash:,}", f"{b['flash_budget']:,}",
+                  f"{b['flash_budget'] - flash:+,}")
+    table.add_row("BitOPs (all patches mixed)", f"{p['bitops']:,}", "", "")
+    table.add_row("BitOPs expected (VDPC)", f"{p['expected_bitops']:,}", "", "")
+    table.add_row("BitOPs int8", f"{p['bitops_int8']:,}", "", "")
+    out.print(table)
+    layers = Table(title="Bits per layer")
+    for col in ("layer", "op", "w", "a in", "a out", "MACs", "BitOPs"):
+        layers.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+    for layer in plan.layers:
+        layers.add_row(_short(layer.name, 40), layer.op, str(layer.w_bits or ""),
+                       str(layer.a_bits_in), str(layer.a_bits_out), f"{layer.macs:,}",
+                       f"{layer.bitops:,}")
+    out.print(layers)
+    if plan.patch is not None:
+        pt = plan.patch
+        out.print(f"Patches: first {pt['split_layer']} layers in a {pt['n']}×{pt['n']} grid, "
+                  f"redundant MACs {pt['redundant_macs']:,} "
+                  f"({pt['redundant_macs_percent']:.1f} % of the network)")
+        if pt.get("vdpc"):
+            v = pt["vdpc"]
+            out.print(f"VDPC on '{_short(v['map'], 40)}': φ={v['phi']}, integer thresholds "
+                      f"[{v['lo_threshold']}, {v['hi_threshold']}], outlier rate per patch:")
+            for row in v["outlier_rate"]:
+                out.print("  " + "  ".join(f"{r:5.2f}" for r in row))
+    else:
+        out.print("Patches: none (layer-based schedule)")
+    out.print(f"objective {plan.search['objective']:.6f}; {summary['seconds']:.1f} s → "
+              f"{summary['plan']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,3 +69,76 @@ def quant_predictions(qm: QuantModel, data: Dataset, batch_size: int = 64,
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of samples whose top-1 class equals the label."""
     return float((np.asarray(preds) == np.asarray(labels).reshape(-1)).mean())
+
+
+class PlanRunner:
+    """Runs a plan through the integer reference exactly as the firmware will (DESIGN §6).
+
+    Without VDPC the plan is one QuantModel. With VDPC, the patch stage runs twice over the
+    whole image — once with the mixed-precision parameters, once with the 8-bit outlier
+    branch's — and each patch's tile of the split tensor is taken from the branch its
+    classification picks. Patch inference computes exactly the full-image values on each
+    region, so stitching tiles of whole-image runs is the same as running patch by patch.
+    """
+
+    def __init__(self, plan, graph: Graph) -> None:
+        from mpq.plan import plan_quant_model
+
+        self.graph = graph
+        self.plan = plan
+        self.mixed = plan_quant_model(plan, graph, "mixed")
+        self.vdpc = plan.patch.get("vdpc") if plan.patch else None
+        self.outlier = plan_quant_model(plan, graph, "outlier") if self.vdpc else None
+
+    def int_outputs(self, x_ir: np.ndarray) -> np.ndarray:
+        """Integer outputs for a batch of integer inputs in the IR layout."""
+        g = self.graph
+        name = g.inputs[0]
+        if self.vdpc is None:
+            return run_int(self.mixed, {name: x_ir})[g.outputs[0]]
+        from mpq.ir import Graph as IrGraph
+        from mpq.quant.qmodel import QuantModel
+
+        patch = self.plan.patch
+        k, split, cmap = patch["split_layer"], patch["split_tensor"], self.vdpc["map"]
+        stage = IrGraph(g.name, g.tensors, g.nodes[:k], g.inputs, [split, cmap],
+                        g.input_layouts, {})
+        mixed = run_int(QuantModel(stage, self.mixed.acts, self.mixed.layers), {name: x_ir})
+        eight = run_int(QuantModel(stage, self.outlier.acts, self.outlier.layers),
+                        {name: x_ir})
+        from mpq.vdpc import patch_outlier_counts
+
+        counts = patch_outlier_counts(mixed[cmap], self.vdpc["lo_threshold"],
+                                      self.vdpc["hi_threshold"], self.vdpc["regions"])
+        outlier = counts >= self.vdpc["min_outliers"]
+        stitched = mixed[split].copy()
+        for i, row in enumerate(patch["tiles"]):
+            for j, (y0, y1, x0, x1) in enumerate(row):
+                pick = outlier[:, i, j]
+                stitched[pick, y0:y1, x0:x1] = eight[split][pick, y0:y1, x0:x1]
+        rest = IrGraph(g.name, g.tensors, g.nodes[k:], [split] + list(g.inputs), g.outputs,
+                       g.input_layouts, g.output_layouts)
+        feeds = {split: stitched, name: x_ir}
+        return run_int(QuantModel(rest, self.mixed.acts, self.mixed.layers), feeds)[g.outputs[0]]
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """Integer outputs of one float batch in the model's (ONNX) input layout."""
+        g = self.graph
+        name = g.inputs[0]
+        xq = quantize_input(self.mixed.acts[name], to_ir_layout(g, name, batch))
+        return from_ir_layout(g, g.outputs[0], self.int_outputs(xq))
+
+    def predictions(self, data: Dataset, batch_size: int = 64,
+                    progress: Progress | None = None) -> np.ndarray:
+        preds = []
+        for batch in data.batches(batch_size):
+            preds.append(self.outputs(batch).reshape(len(batch), -1).argmax(axis=1))
+            if progress:
+                progress(len(batch))
+        return np.concatenate(preds)
+
+
+def plan_int8_ranges(plan) -> dict[str, tuple[float, float]]:
+    """The calibrated 8-bit range of every plan tensor: the all-int8 model the plan is
+    measured against, without the calibration data."""
+    return {t.name: (float(t.range8[0]), float(t.range8[1])) for t in plan.tensors}

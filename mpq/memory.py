@@ -11,6 +11,7 @@ is alive at the same time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpq.ir import Graph, Node
@@ -99,7 +100,9 @@ def scratch_bytes(node: Node, graph: Graph, inplace: bool) -> int:
     """Kernel scratch of one node at int8 (CMSIS-NN DSP getters; runtimes.md §1.2).
 
     conv: 2·align4(KH·KW·Cin/g) int16 (im2col), 0 for 1×1 stride-1 unpadded; in-place
-    depthwise: one padded input channel (TinyEngine); avgpool: 4·C; others 0.
+    depthwise: one padded input channel (TinyEngine); others 0 — mpq's own pooling kernels
+    accumulate each output in a register (CMSIS-NN's arm_avgpool_s8 would need 4·C; the
+    cmsis-nn backend adds that at export).
     """
     if node.op == "conv2d":
         _, kh, kw, cin_g = node.weight.shape
@@ -113,8 +116,6 @@ def scratch_bytes(node: Node, graph: Graph, inplace: bool) -> int:
         if (kh, kw) == (1, 1) and a["strides"] == (1, 1) and not any(a["pads"]):
             return 0
         return 2 * align_up(kh * kw * cin_g, 4) * 2
-    if node.op == "avg_pool":
-        return 4 * graph.tensors[node.inputs[0]].shape[3]
     return 0
 
 
@@ -144,49 +145,119 @@ class MemoryReport:
         return self.arena_bytes + self.scratch_bytes
 
 
-def layer_schedule_buffers(graph: Graph, bits: dict[str, int] | None = None,
-                           inplace_depthwise: bool = True) -> tuple[list[Buffer], set[str]]:
-    """Buffers of the layer-based schedule (one node per step).
-
-    Graph inputs are not in the arena: `mpq_model_run` reads them from the caller's buffer.
-    Graph outputs stay alive to the last step. Returns the buffers and the names of the
-    depthwise nodes that run in place.
-    """
-    bits = bits or {}
+def layer_lifetimes(graph: Graph, first_override: dict[str, int] | None = None
+                    ) -> dict[str, tuple[int, int]]:
+    """(first, last) step of every node output in the layer-based order; graph outputs live
+    to the last step. `first_override` moves a tensor's birth earlier (the patch split tensor
+    is alive from step 0)."""
     last_step = len(graph.nodes) - 1
     produced = {t: i for i, n in enumerate(graph.nodes) for t in n.outputs}
-    last_use = {t: produced[t] for t in produced}
+    last = dict(produced)
     for i, n in enumerate(graph.nodes):
         for t in n.inputs:
-            if t in last_use:
-                last_use[t] = max(last_use[t], i)
+            if t in last:
+                last[t] = max(last[t], i)
     for t in graph.outputs:
-        last_use[t] = last_step
+        if t in last:
+            last[t] = last_step
+    first = {**produced, **(first_override or {})}
+    return {t: (first[t], last[t]) for t in produced}
 
+
+def fused_residual_adds(graph: Graph, elements: dict[str, int],
+                        lifetimes: dict[str, tuple[int, int]],
+                        allowed: Callable[[Node], bool] | None = None
+                        ) -> dict[str, tuple[str, str]]:
+    """Residual adds fused into the convolution right before them (TinyEngine-style).
+
+    add(skip, res) at step i fuses when `res` is the output of a conv2d at step i − 1 that
+    nothing else reads, and `skip` dies at the add and has the output's size: the conv then
+    requantises each output pixel, adds the skip pixel with TFLM's add arithmetic and writes
+    the sum over the skip pixel it just read, so `res` never exists in memory and the sum
+    takes the skip's buffer. Bit-exact with the unfused pair; the skip and the sum share a
+    bitwidth (so in-place writing never overtakes reading). Returns add → (conv, skip).
+    """
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            readers[t] = readers.get(t, 0) + 1
+    producer = {t: i for i, n in enumerate(graph.nodes) for t in n.outputs}
+    fused: dict[str, tuple[str, str]] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op != "add" or (allowed is not None and not allowed(n)):
+            continue
+        out = n.outputs[0]
+        for skip, res in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+            if skip == res or skip not in producer or res not in producer:
+                continue
+            conv = graph.nodes[producer[res]]
+            if producer[res] != i - 1 or conv.op != "conv2d" or readers.get(res) != 1 \
+                    or res in graph.outputs:
+                continue
+            if lifetimes[skip][1] != i or elements[skip] != elements[out]:
+                continue
+            fused[n.name] = (conv.name, skip)
+            break
+    return fused
+
+
+def schedule_buffers(graph: Graph, elements: dict[str, int],
+                     lifetimes: dict[str, tuple[int, int]], bits: dict[str, int] | None = None,
+                     inplace_ok: Callable[[Node], bool] | None = None,
+                     fused: dict[str, tuple[str, str]] | None = None
+                     ) -> tuple[list[Buffer], set[str]]:
+    """Buffers of a schedule (DESIGN §5): tensors as (bytes, first, last), sharing storage
+    where the kernels allow it.
+
+    A reshape is a view of its input. A depthwise conv runs in place (TinyEngine) when its
+    input dies there, it has channel multiplier 1, its output is not larger and `inplace_ok`
+    agrees. A fused residual add (`fused_residual_adds`) writes over its skip input, and the
+    conv feeding it keeps nothing in memory. Graph inputs are the caller's buffer, never in
+    the arena. Segment sizes are align16(⌈elements·bits/8⌉). Returns the buffers and the
+    names of the in-place depthwise nodes.
+    """
+    bits = bits or {}
+    fused = fused or {}
+    fused_res = {graph.nodes[i].outputs[0] for i, n in enumerate(graph.nodes)
+                 if n.name in {conv for conv, _ in fused.values()}}
     owner: dict[str, str] = {}  # tensor -> buffer name
     buffers: dict[str, Buffer] = {}
     inplace: set[str] = set()
     for i, n in enumerate(graph.nodes):
         src = n.inputs[0] if n.inputs else None
-        shares = False
-        if src is not None and src in owner:
+        share = None
+        if n.name in fused:
+            share = fused[n.name][1]
+        elif src is not None and src in owner:
             if n.op == "reshape":
-                shares = True
-            elif inplace_depthwise and n.is_depthwise and last_use[src] == i \
+                share = src
+            elif n.is_depthwise and lifetimes[src][1] == i \
                     and n.weight.shape[0] == graph.tensors[src].shape[3] \
-                    and graph.tensors[n.outputs[0]].size <= graph.tensors[src].size:
-                shares = True
+                    and elements[n.outputs[0]] <= elements[src] \
+                    and (inplace_ok is None or inplace_ok(n)):
+                share = src
                 inplace.add(n.name)
         for t in n.outputs:
-            size = align_up(packed_bytes(graph.tensors[t].size, bits.get(t, 8)))
-            seg = Segment(t, i, last_use[t], size)
-            if shares:
-                owner[t] = owner[src]
+            first, last = lifetimes[t]
+            size = 0 if t in fused_res else align_up(packed_bytes(elements[t], bits.get(t, 8)))
+            if share is not None:
+                owner[t] = owner[share]
             else:
                 owner[t] = t
                 buffers[t] = Buffer(t)
-            buffers[owner[t]].segments.append(seg)
+            buffers[owner[t]].segments.append(Segment(t, first, last, size))
     return list(buffers.values()), inplace
+
+
+def layer_schedule_buffers(graph: Graph, bits: dict[str, int] | None = None,
+                           inplace_depthwise: bool = True,
+                           fuse_adds: bool = True) -> tuple[list[Buffer], set[str]]:
+    """Buffers of the layer-based schedule (one node per step); see `schedule_buffers`."""
+    elements = {t: graph.tensors[t].size for t in graph.tensors}
+    lifetimes = layer_lifetimes(graph)
+    fused = fused_residual_adds(graph, elements, lifetimes) if fuse_adds else {}
+    return schedule_buffers(graph, elements, lifetimes, bits,
+                            None if inplace_depthwise else (lambda n: False), fused)
 
 
 def layer_memory(graph: Graph, bits: dict[str, int] | None = None,

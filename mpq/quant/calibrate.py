@@ -195,6 +195,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
+def dataset_from_array(x: np.ndarray, label: str, y: np.ndarray | None = None) -> Dataset:
+    """A data set held in memory (a batch in the ONNX input layout), e.g. synthetic inputs."""
+    return Dataset(Path(label), [_Part(label, np.asarray(x))], y, from_npz=True)
+
+
 def load_dataset(path: str | Path, graph: Graph | None = None) -> Dataset:
     """Open calibration data: an ``.npz`` with ``x`` (and optional ``y``), a folder of ``.npy``
     files (sorted by name; each one sample or a batch), or a single ``.npy`` batch.

@@ -1,0 +1,178 @@
+"""The plan: the contract between `mpq search` and every later stage (DESIGN §1).
+
+A plan is JSON with sorted keys and a schema version. It names the model by file name and
+sha256 (export and eval refuse a model that changed), the board and its budgets, the patch
+schedule (split layer, grid, VDPC thresholds and per-position outlier rates), every tensor's
+bits and quantisation (and, inside the patch stage, the 8-bit parameters of the outlier
+branch), every layer's bitwidths, MACs and BitOPs, the arena offsets, what the memory model
+predicts, and how the plan was found. No wall-clock time and no absolute path go into it, so the
+same inputs give the same bytes.
+
+Weights are not stored: they are re-quantised deterministically from the model (whose sha256
+the plan pins) at the plan's per-layer weight bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpq.errors import MpqError
+from mpq.fileio import write_atomic
+from mpq.ir import Graph
+from mpq.quant import arith
+from mpq.quant.qmodel import ActQuant, QuantModel, layer_params
+
+SCHEMA = 1
+
+
+@dataclass
+class TensorPlan:
+    """One activation tensor: bits and quantisation, packed bytes, arena offset."""
+
+    name: str
+    bits: int
+    scale: float
+    zero_point: int
+    bytes: int  # packed bytes as allocated (per-patch maximum inside the patch stage)
+    offset: int | None = None  # arena offset; None for the caller's input buffer
+    outlier_branch: dict[str, Any] | None = None  # 8-bit parameters for VDPC outlier patches
+    range8: list[float] | None = None  # calibrated real range at 8 bits (the int8 baseline)
+
+
+@dataclass
+class LayerPlan:
+    """One layer: weight and activation bits, MACs and BitOPs (MACs·b_w·b_a_in)."""
+
+    name: str
+    op: str
+    w_bits: int | None
+    a_bits_in: int
+    a_bits_out: int
+    macs: int
+    bitops: int
+
+
+@dataclass
+class Plan:
+    """A whole plan; `to_json` gives the file's bytes."""
+
+    model: str
+    model_sha256: str
+    graph_fingerprint: str
+    board: dict[str, Any]
+    strategy: str
+    patch: dict[str, Any] | None
+    schedule: dict[str, Any]  # in-place depthwise nodes and fused residual adds
+    tensors: list[TensorPlan]
+    layers: list[LayerPlan]
+    predicted: dict[str, Any]
+    search: dict[str, Any]
+    schema: int = SCHEMA
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (never a half-written plan)."""
+        write_atomic(path, self.to_json().encode())
+
+    def tensor(self, name: str) -> TensorPlan:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise MpqError(f"plan has no tensor '{name}'")
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise MpqError(f"plan has no layer '{name}'")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (the plan pins the model this way)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file; refuse other files and newer schemas with one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise MpqError(f"{path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MpqError(f"{path}: not a plan (not JSON)") from None
+    if not isinstance(data, dict) or "schema" not in data or "model_sha256" not in data:
+        raise MpqError(f"{path}: not an mpq plan")
+    if not isinstance(data["schema"], int) or data["schema"] > SCHEMA:
+        raise MpqError(f"{path}: plan schema {data['schema']} is newer than this mpq reads "
+                       f"({SCHEMA}); upgrade mpq")
+    try:
+        data["tensors"] = [TensorPlan(**t) for t in data["tensors"]]
+        data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
+        return Plan(**data)
+    except (TypeError, KeyError) as exc:
+        raise MpqError(f"{path}: malformed plan ({exc})") from None
+
+
+def check_model_matches(plan: Plan, model_path: str | Path) -> None:
+    """Refuse a model file whose bytes differ from the one the plan was made for."""
+    if file_sha256(model_path) != plan.model_sha256:
+        raise MpqError(f"{model_path}: model changed since the plan was made (sha256 differs); "
+                       "run `mpq search` again")
+
+
+def resolve_model(plan: Plan, plan_path: str | Path, model: str | Path | None = None) -> Path:
+    """The model file of a plan: given explicitly, or next to the plan under its name."""
+    path = Path(model) if model is not None else Path(plan_path).parent / plan.model
+    if not path.is_file():
+        raise MpqError(f"{path}: model file of the plan not found (give it with --model)")
+    check_model_matches(plan, path)
+    return path
+
+
+def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantModel:
+    """Rebuild the QuantModel a plan describes (weights re-quantised at the plan's bits).
+
+    `branch="outlier"` gives the all-8-bit parameters that VDPC's outlier patches use inside
+    the patch stage; outside the stage both branches are the same.
+    """
+    if plan.graph_fingerprint and plan.graph_fingerprint != _fingerprint(graph):
+        raise MpqError("the plan was made for a different model")
+    acts: dict[str, ActQuant] = {}
+    for t in plan.tensors:
+        if branch == "outlier" and t.outlier_branch is not None:
+            o = t.outlier_branch
+            acts[t.name] = ActQuant(float(o["scale"]), int(o["zero_point"]), int(o["bits"]))
+        else:
+            acts[t.name] = ActQuant(float(t.scale), int(t.zero_point), int(t.bits))
+    w_bits = {layer.name: layer.w_bits for layer in plan.layers}
+    layers = {}
+    for node in graph.nodes:
+        if node.op in ("conv2d", "fully_connected"):
+            wb = int(w_bits[node.name])
+            q, s = arith.quantize_weights_symmetric(node.weight, wb)
+            bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, s)
+            layers[node.name] = layer_params(node, acts, q, s, wb, bias)
+        else:
+            layers[node.name] = layer_params(node, acts)
+    return QuantModel(graph=graph, acts=acts, layers=layers)
+
+
+def _fingerprint(graph: Graph) -> str:
+    from mpq.ir import graph_fingerprint
+
+    return graph_fingerprint(graph)
+
+
+def packed_weight_bytes(weight: np.ndarray, bits: int) -> int:
+    """Flash bytes of a packed weight tensor."""
+    return -(-int(weight.size) * bits // 8)

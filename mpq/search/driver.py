@@ -1,0 +1,559 @@
+"""`mpq search`: from a model, calibration data and a board to a plan (DESIGN §5–§7).
+
+The steps, each a function of the one before:
+1. calibration statistics (or synthetic ones for the data-free `qe` strategy);
+2. the patch schedule: none, given, or searched (`choose_patches`);
+3. scores per feature map and bitwidth (VDQS entropy or QE-Score);
+4. the allocation problem under the board's budgets, solved by `exact`, `vdqs` or `int8`,
+   then refined by QBR;
+5. quantisation at the chosen bits, VDPC's thresholds and outlier rates;
+6. the plan, with everything the memory model predicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mpq.boards import Board
+from mpq.errors import MpqError
+from mpq.interpreter import to_ir_layout
+from mpq.ir import Graph, graph_fingerprint, node_macs
+from mpq.memory import align_up, packed_bytes
+from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
+from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256
+from mpq.quant.calibrate import (
+    CalibrationStats,
+    Dataset,
+    activation_range,
+    calibrate,
+    dataset_from_array,
+    onnx_input_shape,
+)
+from mpq.quant.qmodel import SAME_AS_INPUT, QuantModel, quantize_graph
+from mpq.search.scores import MapScore, full_precision_bitops, layer_bitops, qe_scores, vdqs_scores
+from mpq.search.solvers import Group, Problem, Solution, refine_bits, solve_exact, solve_vdqs
+from mpq.vdpc import VdpcResult, classify_rates
+
+STRATEGIES = ("exact", "vdqs", "int8", "qe")
+CODE_ESTIMATE = 16 * 1024  # Flash for mpq's kernels and runtime until a build measures it
+PATCH_N = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass
+class SearchOptions:
+    """Everything `mpq search` lets the user set (defaults: DESIGN §6–§7)."""
+
+    strategy: str = "exact"
+    lam: float = 0.6
+    phi: float = 0.96
+    bins: int = 256
+    bits: tuple[int, ...] = (8, 4, 2)
+    weight_bits: tuple[int, ...] = (8,)
+    patches: str = "auto"  # "auto", "none" or "k=8,n=4"
+    vdpc: bool = True
+    vdpc_min_outliers: int = 1
+    qbr: bool = True
+    phi_norm: str = "global"
+    range_method: str = "entropy"
+    sram: int | None = None
+    flash: int | None = None
+    max_overhead: float | None = 0.5  # bound on redundant MACs / total MACs for auto patches
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    quant: QuantModel
+    schedule: PatchSchedule
+    solution: Solution
+    qbr_log: list[str] = field(default_factory=list)
+    vdpc: VdpcResult | None = None
+
+
+# -- patches ------------------------------------------------------------------------------------
+
+def parse_patches(text: str) -> PatchSplit | str:
+    """`auto`, `none` or `k=8,n=4` (k = number of layers in the patch stage)."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        fields = dict(part.split("=", 1) for part in text.split(","))
+        return PatchSplit(int(fields["k"]), int(fields["n"]))
+    except (ValueError, KeyError):
+        raise MpqError(f"--patches must be auto, none or k=K,n=N (e.g. k=8,n=4), not "
+                       f"'{text}'") from None
+
+
+def _peak(schedule: PatchSchedule, bits: dict[str, int] | None = None) -> int:
+    return schedule.memory(bits).peak_sram_bytes
+
+
+def candidate_schedules(graph: Graph, n_choices: tuple[int, ...] = PATCH_N
+                        ) -> list[PatchSchedule]:
+    """The layer-based schedule and every valid (k, n) split."""
+    out = [plan_patches(graph, None)]
+    for k in range(1, len(graph.nodes)):
+        if split_problem(graph, k) is not None:
+            continue
+        _, h, w, _ = graph.tensors[graph.nodes[k - 1].outputs[0]].shape
+        for n in n_choices:
+            if 2 <= n <= min(h, w):
+                out.append(plan_patches(graph, PatchSplit(k, n)))
+    return out
+
+
+def choose_patches(graph: Graph, sram_for_arena: int, min_bits: int,
+                   max_overhead: float | None) -> PatchSchedule:
+    """DESIGN §6: the cheapest schedule (fewest redundant MACs) whose int8 peak fits; when none
+    does at int8, the one with the lowest peak at the smallest activation bitwidth (the bit
+    search then has the most room). Ties: smaller k, then smaller n."""
+    cands = candidate_schedules(graph)
+    if max_overhead is not None:
+        cands = [s for s in cands if s.redundant_macs <= max_overhead * s.total_macs]
+    by_cost = sorted(cands, key=lambda s: (s.redundant_macs, s.split_layer, s.n))
+    for s in by_cost:
+        if s.peak_lower_bound() <= sram_for_arena and _peak(s) <= sram_for_arena:
+            return s
+    low = {t: min_bits for t in graph.tensors}
+    return min(cands, key=lambda s: (_peak(s, low), s.redundant_macs, s.split_layer, s.n))
+
+
+# -- the allocation problem ---------------------------------------------------------------------
+
+def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None
+               ) -> list[list[str]]:
+    """Tensors that must share a bitwidth: pool/reshape outputs with their inputs, concat
+    inputs with the output (DESIGN §4.1; TFLite requires it, there is no requantisation), and
+    a fused residual add's sum with the skip it overwrites (`memory.fused_residual_adds`)."""
+    parent = {t: t for t in graph.tensors}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for n in graph.nodes:
+        if n.op in SAME_AS_INPUT:
+            union(n.inputs[0], n.outputs[0])
+        elif n.op == "concat":
+            for t in n.inputs:
+                union(t, n.outputs[0])
+        elif fused and n.name in fused:
+            union(fused[n.name][1], n.outputs[0])
+    order = {t: i for i, t in enumerate(graph.tensors)}
+    groups: dict[str, list[str]] = {}
+    for t in graph.tensors:
+        groups.setdefault(find(t), []).append(t)
+    return sorted((sorted(g, key=order.get) for g in groups.values()),
+                  key=lambda g: order[g[0]])
+
+
+def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
+    """Tensors held at 8 bits whatever the search: inputs, outputs, softmax outputs and the
+    map VDPC classifies (both branches must read the same values)."""
+    fixed = set(graph.inputs) | set(graph.outputs)
+    fixed |= {n.outputs[0] for n in graph.nodes if n.op == "softmax"}
+    if classified:
+        fixed.add(classified)
+    return fixed
+
+
+def weight_flash(node_weight_size: int, cout: int, bits: int) -> int:
+    """Flash of one layer: packed weights + int32 bias + int32 (M, S) per output channel."""
+    return packed_bytes(node_weight_size, bits) + 12 * cout
+
+
+def weight_omega(weight: np.ndarray, bits: int) -> float:
+    """Relative quantisation error ‖W − Q_b(W)‖²/‖W‖² of per-channel symmetric weights: the
+    data-free accuracy proxy of a weight bitwidth."""
+    from mpq.quant.arith import quantize_weights_symmetric
+
+    q, s = quantize_weights_symmetric(weight, bits)
+    deq = q.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))
+    norm = float((weight.astype(np.float64) ** 2).sum())
+    return float(((weight - deq) ** 2).sum()) / norm if norm > 0 else 0.0
+
+
+def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
+                  opts: SearchOptions, sram_budget: int, flash_budget: int,
+                  classified: str | None) -> tuple[Problem, list[str]]:
+    """The allocation problem of DESIGN §7.2 (and the activation groups in schedule order)."""
+    fixed = fixed_8bit(graph, classified)
+    stage_internal = set()
+    if schedule.split_tensor is not None and opts.vdpc:
+        by_name = {n.name: n for n in graph.nodes}
+        stage_internal = {by_name[s].outputs[0] for s in schedule.stage_nodes} \
+            - {schedule.split_tensor}
+    groups: list[Group] = []
+    order: list[str] = []
+    for members in tie_groups(graph, schedule.fused_adds):
+        if any(t in graph.inputs for t in members):
+            continue  # the caller's buffer: never in the arena, always 8-bit
+        if any(t in fixed for t in members):
+            continue
+        options = tuple(b for b in opts.bits)
+        score = {b: sum(scores[t].score[b] for t in members if t in scores) for b in options}
+        omega = {b: sum(scores[t].omega[b] for t in members if t in scores) for b in options}
+        sram_free = all(t in stage_internal for t in members)
+        groups.append(Group(members[0], tuple(members), options, score, omega,
+                            sram_free=sram_free))
+        order.append(members[0])
+    # Weights: 8 unless the user offers more, or Flash demands it (DESIGN §7).
+    weighted = [n for n in graph.nodes if n.weight is not None]
+    flash8 = sum(weight_flash(n.weight.size, n.weight.shape[0], 8) for n in weighted)
+    w_options = tuple(sorted(set(opts.weight_bits) | {8}, reverse=True))
+    if flash8 > flash_budget and w_options == (8,):
+        w_options = (8, 4)
+    flash_fixed = 0
+    total_params = max(sum(n.weight.size for n in weighted), 1)
+    for n in weighted:
+        if len(w_options) == 1:
+            flash_fixed += weight_flash(n.weight.size, n.weight.shape[0], 8)
+            continue
+        omega_w = {b: weight_omega(n.weight, b) for b in w_options}
+        if opts.weight_bits == (8,):
+            # Only Flash forces lower bits: cost them by the parameters they touch, so the
+            # fewest parameters drop and activation scores are not traded against them.
+            score_w = {b: -10.0 * (8 - b) / 8 * n.weight.size / total_params for b in w_options}
+        else:
+            score_w = {b: -opts.lam * omega_w[b] for b in w_options}
+        groups.append(Group(f"weights:{n.name}", (), w_options, score_w, omega_w,
+                            flash={b: weight_flash(n.weight.size, n.weight.shape[0], b)
+                                   for b in w_options}))
+
+    buffers = schedule.buffers()
+    live: list[list[tuple[str, ...]]] = []
+    for t in range(len(schedule.steps)):
+        step = []
+        for buf in buffers:
+            alive = tuple(s.tensor for s in buf.segments if s.first <= t <= s.last)
+            if alive:
+                step.append(alive)
+        live.append(step)
+
+    elements = schedule.tensor_elements
+    never_stored = schedule.fused_conv_outputs
+
+    def size(tensor: str, bits: int) -> int:
+        if tensor in never_stored:
+            return 0
+        return align_up(packed_bytes(elements[tensor], bits))
+
+    def arena(bits: dict[str, int]) -> int:
+        return schedule.memory(bits).arena_bytes
+
+    problem = Problem(groups=groups, live=live, size=size, arena=arena,
+                      sram_budget=sram_budget, flash_budget=flash_budget,
+                      flash_fixed=flash_fixed)
+    return problem, order
+
+
+# -- the whole search ---------------------------------------------------------------------------
+
+def synthetic_data(graph: Graph, samples: int = 64, lo: float = 0.0,
+                   hi: float = 1.0) -> Dataset:
+    """Uniform random inputs in [lo, hi] (seeded) for the data-free `qe` strategy's ranges."""
+    shape = onnx_input_shape(graph)
+    x = np.random.default_rng(0).uniform(lo, hi, (samples, *shape)).astype(np.float32)
+    return dataset_from_array(x, "synthetic inputs")
+
+
+def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
+           opts: SearchOptions, progress: Callable[[int], None] | None = None,
+           stats: CalibrationStats | None = None) -> SearchResult:
+    """Run the whole search and return the plan (DESIGN §1, §5–§7)."""
+    if opts.strategy not in STRATEGIES:
+        raise MpqError(f"unknown strategy '{opts.strategy}' (choose from "
+                       f"{', '.join(STRATEGIES)})")
+    notes: list[str] = []
+    if data is None and stats is None:
+        if opts.strategy != "qe":
+            raise MpqError(f"strategy '{opts.strategy}' needs calibration data (--data); the "
+                           "data-free strategy is --strategy qe")
+        data = synthetic_data(graph)
+        notes.append("no calibration data: activation ranges from 64 synthetic uniform [0, 1] "
+                     "inputs")
+    if stats is None:
+        stats = calibrate(graph, data, progress=progress)
+
+    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
+    sram_total = opts.sram if opts.sram is not None else board.sram_budget
+    flash_total = opts.flash if opts.flash is not None else board.flash_budget
+    flash_budget = flash_total - CODE_ESTIMATE
+
+    patches = parse_patches(opts.patches)
+    if patches == "none":
+        candidates = [plan_patches(graph, None)]
+    elif patches == "auto":
+        candidates = auto_candidates(graph, opts)
+    else:
+        candidates = [plan_patches(graph, patches)]
+    if opts.strategy == "qe":
+        scores = qe_scores(graph, opts.bits, opts.lam, opts.phi_norm)
+    else:
+        scores = vdqs_scores(graph, stats, opts.bits, opts.lam, opts.bins, opts.phi_norm,
+                             range_method=opts.range_method)
+    full_bitops = full_precision_bitops(graph)
+    attempts = []
+    failures = []
+    for schedule in candidates:
+        try:
+            attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
+                                      flash_budget, input_bytes)
+        except MpqError as exc:
+            failures.append(str(exc))
+            continue
+        # Overlap recomputation costs BitOPs that S does not see: charge it in S's units.
+        penalty = (1 - opts.lam) * schedule.redundant_macs * 64 / full_bitops
+        attempts.append((attempt.solution.objective - penalty, -schedule.redundant_macs,
+                         -schedule.split_layer, -schedule.n, attempt))
+    if not attempts:
+        raise MpqError(min(failures, key=_needed_bytes))
+    attempt = max(attempts, key=lambda a: a[:4])[4]
+    schedule, problem, solution = attempt.schedule, attempt.problem, attempt.solution
+    use_vdpc, classified = attempt.use_vdpc, attempt.classified
+    opts_eff = SearchOptions(**{**opts.__dict__, "vdpc": use_vdpc})
+    by_name = {n.name: n for n in graph.nodes}
+    objective_solver = solution.objective
+    qbr_log: list[str] = []
+    if opts.qbr and opts.strategy != "int8":
+        solution, qbr_log = refine_bits(problem, solution)
+
+    act_bits = problem.tensor_bits(solution.choice)  # SRAM view: VDPC stage maps at 8
+    mixed_bits = {t: 8 for t in graph.tensors}
+    for g in problem.groups:
+        for t in g.tensors:
+            mixed_bits[t] = solution.choice[g.name]
+    w_bits = {n.name: 8 for n in graph.nodes if n.weight is not None}
+    for g in problem.groups:
+        if g.name.startswith("weights:"):
+            w_bits[g.name[len("weights:"):]] = solution.choice[g.name]
+
+    ranges = {t: activation_range(stats.tensors[t], opts.range_method, mixed_bits[t])
+              for t in graph.tensors}
+    qm = quantize_graph(graph, ranges, act_bits=mixed_bits, weight_bits=w_bits)
+    outlier_qm = None
+    stage_tensors = set()
+    if use_vdpc:
+        # Inside the stage the outlier branch runs at 8 bits; the split tensor it writes keeps
+        # the plan's parameters, so both branches hand the rest the same format.
+        stage_tensors = {by_name[s].outputs[0] for s in schedule.stage_nodes} \
+            - {schedule.split_tensor}
+        bits8 = {t: (8 if t in stage_tensors else mixed_bits[t]) for t in graph.tensors}
+        ranges8 = {t: activation_range(stats.tensors[t], opts.range_method, bits8[t])
+                   for t in graph.tensors}
+        outlier_qm = quantize_graph(graph, ranges8, act_bits=bits8, weight_bits=w_bits)
+
+    vdpc_result = None
+    if use_vdpc:
+        st = stats.tensors[classified]
+        regions = [[(r.y0, r.y1, r.x0, r.x1) for r in row]
+                   for row in schedule.regions[classified]]
+        batches = [to_ir_layout(graph, graph.inputs[0], b) for b in data.batches(64)] \
+            if data is not None else []
+        vdpc_result = classify_rates(graph, qm, classified, st.mean, st.std, opts.phi,
+                                     opts.vdpc_min_outliers, regions, batches)
+
+    memory = schedule.memory(act_bits)
+    ranges8 = {t: activation_range(stats.tensors[t], opts.range_method, 8)
+               for t in graph.tensors}
+    plan = assemble_plan(model_path, graph, board, opts_eff, schedule, qm, outlier_qm, ranges8,
+                         stage_tensors, act_bits, w_bits, memory, input_bytes, problem,
+                         solution, objective_solver, vdpc_result, sram_total, flash_total,
+                         notes + [f"QBR: {line}" for line in qbr_log])
+    return SearchResult(plan, qm, schedule, solution, qbr_log, vdpc_result)
+
+
+@dataclass
+class _Attempt:
+    schedule: PatchSchedule
+    problem: Problem
+    order: list[str]
+    solution: Solution
+    use_vdpc: bool
+    classified: str | None
+    scratch: int
+
+
+def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
+    """`--patches auto`: the layer-based schedule and, for each grid size n, the split with the
+    lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead`."""
+    low = {t: min(opts.bits) for t in graph.tensors}
+    out = [plan_patches(graph, None)]
+    for n in PATCH_N:
+        best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead, bits=low)
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def _needed_bytes(message: str) -> int:
+    """The SRAM figure of an impossible-budget message (to report the most reachable one)."""
+    import re
+
+    m = re.search(r"needs at least ([\d,]+) B SRAM", message)
+    return int(m.group(1).replace(",", "")) if m else 1 << 62
+
+
+def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
+                    opts: SearchOptions, sram_total: int, flash_total: int, flash_budget: int,
+                    input_bytes: int) -> _Attempt:
+    """Build and solve the allocation problem for one patch schedule."""
+    scratch = schedule.memory().scratch_bytes
+    sram_budget = sram_total - input_bytes - scratch
+    use_vdpc = opts.vdpc and schedule.split_tensor is not None
+    by_name = {n.name: n for n in graph.nodes}
+    classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
+    if classified is not None and classified == schedule.split_tensor:
+        use_vdpc, classified = False, None
+    opts_eff = SearchOptions(**{**opts.__dict__, "vdpc": use_vdpc})
+    problem, order = build_problem(graph, schedule, scores, opts_eff, sram_budget,
+                                   flash_budget, classified)
+    if opts.strategy == "int8":
+        choice = {g.name: max(g.options) for g in problem.groups}
+        if not problem.fits(choice):
+            raise MpqError(_impossible(problem, choice, schedule, sram_total, input_bytes,
+                                       scratch, flash_total, "8-bit activations"))
+        solution = Solution(choice, problem.objective(choice),
+                            problem.arena(problem.tensor_bits(choice)),
+                            problem.flash_bytes(choice))
+    else:
+        low = {g.name: min(g.options) for g in problem.groups}
+        if not problem.fits(low):
+            raise MpqError(_impossible(problem, low, schedule, sram_total, input_bytes, scratch,
+                                       flash_total, f"{min(opts.bits)}-bit activations"))
+        solution = solve_vdqs(problem, order) if opts.strategy == "vdqs" \
+            else solve_exact(problem)
+    return _Attempt(schedule, problem, order, solution, use_vdpc, classified, scratch)
+
+
+def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule,
+                sram_total: int, input_bytes: int, scratch: int, flash_total: int,
+                what: str) -> str:
+    """One line naming the smallest SRAM and Flash reachable with the `floor` choice (the
+    smallest bits the strategy may use) on this schedule (DESIGN §7.2)."""
+    best_sram = problem.arena(problem.tensor_bits(floor)) + scratch + input_bytes
+    best_flash = problem.flash_bytes(floor) + CODE_ESTIMATE
+    grid = f"{schedule.n}×{schedule.n} patches" if schedule.split_tensor else "no patches"
+    parts = []
+    if best_sram > sram_total:
+        parts.append(f"needs at least {best_sram:,} B SRAM with {what} and {grid}; budget is "
+                     f"{sram_total:,} B")
+    if best_flash > flash_total:
+        parts.append(f"needs at least {best_flash:,} B Flash with the smallest weight bits; "
+                     f"budget is {flash_total:,} B")
+    if not parts:
+        parts.append(f"needs {best_sram:,} B SRAM and {best_flash:,} B Flash with {what}; "
+                     f"budgets are {sram_total:,} B and {flash_total:,} B")
+    return "; ".join(parts)
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOptions,
+                  schedule: PatchSchedule, qm: QuantModel, outlier_qm: QuantModel | None,
+                  ranges8: dict[str, tuple[float, float]], stage_tensors: set[str],
+                  act_bits: dict[str, int], w_bits: dict[str, int],
+                  memory, input_bytes: int, problem: Problem, solution: Solution,
+                  objective_solver: float, vdpc: VdpcResult | None, sram_total: int,
+                  flash_total: int, notes: list[str]) -> Plan:
+    """Everything the later stages need, in the plan's JSON shape (DESIGN §1)."""
+    offsets = memory.plan.tensor_offsets()
+    tensors = []
+    for name in graph.tensors:
+        q = qm.acts[name]
+        outlier = None
+        if outlier_qm is not None and name in stage_tensors:
+            o = outlier_qm.acts[name]
+            outlier = {"bits": o.bits, "scale": o.scale, "zero_point": o.zero_point}
+        tensors.append(TensorPlan(
+            name=name, bits=q.bits, scale=q.scale, zero_point=q.zero_point,
+            bytes=packed_bytes(schedule.tensor_elements[name], act_bits.get(name, q.bits)),
+            offset=offsets.get(name), outlier_branch=outlier,
+            range8=[float(v) for v in ranges8[name]]))
+    mixed_bits = {t: qm.acts[t].bits for t in graph.tensors}
+    bitops = layer_bitops(graph, mixed_bits, w_bits)
+    bits8 = {t: 8 for t in graph.tensors}
+    bitops8 = layer_bitops(graph, bits8, {n: 8 for n in w_bits})
+    layers = []
+    for n in graph.nodes:
+        layers.append(LayerPlan(
+            name=n.name, op=n.kind, w_bits=w_bits.get(n.name),
+            a_bits_in=qm.acts[n.inputs[0]].bits, a_bits_out=qm.acts[n.outputs[0]].bits,
+            macs=node_macs(n, graph), bitops=int(bitops[n.name])))
+    total_bitops = int(sum(bitops.values()))
+    stage_extra = _stage_bitops(schedule, graph, bitops, bitops8, vdpc)
+    flash = problem.flash_bytes(solution.choice)
+    patch = None
+    if schedule.split_tensor is not None:
+        patch = {"split_layer": schedule.split_layer, "n": schedule.n,
+                 "split_tensor": schedule.split_tensor, "stage_nodes": schedule.stage_nodes,
+                 "redundant_macs": schedule.redundant_macs,
+                 "redundant_macs_percent": round(schedule.redundant_macs_percent, 4),
+                 "tiles": [[[r.y0, r.y1, r.x0, r.x1] for r in row] for row in schedule.tiles],
+                 "vdpc": vdpc.to_dict() if vdpc is not None else None}
+    schedule_info = {"inplace_depthwise": sorted(memory.inplace),
+                     "fused_adds": {add: {"conv": conv, "skip": skip}
+                                    for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
+    predicted = {
+        "arena_bytes": memory.arena_bytes,
+        "scratch_bytes": memory.scratch_bytes,
+        "peak_sram_bytes": memory.peak_sram_bytes,
+        "input_bytes": input_bytes,
+        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,
+        "flash_bytes": flash,
+        "code_bytes_estimate": CODE_ESTIMATE,
+        "macs": schedule.total_macs + schedule.redundant_macs,
+        "bitops": total_bitops + stage_extra["mixed"],
+        "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],
+        "expected_bitops": total_bitops + stage_extra["expected"],
+        "full_precision_bitops": full_precision_bitops(graph),
+    }
+    search_info = {
+        "objective": round(solution.objective, 9),
+        "objective_solver": round(objective_solver, 9),
+        "solver": opts.strategy,
+        "lambda": opts.lam, "phi": opts.phi, "bins": opts.bins,
+        "phi_norm": opts.phi_norm, "range_method": opts.range_method,
+        "candidate_bits": list(opts.bits), "weight_bits": list(opts.weight_bits),
+        "qbr": opts.qbr, "vdpc": opts.vdpc, "patches": opts.patches,
+        "ilp_rounds": solution.iterations, "repaired_groups": solution.repaired,
+    }
+    board_info = {"name": board.name, "sram_budget": sram_total, "flash_budget": flash_total,
+                  "core": board.core}
+    return Plan(model=model_path.name, model_sha256=file_sha256(model_path),
+                graph_fingerprint=graph_fingerprint(graph), board=board_info,
+                strategy=opts.strategy, patch=patch, schedule=schedule_info, tensors=tensors,
+                layers=layers, predicted=predicted, search=search_info, notes=notes)
+
+
+def _stage_bitops(schedule: PatchSchedule, graph: Graph, bitops: dict[str, int],
+                  bitops8: dict[str, int], vdpc: VdpcResult | None) -> dict[str, int]:
+    """BitOPs the patch overlaps add: per patch, stage MACs on its region at the branch's bits;
+    with VDPC, outlier patches at 8 bits weighted by their calibration rate."""
+    if schedule.split_tensor is None:
+        return {"mixed": 0, "int8": 0, "expected": 0}
+    by_name = {n.name: n for n in graph.nodes}
+    stage = [by_name[s] for s in schedule.stage_nodes]
+    ratio = schedule.stage_macs_patched / max(schedule.stage_macs_full, 1)
+    mixed = sum(bitops[n.name] for n in stage)
+    eight = sum(bitops8[n.name] for n in stage)
+    extra_mixed = int(round(mixed * (ratio - 1)))
+    extra8 = int(round(eight * (ratio - 1)))
+    if vdpc is None:
+        return {"mixed": extra_mixed, "int8": extra8, "expected": extra_mixed}
+    rate = float(np.mean(vdpc.outlier_rate))
+    expected_stage = rate * eight * ratio + (1 - rate) * mixed * ratio
+    return {"mixed": extra_mixed, "int8": extra8,
+            "expected": int(round(expected_stage - mixed))}
+

@@ -1,0 +1,184 @@
+"""`mpq search`: plans that meet the budget, are byte-identical, and say why they fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_ONNX, run_mpq, shared_model
+from test_bad_input import assert_clean_failure
+
+from mpq.boards import get_board
+from mpq.frontend import load_model
+from mpq.patch import PatchSplit, plan_patches
+from mpq.plan import load_plan
+from mpq.quant.calibrate import dataset_from_array
+from mpq.search.driver import SearchOptions, search
+
+KWS_ZP, KWS_SCALE = 83, 0.5847029
+
+
+@pytest.fixture(scope="module")
+def kws(tmp_path_factory) -> dict[str, Path]:
+    d = np.load(shared_model("kws01_mfcc_int8_1000.npz"))
+    x = (d["x"].astype(np.float32) - KWS_ZP) * np.float32(KWS_SCALE)
+    root = tmp_path_factory.mktemp("kws")
+    np.savez(root / "calib.npz", x=x[:100], y=d["y"][:100])
+    np.savez(root / "test.npz", x=x[100:], y=d["y"][100:])
+    model = root / "kws.onnx"
+    shutil.copy(shared_model("kws_ref_model_fp32.onnx"), model)
+    return {"calib": root / "calib.npz", "test": root / "test.npz", "model": model,
+            "root": root}
+
+
+def random_data(graph, n: int, scale: float = 1.0):
+    from mpq.quant.calibrate import onnx_input_shape
+
+    x = np.random.default_rng(0).random((n, *onnx_input_shape(graph))).astype(np.float32)
+    return dataset_from_array(x * scale, "random")
+
+
+def test_plan_is_byte_identical_and_complete(kws, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (a, b):
+        r = run_mpq("search", kws["model"], "--board", "nano33ble", "--data", kws["calib"],
+                    "--sram", "11000", "-o", out, "-q")
+        assert r.returncode == 0, r.stderr
+    assert a.read_bytes() == b.read_bytes()
+    d = json.loads(a.read_text())
+    for key in ("schema", "model_sha256", "board", "strategy", "patch", "tensors", "layers",
+                "predicted", "search"):
+        assert key in d
+    assert {"name", "bits", "scale", "zero_point", "bytes"} <= set(d["tensors"][0])
+    assert {"name", "op", "w_bits", "a_bits_in", "a_bits_out", "macs", "bitops"} \
+        <= set(d["layers"][0])
+    assert {"peak_sram_bytes", "flash_bytes", "macs", "bitops"} <= set(d["predicted"])
+    assert {"objective", "lambda", "phi", "bins"} <= set(d["search"])
+    assert str(tmp_path) not in a.read_text() and "/tmp" not in a.read_text()
+
+
+def test_budget_met_and_checked_by_the_real_planner(kws) -> None:
+    graph = load_model(kws["model"])
+    from mpq.quant.calibrate import load_dataset
+
+    for sram in (11_000, 13_000):
+        res = search(kws["model"], graph, get_board("nano33ble"),
+                     load_dataset(kws["calib"], graph), SearchOptions(sram=sram))
+        p = res.plan.predicted
+        assert p["sram_needed_bytes"] <= sram
+        bits = {t.name: t.bits for t in res.plan.tensors}
+        mem = res.schedule.memory(bits)
+        assert mem.arena_bytes == p["arena_bytes"]
+        assert mem.peak_sram_bytes + p["input_bytes"] == p["sram_needed_bytes"]
+        assert min(bits.values()) < 8  # the budget forced sub-byte activations
+
+
+def test_exact_objective_at_least_vdqs(kws) -> None:
+    from mpq.quant.calibrate import calibrate, load_dataset
+
+    graph = load_model(kws["model"])
+    stats = calibrate(graph, load_dataset(kws["calib"], graph))
+    objectives = {}
+    for strategy in ("exact", "vdqs"):
+        res = search(kws["model"], graph, get_board("nano33ble"), None,
+                     SearchOptions(strategy=strategy, sram=11_000, qbr=False), stats=stats)
+        objectives[strategy] = res.plan.search["objective"]
+        assert res.plan.predicted["sram_needed_bytes"] <= 11_000
+    assert objectives["exact"] >= objectives["vdqs"] - 1e-9
+
+
+def test_impossible_budget_names_the_smallest_reachable(kws, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    r = run_mpq("search", kws["model"], "--board", "nano33ble", "--data", kws["calib"],
+                "--sram", "3000", "-o", out, "-q")
+    assert_clean_failure(r, "needs at least", "B SRAM", "budget is 3,000 B")
+    assert not out.exists()
+    r = run_mpq("search", kws["model"], "--board", "nano33ble", "--data", kws["calib"],
+                "--strategy", "int8", "--patches", "none", "--sram", "12000", "-o", out, "-q")
+    from mpq.memory import layer_memory
+
+    mem = layer_memory(load_model(kws["model"]))
+    assert_clean_failure(r, f"needs at least {mem.peak_sram_bytes + mem.input_bytes:,} B SRAM "
+                            "with 8-bit activations")
+
+
+def test_plan_eval_and_run(kws, tmp_path: Path) -> None:
+    plan = kws["root"] / "kws.plan.json"
+    r = run_mpq("search", kws["model"], "--board", "nano33ble", "--data", kws["calib"],
+                "--sram", "11000", "--strategy", "vdqs", "-o", plan, "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_mpq("eval", plan, "--data", kws["test"], "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert {"float", "int8", "plan", "samples"} <= set(d)
+    assert d["plan"] > 0.8  # 4-bit maps with entropy ranges stay usable
+    x = np.load(kws["test"])["x"][:2]
+    np.save(tmp_path / "x.npy", x)
+    r = run_mpq("run", plan, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "y.npy").shape == (2, 12)
+
+
+def test_plan_refuses_changed_model_and_newer_schema(kws, tmp_path: Path) -> None:
+    plan = tmp_path / "p.json"
+    model = tmp_path / "kws.onnx"
+    shutil.copy(kws["model"], model)
+    assert run_mpq("search", model, "--board", "nano33ble", "--data", kws["calib"], "-o",
+                   plan, "-q").returncode == 0
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert_clean_failure(run_mpq("eval", plan, "--data", kws["test"]), "model changed")
+    d = json.loads(plan.read_text())
+    d["schema"] = 99
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(d))
+    assert_clean_failure(run_mpq("eval", newer, "--data", kws["test"]), "newer")
+
+
+def test_vdpc_thresholds_and_rates() -> None:
+    import onnx_builders as B
+
+    from mpq.frontend.onnx_import import import_model
+
+    model = B.mobilenet_v2(0.35, 64, num_classes=10)
+    path = Path("/nonexistent")  # not read: the plan only hashes it
+    graph = import_model(model, "mbv2")
+    sched = plan_patches(graph, PatchSplit(6, 2))
+    assert sched.split_tensor is not None
+    from mpq.quant.calibrate import calibrate
+
+    data = random_data(graph, 16)
+    stats = calibrate(graph, data)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        path.write_bytes(model.SerializeToString())
+        res = search(path, graph, get_board("stm32h743"), data,
+                     SearchOptions(patches="k=6,n=2", sram=120_000), stats=stats)
+        off = search(path, graph, get_board("stm32h743"), data,
+                     SearchOptions(patches="k=6,n=2", sram=120_000, vdpc=False), stats=stats)
+    v = res.plan.patch["vdpc"]
+    assert isinstance(v["lo_threshold"], int) and v["lo_threshold"] <= v["hi_threshold"]
+    rates = np.array(v["outlier_rate"])
+    assert rates.shape == (2, 2) and ((rates >= 0) & (rates <= 1)).all()
+    assert off.plan.patch["vdpc"] is None
+    p = res.plan.predicted
+    assert p["bitops"] <= p["expected_bitops"] <= p["bitops_int8"] + 1
+
+
+@pytest.mark.parametrize("board", ["nano33ble", "stm32h743"])
+@pytest.mark.parametrize("key", sorted(SHARED_ONNX))
+def test_every_shared_model_gets_a_plan(key: str, board: str, tmp_path: Path) -> None:
+    path = shared_model(SHARED_ONNX[key])
+    graph = load_model(path)
+    data = random_data(graph, 16, 255.0 if key == "resnet8" else 1.0)
+    res = search(path, graph, get_board(board), data, SearchOptions())
+    plan = res.plan
+    assert plan.predicted["sram_needed_bytes"] <= plan.board["sram_budget"]
+    assert plan.predicted["flash_bytes"] + plan.predicted["code_bytes_estimate"] \
+        <= plan.board["flash_budget"]
+    plan.save(tmp_path / "p.json")
+    assert load_plan(tmp_path / "p.json").to_json() == plan.to_json()
