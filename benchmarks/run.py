@@ -22,6 +22,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import onnx_builders as B  # noqa: E402
 
@@ -163,8 +164,34 @@ def bench_kws_accuracy() -> dict:
     return {"rows": rows, "table": table}
 
 
+def bench_patches() -> dict:
+    from patch_overhead import bench_patch_overhead
+
+    return bench_patch_overhead()
+
+
+def bench_solvers() -> dict:
+    import search_bench
+
+    return search_bench.bench_solvers(show)
+
+
+def bench_search_time() -> dict:
+    import search_bench
+
+    return search_bench.bench_search_time(show)
+
+
+def bench_kws_plans() -> dict:
+    import search_bench
+
+    return search_bench.bench_kws_plans(show)
+
+
 BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
-              "sim_speed": bench_sim_speed, "kws_accuracy": bench_kws_accuracy}
+              "sim_speed": bench_sim_speed, "kws_accuracy": bench_kws_accuracy,
+              "patches": bench_patches, "solvers": bench_solvers,
+              "search_time": bench_search_time, "kws_plans": bench_kws_plans}
 
 
 def write_markdown() -> None:

@@ -15,6 +15,7 @@ reference's own values of the map.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -85,7 +86,7 @@ def patch_outlier_counts(values: np.ndarray, lo: int, hi: int,
 def classify_rates(graph: Graph, qm: QuantModel, classified: str, mu: float, sigma: float,
                    phi: float, min_outliers: int,
                    regions: list[list[tuple[int, int, int, int]]],
-                   batches: list[np.ndarray]) -> VdpcResult:
+                   batches: Iterable[np.ndarray]) -> VdpcResult:
     """Outlier rate per patch position on calibration data (DESIGN §6).
 
     The classified map is computed by the integer reference (8-bit, as on the device) for each
@@ -107,6 +108,8 @@ def classify_rates(graph: Graph, qm: QuantModel, classified: str, mu: float, sig
         flagged = (counts >= min_outliers).sum(axis=0)
         hits = flagged if hits is None else hits + flagged
         total += len(batch)
+    if hits is None:
+        hits = np.zeros((len(regions), len(regions[0])), np.int64)
     rates = (hits / max(total, 1)).round(6).tolist()
     return VdpcResult(classified, phi, z, mu, sigma, lo, hi, min_outliers, rates, total,
                       regions)

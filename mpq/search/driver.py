@@ -339,7 +339,14 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         if g.name.startswith("weights:"):
             w_bits[g.name[len("weights:"):]] = solution.choice[g.name]
 
-    ranges = {t: activation_range(stats.tensors[t], opts.range_method, mixed_bits[t])
+    cache: dict[tuple[str, int], tuple[float, float]] = {}
+
+    def range_of(t: str, bits: int) -> tuple[float, float]:
+        if (t, bits) not in cache:
+            cache[(t, bits)] = activation_range(stats.tensors[t], opts.range_method, bits)
+        return cache[(t, bits)]
+
+    ranges = {t: range_of(t, mixed_bits[t])
               for t in graph.tensors}
     qm = quantize_graph(graph, ranges, act_bits=mixed_bits, weight_bits=w_bits)
     outlier_qm = None
@@ -350,7 +357,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         stage_tensors = {by_name[s].outputs[0] for s in schedule.stage_nodes} \
             - {schedule.split_tensor}
         bits8 = {t: (8 if t in stage_tensors else mixed_bits[t]) for t in graph.tensors}
-        ranges8 = {t: activation_range(stats.tensors[t], opts.range_method, bits8[t])
+        ranges8 = {t: range_of(t, bits8[t])
                    for t in graph.tensors}
         outlier_qm = quantize_graph(graph, ranges8, act_bits=bits8, weight_bits=w_bits)
 
@@ -359,13 +366,13 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         st = stats.tensors[classified]
         regions = [[(r.y0, r.y1, r.x0, r.x1) for r in row]
                    for row in schedule.regions[classified]]
-        batches = [to_ir_layout(graph, graph.inputs[0], b) for b in data.batches(64)] \
-            if data is not None else []
+        batches = (to_ir_layout(graph, graph.inputs[0], b) for b in data.batches(64)) \
+            if data is not None else iter(())
         vdpc_result = classify_rates(graph, qm, classified, st.mean, st.std, opts.phi,
                                      opts.vdpc_min_outliers, regions, batches)
 
     memory = schedule.memory(act_bits)
-    ranges8 = {t: activation_range(stats.tensors[t], opts.range_method, 8)
+    ranges8 = {t: range_of(t, 8)
                for t in graph.tensors}
     plan = assemble_plan(model_path, graph, board, opts_eff, schedule, qm, outlier_qm, ranges8,
                          stage_tensors, act_bits, w_bits, memory, input_bytes, problem,
