@@ -10,12 +10,7 @@ from dataclasses import asdict, dataclass
 
 from mpq.boards import Board
 from mpq.ir import Graph, node_macs, node_params
-from mpq.memory import flash_bytes, layer_memory
-
-# Code size is only known after a build (`arm-none-eabi-size`); until then mpq estimates it
-# from the kernels the model needs. Labelled as an estimate wherever it is shown.
-CODE_BASE_ESTIMATE = 4096
-CODE_PER_KERNEL_ESTIMATE = 2048
+from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory
 
 
 @dataclass
@@ -89,8 +84,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
             out_shape=list(graph.tensors[node.outputs[0]].shape),
             macs=node_macs(node, graph), params=node_params(node),
             act_bytes=sum(t.size for t in tensors), scratch_bytes=step.scratch))
-    kinds = {layer.op for layer in layers if layer.op != "reshape"}
-    code = CODE_BASE_ESTIMATE + CODE_PER_KERNEL_ESTIMATE * len(kinds)
+    code = code_bytes_estimate(graph)
     flash = flash_bytes(graph)
     summary = ModelSummary(
         model=model_name,

@@ -417,7 +417,8 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
-    table = Table(title=f"{model.name}: top-1 accuracy on {len(ds)} samples")
+    title = f"{model.name}: top-1 accuracy on {len(ds)} samples"
+    table = Table(title=title, min_width=len(title))
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     for key, value in results.items():
@@ -459,7 +460,8 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
-    table = Table(title=f"{plan_path.name}: top-1 accuracy on {len(ds)} samples")
+    title = f"{plan_path.name}: top-1 accuracy on {len(ds)} samples"
+    table = Table(title=title, min_width=len(title))
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     for key in ("float", "int8", "plan"):

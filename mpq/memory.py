@@ -281,6 +281,18 @@ def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
                         plan=plan, inplace=inplace)
 
 
+# Code size is only known after a build (`arm-none-eabi-size`); until then it is estimated from
+# the kernels a model needs. Shown as an estimate wherever it appears.
+CODE_BASE_ESTIMATE = 4096
+CODE_PER_KERNEL_ESTIMATE = 2048
+
+
+def code_bytes_estimate(graph: Graph) -> int:
+    """Flash for mpq's runtime and the kernels `graph` uses: 4 KiB + 2 KiB per op kind."""
+    kinds = {n.kind for n in graph.nodes if n.op != "reshape"}
+    return CODE_BASE_ESTIMATE + CODE_PER_KERNEL_ESTIMATE * len(kinds)
+
+
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
     """Flash for parameters: packed weights + int32 biases + (M, S) int32 per output channel."""
     weight_bits = weight_bits or {}

@@ -394,3 +394,14 @@ def test_stats_file_for_another_model(tmp_path: Path, nchw_graph, nhwc_graph) ->
           tmp_path / "array.npy")
     partial = save_npz(tmp_path / "partial.npz", format=np.array("mpq-calibration"))
     fails(("partial.npz", "not a calibration statistics file"), CalibrationStats.load, partial)
+
+
+def test_entropy_keeps_a_saturated_cluster() -> None:
+    """ReLU6 maps: mass near 0 plus a cluster at 6.0 — KL alone clips the cluster away."""
+    from mpq.quant.calibrate import activation_range, summarise
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.exponential(0.05, 95_000).clip(0, 6), np.full(5_000, 6.0)])
+    for bits in (8, 4):
+        lo, hi = activation_range(summarise(x.astype(np.float32)), "entropy", bits)
+        assert lo == 0.0 and hi >= 6.0 * 0.99

@@ -641,6 +641,12 @@ def entropy_threshold(stats: TensorStats, bits: int) -> float:
     A tensor with fewer values than histogram bins (e.g. the logits of a few hundred samples)
     has a histogram too sparse for the search — keeping one lone bin and folding every other
     value into it scores KL = 0 — so it is not clipped: T = max|x|.
+
+    T never clips more than 1 % of the values: it is at least the larger of |P1| and |P99|.
+    On a map with most of its mass near zero and a second cluster at a clamp (ReLU6's
+    saturated 6.0), KL alone picks a sliver of the range and folds the cluster into it (the
+    Fashion-MNIST example's first map: T = 0.69 of 6.0 at 8 bits, top-1 0.80 instead of 0.92;
+    at 4 bits 0.10 instead of 0.91); the floor keeps KWS's gains intact (measured).
     """
     hist, width = abs_histogram(stats)
     absmax = max(abs(stats.min), abs(stats.max))
@@ -652,7 +658,8 @@ def entropy_threshold(stats: TensorStats, bits: int) -> float:
         return absmax
     kl = kl_divergences(hist, levels)
     best = levels + int(np.argmin(kl))
-    return float(min(best * width, absmax))
+    floor = max(abs(stats.percentile(1.0)), abs(stats.percentile(99.0)))
+    return float(min(max(best * width, floor), absmax))
 
 
 def _with_zero(lo: float, hi: float) -> tuple[float, float]:

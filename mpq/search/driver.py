@@ -22,7 +22,7 @@ from mpq.boards import Board
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import align_up, packed_bytes
+from mpq.memory import align_up, code_bytes_estimate, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256
 from mpq.quant.calibrate import (
@@ -39,7 +39,6 @@ from mpq.search.solvers import Group, Problem, Solution, refine_bits, solve_exac
 from mpq.vdpc import VdpcResult, classify_rates
 
 STRATEGIES = ("exact", "vdqs", "int8", "qe")
-CODE_ESTIMATE = 16 * 1024  # Flash for mpq's kernels and runtime until a build measures it
 PATCH_N = (2, 3, 4, 5, 6, 8)
 
 
@@ -61,7 +60,7 @@ class SearchOptions:
     range_method: str = "entropy"
     sram: int | None = None
     flash: int | None = None
-    max_overhead: float | None = 0.5  # bound on redundant MACs / total MACs for auto patches
+    max_overhead: float | None = 0.25  # bound on redundant MACs / total MACs (auto patches)
 
 
 @dataclass
@@ -289,7 +288,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
-    flash_budget = flash_total - CODE_ESTIMATE
+    code = code_bytes_estimate(graph)
+    flash_budget = flash_total - code
 
     patches = parse_patches(opts.patches)
     if patches == "none":
@@ -309,7 +309,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     for schedule in candidates:
         try:
             attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
-                                      flash_budget, input_bytes)
+                                      flash_budget, input_bytes, code)
         except MpqError as exc:
             failures.append(str(exc))
             continue
@@ -414,7 +414,7 @@ def _needed_bytes(message: str) -> int:
 
 def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                     opts: SearchOptions, sram_total: int, flash_total: int, flash_budget: int,
-                    input_bytes: int) -> _Attempt:
+                    input_bytes: int, code: int) -> _Attempt:
     """Build and solve the allocation problem for one patch schedule."""
     scratch = schedule.memory().scratch_bytes
     sram_budget = sram_total - input_bytes - scratch
@@ -430,7 +430,7 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
         choice = {g.name: max(g.options) for g in problem.groups}
         if not problem.fits(choice):
             raise MpqError(_impossible(problem, choice, schedule, sram_total, input_bytes,
-                                       scratch, flash_total, "8-bit activations"))
+                                       scratch, flash_total, code, "8-bit activations"))
         solution = Solution(choice, problem.objective(choice),
                             problem.arena(problem.tensor_bits(choice)),
                             problem.flash_bytes(choice))
@@ -438,19 +438,19 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
         low = {g.name: min(g.options) for g in problem.groups}
         if not problem.fits(low):
             raise MpqError(_impossible(problem, low, schedule, sram_total, input_bytes, scratch,
-                                       flash_total, f"{min(opts.bits)}-bit activations"))
+                                       flash_total, code, f"{min(opts.bits)}-bit activations"))
         solution = solve_vdqs(problem, order) if opts.strategy == "vdqs" \
             else solve_exact(problem)
     return _Attempt(schedule, problem, order, solution, use_vdpc, classified, scratch)
 
 
 def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule,
-                sram_total: int, input_bytes: int, scratch: int, flash_total: int,
+                sram_total: int, input_bytes: int, scratch: int, flash_total: int, code: int,
                 what: str) -> str:
     """One line naming the smallest SRAM and Flash reachable with the `floor` choice (the
     smallest bits the strategy may use) on this schedule (DESIGN §7.2)."""
     best_sram = problem.arena(problem.tensor_bits(floor)) + scratch + input_bytes
-    best_flash = problem.flash_bytes(floor) + CODE_ESTIMATE
+    best_flash = problem.flash_bytes(floor) + code
     grid = f"{schedule.n}×{schedule.n} patches" if schedule.split_tensor else "no patches"
     parts = []
     if best_sram > sram_total:
@@ -519,7 +519,7 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "input_bytes": input_bytes,
         "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,
         "flash_bytes": flash,
-        "code_bytes_estimate": CODE_ESTIMATE,
+        "code_bytes_estimate": code_bytes_estimate(graph),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],
