@@ -123,11 +123,13 @@ def choose_patches(graph: Graph, sram_for_arena: int, min_bits: int,
 
 # -- the allocation problem ---------------------------------------------------------------------
 
-def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None
-               ) -> list[list[str]]:
+def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None,
+               inplace: set[str] | None = None) -> list[list[str]]:
     """Tensors that must share a bitwidth: pool/reshape outputs with their inputs, concat
-    inputs with the output (DESIGN §4.1; TFLite requires it, there is no requantisation), and
-    a fused residual add's sum with the skip it overwrites (`memory.fused_residual_adds`)."""
+    inputs with the output (DESIGN §4.1; TFLite requires it, there is no requantisation), a
+    fused residual add's sum with the skip it overwrites (`memory.fused_residual_adds`), and an
+    in-place depthwise conv's output with its input — writing in place is safe channel by
+    channel only when every element keeps its bit position."""
     parent = {t: t for t in graph.tensors}
 
     def find(t: str) -> str:
@@ -149,6 +151,8 @@ def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None
                 union(t, n.outputs[0])
         elif fused and n.name in fused:
             union(fused[n.name][1], n.outputs[0])
+        elif inplace and n.name in inplace:
+            union(n.inputs[0], n.outputs[0])
     order = {t: i for i, t in enumerate(graph.tensors)}
     groups: dict[str, list[str]] = {}
     for t in graph.tensors:
@@ -195,7 +199,8 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
             - {schedule.split_tensor}
     groups: list[Group] = []
     order: list[str] = []
-    for members in tie_groups(graph, schedule.fused_adds):
+    inplace = schedule.memory().inplace
+    for members in tie_groups(graph, schedule.fused_adds, inplace):
         if any(t in graph.inputs for t in members):
             continue  # the caller's buffer: never in the arena, always 8-bit
         if any(t in fixed for t in members):
