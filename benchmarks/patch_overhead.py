@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import onnx_builders as B  # noqa: E402
+from common import console, show  # noqa: E402
 
 from mpq.frontend.onnx_import import import_model  # noqa: E402
 from mpq.memory import layer_memory  # noqa: E402
@@ -28,18 +27,6 @@ from mpq.patch import search_patches  # noqa: E402
 
 MODELS = [("MobileNetV2-1.0@224", 1.0, 224), ("MobileNetV2-0.35@144", 0.35, 144)]
 GRIDS = (2, 3, 4, 6)
-console = Console(width=140)
-
-
-def _show(title: str, columns: list[str], rows: list[list[str]]) -> dict:
-    """Print a rich table; return it as {"title", "columns", "rows"} (benchmarks/run.py's form)."""
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    return {"title": title, "columns": columns, "rows": rows}
 
 
 def bench_patch_overhead() -> dict:
@@ -75,7 +62,7 @@ def bench_patch_overhead() -> dict:
                 f"{r['layer_peak_sram_bytes'] / r['peak_sram_bytes']:.1f}×",
                 f"{r['redundant_macs_percent']:.1f}", f"{r['seconds']:.2f}"]
 
-    table = _show("Patch-based int8 SRAM: best split per n×n grid (bytes, input excluded)",
+    table = show("Patch-based int8 SRAM: best split per n×n grid (bytes, input excluded)",
                   ["model", "n", "best k", "split tensor", "peak SRAM", "layer-based peak",
                    "saving", "redundant MACs %", "search (s)"],
                   [cells(r) for r in rows])

@@ -16,15 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import onnx_builders as B  # noqa: E402
+import search_bench  # noqa: E402
+from common import console, show  # noqa: E402
+from patch_overhead import bench_patch_overhead  # noqa: E402
 
 from mpq.frontend.onnx_import import import_onnx  # noqa: E402
 from mpq.memory import layer_memory  # noqa: E402
@@ -32,18 +32,6 @@ from mpq.tflm import tflm_arena  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SHARED = REPO.parent / "shared" / "models"
-console = Console(width=140)
-
-
-def show(title: str, columns: list[str], rows: list[list[str]]) -> dict:
-    """Print a table and return it in a form `write_markdown` can render again."""
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    return {"title": title, "columns": columns, "rows": rows}
 
 
 def machine() -> dict:
@@ -164,34 +152,11 @@ def bench_kws_accuracy() -> dict:
     return {"rows": rows, "table": table}
 
 
-def bench_patches() -> dict:
-    from patch_overhead import bench_patch_overhead
-
-    return bench_patch_overhead()
-
-
-def bench_solvers() -> dict:
-    import search_bench
-
-    return search_bench.bench_solvers(show)
-
-
-def bench_search_time() -> dict:
-    import search_bench
-
-    return search_bench.bench_search_time(show)
-
-
-def bench_kws_plans() -> dict:
-    import search_bench
-
-    return search_bench.bench_kws_plans(show)
-
-
 BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "sim_speed": bench_sim_speed, "kws_accuracy": bench_kws_accuracy,
-              "patches": bench_patches, "solvers": bench_solvers,
-              "search_time": bench_search_time, "kws_plans": bench_kws_plans}
+              "patches": bench_patch_overhead, "solvers": search_bench.bench_solvers,
+              "search_time": search_bench.bench_search_time,
+              "kws_plans": search_bench.bench_kws_plans}
 
 
 def write_markdown() -> None:

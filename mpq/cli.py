@@ -417,7 +417,10 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
-    title = f"{model.name}: top-1 accuracy on {len(ds)} samples"
+    _print_accuracies(f"{model.name}: top-1 accuracy on {len(ds)} samples", results)
+
+
+def _print_accuracies(title: str, results: dict[str, Any]) -> None:
     table = Table(title=title, min_width=len(title))
     table.add_column("model")
     table.add_column("accuracy", justify="right")
@@ -460,13 +463,7 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
-    title = f"{plan_path.name}: top-1 accuracy on {len(ds)} samples"
-    table = Table(title=title, min_width=len(title))
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    for key in ("float", "int8", "plan"):
-        table.add_row(key, f"{results[key]:.4f}")
-    out.print(table)
+    _print_accuracies(f"{plan_path.name}: top-1 accuracy on {len(ds)} samples", results)
 
 
 # -- search -------------------------------------------------------------------------------------

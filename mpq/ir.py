@@ -130,6 +130,22 @@ class Graph:
         return out
 
 
+def remove_dead_nodes(graph: Graph) -> None:
+    """Drop nodes no graph output depends on, and tensors no remaining node touches."""
+    live = set(graph.outputs)
+    kept: list[Node] = []
+    for n in reversed(graph.nodes):
+        if any(o in live for o in n.outputs):
+            kept.append(n)
+            live.update(n.inputs)
+    graph.nodes = kept[::-1]
+    used = set(graph.inputs) | set(graph.outputs)
+    for n in graph.nodes:
+        used.update(n.inputs)
+        used.update(n.outputs)
+    graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
+
+
 def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad_lo: int,
                   pad_hi: int) -> int:
     """Output length of a convolution or pooling window along one axis (ONNX/TFLite formula)."""

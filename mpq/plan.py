@@ -20,13 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import Graph
-from mpq.quant import arith
-from mpq.quant.qmodel import ActQuant, QuantModel, layer_params
+from mpq.quant.qmodel import ActQuant, QuantModel, quant_model_with_acts
 
 SCHEMA = 1
 
@@ -154,17 +151,8 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
             acts[t.name] = ActQuant(float(o["scale"]), int(o["zero_point"]), int(o["bits"]))
         else:
             acts[t.name] = ActQuant(float(t.scale), int(t.zero_point), int(t.bits))
-    w_bits = {layer.name: layer.w_bits for layer in plan.layers}
-    layers = {}
-    for node in graph.nodes:
-        if node.op in ("conv2d", "fully_connected"):
-            wb = int(w_bits[node.name])
-            q, s = arith.quantize_weights_symmetric(node.weight, wb)
-            bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, s)
-            layers[node.name] = layer_params(node, acts, q, s, wb, bias)
-        else:
-            layers[node.name] = layer_params(node, acts)
-    return QuantModel(graph=graph, acts=acts, layers=layers)
+    w_bits = {layer.name: int(layer.w_bits) for layer in plan.layers if layer.w_bits}
+    return quant_model_with_acts(graph, acts, w_bits)
 
 
 def _fingerprint(graph: Graph) -> str:
@@ -172,7 +160,3 @@ def _fingerprint(graph: Graph) -> str:
 
     return graph_fingerprint(graph)
 
-
-def packed_weight_bytes(weight: np.ndarray, bits: int) -> int:
-    """Flash bytes of a packed weight tensor."""
-    return -(-int(weight.size) * bits // 8)

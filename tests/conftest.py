@@ -33,6 +33,26 @@ def shared_model(name: str) -> Path:
     return path
 
 
+KWS_ZP, KWS_SCALE = 83, 0.5847029  # the int8 quantisation the shared KWS clips were stored in
+
+
+@pytest.fixture(scope="session")
+def kws(tmp_path_factory) -> dict[str, Path]:
+    """The shared KWS clips as float MFCCs — the first 100 to calibrate, the other 900 to
+    test — and a copy of the float DS-CNN beside them (plans find their model next to them)."""
+    import shutil
+
+    d = np.load(shared_model("kws01_mfcc_int8_1000.npz"))
+    x = (d["x"].astype(np.float32) - KWS_ZP) * np.float32(KWS_SCALE)
+    root = tmp_path_factory.mktemp("kws")
+    np.savez(root / "calib.npz", x=x[:100], y=d["y"][:100])
+    np.savez(root / "test.npz", x=x[100:], y=d["y"][100:])
+    model = root / "kws.onnx"
+    shutil.copy(shared_model("kws_ref_model_fp32.onnx"), model)
+    return {"calib": root / "calib.npz", "test": root / "test.npz", "model": model,
+            "root": root}
+
+
 def run_mpq(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `mpq` CLI in a subprocess (as a user or a Makefile would)."""
     return subprocess.run([sys.executable, "-m", "mpq.cli", *map(str, args)], cwd=cwd,

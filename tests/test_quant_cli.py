@@ -16,23 +16,10 @@ from mpq.frontend import load_model
 from mpq.quant.calibrate import calibrate, load_dataset
 from mpq.quant.pipeline import load_for_quantisation, quantise
 
-KWS_ZP, KWS_SCALE = 83, 0.5847029
 
-
-@pytest.fixture(scope="module")
-def kws_split(tmp_path_factory) -> tuple[Path, Path]:
-    """The shared KWS clips as float MFCCs: first 100 to calibrate, the other 900 to test."""
-    d = np.load(shared_model("kws01_mfcc_int8_1000.npz"))
-    x = (d["x"].astype(np.float32) - KWS_ZP) * np.float32(KWS_SCALE)
-    root = tmp_path_factory.mktemp("kws")
-    np.savez(root / "calib.npz", x=x[:100], y=d["y"][:100])
-    np.savez(root / "test.npz", x=x[100:], y=d["y"][100:])
-    return root / "calib.npz", root / "test.npz"
-
-
-def test_kws_int8_accuracy_at_least_tflite(kws_split) -> None:
+def test_kws_int8_accuracy_at_least_tflite(kws) -> None:
     """mpq's own int8 quantisation of the float DS-CNN ≥ TFLite's int8 model, same 900 clips."""
-    calib, test = kws_split
+    calib, test = kws["calib"], kws["test"]
     onnx_path = shared_model("kws_ref_model_fp32.onnx")
     graph = load_model(onnx_path)
     stats = calibrate(graph, load_dataset(calib, graph))
@@ -46,8 +33,8 @@ def test_kws_int8_accuracy_at_least_tflite(kws_split) -> None:
     assert ours >= theirs
 
 
-def test_calibrate_run_eval_commands(tmp_path: Path, kws_split) -> None:
-    calib, test = kws_split
+def test_calibrate_run_eval_commands(tmp_path: Path, kws) -> None:
+    calib, test = kws["calib"], kws["test"]
     model = shared_model("kws_ref_model_fp32.onnx")
     stats = tmp_path / "stats.npz"
     r = run_mpq("calibrate", model, "--data", calib, "-o", stats)
@@ -68,8 +55,8 @@ def test_calibrate_run_eval_commands(tmp_path: Path, kws_split) -> None:
     assert d["float"] > 0.9 and d["int8"] > 0.9 and d["act4"] < d["int8"]
 
 
-def test_run_int8_tflite_uses_its_own_parameters(tmp_path: Path, kws_split) -> None:
-    _, test = kws_split
+def test_run_int8_tflite_uses_its_own_parameters(tmp_path: Path, kws) -> None:
+    test = kws["test"]
     np.save(tmp_path / "x.npy", np.load(test)["x"][:4])
     r = run_mpq("run", shared_model("kws_ref_model.tflite"), "--input", tmp_path / "x.npy",
                 "-o", tmp_path / "y.npy")

@@ -18,21 +18,6 @@ from mpq.plan import load_plan
 from mpq.quant.calibrate import dataset_from_array
 from mpq.search.driver import SearchOptions, search
 
-KWS_ZP, KWS_SCALE = 83, 0.5847029
-
-
-@pytest.fixture(scope="module")
-def kws(tmp_path_factory) -> dict[str, Path]:
-    d = np.load(shared_model("kws01_mfcc_int8_1000.npz"))
-    x = (d["x"].astype(np.float32) - KWS_ZP) * np.float32(KWS_SCALE)
-    root = tmp_path_factory.mktemp("kws")
-    np.savez(root / "calib.npz", x=x[:100], y=d["y"][:100])
-    np.savez(root / "test.npz", x=x[100:], y=d["y"][100:])
-    model = root / "kws.onnx"
-    shutil.copy(shared_model("kws_ref_model_fp32.onnx"), model)
-    return {"calib": root / "calib.npz", "test": root / "test.npz", "model": model,
-            "root": root}
-
 
 def random_data(graph, n: int, scale: float = 1.0):
     from mpq.quant.calibrate import onnx_input_shape

@@ -21,7 +21,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mpq.errors import MpqError
-from mpq.ir import ACT_OPS, LAYOUT_NCHW, LAYOUT_NHWC, Graph, Node, Tensor, conv_out_size
+from mpq.ir import (
+    ACT_OPS,
+    LAYOUT_NCHW,
+    LAYOUT_NHWC,
+    Graph,
+    Node,
+    Tensor,
+    conv_out_size,
+    remove_dead_nodes,
+)
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
 NHWC_TO_NCHW = (0, 3, 1, 2)
@@ -758,21 +767,6 @@ def _check_initializers(imp: Importer) -> None:
         imp.consts[init.name] = numpy_helper.to_array(init)
 
 
-def _remove_dead(graph: Graph) -> None:
-    live = set(graph.outputs)
-    kept: list[Node] = []
-    for n in reversed(graph.nodes):
-        if any(o in live for o in n.outputs):
-            kept.append(n)
-            live.update(n.inputs)
-    graph.nodes = kept[::-1]
-    used = set(graph.inputs) | set(graph.outputs)
-    for n in graph.nodes:
-        used.update(n.inputs)
-        used.update(n.outputs)
-    graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
-
-
 def _check_names(model: onnx.ModelProto, source: str) -> None:
     """Name a node input that nothing defines (the checker's own message blames ordering)."""
     g = model.graph
@@ -863,7 +857,7 @@ def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
     graph = Graph(name=g.name or Path(source).stem, tensors=imp.tensors, nodes=imp.nodes,
                   inputs=inputs, outputs=outputs, input_layouts=input_layouts,
                   output_layouts=output_layouts, notes=dict(sorted(imp.notes.items())))
-    _remove_dead(graph)
+    remove_dead_nodes(graph)
     return graph
 
 

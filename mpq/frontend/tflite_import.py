@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NHWC, Graph, Node, Tensor, conv_out_size
+from mpq.ir import LAYOUT_NHWC, Graph, Node, Tensor, conv_out_size, remove_dead_nodes
 
 SCHEMA_MODULE = "tflite_micro.tensorflow.lite.micro.python.schema_py_generated"
 SCHEMA_PACKAGE = "tflite_micro"
@@ -840,21 +840,6 @@ def _check_input_shape(imp: _Importer, t: int) -> None:
                        "batch 1")
 
 
-def _remove_dead(graph: Graph) -> None:
-    live = set(graph.outputs)
-    kept: list[Node] = []
-    for n in reversed(graph.nodes):
-        if any(o in live for o in n.outputs):
-            kept.append(n)
-            live.update(n.inputs)
-    graph.nodes = kept[::-1]
-    used = set(graph.inputs) | set(graph.outputs)
-    for n in graph.nodes:
-        used.update(n.inputs)
-        used.update(n.outputs)
-    graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
-
-
 _HANDLERS: dict[str, Any] = {
     "CONV_2D": lambda imp, i, op: _conv(imp, i, op, depthwise=False),
     "DEPTHWISE_CONV_2D": lambda imp, i, op: _conv(imp, i, op, depthwise=True),
@@ -947,7 +932,7 @@ def import_tflite_bytes(data: bytes, source: str = "model") -> TfliteModel:
                   input_layouts={n: LAYOUT_NHWC for n in inputs},
                   output_layouts={n: LAYOUT_NHWC for n in outputs},
                   notes=dict(sorted(imp.notes.items())))
-    _remove_dead(graph)
+    remove_dead_nodes(graph)
     if len(set(graph.inputs)) != len(graph.inputs) or set(graph.inputs) & set(graph.outputs):
         raise imp.fail("a graph output is a graph input; there is nothing to compute")
 

@@ -143,6 +143,14 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
     for node in graph.nodes:  # in order, so chains of pools/reshapes resolve
         if node.op in SAME_AS_INPUT:
             acts[node.outputs[0]] = acts[node.inputs[0]]
+    return quant_model_with_acts(graph, acts, weight_bits)
+
+
+def quant_model_with_acts(graph: Graph, acts: dict[str, ActQuant],
+                          weight_bits: dict[str, int] | None = None) -> QuantModel:
+    """The QuantModel for given activation parameters: weights quantised symmetrically per
+    output channel at each layer's weight bits (default 8), int32 biases at s_in·s_w[c]."""
+    weight_bits = weight_bits or {}
     layers: dict[str, LayerQuant] = {}
     for node in graph.nodes:
         if node.op in ("conv2d", "fully_connected"):
