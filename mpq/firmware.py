@@ -31,6 +31,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -298,6 +299,7 @@ def build_elf(
     log_file.write_text(" ".join(cmd) + "\n" + log, encoding="utf-8")
     if proc.returncode != 0:
         elf.unlink(missing_ok=True)
+        (out / f"{name}.memory.txt").unlink(missing_ok=True)
         overflow = _link_failure(log, board)
         if overflow is not None:
             raise MpqError(overflow)
@@ -319,8 +321,6 @@ _SHT_NOBITS = 8
 
 def _elf_sections(elf: Path) -> dict[str, tuple[int, int]]:
     """``{section name: (sh_type, sh_flags)}`` of a 32-bit little-endian ELF file."""
-    import struct
-
     data = elf.read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 1 or data[5] != 1:
         raise MpqError(f"{elf}: not a 32-bit little-endian ELF file")

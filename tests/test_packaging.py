@@ -22,6 +22,8 @@ def test_wheel_contains_and_uses_boards_and_templates(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "mpq/boards/nano33ble.toml" in names
     assert "mpq/templates/linker/board.ld.j2" in names
+    assert "mpq/templates/firmware/startup.c.j2" in names
+    assert "mpq/tools/icount/icount.c" in names
     assert "mpq/cli.py" in names and not any(n.startswith("tests/") for n in names)
 
     site = tmp_path / "site"
