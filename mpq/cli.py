@@ -24,7 +24,7 @@ from mpq.errors import MpqError
 EPILOG = "Exit codes: 0 success, 1 user error (bad input, unsupported model), 2 usage error."
 
 # Not a terminal (a pipe, a log, CI): do not squeeze tables into 80 columns.
-out = Console(highlight=False, soft_wrap=False,
+out = Console(highlight=False, soft_wrap=True,
               width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
 err = Console(stderr=True, highlight=False)
 
@@ -464,6 +464,85 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
     _print_accuracies(f"{plan_path.name}: top-1 accuracy on {len(ds)} samples", results)
+
+
+# -- export -------------------------------------------------------------------------------------
+
+@main.command("export", epilog=EPILOG)
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Directory for the C sources.")
+@click.option("--model", "plan_model", type=click.Path(path_type=Path),
+              help="The plan's model file (default: next to the plan).")
+@click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
+              show_default=True, help="Kernel library the sources call.")
+@user_errors
+def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str) -> None:
+    """Write the firmware sources of PLAN: mpq_model.{h,c}, mpq_weights.{h,c}, the kernels.
+
+    Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
+    """
+    from mpq.codegen.export import render_export, write_export
+    from mpq.frontend import load_model
+    from mpq.plan import load_plan, resolve_model
+
+    if backend != "portable":
+        raise MpqError("the cmsis-nn backend is not available yet; use --backend portable")
+    plan = load_plan(plan_path)
+    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    files = render_export(plan, graph)
+    if output.exists() and not output.is_dir():
+        raise MpqError(f"{output}: exists and is not a directory")
+    try:
+        written = write_export(files, output)
+    except OSError as exc:
+        raise MpqError(f"{output}: cannot write ({exc.strerror})") from None
+    out.print(f"{plan_path} → {output}/: {len(files)} files, {len(written)} written "
+              f"({len(files) - len(written)} unchanged)")
+
+
+@main.command("verify", epilog=EPILOG)
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--target", type=click.Choice(["host", "qemu-m4", "qemu-m7"]), default="host",
+              show_default=True, help="Where the exported C runs.")
+@click.option("--data", type=click.Path(path_type=Path), help="Inputs: .npz with x.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path),
+              help="Inputs: .npy (one sample or a batch).")
+@click.option("--samples", type=click.IntRange(1), default=16, show_default=True,
+              help="At most this many inputs.")
+@click.option("--model", "plan_model", type=click.Path(path_type=Path),
+              help="The plan's model file (default: next to the plan).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def verify_cmd(plan_path: Path, target: str, data: Path | None, input_path: Path | None,
+               samples: int, plan_model: Path | None, as_json: bool) -> None:
+    """Export PLAN, build it for TARGET, run it and compare every byte with the reference."""
+    import numpy as np
+
+    from mpq.frontend import load_model
+    from mpq.plan import load_plan, resolve_model
+    from mpq.quant.calibrate import load_dataset
+    from mpq.verify import verify
+
+    plan = load_plan(plan_path)
+    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    source = data or input_path
+    if source is None:
+        raise MpqError("mpq verify needs inputs: --data D.npz or --input x.npy")
+    ds = load_dataset(source, graph)
+    x = np.concatenate(list(ds.batches(256)))[:samples]
+    result = verify(plan, graph, x, target)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        verdict = "[green]0 mismatches[/green]" if result.mismatches == 0 else \
+            f"[red]{result.mismatches} mismatched bytes[/red]"
+        out.print(f"{plan_path} on {target}: {result.samples} samples, {verdict}")
+        if result.instructions is not None:
+            out.print(f"  {result.instructions:,} instructions per inference; Flash "
+                      f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")
+    if result.mismatches:
+        sys.exit(1)
 
 
 # -- search -------------------------------------------------------------------------------------

@@ -174,8 +174,9 @@ def fused_residual_adds(graph: Graph, elements: dict[str, int],
     nothing else reads, and `skip` dies at the add and has the output's size: the conv then
     requantises each output pixel, adds the skip pixel with TFLM's add arithmetic and writes
     the sum over the skip pixel it just read, so `res` never exists in memory and the sum
-    takes the skip's buffer. Bit-exact with the unfused pair; the skip and the sum share a
-    bitwidth (so in-place writing never overtakes reading). Returns add → (conv, skip).
+    takes the skip's buffer. Bit-exact with the unfused pair; the skip and the sum must share a
+    bitwidth (so in-place writing never overtakes reading — the search ties them), and the
+    conv must not read the skip itself. Returns add → (conv, skip).
     """
     readers: dict[str, int] = {}
     for n in graph.nodes:
@@ -196,6 +197,8 @@ def fused_residual_adds(graph: Graph, elements: dict[str, int],
                 continue
             if lifetimes[skip][1] != i or elements[skip] != elements[out]:
                 continue
+            if skip in conv.inputs:
+                continue  # add(x, conv(x)): the sum would overwrite pixels the conv reads
             fused[n.name] = (conv.name, skip)
             break
     return fused

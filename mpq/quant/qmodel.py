@@ -80,6 +80,9 @@ def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | Non
     lo = node.attrs.get("act_min", -np.inf)
     hi = node.attrs.get("act_max", np.inf)
     amin, amax = arith.clamp_activation(lo, hi, out.scale, out.zero_point, out.bits)
+    if amin > amax:
+        raise MpqError(f"layer '{node.name}': its activation range [{lo}, {hi}] lies outside "
+                       f"what tensor '{node.outputs[0]}' can represent")
     lq = LayerQuant(act_min=amin, act_max=amax)
     if node.op in ("conv2d", "fully_connected"):
         src = acts[node.inputs[0]]

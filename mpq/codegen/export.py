@@ -1,0 +1,282 @@
+"""`mpq export`: a plan → C sources for the portable backend (DESIGN §8).
+
+The plan (with the model it pins) becomes one `Layer` record per kernel call — which kernel,
+its constant parameters, and where each operand lives (the caller's input, the arena at the
+plan's offset, or the caller's output buffer) — and the records are rendered through the
+Jinja2 templates in `templates/c/`. Nothing here writes C syntax itself: Python computes
+numbers, the templates lay them out.
+
+This version exports layer-based plans; a plan with a patch stage is refused with one line
+until the patch loop lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpq.codegen.render import render
+from mpq.errors import MpqError
+from mpq.fileio import write_if_changed
+from mpq.ir import Graph, Node
+from mpq.memory import align_up, packed_bytes
+from mpq.plan import Plan, plan_quant_model
+from mpq.quant import arith
+from mpq.quant.qmodel import QuantModel
+
+KERNEL_FILES = ("mpq_kernels.h", "mpq_kernels.c")
+
+
+@dataclass
+class Operand:
+    """Where a tensor lives and how a kernel sees it (an `mpq_view`)."""
+
+    name: str
+    base: str  # C expression of the storage start: "mpq_arena + 128", "(void *)input", …
+    bits: int
+    h: int
+    w: int
+    c: int
+
+
+@dataclass
+class Layer:
+    """One kernel call of the generated `mpq_model_run`."""
+
+    index: int
+    name: str  # the IR node(s), for the comment above the call
+    kernel: str  # conv2d, conv2d_add, depthwise_inplace, fully_connected, add, …
+    inputs: list[Operand]
+    output: Operand
+    params: dict[str, int] = field(default_factory=dict)
+    weight: dict[str, Any] | None = None  # symbol names and filter dims
+    channel_c0: list[int] = field(default_factory=list)  # concat: channel offset per input
+
+
+@dataclass
+class ConstArray:
+    """A constant array of mpq_weights.c."""
+
+    symbol: str
+    ctype: str  # "uint8_t" (packed weights) or "int32_t"
+    values: list[int]
+
+
+def _view_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(h, w, c) of a tensor as a view: rank-4 NHWC, or [1, K] as 1×1×K."""
+    if len(shape) == 4:
+        return shape[1], shape[2], shape[3]
+    return 1, 1, int(np.prod(shape[1:]))
+
+
+def _comment(text: str) -> str:
+    return text.replace("*/", "* /")
+
+
+class _Builder:
+    def __init__(self, plan: Plan, graph: Graph, qm: QuantModel) -> None:
+        self.plan = plan
+        self.graph = graph
+        self.qm = qm
+        self.tensors = {t.name: t for t in plan.tensors}
+        self.layers: list[Layer] = []
+        self.consts: list[ConstArray] = []
+        self.scratch = 0
+        fused = plan.schedule.get("fused_adds", {})
+        self.fused_by_conv = {v["conv"]: (add, v["skip"]) for add, v in fused.items()}
+        self.fused_adds = set(fused)
+        self.inplace = set(plan.schedule.get("inplace_depthwise", []))
+
+    def operand(self, tensor: str) -> Operand:
+        g = self.graph
+        bits = self.qm.acts[tensor].bits
+        h, w, c = _view_dims(g.tensors[tensor].shape)
+        if tensor in g.inputs:
+            base = "(void *)input"
+        else:
+            offset = self.tensors[tensor].offset
+            if offset is None:
+                raise MpqError(f"plan has no arena offset for tensor '{tensor}'")
+            base = f"mpq_arena + {offset}"
+        return Operand(tensor, base, bits, h, w, c)
+
+    def weights(self, i: int, node: Node) -> dict[str, Any]:
+        lq = self.qm.layers[node.name]
+        w = lq.weight
+        dims = w.shape if w.ndim == 4 else (w.shape[0], 1, 1, w.shape[1])
+        sym = f"mpq_l{i}"
+        self.consts += [
+            ConstArray(f"{sym}_w", "uint8_t", arith.pack(w, lq.weight_bits).tolist()),
+            ConstArray(f"{sym}_b", "int32_t", [int(v) for v in lq.bias]),
+            ConstArray(f"{sym}_m", "int32_t", [int(v) for v in lq.multiplier]),
+            ConstArray(f"{sym}_s", "int32_t", [int(v) for v in lq.shift]),
+        ]
+        return {"sym": sym, "bits": lq.weight_bits, "n": dims[0], "h": dims[1], "w": dims[2],
+                "c": dims[3]}
+
+    def conv_params(self, node: Node) -> dict[str, int]:
+        a = node.attrs
+        lq = self.qm.layers[node.name]
+        return {"stride_h": a["strides"][0], "stride_w": a["strides"][1],
+                "dilation_h": a["dilations"][0], "dilation_w": a["dilations"][1],
+                "pad_top": a["pads"][0], "pad_left": a["pads"][1], "groups": a["groups"],
+                "input_zp": self.qm.acts[node.inputs[0]].zero_point,
+                "output_zp": self.qm.acts[node.outputs[0]].zero_point,
+                "act_min": lq.act_min, "act_max": lq.act_max}
+
+    def add_params(self, node: Node, first: str) -> dict[str, int]:
+        """TFLM add constants with `first` as input a (the kernel's argument order)."""
+        lq = self.qm.layers[node.name]
+        e = lq.extra
+        a_t, b_t = node.inputs
+        swap = first != a_t
+        a, b = (b_t, a_t) if swap else (a_t, b_t)
+        ma, sa, mb, sb = (e["m2"], e["s2"], e["m1"], e["s1"]) if swap else (
+            e["m1"], e["s1"], e["m2"], e["s2"])
+        return {"a_zp": self.qm.acts[a].zero_point, "a_multiplier": ma, "a_shift": sa,
+                "b_zp": self.qm.acts[b].zero_point, "b_multiplier": mb, "b_shift": sb,
+                "left_shift": e["left_shift"],
+                "output_zp": self.qm.acts[node.outputs[0]].zero_point,
+                "output_multiplier": e["mo"], "output_shift": e["so"],
+                "act_min": lq.act_min, "act_max": lq.act_max}
+
+    def conv_scratch(self, node: Node, inplace: bool) -> int:
+        """The kernels' own scratch formulas (templates/c/mpq_kernels.h.j2)."""
+        _, kh, kw, cin_g = node.weight.shape
+        a = node.attrs
+        if inplace:
+            _, h, w, _ = self.graph.tensors[node.inputs[0]].shape
+            _, ho, wo, _ = self.graph.tensors[node.outputs[0]].shape
+            sh, sw = a["strides"]
+            dh, dw = a["dilations"]
+            pt, pl = a["pads"][0], a["pads"][1]
+            pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
+            pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
+            return (pt + h + pb) * (pl + w + pr)
+        in_shape = self.graph.tensors[node.inputs[0]].shape
+        out_shape = self.graph.tensors[node.outputs[0]].shape
+        if (kh, kw) == (1, 1) and a["strides"] == (1, 1) and not any(a["pads"][:2]) \
+                and out_shape[1] <= in_shape[1] and out_shape[2] <= in_shape[2]:
+            return 0
+        return 2 * kh * kw * cin_g
+
+    def build(self) -> None:
+        nodes = self.graph.nodes
+        by_name = {n.name: n for n in nodes}
+        for i, node in enumerate(nodes):
+            if node.name in self.fused_adds or node.op == "reshape":
+                continue  # fused into its conv / a view of its input's storage
+            out = self.operand(node.outputs[0])
+            ins = [self.operand(t) for t in node.inputs]
+            if node.op == "conv2d" and node.name in self.fused_by_conv:
+                add_name, skip = self.fused_by_conv[node.name]
+                add = by_name[add_name]
+                self.scratch = max(self.scratch, self.conv_scratch(node, False))
+                self.layers.append(Layer(
+                    i, f"{node.name} + {add.name}", "conv2d_add",
+                    [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
+                    {**self.conv_params(node), **{f"add_{k}": v for k, v in
+                                                  self.add_params(add, skip).items()}},
+                    self.weights(i, node)))
+            elif node.op == "conv2d":
+                inplace = node.name in self.inplace
+                self.scratch = max(self.scratch, self.conv_scratch(node, inplace))
+                kernel = "depthwise_inplace" if inplace else "conv2d"
+                self.layers.append(Layer(i, node.name, kernel, ins, out,
+                                         self.conv_params(node), self.weights(i, node)))
+            elif node.op == "fully_connected":
+                lq = self.qm.layers[node.name]
+                params = {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
+                          "output_zp": self.qm.acts[node.outputs[0]].zero_point,
+                          "act_min": lq.act_min, "act_max": lq.act_max}
+                self.layers.append(Layer(i, node.name, "fully_connected", ins, out, params,
+                                         self.weights(i, node)))
+            elif node.op == "add":
+                self.layers.append(Layer(i, node.name, "add", ins, out,
+                                         self.add_params(node, node.inputs[0])))
+            elif node.op in ("avg_pool", "max_pool"):
+                a = node.attrs
+                lq = self.qm.layers[node.name]
+                params = {"kernel_h": a["kernel"][0], "kernel_w": a["kernel"][1],
+                          "stride_h": a["strides"][0], "stride_w": a["strides"][1],
+                          "pad_top": a["pads"][0], "pad_left": a["pads"][1],
+                          "act_min": lq.act_min, "act_max": lq.act_max}
+                kernel = "avgpool" if node.op == "avg_pool" else "maxpool"
+                self.layers.append(Layer(i, node.name, kernel, ins, out, params))
+            elif node.op == "softmax":
+                self.layers.append(Layer(i, node.name, "softmax", ins, out,
+                                         dict(self.qm.layers[node.name].extra)))
+            elif node.op == "concat":
+                if node.attrs["axis"] != len(self.graph.tensors[node.outputs[0]].shape) - 1:
+                    raise MpqError(f"export: concat '{node.name}' is not along channels")
+                c0, offsets = 0, []
+                for t in node.inputs:
+                    offsets.append(c0)
+                    c0 += self.graph.tensors[t].shape[-1]
+                self.layers.append(Layer(i, node.name, "copy_view", ins, out,
+                                         channel_c0=offsets))
+            else:  # pragma: no cover - the IR has no other ops
+                raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+
+def export_context(plan: Plan, graph: Graph) -> dict[str, Any]:
+    """Everything the templates need, computed once (pure: same plan ⇒ same context)."""
+    if plan.patch is not None:
+        raise MpqError("export of patch-based plans is not available yet; search with "
+                       "--patches none")
+    qm = plan_quant_model(plan, graph, "mixed")
+    b = _Builder(plan, graph, qm)
+    b.build()
+    g = graph
+    x, y = g.inputs[0], g.outputs[0]
+    xq, yq = qm.acts[x], qm.acts[y]
+    if xq.bits != 8 or yq.bits != 8:
+        raise MpqError("export: the graph input and output must be 8-bit")
+    kernels = sorted({layer.kernel for layer in b.layers})
+    return {
+        "plan_digest": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
+        "model": plan.model, "model_sha256": plan.model_sha256, "board": plan.board["name"],
+        "layers": b.layers, "consts": b.consts, "kernels": kernels,
+        "arena_bytes": align_up(max(plan.predicted["arena_bytes"], 16)),
+        "scratch_bytes": align_up(max(b.scratch, 16)),
+        "input": {"name": x, "dims": _view_dims(g.tensors[x].shape),
+                  "bytes": packed_bytes(g.tensors[x].size, 8), "scale": xq.scale,
+                  "zero_point": xq.zero_point},
+        "output": {"name": y, "dims": _view_dims(g.tensors[y].shape),
+                   "bytes": packed_bytes(g.tensors[y].size, 8), "scale": yq.scale,
+                   "zero_point": yq.zero_point, "base": b.operand(y).base},
+        "comment": _comment,
+    }
+
+
+def render_export(plan: Plan, graph: Graph) -> dict[str, str]:
+    """File name → content of an export (portable backend)."""
+    ctx = export_context(plan, graph)
+    files = {
+        "mpq_model.h": render("c/mpq_model.h.j2", **ctx),
+        "mpq_model.c": render("c/mpq_model.c.j2", **ctx),
+        "mpq_weights.h": render("c/mpq_weights.h.j2", **ctx),
+        "mpq_weights.c": render("c/mpq_weights.c.j2", **ctx),
+        "mpq_kernels.h": render("c/mpq_kernels.h.j2", kernels=ctx["kernels"]),
+        "mpq_kernels.c": render("c/mpq_kernels.c.j2", kernels=ctx["kernels"]),
+    }
+    report = {"plan_digest": ctx["plan_digest"], "model": plan.model, "board": plan.board,
+              "predicted": {"arena_bytes": ctx["arena_bytes"],
+                            "scratch_bytes": ctx["scratch_bytes"],
+                            "flash_bytes": plan.predicted["flash_bytes"]},
+              "kernels": ctx["kernels"], "files": sorted(files)}
+    files["mpq_report.json"] = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def write_export(files: dict[str, str], out_dir: Path) -> list[str]:
+    """Write the files atomically, skipping those whose content did not change (make keeps
+    its timestamps). Returns the names written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [name for name, text in sorted(files.items())
+            if write_if_changed(out_dir / name, text.encode())]

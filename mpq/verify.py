@@ -1,0 +1,120 @@
+"""`mpq verify`: the exported C against the integer reference, byte for byte (DESIGN §8).
+
+The plan is exported into a temporary directory, built with a small harness — host gcc for
+`host`; `arm-none-eabi-gcc`, mpq's start-up code and semihosting for `qemu-m4` / `qemu-m7`
+(`mpq.firmware`) — and run on the given inputs. Every output byte is compared with what
+`mpq.evaluate.PlanRunner` computes. Under QEMU the icount plugin counts the instructions of
+each inference exactly, and the linked sections are measured against the board.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpq.codegen.export import render_export, write_export
+from mpq.codegen.render import render
+from mpq.errors import MpqError
+from mpq.evaluate import PlanRunner
+from mpq.interpreter import to_ir_layout
+from mpq.ir import Graph
+from mpq.plan import Plan
+from mpq.sim import quantize_input
+
+TARGETS = ("host", "qemu-m4", "qemu-m7")
+C_FLAGS = ("-O2", "-std=c99", "-Wall", "-Wextra", "-Werror")
+
+
+@dataclass
+class VerifyResult:
+    """What `mpq verify` reports (`--json` keys)."""
+
+    target: str
+    samples: int
+    mismatches: int
+    instructions: int | None = None  # per inference (QEMU targets)
+    flash_bytes: int | None = None
+    sram_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def reference_outputs(plan: Plan, graph: Graph, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 inputs (IR layout) and the integer reference's outputs for float inputs."""
+    runner = PlanRunner(plan, graph)
+    name = graph.inputs[0]
+    xq = quantize_input(runner.mixed.acts[name], to_ir_layout(graph, name, x))
+    return xq.astype(np.int8), runner.int_outputs(xq).astype(np.int8)
+
+
+def _export(plan: Plan, graph: Graph, out_dir: Path) -> list[Path]:
+    files = render_export(plan, graph)
+    write_export(files, out_dir)
+    return [out_dir / n for n in ("mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
+
+
+def run_host(plan: Plan, graph: Graph, xq: np.ndarray, work: Path) -> np.ndarray:
+    """Build the export with host gcc and run it on the int8 inputs."""
+    sources = _export(plan, graph, work)
+    (work / "mpq_host_main.c").write_text(render("c/mpq_host_main.c.j2"))
+    exe = work / "mpq_host"
+    cmd = ["gcc", *C_FLAGS, "-I", str(work), "-o", str(exe), str(work / "mpq_host_main.c"),
+           *map(str, sources)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["?"])[0]
+        raise MpqError(f"host build of the export failed: {first}")
+    (work / "in.bin").write_bytes(xq.tobytes())
+    proc = subprocess.run([str(exe), str(work / "in.bin"), str(work / "out.bin")],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise MpqError(f"the exported model failed on the host (exit {proc.returncode}: "
+                       f"kernel error {2 - proc.returncode})")
+    return np.frombuffer((work / "out.bin").read_bytes(), np.int8)
+
+
+def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
+                    target: str) -> tuple[np.ndarray, int, dict]:
+    """Cross-build the export for the target's QEMU machine and run it there."""
+    from mpq import firmware
+
+    tools = firmware.require_tools(target)
+    machine, _ = firmware.TARGETS[target]
+    sources = _export(plan, graph, work)
+    samples = len(xq)
+    (work / "verify_main.c").write_text(render("firmware/verify_main.c.j2", target=target,
+                                               samples=samples))
+    elf = firmware.build_elf([work / "verify_main.c", *sources], [work],
+                             firmware.target_board(target), work / "build", toolchain=tools,
+                             extra_flags=("-Werror",))
+    run = firmware.run_qemu(elf, machine, work / "run", {"in.bin": xq.tobytes()},
+                            toolchain=tools)
+    if run.returncode != 0:
+        raise MpqError(f"the exported model failed on {machine} (exit {run.returncode})")
+    out = np.frombuffer(run.files["out.bin"], np.int8)
+    per = run.instructions_window // max(run.windows, 1)
+    return out, per, firmware.section_sizes(elf, tools)
+
+
+def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str) -> VerifyResult:
+    """Export, build, run on `x` (float inputs, model layout) and compare with the reference."""
+    if target not in TARGETS:
+        raise MpqError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+    xq, ref = reference_outputs(plan, graph, x)
+    with tempfile.TemporaryDirectory(prefix="mpq-verify-") as tmp:
+        work = Path(tmp)
+        if target == "host":
+            out = run_host(plan, graph, xq, work)
+            instructions, sizes = None, {}
+        else:
+            out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target)
+    if out.size != ref.size:
+        raise MpqError(f"the exported model wrote {out.size} output bytes, expected {ref.size}")
+    mismatches = int((out != ref.reshape(-1)).sum())
+    return VerifyResult(target, len(xq), mismatches, instructions,
+                        sizes.get("flash_bytes"), sizes.get("sram_bytes"))

@@ -1,0 +1,277 @@
+"""ctypes access to the C kernel library rendered from `templates/c/` (for the tests).
+
+`build(variant)` renders `c/mpq_kernels.{h,c}.j2` with the project's Jinja2 environment,
+compiles them with host gcc into a shared library (once per variant and test session) and
+returns a `Kernels` object with one method per kernel. Variant "portable" is the plain C build;
+"dsp" defines MPQ_EMULATE_DSP, which runs the Cortex-M DSP (SXTB16/SMLAD) loops on the host
+with C versions of the intrinsics, so both code paths are checked byte for byte.
+
+Tensors live in `Stored` byte buffers packed with `mpq.quant.arith.pack` (DESIGN §4.2) and are
+handed to the kernels as `mpq_view`s of any sub-region.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from mpq.codegen.render import render
+from mpq.quant import arith
+
+I32 = ctypes.c_int32
+P_I32 = ctypes.POINTER(I32)
+CANARY = 8  # bytes after every buffer that no kernel may touch
+CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror")
+VARIANTS = {"portable": (), "dsp": ("-DMPQ_EMULATE_DSP",)}
+
+
+def _struct(name: str, *fields: str, first: tuple[str, type] | None = None) -> type:
+    """A ctypes.Structure of int32 fields (after an optional leading pointer field)."""
+    layout = ([first] if first else []) + [(f, I32) for f in fields]
+    return type(name, (ctypes.Structure,), {"_fields_": layout})
+
+
+View = _struct("View", "bits", "h", "w", "c", "y0", "x0", "stored_w",
+               first=("data", ctypes.c_void_p))
+Filter = _struct("Filter", "bits", "n", "h", "w", "c", first=("data", ctypes.c_void_p))
+ConvParams = _struct("ConvParams", "stride_h", "stride_w", "dilation_h", "dilation_w",
+                     "pad_top", "pad_left", "groups", "input_zp", "output_zp", "act_min",
+                     "act_max")
+FcParams = _struct("FcParams", "input_zp", "output_zp", "act_min", "act_max")
+AddParams = _struct("AddParams", "a_zp", "a_multiplier", "a_shift", "b_zp", "b_multiplier",
+                    "b_shift", "left_shift", "output_zp", "output_multiplier", "output_shift",
+                    "act_min", "act_max")
+PoolParams = _struct("PoolParams", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top",
+                     "pad_left", "act_min", "act_max")
+SoftmaxParams = _struct("SoftmaxParams", "multiplier", "left_shift", "diff_min")
+
+
+class ChannelQuant(ctypes.Structure):
+    _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
+
+
+def render_sources(kernels: list[str] | None = None) -> dict[str, str]:
+    """The rendered header and source, optionally for a subset of the kernels."""
+    ctx = {} if kernels is None else {"kernels": kernels}
+    return {"mpq_kernels.h": render("c/mpq_kernels.h.j2", **ctx),
+            "mpq_kernels.c": render("c/mpq_kernels.c.j2", **ctx)}
+
+
+@cache
+def workdir() -> Path:
+    """A temporary directory for this session's builds, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="mpq-ckernels-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def write_sources(dest: Path, kernels: list[str] | None = None) -> Path:
+    """Render the library into `dest`; returns the path of the .c file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in render_sources(kernels).items():
+        (dest / name).write_text(text)
+    return dest / "mpq_kernels.c"
+
+
+def compile_c(args: list[str]) -> subprocess.CompletedProcess:
+    """Run a compiler command; the failure message carries the compiler's output."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout}{done.stderr}"
+    return done
+
+
+class Stored:
+    """A stored tensor: `n` packed elements at `bits` in a byte buffer followed by canaries."""
+
+    def __init__(self, values: np.ndarray, bits: int) -> None:
+        self.bits = bits
+        self.elements = np.asarray(values, np.int64).reshape(-1).copy()
+        packed = arith.pack(self.elements, bits)
+        self.buf = np.concatenate([packed, np.full(CANARY, 0xA5, np.uint8)])
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, n: int, bits: int) -> Stored:
+        lo, hi = arith.qrange(bits)
+        return cls(rng.integers(lo, hi + 1, n), bits)
+
+    def view(self, h: int, w: int, c: int, y0: int = 0, x0: int = 0,
+             stored_w: int | None = None) -> View:
+        """A view of element (y, x, ch) at ((y0 + y)·stored_w + x0 + x)·c + ch."""
+        stored_w = w if stored_w is None else stored_w
+        assert ((y0 + h - 1) * stored_w + x0 + w) * c <= self.elements.size
+        return View(self.buf.ctypes.data, self.bits, h, w, c, y0, x0, stored_w)
+
+    @staticmethod
+    def indices(v: View) -> np.ndarray:
+        """Stored element index of every view element, shape (h, w, c)."""
+        y = np.arange(v.h)[:, None, None]
+        x = np.arange(v.w)[None, :, None]
+        ch = np.arange(v.c)[None, None, :]
+        return ((v.y0 + y) * v.stored_w + v.x0 + x) * v.c + ch
+
+    def read(self, v: View) -> np.ndarray:
+        """The view's current values, (h, w, c) int64."""
+        flat = arith.unpack(self.buf, self.bits, self.elements.size).astype(np.int64)
+        return flat[self.indices(v)]
+
+    def expected_bytes(self, v: View, values: np.ndarray) -> np.ndarray:
+        """The whole buffer as it must be after writing `values` through `v` and nothing else."""
+        flat = self.elements.copy()
+        flat[self.indices(v)] = np.asarray(values, np.int64).reshape(v.h, v.w, v.c)
+        return np.concatenate([arith.pack(flat, self.bits), np.full(CANARY, 0xA5, np.uint8)])
+
+    def restore(self) -> None:
+        """Back to the initial contents (to run another library on the same case)."""
+        self.buf[:] = np.concatenate([arith.pack(self.elements, self.bits),
+                                      np.full(CANARY, 0xA5, np.uint8)])
+
+
+def _i32(values: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(values, np.int64))
+    assert arr.size == 0 or (arr.min() >= arith.INT32_MIN and arr.max() <= arith.INT32_MAX)
+    return arr.astype(np.int32)
+
+
+class Kernels:
+    """The compiled library with one Python method per kernel.
+
+    Methods take the kernel's structs (built by the caller from the classes above) plus numpy
+    weights and per-channel parameters; they keep every array alive during the call, size and
+    allocate the scratch with the library's own `*_scratch_size` (checking that no byte past it
+    is written) and return the kernel's status code.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        ptr = ctypes.POINTER
+        sigs = {
+            "mpq_conv2d_scratch_size": [ptr(ConvParams), ptr(Filter), ptr(View), ptr(View)],
+            "mpq_conv2d": [ptr(ConvParams), ptr(Filter), ptr(ChannelQuant), ptr(View),
+                           ptr(View), ctypes.c_void_p],
+            "mpq_conv2d_add": [ptr(ConvParams), ptr(Filter), ptr(ChannelQuant), ptr(View),
+                               ptr(AddParams), ptr(View), ptr(View), ctypes.c_void_p],
+            "mpq_depthwise_inplace_scratch_size": [ptr(ConvParams), ptr(Filter), ptr(View),
+                                                   ptr(View)],
+            "mpq_depthwise_inplace": [ptr(ConvParams), ptr(Filter), ptr(ChannelQuant),
+                                      ptr(View), ptr(View), ctypes.c_void_p],
+            "mpq_fully_connected": [ptr(FcParams), ptr(Filter), ptr(ChannelQuant), ptr(View),
+                                    ptr(View)],
+            "mpq_add": [ptr(AddParams), ptr(View), ptr(View), ptr(View)],
+            "mpq_avgpool": [ptr(PoolParams), ptr(View), ptr(View)],
+            "mpq_maxpool": [ptr(PoolParams), ptr(View), ptr(View)],
+            "mpq_softmax": [ptr(SoftmaxParams), ptr(View), ptr(View)],
+            "mpq_copy_view": [ptr(View), ptr(View), I32],
+        }
+        for name, argtypes in sigs.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+
+    @staticmethod
+    def _filter(weight: np.ndarray, bits: int) -> tuple[Filter, np.ndarray]:
+        w = np.asarray(weight, np.int64)
+        shape = w.shape if w.ndim == 4 else (w.shape[0], 1, 1, int(np.prod(w.shape[1:])))
+        packed = np.concatenate([arith.pack(w, bits), np.zeros(CANARY, np.uint8)])
+        return Filter(packed.ctypes.data, bits, *shape), packed
+
+    @staticmethod
+    def _quant(bias: np.ndarray | None, mult: np.ndarray,
+               shift: np.ndarray) -> tuple[ChannelQuant, list[np.ndarray]]:
+        arrays = [_i32(mult), _i32(shift)]
+        b = None
+        if bias is not None:
+            arrays.append(_i32(bias))
+            b = arrays[-1].ctypes.data_as(P_I32)
+        q = ChannelQuant(b, arrays[0].ctypes.data_as(P_I32), arrays[1].ctypes.data_as(P_I32))
+        return q, arrays
+
+    @staticmethod
+    def _scratch(size: int) -> tuple[int | None, np.ndarray]:
+        """A scratch buffer of `size` bytes plus canaries; NULL when the size is 0 or the size
+        query failed (a negative code: the kernel then reports the error itself)."""
+        # numpy buffers are at least 8-byte aligned, as int16 scratch requires.
+        raw = np.full(max(size, 0) + CANARY, 0x5A, np.uint8)
+        return (None if size <= 0 else raw.ctypes.data), raw
+
+    @staticmethod
+    def _check_scratch(raw: np.ndarray) -> None:
+        assert (raw[-CANARY:] == 0x5A).all(), "kernel wrote past its scratch"
+
+    def conv_scratch_size(self, p: ConvParams, weight: np.ndarray, bits: int, inp: View,
+                          out: View) -> int:
+        f, _keep = self._filter(weight, bits)
+        return self.lib.mpq_conv2d_scratch_size(p, f, inp, out)
+
+    def conv2d(self, p: ConvParams, weight: np.ndarray, w_bits: int, bias: np.ndarray | None,
+               mult: np.ndarray, shift: np.ndarray, inp: View, out: View) -> int:
+        f, _wk = self._filter(weight, w_bits)
+        q, _qk = self._quant(bias, mult, shift)
+        ptr, raw = self._scratch(self.lib.mpq_conv2d_scratch_size(p, f, inp, out))
+        rc = self.lib.mpq_conv2d(p, f, q, inp, out, ptr)
+        self._check_scratch(raw)
+        return rc
+
+    def conv2d_add(self, p: ConvParams, weight: np.ndarray, w_bits: int,
+                   bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray, inp: View,
+                   add: AddParams, skip: View, out: View) -> int:
+        f, _wk = self._filter(weight, w_bits)
+        q, _qk = self._quant(bias, mult, shift)
+        ptr, raw = self._scratch(self.lib.mpq_conv2d_scratch_size(p, f, inp, out))
+        rc = self.lib.mpq_conv2d_add(p, f, q, inp, add, skip, out, ptr)
+        self._check_scratch(raw)
+        return rc
+
+    def depthwise_inplace_scratch_size(self, p: ConvParams, weight: np.ndarray, bits: int,
+                                       inp: View, out: View) -> int:
+        f, _keep = self._filter(weight, bits)
+        return self.lib.mpq_depthwise_inplace_scratch_size(p, f, inp, out)
+
+    def depthwise_inplace(self, p: ConvParams, weight: np.ndarray, w_bits: int,
+                          bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray,
+                          inp: View, out: View) -> int:
+        f, _wk = self._filter(weight, w_bits)
+        q, _qk = self._quant(bias, mult, shift)
+        size = self.lib.mpq_depthwise_inplace_scratch_size(p, f, inp, out)
+        ptr, raw = self._scratch(size)
+        rc = self.lib.mpq_depthwise_inplace(p, f, q, inp, out, ptr)
+        self._check_scratch(raw)
+        return rc
+
+    def fully_connected(self, p: FcParams, weight: np.ndarray, w_bits: int,
+                        bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray,
+                        inp: View, out: View) -> int:
+        f, _wk = self._filter(weight, w_bits)
+        q, _qk = self._quant(bias, mult, shift)
+        return self.lib.mpq_fully_connected(p, f, q, inp, out)
+
+    def add(self, p: AddParams, a: View, b: View, out: View) -> int:
+        return self.lib.mpq_add(p, a, b, out)
+
+    def avgpool(self, p: PoolParams, inp: View, out: View) -> int:
+        return self.lib.mpq_avgpool(p, inp, out)
+
+    def maxpool(self, p: PoolParams, inp: View, out: View) -> int:
+        return self.lib.mpq_maxpool(p, inp, out)
+
+    def softmax(self, p: SoftmaxParams, inp: View, out: View) -> int:
+        return self.lib.mpq_softmax(p, inp, out)
+
+    def copy_view(self, src: View, dst: View, dst_c0: int) -> int:
+        return self.lib.mpq_copy_view(src, dst, dst_c0)
+
+
+@cache
+def build(variant: str = "portable") -> Kernels:
+    """Render, compile (-O2 -shared -fPIC -Wall -Wextra -Werror) and load one library variant."""
+    src = write_sources(workdir() / variant)
+    lib = src.with_suffix(".so")
+    compile_c(["gcc", *CFLAGS, *VARIANTS[variant], "-shared", "-fPIC", "-o", str(lib),
+               str(src)])
+    return Kernels(ctypes.CDLL(str(lib)))

@@ -1,0 +1,614 @@
+"""The C kernel library (`templates/c/mpq_kernels.{h,c}.j2`) against the integer reference.
+
+Every kernel runs ≥ 200 random cases spread over the (in, out, weight) bitwidths in {8, 4, 2},
+through views of sub-regions of larger stored tensors, and must reproduce `mpq.sim` (single-node
+QuantModels, as in test_sim_ops.py) or `mpq.quant.arith` byte for byte — and leave every other
+byte of its output buffer, and the byte past its scratch, untouched. Each case runs on two
+builds: plain C, and the Cortex-M DSP loops (SXTB16/SMLAD) with the intrinsics emulated in C
+(ckernels.py). The last tests cross-compile the library for Cortex-M4/M7 with -Werror.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+
+import ckernels as ck
+import jinja2
+import numpy as np
+import pytest
+
+from mpq.ir import Graph, Node, Tensor, conv_out_size
+from mpq.memory import scratch_bytes
+from mpq.quant import arith
+from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel, layer_params
+from mpq.sim import run_int
+
+BITS = (8, 4, 2)
+PER_COMBO = 10  # 27 bit combinations × 10 = 270 cases per kernel
+MPQ_OK, MPQ_ERR_ARG, MPQ_ERR_BITS = 0, -1, -2
+
+
+@pytest.fixture(scope="module")
+def libs() -> list[ck.Kernels]:
+    return [ck.build(v) for v in ck.VARIANTS]
+
+
+def cases(seed: int, combos: list[tuple[int, ...]] | None = None):
+    """(rng, bits...) for PER_COMBO cases of every bit combination, reproducibly seeded."""
+    combos = combos or list(itertools.product(BITS, BITS, BITS))
+    for i, bits in enumerate(combos):
+        for j in range(PER_COMBO):
+            yield (np.random.default_rng(seed * 100000 + i * 100 + j), *bits)
+
+
+def rand_act(rng: np.random.Generator, bits: int, tiny: float = 0.0) -> ActQuant:
+    """Random (scale, zp); with probability `tiny` a very small scale, so that conv multipliers
+    exceed 1 (S > 0) and acc << S wraps in int32."""
+    lo, hi = arith.qrange(bits)
+    exp = rng.uniform(-7, -4) if rng.random() < tiny else rng.uniform(-3, 0)
+    return ActQuant(float(np.float32(10 ** exp)), int(rng.integers(lo, hi + 1)), bits)
+
+
+def rand_clamp(rng: np.random.Generator, q: ActQuant) -> tuple[float, float]:
+    """A fused activation in real terms: none, relu, relu6 or a random clip."""
+    kind = rng.integers(4)
+    if kind == 0:
+        return -np.inf, np.inf
+    if kind == 1:
+        return 0.0, np.inf
+    if kind == 2:
+        return 0.0, 6.0
+    qmin, qmax = arith.qrange(q.bits)
+    qlo = int(rng.integers(qmin, qmax))
+    qhi = int(rng.integers(qlo + 1, qmax + 1))
+    return float((qlo - q.zero_point) * q.scale), float((qhi - q.zero_point) * q.scale)
+
+
+def rand_values(rng: np.random.Generator, bits: int, shape: tuple[int, ...]) -> np.ndarray:
+    lo, hi = arith.qrange(bits)
+    return rng.integers(lo, hi + 1, shape)
+
+
+def placed(rng: np.random.Generator, values: np.ndarray, bits: int,
+           sub: bool | None = None) -> tuple[ck.Stored, ck.View]:
+    """`values` (h, w, c) stored either as a whole tensor or, half the time, as a sub-region at
+    a random (y0, x0) of a larger random tensor (stored_w > w), as patch inference stores it."""
+    h, w, c = values.shape
+    if sub is None:
+        sub = bool(rng.random() < 0.5)
+    sh, sw = (h + int(rng.integers(1, 4)), w + int(rng.integers(1, 4))) if sub else (h, w)
+    y0, x0 = (int(rng.integers(0, sh - h + 1)), int(rng.integers(0, sw - w + 1)))
+    store = ck.Stored.random(rng, sh * sw * c, bits)
+    view = store.view(h, w, c, y0, x0, sw)
+    store.elements[ck.Stored.indices(view)] = values
+    store.restore()
+    return store, view
+
+
+def run_libs(libs: list[ck.Kernels], stores: list[ck.Stored], call) -> None:
+    """Run `call(lib)` on every library build from the same initial buffers."""
+    for lib in libs:
+        for s in stores:
+            s.restore()
+        assert call(lib) == MPQ_OK
+
+
+def check_bytes(store: ck.Stored, view: ck.View, expected: np.ndarray) -> bool:
+    return bool(np.array_equal(store.buf, store.expected_bytes(view, expected)))
+
+
+def single_node(node: Node, shapes: dict[str, tuple[int, ...]], acts: dict[str, ActQuant],
+                **weights) -> QuantModel:
+    graph = Graph("op", {k: Tensor(k, v) for k, v in shapes.items()}, [node],
+                  [t for t in node.inputs], [node.outputs[0]])
+    return QuantModel(graph, acts, {node.name: layer_params(node, acts, **weights)})
+
+
+# -- convolution -------------------------------------------------------------------------------
+
+CONV_KINDS = ("conv", "depthwise", "grouped", "pointwise")
+
+
+def rand_conv(rng: np.random.Generator, kind: str, bi: int, bo: int, bw: int,
+              tiny: float = 0.3) -> dict:
+    """A random conv node with its quantisation; None when the output would be empty."""
+    mult = 1
+    if kind == "depthwise":
+        groups = int(rng.integers(2, 6))
+        cin, mult = groups, int(rng.integers(1, 4))
+        cout = groups * mult
+    elif kind == "grouped":
+        groups = int(rng.integers(2, 4))
+        cin = groups * int(rng.integers(2, 5))
+        cout = groups * int(rng.integers(1, 3))
+    elif kind == "pointwise":  # read in place (no scratch), grouped half the time
+        groups = int(rng.choice([1, 1, 2, 3]))
+        cin = groups * int(rng.integers(1, 13 if groups == 1 else 6))
+        cout = groups * int(rng.integers(1, 4))
+    else:
+        groups = 1
+        cin = int(rng.integers(1, 9))
+        cout = int(rng.integers(1, 7))
+    if kind == "pointwise":
+        (kh, kw), (sh, sw), (dh, dw), pads = (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)
+    else:
+        kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 3, 2))
+        dh, dw = (int(v) for v in rng.integers(1, 3, 2))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 4))
+    h, w = (int(v) for v in rng.integers(dh * (kh - 1) + 1, 8, 2))
+    ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
+    wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
+    if ho <= 0 or wo <= 0:
+        return None
+    wmax = arith.weight_qmax(bw)
+    return {
+        "cin": cin, "cout": cout, "groups": groups, "mult": mult, "h": h, "w": w, "ho": ho,
+        "wo": wo, "pads": pads, "a_in": rand_act(rng, bi), "a_out": rand_act(rng, bo, tiny),
+        "weight": rng.integers(-wmax, wmax + 1, (cout, kh, kw, cin // groups)).astype(np.int8),
+        "wscale": (10 ** rng.uniform(-3, 0, cout)).astype(np.float32),
+        "bias": rng.integers(-5000, 5000, cout), "bw": bw,
+        "attrs": {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw),
+                  "pads": pads, "groups": groups},
+    }
+
+
+def conv_node(c: dict, lo: float, hi: float, out: str = "y") -> Node:
+    return Node("conv", "conv2d", ["x"], [out], {**c["attrs"], "act_min": lo, "act_max": hi},
+                weight=c["weight"].astype(np.float32), bias=c["bias"].astype(np.float32))
+
+
+def conv_params(c: dict, lq: LayerQuant, out_zp: int) -> ck.ConvParams:
+    a = c["attrs"]
+    return ck.ConvParams(*a["strides"], *a["dilations"], a["pads"][0], a["pads"][1], c["groups"],
+                         c["a_in"].zero_point, out_zp, lq.act_min, lq.act_max)
+
+
+def test_conv2d_random(libs: list[ck.Kernels]) -> None:
+    n = bad = positive_shift = direct = 0
+    for rng, bi, bo, bw in cases(1):
+        kind = CONV_KINDS[n % len(CONV_KINDS)]
+        c = rand_conv(rng, kind, bi, bo, bw)
+        if c is None:
+            continue
+        node = conv_node(c, *rand_clamp(rng, c["a_out"]))
+        qm = single_node(node, {"x": (1, c["h"], c["w"], c["cin"]),
+                                "y": (1, c["ho"], c["wo"], c["cout"])},
+                         {"x": c["a_in"], "y": c["a_out"]}, weight=c["weight"],
+                         weight_scale=c["wscale"], weight_bits=bw, bias=c["bias"])
+        lq = qm.layers["conv"]
+        x = rand_values(rng, bi, (c["h"], c["w"], c["cin"]))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        s_in, v_in = placed(rng, x, bi)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
+        p = conv_params(c, lq, c["a_out"].zero_point)
+        for lib in libs:
+            s_out.restore()
+            assert lib.conv2d(p, c["weight"], bw, c["bias"], lq.multiplier, lq.shift, v_in,
+                              v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        size = libs[0].conv_scratch_size(p, c["weight"], bw, v_in, v_out)
+        kk = int(np.prod(c["weight"].shape[1:]))
+        assert size == (0 if kind == "pointwise" else 2 * kk)
+        # The memory model (mpq.memory.scratch_bytes) must budget at least what the kernel uses.
+        graph = qm.graph
+        assert size <= scratch_bytes(node, graph, inplace=False)
+        direct += size == 0
+        positive_shift += bool((lq.shift > 0).any())
+        n += 1
+    assert n >= 200 and bad == 0
+    assert positive_shift >= 20 and direct >= 40
+
+
+def test_requantize_extremes(libs: list[ck.Kernels]) -> None:
+    """acc = bias over the whole int32 range with S in [−31, 31]: the int32 wrap of acc << S,
+    both roundings and the int64 zero-point add, against `arith.requantize`."""
+    rng = np.random.default_rng(5)
+    cout = 4000
+    bias = rng.integers(arith.INT32_MIN, arith.INT32_MAX, cout, endpoint=True)
+    bias[:8] = [arith.INT32_MIN, arith.INT32_MAX, 0, -1, 1, 1 << 30, -(1 << 30), 12345]
+    mult = rng.integers(1 << 30, 1 << 31, cout)
+    mult[:4] = [0, (1 << 31) - 1, 1 << 30, (1 << 31) - 1]
+    shift = rng.integers(-31, 32, cout)
+    zp = int(rng.integers(-128, 128))
+    want = np.clip(arith.requantize(bias, mult, shift) + zp, -128, 127)
+    x = np.zeros((1, 1, 1), np.int64)
+    s_in, v_in = placed(rng, x, 8, sub=False)
+    s_out, v_out = placed(rng, np.zeros((1, 1, cout), np.int64), 8, sub=False)
+    for lib in libs:
+        s_out.restore()
+        rc = lib.fully_connected(ck.FcParams(0, zp, -128, 127), np.zeros((cout, 1), np.int8), 8,
+                                 bias, mult, shift, v_in, v_out)
+        assert rc == MPQ_OK and np.array_equal(s_out.read(v_out).reshape(-1), want)
+
+
+# -- fully connected ----------------------------------------------------------------------------
+
+def test_fully_connected_random(libs: list[ck.Kernels]) -> None:
+    n = bad = 0
+    for rng, bi, bo, bw in cases(2):
+        h, w, c = (int(v) for v in rng.integers(1, 5, 3))
+        c += int(rng.integers(0, 8))
+        k, cout = h * w * c, int(rng.integers(1, 12))
+        a_in, a_out = rand_act(rng, bi), rand_act(rng, bo, 0.3)
+        wmax = arith.weight_qmax(bw)
+        wq = rng.integers(-wmax, wmax + 1, (cout, k)).astype(np.int8)
+        bias = rng.integers(-20000, 20000, cout)
+        node = Node("fc", "fully_connected", ["x"], ["y"],
+                    dict(zip(("act_min", "act_max"), rand_clamp(rng, a_out), strict=True)))
+        qm = single_node(node, {"x": (1, h, w, c), "y": (1, cout)}, {"x": a_in, "y": a_out},
+                         weight=wq, weight_scale=(10 ** rng.uniform(-3, 0, cout)).astype(
+                             np.float32), weight_bits=bw, bias=bias)
+        lq = qm.layers["fc"]
+        x = rand_values(rng, bi, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"].reshape(1, 1, cout)
+        s_in, v_in = placed(rng, x, bi)
+        s_out, v_out = placed(rng, np.zeros((1, 1, cout), np.int64), bo)
+        p = ck.FcParams(a_in.zero_point, a_out.zero_point, lq.act_min, lq.act_max)
+        for lib in libs:
+            s_out.restore()
+            assert lib.fully_connected(p, wq, bw, bias, lq.multiplier, lq.shift, v_in,
+                                       v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        n += 1
+    assert n >= 200 and bad == 0
+
+
+# -- elementwise add ----------------------------------------------------------------------------
+
+def add_params(lq: LayerQuant, za: int, zb: int, out: ActQuant, swap: bool = False
+               ) -> ck.AddParams:
+    """The C struct from TFLM's add constants; `swap` when the graph's first input is b."""
+    e = lq.extra
+    first, second = (e["m1"], e["s1"]), (e["m2"], e["s2"])
+    if swap:
+        first, second = second, first
+    return ck.AddParams(za, *first, zb, *second, e["left_shift"], out.zero_point, e["mo"],
+                        e["so"], lq.act_min, lq.act_max)
+
+
+def test_add_random(libs: list[ck.Kernels]) -> None:
+    n = bad = aliased = 0
+    for rng, b1, b2, bo in cases(3):
+        h, w, c = (int(v) for v in rng.integers(1, 6, 3))
+        a1, a2, ao = rand_act(rng, b1), rand_act(rng, b2), rand_act(rng, bo, 0.2)
+        node = Node("add", "add", ["x", "x2"], ["y"],
+                    dict(zip(("act_min", "act_max"), rand_clamp(rng, ao), strict=True)))
+        acts = {"x": a1, "x2": a2, "y": ao}
+        graph = Graph("op", {t: Tensor(t, (1, h, w, c)) for t in ("x", "x2", "y")}, [node],
+                      ["x", "x2"], ["y"])
+        lq = layer_params(node, acts)
+        qm = QuantModel(graph, acts, {"add": lq})
+        x1, x2 = rand_values(rng, b1, (h, w, c)), rand_values(rng, b2, (h, w, c))
+        want = run_int(qm, {"x": x1[None], "x2": x2[None]})["y"][0]
+        s1, v1 = placed(rng, x1, b1)
+        s2, v2 = placed(rng, x2, b2)
+        alias = bo == b1 and rng.random() < 0.5
+        s_out, v_out = (s1, v1) if alias else placed(rng, np.zeros((h, w, c), np.int64), bo)
+        p = add_params(lq, a1.zero_point, a2.zero_point, ao)
+        for lib in libs:
+            for s in (s1, s_out):
+                s.restore()
+            assert lib.add(p, v1, v2, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        aliased += alias
+        n += 1
+    assert n >= 200 and bad == 0 and aliased >= 20
+
+
+# -- fused conv + residual add ------------------------------------------------------------------
+
+def test_conv2d_add_random(libs: list[ck.Kernels]) -> None:
+    """conv x → r, add(s, r) or add(r, s) → y, against the unfused pair in the reference; the
+    sum overwrites the skip's storage in most cases (mpq.memory.fused_residual_adds)."""
+    n = bad = aliased = 0
+    for rng, bi, bo, bw in cases(4):
+        kind = CONV_KINDS[n % len(CONV_KINDS)]
+        c = rand_conv(rng, kind, bi, int(rng.choice(BITS)), bw, tiny=0.2)
+        if c is None:
+            continue
+        alias = rng.random() < 0.7
+        shape = (c["ho"], c["wo"], c["cout"])
+        a_res = c["a_out"]
+        a_skip = rand_act(rng, bo if alias else int(rng.choice(BITS)))
+        a_y = rand_act(rng, bo, 0.2)
+        conv = conv_node(c, *rand_clamp(rng, a_res), out="r")
+        skip_first = bool(rng.random() < 0.5)
+        add = Node("add", "add", ["s", "r"] if skip_first else ["r", "s"], ["y"],
+                   dict(zip(("act_min", "act_max"), rand_clamp(rng, a_y), strict=True)))
+        acts = {"x": c["a_in"], "r": a_res, "s": a_skip, "y": a_y}
+        graph = Graph("op", {"x": Tensor("x", (1, c["h"], c["w"], c["cin"])),
+                             **{t: Tensor(t, (1, *shape)) for t in ("r", "s", "y")}},
+                      [conv, add], ["x", "s"], ["y"])
+        lq_conv = layer_params(conv, acts, weight=c["weight"], weight_scale=c["wscale"],
+                               weight_bits=bw, bias=c["bias"])
+        lq_add = layer_params(add, acts)
+        qm = QuantModel(graph, acts, {"conv": lq_conv, "add": lq_add})
+        x = rand_values(rng, bi, (c["h"], c["w"], c["cin"]))
+        skip = rand_values(rng, a_skip.bits, shape)
+        want = run_int(qm, {"x": x[None], "s": skip[None]})["y"][0]
+        s_in, v_in = placed(rng, x, bi)
+        s_skip, v_skip = placed(rng, skip, a_skip.bits)
+        s_out, v_out = (s_skip, v_skip) if alias else placed(rng, np.zeros(shape, np.int64), bo)
+        p = conv_params(c, lq_conv, a_res.zero_point)
+        pa = add_params(lq_add, a_skip.zero_point, a_res.zero_point, a_y, swap=not skip_first)
+        for lib in libs:
+            for s in (s_skip, s_out):
+                s.restore()
+            assert lib.conv2d_add(p, c["weight"], bw, c["bias"], lq_conv.multiplier,
+                                  lq_conv.shift, v_in, pa, v_skip, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        aliased += alias
+        n += 1
+    assert n >= 200 and bad == 0 and aliased >= 100
+
+
+# -- in-place depthwise -------------------------------------------------------------------------
+
+def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
+    """Depthwise (multiplier 1) whose output view starts at the input's first element: either a
+    plain contiguous tensor (the layer-based arena) or the input's own sub-region layout."""
+    n = bad = 0
+    combos = [(b, b, bw) for b in BITS for bw in BITS] * 3
+    for rng, bits, _, bw in cases(5, combos):
+        ch = int(rng.integers(1, 7))
+        kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 3, 2))
+        if rng.random() < 0.1:
+            sh = sw = 3
+        dh, dw = (int(v) for v in rng.integers(1, 3, 2))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 4))
+        h, w = (int(v) for v in rng.integers(dh * (kh - 1) + 1, 9, 2))
+        ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
+        wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
+        if ho <= 0 or wo <= 0:
+            continue
+        a_in, a_out = rand_act(rng, bits), rand_act(rng, bits, 0.2)
+        wmax = arith.weight_qmax(bw)
+        wq = rng.integers(-wmax, wmax + 1, (ch, kh, kw, 1)).astype(np.int8)
+        bias = rng.integers(-5000, 5000, ch)
+        attrs = {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw), "pads": pads,
+                 "groups": ch}
+        lo, hi = rand_clamp(rng, a_out)
+        node = Node("conv", "conv2d", ["x"], ["y"], {**attrs, "act_min": lo, "act_max": hi},
+                    weight=wq.astype(np.float32), bias=bias.astype(np.float32))
+        qm = single_node(node, {"x": (1, h, w, ch), "y": (1, ho, wo, ch)},
+                         {"x": a_in, "y": a_out}, weight=wq,
+                         weight_scale=(10 ** rng.uniform(-3, 0, ch)).astype(np.float32),
+                         weight_bits=bw, bias=bias)
+        lq = qm.layers["conv"]
+        x = rand_values(rng, bits, (h, w, ch))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        sub = rng.random() < 0.5
+        same_layout = sub and rng.random() < 0.5
+        sh_, sw_ = (h + 2, max(w, wo if same_layout else 0) + 3) if sub else (h, w)
+        y0, x0 = (int(rng.integers(0, 3)), int(rng.integers(0, 4))) if sub else (0, 0)
+        out_extent = ((y0 + ho) * sw_ + x0 + wo) * ch if same_layout else ho * wo * ch
+        store = ck.Stored.random(rng, max(sh_ * sw_ * ch, out_extent), bits)
+        v_in = store.view(h, w, ch, y0, x0, sw_)
+        store.elements[ck.Stored.indices(v_in)] = x
+        store.restore()
+        v_out = store.view(ho, wo, ch, y0, x0, sw_) if same_layout else store.view(ho, wo, ch)
+        p = ck.ConvParams(sh, sw, dh, dw, pads[0], pads[1], ch, a_in.zero_point,
+                          a_out.zero_point, lq.act_min, lq.act_max)
+        for lib in libs:
+            store.restore()
+            assert lib.depthwise_inplace(p, wq, bw, bias, lq.multiplier, lq.shift, v_in,
+                                         v_out) == MPQ_OK
+            bad += not check_bytes(store, v_out, want)
+        size = libs[0].depthwise_inplace_scratch_size(p, wq, bw, v_in, v_out)
+        pb = max(0, (ho - 1) * sh + (kh - 1) * dh + 1 - pads[0] - h)
+        pr = max(0, (wo - 1) * sw + (kw - 1) * dw + 1 - pads[1] - w)
+        assert size == (pads[0] + h + pb) * (pads[1] + w + pr)
+        if node.is_depthwise:  # C = 1 is an ordinary conv to mpq (groups = 1)
+            assert size <= scratch_bytes(node, qm.graph, inplace=True)
+        n += 1
+    assert n >= 200 and bad == 0
+
+
+# -- pooling ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
+    n = bad = 0
+    combos = [(b, b, b) for b in BITS] * 9
+    for rng, bits, _, _ in cases(6 + (kind == "avg"), combos):
+        kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 3, 2))
+        pads = tuple(int(v) for v in rng.integers(0, 2, 4))
+        pads = (min(pads[0], kh - 1), min(pads[1], kw - 1), min(pads[2], kh - 1),
+                min(pads[3], kw - 1))
+        h, w, c = int(rng.integers(kh, 8)), int(rng.integers(kw, 8)), int(rng.integers(1, 6))
+        ho = conv_out_size(h, kh, sh, 1, pads[0], pads[2])
+        wo = conv_out_size(w, kw, sw, 1, pads[1], pads[3])
+        q = rand_act(rng, bits)
+        lo, hi = rand_clamp(rng, q)
+        node = Node("pool", f"{kind}_pool", ["x"], ["y"], {
+            "kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "act_min": lo,
+            "act_max": hi})
+        qm = single_node(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)}, {"x": q, "y": q})
+        lq = qm.layers["pool"]
+        x = rand_values(rng, bits, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        s_in, v_in = placed(rng, x, bits)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bits)
+        p = ck.PoolParams(kh, kw, sh, sw, pads[0], pads[1], lq.act_min, lq.act_max)
+        for lib in libs:
+            s_out.restore()
+            fn = lib.maxpool if kind == "max" else lib.avgpool
+            assert fn(p, v_in, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        n += 1
+    assert n >= 200 and bad == 0
+
+
+# -- softmax ------------------------------------------------------------------------------------
+
+def test_softmax_random(libs: list[ck.Kernels]) -> None:
+    n = bad = cut = 0
+    combos = [(b, 8, 8) for b in BITS] * 9
+    for rng, bits, _, _ in cases(8, combos):
+        h, w = (int(v) for v in rng.integers(1, 4, 2))
+        c = int(rng.integers(1, 40))
+        scale = float(np.float32(10 ** rng.uniform(-3, 1.3)))
+        m, shift, diff_min = arith.softmax_params(scale)
+        x = rand_values(rng, bits, (h, w, c))
+        if rng.random() < 0.2:  # near-uniform rows: the largest sums
+            x = np.minimum(x, x.min() + 1)
+        want = arith.softmax_s8(x, m, shift, diff_min)
+        s_in, v_in = placed(rng, x, bits)
+        s_out, v_out = placed(rng, np.zeros(x.shape, np.int64), 8)
+        for lib in libs:
+            s_out.restore()
+            assert lib.softmax(ck.SoftmaxParams(m, shift, diff_min), v_in, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        cut += bool(((x - x.max(axis=-1, keepdims=True)) < diff_min).any())
+        n += 1
+    assert n >= 200 and bad == 0 and cut >= 10
+
+
+def test_softmax_many_rows(libs: list[ck.Kernels]) -> None:
+    """Thousands of rows in one call, so that rare roundings of the fixed-point exp and
+    reciprocal (whose last bits seldom reach an 8-bit output) are exercised too."""
+    rng = np.random.default_rng(11)
+    for bits, scale in ((8, 0.02), (8, 0.1), (4, 0.3), (2, 1.5), (8, 0.004)):
+        x = rand_values(rng, bits, (60, 50, int(rng.integers(3, 12))))
+        m, shift, diff_min = arith.softmax_params(float(np.float32(scale)))
+        want = arith.softmax_s8(x, m, shift, diff_min)
+        s_in, v_in = placed(rng, x, bits, sub=False)
+        s_out, v_out = placed(rng, np.zeros(x.shape, np.int64), 8, sub=False)
+        for lib in libs:
+            s_out.restore()
+            assert lib.softmax(ck.SoftmaxParams(m, shift, diff_min), v_in, v_out) == MPQ_OK
+            assert check_bytes(s_out, v_out, want)
+
+
+@pytest.mark.parametrize("c", [255, 700, 2000, 5000])
+def test_softmax_long_rows(libs: list[ck.Kernels], c: int) -> None:
+    """Long, nearly uniform rows: the sum's headroom shrinks and the final division by 2^(35 −
+    headroom) goes past 2^31 (still exact below 8192 elements)."""
+    rng = np.random.default_rng(c)
+    x = np.where(rng.random((2, 1, c)) < 0.9, 5, rng.integers(-128, 6, (2, 1, c)))
+    m, shift, diff_min = arith.softmax_params(float(np.float32(0.05)))
+    want = arith.softmax_s8(x, m, shift, diff_min)
+    s_in, v_in = placed(rng, x, 8, sub=False)
+    s_out, v_out = placed(rng, np.zeros(x.shape, np.int64), 8, sub=False)
+    for lib in libs:
+        s_out.restore()
+        assert lib.softmax(ck.SoftmaxParams(m, shift, diff_min), v_in, v_out) == MPQ_OK
+        assert check_bytes(s_out, v_out, want)
+
+
+# -- copy ---------------------------------------------------------------------------------------
+
+def test_copy_view_random(libs: list[ck.Kernels]) -> None:
+    n = bad = 0
+    for rng, bits, _, _ in cases(9, [(b, b, b) for b in BITS] * 9):
+        h, w, c = (int(v) for v in rng.integers(1, 6, 3))
+        extra = int(rng.integers(0, 4)) if rng.random() < 0.6 else 0
+        c0 = int(rng.integers(0, extra + 1))
+        x = rand_values(rng, bits, (h, w, c))
+        s_src, v_src = placed(rng, x, bits)
+        s_dst, v_dst = placed(rng, rand_values(rng, bits, (h, w, c + extra)), bits)
+        want = s_dst.read(v_dst)
+        want[:, :, c0:c0 + c] = x
+        for lib in libs:
+            s_dst.restore()
+            assert lib.copy_view(v_src, v_dst, c0) == MPQ_OK
+            bad += not check_bytes(s_dst, v_dst, want)
+        n += 1
+    assert n >= 200 and bad == 0
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+def test_bad_arguments_are_refused(libs: list[ck.Kernels]) -> None:
+    lib = libs[0]
+    rng = np.random.default_rng(0)
+    s_in, v_in = placed(rng, rand_values(rng, 8, (4, 4, 2)), 8, sub=False)
+    s_out, v_out = placed(rng, np.zeros((4, 4, 3), np.int64), 8, sub=False)
+    wq = np.ones((3, 3, 3, 2), np.int8)
+    one = np.ones(3, np.int64)
+    p = ck.ConvParams(1, 1, 1, 1, 1, 1, 1, 0, 0, -128, 127)
+    args = (wq, 8, None, one << 30, -one, v_in)
+    assert lib.conv2d(p, *args, v_out) == MPQ_OK
+    odd = ck.View(v_out.data, 3, 4, 4, 3, 0, 0, 4)
+    assert lib.conv2d(p, *args, odd) == MPQ_ERR_BITS
+    assert lib.conv2d(p, wq, 5, None, one << 30, -one, v_in, v_out) == MPQ_ERR_BITS
+    wrong_c = ck.View(v_out.data, 8, 4, 4, 2, 0, 0, 4)
+    assert lib.conv2d(p, *args, wrong_c) == MPQ_ERR_ARG
+    assert lib.conv2d(ck.ConvParams(1, 1, 1, 1, 1, 1, 1, 0, 0, 5, 4), *args, v_out) \
+        == MPQ_ERR_ARG
+    assert lib.conv2d(ck.ConvParams(1, 1, 1, 1, 1, 1, 1, 300, 0, -128, 127), *args, v_out) \
+        == MPQ_ERR_ARG
+    f, _keep = ck.Kernels._filter(wq, 8)
+    q, _qkeep = ck.Kernels._quant(None, one << 30, -one)
+    assert lib.lib.mpq_conv2d(p, f, q, v_in, v_out, None) == MPQ_ERR_ARG  # scratch needed
+    s4, v4 = placed(rng, np.zeros((4, 4, 2), np.int64), 4, sub=False)
+    assert lib.softmax(ck.SoftmaxParams(1 << 30, 1, -10), v_in, v4) == MPQ_ERR_BITS
+    assert lib.copy_view(v_in, v4, 0) == MPQ_ERR_BITS
+    assert lib.copy_view(v_in, v_out, 2) == MPQ_ERR_ARG
+    dw = ck.ConvParams(1, 1, 1, 1, 1, 1, 2, 0, 0, -128, 127)
+    assert lib.depthwise_inplace_scratch_size(dw, np.ones((2, 3, 3, 1), np.int8), 8, v_in,
+                                              v4) == MPQ_ERR_BITS
+    # Storage shared in ways that cannot work: a conv over its own input, a sum written at
+    # other bits than the skip it overwrites (mpq.memory does not rule these out by itself).
+    same = ck.View(v_in.data, 8, 4, 4, 3, 0, 0, 4)
+    assert lib.conv2d(p, *args, same) == MPQ_ERR_ARG
+    pa = ck.AddParams(0, 1 << 30, -1, 0, 1 << 30, -1, 20, 0, 1 << 30, -18, -8, 7)
+    s_skip, v_skip = placed(rng, np.zeros((4, 4, 3), np.int64), 4, sub=False)
+    wider = ck.View(v_skip.data, 8, 4, 4, 3, 0, 0, 4)
+    assert lib.conv2d_add(p, *args, pa, v_skip, v_skip) == MPQ_OK
+    assert lib.conv2d_add(p, *args, pa, v_skip, wider) == MPQ_ERR_BITS
+    assert lib.conv2d_add(p, *args, pa, v_in, v_out) == MPQ_ERR_ARG
+    assert lib.add(pa, v_skip, v_skip, wider) == MPQ_ERR_BITS
+    assert np.array_equal(s_out.buf, s_out.expected_bytes(v_out, s_out.read(v_out)))
+
+
+# -- templates and cross-compilation ------------------------------------------------------------
+
+def test_kernel_subsets_compile(tmp_path) -> None:
+    """Each kernel alone renders to a library that builds with -Werror (no unused helpers)."""
+    for name in ("conv2d", "conv2d_add", "depthwise_inplace", "fully_connected", "add",
+                 "avgpool", "maxpool", "softmax", "copy_view"):
+        src = ck.write_sources(tmp_path / name, [name])
+        text = src.read_text()
+        assert f"int mpq_{name}(" in text
+        for other in ("mpq_softmax(", "mpq_maxpool(", "mpq_copy_view("):
+            assert (other in text) == (other == f"mpq_{name}(")
+        for flags in ((), ("-DMPQ_EMULATE_DSP",)):
+            ck.compile_c(["gcc", *ck.CFLAGS, "-Wpedantic", *flags, "-c", "-o",
+                          str(src.with_suffix(".o")), str(src)])
+    with pytest.raises(jinja2.UndefinedError):
+        ck.render_sources(["conv2d", "no_such_kernel"])
+
+
+ARM_TARGETS = {
+    "cortex-m4": ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"],
+    "cortex-m7": ["-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16"],
+    "cortex-m0plus": ["-mcpu=cortex-m0plus", "-mthumb"],  # no DSP: the portable loops
+}
+
+
+@pytest.mark.parametrize("target", list(ARM_TARGETS))
+def test_cross_compiles_for_cortex_m(tmp_path, target: str) -> None:
+    if shutil.which("arm-none-eabi-gcc") is None:
+        pytest.skip("arm-none-eabi-gcc is not installed (apt-get install gcc-arm-none-eabi)")
+    src = ck.write_sources(tmp_path)
+    obj = tmp_path / "mpq_kernels.o"
+    ck.compile_c(["arm-none-eabi-gcc", *ck.CFLAGS, "-Wpedantic", *ARM_TARGETS[target], "-c",
+                  "-o", str(obj), str(src)])
+    undefined = subprocess.run(["arm-none-eabi-nm", "-u", str(obj)], capture_output=True,
+                               text=True, check=True).stdout.split()
+    # Only <string.h>; on v6-M also libgcc's integer helpers (no SDIV, no 32x32->64 multiply),
+    # but no 64-bit division and nothing in floating point.
+    allowed = {"U", "memcpy", "memset"}
+    if target == "cortex-m0plus":
+        allowed |= {f"__aeabi_{f}" for f in ("idiv", "idivmod", "lmul", "llsl", "llsr", "lasr")}
+    assert set(undefined) <= allowed, undefined
+    dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(obj)], capture_output=True,
+                         text=True, check=True).stdout
+    assert not any(op in dis for op in (".f32", ".f64", "vmov", "vldr", "vstr")), "float code"
+    assert ("smlad" in dis and "sxtb16" in dis) == (target != "cortex-m0plus")

@@ -1,0 +1,135 @@
+"""`mpq export` and `mpq verify`: deterministic C that equals the integer reference, byte for
+byte, on the host and on emulated Cortex-M4/M7 (layer-based plans)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_builders as B
+import pytest
+from conftest import run_mpq
+from test_bad_input import assert_clean_failure
+
+from mpq.boards import get_board
+from mpq.frontend import load_model
+from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
+from mpq.search.driver import SearchOptions, search
+from mpq.verify import verify
+
+
+def _plan(tmp: Path, model_bytes_or_path, name: str, x: np.ndarray, **opts):
+    path = tmp / f"{name}.onnx"
+    if isinstance(model_bytes_or_path, Path):
+        shutil.copy(model_bytes_or_path, path)
+    else:
+        path.write_bytes(model_bytes_or_path)
+    graph = load_model(path)
+    res = search(path, graph, get_board("nano33ble"), dataset_from_array(x, name),
+                 SearchOptions(patches="none", **opts))
+    plan_path = tmp / f"{name}.plan.json"
+    res.plan.save(plan_path)
+    return res.plan, graph, plan_path
+
+
+def _random(graph, n: int) -> np.ndarray:
+    return np.random.default_rng(1).random((n, *onnx_input_shape(graph))).astype(np.float32)
+
+
+def test_export_is_deterministic_and_make_friendly(kws, tmp_path: Path) -> None:
+    plan = tmp_path / "kws.plan.json"
+    shutil.copy(kws["model"], tmp_path / "kws.onnx")
+    assert run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
+                   kws["calib"], "--patches", "none", "-o", plan, "-q").returncode == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_mpq("export", plan, "-o", a).returncode == 0
+    assert run_mpq("export", plan, "-o", b).returncode == 0
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert {"mpq_model.h", "mpq_model.c", "mpq_weights.c", "mpq_kernels.c"} <= set(names)
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+        assert str(tmp_path) not in (a / n).read_text()
+    before = {n: os.stat(a / n).st_mtime_ns for n in names}
+    r = run_mpq("export", plan, "-o", a)
+    assert r.returncode == 0 and "0 written" in r.stdout
+    assert before == {n: os.stat(a / n).st_mtime_ns for n in names}
+    report = json.loads((a / "mpq_report.json").read_text())
+    assert report["predicted"]["arena_bytes"] >= json.loads(plan.read_text())["predicted"][
+        "arena_bytes"]
+
+
+@pytest.mark.parametrize("sram", [None, 11_000])
+def test_kws_plans_bit_exact_on_host(kws, tmp_path: Path, sram: int | None) -> None:
+    x = np.load(kws["test"])["x"][:24]
+    calib = np.load(kws["calib"])["x"]
+    plan, graph, _ = _plan(tmp_path, kws["model"], "kws", calib, sram=sram)
+    if sram is not None:
+        assert min(t.bits for t in plan.tensors) < 8
+    result = verify(plan, graph, x, "host")
+    assert result.samples == 24 and result.mismatches == 0
+
+
+@pytest.mark.parametrize("sram", [None, 9_000])
+def test_residual_network_with_fused_adds(tmp_path: Path, sram: int | None) -> None:
+    model = B.mobilenet_v2(0.35, 32, num_classes=10)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    plan, graph, _ = _plan(tmp_path, model.SerializeToString(), "mbv2", _random(graph, 32),
+                           sram=sram)
+    assert plan.schedule["fused_adds"] and plan.schedule["inplace_depthwise"]
+    if sram is not None:
+        assert min(t.bits for t in plan.tensors) < 8
+    assert verify(plan, graph, _random(graph, 8), "host").mismatches == 0
+
+
+def test_concat_pool_softmax_model(tmp_path: Path) -> None:
+    model = B.concat_model()
+    path = tmp_path / "c.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    plan, graph, _ = _plan(tmp_path, model.SerializeToString(), "concat", _random(graph, 32))
+    assert verify(plan, graph, _random(graph, 8), "host").mismatches == 0
+
+
+@pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
+def test_kws_plans_bit_exact_under_qemu(kws, tmp_path: Path, target: str) -> None:
+    if shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("cross tools missing in CI")
+        pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed (see .ci/run)")
+    x = np.load(kws["test"])["x"][:4]
+    calib = np.load(kws["calib"])["x"]
+    for sram in (None, 11_000):
+        plan, graph, _ = _plan(tmp_path, kws["model"], f"kws{sram}", calib, sram=sram)
+        result = verify(plan, graph, x, target)
+        assert result.mismatches == 0
+        assert result.instructions and result.instructions > 1_000_000
+        assert result.flash_bytes and result.sram_bytes
+
+
+def test_export_refusals(kws, tmp_path: Path) -> None:
+    import onnx_builders  # noqa: F401 - the mbv2 builder for a patch plan
+
+    model = B.mobilenet_v2(0.35, 64, num_classes=10)
+    path = tmp_path / "p.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    res = search(path, graph, get_board("nano33ble"), dataset_from_array(_random(graph, 8), "r"),
+                 SearchOptions(patches="k=6,n=2"))
+    res.plan.save(tmp_path / "p.plan.json")
+    assert_clean_failure(run_mpq("export", tmp_path / "p.plan.json", "-o", tmp_path / "o"),
+                         "patch-based")
+    assert not (tmp_path / "o").exists()
+    shutil.copy(kws["model"], tmp_path / "kws.onnx")
+    plan = tmp_path / "kws.plan.json"
+    assert run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
+                   kws["calib"], "--patches", "none", "-o", plan, "-q").returncode == 0
+    (tmp_path / "kws.onnx").write_bytes((tmp_path / "kws.onnx").read_bytes() + b"\0")
+    assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o2"), "model changed")
+    assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o3", "--backend",
+                                 "cmsis-nn"), "cmsis-nn")
