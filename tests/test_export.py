@@ -133,3 +133,52 @@ def test_export_refusals(kws, tmp_path: Path) -> None:
     assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o2"), "model changed")
     assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o3", "--backend",
                                  "cmsis-nn"), "cmsis-nn")
+
+
+def _cross_tools() -> None:
+    if shutil.which("arm-none-eabi-gcc") is None:
+        if os.environ.get("CI"):
+            pytest.fail("cross tools missing in CI")
+        pytest.skip("arm-none-eabi-gcc not installed (see .ci/run)")
+
+
+def _board_build(plan, graph, tmp_path: Path) -> Path:
+    """Link the export for the plan's board with a minimal main (what a user's build does)."""
+    from mpq import firmware
+    from mpq.codegen.export import render_export, write_export
+    from mpq.codegen.render import render
+
+    out = tmp_path / "export"
+    write_export(render_export(plan, graph), out)
+    (out / "main.c").write_text(render("firmware/verify_main.c.j2", target="board", samples=1))
+    sources = [out / n for n in ("main.c", "mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
+    return firmware.build_elf(sources, [out], get_board(plan.board["name"]), tmp_path / "b")
+
+
+def test_export_links_inside_the_board(kws, tmp_path: Path) -> None:
+    _cross_tools()
+    from mpq import firmware
+
+    plan, graph, _ = _plan(tmp_path, kws["model"], "kws", np.load(kws["calib"])["x"],
+                           sram=11_000)
+    sizes = firmware.section_sizes(_board_build(plan, graph, tmp_path))
+    board = get_board("nano33ble")
+    assert sizes["mpq_arena"] >= plan.predicted["arena_bytes"]
+    assert sizes["flash_bytes"] <= board.flash_region_obj.length
+    assert sizes["sram_bytes"] <= board.sram_region_obj.length
+
+
+def test_arena_larger_than_the_board_fails_at_link_time(tmp_path: Path) -> None:
+    _cross_tools()
+    model = B.mobilenet_v2(0.35, 224, num_classes=10)
+    path = tmp_path / "big.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    plan, graph, _ = _plan(tmp_path, model.SerializeToString(), "big", _random(graph, 4),
+                           strategy="int8", sram=10**9, flash=10**9)
+    from mpq.errors import MpqError
+
+    with pytest.raises(MpqError) as err:
+        _board_build(plan, graph, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "RAM" in message and "overflowed" in message

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mpq.codegen.render import render
+from mpq.boards import get_board
+from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
 from mpq.ir import Graph, Node
@@ -271,6 +272,10 @@ def render_export(plan: Plan, graph: Graph) -> dict[str, str]:
                             "flash_bytes": plan.predicted["flash_bytes"]},
               "kernels": ctx["kernels"], "files": sorted(files)}
     files["mpq_report.json"] = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    board = get_board(plan.board["name"])
+    files[f"{board.name}.ld"] = linker_script(board)
+    files["mpq.mk"] = render("make/mpq.mk.j2", model=plan.model, board=board,
+                             plan_digest=ctx["plan_digest"])
     return files
 
 
