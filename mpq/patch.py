@@ -418,6 +418,8 @@ class PatchSchedule:
         def allowed(nd: Node) -> bool:
             if nd.name not in stage:
                 return True
+            if nd.outputs[0] == self.split_tensor:
+                return False  # stored whole, while the skip is stored per patch
             out = regions[nd.outputs[0]]
             return all(regions[t] == out for t in nd.inputs)
 
@@ -556,7 +558,9 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int) -> Patch
             patched += int(cout * kh * kw * cin_g) * sum(r) * sum(c)
         if t != split_tensor:
             elements[t] = max(r) * max(c) * graph.tensors[t].shape[3]
-        if nd.is_depthwise and nd.inputs[0] not in graph.inputs:
+        # The split tensor is stored whole (each patch writes its tile), so the node that
+        # makes it cannot write over its per-patch input.
+        if nd.is_depthwise and nd.inputs[0] not in graph.inputs and t != split_tensor:
             src = nd.inputs[0]
             rs = [s[src][1] - s[src][0] for s in rows.spans]
             cs = [s[src][1] - s[src][0] for s in cols.spans]

@@ -113,18 +113,6 @@ def test_kws_plans_bit_exact_under_qemu(kws, tmp_path: Path, target: str) -> Non
 
 
 def test_export_refusals(kws, tmp_path: Path) -> None:
-    import onnx_builders  # noqa: F401 - the mbv2 builder for a patch plan
-
-    model = B.mobilenet_v2(0.35, 64, num_classes=10)
-    path = tmp_path / "p.onnx"
-    path.write_bytes(model.SerializeToString())
-    graph = load_model(path)
-    res = search(path, graph, get_board("nano33ble"), dataset_from_array(_random(graph, 8), "r"),
-                 SearchOptions(patches="k=6,n=2"))
-    res.plan.save(tmp_path / "p.plan.json")
-    assert_clean_failure(run_mpq("export", tmp_path / "p.plan.json", "-o", tmp_path / "o"),
-                         "patch-based")
-    assert not (tmp_path / "o").exists()
     shutil.copy(kws["model"], tmp_path / "kws.onnx")
     plan = tmp_path / "kws.plan.json"
     assert run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
@@ -133,6 +121,41 @@ def test_export_refusals(kws, tmp_path: Path) -> None:
     assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o2"), "model changed")
     assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o3", "--backend",
                                  "cmsis-nn"), "cmsis-nn")
+
+
+@pytest.mark.parametrize("width,res,split,sram", [(0.35, 64, "k=10,n=2", None),
+                                                  (0.35, 64, "k=13,n=3", 40_000)])
+def test_patch_plans_bit_exact_on_host(tmp_path: Path, width: float, res: int, split: str,
+                                       sram: int | None) -> None:
+    """Patch stage with residual adds inside it, VDPC branches, and sub-byte maps."""
+    model = B.mobilenet_v2(width, res, num_classes=10)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    res_ = search(path, graph, get_board("nano33ble"),
+                  dataset_from_array(_random(graph, 32), "r"),
+                  SearchOptions(patches=split, sram=sram))
+    plan = res_.plan
+    assert plan.patch is not None and plan.patch["vdpc"] is not None
+    assert verify(plan, graph, _random(graph, 8), "host").mismatches == 0
+
+
+def test_demo_plan_with_vdpc_under_qemu(tmp_path: Path) -> None:
+    """The README's example: patches, VDPC, 2-bit maps — bit-exact on the emulated M4."""
+    _cross_tools()
+    from mpq.quant.calibrate import load_dataset
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "fashion"
+    path = tmp_path / "fashion_cnn.onnx"
+    shutil.copy(example / "fashion_cnn.onnx", path)
+    graph = load_model(path)
+    res = search(path, graph, get_board("nano33ble"), load_dataset(example / "calib.npz", graph),
+                 SearchOptions(sram=14_000))
+    plan = res.plan
+    assert plan.patch is not None and min(t.bits for t in plan.tensors) == 2
+    x = np.load(example / "test.npz")["x"][:6]
+    result = verify(plan, graph, x, "qemu-m4")
+    assert result.mismatches == 0 and result.instructions > 1_000_000
 
 
 def _cross_tools() -> None:

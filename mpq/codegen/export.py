@@ -92,6 +92,7 @@ class _Builder:
         self.fused_by_conv = {v["conv"]: (add, v["skip"]) for add, v in fused.items()}
         self.fused_adds = set(fused)
         self.inplace = set(plan.schedule.get("inplace_depthwise", []))
+        self.skip_nodes: set[str] = set()
 
     def operand(self, tensor: str) -> Operand:
         g = self.graph
@@ -170,8 +171,9 @@ class _Builder:
         nodes = self.graph.nodes
         by_name = {n.name: n for n in nodes}
         for i, node in enumerate(nodes):
-            if node.name in self.fused_adds or node.op == "reshape":
-                continue  # fused into its conv / a view of its input's storage
+            if node.name in self.fused_adds or node.op == "reshape" \
+                    or node.name in self.skip_nodes:
+                continue  # fused into its conv / a view of its input / run per patch
             out = self.operand(node.outputs[0])
             ins = [self.operand(t) for t in node.inputs]
             if node.op == "conv2d" and node.name in self.fused_by_conv:
@@ -225,20 +227,201 @@ class _Builder:
                 raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
 
 
+@dataclass
+class StageCall:
+    """One stage node, run once per patch with that patch's geometry (a table row each)."""
+
+    index: int
+    name: str
+    kernel: str
+    n_inputs: int
+    in_bases: list[str]
+    out_base: str
+    bits_in: dict[str, list[int]]  # branch → bits per input
+    bits_out: dict[str, int]
+    channels_in: list[int]
+    channels_out: int
+    geometry: list[list[int]]  # per patch: per input (y0, x0, h, w, stored_w), out (5), pads
+    params: dict[str, dict[str, int]]  # branch → kernel parameters
+    weight: dict[str, Any] | None
+    quant_syms: dict[str, str]  # branch → symbol prefix of bias/multiplier/shift
+
+
+def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, Any]:
+    """The patch stage (DESIGN §6): per stage node, per patch, where each operand lives.
+
+    Regions come from `mpq.patch.plan_patches` on the plan's split — the same code that made
+    the plan, so the geometry is the plan's. Intermediate stage tensors are stored compactly
+    per patch (their buffers are reused from patch to patch); the graph input is read in
+    place from the caller's buffer and the split tensor is written tile by tile.
+    """
+    from mpq.patch import PatchSplit, plan_patches
+
+    pt = plan.patch
+    k, n = pt["split_layer"], pt["n"]
+    sched = plan_patches(graph, PatchSplit(k, n))
+    regions, offsets, pads = sched.regions, sched.node_offsets, sched.node_pads
+    split = pt["split_tensor"]
+    vdpc = pt.get("vdpc")
+    outlier = plan_quant_model(plan, graph, "outlier") if vdpc else None
+    branches = {"mixed": qm, **({"outlier": outlier} if outlier else {})}
+    by_name = {nd.name: nd for nd in graph.nodes}
+    fused = b.fused_by_conv
+    fused_adds = b.fused_adds
+    calls: list[StageCall] = []
+
+    def full_w(t: str) -> int:
+        return graph.tensors[t].shape[2]
+
+    def stored(t: str, i: int, j: int) -> tuple[int, int, int]:
+        """(y origin, x origin, stored width) of tensor t's storage for patch (i, j)."""
+        r = regions[t][i][j]
+        if t in graph.inputs or t == split:
+            return 0, 0, full_w(t)
+        return r.y0, r.x0, r.cols
+
+    def in_view(t: str, node: str, q: int, i: int, j: int) -> list[int]:
+        r = regions[t][i][j]
+        dy, dx = offsets[node][i][j][q]
+        oy, ox, sw = stored(t, i, j)
+        return [r.y0 + dy - oy, r.x0 + dx - ox, r.rows - dy, r.cols - dx, sw]
+
+    def out_view(t: str, i: int, j: int) -> list[int]:
+        r = regions[t][i][j]
+        oy, ox, sw = stored(t, i, j)
+        return [r.y0 - oy, r.x0 - ox, r.rows, r.cols, sw]
+
+    for idx, name in enumerate(pt["stage_nodes"]):
+        node = by_name[name]
+        if name in fused_adds:
+            continue
+        out_t = node.outputs[0]
+        inputs = list(node.inputs)
+        kernel = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
+                  "max_pool": "maxpool"}.get(node.op)
+        if node.op == "concat" or kernel is None:
+            raise MpqError(f"export: '{node.op}' in the patch stage is not supported yet")
+        geo_node = name
+        if node.op == "conv2d" and name in b.inplace:
+            kernel = "depthwise_inplace"
+        add_node = None
+        if node.op == "conv2d" and name in fused:
+            add_name, skip = fused[name]
+            add_node = by_name[add_name]
+            kernel = "conv2d_add"
+            out_t = add_node.outputs[0]
+        geometry = []
+        for i in range(n):
+            for j in range(n):
+                row: list[int] = []
+                ov = out_view(out_t, i, j)
+                for q, t in enumerate(inputs):
+                    v = in_view(t, name, q, i, j)
+                    if node.op == "add":  # elementwise: exactly the output's extent
+                        v[2:4] = ov[2:4]
+                    row += v
+                if add_node is not None:
+                    skip_q = add_node.inputs.index(fused[name][1])
+                    v = in_view(fused[name][1], add_node.name, skip_q, i, j)
+                    v[2:4] = ov[2:4]
+                    row += v
+                row += ov
+                pt_, pl_, _, _ = pads[geo_node][i][j]
+                row += [pt_, pl_]
+                geometry.append(row)
+        params: dict[str, dict[str, int]] = {}
+        bits_in: dict[str, list[int]] = {}
+        bits_out: dict[str, int] = {}
+        quant_syms: dict[str, str] = {}
+        weight = None
+        for br, m in branches.items():
+            bb = _Builder(plan, graph, m)
+            bits_in[br] = [m.acts[t].bits for t in inputs] + (
+                [m.acts[fused[name][1]].bits] if add_node is not None else [])
+            bits_out[br] = m.acts[out_t].bits
+            if node.op == "conv2d":
+                p = bb.conv_params(node)
+                if add_node is not None:
+                    p.update({f"add_{key}": v for key, v in
+                              bb.add_params(add_node, fused[name][1]).items()})
+                params[br] = p
+                if weight is None:
+                    weight = b.weights(idx, node)
+                    quant_syms[br] = weight["sym"]
+                else:
+                    sym = f"mpq_l{idx}_{br}"
+                    lq = m.layers[node.name]
+                    b.consts += [
+                        ConstArray(f"{sym}_b", "int32_t", [int(v) for v in lq.bias]),
+                        ConstArray(f"{sym}_m", "int32_t", [int(v) for v in lq.multiplier]),
+                        ConstArray(f"{sym}_s", "int32_t", [int(v) for v in lq.shift]),
+                    ]
+                    quant_syms[br] = sym
+                b.scratch = max(b.scratch, _patch_scratch(node, geometry, kernel))
+            elif node.op == "add":
+                params[br] = bb.add_params(node, node.inputs[0])
+            else:
+                a = node.attrs
+                lq = m.layers[node.name]
+                params[br] = {"kernel_h": a["kernel"][0], "kernel_w": a["kernel"][1],
+                              "stride_h": a["strides"][0], "stride_w": a["strides"][1],
+                              "act_min": lq.act_min, "act_max": lq.act_max}
+        in_bases = [b.operand(t).base for t in inputs]
+        if add_node is not None:
+            in_bases.append(b.operand(fused[name][1]).base)
+        calls.append(StageCall(
+            idx, name if add_node is None else f"{name} + {add_node.name}", kernel,
+            len(in_bases), in_bases, b.operand(out_t).base, bits_in, bits_out,
+            [graph.tensors[t].shape[3] for t in inputs] + (
+                [graph.tensors[fused[name][1]].shape[3]] if add_node is not None else []),
+            graph.tensors[out_t].shape[3], geometry, params, weight, quant_syms))
+    cmap = None
+    if vdpc:
+        r = regions[vdpc["map"]]
+        cmap = {"base": b.operand(vdpc["map"]).base,
+                "bytes": [r[i][j].rows * r[i][j].cols * graph.tensors[vdpc["map"]].shape[3]
+                          for i in range(n) for j in range(n)],
+                "lo": vdpc["lo_threshold"], "hi": vdpc["hi_threshold"],
+                "min_outliers": vdpc["min_outliers"]}
+    return {"n": n, "patches": n * n, "calls": calls, "vdpc": cmap,
+            "branches": list(branches)}
+
+
+def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
+    """Largest kernel scratch of a stage conv over the patches (the kernels' formulas)."""
+    _, kh, kw, cin_g = node.weight.shape
+    if kernel != "depthwise_inplace":
+        return 2 * kh * kw * cin_g
+    a = node.attrs
+    sh, sw = a["strides"]
+    dh, dw = a["dilations"]
+    worst = 0
+    for row in geometry:
+        _, _, h, w, _ = row[0:5]
+        _, _, ho, wo, _ = row[5:10]
+        pt, pl = row[10], row[11]
+        pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
+        pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
+        worst = max(worst, (pt + h + pb) * (pl + w + pr))
+    return worst
+
+
 def export_context(plan: Plan, graph: Graph) -> dict[str, Any]:
     """Everything the templates need, computed once (pure: same plan ⇒ same context)."""
-    if plan.patch is not None:
-        raise MpqError("export of patch-based plans is not available yet; search with "
-                       "--patches none")
     qm = plan_quant_model(plan, graph, "mixed")
     b = _Builder(plan, graph, qm)
+    stage = None
+    if plan.patch is not None:
+        stage = _stage(plan, graph, qm, b)
+        b.skip_nodes = set(plan.patch["stage_nodes"])
     b.build()
     g = graph
     x, y = g.inputs[0], g.outputs[0]
     xq, yq = qm.acts[x], qm.acts[y]
     if xq.bits != 8 or yq.bits != 8:
         raise MpqError("export: the graph input and output must be 8-bit")
-    kernels = sorted({layer.kernel for layer in b.layers})
+    kernels = sorted({layer.kernel for layer in b.layers}
+                     | {c.kernel for c in (stage["calls"] if stage else [])})
     return {
         "plan_digest": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
         "model": plan.model, "model_sha256": plan.model_sha256, "board": plan.board["name"],
@@ -252,6 +435,7 @@ def export_context(plan: Plan, graph: Graph) -> dict[str, Any]:
                    "bytes": packed_bytes(g.tensors[y].size, 8), "scale": yq.scale,
                    "zero_point": yq.zero_point, "base": b.operand(y).base},
         "comment": _comment,
+        "stage": stage,
     }
 
 
