@@ -29,6 +29,8 @@ demo: $(STAMP)
 	$(BIN)/mpq search $(OUT)/fashion_cnn.mpq.onnx --board nano33ble --sram 14000 \
 		--data $(EX)/calib.npz -o $(OUT)/fashion.plan.json
 	$(BIN)/mpq eval $(OUT)/fashion.plan.json --data $(EX)/test.npz
+	$(BIN)/mpq export $(OUT)/fashion.plan.json -o $(OUT)/firmware
+	$(BIN)/mpq verify $(OUT)/fashion.plan.json --data $(EX)/test.npz --target host
 
 test: $(STAMP)
 	$(BIN)/ruff check mpq tests benchmarks
