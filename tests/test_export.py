@@ -205,3 +205,25 @@ def test_arena_larger_than_the_board_fails_at_link_time(tmp_path: Path) -> None:
         _board_build(plan, graph, tmp_path)
     message = str(err.value)
     assert "\n" not in message and "RAM" in message and "overflowed" in message
+
+
+SHARED_CASES = [("pretrainedResnet.onnx", 255.0, 40_000), ("vww_96_float.onnx", 1.0, 45_000),
+                ("kws_ref_model_fp32.onnx", 1.0, 11_000), ("ad01_fp32.onnx", 1.0, None)]
+
+
+@pytest.mark.parametrize("name,scale,sram", SHARED_CASES)
+def test_shared_models_int8_and_mixed_on_both_cores(tmp_path: Path, name: str, scale: float,
+                                                    sram: int | None) -> None:
+    _cross_tools()
+    from conftest import shared_model
+
+    path = shared_model(name)
+    graph = load_model(path)
+    x = (_random(graph, 16) * scale).astype(np.float32)
+    data = dataset_from_array(x, "random")
+    for strategy, budget in (("int8", None), ("exact", sram)):
+        plan = search(path, graph, get_board("nano33ble"), data,
+                      SearchOptions(strategy=strategy, sram=budget)).plan
+        for target in ("qemu-m4", "qemu-m7"):
+            result = verify(plan, graph, x[:2], target)
+            assert result.mismatches == 0, (name, strategy, target)
