@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import onnx_builders as B  # noqa: E402
 import search_bench  # noqa: E402
 from common import console, show  # noqa: E402
+from firmware_bench import bench_latency  # noqa: E402
 from patch_overhead import bench_patch_overhead  # noqa: E402
 
 from mpq.frontend.onnx_import import import_onnx  # noqa: E402
@@ -156,7 +157,7 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "sim_speed": bench_sim_speed, "kws_accuracy": bench_kws_accuracy,
               "patches": bench_patch_overhead, "solvers": search_bench.bench_solvers,
               "search_time": search_bench.bench_search_time,
-              "kws_plans": search_bench.bench_kws_plans}
+              "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency}
 
 
 def write_markdown() -> None:
