@@ -156,6 +156,14 @@ def test_demo_plan_with_vdpc_under_qemu(tmp_path: Path) -> None:
     x = np.load(example / "test.npz")["x"][:6]
     result = verify(plan, graph, x, "qemu-m4")
     assert result.mismatches == 0 and result.instructions > 1_000_000
+    # And the same export links for the real board, inside its memory.
+    from mpq import firmware
+
+    sizes = firmware.section_sizes(_board_build(plan, graph, tmp_path))
+    board = get_board("nano33ble")
+    assert sizes["flash_bytes"] <= board.flash_region_obj.length
+    assert sizes["sram_bytes"] <= board.sram_region_obj.length
+    assert sizes["mpq_arena"] >= plan.predicted["arena_bytes"]
 
 
 def _cross_tools() -> None:
