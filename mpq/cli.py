@@ -476,13 +476,17 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
               help="The plan's model file (default: next to the plan).")
 @click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
               show_default=True, help="Kernel library the sources call.")
+@click.option("--build", is_flag=True,
+              help="Also link for the board (arm-none-eabi-gcc) and record the measured "
+                   "section sizes in mpq_report.json.")
 @user_errors
-def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str) -> None:
+def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str,
+               build: bool) -> None:
     """Write the firmware sources of PLAN: mpq_model.{h,c}, mpq_weights.{h,c}, the kernels.
 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
     """
-    from mpq.codegen.export import render_export, write_export
+    from mpq.codegen.export import measure_build, render_export, with_measured, write_export
     from mpq.frontend import load_model
     from mpq.plan import load_plan, resolve_model
 
@@ -491,6 +495,11 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     plan = load_plan(plan_path)
     graph = load_model(resolve_model(plan, plan_path, plan_model))
     files = render_export(plan, graph)
+    if build:
+        measured = measure_build(files, plan.board["name"])
+        files = with_measured(files, measured)
+        out.print(f"built for {plan.board['name']}: Flash {measured['flash_bytes']:,} B, "
+                  f"SRAM {measured['sram_bytes']:,} B")
     if output.exists() and not output.is_dir():
         raise MpqError(f"{output}: exists and is not a directory")
     try:

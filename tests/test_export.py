@@ -235,3 +235,17 @@ def test_shared_models_int8_and_mixed_on_both_cores(tmp_path: Path, name: str, s
         for target in ("qemu-m4", "qemu-m7"):
             result = verify(plan, graph, x[:2], target)
             assert result.mismatches == 0, (name, strategy, target)
+
+
+def test_export_build_records_measured_sizes(kws, tmp_path: Path) -> None:
+    _cross_tools()
+    plan = tmp_path / "kws.plan.json"
+    shutil.copy(kws["model"], tmp_path / "kws.onnx")
+    assert run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
+                   kws["calib"], "--patches", "none", "-o", plan, "-q").returncode == 0
+    r = run_mpq("export", plan, "-o", tmp_path / "fw", "--build")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "fw" / "mpq_report.json").read_text())
+    measured, predicted = report["measured"], report["predicted"]
+    assert measured["mpq_arena"] >= predicted["arena_bytes"] + predicted["scratch_bytes"] - 16
+    assert 0 < measured["flash_bytes"] <= get_board("nano33ble").flash_region_obj.length

@@ -463,6 +463,31 @@ def render_export(plan: Plan, graph: Graph) -> dict[str, str]:
     return files
 
 
+def measure_build(files: dict[str, str], board_name: str) -> dict[str, int]:
+    """Link the export for its board with a minimal main and measure the sections
+    (`arm-none-eabi-size`): the measured half of `mpq_report.json`."""
+    import tempfile
+
+    from mpq import firmware
+
+    with tempfile.TemporaryDirectory(prefix="mpq-build-") as tmp:
+        work = Path(tmp)
+        write_export(files, work)
+        (work / "main.c").write_text(render("firmware/verify_main.c.j2", target="board",
+                                            samples=1))
+        sources = [work / n for n in ("main.c", "mpq_model.c", "mpq_weights.c",
+                                      "mpq_kernels.c")]
+        elf = firmware.build_elf(sources, [work], get_board(board_name), work / "build")
+        return firmware.section_sizes(elf)
+
+
+def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, str]:
+    """The export with the measured section sizes added to `mpq_report.json`."""
+    report = json.loads(files["mpq_report.json"])
+    report["measured"] = dict(sorted(measured.items()))
+    return {**files, "mpq_report.json": json.dumps(report, indent=2, sort_keys=True) + "\n"}
+
+
 def write_export(files: dict[str, str], out_dir: Path) -> list[str]:
     """Write the files atomically, skipping those whose content did not change (make keeps
     its timestamps). Returns the names written."""
