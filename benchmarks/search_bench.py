@@ -129,7 +129,7 @@ def bench_search_time() -> dict:
         sched = driver.auto_candidates(graph, SearchOptions())[-1]
         scores = vdqs_scores(graph, stats, range_method="entropy")
         problem, _ = driver.build_problem(graph, sched, scores, SearchOptions(), 300_000,
-                                          2_000_000, None)
+                                          2_000_000, None, sched.memory().inplace)
         t1 = time.perf_counter()
         solve_exact(problem)
         solver = time.perf_counter() - t1

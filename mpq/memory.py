@@ -145,6 +145,19 @@ class MemoryReport:
         return self.arena_bytes + self.scratch_bytes
 
 
+def live_bytes_per_step(buffers: list[Buffer], n_steps: int) -> list[int]:
+    """Σ over buffers of the largest segment alive at each step (what the arena must hold then)."""
+    live = [0] * n_steps
+    for b in buffers:
+        foot = [0] * n_steps
+        for s in b.segments:
+            for t in range(s.first, s.last + 1):
+                foot[t] = max(foot[t], s.size)
+        for t in range(n_steps):
+            live[t] += foot[t]
+    return live
+
+
 def layer_lifetimes(graph: Graph, first_override: dict[str, int] | None = None
                     ) -> dict[str, tuple[int, int]]:
     """(first, last) step of every node output in the layer-based order; graph outputs live
@@ -269,13 +282,9 @@ def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
     bits = bits or {}
     buffers, inplace = layer_schedule_buffers(graph, bits, inplace_depthwise)
     plan = plan_arena(buffers)
-    steps = []
-    for i, n in enumerate(graph.nodes):
-        live = 0
-        for b in buffers:
-            alive = [s.size for s in b.segments if s.first <= i <= s.last]
-            live += max(alive, default=0)
-        steps.append(Step(n.name, live, scratch_bytes(n, graph, n.name in inplace)))
+    live = live_bytes_per_step(buffers, len(graph.nodes))
+    steps = [Step(n.name, live[i], scratch_bytes(n, graph, n.name in inplace))
+             for i, n in enumerate(graph.nodes)]
     input_bytes = sum(packed_bytes(graph.tensors[t].size, bits.get(t, 8)) for t in graph.inputs)
     output_bytes = sum(packed_bytes(graph.tensors[t].size, bits.get(t, 8))
                        for t in graph.outputs)

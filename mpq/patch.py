@@ -41,6 +41,7 @@ from mpq.memory import (
     fused_residual_adds,
     layer_lifetimes,
     layer_memory,
+    live_bytes_per_step,
     plan_arena,
     schedule_buffers,
     scratch_bytes,
@@ -466,19 +467,6 @@ class PatchSchedule:
         buffers, inplace = self._buffers(bits, True)
         return max(live_bytes_per_step(buffers, len(self.steps)), default=0) \
             + max(self.scratch_per_step(inplace), default=0)
-
-
-def live_bytes_per_step(buffers: list[Buffer], n_steps: int) -> list[int]:
-    """Σ over buffers of the largest segment alive at each step (as `memory.layer_memory`)."""
-    live = [0] * n_steps
-    for b in buffers:
-        foot = [0] * n_steps
-        for s in b.segments:
-            for t in range(s.first, s.last + 1):
-                foot[t] = max(foot[t], s.size)
-        for t in range(n_steps):
-            live[t] += foot[t]
-    return live
 
 
 def stage_node_scratch(nd: Node, graph: Graph, row_reads: list[list[Span]],

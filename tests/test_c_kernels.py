@@ -18,6 +18,7 @@ import ckernels as ck
 import jinja2
 import numpy as np
 import pytest
+from random_cases import rand_act, rand_clamp, single_node_model
 
 from mpq.ir import Graph, Node, Tensor, conv_out_size
 from mpq.memory import scratch_bytes
@@ -41,29 +42,6 @@ def cases(seed: int, combos: list[tuple[int, ...]] | None = None):
     for i, bits in enumerate(combos):
         for j in range(PER_COMBO):
             yield (np.random.default_rng(seed * 100000 + i * 100 + j), *bits)
-
-
-def rand_act(rng: np.random.Generator, bits: int, tiny: float = 0.0) -> ActQuant:
-    """Random (scale, zp); with probability `tiny` a very small scale, so that conv multipliers
-    exceed 1 (S > 0) and acc << S wraps in int32."""
-    lo, hi = arith.qrange(bits)
-    exp = rng.uniform(-7, -4) if rng.random() < tiny else rng.uniform(-3, 0)
-    return ActQuant(float(np.float32(10 ** exp)), int(rng.integers(lo, hi + 1)), bits)
-
-
-def rand_clamp(rng: np.random.Generator, q: ActQuant) -> tuple[float, float]:
-    """A fused activation in real terms: none, relu, relu6 or a random clip."""
-    kind = rng.integers(4)
-    if kind == 0:
-        return -np.inf, np.inf
-    if kind == 1:
-        return 0.0, np.inf
-    if kind == 2:
-        return 0.0, 6.0
-    qmin, qmax = arith.qrange(q.bits)
-    qlo = int(rng.integers(qmin, qmax))
-    qhi = int(rng.integers(qlo + 1, qmax + 1))
-    return float((qlo - q.zero_point) * q.scale), float((qhi - q.zero_point) * q.scale)
 
 
 def rand_values(rng: np.random.Generator, bits: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -97,13 +75,6 @@ def run_libs(libs: list[ck.Kernels], stores: list[ck.Stored], call) -> None:
 
 def check_bytes(store: ck.Stored, view: ck.View, expected: np.ndarray) -> bool:
     return bool(np.array_equal(store.buf, store.expected_bytes(view, expected)))
-
-
-def single_node(node: Node, shapes: dict[str, tuple[int, ...]], acts: dict[str, ActQuant],
-                **weights) -> QuantModel:
-    graph = Graph("op", {k: Tensor(k, v) for k, v in shapes.items()}, [node],
-                  [t for t in node.inputs], [node.outputs[0]])
-    return QuantModel(graph, acts, {node.name: layer_params(node, acts, **weights)})
 
 
 # -- convolution -------------------------------------------------------------------------------
@@ -174,7 +145,7 @@ def test_conv2d_random(libs: list[ck.Kernels]) -> None:
         if c is None:
             continue
         node = conv_node(c, *rand_clamp(rng, c["a_out"]))
-        qm = single_node(node, {"x": (1, c["h"], c["w"], c["cin"]),
+        qm = single_node_model(node, {"x": (1, c["h"], c["w"], c["cin"]),
                                 "y": (1, c["ho"], c["wo"], c["cout"])},
                          {"x": c["a_in"], "y": c["a_out"]}, weight=c["weight"],
                          weight_scale=c["wscale"], weight_bits=bw, bias=c["bias"])
@@ -238,7 +209,7 @@ def test_fully_connected_random(libs: list[ck.Kernels]) -> None:
         bias = rng.integers(-20000, 20000, cout)
         node = Node("fc", "fully_connected", ["x"], ["y"],
                     dict(zip(("act_min", "act_max"), rand_clamp(rng, a_out), strict=True)))
-        qm = single_node(node, {"x": (1, h, w, c), "y": (1, cout)}, {"x": a_in, "y": a_out},
+        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, cout)}, {"x": a_in, "y": a_out},
                          weight=wq, weight_scale=(10 ** rng.uniform(-3, 0, cout)).astype(
                              np.float32), weight_bits=bw, bias=bias)
         lq = qm.layers["fc"]
@@ -374,7 +345,7 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
         lo, hi = rand_clamp(rng, a_out)
         node = Node("conv", "conv2d", ["x"], ["y"], {**attrs, "act_min": lo, "act_max": hi},
                     weight=wq.astype(np.float32), bias=bias.astype(np.float32))
-        qm = single_node(node, {"x": (1, h, w, ch), "y": (1, ho, wo, ch)},
+        qm = single_node_model(node, {"x": (1, h, w, ch), "y": (1, ho, wo, ch)},
                          {"x": a_in, "y": a_out}, weight=wq,
                          weight_scale=(10 ** rng.uniform(-3, 0, ch)).astype(np.float32),
                          weight_bits=bw, bias=bias)
@@ -428,7 +399,7 @@ def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
         node = Node("pool", f"{kind}_pool", ["x"], ["y"], {
             "kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "act_min": lo,
             "act_max": hi})
-        qm = single_node(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)}, {"x": q, "y": q})
+        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)}, {"x": q, "y": q})
         lq = qm.layers["pool"]
         x = rand_values(rng, bits, (h, w, c))
         want = run_int(qm, {"x": x[None]})["y"][0]

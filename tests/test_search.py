@@ -128,7 +128,6 @@ def test_vdpc_thresholds_and_rates() -> None:
     from mpq.frontend.onnx_import import import_model
 
     model = B.mobilenet_v2(0.35, 64, num_classes=10)
-    path = Path("/nonexistent")  # not read: the plan only hashes it
     graph = import_model(model, "mbv2")
     sched = plan_patches(graph, PatchSplit(6, 2))
     assert sched.split_tensor is not None

@@ -9,10 +9,11 @@ import itertools
 import numpy as np
 import pytest
 import reference_kernels as R
+from random_cases import rand_act, rand_clamp, single_node_model
 
 from mpq.ir import Graph, Node, Tensor, conv_out_size
 from mpq.quant import arith
-from mpq.quant.qmodel import ActQuant, QuantModel, layer_params
+from mpq.quant.qmodel import QuantModel, layer_params
 from mpq.sim import run_packed
 
 BITS = (8, 4, 2)
@@ -21,35 +22,6 @@ CASES = 270  # 10 per (in, out, weight) bit combination
 
 def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def rand_act(rng, bits: int) -> ActQuant:
-    lo, hi = qrange(bits)
-    return ActQuant(float(np.float32(10 ** rng.uniform(-3, 0))), int(rng.integers(lo, hi + 1)),
-                    bits)
-
-
-def rand_clamp(rng, q: ActQuant) -> tuple[float, float]:
-    """A fused activation in real terms: none, relu, relu6 or a random clip."""
-    kind = rng.integers(4)
-    if kind == 0:
-        return -np.inf, np.inf
-    if kind == 1:
-        return 0.0, np.inf
-    if kind == 2:
-        return 0.0, 6.0
-    qmin, qmax = qrange(q.bits)
-    qlo = int(rng.integers(qmin, qmax))
-    qhi = int(rng.integers(qlo + 1, qmax + 1))
-    return float((qlo - q.zero_point) * q.scale), float((qhi - q.zero_point) * q.scale)
-
-
-def single_node_model(node: Node, shapes: dict[str, tuple[int, ...]],
-                      acts: dict[str, ActQuant], **weights) -> QuantModel:
-    graph = Graph("op", {k: Tensor(k, v) for k, v in shapes.items()}, [node],
-                  [node.inputs[0]], [node.outputs[0]])
-    lq = layer_params(node, acts, **weights)
-    return QuantModel(graph, acts, {node.name: lq})
 
 
 def run(qm: QuantModel, x: np.ndarray) -> np.ndarray:

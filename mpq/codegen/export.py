@@ -265,6 +265,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
     vdpc = pt.get("vdpc")
     outlier = plan_quant_model(plan, graph, "outlier") if vdpc else None
     branches = {"mixed": qm, **({"outlier": outlier} if outlier else {})}
+    builders = {br: _Builder(plan, graph, m) for br, m in branches.items()}
     by_name = {nd.name: nd for nd in graph.nodes}
     fused = b.fused_by_conv
     fused_adds = b.fused_adds
@@ -335,7 +336,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         quant_syms: dict[str, str] = {}
         weight = None
         for br, m in branches.items():
-            bb = _Builder(plan, graph, m)
+            bb = builders[br]
             bits_in[br] = [m.acts[t].bits for t in inputs] + (
                 [m.acts[fused[name][1]].bits] if add_node is not None else [])
             bits_out[br] = m.acts[out_t].bits

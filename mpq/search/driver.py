@@ -13,7 +13,7 @@ The steps, each a function of the one before:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,14 @@ class SearchOptions:
     sram: int | None = None
     flash: int | None = None
     max_overhead: float | None = 0.25  # bound on redundant MACs / total MACs (auto patches)
+
+
+class BudgetError(MpqError):
+    """No allocation fits; `sram_needed` is the smallest SRAM this schedule reaches."""
+
+    def __init__(self, message: str, sram_needed: int) -> None:
+        super().__init__(message)
+        self.sram_needed = sram_needed
 
 
 @dataclass
@@ -189,7 +197,7 @@ def weight_omega(weight: np.ndarray, bits: int) -> float:
 
 def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                   opts: SearchOptions, sram_budget: int, flash_budget: int,
-                  classified: str | None) -> tuple[Problem, list[str]]:
+                  classified: str | None, inplace: set[str]) -> tuple[Problem, list[str]]:
     """The allocation problem of DESIGN §7.2 (and the activation groups in schedule order)."""
     fixed = fixed_8bit(graph, classified)
     stage_internal = set()
@@ -199,7 +207,6 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
             - {schedule.split_tensor}
     groups: list[Group] = []
     order: list[str] = []
-    inplace = schedule.memory().inplace
     for members in tie_groups(graph, schedule.fused_adds, inplace):
         if any(t in graph.inputs for t in members):
             continue  # the caller's buffer: never in the arena, always 8-bit
@@ -310,24 +317,24 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                              range_method=opts.range_method)
     full_bitops = full_precision_bitops(graph)
     attempts = []
-    failures = []
+    failures: list[MpqError] = []
     for schedule in candidates:
         try:
             attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
                                       flash_budget, input_bytes, code)
-        except MpqError as exc:
-            failures.append(str(exc))
+        except MpqError as exc:  # this schedule cannot meet the budgets; try the others
+            failures.append(exc)
             continue
         # Overlap recomputation costs BitOPs that S does not see: charge it in S's units.
         penalty = (1 - opts.lam) * schedule.redundant_macs * 64 / full_bitops
         attempts.append((attempt.solution.objective - penalty, -schedule.redundant_macs,
                          -schedule.split_layer, -schedule.n, attempt))
     if not attempts:
-        raise MpqError(min(failures, key=_needed_bytes))
+        raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
     attempt = max(attempts, key=lambda a: a[:4])[4]
     schedule, problem, solution = attempt.schedule, attempt.problem, attempt.solution
     use_vdpc, classified = attempt.use_vdpc, attempt.classified
-    opts_eff = SearchOptions(**{**opts.__dict__, "vdpc": use_vdpc})
+    opts_eff = replace(opts, vdpc=use_vdpc)
     by_name = {n.name: n for n in graph.nodes}
     objective_solver = solution.objective
     qbr_log: list[str] = []
@@ -409,41 +416,33 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     return out
 
 
-def _needed_bytes(message: str) -> int:
-    """The SRAM figure of an impossible-budget message (to report the most reachable one)."""
-    import re
-
-    m = re.search(r"needs at least ([\d,]+) B SRAM", message)
-    return int(m.group(1).replace(",", "")) if m else 1 << 62
-
-
 def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                     opts: SearchOptions, sram_total: int, flash_total: int, flash_budget: int,
                     input_bytes: int, code: int) -> _Attempt:
     """Build and solve the allocation problem for one patch schedule."""
-    scratch = schedule.memory().scratch_bytes
+    int8_memory = schedule.memory()
+    scratch = int8_memory.scratch_bytes
     sram_budget = sram_total - input_bytes - scratch
     use_vdpc = opts.vdpc and schedule.split_tensor is not None
     by_name = {n.name: n for n in graph.nodes}
     classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
     if classified is not None and classified == schedule.split_tensor:
         use_vdpc, classified = False, None
-    opts_eff = SearchOptions(**{**opts.__dict__, "vdpc": use_vdpc})
-    problem, order = build_problem(graph, schedule, scores, opts_eff, sram_budget,
-                                   flash_budget, classified)
+    problem, order = build_problem(graph, schedule, scores, replace(opts, vdpc=use_vdpc),
+                                   sram_budget, flash_budget, classified, int8_memory.inplace)
     if opts.strategy == "int8":
         choice = {g.name: max(g.options) for g in problem.groups}
         if not problem.fits(choice):
-            raise MpqError(_impossible(problem, choice, schedule, sram_total, input_bytes,
-                                       scratch, flash_total, code, "8-bit activations"))
+            raise _impossible(problem, choice, schedule, sram_total, input_bytes, scratch,
+                              flash_total, code, "8-bit activations")
         solution = Solution(choice, problem.objective(choice),
                             problem.arena(problem.tensor_bits(choice)),
                             problem.flash_bytes(choice))
     else:
         low = {g.name: min(g.options) for g in problem.groups}
         if not problem.fits(low):
-            raise MpqError(_impossible(problem, low, schedule, sram_total, input_bytes, scratch,
-                                       flash_total, code, f"{min(opts.bits)}-bit activations"))
+            raise _impossible(problem, low, schedule, sram_total, input_bytes, scratch,
+                              flash_total, code, f"{min(opts.bits)}-bit activations")
         solution = solve_vdqs(problem, order) if opts.strategy == "vdqs" \
             else solve_exact(problem)
     return _Attempt(schedule, problem, order, solution, use_vdpc, classified, scratch)
@@ -451,7 +450,7 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
 
 def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule,
                 sram_total: int, input_bytes: int, scratch: int, flash_total: int, code: int,
-                what: str) -> str:
+                what: str) -> BudgetError:
     """One line naming the smallest SRAM and Flash reachable with the `floor` choice (the
     smallest bits the strategy may use) on this schedule (DESIGN §7.2)."""
     best_sram = problem.arena(problem.tensor_bits(floor)) + scratch + input_bytes
@@ -467,7 +466,7 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
     if not parts:
         parts.append(f"needs {best_sram:,} B SRAM and {best_flash:,} B Flash with {what}; "
                      f"budgets are {sram_total:,} B and {flash_total:,} B")
-    return "; ".join(parts)
+    return BudgetError("; ".join(parts), best_sram)
 
 
 # -- the plan -----------------------------------------------------------------------------------
