@@ -1,12 +1,15 @@
 """Latency evidence (issue: export): instructions per inference under QEMU, exactly counted.
 
 For VWW and ResNet-8 (and KWS): int8 layer-based, int8 patch-based and the mixed-precision plan
-under a budget that forces sub-byte maps, on the emulated Cortex-M4 (portable backend; the
-counts are instructions, not cycles — QEMU models no pipeline).
+under a budget that forces sub-byte maps, on the emulated Cortex-M4, with mpq's portable kernels
+and — when CMSIS_NN_PATH names a CMSIS-NN checkout — with the cmsis-nn backend (the counts are
+instructions, not cycles: QEMU models no pipeline).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,9 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import show  # noqa: E402
+from common import console, show  # noqa: E402
 
 from mpq.boards import get_board  # noqa: E402
+from mpq.codegen.cmsis import ENV, cmsis_nn_root  # noqa: E402
+from mpq.codegen.export import render_export  # noqa: E402
+from mpq.errors import MpqError  # noqa: E402
 from mpq.frontend import load_model  # noqa: E402
 from mpq.quant.calibrate import dataset_from_array, onnx_input_shape  # noqa: E402
 from mpq.search.driver import SearchOptions, search  # noqa: E402
@@ -30,7 +36,20 @@ CASES = [("VWW MobileNetV1-0.25@96", "vww_96_float.onnx", 1.0, 45_000),
          ("KWS DS-CNN", "kws_ref_model_fp32.onnx", 1.0, 11_000)]
 
 
+def _cmsis_available() -> str | None:
+    """None when the cmsis-nn backend can be built, else why not."""
+    if not os.environ.get(ENV):
+        return f"{ENV} not set"
+    try:
+        cmsis_nn_root()
+    except MpqError as exc:
+        return str(exc)
+    return None
+
+
 def bench_latency() -> dict:
+    no_cmsis = _cmsis_available()
+    backends = ["portable"] + ([] if no_cmsis else ["cmsis-nn"])
     rows = []
     for label, name, scale, sram in CASES:
         path = SHARED / name
@@ -44,25 +63,59 @@ def bench_latency() -> dict:
         for what, opts in variants:
             try:
                 plan = search(path, graph, get_board("nano33ble"), data, opts).plan
-            except Exception as exc:  # a budget the int8 schedule cannot meet
+            except MpqError as exc:  # a budget the int8 schedule cannot meet
                 rows.append({"model": label, "plan": what, "error": str(exc)})
                 continue
-            result = verify(plan, graph, x[:2].astype(np.float32), "qemu-m4")
-            base = base or result.instructions
-            rows.append({"model": label, "plan": what, "instructions": result.instructions,
-                         "relative": result.instructions / base,
-                         "sram": plan.predicted["sram_needed_bytes"],
-                         "bitops": plan.predicted["bitops"],
-                         "patches": None if plan.patch is None else
-                         f"k={plan.patch['split_layer']},n={plan.patch['n']}",
-                         "bits": sorted({t.bits for t in plan.tensors}),
-                         "mismatches": result.mismatches})
-    table = show("Instructions per inference on QEMU mps2-an386 (Cortex-M4), portable backend",
-                 ["model", "plan", "instructions", "vs int8 layer", "SRAM", "BitOPs",
-                  "patches", "bits", "mismatches"],
-                 [[r["model"], r["plan"], f"{r['instructions']:,}", f"{r['relative']:.2f}×",
-                   f"{r['sram']:,}", f"{r['bitops'] / 1e6:.1f} M", str(r["patches"]),
-                   ",".join(map(str, r["bits"])), str(r["mismatches"])]
-                  if "error" not in r else [r["model"], r["plan"], r["error"][:60], "", "", "",
-                                            "", "", ""] for r in rows])
-    return {"rows": rows, "table": table}
+            row = {"model": label, "plan": what,
+                   "sram": plan.predicted["sram_needed_bytes"],
+                   "bitops": plan.predicted["bitops"],
+                   "patches": None if plan.patch is None else
+                   f"k={plan.patch['split_layer']},n={plan.patch['n']}",
+                   "bits": sorted({t.bits for t in plan.tensors})}
+            for backend in backends:
+                result = verify(plan, graph, x[:2].astype(np.float32), "qemu-m4", backend)
+                row[backend] = {"instructions": result.instructions,
+                                "mismatches": result.mismatches,
+                                "flash_bytes": result.flash_bytes,
+                                "sram_bytes": result.sram_bytes}
+            if "cmsis-nn" in backends:
+                layers = json.loads(render_export(plan, graph, "cmsis-nn")
+                                    ["mpq_report.json"])["layers"]
+                row["cmsis_layers"] = [sum(x["backend"] == "cmsis-nn" for x in layers),
+                                       len(layers)]
+            base = base or row["portable"]["instructions"]
+            row["relative"] = row["portable"]["instructions"] / base
+            rows.append(row)
+    columns = ["model", "plan", "portable", "vs int8 layer"]
+    if no_cmsis is None:
+        columns += ["cmsis-nn", "cmsis-nn / portable", "CMSIS-NN layers"]
+    columns += ["SRAM", "BitOPs", "patches", "bits", "mismatches"]
+    table_rows = []
+    for r in rows:
+        if "error" in r:
+            table_rows.append([r["model"], r["plan"], r["error"][:60]]
+                              + [""] * (len(columns) - 3))
+            continue
+        p = r["portable"]
+        line = [r["model"], r["plan"], f"{p['instructions']:,}", f"{r['relative']:.2f}×"]
+        mismatches = [p["mismatches"]]
+        if no_cmsis is None:
+            c = r["cmsis-nn"]
+            line += [f"{c['instructions']:,}", f"{c['instructions'] / p['instructions']:.2f}×",
+                     f"{r['cmsis_layers'][0]}/{r['cmsis_layers'][1]}"]
+            mismatches.append(c["mismatches"])
+        line += [f"{r['sram']:,}", f"{r['bitops'] / 1e6:.1f} M", str(r["patches"]),
+                 ",".join(map(str, r["bits"])), "/".join(map(str, mismatches))]
+        table_rows.append(line)
+    table = show("Instructions per inference on QEMU mps2-an386 (Cortex-M4), portable vs "
+                 "cmsis-nn backend", columns, table_rows)
+    if no_cmsis is None:
+        table["note"] = ("cmsis-nn: layers with int8 activations in and out call CMSIS-NN "
+                         "(int8/int4 weights); the patch stage, sub-byte maps, in-place "
+                         "depthwise and conv+add fused layers keep mpq's portable kernels. "
+                         "Mismatches: portable/cmsis-nn output bytes vs the integer reference.")
+    else:
+        table["note"] = (f"cmsis-nn columns left out: {no_cmsis} (set {ENV} to a CMSIS-NN "
+                         "checkout to measure the cmsis-nn backend).")
+    console.print(table["note"])
+    return {"rows": rows, "table": table, "cmsis_nn": no_cmsis is None}

@@ -2,14 +2,18 @@
 
     python benchmarks/run.py            # everything
     python benchmarks/run.py inspect    # one benchmark by name
+    python benchmarks/run.py --smoke --out DIR   # the tiny subset CI runs (< 2 min), into DIR
 
 Speed and memory goals are checked here, not in timed unit tests.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import onnx_builders as B  # noqa: E402
+import paper_tables  # noqa: E402
 import search_bench  # noqa: E402
 from common import console, show  # noqa: E402
 from firmware_bench import bench_latency  # noqa: E402
@@ -35,9 +40,36 @@ RESULTS = REPO / "benchmarks" / "results"
 SHARED = REPO.parent / "shared" / "models"
 
 
+def _version(cmd: list[str], pattern: str) -> str:
+    """The first match of `pattern` in a tool's version banner, or "absent"."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "absent"
+    found = re.search(pattern, proc.stdout + proc.stderr)
+    return found.group(1) if found else "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
+    """The machine and the versions every number depends on."""
+    import numpy
+    import onnxruntime
+
     return {"python": platform.python_version(), "machine": platform.machine(),
-            "cpus": __import__("os").cpu_count()}
+            "cpus": os.cpu_count(), "cpu_model": cpu_model(), "numpy": numpy.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "gcc_arm": _version(["arm-none-eabi-gcc", "--version"], r"\) (\d[\w.\-]*)"),
+            "qemu": _version(["qemu-system-arm", "--version"], r"version (\S+)")}
 
 
 def bench_inspect() -> dict:
@@ -158,39 +190,97 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "patches": bench_patch_overhead, "solvers": search_bench.bench_solvers,
               "search_time": search_bench.bench_search_time,
               "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency}
+# QuantMCU's tables, our version (paper_tables.py): each takes (results dir, smoke).
+PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),
+         "table2": lambda out, smoke: paper_tables.bench_table2(smoke),
+         "table3": paper_tables.bench_table3}
+SMOKE = ["tflm_arena", "table1", "table2", "table3"]  # `--smoke`: CI's subset, < 2 min
 
 
-def write_markdown() -> None:
-    """benchmarks/RESULTS.md from every result JSON present (tables as they were printed)."""
+def markdown_path(results: Path) -> Path:
+    """benchmarks/RESULTS.md for the suite's own results, DIR/RESULTS.md for `--out DIR`."""
+    return REPO / "benchmarks" / "RESULTS.md" if results == RESULTS else results / "RESULTS.md"
+
+
+def _machine_line(m: dict) -> str:
+    return (f"{m.get('cpu_model', m['machine'])} ({m['machine']}), {m['cpus']} CPUs; Python "
+            f"{m['python']}, numpy {m.get('numpy', '?')}, onnxruntime {m.get('onnxruntime', '?')}, "
+            f"arm-none-eabi-gcc {m.get('gcc_arm', '?')}, QEMU {m.get('qemu', '?')}")
+
+
+def _table_lines(table: dict) -> list[str]:
+    lines = [f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
+             "|" + "---|" * len(table["columns"])]
+    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    if "note" in table:
+        lines += ["", table["note"]]
+    return lines + [""]
+
+
+def write_markdown(results: Path = RESULTS) -> None:
+    """RESULTS.md from every result JSON present (tables as they were printed), with the
+    machine and tool versions they ran on and the last whole-suite wall time."""
+    target = markdown_path(results)
     lines = ["# Benchmark results", "",
-             "Written by `python benchmarks/run.py`; each table comes from the JSON beside it in "
-             "`benchmarks/results/`.", ""]
-    for name in BENCHMARKS:
-        path = RESULTS / f"{name}.json"
+             "Written by `python benchmarks/run.py` (`make bench`); each table comes from the "
+             f"JSON beside it in `{os.path.relpath(results, target.parent)}/`.", ""]
+    suite = results / "suite.json"
+    if suite.exists():
+        run = json.loads(suite.read_text())
+        kind = "smoke subset (`--smoke`)" if run["smoke"] else "whole suite"
+        lines += [f"Last {kind} run {run['date']}: {run['seconds']:.0f} s wall "
+                  f"({run['seconds'] / 60:.1f} min) on {_machine_line(run['machine'])}.", ""]
+    for name in [*PAPER, *BENCHMARKS]:
+        path = results / f"{name}.json"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
-        table = data["result"]["table"]
-        m = data["machine"]
-        lines += [f"## {table['title']}", "",
-                  f"`{name}` — run {data['date']} on {m['machine']}, {m['cpus']} CPUs, "
-                  f"Python {m['python']}.", "",
-                  "| " + " | ".join(table["columns"]) + " |",
-                  "|" + "---|" * len(table["columns"])]
-        lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
-        if "note" in table:
-            lines += ["", table["note"]]
-        lines.append("")
-    (REPO / "benchmarks" / "RESULTS.md").write_text("\n".join(lines))
+        result = data["result"]
+        tables = result.get("tables", [result["table"]])
+        took = f", {data['seconds']:.0f} s" if "seconds" in data else ""
+        lines += [f"## {tables[0]['title']}" if len(tables) == 1 else f"## `{name}`", "",
+                  f"`{name}` — run {data['date']}{took} on {_machine_line(data['machine'])}.",
+                  ""]
+        for table in tables:
+            lines += _table_lines(table)[2:] if len(tables) == 1 else _table_lines(table)
+        if "figure" in result:
+            rel = os.path.relpath(results / result["figure"], target.parent)
+            lines += [f"![{result['figure']}]({rel})", ""]
+    target.write_text("\n".join(lines))
 
 
-def main(names: list[str]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in names or list(BENCHMARKS):
-        result = {"benchmark": name, "machine": machine(),
-                  "date": time.strftime("%Y-%m-%d"), "result": BENCHMARKS[name]()}
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    write_markdown()
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="mpq's benchmark suite")
+    parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"CI's tiny subset ({', '.join(SMOKE)}), each in its smoke size")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results directory (default: benchmarks/results)")
+    args = parser.parse_args(argv)
+    registry = {**PAPER, **BENCHMARKS}
+    unknown = [n for n in args.names if n not in registry]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r} (choose from {', '.join(registry)})")
+    out = args.out.resolve()
+    if args.smoke and out == RESULTS:
+        parser.error("--smoke needs --out DIR: its numbers must not replace the suite's")
+    names = args.names or (SMOKE if args.smoke else list(registry))
+    out.mkdir(parents=True, exist_ok=True)
+    t_suite = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        fn = registry[name]
+        outcome = fn(out, args.smoke) if name in PAPER else fn()
+        result = {"benchmark": name, "machine": machine(), "smoke": args.smoke,
+                  "date": time.strftime("%Y-%m-%d"),
+                  "seconds": round(time.perf_counter() - t0, 1), "result": outcome}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if not args.names:
+        suite = {"smoke": args.smoke, "benchmarks": names, "machine": machine(),
+                 "date": time.strftime("%Y-%m-%d"),
+                 "seconds": round(time.perf_counter() - t_suite, 1)}
+        (out / "suite.json").write_text(json.dumps(suite, indent=2, sort_keys=True) + "\n")
+    write_markdown(out)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 - `bench_solvers`: on MobileNetV2-1.0@224 and the VWW model, the objective Σ S(i,b_i) reached by
   `vdqs` (QuantMCU Algorithm 1) and `exact` (ILP) under the same budget, with BitOPs and peak
   SRAM against the int8 patch-based baseline; QBR off so the solvers are compared as they are.
+  `importance` (LIMPQ) runs on the same schedule for its search time (calibration excluded,
+  fits included); its objective is −Σ importance, not Σ S.
 - `bench_search_time`: `mpq search` on MobileNetV2-1.0@224 with 64 calibration samples, end to
   end (calibration included), and the solver step alone.
 - `bench_kws_plans`: accuracy of plans on the KWS clips (calibrated on 100, evaluated on 900)
-  under a budget that forces sub-byte activations: `vdqs`, `exact`, uniform 4-bit.
+  under a budget that forces sub-byte activations: `vdqs`, `exact`, `importance` (LIMPQ's
+  fitted step sizes, also under a BitOPs budget), uniform 4-bit; each search's time
+  (calibration excluded: the strategies share it).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def bench_solvers() -> dict:
                           SearchOptions(strategy="int8", sram=10**9, flash=flash,
                                         patches=fixed), stats=stats)
             patches = "auto"
-            for strategy in ("exact", "vdqs"):  # vdqs reuses exact's schedule: same problem
+            for strategy in ("exact", "vdqs", "importance"):  # exact's schedule for all
                 t0 = time.perf_counter()
                 res = search(path, graph, get_board(board), data,
                              SearchOptions(strategy=strategy, qbr=False, sram=sram,
@@ -157,16 +161,26 @@ def bench_kws_plans() -> dict:
         calib = load_dataset(Path(tmp) / "calib.npz", graph)
         test = load_dataset(Path(tmp) / "test.npz", graph)
         stats = calibrate(graph, calib)
-        for sram in (13_000, 11_000):
-            for strategy in ("vdqs", "exact"):
-                res = search(path, graph, get_board("nano33ble"), calib,
-                             SearchOptions(strategy=strategy, sram=sram), stats=stats)
-                acc = accuracy(PlanRunner(res.plan, graph).predictions(test), test.y)
-                rows.append({"plan": strategy, "sram_budget": sram,
-                             "sram": res.plan.predicted["sram_needed_bytes"],
-                             "bitops": res.plan.predicted["bitops"],
-                             "bits": ",".join(str(t.bits) for t in res.plan.tensors),
-                             "objective": res.plan.search["objective"], "accuracy": acc})
+        cases = [(sram, strategy, {}) for sram in (13_000, 11_000)
+                 for strategy in ("vdqs", "exact", "importance")]
+        # LIMPQ's own setting: a BitOPs budget (half of int8's), weights 8/4/2 searched too.
+        cases.append((20_000, "importance", {"bitops": 85_000_000, "weight_bits": (8, 4, 2)}))
+        for sram, strategy, extra in cases:
+            t0 = time.perf_counter()
+            res = search(path, graph, get_board("nano33ble"), calib,
+                         SearchOptions(strategy=strategy, sram=sram, **extra), stats=stats)
+            seconds = time.perf_counter() - t0
+            acc = accuracy(PlanRunner(res.plan, graph).predictions(test), test.y)
+            label = strategy + (f" (BitOPs ≤ {extra['bitops'] / 1e6:.0f} M, W 8/4/2)"
+                                if extra else "")
+            rows.append({"plan": label, "sram_budget": sram,
+                         "sram": res.plan.predicted["sram_needed_bytes"],
+                         "bitops": res.plan.predicted["bitops"],
+                         "bits": ",".join(str(t.bits) for t in res.plan.tensors),
+                         "w_bits": ",".join(str(layer.w_bits) for layer in res.plan.layers
+                                            if layer.w_bits),
+                         "objective": res.plan.search["objective"], "accuracy": acc,
+                         "seconds": seconds})
         for method in ("minmax", "entropy"):
             qm = quantise(graph, stats, 4, method)
             from mpq.search.scores import layer_bitops
@@ -175,13 +189,18 @@ def bench_kws_plans() -> dict:
             rows.append({"plan": f"uniform A4 ({method})", "sram_budget": None, "sram": None,
                          "bitops": int(sum(layer_bitops(graph, bits).values())),
                          "bits": ",".join(str(bits[t]) for t in graph.tensors),
-                         "objective": None,
-                         "accuracy": accuracy(quant_predictions(qm, test), test.y)})
-    table = show("KWS DS-CNN: plans under sub-byte-forcing budgets, top-1 on 900 clips",
-                 ["plan", "SRAM budget", "SRAM", "BitOPs", "bits per tensor", "objective",
-                  "accuracy"],
+                         "w_bits": None, "objective": None,
+                         "accuracy": accuracy(quant_predictions(qm, test), test.y),
+                         "seconds": None})
+    table = show("KWS DS-CNN: plans under sub-byte-forcing budgets, top-1 on 900 clips "
+                 "(objective: Σ S for exact/vdqs, −Σ importance for importance)",
+                 ["plan", "SRAM budget", "SRAM", "BitOPs", "bits per tensor", "weight bits",
+                  "objective", "accuracy", "search (s)"],
                  [[r["plan"], f"{r['sram_budget']:,}" if r["sram_budget"] else "-",
                    f"{r['sram']:,}" if r["sram"] else "-", f"{r['bitops'] / 1e6:.1f} M",
-                   r["bits"], f"{r['objective']:.4f}" if r["objective"] is not None else "-",
-                   f"{r['accuracy']:.4f}"] for r in rows])
+                   r["bits"], r["w_bits"] or "-",
+                   f"{r['objective']:.4f}" if r["objective"] is not None else "-",
+                   f"{r['accuracy']:.4f}",
+                   f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"] for r in rows])
     return {"rows": rows, "table": table}
+

@@ -1,16 +1,20 @@
 """Per-layer analysis of a model: shapes, MACs, parameters and the int8 memory model.
 
 This is what `mpq inspect` prints. It only reads the IR and the memory model (DESIGN §5); the
-numbers are those of the layer-based schedule with every tensor at 8 bits.
+numbers are those of the layer-based schedule with every tensor at 8 bits. `--compress` adds
+the size of the weight blob export would write under a weight scheme — raw, gzip and lzma
+(Nayak et al.'s "file size" measure; DESIGN §7.4).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from mpq.boards import Board
 from mpq.ir import Graph, node_macs, node_params
 from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory
+from mpq.quant.weights import WeightSpec, compressed_sizes, encode, quantize_weights, weight_blob
 
 
 @dataclass
@@ -64,6 +68,7 @@ class ModelSummary:
     code_bytes_estimate: int
     inplace_depthwise: int
     fit: BoardFit | None = None
+    compress: dict[str, Any] | None = None  # `--compress`: the weight blob's sizes
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -103,3 +108,16 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
             sram_margin=board.sram_budget - sram_needed, flash_budget=board.flash_budget,
             flash_needed=flash_needed, flash_margin=board.flash_budget - flash_needed)
     return summary
+
+
+def weight_compression(graph: Graph, spec: WeightSpec) -> dict[str, Any]:
+    """Raw, gzip and lzma bytes of the weight blob export writes with every weighted layer under
+    `spec`: the packed codes and codebooks of `mpq.quant.weights.encode`, in layer order."""
+    encoded = []
+    for node in graph.nodes:
+        if node.weight is not None:
+            q = quantize_weights(node.weight, spec)
+            encoded.append(encode(q.values, q.scheme, q.bits, q.codebook, f"layer '{node.name}'"))
+    sizes = compressed_sizes(weight_blob(encoded))
+    params = sum(int(n.weight.size) for n in graph.nodes if n.weight is not None)
+    return {"weights": spec.label, "layers": len(encoded), "parameters": params, **sizes}

@@ -27,6 +27,7 @@ EPILOG = "Exit codes: 0 success, 1 user error (bad input, unsupported model), 2 
 out = Console(highlight=False, soft_wrap=True,
               width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
 err = Console(stderr=True, highlight=False)
+VERBOSE = False  # `mpq -v …`: phase detail on stderr
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,9 +58,24 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpq")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Print each step's detail (search candidates, build commands) on stderr.")
+def main(verbose: bool) -> None:
     """mpq: fit a neural network onto a Cortex-M board with mixed-precision quantisation
-    and patch-based inference, and emit the firmware sources."""
+    and patch-based inference, and emit the firmware sources.
+
+    Progress bars appear on a terminal only (never in pipes or CI logs; -q/--quiet on a
+    command turns them off); errors are one line on stderr, in red on a terminal.
+    """
+    global VERBOSE
+    VERBOSE = verbose
+    if verbose:  # the library logs the external commands it runs (compilers, QEMU)
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("mpq").addHandler(handler)
+        logging.getLogger("mpq").setLevel(logging.INFO)
 
 
 # -- boards -------------------------------------------------------------------------------------
@@ -136,20 +152,39 @@ def import_(model: Path, output: Path | None) -> None:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--board", "board_name", help="Board name or board TOML file to check the fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--compress", is_flag=True,
+              help="Also report the exported weight blob's size: raw, gzip and lzma.")
+@click.option("--weights", "weights_spec", default="linear:8", show_default=True,
+              help="Weight scheme of --compress: linear, wentropy, sym or pow2, with :BITS.")
 @user_errors
-def inspect(model: Path, board_name: str | None, as_json: bool) -> None:
+def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
+            weights_spec: str) -> None:
     """Per-layer shapes, MACs, parameters and the int8 memory model of MODEL."""
-    from mpq.analysis import summarise
+    from mpq.analysis import summarise, weight_compression
     from mpq.boards import get_board
     from mpq.frontend import load_model
+    from mpq.quant.weights import parse_weights
 
+    spec = parse_weights(weights_spec, for_export=True)
     board = get_board(board_name) if board_name else None
     graph = load_model(model)
     summary = summarise(graph, model.name, board)
+    if compress:
+        summary.compress = weight_compression(graph, spec)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
         return
     _print_summary(summary)
+    if summary.compress is not None:
+        c = summary.compress
+        table = Table(title=f"Weight blob ({c['weights']}: {c['layers']} layers, "
+                            f"{c['parameters']:,} parameters)")
+        for col in ("", "bytes", "vs raw", "bits/weight"):
+            table.add_column(col, justify="right")
+        for key in ("raw", "gzip", "lzma"):
+            table.add_row(key, f"{c[key]:,}", f"{c[key] / max(c['raw'], 1):.3f}",
+                          f"{8 * c[key] / max(c['parameters'], 1):.3f}")
+        out.print(table)
 
 
 def _shape(s: list[int]) -> str:
@@ -200,28 +235,46 @@ def _print_summary(s: Any) -> None:
 
 # -- progress ----------------------------------------------------------------------------------
 
+class _Ticker:
+    """What `progress_bar` hands out: `tick(n)` advances the bar, `tick.note(msg)` names the
+    current phase on the bar and, with -v, also prints it as a line on stderr."""
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def note(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=message.split(":")[0][:40])
+        if VERBOSE:
+            err.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
+
+
 class progress_bar:  # noqa: N801 - used as a context manager like open()
     """A rich progress bar on a terminal; silent when stdout is not a terminal or with --quiet.
 
-    `with progress_bar("calibrating", total) as advance: advance(n)`.
+    `with progress_bar("calibrating", total) as tick: tick(n); tick.note("scoring")`.
     """
 
-    def __init__(self, description: str, total: int, quiet: bool = False) -> None:
+    def __init__(self, description: str, total: int | None, quiet: bool = False) -> None:
         self.enabled = sys.stdout.isatty() and not quiet
         self.description = description
         self.total = total
 
-    def __enter__(self) -> Callable[[int], None]:
+    def __enter__(self) -> _Ticker:
         if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+            return _Ticker()
+        from rich import progress as rp
 
-        self.progress = Progress("[progress.description]{task.description}", BarColumn(),
-                                 MofNCompleteColumn(), TimeRemainingColumn(), console=out,
-                                 transient=True)
+        self.progress = rp.Progress(rp.SpinnerColumn(),
+                                    "[progress.description]{task.description}",
+                                    rp.BarColumn(), rp.MofNCompleteColumn(),
+                                    rp.TimeElapsedColumn(), console=out, transient=True)
         self.progress.start()
-        task = self.progress.add_task(self.description, total=self.total)
-        return lambda n: self.progress.advance(task, n)
+        return _Ticker(self.progress, self.progress.add_task(self.description, total=self.total))
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
@@ -371,23 +424,39 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 @click.option("--act-bits", default="8", show_default=True,
               help="Comma-separated uniform activation bitwidths to evaluate, e.g. 8,4,2.")
 @METHOD
+@click.option("--weights", "weights_spec",
+              help="Weights of every layer under one scheme: linear, wentropy, sym, asym "
+                   "(reference only) or pow2, with :BITS (default: linear:8).")
+@click.option("--act-quant", type=click.Choice(["linear", "log"]), default="linear",
+              show_default=True,
+              help="log: also Park et al.'s log-domain activation levels (reference only, "
+                   "float fake quantisation; needs --calib), beside the linear ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
 def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
-          stats: Path | None, act_bits: str, method: str, as_json: bool, quiet: bool) -> None:
+          stats: Path | None, act_bits: str, method: str, weights_spec: str | None,
+          act_quant: str, as_json: bool, quiet: bool) -> None:
     """Top-1 accuracy of the float model and of the integer reference, side by side.
 
     Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
     branches) beside the float model and the all-int8 model at the plan's ranges.
     """
-    from mpq.evaluate import accuracy, float_predictions, quant_predictions
+    from mpq.evaluate import LogActivations, accuracy, float_predictions, quant_predictions
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
+    from mpq.quant.qmodel import with_weight_scheme
+    from mpq.quant.weights import parse_weights
 
     if model.suffix.lower() == ".json":
+        if weights_spec is not None or act_quant != "linear":
+            raise MpqError("a plan carries its own weight schemes and linear activations; "
+                           "--weights and --act-quant apply to a model")
         _eval_plan(model, plan_model, data, as_json, quiet)
         return
+    spec = parse_weights(weights_spec) if weights_spec is not None else None
+    if act_quant == "log" and calib is None:
+        raise MpqError("--act-quant log fits its levels on calibration data: give --calib")
 
     try:
         bit_list = [int(b) for b in act_bits.split(",")]
@@ -400,24 +469,37 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
         raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
     labels = ds.y
     results: dict[str, Any] = {"samples": len(ds)}
+    if spec is not None:
+        results["weights"] = spec.label
     with progress_bar("float", len(ds), quiet) as advance:
         results["float"] = accuracy(float_predictions(model, loaded.graph, ds,
                                                       progress=advance), labels)
     stats_obj = None
+    log_acts = None
     for b in bit_list:
         key = "int8" if b == 8 else f"act{b}"
-        if b == 8 and loaded.own_quant is not None and calib is None and stats is None:
+        if b == 8 and loaded.own_quant is not None and calib is None and stats is None \
+                and spec is None:
             qm = loaded.own_quant
         else:
             if stats_obj is None:
                 stats_obj = _stats_for(loaded.graph, calib, stats, quiet, "mpq eval")
             qm = quantise(loaded.graph, stats_obj, b, method)
+            if spec is not None:
+                qm = with_weight_scheme(qm, spec)
         with progress_bar(key, len(ds), quiet) as advance:
             results[key] = accuracy(quant_predictions(qm, ds, progress=advance), labels)
+        if act_quant == "log":
+            if log_acts is None:
+                log_acts = LogActivations(loaded.graph, load_dataset(calib, loaded.graph))
+            with progress_bar(f"log{b}", len(ds), quiet) as advance:
+                results[f"log{b}"] = accuracy(log_acts.predictions(qm, b, ds,
+                                                                   progress=advance), labels)
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
-    _print_accuracies(f"{model.name}: top-1 accuracy on {len(ds)} samples", results)
+    weights = f", weights {spec.label}" if spec is not None else ""
+    _print_accuracies(f"{model.name}: top-1 accuracy on {len(ds)} samples{weights}", results)
 
 
 def _print_accuracies(title: str, results: dict[str, Any]) -> None:
@@ -425,7 +507,7 @@ def _print_accuracies(title: str, results: dict[str, Any]) -> None:
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     for key, value in results.items():
-        if key != "samples":
+        if isinstance(value, float):
             table.add_row(key, f"{value:.4f}")
     out.print(table)
 
@@ -479,24 +561,26 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
 @click.option("--build", is_flag=True,
               help="Also link for the board (arm-none-eabi-gcc) and record the measured "
                    "section sizes in mpq_report.json.")
+@QUIET
 @user_errors
 def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str,
-               build: bool) -> None:
+               build: bool, quiet: bool) -> None:
     """Write the firmware sources of PLAN: mpq_model.{h,c}, mpq_weights.{h,c}, the kernels.
 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
+    With --backend cmsis-nn the int8 layers call CMSIS-NN (mpq_report.json lists each layer's
+    backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
     from mpq.frontend import load_model
     from mpq.plan import load_plan, resolve_model
 
-    if backend != "portable":
-        raise MpqError("the cmsis-nn backend is not available yet; use --backend portable")
     plan = load_plan(plan_path)
     graph = load_model(resolve_model(plan, plan_path, plan_model))
-    files = render_export(plan, graph)
+    files = render_export(plan, graph, backend)
     if build:
-        measured = measure_build(files, plan.board["name"])
+        with progress_bar(f"building for {plan.board['name']}", None, quiet):
+            measured = measure_build(files, plan.board["name"])
         files = with_measured(files, measured)
         out.print(f"built for {plan.board['name']}: Flash {measured['flash_bytes']:,} B, "
                   f"SRAM {measured['sram_bytes']:,} B")
@@ -508,12 +592,53 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
         raise MpqError(f"{output}: cannot write ({exc.strerror})") from None
     out.print(f"{plan_path} → {output}/: {len(files)} files, {len(written)} written "
               f"({len(files) - len(written)} unchanged)")
+    report = json.loads(files["mpq_report.json"])
+    if backend == "cmsis-nn":
+        n = sum(1 for layer in report["layers"] if layer["backend"] == "cmsis-nn")
+        p = report["predicted"]
+        out.print(f"  {n} of {len(report['layers'])} layers call CMSIS-NN (see "
+                  f"mpq_report.json); scratch {p['scratch_bytes']:,} B, the plan predicted "
+                  f"{p['plan_scratch_bytes']:,} B")
+
+
+@main.command("report", epilog=EPILOG)
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Directory for the report (default: <plan stem>.report/ beside PLAN).")
+@click.option("--model", "plan_model", type=click.Path(path_type=Path),
+              help="The plan's model file (default: next to the plan).")
+@QUIET
+@user_errors
+def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
+               quiet: bool) -> None:
+    """Figures (PNG), an HTML page and report.json of PLAN: SRAM per step against the
+    budget, bits per layer, the patch grid with VDPC's outlier rates, BitOPs per layer.
+
+    Same plan ⇒ byte-identical files.
+    """
+    from mpq.plan import load_plan, resolve_model
+
+    plan = load_plan(plan_path)
+    model_path = resolve_model(plan, plan_path, plan_model)
+    from mpq.frontend import load_model
+    from mpq.report import check_output_dir, default_output_dir, render_report, write_report
+
+    graph = load_model(model_path)
+    target = output or default_output_dir(plan_path)
+    check_output_dir(target)
+    with progress_bar("drawing figures", None, quiet):
+        files = render_report(plan, graph, plan_path.name)
+    write_report(files, target)
+    out.print(f"{plan_path} → {target}/: {', '.join(files)}")
 
 
 @main.command("verify", epilog=EPILOG)
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--target", type=click.Choice(["host", "qemu-m4", "qemu-m7"]), default="host",
               show_default=True, help="Where the exported C runs.")
+@click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
+              show_default=True,
+              help="Kernel library the export calls (cmsis-nn: CMSIS-NN from $CMSIS_NN_PATH).")
 @click.option("--data", type=click.Path(path_type=Path), help="Inputs: .npz with x.")
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="Inputs: .npy (one sample or a batch).")
@@ -522,17 +647,22 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
               help="The plan's model file (default: next to the plan).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@QUIET
 @user_errors
-def verify_cmd(plan_path: Path, target: str, data: Path | None, input_path: Path | None,
-               samples: int, plan_model: Path | None, as_json: bool) -> None:
+def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
+               input_path: Path | None, samples: int, plan_model: Path | None,
+               as_json: bool, quiet: bool) -> None:
     """Export PLAN, build it for TARGET, run it and compare every byte with the reference."""
     import numpy as np
 
+    from mpq.codegen.cmsis import cmsis_nn_root
     from mpq.frontend import load_model
     from mpq.plan import load_plan, resolve_model
     from mpq.quant.calibrate import load_dataset
     from mpq.verify import verify
 
+    if backend == "cmsis-nn":
+        cmsis_nn_root([])
     plan = load_plan(plan_path)
     graph = load_model(resolve_model(plan, plan_path, plan_model))
     source = data or input_path
@@ -540,13 +670,15 @@ def verify_cmd(plan_path: Path, target: str, data: Path | None, input_path: Path
         raise MpqError("mpq verify needs inputs: --data D.npz or --input x.npy")
     ds = load_dataset(source, graph)
     x = np.concatenate(list(ds.batches(256)))[:samples]
-    result = verify(plan, graph, x, target)
+    with progress_bar(f"building and running on {target}", None, quiet or as_json):
+        result = verify(plan, graph, x, target, backend)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
         verdict = "[green]0 mismatches[/green]" if result.mismatches == 0 else \
             f"[red]{result.mismatches} mismatched bytes[/red]"
-        out.print(f"{plan_path} on {target}: {result.samples} samples, {verdict}")
+        where = target if backend == "portable" else f"{target} with {backend}"
+        out.print(f"{plan_path} on {where}: {result.samples} samples, {verdict}")
         if result.instructions is not None:
             out.print(f"  {result.instructions:,} instructions per inference; Flash "
                       f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")
@@ -578,8 +710,13 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--sram", type=click.IntRange(1), help="Override the board's SRAM budget (bytes).")
 @click.option("--flash", type=click.IntRange(1),
               help="Override the board's Flash budget (bytes).")
-@click.option("--strategy", type=click.Choice(["exact", "vdqs", "int8", "qe"]),
-              default="exact", show_default=True)
+@click.option("--strategy",
+              type=click.Choice(["exact", "vdqs", "int8", "qe", "importance", "rusci"]),
+              default="exact", show_default=True,
+              help="exact: ILP over VDQS scores; vdqs: QuantMCU's Algorithm 1; int8: no "
+                   "sub-byte maps; qe: data-free QE-Score; importance: LIMPQ's fitted LSQ "
+                   "step sizes + one ILP over (b_w, b_a); rusci: Rusci's accuracy-blind "
+                   "memory-driven halving (baseline).")
 @click.option("--lambda", "lam", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="λ of S = −λΩ + (1−λ)Φ.")
 @click.option("--phi", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.96,
@@ -590,6 +727,10 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="Candidate activation bitwidths.")
 @click.option("--weight-bits", default="8", show_default=True,
               help="Candidate weight bitwidths (8,4 lets the search choose).")
+@click.option("--weights", "weights_spec",
+              help="Every weighted layer under one scheme: wentropy:4|3|2 (weighted-entropy "
+                   "codebook), pow2:4|3|2 (shifts), sym:8|4|3|2 or linear:8|4|2 "
+                   "(default: linear, bits from --weight-bits).")
 @click.option("--patches", default="auto", show_default=True,
               help="auto, none, or k=K,n=N (K layers per patch, N×N grid).")
 @click.option("--no-vdpc", is_flag=True, help="All patches mixed-precision.")
@@ -601,34 +742,44 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
               default="entropy", show_default=True,
               help="How activation ranges are chosen (entropy keeps sub-byte maps usable).")
+@click.option("--bitops", type=click.IntRange(1),
+              help="BitOPs budget Σ MACs·b_w·b_a (--strategy importance; default: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @QUIET
 @user_errors
 def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                sram: int | None, flash: int | None, strategy: str, lam: float, phi: float,
-               bins: int, bits: str, weight_bits: str, patches: str, no_vdpc: bool,
-               vdpc_min_outliers: int, no_qbr: bool, phi_norm: str, method: str,
-               as_json: bool, quiet: bool) -> None:
+               bins: int, bits: str, weight_bits: str, weights_spec: str | None, patches: str,
+               no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
+               method: str, bitops: int | None, as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     import time
 
     from mpq.boards import get_board
     from mpq.frontend import load_model
     from mpq.quant.calibrate import load_dataset, total_steps
+    from mpq.quant.weights import parse_weights
     from mpq.search.driver import SearchOptions, search
 
     t0 = time.perf_counter()
     board = get_board(board_name)
+    w_bits, w_scheme = _int_list(weight_bits, "--weight-bits"), None
+    if weights_spec is not None:
+        if weight_bits != "8":
+            raise MpqError("--weights fixes every layer's weight bits; drop --weight-bits")
+        spec = parse_weights(weights_spec, for_export=True)
+        w_bits, w_scheme = (spec.bits,), spec.scheme
     opts = SearchOptions(strategy=strategy, lam=lam, phi=phi, bins=bins,
                          bits=_int_list(bits, "--bits"),
-                         weight_bits=_int_list(weight_bits, "--weight-bits"), patches=patches,
+                         weight_bits=w_bits, weight_scheme=w_scheme, patches=patches,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
-                         phi_norm=phi_norm, range_method=method, sram=sram, flash=flash)
+                         phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
+                         bitops=bitops)
     graph = load_model(model)
     ds = load_dataset(data, graph) if data is not None else None
     total = total_steps(ds) if ds is not None else 0
-    with progress_bar("calibrating", total, quiet or ds is None) as advance:
-        result = search(model, graph, board, ds, opts, progress=advance)
+    with progress_bar("calibrating", total or None, quiet) as tick:
+        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note)
     result.plan.save(output)
     seconds = time.perf_counter() - t0
     summary = _search_summary(result.plan, seconds, output)

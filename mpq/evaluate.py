@@ -30,6 +30,9 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
 
         sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
+        fixed = sess.get_inputs()[0].shape[0]
+        if isinstance(fixed, int) and fixed > 0:  # a model exported with a fixed batch size
+            batch_size = fixed
         for batch in data.batches(batch_size):
             out = sess.run(None, {name: batch})[0]
             preds.append(out.reshape(len(batch), -1).argmax(axis=1))
@@ -142,3 +145,44 @@ def plan_int8_ranges(plan) -> dict[str, tuple[float, float]]:
     """The calibrated 8-bit range of every plan tensor: the all-int8 model the plan is
     measured against, without the calibration data."""
     return {t.name: (float(t.range8[0]), float(t.range8[1])) for t in plan.tensors}
+
+
+class LogActivations:
+    """Park et al.'s log-domain activation levels (`mpq.quant.logquant`), reference only:
+    fitted per tensor on calibration data, run as fake quantisation in float with the weights
+    of a QuantModel dequantised, so the only difference to the integer reference of that
+    QuantModel is how activations are quantised."""
+
+    def __init__(self, graph: Graph, calib: Dataset) -> None:
+        from mpq.quant.logquant import collect_log_histograms
+
+        self.graph = graph
+        self.hists, self.signed = collect_log_histograms(graph, calib)
+
+    def predictions(self, qm: QuantModel, bits: int, data: Dataset, batch_size: int = 64,
+                    progress: Progress | None = None) -> np.ndarray:
+        """Top-1 class per sample with every activation at `bits` log levels (the input stays
+        at its linear 8-bit quantisation)."""
+        from mpq.quant.logquant import choose_log_levels, run_log_quantised
+        from mpq.sim import dequantize
+
+        g = self.graph
+        name = g.inputs[0]
+        quantizers = {t: choose_log_levels(self.hists[t], bits, self.signed[t])
+                      for t in g.tensors if t != name}
+        weights = {n: (lq.weight.astype(np.float64) * lq.weight_scale.astype(np.float64)
+                       .reshape((-1,) + (1,) * (lq.weight.ndim - 1))).astype(np.float32)
+                   for n, lq in qm.layers.items() if lq.weight is not None}
+        inq = qm.acts[name]
+
+        def input_fq(x: np.ndarray) -> np.ndarray:
+            return dequantize(inq, quantize_input(inq, x)).astype(np.float32)
+
+        preds = []
+        for batch in data.batches(batch_size):
+            y = run_log_quantised(g, quantizers, weights, to_ir_layout(g, name, batch), input_fq)
+            y = from_ir_layout(g, g.outputs[0], y)
+            preds.append(y.reshape(len(batch), -1).argmax(axis=1))
+            if progress:
+                progress(len(batch))
+        return np.concatenate(preds)

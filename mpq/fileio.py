@@ -9,6 +9,13 @@ from pathlib import Path
 from mpq.errors import MpqError
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it over `path`.
 
@@ -25,6 +32,8 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file 0600; outputs get the mode a plain open() would give them.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,8 @@ This is the machinery behind ``mpq verify --target qemu-m4|qemu-m7`` and the exp
   and the board's linker script (``templates/linker/board.ld.j2``), then compiles and links
   with ``arm-none-eabi-gcc -nostdlib``; a linker region overflow becomes one :class:`MpqError`
   line;
+* :func:`library_objects` compiles third-party sources (CMSIS-NN, for the cmsis-nn backend)
+  with the board's flags into cached objects that :func:`build_elf` links;
 * :func:`section_sizes` / :func:`memory_usage` report what the ELF needs in flash and SRAM;
 * :func:`run_qemu` runs the ELF on an MPS2 machine with semihosting (console, host files, exit
   code) and the ``tools/icount/icount.c`` TCG plugin, which :func:`icount_plugin` builds with the
@@ -28,8 +30,10 @@ fault status registers and exits with :data:`FAULT_EXIT_CODE`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -43,6 +47,8 @@ from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.resources import data_dir
 
+_LOG = logging.getLogger(__name__)  # `mpq -v`: the commands run
+
 __all__ = [
     "DEFAULT_WINDOW",
     "FAULT_EXIT_CODE",
@@ -51,6 +57,7 @@ __all__ = [
     "Toolchain",
     "build_elf",
     "icount_plugin",
+    "library_objects",
     "memory_usage",
     "require_tools",
     "run_qemu",
@@ -294,6 +301,7 @@ def build_elf(
         str(elf),
         "-lgcc",
     ]
+    _LOG.info("$ %s", shlex.join(map(str, cmd)))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
     log = proc.stdout + proc.stderr
     log_file.write_text(" ".join(cmd) + "\n" + log, encoding="utf-8")
@@ -309,6 +317,68 @@ def build_elf(
         )
     _write_if_changed(out / f"{name}.memory.txt", proc.stdout)
     return elf
+
+
+def _tree_digest(directories: Sequence[Path]) -> str:
+    """sha256 over the names and bytes of every header below `directories` (what an object
+    compiled with them on the include path may depend on)."""
+    h = hashlib.sha256()
+    for d in directories:
+        for path in sorted(Path(d).rglob("*.h")):
+            h.update(str(path.relative_to(d)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def library_objects(
+    sources: Sequence[Path | str],
+    include_dirs: Sequence[Path | str],
+    board: Board | str | None,
+    out_dir: Path | str,
+    *,
+    toolchain: Toolchain | None = None,
+) -> list[Path]:
+    """Compile third-party C sources (CMSIS-NN) to objects for ``board`` — its CPU flags and the
+    flags of :func:`build_elf`, warnings not fatal: the code is the user's, not mpq's — or for
+    the host (``board=None``: ``gcc -O2``). Returns the objects to link.
+
+    Objects are cached in the cache directory under a name that hashes the compiler, the flags,
+    the source and every header of ``include_dirs``, so repeated builds of the same library
+    compile nothing; without a writable cache they are compiled into ``out_dir``.
+    """
+    tools = toolchain or require_tools()
+    if board is None:
+        cc, flags = tools.host_cc, ("-O2",)
+    else:
+        b = _resolve_board(board)
+        cc, flags = tools.cc, (*b.cpu_flags, *_CFLAGS)
+    includes = [Path(d).resolve() for d in include_dirs]
+    headers = _tree_digest(includes)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = _cache_dir() / "objects"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = out
+    objects = []
+    for src in map(Path, sources):
+        key = hashlib.sha256("\0".join([cc, *flags, headers]).encode() + b"\0"
+                             + src.read_bytes()).hexdigest()[:20]
+        obj = cache / f"{src.stem}-{key}.o"
+        if not obj.is_file():
+            fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".o", dir=cache)
+            os.close(fd)
+            cmd = [cc, *flags, *(f"-I{d}" for d in includes), "-c", str(src.resolve()),
+                   "-o", tmp]
+            _LOG.info("$ %s", shlex.join(map(str, cmd)))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                Path(tmp).unlink(missing_ok=True)
+                raise MpqError(f"{Path(cc).name} failed on {src}: "
+                               f"{_first_error(proc.stdout + proc.stderr)}")
+            os.replace(tmp, obj)
+        objects.append(obj)
+    return objects
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +641,7 @@ def run_qemu(
             "-plugin", ",".join(_qemu_opt(a) for a in plugin_args),
             "-kernel", str(elf),
         ]  # fmt: skip
+        _LOG.info("$ %s", shlex.join(map(str, cmd)))
         try:
             proc = subprocess.run(
                 ["sh", "-c", 'ulimit -c 0; exec "$@"', "sh", *cmd],

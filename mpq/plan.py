@@ -9,7 +9,10 @@ predicts, and how the plan was found. No wall-clock time and no absolute path go
 same inputs give the same bytes.
 
 Weights are not stored: they are re-quantised deterministically from the model (whose sha256
-the plan pins) at the plan's per-layer weight bits.
+the plan pins) at the plan's per-layer weight bits. A layer whose weights use another scheme than
+linear (DESIGN §7.4) records it as `w_scheme`, with what rebuilds its weights exactly in
+`w_params` (weighted entropy: the cluster boundaries and the int8 codebook); a layer without
+these keys (every layer of older plans) is linear.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import Graph
-from mpq.quant.qmodel import ActQuant, QuantModel, quant_model_with_acts
+from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel, quant_model_with_acts
+from mpq.quant.weights import WeightSpec
 
 SCHEMA = 1
 
@@ -53,6 +57,24 @@ class LayerPlan:
     a_bits_out: int
     macs: int
     bitops: int
+    w_scheme: str | None = None  # None: linear (DESIGN §7.4)
+    w_params: dict[str, Any] | None = None  # e.g. wentropy boundaries and codebook
+
+    def weight_spec(self) -> WeightSpec | None:
+        """The scheme to rebuild this layer's weights with (None: linear at w_bits)."""
+        if self.w_scheme is None or self.w_bits is None:
+            return None
+        return WeightSpec(self.w_scheme, int(self.w_bits), self.w_params)
+
+
+OPTIONAL_LAYER_KEYS = ("w_scheme", "w_params")
+
+
+def layer_weight_fields(lq: LayerQuant | None) -> dict[str, Any]:
+    """The `LayerPlan` keys recording a layer's weight scheme; none for linear weights."""
+    if lq is None or lq.weight is None or lq.weight_scheme == "linear":
+        return {}
+    return {"w_scheme": lq.weight_scheme, "w_params": lq.weight_params}
 
 
 @dataclass
@@ -74,7 +96,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        for layer in data["layers"]:  # linear layers keep the keys older plans have
+            for key in OPTIONAL_LAYER_KEYS:
+                if layer[key] is None:
+                    del layer[key]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save(self, path: str | Path) -> None:
         """Write atomically (never a half-written plan)."""
@@ -152,7 +179,9 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
         else:
             acts[t.name] = ActQuant(float(t.scale), int(t.zero_point), int(t.bits))
     w_bits = {layer.name: int(layer.w_bits) for layer in plan.layers if layer.w_bits}
-    return quant_model_with_acts(graph, acts, w_bits)
+    schemes = {layer.name: spec for layer in plan.layers
+               if (spec := layer.weight_spec()) is not None}
+    return quant_model_with_acts(graph, acts, w_bits, schemes)
 
 
 def _fingerprint(graph: Graph) -> str:

@@ -5,10 +5,16 @@ The plan is exported into a temporary directory, built with a small harness — 
 (`mpq.firmware`) — and run on the given inputs. Every output byte is compared with what
 `mpq.evaluate.PlanRunner` computes. Under QEMU the icount plugin counts the instructions of
 each inference exactly, and the linked sections are measured against the board.
+
+With `backend="cmsis-nn"` the export calls CMSIS-NN from the checkout named by $CMSIS_NN_PATH;
+its sources (only those the export calls) are compiled with the target's flags and linked in.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpq.codegen import cmsis
 from mpq.codegen.export import render_export, write_export
 from mpq.codegen.render import render
 from mpq.errors import MpqError
@@ -24,6 +31,8 @@ from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph
 from mpq.plan import Plan
 from mpq.sim import quantize_input
+
+_LOG = logging.getLogger(__name__)  # `mpq -v`: the commands run
 
 TARGETS = ("host", "qemu-m4", "qemu-m7")
 C_FLAGS = ("-O2", "-std=c99", "-Wall", "-Wextra", "-Werror")
@@ -39,6 +48,7 @@ class VerifyResult:
     instructions: int | None = None  # per inference (QEMU targets)
     flash_bytes: int | None = None
     sram_bytes: int | None = None
+    backend: str = "portable"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,19 +62,50 @@ def reference_outputs(plan: Plan, graph: Graph, x: np.ndarray) -> tuple[np.ndarr
     return xq.astype(np.int8), runner.int_outputs(xq).astype(np.int8)
 
 
-def _export(plan: Plan, graph: Graph, out_dir: Path) -> list[Path]:
-    files = render_export(plan, graph)
+@dataclass
+class _Built:
+    """An export written for a build: its sources, and the CMSIS-NN it calls."""
+
+    sources: list[Path]
+    library: list[Path]  # CMSIS-NN sources to compile as a library
+    includes: list[Path]
+
+
+def _export(plan: Plan, graph: Graph, out_dir: Path, backend: str) -> _Built:
+    files = render_export(plan, graph, backend)
     write_export(files, out_dir)
-    return [out_dir / n for n in ("mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
+    sources = [out_dir / n for n in ("mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
+    used = json.loads(files["mpq_report.json"]).get("cmsis_nn")
+    if not used:
+        return _Built(sources, [], [])
+    root = cmsis.cmsis_nn_root(used["sources"])
+    return _Built(sources, [root / s for s in used["sources"]], [root / "Include"])
 
 
-def run_host(plan: Plan, graph: Graph, xq: np.ndarray, work: Path) -> np.ndarray:
+def _failure(rc: int) -> str:
+    """What the harness's exit status 2 − rc says about mpq_model_run's return code rc."""
+    code = 2 - rc
+    if code == -16:
+        return "a CMSIS-NN kernel needs more scratch than MPQ_CMSIS_SCRATCH_BYTES"
+    if code == -17:
+        return "a CMSIS-NN kernel refused its arguments"
+    return f"kernel error {code}"
+
+
+def run_host(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
+             backend: str = "portable") -> np.ndarray:
     """Build the export with host gcc and run it on the int8 inputs."""
-    sources = _export(plan, graph, work)
+    from mpq import firmware
+
+    built = _export(plan, graph, work, backend)
+    objects = firmware.library_objects(built.library, built.includes, None, work / "lib") \
+        if built.library else []
     (work / "mpq_host_main.c").write_text(render("c/mpq_host_main.c.j2"))
     exe = work / "mpq_host"
-    cmd = ["gcc", *C_FLAGS, "-I", str(work), "-o", str(exe), str(work / "mpq_host_main.c"),
-           *map(str, sources)]
+    cmd = ["gcc", *C_FLAGS, "-I", str(work), *(f"-I{d}" for d in built.includes), "-o",
+           str(exe), str(work / "mpq_host_main.c"), *map(str, built.sources),
+           *map(str, objects)]
+    _LOG.info("$ %s", shlex.join(map(str, cmd)))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         first = (proc.stderr.strip().splitlines() or ["?"])[0]
@@ -74,47 +115,55 @@ def run_host(plan: Plan, graph: Graph, xq: np.ndarray, work: Path) -> np.ndarray
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise MpqError(f"the exported model failed on the host (exit {proc.returncode}: "
-                       f"kernel error {2 - proc.returncode})")
+                       f"{_failure(proc.returncode)})")
     return np.frombuffer((work / "out.bin").read_bytes(), np.int8)
 
 
 def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
-                    target: str) -> tuple[np.ndarray, int, dict]:
+                    target: str, backend: str = "portable") -> tuple[np.ndarray, int, dict]:
     """Cross-build the export for the target's QEMU machine and run it there."""
     from mpq import firmware
 
     tools = firmware.require_tools(target)
     machine, _ = firmware.TARGETS[target]
-    sources = _export(plan, graph, work)
+    built = _export(plan, graph, work, backend)
+    board = firmware.target_board(target)
+    objects = firmware.library_objects(built.library, built.includes, board, work / "lib",
+                                       toolchain=tools) if built.library else []
     samples = len(xq)
     (work / "verify_main.c").write_text(render("firmware/verify_main.c.j2", target=target,
                                                samples=samples))
-    elf = firmware.build_elf([work / "verify_main.c", *sources], [work],
-                             firmware.target_board(target), work / "build", toolchain=tools,
+    elf = firmware.build_elf([work / "verify_main.c", *built.sources, *objects],
+                             [work, *built.includes], board, work / "build", toolchain=tools,
                              extra_flags=("-Werror",))
     run = firmware.run_qemu(elf, machine, work / "run", {"in.bin": xq.tobytes()},
                             toolchain=tools)
     if run.returncode != 0:
-        raise MpqError(f"the exported model failed on {machine} (exit {run.returncode})")
+        raise MpqError(f"the exported model failed on {machine} (exit {run.returncode}: "
+                       f"{_failure(run.returncode)})")
     out = np.frombuffer(run.files["out.bin"], np.int8)
     per = run.instructions_window // max(run.windows, 1)
     return out, per, firmware.section_sizes(elf, tools)
 
 
-def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str) -> VerifyResult:
-    """Export, build, run on `x` (float inputs, model layout) and compare with the reference."""
+def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
+           backend: str = "portable") -> VerifyResult:
+    """Export for `backend`, build, run on `x` (float inputs, model layout) and compare with the
+    reference. The cmsis-nn backend needs $CMSIS_NN_PATH (checked first)."""
     if target not in TARGETS:
         raise MpqError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+    if cmsis.check_backend(backend) == "cmsis-nn":
+        cmsis.cmsis_nn_root([])  # the checkout itself; the sources the export needs come later
     xq, ref = reference_outputs(plan, graph, x)
     with tempfile.TemporaryDirectory(prefix="mpq-verify-") as tmp:
         work = Path(tmp)
         if target == "host":
-            out = run_host(plan, graph, xq, work)
+            out = run_host(plan, graph, xq, work, backend)
             instructions, sizes = None, {}
         else:
-            out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target)
+            out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target, backend)
     if out.size != ref.size:
         raise MpqError(f"the exported model wrote {out.size} output bytes, expected {ref.size}")
     mismatches = int((out != ref.reshape(-1)).sum())
     return VerifyResult(target, len(xq), mismatches, instructions,
-                        sizes.get("flash_bytes"), sizes.get("sram_bytes"))
+                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend)

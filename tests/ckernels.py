@@ -7,7 +7,9 @@ returns a `Kernels` object with one method per kernel. Variant "portable" is the
 with C versions of the intrinsics, so both code paths are checked byte for byte.
 
 Tensors live in `Stored` byte buffers packed with `mpq.quant.arith.pack` (DESIGN §4.2) and are
-handed to the kernels as `mpq_view`s of any sub-region.
+handed to the kernels as `mpq_view`s of any sub-region. Weights are `Weights`: b-bit codes in one
+of the `mpq_filter` formats (LINEAR, CODEBOOK, POW2), packed by `pack_codes` as a little-endian
+bit stream (3-bit codes straddle bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import reference_kernels as ref
 
 from mpq.codegen.render import render
 from mpq.quant import arith
@@ -40,7 +43,14 @@ def _struct(name: str, *fields: str, first: tuple[str, type] | None = None) -> t
 
 View = _struct("View", "bits", "h", "w", "c", "y0", "x0", "stored_w",
                first=("data", ctypes.c_void_p))
-Filter = _struct("Filter", "bits", "n", "h", "w", "c", first=("data", ctypes.c_void_p))
+WFMT_LINEAR, WFMT_CODEBOOK, WFMT_POW2 = 0, 1, 2
+
+
+class Filter(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("bits", I32), ("n", I32), ("h", I32), ("w", I32),
+                ("c", I32), ("format", I32), ("codebook", ctypes.c_void_p)]
+
+
 ConvParams = _struct("ConvParams", "stride_h", "stride_w", "dilation_h", "dilation_w",
                      "pad_top", "pad_left", "groups", "input_zp", "output_zp", "act_min",
                      "act_max")
@@ -133,6 +143,50 @@ class Stored:
                                       np.full(CANARY, 0xA5, np.uint8)])
 
 
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned b-bit codes as a little-endian bit stream: code k in stream bits k·b … k·b+b−1,
+    byte i holding stream bits 8i … 8i+7 (the last byte zero-filled)."""
+    flat = np.asarray(codes, np.int64).reshape(-1)
+    assert flat.size == 0 or (flat.min() >= 0 and flat.max() < (1 << bits))
+    stream = ((flat[:, None] >> np.arange(bits)) & 1).reshape(-1).astype(np.uint8)
+    return np.packbits(stream, bitorder="little")
+
+
+class Weights:
+    """A filter's weights as codes of one format: `codes` (int64, the filter's shape) decode
+    through `reference_kernels.decode_weight` to `values`, the int8 weights the integer
+    reference computes with."""
+
+    def __init__(self, codes: np.ndarray, bits: int, fmt: int = WFMT_LINEAR,
+                 codebook: np.ndarray | None = None) -> None:
+        self.codes = np.asarray(codes, np.int64)
+        self.bits, self.fmt = bits, fmt
+        self.codebook = None if codebook is None else np.asarray(codebook, np.int8)
+        self.values = np.asarray(
+            [ref.decode_weight(int(u), bits, fmt, self.codebook) for u in self.codes.reshape(-1)],
+            np.int64).reshape(self.codes.shape).astype(np.int8)
+
+    @classmethod
+    def linear(cls, values: np.ndarray, bits: int) -> Weights:
+        return cls(np.asarray(values, np.int64) & ((1 << bits) - 1), bits)
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, shape: tuple[int, ...], bits: int,
+               fmt: int) -> Weights:
+        """Random codes of a format: linear values in ±(2^(b−1)−1), any code otherwise, with
+        a random int8 codebook of 2^b entries for CODEBOOK."""
+        codebook = None
+        if fmt == WFMT_LINEAR:
+            wmax = (1 << (bits - 1)) - 1
+            return cls.linear(rng.integers(-wmax, wmax + 1, shape), bits)
+        if fmt == WFMT_CODEBOOK:
+            codebook = rng.integers(-128, 128, 1 << bits)
+        return cls(rng.integers(0, 1 << bits, shape), bits, fmt, codebook)
+
+
+AnyWeights = np.ndarray | Weights  # plain values are linear weights at the given bits
+
+
 def _i32(values: np.ndarray) -> np.ndarray:
     arr = np.ascontiguousarray(np.asarray(values, np.int64))
     assert arr.size == 0 or (arr.min() >= arith.INT32_MIN and arr.max() <= arith.INT32_MAX)
@@ -175,11 +229,23 @@ class Kernels:
             fn.restype = ctypes.c_int
 
     @staticmethod
-    def _filter(weight: np.ndarray, bits: int) -> tuple[Filter, np.ndarray]:
-        w = np.asarray(weight, np.int64)
+    def _filter(weight: AnyWeights, bits: int | None = None
+                ) -> tuple[Filter, list[np.ndarray]]:
+        """The C filter of `weight`: Weights, or plain linear int values at `bits`. The packed
+        codes are followed by 0xFF bytes, so a kernel that took bits past the last code into a
+        sum would get it wrong."""
+        if not isinstance(weight, Weights):
+            weight = Weights.linear(weight, bits)
+        w = weight.codes
         shape = w.shape if w.ndim == 4 else (w.shape[0], 1, 1, int(np.prod(w.shape[1:])))
-        packed = np.concatenate([arith.pack(w, bits), np.zeros(CANARY, np.uint8)])
-        return Filter(packed.ctypes.data, bits, *shape), packed
+        packed = np.concatenate([pack_codes(w, weight.bits), np.full(CANARY, 0xFF, np.uint8)])
+        keep = [packed]
+        book = None
+        if weight.codebook is not None:
+            keep.append(np.ascontiguousarray(weight.codebook))
+            book = keep[-1].ctypes.data
+        f = Filter(packed.ctypes.data, weight.bits, *shape, weight.fmt, book)
+        return f, keep
 
     @staticmethod
     def _quant(bias: np.ndarray | None, mult: np.ndarray,
@@ -204,12 +270,12 @@ class Kernels:
     def _check_scratch(raw: np.ndarray) -> None:
         assert (raw[-CANARY:] == 0x5A).all(), "kernel wrote past its scratch"
 
-    def conv_scratch_size(self, p: ConvParams, weight: np.ndarray, bits: int, inp: View,
+    def conv_scratch_size(self, p: ConvParams, weight: AnyWeights, bits: int | None, inp: View,
                           out: View) -> int:
         f, _keep = self._filter(weight, bits)
         return self.lib.mpq_conv2d_scratch_size(p, f, inp, out)
 
-    def conv2d(self, p: ConvParams, weight: np.ndarray, w_bits: int, bias: np.ndarray | None,
+    def conv2d(self, p: ConvParams, weight: AnyWeights, w_bits: int | None, bias: np.ndarray | None,
                mult: np.ndarray, shift: np.ndarray, inp: View, out: View) -> int:
         f, _wk = self._filter(weight, w_bits)
         q, _qk = self._quant(bias, mult, shift)
@@ -218,7 +284,7 @@ class Kernels:
         self._check_scratch(raw)
         return rc
 
-    def conv2d_add(self, p: ConvParams, weight: np.ndarray, w_bits: int,
+    def conv2d_add(self, p: ConvParams, weight: AnyWeights, w_bits: int | None,
                    bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray, inp: View,
                    add: AddParams, skip: View, out: View) -> int:
         f, _wk = self._filter(weight, w_bits)
@@ -228,12 +294,12 @@ class Kernels:
         self._check_scratch(raw)
         return rc
 
-    def depthwise_inplace_scratch_size(self, p: ConvParams, weight: np.ndarray, bits: int,
+    def depthwise_inplace_scratch_size(self, p: ConvParams, weight: AnyWeights, bits: int | None,
                                        inp: View, out: View) -> int:
         f, _keep = self._filter(weight, bits)
         return self.lib.mpq_depthwise_inplace_scratch_size(p, f, inp, out)
 
-    def depthwise_inplace(self, p: ConvParams, weight: np.ndarray, w_bits: int,
+    def depthwise_inplace(self, p: ConvParams, weight: AnyWeights, w_bits: int | None,
                           bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray,
                           inp: View, out: View) -> int:
         f, _wk = self._filter(weight, w_bits)
@@ -244,7 +310,7 @@ class Kernels:
         self._check_scratch(raw)
         return rc
 
-    def fully_connected(self, p: FcParams, weight: np.ndarray, w_bits: int,
+    def fully_connected(self, p: FcParams, weight: AnyWeights, w_bits: int | None,
                         bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray,
                         inp: View, out: View) -> int:
         f, _wk = self._filter(weight, w_bits)

@@ -118,3 +118,20 @@ def pool(x, kernel, stride, pads, kind, act_min, act_max):
                     v = int(num / cnt)  # C division truncates toward zero
                 out[oy][ox][ch] = min(max(v, act_min), act_max)
     return out
+
+
+def decode_weight(u: int, bits: int, fmt: int, codebook=None) -> int:
+    """The int8 value of weight code u in an `mpq_filter` format (DESIGN §7.4): 0 LINEAR (u is
+    the signed b-bit value), 1 CODEBOOK (codebook[u]), 2 POW2 (±2^e with the sign in the top
+    bit and e = low bits − 1; 0 when the low bits are 0, i.e. u = 0 and the "−0" code)."""
+    assert 0 <= u < (1 << bits)
+    if fmt == 0:
+        return u - (1 << bits) if u >= (1 << (bits - 1)) else u
+    if fmt == 1:
+        return int(codebook[u])
+    assert fmt == 2
+    half = 1 << (bits - 1)
+    if u % half == 0:
+        return 0
+    magnitude = 2 ** ((u % half) - 1)
+    return -magnitude if u >= half else magnitude

@@ -1,8 +1,10 @@
 """The C kernel library (`templates/c/mpq_kernels.{h,c}.j2`) against the integer reference.
 
-Every kernel runs ≥ 200 random cases spread over the (in, out, weight) bitwidths in {8, 4, 2},
-through views of sub-regions of larger stored tensors, and must reproduce `mpq.sim` (single-node
-QuantModels, as in test_sim_ops.py) or `mpq.quant.arith` byte for byte — and leave every other
+Every kernel runs ≥ 200 random cases spread over the (in, out) bitwidths in {8, 4, 2} — and the
+kernels that take weights ≥ 200 per weight format (LINEAR at 8/4/2 bits, CODEBOOK at 8/4/3/2,
+POW2 at 4/3/2; `mpq_filter`) — through views of sub-regions of larger stored tensors, and must
+reproduce `mpq.sim` (single-node QuantModels, as in test_sim_ops.py, on the weights decoded by
+reference_kernels.decode_weight) or `mpq.quant.arith` byte for byte — and leave every other
 byte of its output buffer, and the byte past its scratch, untouched. Each case runs on two
 builds: plain C, and the Cortex-M DSP loops (SXTB16/SMLAD) with the intrinsics emulated in C
 (ckernels.py). The last tests cross-compile the library for Cortex-M4/M7 with -Werror.
@@ -28,6 +30,10 @@ from mpq.sim import run_int
 
 BITS = (8, 4, 2)
 PER_COMBO = 10  # 27 bit combinations × 10 = 270 cases per kernel
+# Every (format, bits) the kernels take; the suite decodes them with reference_kernels.
+WFORMATS = ([(ck.WFMT_LINEAR, b) for b in BITS] + [(ck.WFMT_CODEBOOK, b) for b in (8, 4, 3, 2)]
+            + [(ck.WFMT_POW2, b) for b in (4, 3, 2)])
+W_COMBOS = list(itertools.product(BITS, BITS, WFORMATS))  # 90 combinations: 270+ per format
 MPQ_OK, MPQ_ERR_ARG, MPQ_ERR_BITS = 0, -1, -2
 
 
@@ -36,7 +42,7 @@ def libs() -> list[ck.Kernels]:
     return [ck.build(v) for v in ck.VARIANTS]
 
 
-def cases(seed: int, combos: list[tuple[int, ...]] | None = None):
+def cases(seed: int, combos: list[tuple] | None = None):
     """(rng, bits...) for PER_COMBO cases of every bit combination, reproducibly seeded."""
     combos = combos or list(itertools.product(BITS, BITS, BITS))
     for i, bits in enumerate(combos):
@@ -77,14 +83,20 @@ def check_bytes(store: ck.Stored, view: ck.View, expected: np.ndarray) -> bool:
     return bool(np.array_equal(store.buf, store.expected_bytes(view, expected)))
 
 
+def enough_per_format(counts: dict[int, int]) -> bool:
+    """≥ 200 cases of every weight format."""
+    return all(counts.get(fmt, 0) >= 200 for fmt, _ in WFORMATS)
+
+
 # -- convolution -------------------------------------------------------------------------------
 
 CONV_KINDS = ("conv", "depthwise", "grouped", "pointwise")
 
 
-def rand_conv(rng: np.random.Generator, kind: str, bi: int, bo: int, bw: int,
+def rand_conv(rng: np.random.Generator, kind: str, bi: int, bo: int, wf: tuple[int, int],
               tiny: float = 0.3) -> dict:
-    """A random conv node with its quantisation; None when the output would be empty."""
+    """A random conv node with its quantisation and weights of format/bits `wf` ("weight" the
+    decoded int8 values, "codes" the ck.Weights); None when the output would be empty."""
     mult = 1
     if kind == "depthwise":
         groups = int(rng.integers(2, 6))
@@ -114,13 +126,13 @@ def rand_conv(rng: np.random.Generator, kind: str, bi: int, bo: int, bw: int,
     wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
     if ho <= 0 or wo <= 0:
         return None
-    wmax = arith.weight_qmax(bw)
+    codes = ck.Weights.random(rng, (cout, kh, kw, cin // groups), wf[1], wf[0])
     return {
         "cin": cin, "cout": cout, "groups": groups, "mult": mult, "h": h, "w": w, "ho": ho,
         "wo": wo, "pads": pads, "a_in": rand_act(rng, bi), "a_out": rand_act(rng, bo, tiny),
-        "weight": rng.integers(-wmax, wmax + 1, (cout, kh, kw, cin // groups)).astype(np.int8),
+        "weight": codes.values, "codes": codes,
         "wscale": (10 ** rng.uniform(-3, 0, cout)).astype(np.float32),
-        "bias": rng.integers(-5000, 5000, cout), "bw": bw,
+        "bias": rng.integers(-5000, 5000, cout), "bw": wf[1],
         "attrs": {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw),
                   "pads": pads, "groups": groups},
     }
@@ -139,11 +151,13 @@ def conv_params(c: dict, lq: LayerQuant, out_zp: int) -> ck.ConvParams:
 
 def test_conv2d_random(libs: list[ck.Kernels]) -> None:
     n = bad = positive_shift = direct = 0
-    for rng, bi, bo, bw in cases(1):
+    per_format: dict[int, int] = {}
+    for rng, bi, bo, wf in cases(1, W_COMBOS):
         kind = CONV_KINDS[n % len(CONV_KINDS)]
-        c = rand_conv(rng, kind, bi, bo, bw)
+        c = rand_conv(rng, kind, bi, bo, wf)
         if c is None:
             continue
+        bw = c["bw"]
         node = conv_node(c, *rand_clamp(rng, c["a_out"]))
         qm = single_node_model(node, {"x": (1, c["h"], c["w"], c["cin"]),
                                 "y": (1, c["ho"], c["wo"], c["cout"])},
@@ -157,10 +171,10 @@ def test_conv2d_random(libs: list[ck.Kernels]) -> None:
         p = conv_params(c, lq, c["a_out"].zero_point)
         for lib in libs:
             s_out.restore()
-            assert lib.conv2d(p, c["weight"], bw, c["bias"], lq.multiplier, lq.shift, v_in,
+            assert lib.conv2d(p, c["codes"], None, c["bias"], lq.multiplier, lq.shift, v_in,
                               v_out) == MPQ_OK
             bad += not check_bytes(s_out, v_out, want)
-        size = libs[0].conv_scratch_size(p, c["weight"], bw, v_in, v_out)
+        size = libs[0].conv_scratch_size(p, c["codes"], None, v_in, v_out)
         kk = int(np.prod(c["weight"].shape[1:]))
         assert size == (0 if kind == "pointwise" else 2 * kk)
         # The memory model (mpq.memory.scratch_bytes) must budget at least what the kernel uses.
@@ -168,8 +182,9 @@ def test_conv2d_random(libs: list[ck.Kernels]) -> None:
         assert size <= scratch_bytes(node, graph, inplace=False)
         direct += size == 0
         positive_shift += bool((lq.shift > 0).any())
+        per_format[wf[0]] = per_format.get(wf[0], 0) + 1
         n += 1
-    assert n >= 200 and bad == 0
+    assert enough_per_format(per_format) and bad == 0, (per_format, bad)
     assert positive_shift >= 20 and direct >= 40
 
 
@@ -199,13 +214,14 @@ def test_requantize_extremes(libs: list[ck.Kernels]) -> None:
 
 def test_fully_connected_random(libs: list[ck.Kernels]) -> None:
     n = bad = 0
-    for rng, bi, bo, bw in cases(2):
+    per_format: dict[int, int] = {}
+    for rng, bi, bo, (fmt, bw) in cases(2, W_COMBOS):
         h, w, c = (int(v) for v in rng.integers(1, 5, 3))
         c += int(rng.integers(0, 8))
         k, cout = h * w * c, int(rng.integers(1, 12))
         a_in, a_out = rand_act(rng, bi), rand_act(rng, bo, 0.3)
-        wmax = arith.weight_qmax(bw)
-        wq = rng.integers(-wmax, wmax + 1, (cout, k)).astype(np.int8)
+        codes = ck.Weights.random(rng, (cout, k), bw, fmt)
+        wq = codes.values
         bias = rng.integers(-20000, 20000, cout)
         node = Node("fc", "fully_connected", ["x"], ["y"],
                     dict(zip(("act_min", "act_max"), rand_clamp(rng, a_out), strict=True)))
@@ -220,11 +236,12 @@ def test_fully_connected_random(libs: list[ck.Kernels]) -> None:
         p = ck.FcParams(a_in.zero_point, a_out.zero_point, lq.act_min, lq.act_max)
         for lib in libs:
             s_out.restore()
-            assert lib.fully_connected(p, wq, bw, bias, lq.multiplier, lq.shift, v_in,
+            assert lib.fully_connected(p, codes, None, bias, lq.multiplier, lq.shift, v_in,
                                        v_out) == MPQ_OK
             bad += not check_bytes(s_out, v_out, want)
+        per_format[fmt] = per_format.get(fmt, 0) + 1
         n += 1
-    assert n >= 200 and bad == 0
+    assert enough_per_format(per_format) and bad == 0, (per_format, bad)
 
 
 # -- elementwise add ----------------------------------------------------------------------------
@@ -275,11 +292,13 @@ def test_conv2d_add_random(libs: list[ck.Kernels]) -> None:
     """conv x → r, add(s, r) or add(r, s) → y, against the unfused pair in the reference; the
     sum overwrites the skip's storage in most cases (mpq.memory.fused_residual_adds)."""
     n = bad = aliased = 0
-    for rng, bi, bo, bw in cases(4):
+    per_format: dict[int, int] = {}
+    for rng, bi, bo, wf in cases(4, W_COMBOS):
         kind = CONV_KINDS[n % len(CONV_KINDS)]
-        c = rand_conv(rng, kind, bi, int(rng.choice(BITS)), bw, tiny=0.2)
+        c = rand_conv(rng, kind, bi, int(rng.choice(BITS)), wf, tiny=0.2)
         if c is None:
             continue
+        bw = c["bw"]
         alias = rng.random() < 0.7
         shape = (c["ho"], c["wo"], c["cout"])
         a_res = c["a_out"]
@@ -308,12 +327,13 @@ def test_conv2d_add_random(libs: list[ck.Kernels]) -> None:
         for lib in libs:
             for s in (s_skip, s_out):
                 s.restore()
-            assert lib.conv2d_add(p, c["weight"], bw, c["bias"], lq_conv.multiplier,
+            assert lib.conv2d_add(p, c["codes"], None, c["bias"], lq_conv.multiplier,
                                   lq_conv.shift, v_in, pa, v_skip, v_out) == MPQ_OK
             bad += not check_bytes(s_out, v_out, want)
         aliased += alias
+        per_format[wf[0]] = per_format.get(wf[0], 0) + 1
         n += 1
-    assert n >= 200 and bad == 0 and aliased >= 100
+    assert enough_per_format(per_format) and bad == 0 and aliased >= 100, (per_format, bad)
 
 
 # -- in-place depthwise -------------------------------------------------------------------------
@@ -322,8 +342,9 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
     """Depthwise (multiplier 1) whose output view starts at the input's first element: either a
     plain contiguous tensor (the layer-based arena) or the input's own sub-region layout."""
     n = bad = 0
-    combos = [(b, b, bw) for b in BITS for bw in BITS] * 3
-    for rng, bits, _, bw in cases(5, combos):
+    per_format: dict[int, int] = {}
+    combos = [(b, b, wf) for b in BITS for wf in WFORMATS] * 3
+    for rng, bits, _, (fmt, bw) in cases(5, combos):
         ch = int(rng.integers(1, 7))
         kh, kw = (int(v) for v in rng.integers(1, 4, 2))
         sh, sw = (int(v) for v in rng.integers(1, 3, 2))
@@ -337,8 +358,8 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
         if ho <= 0 or wo <= 0:
             continue
         a_in, a_out = rand_act(rng, bits), rand_act(rng, bits, 0.2)
-        wmax = arith.weight_qmax(bw)
-        wq = rng.integers(-wmax, wmax + 1, (ch, kh, kw, 1)).astype(np.int8)
+        codes = ck.Weights.random(rng, (ch, kh, kw, 1), bw, fmt)
+        wq = codes.values
         bias = rng.integers(-5000, 5000, ch)
         attrs = {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw), "pads": pads,
                  "groups": ch}
@@ -366,17 +387,18 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
                           a_out.zero_point, lq.act_min, lq.act_max)
         for lib in libs:
             store.restore()
-            assert lib.depthwise_inplace(p, wq, bw, bias, lq.multiplier, lq.shift, v_in,
+            assert lib.depthwise_inplace(p, codes, None, bias, lq.multiplier, lq.shift, v_in,
                                          v_out) == MPQ_OK
             bad += not check_bytes(store, v_out, want)
-        size = libs[0].depthwise_inplace_scratch_size(p, wq, bw, v_in, v_out)
+        size = libs[0].depthwise_inplace_scratch_size(p, codes, None, v_in, v_out)
         pb = max(0, (ho - 1) * sh + (kh - 1) * dh + 1 - pads[0] - h)
         pr = max(0, (wo - 1) * sw + (kw - 1) * dw + 1 - pads[1] - w)
         assert size == (pads[0] + h + pb) * (pads[1] + w + pr)
         if node.is_depthwise:  # C = 1 is an ordinary conv to mpq (groups = 1)
             assert size <= scratch_bytes(node, qm.graph, inplace=True)
+        per_format[fmt] = per_format.get(fmt, 0) + 1
         n += 1
-    assert n >= 200 and bad == 0
+    assert enough_per_format(per_format) and bad == 0, (per_format, bad)
 
 
 # -- pooling ------------------------------------------------------------------------------------
@@ -538,6 +560,49 @@ def test_bad_arguments_are_refused(libs: list[ck.Kernels]) -> None:
     assert np.array_equal(s_out.buf, s_out.expected_bytes(v_out, s_out.read(v_out)))
 
 
+def test_bad_weight_formats_are_refused(libs: list[ck.Kernels]) -> None:
+    """Every kernel that takes a filter refuses a (format, bits, codebook) it cannot decode —
+    before writing anything — and takes each valid one."""
+    lib = libs[0]
+    rng = np.random.default_rng(1)
+    s_in, v_in = placed(rng, rand_values(rng, 8, (4, 4, 2)), 8, sub=False)
+    s_out, v_out = placed(rng, np.zeros((4, 4, 2), np.int64), 8, sub=False)
+    one = np.ones(2, np.int64)
+    book = np.arange(-8, 8)
+    conv = ck.ConvParams(1, 1, 1, 1, 1, 1, 1, 0, 0, -128, 127)
+    dw = ck.ConvParams(1, 1, 1, 1, 1, 1, 2, 0, 0, -128, 127)
+    fc = ck.FcParams(0, 0, -128, 127)
+    s_fc, v_fc = placed(rng, np.zeros((1, 1, 2), np.int64), 8, sub=False)
+    calls = {
+        "conv2d": lambda w: lib.conv2d(conv, w, None, None, one << 30, -one, v_in, v_out),
+        "depthwise": lambda w: lib.depthwise_inplace(dw, w, None, None, one << 30, -one, v_in,
+                                                     v_in),
+        "fc": lambda w: lib.fully_connected(fc, w, None, None, one << 30, -one, v_in, v_fc),
+    }
+    shapes = {"conv2d": (2, 3, 3, 2), "depthwise": (2, 3, 3, 1), "fc": (2, 32)}
+
+    def weights(name: str, fmt: int, bits: int) -> ck.Weights:
+        """All-zero codes, described as (fmt, bits) whether or not that is valid."""
+        w = ck.Weights(np.zeros(shapes[name], np.int64), 2)
+        w.fmt, w.bits, w.codebook = fmt, bits, book
+        return w
+
+    for name, call in calls.items():
+        before = [s.buf.copy() for s in (s_in, s_out, s_fc)]
+        for fmt, bits, rc in [
+                (ck.WFMT_LINEAR, 3, MPQ_ERR_BITS), (ck.WFMT_LINEAR, 5, MPQ_ERR_BITS),
+                (ck.WFMT_POW2, 8, MPQ_ERR_BITS), (ck.WFMT_POW2, 1, MPQ_ERR_BITS),
+                (ck.WFMT_CODEBOOK, 5, MPQ_ERR_BITS), (3, 4, MPQ_ERR_ARG), (-1, 8, MPQ_ERR_ARG)]:
+            assert call(weights(name, fmt, bits)) == rc, (name, fmt, bits)
+        no_book = weights(name, ck.WFMT_CODEBOOK, 4)
+        no_book.codebook = None
+        assert call(no_book) == MPQ_ERR_ARG, name
+        assert all(np.array_equal(s.buf, b) for s, b in
+                   zip((s_in, s_out, s_fc), before, strict=True)), name
+        for fmt, bits in WFORMATS:
+            assert call(weights(name, fmt, bits)) == MPQ_OK, (name, fmt, bits)
+
+
 # -- templates and cross-compilation ------------------------------------------------------------
 
 def test_kernel_subsets_compile(tmp_path) -> None:
@@ -582,4 +647,5 @@ def test_cross_compiles_for_cortex_m(tmp_path, target: str) -> None:
     dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(obj)], capture_output=True,
                          text=True, check=True).stdout
     assert not any(op in dis for op in (".f32", ".f64", "vmov", "vldr", "vstr")), "float code"
-    assert ("smlad" in dis and "sxtb16" in dis) == (target != "cortex-m0plus")
+    simd = "smlad" in dis and ("sxtb16" in dis or "sxtab16" in dis)
+    assert simd == (target != "cortex-m0plus")

@@ -98,3 +98,21 @@ def test_float_interpreter_matches_on_inspected_model(tmp_path: Path) -> None:
     assert run_mpq("import", src, "-o", tmp_path / "n.onnx").returncode == 0
     x = random_input(B.concat_model(), batch=16, seed=3)
     assert np.allclose(ort_run(tmp_path / "n.onnx", x), ort_run(src, x), atol=1e-5)
+
+
+def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_path: Path) -> None:
+    """`mpq -v` explains the search on stderr; without a terminal no progress bar is drawn."""
+    repo = Path(__file__).resolve().parent.parent
+    model, calib = repo / "examples/fashion/fashion_cnn.onnx", repo / "examples/fashion/calib.npz"
+    plan = tmp_path / "p.json"
+    r = run_mpq("-v", "search", model, "--board", "nano33ble", "--sram", "20000", "--data",
+                calib, "-o", plan)
+    assert r.returncode == 0, r.stderr
+    solving = [ln for ln in r.stderr.splitlines() if ln.startswith("solving: ")]
+    assert solving and solving[0].startswith("solving: no patches: ")
+    assert any("patches: arena" in ln for ln in solving)
+    r = run_mpq("search", model, "--board", "nano33ble", "--sram", "20000", "--data", calib,
+                "-o", tmp_path / "q.json")
+    assert r.returncode == 0 and r.stderr == ""
+    assert "\x1b[" not in r.stdout and "\r" not in r.stdout  # no bar, no colour in a pipe
+    assert (tmp_path / "q.json").read_bytes() == plan.read_bytes()

@@ -120,7 +120,9 @@ def test_export_refusals(kws, tmp_path: Path) -> None:
     (tmp_path / "kws.onnx").write_bytes((tmp_path / "kws.onnx").read_bytes() + b"\0")
     assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o2"), "model changed")
     assert_clean_failure(run_mpq("export", plan, "-o", tmp_path / "o3", "--backend",
-                                 "cmsis-nn"), "cmsis-nn")
+                                 "cmsis-nn"), "model changed")
+    r = run_mpq("export", plan, "-o", tmp_path / "o4", "--backend", "tflm")
+    assert r.returncode == 2 and "tflm" in r.stderr and not (tmp_path / "o4").exists()
 
 
 @pytest.mark.parametrize("width,res,split,sram", [(0.35, 64, "k=10,n=2", None),

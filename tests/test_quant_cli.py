@@ -97,3 +97,18 @@ def test_bad_calibration_input(tmp_path: Path, case: str) -> None:
     fragment = {"nan": "NaN", "inf": "Inf", "empty": "empty", "shape": "shape"}[case]
     assert_clean_failure(r, "d.npz", fragment)
     assert not out.exists()
+
+
+def test_eval_model_exported_with_a_fixed_batch_of_one(tmp_path: Path) -> None:
+    """Many exporters pin the batch to 1: the float pass must not feed it batches of 64."""
+    model = B.kws_style_model(channels=8, num_blocks=1)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed_batch.onnx"
+    path.write_bytes(model.SerializeToString())
+    rng = np.random.default_rng(3)
+    data = _npz(tmp_path / "d.npz", x=rng.standard_normal((70, 49, 10, 1)).astype(np.float32),
+                y=rng.integers(0, 12, 70))
+    r = run_mpq("eval", path, "--data", data, "--calib", data, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["samples"] == 70 and 0.0 <= d["float"] <= 1.0

@@ -166,3 +166,25 @@ def test_every_shared_model_gets_a_plan(key: str, board: str, tmp_path: Path) ->
         <= plan.board["flash_budget"]
     plan.save(tmp_path / "p.json")
     assert load_plan(tmp_path / "p.json").to_json() == plan.to_json()
+
+
+def test_rusci_baseline_cuts_only_what_memory_demands(kws) -> None:
+    """Rusci's rules: all 8-bit when everything fits; under a budget some maps are cut and the
+    real planner accepts the plan."""
+    from mpq.quant.calibrate import calibrate, load_dataset
+    from mpq.search.rusci import _cut
+
+    graph = load_model(kws["model"])
+    stats = calibrate(graph, load_dataset(kws["calib"], graph))
+    roomy = search(kws["model"], graph, get_board("nano33ble"), None,
+                   SearchOptions(strategy="rusci", qbr=False, patches="none"), stats=stats)
+    assert {t.bits for t in roomy.plan.tensors} == {8}
+    res = search(kws["model"], graph, get_board("nano33ble"), None,
+                 SearchOptions(strategy="rusci", sram=11_000, qbr=False, patches="none"),
+                 stats=stats)
+    p = res.plan.predicted
+    assert p["sram_needed_bytes"] <= 11_000
+    bits = {t.name: t.bits for t in res.plan.tensors}
+    assert min(bits.values()) < 8
+    assert res.plan.strategy == "rusci"
+    assert _cut((8, 4, 2), 8) == 4 and _cut((8, 4, 2), 2) is None

@@ -1,4 +1,4 @@
-"""`mpq export`: a plan → C sources for the portable backend (DESIGN §8).
+"""`mpq export`: a plan → C sources for the portable or the cmsis-nn backend (DESIGN §8).
 
 The plan (with the model it pins) becomes one `Layer` record per kernel call — which kernel,
 its constant parameters, and where each operand lives (the caller's input, the arena at the
@@ -6,8 +6,8 @@ plan's offset, or the caller's output buffer) — and the records are rendered t
 Jinja2 templates in `templates/c/`. Nothing here writes C syntax itself: Python computes
 numbers, the templates lay them out.
 
-This version exports layer-based plans; a plan with a patch stage is refused with one line
-until the patch loop lands.
+With the cmsis-nn backend, the layer-based layers that CMSIS-NN computes exactly call it
+instead (`mpq.codegen.cmsis` says which and why); the patch stage stays portable.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from mpq.boards import get_board
+from mpq.codegen import cmsis
 from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
 from mpq.ir import Graph, Node
 from mpq.memory import align_up, packed_bytes
 from mpq.plan import Plan, plan_quant_model
-from mpq.quant import arith
+from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
 
 KERNEL_FILES = ("mpq_kernels.h", "mpq_kernels.c")
@@ -57,6 +58,7 @@ class Layer:
     params: dict[str, int] = field(default_factory=dict)
     weight: dict[str, Any] | None = None  # symbol names and filter dims
     channel_c0: list[int] = field(default_factory=list)  # concat: channel offset per input
+    cmsis: cmsis.CmsisCall | None = None  # kernel "cmsis": the CMSIS-NN call
 
 
 @dataclass
@@ -80,8 +82,12 @@ def _comment(text: str) -> str:
 
 
 class _Builder:
-    def __init__(self, plan: Plan, graph: Graph, qm: QuantModel) -> None:
+    def __init__(self, plan: Plan, graph: Graph, qm: QuantModel,
+                 backend: str = "portable") -> None:
         self.plan = plan
+        self.backend = backend
+        self.cmsis_scratch = 0
+        self.report: list[dict[str, Any]] = []  # per layer: call, backend, reason if portable
         self.graph = graph
         self.qm = qm
         self.tensors = {t.name: t for t in plan.tensors}
@@ -112,14 +118,22 @@ class _Builder:
         w = lq.weight
         dims = w.shape if w.ndim == 4 else (w.shape[0], 1, 1, w.shape[1])
         sym = f"mpq_l{i}"
+        enc = weights.encode(w, lq.weight_scheme, lq.weight_bits, lq.weight_codebook,
+                             f"layer '{node.name}'")
         self.consts += [
-            ConstArray(f"{sym}_w", "uint8_t", arith.pack(w, lq.weight_bits).tolist()),
+            ConstArray(f"{sym}_w", "uint8_t", enc.data.tolist()),
             ConstArray(f"{sym}_b", "int32_t", [int(v) for v in lq.bias]),
             ConstArray(f"{sym}_m", "int32_t", [int(v) for v in lq.multiplier]),
             ConstArray(f"{sym}_s", "int32_t", [int(v) for v in lq.shift]),
         ]
+        fmt = {}  # a LINEAR filter keeps the short initialiser (format 0, no codebook)
+        if enc.format != weights.LINEAR:
+            fmt["format"] = weights.FORMATS[enc.format]
+        if enc.codebook is not None:
+            self.consts.append(ConstArray(f"{sym}_cb", "int8_t", enc.codebook.tolist()))
+            fmt["codebook"] = f"{sym}_cb"
         return {"sym": sym, "bits": lq.weight_bits, "n": dims[0], "h": dims[1], "w": dims[2],
-                "c": dims[3]}
+                "c": dims[3], **fmt}
 
     def conv_params(self, node: Node) -> dict[str, int]:
         a = node.attrs
@@ -167,64 +181,106 @@ class _Builder:
             return 0
         return 2 * kh * kw * cin_g
 
+    def cmsis_weights(self, i: int, node: Node, call: cmsis.CmsisCall) -> dict[str, Any]:
+        """Weights, bias and (per-channel calls) requantisation arrays of a CMSIS-NN call, in
+        CMSIS-NN's weight layout, packed like mpq's (int4: element 2k in the low nibble)."""
+        lq = self.qm.layers[node.name]
+        sym = f"mpq_l{i}"
+        w = cmsis.cmsis_weights(lq.weight, call.weight_layout or "ohwi")
+        self.consts += [
+            ConstArray(f"{sym}_w", "uint8_t", arith.pack(w, lq.weight_bits).tolist()),
+            ConstArray(f"{sym}_b", "int32_t", [int(v) for v in lq.bias]),
+        ]
+        if call.kind != "fc_s4":
+            self.consts += [
+                ConstArray(f"{sym}_m", "int32_t", [int(v) for v in lq.multiplier]),
+                ConstArray(f"{sym}_s", "int32_t", [int(v) for v in lq.shift]),
+            ]
+        return {"sym": sym, "bits": lq.weight_bits, "n": int(lq.weight.shape[0])}
+
     def build(self) -> None:
         nodes = self.graph.nodes
         by_name = {n.name: n for n in nodes}
+        fused_convs = set(self.fused_by_conv)
         for i, node in enumerate(nodes):
             if node.name in self.fused_adds or node.op == "reshape" \
                     or node.name in self.skip_nodes:
                 continue  # fused into its conv / a view of its input / run per patch
             out = self.operand(node.outputs[0])
             ins = [self.operand(t) for t in node.inputs]
-            if node.op == "conv2d" and node.name in self.fused_by_conv:
-                add_name, skip = self.fused_by_conv[node.name]
-                add = by_name[add_name]
-                self.scratch = max(self.scratch, self.conv_scratch(node, False))
-                self.layers.append(Layer(
-                    i, f"{node.name} + {add.name}", "conv2d_add",
-                    [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
-                    {**self.conv_params(node), **{f"add_{k}": v for k, v in
-                                                  self.add_params(add, skip).items()}},
-                    self.weights(i, node)))
-            elif node.op == "conv2d":
-                inplace = node.name in self.inplace
-                self.scratch = max(self.scratch, self.conv_scratch(node, inplace))
-                kernel = "depthwise_inplace" if inplace else "conv2d"
-                self.layers.append(Layer(i, node.name, kernel, ins, out,
-                                         self.conv_params(node), self.weights(i, node)))
-            elif node.op == "fully_connected":
-                lq = self.qm.layers[node.name]
-                params = {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
-                          "output_zp": self.qm.acts[node.outputs[0]].zero_point,
-                          "act_min": lq.act_min, "act_max": lq.act_max}
-                self.layers.append(Layer(i, node.name, "fully_connected", ins, out, params,
-                                         self.weights(i, node)))
-            elif node.op == "add":
-                self.layers.append(Layer(i, node.name, "add", ins, out,
-                                         self.add_params(node, node.inputs[0])))
-            elif node.op in ("avg_pool", "max_pool"):
-                a = node.attrs
-                lq = self.qm.layers[node.name]
-                params = {"kernel_h": a["kernel"][0], "kernel_w": a["kernel"][1],
-                          "stride_h": a["strides"][0], "stride_w": a["strides"][1],
-                          "pad_top": a["pads"][0], "pad_left": a["pads"][1],
-                          "act_min": lq.act_min, "act_max": lq.act_max}
-                kernel = "avgpool" if node.op == "avg_pool" else "maxpool"
-                self.layers.append(Layer(i, node.name, kernel, ins, out, params))
-            elif node.op == "softmax":
-                self.layers.append(Layer(i, node.name, "softmax", ins, out,
-                                         dict(self.qm.layers[node.name].extra)))
-            elif node.op == "concat":
-                if node.attrs["axis"] != len(self.graph.tensors[node.outputs[0]].shape) - 1:
-                    raise MpqError(f"export: concat '{node.name}' is not along channels")
-                c0, offsets = 0, []
-                for t in node.inputs:
-                    offsets.append(c0)
-                    c0 += self.graph.tensors[t].shape[-1]
-                self.layers.append(Layer(i, node.name, "copy_view", ins, out,
-                                         channel_c0=offsets))
-            else:  # pragma: no cover - the IR has no other ops
-                raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+            reason = None
+            if self.backend == "cmsis-nn":
+                call = cmsis.plan_call(node, self.graph, self.qm, self.inplace, fused_convs)
+                if isinstance(call, cmsis.CmsisCall):
+                    self.cmsis_scratch = max(self.cmsis_scratch, call.scratch)
+                    weight = self.cmsis_weights(i, node, call) if call.weight_layout else None
+                    self.layers.append(Layer(i, node.name, "cmsis", ins, out, weight=weight,
+                                             cmsis=call))
+                    self.report.append({"index": i, "name": node.name,
+                                        "backend": "cmsis-nn", "call": call.function})
+                    continue
+                reason = call
+            n_before = len(self.layers)
+            self._portable(i, node, by_name, ins, out)
+            for layer in self.layers[n_before:]:
+                entry = {"index": i, "name": layer.name, "backend": "portable",
+                         "call": f"mpq_{layer.kernel}"}
+                if reason is not None:
+                    entry["reason"] = reason
+                self.report.append(entry)
+
+    def _portable(self, i: int, node: Node, by_name: dict[str, Node], ins: list[Operand],
+                  out: Operand) -> None:
+        """The portable kernel call of one layer-based node."""
+        if node.op == "conv2d" and node.name in self.fused_by_conv:
+            add_name, skip = self.fused_by_conv[node.name]
+            add = by_name[add_name]
+            self.scratch = max(self.scratch, self.conv_scratch(node, False))
+            self.layers.append(Layer(
+                i, f"{node.name} + {add.name}", "conv2d_add",
+                [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
+                {**self.conv_params(node), **{f"add_{k}": v for k, v in
+                                              self.add_params(add, skip).items()}},
+                self.weights(i, node)))
+        elif node.op == "conv2d":
+            inplace = node.name in self.inplace
+            self.scratch = max(self.scratch, self.conv_scratch(node, inplace))
+            kernel = "depthwise_inplace" if inplace else "conv2d"
+            self.layers.append(Layer(i, node.name, kernel, ins, out,
+                                     self.conv_params(node), self.weights(i, node)))
+        elif node.op == "fully_connected":
+            lq = self.qm.layers[node.name]
+            params = {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
+                      "output_zp": self.qm.acts[node.outputs[0]].zero_point,
+                      "act_min": lq.act_min, "act_max": lq.act_max}
+            self.layers.append(Layer(i, node.name, "fully_connected", ins, out, params,
+                                     self.weights(i, node)))
+        elif node.op == "add":
+            self.layers.append(Layer(i, node.name, "add", ins, out,
+                                     self.add_params(node, node.inputs[0])))
+        elif node.op in ("avg_pool", "max_pool"):
+            a = node.attrs
+            lq = self.qm.layers[node.name]
+            params = {"kernel_h": a["kernel"][0], "kernel_w": a["kernel"][1],
+                      "stride_h": a["strides"][0], "stride_w": a["strides"][1],
+                      "pad_top": a["pads"][0], "pad_left": a["pads"][1],
+                      "act_min": lq.act_min, "act_max": lq.act_max}
+            kernel = "avgpool" if node.op == "avg_pool" else "maxpool"
+            self.layers.append(Layer(i, node.name, kernel, ins, out, params))
+        elif node.op == "softmax":
+            self.layers.append(Layer(i, node.name, "softmax", ins, out,
+                                     dict(self.qm.layers[node.name].extra)))
+        elif node.op == "concat":
+            if node.attrs["axis"] != len(self.graph.tensors[node.outputs[0]].shape) - 1:
+                raise MpqError(f"export: concat '{node.name}' is not along channels")
+            c0, offsets = 0, []
+            for t in node.inputs:
+                offsets.append(c0)
+                c0 += self.graph.tensors[t].shape[-1]
+            self.layers.append(Layer(i, node.name, "copy_view", ins, out,
+                                     channel_c0=offsets))
+        else:  # pragma: no cover - the IR has no other ops
+            raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
 
 
 @dataclass
@@ -407,28 +463,47 @@ def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
     return worst
 
 
-def export_context(plan: Plan, graph: Graph) -> dict[str, Any]:
+def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, Any]:
     """Everything the templates need, computed once (pure: same plan ⇒ same context)."""
+    cmsis.check_backend(backend)
     qm = plan_quant_model(plan, graph, "mixed")
-    b = _Builder(plan, graph, qm)
+    if backend == "cmsis-nn":
+        weights.require_linear_storage([(n, lq.weight_scheme, lq.weight_bits)
+                                        for n, lq in qm.layers.items() if lq.weight is not None],
+                                       backend)
+    b = _Builder(plan, graph, qm, backend)
     stage = None
+    report: list[dict[str, Any]] = []
     if plan.patch is not None:
         stage = _stage(plan, graph, qm, b)
         b.skip_nodes = set(plan.patch["stage_nodes"])
+        for c in stage["calls"]:
+            entry = {"index": c.index, "name": c.name, "backend": "portable",
+                     "call": f"mpq_{c.kernel}"}
+            if backend == "cmsis-nn":
+                entry["reason"] = "patch stage (views into larger stored tensors)"
+            report.append(entry)
     b.build()
+    report += b.report
     g = graph
     x, y = g.inputs[0], g.outputs[0]
     xq, yq = qm.acts[x], qm.acts[y]
     if xq.bits != 8 or yq.bits != 8:
         raise MpqError("export: the graph input and output must be 8-bit")
-    kernels = sorted({layer.kernel for layer in b.layers}
+    kernels = sorted({layer.kernel for layer in b.layers if layer.cmsis is None}
                      | {c.kernel for c in (stage["calls"] if stage else [])})
+    functions = sorted({layer.cmsis.function for layer in b.layers if layer.cmsis is not None})
     return {
         "plan_digest": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
         "model": plan.model, "model_sha256": plan.model_sha256, "board": plan.board["name"],
         "layers": b.layers, "consts": b.consts, "kernels": kernels,
         "arena_bytes": align_up(max(plan.predicted["arena_bytes"], 16)),
-        "scratch_bytes": align_up(max(b.scratch, 16)),
+        "scratch_bytes": align_up(max(b.scratch, b.cmsis_scratch, 16)),
+        "portable_scratch_bytes": b.scratch,
+        "cmsis": {"functions": functions, "scratch_bytes": b.cmsis_scratch,
+                  "sources": cmsis.sources_for(functions)} if functions else None,
+        "backend": backend,
+        "report_layers": report,
         "input": {"name": x, "dims": _view_dims(g.tensors[x].shape),
                   "bytes": packed_bytes(g.tensors[x].size, 8), "scale": xq.scale,
                   "zero_point": xq.zero_point},
@@ -440,9 +515,9 @@ def export_context(plan: Plan, graph: Graph) -> dict[str, Any]:
     }
 
 
-def render_export(plan: Plan, graph: Graph) -> dict[str, str]:
-    """File name → content of an export (portable backend)."""
-    ctx = export_context(plan, graph)
+def render_export(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, str]:
+    """File name → content of an export for `backend` ("portable" or "cmsis-nn")."""
+    ctx = export_context(plan, graph, backend)
     files = {
         "mpq_model.h": render("c/mpq_model.h.j2", **ctx),
         "mpq_model.c": render("c/mpq_model.c.j2", **ctx),
@@ -451,26 +526,42 @@ def render_export(plan: Plan, graph: Graph) -> dict[str, str]:
         "mpq_kernels.h": render("c/mpq_kernels.h.j2", kernels=ctx["kernels"]),
         "mpq_kernels.c": render("c/mpq_kernels.c.j2", kernels=ctx["kernels"]),
     }
+    cm = ctx["cmsis"]
+    # The export's arena is the plan's; its scratch is the larger of the portable kernels' and
+    # CMSIS-NN's, which may exceed what the plan predicted (the linker proves the fit).
     report = {"plan_digest": ctx["plan_digest"], "model": plan.model, "board": plan.board,
+              "backend": backend,
               "predicted": {"arena_bytes": ctx["arena_bytes"],
                             "scratch_bytes": ctx["scratch_bytes"],
+                            "portable_scratch_bytes": ctx["portable_scratch_bytes"],
+                            "cmsis_nn_scratch_bytes": cm["scratch_bytes"] if cm else 0,
+                            "plan_arena_bytes": plan.predicted["arena_bytes"],
+                            "plan_scratch_bytes": plan.predicted["scratch_bytes"],
                             "flash_bytes": plan.predicted["flash_bytes"]},
-              "kernels": ctx["kernels"], "files": sorted(files)}
+              "kernels": ctx["kernels"], "layers": ctx["report_layers"],
+              "cmsis_nn": {"functions": cm["functions"], "sources": cm["sources"]} if cm
+              else None,
+              "files": sorted(files)}
     files["mpq_report.json"] = json.dumps(report, indent=2, sort_keys=True) + "\n"
     board = get_board(plan.board["name"])
     files[f"{board.name}.ld"] = linker_script(board)
     files["mpq.mk"] = render("make/mpq.mk.j2", model=plan.model, board=board,
-                             plan_digest=ctx["plan_digest"])
+                             plan_digest=ctx["plan_digest"],
+                             cmsis_sources=cm["sources"] if cm else [])
     return files
 
 
 def measure_build(files: dict[str, str], board_name: str) -> dict[str, int]:
     """Link the export for its board with a minimal main and measure the sections
-    (`arm-none-eabi-size`): the measured half of `mpq_report.json`."""
+    (`arm-none-eabi-size`): the measured half of `mpq_report.json`. An export that calls
+    CMSIS-NN links it from $CMSIS_NN_PATH."""
     import tempfile
 
     from mpq import firmware
 
+    used = json.loads(files["mpq_report.json"]).get("cmsis_nn")
+    root = cmsis.cmsis_nn_root(used["sources"]) if used else None
+    board = get_board(board_name)
     with tempfile.TemporaryDirectory(prefix="mpq-build-") as tmp:
         work = Path(tmp)
         write_export(files, work)
@@ -478,7 +569,12 @@ def measure_build(files: dict[str, str], board_name: str) -> dict[str, int]:
                                             samples=1))
         sources = [work / n for n in ("main.c", "mpq_model.c", "mpq_weights.c",
                                       "mpq_kernels.c")]
-        elf = firmware.build_elf(sources, [work], get_board(board_name), work / "build")
+        includes = [work]
+        if root is not None:
+            includes.append(root / "Include")
+            sources += firmware.library_objects([root / s for s in used["sources"]],
+                                                [root / "Include"], board, work / "lib")
+        elf = firmware.build_elf(sources, includes, board, work / "build")
         return firmware.section_sizes(elf)
 
 

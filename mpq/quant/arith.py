@@ -294,29 +294,42 @@ def softmax_s8(x: np.ndarray, multiplier: int, left_shift: int, diff_min: int,
 # -- sub-byte packing (DESIGN §4.2) --------------------------------------------------------------
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack signed b-bit values along the flattened order: element k·(8/b)+j in bits j·b….
+    """Pack b-bit values along the flattened order: element k in bits k·b … k·b+b−1 of a
+    little-endian bit stream (byte i holds stream bits 8i … 8i+7) (DESIGN §4.2, §7.4).
 
     int4: element 2k in the low nibble of byte k (CMSIS-NN's order); int2: element 4k+j in bits
-    2j..2j+1; 8 bits: plain int8 bytes. No per-row padding; the last byte is zero-filled.
+    2j..2j+1; 8 bits: plain int8 bytes; 3-bit weight codes straddle bytes. Signed values keep
+    their low b bits (two's complement), unsigned codes are stored as they are. No per-row
+    padding; the last byte is zero-filled.
     """
     flat = np.asarray(values, np.int64).reshape(-1)
     if bits == 8:
         return flat.astype(np.int8).view(np.uint8)
-    per = 8 // bits
     mask = (1 << bits) - 1
+    if 8 % bits:
+        stream = (((flat & mask)[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+        return np.packbits(stream.reshape(-1), bitorder="little")
+    per = 8 // bits
     padded = np.zeros(-(-flat.size // per) * per, np.int64)
     padded[:flat.size] = flat & mask
     lanes = padded.reshape(-1, per) << (np.arange(per) * bits)
     return lanes.sum(axis=1).astype(np.uint8)
 
 
-def unpack(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack`: the first `count` signed b-bit values as int8."""
+def unpack(buf: np.ndarray, bits: int, count: int, signed: bool = True) -> np.ndarray:
+    """Inverse of `pack`: the first `count` b-bit values, sign-extended to int8 (`signed`) or
+    as unsigned codes (uint8)."""
     raw = np.asarray(buf, np.uint8)
     if bits == 8:
-        return raw.view(np.int8)[:count].copy()
-    per = 8 // bits
-    lanes = (raw[:, None].astype(np.int64) >> (np.arange(per) * bits)) & ((1 << bits) - 1)
-    vals = lanes.reshape(-1)[:count]
+        return (raw.view(np.int8) if signed else raw)[:count].copy()
+    if 8 % bits:
+        stream = np.unpackbits(raw, bitorder="little")[:count * bits].astype(np.int64)
+        vals = (stream.reshape(count, bits) << np.arange(bits)).sum(axis=1)
+    else:
+        per = 8 // bits
+        lanes = (raw[:, None].astype(np.int64) >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+        vals = lanes.reshape(-1)[:count]
+    if not signed:
+        return vals.astype(np.uint8)
     sign = 1 << (bits - 1)
     return ((vals ^ sign) - sign).astype(np.int8)

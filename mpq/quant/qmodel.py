@@ -16,6 +16,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.ir import Graph, Node
 from mpq.quant import arith
+from mpq.quant.weights import WeightSpec, quantize_weights
 
 # Ops whose output must carry exactly the input's quantisation (no requantisation happens).
 SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape")
@@ -37,6 +38,9 @@ class LayerQuant:
     weight: np.ndarray | None = None  # int8 values (b-bit range), IR layout
     weight_scale: np.ndarray | None = None  # float32 per output channel
     weight_bits: int = 8
+    weight_scheme: str = "linear"  # how the values were chosen and are stored (DESIGN §7.4)
+    weight_codebook: np.ndarray | None = None  # int8, 2^b entries (wentropy)
+    weight_params: dict | None = None  # what a plan records to rebuild the weights exactly
     bias: np.ndarray | None = None  # int32 values (held as int64)
     multiplier: np.ndarray | None = None  # per output channel
     shift: np.ndarray | None = None
@@ -115,12 +119,14 @@ def softmax_output_quant() -> ActQuant:
 
 def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
                    act_bits: dict[str, int] | None = None,
-                   weight_bits: dict[str, int] | None = None) -> QuantModel:
+                   weight_bits: dict[str, int] | None = None,
+                   weight_schemes: dict[str, WeightSpec] | None = None) -> QuantModel:
     """mpq's own quantiser: TFLite-spec parameters at any per-tensor bitwidth (DESIGN §4.1–4.2).
 
     Activations: asymmetric from the calibrated real range; pool/reshape outputs inherit their
     input's parameters, concat inputs share the output's, softmax outputs are 1/256, −128.
-    Weights: symmetric per output channel at the node's weight bits; bias int32 at s_in·s_w.
+    Weights: symmetric per output channel at the node's weight bits, or the node's scheme
+    (`mpq.quant.weights`); bias int32 at s_in·s_w.
     """
     act_bits = act_bits or {}
     weight_bits = weight_bits or {}
@@ -146,24 +152,37 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
     for node in graph.nodes:  # in order, so chains of pools/reshapes resolve
         if node.op in SAME_AS_INPUT:
             acts[node.outputs[0]] = acts[node.inputs[0]]
-    return quant_model_with_acts(graph, acts, weight_bits)
+    return quant_model_with_acts(graph, acts, weight_bits, weight_schemes)
 
 
 def quant_model_with_acts(graph: Graph, acts: dict[str, ActQuant],
-                          weight_bits: dict[str, int] | None = None) -> QuantModel:
+                          weight_bits: dict[str, int] | None = None,
+                          weight_schemes: dict[str, WeightSpec] | None = None) -> QuantModel:
     """The QuantModel for given activation parameters: weights quantised symmetrically per
-    output channel at each layer's weight bits (default 8), int32 biases at s_in·s_w[c]."""
+    output channel at each layer's weight bits (default 8) — or by the layer's entry in
+    `weight_schemes`, which then sets the bits too —, int32 biases at s_in·s_w[c]."""
     weight_bits = weight_bits or {}
+    weight_schemes = weight_schemes or {}
     layers: dict[str, LayerQuant] = {}
     for node in graph.nodes:
         if node.op in ("conv2d", "fully_connected"):
-            wb = weight_bits.get(node.name, 8)
-            q, s = arith.quantize_weights_symmetric(node.weight, wb)
-            bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, s)
-            layers[node.name] = layer_params(node, acts, q, s, wb, bias)
+            spec = weight_schemes.get(node.name) or WeightSpec("linear",
+                                                              weight_bits.get(node.name, 8))
+            qw = quantize_weights(node.weight, spec)
+            bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, qw.scale)
+            lq = layer_params(node, acts, qw.values, qw.scale, qw.bits, bias)
+            lq.weight_scheme, lq.weight_codebook = qw.scheme, qw.codebook
+            lq.weight_params = qw.params
+            layers[node.name] = lq
         else:
             layers[node.name] = layer_params(node, acts)
     return QuantModel(graph=graph, acts=acts, layers=layers)
+
+
+def with_weight_scheme(qm: QuantModel, spec: WeightSpec) -> QuantModel:
+    """The same model with every weighted layer re-quantised under `spec` (activations kept)."""
+    names = [n.name for n in qm.graph.nodes if n.op in ("conv2d", "fully_connected")]
+    return quant_model_with_acts(qm.graph, qm.acts, None, {n: spec for n in names})
 
 
 def quant_model_from_parameters(graph: Graph, acts: dict[str, ActQuant],

@@ -3,9 +3,11 @@
 The steps, each a function of the one before:
 1. calibration statistics (or synthetic ones for the data-free `qe` strategy);
 2. the patch schedule: none, given, or searched (`choose_patches`);
-3. scores per feature map and bitwidth (VDQS entropy or QE-Score);
-4. the allocation problem under the board's budgets, solved by `exact`, `vdqs` or `int8`,
-   then refined by QBR;
+3. scores per feature map and bitwidth (VDQS entropy or QE-Score; for `importance`, LIMPQ's
+   fitted LSQ step sizes, `search/importance.py`);
+4. the allocation problem under the board's budgets, solved by `exact`, `vdqs` or `int8`
+   (`importance`: the exact ILP on its costs, with an optional BitOPs row), then refined by
+   QBR;
 5. quantisation at the chosen bits, VDPC's thresholds and outlier rates;
 6. the plan, with everything the memory model predicts.
 """
@@ -24,7 +26,7 @@ from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import align_up, code_bytes_estimate, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
-from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256
+from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
 from mpq.quant.calibrate import (
     CalibrationStats,
     Dataset,
@@ -34,11 +36,14 @@ from mpq.quant.calibrate import (
     onnx_input_shape,
 )
 from mpq.quant.qmodel import SAME_AS_INPUT, QuantModel, quantize_graph
+from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
+from mpq.search.importance import ImportanceTable, solve_importance, total_importance
+from mpq.search.rusci import layer_groups, solve_rusci
 from mpq.search.scores import MapScore, full_precision_bitops, layer_bitops, qe_scores, vdqs_scores
 from mpq.search.solvers import Group, Problem, Solution, refine_bits, solve_exact, solve_vdqs
 from mpq.vdpc import VdpcResult, classify_rates
 
-STRATEGIES = ("exact", "vdqs", "int8", "qe")
+STRATEGIES = ("exact", "vdqs", "int8", "qe", "importance", "rusci")
 PATCH_N = (2, 3, 4, 5, 6, 8)
 
 
@@ -52,6 +57,7 @@ class SearchOptions:
     bins: int = 256
     bits: tuple[int, ...] = (8, 4, 2)
     weight_bits: tuple[int, ...] = (8,)
+    weight_scheme: str | None = None  # `--weights SCHEME:B`: every layer at weight_bits[0]
     patches: str = "auto"  # "auto", "none" or "k=8,n=4"
     vdpc: bool = True
     vdpc_min_outliers: int = 1
@@ -61,6 +67,7 @@ class SearchOptions:
     sram: int | None = None
     flash: int | None = None
     max_overhead: float | None = 0.25  # bound on redundant MACs / total MACs (auto patches)
+    bitops: int | None = None  # BitOPs budget of `--strategy importance` (none: unbounded)
 
 
 class BudgetError(MpqError):
@@ -179,9 +186,19 @@ def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
     return fixed
 
 
-def weight_flash(node_weight_size: int, cout: int, bits: int) -> int:
-    """Flash of one layer: packed weights + int32 bias + int32 (M, S) per output channel."""
-    return packed_bytes(node_weight_size, bits) + 12 * cout
+def weight_flash(node_weight_size: int, cout: int, bits: int, scheme: str = "linear") -> int:
+    """Flash of one layer: packed weights (+ the scheme's codebook) + int32 bias + int32 (M, S)
+    per output channel."""
+    return packed_bytes(node_weight_size, bits) + codebook_bytes(scheme, bits) + 12 * cout
+
+
+def weight_specs(graph: Graph, opts: SearchOptions) -> dict[str, WeightSpec]:
+    """`--weights SCHEME:B`: every weighted layer's scheme (none: linear, bits searched)."""
+    if opts.weight_scheme is None:
+        return {}
+    spec = WeightSpec(opts.weight_scheme, opts.weight_bits[0])
+    check_exportable(spec, "--weights")
+    return {n.name: spec for n in graph.nodes if n.weight is not None}
 
 
 def weight_omega(weight: np.ndarray, bits: int) -> float:
@@ -225,11 +242,14 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
     w_options = tuple(sorted(set(opts.weight_bits) | {8}, reverse=True))
     if flash8 > flash_budget and w_options == (8,):
         w_options = (8, 4)
+    scheme = opts.weight_scheme or "linear"
+    if opts.weight_scheme is not None:  # fixed by --weights
+        w_options = (opts.weight_bits[0],)
     flash_fixed = 0
     total_params = max(sum(n.weight.size for n in weighted), 1)
     for n in weighted:
         if len(w_options) == 1:
-            flash_fixed += weight_flash(n.weight.size, n.weight.shape[0], 8)
+            flash_fixed += weight_flash(n.weight.size, n.weight.shape[0], w_options[0], scheme)
             continue
         omega_w = {b: weight_omega(n.weight, b) for b in w_options}
         if opts.weight_bits == (8,):
@@ -281,12 +301,21 @@ def synthetic_data(graph: Graph, samples: int = 64, lo: float = 0.0,
 
 def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
            opts: SearchOptions, progress: Callable[[int], None] | None = None,
-           stats: CalibrationStats | None = None) -> SearchResult:
-    """Run the whole search and return the plan (DESIGN §1, §5–§7)."""
+           stats: CalibrationStats | None = None,
+           log: Callable[[str], None] | None = None) -> SearchResult:
+    """Run the whole search and return the plan (DESIGN §1, §5–§7). `log` receives one line
+    per phase and per candidate schedule (what `mpq -v search` prints)."""
+    say = log or (lambda message: None)
     if opts.strategy not in STRATEGIES:
         raise MpqError(f"unknown strategy '{opts.strategy}' (choose from "
                        f"{', '.join(STRATEGIES)})")
+    if opts.bitops is not None and opts.strategy != "importance":
+        raise MpqError("--bitops is a constraint of --strategy importance")
+    if opts.strategy == "importance" and data is None:
+        raise MpqError("strategy 'importance' needs calibration data (--data): it fits its "
+                       "step sizes on the layers' activations")
     notes: list[str] = []
+    specs = weight_specs(graph, opts)  # refuses what cannot be exported before any work
     if data is None and stats is None:
         if opts.strategy != "qe":
             raise MpqError(f"strategy '{opts.strategy}' needs calibration data (--data); the "
@@ -296,6 +325,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                      "inputs")
     if stats is None:
         stats = calibrate(graph, data, progress=progress)
+    say(f"calibrated: {len(stats.tensors)} tensors")
 
     input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
@@ -310,24 +340,36 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         candidates = auto_candidates(graph, opts)
     else:
         candidates = [plan_patches(graph, patches)]
+    table = ImportanceTable(graph, data, stats, opts.bits, opts.weight_bits) \
+        if opts.strategy == "importance" else None
     if opts.strategy == "qe":
         scores = qe_scores(graph, opts.bits, opts.lam, opts.phi_norm)
+    elif table is not None:
+        scores = {}  # the groups' costs come from the fitted step sizes
     else:
         scores = vdqs_scores(graph, stats, opts.bits, opts.lam, opts.bins, opts.phi_norm,
                              range_method=opts.range_method)
+    say(f"scoring: {len(scores)} feature maps, {len(candidates)} candidate schedule(s)")
     full_bitops = full_precision_bitops(graph)
     attempts = []
     failures: list[MpqError] = []
     for schedule in candidates:
         try:
             attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
-                                      flash_budget, input_bytes, code)
+                                      flash_budget, input_bytes, code, table)
         except MpqError as exc:  # this schedule cannot meet the budgets; try the others
             failures.append(exc)
+            say(f"solving: {_describe(schedule)}: {exc}")
             continue
+        say(f"solving: {_describe(schedule)}: arena {attempt.solution.arena:,} B, objective "
+            f"{attempt.solution.objective:.4f}")
         # Overlap recomputation costs BitOPs that S does not see: charge it in S's units.
         penalty = (1 - opts.lam) * schedule.redundant_macs * 64 / full_bitops
-        attempts.append((attempt.solution.objective - penalty, -schedule.redundant_macs,
+        value = attempt.solution.objective - penalty
+        if table is not None:  # LIMPQ's cost has no BitOPs term: least cost, then fewest MACs
+            value = -round(total_importance(table, graph, attempt.problem,
+                                            attempt.solution.choice), 9)
+        attempts.append((value, -schedule.redundant_macs,
                          -schedule.split_layer, -schedule.n, attempt))
     if not attempts:
         raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
@@ -346,7 +388,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     for g in problem.groups:
         for t in g.tensors:
             mixed_bits[t] = solution.choice[g.name]
-    w_bits = {n.name: 8 for n in graph.nodes if n.weight is not None}
+    w_bits = {n.name: specs[n.name].bits if specs else 8 for n in graph.nodes
+              if n.weight is not None}
     for g in problem.groups:
         if g.name.startswith("weights:"):
             w_bits[g.name[len("weights:"):]] = solution.choice[g.name]
@@ -360,7 +403,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
 
     ranges = {t: range_of(t, mixed_bits[t])
               for t in graph.tensors}
-    qm = quantize_graph(graph, ranges, act_bits=mixed_bits, weight_bits=w_bits)
+    qm = quantize_graph(graph, ranges, act_bits=mixed_bits, weight_bits=w_bits,
+                        weight_schemes=specs)
     outlier_qm = None
     stage_tensors = set()
     if use_vdpc:
@@ -371,7 +415,10 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         bits8 = {t: (8 if t in stage_tensors else mixed_bits[t]) for t in graph.tensors}
         ranges8 = {t: range_of(t, bits8[t])
                    for t in graph.tensors}
-        outlier_qm = quantize_graph(graph, ranges8, act_bits=bits8, weight_bits=w_bits)
+        rebuilt = {n: WeightSpec(s.scheme, s.bits, qm.layers[n].weight_params)
+                   for n, s in specs.items()}  # the same weights, without a second search
+        outlier_qm = quantize_graph(graph, ranges8, act_bits=bits8, weight_bits=w_bits,
+                                    weight_schemes=rebuilt)
 
     vdpc_result = None
     if use_vdpc:
@@ -390,6 +437,14 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                          stage_tensors, act_bits, w_bits, memory, input_bytes, problem,
                          solution, objective_solver, vdpc_result, sram_total, flash_total,
                          notes + [f"QBR: {line}" for line in qbr_log])
+    if table is not None:
+        plan.search["importance"] = table.to_dict()
+        plan.search["importance_total"] = round(
+            total_importance(table, graph, problem, solution.choice), 9)
+        plan.search["bitops_budget"] = opts.bitops
+        if opts.bitops is not None and plan.predicted["bitops"] > opts.bitops:
+            raise MpqError(f"internal: the plan's {plan.predicted['bitops']:,} BitOPs exceed "
+                           f"--bitops {opts.bitops:,}")
     return SearchResult(plan, qm, schedule, solution, qbr_log, vdpc_result)
 
 
@@ -418,7 +473,8 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
 
 def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                     opts: SearchOptions, sram_total: int, flash_total: int, flash_budget: int,
-                    input_bytes: int, code: int) -> _Attempt:
+                    input_bytes: int, code: int, table: ImportanceTable | None = None
+                    ) -> _Attempt:
     """Build and solve the allocation problem for one patch schedule."""
     int8_memory = schedule.memory()
     scratch = int8_memory.scratch_bytes
@@ -443,9 +499,23 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
         if not problem.fits(low):
             raise _impossible(problem, low, schedule, sram_total, input_bytes, scratch,
                               flash_total, code, f"{min(opts.bits)}-bit activations")
-        solution = solve_vdqs(problem, order) if opts.strategy == "vdqs" \
-            else solve_exact(problem)
+        if table is not None:
+            floor = problem.arena(problem.tensor_bits(low)) + scratch + input_bytes
+            problem, solution = solve_importance(problem, table, graph, schedule, opts.bitops,
+                                                 floor)
+        elif opts.strategy == "rusci":
+            solution = solve_rusci(problem, layer_groups(graph, problem))
+        else:
+            solution = solve_vdqs(problem, order) if opts.strategy == "vdqs" \
+                else solve_exact(problem)
     return _Attempt(schedule, problem, order, solution, use_vdpc, classified, scratch)
+
+
+def _describe(schedule: PatchSchedule) -> str:
+    """A schedule as the user names it: `no patches` or `k=3,n=2 patches`."""
+    if schedule.split_tensor is None:
+        return "no patches"
+    return f"k={schedule.split_layer},n={schedule.n} patches"
 
 
 def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule,
@@ -501,7 +571,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         layers.append(LayerPlan(
             name=n.name, op=n.kind, w_bits=w_bits.get(n.name),
             a_bits_in=qm.acts[n.inputs[0]].bits, a_bits_out=qm.acts[n.outputs[0]].bits,
-            macs=node_macs(n, graph), bitops=int(bitops[n.name])))
+            macs=node_macs(n, graph), bitops=int(bitops[n.name]),
+            **layer_weight_fields(qm.layers.get(n.name))))
     total_bitops = int(sum(bitops.values()))
     stage_extra = _stage_bitops(schedule, graph, bitops, bitops8, vdpc)
     flash = problem.flash_bytes(solution.choice)
@@ -537,6 +608,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "lambda": opts.lam, "phi": opts.phi, "bins": opts.bins,
         "phi_norm": opts.phi_norm, "range_method": opts.range_method,
         "candidate_bits": list(opts.bits), "weight_bits": list(opts.weight_bits),
+        **({"weights": f"{opts.weight_scheme}:{opts.weight_bits[0]}"}
+           if opts.weight_scheme else {}),
         "qbr": opts.qbr, "vdpc": opts.vdpc, "patches": opts.patches,
         "ilp_rounds": solution.iterations, "repaired_groups": solution.repaired,
     }

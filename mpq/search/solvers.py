@@ -33,6 +33,31 @@ class Group:
 
 
 @dataclass
+class BitopsTerm:
+    """One MAC layer's BitOPs, MACs·b_w·b_a (DESIGN §7.1): each factor is a group's choice, or
+    fixed bits when the group is None."""
+
+    macs: float  # MACs, times the patch stage's recomputation factor inside the stage
+    act_group: str | None
+    act_bits: int  # used when act_group is None
+    weight_group: str | None
+    weight_bits: int  # used when weight_group is None
+
+
+@dataclass
+class BitopsBudget:
+    """Σ_l MACs_l·b_w,l·b_a,l ≤ budget (LIMPQ's BitOPs constraint, search-anchors §2.5)."""
+
+    terms: list[BitopsTerm]
+    budget: float
+
+    def total(self, choice: dict[str, int]) -> float:
+        return float(sum(t.macs * (choice[t.act_group] if t.act_group else t.act_bits)
+                         * (choice[t.weight_group] if t.weight_group else t.weight_bits)
+                         for t in self.terms))
+
+
+@dataclass
 class Problem:
     """Everything a solver needs; `bits_of(choice)` expands a choice to per-tensor bits."""
 
@@ -43,6 +68,7 @@ class Problem:
     sram_budget: int  # bytes available to the arena
     flash_budget: int  # bytes available to weights, biases and requantisation parameters
     flash_fixed: int = 0  # Flash bytes that do not depend on the choice
+    bitops: BitopsBudget | None = None  # optional BitOPs constraint (`--strategy importance`)
 
     def tensor_bits(self, choice: dict[str, int]) -> dict[str, int]:
         bits: dict[str, int] = {}
@@ -59,7 +85,8 @@ class Problem:
 
     def fits(self, choice: dict[str, int]) -> bool:
         return self.arena(self.tensor_bits(choice)) <= self.sram_budget \
-            and self.flash_bytes(choice) <= self.flash_budget
+            and self.flash_bytes(choice) <= self.flash_budget \
+            and (self.bitops is None or self.bitops.total(choice) <= self.bitops.budget)
 
 
 @dataclass
@@ -78,8 +105,9 @@ def _owner(problem: Problem) -> dict[str, Group]:
 
 def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
     """Maximise Σ S(i,b)·x[i,b] subject to one bitwidth per group, Σ_{live at t} Mem ≤ M_t at
-    every step (true liveness: residuals and the patch stage included) and Flash ≤ budget —
-    an ILP solved by HiGHS (`scipy.optimize.milp`), DESIGN §7.2.
+    every step (true liveness: residuals and the patch stage included), Flash ≤ budget and,
+    when `problem.bitops` is set, BitOPs ≤ its budget (`_bitops_rows`) — an ILP solved by
+    HiGHS (`scipy.optimize.milp`), DESIGN §7.2.
 
     A buffer shared by several tensors (in-place depthwise, reshape views) counts as the max of
     its tensors' sizes through an auxiliary variable. The solution is checked against the real
@@ -97,6 +125,9 @@ def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
             if len(tensors) > 1:
                 aux[(t, k)] = len(var) + len(aux)
     n = len(var) + len(aux)
+    bitops_rows: list[tuple[dict[int, float], float, float]] = []
+    if problem.bitops is not None:
+        n, bitops_rows = _bitops_rows(problem.bitops, var, n)
 
     def mem_row(tensor: str) -> dict[int, float]:
         g = owner.get(tensor)
@@ -138,13 +169,18 @@ def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
         step_rows.append((row, const))
     flash_row = {var[(g.name, b)]: float(g.flash[b]) for g in problem.groups
                  for b in g.options if g.flash}
-    integrality = np.array([1] * len(var) + [0] * len(aux))
-    bounds = Bounds(np.zeros(n), np.array([1.0] * len(var) + [np.inf] * len(aux)))
+    n_joint = n - len(var) - len(aux)
+    integrality = np.array([1] * len(var) + [0] * (len(aux) + n_joint))
+    bounds = Bounds(np.zeros(n), np.array([1.0] * len(var) + [np.inf] * len(aux)
+                                          + [1.0] * n_joint))
     def solve(budget: int) -> dict[str, int] | None:
-        all_rows = rows + [r for r, _ in step_rows] + ([flash_row] if flash_row else [])
-        all_lo = lo + [-np.inf] * len(step_rows) + ([-np.inf] if flash_row else [])
+        all_rows = rows + [r for r, _ in step_rows] + ([flash_row] if flash_row else []) \
+            + [r for r, _, _ in bitops_rows]
+        all_lo = lo + [-np.inf] * len(step_rows) + ([-np.inf] if flash_row else []) \
+            + [v for _, v, _ in bitops_rows]
         all_hi = hi + [budget - const for _, const in step_rows] + (
-            [problem.flash_budget - problem.flash_fixed] if flash_row else [])
+            [problem.flash_budget - problem.flash_fixed] if flash_row else []) \
+            + [v for _, _, v in bitops_rows]
         a = lil_matrix((len(all_rows), n))
         for r, row in enumerate(all_rows):
             for i, v in row.items():
@@ -192,6 +228,51 @@ def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
     _, choice, arena = best
     return Solution(choice, problem.objective(choice), arena, problem.flash_bytes(choice),
                     rounds)
+
+
+def _bitops_rows(bitops: BitopsBudget, var: dict[tuple[str, int], int], n: int
+                 ) -> tuple[int, list[tuple[dict[int, float], float, float]]]:
+    """The BitOPs constraint as linear rows (lo ≤ row·x ≤ hi) over the ILP's variables.
+
+    MACs·b_w·b_a is bilinear when both bitwidths are choices; as in LIMPQ's ILP (one binary per
+    layer and (b_w, b_a) pair, search-anchors §2.5) the pair gets joint variables y[b_w, b_a]
+    ∈ [0, 1], here tied to the groups' one-hot choices by Σ_{b_w} y = x_a[b_a] and Σ_{b_a} y =
+    x_w[b_w], which forces y = x_w[b_w]·x_a[b_a] without making y integer. Returns the new
+    variable count and the rows (the linking equalities, then the budget row).
+    """
+    options: dict[str, list[int]] = {}
+    for (name, b) in var:
+        options.setdefault(name, []).append(b)
+    rows: list[tuple[dict[int, float], float, float]] = []
+    budget_row: dict[int, float] = {}
+    const = 0.0
+    for term in bitops.terms:
+        a, w = term.act_group, term.weight_group
+        if a is None and w is None:
+            const += term.macs * term.act_bits * term.weight_bits
+        elif w is None:
+            for b in options[a]:
+                i = var[(a, b)]
+                budget_row[i] = budget_row.get(i, 0.0) + term.macs * b * term.weight_bits
+        elif a is None:
+            for b in options[w]:
+                i = var[(w, b)]
+                budget_row[i] = budget_row.get(i, 0.0) + term.macs * term.act_bits * b
+        else:
+            joint = {}
+            for bw in options[w]:
+                for ba in options[a]:
+                    joint[(bw, ba)] = n
+                    budget_row[n] = term.macs * bw * ba
+                    n += 1
+            for ba in options[a]:
+                rows.append(({**{joint[(bw, ba)]: 1.0 for bw in options[w]}, var[(a, ba)]: -1.0},
+                             0.0, 0.0))
+            for bw in options[w]:
+                rows.append(({**{joint[(bw, ba)]: 1.0 for ba in options[a]}, var[(w, bw)]: -1.0},
+                             0.0, 0.0))
+    rows.append((budget_row, -np.inf, bitops.budget - const))
+    return n, rows
 
 
 def solve_vdqs(problem: Problem, order: list[str]) -> Solution:
