@@ -6,7 +6,8 @@ log-domain activations beside linear ones.
 On the KWS clips (calibrated on the first 100, evaluated on the other 900, as the tests'
 `kws` fixture) and on the Fashion-MNIST example (calib.npz, test.npz): activations at 8 bits
 with entropy ranges, every weighted layer under one scheme — linear (per channel), wentropy
-(Park et al.), sym / asym / pow2 (Nayak et al., per layer) — through the integer reference.
+(Park et al.) and pow2 (Nayak et al.), both on per-channel normalised weights, sym / asym
+(Nayak et al., per layer) — through the integer reference.
 Weight bytes are those of the blob export writes (packed codes + codebooks; asym, which export
 refuses, counts its b-bit codes), raw, gzip and lzma. Then the activations at 8 and 4 bits,
 linear (integer reference) against log levels (float fake quantisation), weights linear:8.

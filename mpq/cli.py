@@ -154,18 +154,21 @@ def import_(model: Path, output: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--compress", is_flag=True,
               help="Also report the exported weight blob's size: raw, gzip and lzma.")
-@click.option("--weights", "weights_spec", default="linear:8", show_default=True,
-              help="Weight scheme of --compress: linear, wentropy, sym or pow2, with :BITS.")
+@click.option("--weights", "weights_spec", default=None,
+              help="Weight scheme of --compress (default linear:8): linear, wentropy, sym "
+                   "or pow2, with :BITS.")
 @user_errors
 def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
-            weights_spec: str) -> None:
+            weights_spec: str | None) -> None:
     """Per-layer shapes, MACs, parameters and the int8 memory model of MODEL."""
     from mpq.analysis import summarise, weight_compression
     from mpq.boards import get_board
     from mpq.frontend import load_model
     from mpq.quant.weights import parse_weights
 
-    spec = parse_weights(weights_spec, for_export=True)
+    if weights_spec is not None and not compress:
+        raise click.UsageError("--weights goes with --compress")
+    spec = parse_weights(weights_spec or "linear:8", for_export=True)
     board = get_board(board_name) if board_name else None
     graph = load_model(model)
     summary = summarise(graph, model.name, board)

@@ -27,7 +27,7 @@ from mpq.fileio import write_atomic
 from mpq.ir import Graph, graph_fingerprint
 from mpq.patch import PatchMemory, PatchSchedule, PatchSplit, plan_patches
 from mpq.plan import Plan
-from mpq.search.driver import _stage_bitops
+from mpq.search.driver import stage_bitops
 from mpq.search.scores import layer_bitops
 from mpq.vdpc import VdpcResult
 
@@ -146,13 +146,13 @@ def bitwidth_rows(plan: Plan, graph: Graph) -> list[dict[str, Any]]:
 
 def bitops_breakdown(plan: Plan, graph: Graph, schedule: PatchSchedule) -> dict[str, Any]:
     """Figure (d)'s data: BitOPs per layer (MACs·b_w·b_a, §7.1) at int8 and in the plan, and
-    the patch overlap recomputation the driver charges (`driver._stage_bitops`), so that the
+    the patch overlap recomputation the driver charges (`driver.stage_bitops`), so that the
     totals are the plan's predicted `bitops_int8`, `bitops` and `expected_bitops`."""
     plan_layer = {layer.name: int(layer.bitops) for layer in plan.layers}
     w_bits = {layer.name: int(layer.w_bits) for layer in plan.layers if layer.w_bits}
     int8 = layer_bitops(graph, {t: 8 for t in graph.tensors}, {n: 8 for n in w_bits})
     vdpc = _vdpc_result(plan)
-    extra = _stage_bitops(schedule, graph, plan_layer, int8, vdpc)
+    extra = stage_bitops(schedule, graph, plan_layer, int8, vdpc)
     layers = [{"index": i, "name": n.name, "int8": int(int8[n.name]),
                "plan": plan_layer[n.name]} for i, n in enumerate(graph.nodes)]
     sum8 = sum(r["int8"] for r in layers)

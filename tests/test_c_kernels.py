@@ -20,6 +20,7 @@ import ckernels as ck
 import jinja2
 import numpy as np
 import pytest
+import reference_kernels as ref
 from random_cases import rand_act, rand_clamp, single_node_model
 
 from mpq.ir import Graph, Node, Tensor, conv_out_size
@@ -340,8 +341,10 @@ def test_conv2d_add_random(libs: list[ck.Kernels]) -> None:
 
 def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
     """Depthwise (multiplier 1) whose output view starts at the input's first element: either a
-    plain contiguous tensor (the layer-based arena) or the input's own sub-region layout."""
-    n = bad = 0
+    plain contiguous tensor (the layer-based arena) or the input's own sub-region layout. A
+    third of the cases are 3x3 with unit stride and dilation along W, the DSP build's
+    two-outputs-per-word loop."""
+    n = bad = paired = 0
     per_format: dict[int, int] = {}
     combos = [(b, b, wf) for b in BITS for wf in WFORMATS] * 3
     for rng, bits, _, (fmt, bw) in cases(5, combos):
@@ -351,6 +354,8 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
         if rng.random() < 0.1:
             sh = sw = 3
         dh, dw = (int(v) for v in rng.integers(1, 3, 2))
+        if rng.random() < 0.33:
+            kh, kw, sw, dw = 3, 3, 1, 1
         pads = tuple(int(v) for v in rng.integers(0, 3, 4))
         h, w = (int(v) for v in rng.integers(dh * (kh - 1) + 1, 9, 2))
         ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
@@ -397,8 +402,10 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
         if node.is_depthwise:  # C = 1 is an ordinary conv to mpq (groups = 1)
             assert size <= scratch_bytes(node, qm.graph, inplace=True)
         per_format[fmt] = per_format.get(fmt, 0) + 1
+        paired += kh == kw == 3 and sw == dw == 1 and wo >= 2
         n += 1
     assert enough_per_format(per_format) and bad == 0, (per_format, bad)
+    assert paired >= 150
 
 
 # -- pooling ------------------------------------------------------------------------------------
@@ -558,6 +565,56 @@ def test_bad_arguments_are_refused(libs: list[ck.Kernels]) -> None:
     assert lib.conv2d_add(p, *args, pa, v_in, v_out) == MPQ_ERR_ARG
     assert lib.add(pa, v_skip, v_skip, wider) == MPQ_ERR_BITS
     assert np.array_equal(s_out.buf, s_out.expected_bytes(v_out, s_out.read(v_out)))
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "conv3x3", "depthwise", "fully_connected"])
+def test_extreme_output_zero_point(libs: list[ck.Kernels], kind: str) -> None:
+    """An output zero point far outside any tensor's range (|zp| >= 2^24), with accumulators
+    and multipliers that bring the requantised value near -zp: the kernels' exact int64 output
+    stage against reference_kernels (the usual 32-bit clamp would be wrong here)."""
+    rng = np.random.default_rng(17)
+    for zp_out in (-(1 << 29), -(1 << 29) - 77, (1 << 24) + 3):
+        h, w, c = 5, 6, 8
+        cout = c if kind == "depthwise" else 6
+        zp_in = int(rng.integers(-100, 100))
+        x = zp_in + rng.integers(-20, 21, (h, w, c))
+        k = 1 if kind in ("pointwise", "fully_connected") else 3
+        groups = c if kind == "depthwise" else 1
+        wq = rng.integers(-3, 4, (cout, k, k, c // groups))
+        # requant(acc) = acc/2 (M = 2^30, S = 0) lands near -zp_out, around the clamp range.
+        bias = -2 * zp_out + rng.integers(-300, 300, cout)
+        mult, shift = np.full(cout, 1 << 30), np.zeros(cout, np.int64)
+        if kind == "fully_connected":
+            flat = x.reshape(-1).tolist()
+            wf = rng.integers(-1, 2, (cout, len(flat)))
+            want = np.array(ref.fully_connected(flat, zp_in, wf.tolist(), bias.tolist(),
+                                                mult.tolist(), shift.tolist(), zp_out, -128,
+                                                127)).reshape(1, 1, cout)
+            s_in, v_in = placed(rng, x, 8, sub=False)
+            s_out, v_out = placed(rng, np.zeros((1, 1, cout), np.int64), 8, sub=False)
+            for lib in libs:
+                s_out.restore()
+                assert lib.fully_connected(ck.FcParams(zp_in, zp_out, -128, 127), wf, 8, bias,
+                                           mult, shift, v_in, v_out) == MPQ_OK
+                assert check_bytes(s_out, v_out, want)
+            continue
+        pad = k // 2
+        want = np.array(ref.conv(x.tolist(), zp_in, wq.tolist(), bias.tolist(), mult.tolist(),
+                                 shift.tolist(), zp_out, -128, 127, (1, 1), (1, 1),
+                                 (pad, pad, pad, pad), groups))
+        assert 0 < int((np.abs(want) < 127).sum()) < want.size  # both clamped and not
+        p = ck.ConvParams(1, 1, 1, 1, pad, pad, groups, zp_in, zp_out, -128, 127)
+        for lib in libs:
+            if kind == "depthwise":
+                store = ck.Stored(x, 8)
+                v = store.view(h, w, c)
+                assert lib.depthwise_inplace(p, wq, 8, bias, mult, shift, v, v) == MPQ_OK
+                assert check_bytes(store, v, want)
+            else:
+                s_in, v_in = placed(rng, x, 8)
+                s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), 8)
+                assert lib.conv2d(p, wq, 8, bias, mult, shift, v_in, v_out) == MPQ_OK
+                assert check_bytes(s_out, v_out, want)
 
 
 def test_bad_weight_formats_are_refused(libs: list[ck.Kernels]) -> None:

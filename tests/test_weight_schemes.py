@@ -91,6 +91,7 @@ def test_wentropy_large_layer_is_a_local_optimum() -> None:
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_wentropy_codebook_is_int8_with_2_to_the_b_entries(bits: int) -> None:
     w = np.random.default_rng(bits).normal(size=(8, 3, 3, 4)).astype(np.float32)
+    w *= np.array([1.0, 0.5, 4.0, 0.125, 2.0, 1.0, 0.25, 8.0], np.float32)[:, None, None, None]
     q = W.quantize_weights(w, W.WeightSpec("wentropy", bits))
     cb = q.codebook
     assert cb.dtype == np.int8 and len(cb) == 1 << bits
@@ -98,11 +99,18 @@ def test_wentropy_codebook_is_int8_with_2_to_the_b_entries(bits: int) -> None:
     assert (np.diff(cb.astype(int)) >= 0).all()
     assert set(np.unique(q.values)) <= set(cb.tolist())
     assert (np.sign(q.values) * np.sign(w) >= 0).all()  # signs kept
-    # representatives are √(mean w²) of their clusters, re-quantised with one layer scale
-    k = np.searchsorted(q.params["boundaries"], np.abs(w), side="right")
-    for c in np.unique(k):
-        rep = np.sqrt((w[k == c].astype(np.float64) ** 2).mean())
-        assert abs(rep / q.scale[0] - np.abs(q.values[k == c])[0]) <= 0.5 + 1e-9
+    assert q.params["normalise"] == "channel"
+    # clusters of w / max|w[o]|; representatives √(mean w'²), re-quantised with one level
+    # scale s = max rep/127; channel o's weight scale is max|w[o]|·s
+    amax = np.abs(w.astype(np.float64)).reshape(len(w), -1).max(axis=1)
+    wn = w.astype(np.float64) / amax[:, None, None, None]
+    k = np.searchsorted(q.params["boundaries"], np.abs(wn), side="right")
+    reps = {c: np.sqrt((wn[k == c] ** 2).mean()) for c in np.unique(k)}
+    s = float(np.float32(max(reps.values()) / 127))
+    assert np.array_equal(q.scale, (amax * s).astype(np.float32))
+    for c, rep in reps.items():
+        assert abs(rep / s - np.abs(q.values[k == c])[0]) <= 0.5 + 1e-9
+        assert len(np.unique(np.abs(q.values[k == c]))) == 1
     # recorded params rebuild the same weights; other params are refused
     again = W.quantize_weights(w, W.WeightSpec("wentropy", bits, q.params))
     assert np.array_equal(again.values, q.values) and np.array_equal(again.scale, q.scale)
@@ -111,18 +119,48 @@ def test_wentropy_codebook_is_int8_with_2_to_the_b_entries(bits: int) -> None:
         W.quantize_weights(w, W.WeightSpec("wentropy", bits, bad))
 
 
+@pytest.mark.parametrize("spec", ["wentropy:4", "wentropy:2"])
+def test_per_channel_normalisation_makes_codes_independent_of_channel_range(spec: str) -> None:
+    """Scaling one output channel by a power of two leaves every code and the codebook as they
+    were and scales only that channel's weight scale (our per-channel normalisation)."""
+    w = np.random.default_rng(11).normal(size=(6, 3, 3, 5)).astype(np.float32)
+    w[4] = 0.0  # an all-zero channel keeps a finite scale
+    q = W.quantize_weights(w, W.parse_weights(spec))
+    assert np.isfinite(q.scale).all() and (q.scale > 0).all()
+    # Park et al.'s codebook has no zero level, so 0 takes the smallest + level
+    zero = q.codebook[len(q.codebook) // 2]
+    assert (q.values[4] == zero).all()
+    f = np.array([1, 16, 1, 1 / 32, 1, 1], np.float32)
+    q2 = W.quantize_weights(w * f[:, None, None, None], W.parse_weights(spec))
+    assert np.array_equal(q2.values, q.values) and q2.params == q.params
+    assert np.array_equal(q2.scale, q.scale * f)
+    assert np.array_equal(q2.codebook, q.codebook)
+    per_layer = W.WeightSpec(spec.split(":")[0], int(spec[-1]), {"boundaries": [],
+                                                                 "codebook": []})
+    with pytest.raises(W.MpqError, match="older mpq"):
+        W.quantize_weights(w, per_layer)
+
+
 # -- data-free quantisers --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
-def test_pow2_values_are_powers_of_two_rounded_in_the_log_domain(bits: int) -> None:
+@pytest.mark.parametrize("bits,per_channel", [(4, False), (3, False), (2, False), (4, True)])
+def test_pow2_values_are_powers_of_two_rounded_in_the_log_domain(bits: int,
+                                                                 per_channel: bool) -> None:
     w = np.random.default_rng(bits).normal(size=(16, 50)).astype(np.float32)
-    values, scale = W.quantize_pow2(w, bits)
+    w *= np.geomspace(1 / 64, 4, 16).astype(np.float32)[:, None]  # channels of unequal range
+    values, scale = W.quantize_pow2(w, bits, per_channel=per_channel)
     top = W.pow2_max_exponent(bits)
     mag = np.abs(values.astype(int))
     assert set(np.unique(mag)) <= {0} | {1 << e for e in range(top + 1)}
-    assert mag.max() == 1 << top and np.all(scale == scale[0])
+    if per_channel:  # every channel reaches the top level
+        assert (mag.max(axis=1) == 1 << top).all()
+        amax = np.abs(w.astype(np.float64)).max(axis=1, keepdims=True)
+    else:  # the paper's one scale per layer: only the widest channel does
+        assert mag.max() == 1 << top and mag[0].max() < 1 << top
+        amax = np.full((16, 1), np.abs(w.astype(np.float64)).max())
+    assert np.array_equal(scale, (amax[:, 0] / (1 << top)).astype(np.float32))
     assert (np.sign(values) * np.sign(w) >= 0).all()
-    x = np.abs(w.astype(np.float64)) / scale[0]
+    x = np.abs(w.astype(np.float64)) / amax * (1 << top)
     big = x >= 0.5
     assert (mag[~big] == 0).all() and (mag[big] > 0).all()
     e = np.clip(np.floor(np.log2(x[big]) + 0.5), 0, top)  # round(log2 x), away from ties

@@ -11,10 +11,24 @@ decides which values a layer's weights take and how they are stored:
   re-quantised to int8 and stored as a per-layer codebook of 2^b entries, the weights as
   unsigned b-bit codes (format CODEBOOK, b = 4, 3, 2).
 - ``sym``, ``asym``, ``pow2``: the data-free quantisers of Nayak, Zhang, Chai ("Bit Efficient
-  Quantization for Deep Neural Networks", EMC² 2019, §3), one scale per layer as in the paper:
-  symmetric (LINEAR at 8/4/2 bits, CODEBOOK with the two's-complement table at 3), asymmetric
-  (a weight zero point the kernels do not have: reference only) and power of two (format POW2,
-  b = 4, 3, 2: values 0, ±2^e, which the kernels apply as shifts).
+  Quantization for Deep Neural Networks", EMC² 2019, §3): symmetric (LINEAR at 8/4/2 bits,
+  CODEBOOK with the two's-complement table at 3) and asymmetric (a weight zero point the kernels
+  do not have: reference only), one scale per layer as in the paper, and power of two (format
+  POW2, b = 4, 3, 2: values 0, ±2^e, which the kernels apply as shifts).
+
+Per-channel normalisation (our addition, not in either paper): ``wentropy`` chooses
+its levels and codes on w / max|w[o]|, each output channel o divided by its own largest
+magnitude, and the layer keeps one codebook (one set of pow2 levels); channel o's weight scale is
+max|w[o]| times the level scale. The per-channel scale is absorbed into the per-channel
+requantisation multiplier the kernels already have, so it is exact and costs nothing on the MCU.
+Why: one scale per layer lets the widest channel set the grid, and at 4 bits the narrow channels
+collapse onto a level or two. Top-1 at 4 bits, 8-bit activations (benchmarks/weight_schemes.py),
+per layer → per channel: KWS wentropy 0.680 → 0.828, pow2 0.561 → 0.569; the Fashion example
+wentropy 0.760 → 0.774, pow2 0.713 → 0.316 (linear:4, per channel: 0.903 and 0.907). The
+Fashion pow2 drop is not explained by weight error, which falls in every layer (‖W−Q‖²/‖W‖²
+≈ 0.04 → 0.02–0.04); it is left open, and ``pow2`` therefore keeps the paper's one scale per
+layer (`quantize_pow2(per_channel=True)` is the measured alternative). A wentropy plan records
+``"normalise": "channel"`` in ``w_params`` (the max|w[o]| come from the model's weights).
 
 Codes are packed by `mpq.quant.arith.pack` (code k in bits k·b … k·b+b−1 of a little-endian bit
 stream). `encode` is the one place that turns a layer's values into what export writes and what
@@ -134,6 +148,36 @@ def _per_channel(scale: float, cout: int) -> np.ndarray:
     return np.full(cout, scale, np.float32)
 
 
+# The `w_params["normalise"]` value of per-channel normalised wentropy / pow2 weights.
+CHANNEL = "channel"
+
+
+def channel_max(w: np.ndarray) -> np.ndarray:
+    """max|w[o]| of each output channel (axis 0) as float64; 1 for an all-zero channel, whose
+    codes are all zero whatever the divisor (per-channel normalisation, module docstring)."""
+    flat = np.abs(np.asarray(w, np.float64).reshape(np.shape(w)[0], -1))
+    amax = flat.max(axis=1) if flat.shape[1] else np.zeros(flat.shape[0])
+    return np.where(amax > 0, amax, 1.0)
+
+
+def normalise_channels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(w / max|w[o]| in float64, max|w[o]|): every output channel scaled to max magnitude 1."""
+    amax = channel_max(w)
+    return np.asarray(w, np.float64) / amax.reshape((-1,) + (1,) * (np.ndim(w) - 1)), amax
+
+
+def channel_scales(amax: np.ndarray, level_scale: float) -> np.ndarray:
+    """Weight scale of channel o: s_o = max|w[o]| · s_level as float32 (real ≈ s_o · value)."""
+    return (np.asarray(amax, np.float64) * float(level_scale)).astype(np.float32)
+
+
+def _check_normalise(params: dict[str, Any] | None, scheme: str) -> None:
+    """Refuse params of a plan whose levels were chosen without per-channel normalisation."""
+    if params is not None and params.get("normalise") != CHANNEL:
+        raise MpqError(f"the plan's {scheme} weights were chosen per layer by an older mpq; run "
+                       "`mpq search` again")
+
+
 def quantize_sym(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Nayak et al. §3 symmetric, one scale per layer: Δ = max|W|/(2^(b−1)−1) (float32),
     q = clamp(round_half_away(W/Δ), ±(2^(b−1)−1)). Returns (int8 values, scale per channel)."""
@@ -167,25 +211,33 @@ def pow2_max_exponent(bits: int) -> int:
     return (1 << (bits - 1)) - 2
 
 
-def quantize_pow2(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nayak et al. §3 power-of-two quantisation, one scale per layer: levels 0 and ±2^e,
-    e = 0 … E = 2^(b−1)−2, with Δ = max|W|/2^E (float32) so the largest weight is the top level.
+def quantize_pow2(w: np.ndarray, bits: int,
+                  per_channel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nayak et al. §3 power-of-two quantisation, one scale per layer as in the paper (or, with
+    `per_channel`, on per-channel normalised weights — measured worse, module docstring):
+    levels 0 and ±2^e, e = 0 … E = 2^(b−1)−2, with Δ = max|W|/2^E so the layer's largest
+    weight is the top level; the weight scale of every channel is Δ (float32).
 
-    x = |W|/Δ takes e = round(log2 x) clipped to [0, E] — rounded in the log domain, i.e. at the
-    geometric midpoints 2^(e+½), compared as constants so the result does not depend on a libm's
-    log2 — and 0 below ½, the midpoint between 0 and the smallest power. (Nearest-level rounding,
-    at 1.5·2^e, measured at 4 bits with 8-bit activations: KWS 0.191 against 0.561 here, the
-    Fashion example 0.730 against 0.713; the paper's log rounding is kept.)
+    x = |W[o]|/Δ_o = 2^E·|W[o]|/max|W[o]| (in float64; 2^E is exact) takes e = round(log2 x)
+    clipped to [0, E] — rounded in the log domain, i.e. at the geometric midpoints 2^(e+½),
+    compared as constants so the result does not depend on a libm's log2 — and 0 below ½, the
+    midpoint between 0 and the smallest power. (Nearest-level rounding, at 1.5·2^e, measured at
+    4 bits with 8-bit activations and one scale per layer: KWS 0.191 against 0.561 with log
+    rounding, the Fashion example 0.730 against 0.713; the paper's log rounding is kept.)
     """
     top = pow2_max_exponent(bits)
-    amax = float(np.abs(w).max()) if w.size else 0.0
-    scale = float(np.float32(amax / (1 << top))) if amax > 0 else 1.0
-    x = np.abs(w.astype(np.float64)) / scale
+    if per_channel:
+        wn, amax = normalise_channels(w)
+    else:  # the paper's one scale per layer (the default: see the module docstring)
+        peak = float(np.abs(np.asarray(w, np.float64)).max()) if np.size(w) else 0.0
+        peak = peak if peak > 0 else 1.0
+        wn, amax = np.asarray(w, np.float64) / peak, np.full(np.shape(w)[0], peak)
+    x = np.abs(wn) * float(1 << top)
     mids = np.array([2.0 ** (e + 0.5) for e in range(top)], np.float64)
     e = np.searchsorted(mids, x, side="right")
     mag = np.where(x < 0.5, 0, np.left_shift(1, e))
     values = np.where(w < 0, -mag, mag)
-    return values.astype(np.int8), _per_channel(scale, w.shape[0])
+    return values.astype(np.int8), channel_scales(amax, 1.0 / (1 << top))
 
 
 @dataclass
@@ -346,21 +398,25 @@ def wentropy_codebook(w: np.ndarray, boundaries: list[float], bits: int
 
 def quantize_wentropy(w: np.ndarray, bits: int, params: dict[str, Any] | None = None
                       ) -> QuantizedWeights:
-    """Weighted-entropy weights (Park et al. §3.1): the boundary search of
-    `wentropy_boundaries` (or the boundaries a plan recorded), then `wentropy_codebook`.
+    """Weighted-entropy weights (Park et al. §3.1) on per-channel normalised weights (module
+    docstring): with w' = w / max|w[o]|, the boundary search of `wentropy_boundaries` over the
+    whole layer's w' (or the boundaries a plan recorded, on that same scale), then
+    `wentropy_codebook` of w'; channel o's weight scale is max|w[o]| · s.
 
     With recorded params, the rebuilt codebook must equal the recorded one."""
+    _check_normalise(params, "wentropy")
+    wn, amax = normalise_channels(w)
     if params is not None:
         boundaries = [float(b) for b in params["boundaries"]]
     else:
-        boundaries = wentropy_boundaries(w, bits)
-    codes, codebook, scale = wentropy_codebook(w, boundaries, bits)
+        boundaries = wentropy_boundaries(wn, bits)
+    codes, codebook, scale = wentropy_codebook(wn, boundaries, bits)
     if params is not None and [int(v) for v in params["codebook"]] != codebook.tolist():
         raise MpqError("weighted-entropy codebook of the plan does not match the model's "
                        "weights; run `mpq search` again")
     values = codebook[codes.astype(np.int64)]
-    return QuantizedWeights(values.astype(np.int8), _per_channel(scale, w.shape[0]), "wentropy",
-                            bits, codebook, {"boundaries": boundaries,
+    return QuantizedWeights(values.astype(np.int8), channel_scales(amax, scale), "wentropy",
+                            bits, codebook, {"normalise": CHANNEL, "boundaries": boundaries,
                                              "codebook": codebook.tolist()})
 
 

@@ -574,7 +574,7 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
             macs=node_macs(n, graph), bitops=int(bitops[n.name]),
             **layer_weight_fields(qm.layers.get(n.name))))
     total_bitops = int(sum(bitops.values()))
-    stage_extra = _stage_bitops(schedule, graph, bitops, bitops8, vdpc)
+    stage_extra = stage_bitops(schedule, graph, bitops, bitops8, vdpc)
     flash = problem.flash_bytes(solution.choice)
     patch = None
     if schedule.split_tensor is not None:
@@ -621,7 +621,7 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                 layers=layers, predicted=predicted, search=search_info, notes=notes)
 
 
-def _stage_bitops(schedule: PatchSchedule, graph: Graph, bitops: dict[str, int],
+def stage_bitops(schedule: PatchSchedule, graph: Graph, bitops: dict[str, int],
                   bitops8: dict[str, int], vdpc: VdpcResult | None) -> dict[str, int]:
     """BitOPs the patch overlaps add: per patch, stage MACs on its region at the branch's bits;
     with VDPC, outlier patches at 8 bits weighted by their calibration rate."""
