@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +253,31 @@ def test_export_build_records_measured_sizes(kws, tmp_path: Path) -> None:
     measured, predicted = report["measured"], report["predicted"]
     assert measured["mpq_arena"] >= predicted["arena_bytes"] + predicted["scratch_bytes"] - 16
     assert 0 < measured["flash_bytes"] <= get_board("nano33ble").flash_region_obj.length
+
+
+def test_export_and_verify_bad_input_one_line(kws, tmp_path: Path) -> None:
+    """Newer schema, unknown board, unwritable output, missing cross tools: one line, exit 1."""
+    shutil.copy(kws["model"], tmp_path / "kws.onnx")
+    plan = tmp_path / "kws.plan.json"
+    assert run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
+                   kws["calib"], "--patches", "none", "-o", plan, "-q").returncode == 0
+    d = json.loads(plan.read_text())
+    newer = tmp_path / "newer.plan.json"
+    newer.write_text(json.dumps({**d, "schema": 99}))
+    assert_clean_failure(run_mpq("export", newer, "-o", tmp_path / "a"), "schema")
+    for cmd in (("export", "-o", tmp_path / "b"), ("verify", "--data", kws["test"])):
+        board = tmp_path / "noboard.plan.json"
+        board.write_text(json.dumps({**d, "board": {**d["board"], "name": "no-such-board"}}))
+        assert_clean_failure(run_mpq(cmd[0], board, *cmd[1:]), "no-such-board")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_failure(run_mpq("export", plan, "-o", blocker / "sub"))
+    assert blocker.read_text() == "x"
+    # No cross tools on PATH (only the Python running mpq): the missing program is named.
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    r = subprocess.run([sys.executable, "-m", "mpq.cli", "verify", str(plan), "--data",
+                        str(kws["test"]), "--target", "qemu-m4"], capture_output=True,
+                       text=True, env={**os.environ, "PATH": str(bare),
+                                       "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert_clean_failure(r, "not found on PATH", "apt-get install")
