@@ -50,7 +50,14 @@ def _make(build: Path, *args: str) -> subprocess.CompletedProcess:
     assert mpq.is_file(), f"{mpq}: the mpq entry point of this interpreter is missing"
     return subprocess.run(["make", "-C", str(EXAMPLE), f"MPQ={mpq}", f"PYTHON={sys.executable}",
                            f"BUILD={build}", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=_plain_env())
+
+
+def _plain_env() -> dict[str, str]:
+    """The environment of a user's shell: under `make test` the outer make's variables would
+    turn this into a sub-make (`make[1]: …`, its jobserver and flags)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
 
 
 def _tree(build: Path) -> dict[str, int]:
