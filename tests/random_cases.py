@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpq.ir import Graph, Node, Tensor
+from mpq.ir import Graph, Node, Tensor, conv_out_size
 from mpq.quant import arith
 from mpq.quant.qmodel import ActQuant, QuantModel, layer_params
 
@@ -39,3 +39,25 @@ def single_node_model(node: Node, shapes: dict[str, tuple[int, ...]],
     graph = Graph("op", {k: Tensor(k, v) for k, v in shapes.items()}, [node],
                   list(node.inputs), [node.outputs[0]])
     return QuantModel(graph, acts, {node.name: layer_params(node, acts, **weights)})
+
+
+def random_pool_case(rng: np.random.Generator, kind: str, bits: int, max_hw: int,
+                     max_c: int) -> tuple[QuantModel, tuple[int, ...], tuple[int, int, int]]:
+    """A random max/avg pool on one `bits`-bit tensor: window 1–3, stride 1–2, pads below the
+    window, input h, w in [window, max_hw), c in [1, max_c). Returns the one-node model, the
+    geometry (kh, kw, sh, sw, pads...) and the input (h, w, c)."""
+    kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+    sh, sw = (int(v) for v in rng.integers(1, 3, 2))
+    pads = tuple(int(v) for v in rng.integers(0, 2, 4))
+    pads = (min(pads[0], kh - 1), min(pads[1], kw - 1), min(pads[2], kh - 1),
+            min(pads[3], kw - 1))
+    h, w, c = int(rng.integers(kh, max_hw)), int(rng.integers(kw, max_hw)), \
+        int(rng.integers(1, max_c))
+    ho = conv_out_size(h, kh, sh, 1, pads[0], pads[2])
+    wo = conv_out_size(w, kw, sw, 1, pads[1], pads[3])
+    q = rand_act(rng, bits)
+    lo, hi = rand_clamp(rng, q)
+    node = Node("pool", f"{kind}_pool", ["x"], ["y"], {
+        "kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "act_min": lo, "act_max": hi})
+    qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)}, {"x": q, "y": q})
+    return qm, (kh, kw, sh, sw, *pads), (h, w, c)

@@ -21,7 +21,7 @@ import jinja2
 import numpy as np
 import pytest
 import reference_kernels as ref
-from random_cases import rand_act, rand_clamp, single_node_model
+from random_cases import rand_act, rand_clamp, random_pool_case, single_node_model
 
 from mpq.ir import Graph, Node, Tensor, conv_out_size
 from mpq.memory import scratch_bytes
@@ -415,26 +415,13 @@ def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
     n = bad = 0
     combos = [(b, b, b) for b in BITS] * 9
     for rng, bits, _, _ in cases(6 + (kind == "avg"), combos):
-        kh, kw = (int(v) for v in rng.integers(1, 4, 2))
-        sh, sw = (int(v) for v in rng.integers(1, 3, 2))
-        pads = tuple(int(v) for v in rng.integers(0, 2, 4))
-        pads = (min(pads[0], kh - 1), min(pads[1], kw - 1), min(pads[2], kh - 1),
-                min(pads[3], kw - 1))
-        h, w, c = int(rng.integers(kh, 8)), int(rng.integers(kw, 8)), int(rng.integers(1, 6))
-        ho = conv_out_size(h, kh, sh, 1, pads[0], pads[2])
-        wo = conv_out_size(w, kw, sw, 1, pads[1], pads[3])
-        q = rand_act(rng, bits)
-        lo, hi = rand_clamp(rng, q)
-        node = Node("pool", f"{kind}_pool", ["x"], ["y"], {
-            "kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "act_min": lo,
-            "act_max": hi})
-        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)}, {"x": q, "y": q})
+        qm, (kh, kw, sh, sw, pt, pl, _, _), (h, w, c) = random_pool_case(rng, kind, bits, 8, 6)
         lq = qm.layers["pool"]
         x = rand_values(rng, bits, (h, w, c))
         want = run_int(qm, {"x": x[None]})["y"][0]
         s_in, v_in = placed(rng, x, bits)
         s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bits)
-        p = ck.PoolParams(kh, kw, sh, sw, pads[0], pads[1], lq.act_min, lq.act_max)
+        p = ck.PoolParams(kh, kw, sh, sw, pt, pl, lq.act_min, lq.act_max)
         for lib in libs:
             s_out.restore()
             fn = lib.maxpool if kind == "max" else lib.avgpool

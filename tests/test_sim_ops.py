@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import reference_kernels as R
-from random_cases import rand_act, rand_clamp, single_node_model
+from random_cases import rand_act, rand_clamp, random_pool_case, single_node_model
 
 from mpq.ir import Graph, Node, Tensor, conv_out_size
 from mpq.quant import arith
@@ -138,21 +138,8 @@ def test_pool_random(kind: str) -> None:
     mismatches = 0
     for seed, bits, _, _ in combos():
         rng = np.random.default_rng(seed + 7)
-        kh, kw = (int(v) for v in rng.integers(1, 4, 2))
-        sh, sw = (int(v) for v in rng.integers(1, 3, 2))
-        pads = tuple(int(v) for v in rng.integers(0, 2, 4))
-        pads = (min(pads[0], kh - 1), min(pads[1], kw - 1), min(pads[2], kh - 1),
-                min(pads[3], kw - 1))
-        h, w, c = int(rng.integers(kh, 7)), int(rng.integers(kw, 7)), int(rng.integers(1, 5))
-        ho = conv_out_size(h, kh, sh, 1, pads[0], pads[2])
-        wo = conv_out_size(w, kw, sw, 1, pads[1], pads[3])
-        q = rand_act(rng, bits)
-        lo, hi = rand_clamp(rng, q)
-        node = Node("pool", f"{kind}_pool", ["x"], ["y"], {
-            "kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "act_min": lo,
-            "act_max": hi})
-        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)},
-                               {"x": q, "y": q})
+        qm, (kh, kw, sh, sw, *pads), (h, w, c) = random_pool_case(rng, kind, bits, 7, 5)
+        ho, wo = qm.graph.tensors["y"].shape[1:3]
         lq = qm.layers["pool"]
         x = rng.integers(*qrange(bits), (1, h, w, c), endpoint=True)
         ref = R.pool(x[0].tolist(), (kh, kw), (sh, sw), pads, kind, lq.act_min, lq.act_max)
