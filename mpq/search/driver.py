@@ -361,15 +361,20 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             failures.append(exc)
             say(f"solving: {_describe(schedule)}: {exc}")
             continue
-        say(f"solving: {_describe(schedule)}: arena {attempt.solution.arena:,} B, objective "
-            f"{attempt.solution.objective:.4f}")
+        # Schedules are compared on what each would ship: after QBR, on one objective over
+        # every map (see `schedule_value`), not on the solver's, whose groups differ by
+        # schedule.
+        if opts.qbr and opts.strategy != "int8":
+            attempt.refined, attempt.qbr_log = refine_bits(attempt.problem, attempt.solution)
+        final = attempt.refined or attempt.solution
         # Overlap recomputation costs BitOPs that S does not see: charge it in S's units.
         penalty = (1 - opts.lam) * schedule.redundant_macs * 64 / full_bitops
-        value = attempt.solution.objective - penalty
+        value = schedule_value(attempt.problem, final.choice, scores) - penalty
         if table is not None:  # LIMPQ's cost has no BitOPs term: least cost, then fewest MACs
-            value = -round(total_importance(table, graph, attempt.problem,
-                                            attempt.solution.choice), 9)
-        attempts.append((value, -schedule.redundant_macs,
+            value = -round(total_importance(table, graph, attempt.problem, final.choice), 9)
+        say(f"solving: {_describe(schedule)}: arena {final.arena:,} B, objective "
+            f"{attempt.solution.objective:.4f}, after QBR {value:.4f}")
+        attempts.append((round(value, 12), -schedule.redundant_macs,
                          -schedule.split_layer, -schedule.n, attempt))
     if not attempts:
         raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
@@ -379,9 +384,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     opts_eff = replace(opts, vdpc=use_vdpc)
     by_name = {n.name: n for n in graph.nodes}
     objective_solver = solution.objective
-    qbr_log: list[str] = []
-    if opts.qbr and opts.strategy != "int8":
-        solution, qbr_log = refine_bits(problem, solution)
+    qbr_log = attempt.qbr_log
+    solution = attempt.refined or solution
 
     act_bits = problem.tensor_bits(solution.choice)  # SRAM view: VDPC stage maps at 8
     mixed_bits = {t: 8 for t in graph.tensors}
@@ -457,6 +461,22 @@ class _Attempt:
     use_vdpc: bool
     classified: str | None
     scratch: int
+    refined: Solution | None = None  # after QBR
+    qbr_log: list[str] = field(default_factory=list)
+
+
+def schedule_value(problem: Problem, choice: dict[str, int],
+                   scores: dict[str, MapScore]) -> float:
+    """Σ S(i, b_i) over every scored map plus the weight groups' scores (DESIGN §7.1–§7.2),
+    maps a schedule holds at 8 bits (VDPC's classified map) counted at 8: the solver's own
+    objective leaves fixed maps out, so it cannot rank schedules that fix different maps."""
+    bits = {t: choice[g.name] for g in problem.groups for t in g.tensors}
+    value = sum(g.score[choice[g.name]] for g in problem.groups if not g.tensors)
+    for t, s in sorted(scores.items()):
+        b = bits.get(t, 8)
+        # 8 bits is never worse than the best option offered when --bits leaves 8 out
+        value += s.score[b] if b in s.score else max(s.score.values())
+    return float(value)
 
 
 def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
