@@ -2,7 +2,7 @@
 
     python benchmarks/run.py            # everything
     python benchmarks/run.py inspect    # one benchmark by name
-    python benchmarks/run.py --smoke --out DIR   # the tiny subset CI runs (< 2 min), into DIR
+    python benchmarks/run.py --smoke --out DIR   # the tiny subset CI runs (< 3 min), into DIR
 
 Speed and memory goals are checked here, not in timed unit tests.
 """
@@ -25,9 +25,11 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import methods_table  # noqa: E402
 import onnx_builders as B  # noqa: E402
 import paper_tables  # noqa: E402
 import search_bench  # noqa: E402
+import weight_schemes  # noqa: E402
 from common import console, show  # noqa: E402
 from firmware_bench import bench_latency  # noqa: E402
 from patch_overhead import bench_patch_overhead  # noqa: E402
@@ -189,12 +191,15 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "sim_speed": bench_sim_speed, "kws_accuracy": bench_kws_accuracy,
               "patches": bench_patch_overhead, "solvers": search_bench.bench_solvers,
               "search_time": search_bench.bench_search_time,
-              "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency}
-# QuantMCU's tables, our version (paper_tables.py): each takes (results dir, smoke).
+              "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency,
+              "weight_schemes": weight_schemes.bench_weight_schemes}
+# The papers' tables, our version (paper_tables.py, methods_table.py): each takes (results
+# dir, smoke).
 PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),
          "table2": lambda out, smoke: paper_tables.bench_table2(smoke),
-         "table3": paper_tables.bench_table3}
-SMOKE = ["tflm_arena", "table1", "table2", "table3"]  # `--smoke`: CI's subset, < 2 min
+         "table3": paper_tables.bench_table3,
+         "methods": lambda out, smoke: methods_table.bench_methods(smoke)}
+SMOKE = ["tflm_arena", "table1", "table2", "table3", "methods"]  # `--smoke`: CI's, < 3 min
 
 
 def markdown_path(results: Path) -> Path:
@@ -236,7 +241,7 @@ def write_markdown(results: Path = RESULTS) -> None:
             continue
         data = json.loads(path.read_text())
         result = data["result"]
-        tables = result.get("tables", [result["table"]])
+        tables = result["tables"] if "tables" in result else [result["table"]]
         took = f", {data['seconds']:.0f} s" if "seconds" in data else ""
         lines += [f"## {tables[0]['title']}" if len(tables) == 1 else f"## `{name}`", "",
                   f"`{name}` — run {data['date']}{took} on {_machine_line(data['machine'])}.",

@@ -1,13 +1,13 @@
 """Weight schemes (DESIGN §7.4): top-1 accuracy and weight bytes per scheme, and Park et al.'s
 log-domain activations beside linear ones.
 
-    python benchmarks/weight_schemes.py          # writes benchmarks/results/weight_schemes.json
+    python benchmarks/run.py weight_schemes    # benchmarks/results/weight_schemes.json
 
 On the KWS clips (calibrated on the first 100, evaluated on the other 900, as the tests'
-`kws` fixture) and on the Fashion-MNIST example (calib.npz, test.npz): activations at 8 bits
-with entropy ranges, every weighted layer under one scheme — linear (per channel), wentropy
-(Park et al.) and pow2 (Nayak et al.), both on per-channel normalised weights, sym / asym
-(Nayak et al., per layer) — through the integer reference.
+`kws` fixture) and on the Fashion-MNIST CNN the suite trains (`paper_tables.fashion_task`):
+activations at 8 bits with entropy ranges, every weighted layer under one scheme — linear (per
+channel), wentropy (Park et al.) and pow2 (Nayak et al.), both on per-channel normalised
+weights, sym / asym (Nayak et al., per layer) — through the integer reference.
 Weight bytes are those of the blob export writes (packed codes + codebooks; asym, which export
 refuses, counts its b-bit codes), raw, gzip and lzma. Then the activations at 8 and 4 bits,
 linear (integer reference) against log levels (float fake quantisation), weights linear:8.
@@ -15,7 +15,6 @@ linear (integer reference) against log levels (float fake quantisation), weights
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import show  # noqa: E402
+from paper_tables import fashion_task  # noqa: E402
 
 from mpq.evaluate import LogActivations, accuracy, float_predictions, quant_predictions  # noqa: E402,E501
 from mpq.frontend import load_model  # noqa: E402
@@ -43,7 +43,6 @@ from mpq.quant.weights import (  # noqa: E402
 )
 
 SHARED = REPO.parent / "shared" / "models"
-RESULTS = REPO / "benchmarks" / "results"
 SCHEMES = (["linear:8", "linear:4", "wentropy:4", "wentropy:3", "wentropy:2", "pow2:4",
             "pow2:3"] + [f"sym:{b}" for b in range(8, 2, -1)]
            + [f"asym:{b}" for b in range(8, 2, -1)])
@@ -52,12 +51,13 @@ SCHEMES = (["linear:8", "linear:4", "wentropy:4", "wentropy:3", "wentropy:2", "p
 def _cases() -> list[tuple[str, Path, tuple, tuple]]:
     d = np.load(SHARED / "kws01_mfcc_int8_1000.npz")
     x = (d["x"].astype(np.float32) - 83) * np.float32(0.5847029)
-    fashion = REPO / "examples" / "fashion"
-    fc, ft = np.load(fashion / "calib.npz"), np.load(fashion / "test.npz")
+    fashion = fashion_task()
+    fc, ft = np.load(fashion.calib), np.load(fashion.test)
+    n = fashion.sweep_test  # 19 schemes: the first 2,000 test images keep the suite < 20 min
     return [("KWS DS-CNN (900 clips)", SHARED / "kws_ref_model_fp32.onnx",
              (x[:100], d["y"][:100]), (x[100:], d["y"][100:])),
-            ("Fashion example (1000 images)", fashion / "fashion_cnn.onnx",
-             (fc["x"], fc.get("y")), (ft["x"], ft["y"]))]
+            (f"{fashion.label} (first {n:,} test images)", fashion.model,
+             (fc["x"], fc["y"]), (ft["x"][:n], ft["y"][:n]))]
 
 
 def _blob_sizes(qm) -> dict[str, int]:
@@ -87,7 +87,7 @@ def bench_weight_schemes() -> dict:
             t0 = time.perf_counter()
             qm = with_weight_scheme(base, WeightSpec(scheme, int(bits)))
             seconds = time.perf_counter() - t0
-            acc = accuracy(quant_predictions(qm, test), ty)
+            acc = accuracy(quant_predictions(qm, test, batch_size=256), ty)
             sizes = _blob_sizes(qm)
             records.append({"weights": text, "top1": acc, **sizes,
                             "exportable": int(bits) in EXPORT_BITS[scheme],
@@ -102,7 +102,7 @@ def bench_weight_schemes() -> dict:
         acts = []
         for b in (8, 4):
             qm = quantise(graph, stats, b, "entropy")
-            lin = accuracy(quant_predictions(qm, test), ty)
+            lin = accuracy(quant_predictions(qm, test, batch_size=256), ty)
             log = accuracy(log_acts.predictions(qm, b, test), ty)
             acts.append({"act_bits": b, "linear": lin, "log": log})
             print(f"{label} act{b}: linear {lin:.4f} log {log:.4f}", flush=True)
@@ -115,9 +115,3 @@ def bench_weight_schemes() -> dict:
     out["tables"] = tables
     return out
 
-
-if __name__ == "__main__":
-    result = bench_weight_schemes()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "weight_schemes.json").write_text(json.dumps(result, indent=2, sort_keys=True)
-                                                 + "\n")

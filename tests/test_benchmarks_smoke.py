@@ -1,8 +1,9 @@
 """The benchmark suite's smoke subset (`benchmarks/run.py --smoke`), as CI runs it.
 
-One real run into a temporary directory (never benchmarks/results): the paper tables on the
-shared ResNet-8 and KWS models, QEMU instruction counts included, then the JSON and Markdown
-it writes are checked for the rows and for numbers a reader relies on.
+One real run into a temporary directory (never benchmarks/results): the paper tables and the
+seed methods' side-by-side table on the shared ResNet-8 and KWS models, QEMU instruction counts
+included, then the JSON and Markdown it writes are checked for the rows and for numbers a reader
+relies on.
 """
 
 from __future__ import annotations
@@ -98,10 +99,32 @@ def test_table3_sweeps_trade_bitops_and_draw_fig5(smoke: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+def test_methods_side_by_side_exports_and_verifies(smoke: Path) -> None:
+    rows = {r["method"]: r for r in _rows(smoke, "methods")}
+    assert set(rows) == {"float (onnxruntime)", "linear int8", "linear 4-bit weights",
+                         "wentropy:4 (Park et al.)", "pow2:4 (Nayak et al.)",
+                         "importance (Tang et al., LIMPQ ILP)"}
+    searched = [r for name, r in rows.items() if name != "float (onnxruntime)"]
+    for r in searched:
+        assert r["mismatches"] == 0 and r["instructions"] > 1_000_000  # QEMU ran the firmware
+        assert 0.0 < r["accuracy"] <= 1.0 and r["search_seconds"] > 0
+    int8, lin4 = rows["linear int8"], rows["linear 4-bit weights"]
+    assert int8["weight_bits"] == "8:10" and lin4["weight_bits"] == "4:10"
+    # 4-bit codes halve the weights; wentropy adds one 16-entry int8 codebook per layer
+    assert lin4["flash_params"] < int8["flash_params"]
+    went = rows["wentropy:4 (Park et al.)"]
+    assert went["flash_params"] == lin4["flash_params"] + 10 * 16
+    assert rows["pow2:4 (Nayak et al.)"]["flash_params"] == lin4["flash_params"]
+    imp = rows["importance (Tang et al., LIMPQ ILP)"]
+    assert imp["sram"] <= imp["sram_budget"] == 11_000 < int8["sram"]
+    assert imp["flash_with_code_estimate"] <= imp["flash_budget"] \
+        == lin4["flash_with_code_estimate"]
+
+
 def test_markdown_has_every_table_and_the_figure(smoke: Path) -> None:
     md = (smoke / "RESULTS.md").read_text()
     assert "Last smoke subset (`--smoke`) run" in md and "QEMU" in md and "numpy" in md
-    for name in ("table1", "table2", "table3", "tflm_arena"):
+    for name in ("table1", "table2", "table3", "tflm_arena", "methods"):
         result = json.loads((smoke / f"{name}.json").read_text())["result"]
         for table in result.get("tables", [result["table"]]):
             assert table["title"] in md
@@ -109,4 +132,5 @@ def test_markdown_has_every_table_and_the_figure(smoke: Path) -> None:
                 assert "| " + " | ".join(row) + " |" in md
     assert "![fig5_smoke.png](fig5_smoke.png)" in md
     suite = json.loads((smoke / "suite.json").read_text())
-    assert suite["smoke"] and suite["benchmarks"] == ["tflm_arena", "table1", "table2", "table3"]
+    assert suite["smoke"] and suite["benchmarks"] == ["tflm_arena", "table1", "table2", "table3",
+                                                "methods"]
