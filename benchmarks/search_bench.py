@@ -73,7 +73,12 @@ def bench_solvers() -> dict:
                           SearchOptions(strategy="int8", sram=10**9, flash=flash,
                                         patches=fixed), stats=stats)
             patches = "auto"
-            for strategy in ("exact", "vdqs", "importance"):  # exact's schedule for all
+            # exact's schedule for all. importance fits 2 × 3 step sizes per layer: 196 s on
+            # MobileNetV2-1.0@224 (run of 2026-11-23), too long for the suite's 20 minutes;
+            # its search time is in the `methods` table and on VWW here.
+            strategies = ("exact", "vdqs") if "MobileNetV2" in label \
+                else ("exact", "vdqs", "importance")
+            for strategy in strategies:
                 t0 = time.perf_counter()
                 res = search(path, graph, get_board(board), data,
                              SearchOptions(strategy=strategy, qbr=False, sram=sram,

@@ -245,6 +245,61 @@ def test_fully_connected_random(libs: list[ck.Kernels]) -> None:
     assert enough_per_format(per_format) and bad == 0, (per_format, bad)
 
 
+# -- tabled weights on real row lengths ---------------------------------------------------------
+
+TABLED = [(fmt, b) for fmt, b in WFORMATS if fmt != ck.WFMT_LINEAR and b <= 4]
+
+
+@pytest.mark.parametrize("layer", ["pointwise", "conv3x3", "fully_connected"])
+def test_tabled_weights_long_rows(libs: list[ck.Kernels], layer: str) -> None:
+    """CODEBOOK and POW2 weights of 4/3/2 bits (the kernels' per-call decode tables) on the row
+    lengths of the example models' layers — a 64-channel 1x1 conv (KWS DS-CNN), a 3x3 conv over
+    16 channels (the Fashion CNN), a fully connected layer of K = 200 — with an odd number of
+    outputs (a last row without a partner), from 8/4/2-bit inputs: dozens of quads per row,
+    3-bit codes straddling bytes, against the integer reference byte for byte."""
+    rng = np.random.default_rng(23)
+    for (fmt, bw), bi in itertools.product(TABLED, BITS):
+        bo = int(rng.choice(BITS))
+        a_in, a_out = rand_act(rng, bi), rand_act(rng, bo, 0.2)
+        lo, hi = rand_clamp(rng, a_out)
+        if layer == "fully_connected":
+            h, w, c, cout = 2, 4, 25, 5
+            codes = ck.Weights.random(rng, (cout, h * w * c), bw, fmt)
+            node = Node("fc", "fully_connected", ["x"], ["y"], {"act_min": lo, "act_max": hi})
+            yshape = (1, cout)
+        else:
+            k, (h, w, c, cout) = (1, (3, 4, 64, 9)) if layer == "pointwise" else (3, (5, 6, 16, 7))
+            codes = ck.Weights.random(rng, (cout, k, k, c), bw, fmt)
+            attrs = {"kernel": (k, k), "strides": (1, 1), "dilations": (1, 1),
+                     "pads": (k // 2,) * 4, "groups": 1}
+            node = Node("conv", "conv2d", ["x"], ["y"], {**attrs, "act_min": lo, "act_max": hi},
+                        weight=codes.values.astype(np.float32))
+            yshape = (1, h, w, cout)
+        bias = rng.integers(-5000, 5000, cout)
+        qm = single_node_model(node, {"x": (1, h, w, c), "y": yshape}, {"x": a_in, "y": a_out},
+                               weight=codes.values,
+                               weight_scale=(10 ** rng.uniform(-3, 0, cout)).astype(np.float32),
+                               weight_bits=bw, bias=bias)
+        lq = qm.layers[node.name]
+        x = rand_values(rng, bi, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"]
+        want = want.reshape(1, 1, cout) if layer == "fully_connected" else want[0]
+        s_in, v_in = placed(rng, x, bi)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
+        for lib in libs:
+            s_out.restore()
+            if layer == "fully_connected":
+                p = ck.FcParams(a_in.zero_point, a_out.zero_point, lq.act_min, lq.act_max)
+                rc = lib.fully_connected(p, codes, None, bias, lq.multiplier, lq.shift, v_in,
+                                         v_out)
+            else:
+                p = ck.ConvParams(1, 1, 1, 1, k // 2, k // 2, 1, a_in.zero_point,
+                                  a_out.zero_point, lq.act_min, lq.act_max)
+                rc = lib.conv2d(p, codes, None, bias, lq.multiplier, lq.shift, v_in, v_out)
+            assert rc == MPQ_OK
+            assert check_bytes(s_out, v_out, want), (fmt, bw, bi, bo)
+
+
 # -- elementwise add ----------------------------------------------------------------------------
 
 def add_params(lq: LayerQuant, za: int, zb: int, out: ActQuant, swap: bool = False
