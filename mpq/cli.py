@@ -114,8 +114,9 @@ def _kib(n: int) -> str:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Normalised ONNX to write (default: MODEL with suffix .mpq.onnx).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (for Makefiles).")
 @user_errors
-def import_(model: Path, output: Path | None) -> None:
+def import_(model: Path, output: Path | None, quiet: bool) -> None:
     """Check and normalise a model: fold BatchNorm, fuse activations and pads, NHWC layout.
 
     Writes an ONNX file that onnxruntime runs with the same outputs as MODEL and that every
@@ -131,6 +132,8 @@ def import_(model: Path, output: Path | None) -> None:
         raise MpqError(f"{target}: refusing to overwrite the input model")
     data = graph_to_onnx(graph).SerializeToString()
     write_atomic(target, data)
+    if quiet:
+        return
     counts: dict[str, int] = {}
     for n in graph.nodes:
         counts[n.kind] = counts.get(n.kind, 0) + 1

@@ -45,7 +45,8 @@ def test_import_writes_a_model_onnxruntime_runs(tmp_path: Path) -> None:
     x = random_input(B.mobilenet_v2(0.35, 64, num_classes=10))
     assert rel_err(ort_run(out, x), ort_run(src, x)) <= 1e-4
     first = out.read_bytes()
-    assert run_mpq("import", src, "-o", out).returncode == 0
+    quiet = run_mpq("import", src, "-o", out, "-q")
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""
     assert out.read_bytes() == first  # same input, same bytes
 
 

@@ -150,3 +150,21 @@ def test_bad_input_one_line(plans, tmp_path: Path) -> None:
         assert_clean_failure(r, str(target))
     assert blocker.read_text() == "keep"
     assert run_mpq("report", "--help").returncode == 0
+
+
+def test_readme_figures_are_the_demo_plans_report(tmp_path: Path) -> None:
+    """docs/report (embedded in the README) is what `make demo`'s plan reports today: the
+    figures and numbers a reader sees are not left behind by a change to the search or the
+    memory model."""
+    model = tmp_path / "fashion_cnn.mpq.onnx"
+    plan = tmp_path / "fashion.plan.json"
+    assert run_mpq("import", EXAMPLE / "fashion_cnn.onnx", "-o", model, "-q").returncode == 0
+    r = run_mpq("search", model, "--board", "nano33ble", "--sram", "14000", "--data",
+                EXAMPLE / "calib.npz", "-o", plan, "-q")
+    assert r.returncode == 0, r.stderr
+    assert run_mpq("report", plan, "-o", tmp_path / "report", "-q").returncode == 0
+    docs = REPO / "docs" / "report"
+    for f in sorted(docs.iterdir()):
+        assert (tmp_path / "report" / f.name).read_bytes() == f.read_bytes(), \
+            f"docs/report/{f.name} is stale: regenerate it with `make demo` and " \
+            "`mpq report out/fashion.plan.json -o docs/report`"
