@@ -8,12 +8,17 @@ from rich.table import Table
 console = Console(width=140)
 
 
-def show(title: str, columns: list[str], rows: list[list[str]]) -> dict:
-    """Print a table and return it as {"title", "columns", "rows"} for `write_markdown`."""
+def show(title: str, columns: list[str], rows: list[list[str]], note: str | None = None) -> dict:
+    """Print a table (and its note, what a reader needs to read it) and return it as
+    {"title", "columns", "rows"[, "note"]} for `write_markdown`."""
     table = Table(title=title)
     for col in columns:
         table.add_column(col)
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    return {"title": title, "columns": columns, "rows": rows}
+    out = {"title": title, "columns": columns, "rows": rows}
+    if note is not None:
+        console.print(note)
+        out["note"] = note
+    return out

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import console, show  # noqa: E402
+from common import show  # noqa: E402
 
 from mpq.boards import get_board  # noqa: E402
 from mpq.codegen.cmsis import ENV, cmsis_nn_root  # noqa: E402
@@ -107,15 +107,14 @@ def bench_latency() -> dict:
         line += [f"{r['sram']:,}", f"{r['bitops'] / 1e6:.1f} M", str(r["patches"]),
                  ",".join(map(str, r["bits"])), "/".join(map(str, mismatches))]
         table_rows.append(line)
-    table = show("Instructions per inference on QEMU mps2-an386 (Cortex-M4), portable vs "
-                 "cmsis-nn backend", columns, table_rows)
     if no_cmsis is None:
-        table["note"] = ("cmsis-nn: layers with int8 activations in and out call CMSIS-NN "
-                         "(int8/int4 weights); the patch stage, sub-byte maps, in-place "
-                         "depthwise and conv+add fused layers keep mpq's portable kernels. "
-                         "Mismatches: portable/cmsis-nn output bytes vs the integer reference.")
+        note = ("cmsis-nn: layers with int8 activations in and out call CMSIS-NN (int8/int4 "
+                "weights); the patch stage, sub-byte maps, in-place depthwise and conv+add "
+                "fused layers keep mpq's portable kernels. Mismatches: portable/cmsis-nn "
+                "output bytes vs the integer reference.")
     else:
-        table["note"] = (f"cmsis-nn columns left out: {no_cmsis} (set {ENV} to a CMSIS-NN "
-                         "checkout to measure the cmsis-nn backend).")
-    console.print(table["note"])
+        note = (f"cmsis-nn columns left out: {no_cmsis} (set {ENV} to a CMSIS-NN checkout to "
+                "measure the cmsis-nn backend).")
+    table = show("Instructions per inference on QEMU mps2-an386 (Cortex-M4), portable vs "
+                 "cmsis-nn backend", columns, table_rows, note)
     return {"rows": rows, "table": table, "cmsis_nn": no_cmsis is None}

@@ -29,6 +29,7 @@ from paper_tables import (
     UNBOUNDED,
     Loaded,
     Task,
+    data_origins,
     fashion_task,
     kws_task,
     load_task,
@@ -119,15 +120,9 @@ def bench_methods(smoke: bool = False) -> dict:
                 f"{r['search_seconds']:.1f}",
                 f"{r['instructions']:,} ({r['mismatches']} mism.)"]
 
-    table = show("Seed methods side by side: weight schemes and bit searches",
-                 ["model", "method", "top-1", "weight bits (layers)", "act bits (maps)",
-                  "Flash params (B)", "Flash ELF (B)", "peak SRAM (B) / budget", "BitOPs",
-                  "search (s)", f"instructions ({TARGET})"],
-                 [cells(r) for r in rows])
-    table["note"] = (
+    note = (
         "Top-1 through mpq's integer reference (what the exported C computes; no retraining "
-        "for any method). Data: " + "; ".join(sorted({f"{r['model']}: {r['data']}"
-                                                     for r in rows})) + ". "
+        f"for any method). Data: {data_origins(rows)}. "
         "Weight-scheme rows: every map at 8 bits, budgets unbounded (they report their need). "
         "importance and exact: the task's SRAM budget (as Table II) and the Flash of the linear "
         "4-bit row, weights 8/4/2 per layer, QBR on. Flash params: packed weights, codebooks, "
@@ -135,5 +130,9 @@ def bench_methods(smoke: bool = False) -> dict:
         "(kernels and the test harness included). Search time: `search()` end to end, "
         "calibration included. Instructions: one inference under QEMU, compared byte for byte "
         "with the integer reference.")
-    console.print(table["note"])
+    table = show("Seed methods side by side: weight schemes and bit searches",
+                 ["model", "method", "top-1", "weight bits (layers)", "act bits (maps)",
+                  "Flash params (B)", "Flash ELF (B)", "peak SRAM (B) / budget", "BitOPs",
+                  "search (s)", f"instructions ({TARGET})"],
+                 [cells(r) for r in rows], note)
     return {"rows": rows, "table": table}

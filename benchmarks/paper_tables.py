@@ -200,18 +200,8 @@ def bench_table1(smoke: bool = False) -> dict:
                              "elf_flash": run.flash_bytes, "mismatches": run.mismatches,
                              "calibration": f"{case.calib_samples} random inputs"})
                 console.print(f"  {case.label} / {what}: {run.instructions:,} instructions")
-    table = show("Table I (ours): peak SRAM, Flash, BitOPs and instructions per inference",
-                 ["model", "board (SRAM / Flash budget)", "schedule", "patches", "act bits",
-                  "weight bits", "peak SRAM", "Flash (params)", "Flash (ELF)", "BitOPs",
-                  "QEMU instructions", "fits board", "mismatches"],
-                 [[r["model"], f"{r['board']} ({r['sram_budget'] // 1024} KB / "
-                   f"{r['flash_budget'] // 1024} KB)", r["plan"], r["patches"], r["act_bits"],
-                   r["weight_bits"], f"{r['sram']:,}", f"{r['flash_params']:,}",
-                   f"{r['elf_flash']:,}", f"{r['bitops'] / 1e9:.3f} G",
-                   f"{r['instructions']:,} ({r['target']})",
-                   "yes" if r["fits_board"] else "no", str(r["mismatches"])] for r in rows])
     calibrated = "; ".join(sorted({f"{r['model']}: {r['calibration']}" for r in rows}))
-    table["note"] = (
+    note = (
         "Peak SRAM = arena + kernel scratch + the caller's int8 input image (bytes). Flash "
         "(params) = packed weights + int32 biases + per-channel requantisation constants, as "
         "the plan predicts; Flash (ELF) = every loadable section of the QEMU verification "
@@ -229,7 +219,17 @@ def bench_table1(smoke: bool = False) -> dict:
         "--patches auto) under the board's budgets, with --weight-bits as the model needs "
         "(MobileNetV2-0.35: 8,4,2; -0.75: 8,4), and for VWW and ResNet-8, whose int8 model "
         "fits the board as is, again under a tight SRAM budget.")
-    console.print(table["note"])
+    table = show("Table I (ours): peak SRAM, Flash, BitOPs and instructions per inference",
+                 ["model", "board (SRAM / Flash budget)", "schedule", "patches", "act bits",
+                  "weight bits", "peak SRAM", "Flash (params)", "Flash (ELF)", "BitOPs",
+                  "QEMU instructions", "fits board", "mismatches"],
+                 [[r["model"], f"{r['board']} ({r['sram_budget'] // 1024} KB / "
+                   f"{r['flash_budget'] // 1024} KB)", r["plan"], r["patches"], r["act_bits"],
+                   r["weight_bits"], f"{r['sram']:,}", f"{r['flash_params']:,}",
+                   f"{r['elf_flash']:,}", f"{r['bitops'] / 1e9:.3f} G",
+                   f"{r['instructions']:,} ({r['target']})",
+                   "yes" if r["fits_board"] else "no", str(r["mismatches"])] for r in rows],
+                 note)
     return {"rows": rows, "table": table}
 
 
@@ -335,6 +335,11 @@ def plan_accuracy(plan: Plan, t: Loaded) -> float:
     return t.seen[key]
 
 
+def data_origins(rows: list[dict]) -> str:
+    """Where each model's data came from, for a table's note: `model: origin; …`."""
+    return "; ".join(sorted({f"{r['model']}: {r['data']}" for r in rows}))
+
+
 # -- Table II -----------------------------------------------------------------------------------
 
 def table2_strategies(sram: int, smoke: bool = False) -> list[tuple[str, SearchOptions]]:
@@ -381,20 +386,18 @@ def bench_table2(smoke: bool = False) -> dict:
                 f"{r['sram']:,} / {r['sram_budget']:,}", r["patches"], r["act_bits"],
                 f"{r['search_seconds']:.2f}"]
 
-    table = show("Table II (ours): accuracy, BitOPs, peak SRAM and search time per strategy",
-                 ["model", "strategy", "top-1", "BitOPs", "BitOPs exp. (VDPC)",
-                  "peak SRAM / budget", "patches", "act bits (maps)", "search (s)"],
-                 [cells(r) for r in rows])
-    table["note"] = (
+    note = (
         "Top-1 through mpq's integer reference, exactly what the exported C computes (VDPC "
-        "branches included). Data: " + "; ".join(sorted({f"{r['model']}: {r['data']}"
-                                                         for r in rows})) + ". "
+        f"branches included). Data: {data_origins(rows)}. "
         "Every search on nano33ble with an SRAM budget below the int8 need and above uniform "
         "4-bit's (uniform int8 reports its own need); weights int8; entropy ranges; QBR on. "
         "qe chooses bits without data (QE-Score) but takes its activation ranges from the same "
         "calibration set as the others. Search time: `search()` end to end, calibration "
         "included, on the machine below.")
-    console.print(table["note"])
+    table = show("Table II (ours): accuracy, BitOPs, peak SRAM and search time per strategy",
+                 ["model", "strategy", "top-1", "BitOPs", "BitOPs exp. (VDPC)",
+                  "peak SRAM / budget", "patches", "act bits (maps)", "search (s)"],
+                 [cells(r) for r in rows], note)
     return {"rows": rows, "table": table}
 
 

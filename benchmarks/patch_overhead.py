@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import onnx_builders as B  # noqa: E402
-from common import console, show  # noqa: E402
+from common import show  # noqa: E402
 
 from mpq.frontend.onnx_import import import_model  # noqa: E402
 from mpq.memory import layer_memory  # noqa: E402
@@ -65,13 +65,12 @@ def bench_patch_overhead() -> dict:
     table = show("Patch-based int8 SRAM: best split per n×n grid (bytes, input excluded)",
                   ["model", "n", "best k", "split tensor", "peak SRAM", "layer-based peak",
                    "saving", "redundant MACs %", "search (s)"],
-                  [cells(r) for r in rows])
-    table["note"] = ("Peak = greedy arena + largest kernel scratch. The stage's buffers hold the "
-                     "largest per-patch rectangle; the split tensor is full size from step 0. "
-                     "MCUNetV2's 172 kB (28·28·(32+192) B) leaves out the residual skip tensor "
-                     "alive across the project conv of MobileNetV2's 28×28 blocks, which this "
-                     "model counts.")
-    console.print(table["note"])
+                  [cells(r) for r in rows],
+                  "Peak = greedy arena + largest kernel scratch. The stage's buffers hold the "
+                  "largest per-patch rectangle; the split tensor is full size from step 0. "
+                  "MCUNetV2's 172 kB (28·28·(32+192) B) leaves out the residual skip tensor "
+                  "alive across the project conv of MobileNetV2's 28×28 blocks, which this "
+                  "model counts.")
     return {"rows": rows, "table": table}
 
 

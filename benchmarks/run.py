@@ -30,7 +30,7 @@ import onnx_builders as B  # noqa: E402
 import paper_tables  # noqa: E402
 import search_bench  # noqa: E402
 import weight_schemes  # noqa: E402
-from common import console, show  # noqa: E402
+from common import show  # noqa: E402
 from firmware_bench import bench_latency  # noqa: E402
 from patch_overhead import bench_patch_overhead  # noqa: E402
 
@@ -117,10 +117,9 @@ def bench_tflm_arena() -> dict:
                   "TFLM head", "TFLM tail", "arena ≤ TFLM head"],
                  [[r["task"], f"{r['mpq_arena']:,}", f"{r['mpq_scratch']:,}",
                    f"{r['mpq_peak_sram']:,}", f"{r['mpq_input']:,}", f"{r['tflm_head']:,}",
-                   f"{r['tflm_tail']:,}", str(r["mpq_arena"] <= r["tflm_head"])] for r in rows])
-    table["note"] = ("TFLM's head holds every tensor incl. the input; its tail holds persistent "
-                     "structures. mpq's arena excludes the input, which the caller passes in.")
-    console.print(table["note"])
+                   f"{r['tflm_tail']:,}", str(r["mpq_arena"] <= r["tflm_head"])] for r in rows],
+                 "TFLM's head holds every tensor incl. the input; its tail holds persistent "
+                 "structures. mpq's arena excludes the input, which the caller passes in.")
     return {"rows": rows, "table": table}
 
 
