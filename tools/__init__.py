@@ -1,0 +1,1 @@
+"""Developer tools kept with the project (not installed): the instruction counter, the fuzzer."""
