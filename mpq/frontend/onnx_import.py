@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from mpq.errors import MpqError
+from mpq.frontend import onnx_validate as check
 from mpq.ir import (
     ACT_OPS,
     LAYOUT_NCHW,
@@ -70,7 +71,7 @@ class Importer:
     notes: Counter = field(default_factory=Counter)
 
     def fail(self, message: str) -> MpqError:
-        return MpqError(f"{self.source}: {message}")
+        return MpqError(check.show(f"{self.source}: {message}"))
 
     # -- values ---------------------------------------------------------------------------------
     def value(self, name: str, node: onnx.NodeProto) -> Value:
@@ -169,7 +170,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _decode(v):
-    return v.decode() if isinstance(v, bytes) else v
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
 
 def _spatial_pads(imp: Importer, node: onnx.NodeProto, attrs: dict, in_hw: tuple[int, int],
@@ -223,9 +224,15 @@ def _conv(imp: Importer, node: onnx.NodeProto) -> None:
                        f"(weight rank {w.ndim})")
     bias = (imp.const(node.input[2], node, "bias").astype(np.float32)
             if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32))
+    if bias.shape != (w.shape[0],):
+        raise imp.fail(f"node '{node.name}' (Conv): bias shape {list(bias.shape)} does not "
+                       f"match {w.shape[0]} output channels")
     _, h, wd, cin = imp.tensors[x.tensor].shape
     groups = int(attrs.get("group", 1))
     kernel = tuple(int(k) for k in attrs.get("kernel_shape", w.shape[2:]))
+    if kernel != tuple(w.shape[2:]):
+        raise imp.fail(f"node '{node.name}' (Conv): kernel_shape {list(kernel)} contradicts "
+                       f"the weight shape {list(w.shape)}")
     strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
     dilations = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
     if w.shape[1] * groups != cin or w.shape[0] % groups:
@@ -277,12 +284,17 @@ def _gemm(imp: Importer, node: onnx.NodeProto) -> None:
         raise imp.fail(f"node '{node.name}' (Gemm): transA=1 is not supported")
     x = imp.value(node.input[0], node)
     w = imp.const(node.input[1], node, "weight").astype(np.float64)
+    if w.ndim != 2:
+        raise imp.fail(f"node '{node.name}' (Gemm): weight must be 2-D, got {list(w.shape)}")
     w = w if attrs.get("transB", 0) else w.T
     w = w * float(attrs.get("alpha", 1.0))
     n = w.shape[0]
     bias = np.zeros(n)
     if len(node.input) > 2 and node.input[2]:
         c = imp.const(node.input[2], node, "bias").astype(np.float64)
+        if c.size not in (1, n) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+            raise imp.fail(f"node '{node.name}' (Gemm): bias shape {list(c.shape)} does not "
+                           f"broadcast to the {n} outputs")
         bias = np.broadcast_to(c.reshape(-1), (n,)) * float(attrs.get("beta", 1.0))
     _fc(imp, node, x, w.astype(np.float32), bias.astype(np.float32))
 
@@ -350,6 +362,12 @@ def _batchnorm(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
     gamma, beta, mean, var = (imp.const(n, node, "BatchNormalization parameter").astype(np.float64)
                               for n in node.input[1:5])
+    shape = imp.shape(x)
+    channels = shape[1] if len(shape) > 1 else 0
+    for label, p in (("scale", gamma), ("B", beta), ("mean", mean), ("var", var)):
+        if p.shape != (channels,):
+            raise imp.fail(f"node '{node.name}' (BatchNormalization): {label} has shape "
+                           f"{list(p.shape)}, the input {list(shape)} has {channels} channels")
     scale = gamma / np.sqrt(var + eps)
     shift = beta - mean * scale
     prod = imp.fusable_producer(node.input[0], ("conv2d",))
@@ -425,6 +443,8 @@ def _pool(imp: Importer, node: onnx.NodeProto, op: str) -> None:
             pads[axis + 2] += extra_out * strides[axis]
     ho = conv_out_size(h, kernel[0], strides[0], 1, pads[0], pads[2])
     wo = conv_out_size(w, kernel[1], strides[1], 1, pads[1], pads[3])
+    if ho <= 0 or wo <= 0:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): empty output {ho}x{wo}")
     out = imp.new_tensor(node.output[0], (1, ho, wo, c))
     imp.nodes.append(Node(name=node.name, op=op, inputs=[x.tensor], outputs=[out],
                           attrs={"kernel": kernel, "strides": strides, "pads": tuple(pads)}))
@@ -659,15 +679,6 @@ def _opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
-    a = node.attribute[0]
-    if a.name == "value":
-        return numpy_helper.to_array(a.t)
-    v = helper.get_attribute_value(a)
-    dtype = np.int64 if a.name.startswith("value_int") else np.float32
-    return np.array(v, dtype=dtype)
-
-
 # Ops on constants only (shape arithmetic that exporters leave behind) are evaluated at import.
 _FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Mul", "Add",
              "Sub", "Div", "Reshape", "ConstantOfShape", "Range", "Transpose", "Identity",
@@ -695,7 +706,12 @@ def _fold_constant(imp: Importer, node: onnx.NodeProto) -> bool:
         [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
          for o in node.output])
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", _opset(imp.model))])
-    results = ReferenceEvaluator(model).run(None, {n: imp.consts[n] for n in inputs})
+    try:
+        results = ReferenceEvaluator(model).run(None, {n: imp.consts[n] for n in inputs})
+    except Exception as exc:  # the op's attributes or inputs are invalid for it
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): cannot evaluate this op on its "
+                       f"constant inputs ({type(exc).__name__}: {text})") from None
     for name, value in zip(node.output, results, strict=True):
         imp.consts[name] = np.asarray(value)
     return True
@@ -707,7 +723,7 @@ def _check_input(imp: Importer, vi: onnx.ValueInfoProto) -> tuple[int, ...]:
         raise imp.fail(f"graph input '{vi.name}' is not a tensor")
     if t.elem_type != onnx.TensorProto.FLOAT:
         raise imp.fail(f"graph input '{vi.name}' has element type "
-                       f"{onnx.TensorProto.DataType.Name(t.elem_type)}; only float32 inputs "
+                       f"{check.dtype_name(t.elem_type)}; only float32 inputs "
                        "are supported")
     if not t.HasField("shape"):
         raise imp.fail(f"graph input '{vi.name}' has no shape")
@@ -764,7 +780,8 @@ def _check_initializers(imp: Importer) -> None:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise imp.fail(f"initializer '{init.name}' keeps its data in an external file, "
                            "which mpq does not read")
-        imp.consts[init.name] = numpy_helper.to_array(init)
+        imp.consts[init.name] = check.tensor_array(init, f"{imp.source}: initializer "
+                                                         f"'{check.show(init.name)}'")
 
 
 def _check_names(model: onnx.ModelProto, source: str) -> None:
@@ -776,9 +793,10 @@ def _check_names(model: onnx.ModelProto, source: str) -> None:
             if name not in known:
                 produced_later = any(name in n.output for n in g.node)
                 if not produced_later:
-                    raise MpqError(f"{source}: node '{node.name}' ({node.op_type}) reads "
-                                   f"'{name}', which is neither a graph input, an initializer "
-                                   "nor a node output (missing initializer?)")
+                    raise MpqError(check.show(
+                        f"{source}: node '{node.name}' ({node.op_type}) reads '{name}', which "
+                        "is neither a graph input, an initializer nor a node output (missing "
+                        "initializer?)"))
         known.update(node.output)
 
 
@@ -799,12 +817,14 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
                        f"({type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise MpqError(f"{path}: not an ONNX model or truncated file (no graph)")
+    check.check_utf8(model, str(path))
     _check_names(model, str(path))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise MpqError(f"{path}: invalid ONNX model or truncated file: {first}") from None
+        raise MpqError(check.show(f"{path}: invalid ONNX model or truncated file: {first}")) \
+            from None
     return model
 
 
@@ -812,6 +832,13 @@ def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
     """Convert an ONNX model to the IR (DESIGN §3). Raises MpqError on anything unsupported."""
     imp = Importer(model=model, source=source)
     g = model.graph
+    check.check_utf8(model, source)
+    renamed = check.name_nodes(model)
+    if renamed:
+        imp.notes["unnamed or duplicate node named"] += renamed
+    check.check_structure(model, source)
+    for node in g.node:
+        check.attributes(node, source)
     for n in g.node:
         for name in n.input:
             imp.consumers.setdefault(name, []).append(n)
@@ -837,7 +864,7 @@ def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
 
     for node in g.node:
         if node.op_type == "Constant":
-            imp.consts[node.output[0]] = _constant_node_value(node)
+            imp.consts[node.output[0]] = check.constant_value(node, source)
             imp.notes["Constant resolved"] += 1
             continue
         if _fold_constant(imp, node):

@@ -29,8 +29,21 @@ class _Writer:
         self.inits: list[onnx.TensorProto] = []
         # Shapes by ONNX value name (IR names plus the renamed graph inputs/outputs).
         self.shapes = {name: t.shape for name, t in graph.tensors.items()}
+        # Every value name in the model: derived names (`x__preact`, `conv/weight`) must not
+        # collide with a name the user's model already chose.
+        self.taken: set[str] = set(graph.tensors)
+
+    def fresh(self, name: str) -> str:
+        """`name`, or `name_1`, `name_2`, … if a value of that name exists already."""
+        candidate, k = name, 0
+        while candidate in self.taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        self.taken.add(candidate)
+        return candidate
 
     def init(self, name: str, array: np.ndarray) -> str:
+        name = self.fresh(name)
         self.inits.append(numpy_helper.from_array(array, name))
         return name
 
@@ -48,7 +61,7 @@ class _Writer:
         if lo == -math.inf and hi == math.inf:
             self.add(op, inputs, [out], node.name, **attrs)
             return
-        pre = f"{out}__preact"
+        pre = self.fresh(f"{out}__preact")
         self.add(op, inputs, [pre], node.name, **attrs)
         if lo == 0.0 and hi == math.inf:
             self.add("Relu", [pre], [out], f"{node.name}/act")
@@ -88,14 +101,15 @@ class _Writer:
         src, out = node.inputs[0], node.outputs[0]
         # The IR reshape keeps NHWC memory order; in NCHW ONNX that means going through NHWC.
         if self.rank4(src):
-            self.add("Transpose", [src], [f"{out}__nhwc_in"], f"{node.name}/to_nhwc",
-                     perm=[0, 2, 3, 1])
-            src = f"{out}__nhwc_in"
+            nhwc_in = self.fresh(f"{out}__nhwc_in")
+            self.add("Transpose", [src], [nhwc_in], f"{node.name}/to_nhwc", perm=[0, 2, 3, 1])
+            src = nhwc_in
         shape = [-1] + list(node.attrs["shape"][1:])
         s = self.init(f"{node.name}/shape", np.array(shape, np.int64))
         if self.rank4(out):
-            self.add("Reshape", [src, s], [f"{out}__nhwc"], node.name)
-            self.add("Transpose", [f"{out}__nhwc"], [out], f"{node.name}/to_nchw",
+            nhwc = self.fresh(f"{out}__nhwc")
+            self.add("Reshape", [src, s], [nhwc], node.name)
+            self.add("Transpose", [nhwc], [out], f"{node.name}/to_nchw",
                      perm=[0, 3, 1, 2])
         else:
             self.add("Reshape", [src, s], [out], node.name)
@@ -138,13 +152,13 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
         if len(shape) == 4 and graph.input_layouts.get(name) != LAYOUT_NCHW:
             # Original input is NHWC: declare it so, and transpose to NCHW as tf2onnx does.
             inputs.append(_value_info(name, shape))
-            renames[name] = f"{name}__nchw"
+            renames[name] = w.fresh(f"{name}__nchw")
             w.add("Transpose", [name], [renames[name]], f"{name}/to_nchw", perm=[0, 3, 1, 2])
         else:
             nchw = tuple(shape[i] for i in (0, 3, 1, 2)) if len(shape) == 4 else shape
             inputs.append(_value_info(name, nchw))
 
-    out_renames = {name: f"{name}__nchw" for name in graph.outputs
+    out_renames = {name: w.fresh(f"{name}__nchw") for name in graph.outputs
                    if len(graph.tensors[name].shape) == 4
                    and graph.output_layouts.get(name) != LAYOUT_NCHW}
     for old, new in list(renames.items()) + list(out_renames.items()):

@@ -1,0 +1,284 @@
+"""Checks of an ONNX model's structure and attributes before the importer relies on them.
+
+`onnx.checker` verifies attribute types against the op schemas but not their values: a Conv
+with `strides=[0]`, a 1-element `kernel_shape` or negative dilations passes it, and so does an
+initializer whose data does not fill its dims or whose element type is an unknown number. Each
+of those used to surface as a Python exception deep in the importer (or later in onnxruntime);
+here each becomes one MpqError line naming the node (or tensor) and the attribute.
+
+Names: real exporters write empty and duplicate node names, so those are accepted and given
+unique derived names; names that are not UTF-8 cannot be printed or written back and are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from mpq.errors import MpqError
+
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+# Element types the importer can hold as numpy constants (weights are float32; shape arithmetic
+# uses the integer types). FLOAT16 and external data get their own messages in the importer.
+_NUMERIC = {
+    TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+    TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64, TensorProto.INT32: np.int32,
+    TensorProto.INT16: np.int16, TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8,
+    TensorProto.UINT16: np.uint16, TensorProto.UINT32: np.uint32,
+    TensorProto.UINT64: np.uint64, TensorProto.BOOL: np.bool_,
+}
+
+
+def show(text: str) -> str:
+    """A message made safe to print on one line: control characters (a newline in a node name)
+    become escapes, so a hostile name cannot split or recolour the error line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def dtype_name(elem_type: int) -> str:
+    """The ONNX name of an element type, or its number when it is not a known type."""
+    try:
+        return TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"unknown type {elem_type}"
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+def _not_utf8(value: object) -> bool:
+    # The protobuf runtime hands back invalid UTF-8 in a string field as bytes.
+    return isinstance(value, bytes)
+
+
+def check_utf8(model: onnx.ModelProto, source: str) -> None:
+    """Refuse names that are not valid UTF-8: they cannot be shown or written back."""
+    g = model.graph
+    fields: list[tuple[str, object]] = [("graph name", g.name)]
+    for kind, coll in (("graph input", g.input), ("graph output", g.output),
+                       ("initializer", g.initializer), ("value_info", g.value_info)):
+        fields += [(f"{kind} #{i} name", v.name) for i, v in enumerate(coll)]
+    for i, node in enumerate(g.node):
+        where = f"node #{i}"
+        fields += [(f"{where} name", node.name), (f"{where} op type", node.op_type),
+                   (f"{where} domain", node.domain)]
+        fields += [(f"{where} input #{k}", n) for k, n in enumerate(node.input)]
+        fields += [(f"{where} output #{k}", n) for k, n in enumerate(node.output)]
+        fields += [(f"{where} attribute #{k} name", a.name) for k, a in enumerate(node.attribute)]
+    for what, value in fields:
+        if _not_utf8(value):
+            raise MpqError(f"{source}: {what} is not valid UTF-8 text")
+
+
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node, and every node after the first of a repeated name, a unique
+    derived name (`<op>_<index>`); return how many were renamed.
+
+    Exporters leave node names empty or repeat them, which ONNX allows; mpq names layers, plan
+    entries and generated symbols after nodes, so they must be unique.
+    """
+    nodes = model.graph.node
+    taken = {n.name for n in nodes if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.name or node.op_type or 'node'}_{i}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        renamed += 1
+    return renamed
+
+
+def check_structure(model: onnx.ModelProto, source: str) -> None:
+    """Graph-level rules: at least one output, no repeated graph input or output, every node
+    with a named first output, no value produced twice."""
+    g = model.graph
+    if not g.output:
+        raise MpqError(f"{source}: the graph has no outputs")
+    for kind, coll in (("input", g.input), ("output", g.output)):
+        names = [v.name for v in coll]
+        for i, name in enumerate(names):
+            if not name:
+                raise MpqError(f"{source}: graph {kind} #{i} has an empty name")
+            if name in names[:i]:
+                raise MpqError(f"{source}: graph {kind} '{show(name)}' is listed twice")
+    produced: set[str] = set()
+    for node in g.node:
+        if not node.output or not node.output[0]:
+            raise MpqError(f"{source}: node '{show(node.name)}' ({show(node.op_type)}) has no "
+                           "output")
+        for name in node.output:
+            if name and name in produced:
+                raise MpqError(f"{source}: value '{show(name)}' is produced by two nodes")
+            produced.add(name)
+
+
+# -- tensors --------------------------------------------------------------------------------------
+
+def tensor_array(t: onnx.TensorProto, what: str) -> np.ndarray:
+    """Decode a stored tensor after checking its type and that its data fills its dims exactly.
+
+    Checking the element count first also keeps a corrupt dims field (2**40 elements, no data)
+    from reaching an allocation. Raises MpqError with `what` (e.g. "initializer 'w'").
+    """
+    if t.data_type == TensorProto.STRING:
+        raise MpqError(f"{what} holds strings; only numeric tensors are supported")
+    dtype = _NUMERIC.get(t.data_type)
+    if dtype is None:
+        raise MpqError(f"{what} has element type {dtype_name(t.data_type)}, which mpq does "
+                       "not read")
+    if any(d < 0 for d in t.dims):
+        raise MpqError(f"{what} has a negative dimension {list(t.dims)}")
+    count = math.prod(t.dims)
+    if t.HasField("raw_data"):
+        stored = len(t.raw_data) / np.dtype(dtype).itemsize
+    else:
+        field = helper.tensor_dtype_to_field(t.data_type)
+        stored = len(getattr(t, field))
+        if t.data_type == TensorProto.FLOAT16:
+            stored = count if stored == count else -1
+    if stored != count:
+        raise MpqError(f"{what}: its data holds {stored:g} elements of "
+                       f"{dtype_name(t.data_type)}, its dims {list(t.dims)} need {count}")
+    try:
+        return numpy_helper.to_array(t)
+    except (ValueError, TypeError) as exc:  # anything the checks above did not foresee
+        raise MpqError(f"{what}: cannot decode ({type(exc).__name__})") from None
+
+
+def constant_value(node: onnx.NodeProto, source: str) -> np.ndarray:
+    """The value of a Constant node: exactly one numeric value attribute."""
+    where = f"{source}: Constant node '{show(node.name)}'"
+    if len(node.attribute) != 1:
+        what = "no value" if not node.attribute else \
+            f"{len(node.attribute)} value attributes (one is allowed)"
+        raise MpqError(f"{where} has {what}")
+    a = node.attribute[0]
+    if a.name == "value" and a.type == AttributeProto.TENSOR:
+        return tensor_array(a.t, f"{where}")
+    if a.name in ("value_string", "value_strings"):
+        raise MpqError(f"{where} holds strings; only numeric constants are supported")
+    if a.name == "sparse_value":
+        raise MpqError(f"{where} holds a sparse tensor, which mpq does not support")
+    kinds = {"value_float": AttributeProto.FLOAT, "value_floats": AttributeProto.FLOATS,
+             "value_int": AttributeProto.INT, "value_ints": AttributeProto.INTS}
+    if kinds.get(a.name) != a.type:
+        raise MpqError(f"{where} has an unsupported value attribute '{show(a.name)}'")
+    v = helper.get_attribute_value(a)
+    dtype = np.int64 if a.name.startswith("value_int") else np.float32
+    return np.array(v, dtype=dtype)
+
+
+# -- attributes -----------------------------------------------------------------------------------
+
+Rule = Callable[[object], str | None]  # returns what is wrong, or None
+
+
+def _ints(length: int | None, low: int | None) -> Rule:
+    def rule(v: object) -> str | None:
+        if not isinstance(v, list) or not all(isinstance(x, int) for x in v):
+            return "must be a list of integers"
+        if length is not None and len(v) != length:
+            return f"must have {length} values (2-D ops only)"
+        if low is not None and any(x < low for x in v):
+            return f"values must be ≥ {low}"
+        return None
+    return rule
+
+
+def _int(choices: tuple[int, ...] | None = None, low: int | None = None) -> Rule:
+    def rule(v: object) -> str | None:
+        if not isinstance(v, int):
+            return "must be an integer"
+        if choices is not None and v not in choices:
+            return "must be " + " or ".join(map(str, choices))
+        if low is not None and v < low:
+            return f"must be ≥ {low}"
+        return None
+    return rule
+
+
+def _float(low: float | None = None) -> Rule:
+    def rule(v: object) -> str | None:
+        if not isinstance(v, float) or not math.isfinite(v):
+            return "must be a finite number"
+        if low is not None and v < low:
+            return f"must be ≥ {low:g}"
+        return None
+    return rule
+
+
+def _string(choices: tuple[str, ...]) -> Rule:
+    def rule(v: object) -> str | None:
+        text = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+        if text not in choices:
+            return "must be one of " + ", ".join(c or "''" for c in choices)
+        return None
+    return rule
+
+
+_SPATIAL = {"kernel_shape": _ints(2, 1), "strides": _ints(2, 1), "dilations": _ints(2, 1),
+            "pads": _ints(4, 0), "auto_pad": _string(AUTO_PADS + ("",))}
+ATTRIBUTE_RULES: dict[str, dict[str, Rule]] = {
+    "Conv": {**_SPATIAL, "group": _int(low=1)},
+    "MaxPool": {**_SPATIAL, "ceil_mode": _int((0, 1)), "storage_order": _int((0, 1))},
+    "AveragePool": {**_SPATIAL, "ceil_mode": _int((0, 1)), "count_include_pad": _int((0, 1))},
+    "Gemm": {"transA": _int((0, 1)), "transB": _int((0, 1)), "alpha": _float(),
+             "beta": _float()},
+    "BatchNormalization": {"epsilon": _float(0.0), "momentum": _float(),
+                           "training_mode": _int((0,))},
+    "Transpose": {"perm": _ints(None, 0)},
+    "Flatten": {"axis": _int()}, "Concat": {"axis": _int()}, "Softmax": {"axis": _int()},
+    "Squeeze": {"axes": _ints(None, None)}, "Unsqueeze": {"axes": _ints(None, None)},
+    "Reshape": {"allowzero": _int((0, 1))},
+    "Pad": {"pads": _ints(None, None), "mode": _string(("constant", "reflect", "edge", "wrap")),
+            "value": _float()},
+    "Clip": {"min": _float(), "max": _float()},
+    "Shape": {"start": _int(), "end": _int()},
+}
+
+
+def attributes(node: onnx.NodeProto, source: str) -> dict:
+    """A node's attributes as Python values, each checked against ATTRIBUTE_RULES.
+
+    Also refuses auto_pad together with explicit pads (ONNX forbids it; onnxruntime fails on
+    it at run time) and kernel_shape on pooling ops that lack it.
+    """
+    where = f"{source}: node '{show(node.name)}' ({show(node.op_type)})"
+    rules = ATTRIBUTE_RULES.get(node.op_type, {})
+    values: dict = {}
+    for a in node.attribute:
+        try:
+            v = helper.get_attribute_value(a)
+        except Exception:  # an attribute of UNDEFINED or unknown type
+            raise MpqError(f"{where}: attribute '{show(a.name)}' has no valid value") from None
+        if a.name in values:
+            raise MpqError(f"{where}: attribute '{show(a.name)}' is given twice")
+        rule = rules.get(a.name)
+        problem = rule(v) if rule is not None else None
+        if problem is not None:
+            shown = v if not isinstance(v, bytes) else v.decode("utf-8", "replace")
+            raise MpqError(f"{where}: attribute {a.name}={show(repr(shown))[:80]} {problem}")
+        values[a.name] = v
+    auto_pad = values.get("auto_pad", b"NOTSET")
+    if isinstance(auto_pad, bytes) and auto_pad.decode() not in ("NOTSET", "") \
+            and any(values.get("pads", [])):
+        raise MpqError(f"{where}: auto_pad={auto_pad.decode()} and explicit pads are given "
+                       "together (ONNX allows one or the other)")
+    if node.op_type in ("MaxPool", "AveragePool") and "kernel_shape" not in values:
+        raise MpqError(f"{where}: attribute kernel_shape is missing")
+    return values
