@@ -173,6 +173,24 @@ def _decode(v):
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
 
+def _int_vector(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> list[int]:
+    """A constant input that must be a 1-D integer vector (shapes, axes, pads)."""
+    v = imp.const(name, node, what)
+    if v.ndim != 1 or v.dtype.kind not in "iu":
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} must be a 1-D integer "
+                       f"tensor, got {v.dtype} of shape {list(v.shape)}")
+    return v.astype(np.int64).tolist()
+
+
+def _scalar(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> float:
+    """A constant input that must hold exactly one number."""
+    v = imp.const(name, node, what)
+    if v.size != 1 or v.dtype.kind not in "iuf":
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} must be one number, got "
+                       f"{v.dtype} of shape {list(v.shape)}")
+    return float(v.reshape(-1)[0])
+
+
 def _spatial_pads(imp: Importer, node: onnx.NodeProto, attrs: dict, in_hw: tuple[int, int],
                   kernel: tuple[int, int], strides: tuple[int, int],
                   dilations: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -368,12 +386,18 @@ def _batchnorm(imp: Importer, node: onnx.NodeProto) -> None:
         if p.shape != (channels,):
             raise imp.fail(f"node '{node.name}' (BatchNormalization): {label} has shape "
                            f"{list(p.shape)}, the input {list(shape)} has {channels} channels")
-    scale = gamma / np.sqrt(var + eps)
-    shift = beta - mean * scale
+    if not np.all(var + eps > 0):
+        raise imp.fail(f"node '{node.name}' (BatchNormalization): var + epsilon must be "
+                       "positive in every channel")
+    # Overflow to inf is caught with a clear message once the graph is built (finite_weights).
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
     prod = imp.fusable_producer(node.input[0], ("conv2d",))
     if prod is not None and prod.act == "none":
-        prod.weight = (prod.weight * scale[:, None, None, None]).astype(np.float32)
-        prod.bias = (prod.bias * scale + shift).astype(np.float32)
+        with np.errstate(all="ignore"):
+            prod.weight = (prod.weight * scale[:, None, None, None]).astype(np.float32)
+            prod.bias = (prod.bias * scale + shift).astype(np.float32)
         imp.rename_output(prod, x.tensor, node.output[0], x.layout)
         imp.notes["BatchNormalization folded"] += 1
         return
@@ -411,9 +435,9 @@ def _clip(imp: Importer, node: onnx.NodeProto) -> None:
     attrs = _attrs(node)
     lo, hi = float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
     if len(node.input) > 1 and node.input[1]:
-        lo = float(imp.const(node.input[1], node, "min").reshape(-1)[0])
+        lo = _scalar(imp, node.input[1], node, "min")
     if len(node.input) > 2 and node.input[2]:
-        hi = float(imp.const(node.input[2], node, "max").reshape(-1)[0])
+        hi = _scalar(imp, node.input[2], node, "max")
     _fuse_clamp(imp, node, lo, hi)
 
 
@@ -490,10 +514,10 @@ def _pad(imp: Importer, node: onnx.NodeProto) -> None:
     mode = _decode(attrs.get("mode", "constant"))
     pads = attrs.get("pads")
     if len(node.input) > 1 and node.input[1]:
-        pads = imp.const(node.input[1], node, "pads").astype(np.int64).tolist()
+        pads = _int_vector(imp, node.input[1], node, "pads")
     value = float(attrs.get("value", 0.0))
     if len(node.input) > 2 and node.input[2]:
-        value = float(imp.const(node.input[2], node, "constant_value").reshape(-1)[0])
+        value = _scalar(imp, node.input[2], node, "constant_value")
     if len(node.input) > 3 and node.input[3]:
         raise imp.fail(f"node '{node.name}' (Pad): the axes input is not supported")
     x = imp.value(node.input[0], node)
@@ -572,7 +596,7 @@ def _reshape_to(imp: Importer, node: onnx.NodeProto, x: Value, shape: list[int])
 @handles("Reshape")
 def _reshape(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
-    target = imp.const(node.input[1], node, "shape").astype(np.int64).tolist()
+    target = _int_vector(imp, node.input[1], node, "shape")
     in_shape = imp.shape(x)
     allow_zero = int(_attrs(node).get("allowzero", 0))
     shape = [in_shape[i] if d == 0 and not allow_zero else d for i, d in enumerate(target)]
@@ -595,7 +619,7 @@ def _flatten(imp: Importer, node: onnx.NodeProto) -> None:
 def _axes(imp: Importer, node: onnx.NodeProto) -> list[int] | None:
     attrs = _attrs(node)
     if len(node.input) > 1 and node.input[1]:
-        return imp.const(node.input[1], node, "axes").astype(np.int64).tolist()
+        return _int_vector(imp, node.input[1], node, "axes")
     return list(attrs["axes"]) if "axes" in attrs else None
 
 
@@ -830,6 +854,13 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
     """Convert an ONNX model to the IR (DESIGN §3). Raises MpqError on anything unsupported."""
+    # Folding arithmetic on corrupt weights may overflow; numpy's warnings would only add
+    # lines to the one error that finite_weights gives for the result.
+    with np.errstate(all="ignore"):
+        return _import_model(model, source)
+
+
+def _import_model(model: onnx.ModelProto, source: str) -> Graph:
     imp = Importer(model=model, source=source)
     g = model.graph
     check.check_utf8(model, source)
@@ -885,6 +916,7 @@ def import_model(model: onnx.ModelProto, source: str = "model") -> Graph:
                   inputs=inputs, outputs=outputs, input_layouts=input_layouts,
                   output_layouts=output_layouts, notes=dict(sorted(imp.notes.items())))
     remove_dead_nodes(graph)
+    check.finite_weights(graph.nodes, source)
     return graph
 
 

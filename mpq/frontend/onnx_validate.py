@@ -282,3 +282,15 @@ def attributes(node: onnx.NodeProto, source: str) -> dict:
     if node.op_type in ("MaxPool", "AveragePool") and "kernel_shape" not in values:
         raise MpqError(f"{where}: attribute kernel_shape is missing")
     return values
+
+
+def finite_weights(nodes: list, source: str) -> None:
+    """Refuse NaN or infinite weights and biases (after BatchNorm folding, so a negative
+    variance counts too): no quantisation scale exists for them, and calibration would turn
+    them into NaN statistics far from the cause."""
+    for node in nodes:
+        for label, array in (("weights", node.weight), ("bias", node.bias)):
+            if array is not None and not np.all(np.isfinite(array)):
+                raise MpqError(show(f"{source}: node '{node.name}': its {label} contain NaN "
+                                    "or infinite values (after folding BatchNormalization, "
+                                    "if any)"))
