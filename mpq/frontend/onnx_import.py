@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from mpq.errors import MpqError
 from mpq.frontend import onnx_validate as check
@@ -703,6 +703,16 @@ def _opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value of a Constant node (already checked by onnx_validate.constant_value)."""
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    v = helper.get_attribute_value(a)
+    dtype = np.int64 if a.name.startswith("value_int") else np.float32
+    return np.array(v, dtype=dtype)
+
+
 # Ops on constants only (shape arithmetic that exporters leave behind) are evaluated at import.
 _FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Mul", "Add",
              "Sub", "Div", "Reshape", "ConstantOfShape", "Range", "Transpose", "Identity",
@@ -730,15 +740,18 @@ def _fold_constant(imp: Importer, node: onnx.NodeProto) -> bool:
         [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
          for o in node.output])
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", _opset(imp.model))])
-    try:
-        results = ReferenceEvaluator(model).run(None, {n: imp.consts[n] for n in inputs})
-    except Exception as exc:  # the op's attributes or inputs are invalid for it
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise imp.fail(f"node '{node.name}' ({node.op_type}): cannot evaluate this op on its "
-                       f"constant inputs ({type(exc).__name__}: {text})") from None
+    results = ReferenceEvaluator(model).run(None, {n: imp.consts[n] for n in inputs})
     for name, value in zip(node.output, results, strict=True):
         imp.consts[name] = np.asarray(value)
     return True
+
+
+def _fold_failed(imp: Importer, node: onnx.NodeProto, exc: Exception) -> MpqError:
+    """The one-line error of a constant op that cannot be evaluated (a Transpose perm that does
+    not fit its input, a Gather index out of range): the model, not mpq, is at fault."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return imp.fail(f"node '{node.name}' ({node.op_type}): cannot evaluate this op on its "
+                    f"constant inputs ({type(exc).__name__}: {text})")
 
 
 def _check_input(imp: Importer, vi: onnx.ValueInfoProto) -> tuple[int, ...]:
@@ -804,8 +817,7 @@ def _check_initializers(imp: Importer) -> None:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise imp.fail(f"initializer '{init.name}' keeps its data in an external file, "
                            "which mpq does not read")
-        imp.consts[init.name] = check.tensor_array(init, f"{imp.source}: initializer "
-                                                         f"'{check.show(init.name)}'")
+        imp.consts[init.name] = numpy_helper.to_array(init)
 
 
 def _check_names(model: onnx.ModelProto, source: str) -> None:
@@ -868,8 +880,11 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
     if renamed:
         imp.notes["unnamed or duplicate node named"] += renamed
     check.check_structure(model, source)
+    check.initializers(model, source)
     for node in g.node:
         check.attributes(node, source)
+        if node.op_type == "Constant":
+            check.constant_value(node, source)
     for n in g.node:
         for name in n.input:
             imp.consumers.setdefault(name, []).append(n)
@@ -895,10 +910,16 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
 
     for node in g.node:
         if node.op_type == "Constant":
-            imp.consts[node.output[0]] = check.constant_value(node, source)
+            imp.consts[node.output[0]] = _constant_node_value(node)
             imp.notes["Constant resolved"] += 1
             continue
-        if _fold_constant(imp, node):
+        try:
+            folded = _fold_constant(imp, node)
+        except MpqError:
+            raise
+        except Exception as exc:  # onnx's reference evaluator refuses the op's inputs/attributes
+            raise _fold_failed(imp, node, exc) from None
+        if folded:
             imp.notes["constant subgraph node folded"] += 1
             continue
         handler = HANDLERS.get(node.op_type)

@@ -129,11 +129,11 @@ def check_structure(model: onnx.ModelProto, source: str) -> None:
 
 # -- tensors --------------------------------------------------------------------------------------
 
-def tensor_array(t: onnx.TensorProto, what: str) -> np.ndarray:
-    """Decode a stored tensor after checking its type and that its data fills its dims exactly.
+def check_tensor(t: onnx.TensorProto, what: str) -> None:
+    """Check a stored tensor's element type and that its data fills its dims exactly.
 
-    Checking the element count first also keeps a corrupt dims field (2**40 elements, no data)
-    from reaching an allocation. Raises MpqError with `what` (e.g. "initializer 'w'").
+    Checking the element count before decoding also keeps a corrupt dims field (2**40
+    elements, no data) from reaching an allocation. Raises MpqError with `what`.
     """
     if t.data_type == TensorProto.STRING:
         raise MpqError(f"{what} holds strings; only numeric tensors are supported")
@@ -154,6 +154,18 @@ def tensor_array(t: onnx.TensorProto, what: str) -> np.ndarray:
     if stored != count:
         raise MpqError(f"{what}: its data holds {stored:g} elements of "
                        f"{dtype_name(t.data_type)}, its dims {list(t.dims)} need {count}")
+
+
+def initializers(model: onnx.ModelProto, source: str) -> None:
+    """check_tensor on every initializer kept in the file (external data has its own error)."""
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            check_tensor(t, f"{source}: initializer '{show(t.name)}'")
+
+
+def tensor_array(t: onnx.TensorProto, what: str) -> np.ndarray:
+    """Decode a stored tensor after check_tensor."""
+    check_tensor(t, what)
     try:
         return numpy_helper.to_array(t)
     except (ValueError, TypeError) as exc:  # anything the checks above did not foresee
