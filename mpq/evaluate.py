@@ -26,9 +26,9 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
     """Top-1 class per sample of the float model."""
     preds = []
     if model_path.suffix.lower() == ".onnx":
-        import onnxruntime as ort
+        from mpq.frontend.onnx_validate import ort_session
 
-        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        sess = ort_session(model_path)
         name = sess.get_inputs()[0].name
         fixed = sess.get_inputs()[0].shape[0]
         if isinstance(fixed, int) and fixed > 0:  # a model exported with a fixed batch size

@@ -97,6 +97,18 @@ class Importer:
                             "(no initializer, Constant node or producer)")
         return self.consts[name]
 
+    def weight(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
+        """A float32 constant input (weights, biases, BatchNorm parameters, Clip bounds).
+
+        ONNX types these inputs like the float32 activation they meet; onnxruntime refuses a
+        model whose Conv bias is int32, so mpq must not quietly cast it.
+        """
+        v = self.const(name, node, what)
+        if v.dtype != np.float32:
+            raise self.fail(f"node '{node.name}' ({node.op_type}): {what} '{name}' is "
+                            f"{v.dtype}; it must be float32 like the activations")
+        return v
+
     def shape(self, value: Value) -> tuple[int, ...]:
         """The shape of a value as the ONNX graph sees it."""
         ir = self.tensors[value.tensor].shape
@@ -176,18 +188,18 @@ def _decode(v):
 def _int_vector(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> list[int]:
     """A constant input that must be a 1-D integer vector (shapes, axes, pads)."""
     v = imp.const(name, node, what)
-    if v.ndim != 1 or v.dtype.kind not in "iu":
-        raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} must be a 1-D integer "
+    if v.ndim != 1 or v.dtype != np.int64:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} must be a 1-D int64 "
                        f"tensor, got {v.dtype} of shape {list(v.shape)}")
     return v.astype(np.int64).tolist()
 
 
 def _scalar(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> float:
-    """A constant input that must hold exactly one number."""
-    v = imp.const(name, node, what)
-    if v.size != 1 or v.dtype.kind not in "iuf":
+    """A constant input that must hold exactly one float32 number (Clip bounds, Pad value)."""
+    v = imp.weight(name, node, what)
+    if v.size != 1:
         raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} must be one number, got "
-                       f"{v.dtype} of shape {list(v.shape)}")
+                       f"shape {list(v.shape)}")
     return float(v.reshape(-1)[0])
 
 
@@ -236,11 +248,11 @@ def _conv(imp: Importer, node: onnx.NodeProto) -> None:
     attrs = _attrs(node)
     x, extra = _take_pad(imp, node.input[0], node)
     _require_nchw(imp, x, node)
-    w = imp.const(node.input[1], node, "weight").astype(np.float32)
+    w = imp.weight(node.input[1], node, "weight").astype(np.float32)
     if w.ndim != 4:
         raise imp.fail(f"node '{node.name}' (Conv): only 2-D convolution is supported "
                        f"(weight rank {w.ndim})")
-    bias = (imp.const(node.input[2], node, "bias").astype(np.float32)
+    bias = (imp.weight(node.input[2], node, "bias").astype(np.float32)
             if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32))
     if bias.shape != (w.shape[0],):
         raise imp.fail(f"node '{node.name}' (Conv): bias shape {list(bias.shape)} does not "
@@ -301,7 +313,7 @@ def _gemm(imp: Importer, node: onnx.NodeProto) -> None:
     if attrs.get("transA", 0):
         raise imp.fail(f"node '{node.name}' (Gemm): transA=1 is not supported")
     x = imp.value(node.input[0], node)
-    w = imp.const(node.input[1], node, "weight").astype(np.float64)
+    w = imp.weight(node.input[1], node, "weight").astype(np.float64)
     if w.ndim != 2:
         raise imp.fail(f"node '{node.name}' (Gemm): weight must be 2-D, got {list(w.shape)}")
     w = w if attrs.get("transB", 0) else w.T
@@ -309,7 +321,7 @@ def _gemm(imp: Importer, node: onnx.NodeProto) -> None:
     n = w.shape[0]
     bias = np.zeros(n)
     if len(node.input) > 2 and node.input[2]:
-        c = imp.const(node.input[2], node, "bias").astype(np.float64)
+        c = imp.weight(node.input[2], node, "bias").astype(np.float64)
         if c.size not in (1, n) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
             raise imp.fail(f"node '{node.name}' (Gemm): bias shape {list(c.shape)} does not "
                            f"broadcast to the {n} outputs")
@@ -320,7 +332,7 @@ def _gemm(imp: Importer, node: onnx.NodeProto) -> None:
 @handles("MatMul")
 def _matmul(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
-    w = imp.const(node.input[1], node, "weight (second MatMul input)")
+    w = imp.weight(node.input[1], node, "weight (second MatMul input)")
     if w.ndim != 2:
         raise imp.fail(f"node '{node.name}' (MatMul): weight must be 2-D, got {list(w.shape)}")
     _fc(imp, node, x, w.T.astype(np.float32), np.zeros(w.shape[1], np.float32))
@@ -355,7 +367,8 @@ def _add(imp: Importer, node: onnx.NodeProto) -> None:
         prod = imp.fusable_producer(act_name, ("conv2d", "fully_connected"))
         vec = None
         if prod is not None and prod.act == "none":
-            vec = _channel_vector(imp, node, imp.consts[const_name], prod, x.layout)
+            vec = _channel_vector(imp, node, imp.weight(const_name, node, "addend"), prod,
+                                  x.layout)
         if vec is None:
             raise imp.fail(f"node '{node.name}' (Add): adding a constant is supported only as a "
                            "per-channel bias directly after Conv/Gemm/MatMul")
@@ -378,7 +391,7 @@ def _batchnorm(imp: Importer, node: onnx.NodeProto) -> None:
     attrs = _attrs(node)
     eps = float(attrs.get("epsilon", 1e-5))
     x = imp.value(node.input[0], node)
-    gamma, beta, mean, var = (imp.const(n, node, "BatchNormalization parameter").astype(np.float64)
+    gamma, beta, mean, var = (imp.weight(n, node, "BatchNormalization parameter").astype(np.float64)
                               for n in node.input[1:5])
     shape = imp.shape(x)
     channels = shape[1] if len(shape) > 1 else 0

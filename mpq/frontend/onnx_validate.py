@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -104,8 +105,9 @@ def name_nodes(model: onnx.ModelProto) -> int:
 
 
 def check_structure(model: onnx.ModelProto, source: str) -> None:
-    """Graph-level rules: at least one output, no repeated graph input or output, every node
-    with a named first output, no value produced twice."""
+    """Graph-level rules: at least one output, declared float32 if typed; no repeated graph input
+    or output; an ai.onnx opset onnxruntime runs (7 or later); every node with a named first
+    output; no value produced twice."""
     g = model.graph
     if not g.output:
         raise MpqError(f"{source}: the graph has no outputs")
@@ -116,6 +118,16 @@ def check_structure(model: onnx.ModelProto, source: str) -> None:
                 raise MpqError(f"{source}: graph {kind} #{i} has an empty name")
             if name in names[:i]:
                 raise MpqError(f"{source}: graph {kind} '{show(name)}' is listed twice")
+    for vi in g.output:
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.elem_type not in (0, TensorProto.FLOAT):
+            raise MpqError(f"{source}: graph output '{show(vi.name)}' is declared "
+                           f"{dtype_name(t.elem_type)}; mpq models compute float32 outputs")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    latest = onnx.defs.onnx_opset_version()
+    if opset is None or not 7 <= opset <= latest:
+        raise MpqError(f"{source}: ONNX opset {opset if opset is not None else '(none)'} is "
+                       f"not supported (mpq and onnxruntime read opsets 7 to {latest})")
     produced: set[str] = set()
     for node in g.node:
         if not node.output or not node.output[0]:
@@ -306,3 +318,24 @@ def finite_weights(nodes: list, source: str) -> None:
                 raise MpqError(show(f"{source}: node '{node.name}': its {label} contain NaN "
                                     "or infinite values (after folding BatchNormalization, "
                                     "if any)"))
+
+
+def ort_session(path: str | Path):  # -> onnxruntime.InferenceSession
+    """An onnxruntime session on the user's ONNX model as mpq imports it.
+
+    Node names are made unique first (onnxruntime refuses duplicates that mpq accepts), and a
+    model onnxruntime still cannot load is the model's fault: one MpqError line, not a trace.
+    """
+    import onnxruntime as ort
+
+    from mpq.frontend.onnx_import import load_onnx
+
+    model = load_onnx(path)
+    name_nodes(model)
+    try:
+        return ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, NotImplemented, …
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MpqError(show(f"{path}: onnxruntime cannot load this model: {text[:300]}")) \
+            from None

@@ -142,6 +142,9 @@ class Worker:
         if deep and steps[0].outcome == "ok" and self._write_data(case.index):
             if notify is not None:
                 notify()
+            # eval runs the original model in onnxruntime: what mpq accepts, onnxruntime must run.
+            steps.append(self.step("eval", ["eval", "case.onnx", "--data", "data.npz", "--calib",
+                                            "data.npz", "--json", "-q"]))
             steps.append(self.step("search", [
                 "search", "case.onnx", "--board", BOARD, "--data", "data.npz", "-o", "plan.json",
                 "--strategy", "int8", "--patches", "none", "-q"]))
@@ -163,7 +166,9 @@ class Worker:
         if len(graph.inputs) != 1 or int(np.prod(shape)) > 1 << 20:
             return False
         rng = np.random.default_rng(index)
-        np.savez("data.npz", x=rng.normal(0, 1, (4, *shape)).astype(np.float32))
+        classes = graph.tensors[graph.outputs[0]].shape[-1] if graph.outputs else 1
+        np.savez("data.npz", x=rng.normal(0, 1, (4, *shape)).astype(np.float32),
+                 y=rng.integers(0, max(int(classes), 1), 4))
         return True
 
 
