@@ -203,6 +203,18 @@ def _scalar(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> float:
     return float(v.reshape(-1)[0])
 
 
+def _axis(imp: Importer, node: onnx.NodeProto, axis: int, rank: int, what: str = "axis",
+          end: bool = False) -> int:
+    """An ONNX axis in [-rank, rank) (or [-rank, rank] where `end`, as Flatten's) made
+    non-negative; anything outside is refused rather than wrapped to some other axis."""
+    hi = rank + 1 if end else rank
+    top = rank if end else rank - 1
+    if not -rank <= axis < hi:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} {axis} is out of range "
+                       f"for rank {rank} (allowed {-rank}..{top})")
+    return axis + rank if axis < 0 else axis
+
+
 def _spatial_pads(imp: Importer, node: onnx.NodeProto, attrs: dict, in_hw: tuple[int, int],
                   kernel: tuple[int, int], strides: tuple[int, int],
                   dilations: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -572,6 +584,10 @@ def _onnx_view(index: np.ndarray, layout: str) -> np.ndarray:
 def _reshape_to(imp: Importer, node: onnx.NodeProto, x: Value, shape: list[int]) -> None:
     """Emit an IR reshape (or alias) for an ONNX reshape of `x` to the ONNX shape `shape`."""
     in_ir = imp.tensors[x.tensor].shape
+    if not shape or shape[0] != 1:
+        # mpq runs one sample at a time: dimension 0 is the batch and stays 1.
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): reshaping to {shape} moves data "
+                       "into or out of the batch dimension, which must stay 1")
     if math.prod(shape) != math.prod(in_ir):
         raise imp.fail(f"node '{node.name}' ({node.op_type}): cannot reshape "
                        f"{list(imp.shape(x))} to {shape}")
@@ -625,7 +641,7 @@ def _reshape(imp: Importer, node: onnx.NodeProto) -> None:
 def _flatten(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
     shape = imp.shape(x)
-    axis = int(_attrs(node).get("axis", 1)) % (len(shape) + 1)
+    axis = _axis(imp, node, int(_attrs(node).get("axis", 1)), len(shape), end=True)
     _reshape_to(imp, node, x, [math.prod(shape[:axis]), math.prod(shape[axis:])])
 
 
@@ -641,8 +657,9 @@ def _squeeze(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
     shape = list(imp.shape(x))
     axes = _axes(imp, node)
-    axes = [a % len(shape) for a in axes] if axes is not None else \
-        [i for i, d in enumerate(shape) if d == 1 and i > 0]
+    if axes is None:
+        axes = [i for i, d in enumerate(shape) if d == 1 and i > 0]
+    axes = [_axis(imp, node, a, len(shape), "axes value") for a in axes]
     _reshape_to(imp, node, x, [d for i, d in enumerate(shape) if i not in axes])
 
 
@@ -652,7 +669,7 @@ def _unsqueeze(imp: Importer, node: onnx.NodeProto) -> None:
     shape = list(imp.shape(x))
     axes = _axes(imp, node) or []
     rank = len(shape) + len(axes)
-    for a in sorted(a % rank for a in axes):
+    for a in sorted(_axis(imp, node, a, rank, "axes value") for a in axes):
         shape.insert(a, 1)
     _reshape_to(imp, node, x, shape)
 
@@ -663,7 +680,7 @@ def _concat(imp: Importer, node: onnx.NodeProto) -> None:
     layouts = {x.layout for x in xs}
     shapes = [imp.shape(x) for x in xs]
     rank = len(shapes[0])
-    axis = int(_attrs(node)["axis"]) % rank
+    axis = _axis(imp, node, int(_attrs(node)["axis"]), rank)
     if len(layouts) != 1 or any(len(s) != rank for s in shapes):
         raise imp.fail(f"node '{node.name}' (Concat): inputs differ in layout or rank")
     layout = layouts.pop()
@@ -685,7 +702,7 @@ def _softmax(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
     shape = imp.shape(x)
     opset = _opset(imp.model)
-    axis = int(_attrs(node).get("axis", -1 if opset >= 13 else 1)) % len(shape)
+    axis = _axis(imp, node, int(_attrs(node).get("axis", -1 if opset >= 13 else 1)), len(shape))
     ir_axis = NCHW_TO_NHWC.index(axis) if x.layout == LAYOUT_NCHW else axis
     ir_shape = imp.tensors[x.tensor].shape
     inner = math.prod(ir_shape[ir_axis + 1:])

@@ -128,6 +128,19 @@ def check_structure(model: onnx.ModelProto, source: str) -> None:
     if opset is None or not 7 <= opset <= latest:
         raise MpqError(f"{source}: ONNX opset {opset if opset is not None else '(none)'} is "
                        f"not supported (mpq and onnxruntime read opsets 7 to {latest})")
+    inits = {t.name: t for t in g.initializer}
+    for vi in g.input:
+        t = inits.get(vi.name)
+        if t is None or not vi.type.HasField("tensor_type"):
+            continue
+        declared = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in declared.shape.dim]
+        if declared.elem_type not in (0, t.data_type) or (
+                declared.HasField("shape") and (len(dims) != len(t.dims) or any(
+                    d is not None and d != s for d, s in zip(dims, t.dims, strict=True)))):
+            raise MpqError(f"{source}: graph input '{show(vi.name)}' is also an initializer "
+                           f"but declares another type or shape than the initializer's "
+                           f"{dtype_name(t.data_type)} {list(t.dims)}")
     produced: set[str] = set()
     for node in g.node:
         if not node.output or not node.output[0]:

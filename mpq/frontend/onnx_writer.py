@@ -32,6 +32,18 @@ class _Writer:
         # Every value name in the model: derived names (`x__preact`, `conv/weight`) must not
         # collide with a name the user's model already chose.
         self.taken: set[str] = set(graph.tensors)
+        # Node names: the IR's own (unique) names are reserved; derived ones (`conv/act`) avoid
+        # them, since onnxruntime refuses a model with two nodes of one name.
+        self.node_names: set[str] = {n.name for n in graph.nodes}
+
+    def derived(self, name: str) -> str:
+        """A name for a node the writer adds, unique among all node names."""
+        candidate, k = name, 0
+        while candidate in self.node_names:
+            k += 1
+            candidate = f"{name}_{k}"
+        self.node_names.add(candidate)
+        return candidate
 
     def fresh(self, name: str) -> str:
         """`name`, or `name_1`, `name_2`, … if a value of that name exists already."""
@@ -64,13 +76,13 @@ class _Writer:
         pre = self.fresh(f"{out}__preact")
         self.add(op, inputs, [pre], node.name, **attrs)
         if lo == 0.0 and hi == math.inf:
-            self.add("Relu", [pre], [out], f"{node.name}/act")
+            self.add("Relu", [pre], [out], self.derived(f"{node.name}/act"))
             return
         lo_name = self.init(f"{node.name}/act/min", np.array(lo, np.float32)) \
             if lo != -math.inf else ""
         hi_name = self.init(f"{node.name}/act/max", np.array(hi, np.float32)) \
             if hi != math.inf else ""
-        self.add("Clip", [pre, lo_name, hi_name], [out], f"{node.name}/act")
+        self.add("Clip", [pre, lo_name, hi_name], [out], self.derived(f"{node.name}/act"))
 
     def conv2d(self, node: Node) -> None:
         a = node.attrs
@@ -102,14 +114,15 @@ class _Writer:
         # The IR reshape keeps NHWC memory order; in NCHW ONNX that means going through NHWC.
         if self.rank4(src):
             nhwc_in = self.fresh(f"{out}__nhwc_in")
-            self.add("Transpose", [src], [nhwc_in], f"{node.name}/to_nhwc", perm=[0, 2, 3, 1])
+            self.add("Transpose", [src], [nhwc_in], self.derived(f"{node.name}/to_nhwc"),
+                     perm=[0, 2, 3, 1])
             src = nhwc_in
         shape = [-1] + list(node.attrs["shape"][1:])
         s = self.init(f"{node.name}/shape", np.array(shape, np.int64))
         if self.rank4(out):
             nhwc = self.fresh(f"{out}__nhwc")
             self.add("Reshape", [src, s], [nhwc], node.name)
-            self.add("Transpose", [nhwc], [out], f"{node.name}/to_nchw",
+            self.add("Transpose", [nhwc], [out], self.derived(f"{node.name}/to_nchw"),
                      perm=[0, 3, 1, 2])
         else:
             self.add("Reshape", [src, s], [out], node.name)
@@ -153,7 +166,8 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
             # Original input is NHWC: declare it so, and transpose to NCHW as tf2onnx does.
             inputs.append(_value_info(name, shape))
             renames[name] = w.fresh(f"{name}__nchw")
-            w.add("Transpose", [name], [renames[name]], f"{name}/to_nchw", perm=[0, 3, 1, 2])
+            w.add("Transpose", [name], [renames[name]], w.derived(f"{name}/to_nchw"),
+                  perm=[0, 3, 1, 2])
         else:
             nchw = tuple(shape[i] for i in (0, 3, 1, 2)) if len(shape) == 4 else shape
             inputs.append(_value_info(name, nchw))
@@ -173,7 +187,8 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
     for name in graph.outputs:
         shape = graph.tensors[name].shape
         if name in out_renames:
-            w.add("Transpose", [out_renames[name]], [name], f"{name}/to_nhwc", perm=[0, 2, 3, 1])
+            w.add("Transpose", [out_renames[name]], [name], w.derived(f"{name}/to_nhwc"),
+                  perm=[0, 2, 3, 1])
             outputs.append(_value_info(name, shape))
         else:
             nchw = tuple(shape[i] for i in (0, 3, 1, 2)) if len(shape) == 4 else shape
