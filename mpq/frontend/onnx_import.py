@@ -909,6 +909,7 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
     renamed = check.name_nodes(model)
     if renamed:
         imp.notes["unnamed or duplicate node named"] += renamed
+    _check_ops(imp)  # an unsupported op is the first thing to tell
     check.check_structure(model, source)
     check.initializers(model, source)
     for node in g.node:
@@ -919,7 +920,6 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
         for name in n.input:
             imp.consumers.setdefault(name, []).append(n)
     imp.graph_outputs = {o.name for o in g.output}
-    _check_ops(imp)
     _check_initializers(imp)
 
     inputs: list[str] = []

@@ -236,7 +236,7 @@ def summarise(results: list[dict[str, Any]], opts: Options, seconds: float) -> d
         "causes": sorted(causes.values(), key=lambda e: (OUTCOMES.index(e["outcome"]),
                                                           -e["count"], e["cause"])),
         "clean_error_causes": [{"cause": c, "count": n} for c, n in
-                               sorted(clean.items(), key=lambda kv: (-kv[1], kv[0]))[:40]],
+                               sorted(clean.items(), key=lambda kv: (-kv[1], kv[0]))],
     }
 
 
@@ -306,5 +306,6 @@ def markdown(summary: dict[str, Any], command: str) -> str:
                          f"{_cell('; '.join(ex['mutations']))}) |")
     lines += ["", "## Most frequent clean errors", "", "| cases | message (particulars blanked) |",
               "| ---: | --- |"]
-    lines += [f"| {c['count']:,} | {_cell(c['cause'])} |" for c in summary["clean_error_causes"]]
+    lines += [f"| {c['count']:,} | {_cell(c['cause'])} |"
+              for c in summary["clean_error_causes"][:40]]
     return "\n".join(lines) + "\n"
