@@ -961,6 +961,10 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
     output_layouts: dict[str, str] = {}
     for vi in g.output:
         value = imp.value(vi.name, onnx.NodeProto(name="<graph output>", op_type="Output"))
+        if value.tensor in inputs or value.tensor in outputs:
+            what = "a graph input" if value.tensor in inputs else "another graph output"
+            raise imp.fail(f"graph output '{vi.name}' is {what} under another name (through "
+                           "Identity or a layout-only op); mpq needs distinct computed outputs")
         outputs.append(value.tensor)
         output_layouts[value.tensor] = value.layout
     graph = Graph(name=g.name or Path(source).stem, tensors=imp.tensors, nodes=imp.nodes,

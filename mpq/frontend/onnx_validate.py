@@ -118,7 +118,12 @@ def check_structure(model: onnx.ModelProto, source: str) -> None:
                 raise MpqError(f"{source}: graph {kind} #{i} has an empty name")
             if name in names[:i]:
                 raise MpqError(f"{source}: graph {kind} '{show(name)}' is listed twice")
+    inits = {t.name: t for t in g.initializer}
+    inputs = {v.name for v in g.input} - set(inits)
     for vi in g.output:
+        if vi.name in inputs:
+            raise MpqError(f"{source}: graph output '{show(vi.name)}' is a graph input; mpq "
+                           "needs every output computed by the graph")
         t = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and t.elem_type not in (0, TensorProto.FLOAT):
             raise MpqError(f"{source}: graph output '{show(vi.name)}' is declared "
@@ -128,7 +133,6 @@ def check_structure(model: onnx.ModelProto, source: str) -> None:
     if opset is None or not 7 <= opset <= latest:
         raise MpqError(f"{source}: ONNX opset {opset if opset is not None else '(none)'} is "
                        f"not supported (mpq and onnxruntime read opsets 7 to {latest})")
-    inits = {t.name: t for t in g.initializer}
     for vi in g.input:
         t = inits.get(vi.name)
         if t is None or not vi.type.HasField("tensor_type"):
