@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="Seconds per case for import + inspect (default 30).")
     ap.add_argument("--deep-timeout", type=float, default=120.0,
-                    help="Seconds for search + export of a sampled case (default 120).")
+                    help="Seconds for the deep steps of a sampled case (default 120).")
     ap.add_argument("--deep-every", type=int, default=25,
-                    help="Run search + export on 1 in N cases that import (0: never).")
+                    help="Run eval, search, export and gcc -fsyntax-only on 1 in N cases "
+                         "that import (0: never).")
     ap.add_argument("--memory-mb", type=int, default=6144,
                     help="Address-space cap per worker (0: none).")
     ap.add_argument("--report", type=Path,

@@ -37,7 +37,7 @@ class Options:
     seed: int
     workers: int = 2
     timeout: float = 30.0  # per case: import + inspect
-    deep_timeout: float = 120.0  # extra once a case goes on to search + export
+    deep_timeout: float = 120.0  # extra once a case goes on to eval/search/export
     deep_every: int = 25
     memory_mb: int = 6144
     start: int = 0
@@ -281,8 +281,9 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         "# mpq fuzz run", "",
         f"`{command}`", "",
         f"{summary['cases']:,} cases (seed {summary['seed']}, from case {summary['first_case']}), "
-        f"{summary['workers']} workers, {summary['timeout_s']:g} s per case, search + export "
-        f"on 1 in {summary['deep_every']} cases that import; {summary['seconds']:,} s.", "",
+        f"{summary['workers']} workers, {summary['timeout_s']:g} s per case; eval, search, "
+        f"export and a gcc syntax check of the C on 1 in {summary['deep_every']} cases that "
+        f"import; {summary['seconds']:,} s.", "",
         f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, mpq commit "
         f"{m['mpq_commit'] or '?'}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + ".", "",

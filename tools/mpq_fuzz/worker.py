@@ -25,8 +25,8 @@ from tools.mpq_fuzz.seeds import seed_models
 
 # Worst first: a case's outcome is the worst outcome of the commands it ran.
 OUTCOMES = ["crash", "timeout", "traceback", "internal error", "multi-line error",
-            "partial output", "other", "clean error", "ok"]
-BAD_OUTCOMES = OUTCOMES[:7]
+            "partial output", "bad C", "other", "clean error", "ok"]
+BAD_OUTCOMES = OUTCOMES[:8]
 BOARD = "mps2-an386"  # 4 MiB SRAM and Flash: a mutated model that imports also fits
 
 
@@ -150,6 +150,8 @@ class Worker:
                 "--strategy", "int8", "--patches", "none", "-q"]))
             if steps[-1].outcome == "ok":
                 steps.append(self.step("export", ["export", "plan.json", "-o", "c", "-q"]))
+            if steps[-1].outcome == "ok" and shutil.which("gcc"):
+                steps.append(compile_export(Path("c")))
         return CaseResult(case.index, case.seed_name, case.mutations,
                           worst([s.outcome for s in steps]), steps)
 
@@ -170,6 +172,23 @@ class Worker:
         np.savez("data.npz", x=rng.normal(0, 1, (4, *shape)).astype(np.float32),
                  y=rng.integers(0, max(int(classes), 1), 4))
         return True
+
+
+def compile_export(folder: Path) -> Step:
+    """Syntax-check the exported C with the host gcc: node and value names reach comments,
+    strings and symbols there, so a hostile name must not break (or inject into) the code."""
+    import subprocess
+
+    sources = sorted(str(p) for p in folder.glob("*.c"))
+    try:
+        proc = subprocess.run(["gcc", "-fsyntax-only", "-std=c99", "-I", str(folder), *sources],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return Step("compile", "bad C", -1, "gcc -fsyntax-only timed out")
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    if proc.returncode == 0:
+        return Step("compile", "ok", 0, "")
+    return Step("compile", "bad C", proc.returncode, _trim(errors[0] if errors else proc.stderr))
 
 
 def index_salt(index: int) -> int:
