@@ -585,10 +585,13 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     graph = load_model(resolve_model(plan, plan_path, plan_model))
     files = render_export(plan, graph, backend)
     if build:
-        with progress_bar(f"building for {plan.board['name']}", None, quiet):
-            measured = measure_build(files, plan.board["name"])
+        from mpq.boards import plan_board
+
+        board = plan_board(plan.board)  # the plan's own board, validated like a board file
+        with progress_bar(f"building for {board.name}", None, quiet):
+            measured = measure_build(files, board)
         files = with_measured(files, measured)
-        out.print(f"built for {plan.board['name']}: Flash {measured['flash_bytes']:,} B, "
+        out.print(f"built for {board.name}: Flash {measured['flash_bytes']:,} B, "
                   f"SRAM {measured['sram_bytes']:,} B")
     if output.exists() and not output.is_dir():
         raise MpqError(f"{output}: exists and is not a directory")

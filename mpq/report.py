@@ -100,13 +100,15 @@ def memory_series(schedule: PatchSchedule, bits: dict[str, int] | None) -> dict[
 
 
 def board_sram_budget(plan: Plan) -> int | None:
-    """The named board's own SRAM budget (region − reserves), None when it is not a known
-    board (a plan searched with a board file elsewhere)."""
-    from mpq.boards import get_board
+    """The plan's board's own SRAM budget (region − reserves); None for an older plan that
+    names its board only, when mpq ships no board of that name."""
+    from mpq.boards import plan_board
 
     try:
-        return get_board(str(plan.board["name"])).sram_budget
+        return plan_board(plan.board).sram_budget
     except MpqError:
+        if isinstance(plan.board, dict) and "memory" in plan.board:
+            raise  # the plan's own board is invalid: as for export, say so
         return None
 
 
@@ -238,6 +240,11 @@ def headline(plan: Plan, sram: dict[str, Any], bitops: dict[str, Any],
     }
 
 
+#: The plan's board as report.json shows it: what the page and figures use (a plan also carries
+#: the whole board description, which the report has no use for).
+SUMMARY_BOARD_KEYS = ("name", "core", "sram_budget", "flash_budget")
+
+
 def report_summary(plan: Plan, graph: Graph, plan_name: str) -> dict[str, Any]:
     """Everything the figures and the page show, as JSON-ready data (`report.json`)."""
     schedule = plan_schedule(plan, graph)
@@ -260,7 +267,7 @@ def report_summary(plan: Plan, graph: Graph, plan_name: str) -> dict[str, Any]:
     return {
         "plan": plan_name,
         "model": plan.model,
-        "board": dict(plan.board),
+        "board": {k: v for k, v in plan.board.items() if k in SUMMARY_BOARD_KEYS},
         "strategy": plan.strategy,
         "headline": headline(plan, sram, bitops, grid),
         "sram_profile": sram,

@@ -633,8 +633,9 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "qbr": opts.qbr, "vdpc": opts.vdpc, "patches": opts.patches,
         "ilp_rounds": solution.iterations, "repaired_groups": solution.repaired,
     }
-    board_info = {"name": board.name, "sram_budget": sram_total, "flash_budget": flash_total,
-                  "core": board.core}
+    # The whole board, so export rebuilds this board (`boards.plan_board`) and not whatever file
+    # has its name then; the budgets are the search's (the board's or --sram/--flash).
+    board_info = {**board.to_dict(), "sram_budget": sram_total, "flash_budget": flash_total}
     return Plan(model=model_path.name, model_sha256=file_sha256(model_path),
                 graph_fingerprint=graph_fingerprint(graph), board=board_info,
                 strategy=opts.strategy, patch=patch, schedule=schedule_info, tensors=tensors,
