@@ -225,10 +225,9 @@ def check_tensor(t: Any, field: str) -> None:
         ob = req_dict(t["outlier_branch"], f"{field}.outlier_branch",
                       {"bits", "scale", "zero_point"})
         check_quant(ob, f"{field}.outlier_branch")
-    if t["range8"] is not None:
-        r = req_list(t["range8"], f"{field}.range8", length=2)
-        lo = req_num(r[0], f"{field}.range8[0]")
-        req_num(r[1], f"{field}.range8[1]", lo=lo)
+    r = req_list(t["range8"], f"{field}.range8", length=2)  # eval's int8 baseline reads it
+    lo = req_num(r[0], f"{field}.range8[0]")
+    req_num(r[1], f"{field}.range8[1]", lo=lo)
 
 
 def check_w_params(p: Any, field: str, scheme: str, bits: int) -> None:

@@ -241,6 +241,8 @@ CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("notes-huge", "layer", setter("notes", ["x"] * 100_001), "notes: must have at most"),
     ("range8-reversed", "layer", setter("tensors[1].range8", [1.0, 0.0]),
      "tensors[1].range8[1]"),
+    ("range8-null", "layer", setter("tensors[1].range8", None),
+     "tensors[1].range8: must be a list"),
     ("schema-string", "layer", setter("schema", "1"), "schema: must be a positive integer"),
 ]
 
