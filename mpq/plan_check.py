@@ -97,7 +97,7 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
                                        f"with n = {p['n']} (expected {_short(want)})")
     v = p["vdpc"]
     if v is not None:
-        classified = graph.nodes[0].outputs[0]
+        classified = {n.name: n for n in graph.nodes}[schedule.stage_nodes[0]].outputs[0]
         if classified == schedule.split_tensor:
             raise fail("patch.vdpc", "VDPC needs a stage of more than one layer")
         if v["map"] != classified:

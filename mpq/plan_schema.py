@@ -24,7 +24,7 @@ from mpq.quant.weights import EXPORT_BITS, SCHEMES
 
 ACT_BITS = (8, 4, 2)  # the activation bitwidths the kernels read and write (DESIGN §4.2)
 MAX_ITEMS = 100_000  # tensors, layers, notes, list entries: far above any MCU model
-MAX_STR = 1024
+MAX_STR = 4096
 MAX_BYTES = (1 << 31) - 1  # sizes and offsets become int32 C constants
 MAX_COUNT = (1 << 63) - 1  # MACs and BitOPs: int64
 MAX_DEPTH = 8  # nesting of the free-form `search` and `board` dicts
