@@ -379,11 +379,9 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 
     if model.suffix.lower() == ".json":
         from mpq.evaluate import PlanRunner
-        from mpq.frontend import load_model
-        from mpq.plan import load_plan, resolve_model
+        from mpq.plan import load_plan_with_model
 
-        plan = load_plan(model)
-        graph = load_model(resolve_model(plan, model, plan_model))
+        plan, _, graph = load_plan_with_model(model, plan_model)
         runner = PlanRunner(plan, graph)
         ds = load_dataset(input_path, graph)
         ys = np.concatenate([runner.outputs(batch) for batch in ds.batches(256)])
@@ -527,14 +525,11 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
         plan_int8_ranges,
         quant_predictions,
     )
-    from mpq.frontend import load_model
-    from mpq.plan import load_plan, resolve_model
+    from mpq.plan import load_plan_with_model
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.qmodel import quantize_graph
 
-    plan = load_plan(plan_path)
-    model_path = resolve_model(plan, plan_path, model)
-    graph = load_model(model_path)
+    plan, model_path, graph = load_plan_with_model(plan_path, model)
     ds = load_dataset(data, graph)
     if ds.y is None:
         raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
@@ -578,11 +573,9 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
-    from mpq.frontend import load_model
-    from mpq.plan import load_plan, resolve_model
+    from mpq.plan import load_plan_with_model
 
-    plan = load_plan(plan_path)
-    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    plan, _, graph = load_plan_with_model(plan_path, plan_model)
     files = render_export(plan, graph, backend)
     if build:
         from mpq.boards import plan_board
@@ -625,14 +618,10 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
 
     Same plan ⇒ byte-identical files.
     """
-    from mpq.plan import load_plan, resolve_model
-
-    plan = load_plan(plan_path)
-    model_path = resolve_model(plan, plan_path, plan_model)
-    from mpq.frontend import load_model
+    from mpq.plan import load_plan_with_model
     from mpq.report import check_output_dir, default_output_dir, render_report, write_report
 
-    graph = load_model(model_path)
+    plan, _, graph = load_plan_with_model(plan_path, plan_model)
     target = output or default_output_dir(plan_path)
     check_output_dir(target)
     with progress_bar("drawing figures", None, quiet):
@@ -665,15 +654,13 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
     import numpy as np
 
     from mpq.codegen.cmsis import cmsis_nn_root
-    from mpq.frontend import load_model
-    from mpq.plan import load_plan, resolve_model
+    from mpq.plan import load_plan_with_model
     from mpq.quant.calibrate import load_dataset
     from mpq.verify import verify
 
     if backend == "cmsis-nn":
         cmsis_nn_root([])
-    plan = load_plan(plan_path)
-    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    plan, _, graph = load_plan_with_model(plan_path, plan_model)
     source = data or input_path
     if source is None:
         raise MpqError("mpq verify needs inputs: --data D.npz or --input x.npy")
