@@ -56,19 +56,38 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The resource limits of `mpq.limits` as options of the `mpq` group, each with its
+    environment variable (`mpq --max-elements N import …`, or MPQ_MAX_ELEMENTS=N)."""
+    from mpq.limits import DEFAULTS, HELP, OPTIONS
+
+    for name, (option, env, _) in reversed(OPTIONS.items()):
+        fn = click.option(option, name, type=click.IntRange(1), envvar=env, show_envvar=True,
+                          default=getattr(DEFAULTS, name), show_default=True, metavar="N",
+                          help=HELP[name])(fn)
+    return fn
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpq")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print each step's detail (search candidates, build commands) on stderr.")
-def main(verbose: bool) -> None:
+@limit_options
+def main(verbose: bool, **limits: int) -> None:
     """mpq: fit a neural network onto a Cortex-M board with mixed-precision quantisation
     and patch-based inference, and emit the firmware sources.
 
     Progress bars appear on a terminal only (never in pipes or CI logs; -q/--quiet on a
     command turns them off); errors are one line on stderr, in red on a terminal.
+
+    The --max-* options bound the work an untrusted model or data file can ask for; an input
+    over a limit is refused with one line naming the option that raises it.
     """
+    from mpq.limits import Limits, set_limits
+
     global VERBOSE
     VERBOSE = verbose
+    set_limits(Limits(**limits))
     if verbose:  # the library logs the external commands it runs (compilers, QEMU)
         import logging
 
