@@ -141,14 +141,13 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
     Writes an ONNX file that onnxruntime runs with the same outputs as MODEL and that every
     later mpq command accepts.
     """
-    from mpq.fileio import write_atomic
+    from mpq.fileio import check_outputs, write_atomic
     from mpq.frontend import load_model
     from mpq.frontend.onnx_writer import graph_to_onnx
 
-    graph = load_model(model)
     target = output or model.with_name(model.name.split(".")[0] + ".mpq.onnx")
-    if target.resolve() == model.resolve():
-        raise MpqError(f"{target}: refusing to overwrite the input model")
+    check_outputs([target], [model])
+    graph = load_model(model)
     data = graph_to_onnx(graph).SerializeToString()
     write_atomic(target, data)
     if quiet:
@@ -347,10 +346,12 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
     Min/max, mean and σ, a histogram and percentiles for every activation; two passes, memory
     independent of the number of samples. Activations are computed with onnxruntime.
     """
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.quant.calibrate import calibrate as run_calibration
     from mpq.quant.calibrate import load_dataset, total_steps
 
+    check_outputs([output], [model, data])
     graph = load_model(model)
     ds = load_dataset(data, graph)
     with progress_bar("calibrating", total_steps(ds), quiet) as advance:
@@ -391,11 +392,12 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
     import numpy as np
 
     from mpq.evaluate import quant_outputs
-    from mpq.fileio import write_atomic
+    from mpq.fileio import check_outputs, write_atomic
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.sim import dequantize
 
+    check_outputs([output], [model, plan_model, input_path, data, stats])
     if model.suffix.lower() == ".json":
         from mpq.evaluate import PlanRunner
         from mpq.frontend import load_model
@@ -597,12 +599,15 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.plan import load_plan, resolve_model
 
     plan = load_plan(plan_path)
-    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    model_path = resolve_model(plan, plan_path, plan_model)
+    graph = load_model(model_path)
     files = render_export(plan, graph, backend)
+    check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
         with progress_bar(f"building for {plan.board['name']}", None, quiet):
             measured = measure_build(files, plan.board["name"])
@@ -645,6 +650,7 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
 
     plan = load_plan(plan_path)
     model_path = resolve_model(plan, plan_path, plan_model)
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.report import check_output_dir, default_output_dir, render_report, write_report
 
@@ -653,6 +659,7 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
     check_output_dir(target)
     with progress_bar("drawing figures", None, quiet):
         files = render_report(plan, graph, plan_path.name)
+    check_outputs([target / name for name in files], [plan_path, model_path])
     write_report(files, target)
     out.print(f"{plan_path} → {target}/: {', '.join(files)}")
 
@@ -781,10 +788,11 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     import time
 
     from mpq.boards import get_board
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.quant.calibrate import load_dataset, total_steps
     from mpq.quant.weights import parse_weights
-    from mpq.search.driver import SearchOptions, search
+    from mpq.search.driver import SearchOptions, feasible_candidates, search
 
     t0 = time.perf_counter()
     board = get_board(board_name)
@@ -800,11 +808,15 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops)
+    board_file = board_name if board_name.endswith(".toml") or "/" in board_name else None
+    check_outputs([output], [model, data, board_file])
     graph = load_model(model)
+    candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data
     ds = load_dataset(data, graph) if data is not None else None
     total = total_steps(ds) if ds is not None else 0
     with progress_bar("calibrating", total or None, quiet) as tick:
-        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note)
+        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note,
+                        candidates=candidates)
     result.plan.save(output)
     seconds = time.perf_counter() - t0
     summary = _search_summary(result.plan, seconds, output)
