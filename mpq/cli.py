@@ -56,19 +56,38 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The resource limits of `mpq.limits` as options of the `mpq` group, each with its
+    environment variable (`mpq --max-elements N import …`, or MPQ_MAX_ELEMENTS=N)."""
+    from mpq.limits import DEFAULTS, HELP, OPTIONS
+
+    for name, (option, env, _) in reversed(OPTIONS.items()):
+        fn = click.option(option, name, type=click.IntRange(1), envvar=env, show_envvar=True,
+                          default=getattr(DEFAULTS, name), show_default=True, metavar="N",
+                          help=HELP[name])(fn)
+    return fn
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpq")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print each step's detail (search candidates, build commands) on stderr.")
-def main(verbose: bool) -> None:
+@limit_options
+def main(verbose: bool, **limits: int) -> None:
     """mpq: fit a neural network onto a Cortex-M board with mixed-precision quantisation
     and patch-based inference, and emit the firmware sources.
 
     Progress bars appear on a terminal only (never in pipes or CI logs; -q/--quiet on a
     command turns them off); errors are one line on stderr, in red on a terminal.
+
+    The --max-* options bound the work an untrusted model or data file can ask for; an input
+    over a limit is refused with one line naming the option that raises it.
     """
+    from mpq.limits import Limits, set_limits
+
     global VERBOSE
     VERBOSE = verbose
+    set_limits(Limits(**limits))
     if verbose:  # the library logs the external commands it runs (compilers, QEMU)
         import logging
 
@@ -122,14 +141,13 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
     Writes an ONNX file that onnxruntime runs with the same outputs as MODEL and that every
     later mpq command accepts.
     """
-    from mpq.fileio import write_atomic
+    from mpq.fileio import check_outputs, write_atomic
     from mpq.frontend import load_model
     from mpq.frontend.onnx_writer import graph_to_onnx
 
-    graph = load_model(model)
     target = output or model.with_name(model.name.split(".")[0] + ".mpq.onnx")
-    if target.resolve() == model.resolve():
-        raise MpqError(f"{target}: refusing to overwrite the input model")
+    check_outputs([target], [model])
+    graph = load_model(model)
     data = graph_to_onnx(graph).SerializeToString()
     write_atomic(target, data)
     if quiet:
@@ -328,10 +346,12 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
     Min/max, mean and σ, a histogram and percentiles for every activation; two passes, memory
     independent of the number of samples. Activations are computed with onnxruntime.
     """
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.quant.calibrate import calibrate as run_calibration
     from mpq.quant.calibrate import load_dataset, total_steps
 
+    check_outputs([output], [model, data])
     graph = load_model(model)
     ds = load_dataset(data, graph)
     with progress_bar("calibrating", total_steps(ds), quiet) as advance:
@@ -372,11 +392,12 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
     import numpy as np
 
     from mpq.evaluate import quant_outputs
-    from mpq.fileio import write_atomic
+    from mpq.fileio import check_outputs, write_atomic
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.sim import dequantize
 
+    check_outputs([output], [model, plan_model, input_path, data, stats])
     if model.suffix.lower() == ".json":
         from mpq.evaluate import PlanRunner
         from mpq.plan import load_plan_with_model
@@ -573,10 +594,12 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
+    from mpq.fileio import check_outputs
     from mpq.plan import load_plan_with_model
 
-    plan, _, graph = load_plan_with_model(plan_path, plan_model)
+    plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
     files = render_export(plan, graph, backend)
+    check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
         from mpq.boards import plan_board
 
@@ -618,14 +641,16 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
 
     Same plan ⇒ byte-identical files.
     """
+    from mpq.fileio import check_outputs
     from mpq.plan import load_plan_with_model
     from mpq.report import check_output_dir, default_output_dir, render_report, write_report
 
-    plan, _, graph = load_plan_with_model(plan_path, plan_model)
+    plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
     target = output or default_output_dir(plan_path)
     check_output_dir(target)
     with progress_bar("drawing figures", None, quiet):
         files = render_report(plan, graph, plan_path.name)
+    check_outputs([target / name for name in files], [plan_path, model_path])
     write_report(files, target)
     out.print(f"{plan_path} → {target}/: {', '.join(files)}")
 
@@ -752,10 +777,11 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     import time
 
     from mpq.boards import get_board
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.quant.calibrate import load_dataset, total_steps
     from mpq.quant.weights import parse_weights
-    from mpq.search.driver import SearchOptions, search
+    from mpq.search.driver import SearchOptions, feasible_candidates, search
 
     t0 = time.perf_counter()
     board = get_board(board_name)
@@ -771,11 +797,15 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops)
+    board_file = board_name if board_name.endswith(".toml") or "/" in board_name else None
+    check_outputs([output], [model, data, board_file])
     graph = load_model(model)
+    candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data
     ds = load_dataset(data, graph) if data is not None else None
     total = total_steps(ds) if ds is not None else 0
     with progress_bar("calibrating", total or None, quiet) as tick:
-        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note)
+        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note,
+                        candidates=candidates)
     result.plan.save(output)
     seconds = time.perf_counter() - t0
     summary = _search_summary(result.plan, seconds, output)

@@ -589,9 +589,20 @@ def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, 
     return {**files, "mpq_report.json": json.dumps(report, indent=2, sort_keys=True) + "\n"}
 
 
+MAKE_STAMP = "mpq.mk"  # the file a Makefile's export rule names as its target
+
+
+def write_order(names: list[str]) -> list[str]:
+    """The order files are written in: by name, the make stamp `mpq.mk` last. An export cut
+    short (an error, Ctrl-C, a full disk) then leaves the old stamp — older than the plan, or
+    absent — beside whatever new sources were written, and make runs the export again instead
+    of taking a half-new export for up to date."""
+    return sorted(names, key=lambda name: (name == MAKE_STAMP, name))
+
+
 def write_export(files: dict[str, str], out_dir: Path) -> list[str]:
     """Write the files atomically, skipping those whose content did not change (make keeps
-    its timestamps). Returns the names written."""
+    its timestamps), the make stamp last (`write_order`). Returns the names written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [name for name, text in sorted(files.items())
-            if write_if_changed(out_dir / name, text.encode())]
+    return [name for name in write_order(list(files))
+            if write_if_changed(out_dir / name, files[name].encode())]

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpq import limits
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import LAYOUT_NCHW, Graph, graph_fingerprint
@@ -169,6 +170,7 @@ def _check_dtype(label: str, array: np.ndarray) -> None:
 
 def _load_npy(path: Path) -> np.ndarray:
     """A memory-mapped ``.npy`` (read lazily, batch by batch)."""
+    limits.check_data_file(path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -177,6 +179,7 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``x`` and the optional ``y`` of an ``.npz`` (members cannot be mapped: read once)."""
+    limits.check_data_file(path)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -355,6 +358,7 @@ class CalibrationStats:
             raise MpqError(f"{path}: no such file")
         not_stats = MpqError(f"{path}: not a calibration statistics file (write one with "
                              "`mpq calibrate`)")
+        limits.check_data_file(p)
         try:
             z = np.load(p, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
