@@ -4,8 +4,8 @@ A plan is input like any other file: it may be hand-edited, truncated or made by
 and the later stages turn its numbers into C array offsets and loop bounds. So `load_plan`
 refuses, in one line naming the field (`tensors[3].offset: ...`), anything the search could
 not have written: unknown or missing keys, bools or floats where ints belong, bitwidths the
-kernels do not have, non-finite scales, misaligned offsets, paths in the model name, control
-characters in strings, oversized lists. Whether the plan fits its *model* (tensor set, sizes,
+kernels do not have, non-finite scales, misaligned offsets, paths in the model name,
+oversized lists. Whether the plan fits its *model* (tensor set, sizes,
 offsets, patch geometry) is `mpq.plan_check`'s job; this module needs only the JSON.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mpq.errors import MpqError
@@ -115,14 +115,15 @@ def req_num(v: Any, field: str, lo: float = -math.inf, hi: float = math.inf,
 
 
 def req_str(v: Any, field: str, max_len: int = MAX_STR) -> str:
-    """A non-empty string of at most `max_len` characters without control characters (they
-    would reach C comments, HTML and terminals)."""
+    """A non-empty string of at most `max_len` characters.
+
+    Any character is allowed: ONNX names (and file names) may hold newlines or escape codes,
+    and a plan `mpq search` wrote must load again. Such text is harmless in JSON; every output
+    that shows it filters it for its own language (`mpq.codegen.render`, `mpq.safetext`)."""
     if not isinstance(v, str):
         raise fail(field, f"must be a string, got {_show(v)} ({_json_type(v)})")
     if not v or len(v) > max_len:
         raise fail(field, f"must be a string of 1 to {max_len} characters, got {len(v)}")
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in v):
-        raise fail(field, f"contains a control character: {_show(v)}")
     return v
 
 
@@ -368,7 +369,7 @@ def check_model_name(v: Any, field: str = "model") -> None:
     """A bare file name: the model is looked up beside the plan, so a directory part or `..`
     would let a plan point mpq at any file on the machine."""
     name = req_str(v, field, 255)
-    if "/" in name or "\\" in name or name in (".", "..") or ":" in name:
+    if "/" in name or Path(name).name != name or name in (".", ".."):
         raise fail(field, f"must be a bare file name (no directory), got {_show(name)}")
 
 

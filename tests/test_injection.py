@@ -57,9 +57,11 @@ NODE_PAYLOADS = (
 # A file name cannot hold `/`, but a newline ends mpq.mk's comment line and `\` continues it.
 MODEL_FILE = ("evil $(shell touch SENTINEL_F) *\\\n$(shell touch SENTINEL_F2)\nPWNED_F := 1\n"
               "'\".onnx")
-# The plan's `model` is free text: every payload at once.
-PLAN_MODEL = ('m */ _Static_assert(0, "PWNED_PM"); /* *??/\n/ *\\\n/ $(shell touch '
-              'SENTINEL_P)\nPWNED_P := 1\n<script>alert("PWNED_PM")</script> $\\frac$')
+# Plan text fields hold anything a hand-edited plan can: every payload at once.
+PLAN_TEXT = ('m */ _Static_assert(0, "PWNED_PM"); /* *??/\n/ *\\\n/ $(shell touch '
+             'SENTINEL_P)\nPWNED_P := 1\n<script>alert("PWNED_PM")</script> $\\frac$')
+# The plan's `model` is a bare file name (the schema refuses `/`), so the rest of it.
+PLAN_MODEL = PLAN_TEXT.replace("/", "|")
 BOARD_DESCRIPTION = ('x */ ASSERT(0, "PWNED_LD") /* \n _Static_assert(0, "PWNED_D"); *??/\n/ '
                      '$(shell touch SENTINEL_B) # \\')
 MARKERS = ("PWNED", "SENTINEL")  # in no generated line that the tools read as code
@@ -164,7 +166,7 @@ def _gcc_syntax(files: list[Path], includes: list[Path], cc: str = "gcc",
 def test_comment_filters_keep_only_inert_text() -> None:
     """Hostile text comes out printable ASCII without what ends or continues a comment (or is
     expanded, for make and ld); names that are already clean come out unchanged."""
-    for text in (*NODE_PAYLOADS, MODEL_FILE, PLAN_MODEL, BOARD_DESCRIPTION, "é\x00\t\r"):
+    for text in (*NODE_PAYLOADS, MODEL_FILE, PLAN_TEXT, BOARD_DESCRIPTION, "é\x00\t\r"):
         for f, banned in ((c_comment, "\\?*"), (make_comment, "\\?*$#"),
                           (ld_comment, "\\?*$#")):
             out = f(text)
@@ -317,7 +319,7 @@ def test_plan_text_fields_stay_comments(hostile, tmp_path: Path) -> None:
     """A plan is untrusted too: its `model` and its board's description, whatever they hold,
     export to C that compiles, an mpq.mk make does not expand and a linker script that links."""
     plan = _edited_plan(hostile, tmp_path, "p.plan.json", model=PLAN_MODEL,
-                        board={"description": PLAN_MODEL})
+                        board={"description": PLAN_TEXT})
     out = tmp_path / "out"
     r = run_mpq("export", plan, "--model", hostile["model"], "-o", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -397,7 +399,7 @@ def test_report_html_holds_only_mpq_markup(hostile, tmp_path: Path) -> None:
     has only the elements and attributes mpq writes (no `<script>`), the hostile text shows as
     text, and the figures are drawn (a `$…$` model name is not mathtext)."""
     plan = _edited_plan(hostile, tmp_path, 'x<script>alert("PWNED")<!--.plan.json',
-                        model=PLAN_MODEL, strategy='<script>alert("PWNED_S")</script>')
+                        model=PLAN_MODEL)
     r = run_mpq("report", plan, "--model", hostile["model"], "-o", tmp_path / "rep", "-q")
     assert r.returncode == 0, r.stderr
     page = _Tags()
@@ -407,7 +409,7 @@ def test_report_html_holds_only_mpq_markup(hostile, tmp_path: Path) -> None:
     assert {a for _, attrs in page.tags for a, _ in attrs} <= PAGE_ATTRS
     assert {v for _, attrs in page.tags for a, v in attrs if a in ("src", "href")} <= PAGE_LINKS
     text = "".join(page.text)
-    for shown in ('<script>alert("PWNED_HTML")</script>', '<script>alert("PWNED_S")</script>',
+    for shown in ('<script>alert("PWNED_HTML")</script>', '<script>alert("PWNED_PM")<|script>',
                   'x<script>alert("PWNED")<!--.plan.json'):
         assert shown in text
     assert (tmp_path / "rep" / "bitops.png").is_file()
