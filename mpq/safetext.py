@@ -10,6 +10,7 @@ through `plain` (or `error_line` for an exception).
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 import sys
@@ -70,18 +71,39 @@ def error_line(message: object) -> str:
     return escape(shorten_names(visible(str(message).strip())))
 
 
+# What the CLI's own glyphs become on a stream that cannot encode them (tables stay aligned
+# for the one-character ones); anything else is written as a backslash escape.
+ASCII_GLYPHS = {"→": "->", "×": "x", "…": "...", "−": "-", "—": "-", "–": "-", "⇒": "=>",
+                "≤": "<=", "≥": ">=", "·": "*", "σ": "sigma", "φ": "phi", "λ": "lambda",
+                "Φ": "Phi", "Ω": "Omega", "Σ": "sum", "±": "+-", "≈": "~", "²": "^2", "§": "S"}
+ERRORS = "mpq-ascii"
+
+
+def _ascii_glyphs(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: ASCII stand-ins for known glyphs, backslash escapes otherwise."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(ASCII_GLYPHS.get(c) or c.encode("ascii", "backslashreplace").decode()
+                   for c in bad), exc.end
+
+
+codecs.register_error(ERRORS, _ascii_glyphs)
+
+
 def tolerant_streams() -> None:
     """Let stdout and stderr write any character on any encoding.
 
     With an ASCII locale (LC_ALL=C, PYTHONIOENCODING=ascii) printing '→' or a non-ASCII name
-    would raise UnicodeEncodeError after the command's work is done; backslashreplace prints
-    such characters as \\u2192 instead. Only the error handler changes, never the encoding.
+    would raise UnicodeEncodeError after the command's work is done. Only the error handler
+    changes, never the encoding: a UTF-8 stream writes exactly what it wrote before, an ASCII
+    one gets '->' for '→' and '\\u4e2d' for a character without a stand-in.
     """
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is None:
             continue
         try:
-            reconfigure(errors="backslashreplace")
+            reconfigure(errors=ERRORS)
         except (ValueError, io.UnsupportedOperation):  # a closed or foreign stream
             pass
