@@ -41,6 +41,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import LAYOUT_NCHW, Graph, graph_fingerprint
+from mpq.quant.finite import check_finite_activation, check_finite_parameters
 
 ENGINES = ("onnxruntime", "interpreter")
 RANGE_METHODS = ("minmax", "percentile", "entropy")
@@ -51,6 +52,7 @@ _STATS_KEYS = ("format", "version", "fingerprint", "samples", "names", "min", "m
                "std", "count", "hist_lo", "hist_hi", "hist")
 
 Visit = Callable[[str, np.ndarray], None]
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,7 +451,8 @@ def bin_counts(x: np.ndarray, width: float, k0: int, bins: int) -> np.ndarray:
     The bin index ⌊x/w⌋ − k0 is computed in float32 (twice as fast) while the grid indices stay
     below 2^22, where float32 still resolves a tenth of a bin; in float64 beyond.
     """
-    small = max(abs(k0), abs(k0 + bins)) < 2 ** 22
+    # float32 also needs 1/w in range: subnormal data gives a bin width below 1/FLT_MAX.
+    small = max(abs(k0), abs(k0 + bins)) < 2 ** 22 and 1.0 / width < _FLOAT32_MAX
     dtype = np.float32 if small else np.float64
     t = np.multiply(x.reshape(-1), dtype(1.0 / width), dtype=dtype)
     np.floor(t, out=t)
@@ -514,16 +517,20 @@ def calibrate(graph: Graph, data: Dataset, batch_size: int = 64, bins: int = DEF
     if engine not in ENGINES:
         raise MpqError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
     check_dataset(data, graph)
+    check_finite_parameters(graph)
     run = _ort_runner(graph) if engine == "onnxruntime" else _interpreter_runner(graph)
     order = [graph.inputs[0]] + [t for n in graph.nodes for t in n.outputs]
 
     moments = {t: _Moments() for t in order}
+    seen = 0  # samples before the current batch, for the error of a non-finite activation
 
     def observe_moments(t: str, value: np.ndarray) -> None:
+        check_finite_activation(t, value, seen, t == order[0])
         moments[t] = merge_moments(moments[t], batch_moments(value))
 
     for batch in data.batches(batch_size):
         run(batch, observe_moments)
+        seen += len(batch)
         if progress is not None:
             progress(len(batch))
 
