@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpq.errors import MpqError
 from mpq.interpreter import from_ir_layout, run_batches, to_ir_layout
 from mpq.ir import Graph
 from mpq.quant.calibrate import Dataset
@@ -35,16 +36,29 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
             batch_size = fixed
         for batch in data.batches(batch_size):
             out = sess.run(None, {name: batch})[0]
-            preds.append(out.reshape(len(batch), -1).argmax(axis=1))
+            preds.append(_top1(out, len(batch), sum(map(len, preds))))
             if progress:
                 progress(len(batch))
     else:
         for batch in data.batches(batch_size):
-            out = next(run_batches(graph, batch, batch_size=len(batch)))
-            preds.append(out.reshape(len(batch), -1).argmax(axis=1))
+            # Huge (finite) inputs can overflow float32 inside the model: _top1 reports it.
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = next(run_batches(graph, batch, batch_size=len(batch)))
+            preds.append(_top1(out, len(batch), sum(map(len, preds))))
             if progress:
                 progress(len(batch))
     return np.concatenate(preds)
+
+
+def _top1(out: np.ndarray, n: int, first: int) -> np.ndarray:
+    """Top-1 class per sample of a float output batch; MpqError on a NaN or Inf output, whose
+    argmax would be a meaningless class counted as a prediction."""
+    flat = out.reshape(n, -1)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if bad.any():
+        raise MpqError(f"float model output is not finite (NaN/Inf) for sample "
+                       f"{first + int(np.argmax(bad))}: the data overflows float32 in the model")
+    return flat.argmax(axis=1)
 
 
 def quant_outputs(qm: QuantModel, batch: np.ndarray) -> np.ndarray:

@@ -414,8 +414,12 @@ def batch_moments(x: np.ndarray) -> _Moments:
     n = flat.size
     mean = float(np.sum(flat, dtype=np.float64)) / n
     m32 = np.float32(mean)
-    d = flat - m32
-    m2 = float(np.einsum("i,i->", d, d, dtype=np.float64)) - n * (mean - float(m32)) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):  # near FLT_MAX: redone in float64 below
+        d = flat - m32
+        m2 = float(np.einsum("i,i->", d, d, dtype=np.float64)) - n * (mean - float(m32)) ** 2
+    if not math.isfinite(m2):  # x − mean overflowed float32 (values near ±3.4e38)
+        d64 = flat.astype(np.float64) - mean
+        m2 = float(np.dot(d64, d64))
     return _Moments(n, mean, max(m2, 0.0), float(flat.min()), float(flat.max()))
 
 
