@@ -432,7 +432,8 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
               help="With a plan: the model file (default: next to the plan).")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Labelled test data: .npz with x and y.")
+              help="Labelled test data: .npz with x and y; y holds class indices [N] (or "
+                   "[N, 1]) or one-hot rows [N, classes], taken by argmax.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data for quantising an ONNX model.")
 @click.option("--stats", type=click.Path(path_type=Path),
@@ -458,7 +459,13 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
     branches) beside the float model and the all-int8 model at the plan's ranges.
     """
-    from mpq.evaluate import LogActivations, accuracy, float_predictions, quant_predictions
+    from mpq.evaluate import (
+        LogActivations,
+        accuracy,
+        eval_labels,
+        float_predictions,
+        quant_predictions,
+    )
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.quant.qmodel import with_weight_scheme
@@ -481,9 +488,7 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
                        f"'{act_bits}'") from None
     loaded = load_for_quantisation(model)
     ds = load_dataset(data, loaded.graph)
-    if ds.y is None:
-        raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
-    labels = ds.y
+    labels = eval_labels(ds, loaded.graph)
     results: dict[str, Any] = {"samples": len(ds)}
     if spec is not None:
         results["weights"] = spec.label
@@ -534,6 +539,7 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     from mpq.evaluate import (
         PlanRunner,
         accuracy,
+        eval_labels,
         float_predictions,
         plan_int8_ranges,
         quant_predictions,
@@ -547,18 +553,17 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     model_path = resolve_model(plan, plan_path, model)
     graph = load_model(model_path)
     ds = load_dataset(data, graph)
-    if ds.y is None:
-        raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
+    labels = eval_labels(ds, graph)
     results: dict[str, Any] = {"samples": len(ds)}
     with progress_bar("float", len(ds), quiet) as advance:
         results["float"] = accuracy(float_predictions(model_path, graph, ds, progress=advance),
-                                    ds.y)
+                                    labels)
     int8 = quantize_graph(graph, plan_int8_ranges(plan))
     with progress_bar("int8", len(ds), quiet) as advance:
-        results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), ds.y)
+        results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), labels)
     runner = PlanRunner(plan, graph)
     with progress_bar("plan", len(ds), quiet) as advance:
-        results["plan"] = accuracy(runner.predictions(ds, progress=advance), ds.y)
+        results["plan"] = accuracy(runner.predictions(ds, progress=advance), labels)
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return

@@ -83,6 +83,57 @@ def quant_predictions(qm: QuantModel, data: Dataset, batch_size: int = 64,
     return np.concatenate(preds)
 
 
+def output_classes(graph: Graph) -> int:
+    """Number of classes a top-1 prediction ranges over: the per-sample size of the output
+    (predictions are the argmax of the flattened output)."""
+    return int(np.prod(graph.tensors[graph.outputs[0]].shape[1:], dtype=np.int64))
+
+
+def eval_labels(ds: Dataset, graph: Graph) -> np.ndarray:
+    """The labels of a test set as int64 class indices, or MpqError naming the first bad one.
+
+    `y` holds one class index per sample (shape [N] or [N, 1]; integers, or floats with
+    integral values), or one-hot rows (shape [N, classes], every row 0/1 with a single 1),
+    taken by argmax. A label that is not a class index of the model (negative, too large,
+    NaN, 2.5, a string) would never equal a prediction and silently count as wrong, so the
+    accuracy would be a number that means nothing.
+    """
+    where = f"{ds.path}: labels 'y'"
+    if ds.y is None:
+        raise MpqError(f"{ds.path}: evaluation needs labels (y in the .npz)")
+    y, n, classes = np.asarray(ds.y), len(ds), output_classes(graph)
+    if y.dtype.kind not in "iuf":
+        raise MpqError(f"{where} have dtype {y.dtype}; they must be integer class indices")
+    if y.ndim == 2 and y.shape == (n, classes) and classes > 1:
+        return _from_one_hot(y, where)
+    if y.ndim == 2 and y.shape[1:] == (1,):
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        raise MpqError(f"{where} have shape {list(y.shape)}; expected [{n}] class indices or "
+                       f"[{n}, {classes}] one-hot rows")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise MpqError(f"{where}: sample {i} has label {y[i]!s}, not a class index")
+    out = (y < 0) | (y >= classes)
+    if out.any():
+        i = int(np.argmax(out))
+        raise MpqError(f"{where}: sample {i} has label {y[i]!s}; the model has {classes} "
+                       f"classes (0 to {classes - 1})")
+    return y.astype(np.int64)
+
+
+def _from_one_hot(y: np.ndarray, where: str) -> np.ndarray:
+    """Class indices of one-hot rows; each row must be 0/1 with exactly one 1 (a row of
+    probabilities or an all-zero row has no single class)."""
+    ok = np.isin(y, (0, 1)).all(axis=1) & (y.sum(axis=1) == 1)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        raise MpqError(f"{where}: one-hot row of sample {i} is not 0/1 with a single 1")
+    return y.argmax(axis=1).astype(np.int64)
+
+
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of samples whose top-1 class equals the label."""
     return float((np.asarray(preds) == np.asarray(labels).reshape(-1)).mean())

@@ -230,6 +230,8 @@ def load_dataset(path: str | Path, graph: Graph | None = None) -> Dataset:
     ds = Dataset(p, parts, y, from_npz)
     if not parts or len(ds) == 0:
         raise MpqError(f"{path}: empty data set (no calibration samples)")
+    if y is not None and y.ndim == 0:
+        raise MpqError(f"{path}: 'y' is a scalar; it must hold one label per sample")
     if y is not None and len(y) != len(ds):
         raise MpqError(f"{path}: 'y' has {len(y)} labels for {len(ds)} samples in 'x'")
     if graph is not None:
