@@ -174,7 +174,7 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise MpqError(f"{path}: not a readable .npy file ({type(exc).__name__})") from None
+        raise MpqError(f"{path}: {_unreadable('.npy', exc)}") from None
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -193,8 +193,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except MpqError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise MpqError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+        raise MpqError(f"{path}: {_unreadable('.npz', exc)}") from None
     return x, y
+
+
+def _unreadable(kind: str, exc: Exception) -> str:
+    """Why numpy refused a data file, in words: an object array needs unpickling, which mpq
+    never does (a pickle runs code), so it gets its own message."""
+    if "allow_pickle" in str(exc) or "Python objects" in str(exc):
+        return ("holds Python objects (a pickled array); mpq reads numeric arrays only, "
+                "save x and y as numbers")
+    return f"not a readable {kind} file ({type(exc).__name__})"
 
 
 def dataset_from_array(x: np.ndarray, label: str, y: np.ndarray | None = None) -> Dataset:
