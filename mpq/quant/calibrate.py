@@ -200,7 +200,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def _unreadable(kind: str, exc: Exception) -> str:
     """Why numpy refused a data file, in words: an object array needs unpickling, which mpq
     never does (a pickle runs code), so it gets its own message."""
-    if "allow_pickle" in str(exc) or "Python objects" in str(exc):
+    if "Object arrays" in str(exc) or "Python objects" in str(exc):
         return ("holds Python objects (a pickled array); mpq reads numeric arrays only, "
                 "save x and y as numbers")
     return f"not a readable {kind} file ({type(exc).__name__})"
@@ -386,6 +386,7 @@ class CalibrationStats:
         fingerprint = str(a["fingerprint"])
         if graph is not None and fingerprint != graph_fingerprint(graph):
             raise MpqError(f"{path} was computed for a different model")
+        _check_stats_arrays(a, str(path))
         tensors = {
             str(name): TensorStats(float(a["min"][i]), float(a["max"][i]), float(a["mean"][i]),
                                    float(a["std"][i]), int(a["count"][i]), a["hist"][i].copy(),
@@ -393,6 +394,30 @@ class CalibrationStats:
             for i, name in enumerate(a["names"])
         }
         return cls(fingerprint, tensors, int(a["samples"]))
+
+
+def _check_stats_arrays(a: dict[str, np.ndarray], path: str) -> None:
+    """The arrays of a stats file are consistent and usable: one entry per name, finite
+    numbers, min ≤ max, a histogram of ≥ 2 non-negative bins over hist_lo < hist_hi and a
+    positive count. The file may have been edited; every range, scale and KL search after
+    this trusts these numbers."""
+    names = a["names"]
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise MpqError(f"{path}: 'names' is not a list of tensor names")
+    n = len(names)
+    for key in ("min", "max", "mean", "std", "count", "hist_lo", "hist_hi"):
+        if a[key].shape != (n,) or a[key].dtype.kind not in "iuf":
+            raise MpqError(f"{path}: '{key}' must hold {n} numbers, one per tensor")
+    hist = a["hist"]
+    if hist.ndim != 2 or hist.shape[0] != n or hist.shape[1] < 2 or hist.dtype.kind not in "iu":
+        raise MpqError(f"{path}: 'hist' must be {n} rows of at least 2 integer bin counts")
+    for i, name in enumerate(names):
+        values = [float(a[k][i]) for k in ("min", "max", "mean", "std", "hist_lo", "hist_hi")]
+        if not all(math.isfinite(v) for v in values) or a["min"][i] > a["max"][i] \
+                or a["hist_lo"][i] >= a["hist_hi"][i] or a["count"][i] < 1 \
+                or a["std"][i] < 0 or (hist[i] < 0).any():
+            raise MpqError(f"{path}: statistics of tensor '{name}' are not valid (non-finite "
+                           "or inconsistent numbers); recompute them with `mpq calibrate`")
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
