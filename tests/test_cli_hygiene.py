@@ -30,10 +30,10 @@ from mpq.quant.calibrate import (
 )
 from mpq.safetext import error_line, plain, shorten_names, visible
 
-# Legal ONNX names that rich would read as markup ([/x] raises, [bold red] restyles), that
+# Legal ONNX names that rich would read as markup ([/x] raises, [bold red] restyles) or emoji, that
 # break a line, or that a terminal would execute (ESC sequences).
 CONV = "[bold red]conv\nline2\x1b[31m"
-GAP = "gap[/x]"
+GAP = "gap[/x]:cat:"  # rich would print a cat emoji for :cat:
 INPUT = "in[/x]"
 OUTPUT = "out[/x]\n"
 CLASSES = 4
