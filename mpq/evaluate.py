@@ -29,7 +29,10 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
     if model_path.suffix.lower() == ".onnx":
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its warnings quote raw names in colour
+        sess = ort.InferenceSession(str(model_path), options,
+                                    providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         fixed = sess.get_inputs()[0].shape[0]
         if isinstance(fixed, int) and fixed > 0:  # a model exported with a fixed batch size

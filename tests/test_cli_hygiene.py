@@ -41,7 +41,8 @@ CLASSES = 4
 
 def hostile_model(conv_name: str = CONV, weight: float | None = None) -> onnx.ModelProto:
     """Conv 3→4 (+ReLU) → GlobalAveragePool → Flatten → Gemm 4→4 on [N, 3, 8, 8], its node and
-    tensor names as above. `weight` overwrites the conv's first weight (NaN, Inf...)."""
+    tensor names as above, plus an unused initializer. `weight` overwrites the conv's first
+    weight (NaN, Inf...)."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
     if weight is not None:
@@ -50,7 +51,9 @@ def hostile_model(conv_name: str = CONV, weight: float | None = None) -> onnx.Mo
              numpy_helper.from_array(np.zeros(4, np.float32), "b[bold red]"),
              numpy_helper.from_array((rng.standard_normal((4, 4)) * 0.5).astype(np.float32),
                                      "fc[/x]"),
-             numpy_helper.from_array(np.zeros(4, np.float32), "fcb")]
+             numpy_helper.from_array(np.zeros(4, np.float32), "fcb"),
+             # unused: onnxruntime would warn about it on stderr, quoting the raw name
+             numpy_helper.from_array(np.zeros(2, np.float32), "unused\n\x1b[31m")]
     nodes = [
         helper.make_node("Conv", [INPUT, "w[/x]", "b[bold red]"], ["c[/x]\tout"], conv_name,
                          kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
