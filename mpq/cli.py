@@ -24,7 +24,7 @@ from mpq.safetext import error_line, plain, tolerant_streams
 
 EPILOG = "Exit codes: 0 success, 1 user error (bad input, unsupported model), 2 usage error."
 
-tolerant_streams()  # an ASCII stdout gets \u2192 for '→', never a UnicodeEncodeError
+tolerant_streams()  # an ASCII stdout gets '->' for '→', never a UnicodeEncodeError
 # Not a terminal (a pipe, a log, CI): do not squeeze tables into 80 columns. No emoji: a name
 # such as 'a:cat:b' is printed as it is (user text goes through safetext.plain for markup).
 out = Console(highlight=False, soft_wrap=True, emoji=False,
