@@ -14,6 +14,7 @@ from typing import Any
 from mpq.boards import Board
 from mpq.ir import Graph, node_macs, node_params
 from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory
+from mpq.quant.finite import check_finite_parameters
 from mpq.quant.weights import WeightSpec, compressed_sizes, encode, quantize_weights, weight_blob
 
 
@@ -113,6 +114,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
 def weight_compression(graph: Graph, spec: WeightSpec) -> dict[str, Any]:
     """Raw, gzip and lzma bytes of the weight blob export writes with every weighted layer under
     `spec`: the packed codes and codebooks of `mpq.quant.weights.encode`, in layer order."""
+    check_finite_parameters(graph)
     encoded = []
     for node in graph.nodes:
         if node.weight is not None:

@@ -63,9 +63,11 @@ __all__ = [
     "Board",
     "MemoryRegion",
     "board_dir",
+    "board_from_dict",
     "get_board",
     "list_boards",
     "load_board_file",
+    "plan_board",
 ]
 
 #: Cores a board may name, each with the FPUs that core can have (``none`` = soft float).
@@ -111,7 +113,10 @@ _REGION_KEYS = ("name", "kind", "origin", "length")
 _BUDGET_KEYS = ("flash_region", "sram_region")
 _RESERVE_KEYS = ("stack", "runtime_sram", "runtime_flash")
 
-_BOARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A board name becomes a file name (`<name>.ld`) and a make word in generated files: no path
+# separator, no leading dot, nothing make or a shell would read, and short enough for any file
+# system.
+_BOARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REGION_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _ADDRESS_SPACE = 1 << 32
 
@@ -152,7 +157,7 @@ class Board:
     reserve_stack: int
     reserve_runtime_sram: int
     reserve_runtime_flash: int
-    path: Path
+    path: Path | None  # the TOML file; None for a board rebuilt from a plan
 
     def region(self, name: str) -> MemoryRegion:
         """The memory region called ``name``; :class:`MpqError` if the board has none."""
@@ -277,6 +282,48 @@ def get_board(name_or_path: str) -> Board:
     )
 
 
+#: Keys a plan's board carries besides the board file's: the search's budgets (the board's own,
+#: or the ``--sram``/``--flash`` overrides), which are not part of the board's description.
+PLAN_BUDGET_KEYS = ("sram_budget", "flash_budget")
+
+
+def board_from_dict(data: Any, src: str) -> Board:
+    """The board described by ``data`` — :meth:`Board.to_dict`'s form, as a plan stores it —
+    validated exactly like a board file (shown as ``src`` in errors).
+
+    A plan is as untrusted as a board file: its board names the linker script, goes into
+    generated comments and decides the memory map, so it gets the same checks. The budget keys
+    (:data:`PLAN_BUDGET_KEYS`) are derived or the search's overrides, not the board's, and are
+    ignored; ``qemu_machine: null`` means the board has none (how ``to_dict`` writes it).
+    """
+    c = _Checker(src)
+    data = c.table(data, "board")
+    fields = {k: v for k, v in data.items() if k not in PLAN_BUDGET_KEYS}
+    if fields.get("qemu_machine", "") is None:
+        del fields["qemu_machine"]
+    return _parse(fields, src, None)
+
+
+def plan_board(board: Any) -> Board:
+    """The board a plan was searched for, from the plan's ``board`` object.
+
+    A plan carries its whole board (:func:`board_from_dict`), so a plan searched with
+    ``--board ./myboard.toml`` exports anywhere and a file named like a shipped board is never
+    swapped for it. Older plans carry only the name and budgets; they get the shipped board of
+    that name (a name only — never a path from the plan).
+    """
+    src = "plan: board"
+    if isinstance(board, dict) and "memory" not in board:
+        name = board.get("name")
+        if isinstance(name, str) and _BOARD_NAME_RE.match(name) \
+                and (board_dir() / f"{name}.toml").is_file():
+            return load_board_file(board_dir() / f"{name}.toml")
+        known = ", ".join(p.stem for p in sorted(board_dir().glob("*.toml"))) or "none"
+        raise MpqError(f"{src}: unknown board {_show(name)} (the plan carries only its name; "
+                       f"known boards: {known}; search again with --board FILE)")
+    return board_from_dict(board, src)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -364,8 +411,9 @@ class _Checker:
         return value
 
 
-def _parse(data: dict[str, Any], src: str, path: Path) -> Board:
-    """Validate the decoded TOML ``data`` of the file ``path`` (shown as ``src``)."""
+def _parse(data: dict[str, Any], src: str, path: Path | None) -> Board:
+    """Validate the decoded TOML ``data`` of the file ``path`` (shown as ``src``); with no file
+    (a board a plan carries), the name need not match a file name."""
     c = _Checker(src)
     c.keys(data, _TOP_KEYS, "")
     for key in _TOP_KEYS:
@@ -374,8 +422,9 @@ def _parse(data: dict[str, Any], src: str, path: Path) -> Board:
 
     name = c.string(data, "name")
     if not _BOARD_NAME_RE.match(name):
-        raise c.fail(f"field 'name' must be letters, digits, '.', '_' or '-', got {_show(name)}")
-    if name != path.stem:
+        raise c.fail(f"field 'name' must be at most 64 letters, digits, '.', '_' or '-' "
+                     f"(not starting with '.', '_' or '-'), got {_show(name)}")
+    if path is not None and name != path.stem:
         raise c.fail(f"field 'name' must equal the file name '{path.stem}', got {_show(name)}")
     description = c.string(data, "description")
     mcu = c.string(data, "mcu")

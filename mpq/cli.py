@@ -20,19 +20,24 @@ from rich.table import Table
 
 from mpq import __version__
 from mpq.errors import MpqError
+from mpq.safetext import error_line, plain, tolerant_streams
 
 EPILOG = "Exit codes: 0 success, 1 user error (bad input, unsupported model), 2 usage error."
 
-# Not a terminal (a pipe, a log, CI): do not squeeze tables into 80 columns.
-out = Console(highlight=False, soft_wrap=True,
+tolerant_streams()  # an ASCII stdout gets '->' for '→', never a UnicodeEncodeError
+# Not a terminal (a pipe, a log, CI): do not squeeze tables into 80 columns. No emoji: a name
+# such as 'a:cat:b' is printed as it is (user text goes through safetext.plain for markup).
+out = Console(highlight=False, soft_wrap=True, emoji=False,
               width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 VERBOSE = False  # `mpq -v …`: phase detail on stderr
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MpqError (and any unexpected exception) into one line on stderr and exit 1.
 
+    The line is exactly one line whatever the message quotes: control characters are shown
+    escaped, markup is not interpreted and over-long names are shortened (mpq.safetext).
     Set MPQ_DEBUG=1 to see the traceback of an unexpected exception.
     """
 
@@ -41,7 +46,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MpqError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {error_line(exc)}", markup=True, highlight=False,
+                      soft_wrap=True)
             sys.exit(1)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
@@ -49,26 +55,45 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("MPQ_DEBUG"):
                 raise
             line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {line} "
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {error_line(line)} "
                       "(set MPQ_DEBUG=1 for details)", soft_wrap=True)
             sys.exit(1)
 
     return wrapper
 
 
+def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The resource limits of `mpq.limits` as options of the `mpq` group, each with its
+    environment variable (`mpq --max-elements N import …`, or MPQ_MAX_ELEMENTS=N)."""
+    from mpq.limits import DEFAULTS, HELP, OPTIONS
+
+    for name, (option, env, _) in reversed(OPTIONS.items()):
+        fn = click.option(option, name, type=click.IntRange(1), envvar=env, show_envvar=True,
+                          default=getattr(DEFAULTS, name), show_default=True, metavar="N",
+                          help=HELP[name])(fn)
+    return fn
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpq")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print each step's detail (search candidates, build commands) on stderr.")
-def main(verbose: bool) -> None:
+@limit_options
+def main(verbose: bool, **limits: int) -> None:
     """mpq: fit a neural network onto a Cortex-M board with mixed-precision quantisation
     and patch-based inference, and emit the firmware sources.
 
     Progress bars appear on a terminal only (never in pipes or CI logs; -q/--quiet on a
     command turns them off); errors are one line on stderr, in red on a terminal.
+
+    The --max-* options bound the work an untrusted model or data file can ask for; an input
+    over a limit is refused with one line naming the option that raises it.
     """
+    from mpq.limits import Limits, set_limits
+
     global VERBOSE
     VERBOSE = verbose
+    set_limits(Limits(**limits))
     if verbose:  # the library logs the external commands it runs (compilers, QEMU)
         import logging
 
@@ -97,10 +122,11 @@ def boards(as_json: bool) -> None:
                          ("Flash", "right"), ("Flash budget", "right"), ("QEMU", "left")):
         table.add_column(col, justify=justify)
     for b in found:
-        table.add_row(b.name, b.mcu, b.core, b.fpu, f"{b.clock_hz / 1e6:g} MHz",
+        table.add_row(plain(b.name), plain(b.mcu), plain(b.core), plain(b.fpu),
+                      f"{b.clock_hz / 1e6:g} MHz",
                       _kib(b.sram_region_obj.length), _kib(b.sram_budget),
                       _kib(b.flash_region_obj.length), _kib(b.flash_budget),
-                      b.qemu_machine or "-")
+                      plain(b.qemu_machine or "-"))
     out.print(table)
 
 
@@ -122,14 +148,13 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
     Writes an ONNX file that onnxruntime runs with the same outputs as MODEL and that every
     later mpq command accepts.
     """
-    from mpq.fileio import write_atomic
+    from mpq.fileio import check_outputs, write_atomic
     from mpq.frontend import load_model
     from mpq.frontend.onnx_writer import graph_to_onnx
 
-    graph = load_model(model)
     target = output or model.with_name(model.name.split(".")[0] + ".mpq.onnx")
-    if target.resolve() == model.resolve():
-        raise MpqError(f"{target}: refusing to overwrite the input model")
+    check_outputs([target], [model])
+    graph = load_model(model)
     data = graph_to_onnx(graph).SerializeToString()
     write_atomic(target, data)
     if quiet:
@@ -138,15 +163,16 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
     for n in graph.nodes:
         counts[n.kind] = counts.get(n.kind, 0) + 1
     ops = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
-    out.print(f"[bold]{model}[/bold] → {target}")
+    out.print(f"[bold]{plain(model)}[/bold] → {plain(target)}")
     for name in graph.inputs:
-        out.print(f"  input  {name}: {list(graph.tensors[name].shape)} "
+        out.print(f"  input  {plain(name)}: {list(graph.tensors[name].shape)} "
                   f"(IR NHWC; given as {graph.input_layouts[name].upper()})")
     for name in graph.outputs:
-        out.print(f"  output {name}: {list(graph.tensors[name].shape)}")
-    out.print(f"  {len(graph.nodes)} layers: {ops}")
+        out.print(f"  output {plain(name)}: {list(graph.tensors[name].shape)}")
+    out.print(f"  {len(graph.nodes)} layers: {plain(ops)}")
     if graph.notes:
-        out.print("  normalised: " + ", ".join(f"{k} ×{v}" for k, v in graph.notes.items()))
+        out.print("  normalised: " + plain(", ".join(f"{k} ×{v}"
+                                                     for k, v in graph.notes.items())))
 
 
 # -- inspect ------------------------------------------------------------------------------------
@@ -183,7 +209,7 @@ def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
     _print_summary(summary)
     if summary.compress is not None:
         c = summary.compress
-        table = Table(title=f"Weight blob ({c['weights']}: {c['layers']} layers, "
+        table = Table(title=f"Weight blob ({plain(c['weights'])}: {c['layers']} layers, "
                             f"{c['parameters']:,} parameters)")
         for col in ("", "bytes", "vs raw", "bits/weight"):
             table.add_column(col, justify="right")
@@ -198,18 +224,19 @@ def _shape(s: list[int]) -> str:
 
 
 def _short(name: str, width: int = 44) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    """A name for a table cell: one line, markup-safe, at most `width` characters."""
+    return plain(name, width)
 
 
 def _print_summary(s: Any) -> None:
-    table = Table(title=f"{s.model}: layers (int8, layer-based schedule)")
+    table = Table(title=f"{plain(s.model)}: layers (int8, layer-based schedule)")
     for col, justify in (("#", "right"), ("layer", "left"), ("op", "left"), ("act", "left"),
                          ("input", "right"), ("output", "right"), ("MACs", "right"),
                          ("params", "right"), ("act bytes", "right"), ("scratch", "right")):
         table.add_column(col, justify=justify)
     for i, layer in enumerate(s.layers):
-        table.add_row(str(i), _short(layer.name), layer.op,
-                      "" if layer.act == "none" else layer.act, _shape(layer.in_shape),
+        table.add_row(str(i), _short(layer.name), plain(layer.op),
+                      "" if layer.act == "none" else plain(layer.act), _shape(layer.in_shape),
                       _shape(layer.out_shape), f"{layer.macs:,}", f"{layer.params:,}",
                       f"{layer.act_bytes:,}", f"{layer.scratch_bytes:,}" if layer.scratch_bytes
                       else "")
@@ -232,7 +259,7 @@ def _print_summary(s: Any) -> None:
     if s.fit is not None:
         f = s.fit
         verdict = "[green]fits[/green]" if f.fits else "[red]does not fit[/red]"
-        out.print(f"Board [bold]{f.board}[/bold]: {verdict}")
+        out.print(f"Board [bold]{plain(f.board)}[/bold]: {verdict}")
         out.print(f"  SRAM  {f.sram_needed:>10,} of {f.sram_budget:>10,} B  "
                   f"margin {f.sram_margin:>+11,} B")
         out.print(f"  Flash {f.flash_needed:>10,} of {f.flash_budget:>10,} B  "
@@ -254,9 +281,9 @@ class _Ticker:
 
     def note(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, description=message.split(":")[0][:40])
+            self.progress.update(self.task, description=plain(message.split(":")[0][:40]))
         if VERBOSE:
-            err.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
+            err.print(f"[dim]{plain(message)}[/dim]", highlight=False, soft_wrap=True)
 
 
 class progress_bar:  # noqa: N801 - used as a context manager like open()
@@ -280,7 +307,8 @@ class progress_bar:  # noqa: N801 - used as a context manager like open()
                                     rp.BarColumn(), rp.MofNCompleteColumn(),
                                     rp.TimeElapsedColumn(), console=out, transient=True)
         self.progress.start()
-        return _Ticker(self.progress, self.progress.add_task(self.description, total=self.total))
+        return _Ticker(self.progress, self.progress.add_task(plain(self.description),
+                                                             total=self.total))
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
@@ -328,17 +356,19 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
     Min/max, mean and σ, a histogram and percentiles for every activation; two passes, memory
     independent of the number of samples. Activations are computed with onnxruntime.
     """
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.quant.calibrate import calibrate as run_calibration
     from mpq.quant.calibrate import load_dataset, total_steps
 
+    check_outputs([output], [model, data])
     graph = load_model(model)
     ds = load_dataset(data, graph)
     with progress_bar("calibrating", total_steps(ds), quiet) as advance:
         stats = run_calibration(graph, ds, batch_size=batch_size, bins=bins, progress=advance)
     stats.save(output)
-    out.print(f"{model} × {len(ds)} samples → {output} ({len(stats.tensors)} tensors, "
-              f"{bins} bins, onnxruntime)")
+    out.print(f"{plain(model)} × {len(ds)} samples → {plain(output)} "
+              f"({len(stats.tensors)} tensors, {bins} bins, onnxruntime)")
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -372,18 +402,17 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
     import numpy as np
 
     from mpq.evaluate import quant_outputs
-    from mpq.fileio import write_atomic
+    from mpq.fileio import check_outputs, write_atomic
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.sim import dequantize
 
+    check_outputs([output], [model, plan_model, input_path, data, stats])
     if model.suffix.lower() == ".json":
         from mpq.evaluate import PlanRunner
-        from mpq.frontend import load_model
-        from mpq.plan import load_plan, resolve_model
+        from mpq.plan import load_plan_with_model
 
-        plan = load_plan(model)
-        graph = load_model(resolve_model(plan, model, plan_model))
+        plan, _, graph = load_plan_with_model(model, plan_model)
         runner = PlanRunner(plan, graph)
         ds = load_dataset(input_path, graph)
         ys = np.concatenate([runner.outputs(batch) for batch in ds.batches(256)])
@@ -411,7 +440,7 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
         out.print(f"sample {i}: top-1 {top}  int {flat[i][:12].tolist()}"
                   f"{' …' if flat.shape[1] > 12 else ''}")
     out.print(f"{len(ys)} samples; output scale {oq.scale:.6g}, zero point {oq.zero_point}, "
-              f"{oq.bits} bits" + (f"; written to {output}" if output else ""))
+              f"{oq.bits} bits" + (f"; written to {plain(output)}" if output else ""))
 
 
 # -- eval ---------------------------------------------------------------------------------------
@@ -422,7 +451,8 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
               help="With a plan: the model file (default: next to the plan).")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Labelled test data: .npz with x and y.")
+              help="Labelled test data: .npz with x and y; y holds class indices [N] (or "
+                   "[N, 1]) or one-hot rows [N, classes], taken by argmax.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data for quantising an ONNX model.")
 @click.option("--stats", type=click.Path(path_type=Path),
@@ -448,7 +478,13 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
     branches) beside the float model and the all-int8 model at the plan's ranges.
     """
-    from mpq.evaluate import LogActivations, accuracy, float_predictions, quant_predictions
+    from mpq.evaluate import (
+        LogActivations,
+        accuracy,
+        eval_labels,
+        float_predictions,
+        quant_predictions,
+    )
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.quant.qmodel import with_weight_scheme
@@ -471,9 +507,7 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
                        f"'{act_bits}'") from None
     loaded = load_for_quantisation(model)
     ds = load_dataset(data, loaded.graph)
-    if ds.y is None:
-        raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
-    labels = ds.y
+    labels = eval_labels(ds, loaded.graph)
     results: dict[str, Any] = {"samples": len(ds)}
     if spec is not None:
         results["weights"] = spec.label
@@ -505,7 +539,8 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
     weights = f", weights {spec.label}" if spec is not None else ""
-    _print_accuracies(f"{model.name}: top-1 accuracy on {len(ds)} samples{weights}", results)
+    _print_accuracies(f"{plain(model.name)}: top-1 accuracy on {len(ds)} samples{plain(weights)}",
+                      results)
 
 
 def _print_accuracies(title: str, results: dict[str, Any]) -> None:
@@ -514,7 +549,7 @@ def _print_accuracies(title: str, results: dict[str, Any]) -> None:
     table.add_column("accuracy", justify="right")
     for key, value in results.items():
         if isinstance(value, float):
-            table.add_row(key, f"{value:.4f}")
+            table.add_row(plain(key), f"{value:.4f}")
     out.print(table)
 
 
@@ -523,35 +558,32 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     from mpq.evaluate import (
         PlanRunner,
         accuracy,
+        eval_labels,
         float_predictions,
         plan_int8_ranges,
         quant_predictions,
     )
-    from mpq.frontend import load_model
-    from mpq.plan import load_plan, resolve_model
+    from mpq.plan import load_plan_with_model
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.qmodel import quantize_graph
 
-    plan = load_plan(plan_path)
-    model_path = resolve_model(plan, plan_path, model)
-    graph = load_model(model_path)
+    plan, model_path, graph = load_plan_with_model(plan_path, model)
     ds = load_dataset(data, graph)
-    if ds.y is None:
-        raise MpqError(f"{data}: evaluation needs labels (y in the .npz)")
+    labels = eval_labels(ds, graph)
     results: dict[str, Any] = {"samples": len(ds)}
     with progress_bar("float", len(ds), quiet) as advance:
         results["float"] = accuracy(float_predictions(model_path, graph, ds, progress=advance),
-                                    ds.y)
+                                    labels)
     int8 = quantize_graph(graph, plan_int8_ranges(plan))
     with progress_bar("int8", len(ds), quiet) as advance:
-        results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), ds.y)
+        results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), labels)
     runner = PlanRunner(plan, graph)
     with progress_bar("plan", len(ds), quiet) as advance:
-        results["plan"] = accuracy(runner.predictions(ds, progress=advance), ds.y)
+        results["plan"] = accuracy(runner.predictions(ds, progress=advance), labels)
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
         return
-    _print_accuracies(f"{plan_path.name}: top-1 accuracy on {len(ds)} samples", results)
+    _print_accuracies(f"{plain(plan_path.name)}: top-1 accuracy on {len(ds)} samples", results)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -578,17 +610,20 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
-    from mpq.frontend import load_model
-    from mpq.plan import load_plan, resolve_model
+    from mpq.fileio import check_outputs
+    from mpq.plan import load_plan_with_model
 
-    plan = load_plan(plan_path)
-    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
     files = render_export(plan, graph, backend)
+    check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
-        with progress_bar(f"building for {plan.board['name']}", None, quiet):
-            measured = measure_build(files, plan.board["name"])
+        from mpq.boards import plan_board
+
+        board = plan_board(plan.board)  # the plan's own board, validated like a board file
+        with progress_bar(f"building for {board.name}", None, quiet):
+            measured = measure_build(files, board)
         files = with_measured(files, measured)
-        out.print(f"built for {plan.board['name']}: Flash {measured['flash_bytes']:,} B, "
+        out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
                   f"SRAM {measured['sram_bytes']:,} B")
     if output.exists() and not output.is_dir():
         raise MpqError(f"{output}: exists and is not a directory")
@@ -596,7 +631,7 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
         written = write_export(files, output)
     except OSError as exc:
         raise MpqError(f"{output}: cannot write ({exc.strerror})") from None
-    out.print(f"{plan_path} → {output}/: {len(files)} files, {len(written)} written "
+    out.print(f"{plain(plan_path)} → {plain(output)}/: {len(files)} files, {len(written)} written "
               f"({len(files) - len(written)} unchanged)")
     report = json.loads(files["mpq_report.json"])
     if backend == "cmsis-nn":
@@ -622,20 +657,18 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
 
     Same plan ⇒ byte-identical files.
     """
-    from mpq.plan import load_plan, resolve_model
-
-    plan = load_plan(plan_path)
-    model_path = resolve_model(plan, plan_path, plan_model)
-    from mpq.frontend import load_model
+    from mpq.fileio import check_outputs
+    from mpq.plan import load_plan_with_model
     from mpq.report import check_output_dir, default_output_dir, render_report, write_report
 
-    graph = load_model(model_path)
+    plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
     target = output or default_output_dir(plan_path)
     check_output_dir(target)
     with progress_bar("drawing figures", None, quiet):
         files = render_report(plan, graph, plan_path.name)
+    check_outputs([target / name for name in files], [plan_path, model_path])
     write_report(files, target)
-    out.print(f"{plan_path} → {target}/: {', '.join(files)}")
+    out.print(f"{plain(plan_path)} → {plain(target)}/: {plain(', '.join(files))}")
 
 
 @main.command("verify", epilog=EPILOG)
@@ -662,15 +695,13 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
     import numpy as np
 
     from mpq.codegen.cmsis import cmsis_nn_root
-    from mpq.frontend import load_model
-    from mpq.plan import load_plan, resolve_model
+    from mpq.plan import load_plan_with_model
     from mpq.quant.calibrate import load_dataset
     from mpq.verify import verify
 
     if backend == "cmsis-nn":
         cmsis_nn_root([])
-    plan = load_plan(plan_path)
-    graph = load_model(resolve_model(plan, plan_path, plan_model))
+    plan, _, graph = load_plan_with_model(plan_path, plan_model)
     source = data or input_path
     if source is None:
         raise MpqError("mpq verify needs inputs: --data D.npz or --input x.npy")
@@ -684,7 +715,7 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
         verdict = "[green]0 mismatches[/green]" if result.mismatches == 0 else \
             f"[red]{result.mismatches} mismatched bytes[/red]"
         where = target if backend == "portable" else f"{target} with {backend}"
-        out.print(f"{plan_path} on {where}: {result.samples} samples, {verdict}")
+        out.print(f"{plain(plan_path)} on {where}: {result.samples} samples, {verdict}")
         if result.instructions is not None:
             out.print(f"  {result.instructions:,} instructions per inference; Flash "
                       f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")
@@ -762,10 +793,11 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     import time
 
     from mpq.boards import get_board
+    from mpq.fileio import check_outputs
     from mpq.frontend import load_model
     from mpq.quant.calibrate import load_dataset, total_steps
     from mpq.quant.weights import parse_weights
-    from mpq.search.driver import SearchOptions, search
+    from mpq.search.driver import SearchOptions, feasible_candidates, search
 
     t0 = time.perf_counter()
     board = get_board(board_name)
@@ -781,11 +813,15 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops)
+    board_file = board_name if board_name.endswith(".toml") or "/" in board_name else None
+    check_outputs([output], [model, data, board_file])
     graph = load_model(model)
+    candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data
     ds = load_dataset(data, graph) if data is not None else None
     total = total_steps(ds) if ds is not None else 0
     with progress_bar("calibrating", total or None, quiet) as tick:
-        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note)
+        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note,
+                        candidates=candidates)
     result.plan.save(output)
     seconds = time.perf_counter() - t0
     summary = _search_summary(result.plan, seconds, output)
@@ -807,7 +843,7 @@ def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
 
 def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     p, b = plan.predicted, plan.board
-    table = Table(title=f"{plan.model} on {b['name']} ({plan.strategy})")
+    table = Table(title=f"{plain(plan.model)} on {plain(b['name'])} ({plain(plan.strategy)})")
     for col in ("", "predicted", "budget", "margin"):
         table.add_column(col, justify="right")
     table.add_row("SRAM (peak + input)", f"{p['sram_needed_bytes']:,}", f"{b['sram_budget']:,}",
@@ -823,8 +859,8 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     for col in ("layer", "op", "w", "a in", "a out", "MACs", "BitOPs"):
         layers.add_column(col, justify="right" if col not in ("layer", "op") else "left")
     for layer in plan.layers:
-        layers.add_row(_short(layer.name, 40), layer.op, str(layer.w_bits or ""),
-                       str(layer.a_bits_in), str(layer.a_bits_out), f"{layer.macs:,}",
+        layers.add_row(_short(layer.name, 40), plain(layer.op), plain(layer.w_bits or ""),
+                       plain(layer.a_bits_in), plain(layer.a_bits_out), f"{layer.macs:,}",
                        f"{layer.bitops:,}")
     out.print(layers)
     if plan.patch is not None:
@@ -834,14 +870,14 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
                   f"({pt['redundant_macs_percent']:.1f} % of the network)")
         if pt.get("vdpc"):
             v = pt["vdpc"]
-            out.print(f"VDPC on '{_short(v['map'], 40)}': φ={v['phi']}, integer thresholds "
-                      f"[{v['lo_threshold']}, {v['hi_threshold']}], outlier rate per patch:")
+            out.print(f"VDPC on '{_short(v['map'], 40)}': φ={plain(v['phi'])}, integer thresholds "
+                      f"{plain([v['lo_threshold'], v['hi_threshold']])}, outlier rate per patch:")
             for row in v["outlier_rate"]:
                 out.print("  " + "  ".join(f"{r:5.2f}" for r in row))
     else:
         out.print("Patches: none (layer-based schedule)")
     out.print(f"objective {plan.search['objective']:.6f}; {summary['seconds']:.1f} s → "
-              f"{summary['plan']}")
+              f"{plain(summary['plan'])}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpq.errors import MpqError
 from mpq.interpreter import from_ir_layout, run_batches, to_ir_layout
 from mpq.ir import Graph
 from mpq.quant.calibrate import Dataset
@@ -35,16 +36,29 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
             batch_size = fixed
         for batch in data.batches(batch_size):
             out = sess.run(None, {name: batch})[0]
-            preds.append(out.reshape(len(batch), -1).argmax(axis=1))
+            preds.append(_top1(out, len(batch), sum(map(len, preds))))
             if progress:
                 progress(len(batch))
     else:
         for batch in data.batches(batch_size):
-            out = next(run_batches(graph, batch, batch_size=len(batch)))
-            preds.append(out.reshape(len(batch), -1).argmax(axis=1))
+            # Huge (finite) inputs can overflow float32 inside the model: _top1 reports it.
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = next(run_batches(graph, batch, batch_size=len(batch)))
+            preds.append(_top1(out, len(batch), sum(map(len, preds))))
             if progress:
                 progress(len(batch))
     return np.concatenate(preds)
+
+
+def _top1(out: np.ndarray, n: int, first: int) -> np.ndarray:
+    """Top-1 class per sample of a float output batch; MpqError on a NaN or Inf output, whose
+    argmax would be a meaningless class counted as a prediction."""
+    flat = out.reshape(n, -1)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if bad.any():
+        raise MpqError(f"float model output is not finite (NaN/Inf) for sample "
+                       f"{first + int(np.argmax(bad))}: the data overflows float32 in the model")
+    return flat.argmax(axis=1)
 
 
 def quant_outputs(qm: QuantModel, batch: np.ndarray) -> np.ndarray:
@@ -67,6 +81,57 @@ def quant_predictions(qm: QuantModel, data: Dataset, batch_size: int = 64,
         if progress:
             progress(len(batch))
     return np.concatenate(preds)
+
+
+def output_classes(graph: Graph) -> int:
+    """Number of classes a top-1 prediction ranges over: the per-sample size of the output
+    (predictions are the argmax of the flattened output)."""
+    return int(np.prod(graph.tensors[graph.outputs[0]].shape[1:], dtype=np.int64))
+
+
+def eval_labels(ds: Dataset, graph: Graph) -> np.ndarray:
+    """The labels of a test set as int64 class indices, or MpqError naming the first bad one.
+
+    `y` holds one class index per sample (shape [N] or [N, 1]; integers, or floats with
+    integral values), or one-hot rows (shape [N, classes], every row 0/1 with a single 1),
+    taken by argmax. A label that is not a class index of the model (negative, too large,
+    NaN, 2.5, a string) would never equal a prediction and silently count as wrong, so the
+    accuracy would be a number that means nothing.
+    """
+    where = f"{ds.path}: labels 'y'"
+    if ds.y is None:
+        raise MpqError(f"{ds.path}: evaluation needs labels (y in the .npz)")
+    y, n, classes = np.asarray(ds.y), len(ds), output_classes(graph)
+    if y.dtype.kind not in "iuf":
+        raise MpqError(f"{where} have dtype {y.dtype}; they must be integer class indices")
+    if y.ndim == 2 and y.shape == (n, classes) and classes > 1:
+        return _from_one_hot(y, where)
+    if y.ndim == 2 and y.shape[1:] == (1,):
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        raise MpqError(f"{where} have shape {list(y.shape)}; expected [{n}] class indices or "
+                       f"[{n}, {classes}] one-hot rows")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise MpqError(f"{where}: sample {i} has label {y[i]!s}, not a class index")
+    out = (y < 0) | (y >= classes)
+    if out.any():
+        i = int(np.argmax(out))
+        raise MpqError(f"{where}: sample {i} has label {y[i]!s}; the model has {classes} "
+                       f"classes (0 to {classes - 1})")
+    return y.astype(np.int64)
+
+
+def _from_one_hot(y: np.ndarray, where: str) -> np.ndarray:
+    """Class indices of one-hot rows; each row must be 0/1 with exactly one 1 (a row of
+    probabilities or an all-zero row has no single class)."""
+    ok = np.isin(y, (0, 1)).all(axis=1) & (y.sum(axis=1) == 1)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        raise MpqError(f"{where}: one-hot row of sample {i} is not 0/1 with a single 1")
+    return y.argmax(axis=1).astype(np.int64)
 
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:

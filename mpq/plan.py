@@ -132,19 +132,25 @@ def load_plan(path: str | Path) -> Plan:
         raise MpqError(f"{path}: no such file")
     try:
         data = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, huge ints
         raise MpqError(f"{path}: not a plan (not JSON)") from None
     if not isinstance(data, dict) or "schema" not in data or "model_sha256" not in data:
         raise MpqError(f"{path}: not an mpq plan")
-    if not isinstance(data["schema"], int) or data["schema"] > SCHEMA:
-        raise MpqError(f"{path}: plan schema {data['schema']} is newer than this mpq reads "
+    schema = data["schema"]
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise MpqError(f"{path}: schema: must be a positive integer")
+    if schema > SCHEMA:
+        raise MpqError(f"{path}: plan schema {schema} is newer than this mpq reads "
                        f"({SCHEMA}); upgrade mpq")
+    from mpq.plan_schema import PlanFieldError, check_plan_data
+
     try:
-        data["tensors"] = [TensorPlan(**t) for t in data["tensors"]]
-        data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
-        return Plan(**data)
-    except (TypeError, KeyError) as exc:
-        raise MpqError(f"{path}: malformed plan ({exc})") from None
+        check_plan_data(data)
+    except PlanFieldError as exc:
+        raise MpqError(f"{path}: {exc}") from None
+    data["tensors"] = [TensorPlan(**t) for t in data["tensors"]]
+    data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
+    return Plan(**data)
 
 
 def check_model_matches(plan: Plan, model_path: str | Path) -> None:
@@ -163,14 +169,47 @@ def resolve_model(plan: Plan, plan_path: str | Path, model: str | Path | None = 
     return path
 
 
+def load_plan_with_model(path: str | Path, model: str | Path | None = None
+                         ) -> tuple[Plan, Path, Graph]:
+    """The one way the CLI reads a plan it runs with its model: the plan (schema-checked), its
+    model file (sha256-checked) and graph, and the plan checked against the graph
+    (`plan_check.check_plan`), so no command can use a plan that does not fit its model."""
+    from mpq.frontend import load_model
+
+    plan = load_plan(path)
+    model_path = resolve_model(plan, path, model)
+    graph = load_model(model_path)
+    check_plan_against(plan, graph, str(path))
+    return plan, model_path, graph
+
+
+_CHECKED: set[tuple[str, str]] = set()  # (plan digest, graph fingerprint) already checked
+
+
+def check_plan_against(plan: Plan, graph: Graph, where: str = "plan") -> None:
+    """`plan_check.check_plan` with `where: ` before the field, once per plan and graph (the
+    library calls it again from `plan_quant_model`; a plan changed since is checked anew)."""
+    from mpq.plan_check import check_plan
+    from mpq.plan_schema import PlanFieldError
+
+    key = (hashlib.sha256(plan.to_json().encode()).hexdigest(), _fingerprint(graph))
+    if key in _CHECKED:
+        return
+    try:
+        check_plan(plan, graph)
+    except PlanFieldError as exc:
+        raise MpqError(f"{where}: {exc}") from None
+    _CHECKED.add(key)
+
+
 def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantModel:
     """Rebuild the QuantModel a plan describes (weights re-quantised at the plan's bits).
 
     `branch="outlier"` gives the all-8-bit parameters that VDPC's outlier patches use inside
-    the patch stage; outside the stage both branches are the same.
+    the patch stage; outside the stage both branches are the same. The plan is checked
+    against the graph first (every library path to the kernels comes through here).
     """
-    if plan.graph_fingerprint and plan.graph_fingerprint != _fingerprint(graph):
-        raise MpqError("the plan was made for a different model")
+    check_plan_against(plan, graph)
     acts: dict[str, ActQuant] = {}
     for t in plan.tensors:
         if branch == "outlier" and t.outlier_branch is not None:

@@ -100,13 +100,15 @@ def memory_series(schedule: PatchSchedule, bits: dict[str, int] | None) -> dict[
 
 
 def board_sram_budget(plan: Plan) -> int | None:
-    """The named board's own SRAM budget (region − reserves), None when it is not a known
-    board (a plan searched with a board file elsewhere)."""
-    from mpq.boards import get_board
+    """The plan's board's own SRAM budget (region − reserves); None for an older plan that
+    names its board only, when mpq ships no board of that name."""
+    from mpq.boards import plan_board
 
     try:
-        return get_board(str(plan.board["name"])).sram_budget
+        return plan_board(plan.board).sram_budget
     except MpqError:
+        if isinstance(plan.board, dict) and "memory" in plan.board:
+            raise  # the plan's own board is invalid: as for export, say so
         return None
 
 
@@ -238,6 +240,11 @@ def headline(plan: Plan, sram: dict[str, Any], bitops: dict[str, Any],
     }
 
 
+#: The plan's board as report.json shows it: what the page and figures use (a plan also carries
+#: the whole board description, which the report has no use for).
+SUMMARY_BOARD_KEYS = ("name", "core", "sram_budget", "flash_budget")
+
+
 def report_summary(plan: Plan, graph: Graph, plan_name: str) -> dict[str, Any]:
     """Everything the figures and the page show, as JSON-ready data (`report.json`)."""
     schedule = plan_schedule(plan, graph)
@@ -260,7 +267,7 @@ def report_summary(plan: Plan, graph: Graph, plan_name: str) -> dict[str, Any]:
     return {
         "plan": plan_name,
         "model": plan.model,
-        "board": dict(plan.board),
+        "board": {k: v for k, v in plan.board.items() if k in SUMMARY_BOARD_KEYS},
         "strategy": plan.strategy,
         "headline": headline(plan, sram, bitops, grid),
         "sram_profile": sram,
@@ -309,6 +316,12 @@ def _shade_stage(ax: Any, split_layer: int | None) -> None:
     if split_layer:
         ax.axvspan(-0.5, split_layer - 0.5, color=COLORS["stage"], zorder=0,
                    label=f"patch stage (layers 0–{split_layer - 1}, run per patch)")
+
+
+def _plain(text: Any) -> str:
+    """Text from the plan or the model for a figure, drawn as it is: matplotlib reads `$…$` as
+    mathtext, so a model file named `a$\\frac$.onnx` would be typeset or fail to parse."""
+    return str(text).replace("$", r"\$")
 
 
 def _note(ax: Any, text: str) -> None:
@@ -367,18 +380,19 @@ def figure_sram(summary: dict[str, Any]) -> bytes:
         board_line = board - s["input_bytes"]
         if board_line <= 1.5 * top:
             ax.axhline(board_line, color=COLORS["budget"], ls=":", lw=1.2,
-                       label=f"board {summary['board']['name']}'s own budget − input "
+                       label=f"board {_plain(summary['board']['name'])}'s own budget − input "
                              f"= {board_line:,} B")
             top = max(top, board_line)
         else:
-            _note(ax, f"board {summary['board']['name']}'s own budget {board:,} B: "
+            _note(ax, f"board {_plain(summary['board']['name'])}'s own budget {board:,} B: "
                       "off the scale")
     ax.set_ylim(0, top * 1.45)
     _thousands(ax)
     ax.set_ylabel("SRAM (bytes): arena in use + kernel scratch")
     _layer_axis(ax, rows)
     ax.set_xlabel("step = layer (index and op); the input image is the caller's buffer")
-    ax.set_title(f"(a) SRAM per step: {summary['model']} on {summary['board']['name']}")
+    ax.set_title(f"(a) SRAM per step: {_plain(summary['model'])} "
+                 f"on {_plain(summary['board']['name'])}")
     ax.grid(axis="y", alpha=0.3)
     _legend(ax, loc="upper right")
     return _png(fig)
@@ -408,7 +422,7 @@ def figure_bits(summary: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 11.5)
     ax.set_ylabel("bits")
     _layer_axis(ax, rows)
-    ax.set_title(f"(b) Bitwidth per layer: {summary['model']} "
+    ax.set_title(f"(b) Bitwidth per layer: {_plain(summary['model'])} "
                  f"({'patch stage + layer-based rest' if grid else 'layer-based'})")
     ax.grid(axis="y", alpha=0.3)
     _legend(ax, loc="upper right", ncol=2)
@@ -495,7 +509,7 @@ def figure_bitops(summary: dict[str, Any]) -> bytes:
     _thousands(ax, scale=1e6, digits=0)
     ax.set_ylabel("BitOPs (millions) = MACs × b$_w$ × b$_a$")
     _layer_axis(ax, rows, extra)
-    ax.set_title(f"(d) BitOPs per layer: {summary['model']}, int8 vs the plan")
+    ax.set_title(f"(d) BitOPs per layer: {_plain(summary['model'])}, int8 vs the plan")
     ax.grid(axis="y", alpha=0.3)
     _legend(ax, loc="upper right")
     return _png(fig)

@@ -13,9 +13,11 @@ from mpq.boards import (
     Board,
     MemoryRegion,
     board_dir,
+    board_from_dict,
     get_board,
     list_boards,
     load_board_file,
+    plan_board,
 )
 from mpq.errors import MpqError
 
@@ -131,6 +133,42 @@ def test_to_dict_is_json_and_deterministic():
         assert d["sram_budget"] == board.sram_budget
         assert d["flash_budget"] == board.flash_budget
         assert [r["name"] for r in d["memory"]] == [r.name for r in board.memory]
+
+
+def test_a_plans_board_is_the_board_file_again():
+    """A plan stores `to_dict()` with the search's budgets; rebuilding it gives the same board
+    (without a file), whatever the budgets were overridden to."""
+    for board in list_boards():
+        d = {**board.to_dict(), "sram_budget": 1, "flash_budget": 2}
+        again = board_from_dict(d, "plan: board")
+        assert again == dataclasses.replace(board, path=None)
+        assert plan_board(d) == again
+
+
+def test_a_plans_board_fails_like_a_board_file():
+    """The same checks and one-line messages as a TOML file, naming the plan's board."""
+    d = get_board("nano33ble").to_dict()
+    regions = d["memory"]
+    overlap = [regions[0], {**regions[1], "origin": regions[0]["origin"]}]
+    for change, fragment in (({"name": "a/b"}, "'name'"), ({"core": "cortex-m0"}, "'core'"),
+                             ({"memory": overlap}, "overlaps"), ({"extra": 1}, "'extra'"),
+                             ({"qemu_machine": "mps2-an500"}, "'qemu_machine'")):
+        with pytest.raises(MpqError) as info:
+            board_from_dict({**d, **change}, "plan: board")
+        msg = str(info.value)
+        assert msg.startswith("plan: board: ") and fragment in msg and "\n" not in msg
+    with pytest.raises(MpqError, match="must be a table"):
+        plan_board(["nano33ble"])
+
+
+def test_an_older_plans_board_is_a_shipped_name_only():
+    """Plans that stored only the name and budgets get the shipped board of that name; a
+    name that is a path or no shipped board is an error, never a file read."""
+    old = {"name": "stm32f412", "core": "cortex-m4", "sram_budget": 1, "flash_budget": 2}
+    assert plan_board(old) == get_board("stm32f412")
+    for name in ("esp32", "../boards/nano33ble", "nano33ble.toml", 7):
+        with pytest.raises(MpqError, match="unknown board"):
+            plan_board({**old, "name": name})
 
 
 def test_board_is_frozen():

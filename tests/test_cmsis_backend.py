@@ -61,11 +61,22 @@ def _int8_plan(tmp: Path, model, name: str, scale: float = 1.0):
     return plan, graph
 
 
-def _with_weight_bits(plan, bits: int):
-    """The plan with every layer's weights at `bits` (int8 activations, int4 weights)."""
+def _with_weight_bits(plan, bits: int, graph):
+    """The plan with every layer's weights at `bits` (int8 activations, int4 weights), its
+    BitOPs and Flash recomputed as the search records them (plans are checked against their
+    model before export)."""
+    from mpq.search.driver import weight_flash
+    from mpq.search.scores import layer_bitops
+
+    ops = layer_bitops(graph, {t.name: t.bits for t in plan.tensors},
+                       {layer.name: bits for layer in plan.layers if layer.w_bits})
     for layer in plan.layers:
         if layer.w_bits:
             layer.w_bits = bits
+        layer.bitops = ops[layer.name]
+    plan.predicted["bitops"] = plan.predicted["expected_bitops"] = sum(ops.values())
+    plan.predicted["flash_bytes"] = sum(weight_flash(n.weight.size, n.weight.shape[0], bits)
+                                        for n in graph.nodes if n.weight is not None)
     return plan
 
 
@@ -188,7 +199,7 @@ def test_sub_byte_and_patch_stage_layers_stay_portable(tmp_path: Path) -> None:
 
 def test_plan_without_8bit_layers_exports_portable(tmp_path: Path) -> None:
     plan, graph = _int8_plan(tmp_path, B.conv_pad_model((1, 1, 1, 1)), "one")
-    _with_weight_bits(plan, 2)
+    _with_weight_bits(plan, 2, graph)
     report = _report(plan, graph)
     assert [x["backend"] for x in report["layers"]] == ["portable"]
     assert report["layers"][0]["reason"] == "2-bit weights"
@@ -333,7 +344,7 @@ def test_single_layers_bit_exact_on_host(tmp_path: Path, name: str) -> None:
     plan, graph = _int8_plan(tmp_path, _layer_model(name), name)
     x = _random(graph, 4)
     for bits in (8, 4):
-        _with_weight_bits(plan, bits)
+        _with_weight_bits(plan, bits, graph)
         (call,) = _calls(_report(plan, graph)).values()
         want = expected.replace("_s8", f"_s{bits}") if expected else "mpq_conv2d"
         assert call == want
@@ -359,7 +370,7 @@ def test_other_kernels_bit_exact_on_host(tmp_path: Path, model: str) -> None:
     assert expected <= calls
     assert verify(plan, graph, x, "host", "cmsis-nn").mismatches == 0
     if model == "uniform_fc":
-        _with_weight_bits(plan, 4)
+        _with_weight_bits(plan, 4, graph)
         assert set(_calls(_report(plan, graph)).values()) == {"arm_fully_connected_s4"}
         assert verify(plan, graph, x, "host", "cmsis-nn").mismatches == 0
 
@@ -376,7 +387,7 @@ def test_single_layers_bit_exact_on_cortex_m4(tmp_path: Path, name: str) -> None
     plan, graph = _int8_plan(tmp_path, _layer_model(name), name)
     x = _random(graph, 2)
     for bits in (8, 4):
-        _with_weight_bits(plan, bits)
+        _with_weight_bits(plan, bits, graph)
         assert verify(plan, graph, x, "qemu-m4", "cmsis-nn").mismatches == 0, (name, bits)
 
 
@@ -417,7 +428,7 @@ def test_mixed_plans_bit_exact_on_cortex_m4_and_m7() -> None:
     x = _random(graph, 16)
     plan = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "random"),
                   SearchOptions(strategy="int8", patches="none")).plan
-    _with_weight_bits(plan, 4)
+    _with_weight_bits(plan, 4, graph)
     assert "arm_convolve_wrapper_s4" in _calls(_report(plan, graph)).values()
     for target in ("qemu-m4", "qemu-m7"):
         assert verify(plan, graph, x[:2], target, "cmsis-nn").mismatches == 0, target

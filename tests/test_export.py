@@ -16,7 +16,7 @@ import pytest
 from conftest import run_mpq
 from test_bad_input import assert_clean_failure
 
-from mpq.boards import get_board
+from mpq.boards import get_board, plan_board
 from mpq.frontend import load_model
 from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
 from mpq.search.driver import SearchOptions, search
@@ -187,7 +187,7 @@ def _board_build(plan, graph, tmp_path: Path) -> Path:
     write_export(render_export(plan, graph), out)
     (out / "main.c").write_text(render("firmware/verify_main.c.j2", target="board", samples=1))
     sources = [out / n for n in ("main.c", "mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
-    return firmware.build_elf(sources, [out], get_board(plan.board["name"]), tmp_path / "b")
+    return firmware.build_elf(sources, [out], plan_board(plan.board), tmp_path / "b")
 
 
 def test_export_links_inside_the_board(kws, tmp_path: Path) -> None:
@@ -256,7 +256,7 @@ def test_export_build_records_measured_sizes(kws, tmp_path: Path) -> None:
 
 
 def test_export_and_verify_bad_input_one_line(kws, tmp_path: Path) -> None:
-    """Newer schema, unknown board, unwritable output, missing cross tools: one line, exit 1."""
+    """Newer schema, an invalid board, unwritable output, missing cross tools: one line, exit 1."""
     shutil.copy(kws["model"], tmp_path / "kws.onnx")
     plan = tmp_path / "kws.plan.json"
     assert run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
@@ -265,10 +265,15 @@ def test_export_and_verify_bad_input_one_line(kws, tmp_path: Path) -> None:
     newer = tmp_path / "newer.plan.json"
     newer.write_text(json.dumps({**d, "schema": 99}))
     assert_clean_failure(run_mpq("export", newer, "-o", tmp_path / "a"), "schema")
+    # The plan's own board is checked like a board file; an older plan's board is a name only,
+    # which must be a shipped board's.
+    name_only = {k: d["board"][k] for k in ("core", "sram_budget", "flash_budget")}
     for cmd in (("export", "-o", tmp_path / "b"), ("verify", "--data", kws["test"])):
-        board = tmp_path / "noboard.plan.json"
-        board.write_text(json.dumps({**d, "board": {**d["board"], "name": "no-such-board"}}))
-        assert_clean_failure(run_mpq(cmd[0], board, *cmd[1:]), "no-such-board")
+        for bad, words in (({**d["board"], "name": "no/such/board"}, ("board", "'name'")),
+                           ({**name_only, "name": "no-such-board"}, ("no-such-board",))):
+            board = tmp_path / "noboard.plan.json"
+            board.write_text(json.dumps({**d, "board": bad}))
+            assert_clean_failure(run_mpq(cmd[0], board, *cmd[1:]), *words)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_clean_failure(run_mpq("export", plan, "-o", blocker / "sub"))

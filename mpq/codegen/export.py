@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mpq.boards import get_board
+from mpq.boards import Board, plan_board
 from mpq.codegen import cmsis
 from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
@@ -77,8 +77,12 @@ def _view_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return 1, 1, int(np.prod(shape[1:]))
 
 
-def _comment(text: str) -> str:
-    return text.replace("*/", "* /")
+def _plan_int(value: Any, where: str) -> int:
+    """A number from the plan that lands in C code as a literal: an int, never text (a plan is
+    untrusted, and text there would be compiled)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MpqError(f"plan: {where} must be an integer, got {json.dumps(value)[:40]}")
+    return value
 
 
 class _Builder:
@@ -110,7 +114,7 @@ class _Builder:
             offset = self.tensors[tensor].offset
             if offset is None:
                 raise MpqError(f"plan has no arena offset for tensor '{tensor}'")
-            base = f"mpq_arena + {offset}"
+            base = f"mpq_arena + {_plan_int(offset, 'the offset of a tensor')}"
         return Operand(tensor, base, bits, h, w, c)
 
     def weights(self, i: int, node: Node) -> dict[str, Any]:
@@ -438,8 +442,9 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         cmap = {"base": b.operand(vdpc["map"]).base,
                 "bytes": [r[i][j].rows * r[i][j].cols * graph.tensors[vdpc["map"]].shape[3]
                           for i in range(n) for j in range(n)],
-                "lo": vdpc["lo_threshold"], "hi": vdpc["hi_threshold"],
-                "min_outliers": vdpc["min_outliers"]}
+                "lo": _plan_int(vdpc["lo_threshold"], "patch.vdpc.lo_threshold"),
+                "hi": _plan_int(vdpc["hi_threshold"], "patch.vdpc.hi_threshold"),
+                "min_outliers": _plan_int(vdpc["min_outliers"], "patch.vdpc.min_outliers")}
     return {"n": n, "patches": n * n, "calls": calls, "vdpc": cmap,
             "branches": list(branches)}
 
@@ -466,6 +471,7 @@ def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
 def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, Any]:
     """Everything the templates need, computed once (pure: same plan ⇒ same context)."""
     cmsis.check_backend(backend)
+    board = plan_board(plan.board)
     qm = plan_quant_model(plan, graph, "mixed")
     if backend == "cmsis-nn":
         weights.require_linear_storage([(n, lq.weight_scheme, lq.weight_bits)
@@ -495,7 +501,7 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
     functions = sorted({layer.cmsis.function for layer in b.layers if layer.cmsis is not None})
     return {
         "plan_digest": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
-        "model": plan.model, "model_sha256": plan.model_sha256, "board": plan.board["name"],
+        "model": plan.model, "model_sha256": plan.model_sha256, "board": board.name,
         "layers": b.layers, "consts": b.consts, "kernels": kernels,
         "arena_bytes": align_up(max(plan.predicted["arena_bytes"], 16)),
         "scratch_bytes": align_up(max(b.scratch, b.cmsis_scratch, 16)),
@@ -510,7 +516,6 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
         "output": {"name": y, "dims": _view_dims(g.tensors[y].shape),
                    "bytes": packed_bytes(g.tensors[y].size, 8), "scale": yq.scale,
                    "zero_point": yq.zero_point, "base": b.operand(y).base},
-        "comment": _comment,
         "stage": stage,
     }
 
@@ -543,7 +548,7 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable") -> dict[s
               else None,
               "files": sorted(files)}
     files["mpq_report.json"] = json.dumps(report, indent=2, sort_keys=True) + "\n"
-    board = get_board(plan.board["name"])
+    board = plan_board(plan.board)
     files[f"{board.name}.ld"] = linker_script(board)
     files["mpq.mk"] = render("make/mpq.mk.j2", model=plan.model, board=board,
                              plan_digest=ctx["plan_digest"],
@@ -551,7 +556,7 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable") -> dict[s
     return files
 
 
-def measure_build(files: dict[str, str], board_name: str) -> dict[str, int]:
+def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
     """Link the export for its board with a minimal main and measure the sections
     (`arm-none-eabi-size`): the measured half of `mpq_report.json`. An export that calls
     CMSIS-NN links it from $CMSIS_NN_PATH."""
@@ -561,7 +566,6 @@ def measure_build(files: dict[str, str], board_name: str) -> dict[str, int]:
 
     used = json.loads(files["mpq_report.json"]).get("cmsis_nn")
     root = cmsis.cmsis_nn_root(used["sources"]) if used else None
-    board = get_board(board_name)
     with tempfile.TemporaryDirectory(prefix="mpq-build-") as tmp:
         work = Path(tmp)
         write_export(files, work)
@@ -585,9 +589,20 @@ def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, 
     return {**files, "mpq_report.json": json.dumps(report, indent=2, sort_keys=True) + "\n"}
 
 
+MAKE_STAMP = "mpq.mk"  # the file a Makefile's export rule names as its target
+
+
+def write_order(names: list[str]) -> list[str]:
+    """The order files are written in: by name, the make stamp `mpq.mk` last. An export cut
+    short (an error, Ctrl-C, a full disk) then leaves the old stamp — older than the plan, or
+    absent — beside whatever new sources were written, and make runs the export again instead
+    of taking a half-new export for up to date."""
+    return sorted(names, key=lambda name: (name == MAKE_STAMP, name))
+
+
 def write_export(files: dict[str, str], out_dir: Path) -> list[str]:
     """Write the files atomically, skipping those whose content did not change (make keeps
-    its timestamps). Returns the names written."""
+    its timestamps), the make stamp last (`write_order`). Returns the names written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [name for name, text in sorted(files.items())
-            if write_if_changed(out_dir / name, text.encode())]
+    return [name for name in write_order(list(files))
+            if write_if_changed(out_dir / name, files[name].encode())]

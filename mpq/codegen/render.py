@@ -1,24 +1,126 @@
-"""The Jinja2 environment over `templates/` and the renderers built on it."""
+"""The Jinja2 environment over `templates/` and the renderers built on it.
+
+Text from a model, a plan, a board file or a file name is untrusted: it may only appear in
+generated files as a comment, through the filter of the file's language, which keeps a
+conservative set of characters that cannot end the comment, continue it onto a code line or
+be expanded (`c_comment`, `make_comment`, `ld_comment`); HTML is autoescaped. Identifiers and
+code are mpq's own (`mpq_l3`, `mpq_arena + 128`).
+
+Forgetting a filter cannot pass silently: every value a C, make or linker template outputs is
+checked (`_finalize`), and a value with a character or sequence that neither mpq's generated
+code nor a filtered comment ever contains — a newline or anything else not printable ASCII, a
+backslash, `?` (trigraphs), a C comment delimiter, and for make and ld `*`, `$` and `#` — stops
+the render with `UnsafeOutput`. So hostile text can at worst stop an export, never run.
+"""
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+from typing import Any
 
 import jinja2
 
 from mpq.boards import Board
 from mpq.resources import data_dir
 
+#: The language of each template directory; a template elsewhere has none and is refused.
+LANGUAGES: dict[str, str] = {"c": "c", "firmware": "c", "make": "make", "linker": "ld",
+                             "report": "html"}
+
+# Characters a comment keeps (beyond printable ASCII, which excludes newlines and controls).
+# C: `\` splices lines, `??/` is a trigraph for it, `*` could close the comment or, after a
+# `/`, open a nested one. `/` alone is kept: without `*` it is plain text in a comment, and
+# exported layer names are full of it (`/features/0/0/Conv`). make and ld: the same, and `$`
+# (expansion) and `#` (make comments) as well.
+_C_DROP = "\\?*"
+_MAKE_LD_DROP = "\\?*$#"
+
+# What a filter never lets through and mpq's own code never contains: in an output value, it
+# means untrusted text reached a template unfiltered. For make and ld that is what their filter
+# drops; C code has `*` of its own (`(void *)input`), so C refuses only what ends or nests a
+# comment.
+_UNSAFE: dict[str, re.Pattern[str]] = {
+    "c": re.compile(r"[^\x20-\x7e]|[\\?]|/\*|\*/"),
+    "make": re.compile(r"[^\x20-\x7e]|[\\?*$#]"),
+    "ld": re.compile(r"[^\x20-\x7e]|[\\?*$#]"),
+}
+# Every character any `_UNSAFE` match starts with: one character class is quick to rule out on
+# the bulk of the output (numbers, weights), the alternatives above run only when it matches.
+_PLAIN = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "\\?*/$#")
+_SUSPECT = re.compile(f"[^{re.escape(_PLAIN)}]")
+
+
+class UnsafeOutput(RuntimeError):
+    """A template output untrusted-looking text without its language's filter (an mpq bug)."""
+
+
+def _keep_only(text: object, drop: str) -> str:
+    """`text` with every character that is not printable ASCII, or is in `drop`, as `_`."""
+    return "".join(ch if " " <= ch <= "~" and ch not in drop else "_" for ch in str(text))
+
+
+def c_comment(text: object) -> str:
+    """Text safe inside a C `/* … */` comment, compiled with or without `-trigraphs`: printable
+    ASCII without `\\`, `?` and `*` (each other character becomes `_`)."""
+    return _keep_only(text, _C_DROP)
+
+
+def make_comment(text: object) -> str:
+    """Text safe in a make `# …` comment line: printable ASCII without `\\` (it would continue
+    the comment onto the next line), `$`, `#`, `?` and `*` (each other character becomes `_`)."""
+    return _keep_only(text, _MAKE_LD_DROP)
+
+
+def ld_comment(text: object) -> str:
+    """Text safe inside a GNU ld `/* … */` comment: as :func:`make_comment`, so no `*` can
+    close it."""
+    return _keep_only(text, _MAKE_LD_DROP)
+
+
+def template_language(name: str | None) -> str:
+    """The language of a template from its directory (`c/…` → "c"); unknown → `UnsafeOutput`,
+    so a new kind of template must say how its output is checked."""
+    top = (name or "").split("/", 1)[0]
+    if top not in LANGUAGES:
+        raise UnsafeOutput(f"template '{name}' is in no directory of a known language")
+    return LANGUAGES[top]
+
+
+def check_output(language: str, value: object) -> None:
+    """Refuse a value about to be written into a `language` file if it looks like text that
+    skipped its filter (see the module docstring)."""
+    pattern = _UNSAFE.get(language)
+    if pattern is None:  # html: autoescaped by the environment
+        return
+    text = str(value)
+    m = _SUSPECT.search(text) and pattern.search(text)
+    if m:
+        raise UnsafeOutput(f"unfiltered text in a {language} template: {m.group()!r} in "
+                           f"{text[:80]!r}; pass it through the {language}_comment filter")
+
+
+@jinja2.pass_context
+def _finalize(context: jinja2.runtime.Context, value: Any) -> Any:
+    if type(value) is not int:  # ints are most of a weights file, and always safe
+        check_output(template_language(context.name), value)
+    return value
+
 
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    """Strict environment: an undefined variable is an error, output ends with a newline."""
-    return jinja2.Environment(
+    """Strict environment: an undefined variable is an error, output ends with a newline,
+    HTML is autoescaped and C/make/ld output is checked by `_finalize`."""
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
-        autoescape=False,
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
+                                            default_for_string=False, default=False),
+        finalize=_finalize,
     )
+    env.filters.update(c_comment=c_comment, make_comment=make_comment, ld_comment=ld_comment)
+    return env
 
 
 def render(template: str, **context: object) -> str:

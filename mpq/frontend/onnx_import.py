@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from mpq import limits
 from mpq.errors import MpqError
 from mpq.frontend import onnx_validate as check
 from mpq.ir import (
@@ -69,6 +70,7 @@ class Importer:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     graph_outputs: set[str] = field(default_factory=set)
     notes: Counter = field(default_factory=Counter)
+    fold: limits.FoldBudget = field(default_factory=limits.FoldBudget)
 
     def fail(self, message: str) -> MpqError:
         return MpqError(check.show(f"{self.source}: {message}"))
@@ -119,6 +121,7 @@ class Importer:
     def new_tensor(self, name: str, shape: tuple[int, ...]) -> str:
         if name in self.tensors:
             raise self.fail(f"value '{name}' is defined twice")
+        limits.check_shape(shape, f"{self.source}: value '{name}'")
         self.tensors[name] = Tensor(name, tuple(int(d) for d in shape))
         return name
 
@@ -770,7 +773,10 @@ def _fold_constant(imp: Importer, node: onnx.NodeProto) -> bool:
         [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
          for o in node.output])
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", _opset(imp.model))])
+    counted = imp.fold.charge(node, [imp.consts[n] if n else None for n in node.input],
+                              _attrs(node), imp.source)
     results = ReferenceEvaluator(model).run(None, {n: imp.consts[n] for n in inputs})
+    imp.fold.settle(counted, results, node, imp.source)
     for name, value in zip(node.output, results, strict=True):
         imp.consts[name] = np.asarray(value)
     return True
@@ -847,6 +853,7 @@ def _check_initializers(imp: Importer) -> None:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise imp.fail(f"initializer '{init.name}' keeps its data in an external file, "
                            "which mpq does not read")
+        limits.check_shape(init.dims, f"{imp.source}: initializer '{init.name}'")
         imp.consts[init.name] = numpy_helper.to_array(init)
 
 
@@ -873,6 +880,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise MpqError(f"{path}: no such file")
     if not p.is_file():
         raise MpqError(f"{path}: not a file")
+    limits.check_model_file(p)
     data = p.read_bytes()
     if not data:
         raise MpqError(f"{path}: empty file, not an ONNX model")
@@ -940,6 +948,7 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
 
     for node in g.node:
         if node.op_type == "Constant":
+            imp.fold.charge(node, [], _attrs(node), imp.source)
             imp.consts[node.output[0]] = _constant_node_value(node)
             imp.notes["Constant resolved"] += 1
             continue

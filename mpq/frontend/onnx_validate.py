@@ -349,8 +349,10 @@ def ort_session(path: str | Path):  # -> onnxruntime.InferenceSession
 
     model = load_onnx(path)
     name_nodes(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings quote raw names in colour
     try:
-        return ort.InferenceSession(model.SerializeToString(),
+        return ort.InferenceSession(model.SerializeToString(), options,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's Fail, InvalidGraph, NotImplemented, …
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

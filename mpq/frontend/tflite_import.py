@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from mpq import limits
 from mpq.errors import MpqError
 from mpq.ir import LAYOUT_NHWC, Graph, Node, Tensor, conv_out_size, remove_dead_nodes
 
@@ -347,6 +348,7 @@ class _Importer:
         if name in self.tensors:
             raise self.fail(f"tensor '{name}' is written twice")
         shape = self.shape(index) if shape is None else shape
+        limits.check_shape(shape, f"{self.source}: tensor '{name}'")
         self.tensors[name] = Tensor(name, tuple(int(d) for d in shape))
         self.values[index] = name
         self.origin[name] = index
@@ -959,6 +961,7 @@ def import_tflite(path: str | Path) -> TfliteModel:
         raise MpqError(f"{path}: no such file")
     if not p.is_file():
         raise MpqError(f"{path}: not a file")
+    limits.check_model_file(p)
     try:
         data = p.read_bytes()
     except OSError as exc:

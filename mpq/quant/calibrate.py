@@ -38,9 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mpq import limits
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import LAYOUT_NCHW, Graph, graph_fingerprint
+from mpq.quant.finite import check_finite_activation, check_finite_parameters
 
 ENGINES = ("onnxruntime", "interpreter")
 RANGE_METHODS = ("minmax", "percentile", "entropy")
@@ -51,6 +53,7 @@ _STATS_KEYS = ("format", "version", "fingerprint", "samples", "names", "min", "m
                "std", "count", "hist_lo", "hist_hi", "hist")
 
 Visit = Callable[[str, np.ndarray], None]
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,14 +172,16 @@ def _check_dtype(label: str, array: np.ndarray) -> None:
 
 def _load_npy(path: Path) -> np.ndarray:
     """A memory-mapped ``.npy`` (read lazily, batch by batch)."""
+    limits.check_data_file(path)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise MpqError(f"{path}: not a readable .npy file ({type(exc).__name__})") from None
+        raise MpqError(f"{path}: {_unreadable('.npy', exc)}") from None
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``x`` and the optional ``y`` of an ``.npz`` (members cannot be mapped: read once)."""
+    limits.check_data_file(path)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -191,8 +196,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except MpqError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise MpqError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+        raise MpqError(f"{path}: {_unreadable('.npz', exc)}") from None
     return x, y
+
+
+def _unreadable(kind: str, exc: Exception) -> str:
+    """Why numpy refused a data file, in words: an object array needs unpickling, which mpq
+    never does (a pickle runs code), so it gets its own message."""
+    if "Object arrays" in str(exc) or "Python objects" in str(exc):
+        return ("holds Python objects (a pickled array); mpq reads numeric arrays only, "
+                "save x and y as numbers")
+    return f"not a readable {kind} file ({type(exc).__name__})"
 
 
 def dataset_from_array(x: np.ndarray, label: str, y: np.ndarray | None = None) -> Dataset:
@@ -228,6 +242,8 @@ def load_dataset(path: str | Path, graph: Graph | None = None) -> Dataset:
     ds = Dataset(p, parts, y, from_npz)
     if not parts or len(ds) == 0:
         raise MpqError(f"{path}: empty data set (no calibration samples)")
+    if y is not None and y.ndim == 0:
+        raise MpqError(f"{path}: 'y' is a scalar; it must hold one label per sample")
     if y is not None and len(y) != len(ds):
         raise MpqError(f"{path}: 'y' has {len(y)} labels for {len(ds)} samples in 'x'")
     if graph is not None:
@@ -355,6 +371,7 @@ class CalibrationStats:
             raise MpqError(f"{path}: no such file")
         not_stats = MpqError(f"{path}: not a calibration statistics file (write one with "
                              "`mpq calibrate`)")
+        limits.check_data_file(p)
         try:
             z = np.load(p, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
@@ -373,6 +390,7 @@ class CalibrationStats:
         fingerprint = str(a["fingerprint"])
         if graph is not None and fingerprint != graph_fingerprint(graph):
             raise MpqError(f"{path} was computed for a different model")
+        _check_stats_arrays(a, str(path))
         tensors = {
             str(name): TensorStats(float(a["min"][i]), float(a["max"][i]), float(a["mean"][i]),
                                    float(a["std"][i]), int(a["count"][i]), a["hist"][i].copy(),
@@ -380,6 +398,30 @@ class CalibrationStats:
             for i, name in enumerate(a["names"])
         }
         return cls(fingerprint, tensors, int(a["samples"]))
+
+
+def _check_stats_arrays(a: dict[str, np.ndarray], path: str) -> None:
+    """The arrays of a stats file are consistent and usable: one entry per name, finite
+    numbers, min ≤ max, a histogram of ≥ 2 non-negative bins over hist_lo < hist_hi and a
+    positive count. The file may have been edited; every range, scale and KL search after
+    this trusts these numbers."""
+    names = a["names"]
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise MpqError(f"{path}: 'names' is not a list of tensor names")
+    n = len(names)
+    for key in ("min", "max", "mean", "std", "count", "hist_lo", "hist_hi"):
+        if a[key].shape != (n,) or a[key].dtype.kind not in "iuf":
+            raise MpqError(f"{path}: '{key}' must hold {n} numbers, one per tensor")
+    hist = a["hist"]
+    if hist.ndim != 2 or hist.shape[0] != n or hist.shape[1] < 2 or hist.dtype.kind not in "iu":
+        raise MpqError(f"{path}: 'hist' must be {n} rows of at least 2 integer bin counts")
+    for i, name in enumerate(names):
+        values = [float(a[k][i]) for k in ("min", "max", "mean", "std", "hist_lo", "hist_hi")]
+        if not all(math.isfinite(v) for v in values) or a["min"][i] > a["max"][i] \
+                or a["hist_lo"][i] >= a["hist_hi"][i] or a["count"][i] < 1 \
+                or a["std"][i] < 0 or (hist[i] < 0).any():
+            raise MpqError(f"{path}: statistics of tensor '{name}' are not valid (non-finite "
+                           "or inconsistent numbers); recompute them with `mpq calibrate`")
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -412,8 +454,12 @@ def batch_moments(x: np.ndarray) -> _Moments:
     n = flat.size
     mean = float(np.sum(flat, dtype=np.float64)) / n
     m32 = np.float32(mean)
-    d = flat - m32
-    m2 = float(np.einsum("i,i->", d, d, dtype=np.float64)) - n * (mean - float(m32)) ** 2
+    with np.errstate(over="ignore", invalid="ignore"):  # near FLT_MAX: redone in float64 below
+        d = flat - m32
+        m2 = float(np.einsum("i,i->", d, d, dtype=np.float64)) - n * (mean - float(m32)) ** 2
+    if not math.isfinite(m2):  # x − mean overflowed float32 (values near ±3.4e38)
+        d64 = flat.astype(np.float64) - mean
+        m2 = float(np.dot(d64, d64))
     return _Moments(n, mean, max(m2, 0.0), float(flat.min()), float(flat.max()))
 
 
@@ -449,7 +495,8 @@ def bin_counts(x: np.ndarray, width: float, k0: int, bins: int) -> np.ndarray:
     The bin index ⌊x/w⌋ − k0 is computed in float32 (twice as fast) while the grid indices stay
     below 2^22, where float32 still resolves a tenth of a bin; in float64 beyond.
     """
-    small = max(abs(k0), abs(k0 + bins)) < 2 ** 22
+    # float32 also needs 1/w in range: subnormal data gives a bin width below 1/FLT_MAX.
+    small = max(abs(k0), abs(k0 + bins)) < 2 ** 22 and 1.0 / width < _FLOAT32_MAX
     dtype = np.float32 if small else np.float64
     t = np.multiply(x.reshape(-1), dtype(1.0 / width), dtype=dtype)
     np.floor(t, out=t)
@@ -514,16 +561,20 @@ def calibrate(graph: Graph, data: Dataset, batch_size: int = 64, bins: int = DEF
     if engine not in ENGINES:
         raise MpqError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
     check_dataset(data, graph)
+    check_finite_parameters(graph)
     run = _ort_runner(graph) if engine == "onnxruntime" else _interpreter_runner(graph)
     order = [graph.inputs[0]] + [t for n in graph.nodes for t in n.outputs]
 
     moments = {t: _Moments() for t in order}
+    seen = 0  # samples before the current batch, for the error of a non-finite activation
 
     def observe_moments(t: str, value: np.ndarray) -> None:
+        check_finite_activation(t, value, seen, t == order[0])
         moments[t] = merge_moments(moments[t], batch_moments(value))
 
     for batch in data.batches(batch_size):
         run(batch, observe_moments)
+        seen += len(batch)
         if progress is not None:
             progress(len(batch))
 

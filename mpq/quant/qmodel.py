@@ -16,6 +16,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.ir import Graph, Node
 from mpq.quant import arith
+from mpq.quant.finite import check_finite_parameters, check_finite_ranges
 from mpq.quant.weights import WeightSpec, quantize_weights
 
 # Ops whose output must carry exactly the input's quantisation (no requantisation happens).
@@ -128,6 +129,8 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
     Weights: symmetric per output channel at the node's weight bits, or the node's scheme
     (`mpq.quant.weights`); bias int32 at s_in·s_w.
     """
+    check_finite_parameters(graph)
+    check_finite_ranges(ranges)
     act_bits = act_bits or {}
     weight_bits = weight_bits or {}
     ranges = dict(ranges)

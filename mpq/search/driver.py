@@ -212,10 +212,28 @@ def weight_omega(weight: np.ndarray, bits: int) -> float:
     return float(((weight - deq) ** 2).sum()) / norm if norm > 0 else 0.0
 
 
+def weight_options(graph: Graph, opts: SearchOptions, flash_budget: int) -> tuple[int, ...]:
+    """The weight bitwidths the search offers every weighted layer, largest first: 8 unless
+    the user offers more (--weight-bits) or Flash demands it (4 then joins), or the one
+    bitwidth --weights fixes (DESIGN §7)."""
+    if opts.weight_scheme is not None:
+        return (opts.weight_bits[0],)
+    weighted = [n for n in graph.nodes if n.weight is not None]
+    flash8 = sum(weight_flash(n.weight.size, n.weight.shape[0], 8) for n in weighted)
+    w_options = tuple(sorted(set(opts.weight_bits) | {8}, reverse=True))
+    if flash8 > flash_budget and w_options == (8,):
+        w_options = (8, 4)
+    return w_options
+
+
 def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                   opts: SearchOptions, sram_budget: int, flash_budget: int,
-                  classified: str | None, inplace: set[str]) -> tuple[Problem, list[str]]:
-    """The allocation problem of DESIGN §7.2 (and the activation groups in schedule order)."""
+                  classified: str | None, inplace: set[str], scored: bool = True
+                  ) -> tuple[Problem, list[str]]:
+    """The allocation problem of DESIGN §7.2 (and the activation groups in schedule order).
+
+    `scored=False` skips the weights' quantisation errors (every weight quantised at every
+    option): `feasible_candidates` only needs the sizes."""
     fixed = fixed_8bit(graph, classified)
     stage_internal = set()
     if schedule.split_tensor is not None and opts.vdpc:
@@ -236,22 +254,16 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
         groups.append(Group(members[0], tuple(members), options, score, omega,
                             sram_free=sram_free))
         order.append(members[0])
-    # Weights: 8 unless the user offers more, or Flash demands it (DESIGN §7).
     weighted = [n for n in graph.nodes if n.weight is not None]
-    flash8 = sum(weight_flash(n.weight.size, n.weight.shape[0], 8) for n in weighted)
-    w_options = tuple(sorted(set(opts.weight_bits) | {8}, reverse=True))
-    if flash8 > flash_budget and w_options == (8,):
-        w_options = (8, 4)
+    w_options = weight_options(graph, opts, flash_budget)
     scheme = opts.weight_scheme or "linear"
-    if opts.weight_scheme is not None:  # fixed by --weights
-        w_options = (opts.weight_bits[0],)
     flash_fixed = 0
     total_params = max(sum(n.weight.size for n in weighted), 1)
     for n in weighted:
         if len(w_options) == 1:
             flash_fixed += weight_flash(n.weight.size, n.weight.shape[0], w_options[0], scheme)
             continue
-        omega_w = {b: weight_omega(n.weight, b) for b in w_options}
+        omega_w = {b: weight_omega(n.weight, b) if scored else 0.0 for b in w_options}
         if opts.weight_bits == (8,):
             # Only Flash forces lower bits: cost them by the parameters they touch, so the
             # fewest parameters drop and activation scores are not traded against them.
@@ -302,9 +314,12 @@ def synthetic_data(graph: Graph, samples: int = 64, lo: float = 0.0,
 def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
            opts: SearchOptions, progress: Callable[[int], None] | None = None,
            stats: CalibrationStats | None = None,
-           log: Callable[[str], None] | None = None) -> SearchResult:
+           log: Callable[[str], None] | None = None,
+           candidates: list[PatchSchedule] | None = None) -> SearchResult:
     """Run the whole search and return the plan (DESIGN §1, §5–§7). `log` receives one line
-    per phase and per candidate schedule (what `mpq -v search` prints)."""
+    per phase and per candidate schedule (what `mpq -v search` prints). `candidates` are the
+    schedules `feasible_candidates` returned for the same graph, board and options (else
+    they are computed, and checked, here before calibration)."""
     say = log or (lambda message: None)
     if opts.strategy not in STRATEGIES:
         raise MpqError(f"unknown strategy '{opts.strategy}' (choose from "
@@ -323,23 +338,14 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         data = synthetic_data(graph)
         notes.append("no calibration data: activation ranges from 64 synthetic uniform [0, 1] "
                      "inputs")
+    if candidates is None:
+        candidates = feasible_candidates(graph, board, opts)
     if stats is None:
         stats = calibrate(graph, data, progress=progress)
     say(f"calibrated: {len(stats.tensors)} tensors")
 
-    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
-    sram_total = opts.sram if opts.sram is not None else board.sram_budget
-    flash_total = opts.flash if opts.flash is not None else board.flash_budget
-    code = code_bytes_estimate(graph)
+    sram_total, flash_total, input_bytes, code = _totals(graph, board, opts)
     flash_budget = flash_total - code
-
-    patches = parse_patches(opts.patches)
-    if patches == "none":
-        candidates = [plan_patches(graph, None)]
-    elif patches == "auto":
-        candidates = auto_candidates(graph, opts)
-    else:
-        candidates = [plan_patches(graph, patches)]
     table = ImportanceTable(graph, data, stats, opts.bits, opts.weight_bits) \
         if opts.strategy == "importance" else None
     if opts.strategy == "qe":
@@ -452,6 +458,95 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     return SearchResult(plan, qm, schedule, solution, qbr_log, vdpc_result)
 
 
+def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
+    """SRAM and Flash budgets (the board's or --sram/--flash), the input buffer and the code
+    estimate, in bytes."""
+    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
+    sram_total = opts.sram if opts.sram is not None else board.sram_budget
+    flash_total = opts.flash if opts.flash is not None else board.flash_budget
+    return sram_total, flash_total, input_bytes, code_bytes_estimate(graph)
+
+
+def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
+    """The patch schedules the search tries (--patches none, auto or k=K,n=N)."""
+    patches = parse_patches(opts.patches)
+    if patches == "none":
+        return [plan_patches(graph, None)]
+    if patches == "auto":
+        return auto_candidates(graph, opts)
+    return [plan_patches(graph, patches)]
+
+
+def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[PatchSchedule]:
+    """The search's candidate schedules, after checking — before any data is read or
+    calibrated — that the budgets can be met at all; else the BudgetError the search would
+    raise.
+
+    The check is the search's own floor (`_solve_schedule`): every map and weight at the
+    smallest bits the strategy may choose (8-bit activations and weights for `int8`). Sizes
+    do not depend on the data, so it rejects exactly the budgets the full search rejects at
+    that floor, and never one the search would meet. Flash does not depend on the schedule
+    and is checked first, without building any.
+    """
+    sram_total, flash_total, input_bytes, code = _totals(graph, board, opts)
+    w_options = weight_options(graph, opts, flash_total - code)
+    w_floor = max(w_options) if opts.strategy == "int8" else min(w_options)
+    scheme = opts.weight_scheme or "linear"
+    flash = code + sum(weight_flash(n.weight.size, n.weight.shape[0], w_floor, scheme)
+                       for n in graph.nodes if n.weight is not None)
+    if flash > flash_total:
+        raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights (code "
+                          f"estimate {code:,} B included); budget is {flash_total:,} B", 0)
+    candidates = candidate_list(graph, opts)
+    failures: list[BudgetError] = []
+    for schedule in candidates:
+        setup = _setup_schedule(graph, schedule, {}, opts, sram_total, flash_total - code,
+                                input_bytes, scored=False)
+        if setup.problem.fits(setup.floor):
+            return candidates
+        failures.append(_impossible(setup.problem, setup.floor, schedule, sram_total,
+                                    input_bytes, setup.scratch, flash_total, code, setup.what))
+    raise min(failures, key=lambda e: e.sram_needed)
+
+
+@dataclass
+class _Setup:
+    """One schedule's allocation problem and the floor choice the strategy starts from."""
+
+    problem: Problem
+    order: list[str]
+    use_vdpc: bool
+    classified: str | None
+    scratch: int
+    floor: dict[str, int]
+    what: str  # the floor's activation bits, as error messages name them
+
+
+def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
+                    opts: SearchOptions, sram_total: int, flash_budget: int,
+                    input_bytes: int, scored: bool = True) -> _Setup:
+    """The allocation problem of one schedule and the strategy's floor: the largest options
+    for `int8`, the smallest otherwise."""
+    int8_memory = schedule.memory()
+    scratch = int8_memory.scratch_bytes
+    sram_budget = sram_total - input_bytes - scratch
+    use_vdpc = opts.vdpc and schedule.split_tensor is not None
+    by_name = {n.name: n for n in graph.nodes}
+    classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
+    if classified is not None and classified == schedule.split_tensor:
+        use_vdpc, classified = False, None
+    problem, order = build_problem(graph, schedule, scores, replace(opts, vdpc=use_vdpc),
+                                   sram_budget, flash_budget, classified, int8_memory.inplace,
+                                   scored=scored)
+    if opts.strategy == "int8":
+        floor = {g.name: max(g.options) for g in problem.groups}
+        what = "8-bit activations"
+    else:
+        floor = {g.name: min(g.options) for g in problem.groups}
+        what = f"{min(opts.bits)}-bit activations"
+    return _Setup(problem, order, use_vdpc, classified, scratch, floor, what)
+
+
 @dataclass
 class _Attempt:
     schedule: PatchSchedule
@@ -496,29 +591,17 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
                     input_bytes: int, code: int, table: ImportanceTable | None = None
                     ) -> _Attempt:
     """Build and solve the allocation problem for one patch schedule."""
-    int8_memory = schedule.memory()
-    scratch = int8_memory.scratch_bytes
-    sram_budget = sram_total - input_bytes - scratch
-    use_vdpc = opts.vdpc and schedule.split_tensor is not None
-    by_name = {n.name: n for n in graph.nodes}
-    classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
-    if classified is not None and classified == schedule.split_tensor:
-        use_vdpc, classified = False, None
-    problem, order = build_problem(graph, schedule, scores, replace(opts, vdpc=use_vdpc),
-                                   sram_budget, flash_budget, classified, int8_memory.inplace)
+    setup = _setup_schedule(graph, schedule, scores, opts, sram_total, flash_budget,
+                            input_bytes)
+    problem, order, scratch, low = setup.problem, setup.order, setup.scratch, setup.floor
+    use_vdpc, classified = setup.use_vdpc, setup.classified
+    if not problem.fits(low):
+        raise _impossible(problem, low, schedule, sram_total, input_bytes, scratch,
+                          flash_total, code, setup.what)
     if opts.strategy == "int8":
-        choice = {g.name: max(g.options) for g in problem.groups}
-        if not problem.fits(choice):
-            raise _impossible(problem, choice, schedule, sram_total, input_bytes, scratch,
-                              flash_total, code, "8-bit activations")
-        solution = Solution(choice, problem.objective(choice),
-                            problem.arena(problem.tensor_bits(choice)),
-                            problem.flash_bytes(choice))
+        solution = Solution(low, problem.objective(low), problem.arena(problem.tensor_bits(low)),
+                            problem.flash_bytes(low))
     else:
-        low = {g.name: min(g.options) for g in problem.groups}
-        if not problem.fits(low):
-            raise _impossible(problem, low, schedule, sram_total, input_bytes, scratch,
-                              flash_total, code, f"{min(opts.bits)}-bit activations")
         if table is not None:
             floor = problem.arena(problem.tensor_bits(low)) + scratch + input_bytes
             problem, solution = solve_importance(problem, table, graph, schedule, opts.bitops,
@@ -633,8 +716,9 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "qbr": opts.qbr, "vdpc": opts.vdpc, "patches": opts.patches,
         "ilp_rounds": solution.iterations, "repaired_groups": solution.repaired,
     }
-    board_info = {"name": board.name, "sram_budget": sram_total, "flash_budget": flash_total,
-                  "core": board.core}
+    # The whole board, so export rebuilds this board (`boards.plan_board`) and not whatever file
+    # has its name then; the budgets are the search's (the board's or --sram/--flash).
+    board_info = {**board.to_dict(), "sram_budget": sram_total, "flash_budget": flash_total}
     return Plan(model=model_path.name, model_sha256=file_sha256(model_path),
                 graph_fingerprint=graph_fingerprint(graph), board=board_info,
                 strategy=opts.strategy, patch=patch, schedule=schedule_info, tensors=tensors,

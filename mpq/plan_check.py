@@ -1,0 +1,279 @@
+"""Does a plan fit its model? Checked wherever a plan is used with its model.
+
+`mpq.plan_schema` only knows the JSON. A plan whose fields are each well-formed can still lie
+about the model: an offset that puts a tensor past the arena's end, two live tensors at the
+same address, a `bytes` smaller than the tensor, a patch grid that is not the one the split
+gives, bits that break the ties the in-place kernels need. Export turns those numbers into C
+pointers, so each one would be an out-of-bounds write.
+
+The rule is simple: recompute, with the library functions the search used (`mpq.patch`,
+`mpq.memory`, the search's tie groups and BitOPs), everything the plan's own choices (its
+bits and its patch split) determine, and compare field by field. Offsets are the one free
+choice a plan makes that is checked by its safety rather than by equality: every stored tensor
+lies inside the arena and no two tensors alive at the same step overlap, except where the
+schedule shares storage (views, in-place depthwise, fused adds).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from mpq.errors import MpqError
+from mpq.ir import Graph, graph_fingerprint, node_macs
+from mpq.memory import _conflict, code_bytes_estimate, packed_bytes
+from mpq.patch import PatchSchedule, PatchSplit, plan_patches
+from mpq.plan import Plan
+from mpq.plan_schema import PlanFieldError, fail
+
+
+def storage_bits(plan: Plan) -> dict[str, int]:
+    """Bits each tensor is stored at: a VDPC outlier branch writes its (8-bit) values into the
+    same buffer as the mixed branch, so the buffer holds the wider of the two (DESIGN §6)."""
+    return {t.name: max(t.bits, t.outlier_branch["bits"]) if t.outlier_branch else t.bits
+            for t in plan.tensors}
+
+
+def check_plan(plan: Plan, graph: Graph) -> None:
+    """Raise PlanFieldError naming the first field of `plan` that does not fit `graph`.
+
+    `plan` must have passed `plan_schema.check_plan_data` (load_plan does it)."""
+    if plan.graph_fingerprint != graph_fingerprint(graph):
+        raise fail("graph_fingerprint", "the plan was made for a different model")
+    index = _check_names(plan, graph)
+    schedule = _check_patch(plan, graph)
+    inplace = _check_schedule(plan, schedule)
+    _check_bits(plan, graph, schedule, inplace)
+    _check_memory(plan, graph, schedule, index)
+    _check_counts(plan, graph, schedule)
+
+
+def _check_names(plan: Plan, graph: Graph) -> dict[str, int]:
+    """The plan's tensors are the model's tensors, its layers the model's nodes in order with
+    their ops. Returns tensor name → index in `plan.tensors`."""
+    index: dict[str, int] = {}
+    for i, t in enumerate(plan.tensors):
+        if t.name in index:
+            raise fail(f"tensors[{i}].name", f"duplicate tensor '{t.name}'")
+        if t.name not in graph.tensors:
+            raise fail(f"tensors[{i}].name", f"'{t.name}' is not a tensor of the model")
+        index[t.name] = i
+    missing = [t for t in graph.tensors if t not in index]
+    if missing:
+        raise fail("tensors", f"missing the model's tensor '{missing[0]}'")
+    if len(plan.layers) != len(graph.nodes):
+        raise fail("layers", f"must list the model's {len(graph.nodes)} nodes, got "
+                             f"{len(plan.layers)}")
+    for i, (layer, node) in enumerate(zip(plan.layers, graph.nodes, strict=True)):
+        if layer.name != node.name:
+            raise fail(f"layers[{i}].name", f"must be the model's node {i} '{node.name}', got "
+                                            f"'{layer.name}'")
+        if layer.op != node.kind:
+            raise fail(f"layers[{i}].op", f"must be '{node.kind}', got '{layer.op}'")
+    return index
+
+
+def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
+    """Rebuild the schedule from (split_layer, n) with `mpq.patch` and compare every recorded
+    part of its geometry; a tampered grid or stage would send export's views out of their
+    buffers."""
+    p = plan.patch
+    if p is None:
+        return plan_patches(graph, None)
+    try:
+        schedule = plan_patches(graph, PatchSplit(p["split_layer"], p["n"]))
+    except MpqError as exc:
+        raise fail("patch.split_layer", str(exc)) from None
+    expect = {
+        "split_tensor": schedule.split_tensor,
+        "stage_nodes": schedule.stage_nodes,
+        "redundant_macs": schedule.redundant_macs,
+        "redundant_macs_percent": round(schedule.redundant_macs_percent, 4),
+        "tiles": [[[r.y0, r.y1, r.x0, r.x1] for r in row] for row in schedule.tiles],
+    }
+    for key, want in expect.items():
+        if p[key] != want:
+            raise fail(f"patch.{key}", f"does not match the split at layer {p['split_layer']} "
+                                       f"with n = {p['n']} (expected {_short(want)})")
+    v = p["vdpc"]
+    if v is not None:
+        classified = {n.name: n for n in graph.nodes}[schedule.stage_nodes[0]].outputs[0]
+        if classified == schedule.split_tensor:
+            raise fail("patch.vdpc", "VDPC needs a stage of more than one layer")
+        if v["map"] != classified:
+            raise fail("patch.vdpc.map", f"must be the first stage layer's output "
+                                         f"'{classified}', got '{v['map']}'")
+        regions = [[[r.y0, r.y1, r.x0, r.x1] for r in row]
+                   for row in schedule.regions[classified]]
+        if v["regions"] != regions:
+            raise fail("patch.vdpc.regions", "do not match the patch grid")
+        if len(v["outlier_rate"]) != schedule.n:
+            raise fail("patch.vdpc.outlier_rate", f"must be {schedule.n}×{schedule.n}")
+    return schedule
+
+
+def _short(v: Any) -> str:
+    text = str(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _stage_internal(plan: Plan, graph: Graph, schedule: PatchSchedule) -> set[str]:
+    """Tensors with a VDPC outlier branch: stage outputs except the split tensor."""
+    if plan.patch is None or plan.patch["vdpc"] is None:
+        return set()
+    by_name = {n.name: n for n in graph.nodes}
+    return {by_name[s].outputs[0] for s in schedule.stage_nodes} - {schedule.split_tensor}
+
+
+def _check_bits(plan: Plan, graph: Graph, schedule: PatchSchedule, inplace: set[str]) -> None:
+    """Bits the kernels and the search rely on: graph inputs, outputs, softmax outputs and the
+    VDPC map at 8; tied tensors (views, concat, fused adds, in-place depthwise) at one width;
+    outlier branches (8-bit) exactly on the VDPC stage's tensors; each layer's a_bits and
+    w_bits as its tensors and weights have them."""
+    from mpq.search.driver import fixed_8bit, tie_groups
+
+    tensors = {t.name: (i, t) for i, t in enumerate(plan.tensors)}
+    internal = _stage_internal(plan, graph, schedule)
+    classified = plan.patch["vdpc"]["map"] if plan.patch and plan.patch["vdpc"] else None
+    for name in sorted(fixed_8bit(graph, classified), key=lambda t: tensors[t][0]):
+        i, t = tensors[name]
+        if t.bits != 8:
+            raise fail(f"tensors[{i}].bits", f"'{name}' must be 8-bit (graph input, output, "
+                                             f"softmax or VDPC map), got {t.bits}")
+    for name, (i, t) in tensors.items():
+        if (t.outlier_branch is not None) != (name in internal):
+            what = "must have" if name in internal else "must not have"
+            raise fail(f"tensors[{i}].outlier_branch", f"'{name}' {what} a VDPC outlier "
+                                                       "branch in this plan")
+        if t.outlier_branch is not None and t.outlier_branch["bits"] != 8:
+            raise fail(f"tensors[{i}].outlier_branch.bits", "must be 8 (VDPC's 8-bit branch)")
+    for members in tie_groups(graph, schedule.fused_adds, inplace):
+        first = tensors[members[0]][1].bits
+        for m in members[1:]:
+            i, t = tensors[m]
+            if t.bits != first:
+                raise fail(f"tensors[{i}].bits", f"must equal the bits of '{members[0]}' "
+                                                 f"({first}): they share a buffer or a "
+                                                 f"format, got {t.bits}")
+    for i, (layer, node) in enumerate(zip(plan.layers, graph.nodes, strict=True)):
+        if node.weight is None and layer.w_bits is not None:
+            raise fail(f"layers[{i}].w_bits", f"must be null ('{node.name}' has no weights)")
+        if node.weight is not None and layer.w_bits is None:
+            raise fail(f"layers[{i}].w_bits", f"'{node.name}' has weights: must be set")
+        if node.inputs and layer.a_bits_in != tensors[node.inputs[0]][1].bits:
+            raise fail(f"layers[{i}].a_bits_in", f"must be the bits of its input "
+                                                 f"({tensors[node.inputs[0]][1].bits})")
+        if layer.a_bits_out != tensors[node.outputs[0]][1].bits:
+            raise fail(f"layers[{i}].a_bits_out", f"must be the bits of its output "
+                                                  f"({tensors[node.outputs[0]][1].bits})")
+
+
+def _check_schedule(plan: Plan, schedule: PatchSchedule) -> set[str]:
+    """`schedule` (what export shares storage for) is what the memory model decides; returns
+    the in-place depthwise nodes."""
+    inplace = schedule.memory().inplace
+    if plan.schedule["inplace_depthwise"] != sorted(inplace):
+        raise fail("schedule.inplace_depthwise", f"does not match the model's schedule "
+                                                 f"(expected {_short(inplace)})")
+    fused = {add: {"conv": conv, "skip": skip}
+             for add, (conv, skip) in sorted(schedule.fused_adds.items())}
+    if plan.schedule["fused_adds"] != fused:
+        raise fail("schedule.fused_adds", f"does not match the model's schedule "
+                                          f"(expected {_short(fused)})")
+    return inplace
+
+
+def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
+                  index: dict[str, int]) -> None:
+    """Every tensor's `bytes` is its packed size at its storage bits (per-patch maximum inside
+    the stage); graph inputs have no offset (the caller's buffer), every other tensor has one;
+    tensors sharing storage share the offset; each stored tensor lies in [0, arena_bytes);
+    buffers alive at the same step do not overlap (`memory._conflict`, the planner's own
+    test)."""
+    bits = storage_bits(plan)
+    for name, i in index.items():
+        t = plan.tensors[i]
+        want = packed_bytes(schedule.tensor_elements[name], bits[name])
+        if t.bytes != want:
+            raise fail(f"tensors[{i}].bytes", f"must be {want} ('{name}' at {bits[name]} bits),"
+                                              f" got {t.bytes}")
+        if name in graph.inputs and t.offset is not None:
+            raise fail(f"tensors[{i}].offset", "must be null for a graph input (the caller's "
+                                               "buffer)")
+        if name not in graph.inputs and t.offset is None:
+            raise fail(f"tensors[{i}].offset", f"'{name}' needs an arena offset")
+    arena = plan.predicted["arena_bytes"]
+    buffers = schedule.buffers(bits)
+    offsets: dict[str, int] = {}
+    for buf in buffers:
+        for s in buf.segments:
+            i = index[s.tensor]
+            off = plan.tensors[i].offset
+            offsets.setdefault(buf.name, off)
+            if off != offsets[buf.name]:
+                raise fail(f"tensors[{i}].offset", f"must equal the offset of "
+                                                   f"'{buf.segments[0].tensor}' "
+                                                   f"({offsets[buf.name]}): they share storage")
+            if off + s.size > arena:
+                raise fail(f"tensors[{i}].offset", f"{off} + {s.size} bytes ends past "
+                                                   f"predicted.arena_bytes ({arena})")
+    for a_i, a in enumerate(buffers):
+        for b in buffers[a_i + 1:]:
+            if _conflict(a, offsets[a.name], b, offsets[b.name]):
+                i = index[b.segments[0].tensor]
+                raise fail(f"tensors[{i}].offset", f"'{b.segments[0].tensor}' overlaps "
+                                                   f"'{a.segments[0].tensor}' while both are "
+                                                   "alive")
+    extent = max((offsets[b.name] + b.size for b in buffers), default=0)
+    if arena != extent:
+        raise fail("predicted.arena_bytes", f"must be {extent} (the end of the last tensor), "
+                                            f"got {arena}")
+
+
+def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
+    """MACs, BitOPs, scratch, input and Flash bytes recomputed from the plan's choices with the
+    search's own functions (`search.driver.assemble_plan`)."""
+    from mpq.search.driver import stage_bitops, weight_flash
+    from mpq.search.scores import full_precision_bitops, layer_bitops
+
+    bits = {t.name: t.bits for t in plan.tensors}
+    w_bits = {layer.name: layer.w_bits for layer in plan.layers if layer.w_bits is not None}
+    bitops = layer_bitops(graph, bits, w_bits)
+    bitops8 = layer_bitops(graph, {t: 8 for t in bits}, {n: 8 for n in w_bits})
+    for i, (layer, node) in enumerate(zip(plan.layers, graph.nodes, strict=True)):
+        macs = node_macs(node, graph)
+        if layer.macs != macs:
+            raise fail(f"layers[{i}].macs", f"must be {macs}, got {layer.macs}")
+        if layer.bitops != bitops[node.name]:
+            raise fail(f"layers[{i}].bitops", f"must be {bitops[node.name]}, got "
+                                              f"{layer.bitops}")
+    v = plan.patch["vdpc"] if plan.patch else None
+    rates = SimpleNamespace(outlier_rate=v["outlier_rate"]) if v else None
+    extra = stage_bitops(schedule, graph, bitops, bitops8, rates)
+    memory = schedule.memory(storage_bits(plan))
+    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
+    flash = 0
+    for layer, node in zip(plan.layers, graph.nodes, strict=True):
+        if node.weight is not None:
+            flash += weight_flash(node.weight.size, node.weight.shape[0], int(layer.w_bits),
+                                  layer.w_scheme or "linear")
+    arena = plan.predicted["arena_bytes"]
+    expect = {
+        "scratch_bytes": memory.scratch_bytes,
+        "peak_sram_bytes": arena + memory.scratch_bytes,
+        "input_bytes": input_bytes,
+        "sram_needed_bytes": arena + memory.scratch_bytes + input_bytes,
+        "flash_bytes": flash,
+        "code_bytes_estimate": code_bytes_estimate(graph),
+        "macs": schedule.total_macs + schedule.redundant_macs,
+        "bitops": int(sum(bitops.values())) + extra["mixed"],
+        "bitops_int8": int(sum(bitops8.values())) + extra["int8"],
+        "expected_bitops": int(sum(bitops.values())) + extra["expected"],
+        "full_precision_bitops": full_precision_bitops(graph),
+    }
+    for key, want in expect.items():
+        if plan.predicted[key] != want:
+            raise fail(f"predicted.{key}", f"must be {want}, got {plan.predicted[key]}")
+
+
+__all__ = ["PlanFieldError", "check_plan", "storage_bits"]
