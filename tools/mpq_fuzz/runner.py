@@ -305,7 +305,9 @@ def markdown(summary: dict[str, Any], command: str) -> str:
             lines.append(f"| {c['outcome']} | {c['command']} | {c['count']:,} | "
                          f"{_cell(c['cause'])} | {ex['index']} ({ex['seed_model']}: "
                          f"{_cell('; '.join(ex['mutations']))}) |")
-    lines += ["", "## Most frequent clean errors", "", "| cases | message (particulars blanked) |",
+    lines += ["", "## Most frequent clean errors", "",
+              "Counted per command (import and inspect each see every case).", "",
+              "| commands | message (particulars blanked) |",
               "| ---: | --- |"]
     lines += [f"| {c['count']:,} | {_cell(c['cause'])} |"
               for c in summary["clean_error_causes"][:40]]
