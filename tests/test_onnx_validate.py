@@ -190,3 +190,20 @@ def test_graph_output_declared_non_float() -> None:
     model = B.conv_pad_model((0, 0, 0, 0))
     model.graph.output[0].type.tensor_type.elem_type = TensorProto.UINT8
     _fails(model, "graph output 'output' is declared UINT8")
+
+
+def test_clip_bound_near_float_max_saturates() -> None:
+    """A finite Clip max of 3.4e38 (fuzzer case) divides to inf in float32: it saturates to the
+    type's limit like an unbounded side instead of failing with an OverflowError."""
+    import math
+    import warnings
+
+    from mpq.quant.arith import clamp_activation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clamp_activation(0.0, 3.4e38, 1e-3, -128, 8) == (-128, 127)
+        assert clamp_activation(-3.4e38, 6.0, 1e-3, -128, 8) == (-128, 127)
+        assert clamp_activation(-math.inf, math.inf, 0.05, 0, 8) == (-128, 127)
+        assert clamp_activation(0.0, 6.0, 6.0 / 255, -128, 8) == (-128, 127)
+        assert clamp_activation(0.0, 1.0, 6.0 / 255, -128, 8) == (-128, -128 + 43)

@@ -114,10 +114,19 @@ def clamp_activation(lo: float, hi: float, scale: float, zero_point: int,
     """
     qmin, qmax = qrange(bits)
     s = np.float32(scale)
-    amin = qmin if lo == -math.inf else max(
-        qmin, zero_point + int(round_half_away(np.float32(lo) / s)))
-    amax = qmax if hi == math.inf else min(
-        qmax, zero_point + int(round_half_away(np.float32(hi) / s)))
+
+    def steps(bound: float) -> float:
+        # A finite bound near FLT_MAX (a corrupt Clip max) divides to ±inf in float32: it lies
+        # beyond the type's range, so it saturates like an unbounded side.
+        with np.errstate(over="ignore"):
+            q = np.float32(bound) / s
+        return float(q) if np.isfinite(q) else (math.inf if q > 0 else -math.inf)
+
+    qlo, qhi = steps(lo), steps(hi)
+    amin = qmin if qlo == -math.inf else qmax if qlo == math.inf else max(
+        qmin, zero_point + int(round_half_away(np.float32(qlo))))
+    amax = qmax if qhi == math.inf else qmin if qhi == -math.inf else min(
+        qmax, zero_point + int(round_half_away(np.float32(qhi))))
     return int(amin), int(amax)
 
 
