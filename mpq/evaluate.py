@@ -27,7 +27,7 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
     """Top-1 class per sample of the float model."""
     preds = []
     if model_path.suffix.lower() == ".onnx":
-        from mpq.frontend.onnx_validate import ort_session
+        from mpq.frontend.onnx_validate import ort_run, ort_session
 
         sess = ort_session(model_path)
         name = sess.get_inputs()[0].name
@@ -35,7 +35,7 @@ def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size:
         if isinstance(fixed, int) and fixed > 0:  # a model exported with a fixed batch size
             batch_size = fixed
         for batch in data.batches(batch_size):
-            out = sess.run(None, {name: batch})[0]
+            out = ort_run(sess, {name: batch}, model_path)
             preds.append(_top1(out, len(batch), sum(map(len, preds))))
             if progress:
                 progress(len(batch))

@@ -207,3 +207,17 @@ def test_clip_bound_near_float_max_saturates() -> None:
         assert clamp_activation(-math.inf, math.inf, 0.05, 0, 8) == (-128, 127)
         assert clamp_activation(0.0, 6.0, 6.0 / 255, -128, 8) == (-128, 127)
         assert clamp_activation(0.0, 1.0, 6.0 / 255, -128, 8) == (-128, -128 + 43)
+
+
+def test_overlong_name_is_refused_at_import() -> None:
+    """Plans keep names of up to 4096 characters: a longer node name is refused at import,
+    not after a search, by export reading the plan."""
+    model = B.conv_pad_model((0, 0, 0, 0))
+    model.graph.node[0].name = "n" * 5000
+    _fails(model, "node #0 name is 5,000 characters long; mpq keeps names of up to 4,032")
+
+
+def test_constant_graph_output() -> None:
+    model = B.conv_pad_model((0, 0, 0, 0))
+    model.graph.output.append(helper.make_tensor_value_info("conv.bias", TensorProto.FLOAT, [8]))
+    _fails(model, "graph output 'conv.bias' is a constant")

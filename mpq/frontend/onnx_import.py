@@ -802,7 +802,10 @@ def _check_input(imp: Importer, vi: onnx.ValueInfoProto) -> tuple[int, ...]:
         raise imp.fail(f"graph input '{vi.name}' has no shape")
     dims = []
     for i, d in enumerate(t.shape.dim):
-        if d.HasField("dim_value") and d.dim_value > 0:
+        if d.HasField("dim_value") and d.dim_value <= 0:
+            # Not symbolic: a size of zero or below (onnxruntime would take -7 as "any").
+            raise imp.fail(f"graph input '{vi.name}' has dimension {i} of size {d.dim_value}")
+        if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
         elif i == 0:
             dims.append(1)  # symbolic batch: mpq runs one sample at a time
@@ -969,6 +972,9 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
     outputs: list[str] = []
     output_layouts: dict[str, str] = {}
     for vi in g.output:
+        if vi.name in imp.consts:
+            raise imp.fail(f"graph output '{vi.name}' is a constant; mpq needs every output "
+                           "computed from the input")
         value = imp.value(vi.name, onnx.NodeProto(name="<graph output>", op_type="Output"))
         if value.tensor in inputs or value.tensor in outputs:
             what = "a graph input" if value.tensor in inputs else "another graph output"

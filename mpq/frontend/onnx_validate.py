@@ -60,7 +60,12 @@ def _not_utf8(value: object) -> bool:
 
 
 def check_utf8(model: onnx.ModelProto, source: str) -> None:
-    """Refuse names that are not valid UTF-8: they cannot be shown or written back."""
+    """Refuse names that are not valid UTF-8 (they cannot be shown or written back) and names
+    longer than a plan file keeps (layer and tensor names are written into plans)."""
+    from mpq.plan_schema import MAX_STR
+
+    limit = MAX_STR - 64  # room for the suffixes of derived names (`_12`, `__preact`)
+
     g = model.graph
     fields: list[tuple[str, object]] = [("graph name", g.name)]
     for kind, coll in (("graph input", g.input), ("graph output", g.output),
@@ -76,6 +81,9 @@ def check_utf8(model: onnx.ModelProto, source: str) -> None:
     for what, value in fields:
         if _not_utf8(value):
             raise MpqError(f"{source}: {what} is not valid UTF-8 text")
+        if len(value) > limit:
+            raise MpqError(f"{source}: {what} is {len(value):,} characters long; mpq keeps "
+                           f"names of up to {limit:,} (plans record them)")
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
@@ -358,3 +366,15 @@ def ort_session(path: str | Path):  # -> onnxruntime.InferenceSession
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MpqError(show(f"{path}: onnxruntime cannot load this model: {text[:300]}")) \
             from None
+
+
+def ort_run(session, feeds: dict, path: str | Path) -> np.ndarray:
+    """First output of `session` on `feeds`; a failure of the user's model on valid data (a
+    Reshape that hard-codes batch 1 under a symbolic batch dimension) is one MpqError line."""
+    try:
+        return session.run(None, feeds)[0]
+    except Exception as exc:  # onnxruntime's InvalidArgument, Fail, RuntimeException, …
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        batch = next(iter(feeds.values())).shape[0]
+        raise MpqError(show(f"{path}: onnxruntime failed to run this model on a batch of "
+                            f"{batch}: {text[:300]}")) from None
