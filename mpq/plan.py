@@ -164,7 +164,10 @@ def resolve_model(plan: Plan, plan_path: str | Path, model: str | Path | None = 
     """The model file of a plan: given explicitly, or next to the plan under its name."""
     path = Path(model) if model is not None else Path(plan_path).parent / plan.model
     if not path.is_file():
-        raise MpqError(f"{path}: model file of the plan not found (give it with --model)")
+        if model is not None:
+            raise MpqError(f"{path}: no such model file")
+        raise MpqError(f"{plan_path}: model file of the plan not found: {path} "
+                       "(give it with --model)")
     check_model_matches(plan, path)
     return path
 
