@@ -3,29 +3,25 @@ attribute or tensor; unnamed and duplicate node names, which real exporters writ
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_builders as B
 import pytest
-from conftest import ort_run, random_input, rel_err, run_mpq
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from conftest import REPO, ort_run, random_input, rel_err, run_mpq
+from onnx import TensorProto, helper, numpy_helper
 
 from mpq.errors import MpqError
 from mpq.frontend.onnx_import import import_model
 
+sys.path.insert(0, str(REPO))
+from tools.mpq_fuzz.mutate import set_attribute  # noqa: E402
+
 
 def _set_attr(model: onnx.ModelProto, op: str, name: str, value) -> onnx.ModelProto:
-    node = next(n for n in model.graph.node if n.op_type == op)
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    if isinstance(value, list) and not value:
-        node.attribute.append(AttributeProto(name=name, type=AttributeProto.INTS))
-    else:
-        node.attribute.append(helper.make_attribute(name, value))
+    set_attribute(next(n for n in model.graph.node if n.op_type == op), name, value)
     return model
 
 

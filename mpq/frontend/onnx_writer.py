@@ -38,21 +38,11 @@ class _Writer:
 
     def derived(self, name: str) -> str:
         """A name for a node the writer adds, unique among all node names."""
-        candidate, k = name, 0
-        while candidate in self.node_names:
-            k += 1
-            candidate = f"{name}_{k}"
-        self.node_names.add(candidate)
-        return candidate
+        return _claim(name, self.node_names)
 
     def fresh(self, name: str) -> str:
-        """`name`, or `name_1`, `name_2`, … if a value of that name exists already."""
-        candidate, k = name, 0
-        while candidate in self.taken:
-            k += 1
-            candidate = f"{name}_{k}"
-        self.taken.add(candidate)
-        return candidate
+        """A value name: `name`, or `name_1`, `name_2`, … if a value of that name exists."""
+        return _claim(name, self.taken)
 
     def init(self, name: str, array: np.ndarray) -> str:
         name = self.fresh(name)
@@ -201,3 +191,13 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
     helper.set_model_props(model, {NORMALISED_KEY: "1"})
     onnx.checker.check_model(model)
     return model
+
+
+def _claim(name: str, taken: set[str]) -> str:
+    """`name`, or the first of `name_1`, `name_2`, … not in `taken`; added to `taken`."""
+    candidate, k = name, 0
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate

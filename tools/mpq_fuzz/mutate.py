@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -142,6 +143,12 @@ def m_attr_value(rng: random.Random, model: onnx.ModelProto) -> str | None:
         value = rng.choice(INTERESTING_FLOATS)
     else:
         value = rng.choice(["x", "", "[bold]"])
+    set_attribute(node, name, value)
+    return f"attr {node.op_type}.{name}={value!r:.60}"
+
+
+def set_attribute(node: onnx.NodeProto, name: str, value: Any) -> None:
+    """Replace (or add) attribute `name` of `node`; an empty list becomes an empty INTS."""
     for i, a in enumerate(node.attribute):
         if a.name == name:
             del node.attribute[i]
@@ -150,7 +157,6 @@ def m_attr_value(rng: random.Random, model: onnx.ModelProto) -> str | None:
         node.attribute.append(AttributeProto(name=name, type=AttributeProto.INTS))
     else:
         node.attribute.append(helper.make_attribute(name, value))
-    return f"attr {node.op_type}.{name}={value!r:.60}"
 
 
 def m_attr_drop(rng: random.Random, model: onnx.ModelProto) -> str | None:
