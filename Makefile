@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/mpq verify $(OUT)/fashion.plan.json --data $(EX)/test.npz --target host
 
 test: $(STAMP)
-	$(BIN)/ruff check mpq tests benchmarks
+	$(BIN)/ruff check mpq tests benchmarks tools
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -377,7 +377,7 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
 @click.argument("model", metavar="MODEL_OR_PLAN", type=click.Path(dir_okay=True,
                                                                   path_type=Path))
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
-              help="With a plan: the model file (default: next to the plan).")
+              help="With a plan: the model file (default: the path the plan names).")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
               help=".npy of float inputs in the model's input layout (one sample or a batch).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -449,7 +449,7 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 @click.argument("model", metavar="MODEL_OR_PLAN", type=click.Path(dir_okay=True,
                                                                   path_type=Path))
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
-              help="With a plan: the model file (default: next to the plan).")
+              help="With a plan: the model file (default: the path the plan names).")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Labelled test data: .npz with x and y; y holds class indices [N] (or "
                    "[N, 1]) or one-hot rows [N, classes], taken by argmax.")
@@ -593,7 +593,7 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Directory for the C sources.")
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
-              help="The plan's model file (default: next to the plan).")
+              help="The plan's model file (default: the path the plan names).")
 @click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
               show_default=True, help="Kernel library the sources call.")
 @click.option("--build", is_flag=True,
@@ -647,7 +647,7 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Directory for the report (default: <plan stem>.report/ beside PLAN).")
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
-              help="The plan's model file (default: next to the plan).")
+              help="The plan's model file (default: the path the plan names).")
 @QUIET
 @user_errors
 def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
@@ -684,7 +684,7 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
 @click.option("--samples", type=click.IntRange(1), default=16, show_default=True,
               help="At most this many inputs.")
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
-              help="The plan's model file (default: next to the plan).")
+              help="The plan's model file (default: the path the plan names).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
@@ -795,6 +795,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     from mpq.boards import get_board
     from mpq.fileio import check_outputs
     from mpq.frontend import load_model
+    from mpq.plan import model_reference
     from mpq.quant.calibrate import load_dataset, total_steps
     from mpq.quant.weights import parse_weights
     from mpq.search.driver import SearchOptions, feasible_candidates, search
@@ -822,6 +823,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     with progress_bar("calibrating", total or None, quiet) as tick:
         result = search(model, graph, board, ds, opts, progress=tick, log=tick.note,
                         candidates=candidates)
+    result.plan.model = model_reference(model, output)
     result.plan.save(output)
     seconds = time.perf_counter() - t0
     summary = _search_summary(result.plan, seconds, output)

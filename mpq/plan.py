@@ -1,12 +1,12 @@
 """The plan: the contract between `mpq search` and every later stage (DESIGN §1).
 
-A plan is JSON with sorted keys and a schema version. It names the model by file name and
-sha256 (export and eval refuse a model that changed), the board and its budgets, the patch
-schedule (split layer, grid, VDPC thresholds and per-position outlier rates), every tensor's
-bits and quantisation (and, inside the patch stage, the 8-bit parameters of the outlier
-branch), every layer's bitwidths, MACs and BitOPs, the arena offsets, what the memory model
-predicts, and how the plan was found. No wall-clock time and no absolute path go into it, so the
-same inputs give the same bytes.
+A plan is JSON with sorted keys and a schema version. It names the model by its path from the
+plan's directory and its sha256 (export and eval refuse a model that changed), the board and
+its budgets, the patch schedule (split layer, grid, VDPC thresholds and per-position outlier
+rates), every tensor's bits and quantisation (and, inside the patch stage, the 8-bit
+parameters of the outlier branch), every layer's bitwidths, MACs and BitOPs, the arena
+offsets, what the memory model predicts, and how the plan was found. No wall-clock time and no
+absolute path go into it, so the same inputs give the same bytes.
 
 Weights are not stored: they are re-quantised deterministically from the model (whose sha256
 the plan pins) at the plan's per-layer weight bits. A layer whose weights use another scheme than
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,18 @@ def check_model_matches(plan: Plan, model_path: str | Path) -> None:
                        "run `mpq search` again")
 
 
+def model_reference(model_path: str | Path, plan_path: str | Path) -> str:
+    """How a plan written to `plan_path` names its model: the path from the plan's directory,
+    `/`-separated, so the same layout gives the same bytes wherever it sits on disk and plans
+    and models may live in different directories (`../models/x.onnx`)."""
+    rel = os.path.relpath(os.path.abspath(model_path),
+                          os.path.dirname(os.path.abspath(plan_path)))
+    return Path(rel).as_posix()
+
+
 def resolve_model(plan: Plan, plan_path: str | Path, model: str | Path | None = None) -> Path:
-    """The model file of a plan: given explicitly, or next to the plan under its name."""
+    """The model file of a plan: given explicitly, or where the plan's `model` path leads from
+    the plan's directory."""
     path = Path(model) if model is not None else Path(plan_path).parent / plan.model
     if not path.is_file():
         if model is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mpq.errors import MpqError
@@ -366,11 +365,15 @@ def check_board(b: Any, field: str = "board") -> None:
 
 
 def check_model_name(v: Any, field: str = "model") -> None:
-    """A bare file name: the model is looked up beside the plan, so a directory part or `..`
-    would let a plan point mpq at any file on the machine."""
-    name = req_str(v, field, 255)
-    if "/" in name or Path(name).name != name or name in (".", ".."):
-        raise fail(field, f"must be a bare file name (no directory), got {_show(name)}")
+    """The model's path relative to the plan's directory, `/`-separated (`x.onnx`,
+    `../models/x.onnx`): never absolute (plans hold no absolute paths), and naming a file.
+    Whatever it names is only used if its sha256 is the plan's."""
+    name = req_str(v, field, 4096)
+    last = name.rsplit("/", 1)[-1]
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) \
+            or last in ("", ".", ".."):
+        raise fail(field, "must be the model file's path relative to the plan, got "
+                          f"{_show(name)}")
 
 
 def check_plan_data(data: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_ONNX, run_mpq, shared_model
+from conftest import REPO, SHARED_ONNX, run_mpq, shared_model
 from test_bad_input import assert_clean_failure
 
 from mpq.boards import get_board
@@ -121,6 +121,44 @@ def test_plan_refuses_changed_model_and_newer_schema(kws, tmp_path: Path) -> Non
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps(d))
     assert_clean_failure(run_mpq("eval", newer, "--data", kws["test"]), "newer")
+
+
+def test_plan_finds_its_model_from_another_directory(tmp_path: Path) -> None:
+    """The usual Makefile layout: models/ and build/ side by side, commands run from the
+    project root. The plan names its model relative to itself (no absolute path), so export
+    finds it without --model, and the same layout elsewhere gives the same plan bytes."""
+    ex = REPO / "examples" / "fashion"
+    plans = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        (root / "models").mkdir(parents=True)
+        (root / "build").mkdir()
+        shutil.copy(ex / "fashion_cnn.onnx", root / "models" / "x.onnx")
+        r = run_mpq("search", "models/x.onnx", "--board", "nano33ble", "--strategy", "int8",
+                    "--patches", "none", "--data", ex / "calib.npz", "-o", "build/x.plan.json",
+                    "-q", cwd=root)
+        assert r.returncode == 0, r.stderr
+        plans.append((root / "build" / "x.plan.json").read_bytes())
+        assert json.loads(plans[-1])["model"] == "../models/x.onnx"
+        r = run_mpq("export", "build/x.plan.json", "-o", "build/fw", cwd=root)
+        assert r.returncode == 0, r.stderr
+        assert (root / "build" / "fw" / "mpq_model.c").is_file()
+    assert plans[0] == plans[1]
+
+
+def test_flash_error_names_the_option_that_goes_lower(tmp_path: Path) -> None:
+    """A Flash budget below the floor at the offered weight bits names the floor and the
+    `--weight-bits` that would go lower, before any data is read."""
+    ex = REPO / "examples" / "fashion"
+    r = run_mpq("search", ex / "fashion_cnn.onnx", "--board", "nano33ble", "--flash", "60000",
+                "--data", ex / "calib.npz", "-o", tmp_path / "p.json")
+    assert_clean_failure(r, "needs at least", "B Flash with 4-bit weights",
+                         "--weight-bits 8,4,2 goes down to")
+    r = run_mpq("search", ex / "fashion_cnn.onnx", "--board", "nano33ble", "--flash", "60000",
+                "--weight-bits", "8,4,2", "--data", ex / "calib.npz", "-o", tmp_path / "p.json",
+                "-q")
+    assert r.returncode == 0, r.stderr
+    p = json.loads((tmp_path / "p.json").read_text())["predicted"]
+    assert p["flash_bytes"] + p["code_bytes_estimate"] <= 60_000
 
 
 def test_vdpc_thresholds_and_rates() -> None:

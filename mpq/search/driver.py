@@ -496,7 +496,8 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
                        for n in graph.nodes if n.weight is not None)
     if flash > flash_total:
         raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights (code "
-                          f"estimate {code:,} B included); budget is {flash_total:,} B", 0)
+                          f"estimate {code:,} B included); budget is {flash_total:,} B"
+                          + _flash_hint(graph, opts, w_floor, code, flash), 0)
     candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
     for schedule in candidates:
@@ -619,6 +620,22 @@ def _describe(schedule: PatchSchedule) -> str:
     if schedule.split_tensor is None:
         return "no patches"
     return f"k={schedule.split_layer},n={schedule.n} patches"
+
+
+def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flash: int
+                ) -> str:
+    """What would go below a Flash floor of `flash` bytes at `w_floor`-bit weights: the option
+    offering 2-bit linear weights and the Flash they need (DESIGN §7), or nothing when the
+    user already allows them or chose another scheme."""
+    if opts.weight_scheme is not None or w_floor <= 2:
+        return ""
+    flash2 = code + sum(weight_flash(n.weight.size, n.weight.shape[0], 2)
+                        for n in graph.nodes if n.weight is not None)
+    if flash2 >= flash:
+        return ""
+    option = "--weight-bits 8,4,2" if opts.strategy != "int8" else \
+        "--strategy exact --weight-bits 8,4,2"
+    return f" ({option} goes down to {flash2:,} B)"
 
 
 def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule,
