@@ -67,7 +67,9 @@ class ArenaPlan:
         return {s.tensor: self.offsets[b.name] for b in self.buffers for s in b.segments}
 
 
-def _conflict(a: Buffer, off_a: int, b: Buffer, off_b: int) -> bool:
+def buffers_conflict(a: Buffer, off_a: int, b: Buffer, off_b: int) -> bool:
+    """True when buffers `a` at `off_a` and `b` at `off_b` share arena bytes while some
+    segment of each is alive at the same step (the planner's rule, and the plan check's)."""
     for sa in a.segments:
         for sb in b.segments:
             if sa.first <= sb.last and sb.first <= sa.last \
@@ -88,7 +90,7 @@ def plan_arena(buffers: list[Buffer]) -> ArenaPlan:
     for buf in order:
         candidates = sorted({0} | {off + s.size for other, off in placed for s in other.segments})
         for cand in candidates:
-            if not any(_conflict(buf, cand, other, off) for other, off in placed):
+            if not any(buffers_conflict(buf, cand, other, off) for other, off in placed):
                 break
         offsets[buf.name] = cand
         placed.append((buf, cand))

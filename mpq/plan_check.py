@@ -21,7 +21,7 @@ from typing import Any
 
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import _conflict, code_bytes_estimate, packed_bytes
+from mpq.memory import buffers_conflict, code_bytes_estimate, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches
 from mpq.plan import Plan
 from mpq.plan_schema import PlanFieldError, fail
@@ -188,7 +188,7 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
     """Every tensor's `bytes` is its packed size at its storage bits (per-patch maximum inside
     the stage); graph inputs have no offset (the caller's buffer), every other tensor has one;
     tensors sharing storage share the offset; each stored tensor lies in [0, arena_bytes);
-    buffers alive at the same step do not overlap (`memory._conflict`, the planner's own
+    buffers alive at the same step do not overlap (`memory.buffers_conflict`, the planner's own
     test)."""
     bits = storage_bits(plan)
     for name, i in index.items():
@@ -219,7 +219,7 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                                                    f"predicted.arena_bytes ({arena})")
     for a_i, a in enumerate(buffers):
         for b in buffers[a_i + 1:]:
-            if _conflict(a, offsets[a.name], b, offsets[b.name]):
+            if buffers_conflict(a, offsets[a.name], b, offsets[b.name]):
                 i = index[b.segments[0].tensor]
                 raise fail(f"tensors[{i}].offset", f"'{b.segments[0].tensor}' overlaps "
                                                    f"'{a.segments[0].tensor}' while both are "
