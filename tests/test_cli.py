@@ -117,3 +117,11 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     assert r.returncode == 0 and r.stderr == ""
     assert "\x1b[" not in r.stdout and "\r" not in r.stdout  # no bar, no colour in a pipe
     assert (tmp_path / "q.json").read_bytes() == plan.read_bytes()
+
+
+def test_version_names_the_command() -> None:
+    from mpq import __version__
+
+    result = run_mpq("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"mpq, version {__version__}"

@@ -240,17 +240,20 @@ def summarise(results: list[dict[str, Any]], opts: Options, seconds: float) -> d
     }
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    """The installed version of a distribution, or "?" when it is not installed."""
     try:
         from importlib.metadata import version
 
-        return version(module)
+        return version(distribution)
     except Exception:
         return "?"
 
 
 def machine() -> dict[str, Any]:
     """The machine and the versions that produced a report."""
+    import mpq
+
     commit = ""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -260,8 +263,10 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "python": platform.python_version(),
             "mpq_commit": commit,
-            "versions": {m: _version(m) for m in ("mpq", "onnx", "onnxruntime", "numpy",
-                                                   "protobuf", "click", "rich")}}
+            # mpq's own version is the checkout's that ran, whatever distribution is installed.
+            "versions": {"mpq": mpq.__version__,
+                         **{m: _version(m) for m in ("onnx", "onnxruntime", "numpy",
+                                                     "protobuf", "click", "rich")}}}
 
 
 def outcome_table(summary: dict[str, Any]) -> str:
