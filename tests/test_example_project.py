@@ -142,13 +142,18 @@ def test_make_run_runs_a_cortex_m7_board_on_its_own_qemu_machine(tmp_path: Path)
     assert "-mcpu=cortex-m7" in run.stdout
 
 
-def test_make_run_refuses_a_board_qemu_does_not_emulate_before_building(tmp_path: Path) -> None:
+def test_make_run_refuses_a_board_qemu_does_not_emulate_and_runs_it_on_a_qemu_board(
+        tmp_path: Path) -> None:
     # nano33ble is the case: `make run` used to reach QEMU and fail there
     # ("Use -machine help"); the board file has no qemu_machine because QEMU has no nRF52840.
     boards = _boards()
     board = next(b for b in boards if b["name"] == "nano33ble")
     assert not board.get("qemu_machine")
     emulated = sorted(b["name"] for b in boards if b.get("qemu_machine"))
+    same_core = next(b["name"] for b in boards
+                     if b.get("qemu_machine") and b["core"] == board["core"])
+    other_core = next(b["name"] for b in boards
+                      if b.get("qemu_machine") and b["core"] != board["core"])
     build = tmp_path / "build"
 
     refused = _make(build, "BOARD=nano33ble", "run")
@@ -156,16 +161,29 @@ def test_make_run_refuses_a_board_qemu_does_not_emulate_before_building(tmp_path
     said = [ln for ln in refused.stderr.splitlines() if ln.strip()]
     assert len(said) == 1, refused.stderr
     assert "board 'nano33ble' has no qemu_machine" in said[0]
-    assert f"boards QEMU emulates: {', '.join(emulated)}." in said[0]
+    assert f"boards QEMU emulates: {', '.join(emulated)} (QEMU_BOARD={same_core} " in said[0]
     assert "mpq search" not in refused.stdout and not build.exists()  # nothing was built
 
-    # An unknown board is refused the same way, with the known ones listed.
-    unknown = _make(build, "BOARD=no-such-board", "run")
-    assert unknown.returncode != 0 and not build.exists()
-    said = [ln for ln in unknown.stderr.splitlines() if ln.strip()]
-    assert len(said) == 1 and "unknown board 'no-such-board'" in said[0], unknown.stderr
+    # An unknown board, or a QEMU board of another core, is refused the same way.
+    for args, why in ((["BOARD=no-such-board"], "unknown board 'no-such-board'"),
+                      (["BOARD=nano33ble", f"QEMU_BOARD={other_core}"],
+                       f"board 'nano33ble' a {board['core']}")):
+        bad = _make(build, *args, "run")
+        said = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+        assert bad.returncode != 0 and len(said) == 1 and why in said[0], bad.stderr
+        assert not build.exists()
 
     # Building without running still works for it: only `make run` needs QEMU.
-    built = _make(build, f"SRAM={SRAM}", "BOARD=nano33ble")
+    budget = f"SRAM={SRAM}"
+    built = _make(build, budget, "BOARD=nano33ble")
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     assert (build / "fashion.elf").is_file()
+
+    # QEMU_BOARD runs this plan's objects, linked for the QEMU board's memory map, on its
+    # machine, without searching or compiling again.
+    run = _make(build, budget, "BOARD=nano33ble", f"QEMU_BOARD={same_core}", "run")
+    _assert_prints_reference(run, build / "fashion.plan.json", tmp_path)
+    assert "mpq search" not in run.stdout and " -c " not in run.stdout
+    machine = next(b["qemu_machine"] for b in boards if b["name"] == same_core)
+    assert f"-M {machine} " in run.stdout
+    assert f"qemu-{same_core}/fashion.elf" in run.stdout
