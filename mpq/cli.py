@@ -596,25 +596,29 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
               help="The plan's model file (default: the path the plan names).")
 @click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
               show_default=True, help="Kernel library the sources call.")
+@click.option("--target", "targets", type=click.Choice(["make", "cmake"]), multiple=True,
+              help="Build files to write, repeatable: make (mpq.mk, always written) and cmake "
+                   "(CMakeLists.txt: add_subdirectory, then link mpq_model).")
 @click.option("--build", is_flag=True,
               help="Also link for the board (arm-none-eabi-gcc) and record the measured "
                    "section sizes in mpq_report.json.")
 @QUIET
 @user_errors
 def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str,
-               build: bool, quiet: bool) -> None:
+               targets: tuple[str, ...], build: bool, quiet: bool) -> None:
     """Write the firmware sources of PLAN: mpq_model.{h,c}, mpq_weights.{h,c}, the kernels.
 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
     With --backend cmsis-nn the int8 layers call CMSIS-NN (mpq_report.json lists each layer's
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
+    --target cmake adds a CMakeLists.txt defining the static library mpq_model.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
     from mpq.fileio import check_outputs
     from mpq.plan import load_plan_with_model
 
     plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
-    files = render_export(plan, graph, backend)
+    files = render_export(plan, graph, backend, targets or ("make",))
     check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
         from mpq.boards import plan_board

@@ -520,8 +520,25 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
     }
 
 
-def render_export(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, str]:
-    """File name → content of an export for `backend` ("portable" or "cmsis-nn")."""
+#: Build systems `mpq export --target` writes files for; "make" (mpq.mk) is always written.
+BUILD_TARGETS = ("make", "cmake")
+
+
+def check_targets(targets: tuple[str, ...] | list[str]) -> None:
+    """Refuse a build target mpq has no template for (the CLI's Choice already does; this is
+    for library callers)."""
+    unknown = sorted(set(targets) - set(BUILD_TARGETS))
+    if unknown:
+        raise MpqError(f"export: unknown build target '{unknown[0]}' (choose from "
+                       f"{', '.join(BUILD_TARGETS)})")
+
+
+def render_export(plan: Plan, graph: Graph, backend: str = "portable",
+                  targets: tuple[str, ...] | list[str] = ("make",)) -> dict[str, str]:
+    """File name → content of an export for `backend` ("portable" or "cmsis-nn"), with the
+    build files of `targets`: mpq.mk always (it is also the export's make stamp), and
+    CMakeLists.txt for "cmake"."""
+    check_targets(targets)
     ctx = export_context(plan, graph, backend)
     files = {
         "mpq_model.h": render("c/mpq_model.h.j2", **ctx),
@@ -550,9 +567,11 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable") -> dict[s
     files["mpq_report.json"] = json.dumps(report, indent=2, sort_keys=True) + "\n"
     board = plan_board(plan.board)
     files[f"{board.name}.ld"] = linker_script(board)
-    files["mpq.mk"] = render("make/mpq.mk.j2", model=plan.model, board=board,
-                             plan_digest=ctx["plan_digest"],
-                             cmsis_sources=cm["sources"] if cm else [])
+    build = {"model": plan.model, "board": board, "plan_digest": ctx["plan_digest"],
+             "cmsis_sources": cm["sources"] if cm else []}
+    if "cmake" in targets:
+        files["CMakeLists.txt"] = render("cmake/CMakeLists.txt.j2", **build)
+    files["mpq.mk"] = render("make/mpq.mk.j2", **build)
     return files
 
 

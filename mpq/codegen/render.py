@@ -3,14 +3,15 @@
 Text from a model, a plan, a board file or a file name is untrusted: it may only appear in
 generated files as a comment, through the filter of the file's language, which keeps a
 conservative set of characters that cannot end the comment, continue it onto a code line or
-be expanded (`c_comment`, `make_comment`, `ld_comment`); HTML is autoescaped. Identifiers and
-code are mpq's own (`mpq_l3`, `mpq_arena + 128`).
+be expanded (`c_comment`, `make_comment`, `ld_comment`, `cmake_comment`); HTML is autoescaped.
+Identifiers and code are mpq's own (`mpq_l3`, `mpq_arena + 128`).
 
-Forgetting a filter cannot pass silently: every value a C, make or linker template outputs is
-checked (`_finalize`), and a value with a character or sequence that neither mpq's generated
-code nor a filtered comment ever contains — a newline or anything else not printable ASCII, a
-backslash, `?` (trigraphs), a C comment delimiter, and for make and ld `*`, `$` and `#` — stops
-the render with `UnsafeOutput`. So hostile text can at worst stop an export, never run.
+Forgetting a filter cannot pass silently: every value a C, make, linker or CMake template
+outputs is checked (`_finalize`), and a value with a character or sequence that neither mpq's
+generated code nor a filtered comment ever contains — a newline or anything else not printable
+ASCII, a backslash, `?` (trigraphs), a C comment delimiter, for make and ld `*`, `$` and `#`,
+and for CMake `*`, `$`, `#`, `;`, `"`, `[` and `]` — stops the render with `UnsafeOutput`. So
+hostile text can at worst stop an export, never run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mpq.resources import data_dir
 
 #: The language of each template directory; a template elsewhere has none and is refused.
 LANGUAGES: dict[str, str] = {"c": "c", "firmware": "c", "make": "make", "linker": "ld",
-                             "report": "html"}
+                             "cmake": "cmake", "report": "html"}
 
 # Characters a comment keeps (beyond printable ASCII, which excludes newlines and controls).
 # C: `\` splices lines, `??/` is a trigraph for it, `*` could close the comment or, after a
@@ -35,6 +36,10 @@ LANGUAGES: dict[str, str] = {"c": "c", "firmware": "c", "make": "make", "linker"
 # (expansion) and `#` (make comments) as well.
 _C_DROP = "\\?*"
 _MAKE_LD_DROP = "\\?*$#"
+# CMake: a `#` line comment ends only at a newline, but the text must stay inert wherever a
+# value may land — inside a quoted argument `\\` escapes, `$` expands (`${…}`, `$ENV{…}`),
+# `"` ends it and `;` splits a list; `#[[`/`]]` open and close bracket comments and arguments.
+_CMAKE_DROP = "\\?*$#;\"[]"
 
 # What a filter never lets through and mpq's own code never contains: in an output value, it
 # means untrusted text reached a template unfiltered. For make and ld that is what their filter
@@ -44,10 +49,11 @@ _UNSAFE: dict[str, re.Pattern[str]] = {
     "c": re.compile(r"[^\x20-\x7e]|[\\?]|/\*|\*/"),
     "make": re.compile(r"[^\x20-\x7e]|[\\?*$#]"),
     "ld": re.compile(r"[^\x20-\x7e]|[\\?*$#]"),
+    "cmake": re.compile(r'[^\x20-\x7e]|[\\?*$#;"\[\]]'),
 }
 # Every character any `_UNSAFE` match starts with: one character class is quick to rule out on
 # the bulk of the output (numbers, weights), the alternatives above run only when it matches.
-_PLAIN = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "\\?*/$#")
+_PLAIN = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "\\?*/$#;\"[]")
 _SUSPECT = re.compile(f"[^{re.escape(_PLAIN)}]")
 
 
@@ -76,6 +82,14 @@ def ld_comment(text: object) -> str:
     """Text safe inside a GNU ld `/* … */` comment: as :func:`make_comment`, so no `*` can
     close it."""
     return _keep_only(text, _MAKE_LD_DROP)
+
+
+def cmake_comment(text: object) -> str:
+    """Text safe in a CMake `# …` comment line, and inert even inside a quoted argument:
+    printable ASCII without `\\`, `$`, `#`, `;`, `"`, `[`, `]`, `?` and `*` (each other
+    character becomes `_`), so it can neither end the line, expand a variable, close a quote
+    nor open a bracket comment."""
+    return _keep_only(text, _CMAKE_DROP)
 
 
 def template_language(name: str | None) -> str:
@@ -110,7 +124,7 @@ def _finalize(context: jinja2.runtime.Context, value: Any) -> Any:
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     """Strict environment: an undefined variable is an error, output ends with a newline,
-    HTML is autoescaped and C/make/ld output is checked by `_finalize`."""
+    HTML is autoescaped and C/make/ld/CMake output is checked by `_finalize`."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
         undefined=jinja2.StrictUndefined,
@@ -119,7 +133,8 @@ def environment() -> jinja2.Environment:
                                             default_for_string=False, default=False),
         finalize=_finalize,
     )
-    env.filters.update(c_comment=c_comment, make_comment=make_comment, ld_comment=ld_comment)
+    env.filters.update(c_comment=c_comment, make_comment=make_comment, ld_comment=ld_comment,
+                       cmake_comment=cmake_comment)
     return env
 
 
