@@ -2,10 +2,11 @@
 compiler, make, the linker or a browser (mpq issue 12).
 
 One hostile plan is searched per session: the Fashion example CNN with every node and tensor
-renamed to a payload, under a file name that is a make payload, for a board file whose
-description is a C and linker-script payload. Each payload would break the build, fail the
-link, create a sentinel file or add markup if it escaped its comment; the tests render every
-template from it and hand the results to gcc, make, arm-none-eabi-gcc/ld and an HTML parser.
+renamed to a payload, under a file name that is a make and a CMake payload, for a board file
+whose description is a C and linker-script payload. Each payload would break the build, fail
+the link, create a sentinel file or add markup if it escaped its comment; the tests render every
+template from it and hand the results to gcc, make, cmake, arm-none-eabi-gcc/ld and an HTML
+parser.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mpq.codegen.render import (
     LANGUAGES,
     UnsafeOutput,
     c_comment,
+    cmake_comment,
     environment,
     ld_comment,
     make_comment,
@@ -54,12 +56,16 @@ NODE_PAYLOADS = (
     "make $(shell touch SENTINEL_MK)\n$(error PWNED_MK) # \\",
     'ld */ ASSERT(0, "PWNED_LD") /*',
 )
-# A file name cannot hold `/`, but a newline ends mpq.mk's comment line and `\` continues it.
+# A file name cannot hold `/`, but a newline ends mpq.mk's (and CMakeLists.txt's) comment line,
+# `\` continues it, and in CMake `")` would close a quoted argument and its command, `#[[` open
+# a bracket comment, `${…}` expand and `;` split a list.
 MODEL_FILE = ("evil $(shell touch SENTINEL_F) *\\\n$(shell touch SENTINEL_F2)\nPWNED_F := 1\n"
+              "\")\nfile(WRITE SENTINEL_CM x)#[[ ]] ${PWNED_CM} ;"
               "'\".onnx")
 # Plan text fields hold anything a hand-edited plan can: every payload at once.
 PLAN_TEXT = ('m */ _Static_assert(0, "PWNED_PM"); /* *??/\n/ *\\\n/ $(shell touch '
-             'SENTINEL_P)\nPWNED_P := 1\n<script>alert("PWNED_PM")</script> $\\frac$')
+             'SENTINEL_P)\nPWNED_P := 1\n<script>alert("PWNED_PM")</script> $\\frac$'
+             '")\nfile(WRITE SENTINEL_CP x)#')
 # The plan's `model` is a bare file name (the schema refuses `/`), so the rest of it.
 PLAN_MODEL = PLAN_TEXT.replace("/", "|")
 BOARD_DESCRIPTION = ('x */ ASSERT(0, "PWNED_LD") /* \n _Static_assert(0, "PWNED_D"); *??/\n/ '
@@ -118,12 +124,12 @@ def exported(hostile, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for backend in ("portable", "cmsis-nn"):
         out[backend] = tmp_path_factory.mktemp(backend)
-        write_export(render_export(plan, graph, backend), out[backend])
+        write_export(render_export(plan, graph, backend, ("make", "cmake")), out[backend])
     return out
 
 
 SENTINELS = ("SENTINEL", "SENTINEL_MK", "SENTINEL_F", "SENTINEL_F2", "SENTINEL_P",
-             "SENTINEL_B")  # what the payloads' `touch` would create
+             "SENTINEL_B", "SENTINEL_CM", "SENTINEL_CP")  # what the payloads' `touch` would create
 
 
 def _no_sentinels(*dirs: Path) -> None:
@@ -168,7 +174,7 @@ def test_comment_filters_keep_only_inert_text() -> None:
     expanded, for make and ld); names that are already clean come out unchanged."""
     for text in (*NODE_PAYLOADS, MODEL_FILE, PLAN_TEXT, BOARD_DESCRIPTION, "é\x00\t\r"):
         for f, banned in ((c_comment, "\\?*"), (make_comment, "\\?*$#"),
-                          (ld_comment, "\\?*$#")):
+                          (ld_comment, "\\?*$#"), (cmake_comment, '\\?*$#;"[]')):
             out = f(text)
             assert len(out) == len(text)
             assert all(" " <= ch <= "~" and ch not in banned for ch in out), (f, out)
@@ -178,6 +184,7 @@ def test_comment_filters_keep_only_inert_text() -> None:
         clean += [b.name, b.description, f"boards/{b.name}.toml", b.flash_region]
     for text in clean:
         assert c_comment(text) == make_comment(text) == ld_comment(text) == text
+        assert cmake_comment(text) == text
 
 
 def test_unfiltered_text_stops_the_render() -> None:
@@ -187,14 +194,19 @@ def test_unfiltered_text_stops_the_render() -> None:
         "c/bad.c.j2": "/* {{ v }} */", "c/good.c.j2": "/* {{ v | c_comment }} */",
         "c/code.c.j2": "x = {{ v }};", "make/bad.mk.j2": "# {{ v }}",
         "linker/bad.ld.j2": "/* {{ v }} */", "report/page.html.j2": "<p>{{ v }}</p>",
+        "cmake/bad.txt.j2": "# {{ v }}", "cmake/good.txt.j2": "# {{ v | cmake_comment }}",
         "other/t.j2": "{{ v }}"}))
     for name, value in (("c/bad.c.j2", "a */ b"), ("c/bad.c.j2", "a *\\"),
                         ("c/bad.c.j2", "??/"), ("c/bad.c.j2", "a\nb"), ("c/bad.c.j2", "/* x"),
                         ("make/bad.mk.j2", "$(shell x)"), ("make/bad.mk.j2", "a\nb"),
-                        ("linker/bad.ld.j2", "*/ ASSERT(0, x)"), ("other/t.j2", "x")):
+                        ("linker/bad.ld.j2", "*/ ASSERT(0, x)"), ("other/t.j2", "x"),
+                        ("cmake/bad.txt.j2", "a\nfile(WRITE x y)"), ("cmake/bad.txt.j2", "${x}"),
+                        ("cmake/bad.txt.j2", '")'), ("cmake/bad.txt.j2", "a;b"),
+                        ("cmake/bad.txt.j2", "#[[ x"), ("cmake/bad.txt.j2", "]]")):
         with pytest.raises(UnsafeOutput):
             env.get_template(name).render(v=value)
     assert env.get_template("c/good.c.j2").render(v="a */ b") == "/* a _/ b */"
+    assert env.get_template("cmake/good.txt.j2").render(v='")\n#[[${x};') == "# _)_____{x}_"
     assert env.get_template("c/code.c.j2").render(v="(void *)input") == "x = (void *)input;"
     assert env.get_template("report/page.html.j2").render(v="<script>") == \
         "<p>&lt;script&gt;</p>"
@@ -203,7 +215,7 @@ def test_unfiltered_text_stops_the_render() -> None:
 UNTRUSTED = re.compile(r"\b(model|model_sha256|description|mcu|board_file|name)\b|^board$")
 # Validated identifiers a template may use as code: a board name (letters, digits, . _ -) and
 # region names (linker identifiers), both checked by mpq.boards.
-CODE_FIELDS = {("make/mpq.mk.j2", "board.name"),
+CODE_FIELDS = {("make/mpq.mk.j2", "board.name"), ("cmake/CMakeLists.txt.j2", "board.name"),
                ("linker/board.ld.j2", '"%-10s" | format(r.name)')}
 
 
@@ -304,6 +316,36 @@ def test_mpq_mk_never_expands_the_model_file_name(hostile, exported) -> None:
     _no_sentinels(hostile["root"], exported["portable"], Path.cwd())
 
 
+# -- cmake ---------------------------------------------------------------------------------------
+
+def _cmake_configure(directory: Path, build: Path, cwd: Path) -> str:
+    """Configure the export's CMakeLists.txt on its own with real cmake (it reads every
+    command, and runs any `file(WRITE …)` that escaped a comment); returns its output."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed (see .ci/run)")
+    r = subprocess.run(["cmake", "-S", str(directory), "-B", str(build)], capture_output=True,
+                       text=True, cwd=cwd, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PWNED" not in r.stdout + r.stderr
+    _no_sentinels(cwd, directory, build, Path.cwd())
+    return r.stdout
+
+
+def test_cmakelists_keeps_the_model_file_name_in_a_comment(hostile, exported,
+                                                             tmp_path: Path) -> None:
+    """CMakeLists.txt names the model in a `#` comment line: cmake configures the export and
+    defines mpq_model, never running the `file(WRITE SENTINEL_CM …)` the file name's newline
+    and `")` would start nor opening a bracket comment over the code below."""
+    text = (exported["portable"] / "CMakeLists.txt").read_text()
+    first = text.splitlines()[0]
+    assert "file(WRITE SENTINEL_CM x)" in first and first.startswith("# ")
+    assert not re.search(r'[\\$;"\[\]]', first[1:])
+    _cmake_configure(exported["portable"], tmp_path / "build", hostile["root"])
+    cache = (tmp_path / "build" / "CMakeCache.txt").read_text()
+    assert "mpq_model" in cache  # the project() line below the comment was read
+    _no_sentinels(hostile["root"], exported["portable"], tmp_path / "build", Path.cwd())
+
+
 # -- plan fields ---------------------------------------------------------------------------------
 
 def _edited_plan(hostile, tmp_path: Path, name: str, **changes) -> Path:
@@ -317,12 +359,15 @@ def _edited_plan(hostile, tmp_path: Path, name: str, **changes) -> Path:
 
 def test_plan_text_fields_stay_comments(hostile, tmp_path: Path) -> None:
     """A plan is untrusted too: its `model` and its board's description, whatever they hold,
-    export to C that compiles, an mpq.mk make does not expand and a linker script that links."""
+    export to C that compiles, an mpq.mk make does not expand, a CMakeLists.txt cmake reads
+    as comments and a linker script that links."""
     plan = _edited_plan(hostile, tmp_path, "p.plan.json", model=PLAN_MODEL,
                         board={"description": PLAN_TEXT})
     out = tmp_path / "out"
-    r = run_mpq("export", plan, "--model", hostile["model"], "-o", out, cwd=tmp_path)
+    r = run_mpq("export", plan, "--model", hostile["model"], "-o", out, "--target", "make",
+                "--target", "cmake", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    _cmake_configure(out, tmp_path / "cmake-build", tmp_path)
     _gcc_syntax([out / "mpq_model.c", out / "mpq_weights.c"], [out])
     _assert_code_clean(out, tmp_path)
     assert "PWNED" not in _make_database(out / "mpq.mk", tmp_path)
