@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from mpq.codegen import cmsis
 from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
-from mpq.ir import Graph, Node
+from mpq.ir import LAYOUT_NHWC, Graph, Node
 from mpq.memory import align_up, packed_bytes
 from mpq.plan import Plan, plan_quant_model
 from mpq.quant import arith, weights
@@ -75,6 +76,26 @@ def _view_dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(shape) == 4:
         return shape[1], shape[2], shape[3]
     return 1, 1, int(np.prod(shape[1:]))
+
+
+def io_quant(scale: float, zero_point: int, where: str) -> dict[str, Any]:
+    """The constants of the generated I/O helpers for one int8 graph input or output.
+
+    mpq quantises and dequantises with the scale rounded to float32 (`mpq.sim`), so that is the
+    scale the helpers use: `scale_f32` (printed with %.9g it reads back as the same float32),
+    and its exact integer form scale_f32 = mantissa·2^exponent with an odd mantissa < 2^24, from
+    which the integer-only helpers compute without any approximation. A scale that is not a
+    positive finite float32 has no meaning as a quantisation step: MpqError.
+    """
+    s = float(np.float32(scale))
+    if not (np.isfinite(s) and s > 0):
+        raise MpqError(f"export: {where} scale {scale!r} is not a positive finite float32")
+    frac, exp = math.frexp(s)
+    mantissa, exponent = int(frac * (1 << 24)), exp - 24  # exact: s has at most 24 bits
+    while mantissa % 2 == 0:
+        mantissa, exponent = mantissa // 2, exponent + 1
+    return {"scale_f32": s, "scale_mantissa": mantissa, "scale_exponent": exponent,
+            "zero_point": int(zero_point)}
 
 
 def _plan_int(value: Any, where: str) -> int:
@@ -512,10 +533,13 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
         "report_layers": report,
         "input": {"name": x, "dims": _view_dims(g.tensors[x].shape),
                   "bytes": packed_bytes(g.tensors[x].size, 8), "scale": xq.scale,
-                  "zero_point": xq.zero_point},
+                  "layout": g.input_layouts.get(x, LAYOUT_NHWC), "rank": len(g.tensors[x].shape),
+                  **io_quant(xq.scale, xq.zero_point, "the graph input")},
         "output": {"name": y, "dims": _view_dims(g.tensors[y].shape),
                    "bytes": packed_bytes(g.tensors[y].size, 8), "scale": yq.scale,
-                   "zero_point": yq.zero_point, "base": b.operand(y).base},
+                   "layout": g.output_layouts.get(y, LAYOUT_NHWC), "rank": len(g.tensors[y].shape),
+                   **io_quant(yq.scale, yq.zero_point, "the graph output"),
+                   "base": b.operand(y).base},
         "stage": stage,
     }
 
