@@ -818,8 +818,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops)
-    board_file = board_name if board_name.endswith(".toml") or "/" in board_name else None
-    check_outputs([output], [model, data, board_file])
+    check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data
     ds = load_dataset(data, graph) if data is not None else None

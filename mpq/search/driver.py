@@ -212,16 +212,21 @@ def weight_omega(weight: np.ndarray, bits: int) -> float:
     return float(((weight - deq) ** 2).sum()) / norm if norm > 0 else 0.0
 
 
+def weights_flash(graph: Graph, bits: int, scheme: str = "linear") -> int:
+    """Flash of every weighted layer's weights at `bits` under `scheme` (`weight_flash`
+    summed over the graph)."""
+    return sum(weight_flash(n.weight.size, n.weight.shape[0], bits, scheme)
+               for n in graph.nodes if n.weight is not None)
+
+
 def weight_options(graph: Graph, opts: SearchOptions, flash_budget: int) -> tuple[int, ...]:
     """The weight bitwidths the search offers every weighted layer, largest first: 8 unless
     the user offers more (--weight-bits) or Flash demands it (4 then joins), or the one
     bitwidth --weights fixes (DESIGN §7)."""
     if opts.weight_scheme is not None:
         return (opts.weight_bits[0],)
-    weighted = [n for n in graph.nodes if n.weight is not None]
-    flash8 = sum(weight_flash(n.weight.size, n.weight.shape[0], 8) for n in weighted)
     w_options = tuple(sorted(set(opts.weight_bits) | {8}, reverse=True))
-    if flash8 > flash_budget and w_options == (8,):
+    if weights_flash(graph, 8) > flash_budget and w_options == (8,):
         w_options = (8, 4)
     return w_options
 
@@ -492,8 +497,7 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     w_options = weight_options(graph, opts, flash_total - code)
     w_floor = max(w_options) if opts.strategy == "int8" else min(w_options)
     scheme = opts.weight_scheme or "linear"
-    flash = code + sum(weight_flash(n.weight.size, n.weight.shape[0], w_floor, scheme)
-                       for n in graph.nodes if n.weight is not None)
+    flash = code + weights_flash(graph, w_floor, scheme)
     if flash > flash_total:
         raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights (code "
                           f"estimate {code:,} B included); budget is {flash_total:,} B"
@@ -629,8 +633,7 @@ def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flas
     user already allows them or chose another scheme."""
     if opts.weight_scheme is not None or w_floor <= 2:
         return ""
-    flash2 = code + sum(weight_flash(n.weight.size, n.weight.shape[0], 2)
-                        for n in graph.nodes if n.weight is not None)
+    flash2 = code + weights_flash(graph, 2)
     if flash2 >= flash:
         return ""
     option = "--weight-bits 8,4,2" if opts.strategy != "int8" else \

@@ -217,6 +217,14 @@ def m_dims(rng: random.Random, model: onnx.ModelProto) -> str | None:
     return f"{kind} {t.name} dim={value}"
 
 
+def _pick_initializer(rng: random.Random, model: onnx.ModelProto) -> TensorProto | None:
+    """A random initializer of the graph (None when it has none)."""
+    g = model.graph
+    if not g.initializer:
+        return None
+    return g.initializer[rng.randrange(len(g.initializer))]
+
+
 def m_dtype(rng: random.Random, model: onnx.ModelProto) -> str | None:
     g = model.graph
     dtype = rng.choice(DTYPES)
@@ -234,10 +242,9 @@ def m_dtype(rng: random.Random, model: onnx.ModelProto) -> str | None:
 
 
 def m_init_data(rng: random.Random, model: onnx.ModelProto) -> str | None:
-    g = model.graph
-    if not g.initializer:
+    t = _pick_initializer(rng, model)
+    if t is None:
         return None
-    t = g.initializer[rng.randrange(len(g.initializer))]
     arr_bytes = t.raw_data
     r = rng.random()
     if r < 0.25 and arr_bytes:
@@ -270,10 +277,9 @@ def m_init_data(rng: random.Random, model: onnx.ModelProto) -> str | None:
 
 def m_init_values(rng: random.Random, model: onnx.ModelProto) -> str | None:
     """Special float values in weights (NaN, inf, huge, all zero)."""
-    g = model.graph
-    if not g.initializer:
+    t = _pick_initializer(rng, model)
+    if t is None:
         return None
-    t = g.initializer[rng.randrange(len(g.initializer))]
     try:
         a = numpy_helper.to_array(t).copy()
     except Exception:
@@ -489,14 +495,13 @@ def m_opset(rng: random.Random, model: onnx.ModelProto) -> str | None:
 
 
 def m_initializer_dup(rng: random.Random, model: onnx.ModelProto) -> str | None:
-    g = model.graph
-    if not g.initializer:
+    t = _pick_initializer(rng, model)
+    if t is None:
         return None
-    t = g.initializer[rng.randrange(len(g.initializer))]
     if rng.random() < 0.5:
-        g.initializer.append(t)
+        model.graph.initializer.append(t)
         return f"duplicate initializer {t.name}"
-    g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return f"initializer {t.name} also a graph input"
 
 
