@@ -752,9 +752,12 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--flash", type=click.IntRange(1),
               help="Override the board's Flash budget (bytes).")
 @click.option("--strategy",
-              type=click.Choice(["exact", "vdqs", "int8", "qe", "importance", "rusci"]),
-              default="exact", show_default=True,
-              help="exact: ILP over VDQS scores; vdqs: QuantMCU's Algorithm 1; int8: no "
+              type=click.Choice(["measured", "exact", "vdqs", "int8", "qe", "importance",
+                                 "rusci"]),
+              default="measured", show_default=True,
+              help="measured: ILP over each choice's damage measured on a validation part "
+                   "of --data, then whole plans measured and the best kept; "
+                   "exact: ILP over VDQS scores; vdqs: QuantMCU's Algorithm 1; int8: no "
                    "sub-byte maps; qe: data-free QE-Score; importance: LIMPQ's fitted LSQ "
                    "step sizes + one ILP over (b_w, b_a); rusci: Rusci's accuracy-blind "
                    "memory-driven halving (baseline).")
@@ -836,6 +839,11 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     _print_search(result.plan, summary)
 
 
+def _db(v: float | None) -> str:
+    """An SQNR for display: `exact` when the outputs were identical (null in the plan)."""
+    return "exact" if v is None else f"{v:.1f} dB"
+
+
 def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
     p = plan.predicted
     return {"plan": str(output), "board": plan.board, "strategy": plan.strategy,
@@ -881,6 +889,16 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
                 out.print("  " + "  ".join(f"{r:5.2f}" for r in row))
     else:
         out.print("Patches: none (layer-based schedule)")
+    fid = p.get("fidelity")
+    if fid:
+        for name, f in fid["outputs"].items():
+            e = fid["int8"][name]
+            agree = "" if f["top1_agreement"] is None else \
+                f"top-1 agreement with float {f['top1_agreement']:.1%} (int8 " \
+                f"{e['top1_agreement']:.1%}), "
+            out.print(f"Fidelity on {fid['samples']} validation samples, output "
+                      f"'{_short(name, 30)}': {agree}SQNR {_db(f['sqnr_db'])} (int8 "
+                      f"{_db(e['sqnr_db'])}), cosine {f['cosine']:.4f}")
     out.print(f"objective {plan.search['objective']:.6f}; {summary['seconds']:.1f} s → "
               f"{plain(summary['plan'])}")
 

@@ -99,32 +99,27 @@ def fidelity_summary(ref: np.ndarray, y: np.ndarray, classifier: bool) -> dict[s
             "exact": bool(np.array_equal(_rows(ref), _rows(y)))}
 
 
-#: Fewest samples `validation_split` keeps on each side.
-MIN_VALIDATION = 8
-MIN_CALIBRATION = 16
-VALIDATION_EVERY = 4
+#: The measured search's sample counts: at least MIN_SAMPLES in --data; at most
+#: MAX_MEASURED of them measured (the cost of every measurement grows with it).
+MIN_SAMPLES = 16
+MAX_MEASURED = 64
 
 
-def validation_indices(n: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration, validation) sample indices of an n-sample set: every 4th sample
-    (i mod 4 = 3) validates, the rest calibrate — interleaved so that a file sorted by class
-    gives both sides every class. MpqError when a side would hold too few samples."""
-    need = MIN_CALIBRATION + MIN_VALIDATION
-    need = max(need, VALIDATION_EVERY * MIN_VALIDATION)
-    if n < need:
-        raise MpqError(f"{where}: {n} calibration samples are too few for a validation split; "
-                       f"the measured search needs at least {need} (every "
-                       f"{VALIDATION_EVERY}th validates), or choose --strategy exact")
-    idx = np.arange(n)
-    val = idx % VALIDATION_EVERY == VALIDATION_EVERY - 1
-    return idx[~val], idx[val]
+def validation_indices(n: int, where: str, cap: int = MAX_MEASURED) -> np.ndarray:
+    """The samples the measured search runs each candidate on: min(n, cap) indices spread
+    evenly over the file (round(i·n/m)), so a file sorted by class gives every class.
+    MpqError below MIN_SAMPLES samples."""
+    if n < MIN_SAMPLES:
+        raise MpqError(f"{where}: {n} calibration samples are too few for the measured search; "
+                       f"it needs at least {MIN_SAMPLES} (or choose --strategy exact)")
+    m = min(n, cap)
+    return np.unique((np.arange(m) * n) // m)
 
 
-def split_dataset(ds: Dataset) -> tuple[Dataset, Dataset]:
-    """The calibration and validation halves of `ds` (`validation_indices`), in memory."""
+def validation_dataset(ds: Dataset) -> Dataset:
+    """The validation samples of `ds` (`validation_indices`), in memory."""
     x = np.concatenate(list(ds.batches(256)))
-    cal, val = validation_indices(len(x), str(ds.path))
+    idx = validation_indices(len(x), str(ds.path))
     y = None if ds.y is None else np.asarray(ds.y)
-    ys = (None, None) if y is None or len(y) != len(x) else (y[cal], y[val])
-    return (dataset_from_array(x[cal], f"{ds.path} (calibration part)", ys[0]),
-            dataset_from_array(x[val], f"{ds.path} (validation part)", ys[1]))
+    return dataset_from_array(x[idx], f"{ds.path} (validation samples)",
+                              None if y is None or len(y) != len(x) else y[idx])

@@ -45,7 +45,10 @@ PREDICTED_KEYS = {"arena_bytes", "scratch_bytes", "peak_sram_bytes", "input_byte
 SEARCH_KEYS = {"objective", "objective_solver", "solver", "lambda", "phi", "bins", "phi_norm",
                "range_method", "candidate_bits", "weight_bits", "qbr", "vdpc", "patches",
                "ilp_rounds", "repaired_groups"}
-SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget"}
+SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget", "measured"}
+PREDICTED_OPTIONAL = {"fidelity"}
+FIDELITY_KEYS = {"samples", "data", "damage", "outputs", "int8"}
+SUMMARY_KEYS = {"top1_agreement", "cosine", "sqnr_db", "exact"}
 
 
 class PlanFieldError(MpqError):
@@ -341,10 +344,32 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
 
 def check_predicted(p: Any, field: str = "predicted") -> None:
     """`predicted`: byte counts (arena > 0) and operation counts, all non-negative ints."""
-    req_dict(p, field, PREDICTED_KEYS)
+    req_dict(p, field, PREDICTED_KEYS, PREDICTED_OPTIONAL)
     for key in sorted(PREDICTED_KEYS):
         hi = MAX_COUNT if "bitops" in key or key == "macs" else MAX_BYTES
         req_int(p[key], f"{field}.{key}", 1 if key == "arena_bytes" else 0, hi)
+    if "fidelity" in p:
+        check_fidelity(p["fidelity"], f"{field}.fidelity")
+
+
+def check_fidelity(f: Any, field: str) -> None:
+    """`predicted.fidelity`: the sample count, what the data was, the measured damage, and per
+    output {top1_agreement (null unless a classifier), cosine, sqnr_db (null when exact),
+    exact} for the plan and its int8 model (shown, never used to compute anything)."""
+    req_dict(f, field, FIDELITY_KEYS)
+    req_int(f["samples"], f"{field}.samples", 1, MAX_COUNT)
+    req_str(f["data"], f"{field}.data", 256)
+    req_num(f["damage"], f"{field}.damage", 0.0, 1e12)
+    for part in ("outputs", "int8"):
+        for name, s in req_dict(f[part], f"{field}.{part}").items():
+            where = f"{field}.{part}.{name}"
+            req_dict(s, where, SUMMARY_KEYS)
+            if s["top1_agreement"] is not None:
+                req_num(s["top1_agreement"], f"{where}.top1_agreement", 0.0, 1.0)
+            req_num(s["cosine"], f"{where}.cosine", -1.0, 1.0)
+            if s["sqnr_db"] is not None:
+                req_num(s["sqnr_db"], f"{where}.sqnr_db", -1e6, 1e6)
+            req_bool(s["exact"], f"{where}.exact")
 
 
 def check_search(s: Any, field: str = "search") -> None:

@@ -78,13 +78,14 @@ def divide_by_power_of_two(x: np.ndarray, exponent: np.ndarray | int) -> np.ndar
     """arm_nn_divide_by_power_of_two (gemmlowp RoundingDivideByPOT): halves away from zero.
 
     The C code is floor(x/2^e) plus one when the remainder exceeds (2^e−1)>>1 (+1 when the
-    result is negative); that is exactly round-half-away-from-zero of x/2^e. x/2^e is exact in
-    float64 for |x| < 2^53, so the rounding runs in float64, which numpy vectorises well.
+    result is negative); that is exactly round-half-away-from-zero of x/2^e, which for e ≥ 1
+    is (x + 2^(e−1) − [x < 0]) >> e with an arithmetic shift (a negative exact half rounds
+    down, anything above it up), and x itself for e = 0.
     """
     x = np.asarray(x, np.int64)
-    scale = np.ldexp(1.0, -np.asarray(exponent, np.int64))
-    q = x * scale
-    return (np.sign(q) * np.floor(np.abs(q) + 0.5)).astype(np.int64)
+    e = np.asarray(exponent, np.int64)
+    half = np.where(e > 0, np.left_shift(np.int64(1), np.maximum(e - 1, 0)), 0)
+    return (x + half - ((x < 0) & (e > 0))) >> e
 
 
 def requantize(acc: np.ndarray, multiplier: np.ndarray | int,

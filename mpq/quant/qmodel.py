@@ -17,7 +17,7 @@ from mpq.errors import MpqError
 from mpq.ir import Graph, Node
 from mpq.quant import arith
 from mpq.quant.finite import check_finite_parameters, check_finite_ranges
-from mpq.quant.weights import WeightSpec, quantize_weights
+from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
 
 # Ops whose output must carry exactly the input's quantisation (no requantisation happens).
 SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape")
@@ -131,8 +131,15 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
     """
     check_finite_parameters(graph)
     check_finite_ranges(ranges)
+    acts = activation_quant(graph, ranges, act_bits)
+    return quant_model_with_acts(graph, acts, weight_bits, weight_schemes)
+
+
+def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
+                     act_bits: dict[str, int] | None = None) -> dict[str, ActQuant]:
+    """Every tensor's activation parameters from its real range and bits (`quantize_graph`'s
+    rules: concat shares the union range, pool/reshape outputs inherit, softmax is fixed)."""
     act_bits = act_bits or {}
-    weight_bits = weight_bits or {}
     ranges = dict(ranges)
     producer = graph.producer()
     # Concat: the inputs take the union range so one set of parameters fits all.
@@ -155,7 +162,7 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
     for node in graph.nodes:  # in order, so chains of pools/reshapes resolve
         if node.op in SAME_AS_INPUT:
             acts[node.outputs[0]] = acts[node.inputs[0]]
-    return quant_model_with_acts(graph, acts, weight_bits, weight_schemes)
+    return acts
 
 
 def quant_model_with_acts(graph: Graph, acts: dict[str, ActQuant],
@@ -171,15 +178,20 @@ def quant_model_with_acts(graph: Graph, acts: dict[str, ActQuant],
         if node.op in ("conv2d", "fully_connected"):
             spec = weight_schemes.get(node.name) or WeightSpec("linear",
                                                               weight_bits.get(node.name, 8))
-            qw = quantize_weights(node.weight, spec)
-            bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, qw.scale)
-            lq = layer_params(node, acts, qw.values, qw.scale, qw.bits, bias)
-            lq.weight_scheme, lq.weight_codebook = qw.scheme, qw.codebook
-            lq.weight_params = qw.params
-            layers[node.name] = lq
+            layers[node.name] = weighted_layer(node, acts, quantize_weights(node.weight, spec))
         else:
             layers[node.name] = layer_params(node, acts)
     return QuantModel(graph=graph, acts=acts, layers=layers)
+
+
+def weighted_layer(node: Node, acts: dict[str, ActQuant], qw: QuantizedWeights) -> LayerQuant:
+    """A conv/FC layer's parameters from its quantised weights: int32 bias at s_in·s_w[c]
+    (DESIGN §4.1) and `layer_params`' requantisation."""
+    bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, qw.scale)
+    lq = layer_params(node, acts, qw.values, qw.scale, qw.bits, bias)
+    lq.weight_scheme, lq.weight_codebook = qw.scheme, qw.codebook
+    lq.weight_params = qw.params
+    return lq
 
 
 def with_weight_scheme(qm: QuantModel, spec: WeightSpec) -> QuantModel:

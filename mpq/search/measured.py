@@ -1,0 +1,239 @@
+"""The measured-sensitivity strategy (DESIGN §7.4): an ILP over measured damage, then whole
+candidate plans measured and the best one kept.
+
+Per patch schedule:
+1. every activation group's and weight group's score is minus its measured damage
+   (`Probe.group_damage` / `weight_damage`, each choice alone, the rest at 8 bits); the exact
+   ILP (`solve_exact`: true-liveness SRAM rows, Flash) minimises the summed damage;
+2. the candidates — that solution, the ILP's solutions at a ladder of smaller budgets, uniform
+   4-bit activations and all-8-bit (when they fit) — are measured as whole plans;
+3. interactions: damage is not additive (two 2-bit maps side by side cost more than the sum).
+   For a few rounds, the options the best plan chose below 8 bits have their damage scaled by
+   measured/predicted and the ILP is solved again; each new solution is measured;
+4. measured QBR: raises that still fit are tried, the largest predicted gain first, and kept
+   when the measured damage does not grow — the plan uses its budget.
+
+The ladder makes the choice (nearly) monotone in the budget: a budget B considers the ILP
+solutions at every ladder point in [B·LADDER_LOW, B], and ladder points are a fixed geometric
+grid anchored at the schedule's floor (independent of B), so a larger budget sees the
+candidates of a smaller one (within the window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from mpq.errors import MpqError
+from mpq.fidelity import fidelity_summary
+from mpq.interpreter import from_ir_layout, run_batches, to_ir_layout
+from mpq.ir import Graph
+from mpq.search.sensitivity import Probe
+from mpq.search.solvers import Group, Problem, Solution, solve_exact
+from mpq.sim import dequantize, quantize_input, run_int
+
+LADDER_STEP = 1.05
+LADDER_LOW = 0.6
+INTERACTION_ROUNDS = 3
+QBR_TRIES = 3
+
+
+def weight_node(group: Group) -> str | None:
+    """The layer of a weight group (`weights:NAME`), None for an activation group."""
+    return group.name[len("weights:"):] if group.name.startswith("weights:") else None
+
+
+def rescore(problem: Problem, probe: Probe) -> Problem:
+    """The problem with every group's score = −damage and Ω = damage (DESIGN §7.4)."""
+    groups = []
+    for g in problem.groups:
+        node = weight_node(g)
+        if node is not None:
+            damage = {b: probe.weight_damage(node, b) for b in g.options}
+        else:
+            damage = {b: probe.group_damage(g.tensors, b) for b in g.options}
+        groups.append(replace(g, score={b: -d for b, d in damage.items()}, omega=damage))
+    return replace(problem, groups=groups)
+
+
+def choice_bits(problem: Problem, choice: dict[str, int]
+                ) -> tuple[dict[str, int], dict[str, int]]:
+    """A choice as the bits the model runs at: every group tensor at its group's bits (also
+    those VDPC budgets at 8), and each weight group's layer at its bits."""
+    acts: dict[str, int] = {}
+    weights: dict[str, int] = {}
+    for g in problem.groups:
+        node = weight_node(g)
+        if node is not None:
+            weights[node] = choice[g.name]
+        else:
+            for t in g.tensors:
+                acts[t] = choice[g.name]
+    return acts, weights
+
+
+def predicted_damage(problem: Problem, choice: dict[str, int]) -> float:
+    """Σ of the single-choice damages (the ILP's objective, negated)."""
+    return float(sum(g.omega.get(choice[g.name], 0.0) for g in problem.groups))
+
+
+@dataclass
+class Measured:
+    """The best measured plan of one schedule."""
+
+    choice: dict[str, int]
+    damage: float  # measured, Σ over outputs
+    predicted: float  # Σ of single-choice damages
+    candidates: int  # distinct plans measured
+    log: list[str] = field(default_factory=list)
+
+
+class _Pool:
+    """Measured candidates of one problem, each measured once."""
+
+    def __init__(self, problem: Problem, probe: Probe) -> None:
+        self.problem, self.probe = problem, probe
+        self.seen: dict[tuple, float] = {}
+        self.best: tuple[float, tuple, dict[str, int]] | None = None
+
+    def add(self, choice: dict[str, int]) -> float:
+        key = tuple(sorted(choice.items()))
+        if key not in self.seen:
+            acts, weights = choice_bits(self.problem, choice)
+            self.seen[key] = self.probe.damage_of(acts, weights)
+            # Ties: more bits in total (the budget used), then the key, for determinism.
+            rank = (self.seen[key], -sum(choice.values()), key)
+            if self.best is None or rank < (self.best[0], -sum(self.best[2].values()),
+                                            self.best[1]):
+                self.best = (self.seen[key], key, dict(choice))
+        return self.seen[key]
+
+
+def _solve(problem: Problem, budget: int | None = None) -> dict[str, int] | None:
+    try:
+        p = problem if budget is None else replace(problem, sram_budget=budget)
+        return solve_exact(p).choice
+    except MpqError:
+        return None
+
+
+def ladder(floor_arena: int, budget: int) -> list[int]:
+    """Arena budgets f·1.05^k (f the schedule's floor arena) within [LADDER_LOW·budget,
+    budget): fixed points independent of the budget (see the module docstring)."""
+    out = []
+    b = float(max(floor_arena, 1))
+    while b < budget:
+        if b >= LADDER_LOW * budget:
+            out.append(int(b))
+        b *= LADDER_STEP
+    return out
+
+
+def uniform(problem: Problem, bits: int) -> dict[str, int] | None:
+    """Every activation group at `bits` (its nearest option at or above), weights at their
+    largest option; None unless it fits."""
+    choice = {}
+    for g in problem.groups:
+        if weight_node(g) is not None:
+            choice[g.name] = max(g.options)
+        else:
+            above = [b for b in g.options if b >= bits]
+            choice[g.name] = min(above) if above else max(g.options)
+    return choice if problem.fits(choice) else None
+
+
+def initial(problem: Problem, solution: Solution, probe: Probe) -> _Pool:
+    """A pool holding the ILP's solution at the full budget (one measurement)."""
+    pool = _Pool(problem, probe)
+    pool.add(solution.choice)
+    return pool
+
+
+def refine(pool: _Pool, floor: dict[str, int], qbr: bool = True) -> Measured:
+    """Steps 2–4 of the module docstring on one schedule's pool (step 4 only with `qbr`)."""
+    problem, log = pool.problem, []
+    floor_arena = problem.arena(problem.tensor_bits(floor))
+    for point in ladder(floor_arena, problem.sram_budget):
+        choice = _solve(problem, point)
+        if choice is not None:
+            pool.add(choice)
+    for bits in (8, 4):
+        choice = uniform(problem, bits)
+        if choice is not None:
+            pool.add(choice)
+    for _ in range(INTERACTION_ROUNDS):
+        damage, _, best = pool.best
+        predicted = predicted_damage(problem, best)
+        if predicted <= 0 or damage <= predicted:
+            break
+        ratio = damage / predicted
+        groups = [replace(g, score={b: s * ratio if b == best[g.name] and b < max(g.options)
+                                    else s for b, s in g.score.items()})
+                  for g in problem.groups]
+        choice = _solve(replace(problem, groups=groups))
+        if choice is None or tuple(sorted(choice.items())) in pool.seen:
+            break
+        new = pool.add(choice)
+        log.append(f"interaction round: measured {damage:.5f} vs predicted {predicted:.5f}; "
+                   f"re-solved → {new:.5f}")
+    if qbr:
+        _measured_qbr(pool, log)
+    damage, _, best = pool.best
+    return Measured(best, damage, predicted_damage(problem, best), len(pool.seen), log)
+
+
+def _measured_qbr(pool: _Pool, log: list[str]) -> None:
+    """Raise bits where the budgets have room while the measured damage does not grow."""
+    problem = pool.problem
+    while True:
+        damage, _, best = pool.best
+        raises = []
+        for g in problem.groups:
+            higher = [b for b in g.options if b > best[g.name]]
+            if not higher:
+                continue
+            trial = {**best, g.name: min(higher)}
+            if problem.fits(trial):
+                gain = g.omega.get(best[g.name], 0.0) - g.omega.get(min(higher), 0.0)
+                raises.append((-gain, g.name, trial))
+        if not raises:
+            return
+        improved = False
+        for _, name, trial in sorted(raises, key=lambda r: r[:2])[:QBR_TRIES]:
+            before = pool.best[0]
+            after = pool.add(trial)
+            if after <= before:
+                log.append(f"{name}: {best[name]} → {trial[name]} bits (measured "
+                           f"{before:.5f} → {after:.5f})")
+                improved = True
+                break
+        if not improved:
+            return
+
+
+def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damage: float
+                  ) -> dict[str, Any]:
+    """`predicted.fidelity` (DESIGN §7.4): the plan and its all-8-bit model against float on
+    the validation samples, per output (`fidelity_summary`), through the integer reference
+    exactly as the firmware runs (`PlanRunner`, VDPC included), and the measured damage."""
+    from mpq.evaluate import PlanRunner, plan_int8_ranges
+    from mpq.quant.qmodel import quantize_graph
+
+    runner = PlanRunner(plan, graph)
+    int8 = quantize_graph(graph, plan_int8_ranges(plan))
+    name, out = graph.inputs[0], graph.outputs[0]
+    ref = np.concatenate(list(run_batches(graph, x_val)))
+    mixed = dequantize(runner.mixed.acts[out], runner.outputs(x_val))
+    xq = quantize_input(int8.acts[name], to_ir_layout(graph, name, x_val))
+    eight = dequantize(int8.acts[out], from_ir_layout(graph, out, run_int(int8, {name: xq})[out]))
+    return {"samples": int(len(x_val)),
+            "data": "samples of --data (the search saw them; not a held-out accuracy)",
+            "damage": round(float(damage), 9),
+            "outputs": {out: _rounded(fidelity_summary(ref, mixed, classifier))},
+            "int8": {out: _rounded(fidelity_summary(ref, eight, classifier))}}
+
+
+def _rounded(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}

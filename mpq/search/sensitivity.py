@@ -1,0 +1,197 @@
+"""Measured sensitivity (DESIGN §7.4): the damage each bit choice does to the model's outputs,
+measured through the bit-exact integer reference on the validation part of the calibration
+data, and the damage of whole candidate plans.
+
+The reference is the all-8-bit model (8-bit activations, the weights the search would use at
+8 bits). A *variant* changes some tensors' activation bits and some layers' weight bits; only
+the layers whose parameters change, and everything downstream of them, run again — the other
+tensors come from the reference run, cached once as int8. Damage is summed over every output
+(`mpq.fidelity.output_damage`): the KL divergence of the class distribution for classifiers,
+the noise-to-signal ratio otherwise. An output produced by Softmax is measured at the
+softmax's input (its logits): int8 softmax rounds small probabilities to 0, which makes the KL
+of its quantised output a poor, noisy measure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from mpq.fidelity import output_damage
+from mpq.interpreter import to_ir_layout
+from mpq.ir import Graph, Node
+from mpq.quant.qmodel import (
+    LayerQuant,
+    QuantModel,
+    activation_quant,
+    layer_params,
+    weighted_layer,
+)
+from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
+from mpq.sim import INT_OPS, dequantize, quantize_input
+
+RangeOf = Callable[[str, int], tuple[float, float]]
+
+
+def measured_tensors(graph: Graph) -> list[tuple[str, bool]]:
+    """(tensor, is it a softmax's logits) measured for each graph output: the output itself, or
+    the input of the Softmax that produces it."""
+    producer = graph.producer()
+    out = []
+    for t in graph.outputs:
+        node = producer.get(t)
+        if node is not None and node.op == "softmax":
+            out.append((node.inputs[0], True))
+        else:
+            out.append((t, False))
+    return out
+
+
+class Probe:
+    """Damage of bit choices against the all-8-bit model on validation inputs."""
+
+    def __init__(self, graph: Graph, x_val: np.ndarray, range_of: RangeOf,
+                 specs: dict[str, WeightSpec], classifier: bool) -> None:
+        self.graph = graph
+        self.range_of = range_of
+        self.specs = specs
+        self.samples = len(x_val)
+        self.measure = measured_tensors(graph)
+        # Logits of a softmax are a class distribution; other outputs are one when the data
+        # has class labels (the caller decides).
+        self.classifier = {t: logits or classifier for t, logits in self.measure}
+        self.classifier_any = any(self.classifier.values())
+        self._weights: dict[tuple[str, int], QuantizedWeights] = {}
+        self._single: dict[tuple, float] = {}
+        self._memo: dict[tuple, float] = {}
+        self._ref_w = {n.name: self._w_bits(n, {}) for n in graph.nodes if n.weight is not None}
+        self.runs = 0
+        self.base = self.model({}, {})[0]
+        name = graph.inputs[0]
+        xq = quantize_input(self.base.acts[name], to_ir_layout(graph, name, x_val))
+        self.cache = self._reference(xq)
+        self.reference = {t: dequantize(self.base.acts[t], self.cache[t]) for t, _ in
+                          self.measure}
+
+    # -- models --------------------------------------------------------------------------
+
+    def _quantized(self, node: Node, bits: int) -> QuantizedWeights:
+        key = (node.name, bits)
+        if key not in self._weights:
+            spec = self.specs.get(node.name) or WeightSpec("linear", bits)
+            self._weights[key] = quantize_weights(node.weight, spec)
+        return self._weights[key]
+
+    def _w_bits(self, node: Node, w_bits: dict[str, int]) -> int:
+        spec = self.specs.get(node.name)
+        return w_bits.get(node.name, spec.bits if spec else 8)
+
+    def model(self, act_bits: dict[str, int], w_bits: dict[str, int]
+              ) -> tuple[QuantModel, set[str]]:
+        """The variant with `act_bits` (others 8) and `w_bits` (others at the reference's),
+        and the names of the layers whose parameters differ from the reference's."""
+        g = self.graph
+        ranges = {t: self.range_of(t, act_bits.get(t, 8)) for t in g.tensors}
+        acts = activation_quant(g, ranges, act_bits)
+        base = getattr(self, "base", None)
+        layers: dict[str, LayerQuant] = {}
+        changed: set[str] = set()
+        for node in g.nodes:
+            wb = self._w_bits(node, w_bits) if node.weight is not None else 0
+            same = base is not None and all(acts[t] == base.acts[t]
+                                            for t in node.inputs + node.outputs) \
+                and (node.weight is None or wb == self._w_bits(node, {}))
+            if same:
+                layers[node.name] = base.layers[node.name]
+                continue
+            changed.add(node.name)
+            if node.op in ("conv2d", "fully_connected"):
+                layers[node.name] = weighted_layer(node, acts, self._quantized(node, wb))
+            else:
+                layers[node.name] = layer_params(node, acts)
+        return QuantModel(g, acts, layers), changed
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def _reference(self, xq: np.ndarray) -> dict[str, np.ndarray]:
+        """Every tensor of the reference run, stored as int8 (all reference tensors are
+        8-bit), computed layer by layer so no int64 copy of the whole network is held."""
+        g, qm = self.graph, self.base
+        env: dict[str, np.ndarray] = {g.inputs[0]: xq}
+        cache = {g.inputs[0]: xq.astype(np.int8)}
+        remaining = _readers(g)
+        for node in g.nodes:
+            xs = [env[t] for t in node.inputs]
+            y = INT_OPS[node.op].run(node, qm.layers[node.name], qm, xs,
+                                     g.tensors[node.outputs[0]].shape)
+            env[node.outputs[0]] = y
+            cache[node.outputs[0]] = y.astype(np.int8)
+            for t in node.inputs:
+                remaining[t] -= 1
+                if remaining[t] == 0:
+                    env.pop(t, None)
+        return cache
+
+    def outputs(self, qm: QuantModel, changed: set[str]) -> dict[str, np.ndarray]:
+        """The measured tensors (dequantised) of a variant: the changed layers and their
+        descendants run, everything else comes from the reference cache."""
+        g = self.graph
+        self.runs += 1
+        dirty: dict[str, np.ndarray] = {}
+        started = False
+        for node in g.nodes:
+            if not started and node.name not in changed:
+                continue
+            started = True
+            if node.name not in changed and not any(t in dirty for t in node.inputs):
+                continue
+            xs = [dirty[t] if t in dirty else self.cache[t].astype(np.int64)
+                  for t in node.inputs]
+            dirty[node.outputs[0]] = INT_OPS[node.op].run(node, qm.layers[node.name], qm, xs,
+                                                          g.tensors[node.outputs[0]].shape)
+        return {t: dequantize(qm.acts[t], dirty[t]) if t in dirty else self.reference[t]
+                for t, _ in self.measure}
+
+    def damage_of(self, act_bits: dict[str, int], w_bits: dict[str, int]) -> float:
+        """Σ over outputs of the damage of a variant (0 for the reference itself); each
+        distinct variant runs once (schedules often share a choice)."""
+        key = (tuple(sorted((t, b) for t, b in act_bits.items() if b != 8)),
+               tuple(sorted((n, b) for n, b in w_bits.items() if b != self._ref_w.get(n))))
+        if key in self._memo:
+            return self._memo[key]
+        qm, changed = self.model(act_bits, w_bits)
+        damage = 0.0
+        if changed:
+            outs = self.outputs(qm, changed)
+            damage = float(sum(output_damage(self.reference[t], outs[t], self.classifier[t],
+                                             probabilities=False) for t, _ in self.measure))
+        self._memo[key] = damage
+        return damage
+
+    def group_damage(self, tensors: tuple[str, ...], bits: int) -> float:
+        """Damage of one tie group of activations at `bits`, everything else at 8."""
+        key = ("a", tensors, bits)
+        if key not in self._single:
+            self._single[key] = 0.0 if bits >= 8 else \
+                self.damage_of({t: bits for t in tensors}, {})
+        return self._single[key]
+
+    def weight_damage(self, node: str, bits: int) -> float:
+        """Damage of one layer's weights at `bits`, everything else at the reference."""
+        key = ("w", node, bits)
+        if key not in self._single:
+            self._single[key] = self.damage_of({}, {node: bits})
+        return self._single[key]
+
+
+def _readers(graph: Graph) -> dict[str, int]:
+    """How many nodes read each tensor (outputs get one more, so they are never freed)."""
+    count = {t: 0 for t in graph.tensors}
+    for n in graph.nodes:
+        for t in n.inputs:
+            count[t] += 1
+    for t in graph.outputs:
+        count[t] += 1
+    return count
+
