@@ -1,8 +1,10 @@
-"""Accuracy of a model in float and through the integer reference (`mpq eval`).
+"""Accuracy of a model in float and through the integer reference, and how close the
+quantised outputs are to the float ones (`mpq eval`; the measures are `mpq.fidelity`'s).
 
 Float runs on onnxruntime for ONNX files (the original model, as the user trained it) and on
-the IR float interpreter otherwise; quantised runs go through `mpq.sim`, batch by batch, so
-memory stays bounded on large test sets.
+the IR float interpreter otherwise; its outputs are kept as the reference. Quantised runs go
+through `mpq.sim`, batch by batch, and are compared with the reference as they stream past
+(only running sums stay), so memory stays bounded on large test sets.
 """
 
 from __future__ import annotations

@@ -148,6 +148,12 @@ class FidelitySums:
 TASKS = ("auto", "classify", "regress")
 
 
+def made_by_softmax(graph: Graph, output: str) -> bool:
+    """Whether a Softmax node produces `output`: its values are probabilities already
+    (`as_distribution(..., probabilities=True)`)."""
+    return any(n.op == "softmax" and output in n.outputs for n in graph.nodes)
+
+
 def is_classifier(graph: Graph, output: str, task: str = "auto") -> bool:
     """Whether `output` holds class scores, so that top-1 agreement (and accuracy against
     labels) means something. `task` "classify" or "regress" decides outright; "auto" applies
@@ -164,7 +170,7 @@ def is_classifier(graph: Graph, output: str, task: str = "auto") -> bool:
         raise MpqError(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
     if task != "auto":
         return task == "classify"
-    if any(n.op == "softmax" and output in n.outputs for n in graph.nodes):
+    if made_by_softmax(graph, output):
         return True
     per_sample = [int(d) for d in graph.tensors[output].shape[1:] if int(d) != 1]
     inputs = int(np.prod(graph.tensors[graph.inputs[0]].shape[1:], dtype=np.int64))
