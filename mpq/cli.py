@@ -451,8 +451,9 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
               help="With a plan: the model file (default: the path the plan names).")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Labelled test data: .npz with x and y; y holds class indices [N] (or "
-                   "[N, 1]) or one-hot rows [N, classes], taken by argmax.")
+              help="Test data: .npz with x and, optionally, y; y holds class indices [N] (or "
+                   "[N, 1]) or one-hot rows [N, classes], taken by argmax. Without y only the "
+                   "agreement with the float model is reported.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data for quantising an ONNX model.")
 @click.option("--stats", type=click.Path(path_type=Path),
@@ -467,24 +468,25 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
               show_default=True,
               help="log: also Park et al.'s log-domain activation levels (reference only, "
                    "float fake quantisation; needs --calib), beside the linear ones.")
+@click.option("--task", type=click.Choice(["auto", "classify", "regress"]), default="auto",
+              show_default=True,
+              help="Whether the outputs are class scores (top-1 accuracy and agreement). auto: "
+                   "an output made by Softmax, or a vector of C values with 2 <= C < the "
+                   "input's size (an autoencoder's reconstruction is not a classifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
 def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
           stats: Path | None, act_bits: str, method: str, weights_spec: str | None,
-          act_quant: str, as_json: bool, quiet: bool) -> None:
-    """Top-1 accuracy of the float model and of the integer reference, side by side.
+          act_quant: str, task: str, as_json: bool, quiet: bool) -> None:
+    """Top-1 accuracy of the float model and of the integer reference, side by side, and how
+    close each quantised model's outputs are to the float model's: top-1 agreement
+    (classifiers), cosine similarity and SQNR in dB, per output — with or without labels.
 
     Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
     branches) beside the float model and the all-int8 model at the plan's ranges.
     """
-    from mpq.evaluate import (
-        LogActivations,
-        accuracy,
-        eval_labels,
-        float_predictions,
-        quant_predictions,
-    )
+    from mpq.evaluate import LogActivations, output_tasks, quant_variant, usable_labels
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.quant.qmodel import with_weight_scheme
@@ -494,7 +496,7 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
         if weights_spec is not None or act_quant != "linear":
             raise MpqError("a plan carries its own weight schemes and linear activations; "
                            "--weights and --act-quant apply to a model")
-        _eval_plan(model, plan_model, data, as_json, quiet)
+        _eval_plan(model, plan_model, data, task, as_json, quiet)
         return
     spec = parse_weights(weights_spec) if weights_spec is not None else None
     if act_quant == "log" and calib is None:
@@ -507,13 +509,9 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
                        f"'{act_bits}'") from None
     loaded = load_for_quantisation(model)
     ds = load_dataset(data, loaded.graph)
-    labels = eval_labels(ds, loaded.graph)
-    results: dict[str, Any] = {"samples": len(ds)}
-    if spec is not None:
-        results["weights"] = spec.label
-    with progress_bar("float", len(ds), quiet) as advance:
-        results["float"] = accuracy(float_predictions(model, loaded.graph, ds,
-                                                      progress=advance), labels)
+    classifier = output_tasks(loaded.graph, task)
+    labels = usable_labels(ds, loaded.graph, classifier)
+    variants: dict[str, Any] = {}
     stats_obj = None
     log_acts = None
     for b in bit_list:
@@ -527,20 +525,39 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
             qm = quantise(loaded.graph, stats_obj, b, method)
             if spec is not None:
                 qm = with_weight_scheme(qm, spec)
-        with progress_bar(key, len(ds), quiet) as advance:
-            results[key] = accuracy(quant_predictions(qm, ds, progress=advance), labels)
+        variants[key] = quant_variant(qm)
         if act_quant == "log":
             if log_acts is None:
                 log_acts = LogActivations(loaded.graph, load_dataset(calib, loaded.graph))
-            with progress_bar(f"log{b}", len(ds), quiet) as advance:
-                results[f"log{b}"] = accuracy(log_acts.predictions(qm, b, ds,
-                                                                   progress=advance), labels)
-    if as_json:
-        click.echo(json.dumps(results, indent=2, sort_keys=True))
-        return
+            variants[f"log{b}"] = log_acts.variant(qm, b)
     weights = f", weights {spec.label}" if spec is not None else ""
-    _print_accuracies(f"{plain(model.name)}: top-1 accuracy on {len(ds)} samples{plain(weights)}",
-                      results)
+    _run_eval(model, loaded.graph, ds, variants, classifier, labels, as_json, quiet,
+              {"weights": spec.label} if spec is not None else {}, weights)
+
+
+def _run_eval(model_path: Path, graph: Any, ds: Any, variants: dict[str, Any],
+              classifier: dict[str, bool], labels: Any, as_json: bool, quiet: bool,
+              extra: dict[str, Any], subtitle: str = "", name: Path | None = None) -> None:
+    """Measure (`mpq.evaluate.evaluate`), then print: nothing reaches stdout before every
+    number is in, so a failure mid-way leaves no half-written table or JSON."""
+    from mpq.evaluate import evaluate
+
+    ev = evaluate(model_path, graph, ds, variants, classifier, labels,
+                  lambda what, n: progress_bar(what, n, quiet))
+    if ds.y is not None and labels is None:  # after the run: an error stays the only line
+        err.print(f"note: {plain(ds.path)}: y ignored; output '{plain(graph.outputs[0])}' is "
+                  "not a classifier (--task classify scores top-1 accuracy)", soft_wrap=True)
+    if as_json:
+        click.echo(json.dumps({**ev.as_json(), **extra}, indent=2, sort_keys=True))
+        return
+    title = plain((name or model_path).name)
+    if ev.accuracy:
+        _print_accuracies(f"{title}: top-1 accuracy on {ev.samples} samples{plain(subtitle)}",
+                          ev.accuracy)
+    for output, per_model in ev.fidelity.items():
+        _print_fidelity(f"{title}: output '{plain(output)}' against the float model on "
+                        f"{ev.samples} samples{plain(subtitle)}", per_model,
+                        ev.classifier[output])
 
 
 def _print_accuracies(title: str, results: dict[str, Any]) -> None:
@@ -553,15 +570,30 @@ def _print_accuracies(title: str, results: dict[str, Any]) -> None:
     out.print(table)
 
 
-def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
+def _print_fidelity(title: str, per_model: dict[str, dict[str, Any]], classifier: bool) -> None:
+    """One output's fidelity table; SQNR reads 'exact' when the outputs are identical."""
+    table = Table(title=title + ("" if classifier else " (not a classifier)"),
+                  min_width=len(title))
+    table.add_column("model")
+    if classifier:
+        table.add_column("top-1 agreement", justify="right")
+    table.add_column("cosine", justify="right")
+    table.add_column("SQNR dB", justify="right")
+    for key, m in per_model.items():
+        sqnr = "exact" if m["sqnr_db"] is None else f"{m['sqnr_db']:.2f}"
+        agree = [f"{m['top1_agreement']:.4f}"] if classifier else []
+        table.add_row(plain(key), *agree, f"{m['cosine']:.5f}", sqnr)
+    out.print(table)
+
+
+def _eval_plan(plan_path: Path, model: Path | None, data: Path, task: str, as_json: bool,
                quiet: bool) -> None:
     from mpq.evaluate import (
         PlanRunner,
-        accuracy,
-        eval_labels,
-        float_predictions,
+        output_tasks,
         plan_int8_ranges,
-        quant_predictions,
+        quant_variant,
+        usable_labels,
     )
     from mpq.plan import load_plan_with_model
     from mpq.quant.calibrate import load_dataset
@@ -569,21 +601,12 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
 
     plan, model_path, graph = load_plan_with_model(plan_path, model)
     ds = load_dataset(data, graph)
-    labels = eval_labels(ds, graph)
-    results: dict[str, Any] = {"samples": len(ds)}
-    with progress_bar("float", len(ds), quiet) as advance:
-        results["float"] = accuracy(float_predictions(model_path, graph, ds, progress=advance),
-                                    labels)
-    int8 = quantize_graph(graph, plan_int8_ranges(plan))
-    with progress_bar("int8", len(ds), quiet) as advance:
-        results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), labels)
-    runner = PlanRunner(plan, graph)
-    with progress_bar("plan", len(ds), quiet) as advance:
-        results["plan"] = accuracy(runner.predictions(ds, progress=advance), labels)
-    if as_json:
-        click.echo(json.dumps(results, indent=2, sort_keys=True))
-        return
-    _print_accuracies(f"{plain(plan_path.name)}: top-1 accuracy on {len(ds)} samples", results)
+    classifier = output_tasks(graph, task)
+    labels = usable_labels(ds, graph, classifier)
+    variants = {"int8": quant_variant(quantize_graph(graph, plan_int8_ranges(plan))),
+                "plan": PlanRunner(plan, graph).real_outputs}
+    _run_eval(model_path, graph, ds, variants, classifier, labels, as_json, quiet, {},
+              name=plan_path)
 
 
 # -- export -------------------------------------------------------------------------------------

@@ -1,73 +1,136 @@
-"""Accuracy of a model in float and through the integer reference (`mpq eval`).
+"""Accuracy of a model in float and through the integer reference, and how close the
+quantised outputs are to the float ones (`mpq eval`; the measures are `mpq.fidelity`'s).
 
 Float runs on onnxruntime for ONNX files (the original model, as the user trained it) and on
-the IR float interpreter otherwise; quantised runs go through `mpq.sim`, batch by batch, so
-memory stays bounded on large test sets.
+the IR float interpreter otherwise; its outputs are kept as the reference. Quantised runs go
+through `mpq.sim`, batch by batch, and are compared with the reference as they stream past
+(only running sums stay), so memory stays bounded on large test sets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.interpreter import from_ir_layout, run_batches, to_ir_layout
+from mpq.fidelity import FidelitySums, is_classifier
+from mpq.interpreter import from_ir_layout, run_graph, to_ir_layout
 from mpq.ir import Graph
 from mpq.quant.calibrate import Dataset
 from mpq.quant.qmodel import QuantModel
-from mpq.sim import quantize_input, run_int
+from mpq.sim import dequantize, quantize_input, run_int
 
 Progress = Callable[[int], None]
 
 
-def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size: int = 64,
-                      progress: Progress | None = None) -> np.ndarray:
-    """Top-1 class per sample of the float model."""
-    preds = []
+Outputs = dict[str, np.ndarray]
+#: A model compared with the float one: a float batch (ONNX layout) → its real-valued
+#: (dequantised) outputs by graph output name, in the model's (ONNX) layout.
+Variant = Callable[[np.ndarray], Outputs]
+
+
+def float_outputs(model_path: Path, graph: Graph, data: Dataset, batch_size: int = 64,
+                  progress: Progress | None = None) -> Outputs:
+    """Every output of the float model over the whole data set, float32 [N, …] in the
+    model's (ONNX) layout, keyed by graph output; MpqError on a NaN or Inf output.
+
+    onnxruntime runs ONNX files (its outputs are the graph's, by position); the IR float
+    interpreter runs the rest. The outputs are kept whole: they are the reference every
+    quantised model is compared with batch by batch, and a model's outputs are no larger than
+    the data it reads (a classifier's far smaller).
+    """
+    names = list(graph.outputs)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    done = 0
     if model_path.suffix.lower() == ".onnx":
-        from mpq.frontend.onnx_validate import ort_run, ort_session
+        from mpq.frontend.onnx_validate import ort_run_all, ort_session
 
         sess = ort_session(model_path)
-        name = sess.get_inputs()[0].name
+        feed = sess.get_inputs()[0].name
         fixed = sess.get_inputs()[0].shape[0]
         if isinstance(fixed, int) and fixed > 0:  # a model exported with a fixed batch size
             batch_size = fixed
-        for batch in data.batches(batch_size):
-            out = ort_run(sess, {name: batch}, model_path)
-            preds.append(_top1(out, len(batch), sum(map(len, preds))))
-            if progress:
-                progress(len(batch))
+        run = lambda batch: ort_run_all(sess, {feed: batch}, model_path)  # noqa: E731
     else:
-        for batch in data.batches(batch_size):
-            # Huge (finite) inputs can overflow float32 inside the model: _top1 reports it.
+        inp = graph.inputs[0]
+
+        def run(batch: np.ndarray) -> list[np.ndarray]:
+            # Huge (finite) inputs can overflow float32 inside the model: _check_finite says so.
             with np.errstate(over="ignore", invalid="ignore"):
-                out = next(run_batches(graph, batch, batch_size=len(batch)))
-            preds.append(_top1(out, len(batch), sum(map(len, preds))))
-            if progress:
-                progress(len(batch))
-    return np.concatenate(preds)
+                env = run_graph(graph, {inp: to_ir_layout(graph, inp, batch)})
+            return [from_ir_layout(graph, name, env[name]) for name in names]
+    for batch in data.batches(batch_size):
+        outs = run(batch)
+        if len(outs) != len(names):
+            raise MpqError(f"{model_path}: the float model gives {len(outs)} outputs; the "
+                           f"imported graph has {len(names)}")
+        for name, out in zip(names, outs, strict=True):
+            parts[name].append(_check_float_output(graph, name, out, len(batch), done,
+                                                   model_path))
+        done += len(batch)
+        if progress:
+            progress(len(batch))
+    return {name: np.concatenate(parts[name]) for name in names}
 
 
-def _top1(out: np.ndarray, n: int, first: int) -> np.ndarray:
-    """Top-1 class per sample of a float output batch; MpqError on a NaN or Inf output, whose
-    argmax would be a meaningless class counted as a prediction."""
-    flat = out.reshape(n, -1)
-    bad = ~np.isfinite(flat).all(axis=1)
+def _check_float_output(graph: Graph, name: str, out: np.ndarray, n: int, first: int,
+                        model_path: Path) -> np.ndarray:
+    """One float output batch as float32, after checking it is the graph's output `name`
+    (same values per sample) and finite: a NaN or Inf output has no meaningful argmax class
+    and no defined error against a quantised model."""
+    want = int(np.prod(graph.tensors[name].shape[1:], dtype=np.int64))
+    if out.size != n * want:
+        raise MpqError(f"{model_path}: the float model's output '{name}' has "
+                       f"{out.size // max(n, 1)} values per sample; the imported graph's has "
+                       f"{want}")
+    out = np.asarray(out, np.float32)
+    bad = ~np.isfinite(out.reshape(n, -1)).all(axis=1)
     if bad.any():
-        raise MpqError(f"float model output is not finite (NaN/Inf) for sample "
+        which = f" '{name}'" if len(graph.outputs) > 1 else ""
+        raise MpqError(f"float model output{which} is not finite (NaN/Inf) for sample "
                        f"{first + int(np.argmax(bad))}: the data overflows float32 in the model")
-    return flat.argmax(axis=1)
+    return out
 
 
-def quant_outputs(qm: QuantModel, batch: np.ndarray) -> np.ndarray:
-    """Integer outputs of one float batch (ONNX layout) through the integer reference."""
+def top1(out: np.ndarray) -> np.ndarray:
+    """Top-1 class per sample: the argmax of each sample's flattened output."""
+    return out.reshape(len(out), -1).argmax(axis=1)
+
+
+def float_predictions(model_path: Path, graph: Graph, data: Dataset, batch_size: int = 64,
+                      progress: Progress | None = None) -> np.ndarray:
+    """Top-1 class per sample of the float model (its first output)."""
+    return top1(float_outputs(model_path, graph, data, batch_size, progress)[graph.outputs[0]])
+
+
+def quant_output_dict(qm: QuantModel, batch: np.ndarray) -> Outputs:
+    """Integer outputs of one float batch (ONNX layout) through the integer reference, every
+    graph output in the ONNX layout."""
     g = qm.graph
     name = g.inputs[0]
     xq = quantize_input(qm.acts[name], to_ir_layout(g, name, batch))
-    out = run_int(qm, {name: xq})[g.outputs[0]]
-    return from_ir_layout(g, g.outputs[0], out)
+    outs = run_int(qm, {name: xq})
+    return {o: from_ir_layout(g, o, outs[o]) for o in g.outputs}
+
+
+def quant_outputs(qm: QuantModel, batch: np.ndarray) -> np.ndarray:
+    """Integer first output of one float batch (ONNX layout) through the integer reference."""
+    return quant_output_dict(qm, batch)[qm.graph.outputs[0]]
+
+
+def dequantised(acts: dict, outs: Outputs) -> Outputs:
+    """Integer outputs as real values, scale·(q − zp) with each output's ActQuant."""
+    return {name: dequantize(acts[name], q) for name, q in outs.items()}
+
+
+def quant_variant(qm: QuantModel) -> Variant:
+    """The dequantised outputs of `qm`'s integer reference, as a `Variant`."""
+    return lambda batch: dequantised(qm.acts, quant_output_dict(qm, batch))
 
 
 def quant_predictions(qm: QuantModel, data: Dataset, batch_size: int = 64,
@@ -76,11 +139,33 @@ def quant_predictions(qm: QuantModel, data: Dataset, batch_size: int = 64,
     dequantisation is monotonic, so it is the same class)."""
     preds = []
     for batch in data.batches(batch_size):
-        out = quant_outputs(qm, batch)
-        preds.append(out.reshape(len(batch), -1).argmax(axis=1))
+        preds.append(top1(quant_outputs(qm, batch)))
         if progress:
             progress(len(batch))
     return np.concatenate(preds)
+
+
+def compare_with_float(variant: Variant, data: Dataset, ref: Outputs,
+                       classifier: dict[str, bool], batch_size: int = 64,
+                       progress: Progress | None = None
+                       ) -> tuple[np.ndarray, dict[str, FidelitySums]]:
+    """One pass of a quantised model over the data set: the top-1 class per sample of the
+    first output, and the fidelity sums (`mpq.fidelity.FidelitySums`) of every output it
+    gives against the float reference `ref` (`float_outputs` of the same data). The argmax of
+    the dequantised output is the integer output's: dequantisation is increasing."""
+    first = next(iter(ref))
+    sums: dict[str, FidelitySums] = {}
+    preds, done = [], 0
+    for batch in data.batches(batch_size):
+        outs = variant(batch)
+        n = len(batch)
+        for name, y in outs.items():
+            sums.setdefault(name, FidelitySums(classifier[name])).add(ref[name][done:done + n], y)
+        preds.append(top1(outs[first]))
+        done += n
+        if progress:
+            progress(n)
+    return np.concatenate(preds), sums
 
 
 def output_classes(graph: Graph) -> int:
@@ -139,6 +224,65 @@ def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(preds) == np.asarray(labels).reshape(-1)).mean())
 
 
+def output_tasks(graph: Graph, task: str = "auto") -> dict[str, bool]:
+    """Whether each graph output is a classifier's (`mpq.fidelity.is_classifier`)."""
+    return {name: is_classifier(graph, name, task) for name in graph.outputs}
+
+
+def usable_labels(ds: Dataset, graph: Graph, classifier: dict[str, bool]) -> np.ndarray | None:
+    """The test set's labels as class indices (`eval_labels`) when it has labels and the
+    first output is a classifier's; None otherwise — top-1 accuracy of an autoencoder's or a
+    regression's output against labels would be a number that means nothing."""
+    if ds.y is None or not classifier[graph.outputs[0]]:
+        return None
+    return eval_labels(ds, graph)
+
+
+@dataclass
+class Evaluation:
+    """What `mpq eval` measured: top-1 accuracy against labels (when usable) of the float
+    model and of each compared model, and per output the fidelity of each compared model to
+    the float one (`mpq.fidelity.FidelitySums.summary`)."""
+
+    samples: int
+    classifier: dict[str, bool]
+    accuracy: dict[str, float] = field(default_factory=dict)
+    fidelity: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The `mpq eval --json` object: `samples`, the accuracies by model name at the top
+        (as before fidelity was added), `classifier` and `fidelity` by output name. SQNR is
+        null with `exact: true` when the outputs are identical (JSON has no infinity)."""
+        return {"samples": self.samples, **self.accuracy, "classifier": self.classifier,
+                "fidelity": self.fidelity}
+
+
+ProgressBar = Callable[[str, int], AbstractContextManager[Progress]]
+
+
+def evaluate(model_path: Path, graph: Graph, data: Dataset, variants: dict[str, Variant],
+             classifier: dict[str, bool], labels: np.ndarray | None,
+             bar: ProgressBar | None = None) -> Evaluation:
+    """The float model once (`float_outputs`), then each quantised variant in one pass
+    (`compare_with_float`): accuracies when `labels` are given, fidelity to float always."""
+    def phase(name: str) -> AbstractContextManager[Progress | None]:
+        return bar(name, len(data)) if bar is not None else nullcontext(None)
+
+    ev = Evaluation(len(data), dict(classifier))
+    with phase("float") as advance:
+        ref = float_outputs(model_path, graph, data, progress=advance)
+    if labels is not None:
+        ev.accuracy["float"] = accuracy(top1(ref[graph.outputs[0]]), labels)
+    for key, variant in variants.items():
+        with phase(key) as advance:
+            preds, sums = compare_with_float(variant, data, ref, classifier, progress=advance)
+        if labels is not None:
+            ev.accuracy[key] = accuracy(preds, labels)
+        for name, s in sums.items():
+            ev.fidelity.setdefault(name, {})[key] = s.summary()
+    return ev
+
+
 class PlanRunner:
     """Runs a plan through the integer reference exactly as the firmware will (DESIGN §6).
 
@@ -159,11 +303,16 @@ class PlanRunner:
         self.outlier = plan_quant_model(plan, graph, "outlier") if self.vdpc else None
 
     def int_outputs(self, x_ir: np.ndarray) -> np.ndarray:
-        """Integer outputs for a batch of integer inputs in the IR layout."""
+        """Integer first output for a batch of integer inputs in the IR layout."""
+        return self.int_output_dict(x_ir)[self.graph.outputs[0]]
+
+    def int_output_dict(self, x_ir: np.ndarray) -> dict[str, np.ndarray]:
+        """Integer outputs (every graph output the run gives) for a batch of integer inputs in
+        the IR layout."""
         g = self.graph
         name = g.inputs[0]
         if self.vdpc is None:
-            return run_int(self.mixed, {name: x_ir})[g.outputs[0]]
+            return run_int(self.mixed, {name: x_ir})
         from mpq.ir import Graph as IrGraph
         from mpq.quant.qmodel import QuantModel
 
@@ -187,20 +336,29 @@ class PlanRunner:
         rest = IrGraph(g.name, g.tensors, g.nodes[k:], [split] + list(g.inputs), g.outputs,
                        g.input_layouts, g.output_layouts)
         feeds = {split: stitched, name: x_ir}
-        return run_int(QuantModel(rest, self.mixed.acts, self.mixed.layers), feeds)[g.outputs[0]]
+        return run_int(QuantModel(rest, self.mixed.acts, self.mixed.layers), feeds)
 
-    def outputs(self, batch: np.ndarray) -> np.ndarray:
-        """Integer outputs of one float batch in the model's (ONNX) input layout."""
+    def output_dict(self, batch: np.ndarray) -> Outputs:
+        """Integer outputs of one float batch (ONNX layout), each in the ONNX layout."""
         g = self.graph
         name = g.inputs[0]
         xq = quantize_input(self.mixed.acts[name], to_ir_layout(g, name, batch))
-        return from_ir_layout(g, g.outputs[0], self.int_outputs(xq))
+        return {o: from_ir_layout(g, o, y) for o, y in self.int_output_dict(xq).items()}
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """Integer first output of one float batch in the model's (ONNX) input layout."""
+        return self.output_dict(batch)[self.graph.outputs[0]]
+
+    def real_outputs(self, batch: np.ndarray) -> Outputs:
+        """The dequantised outputs of one float batch (the plan as a `Variant`); outputs are
+        computed by the mixed-precision model, whose ActQuant they carry."""
+        return dequantised(self.mixed.acts, self.output_dict(batch))
 
     def predictions(self, data: Dataset, batch_size: int = 64,
                     progress: Progress | None = None) -> np.ndarray:
         preds = []
         for batch in data.batches(batch_size):
-            preds.append(self.outputs(batch).reshape(len(batch), -1).argmax(axis=1))
+            preds.append(top1(self.outputs(batch)))
             if progress:
                 progress(len(batch))
         return np.concatenate(preds)
@@ -228,8 +386,19 @@ class LogActivations:
                     progress: Progress | None = None) -> np.ndarray:
         """Top-1 class per sample with every activation at `bits` log levels (the input stays
         at its linear 8-bit quantisation)."""
+        run = self.variant(qm, bits)
+        out = self.graph.outputs[0]
+        preds = []
+        for batch in data.batches(batch_size):
+            preds.append(top1(run(batch)[out]))
+            if progress:
+                progress(len(batch))
+        return np.concatenate(preds)
+
+    def variant(self, qm: QuantModel, bits: int) -> Variant:
+        """The first output with every activation at `bits` log levels, as a `Variant` (the
+        log levels are fake quantisation: the output is real-valued already)."""
         from mpq.quant.logquant import choose_log_levels, run_log_quantised
-        from mpq.sim import dequantize
 
         g = self.graph
         name = g.inputs[0]
@@ -243,11 +412,8 @@ class LogActivations:
         def input_fq(x: np.ndarray) -> np.ndarray:
             return dequantize(inq, quantize_input(inq, x)).astype(np.float32)
 
-        preds = []
-        for batch in data.batches(batch_size):
+        def run(batch: np.ndarray) -> Outputs:
             y = run_log_quantised(g, quantizers, weights, to_ir_layout(g, name, batch), input_fq)
-            y = from_ir_layout(g, g.outputs[0], y)
-            preds.append(y.reshape(len(batch), -1).argmax(axis=1))
-            if progress:
-                progress(len(batch))
-        return np.concatenate(preds)
+            return {g.outputs[0]: from_ir_layout(g, g.outputs[0], y)}
+
+        return run

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from mpq.errors import MpqError
+from mpq.ir import Graph
 from mpq.quant.calibrate import Dataset, dataset_from_array
 
 
@@ -62,15 +63,19 @@ def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
     return math.inf if nsr == 0 else -10.0 * math.log10(nsr)
 
 
-def cosine_similarity(ref: np.ndarray, y: np.ndarray) -> float:
-    """Mean over samples of ⟨ref, y⟩ / (‖ref‖·‖y‖); a sample where either is all zeros counts
-    1 if both are, else 0."""
+def sample_cosines(ref: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """⟨ref, y⟩ / (‖ref‖·‖y‖) per sample; a sample where either is all zeros gets 1 if both
+    are, else 0."""
     ref, y = _rows(ref), _rows(y)
     nr, ny = np.linalg.norm(ref, axis=1), np.linalg.norm(y, axis=1)
     dot = np.sum(ref * y, axis=1)
     both = (nr > 0) & (ny > 0)
-    cos = np.where(both, dot / np.where(both, nr * ny, 1.0), (nr == 0) & (ny == 0))
-    return float(np.mean(cos))
+    return np.where(both, dot / np.where(both, nr * ny, 1.0), (nr == 0) & (ny == 0))
+
+
+def cosine_similarity(ref: np.ndarray, y: np.ndarray) -> float:
+    """Mean over samples of ⟨ref, y⟩ / (‖ref‖·‖y‖) (`sample_cosines`)."""
+    return float(np.mean(sample_cosines(ref, y)))
 
 
 def top1_agreement(ref: np.ndarray, y: np.ndarray) -> float:
@@ -97,6 +102,79 @@ def fidelity_summary(ref: np.ndarray, y: np.ndarray, classifier: bool) -> dict[s
             "cosine": cosine_similarity(ref, y),
             "sqnr_db": None if math.isinf(sqnr) else sqnr,
             "exact": bool(np.array_equal(_rows(ref), _rows(y)))}
+
+
+class FidelitySums:
+    """The running sums behind `fidelity_summary`, fed batch by batch (`mpq eval` streams its
+    test set: only these few numbers per output and compared model stay in memory).
+
+    Over the concatenated batches, `summary()` equals `fidelity_summary` up to float summation
+    order: agreement = matching argmax / N, cosine = Σ per-sample cosine / N, and SQNR from the
+    total noise ‖y − ref‖² and signal ‖ref‖² energies.
+    """
+
+    def __init__(self, classifier: bool) -> None:
+        self.classifier = classifier
+        self.samples = 0
+        self.agree = 0
+        self.cosine_sum = 0.0
+        self.noise = 0.0
+        self.signal = 0.0
+        self.exact = True
+
+    def add(self, ref: np.ndarray, y: np.ndarray) -> None:
+        """Account one batch of the reference and the compared output (same shape)."""
+        ref, y = _rows(ref), _rows(y)
+        self.samples += len(ref)
+        if self.classifier:
+            self.agree += int(np.sum(ref.argmax(axis=1) == y.argmax(axis=1)))
+        self.cosine_sum += float(np.sum(sample_cosines(ref, y)))
+        self.noise += float(np.sum((y - ref) ** 2))
+        self.signal += float(np.sum(ref ** 2))
+        self.exact = self.exact and bool(np.array_equal(ref, y))
+
+    def summary(self) -> dict[str, float | None]:
+        """The measures of `fidelity_summary` over every batch added (at least one sample)."""
+        if self.samples == 0:
+            raise ValueError("FidelitySums.summary: no samples were added")
+        nsr = self.noise / self.signal if self.signal > 0 else self.noise
+        return {"top1_agreement": self.agree / self.samples if self.classifier else None,
+                "cosine": self.cosine_sum / self.samples,
+                "sqnr_db": None if nsr == 0 else -10.0 * math.log10(nsr),
+                "exact": self.exact}
+
+
+#: The values of `mpq eval --task`: `auto` applies `is_classifier`'s rule.
+TASKS = ("auto", "classify", "regress")
+
+
+def made_by_softmax(graph: Graph, output: str) -> bool:
+    """Whether a Softmax node produces `output`: its values are probabilities already
+    (`as_distribution(..., probabilities=True)`)."""
+    return any(n.op == "softmax" and output in n.outputs for n in graph.nodes)
+
+
+def is_classifier(graph: Graph, output: str, task: str = "auto") -> bool:
+    """Whether `output` holds class scores, so that top-1 agreement (and accuracy against
+    labels) means something. `task` "classify" or "regress" decides outright; "auto" applies
+    this rule: the output is produced by a Softmax node, or its per-sample shape (sizes of 1
+    dropped) is one axis of C values with 2 ≤ C < the input's per-sample element count.
+
+    The bound on C keeps reconstructions out: an autoencoder (the anomaly-detection model
+    AD01, [N, 640] → [N, 640]) outputs as many values as it reads and is not a classifier,
+    while a classifier condenses its input into fewer class scores; a single value (C = 1) is
+    a regression. A vector regression head with fewer values than its input (keypoints, a
+    box) needs `--task regress`.
+    """
+    if task not in TASKS:
+        raise MpqError(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
+    if task != "auto":
+        return task == "classify"
+    if made_by_softmax(graph, output):
+        return True
+    per_sample = [int(d) for d in graph.tensors[output].shape[1:] if int(d) != 1]
+    inputs = int(np.prod(graph.tensors[graph.inputs[0]].shape[1:], dtype=np.int64))
+    return len(per_sample) == 1 and 2 <= per_sample[0] < inputs
 
 
 #: The measured search's sample counts: at least MIN_SAMPLES in --data; at most

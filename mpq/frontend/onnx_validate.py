@@ -369,10 +369,16 @@ def ort_session(path: str | Path):  # -> onnxruntime.InferenceSession
 
 
 def ort_run(session, feeds: dict, path: str | Path) -> np.ndarray:
-    """First output of `session` on `feeds`; a failure of the user's model on valid data (a
-    Reshape that hard-codes batch 1 under a symbolic batch dimension) is one MpqError line."""
+    """First output of `session` on `feeds` (`ort_run_all`)."""
+    return ort_run_all(session, feeds, path)[0]
+
+
+def ort_run_all(session, feeds: dict, path: str | Path) -> list[np.ndarray]:
+    """Every output of `session` on `feeds`, in the model's output order; a failure of the
+    user's model on valid data (a Reshape that hard-codes batch 1 under a symbolic batch
+    dimension) is one MpqError line."""
     try:
-        return session.run(None, feeds)[0]
+        return list(session.run(None, feeds))
     except Exception as exc:  # onnxruntime's InvalidArgument, Fail, RuntimeException, …
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         batch = next(iter(feeds.values())).shape[0]
