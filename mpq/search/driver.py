@@ -373,7 +373,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     probe = None
     if validation is not None:
         x_val = np.concatenate(list(validation.batches(256)))
-        probe = Probe(graph, x_val, range_of, specs, classifier=validation.y is not None)
+        probe = Probe(graph, x_val, range_of, specs)
 
     sram_total, flash_total, input_bytes, code = _totals(graph, board, opts)
     flash_budget = flash_total - code
@@ -654,12 +654,14 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
             floor = problem.arena(problem.tensor_bits(low)) + scratch + input_bytes
             problem, solution = solve_importance(problem, table, graph, schedule, opts.bitops,
                                                  floor)
-        elif opts.strategy == "rusci":
-            solution = solve_rusci(problem, layer_groups(graph, problem))
         else:
             try:
-                solution = solve_vdqs(problem, order) if opts.strategy == "vdqs" \
-                    else solve_exact(problem)
+                if opts.strategy == "rusci":
+                    solution = solve_rusci(problem, layer_groups(graph, problem))
+                elif opts.strategy == "vdqs":
+                    solution = solve_vdqs(problem, order)
+                else:
+                    solution = solve_exact(problem)
             except MpqError:
                 # The floor fits the real planner (checked above), so the budget is met: the
                 # solver's own bound was stricter (the ILP's liveness rows can exceed what the

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mpq.fidelity import output_damage
+from mpq.fidelity import is_classifier, output_damage
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, Node
 from mpq.quant.qmodel import (
@@ -52,15 +52,14 @@ class Probe:
     """Damage of bit choices against the all-8-bit model on validation inputs."""
 
     def __init__(self, graph: Graph, x_val: np.ndarray, range_of: RangeOf,
-                 specs: dict[str, WeightSpec], classifier: bool) -> None:
+                 specs: dict[str, WeightSpec]) -> None:
         self.graph = graph
         self.range_of = range_of
         self.specs = specs
         self.samples = len(x_val)
         self.measure = measured_tensors(graph)
-        # Logits of a softmax are a class distribution; other outputs are one when the data
-        # has class labels (the caller decides).
-        self.classifier = {t: logits or classifier for t, logits in self.measure}
+        # Logits of a softmax are a class distribution; other outputs by `is_classifier`.
+        self.classifier = {t: logits or is_classifier(graph, t) for t, logits in self.measure}
         self.classifier_any = any(self.classifier.values())
         self._weights: dict[tuple[str, int], QuantizedWeights] = {}
         self._single: dict[tuple, float] = {}

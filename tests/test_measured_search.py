@@ -1,0 +1,111 @@
+"""The measured-sensitivity search (`--strategy measured`, the default): damage measured
+through the integer reference ranks maps as the model's outputs feel them, plans get no worse
+with more memory, and the minimum budget an error names is one every strategy accepts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_mpq
+from onnx_builders import _Builder, _input
+from test_bad_input import assert_clean_failure
+
+from mpq.frontend import load_model
+from mpq.quant.calibrate import activation_range, calibrate, dataset_from_array
+from mpq.search.sensitivity import Probe
+
+FASHION = REPO / "examples" / "fashion"
+
+
+def fragile_and_robust_model():
+    """input [N,4,8,8] → 1×1 conv 4→8 + Relu (`fragile`: continuous values the rest reads)
+    → 1×1 conv 8→8 with gain 60 + Clip(0, 6) (`robust`: saturated, nearly only 0 and 6,
+    which 2 bits hold exactly on a [0, 6] range) → global average pool → Flatten → Gemm 8→5."""
+    b = _Builder(3)
+    w = b.init("c1.weight", b.he((8, 4, 1, 1)))
+    x = b.conv("input", w, b.init("c1.bias", b.small(8)), "/c1/Conv", 1)
+    x = b.node("Relu", [x], "/c1/Relu", outputs=["fragile"])
+    w2 = (b.he((8, 8, 1, 1)) * 60.0).astype(np.float32)
+    x = b.conv(x, b.init("c2.weight", w2), b.init("c2.bias", b.small(8)), "/c2/Conv", 1)
+    lo, hi = b.init("clip_lo", np.float32(0.0)), b.init("clip_hi", np.float32(6.0))
+    x = b.node("Clip", [x, lo, hi], "/c2/Clip", outputs=["robust"])
+    x = b.node("GlobalAveragePool", [x], "/pool")
+    x = b.node("Flatten", [x], "/Flatten", axis=1)
+    w3 = b.init("fc.weight", b.he((5, 8), gain=1.0))
+    x = b.node("Gemm", [x, w3, b.init("fc.bias", b.small(5))], "/fc/Gemm", outputs=["logits"],
+               alpha=1.0, beta=1.0, transB=1)
+    return b.model("main_graph", [_input("input", ["batch", 4, 8, 8])], ["logits"])
+
+
+def test_sensitivity_ranks_a_fragile_map_above_a_robust_one(tmp_path: Path) -> None:
+    import onnx
+
+    path = tmp_path / "fr.onnx"
+    onnx.save(fragile_and_robust_model(), path)
+    graph = load_model(path)
+    x = np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32)
+    stats = calibrate(graph, dataset_from_array(x, "random"))
+
+    def range_of(t: str, bits: int) -> tuple[float, float]:
+        return activation_range(stats.tensors[t], "minmax", bits)
+
+    probe = Probe(graph, x[:32], range_of, {})
+    fragile, robust = probe.group_damage(("fragile",), 2), probe.group_damage(("robust",), 2)
+    assert robust >= 0 and fragile > 3 * robust, (fragile, robust)
+    # 8 bits is the reference itself; a variant with nothing changed costs nothing
+    assert probe.group_damage(("fragile",), 8) == 0.0
+    assert probe.damage_of({}, {}) == 0.0
+
+
+def _search(budget: int, out: Path, strategy: str = "measured", *extra: str):
+    return run_mpq("search", FASHION / "fashion_cnn.onnx", "--board", "nano33ble", "--data",
+                   FASHION / "calib.npz", "--sram", str(budget), "--strategy", strategy,
+                   "-o", out, "-q", *extra)
+
+
+def test_more_memory_never_measures_worse(tmp_path: Path) -> None:
+    """A budget ladder on the Fashion example: the measured damage of the chosen plan (the
+    search's own validation measure) never grows with the budget, and the plan records it."""
+    damages = []
+    for budget in (11_000, 12_800, 15_000):
+        out = tmp_path / f"p{budget}.json"
+        r = _search(budget, out)
+        assert r.returncode == 0, r.stderr
+        plan = json.loads(out.read_text())
+        assert plan["predicted"]["sram_needed_bytes"] <= budget
+        fid = plan["predicted"]["fidelity"]
+        assert fid["samples"] == 64 and set(fid["outputs"]) == {"logits"}
+        assert 0.0 <= fid["outputs"]["logits"]["top1_agreement"] <= 1.0
+        damages.append(plan["search"]["measured"]["damage"])
+    assert damages == sorted(damages, reverse=True), damages
+
+
+def test_the_advertised_minimum_is_accepted_by_every_strategy(tmp_path: Path) -> None:
+    r = _search(2_000, tmp_path / "never.json")
+    assert_clean_failure(r)
+    assert not (tmp_path / "never.json").exists()
+    need = int(re.search(r"needs at least ([\d,]+) B SRAM", r.stderr).group(1).replace(",", ""))
+    for strategy in ("measured", "exact", "vdqs", "qe", "rusci"):
+        out = tmp_path / f"{strategy}.json"
+        r = _search(need, out, strategy)
+        assert r.returncode == 0, (strategy, r.stderr)
+        assert json.loads(out.read_text())["predicted"]["sram_needed_bytes"] <= need
+    r = _search(need - 1, tmp_path / "below.json")
+    assert_clean_failure(r, f"needs at least {need:,} B SRAM")
+
+
+@pytest.mark.parametrize("samples", [3, 15])
+def test_too_little_calibration_data_is_one_line(tmp_path: Path, samples: int) -> None:
+    d = np.load(FASHION / "calib.npz")
+    small = tmp_path / "small.npz"
+    np.savez(small, x=d["x"][:samples])
+    out = tmp_path / "plan.json"
+    r = run_mpq("search", FASHION / "fashion_cnn.onnx", "--board", "nano33ble", "--data",
+                small, "-o", out)
+    assert_clean_failure(r, "at least 16")
+    assert not out.exists()
+    assert "--strategy exact" in r.stderr and "--strategy exact" in r.stderr
