@@ -194,10 +194,22 @@ def validation_indices(n: int, where: str, cap: int = MAX_MEASURED) -> np.ndarra
     return np.unique((np.arange(m) * n) // m)
 
 
-def validation_dataset(ds: Dataset) -> Dataset:
-    """The validation samples of `ds` (`validation_indices`), in memory."""
+#: Multiply-accumulates the measured search spends per candidate run at most (MACs per
+#: sample × samples): 64 samples of a KWS- or VWW-sized model, 8 of MobileNetV2-1.0@224.
+MEASURE_MACS = 2 * 10**9
+MIN_MEASURED = 8
+
+
+def measured_samples(macs_per_sample: int) -> int:
+    """How many samples each measurement runs: MEASURE_MACS / MACs per sample, within
+    [MIN_MEASURED, MAX_MEASURED] — large models get fewer so a search stays in seconds."""
+    return max(MIN_MEASURED, min(MAX_MEASURED, MEASURE_MACS // max(macs_per_sample, 1)))
+
+
+def validation_dataset(ds: Dataset, cap: int = MAX_MEASURED) -> Dataset:
+    """The validation samples of `ds` (`validation_indices`, at most `cap`), in memory."""
     x = np.concatenate(list(ds.batches(256)))
-    idx = validation_indices(len(x), str(ds.path))
+    idx = validation_indices(len(x), str(ds.path), cap)
     y = None if ds.y is None else np.asarray(ds.y)
     return dataset_from_array(x[idx], f"{ds.path} (validation samples)",
                               None if y is None or len(y) != len(x) else y[idx])

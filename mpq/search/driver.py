@@ -353,11 +353,12 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         candidates = feasible_candidates(graph, board, opts)
     validation = None
     if opts.strategy == "measured":
-        from mpq.fidelity import validation_dataset
+        from mpq.fidelity import measured_samples, validation_dataset
 
         # Ranges come from every sample (they need them all: on KWS, 75 of 100 samples cost
         # 0.7 pp); the measurements run on up to 64 of the same samples, never on eval data.
-        validation = validation_dataset(data)
+        macs = sum(node_macs(n, graph) for n in graph.nodes)
+        validation = validation_dataset(data, measured_samples(macs))
         notes.append(f"measured search: ranges from all {len(data)} samples of --data, damage "
                      f"measured on {len(validation)} of them")
     if stats is None:
@@ -582,7 +583,9 @@ def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
     problem, order = build_problem(graph, schedule, scores, replace(opts, vdpc=use_vdpc),
                                    sram_budget, flash_budget, classified, int8_memory.inplace,
                                    scored=scored)
-    if probe is not None:
+    if probe is not None and not problem.fits({g.name: max(g.options) for g in problem.groups}):
+        # Measured only when the budget forces something below 8 bits: at 8 everywhere the
+        # plan is the reference itself (damage 0), nothing to measure.
         problem = rescore(problem, probe)
     if opts.strategy == "int8":
         floor = {g.name: max(g.options) for g in problem.groups}
@@ -646,9 +649,11 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
     if not problem.fits(low):
         raise _impossible(problem, low, schedule, sram_total, input_bytes, scratch,
                           flash_total, code, setup.what)
-    if opts.strategy == "int8":
-        solution = Solution(low, problem.objective(low), problem.arena(problem.tensor_bits(low)),
-                            problem.flash_bytes(low))
+    top = {g.name: max(g.options) for g in problem.groups}
+    if opts.strategy == "int8" or (probe is not None and problem.fits(top)):
+        pick = low if opts.strategy == "int8" else top
+        solution = Solution(pick, problem.objective(pick),
+                            problem.arena(problem.tensor_bits(pick)), problem.flash_bytes(pick))
     else:
         if table is not None:
             floor = problem.arena(problem.tensor_bits(low)) + scratch + input_bytes

@@ -154,6 +154,8 @@ def initial(problem: Problem, solution: Solution, probe: Probe) -> _Pool:
 def refine(pool: _Pool, floor: dict[str, int], qbr: bool = True) -> Measured:
     """Steps 2–4 of the module docstring on one schedule's pool (step 4 only with `qbr`)."""
     problem, log = pool.problem, []
+    if pool.best[0] == 0.0:  # the all-8-bit reference fits: nothing can measure better
+        return Measured(pool.best[2], 0.0, 0.0, len(pool.seen), log)
     floor_arena = problem.arena(problem.tensor_bits(floor))
     for point in ladder(floor_arena, problem.sram_budget):
         choice = _solve(problem, point)
