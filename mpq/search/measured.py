@@ -9,7 +9,8 @@ Per patch schedule:
    4-bit activations and all-8-bit (when they fit) — are measured as whole plans;
 3. interactions: damage is not additive (two 2-bit maps side by side cost more than the sum).
    For a few rounds, the options the best plan chose below 8 bits have their damage scaled by
-   measured/predicted and the ILP is solved again; each new solution is measured;
+   measured/predicted and the ILP is solved again; each new solution is measured; then the
+   ILP's next-best solutions (no-good cuts on the best plan so far) are measured too;
 4. measured QBR: raises that still fit are tried, the largest predicted gain first, and kept
    when the measured damage does not grow — the plan uses its budget.
 
@@ -38,6 +39,7 @@ LADDER_STEP = 1.05
 LADDER_LOW = 0.6
 INTERACTION_ROUNDS = 3
 QBR_TRIES = 3
+NEXT_SOLUTIONS = 2
 
 
 def weight_node(group: Group) -> str | None:
@@ -180,6 +182,13 @@ def refine(pool: _Pool, floor: dict[str, int], qbr: bool = True) -> Measured:
         new = pool.add(choice)
         log.append(f"interaction round: measured {damage:.5f} vs predicted {predicted:.5f}; "
                    f"re-solved → {new:.5f}")
+    excluded: list[dict[str, int]] = []
+    for _ in range(NEXT_SOLUTIONS):  # the ILP's next-best solutions under the full budget
+        excluded.append(pool.best[2])
+        choice = _solve(replace(problem, exclude=tuple(excluded)))
+        if choice is None:
+            break
+        pool.add(choice)
     if qbr:
         _measured_qbr(pool, log)
     damage, _, best = pool.best

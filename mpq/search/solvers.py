@@ -69,6 +69,7 @@ class Problem:
     flash_budget: int  # bytes available to weights, biases and requantisation parameters
     flash_fixed: int = 0  # Flash bytes that do not depend on the choice
     bitops: BitopsBudget | None = None  # optional BitOPs constraint (`--strategy importance`)
+    exclude: tuple[dict[str, int], ...] = ()  # choices `solve_exact` must not return (next-best)
 
     def tensor_bits(self, choice: dict[str, int]) -> dict[str, int]:
         bits: dict[str, int] = {}
@@ -169,6 +170,10 @@ def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
         step_rows.append((row, const))
     flash_row = {var[(g.name, b)]: float(g.flash[b]) for g in problem.groups
                  for b in g.options if g.flash}
+    for choice in problem.exclude:  # no-good cut: at least one group differs from `choice`
+        rows.append({var[(g.name, choice[g.name])]: 1.0 for g in problem.groups})
+        lo.append(-np.inf)
+        hi.append(len(problem.groups) - 1.0)
     n_joint = n - len(var) - len(aux)
     integrality = np.array([1] * len(var) + [0] * (len(aux) + n_joint))
     bounds = Bounds(np.zeros(n), np.array([1.0] * len(var) + [np.inf] * len(aux)
