@@ -596,9 +596,11 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
               help="The plan's model file (default: the path the plan names).")
 @click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
               show_default=True, help="Kernel library the sources call.")
-@click.option("--target", "targets", type=click.Choice(["make", "cmake"]), multiple=True,
-              help="Build files to write, repeatable: make (mpq.mk, always written) and cmake "
-                   "(CMakeLists.txt: add_subdirectory, then link mpq_model).")
+@click.option("--target", "targets", multiple=True, metavar="TARGET[,TARGET…]",
+              help="Build files to write, repeatable or comma-separated: make (mpq.mk, always "
+                   "written), cmake (CMakeLists.txt: add_subdirectory, then link mpq_model), "
+                   "zephyr (a module for ZEPHYR_EXTRA_MODULES), arduino (a library: "
+                   "library.properties, src/, an example sketch), platformio (library.json).")
 @click.option("--build", is_flag=True,
               help="Also link for the board (arm-none-eabi-gcc) and record the measured "
                    "section sizes in mpq_report.json.")
@@ -611,14 +613,22 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
     With --backend cmsis-nn the int8 layers call CMSIS-NN (mpq_report.json lists each layer's
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
-    --target cmake adds a CMakeLists.txt defining the static library mpq_model.
+    --target cmake adds a CMakeLists.txt defining the static library mpq_model; zephyr,
+    arduino and platformio add a Zephyr module, an Arduino library and a PlatformIO manifest.
     """
-    from mpq.codegen.export import measure_build, render_export, with_measured, write_export
+    from mpq.codegen.export import (
+        measure_build,
+        parse_targets,
+        render_export,
+        with_measured,
+        write_export,
+    )
     from mpq.fileio import check_outputs
     from mpq.plan import load_plan_with_model
 
+    build_targets = parse_targets(targets) or ("make",)
     plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
-    files = render_export(plan, graph, backend, targets or ("make",))
+    files = render_export(plan, graph, backend, build_targets)
     check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
         from mpq.boards import plan_board
