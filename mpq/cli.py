@@ -319,6 +319,26 @@ QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 METHOD = click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
                       default="minmax", show_default=True,
                       help="How activation ranges are chosen from the statistics.")
+ENGINE = click.option("--engine", type=click.Choice(["auto", "c", "numpy"]), default="auto",
+                      show_default=True,
+                      help="How a plan runs: c (its exported C, compiled by the host cc/gcc "
+                           "and loaded in-process; same bytes), numpy (the integer "
+                           "reference), auto (c when a compiler is present).")
+
+
+def _plan_runner(plan: Any, graph: Any, engine: str) -> Any:
+    """The plan's runner for --engine (mpq.engine), a missing compiler noted on stderr."""
+    from mpq.engine import plan_runner
+
+    return plan_runner(plan, graph, engine,
+                       lambda msg: err.print(f"note: {plain(msg)}", soft_wrap=True))
+
+
+def _plan_only_engine(engine: str) -> None:
+    """--engine c is for plans; a model runs through the integer reference."""
+    if engine == "c":
+        raise MpqError("--engine c runs a plan (.json) through its exported C; a model runs "
+                       "through the integer reference (drop --engine or give a plan)")
 
 
 def _stats_for(graph: Any, data: Path | None, stats: Path | None, quiet: bool,
@@ -389,10 +409,12 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
 @click.option("--stats", type=click.Path(path_type=Path),
               help="Statistics from `mpq calibrate` instead of --data.")
 @METHOD
+@ENGINE
 @QUIET
 @user_errors
 def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | None,
-        bits: str, data: Path | None, stats: Path | None, method: str, quiet: bool) -> None:
+        bits: str, data: Path | None, stats: Path | None, method: str, engine: str,
+        quiet: bool) -> None:
     """Run a model or a plan through the bit-exact integer reference.
 
     A plan (.json) runs exactly as its firmware will; an int8 .tflite runs with its own
@@ -409,15 +431,15 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 
     check_outputs([output], [model, plan_model, input_path, data, stats])
     if model.suffix.lower() == ".json":
-        from mpq.evaluate import PlanRunner
         from mpq.plan import load_plan_with_model
 
         plan, _, graph = load_plan_with_model(model, plan_model)
-        runner = PlanRunner(plan, graph)
         ds = load_dataset(input_path, graph)
+        runner = _plan_runner(plan, graph, engine)
         ys = np.concatenate([runner.outputs(batch) for batch in ds.batches(256)])
         oq = runner.mixed.output_quant()
     else:
+        _plan_only_engine(engine)
         loaded = load_for_quantisation(model)
         ds = load_dataset(input_path, loaded.graph)
         if loaded.own_quant is not None and bits == "8" and data is None and stats is None:
@@ -467,12 +489,13 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
               show_default=True,
               help="log: also Park et al.'s log-domain activation levels (reference only, "
                    "float fake quantisation; needs --calib), beside the linear ones.")
+@ENGINE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
 def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
           stats: Path | None, act_bits: str, method: str, weights_spec: str | None,
-          act_quant: str, as_json: bool, quiet: bool) -> None:
+          act_quant: str, engine: str, as_json: bool, quiet: bool) -> None:
     """Top-1 accuracy of the float model and of the integer reference, side by side.
 
     Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
@@ -494,8 +517,9 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
         if weights_spec is not None or act_quant != "linear":
             raise MpqError("a plan carries its own weight schemes and linear activations; "
                            "--weights and --act-quant apply to a model")
-        _eval_plan(model, plan_model, data, as_json, quiet)
+        _eval_plan(model, plan_model, data, as_json, quiet, engine)
         return
+    _plan_only_engine(engine)
     spec = parse_weights(weights_spec) if weights_spec is not None else None
     if act_quant == "log" and calib is None:
         raise MpqError("--act-quant log fits its levels on calibration data: give --calib")
@@ -554,9 +578,8 @@ def _print_accuracies(title: str, results: dict[str, Any]) -> None:
 
 
 def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
-               quiet: bool) -> None:
+               quiet: bool, engine: str = "auto") -> None:
     from mpq.evaluate import (
-        PlanRunner,
         accuracy,
         eval_labels,
         float_predictions,
@@ -570,6 +593,7 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     plan, model_path, graph = load_plan_with_model(plan_path, model)
     ds = load_dataset(data, graph)
     labels = eval_labels(ds, graph)
+    runner = _plan_runner(plan, graph, engine)  # compiled first: a build error stops early
     results: dict[str, Any] = {"samples": len(ds)}
     with progress_bar("float", len(ds), quiet) as advance:
         results["float"] = accuracy(float_predictions(model_path, graph, ds, progress=advance),
@@ -577,7 +601,6 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
     int8 = quantize_graph(graph, plan_int8_ranges(plan))
     with progress_bar("int8", len(ds), quiet) as advance:
         results["int8"] = accuracy(quant_predictions(int8, ds, progress=advance), labels)
-    runner = PlanRunner(plan, graph)
     with progress_bar("plan", len(ds), quiet) as advance:
         results["plan"] = accuracy(runner.predictions(ds, progress=advance), labels)
     if as_json:
