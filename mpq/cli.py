@@ -611,6 +611,17 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
 
 # -- export -------------------------------------------------------------------------------------
 
+def _build_targets(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--target values (repeated or comma-separated) as build targets; an unknown one is a
+    usage error like any bad option value."""
+    from mpq.codegen.export import parse_targets
+
+    try:
+        return parse_targets(values) or ("make",)
+    except MpqError as exc:
+        raise click.BadParameter(str(exc).removeprefix("export: ")) from None
+
+
 @main.command("export", epilog=EPILOG)
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
@@ -620,6 +631,7 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, as_json: bool,
 @click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
               show_default=True, help="Kernel library the sources call.")
 @click.option("--target", "targets", multiple=True, metavar="TARGET[,TARGET…]",
+              callback=lambda ctx, param, value: _build_targets(value),
               help="Build files to write, repeatable or comma-separated: make (mpq.mk, always "
                    "written), cmake (CMakeLists.txt: add_subdirectory, then link mpq_model), "
                    "zephyr (a module for ZEPHYR_EXTRA_MODULES), arduino (a library: "
@@ -639,19 +651,12 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     --target cmake adds a CMakeLists.txt defining the static library mpq_model; zephyr,
     arduino and platformio add a Zephyr module, an Arduino library and a PlatformIO manifest.
     """
-    from mpq.codegen.export import (
-        measure_build,
-        parse_targets,
-        render_export,
-        with_measured,
-        write_export,
-    )
+    from mpq.codegen.export import measure_build, render_export, with_measured, write_export
     from mpq.fileio import check_outputs
     from mpq.plan import load_plan_with_model
 
-    build_targets = parse_targets(targets) or ("make",)
     plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
-    files = render_export(plan, graph, backend, build_targets)
+    files = render_export(plan, graph, backend, targets)
     check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
         from mpq.boards import plan_board
