@@ -8,8 +8,8 @@ engine gives the numpy reference's bytes (`mpq.evaluate.PlanRunner`, still the o
 tests) at compiled speed. It compiles once per runner and keeps nothing on disk: the directory
 is removed as soon as the library is loaded (the loaded code stays mapped).
 
-Engines: `numpy` (the integer reference), `c` (this), `auto` (c when `cc` or `gcc` is on PATH,
-else numpy with a one-line note).
+Engines: `numpy` (the integer reference), `c` (this), `auto` (c when `cc` or `gcc` is on PATH
+and the plan exports, else numpy with a one-line note).
 """
 
 from __future__ import annotations
@@ -129,6 +129,17 @@ def _compile(plan, graph: Graph, cc: str) -> ctypes.CDLL:
 
 def plan_runner(plan, graph: Graph, engine: str = "auto",
                 note: Callable[[str], None] | None = None) -> PlanRunner:
-    """The runner of a plan for `--engine` (see the module docstring)."""
+    """The runner of a plan for `--engine` (see the module docstring). Under `auto`, a plan
+    the export refuses (or a failed build) runs on the numpy reference, with a note why; under
+    `c` that is the error."""
     cc = resolve_engine(engine, note)
-    return PlanRunner(plan, graph) if cc is None else CPlanRunner(plan, graph, cc)
+    if cc is None:
+        return PlanRunner(plan, graph)
+    try:
+        return CPlanRunner(plan, graph, cc)
+    except MpqError as exc:
+        if engine == "c":
+            raise
+        if note is not None:
+            note(f"the C engine cannot run this plan ({exc}); running the numpy reference")
+        return PlanRunner(plan, graph)
