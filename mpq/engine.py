@@ -5,8 +5,11 @@ compiler into a shared library with the arena as a plain static array (`-DMPQ_AR
 loaded with ctypes, and `mpq_model_run` is called once per sample. The export is what the
 firmware runs and `mpq verify` checks byte for byte against the integer reference, so this
 engine gives the numpy reference's bytes (`mpq.evaluate.PlanRunner`, still the oracle of the
-tests) at compiled speed. It compiles once per runner and keeps nothing on disk: the directory
-is removed as soon as the library is loaded (the loaded code stays mapped).
+tests) at compiled speed. It builds once per runner; the build directory is removed as soon as
+the library is loaded (the loaded code stays mapped). Compiled objects are kept in
+`<tmp>/mpq-<uid>/engine/` under the sha256 of everything they depend on (compiler binary,
+flags, the C file, every header of the export), so the same plan evaluated again skips the
+compile and a changed one can never hit a stale object.
 
 Engines: `numpy` (the integer reference), `c` (this), `auto` (c when `cc` or `gcc` is on PATH
 and the plan exports, else numpy with a one-line note).
@@ -15,9 +18,12 @@ and the plan exports, else numpy with a one-line note).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
+import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -33,10 +39,11 @@ from mpq.ir import Graph
 _LOG = logging.getLogger(__name__)  # `mpq -v`: the compile command
 
 ENGINES = ("auto", "c", "numpy")
-#: Position-independent, the arena a static array (no .mpq_arena linker section). -O3, not
-#: -O2: GCC 12 vectorises the kernels' inner loops only there, measured 1.5-2× faster on VWW
-#: (benchmarks/engine_speed.py); the code is integer-only, so the bytes do not depend on it.
-C_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC")
+#: Position-independent objects for a shared library, the arena a static array (no
+#: .mpq_arena linker section). -O3, not -O2: GCC 12 vectorises the kernels' inner loops only
+#: there, measured about 2× faster on VWW (benchmarks/engine_speed.py); the code is
+#: integer-only, so the bytes do not depend on it.
+C_FLAGS = ("-O3", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC")
 
 
 def host_compiler() -> str | None:
@@ -103,24 +110,81 @@ class CPlanRunner(PlanRunner):
         return out.astype(np.int64)
 
 
+def _cache_dir() -> Path | None:
+    """`<tmp>/mpq-<uid>/engine`, for compiled objects keyed by content; None (nothing cached)
+    when it cannot be made or is not this user's alone (another user could plant code)."""
+    directory = Path(tempfile.gettempdir()) / f"mpq-{os.getuid()}" / "engine"
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (directory.parent, directory):
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None
+    except OSError:
+        return None
+    return directory
+
+
+def _compiler_identity(cc: str) -> bytes:
+    """What a cached object depends on besides its sources: the compiler binary (resolved
+    path, size, mtime) and the flags."""
+    real = Path(cc).resolve()
+    try:
+        st = real.stat()
+    except OSError:
+        return f"{real}|{' '.join(C_FLAGS)}".encode()
+    return f"{real}|{st.st_size}|{st.st_mtime_ns}|{' '.join(C_FLAGS)}".encode()
+
+
+def _object(cc: str, source: Path, key: str, cache: Path | None) -> Path:
+    """`source` compiled to an object (C_FLAGS), or the cached object of the same key."""
+    if cache is not None and (cache / f"{key}.o").is_file():
+        return cache / f"{key}.o"
+    obj = source.with_suffix(".o")
+    cmd = [cc, *C_FLAGS, "-I", str(source.parent), "-c", str(source), "-o", str(obj)]
+    _LOG.info("$ %s", shlex.join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MpqError(f"--engine c: cannot run {cc} ({exc})") from None
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["?"])[0]
+        raise MpqError(f"--engine c: host build of the export failed: {first}")
+    if cache is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".obj-", suffix=".o", dir=cache)
+            with os.fdopen(fd, "wb") as f:
+                f.write(obj.read_bytes())
+            os.replace(tmp, cache / f"{key}.o")  # atomic: a parallel run sees all or nothing
+        except OSError:
+            pass  # not cached; this run still has its object
+    return obj
+
+
 def _compile(plan, graph: Graph, cc: str) -> ctypes.CDLL:
-    """Export the plan into a temporary directory, compile it into a shared library and load
-    it; the directory is gone when this returns."""
+    """Export the plan into a temporary directory, compile each C file (or take its object
+    from the content-keyed cache: compiler, flags, the file and every header of the export),
+    link a shared library and load it; the directory is gone when this returns."""
     files = render_export(plan, graph, "portable")
+    names = export_sources(files)
+    ident = _compiler_identity(cc)
+    headers = b"".join(f"{n}\0{files[n]}\0".encode() for n in names["h"])
+    cache = _cache_dir()
     with tempfile.TemporaryDirectory(prefix="mpq-engine-") as tmp:
         work = Path(tmp)
         write_export(files, work)
+        objects = []
+        for name in names["c"]:
+            key = hashlib.sha256(b"\0".join([ident, name.encode(), files[name].encode(),
+                                              headers])).hexdigest()
+            objects.append(_object(cc, work / name, key, cache))
         lib = work / "libmpq_model.so"
-        cmd = [cc, *C_FLAGS, "-I", str(work), "-o", str(lib),
-               *(str(work / name) for name in export_sources(files)["c"])]
+        cmd = [cc, "-shared", "-o", str(lib), *map(str, objects)]
         _LOG.info("$ %s", shlex.join(cmd))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise MpqError(f"--engine c: cannot run {cc} ({exc})") from None
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["?"])[0]
-            raise MpqError(f"--engine c: host build of the export failed: {first}")
+            raise MpqError(f"--engine c: linking the export failed: {first}")
         try:
             return ctypes.CDLL(str(lib))
         except OSError as exc:

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, run_mpq
 
 from mpq.boards import get_board
-from mpq.engine import CPlanRunner, host_compiler, plan_runner
+from mpq.engine import CPlanRunner, _cache_dir, host_compiler, plan_runner
 from mpq.evaluate import PlanRunner, accuracy
 from mpq.frontend import load_model
 from mpq.plan import load_plan
@@ -52,28 +52,33 @@ def _need_cc() -> str:
 
 
 def test_c_engine_gives_the_reference_bytes_on_the_fashion_demo_plan(demo) -> None:
-    """200 test images through the plan's C and through the numpy reference: the same int8
+    """100 test images through the plan's C and through the numpy reference: the same int8
     outputs, sample for sample (the plan runs patches and VDPC's two branches)."""
     cc = _need_cc()
     plan, graph = load_plan(demo["plan"]), load_model(demo["root"] / "fashion_cnn.onnx")
     assert plan.patch and plan.patch.get("vdpc")  # the paths this test is meant to cover
-    x = np.load(EX / "test.npz")["x"][:200]
+    x = np.load(EX / "test.npz")["x"][:100]
     ref = PlanRunner(plan, graph).outputs(x)
     got = CPlanRunner(plan, graph, cc).outputs(x)
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert np.array_equal(got, ref)
+    # Built again: every object comes from the content-keyed cache, same bytes out.
+    cache = _cache_dir()
+    before = sorted(cache.iterdir()) if cache else None
+    assert np.array_equal(CPlanRunner(plan, graph, cc).outputs(x[:20]), ref[:20])
+    assert (sorted(cache.iterdir()) if cache else None) == before
 
 
 def test_c_engine_gives_the_reference_bytes_on_a_mixed_kws_plan(kws, tmp_path: Path) -> None:
     """A mixed-precision plan of the shared KWS DS-CNN (SRAM squeezed so the search lowers
-    bits): the C engine's outputs on 300 clips equal the reference's."""
+    bits): the C engine's outputs on 200 clips equal the reference's."""
     cc = _need_cc()
     graph = load_model(kws["model"])
     res = search(kws["model"], graph, get_board("nano33ble"),
                  load_dataset(kws["calib"], graph), SearchOptions(patches="none", sram=12000))
     plan = res.plan
     assert min(t.bits for t in plan.tensors) < 8  # mixed precision, sub-byte packing
-    x = np.load(kws["test"])["x"][:300]
+    x = np.load(kws["test"])["x"][:200]
     ref = PlanRunner(plan, graph).outputs(x)
     got = CPlanRunner(plan, graph, cc).outputs(x)
     assert np.array_equal(got, ref), int((got != ref).sum())
@@ -124,3 +129,22 @@ def test_plan_runner_numpy_engine_is_the_reference(demo) -> None:
     """--engine numpy is the reference itself, whatever compilers exist."""
     plan, graph = load_plan(demo["plan"]), load_model(demo["root"] / "fashion_cnn.onnx")
     assert type(plan_runner(plan, graph, "numpy")) is PlanRunner
+
+
+def test_auto_falls_back_when_the_export_refuses_the_plan(demo, monkeypatch) -> None:
+    """A plan the numpy reference runs but the export refuses: `auto` runs numpy and says why
+    in its note; `c` reports the export's error."""
+    import mpq.engine
+    from mpq.errors import MpqError
+
+    def refuse(*args, **kwargs):
+        raise MpqError("export: concat 'x' is not along channels")
+
+    monkeypatch.setattr(mpq.engine, "render_export", refuse)
+    plan, graph = load_plan(demo["plan"]), load_model(demo["root"] / "fashion_cnn.onnx")
+    notes: list[str] = []
+    if host_compiler() is not None:
+        assert type(plan_runner(plan, graph, "auto", notes.append)) is PlanRunner
+        assert len(notes) == 1 and "not along channels" in notes[0]
+        with pytest.raises(MpqError, match="not along channels"):
+            plan_runner(plan, graph, "c")
