@@ -551,8 +551,8 @@ STATIC_ARENA_TARGETS = ("zephyr", "arduino", "platformio")
 
 
 def check_targets(targets: tuple[str, ...] | list[str]) -> None:
-    """Refuse a build target mpq has no template for (the CLI's Choice already does; this is
-    for library callers)."""
+    """Refuse a build target mpq has no template for (the CLI's --target goes through
+    `parse_targets`, which calls this)."""
     unknown = sorted(set(targets) - set(BUILD_TARGETS))
     if unknown:
         raise MpqError(f"export: unknown build target '{unknown[0]}' (choose from "
