@@ -32,6 +32,7 @@ import pareto  # noqa: E402
 import search_bench  # noqa: E402
 import weight_schemes  # noqa: E402
 from common import show  # noqa: E402
+from engine_speed import bench_engine_speed  # noqa: E402
 from firmware_bench import bench_latency  # noqa: E402
 from patch_overhead import bench_patch_overhead  # noqa: E402
 
@@ -193,7 +194,8 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "search_time": search_bench.bench_search_time,
               "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency,
               "weight_schemes": weight_schemes.bench_weight_schemes,
-              "pareto": pareto.bench_pareto}
+              "pareto": pareto.bench_pareto,
+              "engine_speed": bench_engine_speed}
 # The papers' tables, our version (paper_tables.py, methods_table.py): each takes (results
 # dir, smoke).
 PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),

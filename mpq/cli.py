@@ -319,6 +319,26 @@ QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 METHOD = click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
                       default="minmax", show_default=True,
                       help="How activation ranges are chosen from the statistics.")
+ENGINE = click.option("--engine", type=click.Choice(["auto", "c", "numpy"]), default="auto",
+                      show_default=True,
+                      help="How a plan runs: c (its exported C, compiled by the host cc/gcc "
+                           "and loaded in-process; same bytes), numpy (the integer "
+                           "reference), auto (c when a compiler is present).")
+
+
+def _plan_runner(plan: Any, graph: Any, engine: str) -> Any:
+    """The plan's runner for --engine (mpq.engine), a missing compiler noted on stderr."""
+    from mpq.engine import plan_runner
+
+    return plan_runner(plan, graph, engine,
+                       lambda msg: err.print(f"note: {plain(msg)}", soft_wrap=True))
+
+
+def _plan_only_engine(engine: str) -> None:
+    """--engine c is for plans; a model runs through the integer reference."""
+    if engine == "c":
+        raise MpqError("--engine c runs a plan (.json) through its exported C; a model runs "
+                       "through the integer reference (drop --engine or give a plan)")
 
 
 def _stats_for(graph: Any, data: Path | None, stats: Path | None, quiet: bool,
@@ -389,10 +409,12 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
 @click.option("--stats", type=click.Path(path_type=Path),
               help="Statistics from `mpq calibrate` instead of --data.")
 @METHOD
+@ENGINE
 @QUIET
 @user_errors
 def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | None,
-        bits: str, data: Path | None, stats: Path | None, method: str, quiet: bool) -> None:
+        bits: str, data: Path | None, stats: Path | None, method: str, engine: str,
+        quiet: bool) -> None:
     """Run a model or a plan through the bit-exact integer reference.
 
     A plan (.json) runs exactly as its firmware will; an int8 .tflite runs with its own
@@ -409,15 +431,15 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 
     check_outputs([output], [model, plan_model, input_path, data, stats])
     if model.suffix.lower() == ".json":
-        from mpq.evaluate import PlanRunner
         from mpq.plan import load_plan_with_model
 
         plan, _, graph = load_plan_with_model(model, plan_model)
-        runner = PlanRunner(plan, graph)
         ds = load_dataset(input_path, graph)
+        runner = _plan_runner(plan, graph, engine)
         ys = np.concatenate([runner.outputs(batch) for batch in ds.batches(256)])
         oq = runner.mixed.output_quant()
     else:
+        _plan_only_engine(engine)
         loaded = load_for_quantisation(model)
         ds = load_dataset(input_path, loaded.graph)
         if loaded.own_quant is not None and bits == "8" and data is None and stats is None:
@@ -473,12 +495,14 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
               help="Whether the outputs are class scores (top-1 accuracy and agreement). auto: "
                    "an output made by Softmax, or a vector of C values with 2 <= C < the "
                    "input's size (an autoencoder's reconstruction is not a classifier).")
+@ENGINE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
 def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
           stats: Path | None, act_bits: str, method: str, weights_spec: str | None,
-          act_quant: str, task: str, as_json: bool, quiet: bool) -> None:
+          act_quant: str, task: str, engine: str, as_json: bool,
+          quiet: bool) -> None:
     """Top-1 accuracy of the float model and of the integer reference, side by side, and how
     close each quantised model's outputs are to the float model's: top-1 agreement
     (classifiers), cosine similarity and SQNR in dB, per output — with or without labels.
@@ -496,8 +520,9 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
         if weights_spec is not None or act_quant != "linear":
             raise MpqError("a plan carries its own weight schemes and linear activations; "
                            "--weights and --act-quant apply to a model")
-        _eval_plan(model, plan_model, data, task, as_json, quiet)
+        _eval_plan(model, plan_model, data, task, as_json, quiet, engine)
         return
+    _plan_only_engine(engine)
     spec = parse_weights(weights_spec) if weights_spec is not None else None
     if act_quant == "log" and calib is None:
         raise MpqError("--act-quant log fits its levels on calibration data: give --calib")
@@ -587,9 +612,8 @@ def _print_fidelity(title: str, per_model: dict[str, dict[str, Any]], classifier
 
 
 def _eval_plan(plan_path: Path, model: Path | None, data: Path, task: str, as_json: bool,
-               quiet: bool) -> None:
+               quiet: bool, engine: str = "auto") -> None:
     from mpq.evaluate import (
-        PlanRunner,
         output_tasks,
         plan_int8_ranges,
         quant_variant,
@@ -603,13 +627,25 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, task: str, as_js
     ds = load_dataset(data, graph)
     classifier = output_tasks(graph, task)
     labels = usable_labels(ds, graph, classifier)
+    runner = _plan_runner(plan, graph, engine)  # compiled first: a build error stops early
     variants = {"int8": quant_variant(quantize_graph(graph, plan_int8_ranges(plan))),
-                "plan": PlanRunner(plan, graph).real_outputs}
+                "plan": runner.real_outputs}
     _run_eval(model_path, graph, ds, variants, classifier, labels, as_json, quiet, {},
               name=plan_path)
 
 
 # -- export -------------------------------------------------------------------------------------
+
+def _build_targets(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--target values (repeated or comma-separated) as build targets; an unknown one is a
+    usage error like any bad option value."""
+    from mpq.codegen.export import parse_targets
+
+    try:
+        return parse_targets(values) or ("make",)
+    except MpqError as exc:
+        raise click.BadParameter(str(exc).removeprefix("export: ")) from None
+
 
 @main.command("export", epilog=EPILOG)
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=True, path_type=Path))
@@ -619,9 +655,12 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, task: str, as_js
               help="The plan's model file (default: the path the plan names).")
 @click.option("--backend", type=click.Choice(["portable", "cmsis-nn"]), default="portable",
               show_default=True, help="Kernel library the sources call.")
-@click.option("--target", "targets", type=click.Choice(["make", "cmake"]), multiple=True,
-              help="Build files to write, repeatable: make (mpq.mk, always written) and cmake "
-                   "(CMakeLists.txt: add_subdirectory, then link mpq_model).")
+@click.option("--target", "targets", multiple=True, metavar="TARGET[,TARGET…]",
+              callback=lambda ctx, param, value: _build_targets(value),
+              help="Build files to write, repeatable or comma-separated: make (mpq.mk, always "
+                   "written), cmake (CMakeLists.txt: add_subdirectory, then link mpq_model), "
+                   "zephyr (a module for ZEPHYR_EXTRA_MODULES), arduino (a library: "
+                   "library.properties, src/, an example sketch), platformio (library.json).")
 @click.option("--build", is_flag=True,
               help="Also link for the board (arm-none-eabi-gcc) and record the measured "
                    "section sizes in mpq_report.json.")
@@ -634,14 +673,15 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
     With --backend cmsis-nn the int8 layers call CMSIS-NN (mpq_report.json lists each layer's
     backend); your build supplies CMSIS-NN through CMSIS_NN_PATH (mpq.mk), as does --build.
-    --target cmake adds a CMakeLists.txt defining the static library mpq_model.
+    --target cmake adds a CMakeLists.txt defining the static library mpq_model; zephyr,
+    arduino and platformio add a Zephyr module, an Arduino library and a PlatformIO manifest.
     """
     from mpq.codegen.export import measure_build, render_export, with_measured, write_export
     from mpq.fileio import check_outputs
     from mpq.plan import load_plan_with_model
 
     plan, model_path, graph = load_plan_with_model(plan_path, plan_model)
-    files = render_export(plan, graph, backend, targets or ("make",))
+    files = render_export(plan, graph, backend, targets)
     check_outputs([output / name for name in files], [plan_path, model_path])
     if build:
         from mpq.boards import plan_board

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -545,25 +545,94 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
 
 
 #: Build systems `mpq export --target` writes files for; "make" (mpq.mk) is always written.
-BUILD_TARGETS = ("make", "cmake")
+BUILD_TARGETS = ("make", "cmake", "zephyr", "arduino", "platformio")
+#: The targets that build with a toolchain's own linker script: the arena is a static array.
+STATIC_ARENA_TARGETS = ("zephyr", "arduino", "platformio")
 
 
 def check_targets(targets: tuple[str, ...] | list[str]) -> None:
-    """Refuse a build target mpq has no template for (the CLI's Choice already does; this is
-    for library callers)."""
+    """Refuse a build target mpq has no template for (the CLI's --target goes through
+    `parse_targets`, which calls this)."""
     unknown = sorted(set(targets) - set(BUILD_TARGETS))
     if unknown:
         raise MpqError(f"export: unknown build target '{unknown[0]}' (choose from "
                        f"{', '.join(BUILD_TARGETS)})")
 
 
+def parse_targets(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`--target` values, each one name or a comma-separated list (`zephyr,arduino`), as the
+    distinct targets in order of first mention; an unknown one is MpqError (`check_targets`)."""
+    names: list[str] = []
+    for value in values:
+        for name in (part.strip() for part in value.split(",")):
+            if name and name not in names:
+                names.append(name)
+    check_targets(names)
+    return tuple(names)
+
+
+def export_sources(files: dict[str, str]) -> dict[str, list[str]]:
+    """The C sources and headers of an export, by name from its file dict of C files (sorted):
+    the one list every build-file template is given, so a new or renamed kernel file reaches
+    every build system without a template naming it."""
+    names = sorted(files)
+    return {"c": [n for n in names if n.endswith(".c")],
+            "h": [n for n in names if n.endswith(".h")]}
+
+
+def library_name(plan: Plan) -> str:
+    """The library/module name of an export in Arduino, PlatformIO and Zephyr: `mpq_` and the
+    model file's stem, every character other than a letter, digit or `_` as `_` (the three
+    tools accept that set; the model name is untrusted text)."""
+    stem = PurePath(str(plan.model)).name.split(".")[0] or "model"
+    return "mpq_" + "".join(ch if ch.isascii() and (ch.isalnum() or ch == "_") else "_"
+                            for ch in stem)[:48]
+
+
+def _library_files(plan: Plan, board: Board, ctx: dict[str, Any], files: dict[str, str],
+                   targets: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The Zephyr module, Arduino library and PlatformIO manifest of an export (README,
+    "Build systems"). All three build with the toolchain's own linker script, so the arena is
+    an aligned static array (MPQ_ARENA_STATIC) there: in .bss wherever that script puts it."""
+    from mpq import __version__
+
+    if ctx["cmsis"] and set(targets) & set(STATIC_ARENA_TARGETS):
+        which = sorted(set(targets) & set(STATIC_ARENA_TARGETS))[0]
+        raise MpqError(f"export: --target {which} supports the portable backend only (use "
+                       f"--target make or cmake with --backend cmsis-nn)")
+    sources = export_sources(files)
+    meta = {"name": library_name(plan), "version": __version__, "model": plan.model,
+            "board": board, "plan_digest": ctx["plan_digest"], "sources": sources["c"],
+            "headers": sources["h"], "arena_bytes": ctx["arena_bytes"],
+            "scratch_bytes": ctx["scratch_bytes"]}
+    out: dict[str, str] = {}
+    if "zephyr" in targets:
+        out["zephyr/module.yml"] = render("zephyr/module.yml.j2", **meta)
+        out["zephyr/CMakeLists.txt"] = render("zephyr/CMakeLists.txt.j2", **meta)
+        out["zephyr/Kconfig"] = render("zephyr/Kconfig.j2", **meta)
+    if "arduino" in targets:
+        # The Arduino IDE takes no -D flags for a library: its copy of mpq_model.c defines
+        # MPQ_ARENA_STATIC itself.
+        static = {"mpq_model.c": render("c/mpq_model.c.j2", **{**ctx, "arena_static": True})}
+        for name in sources["c"] + sources["h"]:
+            out[f"src/{name}"] = static.get(name, files[name])
+        out["library.properties"] = render("arduino/library.properties.j2", **meta)
+        sketch = meta["name"]
+        out[f"examples/{sketch}/{sketch}.ino"] = render("arduino/sketch.ino.j2", **meta)
+    if "platformio" in targets:
+        out["library.json"] = render("platformio/library.json.j2", **meta)
+    return out
+
+
 def render_export(plan: Plan, graph: Graph, backend: str = "portable",
                   targets: tuple[str, ...] | list[str] = ("make",)) -> dict[str, str]:
     """File name → content of an export for `backend` ("portable" or "cmsis-nn"), with the
-    build files of `targets`: mpq.mk always (it is also the export's make stamp), and
-    CMakeLists.txt for "cmake"."""
+    build files of `targets`: mpq.mk always (it is also the export's make stamp),
+    CMakeLists.txt for "cmake", zephyr/{module.yml,CMakeLists.txt,Kconfig} for "zephyr",
+    library.properties, src/ and an example sketch for "arduino", library.json for
+    "platformio"."""
     check_targets(targets)
-    ctx = export_context(plan, graph, backend)
+    ctx = {**export_context(plan, graph, backend), "arena_static": False}
     files = {
         "mpq_model.h": render("c/mpq_model.h.j2", **ctx),
         "mpq_model.c": render("c/mpq_model.c.j2", **ctx),
@@ -595,6 +664,7 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable",
              "cmsis_sources": cm["sources"] if cm else []}
     if "cmake" in targets:
         files["CMakeLists.txt"] = render("cmake/CMakeLists.txt.j2", **build)
+    files.update(_library_files(plan, board, ctx, files, targets))
     files["mpq.mk"] = render("make/mpq.mk.j2", **build)
     return files
 
@@ -645,7 +715,10 @@ def write_order(names: list[str]) -> list[str]:
 
 def write_export(files: dict[str, str], out_dir: Path) -> list[str]:
     """Write the files atomically, skipping those whose content did not change (make keeps
-    its timestamps), the make stamp last (`write_order`). Returns the names written."""
+    its timestamps), the make stamp last (`write_order`); the subdirectories of the Zephyr
+    and Arduino layouts are made first. Returns the names written."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for sub in sorted({(out_dir / name).parent for name in files}):
+        sub.mkdir(parents=True, exist_ok=True)
     return [name for name in write_order(list(files))
             if write_if_changed(out_dir / name, files[name].encode())]

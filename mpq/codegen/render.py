@@ -10,8 +10,9 @@ Forgetting a filter cannot pass silently: every value a C, make, linker or CMake
 outputs is checked (`_finalize`), and a value with a character or sequence that neither mpq's
 generated code nor a filtered comment ever contains — a newline or anything else not printable
 ASCII, a backslash, `?` (trigraphs), a C comment delimiter, for make and ld `*`, `$` and `#`,
-and for CMake `*`, `$`, `#`, `;`, `"`, `[` and `]` — stops the render with `UnsafeOutput`. So
-hostile text can at worst stop an export, never run.
+for CMake `*`, `$`, `#`, `;`, `"`, `[` and `]`, and for the Zephyr/Arduino/PlatformIO files
+every quoting, escaping or comment character (`meta_text`) — stops the render with
+`UnsafeOutput`. So hostile text can at worst stop an export, never run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from mpq.resources import data_dir
 
 #: The language of each template directory; a template elsewhere has none and is refused.
 LANGUAGES: dict[str, str] = {"c": "c", "firmware": "c", "make": "make", "linker": "ld",
-                             "cmake": "cmake", "report": "html"}
+                             "cmake": "cmake", "report": "html", "zephyr": "meta",
+                             "arduino": "meta", "platformio": "meta"}
 
 # Characters a comment keeps (beyond printable ASCII, which excludes newlines and controls).
 # C: `\` splices lines, `??/` is a trigraph for it, `*` could close the comment or, after a
@@ -50,10 +52,15 @@ _UNSAFE: dict[str, re.Pattern[str]] = {
     "make": re.compile(r"[^\x20-\x7e]|[\\?*$#]"),
     "ld": re.compile(r"[^\x20-\x7e]|[\\?*$#]"),
     "cmake": re.compile(r'[^\x20-\x7e]|[\\?*$#;"\[\]]'),
+    # The Zephyr module (YAML, Kconfig, CMake), the Arduino library (properties, sketch) and
+    # the PlatformIO manifest (JSON) take only names, numbers and `meta_text`: anything that
+    # could quote, escape, expand or comment in one of those languages is refused.
+    "meta": re.compile(r"""[^\x20-\x7e]|[\\?*$#;"'`\[\]{}<>&|!%^~@:=]|/\*|\*/"""),
 }
 # Every character any `_UNSAFE` match starts with: one character class is quick to rule out on
 # the bulk of the output (numbers, weights), the alternatives above run only when it matches.
-_PLAIN = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "\\?*/$#;\"[]")
+_PLAIN = "".join(chr(c) for c in range(0x20, 0x7F)
+                 if chr(c) not in "\\?*/$#;\"[]'`{}<>&|!%^~@:=")
 _SUSPECT = re.compile(f"[^{re.escape(_PLAIN)}]")
 
 
@@ -90,6 +97,14 @@ def cmake_comment(text: object) -> str:
     character becomes `_`), so it can neither end the line, expand a variable, close a quote
     nor open a bracket comment."""
     return _keep_only(text, _CMAKE_DROP)
+
+
+def meta_text(text: object) -> str:
+    """Text safe as a value in the Zephyr, Arduino and PlatformIO files (a YAML or properties
+    value, a Kconfig or JSON string, a C++ `//` comment): letters, digits, space and `_.,()+-/`
+    only (each other character becomes `_`)."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in " _.,()+-/") else "_"
+                   for ch in str(text))
 
 
 def template_language(name: str | None) -> str:
@@ -134,7 +149,7 @@ def environment() -> jinja2.Environment:
         finalize=_finalize,
     )
     env.filters.update(c_comment=c_comment, make_comment=make_comment, ld_comment=ld_comment,
-                       cmake_comment=cmake_comment)
+                       cmake_comment=cmake_comment, meta_text=meta_text)
     return env
 
 

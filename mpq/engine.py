@@ -1,0 +1,214 @@
+"""`mpq eval` / `mpq run --engine`: run a plan through its own exported C (issue 17, item 3).
+
+The plan is exported (portable backend) into a temporary directory, compiled by the host C
+compiler into a shared library with the arena as a plain static array (`-DMPQ_ARENA_STATIC`),
+loaded with ctypes, and `mpq_model_run` is called once per sample. The export is what the
+firmware runs and `mpq verify` checks byte for byte against the integer reference, so this
+engine gives the numpy reference's bytes (`mpq.evaluate.PlanRunner`, still the oracle of the
+tests) at compiled speed. It builds once per runner; the build directory is removed as soon as
+the library is loaded (the loaded code stays mapped). Compiled objects are kept in
+`<tmp>/mpq-<uid>/engine/` under the sha256 of everything they depend on (compiler binary,
+flags, the C file, every header of the export), so the same plan evaluated again skips the
+compile and a changed one can never hit a stale object.
+
+Engines: `numpy` (the integer reference), `c` (this), `auto` (c when `cc` or `gcc` is on PATH
+and the plan exports, else numpy with a one-line note).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mpq.codegen.export import export_sources, render_export, write_export
+from mpq.errors import MpqError
+from mpq.evaluate import PlanRunner
+from mpq.ir import Graph
+
+_LOG = logging.getLogger(__name__)  # `mpq -v`: the compile command
+
+ENGINES = ("auto", "c", "numpy")
+#: Position-independent objects for a shared library, the arena a static array (no
+#: .mpq_arena linker section). -O3, not -O2: GCC 12 vectorises the kernels' inner loops only
+#: there, measured about 2× faster on VWW (benchmarks/engine_speed.py); the code is
+#: integer-only, so the bytes do not depend on it.
+C_FLAGS = ("-O3", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC")
+
+
+def host_compiler() -> str | None:
+    """The host C compiler: `cc`, else `gcc`, from PATH; None if neither is there."""
+    for name in ("cc", "gcc"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def resolve_engine(engine: str, note: Callable[[str], None] | None = None) -> str | None:
+    """The compiler the engine runs with, or None for the numpy reference.
+
+    `c` without a compiler is MpqError; `auto` without one falls back to numpy and says so
+    through `note` (one line).
+    """
+    if engine not in ENGINES:
+        raise MpqError(f"--engine must be one of {', '.join(ENGINES)}, not '{engine}'")
+    if engine == "numpy":
+        return None
+    cc = host_compiler()
+    if cc is None:
+        if engine == "c":
+            raise MpqError("--engine c: no host C compiler (cc or gcc) on PATH; install one "
+                           "or use --engine numpy")
+        if note is not None:
+            note("no host C compiler (cc or gcc) on PATH: running the plan with the numpy "
+                 "reference (slower; --engine numpy says so explicitly)")
+    return cc
+
+
+class CPlanRunner(PlanRunner):
+    """A `PlanRunner` whose integer outputs come from the plan's exported C, compiled for the
+    host; input quantisation and layouts stay PlanRunner's, so `outputs` and `predictions`
+    are the same bytes and classes as the numpy reference."""
+
+    def __init__(self, plan, graph: Graph, cc: str) -> None:
+        super().__init__(plan, graph)
+        x, y = graph.inputs[0], graph.outputs[0]
+        self._in_shape = tuple(graph.tensors[x].shape[1:])
+        self._out_shape = tuple(graph.tensors[y].shape[1:])
+        self._lib = _compile(plan, graph, cc)
+        self._run = self._lib.mpq_model_run
+        self._run.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+        self._run.restype = ctypes.c_int
+
+    def int_output_dict(self, x_ir: np.ndarray) -> dict[str, np.ndarray]:
+        """The compiled model's output (the export's one output) for a batch of integer
+        inputs in the IR layout: what `PlanRunner.output_dict` reads."""
+        return {self.graph.outputs[0]: self.int_outputs(x_ir)}
+
+    def int_outputs(self, x_ir: np.ndarray) -> np.ndarray:
+        """Integer outputs (int64, as the reference's) for a batch of int8 inputs in the IR
+        layout: one `mpq_model_run` per sample."""
+        x = np.ascontiguousarray(x_ir, dtype=np.int8)
+        n = len(x)
+        if x.shape[1:] != self._in_shape:
+            raise MpqError(f"--engine c: input batch of shape {list(x.shape)}, the model "
+                           f"takes {[n, *self._in_shape]}")
+        out = np.empty((n, *self._out_shape), np.int8)
+        step_in, step_out = x[0].nbytes if n else 0, out[0].nbytes if n else 0
+        base_in, base_out = x.ctypes.data, out.ctypes.data
+        for i in range(n):
+            rc = self._run(base_in + i * step_in, base_out + i * step_out)
+            if rc != 0:
+                raise MpqError(f"--engine c: the exported model failed on sample {i} "
+                               f"(mpq_model_run returned {rc})")
+        return out.astype(np.int64)
+
+
+def _cache_dir() -> Path | None:
+    """`<tmp>/mpq-<uid>/engine`, for compiled objects keyed by content; None (nothing cached)
+    when it cannot be made or is not this user's alone (another user could plant code)."""
+    directory = Path(tempfile.gettempdir()) / f"mpq-{os.getuid()}" / "engine"
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (directory.parent, directory):
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None
+    except OSError:
+        return None
+    return directory
+
+
+def _compiler_identity(cc: str) -> bytes:
+    """What a cached object depends on besides its sources: the compiler binary (resolved
+    path, size, mtime) and the flags."""
+    real = Path(cc).resolve()
+    try:
+        st = real.stat()
+    except OSError:
+        return f"{real}|{' '.join(C_FLAGS)}".encode()
+    return f"{real}|{st.st_size}|{st.st_mtime_ns}|{' '.join(C_FLAGS)}".encode()
+
+
+def _object(cc: str, source: Path, key: str, cache: Path | None) -> Path:
+    """`source` compiled to an object (C_FLAGS), or the cached object of the same key."""
+    if cache is not None and (cache / f"{key}.o").is_file():
+        return cache / f"{key}.o"
+    obj = source.with_suffix(".o")
+    cmd = [cc, *C_FLAGS, "-I", str(source.parent), "-c", str(source), "-o", str(obj)]
+    _LOG.info("$ %s", shlex.join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MpqError(f"--engine c: cannot run {cc} ({exc})") from None
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["?"])[0]
+        raise MpqError(f"--engine c: host build of the export failed: {first}")
+    if cache is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".obj-", suffix=".o", dir=cache)
+            with os.fdopen(fd, "wb") as f:
+                f.write(obj.read_bytes())
+            os.replace(tmp, cache / f"{key}.o")  # atomic: a parallel run sees all or nothing
+        except OSError:
+            pass  # not cached; this run still has its object
+    return obj
+
+
+def _compile(plan, graph: Graph, cc: str) -> ctypes.CDLL:
+    """Export the plan into a temporary directory, compile each C file (or take its object
+    from the content-keyed cache: compiler, flags, the file and every header of the export),
+    link a shared library and load it; the directory is gone when this returns."""
+    files = render_export(plan, graph, "portable")
+    names = export_sources(files)
+    ident = _compiler_identity(cc)
+    headers = b"".join(f"{n}\0{files[n]}\0".encode() for n in names["h"])
+    cache = _cache_dir()
+    with tempfile.TemporaryDirectory(prefix="mpq-engine-") as tmp:
+        work = Path(tmp)
+        write_export(files, work)
+        objects = []
+        for name in names["c"]:
+            key = hashlib.sha256(b"\0".join([ident, name.encode(), files[name].encode(),
+                                              headers])).hexdigest()
+            objects.append(_object(cc, work / name, key, cache))
+        lib = work / "libmpq_model.so"
+        cmd = [cc, "-shared", "-o", str(lib), *map(str, objects)]
+        _LOG.info("$ %s", shlex.join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["?"])[0]
+            raise MpqError(f"--engine c: linking the export failed: {first}")
+        try:
+            return ctypes.CDLL(str(lib))
+        except OSError as exc:
+            raise MpqError(f"--engine c: cannot load the compiled export ({exc})") from None
+
+
+def plan_runner(plan, graph: Graph, engine: str = "auto",
+                note: Callable[[str], None] | None = None) -> PlanRunner:
+    """The runner of a plan for `--engine` (see the module docstring). Under `auto`, a plan
+    the export refuses (or a failed build) runs on the numpy reference, with a note why; under
+    `c` that is the error."""
+    cc = resolve_engine(engine, note)
+    if cc is None:
+        return PlanRunner(plan, graph)
+    try:
+        return CPlanRunner(plan, graph, cc)
+    except MpqError as exc:
+        if engine == "c":
+            raise
+        if note is not None:
+            note(f"the C engine cannot run this plan ({exc}); running the numpy reference")
+        return PlanRunner(plan, graph)
