@@ -47,13 +47,34 @@ def weight_node(group: Group) -> str | None:
     return group.name[len("weights:"):] if group.name.startswith("weights:") else None
 
 
+def binding_tensors(problem: Problem) -> set[str]:
+    """Tensors alive at a step whose live buffers exceed the SRAM budget with every tensor at
+    8 bits (a shared buffer counted at its largest tensor): only lowering these can help the
+    budget, so only their groups need measuring."""
+    out: set[str] = set()
+    for buffers in problem.live:
+        total = sum(max(problem.size(t, 8) for t in buf) for buf in buffers)
+        if total > problem.sram_budget:
+            out |= {t for buf in buffers for t in buf}
+    return out
+
+
 def rescore(problem: Problem, probe: Probe) -> Problem:
-    """The problem with every group's score = −damage and Ω = damage (DESIGN §7.4)."""
+    """The problem with every group's score = −damage and Ω = damage (DESIGN §7.4).
+
+    An activation group none of whose tensors is alive at a binding step
+    (`binding_tensors`) keeps only 8 bits, unmeasured: lowering it saves no byte any budget
+    needs, so the ILP would never pick it (it only costs damage) — on MobileNetV2 this skips
+    most of the network. Weight groups are measured (Flash binds on the whole sum)."""
+    binding = binding_tensors(problem)
     groups = []
     for g in problem.groups:
         node = weight_node(g)
         if node is not None:
             damage = {b: probe.weight_damage(node, b) for b in g.options}
+        elif 8 in g.options and (g.sram_free or not binding & set(g.tensors)):
+            groups.append(replace(g, options=(8,), score={8: 0.0}, omega={8: 0.0}))
+            continue
         else:
             damage = {b: probe.group_damage(g.tensors, b) for b in g.options}
         groups.append(replace(g, score={b: -d for b, d in damage.items()}, omega=damage))
