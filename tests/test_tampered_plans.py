@@ -174,6 +174,16 @@ CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("predicted-macs-changed", "patch", setter("predicted.macs", 1), "predicted.macs"),
     ("predicted-scratch-changed", "patch", setter("predicted.scratch_bytes", 0),
      "predicted.scratch_bytes"),
+    # the measured search's record (shown only; malformed values are still refused)
+    ("fidelity-samples-zero", "patch", setter("predicted.fidelity.samples", 0),
+     "predicted.fidelity.samples"),
+    ("fidelity-agreement-above-1", "patch",
+     setter("predicted.fidelity.outputs.logits.top1_agreement", 1.5),
+     "predicted.fidelity.outputs.logits.top1_agreement"),
+    ("fidelity-sqnr-nan", "patch", setter("predicted.fidelity.int8.logits.sqnr_db", math.nan),
+     "predicted.fidelity.int8.logits.sqnr_db"),
+    ("fidelity-unknown-key", "patch", setter("predicted.fidelity.accuracy", 0.99),
+     "predicted.fidelity.accuracy: unknown key"),
     # the patch schedule
     ("patch-null", "patch", setter("patch", None), "tensors[1].outlier_branch"),
     ("patch-grid-n", "patch", setter("patch.n", 2), "patch."),
