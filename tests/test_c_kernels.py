@@ -15,8 +15,11 @@ Cortex-M0+/M4/M7 with -Werror.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import ckernels as ck
@@ -33,7 +36,9 @@ from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel, layer_params
 from mpq.sim import run_int
 
 BITS = (8, 4, 2)
-PER_COMBO = 10  # 27 bit combinations × 10 = 270 cases per kernel
+# 27 bit combinations × 10 = 270 cases per kernel (fewer in the sanitizer run, which repeats
+# the kernel tests on an instrumented build: test_kernels_clean_under_sanitizers).
+PER_COMBO = int(os.environ.get("MPQ_CKERNELS_PER_COMBO", "10"))
 # Every (format, bits) the kernels take; the suite decodes them with reference_kernels.
 WFORMATS = ([(ck.WFMT_LINEAR, b) for b in BITS] + [(ck.WFMT_CODEBOOK, b) for b in (8, 4, 3, 2)]
             + [(ck.WFMT_POW2, b) for b in (4, 3, 2)])
@@ -87,9 +92,14 @@ def check_bytes(store: ck.Stored, view: ck.View, expected: np.ndarray) -> bool:
     return bool(np.array_equal(store.buf, store.expected_bytes(view, expected)))
 
 
+def scaled(n: int) -> int:
+    """A coverage count the full run (PER_COMBO = 10) reaches, for this run's PER_COMBO."""
+    return n * PER_COMBO // 10
+
+
 def enough_per_format(counts: dict[int, int]) -> bool:
     """≥ 200 cases of every weight format."""
-    return all(counts.get(fmt, 0) >= 200 for fmt, _ in WFORMATS)
+    return all(counts.get(fmt, 0) >= scaled(200) for fmt, _ in WFORMATS)
 
 
 # -- convolution -------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def test_conv2d_random(libs: list[ck.Kernels]) -> None:
         per_format[wf[0]] = per_format.get(wf[0], 0) + 1
         n += 1
     assert enough_per_format(per_format) and bad == 0, (per_format, bad)
-    assert positive_shift >= 20 and direct >= 40
+    assert positive_shift >= scaled(20) and direct >= scaled(40)
 
 
 def test_requantize_extremes(libs: list[ck.Kernels]) -> None:
@@ -342,7 +352,7 @@ def test_add_random(libs: list[ck.Kernels]) -> None:
             bad += not check_bytes(s_out, v_out, want)
         aliased += alias
         n += 1
-    assert n >= 200 and bad == 0 and aliased >= 20
+    assert n >= scaled(200) and bad == 0 and aliased >= scaled(20)
 
 
 # -- fused conv + residual add ------------------------------------------------------------------
@@ -392,7 +402,7 @@ def test_conv2d_add_random(libs: list[ck.Kernels]) -> None:
         aliased += alias
         per_format[wf[0]] = per_format.get(wf[0], 0) + 1
         n += 1
-    assert enough_per_format(per_format) and bad == 0 and aliased >= 100, (per_format, bad)
+    assert enough_per_format(per_format) and bad == 0 and aliased >= scaled(100), (per_format, bad)
 
 
 # -- in-place depthwise -------------------------------------------------------------------------
@@ -463,7 +473,7 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
         paired += kh == kw == 3 and sw == dw == 1 and wo >= 2
         n += 1
     assert enough_per_format(per_format) and bad == 0, (per_format, bad)
-    assert paired >= 150
+    assert paired >= scaled(150)
 
 
 # -- pooling ------------------------------------------------------------------------------------
@@ -486,7 +496,7 @@ def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
             assert fn(p, v_in, v_out) == MPQ_OK
             bad += not check_bytes(s_out, v_out, want)
         n += 1
-    assert n >= 200 and bad == 0
+    assert n >= scaled(200) and bad == 0
 
 
 # -- softmax ------------------------------------------------------------------------------------
@@ -511,7 +521,7 @@ def test_softmax_random(libs: list[ck.Kernels]) -> None:
             bad += not check_bytes(s_out, v_out, want)
         cut += bool(((x - x.max(axis=-1, keepdims=True)) < diff_min).any())
         n += 1
-    assert n >= 200 and bad == 0 and cut >= 10
+    assert n >= scaled(200) and bad == 0 and cut >= scaled(10)
 
 
 def test_softmax_many_rows(libs: list[ck.Kernels]) -> None:
@@ -564,7 +574,7 @@ def test_copy_view_random(libs: list[ck.Kernels]) -> None:
             assert lib.copy_view(v_src, v_dst, c0) == MPQ_OK
             bad += not check_bytes(s_dst, v_dst, want)
         n += 1
-    assert n >= 200 and bad == 0
+    assert n >= scaled(200) and bad == 0
 
 
 # -- argument checks ----------------------------------------------------------------------------
@@ -772,3 +782,29 @@ def test_cross_compiles_for_cortex_m(tmp_path, target: str) -> None:
     assert not any(op in dis for op in (".f32", ".f64", "vmov", "vldr", "vstr")), "float code"
     simd = "smlad" in dis and ("sxtb16" in dis or "sxtab16" in dis)
     assert simd == (target != "cortex-m0plus")
+
+
+SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+
+
+def test_kernels_clean_under_sanitizers() -> None:
+    """The kernel tests above again (1 case per bit combination), on the library built with
+    -fsanitize=address,undefined: no kernel reads or writes outside its buffers and none has
+    undefined behaviour (signed overflow, bad shifts, misaligned access) on any path. Python is
+    not instrumented, so the ASan runtime is preloaded into a child pytest."""
+    if os.environ.get("MPQ_CKERNELS_CFLAGS"):
+        pytest.skip("already the sanitizer run")
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    if not Path(asan).is_file():
+        pytest.skip("gcc has no libasan.so (apt-get install libasan8)")
+    env = {**os.environ, "MPQ_CKERNELS_CFLAGS": SANITIZE, "MPQ_CKERNELS_PER_COMBO": "1",
+           "LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS":
+           "print_stacktrace=1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          __file__, "-k", "not library and not cross and not sanitizers"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "AddressSanitizer" not in out and "runtime error" not in out, out[-4000:]
+    assert re.search(r"\b2\d passed", out), out[-2000:]
