@@ -696,8 +696,8 @@ static MPQ_INLINE uint64_t mpq__dot2_tquads(const uint8_t *x, int32_t xbits, int
 /* A quad loop for one pair of bit widths: x is the packed input run (mpq__dot2_quads,
    mpq__dot2_tquads) or an im2col column (mpq__dot2_col_quads, mpq__dot2_tquads at xbits 16),
    z its mpq__quad_z, t the filter's tables (tabled loops only); the two sums come back as the low
-   and high words (registers, not memory). Chosen once per kernel call from the tables below,
-   so the loops are compiled once per bit width and not inlined everywhere. */
+   and high words (registers, not memory). Chosen once per kernel call from the tables of
+   mpq_dot.c, so the loops are compiled once per bit width and not inlined everywhere. */
 typedef uint64_t (*mpq__quads_fn)(const void *x, int32_t z, const uint8_t *w0,
                                   const uint8_t *w1, int32_t nq);
 typedef uint64_t (*mpq__tquads_fn)(const void *x, int32_t z, const uint8_t *w0,
