@@ -1,6 +1,7 @@
-"""Locating the data directories (`boards/`, `templates/`) shipped with mpq.
+"""Locating the data directories (`boards/`, `templates/`, `kernels/`) shipped with mpq.
 
-In a wheel they live inside the package (`mpq/boards`, `mpq/templates`); in a source checkout
+In a wheel they live inside the package (`mpq/boards`, `mpq/templates`, `mpq/kernels` - the C
+kernel library); in a source checkout
 or an editable install they sit at the repository root, next to the package.
 """
 
@@ -12,7 +13,8 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def data_dir(name: str) -> Path:
-    """Return the directory `name` (`boards` or `templates`) wherever this install keeps it."""
+    """Return the directory `name` (`boards`, `templates` or `kernels`) wherever this install
+    keeps it."""
     for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mpq.codegen import cmsis
-from mpq.codegen.export import render_export, write_export
+from mpq.codegen.export import c_sources, render_export, write_export
 from mpq.codegen.render import render
 from mpq.errors import MpqError
 from mpq.evaluate import PlanRunner
@@ -74,7 +74,7 @@ class _Built:
 def _export(plan: Plan, graph: Graph, out_dir: Path, backend: str) -> _Built:
     files = render_export(plan, graph, backend)
     write_export(files, out_dir)
-    sources = [out_dir / n for n in ("mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
+    sources = [out_dir / n for n in c_sources(files)]
     used = json.loads(files["mpq_report.json"]).get("cmsis_nn")
     if not used:
         return _Built(sources, [], [])

@@ -1,10 +1,10 @@
-"""ctypes access to the C kernel library rendered from `templates/c/` (for the tests).
+"""ctypes access to mpq's C kernel library, `kernels/` (for the tests).
 
-`build(variant)` renders `c/mpq_kernels.{h,c}.j2` with the project's Jinja2 environment,
-compiles them with host gcc into a shared library (once per variant and test session) and
-returns a `Kernels` object with one method per kernel. Variant "portable" is the plain C build;
-"dsp" defines MPQ_EMULATE_DSP, which runs the Cortex-M DSP (SXTB16/SMLAD) loops on the host
-with C versions of the intrinsics, so both code paths are checked byte for byte.
+The library is plain C shipped in the package; `build(variant)` compiles every file of it, as
+is, with host gcc into a shared library (once per variant and test session) and returns a
+`Kernels` object with one method per kernel - nothing is rendered. Variant "portable" is the
+plain C build; "dsp" defines MPQ_EMULATE_DSP, which runs the Cortex-M DSP (SXTB16/SMLAD) loops
+on the host with C versions of the intrinsics, so both code paths are checked byte for byte.
 
 Tensors live in `Stored` byte buffers packed with `mpq.quant.arith.pack` (DESIGN §4.2) and are
 handed to the kernels as `mpq_view`s of any sub-region. Weights are `Weights`: b-bit codes in one
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import reference_kernels as ref
 
-from mpq.codegen.render import render
 from mpq.quant import arith
+from mpq.resources import data_dir
 
 I32 = ctypes.c_int32
 P_I32 = ctypes.POINTER(I32)
@@ -67,11 +68,15 @@ class ChannelQuant(ctypes.Structure):
     _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
 
 
-def render_sources(kernels: list[str] | None = None) -> dict[str, str]:
-    """The rendered header and source, optionally for a subset of the kernels."""
-    ctx = {} if kernels is None else {"kernels": kernels}
-    return {"mpq_kernels.h": render("c/mpq_kernels.h.j2", **ctx),
-            "mpq_kernels.c": render("c/mpq_kernels.c.j2", **ctx)}
+#: The kernel library, compiled straight from where mpq ships it.
+LIBRARY = data_dir("kernels")
+#: Extra flags of a build from the environment (e.g. the sanitizer run of test_c_kernels).
+EXTRA_CFLAGS = tuple(os.environ.get("MPQ_CKERNELS_CFLAGS", "").split())
+
+
+def library_sources() -> list[Path]:
+    """Every C source of the library."""
+    return sorted(LIBRARY.glob("*.c"))
 
 
 @cache
@@ -80,14 +85,6 @@ def workdir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="mpq-ckernels-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
-def write_sources(dest: Path, kernels: list[str] | None = None) -> Path:
-    """Render the library into `dest`; returns the path of the .c file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, text in render_sources(kernels).items():
-        (dest / name).write_text(text)
-    return dest / "mpq_kernels.c"
 
 
 def compile_c(args: list[str]) -> subprocess.CompletedProcess:
@@ -335,9 +332,9 @@ class Kernels:
 
 @cache
 def build(variant: str = "portable") -> Kernels:
-    """Render, compile (-O2 -shared -fPIC -Wall -Wextra -Werror) and load one library variant."""
-    src = write_sources(workdir() / variant)
-    lib = src.with_suffix(".so")
-    compile_c(["gcc", *CFLAGS, *VARIANTS[variant], "-shared", "-fPIC", "-o", str(lib),
-               str(src)])
+    """Compile (-O2 -shared -fPIC -Wall -Wextra -Werror) every library file and load one
+    variant."""
+    lib = workdir() / f"mpq_kernels_{variant}.so"
+    compile_c(["gcc", *CFLAGS, *VARIANTS[variant], *EXTRA_CFLAGS, "-shared", "-fPIC",
+               f"-I{LIBRARY}", "-o", str(lib), *map(str, library_sources())])
     return Kernels(ctypes.CDLL(str(lib)))

@@ -24,7 +24,7 @@ from test_bad_input import assert_clean_failure
 
 from mpq.boards import get_board
 from mpq.codegen import cmsis
-from mpq.codegen.export import render_export, write_export
+from mpq.codegen.export import c_sources, render_export, write_export
 from mpq.frontend import load_model
 from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
 from mpq.search.driver import SearchOptions, search
@@ -462,7 +462,7 @@ def test_mpq_mk_and_export_build(tmp_path: Path) -> None:
     report = json.loads((out / "mpq_report.json").read_text())
     built = sorted(p.name for p in tmp_path.glob("*.o"))
     assert built == sorted(Path(s).stem + ".o" for s in report["cmsis_nn"]["sources"]
-                           + ["mpq_model.c", "mpq_weights.c", "mpq_kernels.c"])
+                           + c_sources(report["files"]))
     r = run_mpq("export", plan_path, "-o", tmp_path / "fw2", "--backend", "cmsis-nn", "--build")
     assert r.returncode == 0, r.stderr
     measured = json.loads((tmp_path / "fw2" / "mpq_report.json").read_text())["measured"]

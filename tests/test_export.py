@@ -17,8 +17,10 @@ from conftest import run_mpq
 from test_bad_input import assert_clean_failure
 
 from mpq.boards import get_board, plan_board
+from mpq.codegen.export import KERNEL_SOURCES, c_sources, library_files
 from mpq.frontend import load_model
 from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
+from mpq.resources import data_dir
 from mpq.search.driver import SearchOptions, search
 from mpq.verify import verify
 
@@ -51,7 +53,19 @@ def test_export_is_deterministic_and_make_friendly(kws, tmp_path: Path) -> None:
     assert run_mpq("export", plan, "-o", b).returncode == 0
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
-    assert {"mpq_model.h", "mpq_model.c", "mpq_weights.c", "mpq_kernels.c"} <= set(names)
+    # The kernels are the library's files, copied verbatim: those of the kernels the plan
+    # calls (the CNN's convolutions need mpq_conv.c, its dot products and the shared helpers),
+    # and no other (it has no concat: no mpq_copy.c).
+    report = json.loads((a / "mpq_report.json").read_text())
+    assert {"mpq_model.h", "mpq_model.c", "mpq_weights.c", "mpq_kernels.h", "mpq_support.h",
+            "mpq_conv.c", "mpq_dot.c", "mpq_support.c"} <= set(names)
+    library = set(names) & set(library_files(list(KERNEL_SOURCES)))
+    assert library == set(library_files(report["kernels"])) and "mpq_copy.c" not in library
+    for n in library:
+        assert (a / n).read_bytes() == (data_dir("kernels") / n).read_bytes(), n
+    assert set(report["files"]) == set(names) - {"mpq_report.json", "nano33ble.ld", "mpq.mk"}
+    mk = (a / "mpq.mk").read_text()
+    assert all(f"$(MPQ_DIR)/{n}" in mk for n in c_sources(names))
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
         assert str(tmp_path) not in (a / n).read_text()
@@ -59,7 +73,6 @@ def test_export_is_deterministic_and_make_friendly(kws, tmp_path: Path) -> None:
     r = run_mpq("export", plan, "-o", a)
     assert r.returncode == 0 and "0 written" in r.stdout
     assert before == {n: os.stat(a / n).st_mtime_ns for n in names}
-    report = json.loads((a / "mpq_report.json").read_text())
     assert report["predicted"]["arena_bytes"] >= json.loads(plan.read_text())["predicted"][
         "arena_bytes"]
 
@@ -184,9 +197,10 @@ def _board_build(plan, graph, tmp_path: Path) -> Path:
     from mpq.codegen.render import render
 
     out = tmp_path / "export"
-    write_export(render_export(plan, graph), out)
+    files = render_export(plan, graph)
+    write_export(files, out)
     (out / "main.c").write_text(render("firmware/verify_main.c.j2", target="board", samples=1))
-    sources = [out / n for n in ("main.c", "mpq_model.c", "mpq_weights.c", "mpq_kernels.c")]
+    sources = [out / n for n in ("main.c", *c_sources(files))]
     return firmware.build_elf(sources, [out], plan_board(plan.board), tmp_path / "b")
 
 

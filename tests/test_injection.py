@@ -25,7 +25,7 @@ from conftest import REPO, run_mpq
 from test_bad_input import assert_clean_failure
 
 from mpq.boards import board_dir, list_boards, plan_board
-from mpq.codegen.export import render_export, write_export
+from mpq.codegen.export import c_sources, render_export, write_export
 from mpq.codegen.render import (
     LANGUAGES,
     UnsafeOutput,
@@ -255,7 +255,7 @@ def test_exported_c_keeps_hostile_names_in_comments(exported, tmp_path: Path) ->
     -Werror, which refuses a nested `/*` and fires any `_Static_assert(0)` that escaped) and
     no payload reaches the code the compiler reads."""
     port = exported["portable"]
-    _gcc_syntax([port / n for n in ("mpq_model.c", "mpq_weights.c", "mpq_kernels.c")], [port])
+    _gcc_syntax([port / n for n in c_sources([p.name for p in port.iterdir()])], [port])
     for directory in exported.values():
         _assert_code_clean(directory, tmp_path)
     model_c = (port / "mpq_model.c").read_text()

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, run_mpq
 
 from mpq.boards import get_board
-from mpq.codegen.export import export_context, io_quant
+from mpq.codegen.export import c_sources, export_context, io_quant
 from mpq.frontend import load_model
 from mpq.interpreter import to_ir_layout
 from mpq.plan import load_plan, plan_quant_model
@@ -102,7 +102,7 @@ def fashion(tmp_path_factory) -> dict:
 def _build_host(src: Path, exe: Path) -> Path:
     (exe.parent / "harness.c").write_text(HARNESS)
     subprocess.run(["gcc", *STRICT, "-I", str(src), "-o", str(exe), str(exe.parent / "harness.c"),
-                    *(str(src / f) for f in ("mpq_model.c", "mpq_kernels.c", "mpq_weights.c"))],
+                    *(str(src / f) for f in c_sources([p.name for p in src.iterdir()]))],
                    check=True, capture_output=True, text=True)
     return exe
 
@@ -284,8 +284,8 @@ def test_helpers_build_for_the_board_with_werror(fashion, tmp_path: Path, abi: s
     r = subprocess.run([cc, *flags, "-std=c99", "-O2", "-ffreestanding", "-ffunction-sections",
                         "-fdata-sections", "-Wall", "-Wextra", "-Werror", "-nostdlib",
                         "-Wl,--gc-sections", "-I", str(out), "-o", str(elf), str(app),
-                        *(str(out / f) for f in ("mpq_model.c", "mpq_kernels.c",
-                                                 "mpq_weights.c")), "-lgcc"],
+                        *(str(out / f) for f in c_sources([p.name for p in out.iterdir()])),
+                        "-lgcc"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     syms = subprocess.run([cc.replace("gcc", "nm"), str(elf)], capture_output=True, text=True,

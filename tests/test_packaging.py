@@ -17,6 +17,7 @@ from pathlib import Path
 from conftest import REPO
 
 from mpq import __version__
+from mpq.codegen.export import KERNEL_SOURCES, library_files
 
 DIST = "mpq-mcu"  # the distribution name; files use its normalised form mpq_mcu
 
@@ -45,6 +46,8 @@ def test_wheel_contains_and_uses_boards_and_templates(tmp_path: Path) -> None:
     assert "mpq/templates/linker/board.ld.j2" in names
     assert "mpq/templates/firmware/startup.c.j2" in names
     assert "mpq/tools/icount/icount.c" in names
+    # The C kernel library, every file of it (an export copies them from here).
+    assert {f"mpq/kernels/{n}" for n in library_files(list(KERNEL_SOURCES))} <= set(names)
     assert "mpq/cli.py" in names and not any(n.startswith("tests/") for n in names)
 
     site = tmp_path / "site"
@@ -61,6 +64,8 @@ def test_wheel_contains_and_uses_boards_and_templates(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True)
     assert installed.stdout.strip() == __version__, installed.stderr
     code = ("import mpq.resources, mpq.cli; print(mpq.resources.data_dir('templates'));"
+            "assert mpq.resources.data_dir('kernels').parent == mpq.resources.data_dir("
+            "'templates').parent;"
             "mpq.cli.main(['boards', '--json'])")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
@@ -78,5 +83,6 @@ def test_sdist_is_named_for_the_distribution(tmp_path: Path) -> None:
     with tarfile.open(sdists[0]) as tar:
         pkg_info = tar.extractfile(f"mpq_mcu-{__version__}/PKG-INFO").read().decode()
         assert f"mpq_mcu-{__version__}/mpq/cli.py" in tar.getnames()
+        assert f"mpq_mcu-{__version__}/kernels/mpq_conv.c" in tar.getnames()
     assert metadata_field(pkg_info, "Name") == DIST
     assert metadata_field(pkg_info, "Version") == __version__

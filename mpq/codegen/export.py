@@ -4,7 +4,9 @@ The plan (with the model it pins) becomes one `Layer` record per kernel call —
 its constant parameters, and where each operand lives (the caller's input, the arena at the
 plan's offset, or the caller's output buffer) — and the records are rendered through the
 Jinja2 templates in `templates/c/`. Nothing here writes C syntax itself: Python computes
-numbers, the templates lay them out.
+numbers, the templates lay them out. The kernels are plain C (`kernels/`, shipped in the
+package): an export gets a verbatim copy of the library files its kernels need
+(`library_files`).
 
 With the cmsis-nn backend, the layer-based layers that CMSIS-NN computes exactly call it
 instead (`mpq.codegen.cmsis` says which and why); the patch stage stays portable.
@@ -31,8 +33,44 @@ from mpq.memory import align_up, packed_bytes
 from mpq.plan import Plan, plan_quant_model
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
+from mpq.resources import data_dir
 
-KERNEL_FILES = ("mpq_kernels.h", "mpq_kernels.c")
+#: The kernel library's headers, copied into every export: the API (mpq_kernels.h) and the
+#: helpers its files share (mpq_support.h).
+LIBRARY_HEADERS = ("mpq_kernels.h", "mpq_support.h")
+_DOT = ("mpq_dot.c", "mpq_support.c")
+#: The library sources each kernel (an export context's `kernels` name) is compiled from.
+KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
+    "conv2d": ("mpq_conv.c", *_DOT),
+    "conv2d_add": ("mpq_conv.c", *_DOT),
+    "depthwise_inplace": ("mpq_depthwise.c", "mpq_support.c"),
+    "fully_connected": ("mpq_fully_connected.c", *_DOT),
+    "add": ("mpq_add.c", "mpq_support.c"),
+    "avgpool": ("mpq_pool.c",),
+    "maxpool": ("mpq_pool.c",),
+    "softmax": ("mpq_softmax.c",),
+    "copy_view": ("mpq_copy.c",),
+}
+
+
+def library_files(kernels: list[str] | tuple[str, ...] | set[str]) -> list[str]:
+    """The kernel library files an export calling `kernels` needs: both headers and the
+    sources of each kernel (`KERNEL_SOURCES`), sorted."""
+    unknown = sorted(set(kernels) - set(KERNEL_SOURCES))
+    if unknown:  # pragma: no cover - the builder only emits known kernels
+        raise ValueError(f"no kernel library source for kernel '{unknown[0]}'")
+    return sorted({*LIBRARY_HEADERS, *(f for k in kernels for f in KERNEL_SOURCES[k])})
+
+
+def library_sources(kernels: list[str] | tuple[str, ...] | set[str]) -> dict[str, str]:
+    """File name → text of the `library_files` of `kernels`, read verbatim from `kernels/`."""
+    root = data_dir("kernels")
+    return {name: (root / name).read_text(encoding="utf-8") for name in library_files(kernels)}
+
+
+def c_sources(files: dict[str, str] | list[str]) -> list[str]:
+    """The C sources of an export (file names ending in .c, sorted): what a build compiles."""
+    return sorted(name for name in files if name.endswith(".c"))
 
 
 @dataclass
@@ -187,7 +225,7 @@ class _Builder:
                 "act_min": lq.act_min, "act_max": lq.act_max}
 
     def conv_scratch(self, node: Node, inplace: bool) -> int:
-        """The kernels' own scratch formulas (templates/c/mpq_kernels.h.j2)."""
+        """The kernels' own scratch formulas (kernels/mpq_kernels.h)."""
         _, kh, kw, cin_g = node.weight.shape
         a = node.attrs
         if inplace:
@@ -638,8 +676,7 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable",
         "mpq_model.c": render("c/mpq_model.c.j2", **ctx),
         "mpq_weights.h": render("c/mpq_weights.h.j2", **ctx),
         "mpq_weights.c": render("c/mpq_weights.c.j2", **ctx),
-        "mpq_kernels.h": render("c/mpq_kernels.h.j2", kernels=ctx["kernels"]),
-        "mpq_kernels.c": render("c/mpq_kernels.c.j2", kernels=ctx["kernels"]),
+        **library_sources(ctx["kernels"]),
     }
     cm = ctx["cmsis"]
     # The export's arena is the plan's; its scratch is the larger of the portable kernels' and
@@ -661,7 +698,7 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable",
     board = plan_board(plan.board)
     files[f"{board.name}.ld"] = linker_script(board)
     build = {"model": plan.model, "board": board, "plan_digest": ctx["plan_digest"],
-             "cmsis_sources": cm["sources"] if cm else []}
+             "cmsis_sources": cm["sources"] if cm else [], "sources": c_sources(files)}
     if "cmake" in targets:
         files["CMakeLists.txt"] = render("cmake/CMakeLists.txt.j2", **build)
     files.update(_library_files(plan, board, ctx, files, targets))
@@ -684,8 +721,7 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
         write_export(files, work)
         (work / "main.c").write_text(render("firmware/verify_main.c.j2", target="board",
                                             samples=1))
-        sources = [work / n for n in ("main.c", "mpq_model.c", "mpq_weights.c",
-                                      "mpq_kernels.c")]
+        sources = [work / n for n in ("main.c", *c_sources(files))]
         includes = [work]
         if root is not None:
             includes.append(root / "Include")

@@ -55,7 +55,7 @@ REFERENCE_BITS = {"linear": (8, 7, 6, 5, 4, 3, 2), "wentropy": (4, 3, 2),
 EXPORT_BITS = {"linear": (8, 4, 2), "wentropy": (4, 3, 2), "sym": (8, 4, 3, 2), "asym": (),
                "pow2": (4, 3, 2)}
 
-# mpq_filter.format values (templates/c/mpq_kernels.h.j2: MPQ_WFMT_*).
+# mpq_filter.format values (kernels/mpq_kernels.h: MPQ_WFMT_*).
 FORMATS = ("MPQ_WFMT_LINEAR", "MPQ_WFMT_CODEBOOK", "MPQ_WFMT_POW2")
 LINEAR, CODEBOOK, POW2 = range(3)
 

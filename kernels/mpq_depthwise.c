@@ -1,0 +1,243 @@
+/* mpq_depthwise.c: mpq_depthwise_inplace and its scratch size.
+ *
+ * Part of mpq's portable kernel library (API and formulas: mpq_kernels.h; shared helpers:
+ * mpq_support.h).
+ */
+#include "mpq_support.h"
+
+/* -- in-place depthwise (TinyEngine; runtimes.md sec. 3) --------------------------------------- */
+
+/* Checks the arguments of the in-place depthwise and gives the implied bottom/right padding
+   (rows/columns of the padded channel below/right of the input that the output reaches). */
+static int mpq__dw_inplace_check(const mpq_conv_params *p, const mpq_filter *f,
+                                 const mpq_view *in, const mpq_view *out, int32_t *pad_bottom,
+                                 int32_t *pad_right)
+{
+    int32_t reach;
+    int err;
+    if (p == NULL || f == NULL || f->data == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    if ((err = mpq__view_check(in)) != MPQ_OK || (err = mpq__view_check(out)) != MPQ_OK
+        || (err = mpq__filter_ok(f)) != MPQ_OK) {
+        return err;
+    }
+    if (in->bits != out->bits) {
+        return MPQ_ERR_BITS;
+    }
+    if (f->c != 1 || f->n != in->c || out->c != in->c || p->groups != in->c || f->h < 1
+        || f->w < 1 || p->stride_h < 1 || p->stride_w < 1 || p->dilation_h < 1
+        || p->dilation_w < 1 || p->pad_top < 0 || p->pad_left < 0
+        || !mpq__in_range(p->input_zp, in->bits)) {
+        return MPQ_ERR_ARG;
+    }
+    reach = (out->h - 1) * p->stride_h + (f->h - 1) * p->dilation_h + 1;
+    *pad_bottom = reach > p->pad_top + in->h ? reach - p->pad_top - in->h : 0;
+    reach = (out->w - 1) * p->stride_w + (f->w - 1) * p->dilation_w + 1;
+    *pad_right = reach > p->pad_left + in->w ? reach - p->pad_left - in->w : 0;
+    return MPQ_OK;
+}
+
+int32_t mpq_depthwise_inplace_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
+                                           const mpq_view *in, const mpq_view *out)
+{
+    int32_t pb, pr;
+    const int err = mpq__dw_inplace_check(p, f, in, out, &pb, &pr);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    return (p->pad_top + in->h + pb) * (p->pad_left + in->w + pr);
+}
+
+/* Saves input row iy of channel ch into d[0 .. W-1] as int8 values: strided bytes at 8 bits;
+   at sub-byte widths, when the pixel stride is whole bytes, the channel's element sits at the
+   same bit of every pixel. */
+static void mpq__dw_save_row(const mpq_view *in, int32_t iy, int32_t ch, int8_t *d)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    const uint32_t k0 = mpq__at(in, iy, 0) + (uint32_t)ch;
+    const int32_t bits = in->bits;
+    int32_t x;
+    if (bits == 8) {
+        const int8_t *s = (const int8_t *)src + k0;
+        for (x = 0; x < in->w; ++x) {
+            d[x] = s[x * in->c];
+        }
+    } else if (mpq__at_byte((uint32_t)in->c, bits)) {
+        const uint8_t *s = src + ((k0 * (uint32_t)bits) >> 3);
+        const uint32_t sh = (k0 * (uint32_t)bits) & 7u;
+        const int32_t step = in->c * bits / 8;
+        const uint32_t sign = 1u << (bits - 1);
+        const uint32_t mask = (sign << 1) - 1u;
+        for (x = 0; x < in->w; ++x) {
+            d[x] = (int8_t)((int32_t)((((uint32_t)s[x * step] >> sh) & mask) ^ sign)
+                            - (int32_t)sign);
+        }
+    } else {
+        for (x = 0; x < in->w; ++x) {
+            d[x] = (int8_t)mpq__ld(src, bits, k0 + (uint32_t)(x * in->c));
+        }
+    }
+}
+
+/* The output stage of one channel, copied into locals (a byte store may alias any memory). */
+typedef struct {
+    int32_t mult, shift, fast, lo, hi, zp, bits;
+    uint8_t *data;
+} mpq__dw_out;
+
+/* Stores the output of accumulator acc as element k (mpq__output). */
+static MPQ_INLINE void mpq__dw_put(const mpq__dw_out *o, uint32_t k, uint32_t acc)
+{
+    int32_t v;
+    if (o->fast) {
+        const int32_t r = mpq__requantize32(mpq__i32(acc), o->mult, o->shift);
+        v = mpq__clamp_add(r, o->zp, o->lo, o->hi);
+    } else {
+        v = mpq__output(acc, o->mult, o->shift, o->zp, o->lo, o->hi);
+    }
+    if (o->bits == 8) {
+        o->data[k] = (uint8_t)v;
+    } else {
+        mpq__st(o->data, o->bits, k, v);
+    }
+}
+
+/* wv[t] = W[wk + t] for t < taps, weights of any format decoded; returns their sum (mod 2^32). */
+static MPQ_NOINLINE uint32_t mpq__dw_weights(const mpq_filter *f, uint32_t wk, int32_t taps,
+                                             int32_t *wv)
+{
+    const uint8_t *wts = (const uint8_t *)f->data;
+    uint32_t wsum = 0;
+    int32_t t;
+    for (t = 0; t < taps; ++t) {
+        wv[t] = f->format == MPQ_WFMT_LINEAR
+            ? mpq__ld(wts, f->bits, wk + (uint32_t)t)
+            : mpq__wval(f, mpq__code(wts, f->bits, wk + (uint32_t)t));
+        wsum += (uint32_t)wv[t];
+    }
+    return wsum;
+}
+
+int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
+                          const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                          int8_t *scratch)
+{
+    const int32_t taps = f->h * f->w;
+    /* With the weights decoded up front (any format, mpq__wval) the inner loop multiplies the
+       saved raw inputs, and the zero point comes out once per channel as input_zp * sum(W). */
+    const int table = taps <= MPQ_DW_TAPS;
+    const int k3 = table && f->h == 3 && f->w == 3;
+#if MPQ_USE_DSP
+    /* The paired loop's bounds in locals: an output byte store may alias any memory, so
+       out->w and out->c would be read again after every store. */
+    const int32_t out_w = out->w, out_c = out->c;
+#endif
+    int32_t wv[MPQ_DW_TAPS];
+    int32_t pb, pr, pw, ph, ch, r, t, oy, ox, ky, kx;
+    mpq__dw_out o;
+    const int err = mpq__dw_inplace_check(p, f, in, out, &pb, &pr);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (q == NULL || q->multiplier == NULL || q->shift == NULL || scratch == NULL
+        || !mpq__act_ok(p->act_min, p->act_max, out->bits)) {
+        return MPQ_ERR_ARG;
+    }
+    ph = p->pad_top + in->h + pb;
+    pw = p->pad_left + in->w + pr;
+    o.lo = p->act_min;
+    o.hi = p->act_max;
+    o.zp = p->output_zp;
+    o.bits = out->bits;
+    o.data = (uint8_t *)out->data;
+    for (ch = 0; ch < in->c; ++ch) {
+        const uint32_t wk = (uint32_t)ch * (uint32_t)taps;
+        uint32_t acc0 = q->bias != NULL ? (uint32_t)q->bias[ch] : 0u;
+        o.mult = q->multiplier[ch];
+        o.shift = q->shift[ch];
+        o.fast = o.shift <= 0 && o.shift >= -30 && o.mult >= 0;
+        if (table) {
+            acc0 -= (uint32_t)p->input_zp * mpq__dw_weights(f, wk, taps, wv);
+        }
+        /* Save input channel ch with its padding (raw values, padding = input_zp, so the
+           inner loop needs no bounds checks) before any output of channel ch overwrites it. */
+        for (r = 0; r < ph; ++r) {
+            int8_t *row = scratch + r * pw;
+            const int32_t iy = r - p->pad_top;
+            if (iy < 0 || iy >= in->h) {
+                memset(row, (uint8_t)p->input_zp, (size_t)pw);
+                continue;
+            }
+            memset(row, (uint8_t)p->input_zp, (size_t)p->pad_left);
+            mpq__dw_save_row(in, iy, ch, row + p->pad_left);
+            memset(row + p->pad_left + in->w, (uint8_t)p->input_zp, (size_t)pr);
+        }
+        for (oy = 0; oy < out->h; ++oy) {
+            const int8_t *line = scratch + oy * p->stride_h * pw;
+            const int32_t rs = p->dilation_h * pw;
+            uint32_t k = mpq__at(out, oy, 0) + (uint32_t)ch;
+            ox = 0;
+#if MPQ_USE_DSP
+            /* 3x3, unit stride and dilation along W: two neighbouring outputs share a word of
+               each row, [a0 a1 a2 a3]: out0 = (a0, a2).(w0, w2) + a1*w1, out1 = (a1, a3).(w0,
+               w2) + a2*w1 (SMLAD, SMLABB, SMLATB). The word stays inside the padded row. */
+            if (k3 && p->stride_w == 1 && p->dilation_w == 1) {
+                const int32_t w02a = mpq__halves(wv[0], wv[2]), w1a = wv[1];
+                const int32_t w02b = mpq__halves(wv[3], wv[5]), w1b = wv[4];
+                const int32_t w02c = mpq__halves(wv[6], wv[8]), w1c = wv[7];
+                const uint32_t kstep = (uint32_t)out_c;
+                for (; ox + 2 <= out_w; ox += 2, k += 2u * kstep) {
+                    const int8_t *b = line + ox;
+                    int32_t a0 = mpq__i32(acc0), a1 = a0, v, e02, e13;
+                    v = mpq__word(b);
+                    e02 = mpq__sxtb16(v);
+                    e13 = mpq__sxtb16_r8(v);
+                    a0 = mpq__smlabb(e13, w1a, mpq__smlad(e02, w02a, a0));
+                    a1 = mpq__smlatb(e02, w1a, mpq__smlad(e13, w02a, a1));
+                    v = mpq__word(b + rs);
+                    e02 = mpq__sxtb16(v);
+                    e13 = mpq__sxtb16_r8(v);
+                    a0 = mpq__smlabb(e13, w1b, mpq__smlad(e02, w02b, a0));
+                    a1 = mpq__smlatb(e02, w1b, mpq__smlad(e13, w02b, a1));
+                    v = mpq__word(b + 2 * rs);
+                    e02 = mpq__sxtb16(v);
+                    e13 = mpq__sxtb16_r8(v);
+                    a0 = mpq__smlabb(e13, w1c, mpq__smlad(e02, w02c, a0));
+                    a1 = mpq__smlatb(e02, w1c, mpq__smlad(e13, w02c, a1));
+                    mpq__dw_put(&o, k, (uint32_t)a0);
+                    mpq__dw_put(&o, k + kstep, (uint32_t)a1);
+                }
+            }
+#endif
+            for (; ox < out->w; ++ox, k += (uint32_t)out->c) {
+                const int8_t *base = line + ox * p->stride_w;
+                uint32_t acc = acc0;
+                if (k3) {
+                    const int8_t *r0 = base, *r1 = base + rs, *r2 = base + 2 * rs;
+                    const int32_t d1 = p->dilation_w, d2 = 2 * p->dilation_w;
+                    acc += (uint32_t)(wv[0] * r0[0] + wv[1] * r0[d1] + wv[2] * r0[d2]
+                                      + wv[3] * r1[0] + wv[4] * r1[d1] + wv[5] * r1[d2]
+                                      + wv[6] * r2[0] + wv[7] * r2[d1] + wv[8] * r2[d2]);
+                } else if (table) {
+                    for (ky = 0, t = 0; ky < f->h; ++ky) {
+                        const int8_t *row = base + ky * rs;
+                        for (kx = 0; kx < f->w; ++kx, ++t) {
+                            acc += (uint32_t)(wv[t] * row[kx * p->dilation_w]);
+                        }
+                    }
+                } else {
+                    for (ky = 0, t = 0; ky < f->h; ++ky) {
+                        const int8_t *row = base + ky * rs;
+                        for (kx = 0; kx < f->w; ++kx, ++t) {
+                            acc += mpq__wmul(f, wk + (uint32_t)t,
+                                             row[kx * p->dilation_w] - p->input_zp);
+                        }
+                    }
+                }
+                mpq__dw_put(&o, k, acc);
+            }
+        }
+    }
+    return MPQ_OK;
+}
