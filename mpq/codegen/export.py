@@ -613,9 +613,7 @@ def export_sources(files: dict[str, str]) -> dict[str, list[str]]:
     """The C sources and headers of an export, by name from its file dict of C files (sorted):
     the one list every build-file template is given, so a new or renamed kernel file reaches
     every build system without a template naming it."""
-    names = sorted(files)
-    return {"c": [n for n in names if n.endswith(".c")],
-            "h": [n for n in names if n.endswith(".h")]}
+    return {"c": c_sources(files), "h": sorted(n for n in files if n.endswith(".h"))}
 
 
 def library_name(plan: Plan) -> str:
