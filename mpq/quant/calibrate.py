@@ -451,17 +451,22 @@ class _Moments:
     hi: float = -math.inf
 
 
-def batch_moments(x: np.ndarray, lo: float | None = None, hi: float | None = None
-                  ) -> _Moments:
+def batch_moments(x: np.ndarray, lo: float | None = None, hi: float | None = None,
+                  scratch: np.ndarray | None = None) -> _Moments:
     """Moments of one batch: mean = Σx/n and M2 = Σ(x − m32)² − n·(mean − m32)², both sums
     accumulated in float64 (m32 is the mean rounded to float32, so the squares stay float32).
-    `lo`, `hi`: x's min and max when the caller has them already."""
+    `lo`, `hi`: x's min and max when the caller has them already; `scratch`: a float32 buffer
+    of at least x.size values for x − m32 (the same numbers as a new array, without touching
+    fresh memory for every tensor)."""
     flat = x.reshape(-1)
     n = flat.size
     mean = float(np.sum(flat, dtype=np.float64)) / n
     m32 = np.float32(mean)
     with np.errstate(over="ignore", invalid="ignore"):  # near FLT_MAX: redone in float64 below
-        d = flat - m32
+        if scratch is not None and flat.dtype == np.float32 and len(scratch) >= n:
+            d = np.subtract(flat, m32, out=scratch[:n])
+        else:
+            d = flat - m32
         m2 = float(np.einsum("i,i->", d, d, dtype=np.float64)) - n * (mean - float(m32)) ** 2
     if not math.isfinite(m2):  # x − mean overflowed float32 (values near ±3.4e38)
         d64 = flat.astype(np.float64) - mean
@@ -625,12 +630,17 @@ def calibrate(graph: Graph, data: Dataset, batch_size: int = 64, bins: int = DEF
     seen = 0  # samples before the current batch, for the error of a non-finite activation
     grids: dict[str, tuple[float, int]] = {}
     hists = {t: np.zeros(bins, np.int64) for t in order}
+    scratch = np.empty(0, np.float32)
 
     def observe_moments(t: str, value: np.ndarray) -> None:
+        nonlocal scratch
         lo, hi = value.min(), value.max()  # NaN propagates through min/max, ±Inf shows there
         if not (math.isfinite(lo) and math.isfinite(hi)):
             check_finite_activation(t, value, seen, t == order[0])
-        moments[t] = merge_moments(moments[t], batch_moments(value, float(lo), float(hi)))
+        if len(scratch) < value.size:
+            scratch = np.empty(value.size, np.float32)
+        moments[t] = merge_moments(moments[t],
+                                   batch_moments(value, float(lo), float(hi), scratch))
 
     def observe_hist(t: str, value: np.ndarray) -> None:
         width, k0 = grids[t]
