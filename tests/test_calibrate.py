@@ -448,16 +448,48 @@ def test_moments_scratch_buffer_changes_no_bit() -> None:
 
 def test_onnxruntime_slices_give_the_statistics_of_one_run(tmp_path: Path, nchw_graph,
                                                            nhwc_graph, monkeypatch) -> None:
-    """Slices of 1 sample and one slice per batch give the same bits (min, max, mean, σ and
-    every histogram count), on one batch (one pass) and on several (two passes)."""
+    """Slices of 1 sample, one tensor per group (each from the model cut after it), and one
+    slice and one group per batch give the same bits (min, max, mean, σ and every histogram
+    count), on one batch (one pass) and on several (two passes)."""
     import mpq.quant.calibrate as C
 
     for graph in (nchw_graph, nhwc_graph):
         ds = load_dataset(save_npz(tmp_path / "d.npz", x=random_x(graph, 40, seed=4)), graph)
         for batch in (40, 16):
+            monkeypatch.setattr(C, "_SLICE_BYTES", 1 << 40)
+            monkeypatch.setattr(C, "_GROUP_BYTES", 1 << 40)
+            whole = calibrate(graph, ds, batch_size=batch)
             monkeypatch.setattr(C, "_SLICE_BYTES", 1)
             sliced = calibrate(graph, ds, batch_size=batch)
-            monkeypatch.setattr(C, "_SLICE_BYTES", 1 << 40)
-            whole = calibrate(graph, ds, batch_size=batch)
-            assert_same_stats(sliced, whole)
-            assert sliced.to_bytes() == whole.to_bytes()
+            monkeypatch.setattr(C, "_GROUP_BYTES", 1)
+            grouped = calibrate(graph, ds, batch_size=batch)
+            for other in (sliced, grouped):
+                assert_same_stats(other, whole)
+                assert other.to_bytes() == whole.to_bytes()
+
+
+def test_onnxruntime_runner_visits_what_one_plain_run_gives(nchw_graph, monkeypatch) -> None:
+    """Sliced, grouped and IO-bound, every visited tensor is the array one `session.run` of
+    the whole batch returns, bit for bit."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import mpq.quant.calibrate as C
+    from mpq.frontend.onnx_writer import graph_to_onnx
+
+    monkeypatch.setattr(C, "_SLICE_BYTES", 1)
+    monkeypatch.setattr(C, "_GROUP_BYTES", 1)
+    x = random_x(nchw_graph, 9, seed=8)
+    seen: dict[str, np.ndarray] = {}
+    C._ort_runner(nchw_graph)(x, lambda t, v: seen.setdefault(t, v.copy()))
+    model = graph_to_onnx(nchw_graph)
+    names = [t for n in nchw_graph.nodes for t in n.outputs]
+    declared = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in names if t not in declared)
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    plain = dict(zip(names, session.run(names, {nchw_graph.inputs[0]: x}), strict=True))
+    assert list(seen) == [nchw_graph.inputs[0], *names]
+    for t in names:
+        np.testing.assert_array_equal(seen[t], plain[t], err_msg=t)

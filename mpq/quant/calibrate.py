@@ -35,6 +35,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import LAYOUT_NCHW, Graph, graph_fingerprint
 from mpq.quant.finite import check_finite_activation, check_finite_parameters
+
+if TYPE_CHECKING:
+    import onnx
 
 ENGINES = ("onnxruntime", "interpreter")
 RANGE_METHODS = ("minmax", "percentile", "entropy")
@@ -56,8 +60,10 @@ Visit = Callable[[str, np.ndarray], None]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _BIN_CHUNK = 1 << 18  # values binned per step: temporaries of a few MB, kept in cache
 # onnxruntime runs a batch in slices of about this many bytes of activations (all exposed
-# tensors of the slice together); see `_ort_runner`.
-_SLICE_BYTES = 64 << 20
+# tensors of the slice together), holding whole-batch values of groups of tensors of about
+# _GROUP_BYTES at once; see `_ort_runner`.
+_SLICE_BYTES = 128 << 20
+_GROUP_BYTES = 512 << 20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,18 +537,59 @@ def bin_counts(x: np.ndarray, width: float, k0: int, bins: int) -> np.ndarray:
 # -- the two passes -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Group:
+    """Consecutive exposed tensors whose whole-batch values are held at once: the session that
+    computes them (the model cut after their last producer) and their buffers."""
+
+    session: object
+    exposed: list[str]  # every output of that session (all tensors up to the group's last)
+    tensors: list[str]
+    step: int  # samples per onnxruntime call
+    buffers: dict[str, np.ndarray]
+
+
+def _cut_model(model: onnx.ModelProto, names: list[str], last: int) -> onnx.ModelProto:
+    """`model` (every IR tensor exposed) cut after the node producing names[last], exposing
+    names[:last + 1]: the same nodes computing the same values, as in the whole model every
+    one of these tensors is an output too (onnxruntime fuses no node across them)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    producer = next(i for i, n in enumerate(cut.graph.node) if names[last] in n.output)
+    del cut.graph.node[producer + 1:]
+    del cut.graph.output[:]
+    cut.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                            for t in names[:last + 1])
+    used = {i for n in cut.graph.node for i in n.input}
+    kept = [init for init in cut.graph.initializer if init.name in used]
+    del cut.graph.initializer[:]
+    cut.graph.initializer.extend(kept)
+    return cut
+
+
 def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
     """onnxruntime on `graph_to_onnx(graph)` with every node output exposed as a graph output.
 
-    A batch runs in slices of about `_SLICE_BYTES` of activations, each slice's outputs written
-    by onnxruntime straight into one full-batch buffer per tensor (IO binding), allocated once
-    and reused by every later batch and pass; each tensor is then visited whole, as one run on
-    the batch would give it. onnxruntime's CPU kernels compute each sample independently of
-    the others in its batch (checked by the tests, and on the benchmark models, value for
-    value), so the slices change no number. One run with all
-    tensors of all samples exposed costs far more (MobileNetV2-1.0@224, 64 samples: 1.8 GB of
-    outputs, ≈ 9 s, mostly the kernel zeroing fresh pages) than the slices (< 2 s). Visited
-    arrays are only valid until the next call.
+    Each tensor is visited whole, as one run on the batch would give it, but neither all
+    tensors of the batch nor one big run are held at once: one run with every tensor of every
+    sample exposed costs far more than the network (MobileNetV2-1.0@224, 64 samples: 1.8 GB
+    of outputs; ≈ 9 s, mostly the kernel handing out fresh pages, against < 2 s for the
+    network). Instead
+
+    - the tensors are taken in groups of consecutive tensors of at most `_GROUP_BYTES` for the
+      whole batch (or one tensor); a group's session is the model cut after its last
+      producer (`_cut_model`), the last group's the whole model;
+    - a batch runs in slices of about `_SLICE_BYTES` of activations, onnxruntime writing the
+      group's tensors straight into whole-batch buffers (IO binding), allocated once and
+      reused by every group, batch and pass.
+
+    onnxruntime's CPU kernels compute each sample independently of the others in its batch
+    and a node's values do not depend on the nodes after it, so neither changes a number
+    (checked by the tests, and value for value on the benchmark models). Visited arrays are
+    only valid until the next call.
     """
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -557,41 +604,86 @@ def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
             model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+
+    def open_session(m: onnx.ModelProto) -> object:
+        return ort.InferenceSession(m.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+
+    session = open_session(model)
     name = graph.inputs[0]
-    buffers: list[np.ndarray] = []
+    groups: list[_Group] = []
+
+    def plan(batch: np.ndarray) -> bool:
+        """Groups, sessions and buffers for batches of up to len(batch); False when some
+        output is not one float32 row per sample (then batches run whole)."""
+        probe = session.run(names, {name: batch[:1]})
+        if any(v.ndim == 0 or len(v) != 1 or v.dtype != np.float32 for v in probe):
+            return False
+        n = len(batch)
+        shapes = {t: v.shape[1:] for t, v in zip(names, probe, strict=True)}
+        row = {t: v[0].nbytes for t, v in zip(names, probe, strict=True)}
+        budget = max(_GROUP_BYTES, n * max(row.values()))
+        spans: list[list[int]] = [[]]
+        for i, t in enumerate(names):
+            if spans[-1] and n * (sum(row[names[j]] for j in spans[-1]) + row[t]) > budget:
+                spans.append([])
+            spans[-1].append(i)
+        pool = np.empty(max(sum(n * row[names[j]] for j in span) for span in spans) // 4,
+                        np.float32)
+        groups.clear()
+        for span in spans:
+            last = span[-1]
+            whole = last == len(names) - 1
+            exposed = names if whole else names[:last + 1]
+            buffers, offset = {}, 0
+            for j in span:
+                t = names[j]
+                size = n * row[t] // 4
+                buffers[t] = pool[offset:offset + size].reshape((n, *shapes[t]))
+                offset += size
+            per_sample = sum(row[t] for t in exposed) or 1
+            groups.append(_Group(session if whole else open_session(_cut_model(model, names,
+                                                                               last)),
+                                 exposed, [names[j] for j in span],
+                                 max(1, _SLICE_BYTES // per_sample), buffers))
+        return True
+
+    def run_group(g: _Group, batch: np.ndarray) -> None:
+        for start in range(0, len(batch), g.step):
+            stop = min(start + g.step, len(batch))
+            binding = g.session.io_binding()
+            binding.bind_cpu_input(name, np.ascontiguousarray(batch[start:stop]))
+            for t in g.exposed:
+                if t in g.buffers:
+                    view = g.buffers[t][start:stop]
+                    binding.bind_output(t, "cpu", 0, np.float32, list(view.shape),
+                                        view.ctypes.data)
+                else:  # computed on the way, held by onnxruntime's own (reused) arena
+                    binding.bind_output(t, "cpu")
+            g.session.run_with_iobinding(binding)
+
+    def run_whole(batch: np.ndarray, visit: Visit) -> None:
+        for t, value in zip(names, session.run(names, {name: batch}), strict=True):
+            visit(t, value)
 
     def run(batch: np.ndarray, visit: Visit) -> None:
         visit(name, batch)
         n = len(batch)
-        if not buffers or len(buffers[0]) < n:
-            probe = session.run(names, {name: batch[:1]})
-            if any(v.ndim == 0 or len(v) != 1 or v.dtype != np.float32 for v in probe):
-                # Some output is not one row per sample: run the batch as it is.
-                for t, value in zip(names, session.run(names, {name: batch}), strict=True):
-                    visit(t, value)
+        if not groups or len(next(iter(groups[0].buffers.values()))) < n:
+            if not plan(batch):
+                run_whole(batch, visit)
                 return
-            buffers[:] = [np.empty((n, *v.shape[1:]), np.float32) for v in probe]
-        per_sample = sum(b[0].nbytes for b in buffers) or 1
-        step = max(1, _SLICE_BYTES // per_sample)
-        try:
-            for start in range(0, n, step):
-                stop = min(start + step, n)
-                binding = session.io_binding()
-                binding.bind_cpu_input(name, np.ascontiguousarray(batch[start:stop]))
-                for t, buf in zip(names, buffers, strict=True):
-                    view = buf[start:stop]
-                    binding.bind_output(t, "cpu", 0, np.float32, list(view.shape),
-                                        view.ctypes.data)
-                session.run_with_iobinding(binding)
-        except Exception:  # noqa: BLE001 - a shape the probe did not foresee: run it whole
-            buffers.clear()
-            for t, value in zip(names, session.run(names, {name: batch}), strict=True):
-                visit(t, value)
-            return
-        for t, buf in zip(names, buffers, strict=True):
-            visit(t, buf[:n])
+        for g in groups:
+            try:
+                run_group(g, batch)
+            except Exception:  # noqa: BLE001 - a shape the probe did not foresee: run it whole
+                if g is not groups[0]:
+                    raise  # tensors were visited already: an internal error, not a fallback
+                groups.clear()
+                run_whole(batch, visit)
+                return
+            for t in g.tensors:
+                visit(t, g.buffers[t][:n])
 
     return run
 
