@@ -9,6 +9,9 @@ of samples: the data is read batch by batch (``.npy`` files memory-mapped) and t
   Chan et al.'s parallel update (the numerically stable form of "sum and sum of squares");
 - pass 2: a histogram of each tensor over the [min, max] found in pass 1.
 
+When the data set is one batch, its [min, max] is known as soon as the batch has run, so both
+are made on that one run (the same numbers, half the network runs).
+
 Histogram bins sit on a grid anchored at zero (edges at integer multiples of the bin width), so a
 signed histogram folds exactly into a histogram of |x| for the symmetric KL search.
 
@@ -725,9 +728,10 @@ def calibrate(graph: Graph, data: Dataset, batch_size: int = 64, bins: int = DEF
               engine: str = "onnxruntime") -> CalibrationStats:
     """Statistics of every activation tensor of `graph` over `data` (DESIGN §4.3).
 
-    Two streaming passes (moments, then histograms over each tensor's [min, max]); memory is
-    independent of the number of samples. `progress(n)` is called after every batch of n samples
-    in either pass, `total_steps(data)` in all.
+    Two streaming passes (moments, then histograms over each tensor's [min, max]), one when the
+    data is a single batch; memory is independent of the number of samples. `progress(n)` is
+    called after every batch of n samples in either pass (twice for a single batch),
+    `total_steps(data)` in all.
     """
     if bins < 2:
         raise MpqError(f"histogram needs at least 2 bins, not {bins}")
