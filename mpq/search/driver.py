@@ -218,10 +218,10 @@ _OMEGA_CACHE: dict[tuple[int, int], tuple[weakref.ref, float]] = {}
 
 def cached_weight_omega(weight: np.ndarray, bits: int) -> float:
     """`weight_omega(weight, bits)`, computed once per weight array and bitwidth: every
-    candidate schedule's problem asks for the same layers' errors (7 schedules × 52 layers ×
-    2 bitwidths on MobileNetV2). Keyed on the array's identity, checked through a weak
-    reference so a new array at a recycled address is never served an old value; mpq never
-    changes a weight array in place (layers get new arrays)."""
+    candidate schedule's problem asks for the same layers' errors (MobileNetV2-1.0@224 on
+    stm32h743: 742 quantisations for 7 schedules, 106 distinct). Keyed on the array's
+    identity, checked through a weak reference so a new array at a recycled address is never
+    served an old value; mpq never changes a weight array in place (layers get new arrays)."""
     key = (id(weight), bits)
     hit = _OMEGA_CACHE.get(key)
     if hit is not None and hit[0]() is weight:
