@@ -6,7 +6,8 @@
   `importance` (LIMPQ) runs on the same schedule for its search time (calibration excluded,
   fits included); its objective is −Σ importance, not Σ S.
 - `bench_search_time`: `mpq search` on MobileNetV2-1.0@224 with 64 calibration samples, end to
-  end (calibration included), and the solver step alone.
+  end (calibration included) as a subprocess, best of 3: wall, user, sys, peak RSS and the
+  phases `mpq -v search` prints; and the solver step alone.
 - `bench_kws_plans`: accuracy of plans on the KWS clips (calibrated on 100, evaluated on 900)
   under a budget that forces sub-byte activations: `vdqs`, `exact`, `importance` (LIMPQ's
   fitted step sizes, also under a BitOPs budget), uniform 4-bit; each search's time
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 import time
@@ -113,22 +115,69 @@ def bench_solvers() -> dict:
     return {"rows": rows, "table": table}
 
 
-def bench_search_time() -> dict:
-    """End-to-end `mpq search` on MobileNetV2-1.0@224 with 64 samples (goal < 30 s)."""
+SEARCH_GOAL_S = 15.0  # issue 13 item 5: end to end on an idle 2-core machine
+# The same measurement before issue 13 item 5 (commit 8cf69dc, 2026-12-03, load average 0.1):
+# `/usr/bin/time -v mpq search` on this model and data.
+SEARCH_BEFORE = {"wall_s": 25.77, "user_s": 12.90, "sys_s": 25.06, "max_rss_mb": 5685.0}
+# And under the load this suite usually sees (other jobs on the 2 cores, load average 6.8),
+# run alternately with the new code at 13:31 UTC: the better of two runs.
+SEARCH_BEFORE_LOADED = {"wall_s": 39.93, "user_s": 10.72, "sys_s": 9.08, "max_rss_mb": 5619.3,
+                        "load_avg_1min": 6.84}
+PHASES = {"import": "import", "calibrated": "calibration", "scoring": "scoring",
+          "solving": "solving", "quantisation": "quantisation", "VDPC": "VDPC", "plan": "plan"}
+
+
+def _phase_seconds(stderr: str) -> dict[str, float]:
+    """Seconds per phase from `mpq -v search`'s lines `phase: … (X.XX s)`; the candidate
+    schedules' `solving` lines are summed."""
+    import re
+
+    phases: dict[str, float] = {}
+    for line in stderr.splitlines():
+        m = re.fullmatch(r"([A-Za-z]+): .* \((\d+\.\d+) s\)", line)
+        if m and m.group(1) in PHASES:
+            name = PHASES[m.group(1)]
+            phases[name] = round(phases.get(name, 0.0) + float(m.group(2)), 2)
+    return phases
+
+
+def _timed_search(args: list[str]) -> dict:
+    """One `mpq -v search` in a subprocess: its wall, user and system seconds and peak RSS
+    (the child's own rusage, from wait4) and its phase lines."""
+    import os
     import subprocess
 
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "mpq.cli", "-v", "search", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, stderr
+    return {"wall_s": round(wall, 2), "user_s": round(usage.ru_utime, 2),
+            "sys_s": round(usage.ru_stime, 2),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "load_avg_1min": round(os.getloadavg()[0], 2), "phases": _phase_seconds(stderr)}
+
+
+def bench_search_time() -> dict:
+    """End-to-end `mpq search` on MobileNetV2-1.0@224 with 64 samples (goal ≤ 15 s wall):
+    best of 3 runs by wall time, with user/system CPU, peak RSS and the phases of `-v`."""
     with tempfile.TemporaryDirectory() as tmp:
         path = _mbv2(Path(tmp))
         graph = load_model(path)
         x = np.random.default_rng(0).random((64, *onnx_input_shape(graph))).astype(np.float32)
         np.savez(Path(tmp) / "calib.npz", x=x)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "mpq.cli", "search", str(path), "--board",
-                               "stm32h743", "--data", str(Path(tmp) / "calib.npz"), "-o",
-                               str(Path(tmp) / "plan.json"), "-q", "--json"],
-                              capture_output=True, text=True, cwd=REPO)
-        total = time.perf_counter() - t0
-        assert proc.returncode == 0, proc.stderr
+        args = [str(path), "--board", "stm32h743", "--data", str(Path(tmp) / "calib.npz"),
+                "-o", str(Path(tmp) / "plan.json"), "-q", "--json"]
+        runs, plans = [], set()
+        for _ in range(3):
+            runs.append(_timed_search(args))
+            plans.add(hashlib.sha256((Path(tmp) / "plan.json").read_bytes()).hexdigest())
+        assert len(plans) == 1, "mpq search wrote different plans for the same inputs"
         # The solver step alone, on the same problem.
         from mpq.search import driver
         from mpq.search.scores import vdqs_scores
@@ -142,11 +191,39 @@ def bench_search_time() -> dict:
         t1 = time.perf_counter()
         solve_exact(problem)
         solver = time.perf_counter() - t1
-    result = {"seconds_end_to_end": total, "seconds_solver": solver, "goal_total": 30.0,
-              "goal_solver": 1.0, "ok": total < 30.0 and solver < 1.0}
-    result["table"] = show("mpq search on MobileNetV2-1.0@224, 64 calibration samples",
-                           ["end to end (s)", "goal", "ILP solver step (s)", "goal", "ok"],
-                           [[f"{total:.1f}", "30", f"{solver:.2f}", "1", str(result["ok"])]])
+    best = min(runs, key=lambda r: r["wall_s"])
+    ok = best["wall_s"] <= SEARCH_GOAL_S and solver < 1.0
+    result = {"runs": runs, "best": best, "before": SEARCH_BEFORE, "plan_sha256": plans.pop(),
+              "before_loaded": SEARCH_BEFORE_LOADED,
+              "seconds_end_to_end": best["wall_s"], "seconds_solver": solver,
+              "goal_total": SEARCH_GOAL_S, "goal_solver": 1.0, "ok": ok,
+              "goal_missed_by_s": round(max(best["wall_s"] - SEARCH_GOAL_S, 0.0), 2)}
+
+    def row(label: str, r: dict) -> list[str]:
+        ph = r.get("phases", {})
+        return [label, f"{r['wall_s']:.1f}", f"{r['user_s']:.1f}", f"{r['sys_s']:.1f}",
+                f"{r['user_s'] + r['sys_s']:.1f}", f"{r['max_rss_mb'] / 1024:.2f}",
+                str(r.get("load_avg_1min", "0.1")),
+                " · ".join(f"{k} {v:.1f}" for k, v in ph.items()) or "-"]
+
+    rows = [row("before (8cf69dc), idle", SEARCH_BEFORE),
+            row("before (8cf69dc), loaded", SEARCH_BEFORE_LOADED)]
+    rows += [row(f"run {i + 1}" + (" (best)" if r is best else ""), r)
+             for i, r in enumerate(runs)]
+    result["table"] = show(
+        "mpq search on MobileNetV2-1.0@224, 64 calibration samples (goal ≤ 15 s wall)",
+        ["run", "wall (s)", "user (s)", "sys (s)", "CPU (s)", "peak RSS (GiB)",
+         "load (1 min, at end)", "phases (s, from -v)"], rows,
+        note=f"Best of 3 by wall: {best['wall_s']:.1f} s "
+             + ("— goal met" if best["wall_s"] <= SEARCH_GOAL_S else
+                f"— goal missed by {result['goal_missed_by_s']:.1f} s")
+             + f"; ILP solver step alone {solver:.2f} s (goal 1 s). `mpq -v search` as a "
+             "subprocess; wall, user, sys and peak RSS are the child's (wait4). The machine "
+             "is shared (load average at each run's end in the table), so wall times are "
+             "noisy; CPU (user + sys) is the steadier number. `before`: the same command on "
+             "commit 8cf69dc with /usr/bin/time -v, once on the idle machine and once "
+             "under load like the runs here. The plan written is byte-identical before and "
+             "after.")
     return result
 
 

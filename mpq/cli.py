@@ -286,6 +286,30 @@ class _Ticker:
             err.print(f"[dim]{plain(message)}[/dim]", highlight=False, soft_wrap=True)
 
 
+class _PhaseClock:
+    """Wall seconds per phase for `-v`: `clock.timed(note)` passes each phase line on with the
+    seconds since the previous one (or since the clock started) appended, so a line that ends a
+    phase carries that phase's time. Only log lines on stderr get times, never a written file
+    (same inputs, same bytes)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.perf_counter
+        self.start = self.last = self.clock()
+
+    def timed(self, note: Callable[[str], None]) -> Callable[[str], None]:
+        def log(message: str) -> None:
+            now = self.clock()
+            note(f"{message} ({now - self.last:.2f} s)")
+            self.last = now
+
+        return log
+
+    def total(self) -> float:
+        return self.clock() - self.start
+
+
 class progress_bar:  # noqa: N801 - used as a context manager like open()
     """A rich progress bar on a terminal; silent when stdout is not a terminal or with --quiet.
 
@@ -860,7 +884,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
-    import time
+    clock = _PhaseClock()  # started before the imports below: they are the import phase
 
     from mpq.boards import get_board
     from mpq.fileio import check_outputs
@@ -870,7 +894,6 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     from mpq.quant.weights import parse_weights
     from mpq.search.driver import SearchOptions, feasible_candidates, search
 
-    t0 = time.perf_counter()
     board = get_board(board_name)
     w_bits, w_scheme = _int_list(weight_bits, "--weight-bits"), None
     if weights_spec is not None:
@@ -890,11 +913,15 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     ds = load_dataset(data, graph) if data is not None else None
     total = total_steps(ds) if ds is not None else 0
     with progress_bar("calibrating", total or None, quiet) as tick:
-        result = search(model, graph, board, ds, opts, progress=tick, log=tick.note,
+        log = clock.timed(tick.note)
+        log(f"import: {len(graph.nodes)} layers, {len(candidates)} candidate schedule(s)")
+        result = search(model, graph, board, ds, opts, progress=tick, log=log,
                         candidates=candidates)
     result.plan.model = model_reference(model, output)
     result.plan.save(output)
-    seconds = time.perf_counter() - t0
+    seconds = clock.total()
+    if VERBOSE:
+        err.print(f"[dim]total: {seconds:.2f} s[/dim]", highlight=False, soft_wrap=True)
     summary = _search_summary(result.plan, seconds, output)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

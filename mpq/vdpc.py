@@ -25,6 +25,8 @@ from mpq.ir import Graph
 from mpq.quant.qmodel import ActQuant, QuantModel
 from mpq.sim import quantize_input, run_int
 
+VDPC_SLICE = 8  # samples the integer reference runs at once in `classify_rates`
+
 
 def z_for_mass(phi: float) -> float:
     """z = Φ⁻¹((1 + φ)/2): half-width in σ of the central mass φ (φ = 0.96 ⇒ z ≈ 2.054)."""
@@ -103,11 +105,15 @@ def classify_rates(graph: Graph, qm: QuantModel, classified: str, mu: float, sig
     hits = None
     total = 0
     for batch in batches:
-        values = run_int(sub_qm, {name: quantize_input(qm.acts[name], batch)})[classified]
-        counts = patch_outlier_counts(values, lo, hi, regions)
-        flagged = (counts >= min_outliers).sum(axis=0)
-        hits = flagged if hits is None else hits + flagged
-        total += len(batch)
+        # Slices of a few samples: each sample's integers and counts are its own, so the
+        # rates are those of the whole batch, without the batch's int64 temporaries.
+        for start in range(0, len(batch), VDPC_SLICE):
+            piece = batch[start:start + VDPC_SLICE]
+            values = run_int(sub_qm, {name: quantize_input(qm.acts[name], piece)})[classified]
+            counts = patch_outlier_counts(values, lo, hi, regions)
+            flagged = (counts >= min_outliers).sum(axis=0)
+            hits = flagged if hits is None else hits + flagged
+            total += len(piece)
     if hits is None:
         hits = np.zeros((len(regions), len(regions[0])), np.int64)
     rates = (hits / max(total, 1)).round(6).tolist()

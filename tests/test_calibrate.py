@@ -405,3 +405,91 @@ def test_entropy_keeps_a_saturated_cluster() -> None:
     for bits in (8, 4):
         lo, hi = activation_range(summarise(x.astype(np.float32)), "entropy", bits)
         assert lo == 0.0 and hi >= 6.0 * 0.99
+
+
+# -- speed without changing a number (issue 13 item 5) -----------------------------------------
+
+
+def _bin_counts_one_pass(x: np.ndarray, width: float, k0: int, bins: int) -> np.ndarray:
+    """The histogram formula before chunking, all values at once (the reference)."""
+    small = max(abs(k0), abs(k0 + bins)) < 2 ** 22 and 1.0 / width < float(np.finfo(np.float32).max)
+    dtype = np.float32 if small else np.float64
+    t = np.multiply(x.reshape(-1), dtype(1.0 / width), dtype=dtype)
+    np.floor(t, out=t)
+    t -= k0
+    np.clip(t, 0, bins - 1, out=t)
+    return np.bincount(t.astype(np.intp), minlength=bins).astype(np.int64)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0e6])  # float32 bin indices, then float64 ones
+def test_chunked_binning_equals_one_pass(offset: float) -> None:
+    from mpq.quant.calibrate import _BIN_CHUNK, bin_counts, histogram_grid
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(2 * _BIN_CHUNK + 12_345) * 3 + offset).astype(np.float32)
+    x[::1000] = 40.0 + offset  # a few far values, so some bins hold many and most few
+    lo, hi = float(x.min()), float(x.max())
+    width, k0 = histogram_grid(lo, hi, BINS)
+    got = bin_counts(x, width, k0, BINS)
+    np.testing.assert_array_equal(got, _bin_counts_one_pass(x, width, k0, BINS))
+    assert got.sum() == x.size
+
+
+def test_moments_scratch_buffer_changes_no_bit() -> None:
+    from mpq.quant.calibrate import batch_moments
+
+    x = np.random.default_rng(1).standard_normal((5, 7, 9, 11)).astype(np.float32) + 2.5
+    fresh = batch_moments(x)
+    scratch = np.full(x.size + 17, np.nan, np.float32)  # larger and dirty: only a view is used
+    again = batch_moments(x, float(x.min()), float(x.max()), scratch)
+    assert (again.count, again.mean, again.m2, again.lo, again.hi) == \
+        (fresh.count, fresh.mean, fresh.m2, fresh.lo, fresh.hi)
+
+
+def test_onnxruntime_slices_give_the_statistics_of_one_run(tmp_path: Path, nchw_graph,
+                                                           nhwc_graph, monkeypatch) -> None:
+    """Slices of 1 sample, one tensor per group (each from the model cut after it), and one
+    slice and one group per batch give the same bits (min, max, mean, σ and every histogram
+    count), on one batch (one pass) and on several (two passes)."""
+    import mpq.quant.calibrate as C
+
+    for graph in (nchw_graph, nhwc_graph):
+        ds = load_dataset(save_npz(tmp_path / "d.npz", x=random_x(graph, 40, seed=4)), graph)
+        for batch in (40, 16):
+            monkeypatch.setattr(C, "_SLICE_BYTES", 1 << 40)
+            monkeypatch.setattr(C, "_GROUP_BYTES", 1 << 40)
+            whole = calibrate(graph, ds, batch_size=batch)
+            monkeypatch.setattr(C, "_SLICE_BYTES", 1)
+            sliced = calibrate(graph, ds, batch_size=batch)
+            monkeypatch.setattr(C, "_GROUP_BYTES", 1)
+            grouped = calibrate(graph, ds, batch_size=batch)
+            for other in (sliced, grouped):
+                assert_same_stats(other, whole)
+                assert other.to_bytes() == whole.to_bytes()
+
+
+def test_onnxruntime_runner_visits_what_one_plain_run_gives(nchw_graph, monkeypatch) -> None:
+    """Sliced, grouped and IO-bound, every visited tensor is the array one `session.run` of
+    the whole batch returns, bit for bit."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import mpq.quant.calibrate as C
+    from mpq.frontend.onnx_writer import graph_to_onnx
+
+    monkeypatch.setattr(C, "_SLICE_BYTES", 1)
+    monkeypatch.setattr(C, "_GROUP_BYTES", 1)
+    x = random_x(nchw_graph, 9, seed=8)
+    seen: dict[str, np.ndarray] = {}
+    C._ort_runner(nchw_graph)(x, lambda t, v: seen.setdefault(t, v.copy()))
+    model = graph_to_onnx(nchw_graph)
+    names = [t for n in nchw_graph.nodes for t in n.outputs]
+    declared = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in names if t not in declared)
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    plain = dict(zip(names, session.run(names, {nchw_graph.inputs[0]: x}), strict=True))
+    assert list(seen) == [nchw_graph.inputs[0], *names]
+    for t in names:
+        np.testing.assert_array_equal(seen[t], plain[t], err_msg=t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,18 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     solving = [ln for ln in r.stderr.splitlines() if ln.startswith("solving: ")]
     assert solving and solving[0].startswith("solving: no patches: ")
     assert any("patches: arena" in ln for ln in solving)
+    # One line per phase, in order, each ending with its wall seconds; then the total.
+    lines = r.stderr.splitlines()
+    phases = [ln.split(":")[0] for ln in lines]
+    vdpc = json.loads(plan.read_text())["patch"]["vdpc"] is not None
+    measuring = [ln for ln in lines if ln.startswith("measuring: ")]
+    assert 1 <= len(measuring) <= 2  # the measured search refines its two best schedules
+    expected = ["import", "calibrated", "sensitivity", "scoring", *["solving"] * len(solving),
+                *["measuring"] * len(measuring), "quantisation", *(["VDPC"] if vdpc else []),
+                "fidelity", "plan", "total"]
+    assert phases == expected, r.stderr
+    assert all(re.search(r" \(\d+\.\d\d s\)$", ln) for ln in lines[:-1]), r.stderr
+    assert re.fullmatch(r"total: \d+\.\d\d s", lines[-1])
     r = run_mpq("search", model, "--board", "nano33ble", "--sram", "20000", "--data", calib,
                 "-o", tmp_path / "q.json")
     assert r.returncode == 0 and r.stderr == ""

@@ -232,3 +232,54 @@ def test_rusci_baseline_cuts_only_what_memory_demands(kws) -> None:
     assert min(bits.values()) < 8
     assert res.plan.strategy == "rusci"
     assert _cut((8, 4, 2), 8) == 4 and _cut((8, 4, 2), 2) is None
+
+
+def test_cached_weight_omega_is_the_recomputed_one(monkeypatch) -> None:
+    """Each (weight array, bits) is computed once, and the value is weight_omega's own."""
+    from mpq.search import driver
+
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
+    w2 = rng.standard_normal((8, 3, 3, 4)).astype(np.float32) ** 3
+    expected = {(i, b): driver.weight_omega(w, b) for i, w in enumerate((w1, w2))
+                for b in (8, 4, 2)}
+    calls = []
+    real = driver.weight_omega
+    monkeypatch.setattr(driver, "weight_omega", lambda w, b: calls.append(b) or real(w, b))
+    for _ in range(3):  # three "schedules"
+        for i, w in enumerate((w1, w2)):
+            for b in (8, 4, 2):
+                assert driver.cached_weight_omega(w, b) == expected[(i, b)]
+    assert len(calls) == 6
+    w3 = w1.copy()  # equal values, another array: its own entry, the same number
+    assert driver.cached_weight_omega(w3, 4) == expected[(0, 4)] and len(calls) == 7
+
+
+def test_vdpc_rates_do_not_depend_on_the_slice(monkeypatch) -> None:
+    """classify_rates runs the integer reference a few samples at a time: 1 or 64 per run
+    give the same thresholds and rates."""
+    import onnx_builders as B
+
+    import mpq.vdpc as V
+    from mpq.frontend.onnx_import import import_model
+    from mpq.interpreter import to_ir_layout
+    from mpq.quant.calibrate import calibrate
+    from mpq.quant.qmodel import quantize_graph
+
+    graph = import_model(B.mobilenet_v2(0.35, 64, num_classes=10), "mbv2")
+    sched = plan_patches(graph, PatchSplit(6, 2))
+    data = random_data(graph, 12)
+    stats = calibrate(graph, data)
+    qm = quantize_graph(graph, stats.ranges())
+    classified = next(n for n in graph.nodes if n.name == sched.stage_nodes[0]).outputs[0]
+    regions = [[(r.y0, r.y1, r.x0, r.x1) for r in row] for row in sched.regions[classified]]
+    st = stats.tensors[classified]
+    results = []
+    for size in (1, 64):
+        monkeypatch.setattr(V, "VDPC_SLICE", size)
+        batches = (to_ir_layout(graph, graph.inputs[0], b) for b in data.batches(64))
+        # ~300 outliers per patch on these inputs: 310 flags some samples' patches only
+        results.append(V.classify_rates(graph, qm, classified, st.mean, st.std, 0.96, 310,
+                                        regions, batches).to_dict())
+    assert results[0] == results[1] and results[0]["samples"] == 12
+    assert any(0 < r < 1 for row in results[0]["outlier_rate"] for r in row)
