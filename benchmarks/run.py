@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import methods_table  # noqa: E402
 import onnx_builders as B  # noqa: E402
 import paper_tables  # noqa: E402
+import ptq_options  # noqa: E402
 import search_bench  # noqa: E402
 import weight_schemes  # noqa: E402
 from common import show  # noqa: E402
@@ -191,7 +192,8 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "patches": bench_patch_overhead, "solvers": search_bench.bench_solvers,
               "search_time": search_bench.bench_search_time,
               "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency,
-              "weight_schemes": weight_schemes.bench_weight_schemes}
+              "weight_schemes": weight_schemes.bench_weight_schemes,
+              "ptq_options": ptq_options.bench_ptq_options}
 # The papers' tables, our version (paper_tables.py, methods_table.py): each takes (results
 # dir, smoke).
 PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),
