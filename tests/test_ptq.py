@@ -178,38 +178,56 @@ def test_bias_correction_removes_the_mean_shift(grouped) -> None:
 
 # -- plans: recorded, rebuilt, bit-exact ---------------------------------------------------------
 
-def test_ptq_plan_rebuilds_and_verifies_bit_exact(tmp_path: Path) -> None:
-    """A MobileNetV2-style model (residual adds, patches with VDPC's 8-bit outlier branch) at
-    2-bit linear weights with `mse`, bias correction and AdaRound: the plan records the masks
-    and corrections, the model rebuilt from the plan has the search's very integers, and the
-    exported C matches the integer reference on the host."""
-    model = B.mobilenet_v2(0.35, 32, num_classes=10)
-    path = tmp_path / "m.onnx"
-    path.write_bytes(model.SerializeToString())
+def _search_and_check(path: Path, x: np.ndarray, opts: SearchOptions, tmp_path: Path):
+    """Search, save, reload: the model rebuilt from the plan file has the search's very
+    integers, and the exported C matches the integer reference on the host."""
     graph = load_model(path)
-    rng = np.random.default_rng(5)
-    x = rng.random((32, *onnx_input_shape(graph))).astype(np.float32)
-    opts = SearchOptions(weight_bits=(2,), weight_scheme="linear", range_method="mse",
-                         bias_correction=True, adaround=True, sram=9_000)
     res = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "calib"), opts)
-    plan_path = tmp_path / "m.plan.json"
+    plan_path = tmp_path / f"{path.stem}.plan.json"
     res.plan.save(plan_path)
     plan = load_plan(plan_path)
-    assert plan.search["bias_correction"] and plan.search["adaround"]
-    assert plan.search["range_method"] == "mse"
-    weighted = [layer for layer in plan.layers if layer.w_bits is not None]
-    assert all(layer.bias_correction is not None for layer in weighted)
-    assert sum("rounding" in (layer.w_params or {}) for layer in weighted) >= len(weighted) // 2
-    rebuilt = plan_quant_model(plan, graph)
-    for name, lq in res.quant.layers.items():
-        if lq.weight is not None:
-            assert np.array_equal(rebuilt.layers[name].weight, lq.weight), name
-            assert np.array_equal(rebuilt.layers[name].bias, lq.bias), name
+    for branch in ("mixed", "outlier"):
+        rebuilt = plan_quant_model(plan, graph, branch)
+        for name, lq in rebuilt.layers.items():
+            if lq.weight is not None and branch == "mixed":
+                assert np.array_equal(res.quant.layers[name].weight, lq.weight), name
+                assert np.array_equal(res.quant.layers[name].bias, lq.bias), name
+    check = np.random.default_rng(9).random((4, *onnx_input_shape(graph))).astype(np.float32)
+    assert verify(plan, graph, check, "host").mismatches == 0
+    return res, plan
+
+
+def test_bias_corrected_patch_plan_verifies_bit_exact(tmp_path: Path) -> None:
+    """A MobileNetV2-style model (residual adds; patches with VDPC's 8-bit outlier branch,
+    which takes the same corrections) at 2-bit weights with `mse` and bias correction."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(B.mobilenet_v2(0.35, 32, num_classes=10).SerializeToString())
+    x = np.random.default_rng(5).random((32, 3, 32, 32)).astype(np.float32)
+    opts = SearchOptions(weight_bits=(2,), weight_scheme="linear", range_method="mse",
+                         bias_correction=True, sram=9_000)
+    _, plan = _search_and_check(path, x, opts, tmp_path)
     assert plan.patch is not None and plan.patch["vdpc"] is not None
-    assert verify(plan, graph, rng.random((4, *onnx_input_shape(graph))).astype(np.float32),
-                  "host").mismatches == 0
-    again = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "calib"), opts)
-    assert again.plan.to_json() == res.plan.to_json()  # same inputs, same bytes
+    assert plan.search["bias_correction"] and plan.search["range_method"] == "mse"
+    assert "adaround" not in plan.search
+    assert all(layer.bias_correction is not None for layer in plan.layers
+               if layer.w_bits is not None)
+
+
+def test_adaround_plan_verifies_bit_exact_and_is_deterministic(grouped, tmp_path: Path
+                                                               ) -> None:
+    """Grouped, dilated and depthwise ×2 convs at 2-bit weights with AdaRound and bias
+    correction: every layer records its mask and correction, export is bit-exact, and the
+    same inputs give the same plan bytes."""
+    opts = SearchOptions(weight_bits=(2,), weight_scheme="linear", bias_correction=True,
+                         adaround=True, patches="none")
+    res, plan = _search_and_check(grouped["path"], grouped["calib"], opts, tmp_path)
+    assert plan.search["adaround"] and plan.search["bias_correction"]
+    weighted = [layer for layer in plan.layers if layer.w_bits is not None]
+    assert all("rounding" in (layer.w_params or {}) and layer.bias_correction is not None
+               for layer in weighted)
+    again = search(grouped["path"], grouped["graph"], get_board("nano33ble"),
+                   dataset_from_array(grouped["calib"], "calib"), opts)
+    assert again.plan.to_json() == res.plan.to_json()
 
 
 def test_plans_without_ptq_keep_their_keys(grouped, tmp_path: Path) -> None:
@@ -224,9 +242,9 @@ def test_plans_without_ptq_keep_their_keys(grouped, tmp_path: Path) -> None:
 
 # -- the CLI -----------------------------------------------------------------------------------
 
-def test_eval_options_change_the_model_and_refuse_bad_use(grouped, tmp_path: Path) -> None:
-    """`mpq eval --bias-correction --adaround` runs (on a classifier-free model the accuracy
-    is not the point: the refusals are), and misuse is one line, exit 1."""
+def test_ptq_options_refuse_misuse_in_one_line(grouped, tmp_path: Path) -> None:
+    """AdaRound on weights it cannot round, PTQ without calibration samples: one line, exit 1,
+    no plan written."""
     data = tmp_path / "d.npz"
     np.savez(data, x=grouped["check"], y=np.zeros(len(grouped["check"]), np.int64))
     calib = tmp_path / "c.npz"
