@@ -44,8 +44,11 @@ VARIANTS = [("entropy (default)", "entropy", False, False),
             ("mse", "mse", False, False),
             ("entropy + bias corr.", "entropy", True, False),
             ("entropy + AdaRound", "entropy", False, True),
+            ("entropy + bias corr. + AdaRound", "entropy", True, True),
+            ("mse + bias corr.", "mse", True, False),
             ("mse + bias corr. + AdaRound", "mse", True, True)]
-SEARCH_OPTIONS = ["--method", "mse", "--bias-correction", "--adaround"]
+SEARCHES = [[], ["--bias-correction", "--adaround"],
+            ["--method", "mse", "--bias-correction", "--adaround"]]
 
 
 def _mpq(*args: object) -> dict:
@@ -92,19 +95,19 @@ def _eval_variants(case: dict, stats: Path) -> tuple[float, list[dict]]:
     return fp, records
 
 
-def _search(case: dict, tmp: Path, on: bool) -> dict:
-    name = f"{case['model'].stem}_{'ptq' if on else 'plain'}.plan.json"
-    plan = tmp / name
+def _search(case: dict, tmp: Path, options: list[str]) -> dict:
+    on = bool(options)
+    plan = tmp / f"{case['model'].stem}_{len(options)}.plan.json"
     args = ["search", case["model"], "--board", "nano33ble", "--data", case["calib"],
             "--sram", case["sram"], "--weight-bits", "8,4,2", "-o", plan, "--json", "-q"]
     t0 = time.perf_counter()
-    summary = _mpq(*args, *(SEARCH_OPTIONS if on else []))
+    summary = _mpq(*args, *options)
     seconds = time.perf_counter() - t0
     acc = _mpq("eval", plan, "--data", case["test"], "--json", "-q")
     data = json.loads(plan.read_text())
     w_bits = sorted({layer["w_bits"] for layer in data["layers"] if layer["w_bits"]})
     a_bits = sorted({t["bits"] for t in data["tensors"]})
-    record = {"options": " ".join(SEARCH_OPTIONS) if on else "(none)", "plan": acc["plan"],
+    record = {"options": " ".join(options) if on else "(none)", "plan": acc["plan"],
               "int8": acc["int8"], "float": acc["float"],
               "sram_needed": summary["predicted"]["sram_needed_bytes"],
               "weight_bits": w_bits, "act_bits": a_bits, "search_seconds": round(seconds, 1)}
@@ -113,7 +116,7 @@ def _search(case: dict, tmp: Path, on: bool) -> dict:
                      "--samples", 16, "--json")
         record["verify_host_mismatches"] = check["mismatches"]
         record["verify_samples"] = check["samples"]
-    print(f"{case['label']} search {'on' if on else 'off'}: {record}", flush=True)
+    print(f"{case['label']} search: {record}", flush=True)
     return record
 
 
@@ -127,7 +130,7 @@ def bench_ptq_options() -> dict:
             CliRunner().invoke(main, ["calibrate", str(case["model"]), "--data",
                                       str(case["calib"]), "-o", str(stats), "-q"])
             fp, records = _eval_variants(case, stats)
-            searches = [_search(case, tmp, False), _search(case, tmp, True)]
+            searches = [_search(case, tmp, options) for options in SEARCHES]
             rows = []
             for label, *_ in VARIANTS:
                 accs = {r["weights"]: r for r in records if r["variant"] == label}

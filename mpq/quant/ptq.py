@@ -40,6 +40,7 @@ import numpy as np
 
 from mpq.interpreter import OPS, conv2d_nhwc, pad_nhwc, to_ir_layout, windows
 from mpq.ir import Node
+from mpq.quant.arith import round_half_away
 from mpq.quant.calibrate import Dataset
 from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel, weighted_layer
 from mpq.quant.weights import (
@@ -272,8 +273,7 @@ def fit_adaround(node: Node, bits: int, xf: np.ndarray, xq: np.ndarray,
     def hard(up: np.ndarray) -> np.ndarray:
         return s * np.clip(floor + up, -qmax, qmax)
 
-    nearest = np.clip(np.rint(node.weight.astype(np.float64).reshape(floor.shape) / s) - floor,
-                      0, 1)  # the up/down of round-to-nearest (ties aside)
+    nearest = np.clip(round_half_away(w / s) - floor, 0, 1)  # round-to-nearest's up/down
     e_near, _ = error(hard(nearest))
     if not e_near > 0:
         return None, 1.0
