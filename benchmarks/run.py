@@ -29,6 +29,7 @@ import methods_table  # noqa: E402
 import onnx_builders as B  # noqa: E402
 import paper_tables  # noqa: E402
 import pareto  # noqa: E402
+import ptq_options  # noqa: E402
 import search_bench  # noqa: E402
 import weight_schemes  # noqa: E402
 from common import show  # noqa: E402
@@ -195,7 +196,8 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "kws_plans": search_bench.bench_kws_plans, "latency": bench_latency,
               "weight_schemes": weight_schemes.bench_weight_schemes,
               "pareto": pareto.bench_pareto,
-              "engine_speed": bench_engine_speed}
+              "engine_speed": bench_engine_speed,
+              "ptq_options": ptq_options.bench_ptq_options}
 # The papers' tables, our version (paper_tables.py, methods_table.py): each takes (results
 # dir, smoke).
 PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),

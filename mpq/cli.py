@@ -340,7 +340,18 @@ class progress_bar:  # noqa: N801 - used as a context manager like open()
 
 
 QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-METHOD = click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+
+
+def ptq_options(fn: Any) -> Any:
+    """`--bias-correction` and `--adaround` (mpq.quant.ptq), shared by search and eval."""
+    fn = click.option("--adaround/--no-adaround", default=False, show_default=True,
+                      help="Fit each 4/2-bit linear layer's round-up/down choices on the "
+                           "calibration data (AdaRound).")(fn)
+    return click.option("--bias-correction/--no-bias-correction", default=False,
+                        show_default=True,
+                        help="Remove the mean shift quantisation puts on each conv/FC output "
+                             "(fitted on the calibration data).")(fn)
+METHOD = click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
                       default="minmax", show_default=True,
                       help="How activation ranges are chosen from the statistics.")
 ENGINE = click.option("--engine", type=click.Choice(["auto", "c", "numpy"]), default="auto",
@@ -520,13 +531,14 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
                    "an output made by Softmax, or a vector of C values with 2 <= C < the "
                    "input's size (an autoencoder's reconstruction is not a classifier).")
 @ENGINE
+@ptq_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @QUIET
 @user_errors
 def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
           stats: Path | None, act_bits: str, method: str, weights_spec: str | None,
-          act_quant: str, task: str, engine: str, as_json: bool,
-          quiet: bool) -> None:
+          act_quant: str, task: str, engine: str, bias_correction: bool, adaround: bool,
+          as_json: bool, quiet: bool) -> None:
     """Top-1 accuracy of the float model and of the integer reference, side by side, and how
     close each quantised model's outputs are to the float model's: top-1 agreement
     (classifiers), cosine similarity and SQNR in dB, per output — with or without labels.
@@ -537,19 +549,27 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     from mpq.evaluate import LogActivations, output_tasks, quant_variant, usable_labels
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
+    from mpq.quant.ptq import PtqOptions, apply_ptq
     from mpq.quant.qmodel import with_weight_scheme
     from mpq.quant.weights import parse_weights
 
     if model.suffix.lower() == ".json":
-        if weights_spec is not None or act_quant != "linear":
-            raise MpqError("a plan carries its own weight schemes and linear activations; "
-                           "--weights and --act-quant apply to a model")
+        if weights_spec is not None or act_quant != "linear" or bias_correction or adaround:
+            raise MpqError("a plan carries its own weight schemes, biases and linear "
+                           "activations; --weights, --act-quant, --bias-correction and "
+                           "--adaround apply to a model")
         _eval_plan(model, plan_model, data, task, as_json, quiet, engine)
         return
     _plan_only_engine(engine)
     spec = parse_weights(weights_spec) if weights_spec is not None else None
     if act_quant == "log" and calib is None:
         raise MpqError("--act-quant log fits its levels on calibration data: give --calib")
+    ptq = PtqOptions(bias_correction, adaround)
+    if ptq.any and calib is None:
+        raise MpqError("--bias-correction and --adaround fit on calibration data: give --calib")
+    if adaround and (spec is None or spec.scheme != "linear" or spec.bits not in (4, 2)):
+        raise MpqError("--adaround rounds 4- and 2-bit linear weights: add --weights linear:4 "
+                       "or linear:2")
 
     try:
         bit_list = [int(b) for b in act_bits.split(",")]
@@ -574,6 +594,8 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
             qm = quantise(loaded.graph, stats_obj, b, method)
             if spec is not None:
                 qm = with_weight_scheme(qm, spec)
+            if ptq.any:
+                qm = apply_ptq(qm, load_dataset(calib, loaded.graph), ptq).model
         variants[key] = quant_variant(qm)
         if act_quant == "log":
             if log_acts is None:
@@ -870,11 +892,13 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--no-qbr", is_flag=True, help="Skip QBR bit refinement.")
 @click.option("--phi-norm", type=click.Choice(["global", "map"]), default="global",
               show_default=True, help="Normalisation of the BitOPs term Φ.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
               default="entropy", show_default=True,
-              help="How activation ranges are chosen (entropy keeps sub-byte maps usable).")
+              help="How activation ranges are chosen (entropy keeps sub-byte maps usable; mse: "
+                   "least squared error at each map's bits).")
 @click.option("--bitops", type=click.IntRange(1),
               help="BitOPs budget Σ MACs·b_w·b_a (--strategy importance; default: none).")
+@ptq_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @QUIET
 @user_errors
@@ -882,7 +906,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                sram: int | None, flash: int | None, strategy: str, lam: float, phi: float,
                bins: int, bits: str, weight_bits: str, weights_spec: str | None, patches: str,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
-               method: str, bitops: int | None, as_json: bool, quiet: bool) -> None:
+               method: str, bitops: int | None, bias_correction: bool, adaround: bool,
+               as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -906,7 +931,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          weight_bits=w_bits, weight_scheme=w_scheme, patches=patches,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
-                         bitops=bitops)
+                         bitops=bitops, bias_correction=bias_correction, adaround=adaround)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

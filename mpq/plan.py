@@ -11,8 +11,11 @@ absolute path go into it, so the same inputs give the same bytes.
 Weights are not stored: they are re-quantised deterministically from the model (whose sha256
 the plan pins) at the plan's per-layer weight bits. A layer whose weights use another scheme than
 linear (DESIGN §7.4) records it as `w_scheme`, with what rebuilds its weights exactly in
-`w_params` (weighted entropy: the cluster boundaries and the int8 codebook); a layer without
-these keys (every layer of older plans) is linear.
+`w_params` (weighted entropy: the cluster boundaries and the int8 codebook; linear weights whose
+rounding AdaRound chose: `{"rounding": base64 bit mask}`); a layer without these keys (every
+layer of older plans) is linear, rounded to nearest. A bias-corrected layer records its
+correction δ per output channel in real units (`bias_correction`, `mpq.quant.ptq`); its int32
+bias is quantised from b − δ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
@@ -60,6 +65,7 @@ class LayerPlan:
     bitops: int
     w_scheme: str | None = None  # None: linear (DESIGN §7.4)
     w_params: dict[str, Any] | None = None  # e.g. wentropy boundaries and codebook
+    bias_correction: list[float] | None = None  # δ per output channel (real units)
 
     def weight_spec(self) -> WeightSpec | None:
         """The scheme to rebuild this layer's weights with (None: linear at w_bits)."""
@@ -68,14 +74,20 @@ class LayerPlan:
         return WeightSpec(self.w_scheme, int(self.w_bits), self.w_params)
 
 
-OPTIONAL_LAYER_KEYS = ("w_scheme", "w_params")
+OPTIONAL_LAYER_KEYS = ("w_scheme", "w_params", "bias_correction")
 
 
 def layer_weight_fields(lq: LayerQuant | None) -> dict[str, Any]:
-    """The `LayerPlan` keys recording a layer's weight scheme; none for linear weights."""
-    if lq is None or lq.weight is None or lq.weight_scheme == "linear":
+    """The `LayerPlan` keys recording a layer's weight scheme (none for linear weights rounded
+    to nearest) and its bias correction (none without one)."""
+    if lq is None or lq.weight is None:
         return {}
-    return {"w_scheme": lq.weight_scheme, "w_params": lq.weight_params}
+    out: dict[str, Any] = {}
+    if lq.weight_scheme != "linear" or lq.weight_params:
+        out = {"w_scheme": lq.weight_scheme, "w_params": lq.weight_params}
+    if lq.bias_correction is not None:
+        out["bias_correction"] = [float(v) for v in lq.bias_correction]
+    return out
 
 
 @dataclass
@@ -234,7 +246,9 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
     w_bits = {layer.name: int(layer.w_bits) for layer in plan.layers if layer.w_bits}
     schemes = {layer.name: spec for layer in plan.layers
                if (spec := layer.weight_spec()) is not None}
-    return quant_model_with_acts(graph, acts, w_bits, schemes)
+    corrections = {layer.name: np.asarray(layer.bias_correction, np.float64)
+                   for layer in plan.layers if layer.bias_correction is not None}
+    return quant_model_with_acts(graph, acts, w_bits, schemes, corrections)
 
 
 def _fingerprint(graph: Graph) -> str:

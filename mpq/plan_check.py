@@ -44,6 +44,7 @@ def check_plan(plan: Plan, graph: Graph) -> None:
     schedule = _check_patch(plan, graph)
     inplace = _check_schedule(plan, schedule)
     _check_bits(plan, graph, schedule, inplace)
+    _check_ptq(plan, graph)
     _check_memory(plan, graph, schedule, index)
     _check_counts(plan, graph, schedule)
 
@@ -166,6 +167,27 @@ def _check_bits(plan: Plan, graph: Graph, schedule: PatchSchedule, inplace: set[
         if layer.a_bits_out != tensors[node.outputs[0]][1].bits:
             raise fail(f"layers[{i}].a_bits_out", f"must be the bits of its output "
                                                   f"({tensors[node.outputs[0]][1].bits})")
+
+
+def _check_ptq(plan: Plan, graph: Graph) -> None:
+    """What post-training quantisation recorded (`mpq.quant.ptq`) fits the layer: AdaRound's
+    mask holds one bit per weight (zero padding), a bias correction one number per output
+    channel."""
+    from mpq.quant.weights import ROUNDING, unpack_rounding
+
+    for i, (layer, node) in enumerate(zip(plan.layers, graph.nodes, strict=True)):
+        if node.weight is None:
+            continue
+        params = layer.w_params or {}
+        if (layer.w_scheme or "linear") == "linear" and ROUNDING in params:
+            try:
+                unpack_rounding(params[ROUNDING], node.weight.size)
+            except MpqError as exc:
+                raise fail(f"layers[{i}].w_params.{ROUNDING}", str(exc)) from None
+        corr = layer.bias_correction
+        if corr is not None and len(corr) != node.weight.shape[0]:
+            raise fail(f"layers[{i}].bias_correction", f"must have {node.weight.shape[0]} "
+                       f"entries (the output channels of '{node.name}'), got {len(corr)}")
 
 
 def _check_schedule(plan: Plan, schedule: PatchSchedule) -> set[str]:

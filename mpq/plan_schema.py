@@ -19,7 +19,7 @@ from typing import Any
 from mpq.errors import MpqError
 from mpq.memory import ALIGN
 from mpq.quant.arith import qrange
-from mpq.quant.weights import EXPORT_BITS, SCHEMES
+from mpq.quant.weights import EXPORT_BITS, ROUNDING, ROUNDING_BITS, SCHEMES
 
 ACT_BITS = (8, 4, 2)  # the activation bitwidths the kernels read and write (DESIGN §4.2)
 MAX_ITEMS = 100_000  # tensors, layers, notes, list entries: far above any MCU model
@@ -28,11 +28,13 @@ MAX_BYTES = (1 << 31) - 1  # sizes and offsets become int32 C constants
 MAX_COUNT = (1 << 63) - 1  # MACs and BitOPs: int64
 MAX_DEPTH = 8  # nesting of the free-form `search` and `board` dicts
 HEX64 = re.compile(r"[0-9a-f]{64}")
+BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 TENSOR_KEYS = {"name", "bits", "scale", "zero_point", "bytes", "offset", "outlier_branch",
                "range8"}
 LAYER_KEYS = {"name", "op", "w_bits", "a_bits_in", "a_bits_out", "macs", "bitops"}
-LAYER_OPTIONAL = {"w_scheme", "w_params"}
+LAYER_OPTIONAL = {"w_scheme", "w_params", "bias_correction"}
+MAX_ROUNDING = 1 << 26  # base64 characters of an AdaRound mask: 50 M weights
 PLAN_KEYS = {"model", "model_sha256", "graph_fingerprint", "board", "strategy", "patch",
              "schedule", "tensors", "layers", "predicted", "search", "schema", "notes"}
 PATCH_KEYS = {"split_layer", "n", "split_tensor", "stage_nodes", "redundant_macs",
@@ -45,7 +47,8 @@ PREDICTED_KEYS = {"arena_bytes", "scratch_bytes", "peak_sram_bytes", "input_byte
 SEARCH_KEYS = {"objective", "objective_solver", "solver", "lambda", "phi", "bins", "phi_norm",
                "range_method", "candidate_bits", "weight_bits", "qbr", "vdpc", "patches",
                "ilp_rounds", "repaired_groups"}
-SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget", "measured"}
+SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget", "measured",
+                   "bias_correction", "adaround"}
 PREDICTED_OPTIONAL = {"fidelity"}
 FIDELITY_KEYS = {"samples", "data", "damage", "outputs", "int8"}
 SUMMARY_KEYS = {"top1_agreement", "cosine", "sqnr_db", "exact"}
@@ -235,7 +238,18 @@ def check_tensor(t: Any, field: str) -> None:
 
 def check_w_params(p: Any, field: str, scheme: str, bits: int) -> None:
     """What rebuilds a layer's weights (`mpq.quant.weights`): for wentropy, at most 2^(b−1)−1
-    ascending finite boundaries and a 2^b-entry int8 codebook; other schemes: small scalars."""
+    ascending finite boundaries and a 2^b-entry int8 codebook; for linear, AdaRound's rounding
+    mask (base64 text, 4- or 2-bit weights; its length is checked against the model's layer by
+    `plan_check`); other schemes: small scalars."""
+    if scheme == "linear":
+        req_dict(p, field, {ROUNDING})
+        if bits not in ROUNDING_BITS:
+            raise fail(f"{field}.{ROUNDING}", f"AdaRound rounding is for "
+                       f"{' and '.join(map(str, ROUNDING_BITS))}-bit weights, not {bits}")
+        text = req_str(p[ROUNDING], f"{field}.{ROUNDING}", MAX_ROUNDING)
+        if not BASE64.fullmatch(text):
+            raise fail(f"{field}.{ROUNDING}", "must be base64 text")
+        return
     req_dict(p, field)
     for k, v in p.items():
         req_str(k, f"{field} key", 64)
@@ -278,6 +292,11 @@ def check_layer(layer: Any, field: str) -> None:
         if "w_scheme" not in layer or w is None:
             raise fail(f"{field}.w_params", "set without w_scheme and w_bits")
         check_w_params(layer["w_params"], f"{field}.w_params", scheme, w)
+    if "bias_correction" in layer:
+        if w is None:
+            raise fail(f"{field}.bias_correction", "set on a layer without weights")
+        for i, v in enumerate(req_list(layer["bias_correction"], f"{field}.bias_correction")):
+            req_num(v, f"{field}.bias_correction[{i}]")
     req_act_bits(layer["a_bits_in"], f"{field}.a_bits_in")
     req_act_bits(layer["a_bits_out"], f"{field}.a_bits_out")
     req_int(layer["macs"], f"{field}.macs")

@@ -178,7 +178,7 @@ def test_entropy_clips_outliers(gaussian_outliers: np.ndarray) -> None:
 def test_ranges_contain_zero(gaussian_outliers: np.ndarray) -> None:
     for values in (gaussian_outliers + 60.0, gaussian_outliers - 60.0, gaussian_outliers):
         s = summarise(values)
-        for method in ("minmax", "percentile", "entropy"):
+        for method in ("minmax", "percentile", "entropy", "mse"):
             for bits in (8, 4, 2):
                 lo, hi = activation_range(s, method, bits=bits)
                 assert lo <= 0.0 <= hi and lo < hi, (method, bits)
@@ -189,8 +189,8 @@ def test_ranges_contain_zero(gaussian_outliers: np.ndarray) -> None:
     lo, hi = activation_range(summarise(gaussian_outliers), "percentile", percentile=99.0)
     assert lo == pytest.approx(np.percentile(gaussian_outliers, 1.0), abs=0.05)
     assert hi == pytest.approx(np.percentile(gaussian_outliers, 99.0), abs=0.05)
-    with pytest.raises(MpqError, match="unknown range method 'mse'"):
-        activation_range(positive, "mse")
+    with pytest.raises(MpqError, match="unknown range method 'kl'"):
+        activation_range(positive, "kl")
 
 
 def reference_kl(hist: np.ndarray, levels: int, i: int) -> float:

@@ -15,9 +15,10 @@ are made on that one run (the same numbers, half the network runs).
 Histogram bins sit on a grid anchored at zero (edges at integer multiples of the bin width), so a
 signed histogram folds exactly into a histogram of |x| for the symmetric KL search.
 
-Range methods (`activation_range`): ``minmax`` (TFLite's), ``percentile`` and ``entropy`` (the
-TensorRT KL-divergence threshold search with 2^(b−1) target levels for b bits). Every range is
-widened to contain 0, which TFLite needs to be exactly representable.
+Range methods (`activation_range`): ``minmax`` (TFLite's), ``percentile``, ``entropy`` (the
+TensorRT KL-divergence threshold search with 2^(b−1) target levels for b bits) and ``mse`` (the
+range whose b-bit quantiser has the least mean squared error on the histogram, `mse_range`).
+Every range is widened to contain 0, which TFLite needs to be exactly representable.
 
 Which engine computes the activations: onnxruntime on the normalised ONNX written by
 `graph_to_onnx`, with every IR tensor added as a graph output. Measured on the VWW model
@@ -46,13 +47,15 @@ from mpq import limits
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import LAYOUT_NCHW, Graph, graph_fingerprint
+from mpq.quant.arith import qrange, round_half_away
 from mpq.quant.finite import check_finite_activation, check_finite_parameters
 
 if TYPE_CHECKING:
     import onnx
 
 ENGINES = ("onnxruntime", "interpreter")
-RANGE_METHODS = ("minmax", "percentile", "entropy")
+RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
+MSE_CANDIDATES = 512  # clip points `mse_range` tries (the range in 1/512 steps)
 DEFAULT_BINS = 2048
 STATS_FORMAT = "mpq-calibration"
 STATS_VERSION = 1
@@ -908,6 +911,71 @@ def entropy_threshold(stats: TensorStats, bits: int) -> float:
     return float(min(max(best * width, floor), absmax))
 
 
+def mse_range(stats: TensorStats, bits: int, candidates: int = MSE_CANDIDATES
+              ) -> tuple[float, float]:
+    """The clipping range [α·lo, α·hi] (lo = min(min, 0), hi = max(max, 0)) whose b-bit
+    asymmetric quantiser has the least mean squared error on the tensor's histogram.
+
+    For each candidate α = j/J (j = 1 … J, J = `candidates`) the quantiser is exactly the one
+    `arith.choose_activation_params` builds for that range: s = float32((α·hi − α·lo)/(2^b − 1)),
+    z = clamp(round(q_min − α·lo/s)), Q(x) = s·(clamp(round(x/s) + z, q_min, q_max) − z). With
+    the histogram's bin centres c_k (clipped to [min, max]) standing for its n_k values,
+
+        MSE(α) = Σ_k n_k·(c_k − Q_α(c_k))² / Σ_k n_k,
+
+    evaluated for every candidate (an exact grid search; the within-bin spread adds w²/12 to
+    every candidate alike and does not move the minimum). Ties keep the widest range. Scaling
+    both ends by one α keeps the zero point's place for signed tensors; a tensor ≥ 0 (after
+    ReLU) has lo = 0 and the search is over its upper clip alone. Unlike KL (which compares
+    level *distributions*), MSE weighs the clipped tail by how far it is clipped, which is
+    what the next layer's accumulator sees (Banner et al., "Post training 4-bit quantization
+    of convolutional networks for rapid-deployment", NeurIPS 2019, §3; Nagel et al., "A
+    White Paper on Neural Network Quantization", 2021, §3.5 "MSE-based range setting").
+    """
+    lo0, hi0 = _with_zero(stats.min, stats.max)
+    if not hi0 > lo0:
+        return lo0, hi0
+    qmin, qmax = qrange(bits)
+    counts = stats.hist.astype(np.float64)
+    nz = counts > 0
+    centres = stats.hist_lo + (np.arange(len(counts)) + 0.5) * stats.bin_width
+    c = np.clip(centres[nz], stats.min, stats.max)  # ascending
+    n = counts[nz]
+    alpha = np.arange(1, candidates + 1, dtype=np.float64) / candidates
+    lo, hi = alpha * lo0, alpha * hi0
+    scale = ((hi - lo) / (qmax - qmin)).astype(np.float32).astype(np.float64)
+    zp = np.clip(round_half_away(qmin - lo / scale), qmin, qmax)
+    err = _grid_errors(c, n, scale, zp, qmin, qmax)
+    best = candidates - 1 - int(np.argmin(err[::-1]))  # ties: the widest range
+    return _with_zero(float(lo[best]), float(hi[best]))
+
+
+def _grid_errors(c: np.ndarray, n: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int,
+                 qmax: int) -> np.ndarray:
+    """Σ_k n_k·(c_k − Q(c_k))² for every quantiser (scale[j], zp[j]) at once, from prefix sums.
+
+    Q sends c to level q where round(c/s) + z = q: the cells between the boundaries
+    s·(q − z + ½) (q = q_min … q_max − 1; the outer cells take the clipped tails). Over a cell
+    with level value l = s·(q − z), Σ n·(c − l)² = Σ n c² − 2 l Σ n c + l² Σ n, so with prefix
+    sums of n, n·c and n·c² over the ascending c each quantiser costs O(2^b·log K) instead of
+    O(K) for K bins. (A c exactly on a boundary counts in the upper cell; rounding half away
+    from zero sends a negative one down: a measure-zero difference.)"""
+    zero = np.zeros(1)
+    p0 = np.concatenate([zero, np.cumsum(n)])
+    p1 = np.concatenate([zero, np.cumsum(n * c)])
+    p2 = np.concatenate([zero, np.cumsum(n * c * c)])
+    q = np.arange(qmin, qmax + 1, dtype=np.float64)
+    bounds = scale[:, None] * (q[None, :-1] - zp[:, None] + 0.5)
+    idx = np.searchsorted(c, bounds, side="left")
+    edges = np.concatenate([np.zeros((len(scale), 1), np.intp), idx,
+                            np.full((len(scale), 1), len(c), np.intp)], axis=1)
+    s0 = p0[edges[:, 1:]] - p0[edges[:, :-1]]
+    s1 = p1[edges[:, 1:]] - p1[edges[:, :-1]]
+    s2 = p2[edges[:, 1:]] - p2[edges[:, :-1]]
+    level = scale[:, None] * (q[None, :] - zp[:, None])
+    return np.maximum(s2 - 2.0 * level * s1 + level * level * s0, 0.0).sum(axis=1)
+
+
 def _with_zero(lo: float, hi: float) -> tuple[float, float]:
     """Widen [lo, hi] to contain 0 (TFLite: zero must be exactly representable)."""
     return float(min(lo, 0.0)), float(max(hi, 0.0))
@@ -923,6 +991,7 @@ def activation_range(stats: TensorStats, method: str, bits: int = 8,
       8 at 4, 2 at 2). A tensor that is all ≥ 0 (after ReLU) keeps its lower end (min) and gets
       T as its upper end; a signed tensor gets [−T, T] from the search on |x|, each end
       clipped to the observed [min, max].
+    - ``mse``: the range of least mean squared quantisation error at `bits` (`mse_range`).
     """
     if method == "minmax":
         return _with_zero(stats.min, stats.max)
@@ -935,4 +1004,8 @@ def activation_range(stats: TensorStats, method: str, bits: int = 8,
             raise MpqError(f"bits must be between 2 and 16 for entropy calibration, not {bits}")
         t = entropy_threshold(stats, bits)
         return _with_zero(max(-t, stats.min), min(t, stats.max))
+    if method == "mse":
+        if not 2 <= bits <= 16:
+            raise MpqError(f"bits must be between 2 and 16 for MSE range search, not {bits}")
+        return mse_range(stats, bits)
     raise MpqError(f"unknown range method '{method}' (choose from {', '.join(RANGE_METHODS)})")

@@ -43,6 +43,7 @@ class LayerQuant:
     weight_codebook: np.ndarray | None = None  # int8, 2^b entries (wentropy)
     weight_params: dict | None = None  # what a plan records to rebuild the weights exactly
     bias: np.ndarray | None = None  # int32 values (held as int64)
+    bias_correction: np.ndarray | None = None  # real units, subtracted before quantising
     multiplier: np.ndarray | None = None  # per output channel
     shift: np.ndarray | None = None
     act_min: int = -128
@@ -121,7 +122,8 @@ def softmax_output_quant() -> ActQuant:
 def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
                    act_bits: dict[str, int] | None = None,
                    weight_bits: dict[str, int] | None = None,
-                   weight_schemes: dict[str, WeightSpec] | None = None) -> QuantModel:
+                   weight_schemes: dict[str, WeightSpec] | None = None,
+                   bias_corrections: dict[str, np.ndarray] | None = None) -> QuantModel:
     """mpq's own quantiser: TFLite-spec parameters at any per-tensor bitwidth (DESIGN §4.1–4.2).
 
     Activations: asymmetric from the calibrated real range; pool/reshape outputs inherit their
@@ -132,7 +134,7 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
     check_finite_parameters(graph)
     check_finite_ranges(ranges)
     acts = activation_quant(graph, ranges, act_bits)
-    return quant_model_with_acts(graph, acts, weight_bits, weight_schemes)
+    return quant_model_with_acts(graph, acts, weight_bits, weight_schemes, bias_corrections)
 
 
 def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
@@ -165,33 +167,45 @@ def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
     return acts
 
 
+def weighted_layer(node: Node, acts: dict[str, ActQuant],
+                   weights: WeightSpec | QuantizedWeights,
+                   bias_correction: np.ndarray | None = None) -> LayerQuant:
+    """One conv/FC layer's parameters: weights under a spec (or already quantised), int32
+    bias at s_in·s_w[c] of b − δ (DESIGN §4.1), where δ (real units, per output channel) is
+    the layer's bias correction (`mpq.quant.ptq`; none: δ = 0)."""
+    qw = quantize_weights(node.weight, weights) if isinstance(weights, WeightSpec) else weights
+    real_bias = node.bias if bias_correction is None else \
+        np.asarray(node.bias, np.float64) - np.asarray(bias_correction, np.float64)
+    bias = arith.quantize_bias(real_bias, acts[node.inputs[0]].scale, qw.scale)
+    lq = layer_params(node, acts, qw.values, qw.scale, qw.bits, bias)
+    lq.weight_scheme, lq.weight_codebook = qw.scheme, qw.codebook
+    lq.weight_params = qw.params
+    lq.bias_correction = None if bias_correction is None else \
+        np.asarray(bias_correction, np.float64)
+    return lq
+
+
 def quant_model_with_acts(graph: Graph, acts: dict[str, ActQuant],
                           weight_bits: dict[str, int] | None = None,
-                          weight_schemes: dict[str, WeightSpec] | None = None) -> QuantModel:
+                          weight_schemes: dict[str, WeightSpec] | None = None,
+                          bias_corrections: dict[str, np.ndarray] | None = None) -> QuantModel:
     """The QuantModel for given activation parameters: weights quantised symmetrically per
     output channel at each layer's weight bits (default 8) — or by the layer's entry in
-    `weight_schemes`, which then sets the bits too —, int32 biases at s_in·s_w[c]."""
+    `weight_schemes`, which then sets the bits too —, int32 biases at s_in·s_w[c] (after the
+    layer's entry in `bias_corrections`, if any)."""
     weight_bits = weight_bits or {}
     weight_schemes = weight_schemes or {}
+    bias_corrections = bias_corrections or {}
     layers: dict[str, LayerQuant] = {}
     for node in graph.nodes:
         if node.op in ("conv2d", "fully_connected"):
             spec = weight_schemes.get(node.name) or WeightSpec("linear",
                                                               weight_bits.get(node.name, 8))
-            layers[node.name] = weighted_layer(node, acts, quantize_weights(node.weight, spec))
+            layers[node.name] = weighted_layer(node, acts, spec,
+                                               bias_corrections.get(node.name))
         else:
             layers[node.name] = layer_params(node, acts)
     return QuantModel(graph=graph, acts=acts, layers=layers)
-
-
-def weighted_layer(node: Node, acts: dict[str, ActQuant], qw: QuantizedWeights) -> LayerQuant:
-    """A conv/FC layer's parameters from its quantised weights: int32 bias at s_in·s_w[c]
-    (DESIGN §4.1) and `layer_params`' requantisation."""
-    bias = arith.quantize_bias(node.bias, acts[node.inputs[0]].scale, qw.scale)
-    lq = layer_params(node, acts, qw.values, qw.scale, qw.bits, bias)
-    lq.weight_scheme, lq.weight_codebook = qw.scheme, qw.codebook
-    lq.weight_params = qw.params
-    return lq
 
 
 def with_weight_scheme(qm: QuantModel, spec: WeightSpec) -> QuantModel:

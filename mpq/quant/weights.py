@@ -38,6 +38,8 @@ stream). `encode` is the one place that turns a layer's values into what export 
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,12 +423,65 @@ def quantize_wentropy(w: np.ndarray, bits: int, params: dict[str, Any] | None = 
                                              "codebook": codebook.tolist()})
 
 
+# The `w_params` key of linear weights whose rounding AdaRound chose (`mpq.quant.ptq`).
+ROUNDING = "rounding"
+ROUNDING_BITS = (4, 2)  # the weight bits AdaRound fits (8-bit rounding error is negligible)
+
+
+def rounding_floor(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(⌊w/s_c⌋ as float64, s_c float32) of per-channel symmetric weights: the grid point
+    below each weight, which AdaRound's up/down choice adds 0 or 1 to; s_c is exactly
+    `arith.quantize_weights_symmetric`'s scale."""
+    _, scale = arith.quantize_weights_symmetric(w, bits)
+    flat = np.asarray(w, np.float64).reshape(np.shape(w)[0], -1)
+    return np.floor(flat / scale.astype(np.float64)[:, None]).reshape(np.shape(w)), scale
+
+
+def pack_rounding(up: np.ndarray) -> str:
+    """AdaRound's choices (1: round up) as text for the plan: one bit per weight in IR order,
+    packed little-endian (`np.packbits(bitorder="little")`), base64."""
+    bits = np.asarray(up, bool).reshape(-1).astype(np.uint8)
+    return base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode("ascii")
+
+
+def unpack_rounding(text: str, count: int) -> np.ndarray:
+    """The `count` round-up flags of `pack_rounding`'s text; MpqError when the text is not
+    base64 of exactly ⌈count/8⌉ bytes with zero padding bits."""
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise MpqError("rounding is not base64 text") from None
+    if len(raw) != (count + 7) // 8:
+        raise MpqError(f"rounding holds {len(raw)} bytes; the layer's {count} weights need "
+                       f"{(count + 7) // 8}")
+    flags = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+    if flags[count:].any():
+        raise MpqError("rounding has padding bits set past the layer's last weight")
+    return flags[:count].astype(bool)
+
+
+def quantize_rounded(w: np.ndarray, bits: int, up: np.ndarray) -> np.ndarray:
+    """Per-channel symmetric weight values with the given rounding:
+    q = clamp(⌊w/s_c⌋ + up, ±(2^(b−1)−1)) (int8)."""
+    floor, _ = rounding_floor(w, bits)
+    qmax = arith.weight_qmax(bits)
+    q = floor + np.asarray(up, np.float64).reshape(floor.shape)
+    return np.clip(q, -qmax, qmax).astype(np.int8)
+
+
 def quantize_weights(w: np.ndarray, spec: WeightSpec) -> QuantizedWeights:
     """One layer's weights under `spec` (axis 0 = output channel, IR layout)."""
     check_bits(spec)
     w = np.asarray(w, np.float32)
     if spec.scheme == "linear":
         q, s = arith.quantize_weights_symmetric(w, spec.bits)
+        if spec.params is not None and ROUNDING in spec.params:
+            if spec.bits not in ROUNDING_BITS:
+                raise MpqError(f"AdaRound rounding is for {' and '.join(map(str, ROUNDING_BITS))}"
+                               f"-bit weights, not {spec.bits}")
+            up = unpack_rounding(spec.params[ROUNDING], w.size)
+            return QuantizedWeights(quantize_rounded(w, spec.bits, up), s, "linear", spec.bits,
+                                    params={ROUNDING: spec.params[ROUNDING]})
         return QuantizedWeights(q, s, "linear", spec.bits)
     if spec.scheme == "wentropy":
         return quantize_wentropy(w, spec.bits, spec.params)

@@ -36,6 +36,7 @@ from mpq.quant.calibrate import (
     dataset_from_array,
     onnx_input_shape,
 )
+from mpq.quant.ptq import PtqOptions, apply_ptq
 from mpq.quant.qmodel import SAME_AS_INPUT, QuantModel, quantize_graph
 from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
 from mpq.search.importance import ImportanceTable, solve_importance, total_importance
@@ -71,6 +72,8 @@ class SearchOptions:
     flash: int | None = None
     max_overhead: float | None = 0.25  # bound on redundant MACs / total MACs (auto patches)
     bitops: int | None = None  # BitOPs budget of `--strategy importance` (none: unbounded)
+    bias_correction: bool = False  # `mpq.quant.ptq`: fitted on the calibration data
+    adaround: bool = False
 
 
 class BudgetError(MpqError):
@@ -364,6 +367,9 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                        "--strategy qe")
     notes: list[str] = []
     specs = weight_specs(graph, opts)  # refuses what cannot be exported before any work
+    if opts.adaround and opts.weight_scheme not in (None, "linear"):
+        raise MpqError(f"--adaround rounds linear weights; --weights {opts.weight_scheme} "
+                       "chooses its own levels")
     if data is None and stats is None:
         if opts.strategy != "qe":
             raise MpqError(f"strategy '{opts.strategy}' needs calibration data (--data); the "
@@ -473,6 +479,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
               for t in graph.tensors}
     qm = quantize_graph(graph, ranges, act_bits=mixed_bits, weight_bits=w_bits,
                         weight_schemes=specs)
+    qm, specs, corrections = _post_training(qm, specs, data, opts, notes, say)
     outlier_qm = None
     stage_tensors = set()
     if use_vdpc:
@@ -486,7 +493,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         rebuilt = {n: WeightSpec(s.scheme, s.bits, qm.layers[n].weight_params)
                    for n, s in specs.items()}  # the same weights, without a second search
         outlier_qm = quantize_graph(graph, ranges8, act_bits=bits8, weight_bits=w_bits,
-                                    weight_schemes=rebuilt)
+                                    weight_schemes=rebuilt, bias_corrections=corrections)
     say(f"quantisation: {len(qm.layers)} layers" + (", twice (VDPC)" if use_vdpc else ""))
 
     vdpc_result = None
@@ -526,6 +533,22 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             raise MpqError(f"internal: the plan's {plan.predicted['bitops']:,} BitOPs exceed "
                            f"--bitops {opts.bitops:,}")
     return SearchResult(plan, qm, schedule, solution, qbr_log, vdpc_result)
+
+
+def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset | None,
+                   opts: SearchOptions, notes: list[str], say: Callable[[str], None]
+                   ) -> tuple[QuantModel, dict[str, WeightSpec], dict[str, np.ndarray]]:
+    """`--bias-correction` / `--adaround` (`mpq.quant.ptq`) on the chosen plan's model: the
+    fitted model, the weight specs with AdaRound's rounding added, the bias corrections."""
+    if not (opts.bias_correction or opts.adaround):
+        return qm, specs, {}
+    if data is None:
+        raise MpqError("--bias-correction and --adaround fit on calibration data: give --data")
+    fitted = apply_ptq(qm, data, PtqOptions(opts.bias_correction, opts.adaround), say)
+    if opts.adaround and not fitted.specs:
+        notes.append("AdaRound: no 4- or 2-bit linear layer improved (or none in this plan); "
+                     "weights rounded to nearest")
+    return fitted.model, {**specs, **fitted.specs}, fitted.corrections
 
 
 def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
@@ -850,6 +873,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
            if opts.weight_scheme else {}),
         "qbr": opts.qbr, "vdpc": opts.vdpc, "patches": opts.patches,
         "ilp_rounds": solution.iterations, "repaired_groups": solution.repaired,
+        **({"bias_correction": True} if opts.bias_correction else {}),
+        **({"adaround": True} if opts.adaround else {}),
     }
     # The whole board, so export rebuilds this board (`boards.plan_board`) and not whatever file
     # has its name then; the budgets are the search's (the board's or --sram/--flash).

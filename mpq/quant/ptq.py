@@ -1,0 +1,313 @@
+"""Post-training quantisation that only changes parameters (DESIGN §4.5): bias correction and
+AdaRound, fitted on calibration data, recorded in the plan, bit-exact in export.
+
+Both run in one walk through the network, layer by layer in graph order, with the float model
+and the integer reference (`mpq.sim`) side by side on the same calibration samples. At each
+conv/FC layer the walk sees the float input x (float model) and the quantised input x̃ (the
+integer reference with every earlier layer already fitted), so each fit corrects the error that
+reaches the layer, not only its own (Finkelstein et al., "Fighting Quantization Bias With
+Bias", 2019, §3 — the layers are corrected in order for this reason).
+
+- **AdaRound** (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization",
+  ICML 2020), for 4- and 2-bit linear weights: per weight, round down or up (q = ⌊w/s⌋ + h),
+  chosen to minimise the layer's output error E‖W x − W̃ x̃‖² on calibration inputs, with h
+  relaxed to the rectified sigmoid h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1) (ζ = 1.1, γ = −0.1) and the
+  regulariser Σ 1 − |2h − 1|^β, β annealed from 20 to 2 after a 20 % warm-up without it (§4–5
+  of the paper). The error is a quadratic form in W̃, so it is computed from the Gram matrices
+  C̃ = E[x̃ x̃ᵀ] and C = E[x x̃ᵀ] of the layer's input patches (per group), and the fit costs
+  O(c_out·d²) per iteration for d weights per output channel — a fixed `ADAROUND_ITERS` Adam
+  steps, no sampling after the patches are drawn (seeded), hence deterministic. The result is
+  kept only if its hard rounding has a lower error than round-to-nearest on the same inputs.
+- **Bias correction** (Nagel et al., "Data-Free Quantization Through Weight Equalization and
+  Bias Correction", ICCV 2019, §4.2, in its empirical form; Finkelstein et al. §3): the
+  expected shift of each output channel's pre-activation, δ_c = E[ŷ_c] − E[y_c], with
+  ŷ = s_in·s_w[c]·(Σ W_q (x_q − z_in) + b_q) the integer layer's accumulator in real units and
+  y = W x + b the float layer's, averaged over samples and positions; the layer's bias becomes
+  b − δ before it is quantised to int32. Sub-byte weights and activations (clipped ranges,
+  coarse grids) shift these means; the correction removes the shift, not the noise.
+
+The plan records what rebuilds the parameters: the rounding as a bit mask (`w_params.rounding`,
+`weights.pack_rounding`) and δ per output channel (`bias_correction`, real units), so export
+recomputes exactly the same integers from the model's float weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpq.interpreter import OPS, conv2d_nhwc, pad_nhwc, to_ir_layout, windows
+from mpq.ir import Node
+from mpq.quant.arith import round_half_away
+from mpq.quant.calibrate import Dataset
+from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel, weighted_layer
+from mpq.quant.weights import (
+    ROUNDING,
+    ROUNDING_BITS,
+    WeightSpec,
+    pack_rounding,
+    rounding_floor,
+)
+from mpq.sim import INT_OPS, quantize_input
+
+PTQ_SAMPLES = 64  # calibration samples the walk uses (fewer when the tensors are large)
+PTQ_ELEMENTS = 1 << 24  # bound on samples × the largest tensor's elements (memory)
+ADAROUND_ROWS = 4096  # input patches per layer the Gram matrices are estimated from
+ADAROUND_ITERS = 500
+ADAROUND_LR = 0.05  # Adam step on V
+# Weight of the mean rounding regulariser against the reconstruction error normalised by
+# round-to-nearest's. The paper's λ = 0.01 weighs a sum over weights against an unnormalised
+# error and does not carry over: measured on the three convs of tests' grouped/dilated/depthwise
+# model at 2 bits, λ = 0.01 leaves nearest's rounding (error ratio 0.98–1.03), λ = 1 gives
+# 0.63–0.97, λ = 20 gives 0.33–0.56 (100: no better).
+ADAROUND_LAMBDA = 20.0
+ADAROUND_WARMUP = 0.2
+ADAROUND_BETA = (20.0, 2.0)
+ZETA, GAMMA = 1.1, -0.1
+WEIGHTED = ("conv2d", "fully_connected")
+
+
+@dataclass(frozen=True)
+class PtqOptions:
+    """Which fits to run (`mpq search --bias-correction --adaround`)."""
+
+    bias_correction: bool = False
+    adaround: bool = False
+    samples: int = PTQ_SAMPLES
+
+    @property
+    def any(self) -> bool:
+        return self.bias_correction or self.adaround
+
+
+@dataclass
+class PtqResult:
+    """The fitted model and what a plan records to rebuild it."""
+
+    model: QuantModel
+    specs: dict[str, WeightSpec] = field(default_factory=dict)  # AdaRound's layers
+    corrections: dict[str, np.ndarray] = field(default_factory=dict)  # δ per layer
+    log: list[str] = field(default_factory=list)
+
+
+def walk_samples(qm: QuantModel, available: int, wanted: int) -> int:
+    """Samples the walk holds at once: at most `wanted` and the data set's size, and at most
+    PTQ_ELEMENTS / (elements of the largest tensor), but at least 8 (or all there are)."""
+    largest = max(int(np.prod(t.shape[1:])) for t in qm.graph.tensors.values())
+    cap = max(8, PTQ_ELEMENTS // max(largest, 1))
+    return max(1, min(wanted, available, cap))
+
+
+def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
+              log: Callable[[str], None] | None = None) -> PtqResult:
+    """Bias correction and/or AdaRound over `qm`'s conv/FC layers, in graph order (module
+    docstring). Returns the fitted model (activations unchanged) and what the plan records."""
+    say = log or (lambda message: None)
+    graph = qm.graph
+    n = walk_samples(qm, len(data), opts.samples)
+    x = next(data.batches(n))
+    name = graph.inputs[0]
+    xf = to_ir_layout(graph, name, x).astype(np.float32)
+    env_f: dict[str, np.ndarray] = {name: xf}
+    env_q: dict[str, np.ndarray] = {name: quantize_input(qm.acts[name], xf)}
+    layers = dict(qm.layers)
+    walk = QuantModel(graph, qm.acts, layers)
+    result = PtqResult(walk)
+    remaining = {t: 0 for t in graph.tensors}
+    for node in graph.nodes:
+        for t in node.inputs:
+            remaining[t] += 1
+    for node in graph.nodes:
+        if node.op in WEIGHTED:
+            layers[node.name] = _fit_layer(node, layers[node.name], qm.acts,
+                                           env_f[node.inputs[0]], env_q[node.inputs[0]],
+                                           opts, result)
+        out_shape = graph.tensors[node.outputs[0]].shape
+        env_f[node.outputs[0]] = OPS[node.op].run(node, [env_f[t] for t in node.inputs],
+                                                  out_shape).astype(np.float32)
+        env_q[node.outputs[0]] = INT_OPS[node.op].run(node, layers[node.name], walk,
+                                                      [env_q[t] for t in node.inputs],
+                                                      out_shape)
+        for t in node.inputs:
+            remaining[t] -= 1
+            if remaining[t] == 0:
+                env_f.pop(t, None)
+                env_q.pop(t, None)
+    fitted = sum(1 for s in result.specs)
+    say(f"ptq: {n} calibration samples; AdaRound kept on {fitted} layer(s), bias corrected on "
+        f"{len(result.corrections)} layer(s)")
+    for line in result.log:
+        say(f"ptq: {line}")
+    return result
+
+
+def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.ndarray,
+               xq: np.ndarray, opts: PtqOptions, result: PtqResult) -> LayerQuant:
+    """One layer: AdaRound (4/2-bit linear weights), then bias correction on the result."""
+    spec = WeightSpec(lq.weight_scheme, lq.weight_bits, lq.weight_params)
+    src = acts[node.inputs[0]]
+    if opts.adaround and lq.weight_scheme == "linear" and lq.weight_bits in ROUNDING_BITS:
+        x_deq = (xq - src.zero_point).astype(np.float64) * float(np.float32(src.scale))
+        up, gain = fit_adaround(node, lq.weight_bits, xf, x_deq)
+        if up is not None:
+            spec = WeightSpec("linear", lq.weight_bits, {ROUNDING: pack_rounding(up)})
+            result.specs[node.name] = spec
+            lq = weighted_layer(node, acts, spec)
+            result.log.append(f"{node.name}: AdaRound output error {gain:.3f}× of nearest")
+        else:
+            result.log.append(f"{node.name}: AdaRound no better than nearest; kept nearest")
+    if opts.bias_correction:
+        delta = expected_shift(node, lq, src, xf, xq)
+        result.corrections[node.name] = delta
+        lq = weighted_layer(node, acts, spec, delta)
+    return lq
+
+
+# -- bias correction ----------------------------------------------------------------------------
+
+def _linear(node: Node, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Σ W x of a conv (NHWC output) or FC layer in float64, no bias, as [samples·positions,
+    c_out]."""
+    if node.op == "fully_connected":
+        return x.reshape(x.shape[0], -1) @ w.reshape(w.shape[0], -1).T
+    a = node.attrs
+    y = conv2d_nhwc(pad_nhwc(x, a["pads"]), w, a["strides"], a["dilations"], a["groups"],
+                    _out_hw(node, x))
+    return y.reshape(-1, w.shape[0])
+
+
+def _out_hw(node: Node, x: np.ndarray) -> tuple[int, int]:
+    """Output height and width of a conv on input `x` (NHWC)."""
+    a = node.attrs
+    (kh, kw), (sh, sw), (dh, dw) = node.weight.shape[1:3], a["strides"], a["dilations"]
+    t, left, b, r = a["pads"]
+    h = (x.shape[1] + t + b - dh * (kh - 1) - 1) // sh + 1
+    w = (x.shape[2] + left + r - dw * (kw - 1) - 1) // sw + 1
+    return h, w
+
+
+def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray,
+                   xq: np.ndarray) -> np.ndarray:
+    """δ_c = mean over samples and positions of ŷ_c − y_c (module docstring): the integer
+    accumulator s_in·s_w[c]·(Σ W_q (x_q − z_in) + b_q) against the float W x + b, per output
+    channel, in real units (float64)."""
+    acc = _linear(node, (xq - src.zero_point).astype(np.float64),
+                  lq.weight.astype(np.float64)) + lq.bias
+    real = acc * (np.float64(np.float32(src.scale)) * lq.weight_scale.astype(np.float64))
+    ref = _linear(node, xf.astype(np.float64), node.weight.astype(np.float64)) \
+        + node.bias.astype(np.float64)
+    return (real - ref).mean(axis=0)
+
+
+# -- AdaRound -----------------------------------------------------------------------------------
+
+def layer_patches(node: Node, xs: list[np.ndarray], rows: int = ADAROUND_ROWS,
+                  seed: int = 0) -> list[np.ndarray]:
+    """The input patches each output channel's weights multiply, [groups, R, d] per input in
+    `xs` (the same R positions for all, at most `rows`, drawn with a seeded generator);
+    column order is the weights' (ky, kx, c_in) so row · w_c.reshape(−1) is one output."""
+    if node.op == "fully_connected":
+        flat = [x.reshape(x.shape[0], -1) for x in xs]
+        pick = _pick(len(flat[0]), rows, seed)
+        return [f[pick][None] for f in flat]
+    a = node.attrs
+    cout, kh, kw, cin_g = node.weight.shape
+    groups = a["groups"]
+    hw = _out_hw(node, xs[0])
+    out = []
+    n = xs[0].shape[0]
+    pick = _pick(n * hw[0] * hw[1], rows, seed)
+    ni, rest = np.divmod(pick, hw[0] * hw[1])
+    hi, wi = np.divmod(rest, hw[1])
+    for x in xs:
+        win = windows(pad_nhwc(x, a["pads"]), (kh, kw), a["strides"], a["dilations"], hw)
+        p = win[ni, hi, wi]  # R, C, KH, KW
+        p = p.reshape(len(pick), groups, cin_g, kh, kw).transpose(1, 0, 3, 4, 2)
+        out.append(np.ascontiguousarray(p.reshape(groups, len(pick), kh * kw * cin_g)))
+    return out
+
+
+def _pick(total: int, rows: int, seed: int) -> np.ndarray:
+    """All row indices, or `rows` of them drawn without replacement (seeded), ascending."""
+    if total <= rows:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, rows, replace=False))
+
+
+def _h(v: np.ndarray) -> np.ndarray:
+    """Rectified sigmoid h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1) (AdaRound Eq. 23)."""
+    return np.clip(1.0 / (1.0 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def fit_adaround(node: Node, bits: int, xf: np.ndarray, xq: np.ndarray,
+                 iters: int = ADAROUND_ITERS) -> tuple[np.ndarray | None, float]:
+    """AdaRound's round-up flags for one layer's weights (IR shape), or None when they do not
+    beat round-to-nearest on the calibration patches; and their error as a fraction of
+    nearest's. `xf`: the float input, `xq`: the dequantised integer input (module docstring).
+
+    Minimises E‖W x − W̃ x̃‖² / E_nearest + λ·mean(1 − |2h − 1|^β) over V by Adam (lr
+    `ADAROUND_LR`, β₁ = 0.9, β₂ = 0.999), W̃ = s_c·(⌊w/s_c⌋ + h(V)); weights whose grid
+    point below is already the top level (or below the bottom one) are fixed, since clamping
+    makes their choice moot."""
+    cout = node.weight.shape[0]
+    pf, pq = layer_patches(node, [xf.astype(np.float64), xq])
+    groups, rows, d = pq.shape
+    pqt = pq.transpose(0, 2, 1)
+    cqq = pqt @ pq / rows
+    cfq = pf.transpose(0, 2, 1) @ pq / rows
+    cff = pf.transpose(0, 2, 1) @ pf / rows
+    w = node.weight.astype(np.float64).reshape(groups, cout // groups, d)
+    floor, scale = rounding_floor(node.weight, bits)
+    floor = floor.reshape(groups, cout // groups, d)
+    s = scale.astype(np.float64).reshape(groups, cout // groups, 1)
+    qmax = (1 << (bits - 1)) - 1
+    target = w @ cfq  # W C: the cross term's gradient
+    const = float(np.einsum("gcd,gde,gce->", w, cff, w))
+
+    def error(wt: np.ndarray) -> tuple[float, np.ndarray]:
+        a = wt @ cqq
+        return float((a * wt).sum() - 2.0 * (target * wt).sum() + const), a
+
+    def hard(up: np.ndarray) -> np.ndarray:
+        return s * np.clip(floor + up, -qmax, qmax)
+
+    nearest = np.clip(round_half_away(w / s) - floor, 0, 1)  # round-to-nearest's up/down
+    e_near, _ = error(hard(nearest))
+    if not e_near > 0:
+        return None, 1.0
+    free = (floor < qmax) & (floor >= -qmax)
+    forced = (floor < -qmax).astype(np.float64)  # below the bottom level: must go up
+    rest = np.clip(w / s - floor, 0.0, 1.0)
+    v = -np.log((ZETA - GAMMA) / (np.clip(rest, 1e-6, 1 - 1e-6) - GAMMA) - 1.0)
+    m1, m2 = np.zeros_like(v), np.zeros_like(v)
+    count = max(int(free.sum()), 1)
+    warm = int(iters * ADAROUND_WARMUP)
+    for it in range(iters):
+        sig = 1.0 / (1.0 + np.exp(-v))
+        raw = sig * (ZETA - GAMMA) + GAMMA
+        h = np.clip(raw, 0.0, 1.0)
+        up = np.where(free, h, forced)
+        wt = s * (floor + up)
+        _, a = error(wt)
+        grad_w = 2.0 * (a - target) / e_near
+        dh = (ZETA - GAMMA) * sig * (1.0 - sig) * ((raw > 0) & (raw < 1))
+        grad = grad_w * s * dh
+        if it >= warm:
+            beta = ADAROUND_BETA[0] + (ADAROUND_BETA[1] - ADAROUND_BETA[0]) \
+                * (it - warm) / max(iters - warm - 1, 1)
+            u = 2.0 * h - 1.0
+            dreg = -beta * np.abs(u) ** (beta - 1.0) * np.sign(u) * 2.0
+            grad = grad + ADAROUND_LAMBDA / count * dreg * dh
+        grad = np.where(free, grad, 0.0)
+        m1 = 0.9 * m1 + 0.1 * grad
+        m2 = 0.999 * m2 + 0.001 * grad * grad
+        step = ADAROUND_LR * (m1 / (1 - 0.9 ** (it + 1))) \
+            / (np.sqrt(m2 / (1 - 0.999 ** (it + 1))) + 1e-8)
+        v = v - step
+    final = np.where(free, (_h(v) >= 0.5).astype(np.float64), forced)
+    e_ada, _ = error(hard(final))
+    if not e_ada < e_near:
+        return None, e_ada / e_near
+    return final.reshape(node.weight.shape).astype(bool), e_ada / e_near
