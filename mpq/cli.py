@@ -1011,8 +1011,8 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
             agree = "" if f["top1_agreement"] is None else \
                 f"top-1 agreement with float {f['top1_agreement']:.1%} (int8 " \
                 f"{e['top1_agreement']:.1%}), "
-            out.print(f"Fidelity on {fid['samples']} samples of --data (seen by the search), output "
-                      f"'{_short(name, 30)}': {agree}SQNR {_db(f['sqnr_db'])} (int8 "
+            out.print(f"Fidelity on {fid['samples']} samples of --data (seen by the search), "
+                      f"output '{_short(name, 30)}': {agree}SQNR {_db(f['sqnr_db'])} (int8 "
                       f"{_db(e['sqnr_db'])}), cosine {f['cosine']:.4f}")
     out.print(f"objective {plan.search['objective']:.6f}; {summary['seconds']:.1f} s → "
               f"{plain(summary['plan'])}")
