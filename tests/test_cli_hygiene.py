@@ -156,7 +156,7 @@ def test_search_and_eval_tables(hostile) -> None:
     result = run_mpq("search", hostile["model"], "--board", "stm32f746", "--data",
                      hostile["data"], "-o", plan, "-q")
     assert_clean_success(result)
-    assert "x].onnx on stm32f746 (exact)" in result.stdout
+    assert "x].onnx on stm32f746 (measured)" in result.stdout
     assert "[bold red]conv\\nline2\\x1b[31m" in result.stdout and str(plan) in result.stdout
     result = run_mpq("eval", plan, "--data", hostile["data"], "-q")
     assert_clean_success(result)
