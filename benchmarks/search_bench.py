@@ -171,8 +171,10 @@ def bench_search_time() -> dict:
         graph = load_model(path)
         x = np.random.default_rng(0).random((64, *onnx_input_shape(graph))).astype(np.float32)
         np.savez(Path(tmp) / "calib.npz", x=x)
+        # `exact`: the timing is of the search mpq had (the default until the measured
+        # search); the measured one's own time is quoted in the README.
         args = [str(path), "--board", "stm32h743", "--data", str(Path(tmp) / "calib.npz"),
-                "-o", str(Path(tmp) / "plan.json"), "-q", "--json"]
+                "--strategy", "exact", "-o", str(Path(tmp) / "plan.json"), "-q", "--json"]
         runs, plans = [], set()
         for _ in range(3):
             runs.append(_timed_search(args))
@@ -211,7 +213,8 @@ def bench_search_time() -> dict:
     rows += [row(f"run {i + 1}" + (" (best)" if r is best else ""), r)
              for i, r in enumerate(runs)]
     result["table"] = show(
-        "mpq search on MobileNetV2-1.0@224, 64 calibration samples (goal ≤ 15 s wall)",
+        "mpq search --strategy exact on MobileNetV2-1.0@224, 64 calibration samples "
+        "(goal ≤ 15 s wall)",
         ["run", "wall (s)", "user (s)", "sys (s)", "CPU (s)", "peak RSS (GiB)",
          "load (1 min, at end)", "phases (s, from -v)"], rows,
         note=f"Best of 3 by wall: {best['wall_s']:.1f} s "
