@@ -215,8 +215,15 @@ def test_unfiltered_text_stops_the_render() -> None:
 UNTRUSTED = re.compile(r"\b(model|model_sha256|description|mcu|board_file|name)\b|^board$")
 # Validated identifiers a template may use as code: a board name (letters, digits, . _ -) and
 # region names (linker identifiers), both checked by mpq.boards.
+# The build-system layouts' library name (`export.library_name`: letters, digits and `_` only,
+# whatever the model file is called).
 CODE_FIELDS = {("make/mpq.mk.j2", "board.name"), ("cmake/CMakeLists.txt.j2", "board.name"),
-               ("linker/board.ld.j2", '"%-10s" | format(r.name)')}
+               ("linker/board.ld.j2", '"%-10s" | format(r.name)'),
+               *((t, "name") for t in ("arduino/library.properties.j2", "arduino/sketch.ino.j2",
+                                       "zephyr/Kconfig.j2", "zephyr/module.yml.j2",
+                                       "zephyr/CMakeLists.txt.j2",
+                                       "platformio/library.json.j2"))}
+FILTER = {"meta": "meta_text"}  # the layouts' metadata files: one filter for every format
 
 
 def test_every_template_filters_untrusted_text() -> None:
@@ -236,10 +243,10 @@ def test_every_template_filters_untrusted_text() -> None:
         assert environment().autoescape(rel) is False
         for m in re.finditer(r"{{-?\s*(.*?)\s*-?}}", text, flags=re.S):
             expr = m.group(1)
-            filters = re.findall(r"\|\s*(\w+_comment)\b", expr)
+            filters = re.findall(r"\|\s*(\w+_comment|meta_text)\b", expr)
             if filters:
                 seen += 1
-                assert filters == [f"{lang}_comment"], (rel, expr)
+                assert filters == [FILTER.get(lang, f"{lang}_comment")], (rel, expr)
                 assert text[m.start() - 1] not in "*/" and text[m.end()] not in "*/", (rel, expr)
             elif UNTRUSTED.search(expr):
                 assert (rel, expr) in CODE_FIELDS, f"{rel}: '{{{{ {expr} }}}}' is unfiltered"

@@ -200,7 +200,7 @@ def test_bad_options_are_clear_errors():
     for kwargs, message in [({"lam": 1.5}, "lambda"), ({"phi_norm": "local"}, "phi"),
                             ({"candidates": (8, 1)}, "bitwidth 1"), ({"candidates": ()}, "no "),
                             ({"weight_bits": {"nope": 4}}, "'nope'"),
-                            ({"range_method": "mse"}, "range method"), ({"bins": 1}, "bins")]:
+                            ({"range_method": "median"}, "range method"), ({"bins": 1}, "bins")]:
         with pytest.raises(MpqError, match=message):
             vdqs_scores(g, stats, **kwargs)
     with pytest.raises(MpqError, match="no tensor 'y'"):

@@ -37,7 +37,7 @@ def plans(tmp_path_factory) -> dict[str, Any]:
     common = ("--board", "nano33ble", "--data", FASHION / "calib.npz", "-q")
     out = {"root": root}
     for kind, extra in (("layer", ("--strategy", "int8", "--patches", "none")),
-                        ("patch", ("--sram", "14000"))):
+                        ("patch", ("--sram", "14000", "--strategy", "exact"))):
         path = root / f"{kind}.plan.json"
         code, _, stderr = cli("search", root / MODEL, *common, *extra, "-o", path)
         assert code == 0, stderr
@@ -61,6 +61,19 @@ def setter(path: str, value: Any) -> Callable[[dict], None]:
         for key in parents:
             node = node[key]
         node[last] = copy.deepcopy(value)
+    return mutate
+
+
+def with_fidelity(path: str, value: Any) -> Callable[[dict], None]:
+    """A valid `predicted.fidelity` record (as the measured search writes it) with `path`
+    inside it set to `value`."""
+    summary = {"top1_agreement": 0.97, "cosine": 0.98, "sqnr_db": 14.1, "exact": False}
+
+    def mutate(plan: dict) -> None:
+        plan["predicted"]["fidelity"] = {
+            "samples": 64, "data": "samples of --data", "damage": 0.0143,
+            "outputs": {"logits": dict(summary)}, "int8": {"logits": dict(summary)}}
+        setter(f"predicted.fidelity.{path}", value)(plan)
     return mutate
 
 
@@ -175,14 +188,14 @@ CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("predicted-scratch-changed", "patch", setter("predicted.scratch_bytes", 0),
      "predicted.scratch_bytes"),
     # the measured search's record (shown only; malformed values are still refused)
-    ("fidelity-samples-zero", "patch", setter("predicted.fidelity.samples", 0),
+    ("fidelity-samples-zero", "patch", with_fidelity("samples", 0),
      "predicted.fidelity.samples"),
     ("fidelity-agreement-above-1", "patch",
-     setter("predicted.fidelity.outputs.logits.top1_agreement", 1.5),
+     with_fidelity("outputs.logits.top1_agreement", 1.5),
      "predicted.fidelity.outputs.logits.top1_agreement"),
-    ("fidelity-sqnr-nan", "patch", setter("predicted.fidelity.int8.logits.sqnr_db", math.nan),
+    ("fidelity-sqnr-nan", "patch", with_fidelity("int8.logits.sqnr_db", math.nan),
      "predicted.fidelity.int8.logits.sqnr_db"),
-    ("fidelity-unknown-key", "patch", setter("predicted.fidelity.accuracy", 0.99),
+    ("fidelity-unknown-key", "patch", with_fidelity("accuracy", 0.99),
      "predicted.fidelity.accuracy: unknown key"),
     # the patch schedule
     ("patch-null", "patch", setter("patch", None), "tensors[1].outlier_branch"),
