@@ -864,8 +864,9 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               type=click.Choice(["measured", "exact", "vdqs", "int8", "qe", "importance",
                                  "rusci"]),
               default="measured", show_default=True,
-              help="measured: ILP over each choice's damage measured on a validation part "
-                   "of --data, then whole plans measured and the best kept; "
+              help="measured: ILP over each choice's damage, measured through the integer "
+                   "reference on up to 64 samples of --data, then whole plans measured and "
+                   "the best kept; "
                    "exact: ILP over VDQS scores; vdqs: QuantMCU's Algorithm 1; int8: no "
                    "sub-byte maps; qe: data-free QE-Score; importance: LIMPQ's fitted LSQ "
                    "step sizes + one ILP over (b_w, b_a); rusci: Rusci's accuracy-blind "
