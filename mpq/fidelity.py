@@ -14,7 +14,7 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.ir import Graph
-from mpq.quant.calibrate import Dataset, dataset_from_array
+from mpq.quant.calibrate import Dataset
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -27,16 +27,6 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     z = _rows(logits)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
-
-
-def as_distribution(y: np.ndarray, probabilities: bool) -> np.ndarray:
-    """A classifier output as per-sample class probabilities: the output itself when the model
-    ends in Softmax (renormalised, floored at 1e-12 so the log is finite), else softmax of the
-    logits."""
-    if not probabilities:
-        return softmax_rows(y)
-    p = np.maximum(_rows(y), 1e-12)
-    return p / p.sum(axis=1, keepdims=True)
 
 
 def kl_divergence(p_ref: np.ndarray, p: np.ndarray) -> float:
@@ -83,13 +73,13 @@ def top1_agreement(ref: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(_rows(ref).argmax(axis=1) == _rows(y).argmax(axis=1)))
 
 
-def output_damage(ref: np.ndarray, y: np.ndarray, classifier: bool, probabilities: bool
-                  ) -> float:
+def output_damage(ref: np.ndarray, y: np.ndarray, classifier: bool) -> float:
     """The damage of one output against the reference (DESIGN §7.4): for a classifier, the
-    mean KL divergence of the class distributions; otherwise the noise-to-signal ratio. Both
-    are 0 for identical outputs and grow with the error; the search sums them over outputs."""
+    mean KL divergence of the softmax of its logits; otherwise the noise-to-signal ratio.
+    Both are 0 for identical outputs and grow with the error; the search sums them over
+    outputs."""
     if classifier:
-        return kl_divergence(as_distribution(ref, probabilities), as_distribution(y, probabilities))
+        return kl_divergence(softmax_rows(ref), softmax_rows(y))
     return noise_to_signal(ref, y)
 
 
@@ -149,8 +139,7 @@ TASKS = ("auto", "classify", "regress")
 
 
 def made_by_softmax(graph: Graph, output: str) -> bool:
-    """Whether a Softmax node produces `output`: its values are probabilities already
-    (`as_distribution(..., probabilities=True)`)."""
+    """Whether a Softmax node produces `output` (its values are probabilities already)."""
     return any(n.op == "softmax" and output in n.outputs for n in graph.nodes)
 
 
@@ -206,10 +195,8 @@ def measured_samples(macs_per_sample: int) -> int:
     return max(MIN_MEASURED, min(MAX_MEASURED, MEASURE_MACS // max(macs_per_sample, 1)))
 
 
-def validation_dataset(ds: Dataset, cap: int = MAX_MEASURED) -> Dataset:
-    """The validation samples of `ds` (`validation_indices`, at most `cap`), in memory."""
+def validation_inputs(ds: Dataset, cap: int = MAX_MEASURED) -> np.ndarray:
+    """The inputs of the samples of `ds` the measured search runs on (`validation_indices`, at
+    most `cap`), in memory."""
     x = np.concatenate(list(ds.batches(256)))
-    idx = validation_indices(len(x), str(ds.path), cap)
-    y = None if ds.y is None else np.asarray(ds.y)
-    return dataset_from_array(x[idx], f"{ds.path} (validation samples)",
-                              None if y is None or len(y) != len(x) else y[idx])
+    return x[validation_indices(len(x), str(ds.path), cap)]

@@ -33,6 +33,23 @@ def shared_model(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def fashion_demo(tmp_path_factory) -> dict[str, Path]:
+    """The Fashion example beside `make demo`'s plan (nano33ble, --sram 14000: patches and
+    VDPC), searched once per session. Tests read these; they write their own outputs
+    elsewhere."""
+    import shutil
+
+    example = REPO / "examples" / "fashion"
+    root = tmp_path_factory.mktemp("fashion-demo")
+    shutil.copy(example / "fashion_cnn.onnx", root / "fashion_cnn.onnx")
+    plan = root / "fashion.plan.json"
+    r = run_mpq("search", "fashion_cnn.onnx", "--board", "nano33ble", "--sram", "14000",
+                "--data", example / "calib.npz", "-o", plan, "-q", cwd=root)
+    assert r.returncode == 0, r.stderr
+    return {"root": root, "model": root / "fashion_cnn.onnx", "plan": plan}
+
+
 KWS_ZP, KWS_SCALE = 83, 0.5847029  # the int8 quantisation the shared KWS clips were stored in
 
 

@@ -45,16 +45,11 @@ def _need(*tools: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fw(tmp_path_factory) -> dict:
+def fw(fashion_demo, tmp_path_factory) -> dict:
     """The Fashion example's demo plan (patches, VDPC; `make demo`'s --sram 14000) exported
     with every target at once, and the names its C files have in the export."""
-    root = tmp_path_factory.mktemp("deploy")
-    shutil.copy(EX / "fashion_cnn.onnx", root / "fashion_cnn.onnx")
-    plan = root / "fashion.plan.json"
-    r = run_mpq("search", "fashion_cnn.onnx", "--board", "nano33ble", "--sram", "14000",
-                "--data", EX / "calib.npz", "-o", plan, "-q", cwd=root)
-    assert r.returncode == 0, r.stderr
-    out = root / "fw"
+    root, plan = fashion_demo["root"], fashion_demo["plan"]
+    out = tmp_path_factory.mktemp("deploy") / "fw"
     r = run_mpq("export", plan, "-o", out, "--target", "zephyr,arduino", "--target",
                 "platformio", "--target", "cmake")
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,19 +28,15 @@ EX = REPO / "examples" / "fashion"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
+def demo(fashion_demo, tmp_path_factory) -> dict:
     """The Fashion demo plan (`make demo`: --sram 14000, so patches and VDPC) and 100 labelled
     test images."""
-    root = tmp_path_factory.mktemp("engine")
-    shutil.copy(EX / "fashion_cnn.onnx", root / "fashion_cnn.onnx")
-    plan = root / "fashion.plan.json"
-    r = run_mpq("search", "fashion_cnn.onnx", "--board", "nano33ble", "--sram", "14000",
-                "--data", EX / "calib.npz", "-o", plan, "-q", cwd=root)
-    assert r.returncode == 0, r.stderr
+    work = tmp_path_factory.mktemp("engine")
     test = np.load(EX / "test.npz")
-    np.savez(root / "test100.npz", x=test["x"][:100], y=test["y"][:100])
-    np.save(root / "x20.npy", test["x"][:20])
-    return {"root": root, "plan": plan, "test": root / "test100.npz", "x": root / "x20.npy"}
+    np.savez(work / "test100.npz", x=test["x"][:100], y=test["y"][:100])
+    np.save(work / "x20.npy", test["x"][:20])
+    return {"root": fashion_demo["root"], "plan": fashion_demo["plan"],
+            "test": work / "test100.npz", "x": work / "x20.npy"}
 
 
 def _need_cc() -> str:

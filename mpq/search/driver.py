@@ -363,7 +363,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                        "step sizes on the layers' activations")
     if opts.strategy == "measured" and data is None:
         raise MpqError("strategy 'measured' needs calibration data (--data): it measures each "
-                       "bit choice on a validation part of it; the data-free strategy is "
+                       "bit choice on up to 64 of its samples; the data-free strategy is "
                        "--strategy qe")
     notes: list[str] = []
     specs = weight_specs(graph, opts)  # refuses what cannot be exported before any work
@@ -379,16 +379,16 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                      "inputs")
     if candidates is None:
         candidates = feasible_candidates(graph, board, opts)
-    validation = None
+    x_val = None
     if opts.strategy == "measured":
-        from mpq.fidelity import measured_samples, validation_dataset
+        from mpq.fidelity import measured_samples, validation_inputs
 
         # Ranges come from every sample (they need them all: on KWS, 75 of 100 samples cost
         # 0.7 pp); the measurements run on up to 64 of the same samples, never on eval data.
         macs = sum(node_macs(n, graph) for n in graph.nodes)
-        validation = validation_dataset(data, measured_samples(macs))
+        x_val = validation_inputs(data, measured_samples(macs))
         notes.append(f"measured search: ranges from all {len(data)} samples of --data, damage "
-                     f"measured on {len(validation)} of them")
+                     f"measured on {len(x_val)} of them")
     if stats is None:
         stats = calibrate(graph, data, progress=progress)
     say(f"calibrated: {len(stats.tensors)} tensors")
@@ -400,8 +400,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         return cache[(t, bits)]
 
     probe = None
-    if validation is not None:
-        x_val = np.concatenate(list(validation.batches(256)))
+    if x_val is not None:
         probe = Probe(graph, x_val, range_of, specs)
         say(f"sensitivity: int8 reference run on {probe.samples} samples of --data")
 

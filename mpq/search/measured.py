@@ -119,7 +119,8 @@ class _Pool:
     def __init__(self, problem: Problem, probe: Probe) -> None:
         self.problem, self.probe = problem, probe
         self.seen: dict[tuple, float] = {}
-        self.best: tuple[float, tuple, dict[str, int]] | None = None
+        self.best: tuple[float, tuple, dict[str, int]] | None = None  # damage, key, choice
+        self._best_rank: tuple | None = None
 
     def add(self, choice: dict[str, int]) -> float:
         key = tuple(sorted(choice.items()))
@@ -128,9 +129,8 @@ class _Pool:
             self.seen[key] = self.probe.damage_of(acts, weights)
             # Ties: more bits in total (the budget used), then the key, for determinism.
             rank = (self.seen[key], -sum(choice.values()), key)
-            if self.best is None or rank < (self.best[0], -sum(self.best[2].values()),
-                                            self.best[1]):
-                self.best = (self.seen[key], key, dict(choice))
+            if self._best_rank is None or rank < self._best_rank:
+                self._best_rank, self.best = rank, (self.seen[key], key, dict(choice))
         return self.seen[key]
 
 

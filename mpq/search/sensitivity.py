@@ -66,6 +66,7 @@ class Probe:
         self._memo: dict[tuple, float] = {}
         self._ref_w = {n.name: self._w_bits(n, {}) for n in graph.nodes if n.weight is not None}
         self.runs = 0
+        self.base: QuantModel | None = None  # `model` builds the reference when it is None
         self.base = self.model({}, {})[0]
         name = graph.inputs[0]
         xq = quantize_input(self.base.acts[name], to_ir_layout(graph, name, x_val))
@@ -93,7 +94,7 @@ class Probe:
         g = self.graph
         ranges = {t: self.range_of(t, act_bits.get(t, 8)) for t in g.tensors}
         acts = activation_quant(g, ranges, act_bits)
-        base = getattr(self, "base", None)
+        base = self.base
         layers: dict[str, LayerQuant] = {}
         changed: set[str] = set()
         for node in g.nodes:
@@ -163,8 +164,8 @@ class Probe:
         damage = 0.0
         if changed:
             outs = self.outputs(qm, changed)
-            damage = float(sum(output_damage(self.reference[t], outs[t], self.classifier[t],
-                                             probabilities=False) for t, _ in self.measure))
+            damage = float(sum(output_damage(self.reference[t], outs[t], self.classifier[t])
+                               for t, _ in self.measure))
         self._memo[key] = damage
         return damage
 
