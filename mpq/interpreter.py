@@ -158,6 +158,29 @@ class Softmax(Op):
         return e / e.sum(axis=-1, keepdims=True)
 
 
+class Mean(Op):
+    """Arithmetic mean over `axes`, which stay as size 1 (ONNX ReduceMean, TFLite MEAN)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return xs[0].mean(axis=tuple(node.attrs["axes"]), keepdims=True)
+
+
+class Resize(Op):
+    """Nearest-neighbour resize: output row i copies input row rows[i], column j cols[j]."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return resize_nearest(xs[0], node)
+
+
+def resize_nearest(x: np.ndarray, node: Node) -> np.ndarray:
+    """x[:, rows][:, :, cols] of an NHWC batch (the index maps resolved at import)."""
+    rows = np.asarray(node.attrs["rows"], np.int64)
+    cols = np.asarray(node.attrs["cols"], np.int64)
+    return x[:, rows][:, :, cols]
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -167,6 +190,8 @@ OPS: dict[str, type[Op]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "mean": Mean,
+    "resize": Resize,
 }
 
 

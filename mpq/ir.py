@@ -29,6 +29,8 @@ OPS = (
     "reshape",
     "concat",
     "softmax",
+    "mean",
+    "resize",
 )
 
 # Ops that accept a fused activation clamp.
@@ -62,6 +64,12 @@ class Node:
       reshape         shape (the output shape; NHWC memory order is kept)
       concat          axis (in the IR layout)
       softmax         axis (always the last)
+      mean            axes (IR axes among 1, 2, 3), count (elements averaged per output); the
+                      output keeps the reduced axes as 1 (rank 4), an importer adds a reshape
+                      where the model drops them
+      resize          mode ("nearest"), rows / cols: the input row (column) each output row
+                      (column) copies — the model's coordinate rule resolved at import;
+                      scales (H, W): the scales that rule used (for the ONNX writer)
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows
+from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows, resize_nearest
 from mpq.ir import Node
 from mpq.quant import arith
 from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel
@@ -109,6 +109,29 @@ class Softmax(IntOp):
         return arith.softmax_s8(xs[0], e["multiplier"], e["left_shift"], e["diff_min"])
 
 
+class Mean(IntOp):
+    """TFLM's int8 MEAN (reference_ops::QuantizedMeanOrSum): the int32 sum over the n
+    reduced elements minus n·zp_in, requantised with (M, S) of s_in/s_out folded with 1/n
+    (`arith.mean_params`), plus zp_out, clamped to the output's range."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        e = lq.extra
+        src = qm.acts[node.inputs[0]]
+        total = xs[0].sum(axis=tuple(node.attrs["axes"]), keepdims=True)
+        return arith.mean_quantized(total, e["count"], src.zero_point, e["multiplier"],
+                                    e["shift"], qm.acts[node.outputs[0]].zero_point,
+                                    lq.act_min, lq.act_max)
+
+
+class Resize(IntOp):
+    """Nearest neighbour: a pure copy (the output shares the input's quantisation)."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        return resize_nearest(xs[0], node)
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -118,6 +141,8 @@ INT_OPS: dict[str, type[IntOp]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "mean": Mean,
+    "resize": Resize,
 }
 
 

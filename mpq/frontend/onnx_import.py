@@ -727,6 +727,202 @@ def _identity(imp: Importer, node: onnx.NodeProto) -> None:
     imp.notes[f"{node.op_type} removed"] += 1
 
 
+# -- reductions and resizing --------------------------------------------------------------------
+
+def _ir_axes(imp: Importer, node: onnx.NodeProto, x: Value, axes: list[int]) -> list[int]:
+    """ONNX axes of a rank-4 value → the IR (NHWC) axes they name, batch dropped (it is 1)."""
+    rank = len(imp.shape(x))
+    onnx_axes = sorted({_axis(imp, node, a, rank, "axes value") for a in axes})
+    perm = NCHW_TO_NHWC if x.layout == LAYOUT_NCHW else tuple(range(rank))
+    return sorted(perm.index(a) for a in onnx_axes if a != 0)
+
+
+@handles("ReduceMean")
+def _reduce_mean(imp: Importer, node: onnx.NodeProto) -> None:
+    """ReduceMean over any of H, W, C of a rank-4 value (axes as attribute before opset 18,
+    as input from 18); keepdims 0 adds an IR reshape (a view) to the squeezed shape."""
+    attrs = _attrs(node)
+    x = imp.value(node.input[0], node)
+    shape = imp.shape(x)
+    if len(shape) != 4:
+        raise imp.fail(f"node '{node.name}' (ReduceMean): only rank-4 inputs are supported, "
+                       f"got shape {list(shape)}")
+    axes = _axes(imp, node)
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            imp.values[node.output[0]] = x
+            imp.notes["ReduceMean removed"] += 1
+            return
+        axes = list(range(len(shape)))
+    ir_axes = _ir_axes(imp, node, x, axes)
+    in_ir = imp.tensors[x.tensor].shape
+    keep_ir = tuple(1 if i in ir_axes else d for i, d in enumerate(in_ir))
+    keepdims = int(attrs.get("keepdims", 1))
+    if not ir_axes:  # only the batch axis (size 1): the identity
+        imp.values[node.output[0]] = x
+        imp.notes["ReduceMean removed"] += 1
+        return
+    name = node.output[0] if keepdims else f"{node.output[0]}_keepdims"
+    out = imp.new_tensor(name, keep_ir)
+    imp.nodes.append(Node(name=node.name, op="mean", inputs=[x.tensor], outputs=[out],
+                          attrs={"axes": tuple(ir_axes),
+                                 "count": int(math.prod(in_ir[a] for a in ir_axes))}))
+    kept = Value(out, x.layout)
+    if keepdims:
+        imp.values[node.output[0]] = kept
+        return
+    onnx_axes = {_axis(imp, node, a, 4, "axes value") for a in axes}
+    squeeze = helper.make_node("Squeeze", [], [node.output[0]], name=f"{node.name}_squeeze")
+    _reshape_to(imp, squeeze, kept, [d for i, d in enumerate(imp.shape(kept))
+                                     if i not in onnx_axes or i == 0])
+
+
+def nearest_index_map(in_size: int, out_size: int, scale: float, transform: str,
+                      nearest_mode: str) -> tuple[int, ...]:
+    """The input index each output index copies under ONNX Resize nearest (operators.md,
+    Resize): x = transform(o) in float32 (half_pixel: (o+0.5)/scale−0.5, pytorch_half_pixel:
+    the same unless out = 1 (then 0), align_corners: o·(in−1)/(out−1), asymmetric: o/scale,
+    tf_half_pixel_for_nn: (o+0.5)/scale), rounded by nearest_mode (round_prefer_floor,
+    round_prefer_ceil, floor, ceil) and clamped to [0, in−1]."""
+    o = np.arange(out_size, dtype=np.float32)
+    s = np.float32(scale)
+    half = np.float32(0.5)
+    if transform == "half_pixel":
+        x = (o + half) / s - half
+    elif transform == "pytorch_half_pixel":
+        x = (o + half) / s - half if out_size > 1 else np.zeros_like(o)
+    elif transform == "align_corners":
+        x = o * np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 \
+            else np.zeros_like(o)
+    elif transform == "asymmetric":
+        x = o / s
+    elif transform == "tf_half_pixel_for_nn":
+        x = (o + half) / s
+    else:
+        raise ValueError(transform)
+    floor = np.floor(x)
+    frac = x - floor
+    if nearest_mode == "floor":
+        idx = floor
+    elif nearest_mode == "ceil":
+        idx = np.ceil(x)
+    elif nearest_mode == "round_prefer_ceil":
+        idx = np.where(frac >= half, floor + 1, floor)
+    else:  # round_prefer_floor
+        idx = np.where(frac > half, floor + 1, floor)
+    return tuple(int(v) for v in np.clip(idx, 0, in_size - 1))
+
+
+_RESIZE_TRANSFORMS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                      "tf_half_pixel_for_nn")
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _emit_resize(imp: Importer, node: onnx.NodeProto, x: Value, out_hw: tuple[int, int],
+                 scales_hw: tuple[float, float], transform: str, nearest_mode: str) -> None:
+    _, h, w, c = imp.tensors[x.tensor].shape
+    if min(out_hw) < 1:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): empty output {out_hw[0]}x"
+                       f"{out_hw[1]}")
+    rows = nearest_index_map(h, out_hw[0], scales_hw[0], transform, nearest_mode)
+    cols = nearest_index_map(w, out_hw[1], scales_hw[1], transform, nearest_mode)
+    out = imp.new_tensor(node.output[0], (1, out_hw[0], out_hw[1], c))
+    imp.nodes.append(Node(name=node.name, op="resize", inputs=[x.tensor], outputs=[out],
+                          attrs={"mode": "nearest", "rows": rows, "cols": cols,
+                                 "scales": (float(scales_hw[0]), float(scales_hw[1]))}))
+    imp.values[node.output[0]] = Value(out, x.layout)
+
+
+def _resize_scales(imp: Importer, node: onnx.NodeProto, x: Value, scales: list[float] | None,
+                   sizes: list[int] | None) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Output (H, W) and the H/W scales from ONNX scales or sizes (NCHW or NHWC order as the
+    value is seen); resizing the batch or the channels is refused."""
+    shape = imp.shape(x)
+    hw = (2, 3) if x.layout == LAYOUT_NCHW else (1, 2)
+    other = [i for i in range(4) if i not in hw]
+    if sizes is not None:
+        if len(sizes) != 4 or any(sizes[i] != shape[i] for i in other):
+            raise imp.fail(f"node '{node.name}' ({node.op_type}): only spatial resizing of a "
+                           f"rank-4 tensor is supported (sizes {sizes} for {list(shape)})")
+        out = (int(sizes[hw[0]]), int(sizes[hw[1]]))
+        return out, (out[0] / shape[hw[0]], out[1] / shape[hw[1]])
+    if scales is None or len(scales) != 4 or any(scales[i] != 1.0 for i in other):
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): only spatial resizing of a "
+                       f"rank-4 tensor is supported (scales {scales})")
+    sc = (float(scales[hw[0]]), float(scales[hw[1]]))
+    if min(sc) <= 0:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): scales must be positive, got "
+                       f"{scales}")
+    out = tuple(math.floor(shape[a] * float(np.float32(s)))  # double, as onnxruntime
+                for a, s in zip(hw, sc, strict=True))
+    return (out[0], out[1]), sc
+
+
+def _float_vector(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> list[float]:
+    v = imp.const(name, node, what)
+    if v.ndim != 1 or v.dtype != np.float32:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): {what} must be a 1-D float32 "
+                       f"tensor, got {v.dtype} of shape {list(v.shape)}")
+    return [float(f) for f in v]
+
+
+@handles("Resize")
+def _resize(imp: Importer, node: onnx.NodeProto) -> None:
+    """Resize, mode nearest, by scales or sizes, with every coordinate transformation and
+    nearest mode exporters use; the index maps are resolved here (`nearest_index_map`)."""
+    attrs = _attrs(node)
+    x = imp.value(node.input[0], node)
+    if len(imp.shape(x)) != 4:
+        raise imp.fail(f"node '{node.name}' (Resize): only rank-4 inputs are supported")
+    mode = _decode(attrs.get("mode", "nearest"))
+    transform = _decode(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    nearest_mode = _decode(attrs.get("nearest_mode", "round_prefer_floor"))
+    if _opset(imp.model) < 11:
+        transform, nearest_mode = "asymmetric", "floor"  # Resize-10 is Upsample's rule
+    if mode != "nearest":
+        raise imp.fail(f"node '{node.name}' (Resize): only mode 'nearest' is supported, got "
+                       f"'{mode}'")
+    if transform not in _RESIZE_TRANSFORMS or nearest_mode not in _NEAREST_MODES:
+        raise imp.fail(f"node '{node.name}' (Resize): coordinate_transformation_mode "
+                       f"'{transform}' with nearest_mode '{nearest_mode}' is not supported")
+    for key, default in (("antialias", 0), ("keep_aspect_ratio_policy", "stretch")):
+        if _decode(attrs.get(key, default)) != default:
+            raise imp.fail(f"node '{node.name}' (Resize): {key} is not supported")
+    if attrs.get("axes") is not None:
+        raise imp.fail(f"node '{node.name}' (Resize): the axes attribute is not supported")
+    scales = sizes = None
+    if _opset(imp.model) < 11:
+        scales = _float_vector(imp, node.input[1], node, "scales")
+    else:
+        if len(node.input) > 3 and node.input[3]:
+            sizes = _int_vector(imp, node.input[3], node, "sizes")
+        elif len(node.input) > 2 and node.input[2]:
+            scales = _float_vector(imp, node.input[2], node, "scales")
+            if not scales:
+                raise imp.fail(f"node '{node.name}' (Resize): needs scales or sizes")
+    out_hw, sc = _resize_scales(imp, node, x, scales, sizes)
+    _emit_resize(imp, node, x, out_hw, sc, transform, nearest_mode)
+
+
+@handles("Upsample")
+def _upsample(imp: Importer, node: onnx.NodeProto) -> None:
+    """Upsample (opsets 7–9), mode nearest: asymmetric coordinates, floor."""
+    attrs = _attrs(node)
+    x = imp.value(node.input[0], node)
+    if len(imp.shape(x)) != 4:
+        raise imp.fail(f"node '{node.name}' (Upsample): only rank-4 inputs are supported")
+    mode = _decode(attrs.get("mode", "nearest"))
+    if mode != "nearest":
+        raise imp.fail(f"node '{node.name}' (Upsample): only mode 'nearest' is supported, got "
+                       f"'{mode}'")
+    if "scales" in attrs:
+        scales = [float(f) for f in attrs["scales"]]
+    else:
+        scales = _float_vector(imp, node.input[1], node, "scales")
+    out_hw, sc = _resize_scales(imp, node, x, scales, None)
+    _emit_resize(imp, node, x, out_hw, sc, "asymmetric", "floor")
+
+
 # -- driver ---------------------------------------------------------------------------------------
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -9,6 +9,7 @@ IR tensor names become ONNX value names, so names stay stable across a round tri
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mpq import __version__
+from mpq.errors import MpqError
 from mpq.ir import LAYOUT_NCHW, Graph, Node
 
 NORMALISED_KEY = "mpq.normalised"
@@ -127,6 +129,50 @@ class _Writer:
         axis = 1 if self.rank4(node.outputs[0]) else -1
         self.add("Softmax", list(node.inputs), list(node.outputs), node.name, axis=axis)
 
+    def mean(self, node: Node) -> None:
+        axes = sorted((0, 2, 3, 1)[a] for a in node.attrs["axes"])  # IR NHWC → NCHW axes
+        self.add("ReduceMean", list(node.inputs), list(node.outputs), node.name, axes=axes,
+                 keepdims=1)
+
+    def resize(self, node: Node) -> None:
+        """Resize nearest with the first coordinate rule and nearest mode that give the node's
+        index maps (every map mpq imports, ONNX's or TFLite's, is one of them): by the scales
+        it was imported with when they give its size, else by sizes (out/in), built from the
+        input's Shape so that any batch runs (the importer folds it back to constants)."""
+        from mpq.frontend.onnx_import import _NEAREST_MODES, _RESIZE_TRANSFORMS, nearest_index_map
+
+        _, h, w, _ = self.shapes[node.inputs[0]]
+        rows, cols = tuple(node.attrs["rows"]), tuple(node.attrs["cols"])
+        ho, wo = len(rows), len(cols)
+        given = node.attrs.get("scales")
+        candidates = [(ho / h, wo / w, False)]
+        if given and _resized(h, given[0]) == ho and _resized(w, given[1]) == wo:
+            candidates.insert(0, (given[0], given[1], True))
+        for (sh, sw, by_scales), transform, mode in itertools.product(
+                candidates, _RESIZE_TRANSFORMS, _NEAREST_MODES):
+            if nearest_index_map(h, ho, sh, transform, mode) != rows or \
+                    nearest_index_map(w, wo, sw, transform, mode) != cols:
+                continue
+            if by_scales:
+                scales = self.init(f"{node.name}/scales", np.array([1, 1, sh, sw], np.float32))
+                ins = [node.inputs[0], "", scales]
+            else:
+                shape = self.fresh(f"{node.outputs[0]}__shape")
+                nc = self.fresh(f"{node.outputs[0]}__nc")
+                sizes = self.fresh(f"{node.outputs[0]}__sizes")
+                self.add("Shape", [node.inputs[0]], [shape], self.derived(f"{node.name}/shape"))
+                self.add("Slice", [shape, self.init(f"{node.name}/start", np.array([0])),
+                                   self.init(f"{node.name}/end", np.array([2]))], [nc],
+                         self.derived(f"{node.name}/nc"))
+                self.add("Concat", [nc, self.init(f"{node.name}/hw", np.array([ho, wo]))],
+                         [sizes], self.derived(f"{node.name}/sizes"), axis=0)
+                ins = [node.inputs[0], "", "", sizes]
+            self.add("Resize", ins, list(node.outputs), node.name, mode="nearest",
+                     coordinate_transformation_mode=transform, nearest_mode=mode)
+            return
+        raise MpqError(f"normalised ONNX: resize '{node.name}' has index maps no ONNX Resize "
+                       "mode reproduces")
+
     def emit(self, node: Node) -> None:
         dispatch = {
             "conv2d": self.conv2d,
@@ -137,8 +183,16 @@ class _Writer:
             "reshape": self.reshape,
             "concat": self.concat,
             "softmax": self.softmax,
+            "mean": self.mean,
+            "resize": self.resize,
         }
         dispatch[node.op](node)
+
+
+def _resized(size: int, scale: float) -> int:
+    """ONNX Resize's output size floor(size·scale), the float32 scale widened to double (as
+    onnxruntime computes it)."""
+    return math.floor(size * float(np.float32(scale)))
 
 
 def _value_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:

@@ -343,3 +343,24 @@ def unpack(buf: np.ndarray, bits: int, count: int, signed: bool = True) -> np.nd
         return vals.astype(np.uint8)
     sign = 1 << (bits - 1)
     return ((vals ^ sign) - sign).astype(np.int8)
+
+
+def mean_params(input_scale: float, output_scale: float, count: int) -> tuple[int, int]:
+    """TFLM int8 MEAN's (M, S) (reference_ops::QuantizedMeanOrSum, reduce.h).
+
+    (M0, S0) = QuantizeMultiplier(s_in/s_out) with both scales float32 widened to double;
+    then with k = min(floor(log2 n), 32, 31 + S0): M = (M0·2^k) div n (int64, truncating),
+    S = S0 − k, so that requant(sum, M, S) ≈ (s_in/s_out)·sum/n.
+    """
+    m0, s0 = quantize_multiplier(float(np.float64(np.float32(input_scale))
+                                       / np.float64(np.float32(output_scale))))
+    k = min(int(count).bit_length() - 1, 32, 31 + s0)
+    return int((m0 << k) // int(count)), int(s0 - k)
+
+
+def mean_quantized(total: np.ndarray, count: int, input_zp: int, multiplier: int, shift: int,
+                   output_zp: int, act_min: int, act_max: int) -> np.ndarray:
+    """TFLM int8 MEAN after the sum: clamp(requant(int32(sum − n·zp_in), M, S) + zp_out)."""
+    shifted = wrap32(np.asarray(total, np.int64) - int(input_zp) * int(count))
+    y = requantize(shifted, multiplier, shift) + output_zp
+    return np.clip(y, act_min, act_max)

@@ -20,7 +20,7 @@ from mpq.quant.finite import check_finite_parameters, check_finite_ranges
 from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
 
 # Ops whose output must carry exactly the input's quantisation (no requantisation happens).
-SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape")
+SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape", "resize")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,17 @@ def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | Non
                            "1/256 and zero point −128")
         m, shift, diff_min = arith.softmax_params(acts[node.inputs[0]].scale)
         lq.extra = {"multiplier": m, "left_shift": shift, "diff_min": diff_min}
+    elif node.op == "mean":
+        lq.extra = mean_extra(node, acts)
     return lq
+
+
+def mean_extra(node: Node, acts: dict[str, ActQuant]) -> dict[str, int]:
+    """MEAN's constants: the reduced element count n and TFLM's (M, S) of s_in/(s_out·n)
+    (`arith.mean_params`)."""
+    count = int(node.attrs["count"])
+    m, s = arith.mean_params(acts[node.inputs[0]].scale, acts[node.outputs[0]].scale, count)
+    return {"count": count, "multiplier": m, "shift": s}
 
 
 def softmax_output_quant() -> ActQuant:
