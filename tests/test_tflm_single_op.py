@@ -290,6 +290,40 @@ def make_reshape(rng: np.random.Generator) -> Case:
                 dict(x_shape=x_shape, new_shape=new_shape, q=q))
 
 
+def make_mean(rng: np.random.Generator) -> Case:
+    """Global over H, W (squeeze-excite, classifier heads) most often; else channels, one
+    spatial axis or all three; keep_dims either way; output scale near s_in or free."""
+    h, w = pair(rng, 1, 9)
+    c = int(rng.integers(1, 17))
+    axes = [(1, 2), (2, 1), (1, 2), (3,), (-1,), (1,), (2,), (1, 2, 3)][int(rng.integers(8))]
+    x_q = rand_q(rng)
+    kind = rng.random()
+    if kind < 0.2:
+        y_q = x_q
+    elif kind < 0.85:
+        y_q = tb.QParams(near(rng, x_q.scale, 0.5), int(rng.integers(-128, 128)))
+    else:
+        y_q = rand_q(rng)
+    keep = bool(rng.random() < 0.6)
+    data = tb.mean((1, h, w, c), axes, x_q, y_q, keep_dims=keep)
+    return Case(data, [(1, h, w, c)], dict(x_shape=(1, h, w, c), axes=axes, keep_dims=keep,
+                                           x_q=x_q, y_q=y_q))
+
+
+def make_resize_nearest(rng: np.random.Generator) -> Case:
+    """×2 most often, else any output size (down- or upsampling); both flags."""
+    h, w = pair(rng, 1, 7)
+    c = int(rng.integers(1, 6))
+    size = (2 * h, 2 * w) if rng.random() < 0.5 else pair(rng, 1, 15)
+    align, hpc = [(False, False), (True, False), (False, True), (True, True)][
+        int(rng.integers(4))]
+    q = rand_q(rng)
+    data = tb.resize_nearest_neighbor((1, h, w, c), size, q, align_corners=align,
+                                      half_pixel_centers=hpc)
+    return Case(data, [(1, h, w, c)], dict(x_shape=(1, h, w, c), size=size,
+                                           align_corners=align, half_pixel_centers=hpc, q=q))
+
+
 MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "CONV_2D": make_conv,
     "DEPTHWISE_CONV_2D": make_depthwise,
@@ -299,6 +333,8 @@ MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "MAX_POOL_2D": make_max_pool,
     "SOFTMAX": make_softmax,
     "RESHAPE": make_reshape,
+    "MEAN": make_mean,
+    "RESIZE_NEAREST_NEIGHBOR": make_resize_nearest,
 }
 SEEDS = {op: 1000 + i for i, op in enumerate(MAKERS)}
 

@@ -302,3 +302,33 @@ def reshape(x_shape: tuple[int, ...], new_shape: tuple[int, ...], q: QParams) ->
     o.newShape = [int(d) for d in new_shape]
     w.op(OP.RESHAPE, [x, s], [y], OPT.ReshapeOptions, o)
     return w.finish([x], [y])
+
+
+def mean(x_shape: tuple[int, ...], axes: tuple[int, ...], x_q: QParams, y_q: QParams, *,
+         keep_dims: bool = True) -> bytes:
+    """MEAN over `axes` (a constant int32 input), keep_dims as given."""
+    reduced = {a % len(x_shape) for a in axes}
+    y_shape = tuple(1 if i in reduced else d for i, d in enumerate(x_shape)) if keep_dims \
+        else tuple(d for i, d in enumerate(x_shape) if i not in reduced)
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, x_q)
+    a = w.tensor("axes", (len(axes),), T_INT32, data=np.asarray(axes, np.int32))
+    y = w.activation("y", y_shape, y_q)
+    o = FB.ReducerOptionsT()
+    o.keepDims = bool(keep_dims)
+    w.op(OP.MEAN, [x, a], [y], OPT.ReducerOptions, o)
+    return w.finish([x], [y])
+
+
+def resize_nearest_neighbor(x_shape: tuple[int, int, int, int], size: tuple[int, int],
+                            q: QParams, *, align_corners: bool = False,
+                            half_pixel_centers: bool = False) -> bytes:
+    """RESIZE_NEAREST_NEIGHBOR to a constant (height, width); output quantised like the input."""
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, q)
+    s = w.tensor("size", (2,), T_INT32, data=np.asarray(size, np.int32))
+    y = w.activation("y", (1, size[0], size[1], x_shape[3]), q)
+    o = FB.ResizeNearestNeighborOptionsT()
+    o.alignCorners, o.halfPixelCenters = bool(align_corners), bool(half_pixel_centers)
+    w.op(OP.RESIZE_NEAREST_NEIGHBOR, [x, s], [y], OPT.ResizeNearestNeighborOptions, o)
+    return w.finish([x], [y])

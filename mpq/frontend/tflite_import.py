@@ -61,6 +61,7 @@ NEEDS_TFLITE_MICRO = "reading .tflite needs the tflite-micro package: pip instal
 SUPPORTED_OPS = (
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "DEQUANTIZE",
     "FULLY_CONNECTED", "MAX_POOL_2D", "PAD", "QUANTIZE", "RESHAPE", "SOFTMAX",
+    "MEAN", "RESIZE_NEAREST_NEIGHBOR",
 )
 
 # TensorType code → (name, numpy dtype); codes from the TFLite schema.
@@ -842,6 +843,92 @@ def _check_input_shape(imp: _Importer, t: int) -> None:
                        "batch 1")
 
 
+def _mean(imp: _Importer, i: int, op: Any) -> None:
+    """MEAN over any of H, W, C of a rank-4 tensor (constant int32 axes); without keep_dims
+    the IR mean keeps them as 1 and a reshape (a view) gives the file's shape."""
+    opts = _options(imp, op, "ReducerOptionsT")
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 2 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected input, axes and one output")
+    x = imp.value(ins[0], i)
+    shape = imp.rank4(x, i)
+    axes = imp.raw(ins[1])
+    if axes is None:
+        raise imp.fail(f"{imp.where(i)}: the axes must be a constant")
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if any(not -4 <= a < 4 for a in axes):
+        raise imp.fail(f"{imp.where(i)}: axes {axes} out of range for rank 4")
+    reduced = sorted({a % 4 for a in axes})
+    ir_axes = tuple(a for a in reduced if a != 0)
+    keep = tuple(1 if d in reduced else n for d, n in enumerate(shape))
+    keep_dims = bool(opts.keepDims) if op.builtinOptions is not None else False
+    imp.check_output(i, outs[0], keep if keep_dims else
+                     tuple(n for d, n in enumerate(shape) if d not in reduced))
+    if keep_dims:
+        out = imp.new_tensor(outs[0])
+    else:
+        name = f"{imp.names[outs[0]]}_keepdims"
+        if name in imp.tensors:
+            raise imp.fail(f"tensor '{name}' is written twice")
+        imp.tensors[name] = Tensor(name, keep)
+        imp.origin[name] = outs[0]  # the same quantisation as the file's output
+        out = name
+    imp.nodes.append(Node(name=imp.node_name(i), op="mean", inputs=[x], outputs=[out],
+                          attrs={"axes": ir_axes,
+                                 "count": int(math.prod(shape[a] for a in ir_axes))}))
+    if not keep_dims:
+        final = imp.new_tensor(outs[0])
+        imp.nodes.append(Node(name=f"{imp.node_name(i)}_squeeze", op="reshape", inputs=[out],
+                              outputs=[final], attrs={"shape": imp.shape(outs[0])}))
+
+
+def tflite_nearest_map(in_size: int, out_size: int, align_corners: bool,
+                       half_pixel_centers: bool) -> tuple[int, ...]:
+    """The input index each output index copies: TFLite's GetNearestNeighbor
+    (reference_ops/resize_nearest_neighbor.h) in float32 — scale = (in−1)/(out−1) with
+    align_corners (out > 1), else in/out; x = (o + 0.5·hpc)·scale, rounded half away from zero
+    with align_corners, else floored; clamped to in−1 (and to 0 with half-pixel centres)."""
+    if align_corners and out_size > 1:
+        scale = np.float32(in_size - 1) / np.float32(out_size - 1)
+    else:
+        scale = np.float32(in_size) / np.float32(out_size)
+    offset = np.float32(0.5 if half_pixel_centers else 0.0)
+    x = (np.arange(out_size, dtype=np.float32) + offset) * scale
+    if align_corners:
+        v = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+    else:
+        v = np.floor(x)
+    v = np.minimum(v.astype(np.int64), in_size - 1)
+    if half_pixel_centers:
+        v = np.maximum(v, 0)
+    return tuple(int(k) for k in v)
+
+
+def _resize_nearest(imp: _Importer, i: int, op: Any) -> None:
+    """RESIZE_NEAREST_NEIGHBOR with a constant size: the index maps of `tflite_nearest_map`;
+    the output is the input's quantisation (TFLM copies bytes)."""
+    opts = _options(imp, op, "ResizeNearestNeighborOptionsT")
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 2 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected input, size and one output")
+    x = imp.value(ins[0], i)
+    _, h, w, c = imp.rank4(x, i)
+    size = imp.raw(ins[1])
+    if size is None or np.asarray(size).size != 2:
+        raise imp.fail(f"{imp.where(i)}: the size must be a constant of two values")
+    ho, wo = (int(v) for v in np.asarray(size).reshape(-1))
+    if ho < 1 or wo < 1:
+        raise imp.fail(f"{imp.where(i)}: empty output {ho}x{wo}")
+    align = bool(opts.alignCorners) if op.builtinOptions is not None else False
+    hpc = bool(opts.halfPixelCenters) if op.builtinOptions is not None else False
+    imp.check_output(i, outs[0], (1, ho, wo, c))
+    _same_quant(imp, i, imp.origin[x], outs[0])
+    out = imp.new_tensor(outs[0])
+    imp.nodes.append(Node(name=imp.node_name(i), op="resize", inputs=[x], outputs=[out], attrs={
+        "mode": "nearest", "rows": tflite_nearest_map(h, ho, align, hpc),
+        "cols": tflite_nearest_map(w, wo, align, hpc), "scales": (ho / h, wo / w)}))
+
+
 _HANDLERS: dict[str, Any] = {
     "CONV_2D": lambda imp, i, op: _conv(imp, i, op, depthwise=False),
     "DEPTHWISE_CONV_2D": lambda imp, i, op: _conv(imp, i, op, depthwise=True),
@@ -853,6 +940,8 @@ _HANDLERS: dict[str, Any] = {
     "SOFTMAX": _softmax,
     "CONCATENATION": _concat,
     "PAD": _pad,
+    "MEAN": _mean,
+    "RESIZE_NEAREST_NEIGHBOR": _resize_nearest,
 }
 
 
