@@ -9,6 +9,8 @@
  *   mpq_pool.c             mpq_avgpool, mpq_maxpool
  *   mpq_softmax.c          mpq_softmax
  *   mpq_copy.c             mpq_copy_view
+ *   mpq_reduce.c           mpq_mean
+ *   mpq_resize.c           mpq_resize_nearest
  * and what they share: mpq_support.h (inline helpers), mpq_support.c (requantisation and add
  * helpers kept out of line; conv, depthwise, fully connected, add) and mpq_dot.c (the dot
  * product loops per bit width and the weight decode tables; conv, fully connected). Compile
@@ -230,6 +232,31 @@ int mpq_softmax(const mpq_softmax_params *p, const mpq_view *in, const mpq_view 
  * X[y, x, ch]. Equal bits and h, w. Concatenation (along H or W through the views' y0/x0,
  * along C through dst_c0) and stitching patch tiles into a whole tensor. No overlap. */
 int mpq_copy_view(const mpq_view *src, const mpq_view *dst, int32_t dst_c0);
+
+/* Mean over any of H, W, C (TFLM's int8 MEAN, reference_ops::QuantizedMeanOrSum;
+ * `mpq.quant.arith.mean_quantized`). For each output element, over the `count` input elements
+ * of the reduced axes (reduce_* = 1; the output view has extent 1 there, the input's
+ * elsewhere):
+ *   acc = int32(sum(X) - count*input_zp)                  (wrapping, as TFLM's int32 sum)
+ *   Y   = clamp(requant(acc, M, S) + output_zp, act_min, act_max)
+ * where (M, S) fold s_in/s_out with 1/count exactly as TFLM does (`arith.mean_params`: not
+ * the (M, S) of s_in/(s_out*count)). Any bits; no scratch; no overlap. */
+typedef struct {
+    int32_t reduce_h, reduce_w, reduce_c;  /* 0 or 1 */
+    int32_t count;                         /* product of the reduced input extents */
+    int32_t input_zp, output_zp;
+    int32_t multiplier, shift;
+    int32_t act_min, act_max;
+} mpq_mean_params;
+int mpq_mean(const mpq_mean_params *p, const mpq_view *in, const mpq_view *out);
+
+/* Nearest-neighbour resize as an index map (ONNX Resize / Upsample nearest, TFLite
+ * RESIZE_NEAREST_NEIGHBOR; the model's coordinate rule is resolved into the maps by mpq):
+ *   Y[oy, ox, ch] = X[rows[oy], cols[ox], ch]
+ * rows has out->h entries in [0, in->h), cols out->w entries in [0, in->w). A copy: equal
+ * bits (any) and C, the quantisation is the input's. No overlap. */
+typedef struct { const int32_t *rows, *cols; } mpq_resize_params;
+int mpq_resize_nearest(const mpq_resize_params *p, const mpq_view *in, const mpq_view *out);
 
 #ifdef __cplusplus
 }

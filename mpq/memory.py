@@ -321,4 +321,10 @@ def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
         total += packed_bytes(n.weight.size, weight_bits.get(n.name, 8))
         total += 4 * cout  # bias
         total += 8 * cout  # requantisation multiplier and shift
-    return total
+    return total + resize_map_bytes(graph)
+
+
+def resize_map_bytes(graph: Graph) -> int:
+    """Flash of the nearest-resize index maps: one int32 per output row and column."""
+    return sum(4 * (len(n.attrs["rows"]) + len(n.attrs["cols"]))
+               for n in graph.nodes if n.op == "resize")

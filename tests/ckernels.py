@@ -62,6 +62,12 @@ AddParams = _struct("AddParams", "a_zp", "a_multiplier", "a_shift", "b_zp", "b_m
 PoolParams = _struct("PoolParams", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top",
                      "pad_left", "act_min", "act_max")
 SoftmaxParams = _struct("SoftmaxParams", "multiplier", "left_shift", "diff_min")
+MeanParams = _struct("MeanParams", "reduce_h", "reduce_w", "reduce_c", "count", "input_zp",
+                     "output_zp", "multiplier", "shift", "act_min", "act_max")
+
+
+class ResizeParams(ctypes.Structure):
+    _fields_ = [("rows", P_I32), ("cols", P_I32)]
 
 
 class ChannelQuant(ctypes.Structure):
@@ -219,6 +225,8 @@ class Kernels:
             "mpq_maxpool": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_softmax": [ptr(SoftmaxParams), ptr(View), ptr(View)],
             "mpq_copy_view": [ptr(View), ptr(View), I32],
+            "mpq_mean": [ptr(MeanParams), ptr(View), ptr(View)],
+            "mpq_resize_nearest": [ptr(ResizeParams), ptr(View), ptr(View)],
         }
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
@@ -328,6 +336,15 @@ class Kernels:
 
     def copy_view(self, src: View, dst: View, dst_c0: int) -> int:
         return self.lib.mpq_copy_view(src, dst, dst_c0)
+
+    def mean(self, p: MeanParams, inp: View, out: View) -> int:
+        return self.lib.mpq_mean(p, inp, out)
+
+    def resize_nearest(self, rows: np.ndarray, cols: np.ndarray, inp: View, out: View) -> int:
+        r = np.ascontiguousarray(rows, np.int32)
+        c = np.ascontiguousarray(cols, np.int32)
+        p = ResizeParams(r.ctypes.data_as(P_I32), c.ctypes.data_as(P_I32))
+        return self.lib.mpq_resize_nearest(p, inp, out)
 
 
 @cache

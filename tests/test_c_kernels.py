@@ -577,6 +577,68 @@ def test_copy_view_random(libs: list[ck.Kernels]) -> None:
     assert n >= scaled(200) and bad == 0
 
 
+# -- mean and nearest resize ---------------------------------------------------------------------
+
+MEAN_AXES = ((1, 2), (3,), (1,), (2,), (1, 2, 3), (2, 3))
+
+
+def test_mean_random(libs: list[ck.Kernels]) -> None:
+    """mpq_mean against mpq.sim's MEAN (TFLM's arithmetic) over every axis set, any bits."""
+    n = bad = 0
+    for rng, bi, bo, _ in cases(12, [(a, b, 8) for a in BITS for b in BITS] * 3):
+        h, w, c = (int(v) for v in rng.integers(1, 9, 3))
+        axes = MEAN_AXES[int(rng.integers(len(MEAN_AXES)))]
+        shape = (1, h, w, c)
+        keep = tuple(1 if i in axes else d for i, d in enumerate(shape))
+        count = int(np.prod([shape[a] for a in axes]))
+        acts = {"x": rand_act(rng, bi), "y": rand_act(rng, bo)}
+        node = Node("mean", "mean", ["x"], ["y"], {"axes": axes, "count": count})
+        qm = single_node_model(node, {"x": shape, "y": keep}, acts)
+        lq = qm.layers["mean"]
+        x = rand_values(rng, bi, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        s_in, v_in = placed(rng, x, bi)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
+        e = lq.extra
+        p = ck.MeanParams(1 in axes, 2 in axes, 3 in axes, count, acts["x"].zero_point,
+                          acts["y"].zero_point, e["multiplier"], e["shift"], lq.act_min,
+                          lq.act_max)
+        for lib in libs:
+            s_out.restore()
+            assert lib.mean(p, v_in, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        n += 1
+    assert n >= scaled(200) and bad == 0
+
+
+def test_resize_nearest_random(libs: list[ck.Kernels]) -> None:
+    """mpq_resize_nearest against mpq.sim on random index maps (up and down), any bits."""
+    n = bad = 0
+    for rng, bits, _, _ in cases(13, [(b, b, b) for b in BITS] * 9):
+        h, w, c = (int(v) for v in rng.integers(1, 6, 3))
+        ho, wo = (int(v) for v in rng.integers(1, 11, 2))
+        rows = tuple(int(v) for v in np.sort(rng.integers(0, h, ho)))
+        cols = tuple(int(v) for v in np.sort(rng.integers(0, w, wo)))
+        q = rand_act(rng, bits)
+        node = Node("up", "resize", ["x"], ["y"], {"mode": "nearest", "rows": rows,
+                                                   "cols": cols})
+        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)},
+                               {"x": q, "y": q})
+        x = rand_values(rng, bits, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        s_in, v_in = placed(rng, x, bits)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bits)
+        for lib in libs:
+            s_out.restore()
+            assert lib.resize_nearest(np.array(rows), np.array(cols), v_in, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        n += 1
+    bad_rows = np.array([0, h])  # an index outside the input is refused before any write
+    assert libs[0].resize_nearest(bad_rows, np.zeros(1), v_in,
+                                  ck.View(v_out.data, bits, 2, 1, c, 0, 0, 1)) == MPQ_ERR_ARG
+    assert n >= scaled(200) and bad == 0
+
+
 # -- argument checks ----------------------------------------------------------------------------
 
 def test_bad_arguments_are_refused(libs: list[ck.Kernels]) -> None:

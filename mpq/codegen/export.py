@@ -50,6 +50,8 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "maxpool": ("mpq_pool.c",),
     "softmax": ("mpq_softmax.c",),
     "copy_view": ("mpq_copy.c",),
+    "mean": ("mpq_reduce.c", "mpq_support.c"),
+    "resize_nearest": ("mpq_resize.c",),
 }
 
 
@@ -342,8 +344,27 @@ class _Builder:
                 c0 += self.graph.tensors[t].shape[-1]
             self.layers.append(Layer(i, node.name, "copy_view", ins, out,
                                      channel_c0=offsets))
+        elif node.op == "mean":
+            self.layers.append(Layer(i, node.name, "mean", ins, out, self.mean_params(node)))
+        elif node.op == "resize":
+            sym = f"mpq_l{i}"
+            self.consts += [ConstArray(f"{sym}_rows", "int32_t", list(node.attrs["rows"])),
+                            ConstArray(f"{sym}_cols", "int32_t", list(node.attrs["cols"]))]
+            self.layers.append(Layer(i, node.name, "resize_nearest", ins, out,
+                                     weight={"sym": sym}))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+    def mean_params(self, node: Node) -> dict[str, int]:
+        """mpq_mean_params of a mean node: reduced axes, count, zero points, TFLM's (M, S)."""
+        lq = self.qm.layers[node.name]
+        axes = node.attrs["axes"]
+        return {"reduce_h": int(1 in axes), "reduce_w": int(2 in axes),
+                "reduce_c": int(3 in axes), "count": lq.extra["count"],
+                "input_zp": self.qm.acts[node.inputs[0]].zero_point,
+                "output_zp": self.qm.acts[node.outputs[0]].zero_point,
+                "multiplier": lq.extra["multiplier"], "shift": lq.extra["shift"],
+                "act_min": lq.act_min, "act_max": lq.act_max}
 
 
 @dataclass
