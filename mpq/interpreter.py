@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NCHW, Graph, Node
+from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, Node
 
 
 def _clamp(node: Node, y: np.ndarray) -> np.ndarray:
@@ -200,6 +200,8 @@ def to_ir_layout(graph: Graph, name: str, x: np.ndarray) -> np.ndarray:
     expected = graph.tensors[name].shape
     if graph.input_layouts.get(name) == LAYOUT_NCHW and x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
+    if graph.input_layouts.get(name) == LAYOUT_NCW and x.ndim == 3:
+        x = x.transpose(0, 2, 1)[:, None]
     if tuple(x.shape[1:]) != tuple(expected[1:]):
         raise MpqError(f"input '{name}' has shape {list(x.shape[1:])} per sample; the model "
                        f"expects {list(expected[1:])} (IR layout)")
@@ -210,6 +212,8 @@ def from_ir_layout(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:
     """Convert an output batch from the IR layout back to the original model's layout."""
     if graph.output_layouts.get(name) == LAYOUT_NCHW and y.ndim == 4:
         return y.transpose(0, 3, 1, 2)
+    if graph.output_layouts.get(name) == LAYOUT_NCW and y.ndim == 4:
+        return y[:, 0].transpose(0, 2, 1)
     return y
 
 

@@ -19,6 +19,7 @@ import numpy as np
 # the ONNX model's layout can be fed to the IR (and results handed back) without guessing.
 LAYOUT_NHWC = "nhwc"  # the original tensor is already in the IR's layout (any rank)
 LAYOUT_NCHW = "nchw"  # the original rank-4 tensor is NCHW; the IR holds it as NHWC
+LAYOUT_NCW = "ncw"  # the original rank-3 tensor is NCW (1-D conv nets); the IR: NHWC, H = 1
 
 OPS = (
     "conv2d",

@@ -26,7 +26,9 @@ from mpq.frontend import onnx_validate as check
 from mpq.ir import (
     ACT_OPS,
     LAYOUT_NCHW,
+    LAYOUT_NCW,
     LAYOUT_NHWC,
+    OPS,
     Graph,
     Node,
     Tensor,
@@ -116,6 +118,8 @@ class Importer:
         ir = self.tensors[value.tensor].shape
         if value.layout == LAYOUT_NCHW:
             return tuple(ir[i] for i in NHWC_TO_NCHW)
+        if value.layout == LAYOUT_NCW:
+            return (ir[0], ir[3], ir[2])
         return ir
 
     def new_tensor(self, name: str, shape: tuple[int, ...]) -> str:
@@ -581,6 +585,8 @@ def _transpose(imp: Importer, node: onnx.NodeProto) -> None:
 
 
 def _onnx_view(index: np.ndarray, layout: str) -> np.ndarray:
+    if layout == LAYOUT_NCW:
+        return index[:, 0].transpose(0, 2, 1)
     return index.transpose(NHWC_TO_NCHW) if layout == LAYOUT_NCHW else index
 
 
@@ -660,6 +666,15 @@ def _squeeze(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
     shape = list(imp.shape(x))
     axes = _axes(imp, node)
+    if x.layout == LAYOUT_NCHW and shape[2] == 1 and axes is not None and \
+            [a % 4 for a in axes] == [2]:  # NCHW with H = 1 → NCW: the same memory
+        prod = imp.fusable_producer(node.input[0], OPS)
+        if prod is not None:  # keep the model's name for the tensor (a graph output's)
+            imp.rename_output(prod, x.tensor, node.output[0], LAYOUT_NCW)
+        else:
+            imp.values[node.output[0]] = Value(x.tensor, LAYOUT_NCW)
+        imp.notes["Squeeze absorbed"] += 1
+        return
     if axes is None:
         axes = [i for i, d in enumerate(shape) if d == 1 and i > 0]
     axes = [_axis(imp, node, a, len(shape), "axes value") for a in axes]
@@ -671,6 +686,10 @@ def _unsqueeze(imp: Importer, node: onnx.NodeProto) -> None:
     x = imp.value(node.input[0], node)
     shape = list(imp.shape(x))
     axes = _axes(imp, node) or []
+    if x.layout == LAYOUT_NCW and [a % 4 for a in axes] == [2]:  # NCW → NCHW with H = 1
+        imp.values[node.output[0]] = Value(x.tensor, LAYOUT_NCHW)
+        imp.notes["Unsqueeze absorbed"] += 1
+        return
     rank = len(shape) + len(axes)
     for a in sorted(_axis(imp, node, a, rank, "axes value") for a in axes):
         shape.insert(a, 1)
@@ -923,6 +942,71 @@ def _upsample(imp: Importer, node: onnx.NodeProto) -> None:
     _emit_resize(imp, node, x, out_hw, sc, "asymmetric", "floor")
 
 
+# -- 1-D convolution and pooling as 2-D with H = 1 -------------------------------------------------
+
+_ONE_D = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+
+def _reads_ncw(node: onnx.NodeProto) -> bool:
+    """Whether `node` takes a rank-3 NCW activation as 1-D conv/pool (or as the normalised
+    ONNX's Unsqueeze to NCHW with H = 1)."""
+    if node.op_type == "Unsqueeze":
+        return True
+    return node.op_type in _ONE_D
+
+
+def _lift_1d(imp: Importer, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """A 1-D Conv/pool on an NCW value as the same op in 2-D on NCHW with H = 1: the IR tensor
+    [1, 1, W, C] is both views. Returns the 2-D node (its input an NCHW alias, a 3-D weight
+    given a 4-D twin, kernel/strides/dilations/pads with a unit H axis), or None."""
+    x = imp.values.get(node.input[0])
+    if x is None or x.layout != LAYOUT_NCW:
+        return None
+    attrs = _attrs(node)
+    alias = f"{node.input[0]}__as_nchw"
+    imp.values[alias] = Value(x.tensor, LAYOUT_NCHW)
+    inputs = [alias, *node.input[1:]]
+    if node.op_type == "Conv":
+        w = imp.weight(node.input[1], node, "weight")
+        if w.ndim != 3:
+            raise imp.fail(f"node '{node.name}' (Conv): a rank-3 input needs a rank-3 weight, "
+                           f"got {list(w.shape)}")
+        inputs[1] = f"{node.input[1]}__2d"
+        imp.consts[inputs[1]] = np.ascontiguousarray(w[:, :, None, :])
+    new = {}
+    for key, value in attrs.items():
+        if key in ("kernel_shape", "strides", "dilations"):
+            value = [1, *value]
+        elif key == "pads":
+            if len(value) != 2:
+                raise imp.fail(f"node '{node.name}' ({node.op_type}): 1-D pads must have 2 "
+                               f"values, got {list(value)}")
+            value = [0, value[0], 0, value[1]]
+        new[key] = value
+    return helper.make_node(node.op_type, inputs, list(node.output), name=node.name, **new)
+
+
+def _run_1d(handler: Handler) -> Handler:
+    """Wrap a 2-D conv/pool handler so that it also takes NCW inputs (`_lift_1d`)."""
+    def run(imp: Importer, node: onnx.NodeProto) -> None:
+        lifted = _lift_1d(imp, node)
+        if lifted is None:
+            handler(imp, node)
+            return
+        handler(imp, lifted)
+        del imp.values[lifted.input[0]]
+        out = imp.values[node.output[0]]
+        imp.values[node.output[0]] = Value(out.tensor, LAYOUT_NCW)
+        imp.notes[f"1-D {node.op_type} as 2-D"] += 1
+    run.__doc__ = handler.__doc__
+    return run
+
+
+for _op in _ONE_D:
+    if _op in HANDLERS:
+        HANDLERS[_op] = _run_1d(HANDLERS[_op])
+
+
 # -- driver ---------------------------------------------------------------------------------------
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -1016,7 +1100,11 @@ def _check_input(imp: Importer, vi: onnx.ValueInfoProto) -> tuple[int, ...]:
 
 
 def _input_layout(imp: Importer, name: str, shape: tuple[int, ...]) -> str:
-    """Decide whether a rank-4 graph input is NHWC (tf2onnx) or NCHW (PyTorch)."""
+    """Decide whether a rank-4 graph input is NHWC (tf2onnx) or NCHW (PyTorch), and whether a
+    rank-3 one is NCW (read by 1-D convolutions and pools, `_lift_1d`)."""
+    if len(shape) == 3:
+        readers = imp.consumers.get(name, [])
+        return LAYOUT_NCW if readers and all(_reads_ncw(r) for r in readers) else LAYOUT_NHWC
     if len(shape) != 4:
         return LAYOUT_NHWC
     readers = imp.consumers.get(name, [])
@@ -1119,8 +1207,9 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
     _check_ops(imp)  # an unsupported op is the first thing to tell
     check.check_structure(model, source)
     check.initializers(model, source)
+    one_d = check.one_d_nodes(model)
     for node in g.node:
-        check.attributes(node, source)
+        check.attributes(node, source, node.name in one_d)
         if node.op_type == "Constant":
             check.constant_value(node, source)
     for n in g.node:
@@ -1138,6 +1227,8 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
         shape = _check_input(imp, vi)
         layout = _input_layout(imp, vi.name, shape)
         ir_shape = tuple(shape[i] for i in NCHW_TO_NHWC) if layout == LAYOUT_NCHW else shape
+        if layout == LAYOUT_NCW:
+            ir_shape = (shape[0], 1, shape[2], shape[1])
         imp.new_tensor(vi.name, ir_shape)
         imp.values[vi.name] = Value(vi.name, layout)
         inputs.append(vi.name)

@@ -237,12 +237,12 @@ def constant_value(node: onnx.NodeProto, source: str) -> np.ndarray:
 Rule = Callable[[object], str | None]  # returns what is wrong, or None
 
 
-def _ints(length: int | None, low: int | None) -> Rule:
+def _ints(length: int | None, low: int | None, what: str = "2-D ops only") -> Rule:
     def rule(v: object) -> str | None:
         if not isinstance(v, list) or not all(isinstance(x, int) for x in v):
             return "must be a list of integers"
         if length is not None and len(v) != length:
-            return f"must have {length} values (2-D ops only)"
+            return f"must have {length} values ({what})"
         if low is not None and any(x < low for x in v):
             return f"values must be ≥ {low}"
         return None
@@ -301,7 +301,25 @@ ATTRIBUTE_RULES: dict[str, dict[str, Rule]] = {
 }
 
 
-def attributes(node: onnx.NodeProto, source: str) -> dict:
+_SPATIAL_1D = {"kernel_shape": _ints(1, 1, "a 1-D op"), "strides": _ints(1, 1, "a 1-D op"),
+               "dilations": _ints(1, 1, "a 1-D op"), "pads": _ints(2, 0, "a 1-D op")}
+
+
+def one_d_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the 1-D convolutions and pools (imported as 2-D with H = 1): a Conv whose
+    weight initializer has rank 3, a MaxPool/AveragePool whose kernel_shape has one value."""
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    out = set()
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and ranks.get(node.input[1]) == 3:
+            out.add(node.name)
+        if node.op_type in ("MaxPool", "AveragePool") and any(
+                a.name == "kernel_shape" and len(a.ints) == 1 for a in node.attribute):
+            out.add(node.name)
+    return out
+
+
+def attributes(node: onnx.NodeProto, source: str, one_d: bool = False) -> dict:
     """A node's attributes as Python values, each checked against ATTRIBUTE_RULES.
 
     Also refuses auto_pad together with explicit pads (ONNX forbids it; onnxruntime fails on
@@ -309,6 +327,8 @@ def attributes(node: onnx.NodeProto, source: str) -> dict:
     """
     where = f"{source}: node '{show(node.name)}' ({show(node.op_type)})"
     rules = ATTRIBUTE_RULES.get(node.op_type, {})
+    if one_d:
+        rules = {**rules, **_SPATIAL_1D}
     values: dict = {}
     for a in node.attribute:
         try:

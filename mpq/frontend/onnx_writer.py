@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mpq import __version__
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NCHW, Graph, Node
+from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, Node
 
 NORMALISED_KEY = "mpq.normalised"
 OPSET = 13
@@ -206,7 +206,13 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
     inputs = []
     for name in graph.inputs:
         shape = graph.tensors[name].shape
-        if len(shape) == 4 and graph.input_layouts.get(name) != LAYOUT_NCHW:
+        if graph.input_layouts.get(name) == LAYOUT_NCW:
+            # Original input is NCW (1-D convolutions): unsqueeze to NCHW with H = 1.
+            inputs.append(_value_info(name, (shape[0], shape[3], shape[2])))
+            renames[name] = w.fresh(f"{name}__nchw")
+            w.add("Unsqueeze", [name, w.init(f"{name}/axes", np.array([2], np.int64))],
+                  [renames[name]], w.derived(f"{name}/to_nchw"))
+        elif len(shape) == 4 and graph.input_layouts.get(name) != LAYOUT_NCHW:
             # Original input is NHWC: declare it so, and transpose to NCHW as tf2onnx does.
             inputs.append(_value_info(name, shape))
             renames[name] = w.fresh(f"{name}__nchw")
@@ -219,6 +225,7 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
     out_renames = {name: w.fresh(f"{name}__nchw") for name in graph.outputs
                    if len(graph.tensors[name].shape) == 4
                    and graph.output_layouts.get(name) != LAYOUT_NCHW}
+    ncw_outputs = {name for name in out_renames if graph.output_layouts.get(name) == LAYOUT_NCW}
     for old, new in list(renames.items()) + list(out_renames.items()):
         w.shapes[new] = graph.tensors[old].shape
     for node in graph.nodes:
@@ -230,7 +237,11 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
     outputs = []
     for name in graph.outputs:
         shape = graph.tensors[name].shape
-        if name in out_renames:
+        if name in ncw_outputs:
+            w.add("Squeeze", [out_renames[name], w.init(f"{name}/axes", np.array([2], np.int64))],
+                  [name], w.derived(f"{name}/to_ncw"))
+            outputs.append(_value_info(name, (shape[0], shape[3], shape[2])))
+        elif name in out_renames:
             w.add("Transpose", [out_renames[name]], [name], w.derived(f"{name}/to_nhwc"),
                   perm=[0, 2, 3, 1])
             outputs.append(_value_info(name, shape))

@@ -46,7 +46,7 @@ import numpy as np
 from mpq import limits
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
-from mpq.ir import LAYOUT_NCHW, Graph, graph_fingerprint
+from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, graph_fingerprint
 from mpq.quant.arith import qrange, round_half_away
 from mpq.quant.finite import check_finite_activation, check_finite_parameters
 
@@ -94,6 +94,8 @@ def onnx_input_shape(graph: Graph) -> tuple[int, ...]:
     shape = tuple(graph.tensors[name].shape)
     if graph.input_layouts.get(name) == LAYOUT_NCHW and len(shape) == 4:
         return (shape[3], shape[1], shape[2])
+    if graph.input_layouts.get(name) == LAYOUT_NCW and len(shape) == 4:
+        return (shape[3], shape[2])
     return shape[1:]
 
 
