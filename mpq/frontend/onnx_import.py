@@ -773,14 +773,13 @@ def _reduce_mean(imp: Importer, node: onnx.NodeProto) -> None:
             imp.notes["ReduceMean removed"] += 1
             return
         axes = list(range(len(shape)))
+    if any(_axis(imp, node, a, 4, "axes value") == 0 for a in axes):
+        raise imp.fail(f"node '{node.name}' (ReduceMean): axes {axes} average over the batch "
+                       "axis; mpq runs one sample at a time (reduce over C, H, W only)")
     ir_axes = _ir_axes(imp, node, x, axes)
     in_ir = imp.tensors[x.tensor].shape
     keep_ir = tuple(1 if i in ir_axes else d for i, d in enumerate(in_ir))
     keepdims = int(attrs.get("keepdims", 1))
-    if not ir_axes:  # only the batch axis (size 1): the identity
-        imp.values[node.output[0]] = x
-        imp.notes["ReduceMean removed"] += 1
-        return
     name = node.output[0] if keepdims else f"{node.output[0]}_keepdims"
     out = imp.new_tensor(name, keep_ir)
     imp.nodes.append(Node(name=node.name, op="mean", inputs=[x.tensor], outputs=[out],
@@ -792,8 +791,13 @@ def _reduce_mean(imp: Importer, node: onnx.NodeProto) -> None:
         return
     onnx_axes = {_axis(imp, node, a, 4, "axes value") for a in axes}
     squeeze = helper.make_node("Squeeze", [], [node.output[0]], name=f"{node.name}_squeeze")
-    _reshape_to(imp, squeeze, kept, [d for i, d in enumerate(imp.shape(kept))
-                                     if i not in onnx_axes or i == 0])
+    try:
+        _reshape_to(imp, squeeze, kept, [d for i, d in enumerate(imp.shape(kept))
+                                         if i not in onnx_axes or i == 0])
+    except MpqError:
+        raise imp.fail(f"node '{node.name}' (ReduceMean): keepdims=0 over axes {axes} would "
+                       "reorder the data between the model's layout and NHWC; supported are "
+                       "keepdims=1, and keepdims=0 over H and W or over the channels") from None
 
 
 def nearest_index_map(in_size: int, out_size: int, scale: float, transform: str,
