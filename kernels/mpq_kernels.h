@@ -10,7 +10,7 @@
  *   mpq_softmax.c          mpq_softmax
  *   mpq_copy.c             mpq_copy_view
  *   mpq_reduce.c           mpq_mean
- *   mpq_resize.c           mpq_resize_nearest
+ *   mpq_resize.c           mpq_resize_nearest, mpq_resize_bilinear
  * and what they share: mpq_support.h (inline helpers), mpq_support.c (requantisation and add
  * helpers kept out of line; conv, depthwise, fully connected, add) and mpq_dot.c (the dot
  * product loops per bit width and the weight decode tables; conv, fully connected). Compile
@@ -257,6 +257,20 @@ int mpq_mean(const mpq_mean_params *p, const mpq_view *in, const mpq_view *out);
  * bits (any) and C, the quantisation is the input's. No overlap. */
 typedef struct { const int32_t *rows, *cols; } mpq_resize_params;
 int mpq_resize_nearest(const mpq_resize_params *p, const mpq_view *in, const mpq_view *out);
+
+/* Bilinear resize with TFLM's int8 arithmetic (reference_ops::ResizeBilinearInteger;
+ * `mpq.quant.arith.resize_bilinear_int`), the taps per output row and column precomputed by
+ * mpq (`arith.bilinear_int_taps`: lower/upper input index, fraction f in 1/1024):
+ *   s = X[y0,x0]*(1024-fy)*(1024-fx) + X[y1,x0]*fy*(1024-fx) + X[y0,x1]*(1024-fy)*fx
+ *       + X[y1,x1]*fy*fx
+ *   Y = (s +- 2^19) / 2^20   (C division: halves away from zero)
+ * A convex combination: Y stays in the input's range. Equal bits (any) and C; the output is
+ * quantised like the input. No scratch; no overlap. */
+typedef struct {
+    const int32_t *y0, *y1, *fy;  /* out->h entries each */
+    const int32_t *x0, *x1, *fx;  /* out->w entries each */
+} mpq_bilinear_params;
+int mpq_resize_bilinear(const mpq_bilinear_params *p, const mpq_view *in, const mpq_view *out);
 
 #ifdef __cplusplus
 }

@@ -167,11 +167,47 @@ class Mean(Op):
 
 
 class Resize(Op):
-    """Nearest-neighbour resize: output row i copies input row rows[i], column j cols[j]."""
+    """Nearest-neighbour resize: output row i copies input row rows[i], column j cols[j];
+    bilinear: TFLite's float ResizeBilinear (`bilinear_float_taps`)."""
 
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        if node.attrs["mode"] == "bilinear":
+            return resize_bilinear_float(xs[0], node, out_shape)
         return resize_nearest(xs[0], node)
+
+
+def bilinear_float_taps(in_size: int, out_size: int, align_corners: bool,
+                        half_pixel_centers: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower, upper, fraction) per output index of TFLite's float ResizeBilinear
+    (reference_ops/resize_bilinear.h, ComputeInterpolationValues), in float32: scale =
+    (in−1)/(out−1) with align_corners (out > 1), else in/out; v = (o + ½)·scale − ½ with
+    half-pixel centres, else o·scale; lower = max(floor v, 0), upper = min(ceil v, in−1),
+    fraction = v − lower."""
+    if align_corners and out_size > 1:
+        scale = np.float32(in_size - 1) / np.float32(out_size - 1)
+    else:
+        scale = np.float32(in_size) / np.float32(out_size)
+    o = np.arange(out_size, dtype=np.float32)
+    half = np.float32(0.5)
+    v = (o + half) * scale - half if half_pixel_centers else o * scale
+    lo = np.maximum(np.floor(v), 0).astype(np.int64)
+    hi = np.minimum(np.ceil(v).astype(np.int64), in_size - 1)
+    return lo, hi, (v - lo.astype(np.float32)).astype(np.float32)
+
+
+def resize_bilinear_float(x: np.ndarray, node: Node, out_shape: tuple[int, ...]) -> np.ndarray:
+    """Bilinear resize of an NHWC batch with TFLite's float taps (rows, then columns)."""
+    a = node.attrs
+    y0, y1, fy = bilinear_float_taps(x.shape[1], out_shape[1], a["align_corners"],
+                                     a["half_pixel_centers"])
+    x0, x1, fx = bilinear_float_taps(x.shape[2], out_shape[2], a["align_corners"],
+                                     a["half_pixel_centers"])
+    fy = fy[None, :, None, None]
+    fx = fx[None, None, :, None]
+    top, bottom = x[:, y0], x[:, y1]
+    return (top[:, :, x0] * (1 - fy) * (1 - fx) + bottom[:, :, x0] * fy * (1 - fx)
+            + top[:, :, x1] * (1 - fy) * fx + bottom[:, :, x1] * fy * fx)
 
 
 def resize_nearest(x: np.ndarray, node: Node) -> np.ndarray:

@@ -68,9 +68,11 @@ class Node:
       mean            axes (IR axes among 1, 2, 3), count (elements averaged per output); the
                       output keeps the reduced axes as 1 (rank 4), an importer adds a reshape
                       where the model drops them
-      resize          mode ("nearest"), rows / cols: the input row (column) each output row
+      resize          mode "nearest": rows / cols, the input row (column) each output row
                       (column) copies — the model's coordinate rule resolved at import;
-                      scales (H, W): the scales that rule used (for the ONNX writer)
+                      scales (H, W): the scales that rule used (for the ONNX writer);
+                      mode "bilinear" (TFLite RESIZE_BILINEAR): align_corners,
+                      half_pixel_centers (taps: interpreter/arith bilinear_*_taps)
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 

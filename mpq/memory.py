@@ -325,6 +325,11 @@ def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
 
 
 def resize_map_bytes(graph: Graph) -> int:
-    """Flash of the nearest-resize index maps: one int32 per output row and column."""
-    return sum(4 * (len(n.attrs["rows"]) + len(n.attrs["cols"]))
-               for n in graph.nodes if n.op == "resize")
+    """Flash of the resize tables: per output row and column one int32 (nearest: the input
+    index) or three (bilinear: lower, upper, fraction)."""
+    total = 0
+    for n in graph.nodes:
+        if n.op == "resize":
+            _, ho, wo, _ = graph.tensors[n.outputs[0]].shape
+            total += (12 if n.attrs["mode"] == "bilinear" else 4) * (ho + wo)
+    return total

@@ -125,10 +125,18 @@ class Mean(IntOp):
 
 
 class Resize(IntOp):
-    """Nearest neighbour: a pure copy (the output shares the input's quantisation)."""
+    """Nearest neighbour: a pure copy; bilinear: TFLM's integer interpolation
+    (`arith.resize_bilinear_int`). Either way the output shares the input's quantisation."""
 
     @staticmethod
     def run(node, lq, qm, xs, out_shape):
+        if node.attrs["mode"] == "bilinear":
+            a = node.attrs
+            rows = arith.bilinear_int_taps(xs[0].shape[1], out_shape[1], a["align_corners"],
+                                           a["half_pixel_centers"])
+            cols = arith.bilinear_int_taps(xs[0].shape[2], out_shape[2], a["align_corners"],
+                                           a["half_pixel_centers"])
+            return arith.resize_bilinear_int(xs[0], rows, cols)
         return resize_nearest(xs[0], node)
 
 

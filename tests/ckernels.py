@@ -70,6 +70,10 @@ class ResizeParams(ctypes.Structure):
     _fields_ = [("rows", P_I32), ("cols", P_I32)]
 
 
+class BilinearParams(ctypes.Structure):
+    _fields_ = [(n, P_I32) for n in ("y0", "y1", "fy", "x0", "x1", "fx")]
+
+
 class ChannelQuant(ctypes.Structure):
     _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
 
@@ -227,6 +231,7 @@ class Kernels:
             "mpq_copy_view": [ptr(View), ptr(View), I32],
             "mpq_mean": [ptr(MeanParams), ptr(View), ptr(View)],
             "mpq_resize_nearest": [ptr(ResizeParams), ptr(View), ptr(View)],
+            "mpq_resize_bilinear": [ptr(BilinearParams), ptr(View), ptr(View)],
         }
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
@@ -345,6 +350,12 @@ class Kernels:
         c = np.ascontiguousarray(cols, np.int32)
         p = ResizeParams(r.ctypes.data_as(P_I32), c.ctypes.data_as(P_I32))
         return self.lib.mpq_resize_nearest(p, inp, out)
+
+    def resize_bilinear(self, rows: tuple, cols: tuple, inp: View, out: View) -> int:
+        """`rows` / `cols`: (lower, upper, fraction) arrays of `arith.bilinear_int_taps`."""
+        keep = [np.ascontiguousarray(a, np.int32) for a in (*rows, *cols)]
+        p = BilinearParams(*(a.ctypes.data_as(P_I32) for a in keep))
+        return self.lib.mpq_resize_bilinear(p, inp, out)
 
 
 @cache

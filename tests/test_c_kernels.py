@@ -639,6 +639,32 @@ def test_resize_nearest_random(libs: list[ck.Kernels]) -> None:
     assert n >= scaled(200) and bad == 0
 
 
+def test_resize_bilinear_random(libs: list[ck.Kernels]) -> None:
+    """mpq_resize_bilinear against mpq.sim (TFLM's integer bilinear) for every flag, any bits."""
+    n = bad = 0
+    for rng, bits, _, _ in cases(14, [(b, b, b) for b in BITS] * 9):
+        h, w, c = (int(v) for v in rng.integers(1, 6, 3))
+        ho, wo = (int(v) for v in rng.integers(1, 12, 2))
+        align, hpc = [(False, False), (True, False), (False, True)][int(rng.integers(3))]
+        q = rand_act(rng, bits)
+        node = Node("up", "resize", ["x"], ["y"], {"mode": "bilinear", "align_corners": align,
+                                                   "half_pixel_centers": hpc})
+        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, ho, wo, c)},
+                               {"x": q, "y": q})
+        x = rand_values(rng, bits, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        s_in, v_in = placed(rng, x, bits)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bits)
+        rows = arith.bilinear_int_taps(h, ho, align, hpc)
+        cols = arith.bilinear_int_taps(w, wo, align, hpc)
+        for lib in libs:
+            s_out.restore()
+            assert lib.resize_bilinear(rows, cols, v_in, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        n += 1
+    assert n >= scaled(200) and bad == 0
+
+
 # -- argument checks ----------------------------------------------------------------------------
 
 def test_bad_arguments_are_refused(libs: list[ck.Kernels]) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import tflite_builders as tb
+from conftest import ort_run
 from onnx import TensorProto, helper, numpy_helper
 from test_bad_input import import_fails
 from test_export import _plan, _random
@@ -167,6 +169,53 @@ def test_unsupported_forms_fail_in_one_line(node: onnx.NodeProto, fragment: str,
         import_fails(tmp_path, path, fragment)
 
 
+def _float_resize_tflite(kind: str, x_shape: tuple[int, ...], size: tuple[int, int],
+                         align: bool, hpc: bool) -> bytes:
+    """A float32 one-op RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR .tflite."""
+    w = tb.TfliteWriter()
+    f32 = tb.FB.TensorType.FLOAT32
+    x = w.tensor("x", x_shape, f32)
+    s = w.tensor("size", (2,), tb.T_INT32, data=np.asarray(size, np.int32))
+    y = w.tensor("y", (1, *size, x_shape[3]), f32)
+    if kind == "bilinear":
+        o, code, opt = tb.FB.ResizeBilinearOptionsT(), tb.OP.RESIZE_BILINEAR, \
+            tb.OPT.ResizeBilinearOptions
+    else:
+        o, code, opt = tb.FB.ResizeNearestNeighborOptionsT(), tb.OP.RESIZE_NEAREST_NEIGHBOR, \
+            tb.OPT.ResizeNearestNeighborOptions
+    o.alignCorners, o.halfPixelCenters = align, hpc
+    w.op(code, [x, s], [y], opt, o)
+    return w.finish([x], [y])
+
+
+def test_float_tflite_resize_matches_tflm_and_onnxruntime() -> None:
+    """Float RESIZE_* through mpq's interpreter equal TFLM's float kernels exactly; the
+    normalised ONNX (what calibration runs in onnxruntime) agrees to float rounding."""
+    pytest.importorskip("tflite_micro")
+    from tflite_micro.python.tflite_micro import runtime
+
+    from mpq.frontend.onnx_writer import graph_to_onnx
+    from mpq.frontend.tflite_import import import_tflite_bytes
+    from mpq.interpreter import run_graph
+
+    rng = np.random.default_rng(3)
+    for i in range(36):
+        h, w, c = (int(v) for v in rng.integers(1, 6, 3))
+        size = (2 * h, 2 * w) if i % 2 else tuple(int(v) for v in rng.integers(1, 12, 2))
+        align, hpc = [(False, False), (True, False), (False, True)][i % 3]
+        kind = "bilinear" if i % 4 < 2 else "nearest"
+        data = _float_resize_tflite(kind, (1, h, w, c), size, align, hpc)
+        x = rng.standard_normal((1, h, w, c)).astype(np.float32)
+        interp = runtime.Interpreter.from_bytes(data)
+        interp.set_input(x, 0)
+        interp.invoke()
+        graph = import_tflite_bytes(data).graph
+        ours = run_graph(graph, {graph.inputs[0]: x})[graph.outputs[0]]
+        assert np.array_equal(ours, np.array(interp.get_output(0))), (kind, size, align, hpc)
+        onnx_y = ort_run(graph_to_onnx(graph), x)
+        assert np.abs(onnx_y - ours).max() <= 1e-5, (kind, size, align, hpc)
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 def updown_model() -> onnx.ModelProto:
@@ -207,6 +256,24 @@ def test_conv1d_network_bit_exact_on_host(tmp_path: Path) -> None:
     graph = load_model(tmp_path / "probe.onnx")
     plan, graph, _ = _plan(tmp_path, model, "conv1d", _random(graph, 32))
     assert verify(plan, graph, _random(graph, 8), "host").mismatches == 0
+
+
+def test_tflite_bilinear_bit_exact_on_host(tmp_path: Path) -> None:
+    """An int8 RESIZE_BILINEAR (half-pixel centres) through search → export → host C."""
+    pytest.importorskip("tflite_micro")
+    from mpq.boards import get_board
+    from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
+    from mpq.search.driver import SearchOptions, search
+
+    path = tmp_path / "bilinear.tflite"
+    path.write_bytes(tb.resize_bilinear((1, 5, 6, 3), (10, 12), tb.QParams(0.05, 3),
+                                        half_pixel_centers=True))
+    graph = load_model(path)
+    x = np.random.default_rng(0).uniform(-5, 5, (16, *onnx_input_shape(graph)))
+    res = search(path, graph, get_board("nano33ble"),
+                 dataset_from_array(x.astype(np.float32), "x"), SearchOptions(patches="none"))
+    assert [(n.op, n.attrs["mode"]) for n in graph.nodes] == [("resize", "bilinear")]
+    assert verify(res.plan, graph, x[:4].astype(np.float32), "host").mismatches == 0
 
 
 def test_resize_and_mean_network_under_qemu(tmp_path: Path) -> None:

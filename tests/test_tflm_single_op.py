@@ -324,6 +324,19 @@ def make_resize_nearest(rng: np.random.Generator) -> Case:
                                            align_corners=align, half_pixel_centers=hpc, q=q))
 
 
+def make_resize_bilinear(rng: np.random.Generator) -> Case:
+    """×2 most often, else any output size; no flag, align_corners or half-pixel centres."""
+    h, w = pair(rng, 1, 7)
+    c = int(rng.integers(1, 6))
+    size = (2 * h, 2 * w) if rng.random() < 0.5 else pair(rng, 1, 15)
+    align, hpc = [(False, False), (True, False), (False, True)][int(rng.integers(3))]
+    q = rand_q(rng)
+    data = tb.resize_bilinear((1, h, w, c), size, q, align_corners=align,
+                              half_pixel_centers=hpc)
+    return Case(data, [(1, h, w, c)], dict(x_shape=(1, h, w, c), size=size,
+                                           align_corners=align, half_pixel_centers=hpc, q=q))
+
+
 MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "CONV_2D": make_conv,
     "DEPTHWISE_CONV_2D": make_depthwise,
@@ -335,6 +348,7 @@ MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "RESHAPE": make_reshape,
     "MEAN": make_mean,
     "RESIZE_NEAREST_NEIGHBOR": make_resize_nearest,
+    "RESIZE_BILINEAR": make_resize_bilinear,
 }
 SEEDS = {op: 1000 + i for i, op in enumerate(MAKERS)}
 

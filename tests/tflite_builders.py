@@ -332,3 +332,16 @@ def resize_nearest_neighbor(x_shape: tuple[int, int, int, int], size: tuple[int,
     o.alignCorners, o.halfPixelCenters = bool(align_corners), bool(half_pixel_centers)
     w.op(OP.RESIZE_NEAREST_NEIGHBOR, [x, s], [y], OPT.ResizeNearestNeighborOptions, o)
     return w.finish([x], [y])
+
+
+def resize_bilinear(x_shape: tuple[int, int, int, int], size: tuple[int, int], q: QParams, *,
+                    align_corners: bool = False, half_pixel_centers: bool = False) -> bytes:
+    """RESIZE_BILINEAR to a constant (height, width); output quantised like the input."""
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, q)
+    s = w.tensor("size", (2,), T_INT32, data=np.asarray(size, np.int32))
+    y = w.activation("y", (1, size[0], size[1], x_shape[3]), q)
+    o = FB.ResizeBilinearOptionsT()
+    o.alignCorners, o.halfPixelCenters = bool(align_corners), bool(half_pixel_centers)
+    w.op(OP.RESIZE_BILINEAR, [x, s], [y], OPT.ResizeBilinearOptions, o)
+    return w.finish([x], [y])

@@ -52,6 +52,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "copy_view": ("mpq_copy.c",),
     "mean": ("mpq_reduce.c", "mpq_support.c"),
     "resize_nearest": ("mpq_resize.c",),
+    "resize_bilinear": ("mpq_resize.c",),
 }
 
 
@@ -346,6 +347,19 @@ class _Builder:
                                      channel_c0=offsets))
         elif node.op == "mean":
             self.layers.append(Layer(i, node.name, "mean", ins, out, self.mean_params(node)))
+        elif node.op == "resize" and node.attrs["mode"] == "bilinear":
+            sym = f"mpq_l{i}"
+            a = node.attrs
+            (_, h, w, _), (_, ho, wo, _) = (self.graph.tensors[t].shape
+                                            for t in (node.inputs[0], node.outputs[0]))
+            for axis, (n_in, n_out) in (("y", (h, ho)), ("x", (w, wo))):
+                taps = arith.bilinear_int_taps(n_in, n_out, a["align_corners"],
+                                               a["half_pixel_centers"])
+                for part, values in zip(("0", "1", "f"), taps, strict=True):
+                    self.consts.append(ConstArray(f"{sym}_{axis}{part}", "int32_t",
+                                                  [int(v) for v in values]))
+            self.layers.append(Layer(i, node.name, "resize_bilinear", ins, out,
+                                     weight={"sym": sym}))
         elif node.op == "resize":
             sym = f"mpq_l{i}"
             self.consts += [ConstArray(f"{sym}_rows", "int32_t", list(node.attrs["rows"])),

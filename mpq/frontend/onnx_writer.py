@@ -141,6 +141,9 @@ class _Writer:
         input's Shape so that any batch runs (the importer folds it back to constants)."""
         from mpq.frontend.onnx_import import _NEAREST_MODES, _RESIZE_TRANSFORMS, nearest_index_map
 
+        if node.attrs["mode"] == "bilinear":
+            self.resize_bilinear(node)
+            return
         _, h, w, _ = self.shapes[node.inputs[0]]
         rows, cols = tuple(node.attrs["rows"]), tuple(node.attrs["cols"])
         ho, wo = len(rows), len(cols)
@@ -157,21 +160,37 @@ class _Writer:
                 scales = self.init(f"{node.name}/scales", np.array([1, 1, sh, sw], np.float32))
                 ins = [node.inputs[0], "", scales]
             else:
-                shape = self.fresh(f"{node.outputs[0]}__shape")
-                nc = self.fresh(f"{node.outputs[0]}__nc")
-                sizes = self.fresh(f"{node.outputs[0]}__sizes")
-                self.add("Shape", [node.inputs[0]], [shape], self.derived(f"{node.name}/shape"))
-                self.add("Slice", [shape, self.init(f"{node.name}/start", np.array([0])),
-                                   self.init(f"{node.name}/end", np.array([2]))], [nc],
-                         self.derived(f"{node.name}/nc"))
-                self.add("Concat", [nc, self.init(f"{node.name}/hw", np.array([ho, wo]))],
-                         [sizes], self.derived(f"{node.name}/sizes"), axis=0)
-                ins = [node.inputs[0], "", "", sizes]
+                ins = [node.inputs[0], "", "", self.resize_sizes(node, ho, wo)]
             self.add("Resize", ins, list(node.outputs), node.name, mode="nearest",
                      coordinate_transformation_mode=transform, nearest_mode=mode)
             return
         raise MpqError(f"normalised ONNX: resize '{node.name}' has index maps no ONNX Resize "
                        "mode reproduces")
+
+    def resize_sizes(self, node: Node, ho: int, wo: int) -> str:
+        """Resize's sizes input [N, C, ho, wo] from the input's Shape, so any batch runs."""
+        shape = self.fresh(f"{node.outputs[0]}__shape")
+        nc = self.fresh(f"{node.outputs[0]}__nc")
+        sizes = self.fresh(f"{node.outputs[0]}__sizes")
+        self.add("Shape", [node.inputs[0]], [shape], self.derived(f"{node.name}/shape"))
+        self.add("Slice", [shape, self.init(f"{node.name}/start", np.array([0])),
+                           self.init(f"{node.name}/end", np.array([2]))], [nc],
+                 self.derived(f"{node.name}/nc"))
+        self.add("Concat", [nc, self.init(f"{node.name}/hw", np.array([ho, wo]))],
+                 [sizes], self.derived(f"{node.name}/sizes"), axis=0)
+        return sizes
+
+    def resize_bilinear(self, node: Node) -> None:
+        """TFLite's bilinear as ONNX Resize linear (align_corners, half_pixel or asymmetric);
+        the same interpolation up to float rounding of the coordinates (onnxruntime serves
+        calibration; mpq does not import linear Resize back)."""
+        a = node.attrs
+        _, ho, wo, _ = self.shapes[node.outputs[0]]
+        transform = "align_corners" if a["align_corners"] else \
+            "half_pixel" if a["half_pixel_centers"] else "asymmetric"
+        self.add("Resize", [node.inputs[0], "", "", self.resize_sizes(node, ho, wo)],
+                 list(node.outputs), node.name, mode="linear",
+                 coordinate_transformation_mode=transform)
 
     def emit(self, node: Node) -> None:
         dispatch = {

@@ -9,7 +9,8 @@ convolution weights are already OHWI, so import is mostly a renaming:
   (filter `[1, KH, KW, Cout]` → OHWI `[Cout, KH, KW, 1]`, groups = Cin, any depth multiplier),
   FULLY_CONNECTED (`[Cout, K]`), ADD, AVERAGE_POOL_2D, MAX_POOL_2D, RESHAPE, SOFTMAX and
   CONCATENATION map one-to-one onto IR nodes; fused activations (NONE, RELU, RELU6) become
-  `act_min` / `act_max`.
+  `act_min` / `act_max`. MEAN becomes `mean` (plus a reshape without keep_dims),
+  RESIZE_NEAREST_NEIGHBOR and RESIZE_BILINEAR become `resize`.
 - SAME/VALID padding becomes explicit `(top, left, bottom, right)` exactly as TFLite computes
   it (`tensorflow/lite/kernels/padding.h`): out = ceil(in / stride) for SAME,
   total = max((out − 1)·stride + (k − 1)·dilation + 1 − in, 0), before = total // 2 and
@@ -61,7 +62,7 @@ NEEDS_TFLITE_MICRO = "reading .tflite needs the tflite-micro package: pip instal
 SUPPORTED_OPS = (
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "DEQUANTIZE",
     "FULLY_CONNECTED", "MAX_POOL_2D", "PAD", "QUANTIZE", "RESHAPE", "SOFTMAX",
-    "MEAN", "RESIZE_NEAREST_NEIGHBOR",
+    "MEAN", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR",
 )
 
 # TensorType code → (name, numpy dtype); codes from the TFLite schema.
@@ -929,6 +930,33 @@ def _resize_nearest(imp: _Importer, i: int, op: Any) -> None:
         "cols": tflite_nearest_map(w, wo, align, hpc), "scales": (ho / h, wo / w)}))
 
 
+def _resize_bilinear(imp: _Importer, i: int, op: Any) -> None:
+    """RESIZE_BILINEAR with a constant size; the taps follow from the flags and the sizes
+    (`interpreter.bilinear_float_taps`, `arith.bilinear_int_taps`); the output is the input's
+    quantisation (TFLM interpolates the int8 values, no requantisation)."""
+    opts = _options(imp, op, "ResizeBilinearOptionsT")
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 2 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected input, size and one output")
+    x = imp.value(ins[0], i)
+    _, h, w, c = imp.rank4(x, i)
+    size = imp.raw(ins[1])
+    if size is None or np.asarray(size).size != 2:
+        raise imp.fail(f"{imp.where(i)}: the size must be a constant of two values")
+    ho, wo = (int(v) for v in np.asarray(size).reshape(-1))
+    if ho < 1 or wo < 1:
+        raise imp.fail(f"{imp.where(i)}: empty output {ho}x{wo}")
+    align, hpc = bool(opts.alignCorners), bool(opts.halfPixelCenters)
+    if align and hpc:
+        raise imp.fail(f"{imp.where(i)}: align_corners and half_pixel_centers together "
+                       "(TFLM refuses them)")
+    imp.check_output(i, outs[0], (1, ho, wo, c))
+    _same_quant(imp, i, imp.origin[x], outs[0])
+    out = imp.new_tensor(outs[0])
+    imp.nodes.append(Node(name=imp.node_name(i), op="resize", inputs=[x], outputs=[out], attrs={
+        "mode": "bilinear", "align_corners": align, "half_pixel_centers": hpc}))
+
+
 _HANDLERS: dict[str, Any] = {
     "CONV_2D": lambda imp, i, op: _conv(imp, i, op, depthwise=False),
     "DEPTHWISE_CONV_2D": lambda imp, i, op: _conv(imp, i, op, depthwise=True),
@@ -942,6 +970,7 @@ _HANDLERS: dict[str, Any] = {
     "PAD": _pad,
     "MEAN": _mean,
     "RESIZE_NEAREST_NEIGHBOR": _resize_nearest,
+    "RESIZE_BILINEAR": _resize_bilinear,
 }
 
 

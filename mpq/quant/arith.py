@@ -364,3 +364,40 @@ def mean_quantized(total: np.ndarray, count: int, input_zp: int, multiplier: int
     shifted = wrap32(np.asarray(total, np.int64) - int(input_zp) * int(count))
     y = requantize(shifted, multiplier, shift) + output_zp
     return np.clip(y, act_min, act_max)
+
+
+def bilinear_int_taps(in_size: int, out_size: int, align_corners: bool,
+                      half_pixel_centers: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower, upper, fraction in 1/1024) per output index of TFLM's int8 ResizeBilinear
+    (reference_ops::ResizeBilinearInteger, ComputeInterpolationValuesInteger): scale_10 =
+    (1024·in + out/2) div out, or (1024·(in−1) + (out−1)/2) div (out−1) with align_corners;
+    v = o·scale_10 (+ scale_10/2 − 512 with half-pixel centres); lower = max(v div 1024, 0),
+    upper = min((v + 1023) div 1024, in−1) (C division, truncating); fraction = v − 1024·lower."""
+    def cdiv(a: np.ndarray, b: int) -> np.ndarray:
+        return np.sign(a) * (np.abs(a) // b)
+
+    if align_corners and out_size > 1:
+        scale = (1024 * (in_size - 1) + (out_size - 1) // 2) // (out_size - 1)
+    else:
+        scale = (1024 * in_size + out_size // 2) // out_size
+    o = np.arange(out_size, dtype=np.int64)
+    v = o * scale + (scale // 2 - 512 if half_pixel_centers else 0)
+    lo = np.maximum(cdiv(v, 1024), 0)
+    hi = np.minimum(cdiv(v + 1023, 1024), in_size - 1)
+    return lo, hi, v - 1024 * lo
+
+
+def resize_bilinear_int(x: np.ndarray, rows: tuple, cols: tuple) -> np.ndarray:
+    """TFLM's int8 bilinear on an NHWC batch, given `bilinear_int_taps` per axis:
+    s = Σ X[y_i, x_j]·wy_i·wx_j (weights 1024 − f and f), then (s ± 2^19) / 2^20 with C's
+    truncating division (halves away from zero; TFLM without TFLITE_SINGLE_ROUNDING)."""
+    y0, y1, fy = (np.asarray(a, np.int64) for a in rows)
+    x0, x1, fx = (np.asarray(a, np.int64) for a in cols)
+    x = np.asarray(x, np.int64)
+    wy0, wy1 = (1024 - fy)[None, :, None, None], fy[None, :, None, None]
+    wx0, wx1 = (1024 - fx)[None, None, :, None], fx[None, None, :, None]
+    top, bottom = x[:, y0], x[:, y1]
+    s = (top[:, :, x0] * wy0 * wx0 + bottom[:, :, x0] * wy1 * wx0
+         + top[:, :, x1] * wy0 * wx1 + bottom[:, :, x1] * wy1 * wx1)
+    r = np.where(s > 0, s + (1 << 19), s - (1 << 19))
+    return np.sign(r) * (np.abs(r) >> 20)
