@@ -108,6 +108,25 @@ def test_upsample_opset7_and_opset9() -> None:
     check_model(_conv_then(node, [scales], [1, 3, 4, 5], opset=9), _x((1, 3, 4, 5)))
 
 
+@pytest.mark.parametrize("transform", ["half_pixel", "pytorch_half_pixel", "align_corners",
+                                       "asymmetric"])
+def test_resize_linear_as_tflite_bilinear(transform: str) -> None:
+    """×2 and ×0.5 by scales, 9×13 by sizes; Upsample linear (opset 7) too."""
+    for shape, how, value in (((1, 3, 4, 4), "scales", [1, 1, 2, 2]),
+                              ((1, 3, 6, 6), "scales", [1, 1, 0.5, 0.5]),
+                              ((1, 3, 5, 7), "sizes", [1, 4, 9, 13])):
+        dtype = np.float32 if how == "scales" else np.int64
+        const = numpy_helper.from_array(np.array(value, dtype), "s")
+        inputs = ["c", "", "s"] if how == "scales" else ["c", "", "", "s"]
+        node = helper.make_node("Resize", inputs, ["y"], mode="linear",
+                                coordinate_transformation_mode=transform)
+        model = _conv_then(node, [const], list(shape))
+        check_model(model, _x(shape, 1 if how == "sizes" else 2))
+        assert import_model(model).nodes[-1].attrs["mode"] == "bilinear"
+    node = helper.make_node("Upsample", ["c"], ["y"], mode="linear", scales=[1.0, 1.0, 2.0, 2.0])
+    check_model(_conv_then(node, [], [1, 3, 4, 5], opset=7), _x((1, 3, 4, 5)))
+
+
 def _conv1d_model() -> onnx.ModelProto:
     """Conv1d(k5, s2) + BatchNorm + ReLU → MaxPool1d → grouped dilated Conv1d → AvgPool1d →
     Flatten → Gemm, on an NCW [1, 2, 32] signal (PyTorch's export of a 1-D CNN)."""
@@ -143,8 +162,11 @@ def test_conv1d_imports_as_2d() -> None:
 
 
 @pytest.mark.parametrize("node,fragment", [
-    (helper.make_node("Resize", ["c", "", "s"], ["y"], mode="linear"),
-     "(Resize): only mode 'nearest' is supported, got 'linear'"),
+    (helper.make_node("Resize", ["c", "", "s"], ["y"], mode="cubic"),
+     "(Resize): only modes 'nearest' and 'linear' are supported, got 'cubic'"),
+    (helper.make_node("Resize", ["c", "", "s"], ["y"], mode="linear",
+                      coordinate_transformation_mode="tf_half_pixel_for_nn"),
+     "linear resizing is supported with coordinate_transformation_mode align_corners"),
     (helper.make_node("Resize", ["c", "", "s"], ["y"], mode="nearest",
                       coordinate_transformation_mode="tf_crop_and_resize"),
      "coordinate_transformation_mode 'tf_crop_and_resize'"),
@@ -161,7 +183,7 @@ def test_unsupported_forms_fail_in_one_line(node: onnx.NodeProto, fragment: str,
     with pytest.raises(MpqError) as info:
         import_model(model, "m.onnx")
     assert fragment in str(info.value) and "\n" not in str(info.value)
-    if node.attribute[0].s == b"linear":  # once through the CLI: one line, exit 1
+    if node.attribute[0].s == b"cubic":  # once through the CLI: one line, exit 1
         for d in ("N", "C", "H", "W"):  # a file needs a shaped output (rank only)
             model.graph.output[0].type.tensor_type.shape.dim.add().dim_param = d
         path = tmp_path / "m.onnx"
@@ -218,13 +240,15 @@ def test_float_tflite_resize_matches_tflm_and_onnxruntime() -> None:
 
 # -- end to end ----------------------------------------------------------------------------------
 
-def updown_model() -> onnx.ModelProto:
-    """conv(s2) + ReLU → Resize nearest ×2 → conv + ReLU → ReduceMean(H, W) → Gemm."""
+def updown_model(mode: str = "nearest") -> onnx.ModelProto:
+    """conv(s2) + ReLU → Resize ×2 (nearest or linear) → conv + ReLU → ReduceMean(H, W) →
+    Gemm."""
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Resize", ["r1", "", "sc"], ["up"], mode="nearest",
-                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Resize", ["r1", "", "sc"], ["up"], mode=mode,
+                         coordinate_transformation_mode="asymmetric" if mode == "nearest"
+                         else "half_pixel", nearest_mode="floor"),
         helper.make_node("Conv", ["up", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("ReduceMean", ["r2"], ["m"], axes=[2, 3], keepdims=0),
@@ -235,9 +259,10 @@ def updown_model() -> onnx.ModelProto:
     return _model(nodes, inits, [1, 3, 16, 16], y_shape=["N", 10])
 
 
-@pytest.mark.parametrize("sram", [None, 4500])
-def test_resize_and_mean_network_bit_exact_on_host(tmp_path: Path, sram: int | None) -> None:
-    model = updown_model().SerializeToString()
+@pytest.mark.parametrize("mode,sram", [("nearest", None), ("nearest", 4500), ("linear", 4500)])
+def test_resize_and_mean_network_bit_exact_on_host(tmp_path: Path, mode: str,
+                                                   sram: int | None) -> None:
+    model = updown_model(mode).SerializeToString()
     (tmp_path / "probe.onnx").write_bytes(model)
     graph = load_model(tmp_path / "probe.onnx")
     assert [n.op for n in graph.nodes] == ["conv2d", "resize", "conv2d", "mean", "reshape",
@@ -256,24 +281,6 @@ def test_conv1d_network_bit_exact_on_host(tmp_path: Path) -> None:
     graph = load_model(tmp_path / "probe.onnx")
     plan, graph, _ = _plan(tmp_path, model, "conv1d", _random(graph, 32))
     assert verify(plan, graph, _random(graph, 8), "host").mismatches == 0
-
-
-def test_tflite_bilinear_bit_exact_on_host(tmp_path: Path) -> None:
-    """An int8 RESIZE_BILINEAR (half-pixel centres) through search → export → host C."""
-    pytest.importorskip("tflite_micro")
-    from mpq.boards import get_board
-    from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
-    from mpq.search.driver import SearchOptions, search
-
-    path = tmp_path / "bilinear.tflite"
-    path.write_bytes(tb.resize_bilinear((1, 5, 6, 3), (10, 12), tb.QParams(0.05, 3),
-                                        half_pixel_centers=True))
-    graph = load_model(path)
-    x = np.random.default_rng(0).uniform(-5, 5, (16, *onnx_input_shape(graph)))
-    res = search(path, graph, get_board("nano33ble"),
-                 dataset_from_array(x.astype(np.float32), "x"), SearchOptions(patches="none"))
-    assert [(n.op, n.attrs["mode"]) for n in graph.nodes] == [("resize", "bilinear")]
-    assert verify(res.plan, graph, x[:4].astype(np.float32), "host").mismatches == 0
 
 
 def test_resize_and_mean_network_under_qemu(tmp_path: Path) -> None:

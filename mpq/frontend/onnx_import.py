@@ -892,7 +892,8 @@ def _float_vector(imp: Importer, name: str, node: onnx.NodeProto, what: str) -> 
 @handles("Resize")
 def _resize(imp: Importer, node: onnx.NodeProto) -> None:
     """Resize, mode nearest, by scales or sizes, with every coordinate transformation and
-    nearest mode exporters use; the index maps are resolved here (`nearest_index_map`)."""
+    nearest mode exporters use; the index maps are resolved here (`nearest_index_map`).
+    Mode linear becomes TFLite's bilinear (`_emit_bilinear`)."""
     attrs = _attrs(node)
     x = imp.value(node.input[0], node)
     if len(imp.shape(x)) != 4:
@@ -902,9 +903,11 @@ def _resize(imp: Importer, node: onnx.NodeProto) -> None:
     nearest_mode = _decode(attrs.get("nearest_mode", "round_prefer_floor"))
     if _opset(imp.model) < 11:
         transform, nearest_mode = "asymmetric", "floor"  # Resize-10 is Upsample's rule
-    if mode != "nearest":
-        raise imp.fail(f"node '{node.name}' (Resize): only mode 'nearest' is supported, got "
-                       f"'{mode}'")
+    if mode not in ("nearest", "linear"):
+        raise imp.fail(f"node '{node.name}' (Resize): only modes 'nearest' and 'linear' are "
+                       f"supported, got '{mode}'")
+    if mode == "linear":
+        nearest_mode = "floor"  # unused by linear
     if transform not in _RESIZE_TRANSFORMS or nearest_mode not in _NEAREST_MODES:
         raise imp.fail(f"node '{node.name}' (Resize): coordinate_transformation_mode "
                        f"'{transform}' with nearest_mode '{nearest_mode}' is not supported")
@@ -924,25 +927,59 @@ def _resize(imp: Importer, node: onnx.NodeProto) -> None:
             if not scales:
                 raise imp.fail(f"node '{node.name}' (Resize): needs scales or sizes")
     out_hw, sc = _resize_scales(imp, node, x, scales, sizes)
+    if mode == "linear":
+        _emit_bilinear(imp, node, x, out_hw, sc, transform)
+        return
     _emit_resize(imp, node, x, out_hw, sc, transform, nearest_mode)
+
+
+def _emit_bilinear(imp: Importer, node: onnx.NodeProto, x: Value, out_hw: tuple[int, int],
+                   scales_hw: tuple[float, float], transform: str) -> None:
+    """Resize linear as TFLite's bilinear (the same interpolation in float): align_corners →
+    align_corners, half_pixel (pytorch_half_pixel when no output side is 1) → half-pixel
+    centres, asymmetric → neither; only with the scales out/in (TFLite's taps derive from the
+    sizes). The integer model then uses TFLM's int8 bilinear (10-bit fractions)."""
+    _, h, w, c = imp.tensors[x.tensor].shape
+    flags = {"align_corners": (True, False), "half_pixel": (False, True),
+             "asymmetric": (False, False)}
+    if transform == "pytorch_half_pixel" and min(out_hw) > 1:
+        transform = "half_pixel"
+    derived = (np.float32(out_hw[0] / h), np.float32(out_hw[1] / w))
+    if transform not in flags or min(out_hw) < 1 or \
+            (np.float32(scales_hw[0]), np.float32(scales_hw[1])) != derived:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): linear resizing is supported with "
+                       "coordinate_transformation_mode align_corners, half_pixel, "
+                       "pytorch_half_pixel or asymmetric and scales equal to output/input size "
+                       f"(got '{transform}', scales {list(scales_hw)} for "
+                       f"{h}x{w} → {out_hw[0]}x{out_hw[1]})")
+    align, hpc = flags[transform]
+    out = imp.new_tensor(node.output[0], (1, out_hw[0], out_hw[1], c))
+    imp.nodes.append(Node(name=node.name, op="resize", inputs=[x.tensor], outputs=[out],
+                          attrs={"mode": "bilinear", "align_corners": align,
+                                 "half_pixel_centers": hpc}))
+    imp.values[node.output[0]] = Value(out, x.layout)
 
 
 @handles("Upsample")
 def _upsample(imp: Importer, node: onnx.NodeProto) -> None:
-    """Upsample (opsets 7–9), mode nearest: asymmetric coordinates, floor."""
+    """Upsample (opsets 7–9), mode nearest (asymmetric coordinates, floor) or linear
+    (asymmetric bilinear)."""
     attrs = _attrs(node)
     x = imp.value(node.input[0], node)
     if len(imp.shape(x)) != 4:
         raise imp.fail(f"node '{node.name}' (Upsample): only rank-4 inputs are supported")
     mode = _decode(attrs.get("mode", "nearest"))
-    if mode != "nearest":
-        raise imp.fail(f"node '{node.name}' (Upsample): only mode 'nearest' is supported, got "
-                       f"'{mode}'")
+    if mode not in ("nearest", "linear", "bilinear"):
+        raise imp.fail(f"node '{node.name}' (Upsample): only modes 'nearest' and 'linear' are "
+                       f"supported, got '{mode}'")
     if "scales" in attrs:
         scales = [float(f) for f in attrs["scales"]]
     else:
         scales = _float_vector(imp, node.input[1], node, "scales")
     out_hw, sc = _resize_scales(imp, node, x, scales, None)
+    if mode != "nearest":
+        _emit_bilinear(imp, node, x, out_hw, sc, "asymmetric")
+        return
     _emit_resize(imp, node, x, out_hw, sc, "asymmetric", "floor")
 
 
