@@ -988,11 +988,14 @@ def _upsample(imp: Importer, node: onnx.NodeProto) -> None:
 _ONE_D = ("Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 
 
-def _reads_ncw(node: onnx.NodeProto) -> bool:
+def _reads_ncw(imp: Importer, node: onnx.NodeProto) -> bool:
     """Whether `node` takes a rank-3 NCW activation as 1-D conv/pool (or as the normalised
-    ONNX's Unsqueeze to NCHW with H = 1)."""
+    ONNX's Unsqueeze at axis 2 to NCHW with H = 1)."""
     if node.op_type == "Unsqueeze":
-        return True
+        axes = _attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in imp.consts:
+            axes = imp.consts[node.input[1]].reshape(-1).tolist()
+        return axes is not None and [int(a) % 4 for a in axes] == [2]
     return node.op_type in _ONE_D
 
 
@@ -1145,7 +1148,8 @@ def _input_layout(imp: Importer, name: str, shape: tuple[int, ...]) -> str:
     rank-3 one is NCW (read by 1-D convolutions and pools, `_lift_1d`)."""
     if len(shape) == 3:
         readers = imp.consumers.get(name, [])
-        return LAYOUT_NCW if readers and all(_reads_ncw(r) for r in readers) else LAYOUT_NHWC
+        return LAYOUT_NCW if readers and all(_reads_ncw(imp, r) for r in readers) \
+            else LAYOUT_NHWC
     if len(shape) != 4:
         return LAYOUT_NHWC
     readers = imp.consumers.get(name, [])
