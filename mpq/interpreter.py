@@ -158,6 +158,31 @@ class Softmax(Op):
         return e / e.sum(axis=-1, keepdims=True)
 
 
+class Mul(Op):
+    """a·b with numpy broadcasting (either input may have 1 where the output has a dim)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return _clamp(node, xs[0] * xs[1])
+
+
+class Sub(Op):
+    """a − b with numpy broadcasting."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return _clamp(node, xs[0] - xs[1])
+
+
+class PRelu(Op):
+    """x ≥ 0 ? x : α[c]·x, one slope per channel (last axis)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        alpha = np.asarray(node.attrs["alpha"], np.float32)
+        return np.where(xs[0] >= 0, xs[0], xs[0] * alpha)
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -167,6 +192,9 @@ OPS: dict[str, type[Op]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "mul": Mul,
+    "sub": Sub,
+    "prelu": PRelu,
 }
 
 

@@ -29,10 +29,17 @@ OPS = (
     "reshape",
     "concat",
     "softmax",
+    "mul",
+    "sub",
+    "prelu",
 )
 
 # Ops that accept a fused activation clamp.
-ACT_OPS = ("conv2d", "fully_connected", "add", "max_pool", "avg_pool")
+ACT_OPS = ("conv2d", "fully_connected", "add", "max_pool", "avg_pool", "mul", "sub")
+
+# Elementwise ops of two activations whose second (or first) input may broadcast: each of its
+# dims equals the output's or is 1 (squeeze-excite's [1,H,W,C] × [1,1,1,C]).
+BROADCAST_OPS = ("mul", "sub")
 
 
 @dataclass
@@ -62,6 +69,10 @@ class Node:
       reshape         shape (the output shape; NHWC memory order is kept)
       concat          axis (in the IR layout)
       softmax         axis (always the last)
+      mul, sub        two activation inputs of the output's rank; each dim of an input equals
+                      the output's or is 1 (broadcast, e.g. [1,H,W,C] × [1,1,1,C])
+      prelu           alpha: tuple of one slope per channel (last axis); int8 imports also
+                      carry alpha_q (the file's int8 slopes), alpha_scale, alpha_zp
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 
@@ -144,6 +155,17 @@ def remove_dead_nodes(graph: Graph) -> None:
         used.update(n.inputs)
         used.update(n.outputs)
     graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
+
+
+def broadcast_shape(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape two same-rank operands of a BROADCAST_OPS node broadcast to (each dim equal
+    or 1, as TFLM's broadcasting kernels and numpy allow), or None when they do not."""
+    if len(sa) != len(sb):
+        return None
+    pairs = list(zip(sa, sb, strict=True))
+    if any(a != b and 1 not in (a, b) for a, b in pairs):
+        return None
+    return tuple(max(a, b) for a, b in pairs)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad_lo: int,

@@ -109,6 +109,37 @@ class Softmax(IntOp):
         return arith.softmax_s8(xs[0], e["multiplier"], e["left_shift"], e["diff_min"])
 
 
+class Mul(IntOp):
+    """TFLM int8 mul (any bits), broadcasting like the float op."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        a, b = qm.acts[node.inputs[0]], qm.acts[node.inputs[1]]
+        return arith.mul_quantized(xs[0], a.zero_point, xs[1], b.zero_point, lq.extra,
+                                   qm.acts[node.outputs[0]].zero_point, lq.act_min, lq.act_max)
+
+
+class Sub(IntOp):
+    """TFLM int8 sub (any bits), broadcasting like the float op."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        a, b = qm.acts[node.inputs[0]], qm.acts[node.inputs[1]]
+        return arith.sub_quantized(xs[0], a.zero_point, xs[1], b.zero_point, lq.extra,
+                                   qm.acts[node.outputs[0]].zero_point, lq.act_min, lq.act_max)
+
+
+class PRelu(IntOp):
+    """TFLM int8 prelu with one int8 slope per channel (`LayerQuant.const`)."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        zp_in = qm.acts[node.inputs[0]].zero_point
+        return arith.prelu_quantized(xs[0], zp_in, lq.const, lq.extra["alpha_zp"], lq.extra,
+                                     qm.acts[node.outputs[0]].zero_point, lq.act_min,
+                                     lq.act_max)
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -118,6 +149,9 @@ INT_OPS: dict[str, type[IntOp]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "mul": Mul,
+    "sub": Sub,
+    "prelu": PRelu,
 }
 
 

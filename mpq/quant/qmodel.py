@@ -49,6 +49,7 @@ class LayerQuant:
     act_min: int = -128
     act_max: int = 127
     extra: dict[str, int] = field(default_factory=dict)  # add / softmax constants
+    const: np.ndarray | None = None  # prelu: int8 slope per channel (zero point in extra)
 
 
 @dataclass
@@ -111,7 +112,29 @@ def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | Non
                            "1/256 and zero point −128")
         m, shift, diff_min = arith.softmax_params(acts[node.inputs[0]].scale)
         lq.extra = {"multiplier": m, "left_shift": shift, "diff_min": diff_min}
+    elif node.op in ("mul", "sub", "prelu"):
+        _binary_params(node, acts, lq)
     return lq
+
+
+def _binary_params(node: Node, acts: dict[str, ActQuant], lq: LayerQuant) -> None:
+    """mul: TFLM's multiplier of s_a·s_b/s_o; sub: TFLM's sub constants (float32 ratios);
+    prelu: the int8 slopes (the imported file's, else `arith.quantize_alpha`) and TFLM's two
+    multipliers (`mpq.quant.arith`)."""
+    out = acts[node.outputs[0]]
+    if node.op == "prelu":
+        if "alpha_q" in node.attrs:
+            q = np.asarray(node.attrs["alpha_q"], np.int64)
+            s_alpha, zp_alpha = float(node.attrs["alpha_scale"]), int(node.attrs["alpha_zp"])
+        else:
+            q, s_alpha, zp_alpha = arith.quantize_alpha(np.asarray(node.attrs["alpha"]))
+        lq.const = q
+        lq.extra = {**arith.prelu_params(acts[node.inputs[0]].scale, s_alpha, out.scale),
+                    "alpha_zp": zp_alpha}
+        return
+    a, b = acts[node.inputs[0]], acts[node.inputs[1]]
+    fn = arith.mul_params if node.op == "mul" else arith.sub_params
+    lq.extra = fn(a.scale, b.scale, out.scale)
 
 
 def softmax_output_quant() -> ActQuant:
