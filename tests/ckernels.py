@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import reference_kernels as ref
@@ -62,6 +63,14 @@ AddParams = _struct("AddParams", "a_zp", "a_multiplier", "a_shift", "b_zp", "b_m
 PoolParams = _struct("PoolParams", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top",
                      "pad_left", "act_min", "act_max")
 SoftmaxParams = _struct("SoftmaxParams", "multiplier", "left_shift", "diff_min")
+MulParams = _struct("MulParams", "a_zp", "b_zp", "output_zp", "output_multiplier",
+                    "output_shift", "act_min", "act_max")
+
+
+class PreluParams(ctypes.Structure):
+    _fields_ = [("input_zp", I32), ("pos_multiplier", I32), ("pos_shift", I32),
+                ("neg_multiplier", I32), ("neg_shift", I32), ("alpha", ctypes.c_void_p),
+                ("alpha_zp", I32), ("output_zp", I32), ("act_min", I32), ("act_max", I32)]
 
 
 class ChannelQuant(ctypes.Structure):
@@ -328,6 +337,22 @@ class Kernels:
 
     def copy_view(self, src: View, dst: View, dst_c0: int) -> int:
         return self.lib.mpq_copy_view(src, dst, dst_c0)
+
+    def _elementwise(self, name: str, params: type, n_views: int) -> Any:
+        fn = getattr(self.lib, name)
+        fn.argtypes = [ctypes.POINTER(params)] + [ctypes.POINTER(View)] * n_views
+        fn.restype = ctypes.c_int
+        return fn
+
+    def mul(self, p: MulParams, a: View, b: View, out: View) -> int:
+        return self._elementwise("mpq_mul", MulParams, 3)(p, a, b, out)
+
+    def sub(self, p: AddParams, a: View, b: View, out: View) -> int:
+        return self._elementwise("mpq_sub", AddParams, 3)(p, a, b, out)
+
+    def prelu(self, p: PreluParams, inp: View, out: View) -> int:
+        """`p.alpha` must point at int8 slopes the caller keeps alive."""
+        return self._elementwise("mpq_prelu", PreluParams, 2)(p, inp, out)
 
 
 @cache

@@ -258,6 +258,12 @@ def plan_call(node: Node, graph: Graph, qm: QuantModel, inplace: set[str],
         return CmsisCall("arm_softmax_s8", "softmax", 0, None, {
             "rows": x[0] * x[1] * x[2], "row_size": x[3], "multiplier": e["multiplier"],
             "shift": e["left_shift"], "diff_min": e["diff_min"]})
+    if node.op == "mul":
+        # arm_elementwise_mul_s8 has the same arithmetic but no broadcast; it is not wired yet
+        # (no CMSIS-NN checkout to test against): the portable kernel computes the same bits.
+        return "arm_elementwise_mul_s8 not used yet (portable mpq_mul, same arithmetic)"
+    if node.op in ("sub", "prelu"):
+        return f"no CMSIS-NN s8 kernel for '{node.op}'"
     return f"no CMSIS-NN kernel for '{node.op}'"  # pragma: no cover - the IR has no other ops
 
 

@@ -50,6 +50,9 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "maxpool": ("mpq_pool.c",),
     "softmax": ("mpq_softmax.c",),
     "copy_view": ("mpq_copy.c",),
+    "mul": ("mpq_elementwise.c", "mpq_support.c"),
+    "sub": ("mpq_elementwise.c", "mpq_support.c"),
+    "prelu": ("mpq_elementwise.c", "mpq_support.c"),
 }
 
 
@@ -342,8 +345,31 @@ class _Builder:
                 c0 += self.graph.tensors[t].shape[-1]
             self.layers.append(Layer(i, node.name, "copy_view", ins, out,
                                      channel_c0=offsets))
+        elif node.op in ("mul", "sub", "prelu"):
+            self.layers.append(Layer(i, node.name, node.op, ins, out,
+                                     self.elementwise_params(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+    def elementwise_params(self, i: int, node: Node) -> dict[str, Any]:
+        """mpq_mul_params, the mpq_add_params of a sub (its inputs in the graph's order), or
+        mpq_prelu_params with its int8 slope array (`mpq_l<i>_alpha`, one per channel)."""
+        lq = self.qm.layers[node.name]
+        e = lq.extra
+        zp_out = self.qm.acts[node.outputs[0]].zero_point
+        if node.op == "sub":
+            return self.add_params(node, node.inputs[0])
+        if node.op == "mul":
+            return {"a_zp": self.qm.acts[node.inputs[0]].zero_point,
+                    "b_zp": self.qm.acts[node.inputs[1]].zero_point, "output_zp": zp_out,
+                    "output_multiplier": e["mo"], "output_shift": e["so"],
+                    "act_min": lq.act_min, "act_max": lq.act_max}
+        sym = f"mpq_l{i}_alpha"
+        self.consts.append(ConstArray(sym, "int8_t", [int(v) for v in lq.const]))
+        return {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
+                "pos_multiplier": e["m1"], "pos_shift": e["s1"], "neg_multiplier": e["m2"],
+                "neg_shift": e["s2"], "alpha": sym, "alpha_zp": e["alpha_zp"],
+                "output_zp": zp_out, "act_min": lq.act_min, "act_max": lq.act_max}
 
 
 @dataclass

@@ -127,6 +127,16 @@ class _Writer:
         axis = 1 if self.rank4(node.outputs[0]) else -1
         self.add("Softmax", list(node.inputs), list(node.outputs), node.name, axis=axis)
 
+    def binary(self, node: Node, op: str) -> None:
+        """Mul / Sub: ONNX broadcasts the NCHW views exactly as the IR does the NHWC ones."""
+        self.with_act(node, op, list(node.inputs))
+
+    def prelu(self, node: Node) -> None:
+        alpha = np.asarray(node.attrs["alpha"], np.float32)
+        shape = (alpha.size, 1, 1) if self.rank4(node.inputs[0]) else (alpha.size,)
+        slope = self.init(f"{node.name}/slope", alpha.reshape(shape))
+        self.add("PRelu", [node.inputs[0], slope], list(node.outputs), node.name)
+
     def emit(self, node: Node) -> None:
         dispatch = {
             "conv2d": self.conv2d,
@@ -137,6 +147,9 @@ class _Writer:
             "reshape": self.reshape,
             "concat": self.concat,
             "softmax": self.softmax,
+            "mul": lambda n: self.binary(n, "Mul"),
+            "sub": lambda n: self.binary(n, "Sub"),
+            "prelu": self.prelu,
         }
         dispatch[node.op](node)
 
