@@ -176,3 +176,50 @@ def test_se_network_bit_exact_under_qemu_m4(tmp_path: Path) -> None:
         pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed (see .ci/run)")
     plan, graph = _plan(tmp_path, se_model(), sram=2_500)
     assert verify(plan, graph, _x((3, 12, 12), 2, seed=6), "qemu-m4").mismatches == 0
+
+
+def stage_model(seed: int = 4) -> onnx.ModelProto:
+    """Conv → PRelu → p; Mul(Conv(p), Conv(p)) → Sub(·, p) at full resolution (the patch
+    stage's part), then a strided Conv, GlobalAveragePool, Flatten, Gemm."""
+    n = _Net(seed)
+    p = n.node("PRelu", [n.conv("input", 3, C, 3, "conv1"),
+                         n.init("slope", n.rng.uniform(-0.5, 0.5, (C, 1, 1)))], "prelu")
+    m = n.node("Mul", [n.conv(p, C, C, 3, "conv_a"), n.conv(p, C, C, 1, "conv_b")], "gate")
+    d = n.node("Sub", [m, p], "diff")
+    y = n.node("Relu", [n.conv(d, C, 16, 3, "conv_s2", stride=2)], "relu_s2")
+    y = n.node("Flatten", [n.node("GlobalAveragePool", [y], "pool")], "flat", axis=1)
+    w, b = n.init("fc.w", n.rng.normal(0, 0.3, (10, 16))), n.init("fc.b", np.zeros(10))
+    return n.model(n.node("Gemm", [y, w, b], "logits", transB=1), ["batch", 10],
+                   ["batch", 3, 16, 16])
+
+
+@pytest.mark.parametrize("sram", [None, 4_000])
+def test_patch_stage_with_elementwise_ops_bit_exact_on_host(tmp_path: Path,
+                                                            sram: int | None) -> None:
+    """Mul, Sub and PRelu inside the patch stage (same rectangle of every input, like add),
+    with VDPC branches and, under the tight budget, a sub-byte split tensor."""
+    model = stage_model()
+    check_model(model, _x((3, 16, 16), 2))
+    path = tmp_path / "stage.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    ops = [nd.op for nd in graph.nodes]
+    k = ops.index("sub") + 1
+    res = search(path, graph, get_board("nano33ble"),
+                 dataset_from_array(_x((3, 16, 16), 32), "s"),
+                 SearchOptions(patches=f"k={k},n=2", sram=sram))
+    plan = res.plan
+    assert plan.patch is not None
+    assert {"mul", "sub", "prelu"} <= {nd.op for nd in graph.nodes
+                                        if nd.name in plan.patch["stage_nodes"]}
+    if sram is not None:  # the split tensor, written tile by tile by the stage's sub
+        assert {t.name: t.bits for t in plan.tensors}["diff"] < 8
+    assert verify(plan, graph, _x((3, 16, 16), 6, seed=7), "host").mismatches == 0
+
+
+def test_broadcasting_mul_ends_the_patch_stage() -> None:
+    from mpq.patch import locality_problem
+
+    g = import_model(se_model(), "se")
+    mul = next(n for n in g.nodes if n.op == "mul")
+    assert "broadcasts" in locality_problem(mul, g)

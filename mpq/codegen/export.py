@@ -444,7 +444,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         out_t = node.outputs[0]
         inputs = list(node.inputs)
         kernel = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
-                  "max_pool": "maxpool"}.get(node.op)
+                  "max_pool": "maxpool", "mul": "mul", "sub": "sub", "prelu": "prelu"}.get(node.op)
         if node.op == "concat" or kernel is None:
             raise MpqError(f"export: '{node.op}' in the patch stage is not supported yet")
         geo_node = name
@@ -463,7 +463,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 ov = out_view(out_t, i, j)
                 for q, t in enumerate(inputs):
                     v = in_view(t, name, q, i, j)
-                    if node.op == "add":  # elementwise: exactly the output's extent
+                    if node.op in ("add", "mul", "sub", "prelu"):  # exactly the output's extent
                         v[2:4] = ov[2:4]
                     row += v
                 if add_node is not None:
@@ -506,6 +506,10 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 b.scratch = max(b.scratch, _patch_scratch(node, geometry, kernel))
             elif node.op == "add":
                 params[br] = bb.add_params(node, node.inputs[0])
+            elif node.op in ("mul", "sub", "prelu"):
+                params[br] = bb.elementwise_params(idx, node)
+                # a prelu's slopes (the same in both branches) go into the export once
+                b.consts += [a for a in bb.consts if a.symbol not in {x.symbol for x in b.consts}]
             else:
                 a = node.attrs
                 lq = m.layers[node.name]
