@@ -199,3 +199,38 @@ def test_sub_constants_as_tflm_computes_them() -> None:
     ours = arith.sub_quantized(a, a_q.zero_point, b, b_q.zero_point, p, y_q.zero_point, -128,
                                127)
     assert (ours == theirs).all()
+
+
+def test_float_model_imports_and_matches_tflm() -> None:
+    """A float `.tflite` chaining MUL (broadcast [1,H,W,C] × [1,1,1,C]), SUB and PRELU (float
+    slopes [1,1,C]): mpq's float interpreter on the import equals TFLM's float kernels."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    from mpq.frontend.tflite_import import import_tflite_bytes
+    from mpq.interpreter import run_graph
+
+    f32 = tb.FB.TensorType.FLOAT32
+    rng = np.random.default_rng(0)
+    w = tb.TfliteWriter()
+    x = w.tensor("x", (1, 3, 4, 5), f32)
+    s = w.tensor("s", (1, 1, 1, 5), f32)
+    m = w.tensor("m", (1, 3, 4, 5), f32)
+    d = w.tensor("d", (1, 3, 4, 5), f32)
+    alpha = w.tensor("alpha", (1, 1, 5), f32, data=rng.uniform(-1, 1, (1, 1, 5)).astype(
+        np.float32))
+    y = w.tensor("y", (1, 3, 4, 5), f32)
+    w.op(tb.OP.MUL, [x, s], [m], tb.OPT.MulOptions, tb.FB.MulOptionsT())
+    w.op(tb.OP.SUB, [m, x], [d], tb.OPT.SubOptions, tb.FB.SubOptionsT())
+    w.op(tb.OP.PRELU, [d, alpha], [y])
+    data = w.finish([x, s], [y])
+    xv = rng.normal(0, 1, (1, 3, 4, 5)).astype(np.float32)
+    sv = rng.normal(0, 1, (1, 1, 1, 5)).astype(np.float32)
+    interp = runtime.Interpreter.from_bytes(data)
+    interp.set_input(xv, 0)
+    interp.set_input(sv, 1)
+    interp.invoke()
+    theirs = np.array(interp.get_output(0))
+    tm = import_tflite_bytes(data, "f.tflite")
+    assert tm.quant is None and [n.op for n in tm.graph.nodes] == ["mul", "sub", "prelu"]
+    ours = run_graph(tm.graph, dict(zip(tm.graph.inputs, (xv, sv), strict=True)))
+    np.testing.assert_allclose(ours[tm.graph.outputs[0]], theirs, rtol=1e-6, atol=1e-6)
