@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NCHW, Graph, Node
+from mpq.ir import LAYOUT_NCHW, Graph, Node, binary_operands, constant_operand
 
 
 def _clamp(node: Node, y: np.ndarray) -> np.ndarray:
@@ -159,19 +159,22 @@ class Softmax(Op):
 
 
 class Mul(Op):
-    """a·b with numpy broadcasting (either input may have 1 where the output has a dim)."""
+    """a·b with numpy broadcasting (either input may have 1 where the output has a dim; one
+    operand may be the node's constant)."""
 
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-        return _clamp(node, xs[0] * xs[1])
+        a, b = binary_operands(node, xs[0], constant_operand(node), xs[1:])
+        return _clamp(node, a * b)
 
 
 class Sub(Op):
-    """a − b with numpy broadcasting."""
+    """a − b with numpy broadcasting (one operand may be the node's constant)."""
 
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-        return _clamp(node, xs[0] - xs[1])
+        a, b = binary_operands(node, xs[0], constant_operand(node), xs[1:])
+        return _clamp(node, a - b)
 
 
 class PRelu(Op):

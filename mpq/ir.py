@@ -70,7 +70,10 @@ class Node:
       concat          axis (in the IR layout)
       softmax         axis (always the last)
       mul, sub        two activation inputs of the output's rank; each dim of an input equals
-                      the output's or is 1 (broadcast, e.g. [1,H,W,C] × [1,1,1,C])
+                      the output's or is 1 (broadcast, e.g. [1,H,W,C] × [1,1,1,C]); or one
+                      activation and a constant: const (flat float values), const_shape (IR
+                      layout, the output's rank, dims equal or 1), const_first (sub: c − x);
+                      int8 imports also carry const_q, const_scale, const_zp
       prelu           alpha: tuple of one slope per channel (last axis); int8 imports also
                       carry alpha_q (the file's int8 slopes), alpha_scale, alpha_zp
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
@@ -155,6 +158,23 @@ def remove_dead_nodes(graph: Graph) -> None:
         used.update(n.inputs)
         used.update(n.outputs)
     graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
+
+
+def constant_operand(node: Node) -> np.ndarray | None:
+    """The float constant operand of a mul/sub with one activation input, shaped
+    `const_shape`, or None when both operands are activations."""
+    if "const" not in node.attrs:
+        return None
+    return np.asarray(node.attrs["const"], np.float32).reshape(node.attrs["const_shape"])
+
+
+def binary_operands(node: Node, x: np.ndarray, const: np.ndarray | None,
+                    others: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(first, second) operand of a mul/sub: the two inputs, or the activation `x` and the
+    constant in the node's order (`const_first`)."""
+    if const is None:
+        return x, others[0]
+    return (const, x) if node.attrs.get("const_first") else (x, const)
 
 
 def broadcast_shape(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[int, ...] | None:

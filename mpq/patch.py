@@ -155,6 +155,8 @@ def locality_problem(node: Node, graph: Graph) -> str | None:
         return f"{label} is not spatially local"
     if node.op in ELEMENTWISE and len(set(shapes)) != 1:
         return f"{label} broadcasts (its operands differ in shape)"
+    if "const" in node.attrs:
+        return f"{label} has a constant operand"
     if any(len(s) != 4 for s in shapes):
         return f"{label} has a tensor that is not rank 4"
     if node.op == "concat" and node.attrs["axis"] != 3:

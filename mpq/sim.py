@@ -109,14 +109,26 @@ class Softmax(IntOp):
         return arith.softmax_s8(xs[0], e["multiplier"], e["left_shift"], e["diff_min"])
 
 
+def _binary_int(node: Node, lq: LayerQuant, qm: QuantModel,
+                 xs: list[np.ndarray]) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """(first values, its zero point, second values, its zero point) of a mul/sub: two
+    activations, or the activation and the int8 constant (`LayerQuant.const`)."""
+    zx = qm.acts[node.inputs[0]].zero_point
+    if "const" not in node.attrs:
+        return xs[0], zx, xs[1], qm.acts[node.inputs[1]].zero_point
+    c = lq.const.reshape(node.attrs["const_shape"])
+    zc = lq.extra["const_zp"]
+    return (c, zc, xs[0], zx) if node.attrs.get("const_first") else (xs[0], zx, c, zc)
+
+
 class Mul(IntOp):
     """TFLM int8 mul (any bits), broadcasting like the float op."""
 
     @staticmethod
     def run(node, lq, qm, xs, out_shape):
-        a, b = qm.acts[node.inputs[0]], qm.acts[node.inputs[1]]
-        return arith.mul_quantized(xs[0], a.zero_point, xs[1], b.zero_point, lq.extra,
-                                   qm.acts[node.outputs[0]].zero_point, lq.act_min, lq.act_max)
+        a, za, b, zb = _binary_int(node, lq, qm, xs)
+        return arith.mul_quantized(a, za, b, zb, lq.extra, qm.acts[node.outputs[0]].zero_point,
+                                   lq.act_min, lq.act_max)
 
 
 class Sub(IntOp):
@@ -124,9 +136,9 @@ class Sub(IntOp):
 
     @staticmethod
     def run(node, lq, qm, xs, out_shape):
-        a, b = qm.acts[node.inputs[0]], qm.acts[node.inputs[1]]
-        return arith.sub_quantized(xs[0], a.zero_point, xs[1], b.zero_point, lq.extra,
-                                   qm.acts[node.outputs[0]].zero_point, lq.act_min, lq.act_max)
+        a, za, b, zb = _binary_int(node, lq, qm, xs)
+        return arith.sub_quantized(a, za, b, zb, lq.extra, qm.acts[node.outputs[0]].zero_point,
+                                   lq.act_min, lq.act_max)
 
 
 class PRelu(IntOp):

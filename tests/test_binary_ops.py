@@ -97,11 +97,29 @@ def const_model(seed: int = 1) -> onnx.ModelProto:
     return n.model(z, ["batch", C, 8, 8], ["batch", 3, 8, 8])
 
 
+def norm_model(seed: int = 5) -> onnx.ModelProto:
+    """Constant operands anywhere: (input − mean) · (1/std) per channel at the graph input,
+    Conv → Relu → ·0.5 (after a Relu: no fold), 1 − x with a constant [1,C,1,1] first, a
+    constant of the full [C,H,W] shape, then GlobalAveragePool, Flatten, Gemm."""
+    n = _Net(seed)
+    x = n.node("Sub", ["input", n.init("mean", [[[0.2]], [[-0.1]], [[0.3]]])], "center")
+    x = n.node("Mul", [x, n.init("inv_std", [[[[2.0]], [[1.5]], [[3.0]]]])], "normalise")
+    y = n.node("Relu", [n.conv(x, 3, C, 3, "conv1")], "relu1")
+    y = n.node("Mul", [y, n.init("half", np.array(0.5))], "halve")
+    y = n.node("Sub", [n.init("one", n.rng.uniform(0, 2, (1, C, 1, 1))), y], "one_minus")
+    y = n.node("Mul", [n.init("mask", n.rng.uniform(-1, 1, (C, 8, 8))), y], "mask_mul")
+    y = n.node("Flatten", [n.node("GlobalAveragePool", [y], "pool")], "flat", axis=1)
+    w, b = n.init("fc.w", n.rng.normal(0, 0.3, (10, C))), n.init("fc.b", np.zeros(10))
+    return n.model(n.node("Gemm", [y, w, b], "logits", transB=1), ["batch", 10],
+                   ["batch", 3, 8, 8])
+
+
 def _x(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (n, *shape)).astype(np.float32)
 
 
-@pytest.mark.parametrize("make", [se_model, lambda: se_model(2, True), const_model])
+@pytest.mark.parametrize("make", [se_model, lambda: se_model(2, True), const_model,
+                                  norm_model])
 def test_onnx_import_matches_onnxruntime(make) -> None:
     model = make()
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
@@ -136,9 +154,9 @@ def test_import_refusals_say_what_is_wrong(tmp_path: Path) -> None:
              "each dim equal or 1")
     n = _Net(3)
     y = n.node("Relu", [n.conv("input", 3, C, 3, "a")], "r")
-    n.node("Mul", [y, n.init("k", np.full((1, C, 1, 1), 2.0))], "scale_after_relu")
-    _refused(n.model("scale_after_relu", ["batch", C, 8, 8], ["batch", 3, 8, 8]),
-             "scale_after_relu", "per-channel scale directly after Conv")
+    n.node("Sub", [y, n.init("k", np.ones((C, 8, 1)))], "k_wider_than_x")
+    _refused(n.model("k_wider_than_x", ["batch", C, 8, 8], ["batch", 3, 4, 4]),
+             "k_wider_than_x", "must broadcast to the activation")
     n = _Net(3)
     y = n.conv("input", 3, C, 3, "a")
     n.node("PRelu", [y, n.init("s", np.linspace(0, 1, 8 * 8).reshape(1, 8, 8))], "p")
@@ -223,3 +241,17 @@ def test_broadcasting_mul_ends_the_patch_stage() -> None:
     g = import_model(se_model(), "se")
     mul = next(n for n in g.nodes if n.op == "mul")
     assert "broadcasts" in locality_problem(mul, g)
+
+
+def test_constant_operands_bit_exact_on_host(tmp_path: Path) -> None:
+    """Constant Mul/Sub operands (either order, per channel, scalar, full shape) through
+    search → export (Flash arrays as 8-bit views) → host C, byte-identical to mpq.sim."""
+    model = norm_model()
+    path = tmp_path / "norm.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    consts = [nd for nd in graph.nodes if "const" in nd.attrs]
+    assert len(consts) == 5 and any(nd.attrs["const_first"] for nd in consts)
+    res = search(path, graph, get_board("nano33ble"),
+                 dataset_from_array(_x((3, 8, 8), 32), "n"), SearchOptions(patches="none"))
+    assert verify(res.plan, graph, _x((3, 8, 8), 6, seed=8), "host").mismatches == 0

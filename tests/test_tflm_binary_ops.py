@@ -57,6 +57,23 @@ def binary(code: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...], a_q: t
     return w.finish([a, b], [y])
 
 
+def binary_const(code: int, x_shape: tuple[int, ...], c: np.ndarray, x_q: tb.QParams,
+                 c_q: tb.QParams, y_q: tb.QParams, activation: str, const_first: bool) -> bytes:
+    """MUL or SUB of an int8 graph input and a constant int8 tensor (either order)."""
+    w = tb.TfliteWriter()
+    x = w.activation("x", x_shape, x_q)
+    k = w.tensor("k", c.shape, tb.T_INT8, [c_q.scale], [c_q.zero_point], 0,
+                 np.asarray(c, np.int8))
+    y = w.activation("y", x_shape, y_q)
+    if code == tb.OP.MUL:
+        o, kind = tb.FB.MulOptionsT(), tb.OPT.MulOptions
+    else:
+        o, kind = tb.FB.SubOptionsT(), tb.OPT.SubOptions
+    o.fusedActivationFunction = tb.ACTIVATIONS[activation]
+    w.op(code, [k, x] if const_first else [x, k], [y], kind, o)
+    return w.finish([x], [y])
+
+
 def prelu(x_shape: tuple[int, ...], x_q: tb.QParams, alpha: np.ndarray, alpha_q: tb.QParams,
           y_q: tb.QParams) -> bytes:
     """PRELU of an int8 graph input with a constant int8 slope tensor."""
@@ -134,8 +151,39 @@ def make_prelu(rng: np.random.Generator) -> Case:
                                     x_q=x_q, y_q=y_q))
 
 
-MAKERS = {"MUL": make_mul, "SUB": make_sub, "PRELU": make_prelu}
-SEEDS = {"MUL": 2000, "SUB": 2001, "PRELU": 2002}
+def _make_const(rng: np.random.Generator, code: int) -> Case:
+    sa, sb = _shapes(rng)
+    full = tuple(max(a, b) for a, b in zip(sa, sb, strict=True))
+    c_shape = min(sa, sb, key=lambda s: int(np.prod(s))) if rng.random() < 0.7 else full
+    if rng.random() < 0.3 and len(c_shape) == 4:  # a lower-rank constant: [C] or [W, C]
+        c_shape = c_shape[-1 - int(rng.integers(0, 2)):]
+    c = rng.integers(-128, 128, c_shape).astype(np.int8)
+    x_q, c_q = rand_q(rng), rand_q(rng)
+    if code == tb.OP.MUL:
+        y_q = tb.QParams(float(np.clip(x_q.scale * c_q.scale * INT8_STD
+                                       * 10 ** rng.uniform(-0.7, 0.7), 1e-6, 10.0)),
+                         int(rng.integers(-128, 128)))
+    else:
+        c_q = tb.QParams(near(rng, x_q.scale, 1.5), c_q.zero_point)
+        y_q = tb.QParams(near(rng, 2 * max(x_q.scale, c_q.scale), 0.7),
+                         int(rng.integers(-128, 128)))
+    act, first = rand_act(rng), bool(rng.random() < 0.4)
+    data = binary_const(code, full, c, x_q, c_q, y_q, act, first)
+    return Case(data, [full], dict(x=full, const=c_shape, const_first=first, x_q=x_q, c_q=c_q,
+                                   y_q=y_q, activation=act))
+
+
+def make_mul_const(rng: np.random.Generator) -> Case:
+    return _make_const(rng, tb.OP.MUL)
+
+
+def make_sub_const(rng: np.random.Generator) -> Case:
+    return _make_const(rng, tb.OP.SUB)
+
+
+MAKERS = {"MUL": make_mul, "SUB": make_sub, "PRELU": make_prelu, "MUL_CONST": make_mul_const,
+          "SUB_CONST": make_sub_const}
+SEEDS = {"MUL": 2000, "SUB": 2001, "PRELU": 2002, "MUL_CONST": 2003, "SUB_CONST": 2004}
 
 
 def check(op: str, index: int) -> tuple[str | None, int, int, bool]:
@@ -166,7 +214,7 @@ def test_binary_op_byte_identical_to_tflm(op: str) -> None:
         failures[:8])
     total, interior = sum(r[1] for r in results), sum(r[2] for r in results)
     assert interior >= MIN_INTERIOR * total, f"{op}: the cases mostly saturate"
-    if op != "PRELU":
+    if op in ("MUL", "SUB"):
         assert sum(r[3] for r in results) >= CASES // 4, "too few broadcasting cases"
 
 

@@ -346,6 +346,12 @@ class _Builder:
             self.layers.append(Layer(i, node.name, "copy_view", ins, out,
                                      channel_c0=offsets))
         elif node.op in ("mul", "sub", "prelu"):
+            if "const" in node.attrs:  # the constant as an 8-bit view of a Flash array
+                sym = f"mpq_l{i}_const"
+                self.consts.append(ConstArray(sym, "int8_t",
+                                              [int(v) for v in self.qm.layers[node.name].const]))
+                c = Operand(sym, f"(void *){sym}", 8, *_view_dims(node.attrs["const_shape"]))
+                ins = [c, ins[0]] if node.attrs.get("const_first") else [ins[0], c]
             self.layers.append(Layer(i, node.name, node.op, ins, out,
                                      self.elementwise_params(i, node)))
         else:  # pragma: no cover - the IR has no other ops
@@ -357,13 +363,20 @@ class _Builder:
         lq = self.qm.layers[node.name]
         e = lq.extra
         zp_out = self.qm.acts[node.outputs[0]].zero_point
-        if node.op == "sub":
-            return self.add_params(node, node.inputs[0])
-        if node.op == "mul":
-            return {"a_zp": self.qm.acts[node.inputs[0]].zero_point,
-                    "b_zp": self.qm.acts[node.inputs[1]].zero_point, "output_zp": zp_out,
-                    "output_multiplier": e["mo"], "output_shift": e["so"],
-                    "act_min": lq.act_min, "act_max": lq.act_max}
+        if node.op in ("mul", "sub"):
+            za = self.qm.acts[node.inputs[0]].zero_point
+            zb = self.qm.acts[node.inputs[-1]].zero_point
+            if "const" in node.attrs:  # the constant's own zero point, in operand order
+                za, zb = (e["const_zp"], za) if node.attrs.get("const_first") else \
+                    (za, e["const_zp"])
+            if node.op == "sub":
+                return {"a_zp": za, "a_multiplier": e["m1"], "a_shift": e["s1"], "b_zp": zb,
+                        "b_multiplier": e["m2"], "b_shift": e["s2"],
+                        "left_shift": e["left_shift"], "output_zp": zp_out,
+                        "output_multiplier": e["mo"], "output_shift": e["so"],
+                        "act_min": lq.act_min, "act_max": lq.act_max}
+            return {"a_zp": za, "b_zp": zb, "output_zp": zp_out, "output_multiplier": e["mo"],
+                    "output_shift": e["so"], "act_min": lq.act_min, "act_max": lq.act_max}
         sym = f"mpq_l{i}_alpha"
         self.consts.append(ConstArray(sym, "int8_t", [int(v) for v in lq.const]))
         return {"input_zp": self.qm.acts[node.inputs[0]].zero_point,

@@ -778,9 +778,8 @@ def _binary(imp: Importer, node: onnx.NodeProto, op: str) -> None:
                 return
         elif b in imp.consts and _fold_subtrahend(imp, node, a, b):
             return
-        raise imp.fail(f"node '{node.name}' ({node.op_type}): a constant operand is supported "
-                       "only as a per-channel " + ("scale" if op == "mul" else "subtrahend")
-                       + " directly after Conv/Gemm/MatMul")
+        _binary_const(imp, node, op)
+        return
     xa, xb = imp.value(a, node), imp.value(b, node)
     sa, sb = imp.tensors[xa.tensor].shape, imp.tensors[xb.tensor].shape
     shape = broadcast_shape(sa, sb)
@@ -791,6 +790,31 @@ def _binary(imp: Importer, node: onnx.NodeProto, op: str) -> None:
     out = imp.new_tensor(node.output[0], shape)
     imp.nodes.append(Node(name=node.name, op=op, inputs=[xa.tensor, xb.tensor], outputs=[out]))
     imp.values[node.output[0]] = Value(out, xa.layout)
+
+
+def _binary_const(imp: Importer, node: onnx.NodeProto, op: str) -> None:
+    """Mul / Sub of an activation and a float32 constant that broadcasts to it (ONNX's
+    right-aligned rule, the output keeping the activation's shape); the IR keeps the constant
+    in its own layout (`const`, `const_shape`, `const_first`)."""
+    const_first = node.input[0] in imp.consts
+    act_name, const_name = (node.input[1], node.input[0]) if const_first else node.input[:2]
+    x = imp.value(act_name, node)
+    c = imp.weight(const_name, node, "constant operand")
+    onnx_shape = imp.shape(x)
+    c_shape = (1,) * (len(onnx_shape) - c.ndim) + c.shape
+    if c.ndim > len(onnx_shape) or broadcast_shape(onnx_shape, c_shape) != onnx_shape:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): the constant {list(c.shape)} "
+                       f"must broadcast to the activation {list(onnx_shape)}")
+    c = c.reshape(c_shape)
+    if x.layout == LAYOUT_NCHW and c.ndim == 4:
+        c = c.transpose(NCHW_TO_NHWC)
+    ir_shape = imp.tensors[x.tensor].shape
+    out = imp.new_tensor(node.output[0], ir_shape)
+    imp.nodes.append(Node(name=node.name, op=op, inputs=[x.tensor], outputs=[out], attrs={
+        "const": tuple(float(v) for v in c.reshape(-1)), "const_shape": tuple(c.shape),
+        "const_first": const_first}))
+    imp.values[node.output[0]] = Value(out, x.layout)
+    imp.notes[f"{node.op_type} by a constant"] += 1
 
 
 @handles("Mul")

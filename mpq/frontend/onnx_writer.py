@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mpq import __version__
-from mpq.ir import LAYOUT_NCHW, Graph, Node
+from mpq.ir import LAYOUT_NCHW, Graph, Node, constant_operand
 
 NORMALISED_KEY = "mpq.normalised"
 OPSET = 13
@@ -128,8 +128,17 @@ class _Writer:
         self.add("Softmax", list(node.inputs), list(node.outputs), node.name, axis=axis)
 
     def binary(self, node: Node, op: str) -> None:
-        """Mul / Sub: ONNX broadcasts the NCHW views exactly as the IR does the NHWC ones."""
-        self.with_act(node, op, list(node.inputs))
+        """Mul / Sub: ONNX broadcasts the NCHW views exactly as the IR does the NHWC ones; a
+        constant operand becomes an initializer in the ONNX layout."""
+        c = constant_operand(node)
+        if c is None:
+            self.with_act(node, op, list(node.inputs))
+            return
+        if c.ndim == 4:
+            c = c.transpose(0, 3, 1, 2)
+        name = self.init(f"{node.name}/const", np.ascontiguousarray(c))
+        x = node.inputs[0]
+        self.with_act(node, op, [name, x] if node.attrs.get("const_first") else [x, name])
 
     def prelu(self, node: Node) -> None:
         alpha = np.asarray(node.attrs["alpha"], np.float32)

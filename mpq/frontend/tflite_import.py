@@ -721,6 +721,9 @@ def _binary(imp: _Importer, i: int, op: Any, kind: str, options: str) -> None:
     ins, outs = imp.inputs(op), imp.outputs(op)
     if len(ins) != 2 or len(outs) != 1:
         raise imp.fail(f"{imp.where(i)}: expected two inputs and one output")
+    if imp.is_const(ins[0]) or imp.is_const(ins[1]):
+        _binary_const(imp, i, kind, opts, ins, outs[0])
+        return
     a, b = imp.value(ins[0], i), imp.value(ins[1], i)
     sa, sb = imp.tensors[a].shape, imp.tensors[b].shape
     shape = broadcast_shape(sa, sb)
@@ -731,6 +734,36 @@ def _binary(imp: _Importer, i: int, op: Any, kind: str, options: str) -> None:
     out = imp.new_tensor(outs[0])
     imp.nodes.append(Node(name=imp.node_name(i), op=kind, inputs=[a, b], outputs=[out],
                           attrs=imp.act(i, opts)))
+
+
+def _binary_const(imp: _Importer, i: int, kind: str, opts: Any, ins: list[int],
+                  out_index: int) -> None:
+    """MUL / SUB of an activation and a constant that broadcasts to it (after leading 1s);
+    int8 files keep the constant's int8 values and quantisation (`const_q`, …)."""
+    const_first = imp.is_const(ins[0])
+    x_index, c_index = (ins[1], ins[0]) if const_first else (ins[0], ins[1])
+    x = imp.value(x_index, i)
+    shape = imp.tensors[x].shape
+    raw = imp.raw(c_index)
+    c_shape = (1,) * (len(shape) - raw.ndim) + raw.shape
+    if raw.ndim > len(shape) or broadcast_shape(shape, c_shape) != shape:
+        raise imp.fail(f"{imp.where(i)}: the constant {list(raw.shape)} must broadcast to the "
+                       f"activation {list(shape)}")
+    attrs: dict[str, Any] = {"const_shape": c_shape, "const_first": const_first}
+    if raw.dtype == np.int8:
+        tq = imp.tensor_quant(c_index, "constant")
+        attrs.update(const_q=tuple(int(v) for v in raw.reshape(-1)),
+                     const_scale=float(tq.scale), const_zp=int(tq.zero_point))
+        values = (raw.astype(np.float64) - tq.zero_point) * np.float32(tq.scale)
+    elif raw.dtype == np.float32:
+        values = raw
+    else:
+        raise imp.fail(f"{imp.where(i)}: constant of type {raw.dtype} (float32 or int8)")
+    attrs["const"] = tuple(float(np.float32(v)) for v in values.reshape(-1))
+    imp.check_output(i, out_index, shape)
+    out = imp.new_tensor(out_index)
+    imp.nodes.append(Node(name=imp.node_name(i), op=kind, inputs=[x], outputs=[out],
+                          attrs={**imp.act(i, opts), **attrs}))
 
 
 def per_channel(alpha: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray | None:
