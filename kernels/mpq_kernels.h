@@ -259,8 +259,9 @@ typedef struct {
  * is 1 (squeeze-excite: a [H][W][C] times b [1][1][C]); the element at a broadcast dim is read
  * at index 0.
  *   Y = clamp(requant((A - a_zp) * (B - b_zp), M, S) + output_zp, act_min, act_max)
- * Any bits. `out` may be the very same view as an operand of its own shape (read before
- * written); views sharing `data` with different bits are refused (MPQ_ERR_BITS). */
+ * Any bits. An operand may be a constant array in Flash (an 8-bit view of it; only read).
+ * `out` may be the very same view as an operand of its own shape (read before written); views
+ * sharing `data` with different bits are refused (MPQ_ERR_BITS). */
 int mpq_mul(const mpq_mul_params *p, const mpq_view *a, const mpq_view *b, const mpq_view *out);
 
 /* Elementwise sub with TFLM's arithmetic (reference_ops::SubElementwise;
