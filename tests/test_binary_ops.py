@@ -255,3 +255,28 @@ def test_constant_operands_bit_exact_on_host(tmp_path: Path) -> None:
     res = search(path, graph, get_board("nano33ble"),
                  dataset_from_array(_x((3, 8, 8), 32), "n"), SearchOptions(patches="none"))
     assert verify(res.plan, graph, _x((3, 8, 8), 6, seed=8), "host").mismatches == 0
+
+
+def test_cmsis_nn_backend_calls_elementwise_mul(tmp_path: Path) -> None:
+    """--backend cmsis-nn: the equal-shape int8 Mul calls arm_elementwise_mul_s8, PRelu stays
+    portable (no CMSIS-NN s8 kernel), and the export is byte-identical to mpq.sim on the host
+    and (DSP paths) on qemu-m4. Needs a CMSIS-NN checkout in $CMSIS_NN_PATH."""
+    if not os.environ.get("CMSIS_NN_PATH"):
+        pytest.skip("CMSIS_NN_PATH is not set (CMSIS-NN has no Debian/PyPI package)")
+    import json
+
+    from mpq.codegen.export import render_export
+
+    model = const_model()
+    path = tmp_path / "c.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    res = search(path, graph, get_board("nano33ble"),
+                 dataset_from_array(_x((3, 8, 8), 32), "c"), SearchOptions(patches="none"))
+    report = json.loads(render_export(res.plan, graph, "cmsis-nn")["mpq_report.json"])
+    calls = {e["name"]: e["call"] for e in report["layers"]}
+    assert calls["gate"] == "arm_elementwise_mul_s8" and calls["prelu"] == "mpq_prelu"
+    x = _x((3, 8, 8), 4, seed=9)
+    assert verify(res.plan, graph, x, "host", "cmsis-nn").mismatches == 0
+    if shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm"):
+        assert verify(res.plan, graph, x[:2], "qemu-m4", "cmsis-nn").mismatches == 0
