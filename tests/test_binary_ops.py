@@ -176,24 +176,24 @@ def _plan(tmp_path: Path, model: onnx.ModelProto, **opts):
     return res.plan, graph
 
 
-@pytest.mark.parametrize("sram", [None, 2_500])
-def test_se_network_bit_exact_on_host(tmp_path: Path, sram: int | None) -> None:
-    plan, graph = _plan(tmp_path, se_model(), sram=sram)
+def test_se_network_sub_byte_bit_exact_on_host(tmp_path: Path) -> None:
+    """A budget tight enough that the search takes the new ops' tensors below 8 bits."""
+    plan, graph = _plan(tmp_path, se_model(), sram=2_500)
     bits = {t.name: t.bits for t in plan.tensors}
     ours = [n for n in graph.nodes if n.op in ("mul", "sub", "prelu")]
-    if sram is not None:  # the tight budget takes some of the new ops' tensors below 8 bits
-        assert sum(bits[t] < 8 for n in ours for t in n.inputs + n.outputs) >= 4
+    assert sum(bits[t] < 8 for n in ours for t in n.inputs + n.outputs) >= 4
     result = verify(plan, graph, _x((3, 12, 12), 6, seed=5), "host")
     assert result.samples == 6 and result.mismatches == 0
 
 
-def test_se_network_bit_exact_under_qemu_m4(tmp_path: Path) -> None:
+def test_se_network_int8_bit_exact_under_qemu_m4(tmp_path: Path) -> None:
     if shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None:
         if os.environ.get("CI"):
             pytest.fail("cross tools missing in CI")
         pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed (see .ci/run)")
-    plan, graph = _plan(tmp_path, se_model(), sram=2_500)
-    assert verify(plan, graph, _x((3, 12, 12), 2, seed=6), "qemu-m4").mismatches == 0
+    plan, graph = _plan(tmp_path, se_model())
+    assert {t.bits for t in plan.tensors} == {8}
+    assert verify(plan, graph, _x((3, 12, 12), 3, seed=6), "qemu-m4").mismatches == 0
 
 
 def stage_model(seed: int = 4) -> onnx.ModelProto:
@@ -211,9 +211,7 @@ def stage_model(seed: int = 4) -> onnx.ModelProto:
                    ["batch", 3, 16, 16])
 
 
-@pytest.mark.parametrize("sram", [None, 4_000])
-def test_patch_stage_with_elementwise_ops_bit_exact_on_host(tmp_path: Path,
-                                                            sram: int | None) -> None:
+def test_patch_stage_with_elementwise_ops_bit_exact_on_host(tmp_path: Path) -> None:
     """Mul, Sub and PRelu inside the patch stage (same rectangle of every input, like add),
     with VDPC branches and, under the tight budget, a sub-byte split tensor."""
     model = stage_model()
@@ -225,13 +223,13 @@ def test_patch_stage_with_elementwise_ops_bit_exact_on_host(tmp_path: Path,
     k = ops.index("sub") + 1
     res = search(path, graph, get_board("nano33ble"),
                  dataset_from_array(_x((3, 16, 16), 32), "s"),
-                 SearchOptions(patches=f"k={k},n=2", sram=sram))
+                 SearchOptions(patches=f"k={k},n=2", sram=4_000))
     plan = res.plan
     assert plan.patch is not None
     assert {"mul", "sub", "prelu"} <= {nd.op for nd in graph.nodes
                                         if nd.name in plan.patch["stage_nodes"]}
-    if sram is not None:  # the split tensor, written tile by tile by the stage's sub
-        assert {t.name: t.bits for t in plan.tensors}["diff"] < 8
+    # the split tensor, written tile by tile by the stage's sub, below 8 bits
+    assert plan.patch["vdpc"] is not None and {t.name: t.bits for t in plan.tensors}["diff"] < 8
     assert verify(plan, graph, _x((3, 16, 16), 6, seed=7), "host").mismatches == 0
 
 
