@@ -179,8 +179,10 @@ def binary_operands(node: Node, x: np.ndarray, const: np.ndarray | None,
 
 def broadcast_shape(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[int, ...] | None:
     """The shape two same-rank operands of a BROADCAST_OPS node broadcast to (each dim equal
-    or 1, as TFLM's broadcasting kernels and numpy allow), or None when they do not."""
-    if len(sa) != len(sb):
+    or 1, as TFLM's broadcasting kernels and numpy allow), or None when they do not — or when
+    they differ at a rank other than 2 or 4: the kernels see [1, K] as 1×1×K and rank 4 as
+    H×W×C views, so only those broadcast there."""
+    if len(sa) != len(sb) or (sa != sb and len(sa) not in (2, 4)):
         return None
     pairs = list(zip(sa, sb, strict=True))
     if any(a != b and 1 not in (a, b) for a, b in pairs):

@@ -157,6 +157,10 @@ def test_import_refusals_say_what_is_wrong(tmp_path: Path) -> None:
     n.node("Sub", [y, n.init("k", np.ones((C, 8, 1)))], "k_wider_than_x")
     _refused(n.model("k_wider_than_x", ["batch", C, 8, 8], ["batch", 3, 4, 4]),
              "k_wider_than_x", "must broadcast to the activation")
+    n = _Net(3)  # rank 3: the kernels' views cannot broadcast there
+    n.node("Mul", ["input", n.init("k3", np.ones((1, C, 1)))], "rank3_mul")
+    _refused(n.model("rank3_mul", ["batch", C, 64], ["batch", C, 64]), "rank3_mul",
+             "rank 2 or 4 unless equal")
     n = _Net(3)
     y = n.conv("input", 3, C, 3, "a")
     n.node("PRelu", [y, n.init("s", np.linspace(0, 1, 8 * 8).reshape(1, 8, 8))], "p")

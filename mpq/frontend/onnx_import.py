@@ -786,7 +786,7 @@ def _binary(imp: Importer, node: onnx.NodeProto, op: str) -> None:
     if shape is None or (xa.layout != xb.layout and len(sa) == 4):
         raise imp.fail(f"node '{node.name}' ({node.op_type}): operands "
                        f"{list(imp.shape(xa))} and {list(imp.shape(xb))} must have one rank "
-                       "and layout, each dim equal or 1")
+                       "and layout, each dim equal or 1 (rank 2 or 4 when they differ)")
     out = imp.new_tensor(node.output[0], shape)
     imp.nodes.append(Node(name=node.name, op=op, inputs=[xa.tensor, xb.tensor], outputs=[out]))
     imp.values[node.output[0]] = Value(out, xa.layout)
@@ -804,7 +804,8 @@ def _binary_const(imp: Importer, node: onnx.NodeProto, op: str) -> None:
     c_shape = (1,) * (len(onnx_shape) - c.ndim) + c.shape
     if c.ndim > len(onnx_shape) or broadcast_shape(onnx_shape, c_shape) != onnx_shape:
         raise imp.fail(f"node '{node.name}' ({node.op_type}): the constant {list(c.shape)} "
-                       f"must broadcast to the activation {list(onnx_shape)}")
+                       f"must broadcast to the activation {list(onnx_shape)} (each dim "
+                       "equal or 1; rank 2 or 4 unless equal)")
     c = c.reshape(c_shape)
     if x.layout == LAYOUT_NCHW and c.ndim == 4:
         c = c.transpose(NCHW_TO_NHWC)

@@ -729,7 +729,7 @@ def _binary(imp: _Importer, i: int, op: Any, kind: str, options: str) -> None:
     shape = broadcast_shape(sa, sb)
     if shape is None:
         raise imp.fail(f"{imp.where(i)}: operands {list(sa)} and {list(sb)} must have one rank "
-                       "and each dim equal or 1")
+                       "and each dim equal or 1 (rank 2 or 4 when they differ)")
     imp.check_output(i, outs[0], shape)
     out = imp.new_tensor(outs[0])
     imp.nodes.append(Node(name=imp.node_name(i), op=kind, inputs=[a, b], outputs=[out],
@@ -748,7 +748,8 @@ def _binary_const(imp: _Importer, i: int, kind: str, opts: Any, ins: list[int],
     c_shape = (1,) * (len(shape) - raw.ndim) + raw.shape
     if raw.ndim > len(shape) or broadcast_shape(shape, c_shape) != shape:
         raise imp.fail(f"{imp.where(i)}: the constant {list(raw.shape)} must broadcast to the "
-                       f"activation {list(shape)}")
+                       f"activation {list(shape)} (each dim equal or 1; rank 2 or 4 unless "
+                       "equal)")
     attrs: dict[str, Any] = {"const_shape": c_shape, "const_first": const_first}
     if raw.dtype == np.int8:
         tq = imp.tensor_quant(c_index, "constant")
