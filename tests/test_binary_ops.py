@@ -282,3 +282,19 @@ def test_cmsis_nn_backend_calls_elementwise_mul(tmp_path: Path) -> None:
     assert verify(res.plan, graph, x, "host", "cmsis-nn").mismatches == 0
     if shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm"):
         assert verify(res.plan, graph, x[:2], "qemu-m4", "cmsis-nn").mismatches == 0
+
+
+def test_rank3_prelu_and_equal_shape_mul_bit_exact_on_host(tmp_path: Path) -> None:
+    """A rank-3 graph ([1, 4, 6]): PRelu slopes per last-axis channel (the kernel sees one
+    1×1×24 view, so the export repeats them) and a Mul by an equal-shape constant."""
+    n = _Net(6)
+    p = n.node("PRelu", ["input", n.init("slope", n.rng.uniform(-1, 1, 6))], "prelu3")
+    n.node("Mul", [p, n.init("k", n.rng.uniform(-1, 1, (1, 4, 6)))], "mul3")
+    model = n.model("mul3", ["batch", 4, 6], ["batch", 4, 6])
+    check_model(model, _x((4, 6), 3))
+    path = tmp_path / "r3.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    res = search(path, graph, get_board("nano33ble"), dataset_from_array(_x((4, 6), 16), "r"),
+                 SearchOptions(patches="none"))
+    assert verify(res.plan, graph, _x((4, 6), 4, seed=3), "host").mismatches == 0

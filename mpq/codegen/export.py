@@ -378,7 +378,10 @@ class _Builder:
             return {"a_zp": za, "b_zp": zb, "output_zp": zp_out, "output_multiplier": e["mo"],
                     "output_shift": e["so"], "act_min": lq.act_min, "act_max": lq.act_max}
         sym = f"mpq_l{i}_alpha"
-        self.consts.append(ConstArray(sym, "int8_t", [int(v) for v in lq.const]))
+        # One slope per view channel: a rank-3 tensor is one 1×1×(A·B) view, its slopes repeat.
+        per_view = _view_dims(self.graph.tensors[node.outputs[0]].shape)[2] // lq.const.size
+        self.consts.append(ConstArray(sym, "int8_t", [int(v) for v in np.tile(lq.const,
+                                                                               per_view)]))
         return {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
                 "pos_multiplier": e["m1"], "pos_shift": e["s1"], "neg_multiplier": e["m2"],
                 "neg_shift": e["s2"], "alpha": sym, "alpha_zp": e["alpha_zp"],
