@@ -11,6 +11,7 @@
  *   mpq_copy.c             mpq_copy_view
  *   mpq_reduce.c           mpq_mean
  *   mpq_resize.c           mpq_resize_nearest, mpq_resize_bilinear
+ *   mpq_elementwise.c      mpq_mul, mpq_sub, mpq_prelu
  * and what they share: mpq_support.h (inline helpers), mpq_support.c (requantisation and add
  * helpers kept out of line; conv, depthwise, fully connected, add) and mpq_dot.c (the dot
  * product loops per bit width and the weight decode tables; conv, fully connected). Compile
@@ -271,6 +272,52 @@ typedef struct {
     const int32_t *x0, *x1, *fx;  /* out->w entries each */
 } mpq_bilinear_params;
 int mpq_resize_bilinear(const mpq_bilinear_params *p, const mpq_view *in, const mpq_view *out);
+
+/* -- elementwise: mul, sub, prelu (mpq_elementwise.c) ----------------------------------------- */
+
+/* TFLM's mul constants (`mpq.quant.arith.mul_params`): the inputs' zero points, the output's
+   multiplier/shift of s_a*s_b/s_out and zero point, and the clamp. */
+typedef struct {
+    int32_t a_zp, b_zp;
+    int32_t output_zp, output_multiplier, output_shift;
+    int32_t act_min, act_max;
+} mpq_mul_params;
+
+/* PRelu constants (`mpq.quant.arith.prelu_params`): the input zero point, the requantisation
+   of x >= 0 (s_in/s_out) and of x < 0 (s_in*s_alpha/s_out), the int8 slope per channel
+   (`alpha[c]`, c < the views' channels) with its zero point, the output zero point and clamp. */
+typedef struct {
+    int32_t input_zp;
+    int32_t pos_multiplier, pos_shift;
+    int32_t neg_multiplier, neg_shift;
+    const int8_t *alpha;
+    int32_t alpha_zp;
+    int32_t output_zp, act_min, act_max;
+} mpq_prelu_params;
+
+/* Elementwise mul with TFLM's arithmetic (reference_integer_ops::MulElementwise;
+ * `mpq.quant.arith.mul_quantized`), broadcasting: each of a's and b's h, w, c equals out's or
+ * is 1 (squeeze-excite: a [H][W][C] times b [1][1][C]); the element at a broadcast dim is read
+ * at index 0.
+ *   Y = clamp(requant((A - a_zp) * (B - b_zp), M, S) + output_zp, act_min, act_max)
+ * Any bits. An operand may be a constant array in Flash (an 8-bit view of it; only read).
+ * `out` may be the very same view as an operand of its own shape (read before written); views
+ * sharing `data` with different bits are refused (MPQ_ERR_BITS). */
+int mpq_mul(const mpq_mul_params *p, const mpq_view *a, const mpq_view *b, const mpq_view *out);
+
+/* Elementwise sub with TFLM's arithmetic (reference_ops::SubElementwise;
+ * `mpq.quant.arith.sub_quantized`), the add constants of mpq_add (sub's own values), the same
+ * broadcasting and aliasing rules as mpq_mul:
+ *   Y = clamp(requant(requant((A - a_zp) << ls, Ma, Sa) - requant((B - b_zp) << ls, Mb, Sb),
+ *             Mo, So) + output_zp, act_min, act_max)   (the difference wraps as int32) */
+int mpq_sub(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const mpq_view *out);
+
+/* PRelu with TFLM's arithmetic (reference_ops::BroadcastPrelu4DSlow;
+ * `mpq.quant.arith.prelu_quantized`), one int8 slope per channel: with v = X - input_zp,
+ *   Y = clamp((v >= 0 ? requant(v, Mp, Sp) : requant(v * (alpha[c] - alpha_zp), Mn, Sn))
+ *             + output_zp, act_min, act_max)
+ * `in` and `out` have the same h, w, c; any bits; `out` may be the very same view as `in`. */
+int mpq_prelu(const mpq_prelu_params *p, const mpq_view *in, const mpq_view *out);
 
 #ifdef __cplusplus
 }

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, Node
+from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, Node, binary_operands, constant_operand
 
 
 def _clamp(node: Node, y: np.ndarray) -> np.ndarray:
@@ -217,6 +217,34 @@ def resize_nearest(x: np.ndarray, node: Node) -> np.ndarray:
     return x[:, rows][:, :, cols]
 
 
+class Mul(Op):
+    """a·b with numpy broadcasting (either input may have 1 where the output has a dim; one
+    operand may be the node's constant)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        a, b = binary_operands(node, xs[0], constant_operand(node), xs[1:])
+        return _clamp(node, a * b)
+
+
+class Sub(Op):
+    """a − b with numpy broadcasting (one operand may be the node's constant)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        a, b = binary_operands(node, xs[0], constant_operand(node), xs[1:])
+        return _clamp(node, a - b)
+
+
+class PRelu(Op):
+    """x ≥ 0 ? x : α[c]·x, one slope per channel (last axis)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        alpha = np.asarray(node.attrs["alpha"], np.float32)
+        return np.where(xs[0] >= 0, xs[0], xs[0] * alpha)
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -228,6 +256,9 @@ OPS: dict[str, type[Op]] = {
     "softmax": Softmax,
     "mean": Mean,
     "resize": Resize,
+    "mul": Mul,
+    "sub": Sub,
+    "prelu": PRelu,
 }
 
 

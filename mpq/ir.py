@@ -32,10 +32,17 @@ OPS = (
     "softmax",
     "mean",
     "resize",
+    "mul",
+    "sub",
+    "prelu",
 )
 
 # Ops that accept a fused activation clamp.
-ACT_OPS = ("conv2d", "fully_connected", "add", "max_pool", "avg_pool")
+ACT_OPS = ("conv2d", "fully_connected", "add", "max_pool", "avg_pool", "mul", "sub")
+
+# Elementwise ops of two activations whose second (or first) input may broadcast: each of its
+# dims equals the output's or is 1 (squeeze-excite's [1,H,W,C] × [1,1,1,C]).
+BROADCAST_OPS = ("mul", "sub")
 
 
 @dataclass
@@ -73,6 +80,13 @@ class Node:
                       scales (H, W): the scales that rule used (for the ONNX writer);
                       mode "bilinear" (TFLite RESIZE_BILINEAR): align_corners,
                       half_pixel_centers (taps: interpreter/arith bilinear_*_taps)
+      mul, sub        two activation inputs of the output's rank; each dim of an input equals
+                      the output's or is 1 (broadcast, e.g. [1,H,W,C] × [1,1,1,C]); or one
+                      activation and a constant: const (flat float values), const_shape (IR
+                      layout, the output's rank, dims equal or 1), const_first (sub: c − x);
+                      int8 imports also carry const_q, const_scale, const_zp
+      prelu           alpha: tuple of one slope per channel (last axis); int8 imports also
+                      carry alpha_q (the file's int8 slopes), alpha_scale, alpha_zp
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 
@@ -155,6 +169,36 @@ def remove_dead_nodes(graph: Graph) -> None:
         used.update(n.inputs)
         used.update(n.outputs)
     graph.tensors = {k: v for k, v in graph.tensors.items() if k in used}
+
+
+def constant_operand(node: Node) -> np.ndarray | None:
+    """The float constant operand of a mul/sub with one activation input, shaped
+    `const_shape`, or None when both operands are activations."""
+    if "const" not in node.attrs:
+        return None
+    return np.asarray(node.attrs["const"], np.float32).reshape(node.attrs["const_shape"])
+
+
+def binary_operands(node: Node, x: np.ndarray, const: np.ndarray | None,
+                    others: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(first, second) operand of a mul/sub: the two inputs, or the activation `x` and the
+    constant in the node's order (`const_first`)."""
+    if const is None:
+        return x, others[0]
+    return (const, x) if node.attrs.get("const_first") else (x, const)
+
+
+def broadcast_shape(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape two same-rank operands of a BROADCAST_OPS node broadcast to (each dim equal
+    or 1, as TFLM's broadcasting kernels and numpy allow), or None when they do not — or when
+    they differ at a rank other than 2 or 4: the kernels see [1, K] as 1×1×K and rank 4 as
+    H×W×C views, so only those broadcast there."""
+    if len(sa) != len(sb) or (sa != sb and len(sa) not in (2, 4)):
+        return None
+    pairs = list(zip(sa, sb, strict=True))
+    if any(a != b and 1 not in (a, b) for a, b in pairs):
+        return None
+    return tuple(max(a, b) for a, b in pairs)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad_lo: int,

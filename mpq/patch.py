@@ -136,17 +136,27 @@ def patch_conv_macs(node: Node, rows: int, cols: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# Elementwise ops that read the same rectangle of every input as they write (like add), so a
+# patch of their output needs exactly that patch of each input; broadcasting ones are refused.
+ELEMENTWISE = ("mul", "sub", "prelu")
+
+
 def locality_problem(node: Node, graph: Graph) -> str | None:
     """Why `node` cannot run on a spatial patch, or None when it is spatially local.
 
     Local: conv2d (any groups, strides, dilation), max/avg pool that is not global, add, concat
-    on channels, all on rank-4 tensors, with no pad as wide as the window (a window entirely in
-    the padding would have no input rectangle).
+    on channels, mul/sub of equal shapes and prelu (`ELEMENTWISE`), all on rank-4 tensors,
+    with no pad as wide as the window (a window entirely in the padding would have no input
+    rectangle).
     """
     label = f"node '{node.name}' ({node.op})"
     shapes = [graph.tensors[t].shape for t in (*node.inputs, *node.outputs)]
-    if node.op not in ("conv2d", "max_pool", "avg_pool", "add", "concat"):
+    if node.op not in ("conv2d", "max_pool", "avg_pool", "add", "concat", *ELEMENTWISE):
         return f"{label} is not spatially local"
+    if node.op in ELEMENTWISE and len(set(shapes)) != 1:
+        return f"{label} broadcasts (its operands differ in shape)"
+    if "const" in node.attrs:
+        return f"{label} has a constant operand"
     if any(len(s) != 4 for s in shapes):
         return f"{label} has a tensor that is not rank 4"
     if node.op == "concat" and node.attrs["axis"] != 3:

@@ -140,6 +140,49 @@ class Resize(IntOp):
         return resize_nearest(xs[0], node)
 
 
+def _binary_int(node: Node, lq: LayerQuant, qm: QuantModel,
+                 xs: list[np.ndarray]) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """(first values, its zero point, second values, its zero point) of a mul/sub: two
+    activations, or the activation and the int8 constant (`LayerQuant.const`)."""
+    zx = qm.acts[node.inputs[0]].zero_point
+    if "const" not in node.attrs:
+        return xs[0], zx, xs[1], qm.acts[node.inputs[1]].zero_point
+    c = lq.const.reshape(node.attrs["const_shape"])
+    zc = lq.extra["const_zp"]
+    return (c, zc, xs[0], zx) if node.attrs.get("const_first") else (xs[0], zx, c, zc)
+
+
+class Mul(IntOp):
+    """TFLM int8 mul (any bits), broadcasting like the float op."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        a, za, b, zb = _binary_int(node, lq, qm, xs)
+        return arith.mul_quantized(a, za, b, zb, lq.extra, qm.acts[node.outputs[0]].zero_point,
+                                   lq.act_min, lq.act_max)
+
+
+class Sub(IntOp):
+    """TFLM int8 sub (any bits), broadcasting like the float op."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        a, za, b, zb = _binary_int(node, lq, qm, xs)
+        return arith.sub_quantized(a, za, b, zb, lq.extra, qm.acts[node.outputs[0]].zero_point,
+                                   lq.act_min, lq.act_max)
+
+
+class PRelu(IntOp):
+    """TFLM int8 prelu with one int8 slope per channel (`LayerQuant.const`)."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        zp_in = qm.acts[node.inputs[0]].zero_point
+        return arith.prelu_quantized(xs[0], zp_in, lq.const, lq.extra["alpha_zp"], lq.extra,
+                                     qm.acts[node.outputs[0]].zero_point, lq.act_min,
+                                     lq.act_max)
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -151,6 +194,9 @@ INT_OPS: dict[str, type[IntOp]] = {
     "softmax": Softmax,
     "mean": Mean,
     "resize": Resize,
+    "mul": Mul,
+    "sub": Sub,
+    "prelu": PRelu,
 }
 
 

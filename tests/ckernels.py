@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import reference_kernels as ref
@@ -72,6 +73,14 @@ class ResizeParams(ctypes.Structure):
 
 class BilinearParams(ctypes.Structure):
     _fields_ = [(n, P_I32) for n in ("y0", "y1", "fy", "x0", "x1", "fx")]
+MulParams = _struct("MulParams", "a_zp", "b_zp", "output_zp", "output_multiplier",
+                    "output_shift", "act_min", "act_max")
+
+
+class PreluParams(ctypes.Structure):
+    _fields_ = [("input_zp", I32), ("pos_multiplier", I32), ("pos_shift", I32),
+                ("neg_multiplier", I32), ("neg_shift", I32), ("alpha", ctypes.c_void_p),
+                ("alpha_zp", I32), ("output_zp", I32), ("act_min", I32), ("act_max", I32)]
 
 
 class ChannelQuant(ctypes.Structure):
@@ -356,6 +365,22 @@ class Kernels:
         keep = [np.ascontiguousarray(a, np.int32) for a in (*rows, *cols)]
         p = BilinearParams(*(a.ctypes.data_as(P_I32) for a in keep))
         return self.lib.mpq_resize_bilinear(p, inp, out)
+
+    def _elementwise(self, name: str, params: type, n_views: int) -> Any:
+        fn = getattr(self.lib, name)
+        fn.argtypes = [ctypes.POINTER(params)] + [ctypes.POINTER(View)] * n_views
+        fn.restype = ctypes.c_int
+        return fn
+
+    def mul(self, p: MulParams, a: View, b: View, out: View) -> int:
+        return self._elementwise("mpq_mul", MulParams, 3)(p, a, b, out)
+
+    def sub(self, p: AddParams, a: View, b: View, out: View) -> int:
+        return self._elementwise("mpq_sub", AddParams, 3)(p, a, b, out)
+
+    def prelu(self, p: PreluParams, inp: View, out: View) -> int:
+        """`p.alpha` must point at int8 slopes the caller keeps alive."""
+        return self._elementwise("mpq_prelu", PreluParams, 2)(p, inp, out)
 
 
 @cache

@@ -10,7 +10,9 @@ int8 or int4, and CMSIS-NN has a kernel that computes exactly what `mpq.sim` com
 - fully connected: `arm_fully_connected_per_channel_s8`; `arm_fully_connected_s4` only takes one
   multiplier, so 4-bit weights go there when every output channel has the same (M, S);
 - add, average / max pooling, softmax: `arm_elementwise_add_s8`, `arm_avgpool_s8`,
-  `arm_max_pool_s8`, `arm_softmax_s8`.
+  `arm_max_pool_s8`, `arm_softmax_s8`;
+- mul of two equal-shaped activations: `arm_elementwise_mul_s8` (no broadcast; sub and prelu
+  have no CMSIS-NN s8 kernel).
 
 Everything else keeps mpq's portable kernels, for a reason the export report names: sub-byte
 activations; 2-bit weights and non-linear weight schemes (codebooks, powers of two); the plan's
@@ -88,6 +90,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "arm_max_pool_s8": ("Source/PoolingFunctions/arm_max_pool_s8.c",),
     "arm_softmax_s8": ("Source/SoftmaxFunctions/arm_softmax_s8.c",
                        "Source/SoftmaxFunctions/arm_nn_softmax_common_s8.c"),
+    "arm_elementwise_mul_s8": ("Source/BasicMathFunctions/arm_elementwise_mul_s8.c",),
 }
 HEADER = "Include/arm_nnfunctions.h"
 
@@ -260,6 +263,19 @@ def plan_call(node: Node, graph: Graph, qm: QuantModel, inplace: set[str],
         return CmsisCall("arm_softmax_s8", "softmax", 0, None, {
             "rows": x[0] * x[1] * x[2], "row_size": x[3], "multiplier": e["multiplier"],
             "shift": e["left_shift"], "diff_min": e["diff_min"]})
+    if node.op == "mul":
+        # TFLM's MulElementwise over equal-shaped int8 operands (CMSIS-NN has no broadcast).
+        shapes = {graph.tensors[t].shape for t in node.inputs + node.outputs}
+        if "const" in node.attrs or len(shapes) != 1:
+            return "broadcast or constant operand (arm_elementwise_mul_s8 takes equal shapes)"
+        e = lq.extra
+        za, zb = (acts[t].zero_point for t in node.inputs)
+        return CmsisCall("arm_elementwise_mul_s8", "mul", 0, None, {
+            "a_offset": -za, "b_offset": -zb, "output_offset": zp_out,
+            "output_multiplier": e["mo"], "output_shift": e["so"], "size": int(np.prod(y)),
+            **act})
+    if node.op in ("sub", "prelu"):
+        return f"no CMSIS-NN s8 kernel for '{node.op}'"
     return f"no CMSIS-NN kernel for '{node.op}'"  # pragma: no cover - the IR has no other ops
 
 

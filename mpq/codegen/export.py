@@ -53,6 +53,9 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "mean": ("mpq_reduce.c", "mpq_support.c"),
     "resize_nearest": ("mpq_resize.c",),
     "resize_bilinear": ("mpq_resize.c",),
+    "mul": ("mpq_elementwise.c", "mpq_support.c"),
+    "sub": ("mpq_elementwise.c", "mpq_support.c"),
+    "prelu": ("mpq_elementwise.c", "mpq_support.c"),
 }
 
 
@@ -366,6 +369,15 @@ class _Builder:
                             ConstArray(f"{sym}_cols", "int32_t", list(node.attrs["cols"]))]
             self.layers.append(Layer(i, node.name, "resize_nearest", ins, out,
                                      weight={"sym": sym}))
+        elif node.op in ("mul", "sub", "prelu"):
+            if "const" in node.attrs:  # the constant as an 8-bit view of a Flash array
+                sym = f"mpq_l{i}_const"
+                self.consts.append(ConstArray(sym, "int8_t",
+                                              [int(v) for v in self.qm.layers[node.name].const]))
+                c = Operand(sym, f"(void *){sym}", 8, *_view_dims(node.attrs["const_shape"]))
+                ins = [c, ins[0]] if node.attrs.get("const_first") else [ins[0], c]
+            self.layers.append(Layer(i, node.name, node.op, ins, out,
+                                     self.elementwise_params(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
 
@@ -379,6 +391,36 @@ class _Builder:
                 "output_zp": self.qm.acts[node.outputs[0]].zero_point,
                 "multiplier": lq.extra["multiplier"], "shift": lq.extra["shift"],
                 "act_min": lq.act_min, "act_max": lq.act_max}
+
+    def elementwise_params(self, i: int, node: Node) -> dict[str, Any]:
+        """mpq_mul_params, the mpq_add_params of a sub (its inputs in the graph's order), or
+        mpq_prelu_params with its int8 slope array (`mpq_l<i>_alpha`, one per channel)."""
+        lq = self.qm.layers[node.name]
+        e = lq.extra
+        zp_out = self.qm.acts[node.outputs[0]].zero_point
+        if node.op in ("mul", "sub"):
+            za = self.qm.acts[node.inputs[0]].zero_point
+            zb = self.qm.acts[node.inputs[-1]].zero_point
+            if "const" in node.attrs:  # the constant's own zero point, in operand order
+                za, zb = (e["const_zp"], za) if node.attrs.get("const_first") else \
+                    (za, e["const_zp"])
+            if node.op == "sub":
+                return {"a_zp": za, "a_multiplier": e["m1"], "a_shift": e["s1"], "b_zp": zb,
+                        "b_multiplier": e["m2"], "b_shift": e["s2"],
+                        "left_shift": e["left_shift"], "output_zp": zp_out,
+                        "output_multiplier": e["mo"], "output_shift": e["so"],
+                        "act_min": lq.act_min, "act_max": lq.act_max}
+            return {"a_zp": za, "b_zp": zb, "output_zp": zp_out, "output_multiplier": e["mo"],
+                    "output_shift": e["so"], "act_min": lq.act_min, "act_max": lq.act_max}
+        sym = f"mpq_l{i}_alpha"
+        # One slope per view channel: a rank-3 tensor is one 1×1×(A·B) view, its slopes repeat.
+        per_view = _view_dims(self.graph.tensors[node.outputs[0]].shape)[2] // lq.const.size
+        self.consts.append(ConstArray(sym, "int8_t", [int(v) for v in np.tile(lq.const,
+                                                                               per_view)]))
+        return {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
+                "pos_multiplier": e["m1"], "pos_shift": e["s1"], "neg_multiplier": e["m2"],
+                "neg_shift": e["s2"], "alpha": sym, "alpha_zp": e["alpha_zp"],
+                "output_zp": zp_out, "act_min": lq.act_min, "act_max": lq.act_max}
 
 
 @dataclass
@@ -453,7 +495,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         out_t = node.outputs[0]
         inputs = list(node.inputs)
         kernel = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
-                  "max_pool": "maxpool"}.get(node.op)
+                  "max_pool": "maxpool", "mul": "mul", "sub": "sub", "prelu": "prelu"}.get(node.op)
         if node.op == "concat" or kernel is None:
             raise MpqError(f"export: '{node.op}' in the patch stage is not supported yet")
         geo_node = name
@@ -472,7 +514,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 ov = out_view(out_t, i, j)
                 for q, t in enumerate(inputs):
                     v = in_view(t, name, q, i, j)
-                    if node.op == "add":  # elementwise: exactly the output's extent
+                    if node.op in ("add", "mul", "sub", "prelu"):  # exactly the output's extent
                         v[2:4] = ov[2:4]
                     row += v
                 if add_node is not None:
@@ -515,6 +557,10 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 b.scratch = max(b.scratch, _patch_scratch(node, geometry, kernel))
             elif node.op == "add":
                 params[br] = bb.add_params(node, node.inputs[0])
+            elif node.op in ("mul", "sub", "prelu"):
+                params[br] = bb.elementwise_params(idx, node)
+                # a prelu's slopes (the same in both branches) go into the export once
+                b.consts += [a for a in bb.consts if a.symbol not in {x.symbol for x in b.consts}]
             else:
                 a = node.attrs
                 lq = m.layers[node.name]

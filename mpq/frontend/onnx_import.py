@@ -32,6 +32,7 @@ from mpq.ir import (
     Graph,
     Node,
     Tensor,
+    broadcast_shape,
     conv_out_size,
     remove_dead_nodes,
 )
@@ -1049,6 +1050,130 @@ def _run_1d(handler: Handler) -> Handler:
 for _op in _ONE_D:
     if _op in HANDLERS:
         HANDLERS[_op] = _run_1d(HANDLERS[_op])
+
+
+# -- Mul, Sub, PRelu ------------------------------------------------------------------------------
+
+def _fold_scale(imp: Importer, node: onnx.NodeProto, act_name: str, const_name: str) -> bool:
+    """Mul by a per-channel constant right after a Conv/Gemm/MatMul: scale its weights and
+    bias (conv(x)·c = conv with c[o]·W[o], c[o]·b[o]). False when not that pattern."""
+    x = imp.value(act_name, node)
+    prod = imp.fusable_producer(act_name, ("conv2d", "fully_connected"))
+    if prod is None or prod.act != "none":
+        return False
+    vec = _channel_vector(imp, node, imp.weight(const_name, node, "factor"), prod, x.layout)
+    if vec is None:
+        return False
+    shape = (-1,) + (1,) * (prod.weight.ndim - 1)
+    prod.weight = (prod.weight * vec.reshape(shape)).astype(np.float32)
+    prod.bias = (prod.bias * vec).astype(np.float32)
+    imp.rename_output(prod, x.tensor, node.output[0], x.layout)
+    imp.notes["Mul by a constant folded"] += 1
+    return True
+
+
+def _fold_subtrahend(imp: Importer, node: onnx.NodeProto, act_name: str,
+                     const_name: str) -> bool:
+    """Sub of a per-channel constant right after a Conv/Gemm/MatMul: a bias of −c."""
+    x = imp.value(act_name, node)
+    prod = imp.fusable_producer(act_name, ("conv2d", "fully_connected"))
+    if prod is None or prod.act != "none":
+        return False
+    vec = _channel_vector(imp, node, imp.weight(const_name, node, "subtrahend"), prod, x.layout)
+    if vec is None:
+        return False
+    prod.bias = (prod.bias - vec).astype(np.float32)
+    imp.rename_output(prod, x.tensor, node.output[0], x.layout)
+    imp.notes["Sub of a constant folded"] += 1
+    return True
+
+
+def _binary(imp: Importer, node: onnx.NodeProto, op: str) -> None:
+    """Mul / Sub of two activations of one rank and layout, each dim equal or 1 (broadcast,
+    e.g. squeeze-excite's [1,C,H,W] × [1,C,1,1]); a constant operand folds into the producing
+    Conv/Gemm/MatMul when it is per channel, else is refused."""
+    a, b = node.input[0], node.input[1]
+    if a in imp.consts and b in imp.consts:  # pragma: no cover - folded as a constant op
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): both inputs are constant")
+    if a in imp.consts or b in imp.consts:
+        if op == "mul":
+            act_name, const_name = (b, a) if a in imp.consts else (a, b)
+            if _fold_scale(imp, node, act_name, const_name):
+                return
+        elif b in imp.consts and _fold_subtrahend(imp, node, a, b):
+            return
+        _binary_const(imp, node, op)
+        return
+    xa, xb = imp.value(a, node), imp.value(b, node)
+    sa, sb = imp.tensors[xa.tensor].shape, imp.tensors[xb.tensor].shape
+    shape = broadcast_shape(sa, sb)
+    if shape is None or (xa.layout != xb.layout and len(sa) == 4):
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): operands "
+                       f"{list(imp.shape(xa))} and {list(imp.shape(xb))} must have one rank "
+                       "and layout, each dim equal or 1 (rank 2 or 4 when they differ)")
+    out = imp.new_tensor(node.output[0], shape)
+    imp.nodes.append(Node(name=node.name, op=op, inputs=[xa.tensor, xb.tensor], outputs=[out]))
+    imp.values[node.output[0]] = Value(out, xa.layout)
+
+
+def _binary_const(imp: Importer, node: onnx.NodeProto, op: str) -> None:
+    """Mul / Sub of an activation and a float32 constant that broadcasts to it (ONNX's
+    right-aligned rule, the output keeping the activation's shape); the IR keeps the constant
+    in its own layout (`const`, `const_shape`, `const_first`)."""
+    const_first = node.input[0] in imp.consts
+    act_name, const_name = (node.input[1], node.input[0]) if const_first else node.input[:2]
+    x = imp.value(act_name, node)
+    c = imp.weight(const_name, node, "constant operand")
+    onnx_shape = imp.shape(x)
+    c_shape = (1,) * (len(onnx_shape) - c.ndim) + c.shape
+    if c.ndim > len(onnx_shape) or broadcast_shape(onnx_shape, c_shape) != onnx_shape:
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): the constant {list(c.shape)} "
+                       f"must broadcast to the activation {list(onnx_shape)} (each dim "
+                       "equal or 1; rank 2 or 4 unless equal)")
+    c = c.reshape(c_shape)
+    if x.layout == LAYOUT_NCHW and c.ndim == 4:
+        c = c.transpose(NCHW_TO_NHWC)
+    ir_shape = imp.tensors[x.tensor].shape
+    out = imp.new_tensor(node.output[0], ir_shape)
+    imp.nodes.append(Node(name=node.name, op=op, inputs=[x.tensor], outputs=[out], attrs={
+        "const": tuple(float(v) for v in c.reshape(-1)), "const_shape": tuple(c.shape),
+        "const_first": const_first}))
+    imp.values[node.output[0]] = Value(out, x.layout)
+    imp.notes[f"{node.op_type} by a constant"] += 1
+
+
+@handles("Mul")
+def _mul(imp: Importer, node: onnx.NodeProto) -> None:
+    _binary(imp, node, "mul")
+
+
+@handles("Sub")
+def _sub(imp: Importer, node: onnx.NodeProto) -> None:
+    _binary(imp, node, "sub")
+
+
+@handles("PRelu")
+def _prelu(imp: Importer, node: onnx.NodeProto) -> None:
+    """PRelu with a constant slope that is one value per channel (or one for all): ONNX
+    broadcasts it against the input as the graph sees it; the IR keeps one slope per channel."""
+    x = imp.value(node.input[0], node)
+    slope = imp.weight(node.input[1], node, "slope")
+    onnx_shape = imp.shape(x)
+    try:
+        full = np.broadcast_to(slope, onnx_shape)
+    except ValueError:
+        full = None
+    if full is not None and x.layout == LAYOUT_NCHW:
+        full = full.transpose(NCHW_TO_NHWC)
+    ir_shape = imp.tensors[x.tensor].shape
+    flat = None if full is None else full.reshape(-1, ir_shape[-1])
+    if flat is None or not np.all(flat == flat[0]):
+        raise imp.fail(f"node '{node.name}' (PRelu): slope {list(slope.shape)} must be one "
+                       f"value per channel of {list(onnx_shape)} (or one for all)")
+    out = imp.new_tensor(node.output[0], ir_shape)
+    imp.nodes.append(Node(name=node.name, op="prelu", inputs=[x.tensor], outputs=[out],
+                          attrs={"alpha": tuple(float(v) for v in flat[0])}))
+    imp.values[node.output[0]] = Value(out, x.layout)
 
 
 # -- driver ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mpq import __version__
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, Node
+from mpq.ir import LAYOUT_NCHW, LAYOUT_NCW, Graph, Node, constant_operand
 
 NORMALISED_KEY = "mpq.normalised"
 OPSET = 13
@@ -192,6 +192,25 @@ class _Writer:
                  list(node.outputs), node.name, mode="linear",
                  coordinate_transformation_mode=transform)
 
+    def binary(self, node: Node, op: str) -> None:
+        """Mul / Sub: ONNX broadcasts the NCHW views exactly as the IR does the NHWC ones; a
+        constant operand becomes an initializer in the ONNX layout."""
+        c = constant_operand(node)
+        if c is None:
+            self.with_act(node, op, list(node.inputs))
+            return
+        if c.ndim == 4:
+            c = c.transpose(0, 3, 1, 2)
+        name = self.init(f"{node.name}/const", np.ascontiguousarray(c))
+        x = node.inputs[0]
+        self.with_act(node, op, [name, x] if node.attrs.get("const_first") else [x, name])
+
+    def prelu(self, node: Node) -> None:
+        alpha = np.asarray(node.attrs["alpha"], np.float32)
+        shape = (alpha.size, 1, 1) if self.rank4(node.inputs[0]) else (alpha.size,)
+        slope = self.init(f"{node.name}/slope", alpha.reshape(shape))
+        self.add("PRelu", [node.inputs[0], slope], list(node.outputs), node.name)
+
     def emit(self, node: Node) -> None:
         dispatch = {
             "conv2d": self.conv2d,
@@ -204,6 +223,9 @@ class _Writer:
             "softmax": self.softmax,
             "mean": self.mean,
             "resize": self.resize,
+            "mul": lambda n: self.binary(n, "Mul"),
+            "sub": lambda n: self.binary(n, "Sub"),
+            "prelu": self.prelu,
         }
         dispatch[node.op](node)
 

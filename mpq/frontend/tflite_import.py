@@ -51,7 +51,15 @@ import numpy as np
 
 from mpq import limits
 from mpq.errors import MpqError
-from mpq.ir import LAYOUT_NHWC, Graph, Node, Tensor, conv_out_size, remove_dead_nodes
+from mpq.ir import (
+    LAYOUT_NHWC,
+    Graph,
+    Node,
+    Tensor,
+    broadcast_shape,
+    conv_out_size,
+    remove_dead_nodes,
+)
 
 SCHEMA_MODULE = "tflite_micro.tensorflow.lite.micro.python.schema_py_generated"
 SCHEMA_PACKAGE = "tflite_micro"
@@ -63,6 +71,7 @@ SUPPORTED_OPS = (
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "DEQUANTIZE",
     "FULLY_CONNECTED", "MAX_POOL_2D", "PAD", "QUANTIZE", "RESHAPE", "SOFTMAX",
     "MEAN", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR",
+    "MUL", "SUB", "PRELU",
 )
 
 # TensorType code → (name, numpy dtype); codes from the TFLite schema.
@@ -707,6 +716,103 @@ def _pad(imp: _Importer, i: int, op: Any) -> None:
 
 # -- boundary QUANTIZE / DEQUANTIZE ------------------------------------------------------------
 
+def _binary(imp: _Importer, i: int, op: Any, kind: str, options: str) -> None:
+    """MUL / SUB of two activations of one rank, either broadcasting dims of 1 (TFLM's
+    BroadcastMul4DSlow / BroadcastQuantSubSlow semantics)."""
+    opts = _options(imp, op, options)
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 2 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected two inputs and one output")
+    if imp.is_const(ins[0]) or imp.is_const(ins[1]):
+        _binary_const(imp, i, kind, opts, ins, outs[0])
+        return
+    a, b = imp.value(ins[0], i), imp.value(ins[1], i)
+    sa, sb = imp.tensors[a].shape, imp.tensors[b].shape
+    shape = broadcast_shape(sa, sb)
+    if shape is None:
+        raise imp.fail(f"{imp.where(i)}: operands {list(sa)} and {list(sb)} must have one rank "
+                       "and each dim equal or 1 (rank 2 or 4 when they differ)")
+    imp.check_output(i, outs[0], shape)
+    out = imp.new_tensor(outs[0])
+    imp.nodes.append(Node(name=imp.node_name(i), op=kind, inputs=[a, b], outputs=[out],
+                          attrs=imp.act(i, opts)))
+
+
+def _binary_const(imp: _Importer, i: int, kind: str, opts: Any, ins: list[int],
+                  out_index: int) -> None:
+    """MUL / SUB of an activation and a constant that broadcasts to it (after leading 1s);
+    int8 files keep the constant's int8 values and quantisation (`const_q`, …)."""
+    const_first = imp.is_const(ins[0])
+    x_index, c_index = (ins[1], ins[0]) if const_first else (ins[0], ins[1])
+    x = imp.value(x_index, i)
+    shape = imp.tensors[x].shape
+    raw = imp.raw(c_index)
+    c_shape = (1,) * (len(shape) - raw.ndim) + raw.shape
+    if raw.ndim > len(shape) or broadcast_shape(shape, c_shape) != shape:
+        raise imp.fail(f"{imp.where(i)}: the constant {list(raw.shape)} must broadcast to the "
+                       f"activation {list(shape)} (each dim equal or 1; rank 2 or 4 unless "
+                       "equal)")
+    attrs: dict[str, Any] = {"const_shape": c_shape, "const_first": const_first}
+    if raw.dtype == np.int8:
+        tq = imp.tensor_quant(c_index, "constant")
+        attrs.update(const_q=tuple(int(v) for v in raw.reshape(-1)),
+                     const_scale=float(tq.scale), const_zp=int(tq.zero_point))
+        values = (raw.astype(np.float64) - tq.zero_point) * np.float32(tq.scale)
+    elif raw.dtype == np.float32:
+        values = raw
+    else:
+        raise imp.fail(f"{imp.where(i)}: constant of type {raw.dtype} (float32 or int8)")
+    attrs["const"] = tuple(float(np.float32(v)) for v in values.reshape(-1))
+    imp.check_output(i, out_index, shape)
+    out = imp.new_tensor(out_index)
+    imp.nodes.append(Node(name=imp.node_name(i), op=kind, inputs=[x], outputs=[out],
+                          attrs={**imp.act(i, opts), **attrs}))
+
+
+def per_channel(alpha: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray | None:
+    """A constant broadcast (right-aligned) against `x_shape` as one value per last-axis
+    channel, or None when it varies along another axis or does not broadcast."""
+    try:
+        full = np.broadcast_to(alpha, x_shape)
+    except ValueError:
+        return None
+    flat = full.reshape(-1, x_shape[-1]) if x_shape else full.reshape(1, -1)
+    if flat.size and not np.all(flat == flat[0]):
+        return None
+    return np.ascontiguousarray(flat[0])
+
+
+def _prelu(imp: _Importer, i: int, op: Any) -> None:
+    """PRELU with a constant slope per channel (or one for all); int8 files keep their int8
+    slopes and quantisation in the node (`alpha_q`, `alpha_scale`, `alpha_zp`)."""
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 2 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected an input, a slope and one output")
+    x = imp.value(ins[0], i)
+    shape = imp.tensors[x].shape
+    raw = imp.raw(ins[1])
+    if raw is None:
+        raise imp.fail(f"{imp.where(i)}: the slope '{imp.names[ins[1]]}' must be a constant")
+    q = per_channel(raw, shape)
+    if q is None:
+        raise imp.fail(f"{imp.where(i)}: the slope {list(raw.shape)} must be one value per "
+                       f"channel of {list(shape)} (or one for all)")
+    attrs: dict[str, Any] = {}
+    if raw.dtype == np.int8:
+        tq = imp.tensor_quant(ins[1], "slope")
+        attrs = {"alpha_q": tuple(int(v) for v in q), "alpha_scale": float(tq.scale),
+                 "alpha_zp": int(tq.zero_point)}
+        alpha = (q.astype(np.float64) - tq.zero_point) * np.float32(tq.scale)
+    elif raw.dtype == np.float32:
+        alpha = q
+    else:
+        raise imp.fail(f"{imp.where(i)}: slope of type {raw.dtype} (float32 or int8)")
+    imp.check_output(i, outs[0], shape)
+    out = imp.new_tensor(outs[0])
+    imp.nodes.append(Node(name=imp.node_name(i), op="prelu", inputs=[x], outputs=[out],
+                          attrs={"alpha": tuple(float(np.float32(v)) for v in alpha), **attrs}))
+
+
 def _boundary(imp: _Importer) -> tuple[list[int], list[int]]:
     """Remove QUANTIZE after graph inputs and DEQUANTIZE before graph outputs.
 
@@ -971,6 +1077,9 @@ _HANDLERS: dict[str, Any] = {
     "MEAN": _mean,
     "RESIZE_NEAREST_NEIGHBOR": _resize_nearest,
     "RESIZE_BILINEAR": _resize_bilinear,
+    "MUL": lambda imp, i, op: _binary(imp, i, op, "mul", "MulOptionsT"),
+    "SUB": lambda imp, i, op: _binary(imp, i, op, "sub", "SubOptionsT"),
+    "PRELU": lambda imp, i, op: _prelu(imp, i, op),
 }
 
 

@@ -204,6 +204,72 @@ def add_quantized(x1: np.ndarray, zp1: int, x2: np.ndarray, zp2: int, p: dict[st
     return np.clip(y, act_min, act_max)
 
 
+def mul_params(s1: float, s2: float, s_out: float) -> dict[str, int]:
+    """TFLM mul constants: (M, S) = QuantizeMultiplier((double)s1·(double)s2/(double)s_o)
+    (mul_common.cc CalculateOpDataMul)."""
+    s1, s2, s_out = (float(np.float32(v)) for v in (s1, s2, s_out))
+    m, shift = quantize_multiplier(s1 * s2 / s_out)
+    return {"mo": m, "so": shift}
+
+
+def mul_quantized(x1: np.ndarray, zp1: int, x2: np.ndarray, zp2: int, p: dict[str, int],
+                  zp_out: int, act_min: int, act_max: int) -> np.ndarray:
+    """Elementwise (broadcasting) mul, TFLM reference_integer_ops::MulElementwise:
+    clamp(rq((x1−zp1)·(x2−zp2), M, S) + zp_o)."""
+    prod = (np.asarray(x1, np.int64) - zp1) * (np.asarray(x2, np.int64) - zp2)
+    return np.clip(requantize(prod, p["mo"], p["so"]) + zp_out, act_min, act_max)
+
+
+def sub_params(s1: float, s2: float, s_out: float) -> dict[str, int]:
+    """TFLM sub constants: the add constants (`add_params`, ratios in double, left shift 20).
+
+    sub_common.cc has at times divided in float32 before widening (the #1501 fix, reverted in
+    #1536); the `tflite-micro` build mpq is checked against divides in double, which the
+    single-op oracle (tests/test_tflm_binary_ops.py) tells apart from every float variant."""
+    return add_params(s1, s2, s_out)
+
+
+def sub_quantized(x1: np.ndarray, zp1: int, x2: np.ndarray, zp2: int, p: dict[str, int],
+                  zp_out: int, act_min: int, act_max: int) -> np.ndarray:
+    """Elementwise (broadcasting) sub, TFLM reference_ops::SubElementwise:
+    clamp(rq(rq((x1−zp1)<<20, M1) − rq((x2−zp2)<<20, M2), Mo) + zp_o); the difference wraps
+    like the C int32 expression."""
+    a = requantize((np.asarray(x1, np.int64) - zp1) << p["left_shift"], p["m1"], p["s1"])
+    b = requantize((np.asarray(x2, np.int64) - zp2) << p["left_shift"], p["m2"], p["s2"])
+    y = requantize(wrap32(a - b), p["mo"], p["so"]) + zp_out
+    return np.clip(y, act_min, act_max)
+
+
+def prelu_params(s_in: float, s_alpha: float, s_out: float) -> dict[str, int]:
+    """TFLM prelu constants (prelu_common.cc CalculatePreluParams): (M1, S1) from
+    (double)s_in/(double)s_o for x ≥ 0, (M2, S2) from (double)s_in·(double)s_α/(double)s_o."""
+    si, sa, so = (float(np.float32(v)) for v in (s_in, s_alpha, s_out))
+    m1, sh1 = quantize_multiplier(si / so)
+    m2, sh2 = quantize_multiplier(si * sa / so)
+    return {"m1": m1, "s1": sh1, "m2": m2, "s2": sh2}
+
+
+def prelu_quantized(x: np.ndarray, zp_in: int, alpha: np.ndarray, zp_alpha: int,
+                    p: dict[str, int], zp_out: int, act_min: int, act_max: int) -> np.ndarray:
+    """PRelu, TFLM reference_ops::BroadcastPrelu4DSlow with `alpha` broadcast over the last
+    axis: v = x − zp_in; v ≥ 0: rq(v, M1, S1), else rq(v·(α − zp_α), M2, S2); + zp_o, clamp."""
+    v = np.asarray(x, np.int64) - zp_in
+    a = np.asarray(alpha, np.int64) - zp_alpha
+    pos = requantize(v, p["m1"], p["s1"])
+    neg = requantize(v * a, p["m2"], p["s2"])
+    return np.clip(np.where(v >= 0, pos, neg) + zp_out, act_min, act_max)
+
+
+def quantize_alpha(alpha: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """PRelu slopes as one int8 constant tensor: symmetric per tensor, s = max|α|/127 (1 when
+    every α is 0), q = round_half_away(α/s) (the TFLite spec's int8 constant rule)."""
+    a = np.asarray(alpha, np.float64)
+    amax = float(np.abs(a).max()) if a.size else 0.0
+    scale = float(np.float32(amax / 127.0)) if amax > 0 else 1.0
+    q = np.clip(round_half_away(a / scale), -127, 127).astype(np.int64)
+    return q, scale, 0
+
+
 def avgpool_round(total: np.ndarray, count: np.ndarray) -> np.ndarray:
     """CMSIS-NN/TFLM average: sum>0 ? (sum+cnt/2)/cnt : (sum−cnt/2)/cnt, C truncating division."""
     total = np.asarray(total, np.int64)

@@ -49,6 +49,7 @@ class LayerQuant:
     act_min: int = -128
     act_max: int = 127
     extra: dict[str, int] = field(default_factory=dict)  # add / softmax constants
+    const: np.ndarray | None = None  # prelu slopes / mul, sub constant: int8 (zp in extra)
 
 
 @dataclass
@@ -113,6 +114,8 @@ def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | Non
         lq.extra = {"multiplier": m, "left_shift": shift, "diff_min": diff_min}
     elif node.op == "mean":
         lq.extra = mean_extra(node, acts)
+    elif node.op in ("mul", "sub", "prelu"):
+        _binary_params(node, acts, lq)
     return lq
 
 
@@ -122,6 +125,46 @@ def mean_extra(node: Node, acts: dict[str, ActQuant]) -> dict[str, int]:
     count = int(node.attrs["count"])
     m, s = arith.mean_params(acts[node.inputs[0]].scale, acts[node.outputs[0]].scale, count)
     return {"count": count, "multiplier": m, "shift": s}
+
+
+def _binary_params(node: Node, acts: dict[str, ActQuant], lq: LayerQuant) -> None:
+    """mul: TFLM's multiplier of s_a·s_b/s_o; sub: TFLM's sub constants (float32 ratios);
+    prelu: the int8 slopes (the imported file's, else `arith.quantize_alpha`) and TFLM's two
+    multipliers (`mpq.quant.arith`)."""
+    out = acts[node.outputs[0]]
+    if node.op == "prelu":
+        if "alpha_q" in node.attrs:
+            q = np.asarray(node.attrs["alpha_q"], np.int64)
+            s_alpha, zp_alpha = float(node.attrs["alpha_scale"]), int(node.attrs["alpha_zp"])
+        else:
+            q, s_alpha, zp_alpha = arith.quantize_alpha(np.asarray(node.attrs["alpha"]))
+        lq.const = q
+        lq.extra = {**arith.prelu_params(acts[node.inputs[0]].scale, s_alpha, out.scale),
+                    "alpha_zp": zp_alpha}
+        return
+    fn = arith.mul_params if node.op == "mul" else arith.sub_params
+    if "const" not in node.attrs:
+        a, b = acts[node.inputs[0]], acts[node.inputs[1]]
+        lq.extra = fn(a.scale, b.scale, out.scale)
+        return
+    if "const_q" in node.attrs:
+        q = np.asarray(node.attrs["const_q"], np.int64)
+        s_c, zp_c = float(node.attrs["const_scale"]), int(node.attrs["const_zp"])
+    else:
+        q, s_c, zp_c = quantize_constant(np.asarray(node.attrs["const"], np.float64))
+    s_x = acts[node.inputs[0]].scale
+    s1, s2 = (s_c, s_x) if node.attrs.get("const_first") else (s_x, s_c)
+    lq.const = q
+    lq.extra = {**fn(s1, s2, out.scale), "const_zp": zp_c}
+
+
+def quantize_constant(c: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """A constant mul/sub operand as an int8 tensor the way TFLite quantises a constant
+    activation input: asymmetric per tensor from its min/max (range widened to contain 0),
+    q = clamp(round_half_away(c/s) + zp) (`arith.choose_activation_params`)."""
+    scale, zp = arith.choose_activation_params(float(c.min()), float(c.max()), 8)
+    q = np.clip(arith.round_half_away(c / np.float32(scale)) + zp, -128, 127)
+    return q.astype(np.int64), scale, zp
 
 
 def softmax_output_quant() -> ActQuant:
