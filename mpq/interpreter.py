@@ -158,6 +158,30 @@ class Softmax(Op):
         return e / e.sum(axis=-1, keepdims=True)
 
 
+class Pad(Op):
+    """Constant zero padding of any axes (TFLite PAD, ONNX Pad with value 0)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return np.pad(xs[0], ((0, 0),) + tuple(node.attrs["pads"][1:]))
+
+
+def slice_batch(x: np.ndarray, node: Node, out_shape: tuple[int, ...]) -> np.ndarray:
+    """out[n, i1, …] = x[n, starts[1] + i1·steps[1], …]: the strided window of a slice node
+    (batch axis kept whole)."""
+    a = node.attrs
+    index = (slice(None),) + tuple(
+        slice(s, s + st * (k - 1) + 1, st)
+        for s, st, k in zip(a["starts"][1:], a["steps"][1:], out_shape[1:], strict=True))
+    return x[index]
+
+
+class Slice(Op):
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return slice_batch(xs[0], node, out_shape)
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -167,6 +191,8 @@ OPS: dict[str, type[Op]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "pad": Pad,
+    "slice": Slice,
 }
 
 

@@ -29,6 +29,8 @@ OPS = (
     "reshape",
     "concat",
     "softmax",
+    "pad",
+    "slice",
 )
 
 # Ops that accept a fused activation clamp.
@@ -62,6 +64,10 @@ class Node:
       reshape         shape (the output shape; NHWC memory order is kept)
       concat          axis (in the IR layout)
       softmax         axis (always the last)
+      pad             pads ((before, after) per axis, IR layout); the pad value is real zero
+                      (the zero point), TFLite PAD / ONNX Pad constant 0
+      slice           starts, steps (per axis, IR layout; steps ≥ 1); element i of an axis
+                      reads input element starts + i·steps (Slice, Split, StridedSlice)
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 

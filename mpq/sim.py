@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows
+from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows, slice_batch
 from mpq.ir import Node
 from mpq.quant import arith
 from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel
@@ -109,6 +109,23 @@ class Softmax(IntOp):
         return arith.softmax_s8(xs[0], e["multiplier"], e["left_shift"], e["diff_min"])
 
 
+class Pad(IntOp):
+    """TFLM pad.cc: the padding holds the output zero point (real 0), the rest is a copy."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        zp = qm.acts[node.outputs[0]].zero_point
+        return np.pad(xs[0], ((0, 0),) + tuple(node.attrs["pads"][1:]), constant_values=zp)
+
+
+class Slice(IntOp):
+    """TFLM slice.cc / strided_slice.cc / split.cc: a plain copy of the selected elements."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        return slice_batch(xs[0], node, out_shape)
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -118,6 +135,8 @@ INT_OPS: dict[str, type[IntOp]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "pad": Pad,
+    "slice": Slice,
 }
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from mpq.boards import Board, plan_board
 from mpq.codegen import cmsis
+from mpq.codegen.blocks import concat_blocks, pad_block, slice_block
 from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
@@ -50,6 +51,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "maxpool": ("mpq_pool.c",),
     "softmax": ("mpq_softmax.c",),
     "copy_view": ("mpq_copy.c",),
+    "copy_block": ("mpq_block.c",),
 }
 
 
@@ -98,6 +100,9 @@ class Layer:
     weight: dict[str, Any] | None = None  # symbol names and filter dims
     channel_c0: list[int] = field(default_factory=list)  # concat: channel offset per input
     cmsis: cmsis.CmsisCall | None = None  # kernel "cmsis": the CMSIS-NN call
+    blocks: list[Any] = field(default_factory=list)  # copy_block: `mpq.codegen.blocks.Block`s
+    fill: int | None = None  # copy_block: value the whole output is set to first (pad)
+    out_elements: int = 0  # copy_block: elements of the output buffer
 
 
 @dataclass
@@ -333,9 +338,10 @@ class _Builder:
         elif node.op == "softmax":
             self.layers.append(Layer(i, node.name, "softmax", ins, out,
                                      dict(self.qm.layers[node.name].extra)))
+        elif node.op in ("pad", "slice") or (node.op == "concat" and not (
+                node.attrs["axis"] == 3 and len(self.graph.tensors[node.outputs[0]].shape) == 4)):
+            self.layers.append(self._block_layer(i, node, ins, out))
         elif node.op == "concat":
-            if node.attrs["axis"] != len(self.graph.tensors[node.outputs[0]].shape) - 1:
-                raise MpqError(f"export: concat '{node.name}' is not along channels")
             c0, offsets = 0, []
             for t in node.inputs:
                 offsets.append(c0)
@@ -344,6 +350,26 @@ class _Builder:
                                      channel_c0=offsets))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+
+    def _block_layer(self, i: int, node: Node, ins: list[Operand], out: Operand) -> Layer:
+        """Pad, slice and concat along any axis but rank-4 channels: block copies
+        (`mpq.codegen.blocks`); a pad first fills its output with the zero point."""
+        shapes = {t: self.graph.tensors[t].shape for t in (*node.inputs, *node.outputs)}
+        out_shape = shapes[node.outputs[0]]
+        where = f"layer '{node.name}' ({node.op})"
+        fill = None
+        if node.op == "concat":
+            blocks = concat_blocks([shapes[t] for t in node.inputs], out_shape,
+                                   node.attrs["axis"], where)
+        elif node.op == "slice":
+            blocks = [slice_block(shapes[node.inputs[0]], out_shape, node.attrs["starts"],
+                                  node.attrs["steps"], where)]
+        else:
+            blocks = [pad_block(shapes[node.inputs[0]], out_shape, node.attrs["pads"], where)]
+            fill = self.qm.acts[node.outputs[0]].zero_point
+        return Layer(i, node.name, "copy_block", ins, out, blocks=blocks, fill=fill,
+                     out_elements=int(np.prod(out_shape)))
 
 
 @dataclass

@@ -127,6 +127,32 @@ class _Writer:
         axis = 1 if self.rank4(node.outputs[0]) else -1
         self.add("Softmax", list(node.inputs), list(node.outputs), node.name, axis=axis)
 
+    def onnx_axis(self, tensor: str, ir_axis: int) -> int:
+        """The ONNX axis of an IR axis (rank-4 tensors are NCHW in the written model)."""
+        return (0, 2, 3, 1)[ir_axis] if self.rank4(tensor) else ir_axis
+
+    def pad(self, node: Node) -> None:
+        ir = node.attrs["pads"]
+        before, after = [0] * len(ir), [0] * len(ir)
+        for a, (lo, hi) in enumerate(ir):
+            before[self.onnx_axis(node.inputs[0], a)] = lo
+            after[self.onnx_axis(node.inputs[0], a)] = hi
+        p = self.init(f"{node.name}/pads", np.array(before + after, np.int64))
+        self.add("Pad", [node.inputs[0], p], list(node.outputs), node.name)
+
+    def slice_(self, node: Node) -> None:
+        a = node.attrs
+        shape = self.shapes[node.outputs[0]]
+        axes = list(range(1, len(shape)))
+        starts = [a["starts"][i] for i in axes]
+        ends = [a["starts"][i] + a["steps"][i] * (shape[i] - 1) + 1 for i in axes]
+        ins = [node.inputs[0]]
+        for what, v in (("starts", starts), ("ends", ends),
+                        ("axes", [self.onnx_axis(node.inputs[0], i) for i in axes]),
+                        ("steps", [a["steps"][i] for i in axes])):
+            ins.append(self.init(f"{node.name}/{what}", np.array(v, np.int64)))
+        self.add("Slice", ins, list(node.outputs), node.name)
+
     def emit(self, node: Node) -> None:
         dispatch = {
             "conv2d": self.conv2d,
@@ -137,6 +163,8 @@ class _Writer:
             "reshape": self.reshape,
             "concat": self.concat,
             "softmax": self.softmax,
+            "pad": self.pad,
+            "slice": self.slice_,
         }
         dispatch[node.op](node)
 
