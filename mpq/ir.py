@@ -159,6 +159,16 @@ def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad_lo: in
     return (size + pad_lo + pad_hi - effective) // stride + 1
 
 
+def slice_window(dim: int, start: int, end: int, step: int) -> tuple[int, int]:
+    """(first index, count) of a slice along one axis with step > 0 (ONNX Slice; TFLite
+    strided_slice_logic.h StartForAxis/StopForAxis): negative start/end count from the end,
+    both clamp to [0, dim], count = ⌈(end − start)/step⌉ (0 when empty)."""
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    return start, max(0, -(-(end - start) // step))
+
+
 def node_macs(node: Node, graph: Graph) -> int:
     """Multiply-accumulates of one node: conv Cout·Ho·Wo·KH·KW·Cin/groups, FC Cout·K, else 0."""
     if node.op == "conv2d":

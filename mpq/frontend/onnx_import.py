@@ -32,6 +32,7 @@ from mpq.ir import (
     Tensor,
     conv_out_size,
     remove_dead_nodes,
+    slice_window,
 )
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
@@ -799,15 +800,6 @@ def _emit_slice(imp: Importer, name: str, x: Value, starts: list[int], steps: li
     imp.nodes.append(Node(name=name, op="slice", inputs=[x.tensor], outputs=[out],
                           attrs={"starts": tuple(ir_start), "steps": tuple(ir_step)}))
     imp.values[out_name] = Value(out, x.layout)
-
-
-def slice_window(dim: int, start: int, end: int, step: int) -> tuple[int, int]:
-    """(first index, count) of ONNX Slice along one axis (onnx/defs Slice, step > 0): negative
-    start/end count from the end, both clamp to [0, dim], count = ⌈(end − start)/step⌉."""
-    start = start + dim if start < 0 else start
-    end = end + dim if end < 0 else end
-    start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-    return start, max(0, -(-(end - start) // step))
 
 
 @handles("Slice")
