@@ -74,7 +74,7 @@ int mpq_fill(void *dst, int32_t bits, int32_t n, int32_t value)
 {
     uint8_t *pd = (uint8_t *)dst;
     uint32_t pattern, full, k;
-    int32_t j;
+    int32_t j, per_byte;
     if (dst == NULL || n < 0) {
         return MPQ_ERR_ARG;
     }
@@ -85,13 +85,14 @@ int mpq_fill(void *dst, int32_t bits, int32_t n, int32_t value)
         return MPQ_ERR_ARG;
     }
     /* One byte holds 8/bits copies of the value: fill whole bytes, then the last elements. */
+    per_byte = bits == 8 ? 1 : bits == 4 ? 2 : 4; /* no division: v6-M has no divider */
     pattern = 0;
-    for (j = 0; j < 8 / bits; ++j) {
+    for (j = 0; j < per_byte; ++j) {
         pattern |= ((uint32_t)value & ((1u << bits) - 1u)) << (j * bits);
     }
-    full = (uint32_t)n * (uint32_t)bits / 8u;
+    full = (uint32_t)n * (uint32_t)bits >> 3;
     memset(pd, (int)(pattern & 0xFFu), (size_t)full);
-    for (k = full * 8u / (uint32_t)bits; k < (uint32_t)n; ++k) {
+    for (k = full * (uint32_t)per_byte; k < (uint32_t)n; ++k) {
         mpq__st(pd, bits, k, value);
     }
     return MPQ_OK;

@@ -64,6 +64,13 @@ PoolParams = _struct("PoolParams", "kernel_h", "kernel_w", "stride_h", "stride_w
 SoftmaxParams = _struct("SoftmaxParams", "multiplier", "left_shift", "diff_min")
 
 
+class Block(ctypes.Structure):
+    """mpq_block (kernels/mpq_kernels.h): four axes, outermost first."""
+
+    _fields_ = [("count", I32 * 4), ("src_stride", I32 * 4), ("dst_stride", I32 * 4),
+                ("src_offset", I32), ("dst_offset", I32), ("src_size", I32), ("dst_size", I32)]
+
+
 class ChannelQuant(ctypes.Structure):
     _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
 
@@ -219,6 +226,8 @@ class Kernels:
             "mpq_maxpool": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_softmax": [ptr(SoftmaxParams), ptr(View), ptr(View)],
             "mpq_copy_view": [ptr(View), ptr(View), I32],
+            "mpq_copy_block": [ptr(Block), ctypes.c_void_p, ctypes.c_void_p, I32],
+            "mpq_fill": [ctypes.c_void_p, I32, I32, I32],
         }
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
@@ -328,6 +337,12 @@ class Kernels:
 
     def copy_view(self, src: View, dst: View, dst_c0: int) -> int:
         return self.lib.mpq_copy_view(src, dst, dst_c0)
+
+    def copy_block(self, b: Block, src: Stored, dst: Stored) -> int:
+        return self.lib.mpq_copy_block(b, src.buf.ctypes.data, dst.buf.ctypes.data, dst.bits)
+
+    def fill(self, dst: Stored, n: int, value: int) -> int:
+        return self.lib.mpq_fill(dst.buf.ctypes.data, dst.bits, n, value)
 
 
 @cache
