@@ -144,10 +144,22 @@ class Reshape(Op):
         return xs[0].reshape((xs[0].shape[0],) + tuple(out_shape[1:]))
 
 
+def with_constants(node: Node, xs: list[np.ndarray],
+                   convert: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+    """A concat's parts: its activation batches with its constants (`convert`ed, repeated
+    over the batch) put back at their positions."""
+    parts = list(xs)
+    n = xs[0].shape[0]
+    for pos, c in node.attrs.get("constants", ()):
+        v = convert(c)
+        parts.insert(pos, np.broadcast_to(v, (n,) + v.shape[1:]).astype(xs[0].dtype))
+    return parts
+
+
 class Concat(Op):
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-        return np.concatenate(xs, axis=node.attrs["axis"])
+        return np.concatenate(with_constants(node, xs, lambda c: c), axis=node.attrs["axis"])
 
 
 class Softmax(Op):

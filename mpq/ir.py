@@ -62,7 +62,9 @@ class Node:
       max_pool        kernel, strides, pads
       avg_pool        kernel, strides, pads (padding taps are excluded from the count)
       reshape         shape (the output shape; NHWC memory order is kept)
-      concat          axis (in the IR layout)
+      concat          axis (in the IR layout); optional constants: ((position among the
+                      concatenated parts, float32 array in the IR layout with batch 1), …),
+                      quantised with the output's parameters
       softmax         axis (always the last)
       pad             pads ((before, after) per axis, IR layout); the pad value is real zero
                       (the zero point), TFLite PAD / ONNX Pad constant 0
@@ -205,7 +207,7 @@ def graph_fingerprint(graph: Graph) -> str:
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
         h.update(f"{n.name}|{n.op}|{n.inputs}|{n.outputs}|{attrs}".encode())
-        for arr in (n.weight, n.bias):
+        for arr in (n.weight, n.bias, *(c for _, c in n.attrs.get("constants", ()))):
             if arr is not None:
                 h.update(np.ascontiguousarray(arr, np.float32).tobytes())
     return h.hexdigest()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows, slice_batch
+from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows, slice_batch, with_constants
 from mpq.ir import Node
 from mpq.quant import arith
 from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel
@@ -97,9 +97,14 @@ class Reshape(IntOp):
 
 
 class Concat(IntOp):
+    """TFLM concatenation.cc: a copy (inputs share the output's quantisation); constants are
+    quantised with the output's parameters (`quantize_input`'s formula)."""
+
     @staticmethod
     def run(node, lq, qm, xs, out_shape):
-        return np.concatenate(xs, axis=node.attrs["axis"])
+        out = qm.acts[node.outputs[0]]
+        parts = with_constants(node, xs, lambda c: quantize_input(out, c))
+        return np.concatenate(parts, axis=node.attrs["axis"])
 
 
 class Softmax(IntOp):

@@ -312,7 +312,7 @@ def make_pad(rng: np.random.Generator) -> Case:
 
 def make_concatenation(rng: np.random.Generator) -> Case:
     """CONCATENATION along any axis of 2..3 inputs (TFLM's int8 kernel needs one shared
-    quantisation); sometimes one input is a constant of zeros."""
+    quantisation); sometimes one input is a constant of zeros, sometimes of any values."""
     base = _shape(rng)
     axis = int(rng.integers(1, len(base)))
     shapes = []
@@ -321,10 +321,14 @@ def make_concatenation(rng: np.random.Generator) -> Case:
         s[axis] = int(rng.integers(1, 6))
         shapes.append(tuple(s))
     zeros = (int(rng.integers(len(shapes))),) if rng.random() < 0.3 else ()
+    consts = {}
+    k = int(rng.integers(len(shapes)))
+    if not zeros and rng.random() < 0.3:  # a constant of any int8 values
+        consts[k] = rng.integers(-128, 128, shapes[k])
     q = rand_q(rng)
-    return Case(tb.concatenation(shapes, axis, q, zeros),
-                [s for i, s in enumerate(shapes) if i not in zeros],
-                dict(shapes=shapes, axis=axis, q=q, zeros=zeros))
+    return Case(tb.concatenation(shapes, axis, q, zeros, consts),
+                [s for i, s in enumerate(shapes) if i not in zeros and i not in consts],
+                dict(shapes=shapes, axis=axis, q=q, zeros=zeros, constant=list(consts)))
 
 
 def make_slice(rng: np.random.Generator) -> Case:

@@ -324,15 +324,18 @@ def pad(x_shape: tuple[int, ...], paddings: list[tuple[int, int]], q: QParams, *
 
 
 def concatenation(shapes: list[tuple[int, ...]], axis: int, q: QParams,
-                  zero_inputs: tuple[int, ...] = ()) -> bytes:
+                  zero_inputs: tuple[int, ...] = (),
+                  constants: dict[int, np.ndarray] | None = None) -> bytes:
     """CONCATENATION of graph inputs sharing `q`; inputs listed in `zero_inputs` are constant
-    zeros (real 0: int8 zero points) instead."""
+    zeros (real 0: int8 zero points) instead, those in `constants` these int8 values."""
     w = TfliteWriter()
     ins, graph_in = [], []
+    constants = constants or {}
     for i, s in enumerate(shapes):
-        if i in zero_inputs:
-            ins.append(w.tensor(f"zeros{i}", s, T_INT8, [q.scale], [q.zero_point],
-                                data=np.full(s, q.zero_point, np.int8)))
+        if i in zero_inputs or i in constants:
+            data = constants[i] if i in constants else np.full(s, q.zero_point, np.int8)
+            ins.append(w.tensor(f"const{i}", s, T_INT8, [q.scale], [q.zero_point],
+                                data=np.asarray(data, np.int8)))
         else:
             ins.append(w.activation(f"x{i}", s, q))
             graph_in.append(ins[-1])

@@ -35,6 +35,7 @@ from mpq.plan import Plan, plan_quant_model
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
 from mpq.resources import data_dir
+from mpq.sim import quantize_input
 
 #: The kernel library's headers, copied into every export: the API (mpq_kernels.h) and the
 #: helpers its files share (mpq_support.h).
@@ -103,6 +104,7 @@ class Layer:
     blocks: list[Any] = field(default_factory=list)  # copy_block: `mpq.codegen.blocks.Block`s
     fill: int | None = None  # copy_block: value the whole output is set to first (pad)
     out_elements: int = 0  # copy_block: elements of the output buffer
+    block_sources: list[str] = field(default_factory=list)  # copy_block: C source per block
 
 
 @dataclass
@@ -338,8 +340,9 @@ class _Builder:
         elif node.op == "softmax":
             self.layers.append(Layer(i, node.name, "softmax", ins, out,
                                      dict(self.qm.layers[node.name].extra)))
-        elif node.op in ("pad", "slice") or (node.op == "concat" and not (
-                node.attrs["axis"] == 3 and len(self.graph.tensors[node.outputs[0]].shape) == 4)):
+        elif node.op in ("pad", "slice") or (node.op == "concat" and (not (
+                node.attrs["axis"] == 3 and len(self.graph.tensors[node.outputs[0]].shape) == 4)
+                or node.attrs.get("constants"))):
             self.layers.append(self._block_layer(i, node, ins, out))
         elif node.op == "concat":
             c0, offsets = 0, []
@@ -359,9 +362,19 @@ class _Builder:
         out_shape = shapes[node.outputs[0]]
         where = f"layer '{node.name}' ({node.op})"
         fill = None
+        sources = [f"in{k}.data" for k in range(len(node.inputs))]
         if node.op == "concat":
-            blocks = concat_blocks([shapes[t] for t in node.inputs], out_shape,
-                                   node.attrs["axis"], where)
+            parts = [shapes[t] for t in node.inputs]
+            out_q = self.qm.acts[node.outputs[0]]
+            for pos, c in node.attrs.get("constants", ()):
+                # A constant part: quantised with the output's parameters (as mpq.sim does),
+                # packed at the output's bits, in Flash beside the weights.
+                sym = f"mpq_l{i}_k{pos}"
+                q = quantize_input(out_q, c).reshape(-1)
+                self.consts.append(ConstArray(sym, "uint8_t", arith.pack(q, out_q.bits).tolist()))
+                parts.insert(pos, tuple(c.shape))
+                sources.insert(pos, sym)
+            blocks = concat_blocks(parts, out_shape, node.attrs["axis"], where)
         elif node.op == "slice":
             blocks = [slice_block(shapes[node.inputs[0]], out_shape, node.attrs["starts"],
                                   node.attrs["steps"], where)]
@@ -369,7 +382,8 @@ class _Builder:
             blocks = [pad_block(shapes[node.inputs[0]], out_shape, node.attrs["pads"], where)]
             fill = self.qm.acts[node.outputs[0]].zero_point
         return Layer(i, node.name, "copy_block", ins, out, blocks=blocks, fill=fill,
-                     out_elements=int(np.prod(out_shape)))
+                     out_elements=int(np.prod(out_shape)),
+                     block_sources=[sources[b.input] for b in blocks])
 
 
 @dataclass

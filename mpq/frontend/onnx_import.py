@@ -720,7 +720,7 @@ def _unsqueeze(imp: Importer, node: onnx.NodeProto) -> None:
 def _concat_zero_inputs(imp: Importer, node: onnx.NodeProto) -> list[str]:
     """Concat inputs with every all-zero constant folded into a pad of its activation
     neighbour (zero is exact in any quantisation: the zero point); returns the ONNX names of
-    the (padded) activations to concatenate. Other constants are refused."""
+    the (padded) activations to concatenate. (Other constants: `_concat_with_constants`.)"""
     if not any(n in imp.consts for n in node.input):
         return list(node.input)
     acts = [n for n in node.input if n not in imp.consts]
@@ -735,9 +735,9 @@ def _concat_zero_inputs(imp: Importer, node: onnx.NodeProto) -> list[str]:
             last = n
             continue
         c = imp.consts[n]
-        if c.ndim != rank or not np.all(c == 0):
-            raise imp.fail(f"node '{node.name}' (Concat): constant input '{n}' must be all zeros "
-                           f"of rank {rank} (zero padding); other constants are not supported")
+        if c.ndim != rank:
+            raise imp.fail(f"node '{node.name}' (Concat): constant input '{n}' must have "
+                           f"rank {rank}")
         if last is None:
             before[acts[0]] += int(c.shape[axis])
         else:
@@ -757,8 +757,48 @@ def _concat_zero_inputs(imp: Importer, node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def _concat_with_constants(imp: Importer, node: onnx.NodeProto) -> None:
+    """A Concat with a constant input that is not all zeros: the constants stay in the concat
+    node (`constants`: (input position, float32 array in the IR layout)); they are quantised
+    with the concat's output parameters, like the activations that share them."""
+    acts = [n for n in node.input if n not in imp.consts]
+    if not acts:
+        raise imp.fail(f"node '{node.name}' (Concat): every input is a constant")
+    xs = [imp.value(n, node) for n in acts]
+    rank = len(imp.shape(xs[0]))
+    if len({x.layout for x in xs}) != 1 or any(len(imp.shape(x)) != rank for x in xs):
+        raise imp.fail(f"node '{node.name}' (Concat): inputs differ in layout or rank")
+    axis = _axis(imp, node, int(_attrs(node)["axis"]), rank)
+    ir_axis = _ir_axis(xs[0], axis, rank)
+    shapes, consts = [], []
+    for pos, n in enumerate(node.input):
+        if n in imp.consts:
+            c = imp.consts[n]
+            if c.dtype != np.float32 or c.ndim != rank or c.shape[0] != 1:
+                raise imp.fail(f"node '{node.name}' (Concat): constant input '{n}' must be "
+                               f"float32 of rank {rank} with batch 1")
+            if xs[0].layout == LAYOUT_NCHW and rank == 4:
+                c = c.transpose(NCHW_TO_NHWC)
+            consts.append((pos, np.ascontiguousarray(c, np.float32)))
+            shapes.append(c.shape)
+        else:
+            shapes.append(imp.tensors[imp.value(n, node).tensor].shape)
+    if any(s[i] != shapes[0][i] for s in shapes for i in range(rank) if i != ir_axis):
+        raise imp.fail(f"node '{node.name}' (Concat): shapes {shapes} do not match (IR layout)")
+    out_shape = list(shapes[0])
+    out_shape[ir_axis] = sum(s[ir_axis] for s in shapes)
+    out = imp.new_tensor(node.output[0], tuple(out_shape))
+    imp.nodes.append(Node(name=node.name, op="concat", inputs=[x.tensor for x in xs],
+                          outputs=[out], attrs={"axis": ir_axis, "constants": tuple(consts)}))
+    imp.values[node.output[0]] = Value(out, xs[0].layout)
+    imp.notes["Concat constant kept"] += len(consts)
+
+
 @handles("Concat")
 def _concat(imp: Importer, node: onnx.NodeProto) -> None:
+    if any(n in imp.consts and np.any(imp.consts[n] != 0) for n in node.input):
+        _concat_with_constants(imp, node)
+        return
     inputs = _concat_zero_inputs(imp, node)
     if len(inputs) == 1 and inputs[0] == node.output[0]:
         return  # one activation padded with zeros: the pad is the concat

@@ -121,7 +121,31 @@ class _Writer:
         axis = node.attrs["axis"]
         if self.rank4(node.outputs[0]):
             axis = (0, 2, 3, 1)[axis]
-        self.add("Concat", list(node.inputs), list(node.outputs), node.name, axis=axis)
+        inputs = list(node.inputs)
+        constants = node.attrs.get("constants", ())
+        if constants:
+            # Concat does not broadcast: the batch-1 constants are expanded to the batch of
+            # the activations (onnxruntime runs calibration batches), shape [N, 1, …, 1].
+            rank = len(self.shapes[node.outputs[0]])
+            pre = f"{node.name}/batch"
+            shape = self.fresh(f"{pre}_shape")
+            self.add("Shape", [node.inputs[0]], [shape], self.derived(f"{pre}_shape"))
+            n = self.fresh(f"{pre}_n")
+            self.add("Slice", [shape, self.init(f"{pre}_0", np.array([0], np.int64)),
+                               self.init(f"{pre}_1", np.array([1], np.int64))], [n],
+                     self.derived(f"{pre}_n"))
+            target = self.fresh(f"{pre}_target")
+            self.add("Concat", [n, self.init(f"{pre}_ones", np.ones(rank - 1, np.int64))],
+                     [target], self.derived(f"{pre}_target"), axis=0)
+        for pos, c in constants:
+            value = c.transpose(0, 3, 1, 2) if c.ndim == 4 else c
+            const = self.init(f"{node.name}/constant{pos}", np.ascontiguousarray(value,
+                                                                               np.float32))
+            expanded = self.fresh(f"{node.name}/constant{pos}_batch")
+            self.add("Expand", [const, target], [expanded],
+                     self.derived(f"{node.name}/expand{pos}"))
+            inputs.insert(pos, expanded)
+        self.add("Concat", inputs, list(node.outputs), node.name, axis=axis)
 
     def softmax(self, node: Node) -> None:
         axis = 1 if self.rank4(node.outputs[0]) else -1

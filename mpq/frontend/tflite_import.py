@@ -684,8 +684,27 @@ def _concat(imp: _Importer, i: int, op: Any) -> None:
     if not -rank <= axis < rank:
         raise imp.fail(f"{imp.where(i)}: axis {axis} does not fit rank {rank}")
     axis %= rank
+    constants = _concat_constants(imp, i, ins, rank)
+    if constants:
+        ins = [t for t in ins if not imp.is_const(t)]
     xs = _concat_zero_inputs(imp, i, ins, axis) if any(imp.is_const(t) for t in ins) \
         else [imp.value(t, i) for t in ins]
+    if constants:
+        shapes = [imp.tensors[x].shape for x in xs]
+        for pos, c in constants:
+            shapes.insert(pos, c.shape)
+        rank = len(shapes[0])
+        if any(len(sh) != rank or any(sh[d] != shapes[0][d] for d in range(rank) if d != axis)
+               for sh in shapes):
+            raise imp.fail(f"{imp.where(i)}: shapes {[list(sh) for sh in shapes]} do not match")
+        out_shape = list(shapes[0])
+        out_shape[axis] = sum(sh[axis] for sh in shapes)
+        imp.check_output(i, outs[0], tuple(out_shape))
+        out = imp.new_tensor(outs[0])
+        imp.nodes.append(Node(name=imp.node_name(i), op="concat", inputs=xs, outputs=[out],
+                              attrs={"axis": axis, "constants": tuple(constants)}))
+        imp.notes["CONCATENATION constant kept"] += len(constants)
+        return
     shapes = [imp.tensors[x].shape for x in xs]
     if any(len(s) != rank for s in shapes):
         raise imp.fail(f"{imp.where(i)}: axis {axis} does not fit inputs {shapes}")
@@ -875,10 +894,33 @@ def _split(imp: _Importer, i: int, op: Any) -> None:
         _slice_node(imp, i, name, x, t, starts, [1] * len(shape), counts)
 
 
+def _concat_constants(imp: _Importer, i: int, ins: list[int],
+                      rank: int) -> list[tuple[int, np.ndarray]]:
+    """The constant inputs of a CONCATENATION as (position, real float32 values) when some
+    constant is not all zeros (those stay in the concat node; quantised with its output's
+    parameters they give back the file's int8 values, which TFLM requires to share them);
+    [] when every constant is zero (a pad instead: `_concat_zero_inputs`)."""
+    out = []
+    for pos, t in enumerate(ins):
+        if not imp.is_const(t):
+            continue
+        c = imp.raw(t)
+        if imp.int8:
+            q = imp.tensor_quant(t, "constant")
+            real = (c.astype(np.float64) - q.zero_point) * np.float64(q.scale)
+        else:
+            real = c.astype(np.float64)
+        if c.ndim != rank or c.shape[0] != 1:
+            raise imp.fail(f"{imp.where(i)}: constant input '{imp.names[t]}' must have rank "
+                           f"{rank} and batch 1")
+        out.append((pos, real.astype(np.float32)))
+    return out if any(np.any(c != 0) for _, c in out) else []
+
+
 def _concat_zero_inputs(imp: _Importer, i: int, ins: list[int], axis: int) -> list[str]:
     """CONCATENATION inputs with every all-zero constant folded into a pad of its activation
-    neighbour (real 0 is the zero point in any quantisation); other constants are refused.
-    Returns the IR tensors to concatenate."""
+    neighbour (real 0 is the zero point in any quantisation; other constants:
+    `_concat_constants`). Returns the IR tensors to concatenate."""
     acts = [t for t in ins if not imp.is_const(t)]
     if not acts:
         raise imp.fail(f"{imp.where(i)}: every input is a constant")
@@ -891,9 +933,8 @@ def _concat_zero_inputs(imp: _Importer, i: int, ins: list[int], axis: int) -> li
             continue
         c = imp.raw(t)
         zero = imp.tensor_quant(t, "constant").zero_point if imp.int8 else 0
-        if c.ndim != len(imp.shape(acts[0])) or not np.all(c == zero):
-            raise imp.fail(f"{imp.where(i)}: constant input '{imp.names[t]}' must be all "
-                           "zeros (zero padding); other constants are not supported")
+        if c.ndim != len(imp.shape(acts[0])) or not np.all(c == zero):  # pragma: no cover
+            raise imp.fail(f"{imp.where(i)}: constant input '{imp.names[t]}' is not zeros")
         if last is None:
             before[acts[0]] += int(c.shape[axis])
         else:
