@@ -7,6 +7,7 @@ single-op oracle in test_tflm_single_op.py; the kernel: test_c_kernels.py.)"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 from mpq.boards import get_board
+from mpq.codegen.export import render_export
 from mpq.errors import MpqError
 from mpq.frontend import load_model
 from mpq.frontend.onnx_import import import_model
@@ -187,3 +189,10 @@ def test_search_export_host_bit_exact(tmp_path: Path, build, sram: int | None) -
         assert bits["channel_padding"] < 8 and bits["r1"] == bits["channel_padding"]
     result = verify(res.plan, graph, x[:8], "host")
     assert result.samples == 8 and result.mismatches == 0
+    # The cmsis-nn backend keeps the portable block copies for them (CMSIS-NN has no pad,
+    # slice or general concat), and says why.
+    report = json.loads(render_export(res.plan, graph, "cmsis-nn")["mpq_report.json"])
+    for layer in report["layers"]:
+        if layer["call"] == "mpq_copy_block":
+            assert layer["backend"] == "portable" and "no CMSIS-NN kernel" in layer["reason"]
+    assert sum(layer["call"] == "mpq_copy_block" for layer in report["layers"]) >= 2
