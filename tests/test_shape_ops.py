@@ -196,3 +196,56 @@ def test_search_export_host_bit_exact(tmp_path: Path, build, sram: int | None) -
         if layer["call"] == "mpq_copy_block":
             assert layer["backend"] == "portable" and "no CMSIS-NN kernel" in layer["reason"]
     assert sum(layer["call"] == "mpq_copy_block" for layer in report["layers"]) >= 2
+
+
+def test_tflite_int8_chain_byte_identical_to_tflm() -> None:
+    """An int8 .tflite chaining the structural ops as BlazeFace's tail does — PAD of channels,
+    SPLIT with both parts used, each RESHAPE'd to [1, N, k], CONCATENATION along axis 1 with a
+    zero constant, STRIDED_SLICE — imported with its own quantisation: mpq.sim equals TFLM's
+    reference kernels byte for byte."""
+    pytest.importorskip("tflite_micro")
+    import tflite_builders as tb
+    from test_tflm_single_op import mpq_quant_model, tflm_outputs
+
+    from mpq.sim import run_int
+
+    q = tb.QParams(0.05, -7)
+    w = tb.TfliteWriter()
+    x = w.activation("x", (1, 4, 4, 3), q)
+    pads = w.tensor("pads", (4, 2), tb.T_INT32,
+                    data=np.array([[0, 0], [0, 0], [0, 0], [0, 1]], np.int32))
+    p = w.activation("padded", (1, 4, 4, 4), q)
+    w.op(tb.OP.PAD, [x, pads], [p], tb.OPT.PadOptions, tb.FB.PadOptionsT())
+    axis = w.tensor("axis", (1,), tb.T_INT32, data=np.array([3], np.int32))
+    halves = [w.activation(f"half{k}", (1, 4, 4, 2), q) for k in range(2)]
+    so = tb.FB.SplitOptionsT()
+    so.numSplits = 2
+    w.op(tb.OP.SPLIT, [axis, p], halves, tb.OPT.SplitOptions, so)
+    flat = []
+    for k, h in enumerate(halves):
+        shape = w.tensor(f"shape{k}", (3,), tb.T_INT32, data=np.array([1, 8, 4], np.int32))
+        f = w.activation(f"flat{k}", (1, 8, 4), q)
+        ro = tb.FB.ReshapeOptionsT()
+        ro.newShape = [1, 8, 4]
+        w.op(tb.OP.RESHAPE, [h, shape], [f], tb.OPT.ReshapeOptions, ro)
+        flat.append(f)
+    zeros = w.tensor("zeros", (1, 2, 4), tb.T_INT8, [q.scale], [q.zero_point],
+                     data=np.full((1, 2, 4), q.zero_point, np.int8))
+    cat = w.activation("cat", (1, 18, 4), q)
+    co = tb.FB.ConcatenationOptionsT()
+    co.axis = 1
+    w.op(tb.OP.CONCATENATION, [flat[0], zeros, flat[1]], [cat], tb.OPT.ConcatenationOptions,
+         co)
+    ss = [w.tensor(n, (3,), tb.T_INT32, data=np.array(v, np.int32))
+          for n, v in (("b", [0, 1, 0]), ("e", [1, -1, 3]), ("s", [1, 2, 1]))]
+    y = w.activation("y", (1, 8, 3), q)
+    w.op(tb.OP.STRIDED_SLICE, [cat, *ss], [y], tb.OPT.StridedSliceOptions,
+         tb.FB.StridedSliceOptionsT())
+    data = w.finish([x], [y])
+    qm = mpq_quant_model(data, "chain.tflite")
+    assert [n.op for n in qm.graph.nodes] == ["pad", "slice", "slice", "reshape", "reshape",
+                                              "pad", "concat", "slice"]
+    xs = np.random.default_rng(0).integers(-128, 128, (6, 1, 4, 4, 3))
+    theirs = tflm_outputs(data, [xs.reshape(6, 4, 4, 3).astype(np.int8)])
+    ours = run_int(qm, {qm.graph.inputs[0]: xs.reshape(6, 4, 4, 3)})[qm.graph.outputs[0]]
+    assert np.array_equal(ours, theirs)
