@@ -684,6 +684,8 @@ def _concat(imp: _Importer, i: int, op: Any) -> None:
     if not -rank <= axis < rank:
         raise imp.fail(f"{imp.where(i)}: axis {axis} does not fit rank {rank}")
     axis %= rank
+    if all(imp.is_const(t) for t in ins):
+        raise imp.fail(f"{imp.where(i)}: every input is a constant")
     constants = _concat_constants(imp, i, ins, rank)
     if constants:
         ins = [t for t in ins if not imp.is_const(t)]

@@ -153,11 +153,13 @@ def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
         if any(t in producer and producer[t].op == "softmax" for t in group):
             q = softmax_output_quant()
         else:
-            known = [ranges[t] for t in group if t in ranges and not (
-                t in producer and producer[t].op in SAME_AS_INPUT)]
+            sources = [t for t in group
+                       if not (t in producer and producer[t].op in SAME_AS_INPUT)]
+            known = [ranges[t] for t in sources if t in ranges]
             lo = min(r[0] for r in known)
             hi = max(r[1] for r in known)
-            bits = act_bits.get(group[0], 8)
+            # The bits of the group's first source (the search ties the whole group).
+            bits = next((act_bits[t] for t in sources if t in act_bits), 8)
             q = ActQuant(*arith.choose_activation_params(lo, hi, bits), bits)
         for t in group:
             acts[t] = q
@@ -168,8 +170,8 @@ def shared_quant_groups(graph: Graph) -> list[list[str]]:
     """Tensors that carry one quantisation (DESIGN §4.1): a SAME_AS_INPUT op's output with its
     input (pools, reshape, pad, slice copy values unchanged) and a concat's inputs with its
     output (TFLM's int8 concatenation does not requantise). Transitive, so a concat of
-    reshaped heads shares its range with the heads' producers. Groups in graph order, members
-    in tensor order (the first member is the earliest, whose bits the group takes)."""
+    reshaped heads shares its range with the heads' producers. Groups and their members in
+    tensor order."""
     parent = {t: t for t in graph.tensors}
 
     def find(t: str) -> str:
