@@ -183,7 +183,8 @@ def test_search_export_host_bit_exact(tmp_path: Path, build, sram: int | None) -
     rng = np.random.default_rng(3)
     x = rng.random((32, *onnx_input_shape(graph))).astype(np.float32)
     res = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "blaze"),
-                 SearchOptions(patches="none", sram=sram))
+                 SearchOptions(strategy="int8" if sram is None else "exact", patches="none",
+                               sram=sram))
     bits = {t.name: t.bits for t in res.plan.tensors}
     if sram is not None:
         assert bits["channel_padding"] < 8 and bits["r1"] == bits["channel_padding"]
