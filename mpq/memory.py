@@ -322,3 +322,10 @@ def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
         total += 4 * cout  # bias
         total += 8 * cout  # requantisation multiplier and shift
     return total
+
+
+def constant_flash_bytes(graph: Graph) -> int:
+    """Flash of the constant inputs of concats (`ir.Node` concat `constants`), counted at 8 bits
+    — an upper bound: export packs them at the concat output's bits."""
+    return sum(packed_bytes(int(c.size), 8) for n in graph.nodes if n.op == "concat"
+               for _, c in n.attrs.get("constants", ()))

@@ -25,7 +25,7 @@ from mpq.boards import Board
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import align_up, code_bytes_estimate, packed_bytes
+from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
 from mpq.quant.calibrate import (
@@ -306,6 +306,7 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
         groups.append(Group(f"weights:{n.name}", (), w_options, score_w, omega_w,
                             flash={b: weight_flash(n.weight.size, n.weight.shape[0], b)
                                    for b in w_options}))
+    flash_fixed += constant_flash_bytes(graph)
 
     buffers = schedule.buffers()
     live: list[list[tuple[str, ...]]] = []
