@@ -12,6 +12,7 @@
  *   mpq_reduce.c           mpq_mean
  *   mpq_resize.c           mpq_resize_nearest, mpq_resize_bilinear
  *   mpq_elementwise.c      mpq_mul, mpq_sub, mpq_prelu
+ *   mpq_block.c            mpq_copy_block, mpq_fill (slice, split, pad, concat on any axis)
  * and what they share: mpq_support.h (inline helpers), mpq_support.c (requantisation and add
  * helpers kept out of line; conv, depthwise, fully connected, add) and mpq_dot.c (the dot
  * product loops per bit width and the weight decode tables; conv, fully connected). Compile
@@ -318,6 +319,29 @@ int mpq_sub(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const
  *             + output_zp, act_min, act_max)
  * `in` and `out` have the same h, w, c; any bits; `out` may be the very same view as `in`. */
 int mpq_prelu(const mpq_prelu_params *p, const mpq_view *in, const mpq_view *out);
+
+/* A block of elements of two packed buffers (element k at bits k*b .. k*b+b-1, as mpq_view),
+ * up to four nested axes, outermost first: element (i0, i1, i2, i3) of the block is source
+ * element src_offset + sum(i_d * src_stride[d]) and destination element dst_offset +
+ * sum(i_d * dst_stride[d]). Counts >= 1 (pad unused axes with count 1), strides >= 0;
+ * src_size and dst_size are the buffers' element counts, which the block must stay inside. */
+#define MPQ_BLOCK_DIMS 4
+typedef struct {
+    int32_t count[MPQ_BLOCK_DIMS];
+    int32_t src_stride[MPQ_BLOCK_DIMS];
+    int32_t dst_stride[MPQ_BLOCK_DIMS];
+    int32_t src_offset, dst_offset;
+    int32_t src_size, dst_size;
+} mpq_block;
+
+/* Copies the block: dst[dst element] = src[src element], values unchanged (slice, split,
+ * strided slice, the interior of a pad, one input of a concatenation along any axis). Any
+ * bits (8, 4, 2) on both sides alike; other elements of the destination keep their values.
+ * No overlap. */
+int mpq_copy_block(const mpq_block *b, const void *src, void *dst, int32_t bits);
+
+/* Sets elements 0 .. n-1 of a packed `bits`-bit buffer to `value` (pad: the zero point). */
+int mpq_fill(void *dst, int32_t bits, int32_t n, int32_t value);
 
 #ifdef __cplusplus
 }

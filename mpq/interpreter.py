@@ -144,10 +144,22 @@ class Reshape(Op):
         return xs[0].reshape((xs[0].shape[0],) + tuple(out_shape[1:]))
 
 
+def with_constants(node: Node, xs: list[np.ndarray],
+                   convert: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+    """A concat's parts: its activation batches with its constants (`convert`ed, repeated
+    over the batch) put back at their positions."""
+    parts = list(xs)
+    n = xs[0].shape[0]
+    for pos, c in node.attrs.get("constants", ()):
+        v = convert(c)
+        parts.insert(pos, np.broadcast_to(v, (n,) + v.shape[1:]).astype(xs[0].dtype))
+    return parts
+
+
 class Concat(Op):
     @staticmethod
     def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
-        return np.concatenate(xs, axis=node.attrs["axis"])
+        return np.concatenate(with_constants(node, xs, lambda c: c), axis=node.attrs["axis"])
 
 
 class Softmax(Op):
@@ -245,6 +257,30 @@ class PRelu(Op):
         return np.where(xs[0] >= 0, xs[0], xs[0] * alpha)
 
 
+class Pad(Op):
+    """Constant zero padding of any axes (TFLite PAD, ONNX Pad with value 0)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return np.pad(xs[0], ((0, 0),) + tuple(node.attrs["pads"][1:]))
+
+
+def slice_batch(x: np.ndarray, node: Node, out_shape: tuple[int, ...]) -> np.ndarray:
+    """out[n, i1, …] = x[n, starts[1] + i1·steps[1], …]: the strided window of a slice node
+    (batch axis kept whole)."""
+    a = node.attrs
+    index = (slice(None),) + tuple(
+        slice(s, s + st * (k - 1) + 1, st)
+        for s, st, k in zip(a["starts"][1:], a["steps"][1:], out_shape[1:], strict=True))
+    return x[index]
+
+
+class Slice(Op):
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        return slice_batch(xs[0], node, out_shape)
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -259,6 +295,8 @@ OPS: dict[str, type[Op]] = {
     "mul": Mul,
     "sub": Sub,
     "prelu": PRelu,
+    "pad": Pad,
+    "slice": Slice,
 }
 
 

@@ -35,6 +35,8 @@ OPS = (
     "mul",
     "sub",
     "prelu",
+    "pad",
+    "slice",
 )
 
 # Ops that accept a fused activation clamp.
@@ -70,7 +72,9 @@ class Node:
       max_pool        kernel, strides, pads
       avg_pool        kernel, strides, pads (padding taps are excluded from the count)
       reshape         shape (the output shape; NHWC memory order is kept)
-      concat          axis (in the IR layout)
+      concat          axis (in the IR layout); optional constants: ((position among the
+                      concatenated parts, float32 array in the IR layout with batch 1), …),
+                      quantised with the output's parameters
       softmax         axis (always the last)
       mean            axes (IR axes among 1, 2, 3), count (elements averaged per output); the
                       output keeps the reduced axes as 1 (rank 4), an importer adds a reshape
@@ -87,6 +91,10 @@ class Node:
                       int8 imports also carry const_q, const_scale, const_zp
       prelu           alpha: tuple of one slope per channel (last axis); int8 imports also
                       carry alpha_q (the file's int8 slopes), alpha_scale, alpha_zp
+      pad             pads ((before, after) per axis, IR layout); the pad value is real zero
+                      (the zero point), TFLite PAD / ONNX Pad constant 0
+      slice           starts, steps (per axis, IR layout; steps ≥ 1); element i of an axis
+                      reads input element starts + i·steps (Slice, Split, StridedSlice)
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 
@@ -208,6 +216,16 @@ def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad_lo: in
     return (size + pad_lo + pad_hi - effective) // stride + 1
 
 
+def slice_window(dim: int, start: int, end: int, step: int) -> tuple[int, int]:
+    """(first index, count) of a slice along one axis with step > 0 (ONNX Slice; TFLite
+    strided_slice_logic.h StartForAxis/StopForAxis): negative start/end count from the end,
+    both clamp to [0, dim], count = ⌈(end − start)/step⌉ (0 when empty)."""
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    return start, max(0, -(-(end - start) // step))
+
+
 def node_macs(node: Node, graph: Graph) -> int:
     """Multiply-accumulates of one node: conv Cout·Ho·Wo·KH·KW·Cin/groups, FC Cout·K, else 0."""
     if node.op == "conv2d":
@@ -244,7 +262,7 @@ def graph_fingerprint(graph: Graph) -> str:
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
         h.update(f"{n.name}|{n.op}|{n.inputs}|{n.outputs}|{attrs}".encode())
-        for arr in (n.weight, n.bias):
+        for arr in (n.weight, n.bias, *(c for _, c in n.attrs.get("constants", ()))):
             if arr is not None:
                 h.update(np.ascontiguousarray(arr, np.float32).tobytes())
     return h.hexdigest()

@@ -333,3 +333,10 @@ def resize_map_bytes(graph: Graph) -> int:
             _, ho, wo, _ = graph.tensors[n.outputs[0]].shape
             total += (12 if n.attrs["mode"] == "bilinear" else 4) * (ho + wo)
     return total
+
+
+def constant_flash_bytes(graph: Graph) -> int:
+    """Flash of the constant inputs of concats (`ir.Node` concat `constants`), counted at 8 bits
+    — an upper bound: export packs them at the concat output's bits."""
+    return sum(packed_bytes(int(c.size), 8) for n in graph.nodes if n.op == "concat"
+               for _, c in n.attrs.get("constants", ()))

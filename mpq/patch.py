@@ -161,6 +161,8 @@ def locality_problem(node: Node, graph: Graph) -> str | None:
         return f"{label} has a tensor that is not rank 4"
     if node.op == "concat" and node.attrs["axis"] != 3:
         return f"{label} does not concatenate channels"
+    if node.op == "concat" and node.attrs.get("constants"):
+        return f"{label} has constant inputs"
     if node.op in ("max_pool", "avg_pool"):
         (kh, kw), _, _, _ = window_params(node)
         _, h, w, _ = graph.tensors[node.inputs[0]].shape

@@ -21,7 +21,7 @@ from typing import Any
 
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import buffers_conflict, code_bytes_estimate, packed_bytes
+from mpq.memory import buffers_conflict, code_bytes_estimate, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches
 from mpq.plan import Plan
 from mpq.plan_schema import PlanFieldError, fail
@@ -279,6 +279,7 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
         if node.weight is not None:
             flash += weight_flash(node.weight.size, node.weight.shape[0], int(layer.w_bits),
                                   layer.w_scheme or "linear")
+    flash += constant_flash_bytes(graph)
     arena = plan.predicted["arena_bytes"]
     expect = {
         "scratch_bytes": memory.scratch_bytes,

@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.interpreter import conv2d_nhwc, pad_nhwc, pool_windows, resize_nearest
+from mpq.interpreter import (
+    conv2d_nhwc,
+    pad_nhwc,
+    pool_windows,
+    resize_nearest,
+    slice_batch,
+    with_constants,
+)
 from mpq.ir import Node
 from mpq.quant import arith
 from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel
@@ -97,9 +104,14 @@ class Reshape(IntOp):
 
 
 class Concat(IntOp):
+    """TFLM concatenation.cc: a copy (inputs share the output's quantisation); constants are
+    quantised with the output's parameters (`quantize_input`'s formula)."""
+
     @staticmethod
     def run(node, lq, qm, xs, out_shape):
-        return np.concatenate(xs, axis=node.attrs["axis"])
+        out = qm.acts[node.outputs[0]]
+        parts = with_constants(node, xs, lambda c: quantize_input(out, c))
+        return np.concatenate(parts, axis=node.attrs["axis"])
 
 
 class Softmax(IntOp):
@@ -183,6 +195,23 @@ class PRelu(IntOp):
                                      lq.act_max)
 
 
+class Pad(IntOp):
+    """TFLM pad.cc: the padding holds the output zero point (real 0), the rest is a copy."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        zp = qm.acts[node.outputs[0]].zero_point
+        return np.pad(xs[0], ((0, 0),) + tuple(node.attrs["pads"][1:]), constant_values=zp)
+
+
+class Slice(IntOp):
+    """TFLM slice.cc / strided_slice.cc / split.cc: a plain copy of the selected elements."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        return slice_batch(xs[0], node, out_shape)
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -197,6 +226,8 @@ INT_OPS: dict[str, type[IntOp]] = {
     "mul": Mul,
     "sub": Sub,
     "prelu": PRelu,
+    "pad": Pad,
+    "slice": Slice,
 }
 
 

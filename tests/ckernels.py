@@ -83,6 +83,13 @@ class PreluParams(ctypes.Structure):
                 ("alpha_zp", I32), ("output_zp", I32), ("act_min", I32), ("act_max", I32)]
 
 
+class Block(ctypes.Structure):
+    """mpq_block (kernels/mpq_kernels.h): four axes, outermost first."""
+
+    _fields_ = [("count", I32 * 4), ("src_stride", I32 * 4), ("dst_stride", I32 * 4),
+                ("src_offset", I32), ("dst_offset", I32), ("src_size", I32), ("dst_size", I32)]
+
+
 class ChannelQuant(ctypes.Structure):
     _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
 
@@ -241,6 +248,8 @@ class Kernels:
             "mpq_mean": [ptr(MeanParams), ptr(View), ptr(View)],
             "mpq_resize_nearest": [ptr(ResizeParams), ptr(View), ptr(View)],
             "mpq_resize_bilinear": [ptr(BilinearParams), ptr(View), ptr(View)],
+            "mpq_copy_block": [ptr(Block), ctypes.c_void_p, ctypes.c_void_p, I32],
+            "mpq_fill": [ctypes.c_void_p, I32, I32, I32],
         }
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
@@ -381,6 +390,12 @@ class Kernels:
     def prelu(self, p: PreluParams, inp: View, out: View) -> int:
         """`p.alpha` must point at int8 slopes the caller keeps alive."""
         return self._elementwise("mpq_prelu", PreluParams, 2)(p, inp, out)
+
+    def copy_block(self, b: Block, src: Stored, dst: Stored) -> int:
+        return self.lib.mpq_copy_block(b, src.buf.ctypes.data, dst.buf.ctypes.data, dst.bits)
+
+    def fill(self, dst: Stored, n: int, value: int) -> int:
+        return self.lib.mpq_fill(dst.buf.ctypes.data, dst.bits, n, value)
 
 
 @cache

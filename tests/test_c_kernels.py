@@ -14,6 +14,7 @@ Cortex-M0+/M4/M7 with -Werror.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import re
@@ -663,6 +664,96 @@ def test_resize_bilinear_random(libs: list[ck.Kernels]) -> None:
             bad += not check_bytes(s_out, v_out, want)
         n += 1
     assert n >= scaled(200) and bad == 0
+
+
+def _block_node(rng: np.random.Generator, op: str, shape: tuple[int, ...]) -> tuple[Node, tuple]:
+    """A random pad or slice node over `shape` (batch axis untouched) and its output shape."""
+    if op == "pad":
+        pads = ((0, 0),) + tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+                                 for _ in shape[1:])
+        out = tuple(d + lo + hi for d, (lo, hi) in zip(shape, pads, strict=True))
+        return Node("p", "pad", ["x"], ["y"], {"pads": pads}), out
+    starts, steps, out = [0], [1], [1]
+    for d in shape[1:]:
+        s = int(rng.integers(0, d))
+        st = int(rng.integers(1, 4))
+        starts.append(s)
+        steps.append(st)
+        out.append(int(rng.integers(1, (d - 1 - s) // st + 2)))
+    return Node("s", "slice", ["x"], ["y"], {"starts": tuple(starts), "steps": tuple(steps)}), \
+        tuple(out)
+
+
+def test_block_copies_random(libs: list[ck.Kernels]) -> None:
+    """Pad (fill with the zero point, then the interior), slice and concatenation along any
+    axis, as export emits them (`mpq.codegen.blocks`), at 8/4/2 bits: every output byte as
+    `mpq.sim` computes it, the canary past the buffer untouched."""
+    from mpq.codegen.blocks import concat_blocks, pad_block, slice_block
+
+    n = bad = 0
+    for rng, bits, _, _ in cases(10, [(b, b, b) for b in BITS] * 9):
+        shape = (1, *(int(d) for d in rng.integers(1, 6, int(rng.integers(1, 4)))))
+        op = ("pad", "slice", "concat")[n % 3]
+        zp = int(rng.integers(*arith.qrange(bits))) if op == "pad" else 0
+        if op == "concat":
+            axis = int(rng.integers(1, len(shape)))
+            shapes = [tuple(int(rng.integers(1, 4)) if a == axis else d
+                            for a, d in enumerate(shape)) for _ in range(int(rng.integers(2, 4)))]
+            xs = [rand_values(rng, bits, s) for s in shapes]
+            want = np.concatenate(xs, axis=axis)
+            blocks = concat_blocks(shapes, want.shape, axis, "test")
+            srcs = [ck.Stored(x, bits) for x in xs]
+        else:
+            node, out_shape = _block_node(rng, op, shape)
+            x = rand_values(rng, bits, shape)
+            graph = Graph("g", {"x": Tensor("x", shape), "y": Tensor("y", out_shape)}, [node],
+                          ["x"], ["y"])
+            q = ActQuant(0.1, zp, bits)
+            qm = QuantModel(graph, {"x": q, "y": q}, {node.name: LayerQuant()})
+            want = run_int(qm, {"x": x})["y"]
+            blocks = [pad_block(shape, out_shape, node.attrs["pads"], "test") if op == "pad"
+                      else slice_block(shape, out_shape, node.attrs["starts"],
+                                       node.attrs["steps"], "test")]
+            srcs = [ck.Stored(x, bits)]
+        dst = ck.Stored(rand_values(rng, bits, want.shape), bits)
+        expected = np.concatenate([arith.pack(want.reshape(-1), bits),
+                                   np.full(ck.CANARY, 0xA5, np.uint8)])
+        for lib in libs:
+            dst.restore()
+            if op == "pad":
+                assert lib.fill(dst, want.size, zp) == MPQ_OK
+            for b in blocks:
+                i4 = ctypes.c_int32 * 4
+                blk = ck.Block(i4(*b.count), i4(*b.src_stride), i4(*b.dst_stride),
+                               b.src_offset, b.dst_offset, b.src_size, b.dst_size)
+                assert lib.copy_block(blk, srcs[b.input], dst) == MPQ_OK
+            bad += not np.array_equal(dst.buf, expected)
+        n += 1
+    assert n >= scaled(200) and bad == 0
+
+
+def test_block_copy_refuses_blocks_outside_the_buffers(libs: list[ck.Kernels]) -> None:
+    lib = libs[0]
+    src, dst = ck.Stored(np.zeros(12, np.int64), 8), ck.Stored(np.zeros(12, np.int64), 8)
+    I4 = ctypes.c_int32 * 4
+
+    def block(count, ss, ds, so=0, do=0, sn=12, dn=12):
+        return ck.Block(I4(*count), I4(*ss), I4(*ds), so, do, sn, dn)
+
+    assert lib.copy_block(block((1, 1, 3, 4), (0, 0, 4, 1), (0, 0, 4, 1)), src, dst) == MPQ_OK
+    assert lib.copy_block(block((1, 1, 3, 4), (0, 0, 4, 1), (0, 0, 4, 1), do=1), src, dst) \
+        == MPQ_ERR_ARG  # one element past the destination
+    assert lib.copy_block(block((1, 1, 4, 4), (0, 0, 4, 1), (0, 0, 4, 1)), src, dst) \
+        == MPQ_ERR_ARG
+    assert lib.copy_block(block((1, 1, 0, 4), (0, 0, 4, 1), (0, 0, 4, 1)), src, dst) \
+        == MPQ_ERR_ARG  # counts must be >= 1
+    assert lib.copy_block(block((1, 1, 3, 4), (0, 0, -4, 1), (0, 0, 4, 1)), src, dst) \
+        == MPQ_ERR_ARG
+    assert lib.lib.mpq_copy_block(block((1, 1, 3, 4), (0, 0, 4, 1), (0, 0, 4, 1)),
+                                  src.buf.ctypes.data, dst.buf.ctypes.data, 3) == MPQ_ERR_BITS
+    assert lib.fill(dst, 12, 200) == MPQ_ERR_ARG  # not an 8-bit value
+    assert lib.fill(dst, -1, 0) == MPQ_ERR_ARG
+    assert np.array_equal(dst.buf[:12], np.zeros(12, np.uint8))
 
 
 # -- argument checks ----------------------------------------------------------------------------

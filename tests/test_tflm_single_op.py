@@ -34,6 +34,7 @@ from tflite_micro.python.tflite_micro import runtime  # noqa: E402
 
 from mpq.errors import MpqError  # noqa: E402
 from mpq.frontend.tflite_import import import_tflite_bytes  # noqa: E402
+from mpq.ir import slice_window  # noqa: E402
 from mpq.quant.qmodel import ActQuant, QuantModel, quant_model_from_parameters  # noqa: E402
 from mpq.sim import run_int  # noqa: E402
 
@@ -337,6 +338,105 @@ def make_resize_bilinear(rng: np.random.Generator) -> Case:
                                            align_corners=align, half_pixel_centers=hpc, q=q))
 
 
+def _shape(rng: np.random.Generator) -> tuple[int, ...]:
+    """A batch-1 activation shape of rank 2..4 with small dimensions."""
+    return (1, *(int(d) for d in rng.integers(1, 7, int(rng.integers(1, 4)))))
+
+
+def make_pad(rng: np.random.Generator) -> Case:
+    """PAD/PADV2 of channels (TFLite's residual widening), of H/W, or of any axis but batch."""
+    shape = _shape(rng) if rng.random() < 0.4 else (1, *pair(rng, 1, 6), int(rng.integers(1, 9)))
+    kind = rng.choice(["channels", "spatial", "any"]) if len(shape) == 4 else "any"
+    pads = [(0, 0)] * len(shape)
+    for a in range(1, len(shape)):
+        if kind == "any" or (kind == "channels") == (a == 3):
+            pads[a] = (int(rng.integers(0, 4)), int(rng.integers(0, 4)))
+    q = rand_q(rng)
+    v2 = bool(rng.random() < 0.3)
+    return Case(tb.pad(shape, pads, q, v2=v2), [shape], dict(shape=shape, pads=pads, q=q,
+                                                             v2=v2))
+
+
+def make_concatenation(rng: np.random.Generator) -> Case:
+    """CONCATENATION along any axis of 2..3 inputs (TFLM's int8 kernel needs one shared
+    quantisation); sometimes one input is a constant of zeros, sometimes of any values."""
+    base = _shape(rng)
+    axis = int(rng.integers(1, len(base)))
+    shapes = []
+    for _ in range(int(rng.integers(2, 4))):
+        s = list(base)
+        s[axis] = int(rng.integers(1, 6))
+        shapes.append(tuple(s))
+    zeros = (int(rng.integers(len(shapes))),) if rng.random() < 0.3 else ()
+    consts = {}
+    k = int(rng.integers(len(shapes)))
+    if not zeros and rng.random() < 0.3:  # a constant of any int8 values
+        consts[k] = rng.integers(-128, 128, shapes[k])
+    q = rand_q(rng)
+    return Case(tb.concatenation(shapes, axis, q, zeros, consts),
+                [s for i, s in enumerate(shapes) if i not in zeros and i not in consts],
+                dict(shapes=shapes, axis=axis, q=q, zeros=zeros, constant=list(consts)))
+
+
+def make_slice(rng: np.random.Generator) -> Case:
+    shape = _shape(rng)
+    begin = [0] + [int(rng.integers(0, d)) for d in shape[1:]]
+    size = [1] + [-1 if rng.random() < 0.2 else int(rng.integers(1, d - b + 1))
+                  for d, b in zip(shape[1:], begin[1:], strict=True)]
+    q = rand_q(rng)
+    return Case(tb.slice_(shape, begin, size, q), [shape], dict(shape=shape, begin=begin,
+                                                                size=size, q=q))
+
+
+def make_strided_slice(rng: np.random.Generator) -> Case:
+    """Positive strides, negative and out-of-range begin/end, begin/end masks, shrink axes."""
+    shape = (1, *(int(d) for d in rng.integers(1, 9, int(rng.integers(1, 4)))))
+    begin, end, strides, y_shape = [0], [1], [1], [1]
+    bm = em = sm = 0
+    for a, d in enumerate(shape[1:], start=1):
+        b, e, st = int(rng.integers(-d, d)), int(rng.integers(-d, d + 3)), int(rng.integers(1, 4))
+        if rng.random() < 0.2:
+            bm |= 1 << a
+        if rng.random() < 0.2:
+            em |= 1 << a
+        if rng.random() < 0.15 and a < len(shape) - 1:
+            sm |= 1 << a
+        bb = -(1 << 31) if bm >> a & 1 else b
+        ee = (1 << 31) - 1 if em >> a & 1 else e
+        first, count = slice_window(d, bb, ee, st)
+        if sm >> a & 1:
+            bm &= ~(1 << a)
+            b = int(rng.integers(0, d))
+        elif count == 0:  # keep the output non-empty
+            b, e, bm, em = 0, d, bm & ~(1 << a), em & ~(1 << a)
+            count = -(-d // st)
+        begin.append(b)
+        end.append(e)
+        strides.append(st)
+        if not sm >> a & 1:
+            y_shape.append(count)
+    q = rand_q(rng)
+    return Case(tb.strided_slice(shape, begin, end, strides, tuple(y_shape), q, begin_mask=bm,
+                                 end_mask=em, shrink_axis_mask=sm),
+                [shape], dict(shape=shape, begin=begin, end=end, strides=strides, bm=bm, em=em,
+                              sm=sm, q=q))
+
+
+def _make_split(rng: np.random.Generator, v: bool) -> Case:
+    shape = list(_shape(rng))
+    axis = int(rng.integers(1, len(shape)))
+    parts = int(rng.integers(1, 4))
+    if v:
+        sizes = [int(rng.integers(1, 5)) for _ in range(parts)]
+    else:
+        sizes = [int(rng.integers(1, 4))] * parts
+    shape[axis] = sum(sizes)
+    q = rand_q(rng)
+    k = int(rng.integers(parts))
+    return Case(tb.split(tuple(shape), axis, sizes, q, k, v=v), [tuple(shape)],
+                dict(shape=shape, axis=axis, sizes=sizes, output=k, q=q))
+
+
 MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "CONV_2D": make_conv,
     "DEPTHWISE_CONV_2D": make_depthwise,
@@ -349,6 +449,12 @@ MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "MEAN": make_mean,
     "RESIZE_NEAREST_NEIGHBOR": make_resize_nearest,
     "RESIZE_BILINEAR": make_resize_bilinear,
+    "PAD": make_pad,
+    "CONCATENATION": make_concatenation,
+    "SLICE": make_slice,
+    "STRIDED_SLICE": make_strided_slice,
+    "SPLIT": lambda rng: _make_split(rng, False),
+    "SPLIT_V": lambda rng: _make_split(rng, True),
 }
 SEEDS = {op: 1000 + i for i, op in enumerate(MAKERS)}
 

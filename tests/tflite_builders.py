@@ -345,3 +345,99 @@ def resize_bilinear(x_shape: tuple[int, int, int, int], size: tuple[int, int], q
     o.alignCorners, o.halfPixelCenters = bool(align_corners), bool(half_pixel_centers)
     w.op(OP.RESIZE_BILINEAR, [x, s], [y], OPT.ResizeBilinearOptions, o)
     return w.finish([x], [y])
+
+
+# -- structural ops (values copied unchanged; one quantisation throughout) ---------------------
+
+def pad(x_shape: tuple[int, ...], paddings: list[tuple[int, int]], q: QParams, *,
+        v2: bool = False) -> bytes:
+    """PAD (or PADV2 with the constant value at the zero point, i.e. real 0)."""
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, q)
+    p = w.tensor("paddings", (len(x_shape), 2), T_INT32, data=np.asarray(paddings, np.int32))
+    y_shape = tuple(d + lo + hi for d, (lo, hi) in zip(x_shape, paddings, strict=True))
+    y = w.activation("y", y_shape, q)
+    if v2:
+        v = w.tensor("value", (1,), T_INT8, [q.scale], [q.zero_point],
+                     data=np.array([q.zero_point], np.int8))
+        w.op(OP.PADV2, [x, p, v], [y], OPT.PadV2Options, FB.PadV2OptionsT())
+    else:
+        w.op(OP.PAD, [x, p], [y], OPT.PadOptions, FB.PadOptionsT())
+    return w.finish([x], [y])
+
+
+def concatenation(shapes: list[tuple[int, ...]], axis: int, q: QParams,
+                  zero_inputs: tuple[int, ...] = (),
+                  constants: dict[int, np.ndarray] | None = None) -> bytes:
+    """CONCATENATION of graph inputs sharing `q`; inputs listed in `zero_inputs` are constant
+    zeros (real 0: int8 zero points) instead, those in `constants` these int8 values."""
+    w = TfliteWriter()
+    ins, graph_in = [], []
+    constants = constants or {}
+    for i, s in enumerate(shapes):
+        if i in zero_inputs or i in constants:
+            data = constants[i] if i in constants else np.full(s, q.zero_point, np.int8)
+            ins.append(w.tensor(f"const{i}", s, T_INT8, [q.scale], [q.zero_point],
+                                data=np.asarray(data, np.int8)))
+        else:
+            ins.append(w.activation(f"x{i}", s, q))
+            graph_in.append(ins[-1])
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    y = w.activation("y", tuple(out), q)
+    o = FB.ConcatenationOptionsT()
+    o.axis = axis
+    w.op(OP.CONCATENATION, ins, [y], OPT.ConcatenationOptions, o)
+    return w.finish(graph_in, [y])
+
+
+def slice_(x_shape: tuple[int, ...], begin: list[int], size: list[int], q: QParams) -> bytes:
+    """SLICE with constant int32 begin and size (−1: to the end)."""
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, q)
+    b = w.tensor("begin", (len(begin),), T_INT32, data=np.asarray(begin, np.int32))
+    s = w.tensor("size", (len(size),), T_INT32, data=np.asarray(size, np.int32))
+    y_shape = tuple(d - bb if n == -1 else n for d, bb, n in zip(x_shape, begin, size,
+                                                                  strict=True))
+    y = w.activation("y", y_shape, q)
+    w.op(OP.SLICE, [x, b, s], [y], OPT.SliceOptions, FB.SliceOptionsT())
+    return w.finish([x], [y])
+
+
+def strided_slice(x_shape: tuple[int, ...], begin: list[int], end: list[int],
+                  strides: list[int], y_shape: tuple[int, ...], q: QParams, *,
+                  begin_mask: int = 0, end_mask: int = 0, shrink_axis_mask: int = 0) -> bytes:
+    """STRIDED_SLICE with constant int32 begin/end/strides; `y_shape` is what it computes."""
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, q)
+    ts = [w.tensor(n, (len(v),), T_INT32, data=np.asarray(v, np.int32))
+          for n, v in (("begin", begin), ("end", end), ("strides", strides))]
+    y = w.activation("y", y_shape, q)
+    o = FB.StridedSliceOptionsT()
+    o.beginMask, o.endMask, o.shrinkAxisMask = begin_mask, end_mask, shrink_axis_mask
+    w.op(OP.STRIDED_SLICE, [x, *ts], [y], OPT.StridedSliceOptions, o)
+    return w.finish([x], [y])
+
+
+def split(x_shape: tuple[int, ...], axis: int, sizes: list[int], q: QParams, output: int, *,
+          v: bool = False) -> bytes:
+    """SPLIT (equal `sizes`) or SPLIT_V into len(sizes) outputs; the graph's output is part
+    `output` (the others are computed and unused)."""
+    w = TfliteWriter()
+    x = w.activation("x", x_shape, q)
+    a = w.tensor("axis", (1,), T_INT32, data=np.asarray([axis], np.int32))
+    outs = []
+    for k, n in enumerate(sizes):
+        s = list(x_shape)
+        s[axis] = n
+        outs.append(w.activation(f"y{k}", tuple(s), q))
+    if v:
+        sz = w.tensor("sizes", (len(sizes),), T_INT32, data=np.asarray(sizes, np.int32))
+        o = FB.SplitVOptionsT()
+        o.numSplits = len(sizes)
+        w.op(OP.SPLIT_V, [x, sz, a], outs, OPT.SplitVOptions, o)
+    else:
+        o = FB.SplitOptionsT()
+        o.numSplits = len(sizes)
+        w.op(OP.SPLIT, [a, x], outs, OPT.SplitOptions, o)
+    return w.finish([x], [outs[output]])

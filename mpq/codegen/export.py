@@ -25,6 +25,7 @@ import numpy as np
 
 from mpq.boards import Board, plan_board
 from mpq.codegen import cmsis
+from mpq.codegen.blocks import concat_blocks, pad_block, slice_block
 from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
@@ -34,6 +35,7 @@ from mpq.plan import Plan, plan_quant_model
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
 from mpq.resources import data_dir
+from mpq.sim import quantize_input
 
 #: The kernel library's headers, copied into every export: the API (mpq_kernels.h) and the
 #: helpers its files share (mpq_support.h).
@@ -56,6 +58,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "mul": ("mpq_elementwise.c", "mpq_support.c"),
     "sub": ("mpq_elementwise.c", "mpq_support.c"),
     "prelu": ("mpq_elementwise.c", "mpq_support.c"),
+    "copy_block": ("mpq_block.c",),
 }
 
 
@@ -104,6 +107,10 @@ class Layer:
     weight: dict[str, Any] | None = None  # symbol names and filter dims
     channel_c0: list[int] = field(default_factory=list)  # concat: channel offset per input
     cmsis: cmsis.CmsisCall | None = None  # kernel "cmsis": the CMSIS-NN call
+    blocks: list[Any] = field(default_factory=list)  # copy_block: `mpq.codegen.blocks.Block`s
+    fill: int | None = None  # copy_block: value the whole output is set to first (pad)
+    out_elements: int = 0  # copy_block: elements of the output buffer
+    block_sources: list[str] = field(default_factory=list)  # copy_block: C source per block
 
 
 @dataclass
@@ -339,9 +346,11 @@ class _Builder:
         elif node.op == "softmax":
             self.layers.append(Layer(i, node.name, "softmax", ins, out,
                                      dict(self.qm.layers[node.name].extra)))
+        elif node.op in ("pad", "slice") or (node.op == "concat" and (not (
+                node.attrs["axis"] == 3 and len(self.graph.tensors[node.outputs[0]].shape) == 4)
+                or node.attrs.get("constants"))):
+            self.layers.append(self._block_layer(i, node, ins, out))
         elif node.op == "concat":
-            if node.attrs["axis"] != len(self.graph.tensors[node.outputs[0]].shape) - 1:
-                raise MpqError(f"export: concat '{node.name}' is not along channels")
             c0, offsets = 0, []
             for t in node.inputs:
                 offsets.append(c0)
@@ -421,6 +430,37 @@ class _Builder:
                 "pos_multiplier": e["m1"], "pos_shift": e["s1"], "neg_multiplier": e["m2"],
                 "neg_shift": e["s2"], "alpha": sym, "alpha_zp": e["alpha_zp"],
                 "output_zp": zp_out, "act_min": lq.act_min, "act_max": lq.act_max}
+
+
+    def _block_layer(self, i: int, node: Node, ins: list[Operand], out: Operand) -> Layer:
+        """Pad, slice and concat along any axis but rank-4 channels: block copies
+        (`mpq.codegen.blocks`); a pad first fills its output with the zero point."""
+        shapes = {t: self.graph.tensors[t].shape for t in (*node.inputs, *node.outputs)}
+        out_shape = shapes[node.outputs[0]]
+        where = f"layer '{node.name}' ({node.op})"
+        fill = None
+        sources = [f"in{k}.data" for k in range(len(node.inputs))]
+        if node.op == "concat":
+            parts = [shapes[t] for t in node.inputs]
+            out_q = self.qm.acts[node.outputs[0]]
+            for pos, c in node.attrs.get("constants", ()):
+                # A constant part: quantised with the output's parameters (as mpq.sim does),
+                # packed at the output's bits, in Flash beside the weights.
+                sym = f"mpq_l{i}_k{pos}"
+                q = quantize_input(out_q, c).reshape(-1)
+                self.consts.append(ConstArray(sym, "uint8_t", arith.pack(q, out_q.bits).tolist()))
+                parts.insert(pos, tuple(c.shape))
+                sources.insert(pos, sym)
+            blocks = concat_blocks(parts, out_shape, node.attrs["axis"], where)
+        elif node.op == "slice":
+            blocks = [slice_block(shapes[node.inputs[0]], out_shape, node.attrs["starts"],
+                                  node.attrs["steps"], where)]
+        else:
+            blocks = [pad_block(shapes[node.inputs[0]], out_shape, node.attrs["pads"], where)]
+            fill = self.qm.acts[node.outputs[0]].zero_point
+        return Layer(i, node.name, "copy_block", ins, out, blocks=blocks, fill=fill,
+                     out_elements=int(np.prod(out_shape)),
+                     block_sources=[sources[b.input] for b in blocks])
 
 
 @dataclass

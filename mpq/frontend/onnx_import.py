@@ -35,6 +35,7 @@ from mpq.ir import (
     broadcast_shape,
     conv_out_size,
     remove_dead_nodes,
+    slice_window,
 )
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
@@ -81,9 +82,7 @@ class Importer:
     # -- values ---------------------------------------------------------------------------------
     def value(self, name: str, node: onnx.NodeProto) -> Value:
         if name in self.pending_pads:
-            raise self.fail(f"node '{node.name}' ({node.op_type}) reads the output of Pad "
-                            f"'{self.pending_pads[name].node_name}', which can only be folded "
-                            "into a following Conv or MaxPool")
+            _materialise_pad(self, name)  # not folded into a window: a pad node of its own
         if name not in self.values:
             if name in self.consts:
                 raise self.fail(f"node '{node.name}' ({node.op_type}) has a constant where an "
@@ -128,6 +127,15 @@ class Importer:
             raise self.fail(f"value '{name}' is defined twice")
         limits.check_shape(shape, f"{self.source}: value '{name}'")
         self.tensors[name] = Tensor(name, tuple(int(d) for d in shape))
+        return name
+
+    def fresh_name(self, base: str) -> str:
+        """A value name no tensor, ONNX value or constant uses yet (for tensors mpq adds)."""
+        name, k = base, 0
+        while name in self.tensors or name in self.values or name in self.consts \
+                or name in self.consumers or name in self.graph_outputs:
+            k += 1
+            name = f"{base}_{k}"
         return name
 
     def producer_of(self, tensor: str) -> Node | None:
@@ -248,7 +256,7 @@ def _spatial_pads(imp: Importer, node: onnx.NodeProto, attrs: dict, in_hw: tuple
 
 def _take_pad(imp: Importer, name: str, node: onnx.NodeProto) -> tuple[Value, tuple[int, ...]]:
     """Resolve a conv/pool input, folding a preceding zero Pad (returns value and extra pads)."""
-    if name in imp.pending_pads:
+    if name in imp.pending_pads and imp.sole_consumer(name):
         pending = imp.pending_pads.pop(name)
         imp.notes["Pad folded"] += 1
         return pending.source, pending.pads
@@ -517,16 +525,16 @@ def _maxpool(imp: Importer, node: onnx.NodeProto) -> None:
         source = imp.pending_pads[node.input[0]].source
         prod = imp.producer_of(source.tensor)
         if prod is None or prod.attrs.get("act_min", -math.inf) < 0.0:
-            raise imp.fail(f"node '{node.name}' (MaxPool): a zero Pad before MaxPool can only be "
-                           "folded when its input is non-negative (after Relu)")
+            # Zero padding is not max-pool padding here: pad first, as the model says.
+            _materialise_pad(imp, node.input[0])
     _pool(imp, node, "max_pool")
 
 
 @handles("AveragePool")
 def _avgpool(imp: Importer, node: onnx.NodeProto) -> None:
     if node.input[0] in imp.pending_pads:
-        raise imp.fail(f"node '{node.name}' (AveragePool): a Pad before AveragePool cannot be "
-                       "folded (padding taps would be counted)")
+        # Folding would drop the padding taps from the count: pad first, as the model says.
+        _materialise_pad(imp, node.input[0])
     _pool(imp, node, "avg_pool")
 
 
@@ -557,14 +565,46 @@ def _pad(imp: Importer, node: onnx.NodeProto) -> None:
     if mode != "constant" or value != 0.0:
         raise imp.fail(f"node '{node.name}' (Pad): only zero constant padding is supported "
                        f"(mode {mode}, value {value})")
-    if pads is None or len(pads) != 8 or x.layout != LAYOUT_NCHW:
-        raise imp.fail(f"node '{node.name}' (Pad): only padding of NCHW rank-4 tensors is "
-                       "supported")
-    if any(pads[i] for i in (0, 1, 4, 5)) or any(p < 0 for p in pads):
-        raise imp.fail(f"node '{node.name}' (Pad): only non-negative spatial padding can be "
-                       f"folded (pads {pads})")
-    imp.pending_pads[node.output[0]] = PendingPad(x, (pads[2], pads[3], pads[6], pads[7]),
-                                                  node.name)
+    rank = len(imp.shape(x))
+    if pads is None or len(pads) != 2 * rank:
+        raise imp.fail(f"node '{node.name}' (Pad): pads {pads} do not fit rank {rank}")
+    if any(p < 0 for p in pads) or pads[0] or pads[rank]:
+        raise imp.fail(f"node '{node.name}' (Pad): only non-negative padding outside the batch "
+                       f"axis is supported (pads {pads})")
+    if rank == 4 and x.layout == LAYOUT_NCHW and not pads[1] and not pads[5]:
+        # Spatial: folded into the conv/pool that reads it, else a pad node (_materialise_pad).
+        imp.pending_pads[node.output[0]] = PendingPad(x, (pads[2], pads[3], pads[6], pads[7]),
+                                                      node.name)
+        return
+    _emit_pad(imp, node.name, x, list(pads[:rank]), list(pads[rank:]), node.output[0])
+
+
+def _ir_axis(value: Value, axis: int, rank: int) -> int:
+    """The IR axis holding ONNX axis `axis` of a value (NCHW views of NHWC tensors)."""
+    return NCHW_TO_NHWC.index(axis) if value.layout == LAYOUT_NCHW and rank == 4 else axis
+
+
+def _emit_pad(imp: Importer, name: str, x: Value, before: list[int], after: list[int],
+              out_name: str) -> Value:
+    """An IR pad node: ONNX-order pads `before`/`after` of `x`, output named `out_name`."""
+    rank = len(before)
+    ir = [(0, 0)] * rank
+    for a in range(rank):
+        ir[_ir_axis(x, a, rank)] = (int(before[a]), int(after[a]))
+    in_shape = imp.tensors[x.tensor].shape
+    out = imp.new_tensor(out_name, tuple(d + lo + hi for d, (lo, hi) in zip(in_shape, ir,
+                                                                            strict=True)))
+    imp.nodes.append(Node(name=name, op="pad", inputs=[x.tensor], outputs=[out],
+                          attrs={"pads": tuple(ir)}))
+    imp.values[out_name] = Value(out, x.layout)
+    return imp.values[out_name]
+
+
+def _materialise_pad(imp: Importer, onnx_name: str) -> None:
+    """A spatial zero Pad no window op absorbs becomes a pad node of its own."""
+    p = imp.pending_pads.pop(onnx_name)
+    t, left, b, r = p.pads
+    _emit_pad(imp, p.node_name, p.source, [0, 0, t, left], [0, 0, b, r], onnx_name)
 
 
 # -- layout and shape ops -----------------------------------------------------------------------
@@ -697,9 +737,92 @@ def _unsqueeze(imp: Importer, node: onnx.NodeProto) -> None:
     _reshape_to(imp, node, x, shape)
 
 
+def _concat_zero_inputs(imp: Importer, node: onnx.NodeProto) -> list[str]:
+    """Concat inputs with every all-zero constant folded into a pad of its activation
+    neighbour (zero is exact in any quantisation: the zero point); returns the ONNX names of
+    the (padded) activations to concatenate. (Other constants: `_concat_with_constants`.)"""
+    if not any(n in imp.consts for n in node.input):
+        return list(node.input)
+    acts = [n for n in node.input if n not in imp.consts]
+    x0 = imp.value(acts[0], node)
+    rank = len(imp.shape(x0))
+    axis = _axis(imp, node, int(_attrs(node)["axis"]), rank)
+    before = {n: 0 for n in acts}
+    after = {n: 0 for n in acts}
+    last = None
+    for n in node.input:
+        if n not in imp.consts:
+            last = n
+            continue
+        c = imp.consts[n]
+        if c.ndim != rank:
+            raise imp.fail(f"node '{node.name}' (Concat): constant input '{n}' must have "
+                           f"rank {rank}")
+        if last is None:
+            before[acts[0]] += int(c.shape[axis])
+        else:
+            after[last] += int(c.shape[axis])
+    names = []
+    for k, n in enumerate(acts):
+        if not before[n] and not after[n]:
+            names.append(n)
+            continue
+        x = imp.value(n, node)
+        lo, hi = [0] * rank, [0] * rank
+        lo[axis], hi[axis] = before[n], after[n]
+        out = node.output[0] if len(acts) == 1 else imp.fresh_name(f"{node.output[0]}__pad{k}")
+        _emit_pad(imp, node.name if len(acts) == 1 else f"{node.name}/pad{k}", x, lo, hi, out)
+        names.append(out)
+    imp.notes["Concat of zeros as pad"] += 1
+    return names
+
+
+def _concat_with_constants(imp: Importer, node: onnx.NodeProto) -> None:
+    """A Concat with a constant input that is not all zeros: the constants stay in the concat
+    node (`constants`: (input position, float32 array in the IR layout)); they are quantised
+    with the concat's output parameters, like the activations that share them."""
+    acts = [n for n in node.input if n not in imp.consts]
+    if not acts:
+        raise imp.fail(f"node '{node.name}' (Concat): every input is a constant")
+    xs = [imp.value(n, node) for n in acts]
+    rank = len(imp.shape(xs[0]))
+    if len({x.layout for x in xs}) != 1 or any(len(imp.shape(x)) != rank for x in xs):
+        raise imp.fail(f"node '{node.name}' (Concat): inputs differ in layout or rank")
+    axis = _axis(imp, node, int(_attrs(node)["axis"]), rank)
+    ir_axis = _ir_axis(xs[0], axis, rank)
+    shapes, consts = [], []
+    for pos, n in enumerate(node.input):
+        if n in imp.consts:
+            c = imp.consts[n]
+            if c.dtype != np.float32 or c.ndim != rank or c.shape[0] != 1:
+                raise imp.fail(f"node '{node.name}' (Concat): constant input '{n}' must be "
+                               f"float32 of rank {rank} with batch 1")
+            if xs[0].layout == LAYOUT_NCHW and rank == 4:
+                c = c.transpose(NCHW_TO_NHWC)
+            consts.append((pos, np.ascontiguousarray(c, np.float32)))
+            shapes.append(c.shape)
+        else:
+            shapes.append(imp.tensors[imp.value(n, node).tensor].shape)
+    if any(s[i] != shapes[0][i] for s in shapes for i in range(rank) if i != ir_axis):
+        raise imp.fail(f"node '{node.name}' (Concat): shapes {shapes} do not match (IR layout)")
+    out_shape = list(shapes[0])
+    out_shape[ir_axis] = sum(s[ir_axis] for s in shapes)
+    out = imp.new_tensor(node.output[0], tuple(out_shape))
+    imp.nodes.append(Node(name=node.name, op="concat", inputs=[x.tensor for x in xs],
+                          outputs=[out], attrs={"axis": ir_axis, "constants": tuple(consts)}))
+    imp.values[node.output[0]] = Value(out, xs[0].layout)
+    imp.notes["Concat constant kept"] += len(consts)
+
+
 @handles("Concat")
 def _concat(imp: Importer, node: onnx.NodeProto) -> None:
-    xs = [imp.value(n, node) for n in node.input]
+    if any(n in imp.consts and np.any(imp.consts[n] != 0) for n in node.input):
+        _concat_with_constants(imp, node)
+        return
+    inputs = _concat_zero_inputs(imp, node)
+    if len(inputs) == 1 and inputs[0] == node.output[0]:
+        return  # one activation padded with zeros: the pad is the concat
+    xs = [imp.value(n, node) for n in inputs]
     layouts = {x.layout for x in xs}
     shapes = [imp.shape(x) for x in xs]
     rank = len(shapes[0])
@@ -718,6 +841,82 @@ def _concat(imp: Importer, node: onnx.NodeProto) -> None:
     imp.nodes.append(Node(name=node.name, op="concat", inputs=[x.tensor for x in xs],
                           outputs=[out], attrs={"axis": ir_axis}))
     imp.values[node.output[0]] = Value(out, layout)
+
+
+def _emit_slice(imp: Importer, name: str, x: Value, starts: list[int], steps: list[int],
+                counts: list[int], out_name: str) -> None:
+    """An IR slice node taking, per ONNX axis a, `counts[a]` elements from `starts[a]` every
+    `steps[a]`; the batch axis must be kept whole."""
+    rank = len(starts)
+    if starts[0] != 0 or counts[0] != 1:
+        raise imp.fail(f"node '{name}': slicing the batch axis is not supported")
+    if any(c <= 0 for c in counts):
+        raise imp.fail(f"node '{name}': the slice is empty (counts {counts})")
+    ir_start, ir_step, ir_count = [0] * rank, [1] * rank, [0] * rank
+    for a in range(rank):
+        i = _ir_axis(x, a, rank)
+        ir_start[i], ir_step[i], ir_count[i] = int(starts[a]), int(steps[a]), int(counts[a])
+    out = imp.new_tensor(out_name, tuple(ir_count))
+    imp.nodes.append(Node(name=name, op="slice", inputs=[x.tensor], outputs=[out],
+                          attrs={"starts": tuple(ir_start), "steps": tuple(ir_step)}))
+    imp.values[out_name] = Value(out, x.layout)
+
+
+@handles("Slice")
+def _slice(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    shape = imp.shape(x)
+    rank = len(shape)
+    attrs = _attrs(node)
+    if len(node.input) > 1:
+        starts = _int_vector(imp, node.input[1], node, "starts")
+        ends = _int_vector(imp, node.input[2], node, "ends")
+        axes = _int_vector(imp, node.input[3], node, "axes") \
+            if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
+        steps = _int_vector(imp, node.input[4], node, "steps") \
+            if len(node.input) > 4 and node.input[4] else [1] * len(starts)
+    else:  # opset < 10: attributes
+        starts, ends = list(attrs.get("starts", [])), list(attrs.get("ends", []))
+        axes = list(attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise imp.fail(f"node '{node.name}' (Slice): starts, ends, axes and steps differ in "
+                       "length")
+    first, step, count = [0] * rank, [1] * rank, list(shape)
+    for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+        a = _axis(imp, node, int(ax), rank, "axes value")
+        if sp <= 0:
+            raise imp.fail(f"node '{node.name}' (Slice): only positive steps are supported "
+                           f"(step {sp})")
+        first[a], count[a] = slice_window(shape[a], int(st), int(en), int(sp))
+        step[a] = int(sp)
+    _emit_slice(imp, node.name, x, first, step, count, node.output[0])
+
+
+@handles("Split")
+def _split(imp: Importer, node: onnx.NodeProto) -> None:
+    x = imp.value(node.input[0], node)
+    shape = imp.shape(x)
+    attrs = _attrs(node)
+    axis = _axis(imp, node, int(attrs.get("axis", 0)), len(shape))
+    if len(node.input) > 1 and node.input[1]:
+        sizes = _int_vector(imp, node.input[1], node, "split")
+    elif "split" in attrs:
+        sizes = list(attrs["split"])
+    else:  # equal parts, the last one smaller (opset 18 num_outputs)
+        part = -(-shape[axis] // len(node.output))
+        sizes = [min(part, shape[axis] - k * part) for k in range(len(node.output))]
+    if len(sizes) != len(node.output) or sum(sizes) != shape[axis] or min(sizes) <= 0:
+        raise imp.fail(f"node '{node.name}' (Split): sizes {sizes} do not split axis {axis} "
+                       f"of {list(shape)} into {len(node.output)} outputs")
+    offset = 0
+    for k, (out, size) in enumerate(zip(node.output, sizes, strict=True)):
+        first, count = [0] * len(shape), list(shape)
+        first[axis], count[axis] = offset, int(size)
+        offset += int(size)
+        if out:  # one single-output slice node per output (the IR has one output per node)
+            _emit_slice(imp, f"{node.name}/{k}" if k else node.name, x, first,
+                        [1] * len(shape), count, out)
 
 
 @handles("Softmax")

@@ -123,7 +123,31 @@ class _Writer:
         axis = node.attrs["axis"]
         if self.rank4(node.outputs[0]):
             axis = (0, 2, 3, 1)[axis]
-        self.add("Concat", list(node.inputs), list(node.outputs), node.name, axis=axis)
+        inputs = list(node.inputs)
+        constants = node.attrs.get("constants", ())
+        if constants:
+            # Concat does not broadcast: the batch-1 constants are expanded to the batch of
+            # the activations (onnxruntime runs calibration batches), shape [N, 1, …, 1].
+            rank = len(self.shapes[node.outputs[0]])
+            pre = f"{node.name}/batch"
+            shape = self.fresh(f"{pre}_shape")
+            self.add("Shape", [node.inputs[0]], [shape], self.derived(f"{pre}_shape"))
+            n = self.fresh(f"{pre}_n")
+            self.add("Slice", [shape, self.init(f"{pre}_0", np.array([0], np.int64)),
+                               self.init(f"{pre}_1", np.array([1], np.int64))], [n],
+                     self.derived(f"{pre}_n"))
+            target = self.fresh(f"{pre}_target")
+            self.add("Concat", [n, self.init(f"{pre}_ones", np.ones(rank - 1, np.int64))],
+                     [target], self.derived(f"{pre}_target"), axis=0)
+        for pos, c in constants:
+            value = c.transpose(0, 3, 1, 2) if c.ndim == 4 else c
+            const = self.init(f"{node.name}/constant{pos}", np.ascontiguousarray(value,
+                                                                               np.float32))
+            expanded = self.fresh(f"{node.name}/constant{pos}_batch")
+            self.add("Expand", [const, target], [expanded],
+                     self.derived(f"{node.name}/expand{pos}"))
+            inputs.insert(pos, expanded)
+        self.add("Concat", inputs, list(node.outputs), node.name, axis=axis)
 
     def softmax(self, node: Node) -> None:
         axis = 1 if self.rank4(node.outputs[0]) else -1
@@ -211,6 +235,32 @@ class _Writer:
         slope = self.init(f"{node.name}/slope", alpha.reshape(shape))
         self.add("PRelu", [node.inputs[0], slope], list(node.outputs), node.name)
 
+    def onnx_axis(self, tensor: str, ir_axis: int) -> int:
+        """The ONNX axis of an IR axis (rank-4 tensors are NCHW in the written model)."""
+        return (0, 2, 3, 1)[ir_axis] if self.rank4(tensor) else ir_axis
+
+    def pad(self, node: Node) -> None:
+        ir = node.attrs["pads"]
+        before, after = [0] * len(ir), [0] * len(ir)
+        for a, (lo, hi) in enumerate(ir):
+            before[self.onnx_axis(node.inputs[0], a)] = lo
+            after[self.onnx_axis(node.inputs[0], a)] = hi
+        p = self.init(f"{node.name}/pads", np.array(before + after, np.int64))
+        self.add("Pad", [node.inputs[0], p], list(node.outputs), node.name)
+
+    def slice_(self, node: Node) -> None:
+        a = node.attrs
+        shape = self.shapes[node.outputs[0]]
+        axes = list(range(1, len(shape)))
+        starts = [a["starts"][i] for i in axes]
+        ends = [a["starts"][i] + a["steps"][i] * (shape[i] - 1) + 1 for i in axes]
+        ins = [node.inputs[0]]
+        for what, v in (("starts", starts), ("ends", ends),
+                        ("axes", [self.onnx_axis(node.inputs[0], i) for i in axes]),
+                        ("steps", [a["steps"][i] for i in axes])):
+            ins.append(self.init(f"{node.name}/{what}", np.array(v, np.int64)))
+        self.add("Slice", ins, list(node.outputs), node.name)
+
     def emit(self, node: Node) -> None:
         dispatch = {
             "conv2d": self.conv2d,
@@ -226,6 +276,8 @@ class _Writer:
             "mul": lambda n: self.binary(n, "Mul"),
             "sub": lambda n: self.binary(n, "Sub"),
             "prelu": self.prelu,
+            "pad": self.pad,
+            "slice": self.slice_,
         }
         dispatch[node.op](node)
 

@@ -59,6 +59,7 @@ from mpq.ir import (
     broadcast_shape,
     conv_out_size,
     remove_dead_nodes,
+    slice_window,
 )
 
 SCHEMA_MODULE = "tflite_micro.tensorflow.lite.micro.python.schema_py_generated"
@@ -72,6 +73,7 @@ SUPPORTED_OPS = (
     "FULLY_CONNECTED", "MAX_POOL_2D", "PAD", "QUANTIZE", "RESHAPE", "SOFTMAX",
     "MEAN", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR",
     "MUL", "SUB", "PRELU",
+    "PADV2", "SLICE", "STRIDED_SLICE", "SPLIT", "SPLIT_V",
 )
 
 # TensorType code → (name, numpy dtype); codes from the TFLite schema.
@@ -332,9 +334,7 @@ class _Importer:
     def value(self, index: int, op_index: int) -> str:
         """The IR tensor that holds TFLite activation tensor `index`."""
         if index in self.pending:
-            raise self.fail(f"{self.where(op_index)} reads the output of PAD "
-                            f"'{self.pending[index].node}', which can only be folded into a "
-                            "following CONV_2D, DEPTHWISE_CONV_2D or MAX_POOL_2D")
+            _materialise_pad(self, index)  # not folded into a window: a pad node of its own
         if index not in self.values:
             if self.is_const(index):
                 raise self.fail(f"{self.where(op_index)} has a constant "
@@ -344,11 +344,9 @@ class _Importer:
         return self.values[index]
 
     def take_pad(self, index: int, op_index: int) -> tuple[str, tuple[int, int, int, int]]:
+        if index in self.pending and len(self.consumers.get(index, [])) != 1:
+            _materialise_pad(self, index)  # read by several operators: pad once for all
         if index in self.pending:
-            if len(self.consumers.get(index, [])) != 1:
-                raise self.fail(f"{self.where(op_index)}: the output of PAD "
-                                f"'{self.pending[index].node}' is read by several operators; "
-                                "it can only be folded into one")
             pad = self.pending.pop(index)
             self.notes["PAD folded"] += 1
             return pad.source, pad.pads
@@ -363,6 +361,17 @@ class _Importer:
         self.tensors[name] = Tensor(name, tuple(int(d) for d in shape))
         self.values[index] = name
         self.origin[name] = index
+        return name
+
+    def extra_tensor(self, base: str, shape: tuple[int, ...], like: int) -> str:
+        """A tensor mpq adds (no TFLite index), quantised like TFLite tensor `like`."""
+        name, k = base, 0
+        while name in self.tensors or name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        limits.check_shape(shape, f"{self.source}: tensor '{name}'")
+        self.tensors[name] = Tensor(name, tuple(int(d) for d in shape))
+        self.origin[name] = like
         return name
 
     def producer_of(self, tensor: str) -> Node | None:
@@ -603,13 +612,11 @@ def _pool(imp: _Importer, i: int, op: Any, kind: str) -> None:
     if len(ins) != 1 or len(outs) != 1:
         raise imp.fail(f"{imp.where(i)}: expected one input and one output")
     if ins[0] in imp.pending:
-        if kind == "avg_pool":
-            raise imp.fail(f"{imp.where(i)}: a PAD before AVERAGE_POOL_2D cannot be folded "
-                           "(padding taps would be counted)")
+        # Folding is exact for MAX_POOL_2D after RELU only (padding taps are excluded from an
+        # average and zero is not −∞): otherwise pad first, as the model says.
         prod = imp.producer_of(imp.pending[ins[0]].source)
-        if prod is None or prod.attrs.get("act_min", -math.inf) < 0.0:
-            raise imp.fail(f"{imp.where(i)}: a zero PAD before MAX_POOL_2D can only be folded "
-                           "when its input is non-negative (after RELU)")
+        if kind == "avg_pool" or prod is None or prod.attrs.get("act_min", -math.inf) < 0.0:
+            _materialise_pad(imp, ins[0])
     x, extra = imp.take_pad(ins[0], i)
     _, h, w, c = imp.rank4(x, i)
     kernel = (int(opts.filterHeight), int(opts.filterWidth))
@@ -676,42 +683,284 @@ def _concat(imp: _Importer, i: int, op: Any) -> None:
         raise imp.fail(f"{imp.where(i)}: expected inputs and one output")
     if imp.act(i, opts):
         raise imp.fail(f"{imp.where(i)}: a fused activation on CONCATENATION is not supported")
-    xs = [imp.value(t, i) for t in ins]
-    shapes = [imp.tensors[x].shape for x in xs]
-    rank = len(shapes[0])
+    rank = len(imp.shape(ins[0]))
     axis = int(opts.axis)
-    if not -rank <= axis < rank or any(len(s) != rank for s in shapes):
-        raise imp.fail(f"{imp.where(i)}: axis {axis} does not fit inputs {shapes}")
+    if not -rank <= axis < rank:
+        raise imp.fail(f"{imp.where(i)}: axis {axis} does not fit rank {rank}")
     axis %= rank
+    if all(imp.is_const(t) for t in ins):
+        raise imp.fail(f"{imp.where(i)}: every input is a constant")
+    constants = _concat_constants(imp, i, ins, rank)
+    if constants:
+        ins = [t for t in ins if not imp.is_const(t)]
+    xs = _concat_zero_inputs(imp, i, ins, axis) if any(imp.is_const(t) for t in ins) \
+        else [imp.value(t, i) for t in ins]
+    if constants:
+        shapes = [imp.tensors[x].shape for x in xs]
+        for pos, c in constants:
+            shapes.insert(pos, c.shape)
+        rank = len(shapes[0])
+        if any(len(sh) != rank or any(sh[d] != shapes[0][d] for d in range(rank) if d != axis)
+               for sh in shapes):
+            raise imp.fail(f"{imp.where(i)}: shapes {[list(sh) for sh in shapes]} do not match")
+        out_shape = list(shapes[0])
+        out_shape[axis] = sum(sh[axis] for sh in shapes)
+        imp.check_output(i, outs[0], tuple(out_shape))
+        out = imp.new_tensor(outs[0])
+        imp.nodes.append(Node(name=imp.node_name(i), op="concat", inputs=xs, outputs=[out],
+                              attrs={"axis": axis, "constants": tuple(constants)}))
+        imp.notes["CONCATENATION constant kept"] += len(constants)
+        return
+    shapes = [imp.tensors[x].shape for x in xs]
+    if any(len(s) != rank for s in shapes):
+        raise imp.fail(f"{imp.where(i)}: axis {axis} does not fit inputs {shapes}")
     for s in shapes:
         if any(s[d] != shapes[0][d] for d in range(rank) if d != axis):
             raise imp.fail(f"{imp.where(i)}: shapes {[list(s) for s in shapes]} do not match")
     out_shape = list(shapes[0])
     out_shape[axis] = sum(s[axis] for s in shapes)
     imp.check_output(i, outs[0], tuple(out_shape))
+    if len(xs) == 1 and len(ins) > 1:  # one activation padded with zeros: that pad is all
+        pad = imp.nodes[-1]
+        del imp.tensors[pad.outputs[0]], imp.origin[pad.outputs[0]]
+        pad.outputs = [imp.new_tensor(outs[0])]
+        pad.name = imp.node_name(i)
+        return
     out = imp.new_tensor(outs[0])
     imp.nodes.append(Node(name=imp.node_name(i), op="concat", inputs=xs, outputs=[out],
                           attrs={"axis": axis}))
 
 
 def _pad(imp: _Importer, i: int, op: Any) -> None:
+    """PAD / PADV2 with zeros (TFLM pad.cc: the padding holds the output zero point). Spatial
+    padding of a rank-4 tensor waits to be folded into the window op that reads it; any other
+    (channels — TFLite's residual-widening idiom —, other ranks) is a pad node."""
     ins, outs = imp.inputs(op), imp.outputs(op)
-    if len(ins) != 2 or len(outs) != 1:
-        raise imp.fail(f"{imp.where(i)}: expected input, paddings and one output")
+    v2 = imp.op_name(op) == "PADV2"
+    if len(ins) != (3 if v2 else 2) or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected input, paddings{', value' if v2 else ''} "
+                       "and one output")
     x = imp.value(ins[0], i)
     pads = imp.raw(ins[1])
     if pads is None:
         raise imp.fail(f"{imp.where(i)}: the paddings must be a constant")
     shape = imp.tensors[x].shape
-    pads = pads.astype(np.int64).reshape(-1, 2) if pads.size % 2 == 0 else pads
-    if len(shape) != 4 or pads.shape != (4, 2):
-        raise imp.fail(f"{imp.where(i)}: only padding of rank 4 NHWC tensors is supported")
-    if pads[0].any() or pads[3].any() or (pads < 0).any():
-        raise imp.fail(f"{imp.where(i)}: only non-negative spatial padding can be folded "
-                       f"(paddings {pads.tolist()})")
+    rank = len(shape)
+    if pads.size != 2 * rank:
+        raise imp.fail(f"{imp.where(i)}: paddings {pads.tolist()} do not fit rank {rank}")
+    pads = pads.astype(np.int64).reshape(rank, 2)
+    if pads[0].any() or (pads < 0).any():
+        raise imp.fail(f"{imp.where(i)}: only non-negative padding outside the batch axis is "
+                       f"supported (paddings {pads.tolist()})")
+    if v2:
+        value = imp.raw(ins[2])
+        zero = imp.tensor_quant(outs[0], "output").zero_point if imp.int8 else 0
+        if value is None or value.size != 1 or value.reshape(-1)[0] != zero:
+            what = f"the zero point {zero}" if imp.int8 else "0"
+            raise imp.fail(f"{imp.where(i)}: only zero padding is supported (the constant "
+                           f"value must be {what})")
     _same_quant(imp, i, imp.origin[x], outs[0])
-    imp.pending[outs[0]] = _PendingPad(
-        x, (int(pads[1, 0]), int(pads[2, 0]), int(pads[1, 1]), int(pads[2, 1])), imp.node_name(i))
+    if rank == 4 and not pads[3].any():
+        imp.pending[outs[0]] = _PendingPad(
+            x, (int(pads[1, 0]), int(pads[2, 0]), int(pads[1, 1]), int(pads[2, 1])),
+            imp.node_name(i))
+        return
+    out = imp.new_tensor(outs[0], tuple(int(d + p.sum()) for d, p in zip(shape, pads,
+                                                                          strict=True)))
+    imp.check_output(i, outs[0], imp.tensors[out].shape)
+    imp.nodes.append(Node(name=imp.node_name(i), op="pad", inputs=[x], outputs=[out],
+                          attrs={"pads": tuple((int(a), int(b)) for a, b in pads)}))
+
+
+def _materialise_pad(imp: _Importer, index: int) -> None:
+    """A spatial PAD no window op absorbs becomes a pad node of its own."""
+    p = imp.pending.pop(index)
+    t, left, b, r = p.pads
+    pads = ((0, 0), (t, b), (left, r), (0, 0))
+    shape = imp.tensors[p.source].shape
+    out = imp.new_tensor(index, tuple(d + lo + hi for d, (lo, hi) in zip(shape, pads,
+                                                                         strict=True)))
+    imp.nodes.append(Node(name=p.node, op="pad", inputs=[p.source], outputs=[out],
+                          attrs={"pads": pads}))
+
+
+def _slice_node(imp: _Importer, i: int, name: str, x: str, out_index: int, starts: list[int],
+                steps: list[int], counts: list[int], keep: list[bool] | None = None) -> None:
+    """A slice node of `x` writing TFLite tensor `out_index`; axes with keep[a] False are
+    dropped from the output (STRIDED_SLICE shrink_axis_mask) by a reshape after it."""
+    if starts[0] != 0 or counts[0] != 1:
+        raise imp.fail(f"{imp.where(i)}: slicing the batch axis is not supported")
+    if min(counts) <= 0:
+        raise imp.fail(f"{imp.where(i)}: the slice is empty (sizes {counts})")
+    keep = keep or [True] * len(counts)
+    out_shape = tuple(c for c, k in zip(counts, keep, strict=True) if k)
+    imp.check_output(i, out_index, out_shape)
+    attrs = {"starts": tuple(int(v) for v in starts), "steps": tuple(int(v) for v in steps)}
+    if all(keep):
+        out = imp.new_tensor(out_index)
+        imp.nodes.append(Node(name=name, op="slice", inputs=[x], outputs=[out], attrs=attrs))
+        return
+    full = imp.extra_tensor(f"{imp.names[out_index]}__slice", tuple(counts), out_index)
+    imp.nodes.append(Node(name=name, op="slice", inputs=[x], outputs=[full], attrs=attrs))
+    out = imp.new_tensor(out_index)
+    imp.nodes.append(Node(name=f"{name}_shrink", op="reshape", inputs=[full], outputs=[out],
+                          attrs={"shape": out_shape}))
+
+
+def _int_const(imp: _Importer, i: int, index: int, what: str) -> list[int]:
+    v = imp.raw(index)
+    if v is None or v.dtype.kind not in "iu":
+        raise imp.fail(f"{imp.where(i)}: {what} must be an integer constant")
+    return [int(a) for a in v.reshape(-1)]
+
+
+def _slice(imp: _Importer, i: int, op: Any) -> None:
+    """SLICE: begin, size (−1: to the end); TFLM slice.cc copies values unchanged."""
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 3 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected input, begin, size and one output")
+    x = imp.value(ins[0], i)
+    shape = imp.tensors[x].shape
+    begin, size = _int_const(imp, i, ins[1], "begin"), _int_const(imp, i, ins[2], "size")
+    if len(begin) != len(shape) or len(size) != len(shape):
+        raise imp.fail(f"{imp.where(i)}: begin {begin} / size {size} do not fit {list(shape)}")
+    counts = [d - b if n == -1 else n for d, b, n in zip(shape, begin, size, strict=True)]
+    if any(b < 0 or n < 0 or b + n > d for d, b, n in zip(shape, begin, counts, strict=True)):
+        raise imp.fail(f"{imp.where(i)}: begin {begin} / size {size} leave {list(shape)}")
+    _same_quant(imp, i, imp.origin[x], outs[0])
+    _slice_node(imp, i, imp.node_name(i), x, outs[0], begin, [1] * len(shape), counts)
+
+
+def _strided_slice(imp: _Importer, i: int, op: Any) -> None:
+    """STRIDED_SLICE with positive strides, begin/end masks and shrink_axis_mask
+    (strided_slice_logic.h); ellipsis, new-axis masks and offset are refused."""
+    opts = _options(imp, op, "StridedSliceOptionsT")
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 4 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected input, begin, end, strides and one output")
+    if opts.ellipsisMask or opts.newAxisMask or getattr(opts, "offset", False):
+        raise imp.fail(f"{imp.where(i)}: ellipsis_mask, new_axis_mask and offset are not "
+                       "supported")
+    x = imp.value(ins[0], i)
+    shape = imp.tensors[x].shape
+    begin, end = _int_const(imp, i, ins[1], "begin"), _int_const(imp, i, ins[2], "end")
+    strides = _int_const(imp, i, ins[3], "strides")
+    if not len(begin) == len(end) == len(strides) == len(shape):
+        raise imp.fail(f"{imp.where(i)}: begin/end/strides do not fit {list(shape)}")
+    if min(strides) <= 0:
+        raise imp.fail(f"{imp.where(i)}: only positive strides are supported ({strides})")
+    starts, counts, steps, keep = [], [], [], []
+    for a, d in enumerate(shape):
+        if opts.shrinkAxisMask >> a & 1:  # one element at begin (StopForAxis: start + 1)
+            first, _ = slice_window(d, begin[a], d, 1)
+            count, step = (1 if first < d else 0), 1
+        else:
+            b = -(1 << 31) if opts.beginMask >> a & 1 else begin[a]
+            e = (1 << 31) - 1 if opts.endMask >> a & 1 else end[a]
+            first, count = slice_window(d, b, e, strides[a])
+            step = strides[a]
+        starts.append(first)
+        counts.append(count)
+        steps.append(step)
+        keep.append(not opts.shrinkAxisMask >> a & 1)
+    _same_quant(imp, i, imp.origin[x], outs[0])
+    _slice_node(imp, i, imp.node_name(i), x, outs[0], starts, steps, counts, keep)
+
+
+def _split(imp: _Importer, i: int, op: Any) -> None:
+    """SPLIT (axis, input; equal parts) and SPLIT_V (input, size_splits, axis): one slice node
+    per output (the IR has one output per node)."""
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    v = imp.op_name(op) == "SPLIT_V"
+    if len(ins) != (3 if v else 2) or not outs:
+        what = "input, size_splits, axis" if v else "axis, input"
+        raise imp.fail(f"{imp.where(i)}: expected {what} and outputs")
+    x = imp.value(ins[0] if v else ins[1], i)
+    shape = imp.tensors[x].shape
+    axis_v = _int_const(imp, i, ins[2] if v else ins[0], "axis")
+    if len(axis_v) != 1 or not -len(shape) <= axis_v[0] < len(shape):
+        raise imp.fail(f"{imp.where(i)}: axis {axis_v} does not fit {list(shape)}")
+    axis = axis_v[0] % len(shape)
+    if v:
+        sizes = _int_const(imp, i, ins[1], "size_splits")
+        if sizes.count(-1) == 1:
+            sizes[sizes.index(-1)] = shape[axis] - (sum(sizes) + 1)
+    else:
+        sizes = [shape[axis] // len(outs)] * len(outs)
+    if len(sizes) != len(outs) or sum(sizes) != shape[axis] or min(sizes) <= 0:
+        raise imp.fail(f"{imp.where(i)}: sizes {sizes} do not split axis {axis} of "
+                       f"{list(shape)} into {len(outs)} outputs")
+    offset = 0
+    for k, (t, size) in enumerate(zip(outs, sizes, strict=True)):
+        starts, counts = [0] * len(shape), list(shape)
+        starts[axis], counts[axis] = offset, size
+        offset += size
+        _same_quant(imp, i, imp.origin[x], t)
+        name = imp.node_name(i) + (f"_{k}" if k else "")
+        _slice_node(imp, i, name, x, t, starts, [1] * len(shape), counts)
+
+
+def _concat_constants(imp: _Importer, i: int, ins: list[int],
+                      rank: int) -> list[tuple[int, np.ndarray]]:
+    """The constant inputs of a CONCATENATION as (position, real float32 values) when some
+    constant is not all zeros (those stay in the concat node; quantised with its output's
+    parameters they give back the file's int8 values, which TFLM requires to share them);
+    [] when every constant is zero (a pad instead: `_concat_zero_inputs`)."""
+    out = []
+    for pos, t in enumerate(ins):
+        if not imp.is_const(t):
+            continue
+        c = imp.raw(t)
+        if imp.int8:
+            q = imp.tensor_quant(t, "constant")
+            real = (c.astype(np.float64) - q.zero_point) * np.float64(q.scale)
+        else:
+            real = c.astype(np.float64)
+        if c.ndim != rank or c.shape[0] != 1:
+            raise imp.fail(f"{imp.where(i)}: constant input '{imp.names[t]}' must have rank "
+                           f"{rank} and batch 1")
+        out.append((pos, real.astype(np.float32)))
+    return out if any(np.any(c != 0) for _, c in out) else []
+
+
+def _concat_zero_inputs(imp: _Importer, i: int, ins: list[int], axis: int) -> list[str]:
+    """CONCATENATION inputs with every all-zero constant folded into a pad of its activation
+    neighbour (real 0 is the zero point in any quantisation; other constants:
+    `_concat_constants`). Returns the IR tensors to concatenate."""
+    acts = [t for t in ins if not imp.is_const(t)]
+    if not acts:
+        raise imp.fail(f"{imp.where(i)}: every input is a constant")
+    before = {t: 0 for t in acts}
+    after = {t: 0 for t in acts}
+    last = None
+    for t in ins:
+        if not imp.is_const(t):
+            last = t
+            continue
+        c = imp.raw(t)
+        zero = imp.tensor_quant(t, "constant").zero_point if imp.int8 else 0
+        if c.ndim != len(imp.shape(acts[0])) or not np.all(c == zero):  # pragma: no cover
+            raise imp.fail(f"{imp.where(i)}: constant input '{imp.names[t]}' is not zeros")
+        if last is None:
+            before[acts[0]] += int(c.shape[axis])
+        else:
+            after[last] += int(c.shape[axis])
+    out = []
+    for k, t in enumerate(acts):
+        x = imp.value(t, i)
+        if before[t] or after[t]:
+            shape = imp.tensors[x].shape
+            pads = [(0, 0)] * len(shape)
+            pads[axis] = (before[t], after[t])
+            padded = imp.extra_tensor(f"{imp.names[t]}__pad", tuple(
+                d + lo + hi for d, (lo, hi) in zip(shape, pads, strict=True)), imp.outputs(
+                imp.sg.operators[i])[0])
+            imp.nodes.append(Node(name=f"{imp.node_name(i)}_pad{k}", op="pad", inputs=[x],
+                                  outputs=[padded], attrs={"pads": tuple(pads)}))
+            x = padded
+        out.append(x)
+    imp.notes["CONCATENATION of zeros as pad"] += 1
+    return out
 
 
 # -- boundary QUANTIZE / DEQUANTIZE ------------------------------------------------------------
@@ -1080,6 +1329,11 @@ _HANDLERS: dict[str, Any] = {
     "MUL": lambda imp, i, op: _binary(imp, i, op, "mul", "MulOptionsT"),
     "SUB": lambda imp, i, op: _binary(imp, i, op, "sub", "SubOptionsT"),
     "PRELU": lambda imp, i, op: _prelu(imp, i, op),
+    "PADV2": _pad,
+    "SLICE": _slice,
+    "STRIDED_SLICE": _strided_slice,
+    "SPLIT": _split,
+    "SPLIT_V": _split,
 }
 
 
@@ -1151,8 +1405,7 @@ def import_tflite_bytes(data: bytes, source: str = "model") -> TfliteModel:
     outputs: list[str] = []
     for t in out_idx:
         if t in imp.pending:
-            raise imp.fail(f"graph output '{imp.names[t]}' is the output of PAD "
-                           f"'{imp.pending[t].node}', which cannot be folded")
+            _materialise_pad(imp, t)
         if t not in imp.values:
             raise imp.fail(f"graph output '{imp.names[t]}' is not computed by any operator")
         outputs.append(imp.values[t])

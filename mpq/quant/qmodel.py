@@ -20,7 +20,7 @@ from mpq.quant.finite import check_finite_parameters, check_finite_ranges
 from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
 
 # Ops whose output must carry exactly the input's quantisation (no requantisation happens).
-SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape", "resize")
+SAME_AS_INPUT = ("max_pool", "avg_pool", "reshape", "resize", "pad", "slice")
 
 
 @dataclass(frozen=True)
@@ -193,31 +193,58 @@ def quantize_graph(graph: Graph, ranges: dict[str, tuple[float, float]],
 def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
                      act_bits: dict[str, int] | None = None) -> dict[str, ActQuant]:
     """Every tensor's activation parameters from its real range and bits (`quantize_graph`'s
-    rules: concat shares the union range, pool/reshape outputs inherit, softmax is fixed)."""
+    rules: concat shares the union range — through views too —, pool/reshape/pad/slice
+    outputs inherit, softmax is fixed)."""
     act_bits = act_bits or {}
-    ranges = dict(ranges)
-    producer = graph.producer()
-    # Concat: the inputs take the union range so one set of parameters fits all.
-    for node in graph.nodes:
-        if node.op == "concat":
-            lo = min(ranges[t][0] for t in node.inputs + node.outputs)
-            hi = max(ranges[t][1] for t in node.inputs + node.outputs)
-            for t in node.inputs + node.outputs:
-                ranges[t] = (lo, hi)
     acts: dict[str, ActQuant] = {}
-    for name in graph.tensors:
-        if name in producer and producer[name].op in SAME_AS_INPUT:
-            continue
-        if name in producer and producer[name].op == "softmax":
-            acts[name] = softmax_output_quant()
-            continue
-        bits = act_bits.get(name, 8)
-        scale, zp = arith.choose_activation_params(*ranges[name], bits)
-        acts[name] = ActQuant(scale, zp, bits)
-    for node in graph.nodes:  # in order, so chains of pools/reshapes resolve
-        if node.op in SAME_AS_INPUT:
-            acts[node.outputs[0]] = acts[node.inputs[0]]
+    producer = graph.producer()
+    for group in shared_quant_groups(graph):
+        # One (scale, zp) per group: the union of its members' ranges (a concat's inputs
+        # through any chain of views); a softmax output fixes it. A view's output holds a
+        # subset of its input's values (plus real 0 for pad, always representable), so only
+        # tensors not written by a SAME_AS_INPUT op count — as before, a pool inherits.
+        if any(t in producer and producer[t].op == "softmax" for t in group):
+            q = softmax_output_quant()
+        else:
+            sources = [t for t in group
+                       if not (t in producer and producer[t].op in SAME_AS_INPUT)]
+            known = [ranges[t] for t in sources if t in ranges]
+            lo = min(r[0] for r in known)
+            hi = max(r[1] for r in known)
+            # The bits of the group's first source (the search ties the whole group).
+            bits = next((act_bits[t] for t in sources if t in act_bits), 8)
+            q = ActQuant(*arith.choose_activation_params(lo, hi, bits), bits)
+        for t in group:
+            acts[t] = q
     return acts
+
+
+def shared_quant_groups(graph: Graph) -> list[list[str]]:
+    """Tensors that carry one quantisation (DESIGN §4.1): a SAME_AS_INPUT op's output with its
+    input (pools, reshape, pad, slice copy values unchanged) and a concat's inputs with its
+    output (TFLM's int8 concatenation does not requantise). Transitive, so a concat of
+    reshaped heads shares its range with the heads' producers. Groups and their members in
+    tensor order."""
+    parent = {t: t for t in graph.tensors}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    order = {t: i for i, t in enumerate(graph.tensors)}
+    for n in graph.nodes:
+        if n.op in SAME_AS_INPUT or n.op == "concat":
+            for t in n.inputs:
+                a, b = find(t), find(n.outputs[0])
+                if a != b:
+                    lo, hi = sorted((a, b), key=order.get)
+                    parent[hi] = lo
+    groups: dict[str, list[str]] = {}
+    for t in graph.tensors:
+        groups.setdefault(find(t), []).append(t)
+    return sorted(groups.values(), key=lambda g: order[g[0]])
 
 
 def weighted_layer(node: Node, acts: dict[str, ActQuant],

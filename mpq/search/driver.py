@@ -25,7 +25,7 @@ from mpq.boards import Board
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import align_up, code_bytes_estimate, packed_bytes
+from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
 from mpq.quant.calibrate import (
@@ -37,7 +37,7 @@ from mpq.quant.calibrate import (
     onnx_input_shape,
 )
 from mpq.quant.ptq import PtqOptions, apply_ptq
-from mpq.quant.qmodel import SAME_AS_INPUT, QuantModel, quantize_graph
+from mpq.quant.qmodel import QuantModel, quantize_graph, shared_quant_groups
 from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
 from mpq.search.importance import ImportanceTable, solve_importance, total_importance
 from mpq.search.measured import Measured, initial, plan_fidelity, refine, rescore
@@ -146,8 +146,9 @@ def choose_patches(graph: Graph, sram_for_arena: int, min_bits: int,
 
 def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None,
                inplace: set[str] | None = None) -> list[list[str]]:
-    """Tensors that must share a bitwidth: pool/reshape outputs with their inputs, concat
-    inputs with the output (DESIGN §4.1; TFLite requires it, there is no requantisation), a
+    """Tensors that must share a bitwidth: pool/reshape/pad/slice outputs with their inputs,
+    concat inputs with the output, through any chain of those (`shared_quant_groups`; DESIGN
+    §4.1; TFLite requires it, there is no requantisation), a
     fused residual add's sum with the skip it overwrites (`memory.fused_residual_adds`), and an
     in-place depthwise conv's output with its input — writing in place is safe channel by
     channel only when every element keeps its bit position."""
@@ -164,13 +165,13 @@ def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None,
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
 
+    # Views and concats: exactly the tensors that share one quantisation (the quantiser's
+    # groups), so a concat of reshaped heads ties the heads' producers too.
+    for group in shared_quant_groups(graph):
+        for t in group[1:]:
+            union(group[0], t)
     for n in graph.nodes:
-        if n.op in SAME_AS_INPUT:
-            union(n.inputs[0], n.outputs[0])
-        elif n.op == "concat":
-            for t in n.inputs:
-                union(t, n.outputs[0])
-        elif fused and n.name in fused:
+        if fused and n.name in fused:
             union(fused[n.name][1], n.outputs[0])
         elif inplace and n.name in inplace:
             union(n.inputs[0], n.outputs[0])
@@ -305,6 +306,7 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
         groups.append(Group(f"weights:{n.name}", (), w_options, score_w, omega_w,
                             flash={b: weight_flash(n.weight.size, n.weight.shape[0], b)
                                    for b in w_options}))
+    flash_fixed += constant_flash_bytes(graph)
 
     buffers = schedule.buffers()
     live: list[list[tuple[str, ...]]] = []
