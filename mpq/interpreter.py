@@ -158,6 +158,17 @@ class Softmax(Op):
         return e / e.sum(axis=-1, keepdims=True)
 
 
+class Activation(Op):
+    """A unary activation (`mpq.quant.lut.float_activation`)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        from mpq.quant.lut import float_activation
+
+        a = node.attrs
+        return float_activation(a["function"], xs[0], a.get("alpha", 0.0), a.get("beta", 0.0))
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -167,6 +178,7 @@ OPS: dict[str, type[Op]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "activation": Activation,
 }
 
 

@@ -29,6 +29,7 @@ OPS = (
     "reshape",
     "concat",
     "softmax",
+    "activation",
 )
 
 # Ops that accept a fused activation clamp.
@@ -62,6 +63,8 @@ class Node:
       reshape         shape (the output shape; NHWC memory order is kept)
       concat          axis (in the IR layout)
       softmax         axis (always the last)
+      activation      function (sigmoid, tanh, hard_swish, hard_sigmoid, leaky_relu), alpha
+                      (leaky_relu, hard_sigmoid), beta (hard_sigmoid); elementwise, one input
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 

@@ -109,6 +109,16 @@ class Softmax(IntOp):
         return arith.softmax_s8(xs[0], e["multiplier"], e["left_shift"], e["diff_min"])
 
 
+class Activation(IntOp):
+    """Table lookup T[(uint8)x] of the layer's 256-entry table (`mpq.quant.lut`)."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        from mpq.quant.lut import lookup
+
+        return lookup(lq.table, xs[0])
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -118,6 +128,7 @@ INT_OPS: dict[str, type[IntOp]] = {
     "reshape": Reshape,
     "concat": Concat,
     "softmax": Softmax,
+    "activation": Activation,
 }
 
 

@@ -721,6 +721,31 @@ def _softmax(imp: Importer, node: onnx.NodeProto) -> None:
     imp.values[node.output[0]] = Value(out, x.layout)
 
 
+_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hard_swish",
+                "HardSigmoid": "hard_sigmoid", "LeakyRelu": "leaky_relu"}
+
+
+@handles(*_ACTIVATIONS)
+def _activation(imp: Importer, node: onnx.NodeProto) -> None:
+    """Elementwise activations → one `activation` node (ONNX defaults: LeakyRelu α 0.01,
+    HardSigmoid α 0.2, β 0.5)."""
+    x = imp.value(node.input[0], node)
+    attrs = _attrs(node)
+    function = _ACTIVATIONS[node.op_type]
+    a: dict = {"function": function}
+    if function == "leaky_relu":
+        a["alpha"] = float(np.float32(attrs.get("alpha", 0.01)))
+    elif function == "hard_sigmoid":
+        a["alpha"] = float(np.float32(attrs.get("alpha", 0.2)))
+        a["beta"] = float(np.float32(attrs.get("beta", 0.5)))
+    if any(not math.isfinite(v) for k, v in a.items() if k != "function"):
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): non-finite attribute")
+    out = imp.new_tensor(node.output[0], imp.tensors[x.tensor].shape)
+    imp.nodes.append(Node(name=node.name, op="activation", inputs=[x.tensor], outputs=[out],
+                          attrs=a))
+    imp.values[node.output[0]] = Value(out, x.layout)
+
+
 @handles("Identity", "Dropout")
 def _identity(imp: Importer, node: onnx.NodeProto) -> None:
     imp.values[node.output[0]] = imp.value(node.input[0], node)

@@ -61,6 +61,7 @@ NEEDS_TFLITE_MICRO = "reading .tflite needs the tflite-micro package: pip instal
 SUPPORTED_OPS = (
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "DEQUANTIZE",
     "FULLY_CONNECTED", "MAX_POOL_2D", "PAD", "QUANTIZE", "RESHAPE", "SOFTMAX",
+    "LOGISTIC", "TANH", "HARD_SWISH", "LEAKY_RELU",
 )
 
 # TensorType code → (name, numpy dtype); codes from the TFLite schema.
@@ -658,6 +659,30 @@ def _softmax(imp: _Importer, i: int, op: Any) -> None:
                           attrs={"axis": len(shape) - 1}))
 
 
+_UNARY = {"LOGISTIC": "sigmoid", "TANH": "tanh", "HARD_SWISH": "hard_swish",
+          "LEAKY_RELU": "leaky_relu"}
+
+
+def _unary(imp: _Importer, i: int, op: Any) -> None:
+    """LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU (α from its options) → one `activation` node."""
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 1 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected one input and one output")
+    function = _UNARY[imp.op_name(op)]
+    attrs: dict[str, Any] = {"function": function}
+    if function == "leaky_relu":
+        opts = _options(imp, op, "LeakyReluOptionsT")
+        attrs["alpha"] = float(np.float32(opts.alpha))
+        if not math.isfinite(attrs["alpha"]):
+            raise imp.fail(f"{imp.where(i)}: alpha {attrs['alpha']} is not finite")
+    x = imp.value(ins[0], i)
+    shape = imp.tensors[x].shape
+    imp.check_output(i, outs[0], shape)
+    out = imp.new_tensor(outs[0])
+    imp.nodes.append(Node(name=imp.node_name(i), op="activation", inputs=[x], outputs=[out],
+                          attrs=attrs))
+
+
 def _concat(imp: _Importer, i: int, op: Any) -> None:
     opts = _options(imp, op, "ConcatenationOptionsT")
     ins, outs = imp.inputs(op), imp.outputs(op)
@@ -853,6 +878,10 @@ _HANDLERS: dict[str, Any] = {
     "SOFTMAX": _softmax,
     "CONCATENATION": _concat,
     "PAD": _pad,
+    "LOGISTIC": _unary,
+    "TANH": _unary,
+    "HARD_SWISH": _unary,
+    "LEAKY_RELU": _unary,
 }
 
 

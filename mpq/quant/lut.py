@@ -51,7 +51,7 @@ CODES = np.arange(-128, 128, dtype=np.int64)  # the input codes, in table order 
 _INT16_MIN, _INT16_MAX = -(1 << 15), (1 << 15) - 1
 
 
-# -- float functions (the float interpreter) -----------------------------------------------------
+# -- float functions (the float interpreter) ------------------------------------------------------
 
 def float_activation(function: str, x: np.ndarray, alpha: float = 0.0,
                      beta: float = 0.0) -> np.ndarray:
@@ -72,7 +72,7 @@ def float_activation(function: str, x: np.ndarray, alpha: float = 0.0,
     raise MpqError(f"unknown activation function '{function}'")
 
 
-# -- gemmlowp fixed point (fixedpoint.h), vectorised -----------------------------------------------
+# -- gemmlowp fixed point (fixedpoint.h), vectorised ----------------------------------------------
 
 def exp_on_negative_values_q(a: np.ndarray, integer_bits: int) -> np.ndarray:
     """gemmlowp exp_on_negative_values for a Q(ib).(31−ib) input ≤ 0, result in Q0.31: the
@@ -130,7 +130,7 @@ def gemmlowp_tanh(a: np.ndarray) -> np.ndarray:
     return np.where(a == 0, 0, np.where(neg, -t, t))
 
 
-# -- TFLM's constants ------------------------------------------------------------------------------
+# -- TFLM's constants -----------------------------------------------------------------------------
 
 def input_rescale(input_scale: float, integer_bits: int = 4) -> tuple[int, int, int]:
     """(multiplier, left shift, input radius) of int8 Logistic and Tanh: frexp of
@@ -177,7 +177,7 @@ def leaky_relu_params(input_scale: float, output_scale: float,
             "identity_multiplier": m_i, "identity_shift": s_i}
 
 
-# -- int16 helpers of hard_swish.h -----------------------------------------------------------------
+# -- int16 helpers of hard_swish.h ----------------------------------------------------------------
 
 def _i16(v: np.ndarray) -> np.ndarray:
     return ((np.asarray(v, np.int64) + (1 << 15)) & 0xFFFF) - (1 << 15)
@@ -213,7 +213,7 @@ def _rdivpot16(x: np.ndarray, exponent: int) -> np.ndarray:
     return _i16((x >> exponent) + ((x & mask) > threshold))
 
 
-# -- the integer functions ---------------------------------------------------------------------------
+# -- the integer functions ------------------------------------------------------------------------
 
 def logistic_codes(x: np.ndarray, zero_point: int, input_scale: float) -> np.ndarray:
     """int8 Logistic of input codes `x` (output 1/256, −128)."""

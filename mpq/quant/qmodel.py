@@ -49,6 +49,7 @@ class LayerQuant:
     act_min: int = -128
     act_max: int = 127
     extra: dict[str, int] = field(default_factory=dict)  # add / softmax constants
+    table: np.ndarray | None = None  # activation: 256 int8 output codes (`mpq.quant.lut`)
 
 
 @dataclass
@@ -111,7 +112,32 @@ def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | Non
                            "1/256 and zero point −128")
         m, shift, diff_min = arith.softmax_params(acts[node.inputs[0]].scale)
         lq.extra = {"multiplier": m, "left_shift": shift, "diff_min": diff_min}
+    elif node.op == "activation":
+        lq.table = activation_layer_table(node, acts)
     return lq
+
+
+def activation_layer_table(node: Node, acts: dict[str, ActQuant]) -> np.ndarray:
+    """The lookup table of an activation layer from its tensors' quantisation (`mpq.quant.lut`;
+    sigmoid and tanh outputs must carry TFLM's fixed quantisation)."""
+    from mpq.quant.lut import activation_table
+
+    src, out = acts[node.inputs[0]], acts[node.outputs[0]]
+    return activation_table(node.name, node.attrs["function"], node.attrs, src.scale,
+                            src.zero_point, out.scale, out.zero_point, out.bits)
+
+
+def fixed_output_quant(node: Node) -> ActQuant | None:
+    """The output quantisation an op fixes whatever the data: softmax 1/256, −128; sigmoid
+    1/256, −128 and tanh 1/128, 0 (TFLM int8; `mpq.quant.lut.FIXED_OUTPUT`); else None."""
+    from mpq.quant.lut import FIXED_OUTPUT
+
+    if node.op == "softmax":
+        return softmax_output_quant()
+    if node.op == "activation" and node.attrs["function"] in FIXED_OUTPUT:
+        scale, zp = FIXED_OUTPUT[node.attrs["function"]]
+        return ActQuant(scale, zp, 8)
+    return None
 
 
 def softmax_output_quant() -> ActQuant:
@@ -157,6 +183,9 @@ def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
             continue
         if name in producer and producer[name].op == "softmax":
             acts[name] = softmax_output_quant()
+            continue
+        if name in producer and fixed_output_quant(producer[name]) is not None:
+            acts[name] = fixed_output_quant(producer[name])
             continue
         bits = act_bits.get(name, 8)
         scale, zp = arith.choose_activation_params(*ranges[name], bits)
