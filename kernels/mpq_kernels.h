@@ -9,6 +9,7 @@
  *   mpq_pool.c             mpq_avgpool, mpq_maxpool
  *   mpq_softmax.c          mpq_softmax
  *   mpq_copy.c             mpq_copy_view
+ *   mpq_activation.c       mpq_activation
  * and what they share: mpq_support.h (inline helpers), mpq_support.c (requantisation and add
  * helpers kept out of line; conv, depthwise, fully connected, add) and mpq_dot.c (the dot
  * product loops per bit width and the weight decode tables; conv, fully connected). Compile
@@ -230,6 +231,19 @@ int mpq_softmax(const mpq_softmax_params *p, const mpq_view *in, const mpq_view 
  * X[y, x, ch]. Equal bits and h, w. Concatenation (along H or W through the views' y0/x0,
  * along C through dst_c0) and stitching patch tiles into a whole tensor. No overlap. */
 int mpq_copy_view(const mpq_view *src, const mpq_view *dst, int32_t dst_c0);
+
+/* A unary activation's lookup table (`mpq.quant.lut.activation_table`): entry (uint8_t)x is the
+   output code of signed input code x, 256 int8 entries whatever the input's bits. */
+typedef struct { const int8_t *table; } mpq_activation_params;
+
+/* Sigmoid/Logistic, Tanh, HardSwish, HardSigmoid, LeakyRelu: elementwise
+ *   Y[y, x, ch] = table[(uint8_t)X[y, x, ch]]
+ * where mpq computed the table with TFLM's int8 arithmetic for each input code (mpq/quant/lut.py),
+ * so the lookup is that arithmetic, bit for bit. Equal h, w, c; any input and output bits (each
+ * table entry an input code can reach must fit the output's bits, else MPQ_ERR_ARG). `out` may
+ * be the very same view as `in` (each element is read before it is written); views sharing
+ * `data` with different bits are refused (MPQ_ERR_BITS). No scratch. */
+int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq_view *out);
 
 #ifdef __cplusplus
 }

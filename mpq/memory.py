@@ -311,10 +311,13 @@ def code_bytes_estimate(graph: Graph) -> int:
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
-    """Flash for parameters: packed weights + int32 biases + (M, S) int32 per output channel."""
+    """Flash for parameters: packed weights + int32 biases + (M, S) int32 per output channel,
+    and 256 B per activation layer's lookup table."""
     weight_bits = weight_bits or {}
     total = 0
     for n in graph.nodes:
+        if n.op == "activation":
+            total += 256  # its lookup table (mpq.quant.lut.TABLE_BYTES)
         if n.weight is None:
             continue
         cout = n.weight.shape[0]

@@ -50,6 +50,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "maxpool": ("mpq_pool.c",),
     "softmax": ("mpq_softmax.c",),
     "copy_view": ("mpq_copy.c",),
+    "activation": ("mpq_activation.c",),
 }
 
 
@@ -342,8 +343,18 @@ class _Builder:
                 c0 += self.graph.tensors[t].shape[-1]
             self.layers.append(Layer(i, node.name, "copy_view", ins, out,
                                      channel_c0=offsets))
+        elif node.op == "activation":
+            self.layers.append(Layer(i, node.name, "activation", ins, out,
+                                     weight=self.activation_table(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+    def activation_table(self, i: int, node: Node) -> dict[str, Any]:
+        """The layer's 256-entry lookup table as a const array (Flash; `mpq.quant.lut`)."""
+        sym = f"mpq_l{i}_t"
+        self.consts.append(ConstArray(sym, "int8_t",
+                                      [int(v) for v in self.qm.layers[node.name].table]))
+        return {"table": sym}
 
 
 @dataclass

@@ -35,11 +35,15 @@ int8's (the rest of the arithmetic does not depend on the width).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpq.errors import MpqError
 from mpq.quant import arith
+
+if TYPE_CHECKING:
+    from mpq.ir import Graph
 
 FUNCTIONS = ("sigmoid", "tanh", "hard_swish", "hard_sigmoid", "leaky_relu")
 #: Output quantisation TFLM fixes for int8: (scale, zero point) (logistic_common.cc, tanh.cc).
@@ -304,6 +308,12 @@ def activation_table(name: str, function: str, attrs: dict, in_scale: float, in_
     table = np.empty(TABLE_BYTES, np.int8)
     table[CODES & 0xFF] = y
     return table
+
+
+def tables_flash(graph: Graph) -> int:
+    """Flash of the activation layers' tables: `TABLE_BYTES` each (part of the predicted
+    parameter Flash, beside weights, biases and multipliers)."""
+    return TABLE_BYTES * sum(1 for n in graph.nodes if n.op == "activation")
 
 
 def lookup(table: np.ndarray, x: np.ndarray) -> np.ndarray:

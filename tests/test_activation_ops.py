@@ -1,0 +1,124 @@
+"""Unary activations (Sigmoid, Tanh, HardSwish, HardSigmoid, LeakyRelu) end to end.
+
+ONNX import against onnxruntime (float), the integer tables' invariants, and a small
+conv → HardSwish → conv → Sigmoid/LeakyRelu/Tanh/HardSigmoid network through search → export →
+host C, byte-identical to `mpq.sim` (`mpq.verify`), at 8 bits and with sub-byte maps, with and
+without a patch stage. The TFLM oracle cases for LOGISTIC, TANH, HARD_SWISH and LEAKY_RELU are
+in test_tflm_single_op.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ort_run
+from onnx import TensorProto, helper, numpy_helper
+
+from mpq.boards import get_board
+from mpq.frontend.onnx_import import import_model
+from mpq.interpreter import from_ir_layout, run_graph, to_ir_layout
+from mpq.quant import lut
+from mpq.quant.calibrate import dataset_from_array
+from mpq.quant.qmodel import ActQuant, quantize_graph
+from mpq.search.driver import SearchOptions, search
+from mpq.sim import run_int
+from mpq.verify import verify
+
+ACTS = {  # ONNX op → attributes
+    "Sigmoid": {}, "Tanh": {}, "HardSwish": {}, "HardSigmoid": {"alpha": 0.25, "beta": 0.4},
+    "LeakyRelu": {"alpha": 0.1},
+}
+
+
+def _model(chain: list[tuple[str, dict]], channels: int = 6, size: int = 12,
+           seed: int = 0) -> onnx.ModelProto:
+    """input [1, 3, size, size] → (Conv 3×3 → activation) per entry of `chain`."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x, cin = "input", 3
+    for i, (op, attrs) in enumerate(chain):
+        w = (rng.standard_normal((channels, cin, 3, 3)) * np.sqrt(2 / (cin * 9))).astype(
+            np.float32)
+        b = (rng.standard_normal(channels) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}",
+                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        out = "output" if i == len(chain) - 1 else f"a{i}"
+        nodes.append(helper.make_node(op, [f"c{i}"], [out], name=f"act{i}", **attrs))
+        x, cin = out, channels
+    graph = helper.make_graph(
+        nodes, "acts", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                      [1, 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT,
+                                       [1, channels, size, size])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
+                              ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("op", list(ACTS))
+def test_onnx_import_matches_onnxruntime(op: str) -> None:
+    model = _model([(op, ACTS[op])])
+    graph = import_model(model)
+    assert [n.op for n in graph.nodes] == ["conv2d", "activation"]
+    x = np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype(np.float32) * 2
+    ours = from_ir_layout(graph, "output",
+                          run_graph(graph, {"input": to_ir_layout(graph, "input", x)})["output"])
+    theirs = ort_run(model, x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_outputs_and_sub_byte_tables() -> None:
+    """Sigmoid/tanh outputs take TFLM's fixed quantisation; a 4-bit input and a 4-bit output
+    give a table whose reachable entries fit 4 bits and match the 8-bit arithmetic's
+    definition (HardSigmoid: the rounded float function)."""
+    graph = import_model(_model([("Sigmoid", {}), ("HardSigmoid", {"alpha": 0.25,
+                                                                   "beta": 0.4})]))
+    ranges = {t: (-3.0, 3.0) for t in graph.tensors}
+    ranges["output"] = (0.0, 1.0)
+    qm = quantize_graph(graph, ranges, act_bits={"a0": 8, "c1": 4, "output": 4})
+    assert qm.acts["a0"] == ActQuant(float(np.float32(1 / 256)), -128, 8)
+    table = qm.layers["act1"].table
+    src, out = qm.acts["c1"], qm.acts["output"]
+    codes = np.arange(-8, 8)
+    y = lut.lookup(table, codes)
+    assert y.min() >= -8 and y.max() <= 7
+    real = np.clip(0.25 * (codes - src.zero_point) * np.float32(src.scale) + 0.4, 0, 1)
+    want = np.clip(np.floor(real / np.float32(out.scale) + 0.5) + out.zero_point, -8, 7)
+    np.testing.assert_array_equal(y, want)
+    # The integer reference is the table lookup, any code in, a code of the output's bits out.
+    x = np.random.default_rng(0).integers(-128, 128, (2, 12, 12, 3))
+    got = run_int(qm, {"input": x}, keep=True)
+    assert got["output"].min() >= -8 and got["output"].max() <= 7
+
+
+@pytest.mark.parametrize("chain,sram,patches", [
+    ([("HardSwish", {}), ("Sigmoid", {})], None, "none"),
+    ([("HardSwish", {}), ("LeakyRelu", {"alpha": 0.1}), ("Tanh", {})], 4_500, "none"),
+    ([("HardSigmoid", {"alpha": 0.2, "beta": 0.5}), ("LeakyRelu", {"alpha": 0.2}),
+      ("Sigmoid", {})], 5_000, "k=3,n=2"),
+])
+def test_search_export_host_bit_exact(tmp_path, chain, sram, patches) -> None:
+    model = _model(chain, channels=8, size=16)
+    path = tmp_path / "acts.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = import_model(model)
+    rng = np.random.default_rng(2)
+    calib = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    res = search(path, graph, get_board("nano33ble"), dataset_from_array(calib, "c"),
+                 SearchOptions(patches=patches, sram=sram))
+    plan = res.plan
+    tables = sum(n.op == "activation" for n in graph.nodes) * lut.TABLE_BYTES
+    weights = sum(n.weight.size * layer.w_bits // 8 + 12 * n.weight.shape[0]
+                  for n, layer in zip(graph.nodes, plan.layers, strict=True)
+                  if n.weight is not None)
+    assert plan.predicted["flash_bytes"] == weights + tables
+    if sram is not None:
+        assert min(t.bits for t in plan.tensors) < 8
+    if patches != "none":
+        stage = {n.name: n.op for n in graph.nodes if n.name in plan.patch["stage_nodes"]}
+        assert "activation" in stage.values()
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    assert verify(plan, graph, x, "host").mismatches == 0
