@@ -64,6 +64,10 @@ PoolParams = _struct("PoolParams", "kernel_h", "kernel_w", "stride_h", "stride_w
 SoftmaxParams = _struct("SoftmaxParams", "multiplier", "left_shift", "diff_min")
 
 
+class ActivationParams(ctypes.Structure):
+    _fields_ = [("table", ctypes.c_void_p)]
+
+
 class ChannelQuant(ctypes.Structure):
     _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
 
@@ -219,6 +223,7 @@ class Kernels:
             "mpq_maxpool": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_softmax": [ptr(SoftmaxParams), ptr(View), ptr(View)],
             "mpq_copy_view": [ptr(View), ptr(View), I32],
+            "mpq_activation": [ptr(ActivationParams), ptr(View), ptr(View)],
         }
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
@@ -328,6 +333,12 @@ class Kernels:
 
     def copy_view(self, src: View, dst: View, dst_c0: int) -> int:
         return self.lib.mpq_copy_view(src, dst, dst_c0)
+
+    def activation(self, table: np.ndarray | None, inp: View, out: View) -> int:
+        """mpq_activation with a 256-entry int8 table (None: a NULL table)."""
+        t = None if table is None else np.ascontiguousarray(table, np.int8)
+        return self.lib.mpq_activation(ActivationParams(None if t is None else t.ctypes.data),
+                                       inp, out)
 
 
 @cache

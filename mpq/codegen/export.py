@@ -429,7 +429,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         out_t = node.outputs[0]
         inputs = list(node.inputs)
         kernel = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
-                  "max_pool": "maxpool"}.get(node.op)
+                  "max_pool": "maxpool", "activation": "activation"}.get(node.op)
         if node.op == "concat" or kernel is None:
             raise MpqError(f"export: '{node.op}' in the patch stage is not supported yet")
         geo_node = name
@@ -448,7 +448,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 ov = out_view(out_t, i, j)
                 for q, t in enumerate(inputs):
                     v = in_view(t, name, q, i, j)
-                    if node.op == "add":  # elementwise: exactly the output's extent
+                    if node.op in ("add", "activation"):  # elementwise: the output's extent
                         v[2:4] = ov[2:4]
                     row += v
                 if add_node is not None:
@@ -491,6 +491,16 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 b.scratch = max(b.scratch, _patch_scratch(node, geometry, kernel))
             elif node.op == "add":
                 params[br] = bb.add_params(node, node.inputs[0])
+            elif node.op == "activation":  # each branch's table (one when they agree)
+                table = [int(v) for v in m.layers[node.name].table]
+                mixed = next((a for a in b.consts if a.symbol == f"mpq_l{idx}_t"), None)
+                if mixed is not None and mixed.values == table:
+                    quant_syms[br] = mixed.symbol
+                else:
+                    sym = f"mpq_l{idx}_t" if br == "mixed" else f"mpq_l{idx}_{br}_t"
+                    b.consts.append(ConstArray(sym, "int8_t", table))
+                    quant_syms[br] = sym
+                params[br] = {}
             else:
                 a = node.attrs
                 lq = m.layers[node.name]
