@@ -9,6 +9,9 @@ in test_tflm_single_op.py.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -122,3 +125,23 @@ def test_search_export_host_bit_exact(tmp_path, chain, sram, patches) -> None:
         assert "activation" in stage.values()
     x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
     assert verify(plan, graph, x, "host").mismatches == 0
+
+
+def test_qemu_m4_bit_exact(tmp_path) -> None:
+    """The same chain (sub-byte maps) on the emulated Cortex-M4: firmware = mpq.sim."""
+    if shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("cross tools missing in CI")
+        pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed (see .ci/run)")
+    model = _model([("HardSwish", {}), ("LeakyRelu", {"alpha": 0.1}), ("Tanh", {})],
+                   channels=8, size=16)
+    path = tmp_path / "acts.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = import_model(model)
+    rng = np.random.default_rng(3)
+    calib = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    plan = search(path, graph, get_board("nano33ble"), dataset_from_array(calib, "c"),
+                  SearchOptions(patches="none", sram=4_500)).plan
+    assert min(t.bits for t in plan.tensors) < 8
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert verify(plan, graph, x, "qemu-m4").mismatches == 0
