@@ -9,6 +9,7 @@ in test_tflm_single_op.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -19,6 +20,7 @@ from conftest import ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 from mpq.boards import get_board
+from mpq.codegen.export import render_export
 from mpq.frontend.onnx_import import import_model
 from mpq.interpreter import from_ir_layout, run_graph, to_ir_layout
 from mpq.quant import lut
@@ -123,6 +125,15 @@ def test_search_export_host_bit_exact(tmp_path, chain, sram, patches) -> None:
     if patches != "none":
         stage = {n.name: n.op for n in graph.nodes if n.name in plan.patch["stage_nodes"]}
         assert "activation" in stage.values()
+    if sram is None:  # all 8-bit: the cmsis-nn backend takes the convs, not the tables
+        report = json.loads(render_export(plan, graph, "cmsis-nn")["mpq_report.json"])
+        kinds = {n.name: n.op for n in graph.nodes}
+        for layer in report["layers"]:
+            if kinds[layer["name"]] == "activation":
+                assert layer["backend"] == "portable" and layer["call"] == "mpq_activation"
+                assert "no CMSIS-NN int8 kernel" in layer["reason"]
+            else:
+                assert layer["backend"] == "cmsis-nn"
     x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
     assert verify(plan, graph, x, "host").mismatches == 0
 
@@ -145,3 +156,14 @@ def test_qemu_m4_bit_exact(tmp_path) -> None:
     assert min(t.bits for t in plan.tensors) < 8
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     assert verify(plan, graph, x, "qemu-m4").mismatches == 0
+
+
+def test_hard_swish_output_range_widened_for_tflm() -> None:
+    """An input range almost all negative gives HardSwish a tiny output range; mpq widens it
+    until s_out > s_in/128, which TFLM's int8 HARD_SWISH requires, instead of failing."""
+    graph = import_model(_model([("HardSwish", {})]))
+    ranges = {"input": (-1.0, 1.0), "c0": (-100.0, 0.1), "output": (-0.375, 0.05)}
+    qm = quantize_graph(graph, ranges)
+    s_in, s_out = qm.acts["c0"].scale, qm.acts["output"].scale
+    assert s_out > s_in / 128
+    assert lut.hard_swish_params(s_in, s_out)["output_exponent"] <= 0

@@ -9,7 +9,8 @@ convolution weights are already OHWI, so import is mostly a renaming:
   (filter `[1, KH, KW, Cout]` → OHWI `[Cout, KH, KW, 1]`, groups = Cin, any depth multiplier),
   FULLY_CONNECTED (`[Cout, K]`), ADD, AVERAGE_POOL_2D, MAX_POOL_2D, RESHAPE, SOFTMAX and
   CONCATENATION map one-to-one onto IR nodes; fused activations (NONE, RELU, RELU6) become
-  `act_min` / `act_max`.
+  `act_min` / `act_max`. LOGISTIC, TANH, HARD_SWISH and LEAKY_RELU (α from its options)
+  become `activation` nodes (`mpq.quant.lut`).
 - SAME/VALID padding becomes explicit `(top, left, bottom, right)` exactly as TFLite computes
   it (`tensorflow/lite/kernels/padding.h`): out = ceil(in / stride) for SAME,
   total = max((out − 1)·stride + (k − 1)·dilation + 1 − in, 0), before = total // 2 and

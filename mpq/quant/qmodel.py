@@ -170,6 +170,7 @@ def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
     act_bits = act_bits or {}
     ranges = dict(ranges)
     producer = graph.producer()
+    widen_hard_swish_ranges(graph, ranges, act_bits)
     # Concat: the inputs take the union range so one set of parameters fits all.
     for node in graph.nodes:
         if node.op == "concat":
@@ -194,6 +195,24 @@ def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
         if node.op in SAME_AS_INPUT:
             acts[node.outputs[0]] = acts[node.inputs[0]]
     return acts
+
+
+def widen_hard_swish_ranges(graph: Graph, ranges: dict[str, tuple[float, float]],
+                            act_bits: dict[str, int]) -> None:
+    """Widen (upwards, in place) a HardSwish output range too narrow for TFLM's int8 kernel,
+    which needs s_out > s_in/128 (its output multiplier's exponent ≤ 0; hard_swish_common.cc):
+    an input almost all negative has a tiny output range. The margin (1 %) keeps the float32
+    quotient clear of the boundary."""
+    for node in graph.nodes:
+        if node.op != "activation" or node.attrs["function"] != "hard_swish":
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        s_in, _ = arith.choose_activation_params(*ranges[x], act_bits.get(x, 8))
+        lo, hi = min(float(ranges[y][0]), 0.0), max(float(ranges[y][1]), 0.0)
+        steps = (1 << act_bits.get(y, 8)) - 1
+        need = 1.01 * s_in / 128
+        if (hi - lo) / steps < need:
+            ranges[y] = (lo, lo + need * steps)
 
 
 def weighted_layer(node: Node, acts: dict[str, ActQuant],
