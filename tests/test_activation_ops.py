@@ -167,3 +167,42 @@ def test_hard_swish_output_range_widened_for_tflm() -> None:
     s_in, s_out = qm.acts["c0"].scale, qm.acts["output"].scale
     assert s_out > s_in / 128
     assert lut.hard_swish_params(s_in, s_out)["output_exponent"] <= 0
+
+
+def test_activation_on_the_input_and_after_gemm(tmp_path) -> None:
+    """input → LeakyRelu → Conv → GlobalAveragePool → Flatten → Gemm → Sigmoid: a table read
+    straight from the caller's input buffer and one on a [1, K] vector, host C = mpq.sim."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((6, 3, 3, 3)) * 0.4).astype(np.float32)
+    fc = (rng.standard_normal((5, 6)) * 0.5).astype(np.float32)
+    nodes = [
+        helper.make_node("LeakyRelu", ["input"], ["l"], name="leaky", alpha=0.3),
+        helper.make_node("Conv", ["l", "w", "b"], ["c"], name="conv", kernel_shape=[3, 3]),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["z"], name="fc", transB=1),
+        helper.make_node("Sigmoid", ["z"], ["output"], name="sigmoid"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (w, "w"), (np.zeros(6, np.float32), "b"), (fc, "fc"),
+        ((rng.standard_normal(5) * 0.1).astype(np.float32), "fb"))]
+    graph_proto = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                      ["batch", 3, 10, 10])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 5])],
+        initializer=inits)
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 13)],
+                              ir_version=8)
+    path = tmp_path / "head.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = import_model(model)
+    assert graph.nodes[0].op == "activation" and graph.nodes[0].inputs == ["input"]
+    calib = rng.standard_normal((32, 3, 10, 10)).astype(np.float32)
+    plan = search(path, graph, get_board("nano33ble"), dataset_from_array(calib, "c"),
+                  SearchOptions(patches="none")).plan
+    x = rng.standard_normal((4, 3, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(
+        from_ir_layout(graph, "output",
+                       run_graph(graph, {"input": to_ir_layout(graph, "input", x)})["output"]),
+        ort_run(model, x), rtol=1e-5, atol=1e-6)
+    assert verify(plan, graph, x, "host").mismatches == 0
