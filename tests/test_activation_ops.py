@@ -206,3 +206,30 @@ def test_activation_on_the_input_and_after_gemm(tmp_path) -> None:
                        run_graph(graph, {"input": to_ir_layout(graph, "input", x)})["output"]),
         ort_run(model, x), rtol=1e-5, atol=1e-6)
     assert verify(plan, graph, x, "host").mismatches == 0
+
+
+def test_torch_opset13_hardswish_is_one_table() -> None:
+    """torch exports Hardswish below opset 14 as x · HardSigmoid(x; α = 1/6, β = 1/2): that
+    pair imports as one hard_swish layer (TFLM's HARD_SWISH arithmetic), float as onnxruntime."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.5).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="/conv/Conv", kernel_shape=[3, 3]),
+        helper.make_node("HardSigmoid", ["c"], ["hs"], name="/act/HardSigmoid",
+                         alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c", "hs"], ["output"], name="/act/Mul"),
+    ]
+    g = helper.make_graph(
+        nodes, "torch", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                       [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 6, 6])],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    graph = import_model(model)
+    assert [(n.op, n.attrs.get("function")) for n in graph.nodes] == [
+        ("conv2d", None), ("activation", "hard_swish")]
+    assert graph.notes["HardSigmoid + Mul fused into HardSwish"] == 1
+    x = (rng.standard_normal((1, 3, 8, 8)) * 3).astype(np.float32)
+    ours = from_ir_layout(graph, "output",
+                          run_graph(graph, {"input": to_ir_layout(graph, "input", x)})["output"])
+    np.testing.assert_allclose(ours, ort_run(model, x), rtol=1e-5, atol=1e-5)
