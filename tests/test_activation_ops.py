@@ -125,6 +125,12 @@ def test_search_export_host_bit_exact(tmp_path, chain, sram, patches) -> None:
     if patches != "none":
         stage = {n.name: n.op for n in graph.nodes if n.name in plan.patch["stage_nodes"]}
         assert "activation" in stage.values()
+    else:  # each table overwrites its input in place (it dies there): one buffer, one width
+        offsets = {t.name: (t.offset, t.bits) for t in plan.tensors}
+        for n in graph.nodes:
+            if n.op == "activation":
+                assert n.name in plan.schedule["inplace_depthwise"]
+                assert offsets[n.inputs[0]] == offsets[n.outputs[0]]
     if sram is None:  # all 8-bit: the cmsis-nn backend takes the convs, not the tables
         report = json.loads(render_export(plan, graph, "cmsis-nn")["mpq_report.json"])
         kinds = {n.name: n.op for n in graph.nodes}
