@@ -256,10 +256,12 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
                     and (inplace_ok is None or inplace_ok(n)):
                 share = src
                 inplace.add(n.name)
-            elif n.op == "activation" and lifetimes[src][1] == i and src not in graph.outputs \
+            elif n.op == "activation" and src not in graph.outputs \
+                    and all(seg.last <= i for seg in buffers[owner[src]].segments) \
                     and (inplace_ok is None or inplace_ok(n)):
                 # A table lookup reads each element before writing it (mpq_activation): the
-                # output takes its input's storage when the input dies here (bits tied).
+                # output takes its input's storage when the input — and whatever else that
+                # storage holds, e.g. the tensor a reshape views — dies here (bits tied).
                 share = src
                 inplace.add(n.name)
         for t in n.outputs:

@@ -239,3 +239,27 @@ def test_torch_opset13_hardswish_is_one_table() -> None:
     ours = from_ir_layout(graph, "output",
                           run_graph(graph, {"input": to_ir_layout(graph, "input", x)})["output"])
     np.testing.assert_allclose(ours, ort_run(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_only_when_the_storage_dies() -> None:
+    """A table writes over its input only when nothing else in that storage is read later:
+    not when the input is a reshape view of a tensor an add reads afterwards."""
+    from mpq.ir import Graph, Node, Tensor
+    from mpq.memory import layer_schedule_buffers
+
+    def graph(reread: bool) -> Graph:
+        t = {n: Tensor(n, s) for n, s in (("x", (1, 4, 4, 2)), ("c", (1, 4, 4, 2)),
+                                           ("r", (1, 32)), ("a", (1, 32)),
+                                           ("a4", (1, 4, 4, 2)), ("y", (1, 4, 4, 2)))}
+        w = np.ones((2, 1, 1, 2), np.float32)
+        nodes = [Node("conv", "conv2d", ["x"], ["c"], {"kernel": (1, 1), "strides": (1, 1),
+                                                       "dilations": (1, 1), "groups": 1,
+                                                       "pads": (0, 0, 0, 0)}, w, np.zeros(2)),
+                 Node("flat", "reshape", ["c"], ["r"], {"shape": (1, 32)}),
+                 Node("act", "activation", ["r"], ["a"], {"function": "sigmoid"}),
+                 Node("back", "reshape", ["a"], ["a4"], {"shape": (1, 4, 4, 2)}),
+                 Node("add", "add", ["c" if reread else "a4", "a4"], ["y"])]
+        return Graph("g", t, nodes, ["x"], ["y"])
+
+    assert "act" in layer_schedule_buffers(graph(False))[1]
+    assert "act" not in layer_schedule_buffers(graph(True))[1]
