@@ -13,6 +13,7 @@
  *   mpq_resize.c           mpq_resize_nearest, mpq_resize_bilinear
  *   mpq_elementwise.c      mpq_mul, mpq_sub, mpq_prelu
  *   mpq_block.c            mpq_copy_block, mpq_fill (slice, split, pad, concat on any axis)
+ *   mpq_activation.c       mpq_activation
  * and what they share: mpq_support.h (inline helpers), mpq_support.c (requantisation and add
  * helpers kept out of line; conv, depthwise, fully connected, add) and mpq_dot.c (the dot
  * product loops per bit width and the weight decode tables; conv, fully connected). Compile
@@ -342,6 +343,19 @@ int mpq_copy_block(const mpq_block *b, const void *src, void *dst, int32_t bits)
 
 /* Sets elements 0 .. n-1 of a packed `bits`-bit buffer to `value` (pad: the zero point). */
 int mpq_fill(void *dst, int32_t bits, int32_t n, int32_t value);
+
+/* A unary activation's lookup table (`mpq.quant.lut.activation_table`): entry (uint8_t)x is the
+   output code of signed input code x, 256 int8 entries whatever the input's bits. */
+typedef struct { const int8_t *table; } mpq_activation_params;
+
+/* Sigmoid/Logistic, Tanh, HardSwish, HardSigmoid, LeakyRelu: elementwise
+ *   Y[y, x, ch] = table[(uint8_t)X[y, x, ch]]
+ * where mpq computed the table with TFLM's int8 arithmetic for each input code (mpq/quant/lut.py),
+ * so the lookup is that arithmetic, bit for bit. Equal h, w, c; any input and output bits (each
+ * table entry an input code can reach must fit the output's bits, else MPQ_ERR_ARG). `out` may
+ * be the very same view as `in` (each element is read before it is written); views sharing
+ * `data` with different bits are refused (MPQ_ERR_BITS). No scratch. */
+int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq_view *out);
 
 #ifdef __cplusplus
 }

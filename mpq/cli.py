@@ -250,7 +250,7 @@ def _print_summary(s: Any) -> None:
         ("largest kernel scratch", s.scratch_bytes),
         ("peak SRAM = arena + scratch", s.peak_sram_bytes),
         ("input buffer (caller's)", s.input_bytes),
-        ("Flash: weights + biases + requant", s.flash_bytes),
+        ("Flash: weights + biases + requant + tables", s.flash_bytes),
         ("Flash: code (estimate)", s.code_bytes_estimate),
     ]
     for what, value in rows:

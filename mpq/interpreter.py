@@ -281,6 +281,17 @@ class Slice(Op):
         return slice_batch(xs[0], node, out_shape)
 
 
+class Activation(Op):
+    """A unary activation (`mpq.quant.lut.float_activation`)."""
+
+    @staticmethod
+    def run(node: Node, xs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        from mpq.quant.lut import float_activation
+
+        a = node.attrs
+        return float_activation(a["function"], xs[0], a.get("alpha", 0.0), a.get("beta", 0.0))
+
+
 OPS: dict[str, type[Op]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -297,6 +308,7 @@ OPS: dict[str, type[Op]] = {
     "prelu": PRelu,
     "pad": Pad,
     "slice": Slice,
+    "activation": Activation,
 }
 
 

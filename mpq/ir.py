@@ -37,6 +37,7 @@ OPS = (
     "prelu",
     "pad",
     "slice",
+    "activation",
 )
 
 # Ops that accept a fused activation clamp.
@@ -95,6 +96,8 @@ class Node:
                       (the zero point), TFLite PAD / ONNX Pad constant 0
       slice           starts, steps (per axis, IR layout; steps ≥ 1); element i of an axis
                       reads input element starts + i·steps (Slice, Split, StridedSlice)
+      activation      function (sigmoid, tanh, hard_swish, hard_sigmoid, leaky_relu), alpha
+                      (leaky_relu, hard_sigmoid), beta (hard_sigmoid); elementwise, one input
     Ops in ACT_OPS also carry `act_min` / `act_max` (float, ±inf when unbounded).
     """
 

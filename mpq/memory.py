@@ -229,10 +229,11 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
 
     A reshape is a view of its input. A depthwise conv runs in place (TinyEngine) when its
     input dies there, it has channel multiplier 1, its output is not larger and `inplace_ok`
-    agrees. A fused residual add (`fused_residual_adds`) writes over its skip input, and the
-    conv feeding it keeps nothing in memory. Graph inputs are the caller's buffer, never in
-    the arena. Segment sizes are align16(⌈elements·bits/8⌉). Returns the buffers and the
-    names of the in-place depthwise nodes.
+    agrees; so does an activation (table lookup) whose input dies there, with `inplace_ok`
+    likewise (both are listed in the plan's `schedule.inplace_depthwise`). A fused residual
+    add (`fused_residual_adds`) writes over its skip input, and the conv feeding it keeps
+    nothing in memory. Graph inputs are the caller's buffer, never in the arena. Segment sizes
+    are align16(⌈elements·bits/8⌉). Returns the buffers and the names of the in-place nodes.
     """
     bits = bits or {}
     fused = fused or {}
@@ -253,6 +254,14 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
                     and n.weight.shape[0] == graph.tensors[src].shape[3] \
                     and elements[n.outputs[0]] <= elements[src] \
                     and (inplace_ok is None or inplace_ok(n)):
+                share = src
+                inplace.add(n.name)
+            elif n.op == "activation" and src not in graph.outputs \
+                    and all(seg.last <= i for seg in buffers[owner[src]].segments) \
+                    and (inplace_ok is None or inplace_ok(n)):
+                # A table lookup reads each element before writing it (mpq_activation): the
+                # output takes its input's storage when the input — and whatever else that
+                # storage holds, e.g. the tensor a reshape views — dies here (bits tied).
                 share = src
                 inplace.add(n.name)
         for t in n.outputs:
@@ -311,10 +320,13 @@ def code_bytes_estimate(graph: Graph) -> int:
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
-    """Flash for parameters: packed weights + int32 biases + (M, S) int32 per output channel."""
+    """Flash for parameters: packed weights + int32 biases + (M, S) int32 per output channel,
+    and 256 B per activation layer's lookup table."""
     weight_bits = weight_bits or {}
     total = 0
     for n in graph.nodes:
+        if n.op == "activation":
+            total += 256  # its lookup table (mpq.quant.lut.TABLE_BYTES)
         if n.weight is None:
             continue
         cout = n.weight.shape[0]

@@ -145,13 +145,14 @@ def locality_problem(node: Node, graph: Graph) -> str | None:
     """Why `node` cannot run on a spatial patch, or None when it is spatially local.
 
     Local: conv2d (any groups, strides, dilation), max/avg pool that is not global, add, concat
-    on channels, mul/sub of equal shapes and prelu (`ELEMENTWISE`), all on rank-4 tensors,
-    with no pad as wide as the window (a window entirely in the padding would have no input
-    rectangle).
+    on channels, mul/sub of equal shapes and prelu (`ELEMENTWISE`), elementwise activations
+    (the same rectangle in and out), all on rank-4 tensors, with no pad as wide as the window
+    (a window entirely in the padding would have no input rectangle).
     """
     label = f"node '{node.name}' ({node.op})"
     shapes = [graph.tensors[t].shape for t in (*node.inputs, *node.outputs)]
-    if node.op not in ("conv2d", "max_pool", "avg_pool", "add", "concat", *ELEMENTWISE):
+    if node.op not in ("conv2d", "max_pool", "avg_pool", "add", "concat", "activation",
+                       *ELEMENTWISE):
         return f"{label} is not spatially local"
     if node.op in ELEMENTWISE and len(set(shapes)) != 1:
         return f"{label} broadcasts (its operands differ in shape)"

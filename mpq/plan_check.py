@@ -274,7 +274,9 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
     extra = stage_bitops(schedule, graph, bitops, bitops8, rates)
     memory = schedule.memory(storage_bits(plan))
     input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
-    flash = 0
+    from mpq.quant.lut import tables_flash
+
+    flash = tables_flash(graph)
     for layer, node in zip(plan.layers, graph.nodes, strict=True):
         if node.weight is not None:
             flash += weight_flash(node.weight.size, node.weight.shape[0], int(layer.w_bits),

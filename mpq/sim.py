@@ -212,6 +212,16 @@ class Slice(IntOp):
         return slice_batch(xs[0], node, out_shape)
 
 
+class Activation(IntOp):
+    """Table lookup T[(uint8)x] of the layer's 256-entry table (`mpq.quant.lut`)."""
+
+    @staticmethod
+    def run(node, lq, qm, xs, out_shape):
+        from mpq.quant.lut import lookup
+
+        return lookup(lq.table, xs[0])
+
+
 INT_OPS: dict[str, type[IntOp]] = {
     "conv2d": Conv2D,
     "fully_connected": FullyConnected,
@@ -228,6 +238,7 @@ INT_OPS: dict[str, type[IntOp]] = {
     "prelu": PRelu,
     "pad": Pad,
     "slice": Slice,
+    "activation": Activation,
 }
 
 

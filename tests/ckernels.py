@@ -90,6 +90,10 @@ class Block(ctypes.Structure):
                 ("src_offset", I32), ("dst_offset", I32), ("src_size", I32), ("dst_size", I32)]
 
 
+class ActivationParams(ctypes.Structure):
+    _fields_ = [("table", ctypes.c_void_p)]
+
+
 class ChannelQuant(ctypes.Structure):
     _fields_ = [("bias", P_I32), ("multiplier", P_I32), ("shift", P_I32)]
 
@@ -250,6 +254,7 @@ class Kernels:
             "mpq_resize_bilinear": [ptr(BilinearParams), ptr(View), ptr(View)],
             "mpq_copy_block": [ptr(Block), ctypes.c_void_p, ctypes.c_void_p, I32],
             "mpq_fill": [ctypes.c_void_p, I32, I32, I32],
+            "mpq_activation": [ptr(ActivationParams), ptr(View), ptr(View)],
         }
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
@@ -396,6 +401,12 @@ class Kernels:
 
     def fill(self, dst: Stored, n: int, value: int) -> int:
         return self.lib.mpq_fill(dst.buf.ctypes.data, dst.bits, n, value)
+
+    def activation(self, table: np.ndarray | None, inp: View, out: View) -> int:
+        """mpq_activation with a 256-entry int8 table (None: a NULL table)."""
+        t = None if table is None else np.ascontiguousarray(table, np.int8)
+        return self.lib.mpq_activation(ActivationParams(None if t is None else t.ctypes.data),
+                                       inp, out)
 
 
 @cache

@@ -756,6 +756,57 @@ def test_block_copy_refuses_blocks_outside_the_buffers(libs: list[ck.Kernels]) -
     assert np.array_equal(dst.buf[:12], np.zeros(12, np.uint8))
 
 
+# -- activation (table lookup) ------------------------------------------------------------------
+
+def test_activation_random(libs: list[ck.Kernels]) -> None:
+    """mpq_activation against `mpq.quant.lut.lookup` for every (in, out) bit pair, tables of
+    every function (sigmoid/tanh: 8-bit outputs, as TFLM fixes them), a quarter in place."""
+    from mpq.quant import lut
+
+    n = bad = 0
+    for rng, bi, bo, _ in cases(10, [(bi, bo, 8) for bi in BITS for bo in BITS] * 3):
+        function = str(rng.choice(lut.FUNCTIONS if bo == 8 else
+                                  ("hard_swish", "hard_sigmoid", "leaky_relu")))
+        s_in = float(np.float32(10 ** rng.uniform(-2.5, 0)))
+        zp_in = int(rng.integers(*arith.qrange(bi)))
+        if function in lut.FIXED_OUTPUT:
+            s_out, zp_out = lut.FIXED_OUTPUT[function]
+        else:
+            s_out, zp_out = s_in * 2 ** (8 - bo), int(rng.integers(*arith.qrange(bo)))
+        table = lut.activation_table("t", function, {"alpha": 0.15, "beta": 0.5}, s_in, zp_in,
+                                     s_out, zp_out, bo)
+        h, w, c = (int(v) for v in rng.integers(1, 5, 3))
+        x = rand_values(rng, bi, (h, w, c))
+        want = lut.lookup(table, x)
+        st_in, v_in = placed(rng, x, bi)
+        inplace = bi == bo and rng.random() < 0.25
+        st_out, v_out = (st_in, v_in) if inplace else placed(rng, rand_values(rng, bo, x.shape),
+                                                             bo)
+        for lib in libs:
+            st_in.restore()
+            st_out.restore()
+            assert lib.activation(table, v_in, v_out) == MPQ_OK
+            bad += not check_bytes(st_out, v_out, want)
+        n += 1
+    assert n >= scaled(200) and bad == 0
+
+
+def test_activation_refuses_bad_arguments(libs: list[ck.Kernels]) -> None:
+    lib = libs[0]
+    rng = np.random.default_rng(3)
+    s_in, v_in = placed(rng, rand_values(rng, 8, (2, 2, 3)), 8, sub=False)
+    s_out, v_out = placed(rng, np.zeros((2, 2, 3), np.int64), 4, sub=False)
+    table = np.zeros(256, np.int8)
+    assert lib.activation(table, v_in, v_out) == MPQ_OK
+    assert lib.activation(None, v_in, v_out) == MPQ_ERR_ARG
+    table[200] = 8  # reachable by an 8-bit input, too wide for a 4-bit output
+    assert lib.activation(table, v_in, v_out) == MPQ_ERR_ARG
+    wider = ck.View(v_in.data, 4, 2, 2, 3, 0, 0, 2)  # same storage, other bits
+    assert lib.activation(np.zeros(256, np.int8), v_in, wider) == MPQ_ERR_BITS
+    wrong = ck.View(v_out.data, 4, 2, 2, 2, 0, 0, 2)
+    assert lib.activation(np.zeros(256, np.int8), v_in, wrong) == MPQ_ERR_ARG
+
+
 # -- argument checks ----------------------------------------------------------------------------
 
 def test_bad_arguments_are_refused(libs: list[ck.Kernels]) -> None:

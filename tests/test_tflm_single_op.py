@@ -437,6 +437,31 @@ def _make_split(rng: np.random.Generator, v: bool) -> Case:
                 dict(shape=shape, axis=axis, sizes=sizes, output=k, q=q))
 
 
+def _unary_shape(rng: np.random.Generator) -> tuple[int, ...]:
+    if rng.random() < 0.5:
+        return (1, int(rng.integers(1, 65)))
+    return (1, *pair(rng, 1, 5), int(rng.integers(1, 9)))
+
+
+def _make_unary(rng: np.random.Generator, op: str) -> Case:
+    """LOGISTIC/TANH (output fixed by TFLM) or HARD_SWISH/LEAKY_RELU (output calibrated-like:
+    a scale near the input's, above s_in/128 as TFLM's HARD_SWISH requires). Input scales of
+    the fixed-output ops mostly keep the inputs inside the curved part (few saturated bytes)."""
+    shape = _unary_shape(rng)
+    alpha = None
+    if op in ("LOGISTIC", "TANH"):
+        x_q = tb.QParams(log_uniform(rng, 1e-3, 0.2), int(rng.integers(-128, 128)))
+        y_q = tb.QParams(1 / 256, -128) if op == "LOGISTIC" else tb.QParams(1 / 128, 0)
+    else:
+        x_q = rand_q(rng)
+        y_q = tb.QParams(x_q.scale * 10 ** rng.uniform(-1.5, 0.3), int(rng.integers(-128, 128)))
+        if op == "LEAKY_RELU":
+            alpha = float(rng.choice([0.01, 0.1, 0.2, 0.3])) if rng.random() < 0.7 \
+                else float(rng.uniform(-1.0, 2.0))
+    return Case(tb.unary(op, shape, x_q, y_q, alpha), [shape],
+                dict(shape=shape, x_q=x_q, y_q=y_q, alpha=alpha))
+
+
 MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "CONV_2D": make_conv,
     "DEPTHWISE_CONV_2D": make_depthwise,
@@ -455,6 +480,10 @@ MAKERS: dict[str, Callable[[np.random.Generator], Case]] = {
     "STRIDED_SLICE": make_strided_slice,
     "SPLIT": lambda rng: _make_split(rng, False),
     "SPLIT_V": lambda rng: _make_split(rng, True),
+    "LOGISTIC": lambda rng: _make_unary(rng, "LOGISTIC"),
+    "TANH": lambda rng: _make_unary(rng, "TANH"),
+    "HARD_SWISH": lambda rng: _make_unary(rng, "HARD_SWISH"),
+    "LEAKY_RELU": lambda rng: _make_unary(rng, "LEAKY_RELU"),
 }
 SEEDS = {op: 1000 + i for i, op in enumerate(MAKERS)}
 

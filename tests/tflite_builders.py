@@ -441,3 +441,20 @@ def split(x_shape: tuple[int, ...], axis: int, sizes: list[int], q: QParams, out
         o.numSplits = len(sizes)
         w.op(OP.SPLIT, [a, x], outs, OPT.SplitOptions, o)
     return w.finish([x], [outs[output]])
+
+
+def unary(op: str, shape: tuple[int, ...], x_q: QParams, y_q: QParams,
+          alpha: float | None = None) -> bytes:
+    """One unary activation: LOGISTIC, TANH, HARD_SWISH or LEAKY_RELU (with `alpha`), int8
+    input and output of `shape` (TFLM fixes LOGISTIC's output at 1/256, −128 and TANH's at
+    1/128, 0; pass those as `y_q`)."""
+    w = TfliteWriter()
+    x = w.activation("x", shape, x_q)
+    y = w.activation("y", shape, y_q)
+    if op == "LEAKY_RELU":
+        o = FB.LeakyReluOptionsT()
+        o.alpha = float(0.2 if alpha is None else alpha)
+        w.op(OP.LEAKY_RELU, [x], [y], OPT.LeakyReluOptions, o)
+    else:
+        w.op(getattr(OP, op), [x], [y])
+    return w.finish([x], [y])

@@ -210,6 +210,8 @@ def plan_call(node: Node, graph: Graph, qm: QuantModel, inplace: set[str],
         return "no CMSIS-NN kernel (mpq's portable mean / nearest resize)"
     if node.op in ("pad", "slice"):
         return "no CMSIS-NN kernel (a block copy, mpq_copy_block)"
+    if node.op == "activation":
+        return "no CMSIS-NN int8 kernel (portable table lookup, mpq_activation)"
     in_bits = [acts[t].bits for t in node.inputs]
     out_t = node.outputs[0]
     if any(b != 8 for b in in_bits) or acts[out_t].bits != 8:

@@ -59,6 +59,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "sub": ("mpq_elementwise.c", "mpq_support.c"),
     "prelu": ("mpq_elementwise.c", "mpq_support.c"),
     "copy_block": ("mpq_block.c",),
+    "activation": ("mpq_activation.c",),
 }
 
 
@@ -387,6 +388,9 @@ class _Builder:
                 ins = [c, ins[0]] if node.attrs.get("const_first") else [ins[0], c]
             self.layers.append(Layer(i, node.name, node.op, ins, out,
                                      self.elementwise_params(i, node)))
+        elif node.op == "activation":
+            self.layers.append(Layer(i, node.name, "activation", ins, out,
+                                     weight=self.activation_table(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
 
@@ -462,6 +466,13 @@ class _Builder:
                      out_elements=int(np.prod(out_shape)),
                      block_sources=[sources[b.input] for b in blocks])
 
+    def activation_table(self, i: int, node: Node) -> dict[str, Any]:
+        """The layer's 256-entry lookup table as a const array (Flash; `mpq.quant.lut`)."""
+        sym = f"mpq_l{i}_t"
+        self.consts.append(ConstArray(sym, "int8_t",
+                                      [int(v) for v in self.qm.layers[node.name].table]))
+        return {"table": sym}
+
 
 @dataclass
 class StageCall:
@@ -535,7 +546,8 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         out_t = node.outputs[0]
         inputs = list(node.inputs)
         kernel = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
-                  "max_pool": "maxpool", "mul": "mul", "sub": "sub", "prelu": "prelu"}.get(node.op)
+                  "max_pool": "maxpool", "mul": "mul", "sub": "sub", "prelu": "prelu",
+                  "activation": "activation"}.get(node.op)
         if node.op == "concat" or kernel is None:
             raise MpqError(f"export: '{node.op}' in the patch stage is not supported yet")
         geo_node = name
@@ -554,7 +566,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 ov = out_view(out_t, i, j)
                 for q, t in enumerate(inputs):
                     v = in_view(t, name, q, i, j)
-                    if node.op in ("add", "mul", "sub", "prelu"):  # exactly the output's extent
+                    if node.op in ("add", "mul", "sub", "prelu", "activation"):  # output's extent
                         v[2:4] = ov[2:4]
                     row += v
                 if add_node is not None:
@@ -601,6 +613,16 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 params[br] = bb.elementwise_params(idx, node)
                 # a prelu's slopes (the same in both branches) go into the export once
                 b.consts += [a for a in bb.consts if a.symbol not in {x.symbol for x in b.consts}]
+            elif node.op == "activation":  # each branch's table (one when they agree)
+                table = [int(v) for v in m.layers[node.name].table]
+                mixed = next((a for a in b.consts if a.symbol == f"mpq_l{idx}_t"), None)
+                if mixed is not None and mixed.values == table:
+                    quant_syms[br] = mixed.symbol
+                else:
+                    sym = f"mpq_l{idx}_t" if br == "mixed" else f"mpq_l{idx}_{br}_t"
+                    b.consts.append(ConstArray(sym, "int8_t", table))
+                    quant_syms[br] = sym
+                params[br] = {}
             else:
                 a = node.attrs
                 lq = m.layers[node.name]

@@ -75,6 +75,7 @@ class Importer:
     graph_outputs: set[str] = field(default_factory=set)
     notes: Counter = field(default_factory=Counter)
     fold: limits.FoldBudget = field(default_factory=limits.FoldBudget)
+    skip_nodes: set[str] = field(default_factory=set)  # consumed by a fusion ahead of them
 
     def fail(self, message: str) -> MpqError:
         return MpqError(check.show(f"{self.source}: {message}"))
@@ -940,6 +941,51 @@ def _softmax(imp: Importer, node: onnx.NodeProto) -> None:
     imp.values[node.output[0]] = Value(out, x.layout)
 
 
+_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hard_swish",
+                "HardSigmoid": "hard_sigmoid", "LeakyRelu": "leaky_relu"}
+
+
+@handles(*_ACTIVATIONS)
+def _activation(imp: Importer, node: onnx.NodeProto) -> None:
+    """Elementwise activations → one `activation` node (ONNX defaults: LeakyRelu α 0.01,
+    HardSigmoid α 0.2, β 0.5)."""
+    x = imp.value(node.input[0], node)
+    attrs = _attrs(node)
+    function = _ACTIVATIONS[node.op_type]
+    a: dict = {"function": function}
+    if function == "leaky_relu":
+        a["alpha"] = float(np.float32(attrs.get("alpha", 0.01)))
+    elif function == "hard_sigmoid":
+        a["alpha"] = float(np.float32(attrs.get("alpha", 0.2)))
+        a["beta"] = float(np.float32(attrs.get("beta", 0.5)))
+    if any(not math.isfinite(v) for k, v in a.items() if k != "function"):
+        raise imp.fail(f"node '{node.name}' ({node.op_type}): non-finite attribute")
+    mul = _hard_swish_mul(imp, node, a)
+    if mul is not None:  # x · HardSigmoid(x) with α = 1/6, β = 1/2 is HardSwish (torch, opset < 14)
+        a = {"function": "hard_swish"}
+        imp.skip_nodes.add(mul.name)
+        imp.notes["HardSigmoid + Mul fused into HardSwish"] += 1
+    name = node.output[0] if mul is None else mul.output[0]
+    out = imp.new_tensor(name, imp.tensors[x.tensor].shape)
+    imp.nodes.append(Node(name=node.name, op="activation", inputs=[x.tensor], outputs=[out],
+                          attrs=a))
+    imp.values[name] = Value(out, x.layout)
+
+
+def _hard_swish_mul(imp: Importer, node: onnx.NodeProto, attrs: dict) -> onnx.NodeProto | None:
+    """The Mul that makes this HardSigmoid a HardSwish: HardSigmoid(α = 1/6, β = 1/2) whose
+    output only that Mul reads, times the HardSigmoid's own input (torch's export of
+    Hardswish below opset 14); else None."""
+    if attrs["function"] != "hard_sigmoid" or attrs["beta"] != 0.5 \
+            or attrs["alpha"] != float(np.float32(1 / 6)) or not imp.sole_consumer(node.output[0]):
+        return None
+    mul = imp.consumers[node.output[0]][0]
+    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2 \
+            or sorted(mul.input) != sorted([node.input[0], node.output[0]]):
+        return None
+    return mul
+
+
 @handles("Identity", "Dropout")
 def _identity(imp: Importer, node: onnx.NodeProto) -> None:
     imp.values[node.output[0]] = imp.value(node.input[0], node)
@@ -1606,6 +1652,8 @@ def _import_model(model: onnx.ModelProto, source: str) -> Graph:
         raise imp.fail("the graph has no (non-initializer) input")
 
     for node in g.node:
+        if node.name in imp.skip_nodes:
+            continue
         if node.op_type == "Constant":
             imp.fold.charge(node, [], _attrs(node), imp.source)
             imp.consts[node.output[0]] = _constant_node_value(node)

@@ -298,6 +298,8 @@ ATTRIBUTE_RULES: dict[str, dict[str, Rule]] = {
             "value": _float()},
     "Clip": {"min": _float(), "max": _float()},
     "Shape": {"start": _int(), "end": _int()},
+    "LeakyRelu": {"alpha": _float()},
+    "HardSigmoid": {"alpha": _float(), "beta": _float()},
 }
 
 

@@ -261,6 +261,13 @@ class _Writer:
             ins.append(self.init(f"{node.name}/{what}", np.array(v, np.int64)))
         self.add("Slice", ins, list(node.outputs), node.name)
 
+    def activation(self, node: Node) -> None:
+        a = node.attrs
+        op_type = {"sigmoid": "Sigmoid", "tanh": "Tanh", "hard_swish": "HardSwish",
+                   "hard_sigmoid": "HardSigmoid", "leaky_relu": "LeakyRelu"}[a["function"]]
+        extra = {k: float(a[k]) for k in ("alpha", "beta") if k in a}
+        self.add(op_type, list(node.inputs), list(node.outputs), node.name, **extra)
+
     def emit(self, node: Node) -> None:
         dispatch = {
             "conv2d": self.conv2d,
@@ -278,6 +285,7 @@ class _Writer:
             "prelu": self.prelu,
             "pad": self.pad,
             "slice": self.slice_,
+            "activation": self.activation,
         }
         dispatch[node.op](node)
 
@@ -343,7 +351,10 @@ def graph_to_onnx(graph: Graph) -> onnx.ModelProto:
             outputs.append(_value_info(name, nchw))
 
     onnx_graph = helper.make_graph(w.nodes, graph.name, inputs, outputs, initializer=w.inits)
-    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    # HardSwish exists from opset 14 on; other models keep the opset they always had.
+    opset = 14 if any(n.op == "activation" and n.attrs["function"] == "hard_swish"
+                      for n in graph.nodes) else OPSET
+    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="mpq", producer_version=__version__)
     model.ir_version = 8
     helper.set_model_props(model, {NORMALISED_KEY: "1"})

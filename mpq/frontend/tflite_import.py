@@ -10,7 +10,8 @@ convolution weights are already OHWI, so import is mostly a renaming:
   FULLY_CONNECTED (`[Cout, K]`), ADD, AVERAGE_POOL_2D, MAX_POOL_2D, RESHAPE, SOFTMAX and
   CONCATENATION map one-to-one onto IR nodes; fused activations (NONE, RELU, RELU6) become
   `act_min` / `act_max`. MEAN becomes `mean` (plus a reshape without keep_dims),
-  RESIZE_NEAREST_NEIGHBOR and RESIZE_BILINEAR become `resize`.
+  RESIZE_NEAREST_NEIGHBOR and RESIZE_BILINEAR become `resize`. LOGISTIC, TANH, HARD_SWISH and
+  LEAKY_RELU (α from its options) become `activation` nodes (`mpq.quant.lut`).
 - SAME/VALID padding becomes explicit `(top, left, bottom, right)` exactly as TFLite computes
   it (`tensorflow/lite/kernels/padding.h`): out = ceil(in / stride) for SAME,
   total = max((out − 1)·stride + (k − 1)·dilation + 1 − in, 0), before = total // 2 and
@@ -74,6 +75,7 @@ SUPPORTED_OPS = (
     "MEAN", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR",
     "MUL", "SUB", "PRELU",
     "PADV2", "SLICE", "STRIDED_SLICE", "SPLIT", "SPLIT_V",
+    "LOGISTIC", "TANH", "HARD_SWISH", "LEAKY_RELU",
 )
 
 # TensorType code → (name, numpy dtype); codes from the TFLite schema.
@@ -674,6 +676,30 @@ def _softmax(imp: _Importer, i: int, op: Any) -> None:
     out = imp.new_tensor(outs[0])
     imp.nodes.append(Node(name=imp.node_name(i), op="softmax", inputs=[x], outputs=[out],
                           attrs={"axis": len(shape) - 1}))
+
+
+_UNARY = {"LOGISTIC": "sigmoid", "TANH": "tanh", "HARD_SWISH": "hard_swish",
+          "LEAKY_RELU": "leaky_relu"}
+
+
+def _unary(imp: _Importer, i: int, op: Any) -> None:
+    """LOGISTIC, TANH, HARD_SWISH, LEAKY_RELU (α from its options) → one `activation` node."""
+    ins, outs = imp.inputs(op), imp.outputs(op)
+    if len(ins) != 1 or len(outs) != 1:
+        raise imp.fail(f"{imp.where(i)}: expected one input and one output")
+    function = _UNARY[imp.op_name(op)]
+    attrs: dict[str, Any] = {"function": function}
+    if function == "leaky_relu":
+        opts = _options(imp, op, "LeakyReluOptionsT")
+        attrs["alpha"] = float(np.float32(opts.alpha))
+        if not math.isfinite(attrs["alpha"]):
+            raise imp.fail(f"{imp.where(i)}: alpha {attrs['alpha']} is not finite")
+    x = imp.value(ins[0], i)
+    shape = imp.tensors[x].shape
+    imp.check_output(i, outs[0], shape)
+    out = imp.new_tensor(outs[0])
+    imp.nodes.append(Node(name=imp.node_name(i), op="activation", inputs=[x], outputs=[out],
+                          attrs=attrs))
 
 
 def _concat(imp: _Importer, i: int, op: Any) -> None:
@@ -1334,6 +1360,10 @@ _HANDLERS: dict[str, Any] = {
     "STRIDED_SLICE": _strided_slice,
     "SPLIT": _split,
     "SPLIT_V": _split,
+    "LOGISTIC": _unary,
+    "TANH": _unary,
+    "HARD_SWISH": _unary,
+    "LEAKY_RELU": _unary,
 }
 
 

@@ -13,7 +13,13 @@ from mpq.errors import MpqError
 from mpq.frontend import load_model
 from mpq.ir import Graph
 from mpq.quant.calibrate import CalibrationStats, activation_range
-from mpq.quant.qmodel import ActQuant, QuantModel, quant_model_from_parameters, quantize_graph
+from mpq.quant.qmodel import (
+    ActQuant,
+    QuantModel,
+    fixed_output_quant,
+    quant_model_from_parameters,
+    quantize_graph,
+)
 
 
 @dataclass
@@ -42,8 +48,9 @@ def load_for_quantisation(path: str | Path) -> LoadedModel:
 
 def uniform_act_bits(graph: Graph, bits: int) -> dict[str, int]:
     """Every activation at `bits`, except the graph input (the sensor's 8-bit data) and the
-    softmax output (fixed at 8 bits, 1/256)."""
+    softmax, sigmoid and tanh outputs (fixed at 8 bits by TFLM)."""
     softmax_out = {n.outputs[0] for n in graph.nodes if n.op == "softmax"}
+    softmax_out |= {n.outputs[0] for n in graph.nodes if fixed_output_quant(n) is not None}
     return {t: (8 if t in graph.inputs or t in softmax_out else bits) for t in graph.tensors}
 
 

@@ -50,6 +50,7 @@ class LayerQuant:
     act_max: int = 127
     extra: dict[str, int] = field(default_factory=dict)  # add / softmax constants
     const: np.ndarray | None = None  # prelu slopes / mul, sub constant: int8 (zp in extra)
+    table: np.ndarray | None = None  # activation: 256 int8 output codes (`mpq.quant.lut`)
 
 
 @dataclass
@@ -116,6 +117,8 @@ def layer_params(node: Node, acts: dict[str, ActQuant], weight: np.ndarray | Non
         lq.extra = mean_extra(node, acts)
     elif node.op in ("mul", "sub", "prelu"):
         _binary_params(node, acts, lq)
+    elif node.op == "activation":
+        lq.table = activation_layer_table(node, acts)
     return lq
 
 
@@ -167,6 +170,29 @@ def quantize_constant(c: np.ndarray) -> tuple[np.ndarray, float, int]:
     return q.astype(np.int64), scale, zp
 
 
+def activation_layer_table(node: Node, acts: dict[str, ActQuant]) -> np.ndarray:
+    """The lookup table of an activation layer from its tensors' quantisation (`mpq.quant.lut`;
+    sigmoid and tanh outputs must carry TFLM's fixed quantisation)."""
+    from mpq.quant.lut import activation_table
+
+    src, out = acts[node.inputs[0]], acts[node.outputs[0]]
+    return activation_table(node.name, node.attrs["function"], node.attrs, src.scale,
+                            src.zero_point, out.scale, out.zero_point, out.bits)
+
+
+def fixed_output_quant(node: Node) -> ActQuant | None:
+    """The output quantisation an op fixes whatever the data: softmax 1/256, −128; sigmoid
+    1/256, −128 and tanh 1/128, 0 (TFLM int8; `mpq.quant.lut.FIXED_OUTPUT`); else None."""
+    from mpq.quant.lut import FIXED_OUTPUT
+
+    if node.op == "softmax":
+        return softmax_output_quant()
+    if node.op == "activation" and node.attrs["function"] in FIXED_OUTPUT:
+        scale, zp = FIXED_OUTPUT[node.attrs["function"]]
+        return ActQuant(scale, zp, 8)
+    return None
+
+
 def softmax_output_quant() -> ActQuant:
     """The fixed output quantisation of int8 softmax (TFLM softmax_common.cc)."""
     return ActQuant(float(np.float32(1 / 256)), -128, 8)
@@ -196,15 +222,20 @@ def activation_quant(graph: Graph, ranges: dict[str, tuple[float, float]],
     rules: concat shares the union range — through views too —, pool/reshape/pad/slice
     outputs inherit, softmax is fixed)."""
     act_bits = act_bits or {}
+    ranges = dict(ranges)
+    widen_hard_swish_ranges(graph, ranges, act_bits)
     acts: dict[str, ActQuant] = {}
     producer = graph.producer()
     for group in shared_quant_groups(graph):
         # One (scale, zp) per group: the union of its members' ranges (a concat's inputs
-        # through any chain of views); a softmax output fixes it. A view's output holds a
-        # subset of its input's values (plus real 0 for pad, always representable), so only
-        # tensors not written by a SAME_AS_INPUT op count — as before, a pool inherits.
-        if any(t in producer and producer[t].op == "softmax" for t in group):
-            q = softmax_output_quant()
+        # through any chain of views); an op with a fixed output (softmax, sigmoid, tanh)
+        # fixes it. A view's output holds a subset of its input's values (plus real 0 for
+        # pad, always representable), so only tensors not written by a SAME_AS_INPUT op
+        # count — as before, a pool inherits.
+        fixed = next((fixed_output_quant(producer[t]) for t in group if t in producer
+                      and fixed_output_quant(producer[t]) is not None), None)
+        if fixed is not None:
+            q = fixed
         else:
             sources = [t for t in group
                        if not (t in producer and producer[t].op in SAME_AS_INPUT)]
@@ -245,6 +276,24 @@ def shared_quant_groups(graph: Graph) -> list[list[str]]:
     for t in graph.tensors:
         groups.setdefault(find(t), []).append(t)
     return sorted(groups.values(), key=lambda g: order[g[0]])
+
+
+def widen_hard_swish_ranges(graph: Graph, ranges: dict[str, tuple[float, float]],
+                            act_bits: dict[str, int]) -> None:
+    """Widen (upwards, in place) a HardSwish output range too narrow for TFLM's int8 kernel,
+    which needs s_out > s_in/128 (its output multiplier's exponent ≤ 0; hard_swish_common.cc):
+    an input almost all negative has a tiny output range. The margin (1 %) keeps the float32
+    quotient clear of the boundary."""
+    for node in graph.nodes:
+        if node.op != "activation" or node.attrs["function"] != "hard_swish":
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        s_in, _ = arith.choose_activation_params(*ranges[x], act_bits.get(x, 8))
+        lo, hi = min(float(ranges[y][0]), 0.0), max(float(ranges[y][1]), 0.0)
+        steps = (1 << act_bits.get(y, 8)) - 1
+        need = 1.01 * s_in / 128
+        if (hi - lo) / steps < need:
+            ranges[y] = (lo, lo + need * steps)
 
 
 def weighted_layer(node: Node, acts: dict[str, ActQuant],

@@ -36,8 +36,14 @@ from mpq.quant.calibrate import (
     dataset_from_array,
     onnx_input_shape,
 )
+from mpq.quant.lut import tables_flash
 from mpq.quant.ptq import PtqOptions, apply_ptq
-from mpq.quant.qmodel import QuantModel, quantize_graph, shared_quant_groups
+from mpq.quant.qmodel import (
+    QuantModel,
+    fixed_output_quant,
+    quantize_graph,
+    shared_quant_groups,
+)
 from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
 from mpq.search.importance import ImportanceTable, solve_importance, total_importance
 from mpq.search.measured import Measured, initial, plan_fidelity, refine, rescore
@@ -184,10 +190,13 @@ def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None,
 
 
 def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
-    """Tensors held at 8 bits whatever the search: inputs, outputs, softmax outputs and the
+    """Tensors held at 8 bits whatever the search: inputs, outputs, softmax, sigmoid and tanh
+    outputs and the
     map VDPC classifies (both branches must read the same values)."""
     fixed = set(graph.inputs) | set(graph.outputs)
     fixed |= {n.outputs[0] for n in graph.nodes if n.op == "softmax"}
+    # Sigmoid and tanh outputs too: TFLM fixes them at 8 bits, 1/256 and 1/128 (mpq.quant.lut).
+    fixed |= {n.outputs[0] for n in graph.nodes if fixed_output_quant(n) is not None}
     if classified:
         fixed.add(classified)
     return fixed
@@ -290,7 +299,7 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
     weighted = [n for n in graph.nodes if n.weight is not None]
     w_options = weight_options(graph, opts, flash_budget)
     scheme = opts.weight_scheme or "linear"
-    flash_fixed = 0
+    flash_fixed = tables_flash(graph)  # activation lookup tables (mpq.quant.lut)
     total_params = max(sum(n.weight.size for n in weighted), 1)
     for n in weighted:
         if len(w_options) == 1:
@@ -586,7 +595,7 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     w_options = weight_options(graph, opts, flash_total - code)
     w_floor = max(w_options) if opts.strategy == "int8" else min(w_options)
     scheme = opts.weight_scheme or "linear"
-    flash = code + weights_flash(graph, w_floor, scheme)
+    flash = code + weights_flash(graph, w_floor, scheme) + tables_flash(graph)
     if flash > flash_total:
         raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights (code "
                           f"estimate {code:,} B included); budget is {flash_total:,} B"

@@ -66,6 +66,7 @@ from mpq.interpreter import pad_nhwc, run_graph, to_ir_layout, windows
 from mpq.ir import Graph, Node, node_macs
 from mpq.patch import PatchSchedule
 from mpq.quant.calibrate import CalibrationStats, Dataset
+from mpq.quant.qmodel import fixed_output_quant
 from mpq.search.solvers import BitopsBudget, BitopsTerm, Group, Problem, Solution, solve_exact
 
 ALPHA = 2.0  # LIMPQ's weight/activation balance α (search-anchors §2.5)
@@ -511,6 +512,7 @@ def total_importance(table: ImportanceTable, graph: Graph, problem: Problem,
     owned = {t for g in problem.groups for t in g.tensors}
     always = set(graph.inputs) | set(graph.outputs) \
         | {n.outputs[0] for n in graph.nodes if n.op == "softmax"}
+    always |= {n.outputs[0] for n in graph.nodes if fixed_output_quant(n) is not None}
     total = sum(g.omega[choice[g.name]] for g in problem.groups)
     for node in graph.nodes:
         t = node.inputs[0] if node.inputs else None
