@@ -828,7 +828,13 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
         verdict = "[green]0 mismatches[/green]" if result.mismatches == 0 else \
             f"[red]{result.mismatches} mismatched bytes[/red]"
         where = target if backend == "portable" else f"{target} with {backend}"
-        out.print(f"{plain(plan_path)} on {where}: {result.samples} samples, {verdict}")
+        out.print(f"{plain(plan_path)} on {where}: {result.samples} samples, {verdict}"
+                  + (f" over all {len(result.outputs)} outputs" if len(result.outputs) > 1
+                     else ""))
+        if len(result.outputs) > 1:
+            for o in result.outputs:
+                out.print(f"  output '{plain(o['name'])}': {o['bytes']:,} bytes, "
+                          f"{o['mismatches']} mismatched")
         if result.instructions is not None:
             out.print(f"  {result.instructions:,} instructions per inference; Flash "
                       f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")
