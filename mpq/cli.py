@@ -436,7 +436,8 @@ def calibrate(model: Path, data: Path, output: Path, batch_size: int, bins: int,
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
               help=".npy of float inputs in the model's input layout (one sample or a batch).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Write the integer outputs (int8 values) to this .npy.")
+              help="Write the integer outputs (int8 values): a .npy for a one-output model, "
+                   "a .npz with one array per output name (every output) otherwise.")
 @click.option("--bits", type=click.Choice(["8", "4", "2"]), default="8", show_default=True,
               help="Uniform activation bits (weights stay 8-bit).")
 @click.option("--data", type=click.Path(path_type=Path),
@@ -454,42 +455,85 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 
     A plan (.json) runs exactly as its firmware will; an int8 .tflite runs with its own
     quantisation; an ONNX model is quantised with calibration data (--data or --stats) at the
-    given activation bits.
+    given activation bits. Every output of the model is computed, printed and written.
     """
     import numpy as np
 
-    from mpq.evaluate import quant_outputs
+    from mpq.evaluate import quant_output_dict
     from mpq.fileio import check_outputs, write_atomic
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
-    from mpq.sim import dequantize
 
     check_outputs([output], [model, plan_model, input_path, data, stats])
     if model.suffix.lower() == ".json":
         from mpq.plan import load_plan_with_model
 
         plan, _, graph = load_plan_with_model(model, plan_model)
+        _check_run_output(output, graph.outputs)
         ds = load_dataset(input_path, graph)
         runner = _plan_runner(plan, graph, engine)
-        ys = np.concatenate([runner.outputs(batch) for batch in ds.batches(256)])
-        oq = runner.mixed.output_quant()
+        parts = [runner.output_dict(batch) for batch in ds.batches(256)]
+        acts = runner.mixed.acts
     else:
         _plan_only_engine(engine)
         loaded = load_for_quantisation(model)
-        ds = load_dataset(input_path, loaded.graph)
+        graph = loaded.graph
+        _check_run_output(output, graph.outputs)
+        ds = load_dataset(input_path, graph)
         if loaded.own_quant is not None and bits == "8" and data is None and stats is None:
             qm = loaded.own_quant
         else:
-            qm = quantise(loaded.graph, _stats_for(loaded.graph, data, stats, quiet,
-                                                   "mpq run"), int(bits), method)
-        ys = np.concatenate([quant_outputs(qm, batch) for batch in ds.batches(256)])
-        oq = qm.output_quant()
+            qm = quantise(graph, _stats_for(graph, data, stats, quiet, "mpq run"), int(bits),
+                          method)
+        parts = [quant_output_dict(qm, batch) for batch in ds.batches(256)]
+        acts = qm.acts
+    ys = {name: np.concatenate([p[name] for p in parts]).astype(np.int8)
+          for name in graph.outputs}
     if output is not None:
-        import io
+        write_atomic(output, _run_output_bytes(output, ys))
+    for name, y in ys.items():
+        _print_run_output(name if len(ys) > 1 else None, y, acts[name])
+    if output is not None:
+        out.print(f"written to {plain(output)}" + (f" ({len(ys)} outputs by name)"
+                                                    if output.suffix.lower() == ".npz" else ""))
 
-        buf = io.BytesIO()
-        np.save(buf, ys.astype(np.int8))
-        write_atomic(output, buf.getvalue())
+
+def _check_run_output(output: Path | None, names: list[str]) -> None:
+    """`mpq run -o`: a .npy holds one array, so a model with several outputs needs a .npz
+    (checked before anything runs: an error leaves nothing half-written)."""
+    if output is not None and len(names) > 1 and output.suffix.lower() != ".npz":
+        raise MpqError(f"-o {output.name}: the model has {len(names)} outputs "
+                       f"({', '.join(names)}); name a .npz, which holds one int8 array per "
+                       "output name")
+
+
+def _run_output_bytes(output: Path, ys: dict[str, Any]) -> bytes:
+    """The file `mpq run -o` writes: the one output as a .npy, or a .npz with one int8 array
+    per output name (`np.load(f)[name]`), deterministic (zip entries carry no timestamps)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    if output.suffix.lower() != ".npz":
+        (y,) = ys.values()
+        np.save(buf, y)
+        return buf.getvalue()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, y in ys.items():
+            with z.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(y), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _print_run_output(name: str | None, ys: Any, oq: Any) -> None:
+    """The first samples of one output (top-1 class and leading integers) and its
+    quantisation; `name` heads the lines when the model has several outputs."""
+    from mpq.sim import dequantize
+
+    if name is not None:
+        out.print(f"output '{plain(name)}': {list(ys.shape)}")
     real = dequantize(oq, ys)
     flat = ys.reshape(len(ys), -1)
     for i in range(min(len(ys), 8)):
@@ -497,7 +541,7 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
         out.print(f"sample {i}: top-1 {top}  int {flat[i][:12].tolist()}"
                   f"{' …' if flat.shape[1] > 12 else ''}")
     out.print(f"{len(ys)} samples; output scale {oq.scale:.6g}, zero point {oq.zero_point}, "
-              f"{oq.bits} bits" + (f"; written to {plain(output)}" if output else ""))
+              f"{oq.bits} bits")
 
 
 # -- eval ---------------------------------------------------------------------------------------
@@ -530,6 +574,10 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
               help="Whether the outputs are class scores (top-1 accuracy and agreement). auto: "
                    "an output made by Softmax, or a vector of C values with 2 <= C < the "
                    "input's size (an autoencoder's reconstruction is not a classifier).")
+@click.option("--output", "label_out", metavar="NAME",
+              help="With several outputs: the one the labels y belong to, scored for top-1 "
+                   "accuracy (default: the first classifier output). Fidelity to the float "
+                   "model is reported for every output either way.")
 @ENGINE
 @ptq_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -537,8 +585,8 @@ def run(model: Path, plan_model: Path | None, input_path: Path, output: Path | N
 @user_errors
 def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
           stats: Path | None, act_bits: str, method: str, weights_spec: str | None,
-          act_quant: str, task: str, engine: str, bias_correction: bool, adaround: bool,
-          as_json: bool, quiet: bool) -> None:
+          act_quant: str, task: str, label_out: str | None, engine: str,
+          bias_correction: bool, adaround: bool, as_json: bool, quiet: bool) -> None:
     """Top-1 accuracy of the float model and of the integer reference, side by side, and how
     close each quantised model's outputs are to the float model's: top-1 agreement
     (classifiers), cosine similarity and SQNR in dB, per output — with or without labels.
@@ -546,7 +594,13 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     Given a plan (.json), also the plan's own mixed-precision model (with VDPC's per-patch
     branches) beside the float model and the all-int8 model at the plan's ranges.
     """
-    from mpq.evaluate import LogActivations, output_tasks, quant_variant, usable_labels
+    from mpq.evaluate import (
+        LogActivations,
+        label_output,
+        output_tasks,
+        quant_variant,
+        usable_labels,
+    )
     from mpq.quant.calibrate import load_dataset
     from mpq.quant.pipeline import load_for_quantisation, quantise
     from mpq.quant.ptq import PtqOptions, apply_ptq
@@ -558,7 +612,7 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
             raise MpqError("a plan carries its own weight schemes, biases and linear "
                            "activations; --weights, --act-quant, --bias-correction and "
                            "--adaround apply to a model")
-        _eval_plan(model, plan_model, data, task, as_json, quiet, engine)
+        _eval_plan(model, plan_model, data, task, as_json, quiet, engine, label_out)
         return
     _plan_only_engine(engine)
     spec = parse_weights(weights_spec) if weights_spec is not None else None
@@ -579,7 +633,8 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
     loaded = load_for_quantisation(model)
     ds = load_dataset(data, loaded.graph)
     classifier = output_tasks(loaded.graph, task)
-    labels = usable_labels(ds, loaded.graph, classifier)
+    scored = label_output(loaded.graph, classifier, label_out)
+    labels = usable_labels(ds, loaded.graph, classifier, scored)
     variants: dict[str, Any] = {}
     stats_obj = None
     log_acts = None
@@ -603,28 +658,35 @@ def eval_(model: Path, plan_model: Path | None, data: Path, calib: Path | None,
             variants[f"log{b}"] = log_acts.variant(qm, b)
     weights = f", weights {spec.label}" if spec is not None else ""
     _run_eval(model, loaded.graph, ds, variants, classifier, labels, as_json, quiet,
-              {"weights": spec.label} if spec is not None else {}, weights)
+              {"weights": spec.label} if spec is not None else {}, weights, output=scored)
 
 
 def _run_eval(model_path: Path, graph: Any, ds: Any, variants: dict[str, Any],
               classifier: dict[str, bool], labels: Any, as_json: bool, quiet: bool,
-              extra: dict[str, Any], subtitle: str = "", name: Path | None = None) -> None:
+              extra: dict[str, Any], subtitle: str = "", name: Path | None = None,
+              output: str | None = None) -> None:
     """Measure (`mpq.evaluate.evaluate`), then print: nothing reaches stdout before every
-    number is in, so a failure mid-way leaves no half-written table or JSON."""
+    number is in, so a failure mid-way leaves no half-written table or JSON. Accuracy is
+    scored on `output` (default the first), fidelity on every output."""
     from mpq.evaluate import evaluate
 
+    output = output if output is not None else graph.outputs[0]
     ev = evaluate(model_path, graph, ds, variants, classifier, labels,
-                  lambda what, n: progress_bar(what, n, quiet))
+                  lambda what, n: progress_bar(what, n, quiet), output)
     if ds.y is not None and labels is None:  # after the run: an error stays the only line
-        err.print(f"note: {plain(ds.path)}: y ignored; output '{plain(graph.outputs[0])}' is "
+        err.print(f"note: {plain(ds.path)}: y ignored; output '{plain(output)}' is "
                   "not a classifier (--task classify scores top-1 accuracy)", soft_wrap=True)
+    elif labels is not None and len(graph.outputs) > 1 and not quiet:
+        err.print(f"note: top-1 accuracy is scored on output '{plain(output)}' (the labels "
+                  "fit one output; --output NAME picks another)", soft_wrap=True)
     if as_json:
         click.echo(json.dumps({**ev.as_json(), **extra}, indent=2, sort_keys=True))
         return
     title = plain((name or model_path).name)
     if ev.accuracy:
-        _print_accuracies(f"{title}: top-1 accuracy on {ev.samples} samples{plain(subtitle)}",
-                          ev.accuracy)
+        which = f" of output '{plain(output)}'" if len(graph.outputs) > 1 else ""
+        _print_accuracies(f"{title}: top-1 accuracy{which} on {ev.samples} samples"
+                          f"{plain(subtitle)}", ev.accuracy)
     for output, per_model in ev.fidelity.items():
         _print_fidelity(f"{title}: output '{plain(output)}' against the float model on "
                         f"{ev.samples} samples{plain(subtitle)}", per_model,
@@ -658,8 +720,9 @@ def _print_fidelity(title: str, per_model: dict[str, dict[str, Any]], classifier
 
 
 def _eval_plan(plan_path: Path, model: Path | None, data: Path, task: str, as_json: bool,
-               quiet: bool, engine: str = "auto") -> None:
+               quiet: bool, engine: str = "auto", label_out: str | None = None) -> None:
     from mpq.evaluate import (
+        label_output,
         output_tasks,
         plan_int8_ranges,
         quant_variant,
@@ -672,12 +735,13 @@ def _eval_plan(plan_path: Path, model: Path | None, data: Path, task: str, as_js
     plan, model_path, graph = load_plan_with_model(plan_path, model)
     ds = load_dataset(data, graph)
     classifier = output_tasks(graph, task)
-    labels = usable_labels(ds, graph, classifier)
+    scored = label_output(graph, classifier, label_out)
+    labels = usable_labels(ds, graph, classifier, scored)
     runner = _plan_runner(plan, graph, engine)  # compiled first: a build error stops early
     variants = {"int8": quant_variant(quantize_graph(graph, plan_int8_ranges(plan))),
                 "plan": runner.real_outputs}
     _run_eval(model_path, graph, ds, variants, classifier, labels, as_json, quiet, {},
-              name=plan_path)
+              name=plan_path, output=scored)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -828,7 +892,13 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
         verdict = "[green]0 mismatches[/green]" if result.mismatches == 0 else \
             f"[red]{result.mismatches} mismatched bytes[/red]"
         where = target if backend == "portable" else f"{target} with {backend}"
-        out.print(f"{plain(plan_path)} on {where}: {result.samples} samples, {verdict}")
+        out.print(f"{plain(plan_path)} on {where}: {result.samples} samples, {verdict}"
+                  + (f" over all {len(result.outputs)} outputs" if len(result.outputs) > 1
+                     else ""))
+        if len(result.outputs) > 1:
+            for o in result.outputs:
+                out.print(f"  output '{plain(o['name'])}': {o['bytes']:,} bytes, "
+                          f"{o['mismatches']} mismatched")
         if result.instructions is not None:
             out.print(f"  {result.instructions:,} instructions per inference; Flash "
                       f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")

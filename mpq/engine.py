@@ -83,36 +83,40 @@ class CPlanRunner(PlanRunner):
 
     def __init__(self, plan, graph: Graph, cc: str) -> None:
         super().__init__(plan, graph)
-        x, y = graph.inputs[0], graph.outputs[0]
+        x = graph.inputs[0]
         self._in_shape = tuple(graph.tensors[x].shape[1:])
-        self._out_shape = tuple(graph.tensors[y].shape[1:])
+        self._out_shapes = {y: tuple(graph.tensors[y].shape[1:]) for y in graph.outputs}
         self._lib = _compile(plan, graph, cc)
         self._run = self._lib.mpq_model_run
         self._run.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
         self._run.restype = ctypes.c_int
 
     def int_output_dict(self, x_ir: np.ndarray) -> dict[str, np.ndarray]:
-        """The compiled model's output (the export's one output) for a batch of integer
-        inputs in the IR layout: what `PlanRunner.output_dict` reads."""
-        return {self.graph.outputs[0]: self.int_outputs(x_ir)}
-
-    def int_outputs(self, x_ir: np.ndarray) -> np.ndarray:
-        """Integer outputs (int64, as the reference's) for a batch of int8 inputs in the IR
-        layout: one `mpq_model_run` per sample."""
+        """The compiled model's outputs — every graph output, int64 as the reference's, in the
+        IR layout — for a batch of int8 inputs in the IR layout: one `mpq_model_run` per
+        sample, `outputs[k]` pointing into output k's batch array."""
         x = np.ascontiguousarray(x_ir, dtype=np.int8)
         n = len(x)
         if x.shape[1:] != self._in_shape:
             raise MpqError(f"--engine c: input batch of shape {list(x.shape)}, the model "
                            f"takes {[n, *self._in_shape]}")
-        out = np.empty((n, *self._out_shape), np.int8)
-        step_in, step_out = x[0].nbytes if n else 0, out[0].nbytes if n else 0
-        base_in, base_out = x.ctypes.data, out.ctypes.data
+        outs = {y: np.empty((n, *shape), np.int8) for y, shape in self._out_shapes.items()}
+        arrays = list(outs.values())
+        pointers = (ctypes.c_void_p * len(arrays))()
+        step_in = x[0].nbytes if n else 0
         for i in range(n):
-            rc = self._run(base_in + i * step_in, base_out + i * step_out)
+            for k, a in enumerate(arrays):
+                pointers[k] = a.ctypes.data + i * a[0].nbytes
+            rc = self._run(x.ctypes.data + i * step_in, pointers)
             if rc != 0:
                 raise MpqError(f"--engine c: the exported model failed on sample {i} "
                                f"(mpq_model_run returned {rc})")
-        return out.astype(np.int64)
+        return {y: a.astype(np.int64) for y, a in outs.items()}
+
+    def int_outputs(self, x_ir: np.ndarray) -> np.ndarray:
+        """Integer first output (int64, as the reference's) for a batch of int8 inputs in the
+        IR layout (`int_output_dict` has every output)."""
+        return self.int_output_dict(x_ir)[self.graph.outputs[0]]
 
 
 def _cache_dir() -> Path | None:

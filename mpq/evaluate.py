@@ -147,13 +147,14 @@ def quant_predictions(qm: QuantModel, data: Dataset, batch_size: int = 64,
 
 def compare_with_float(variant: Variant, data: Dataset, ref: Outputs,
                        classifier: dict[str, bool], batch_size: int = 64,
-                       progress: Progress | None = None
+                       progress: Progress | None = None, label_output: str | None = None
                        ) -> tuple[np.ndarray, dict[str, FidelitySums]]:
-    """One pass of a quantised model over the data set: the top-1 class per sample of the
-    first output, and the fidelity sums (`mpq.fidelity.FidelitySums`) of every output it
-    gives against the float reference `ref` (`float_outputs` of the same data). The argmax of
-    the dequantised output is the integer output's: dequantisation is increasing."""
-    first = next(iter(ref))
+    """One pass of a quantised model over the data set: the top-1 class per sample of
+    `label_output` (default: the first output), and the fidelity sums
+    (`mpq.fidelity.FidelitySums`) of every output it gives against the float reference `ref`
+    (`float_outputs` of the same data). The argmax of the dequantised output is the integer
+    output's: dequantisation is increasing."""
+    first = label_output if label_output is not None else next(iter(ref))
     sums: dict[str, FidelitySums] = {}
     preds, done = [], 0
     for batch in data.batches(batch_size):
@@ -168,13 +169,14 @@ def compare_with_float(variant: Variant, data: Dataset, ref: Outputs,
     return np.concatenate(preds), sums
 
 
-def output_classes(graph: Graph) -> int:
+def output_classes(graph: Graph, output: str | None = None) -> int:
     """Number of classes a top-1 prediction ranges over: the per-sample size of the output
-    (predictions are the argmax of the flattened output)."""
-    return int(np.prod(graph.tensors[graph.outputs[0]].shape[1:], dtype=np.int64))
+    (default the first; predictions are the argmax of the flattened output)."""
+    name = output if output is not None else graph.outputs[0]
+    return int(np.prod(graph.tensors[name].shape[1:], dtype=np.int64))
 
 
-def eval_labels(ds: Dataset, graph: Graph) -> np.ndarray:
+def eval_labels(ds: Dataset, graph: Graph, output: str | None = None) -> np.ndarray:
     """The labels of a test set as int64 class indices, or MpqError naming the first bad one.
 
     `y` holds one class index per sample (shape [N] or [N, 1]; integers, or floats with
@@ -186,7 +188,7 @@ def eval_labels(ds: Dataset, graph: Graph) -> np.ndarray:
     where = f"{ds.path}: labels 'y'"
     if ds.y is None:
         raise MpqError(f"{ds.path}: evaluation needs labels (y in the .npz)")
-    y, n, classes = np.asarray(ds.y), len(ds), output_classes(graph)
+    y, n, classes = np.asarray(ds.y), len(ds), output_classes(graph, output)
     if y.dtype.kind not in "iuf":
         raise MpqError(f"{where} have dtype {y.dtype}; they must be integer class indices")
     if y.ndim == 2 and y.shape == (n, classes) and classes > 1:
@@ -229,13 +231,28 @@ def output_tasks(graph: Graph, task: str = "auto") -> dict[str, bool]:
     return {name: is_classifier(graph, name, task) for name in graph.outputs}
 
 
-def usable_labels(ds: Dataset, graph: Graph, classifier: dict[str, bool]) -> np.ndarray | None:
+def label_output(graph: Graph, classifier: dict[str, bool], chosen: str | None = None) -> str:
+    """The output top-1 accuracy against labels is scored on: `chosen` (`mpq eval --output`;
+    MpqError when the graph has no such output), else the first output that is a classifier's,
+    else the first output. Labels name one class per sample, so they fit one output only."""
+    if chosen is not None:
+        if chosen not in graph.outputs:
+            raise MpqError(f"--output '{chosen}': the model has no such output (its outputs: "
+                           f"{', '.join(graph.outputs)})")
+        return chosen
+    return next((o for o in graph.outputs if classifier[o]), graph.outputs[0])
+
+
+def usable_labels(ds: Dataset, graph: Graph, classifier: dict[str, bool],
+                  output: str | None = None) -> np.ndarray | None:
     """The test set's labels as class indices (`eval_labels`) when it has labels and the
-    first output is a classifier's; None otherwise — top-1 accuracy of an autoencoder's or a
-    regression's output against labels would be a number that means nothing."""
-    if ds.y is None or not classifier[graph.outputs[0]]:
+    labelled `output` (default the first) is a classifier's; None otherwise — top-1 accuracy
+    of an autoencoder's or a regression's output against labels would be a number that means
+    nothing."""
+    name = output if output is not None else graph.outputs[0]
+    if ds.y is None or not classifier[name]:
         return None
-    return eval_labels(ds, graph)
+    return eval_labels(ds, graph, name)
 
 
 @dataclass
@@ -248,13 +265,15 @@ class Evaluation:
     classifier: dict[str, bool]
     accuracy: dict[str, float] = field(default_factory=dict)
     fidelity: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    label_output: str | None = None  # the output the accuracies are scored on
 
     def as_json(self) -> dict[str, Any]:
         """The `mpq eval --json` object: `samples`, the accuracies by model name at the top
         (as before fidelity was added), `classifier` and `fidelity` by output name. SQNR is
         null with `exact: true` when the outputs are identical (JSON has no infinity)."""
+        extra = {"label_output": self.label_output} if self.accuracy else {}
         return {"samples": self.samples, **self.accuracy, "classifier": self.classifier,
-                "fidelity": self.fidelity}
+                "fidelity": self.fidelity, **extra}
 
 
 ProgressBar = Callable[[str, int], AbstractContextManager[Progress]]
@@ -262,20 +281,23 @@ ProgressBar = Callable[[str, int], AbstractContextManager[Progress]]
 
 def evaluate(model_path: Path, graph: Graph, data: Dataset, variants: dict[str, Variant],
              classifier: dict[str, bool], labels: np.ndarray | None,
-             bar: ProgressBar | None = None) -> Evaluation:
+             bar: ProgressBar | None = None, output: str | None = None) -> Evaluation:
     """The float model once (`float_outputs`), then each quantised variant in one pass
-    (`compare_with_float`): accuracies when `labels` are given, fidelity to float always."""
+    (`compare_with_float`): accuracies of `output` (default the first) when `labels` are
+    given, fidelity to float of every output always."""
+    output = output if output is not None else graph.outputs[0]
     def phase(name: str) -> AbstractContextManager[Progress | None]:
         return bar(name, len(data)) if bar is not None else nullcontext(None)
 
-    ev = Evaluation(len(data), dict(classifier))
+    ev = Evaluation(len(data), dict(classifier), label_output=output)
     with phase("float") as advance:
         ref = float_outputs(model_path, graph, data, progress=advance)
     if labels is not None:
-        ev.accuracy["float"] = accuracy(top1(ref[graph.outputs[0]]), labels)
+        ev.accuracy["float"] = accuracy(top1(ref[output]), labels)
     for key, variant in variants.items():
         with phase(key) as advance:
-            preds, sums = compare_with_float(variant, data, ref, classifier, progress=advance)
+            preds, sums = compare_with_float(variant, data, ref, classifier, progress=advance,
+                                             label_output=output)
         if labels is not None:
             ev.accuracy[key] = accuracy(preds, labels)
         for name, s in sums.items():
@@ -396,9 +418,9 @@ class LogActivations:
         return np.concatenate(preds)
 
     def variant(self, qm: QuantModel, bits: int) -> Variant:
-        """The first output with every activation at `bits` log levels, as a `Variant` (the
-        log levels are fake quantisation: the output is real-valued already)."""
-        from mpq.quant.logquant import choose_log_levels, run_log_quantised
+        """Every output with every activation at `bits` log levels, as a `Variant` (the log
+        levels are fake quantisation: the outputs are real-valued already)."""
+        from mpq.quant.logquant import choose_log_levels, run_log_quantised_outputs
 
         g = self.graph
         name = g.inputs[0]
@@ -413,7 +435,8 @@ class LogActivations:
             return dequantize(inq, quantize_input(inq, x)).astype(np.float32)
 
         def run(batch: np.ndarray) -> Outputs:
-            y = run_log_quantised(g, quantizers, weights, to_ir_layout(g, name, batch), input_fq)
-            return {g.outputs[0]: from_ir_layout(g, g.outputs[0], y)}
+            ys = run_log_quantised_outputs(g, quantizers, weights, to_ir_layout(g, name, batch),
+                                           input_fq)
+            return {o: from_ir_layout(g, o, y) for o, y in ys.items()}
 
         return run

@@ -189,9 +189,9 @@ def fused_residual_adds(graph: Graph, elements: dict[str, int],
     nothing else reads, and `skip` dies at the add and has the output's size: the conv then
     requantises each output pixel, adds the skip pixel with TFLM's add arithmetic and writes
     the sum over the skip pixel it just read, so `res` never exists in memory and the sum
-    takes the skip's buffer. Bit-exact with the unfused pair; the skip and the sum must share a
-    bitwidth (so in-place writing never overtakes reading — the search ties them), and the
-    conv must not read the skip itself. Returns add → (conv, skip).
+    takes the skip's buffer (never a graph output's). Bit-exact with the unfused pair; the skip
+    and the sum must share a bitwidth (so in-place writing never overtakes reading — the
+    search ties them), and the conv must not read the skip itself. Returns add → (conv, skip).
     """
     readers: dict[str, int] = {}
     for n in graph.nodes:
@@ -210,7 +210,8 @@ def fused_residual_adds(graph: Graph, elements: dict[str, int],
             if producer[res] != i - 1 or conv.op != "conv2d" or readers.get(res) != 1 \
                     or res in graph.outputs:
                 continue
-            if lifetimes[skip][1] != i or elements[skip] != elements[out]:
+            if lifetimes[skip][1] != i or elements[skip] != elements[out] \
+                    or skip in graph.outputs:  # a graph output is read after the run
                 continue
             if skip in conv.inputs:
                 continue  # add(x, conv(x)): the sum would overwrite pixels the conv reads
@@ -228,12 +229,13 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
     where the kernels allow it.
 
     A reshape is a view of its input. A depthwise conv runs in place (TinyEngine) when its
-    input dies there, it has channel multiplier 1, its output is not larger and `inplace_ok`
-    agrees; so does an activation (table lookup) whose input dies there, with `inplace_ok`
-    likewise (both are listed in the plan's `schedule.inplace_depthwise`). A fused residual
-    add (`fused_residual_adds`) writes over its skip input, and the conv feeding it keeps
-    nothing in memory. Graph inputs are the caller's buffer, never in the arena. Segment sizes
-    are align16(⌈elements·bits/8⌉). Returns the buffers and the names of the in-place nodes.
+    input dies there (a graph output never does: the caller reads it after the last step), it
+    has channel multiplier 1, its output is not larger and `inplace_ok` agrees; so does an
+    activation (table lookup) whose input dies there, with `inplace_ok` likewise (both are
+    listed in the plan's `schedule.inplace_depthwise`). A fused residual add
+    (`fused_residual_adds`) writes over its skip input, and the conv feeding it keeps nothing in
+    memory. Graph inputs are the caller's buffer, never in the arena. Segment sizes are
+    align16(⌈elements·bits/8⌉). Returns the buffers and the names of the in-place nodes.
     """
     bits = bits or {}
     fused = fused or {}
@@ -250,7 +252,7 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
         elif src is not None and src in owner:
             if n.op == "reshape":
                 share = src
-            elif n.is_depthwise and lifetimes[src][1] == i \
+            elif n.is_depthwise and lifetimes[src][1] == i and src not in graph.outputs \
                     and n.weight.shape[0] == graph.tensors[src].shape[3] \
                     and elements[n.outputs[0]] <= elements[src] \
                     and (inplace_ok is None or inplace_ok(n)):

@@ -2,9 +2,10 @@
 
 The plan is exported into a temporary directory, built with a small harness — host gcc for
 `host`; `arm-none-eabi-gcc`, mpq's start-up code and semihosting for `qemu-m4` / `qemu-m7`
-(`mpq.firmware`) — and run on the given inputs. Every output byte is compared with what
-`mpq.evaluate.PlanRunner` computes. Under QEMU the icount plugin counts the instructions of
-each inference exactly, and the linked sections are measured against the board.
+(`mpq.firmware`) — and run on the given inputs. Every byte of every graph output is compared
+with what `mpq.evaluate.PlanRunner` computes, and the mismatches are counted per output. Under
+QEMU the icount plugin counts the instructions of each inference exactly, and the linked
+sections are measured against the board.
 
 With `backend="cmsis-nn"` the export calls CMSIS-NN from the checkout named by $CMSIS_NN_PATH;
 its sources (only those the export calls) are compiled with the target's flags and linked in.
@@ -17,7 +18,7 @@ import logging
 import shlex
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +50,46 @@ class VerifyResult:
     flash_bytes: int | None = None
     sram_bytes: int | None = None
     backend: str = "portable"
+    #: Per graph output, in order: name, bytes compared (all samples) and mismatched bytes;
+    #: `mismatches` is their sum, so it counts every output.
+    outputs: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def reference_outputs(plan: Plan, graph: Graph, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The int8 inputs (IR layout) and the integer reference's outputs for float inputs."""
+def reference_outputs(plan: Plan, graph: Graph, x: np.ndarray
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The int8 inputs (IR layout) and the integer reference's outputs for float inputs: every
+    graph output, int8 in the IR layout (what the export writes), by name in graph order."""
     runner = PlanRunner(plan, graph)
     name = graph.inputs[0]
     xq = quantize_input(runner.mixed.acts[name], to_ir_layout(graph, name, x))
-    return xq.astype(np.int8), runner.int_outputs(xq).astype(np.int8)
+    outs = runner.int_output_dict(xq)
+    return xq.astype(np.int8), {o: outs[o].astype(np.int8) for o in graph.outputs}
+
+
+def split_outputs(raw: np.ndarray, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The harness's output file — per sample every output back to back, in graph order
+    (`MPQ_OUTPUTS_BYTES`) — split into one [samples, bytes] array per output; MpqError when its
+    size is not what the reference's outputs add up to."""
+    samples = len(next(iter(ref.values())))
+    sizes = [int(np.prod(r.shape[1:], dtype=np.int64)) for r in ref.values()]
+    if raw.size != samples * sum(sizes):
+        raise MpqError(f"the exported model wrote {raw.size} output bytes, expected "
+                       f"{samples * sum(sizes)} ({samples} samples × {len(sizes)} outputs)")
+    per = raw.reshape(samples, sum(sizes))
+    bounds = np.cumsum([0, *sizes])
+    return {name: per[:, bounds[k]:bounds[k + 1]] for k, name in enumerate(ref)}
+
+
+def compare_outputs(raw: np.ndarray, ref: dict[str, np.ndarray]) -> list[dict]:
+    """Byte-for-byte comparison of every output (`split_outputs`) with the reference: per
+    output its name, the bytes compared and how many differ."""
+    got = split_outputs(raw, ref)
+    return [{"name": name, "bytes": int(got[name].size),
+             "mismatches": int((got[name] != r.reshape(len(r), -1)).sum())}
+            for name, r in ref.items()]
 
 
 @dataclass
@@ -162,8 +192,7 @@ def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
             instructions, sizes = None, {}
         else:
             out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target, backend)
-    if out.size != ref.size:
-        raise MpqError(f"the exported model wrote {out.size} output bytes, expected {ref.size}")
-    mismatches = int((out != ref.reshape(-1)).sum())
+    per_output = compare_outputs(out, ref)
+    mismatches = sum(o["mismatches"] for o in per_output)
     return VerifyResult(target, len(xq), mismatches, instructions,
-                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend)
+                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend, per_output)

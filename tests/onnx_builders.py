@@ -677,6 +677,77 @@ def kws_style_model(channels: int = 64, num_blocks: int = 2, num_classes: int = 
                    producer=_TF2ONNX_PRODUCER)
 
 
+def two_head_model(seed: int = 0) -> onnx.ModelProto:
+    """A conv trunk with two heads of different shapes (issue 14 item 1: every output).
+
+    ``input`` ``['batch', 3, 16, 16]`` -> Conv 3x3 stride 2 3->8 + Relu -> Conv 3x3 8->16 + Relu
+    (trunk ``[N, 16, 8, 8]``). Head ``scores``: AveragePool 8x8 -> Flatten -> Gemm 16->10 ->
+    Softmax, ``['batch', 10]``. Head ``boxes``: Conv 1x1 16->4, ``['batch', 4, 8, 8]`` (a
+    detector's per-cell regression map). Outputs in that order: scores, boxes.
+    """
+    b = _Builder(seed)
+    w = b.init("stem.weight", b.he((8, 3, 3, 3)))
+    bias = b.init("stem.bias", b.small(8))
+    x = b.conv("input", w, bias, "/stem/Conv", 3, 2, (1, 1, 1, 1))
+    x = b.node("Relu", [x], "/stem/Relu")
+    w = b.init("trunk.weight", b.he((16, 8, 3, 3)))
+    bias = b.init("trunk.bias", b.small(16))
+    x = b.conv(x, w, bias, "/trunk/Conv", 3, 1, (1, 1, 1, 1))
+    trunk = b.node("Relu", [x], "/trunk/Relu")
+    x = b.node("AveragePool", [trunk], "/cls/AveragePool", kernel_shape=[8, 8], strides=[8, 8])
+    x = b.node("Flatten", [x], "/cls/Flatten", axis=1)
+    w = b.init("cls.weight", b.he((10, 16), gain=1.0))
+    bias = b.init("cls.bias", b.small(10))
+    x = b.node("Gemm", [x, w, bias], "/cls/Gemm", alpha=1.0, beta=1.0, transB=1)
+    b.node("Softmax", [x], "/cls/Softmax", outputs=["scores"], axis=1)
+    w = b.init("box.weight", b.he((4, 16, 1, 1), gain=1.0))
+    bias = b.init("box.bias", b.small(4))
+    b.conv(trunk, w, bias, "/box/Conv", 1, output="boxes")
+    return b.model("two_heads", [_input("input", ["batch", 3, 16, 16])], ["scores", "boxes"])
+
+
+def output_then_consumer_model(last: str = "depthwise", seed: int = 0) -> onnx.ModelProto:
+    """A graph output that a later node still reads, where the memory planner could otherwise
+    overwrite it: ``input`` ``['batch', 3, 12, 12]`` -> Conv 3x3 3->8 + Relu -> ``feature``
+    (output 0), then, as the last node, output 1: ``last="depthwise"``: a depthwise 3x3 conv
+    of ``feature`` (``refined``; in place over its input if that died there), or
+    ``last="residual"``: Conv 1x1 8->8 of ``feature``, Conv 3x3 8->8, + ``feature``
+    (``refined``; a residual add fused into the second conv writes over its skip input)."""
+    b = _Builder(seed)
+    w = b.init("stem.weight", b.he((8, 3, 3, 3)))
+    bias = b.init("stem.bias", b.small(8))
+    x = b.conv("input", w, bias, "/stem/Conv", 3, 1, (1, 1, 1, 1))
+    b.node("Relu", [x], "/stem/Relu", outputs=["feature"])
+    if last == "depthwise":
+        w = b.init("dw.weight", b.he((8, 1, 3, 3)))
+        bias = b.init("dw.bias", b.small(8))
+        b.conv("feature", w, bias, "/dw/Conv", 3, 1, (1, 1, 1, 1), group=8, output="refined")
+    else:
+        w = b.init("mid.weight", b.he((8, 8, 1, 1)))
+        bias = b.init("mid.bias", b.small(8))
+        y = b.conv("feature", w, bias, "/mid/Conv", 1)
+        w = b.init("res.weight", b.he((8, 8, 3, 3), gain=0.5))
+        bias = b.init("res.bias", b.small(8))
+        y = b.conv(y, w, bias, "/res/Conv", 3, 1, (1, 1, 1, 1))
+        b.node("Add", ["feature", y], "/res/Add", outputs=["refined"])
+    return b.model("output_reuse", [_input("input", ["batch", 3, 12, 12])],
+                   ["feature", "refined"])
+
+
+def two_input_model(seed: int = 0) -> onnx.ModelProto:
+    """Two graph inputs ``a`` and ``b`` ``['batch', 4, 8, 8]``, each through a 1x1 Conv, then
+    Add -> ``output``: a valid multi-input model (mpq takes one input and must say so)."""
+    b = _Builder(seed)
+    outs = []
+    for name in ("a", "b"):
+        w = b.init(f"{name}.weight", b.he((4, 4, 1, 1)))
+        bias = b.init(f"{name}.bias", b.small(4))
+        outs.append(b.conv(name, w, bias, f"/{name}/Conv", 1))
+    b.node("Add", outs, "/Add", outputs=["output"])
+    return b.model("two_inputs", [_input("a", ["batch", 4, 8, 8]),
+                                  _input("b", ["batch", 4, 8, 8])], ["output"])
+
+
 # --------------------------------------------------------------------------------------------
 # Bad inputs (the importer must reject these with a clear error)
 # --------------------------------------------------------------------------------------------

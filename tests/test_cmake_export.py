@@ -56,7 +56,8 @@ static void put(const char *s) { mpq_sh_write0(s); }
 static void put(const char *s) { fputs(s, stdout); }
 #endif
 
-static int8_t output[MPQ_OUTPUT_BYTES];
+static int8_t output[MPQ_OUTPUT0_BYTES];
+static int8_t *const outputs[MPQ_NUM_OUTPUTS] = {output};
 
 static void put_int(int v) {
     char buf[8], *p = buf + sizeof buf;
@@ -70,8 +71,8 @@ static void put_int(int v) {
 
 int main(void) {
     for (int n = 0; n < APP_SAMPLES; n++) {
-        if (mpq_model_run(app_inputs[n], output) != 0) return 3;
-        for (int i = 0; i < MPQ_OUTPUT_BYTES; i++) put_int(output[i]);
+        if (mpq_model_run(app_inputs[n], outputs) != 0) return 3;
+        for (int i = 0; i < MPQ_OUTPUT0_BYTES; i++) put_int(output[i]);
         put("\n");
     }
     return 0;
@@ -110,6 +111,7 @@ def project(tmp_path_factory) -> dict:
         f"static const int8_t app_inputs[{SAMPLES}][MPQ_INPUT_BYTES] = {{\n{rows}\n}};\n")
     (app / "main.c").write_text(APP_MAIN)
     (app / "CMakeLists.txt").write_text(APP_CMAKE)
+    (ref,) = ref.values()  # the classifier's one output
     expected = "".join(" ".join(map(str, y.reshape(-1).tolist())) + " \n" for y in ref)
     return {"root": root, "plan": plan, "app": app, "expected": expected}
 

@@ -117,7 +117,8 @@ def test_zephyr_module_builds_through_its_cmakelists(fw, tmp_path: Path) -> None
     app.mkdir()
     (app / "main.c").write_text('#include "mpq_model.h"\n'
                                 "int app(const int8_t *x, int8_t *y) "
-                                "{ return mpq_model_run(x, y); }\n")
+                                "{ int8_t *const outs[MPQ_NUM_OUTPUTS] = {y}; "
+                                "return mpq_model_run(x, outs); }\n")
     (app / "CMakeLists.txt").write_text(f"""\
 cmake_minimum_required(VERSION 3.13)
 project(zephyr_stub C)
@@ -239,7 +240,7 @@ def test_arduino_sketch_prints_the_reference_output_on_the_host(fw, tmp_path: Pa
     expected = " ".join(str(v) for v in ref.reshape(-1).tolist())
     report = json.loads((out / "mpq_report.json").read_text())
     assert printed.splitlines()[:4] == [
-        "mpq_model_run: 0", f"output: {expected}",
+        "mpq_model_run: 0", f"output 0 ({graph.outputs[0]}): {expected}",
         f"arena bytes: {report['predicted']['arena_bytes']}",
         f"scratch bytes: {report['predicted']['scratch_bytes']}"], printed
 

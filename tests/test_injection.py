@@ -30,6 +30,7 @@ from mpq.codegen.render import (
     LANGUAGES,
     UnsafeOutput,
     c_comment,
+    c_string,
     cmake_comment,
     environment,
     ld_comment,
@@ -178,6 +179,10 @@ def test_comment_filters_keep_only_inert_text() -> None:
             out = f(text)
             assert len(out) == len(text)
             assert all(" " <= ch <= "~" and ch not in banned for ch in out), (f, out)
+        lit = c_string(text)  # a C string literal: nothing can end, escape or splice it
+        assert lit[0] == lit[-1] == '"' and len(lit) == len(text) + 2
+        assert all(ch.isascii() and (ch.isalnum() or ch in " _.,:()+-/") for ch in lit[1:-1])
+    assert c_string("Identity:0") == '"Identity:0"'
     clean = ["/features/0/0/Conv", "/features/2/Add + /features/2/conv/2/Conv",
              "fashion_cnn.mpq.onnx", "kws_ref_model_fp32.onnx"]
     for b in list_boards():
@@ -243,10 +248,12 @@ def test_every_template_filters_untrusted_text() -> None:
         assert environment().autoescape(rel) is False
         for m in re.finditer(r"{{-?\s*(.*?)\s*-?}}", text, flags=re.S):
             expr = m.group(1)
-            filters = re.findall(r"\|\s*(\w+_comment|meta_text)\b", expr)
+            filters = re.findall(r"\|\s*(\w+_comment|meta_text|c_string)\b", expr)
             if filters:
                 seen += 1
-                assert filters == [FILTER.get(lang, f"{lang}_comment")], (rel, expr)
+                # C also takes a name as an inert string literal (MPQ_OUTPUTk_NAME)
+                assert filters in ([FILTER.get(lang, f"{lang}_comment")],
+                                   *([["c_string"]] if lang == "c" else [])), (rel, expr)
                 assert text[m.start() - 1] not in "*/" and text[m.end()] not in "*/", (rel, expr)
             elif UNTRUSTED.search(expr):
                 assert (rel, expr) in CODE_FIELDS, f"{rel}: '{{{{ {expr} }}}}' is unfiltered"

@@ -40,9 +40,10 @@ HARNESS = r"""
 static float xf[MPQ_INPUT_SIZE];
 static int32_t xi[MPQ_INPUT_SIZE];
 static int8_t xq[MPQ_INPUT_SIZE];
-static int8_t yq[MPQ_OUTPUT_SIZE];
-static float yf[MPQ_OUTPUT_SIZE];
-static int32_t yi[MPQ_OUTPUT_SIZE];
+static int8_t yq[MPQ_OUTPUT0_SIZE];
+static float yf[MPQ_OUTPUT0_SIZE];
+static int32_t yi[MPQ_OUTPUT0_SIZE];
+static int8_t *const outs[MPQ_NUM_OUTPUTS] = {yq};
 
 int main(int argc, char **argv)
 {
@@ -54,9 +55,9 @@ int main(int argc, char **argv)
             mpq_quantize_input(xf, xq);
             fwrite(xq, sizeof xq, 1, stdout);
             if (!strcmp(mode, "run")) {
-                if (mpq_model_run(xq, yq) != 0) return 2;
-                mpq_dequantize_output(yq, yf);
-                mpq_dequantize_output_q(yq, yi, 16);
+                if (mpq_model_run(xq, outs) != 0) return 2;
+                mpq_dequantize_output(0, yq, yf);
+                mpq_dequantize_output_q(0, yq, yi, 16);
                 fwrite(yq, sizeof yq, 1, stdout);
                 fwrite(yf, sizeof yf, 1, stdout);
                 fwrite(yi, sizeof yi, 1, stdout);
@@ -68,10 +69,10 @@ int main(int argc, char **argv)
         } else if (!strcmp(mode, "d") || !strcmp(mode, "dq")) {
             if (fread(yq, sizeof yq, 1, stdin) != 1) return 0;
             if (mode[1] == 'q') {
-                mpq_dequantize_output_q(yq, yi, frac);
+                mpq_dequantize_output_q(0, yq, yi, frac);
                 fwrite(yi, sizeof yi, 1, stdout);
             } else {
-                mpq_dequantize_output(yq, yf);
+                mpq_dequantize_output(0, yq, yf);
                 fwrite(yf, sizeof yf, 1, stdout);
             }
         } else {
@@ -199,7 +200,7 @@ def _check_helpers(exe: Path, inp: dict, out: dict) -> None:
 
 def test_helpers_match_mpq_on_the_fashion_export(fashion) -> None:
     ctx = fashion["ctx"]
-    _check_helpers(fashion["exe"], ctx["input"], ctx["output"])
+    _check_helpers(fashion["exe"], ctx["input"], ctx["outputs"][0])
 
 
 def test_helpers_exact_for_other_scales_and_zero_points(fashion, tmp_path: Path) -> None:
@@ -208,8 +209,8 @@ def test_helpers_exact_for_other_scales_and_zero_points(fashion, tmp_path: Path)
     shutil.copytree(fashion["out"], src)
     header = (src / "mpq_model.h").read_text()
     inp = {**fashion["ctx"]["input"], **io_quant(0.5, 127, "in")}
-    out = {**fashion["ctx"]["output"], **io_quant(0.75 * 2.0 ** -20, -128, "out")}
-    for side, d in (("INPUT", inp), ("OUTPUT", out)):
+    out = {**fashion["ctx"]["outputs"][0], **io_quant(0.75 * 2.0 ** -20, -128, "out")}
+    for side, d in (("INPUT", inp), ("OUTPUT0", out)):
         for key, text in (("SCALE", f"{d['scale_f32']:.9g}f"),
                           ("ZERO_POINT", f"({d['zero_point']})"),
                           ("SCALE_MANTISSA", str(d["scale_mantissa"])),
@@ -227,7 +228,7 @@ def test_round_trip_through_the_model_equals_the_reference(fashion) -> None:
     name, out = graph.inputs[0], graph.outputs[0]
     x = to_ir_layout(graph, name, np.load(FASHION / "test.npz")["x"][:8].astype(np.float32))
     raw = _run(fashion["exe"], x.tobytes(), "run")
-    n_in, n_out = x[0].size, int(np.prod(ctx["output"]["dims"]))
+    n_in, n_out = x[0].size, int(np.prod(ctx["outputs"][0]["dims"]))
     per = n_in + n_out + 8 * n_out
     xq = quantize_input(qm.acts[name], x)
     y = run_int(qm, {name: xq})[out].reshape(len(x), -1)
@@ -239,8 +240,8 @@ def test_round_trip_through_the_model_equals_the_reference(fashion) -> None:
         yf = np.frombuffer(rec[n_in + n_out:n_in + 5 * n_out], np.float32)
         assert yf.tobytes() == dequantize(qm.acts[out], yq).astype(np.float32).tobytes()
         yi = np.frombuffer(rec[n_in + 5 * n_out:], np.int32)
-        assert yi.tolist() == [_py_dequantize_q(int(v), 16, ctx["output"]["scale_f32"],
-                                                ctx["output"]["zero_point"]) for v in yq]
+        assert yi.tolist() == [_py_dequantize_q(int(v), 16, ctx["outputs"][0]["scale_f32"],
+                                                ctx["outputs"][0]["zero_point"]) for v in yq]
 
 
 def _cross() -> str:
@@ -272,13 +273,14 @@ def test_helpers_build_for_the_board_with_werror(fashion, tmp_path: Path, abi: s
                    "    for (size_t i = 0; i < n; ++i) ((volatile char *)d)[i] = (char)c;\n"
                    "    return d;\n}\n"
                    + ("" if abi == "soft" else "static float f[MPQ_INPUT_SIZE];\n") +
-                   "static int32_t xi[MPQ_INPUT_SIZE], yi[MPQ_OUTPUT_SIZE];\n"
-                   "static int8_t xq[MPQ_INPUT_SIZE], yq[MPQ_OUTPUT_SIZE];\n"
+                   "static int32_t xi[MPQ_INPUT_SIZE], yi[MPQ_OUTPUT0_SIZE];\n"
+                   "static int8_t xq[MPQ_INPUT_SIZE], yq[MPQ_OUTPUT0_SIZE];\n"
+                   "static int8_t *const outs[MPQ_NUM_OUTPUTS] = {yq};\n"
                    "void _start(void)\n{\n"
-                   "    mpq_quantize_input_q(xi, 8, xq);\n    (void)mpq_model_run(xq, yq);\n"
-                   "    mpq_dequantize_output_q(yq, yi, 8);\n"
+                   "    mpq_quantize_input_q(xi, 8, xq);\n    (void)mpq_model_run(xq, outs);\n"
+                   "    mpq_dequantize_output_q(0, yq, yi, 8);\n"
                    + ("" if abi == "soft" else "    mpq_quantize_input(f, xq);\n"
-                      "    mpq_dequantize_output(yq, f);\n")
+                      "    mpq_dequantize_output(0, yq, f);\n")
                    + "    for (;;) {}\n}\n")
     elf = tmp_path / "app.elf"
     r = subprocess.run([cc, *flags, "-std=c99", "-O2", "-ffreestanding", "-ffunction-sections",

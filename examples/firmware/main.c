@@ -7,6 +7,7 @@
 #include "mpq_model.h"
 
 _Static_assert(EXAMPLE_IMAGE_BYTES == MPQ_INPUT_BYTES, "images.h was made for another model");
+_Static_assert(MPQ_NUM_OUTPUTS == 1, "the classifier has one output: its logits");
 
 /* The index of the largest logit, the first one on ties (numpy's argmax). Comparing the int8
  * values is enough: dequantisation, scale·(q − zero_point), preserves their order. */
@@ -23,16 +24,17 @@ static int argmax(const int8_t *v, int n)
 
 int main(void)
 {
-    static int8_t logits[MPQ_OUTPUT_BYTES];
+    static int8_t logits[MPQ_OUTPUT0_BYTES];
+    int8_t *const outputs[MPQ_NUM_OUTPUTS] = {logits};
     int correct = 0;
 
     for (int i = 0; i < EXAMPLE_IMAGES; i++) {
-        int rc = mpq_model_run(example_images[i], logits);
+        int rc = mpq_model_run(example_images[i], outputs);
         if (rc != 0) {
             printf("image %d: mpq_model_run failed with %d\n", i, rc);
             return 1;
         }
-        int cls = argmax(logits, MPQ_OUTPUT_BYTES);
+        int cls = argmax(logits, MPQ_OUTPUT0_BYTES);
         correct += cls == example_labels[i];
         printf("image %d: class %d (label %d)\n", i, cls, example_labels[i]);
     }

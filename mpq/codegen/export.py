@@ -694,10 +694,10 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
     b.build()
     report += b.report
     g = graph
-    x, y = g.inputs[0], g.outputs[0]
-    xq, yq = qm.acts[x], qm.acts[y]
-    if xq.bits != 8 or yq.bits != 8:
-        raise MpqError("export: the graph input and output must be 8-bit")
+    x = g.inputs[0]
+    xq = qm.acts[x]
+    if xq.bits != 8 or any(qm.acts[y].bits != 8 for y in g.outputs):
+        raise MpqError("export: the graph input and every graph output must be 8-bit")
     kernels = sorted({layer.kernel for layer in b.layers if layer.cmsis is None}
                      | {c.kernel for c in (stage["calls"] if stage else [])})
     functions = sorted({layer.cmsis.function for layer in b.layers if layer.cmsis is not None})
@@ -716,13 +716,26 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
                   "bytes": packed_bytes(g.tensors[x].size, 8), "scale": xq.scale,
                   "layout": g.input_layouts.get(x, LAYOUT_NHWC), "rank": len(g.tensors[x].shape),
                   **io_quant(xq.scale, xq.zero_point, "the graph input")},
-        "output": {"name": y, "dims": _view_dims(g.tensors[y].shape),
-                   "bytes": packed_bytes(g.tensors[y].size, 8), "scale": yq.scale,
-                   "layout": g.output_layouts.get(y, LAYOUT_NHWC), "rank": len(g.tensors[y].shape),
-                   **io_quant(yq.scale, yq.zero_point, "the graph output"),
-                   "base": b.operand(y).base},
+        "outputs": output_contexts(g, qm, b),
         "stage": stage,
     }
+
+
+def output_contexts(graph: Graph, qm: QuantModel, b: _Builder) -> list[dict[str, Any]]:
+    """One entry per graph output, in the model's output order (index k of `MPQ_OUTPUTk_*`
+    and of `mpq_model_run`'s `outputs[k]`): its name, NHWC view dims, bytes, layout, I/O
+    quantisation constants (`io_quant`) and where it lives in the arena. Every output is
+    exported: a model is never cut to its first output (issue 14)."""
+    outs = []
+    for k, y in enumerate(graph.outputs):
+        yq = qm.acts[y]
+        shape = graph.tensors[y].shape
+        outs.append({"index": k, "name": y, "dims": _view_dims(shape),
+                     "bytes": packed_bytes(graph.tensors[y].size, 8), "scale": yq.scale,
+                     "layout": graph.output_layouts.get(y, LAYOUT_NHWC), "rank": len(shape),
+                     **io_quant(yq.scale, yq.zero_point, f"graph output '{y}'"),
+                     "base": b.operand(y).base})
+    return outs
 
 
 #: Build systems `mpq export --target` writes files for; "make" (mpq.mk) is always written.

@@ -4,6 +4,8 @@ Text from a model, a plan, a board file or a file name is untrusted: it may only
 generated files as a comment, through the filter of the file's language, which keeps a
 conservative set of characters that cannot end the comment, continue it onto a code line or
 be expanded (`c_comment`, `make_comment`, `ld_comment`, `cmake_comment`); HTML is autoescaped.
+The one exception is a model's output names, which the C header also gives as string literals
+through `c_string` (a literal of letters, digits and a few inert punctuation characters).
 Identifiers and code are mpq's own (`mpq_l3`, `mpq_arena + 128`).
 
 Forgetting a filter cannot pass silently: every value a C, make, linker or CMake template
@@ -107,6 +109,15 @@ def meta_text(text: object) -> str:
                    for ch in str(text))
 
 
+def c_string(text: object) -> str:
+    """Text as a C string literal that is inert whatever the text: the quotes around letters,
+    digits, space and `_.,:()+-/` only (each other character becomes `_`), so it can neither
+    end the literal, escape, splice a line, form a trigraph nor open or close a comment. For a
+    model's tensor names in `MPQ_OUTPUTk_NAME`."""
+    return '"' + "".join(ch if ch.isascii() and (ch.isalnum() or ch in " _.,:()+-/") else "_"
+                         for ch in str(text)) + '"'
+
+
 def template_language(name: str | None) -> str:
     """The language of a template from its directory (`c/…` → "c"); unknown → `UnsafeOutput`,
     so a new kind of template must say how its output is checked."""
@@ -149,7 +160,7 @@ def environment() -> jinja2.Environment:
         finalize=_finalize,
     )
     env.filters.update(c_comment=c_comment, make_comment=make_comment, ld_comment=ld_comment,
-                       cmake_comment=cmake_comment, meta_text=meta_text)
+                       cmake_comment=cmake_comment, meta_text=meta_text, c_string=c_string)
     return env
 
 

@@ -132,9 +132,18 @@ def collect_log_histograms(graph: Graph, data: Dataset, batch_size: int = 64
 def run_log_quantised(graph: Graph, quantizers: dict[str, LogQuantizer],
                       weights: dict[str, np.ndarray], x_ir: np.ndarray,
                       input_fq: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The first output of `run_log_quantised_outputs`, in the IR layout."""
+    return run_log_quantised_outputs(graph, quantizers, weights, x_ir,
+                                     input_fq)[graph.outputs[0]]
+
+
+def run_log_quantised_outputs(graph: Graph, quantizers: dict[str, LogQuantizer],
+                              weights: dict[str, np.ndarray], x_ir: np.ndarray,
+                              input_fq: Callable[[np.ndarray], np.ndarray]
+                              ) -> dict[str, np.ndarray]:
     """The float network with every node output fake-quantised by its tensor's log levels
     (softmax outputs excepted), the input by `input_fq` and the weights replaced by `weights`
-    (dequantised). Returns the first output in the IR layout."""
+    (dequantised). Returns every graph output in the IR layout, by name."""
     env = {graph.inputs[0]: input_fq(x_ir)}
     for node in graph.nodes:
         run_node = replace(node, weight=weights[node.name]) if node.name in weights else node
@@ -142,4 +151,4 @@ def run_log_quantised(graph: Graph, quantizers: dict[str, LogQuantizer],
                              graph.tensors[node.outputs[0]].shape).astype(np.float32)
         q = quantizers.get(node.outputs[0])
         env[node.outputs[0]] = q.apply(y) if q is not None and node.op != "softmax" else y
-    return env[graph.outputs[0]]
+    return {o: env[o] for o in graph.outputs}

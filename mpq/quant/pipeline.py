@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpq.errors import MpqError
-from mpq.frontend import load_model
+from mpq.frontend import load_model, require_one_input
 from mpq.ir import Graph
 from mpq.quant.calibrate import CalibrationStats, activation_range
 from mpq.quant.qmodel import (
@@ -37,6 +37,7 @@ def load_for_quantisation(path: str | Path) -> LoadedModel:
         from mpq.frontend.tflite_import import import_tflite
 
         tm = import_tflite(p)
+        require_one_input(tm.graph, path)
         if tm.quant is None:
             return LoadedModel(tm.graph, None)
         acts = {name: ActQuant(float(t.scale), int(t.zero_point), 8)

@@ -29,7 +29,7 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.fidelity import fidelity_summary
-from mpq.interpreter import from_ir_layout, run_batches, to_ir_layout
+from mpq.interpreter import from_ir_layout, run_graph, to_ir_layout
 from mpq.ir import Graph
 from mpq.search.sensitivity import Probe
 from mpq.search.solvers import Group, Problem, Solution, solve_exact
@@ -248,23 +248,34 @@ def _measured_qbr(pool: _Pool, log: list[str]) -> None:
 def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damage: float
                   ) -> dict[str, Any]:
     """`predicted.fidelity` (DESIGN §7.4): the plan and its all-8-bit model against float on
-    the validation samples, per output (`fidelity_summary`), through the integer reference
-    exactly as the firmware runs (`PlanRunner`, VDPC included), and the measured damage."""
+    the validation samples, every output (`fidelity_summary`), through the integer reference
+    exactly as the firmware runs (`PlanRunner`, VDPC included), and the measured damage.
+    `classifier` says whether a one-output model's output is a class distribution (the probe
+    counts softmax logits); with several outputs each is judged by `is_classifier`."""
     from mpq.evaluate import PlanRunner, plan_int8_ranges
+    from mpq.fidelity import is_classifier
     from mpq.quant.qmodel import quantize_graph
 
     runner = PlanRunner(plan, graph)
     int8 = quantize_graph(graph, plan_int8_ranges(plan))
-    name, out = graph.inputs[0], graph.outputs[0]
-    ref = np.concatenate(list(run_batches(graph, x_val)))
-    mixed = dequantize(runner.mixed.acts[out], runner.outputs(x_val))
+    name = graph.inputs[0]
+    classes = {o: is_classifier(graph, o) for o in graph.outputs} if len(graph.outputs) > 1 \
+        else {graph.outputs[0]: classifier}
+    refs = [run_graph(graph, {name: to_ir_layout(graph, name, x_val[i:i + 64])})
+            for i in range(0, len(x_val), 64)]
+    mixed = runner.output_dict(x_val)
     xq = quantize_input(int8.acts[name], to_ir_layout(graph, name, x_val))
-    eight = dequantize(int8.acts[out], from_ir_layout(graph, out, run_int(int8, {name: xq})[out]))
+    eight = run_int(int8, {name: xq})
+    outputs, int8_out = {}, {}
+    for out in graph.outputs:
+        ref = from_ir_layout(graph, out, np.concatenate([r[out] for r in refs]))
+        y = dequantize(runner.mixed.acts[out], mixed[out])
+        y8 = dequantize(int8.acts[out], from_ir_layout(graph, out, eight[out]))
+        outputs[out] = _rounded(fidelity_summary(ref, y, classes[out]))
+        int8_out[out] = _rounded(fidelity_summary(ref, y8, classes[out]))
     return {"samples": int(len(x_val)),
             "data": "samples of --data (the search saw them; not a held-out accuracy)",
-            "damage": round(float(damage), 9),
-            "outputs": {out: _rounded(fidelity_summary(ref, mixed, classifier))},
-            "int8": {out: _rounded(fidelity_summary(ref, eight, classifier))}}
+            "damage": round(float(damage), 9), "outputs": outputs, "int8": int8_out}
 
 
 def _rounded(summary: dict[str, Any]) -> dict[str, Any]:
