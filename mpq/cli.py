@@ -708,12 +708,15 @@ def _build_targets(values: tuple[str, ...]) -> tuple[str, ...]:
                    "zephyr (a module for ZEPHYR_EXTRA_MODULES), arduino (a library: "
                    "library.properties, src/, an example sketch), platformio (library.json).")
 @click.option("--build", is_flag=True,
-              help="Also link for the board (arm-none-eabi-gcc) and record the measured "
-                   "section sizes in mpq_report.json.")
+              help="Also link for the board (arm-none-eabi-gcc), record the measured "
+                   "section sizes in mpq_report.json and fail (writing nothing) when the "
+                   "model's Flash or SRAM is over the plan's budgets or the board's regions.")
+@click.option("--allow-over", is_flag=True,
+              help="With --build: write the export even when it is over budget (warns).")
 @QUIET
 @user_errors
 def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str,
-               targets: tuple[str, ...], build: bool, quiet: bool) -> None:
+               targets: tuple[str, ...], build: bool, allow_over: bool, quiet: bool) -> None:
     """Write the firmware sources of PLAN: mpq_model.{h,c}, mpq_weights.{h,c}, the kernels.
 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
@@ -736,8 +739,7 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
         with progress_bar(f"building for {board.name}", None, quiet):
             measured = measure_build(files, board)
         files = with_measured(files, measured)
-        out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
-                  f"SRAM {measured['sram_bytes']:,} B")
+        _check_build(measured, board, plan, allow_over)
     if output.exists() and not output.is_dir():
         raise MpqError(f"{output}: exists and is not a directory")
     try:
@@ -753,6 +755,24 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
         out.print(f"  {n} of {len(report['layers'])} layers call CMSIS-NN (see "
                   f"mpq_report.json); scratch {p['scratch_bytes']:,} B, the plan predicted "
                   f"{p['plan_scratch_bytes']:,} B")
+
+
+def _check_build(measured: dict[str, int], board: Any, plan: Any, allow_over: bool) -> None:
+    """Print what `export --build` measured; over budget, stop before writing anything (one
+    line, exit 1) unless --allow-over, which writes the export with a warning line."""
+    from mpq.budget import build_summary, over_budget
+
+    out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
+              f"SRAM {measured['sram_bytes']:,} B (measured)")
+    out.print("  " + plain(build_summary(measured, plan.predicted.get("flash_total_bytes"))))
+    problems = over_budget(measured, board, plan.board)
+    if not problems:
+        return
+    line = f"build for {board.name} is over budget: " + "; ".join(problems)
+    if not allow_over:
+        raise MpqError(line + " (nothing written; --allow-over writes it anyway)")
+    err.print(f"warning: {plain(line)} (written anyway: --allow-over)", highlight=False,
+              soft_wrap=True)
 
 
 @main.command("report", epilog=EPILOG)

@@ -25,6 +25,7 @@ from mpq.boards import Board
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
+from mpq.budget import align4, board_cpu
 from mpq.memory import align_up, code_bytes_estimate, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
@@ -194,8 +195,9 @@ def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
 
 def weight_flash(node_weight_size: int, cout: int, bits: int, scheme: str = "linear") -> int:
     """Flash of one layer: packed weights (+ the scheme's codebook) + int32 bias + int32 (M, S)
-    per output channel."""
-    return packed_bytes(node_weight_size, bits) + codebook_bytes(scheme, bits) + 12 * cout
+    per output channel, each array 4-byte aligned as mpq_weights.c declares it."""
+    return align4(packed_bytes(node_weight_size, bits)) + align4(codebook_bytes(scheme, bits)) \
+        + 12 * cout
 
 
 def weight_specs(graph: Graph, opts: SearchOptions) -> dict[str, WeightSpec]:
@@ -551,12 +553,19 @@ def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset |
 
 
 def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
-    """SRAM and Flash budgets (the board's or --sram/--flash), the input buffer and the code
-    estimate, in bytes."""
-    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
+    """SRAM and Flash budgets (the board's or --sram/--flash), the caller's input and output
+    buffers (the SRAM the model needs beside the arena and scratch: `mpq.budget`) and the
+    code estimate, in bytes."""
+    input_bytes = io_buffer_bytes(graph)
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
-    return sram_total, flash_total, input_bytes, code_bytes_estimate(graph)
+    return sram_total, flash_total, input_bytes, code_bytes_estimate(graph, board_cpu(board))
+
+
+def io_buffer_bytes(graph: Graph) -> int:
+    """The caller's input and output buffers, 8-bit (`mpq_model_run(input, output)`): part of
+    the model's SRAM figure, so the arena is planned against the budget less them."""
+    return sum(packed_bytes(graph.tensors[t].size, 8) for t in (*graph.inputs, *graph.outputs))
 
 
 def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
@@ -851,10 +860,11 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "arena_bytes": memory.arena_bytes,
         "scratch_bytes": memory.scratch_bytes,
         "peak_sram_bytes": memory.peak_sram_bytes,
-        "input_bytes": input_bytes,
-        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,
+        "input_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs),
+        "output_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs),
+        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + input and output
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph),
+        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board)),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],
