@@ -36,7 +36,9 @@ from mpq.errors import MpqError
 
 #: Source files of the build harness (`firmware.build_elf` adds the last two to every build;
 #: main.c is `mpq export --build`'s or `mpq verify`'s). Everything else is the model's.
-HARNESS_FILES = ("main.c", "mpq_startup.c", "mpq_semihost.c")
+HARNESS_FILES = ("main.c", "verify_main.c", "mpq_startup.c", "mpq_semihost.c")
+#: The harness mains, whose .data/.bss are its input/output buffers (test vectors in verify).
+_HARNESS_MAINS = ("main.c", "verify_main.c")
 
 
 def align4(n: int) -> int:
@@ -130,8 +132,9 @@ def build_breakdown(elf: Path, sections: dict[str, int], nm: str) -> dict[str, i
     * ``model_flash_bytes``: code, constants and initial values of the model's files (the
       export and its kernels, libgcc helpers);
     * ``harness_flash_bytes``: the same of the harness (main.c, start-up, semihosting);
-    * ``model_sram_bytes``: the `.mpq_arena` section (arena + scratch), the model's own
-      `.data`/`.bss` and the harness's input/output buffers (a firmware has them too);
+    * ``model_sram_bytes``: the model's `.data`/`.bss` symbols (the arena and scratch arrays
+      of `.mpq_arena` among them) and the harness's input/output buffers (a firmware has them
+      too);
     * ``io_buffer_bytes``: that last part; ``stack_bytes``: the `.stack` section (board
       reserve).
     """
@@ -142,14 +145,14 @@ def build_breakdown(elf: Path, sections: dict[str, int], nm: str) -> dict[str, i
         ram = kinds.get("data", 0) + kinds.get("bss", 0)
         if src in HARNESS_FILES:
             harness_flash += flash
-            if src == "main.c":
+            if src in _HARNESS_MAINS:
                 io += ram
         else:
             model_flash += flash
             model_static += ram
-    arena = sections.get("mpq_arena", 0)
+    # The arena and scratch arrays are mpq_model.c's symbols (in .mpq_arena): in model_static.
     return {"model_flash_bytes": model_flash, "harness_flash_bytes": harness_flash,
-            "model_sram_bytes": arena + model_static + io, "io_buffer_bytes": io,
+            "model_sram_bytes": model_static + io, "io_buffer_bytes": io,
             "stack_bytes": sections.get("stack", 0)}
 
 
@@ -177,8 +180,9 @@ def over_budget(measured: dict[str, int], board: Any, plan_board: dict[str, Any]
 
 def build_summary(measured: dict[str, int], predicted_flash: int | None) -> str:
     """One line naming the measured parts (and the predicted Flash next to the measured)."""
+    got = measured["model_flash_bytes"]
     pred = "" if predicted_flash is None else \
-        f" (predicted {predicted_flash:,} B, {_pct(measured['model_flash_bytes'], predicted_flash)})"
+        f" (predicted {predicted_flash:,} B, {_pct(got, predicted_flash)})"
     return (f"model Flash {measured['model_flash_bytes']:,} B{pred} + harness "
             f"{measured['harness_flash_bytes']:,} B; model SRAM {measured['model_sram_bytes']:,}"
             f" B (arena + scratch {measured.get('mpq_arena', 0):,}, I/O buffers "

@@ -764,7 +764,8 @@ def _check_build(measured: dict[str, int], board: Any, plan: Any, allow_over: bo
 
     out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
               f"SRAM {measured['sram_bytes']:,} B (measured)")
-    out.print("  " + plain(build_summary(measured, plan.predicted.get("flash_total_bytes"))))
+    p = plan.predicted
+    out.print("  " + plain(build_summary(measured, p["flash_bytes"] + p["code_bytes_estimate"])))
     problems = over_budget(measured, board, plan.board)
     if not problems:
         return
@@ -850,8 +851,13 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
         where = target if backend == "portable" else f"{target} with {backend}"
         out.print(f"{plain(plan_path)} on {where}: {result.samples} samples, {verdict}")
         if result.instructions is not None:
-            out.print(f"  {result.instructions:,} instructions per inference; Flash "
-                      f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")
+            r = result
+            rest = r.sram_bytes - r.model_sram_bytes - r.test_vector_bytes - r.stack_bytes
+            out.print(f"  {r.instructions:,} instructions per inference; measured: Flash "
+                      f"{r.flash_bytes:,} B (model {r.model_flash_bytes:,}), SRAM "
+                      f"{r.sram_bytes:,} B = model {r.model_sram_bytes:,} + this harness's "
+                      f"test vectors {r.test_vector_bytes:,} + stack {r.stack_bytes:,}"
+                      + (f" + harness data {rest:,}" if rest else ""))
     if result.mismatches:
         sys.exit(1)
 
@@ -995,10 +1001,11 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     table = Table(title=f"{plain(plan.model)} on {plain(b['name'])} ({plain(plan.strategy)})")
     for col in ("", "predicted", "budget", "margin"):
         table.add_column(col, justify="right")
-    table.add_row("SRAM (peak + input)", f"{p['sram_needed_bytes']:,}", f"{b['sram_budget']:,}",
+    table.add_row("SRAM (arena + scratch + in/out)", f"{p['sram_needed_bytes']:,}",
+                  f"{b['sram_budget']:,}",
                   f"{b['sram_budget'] - p['sram_needed_bytes']:+,}")
     flash = p["flash_bytes"] + p["code_bytes_estimate"]
-    table.add_row("Flash (params + code est.)", f"{flash:,}", f"{b['flash_budget']:,}",
+    table.add_row("Flash (params + code)", f"{flash:,}", f"{b['flash_budget']:,}",
                   f"{b['flash_budget'] - flash:+,}")
     table.add_row("BitOPs (all patches mixed)", f"{p['bitops']:,}", "", "")
     table.add_row("BitOPs expected (VDPC)", f"{p['expected_bitops']:,}", "", "")

@@ -49,6 +49,13 @@ class VerifyResult:
     flash_bytes: int | None = None
     sram_bytes: int | None = None
     backend: str = "portable"
+    # QEMU targets, measured (`budget.build_breakdown`): the model's SRAM (arena, scratch, its
+    # own .data/.bss) apart from the harness's test vectors (every sample's input and output
+    # linked into verify_main.c) and the stack.
+    model_sram_bytes: int | None = None
+    test_vector_bytes: int | None = None
+    stack_bytes: int | None = None
+    model_flash_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -143,7 +150,10 @@ def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
                        f"{_failure(run.returncode)})")
     out = np.frombuffer(run.files["out.bin"], np.int8)
     per = run.instructions_window // max(run.windows, 1)
-    return out, per, firmware.section_sizes(elf, tools)
+    from mpq.budget import build_breakdown
+
+    sizes = firmware.section_sizes(elf, tools)
+    return out, per, {**sizes, **build_breakdown(elf, sizes, tools.nm)}
 
 
 def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
@@ -165,5 +175,10 @@ def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
     if out.size != ref.size:
         raise MpqError(f"the exported model wrote {out.size} output bytes, expected {ref.size}")
     mismatches = int((out != ref.reshape(-1)).sum())
+    vectors = sizes.get("io_buffer_bytes")
     return VerifyResult(target, len(xq), mismatches, instructions,
-                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend)
+                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend,
+                        model_sram_bytes=None if vectors is None
+                        else sizes["model_sram_bytes"] - vectors,
+                        test_vector_bytes=vectors, stack_bytes=sizes.get("stack_bytes"),
+                        model_flash_bytes=sizes.get("model_flash_bytes"))

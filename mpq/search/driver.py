@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from mpq.boards import Board
+from mpq.budget import align4, board_cpu
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.budget import align4, board_cpu
 from mpq.memory import align_up, code_bytes_estimate, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
