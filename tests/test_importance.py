@@ -127,7 +127,7 @@ def test_budgets_met_by_the_plan(kws) -> None:
     per_layer = sum(layer.bitops for layer in res.plan.layers)
     assert p["bitops"] == per_layer if res.plan.patch is None else p["bitops"] > per_layer
     bits = {t.name: t.bits for t in res.plan.tensors}
-    assert res.schedule.memory(bits).peak_sram_bytes + p["input_bytes"] \
+    assert res.schedule.memory(bits).peak_sram_bytes + p["input_bytes"] + p["output_bytes"] \
         == p["sram_needed_bytes"]
     assert min(layer.w_bits for layer in res.plan.layers if layer.w_bits) < 8
     s = res.plan.search

@@ -632,7 +632,7 @@ def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
     scored by measured damage."""
     int8_memory = schedule.memory()
     scratch = int8_memory.scratch_bytes
-    sram_budget = sram_total - input_bytes - scratch
+    sram_budget = sram_total - input_bytes - align_up(scratch)  # export aligns the scratch
     use_vdpc = opts.vdpc and schedule.split_tensor is not None
     by_name = {n.name: n for n in graph.nodes}
     classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
