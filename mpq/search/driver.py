@@ -714,7 +714,7 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
                             problem.arena(problem.tensor_bits(pick)), problem.flash_bytes(pick))
     else:
         if table is not None:
-            floor = problem.arena(problem.tensor_bits(low)) + scratch + input_bytes
+            floor = problem.arena(problem.tensor_bits(low)) + align_up(scratch) + input_bytes
             problem, solution = solve_importance(problem, table, graph, schedule, opts.bitops,
                                                  floor)
         else:
@@ -792,7 +792,7 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
                 what: str) -> BudgetError:
     """One line naming the smallest SRAM and Flash reachable with the `floor` choice (the
     smallest bits the strategy may use) on this schedule (DESIGN §7.2)."""
-    best_sram = problem.arena(problem.tensor_bits(floor)) + scratch + input_bytes
+    best_sram = problem.arena(problem.tensor_bits(floor)) + align_up(scratch) + input_bytes
     best_flash = problem.flash_bytes(floor) + code
     grid = f"{schedule.n}×{schedule.n} patches" if schedule.split_tensor else "no patches"
     parts = []
@@ -800,7 +800,9 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
         parts.append(f"needs at least {best_sram:,} B SRAM with {what} and {grid}; budget is "
                      f"{sram_total:,} B")
     if best_flash > flash_total:
-        parts.append(f"needs at least {best_flash:,} B Flash with the smallest weight bits; "
+        w_bits = sorted({floor[g.name] for g in problem.groups if g.name.startswith("weights:")})
+        with_bits = f"{w_bits[0]}-bit weights" if w_bits else "its fixed weights"
+        parts.append(f"needs at least {best_flash:,} B Flash with {with_bits}; "
                      f"budget is {flash_total:,} B")
     if not parts:
         parts.append(f"needs {best_sram:,} B SRAM and {best_flash:,} B Flash with {what}; "
