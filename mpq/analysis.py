@@ -103,7 +103,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
         inplace_depthwise=len(mem.inplace))
     if board is not None:
-        sram_needed = mem.peak_sram_bytes + mem.input_bytes
+        sram_needed = mem.peak_sram_bytes + mem.input_bytes + mem.output_bytes  # mpq.budget
         flash_needed = flash + code
         summary.fit = BoardFit(
             board=board.name, sram_budget=board.sram_budget, sram_needed=sram_needed,

@@ -250,8 +250,9 @@ def _print_summary(s: Any) -> None:
         ("largest kernel scratch", s.scratch_bytes),
         ("peak SRAM = arena + scratch", s.peak_sram_bytes),
         ("input buffer (caller's)", s.input_bytes),
+        ("output buffer (caller's)", s.output_bytes),
         ("Flash: weights + biases + requant", s.flash_bytes),
-        ("Flash: code (estimate)", s.code_bytes_estimate),
+        ("Flash: code (predicted from measured kernel sizes)", s.code_bytes_estimate),
     ]
     for what, value in rows:
         mem.add_row(what, f"{value:,}")
