@@ -595,8 +595,9 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     scheme = opts.weight_scheme or "linear"
     flash = code + weights_flash(graph, w_floor, scheme)
     if flash > flash_total:
-        raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights (code "
-                          f"estimate {code:,} B included); budget is {flash_total:,} B"
+        raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights, the "
+                          f"fewest bits allowed (code {code:,} B included); budget is "
+                          f"{flash_total:,} B"
                           + _flash_hint(graph, opts, w_floor, code, flash), 0)
     candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
