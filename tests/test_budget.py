@@ -92,17 +92,21 @@ def test_over_budget_build_fails_in_one_line_and_writes_nothing(layer_plans, tmp
     assert (tmp_path / "fw" / "mpq_model.c").is_file()
 
 
-def test_verify_reports_test_vectors_apart(fashion_demo):
+def test_verify_reports_test_vectors_apart(layer_plans):
     """verify --target qemu-m4 links every sample into the harness: those bytes are reported
-    as test vectors, not as the model's SRAM."""
-    r = run_mpq("verify", fashion_demo["plan"], "--target", "qemu-m4", "--data",
-                FASHION / "test.npz", "--samples", "3", "--json")
+    as test vectors, not as the model's SRAM (which stays what the plan predicted)."""
+    d = layer_plans["fashion"]
+    r = run_mpq("verify", d["path"], "--target", "qemu-m4", "--data", FASHION / "test.npz",
+                "--samples", "3", "--json")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
-    assert v["test_vector_bytes"] == 3 * (28 * 28 + 10)
+    assert v["mismatches"] == 0 and v["test_vector_bytes"] == 3 * (28 * 28 + 10)
     assert v["model_sram_bytes"] + v["test_vector_bytes"] + v["stack_bytes"] <= v["sram_bytes"]
-    plan = json.loads(fashion_demo["plan"].read_text())["predicted"]
-    assert v["model_sram_bytes"] <= plan["arena_bytes"] + plan["scratch_bytes"]
+    p = d["plan"]["predicted"]
+    assert v["model_sram_bytes"] <= p["arena_bytes"] + p["scratch_bytes"] + 15  # 16-B aligned
+    r = run_mpq("verify", d["path"], "--target", "qemu-m4", "--data", FASHION / "test.npz",
+                "--samples", "3")
+    assert f"test vectors {v['test_vector_bytes']:,}" in r.stdout
 
 
 def test_code_table_is_current():
