@@ -997,6 +997,19 @@ def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
             "bits": {t.name: t.bits for t in plan.tensors}}
 
 
+def _arena_budget_line(p: dict[str, Any], b: dict[str, Any]) -> str:
+    """What the arena was planned against: the SRAM budget less the other parts of the
+    model's SRAM figure (`mpq.budget`), and the board's reserves beside it."""
+    from mpq.memory import align_up
+
+    scratch, io = align_up(p["scratch_bytes"]), p["input_bytes"] + p.get("output_bytes", 0)
+    reserve = b.get("reserve", {})
+    return (f"arena {p['arena_bytes']:,} B planned against SRAM budget {b['sram_budget']:,} − "
+            f"scratch {scratch:,} − input/output buffers {io:,} = "
+            f"{b['sram_budget'] - scratch - io:,} B; board reserves beside it: stack "
+            f"{reserve.get('stack', 0):,} B, rest of firmware {reserve.get('runtime_sram', 0):,} B")
+
+
 def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     p, b = plan.predicted, plan.board
     table = Table(title=f"{plain(plan.model)} on {plain(b['name'])} ({plain(plan.strategy)})")
@@ -1009,6 +1022,7 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     table.add_row("Flash (params + code)", f"{flash:,}", f"{b['flash_budget']:,}",
                   f"{b['flash_budget'] - flash:+,}")
     table.add_row("BitOPs (all patches mixed)", f"{p['bitops']:,}", "", "")
+    table.caption = plain(_arena_budget_line(p, b))
     table.add_row("BitOPs expected (VDPC)", f"{p['expected_bitops']:,}", "", "")
     table.add_row("BitOPs int8", f"{p['bitops_int8']:,}", "", "")
     out.print(table)
