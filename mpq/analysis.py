@@ -90,7 +90,8 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
             out_shape=list(graph.tensors[node.outputs[0]].shape),
             macs=node_macs(node, graph), params=node_params(node),
             act_bytes=sum(t.size for t in tensors), scratch_bytes=step.scratch))
-    code = code_bytes_estimate(graph)
+    code = code_bytes_estimate(graph) if board is None else \
+        code_bytes_estimate(graph, f"{board.core}/{board.fpu}")
     flash = flash_bytes(graph)
     summary = ModelSummary(
         model=model_name,
@@ -102,7 +103,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
         inplace_depthwise=len(mem.inplace))
     if board is not None:
-        sram_needed = mem.peak_sram_bytes + mem.input_bytes
+        sram_needed = mem.peak_sram_bytes + mem.input_bytes + mem.output_bytes  # mpq.budget
         flash_needed = flash + code
         summary.fit = BoardFit(
             board=board.name, sram_budget=board.sram_budget, sram_needed=sram_needed,

@@ -250,8 +250,9 @@ def _print_summary(s: Any) -> None:
         ("largest kernel scratch", s.scratch_bytes),
         ("peak SRAM = arena + scratch", s.peak_sram_bytes),
         ("input buffer (caller's)", s.input_bytes),
+        ("output buffer (caller's)", s.output_bytes),
         ("Flash: weights + biases + requant + tables", s.flash_bytes),
-        ("Flash: code (estimate)", s.code_bytes_estimate),
+        ("Flash: code (predicted from measured kernel sizes)", s.code_bytes_estimate),
     ]
     for what, value in rows:
         mem.add_row(what, f"{value:,}")
@@ -772,12 +773,15 @@ def _build_targets(values: tuple[str, ...]) -> tuple[str, ...]:
                    "zephyr (a module for ZEPHYR_EXTRA_MODULES), arduino (a library: "
                    "library.properties, src/, an example sketch), platformio (library.json).")
 @click.option("--build", is_flag=True,
-              help="Also link for the board (arm-none-eabi-gcc) and record the measured "
-                   "section sizes in mpq_report.json.")
+              help="Also link for the board (arm-none-eabi-gcc), record the measured "
+                   "section sizes in mpq_report.json and fail (writing nothing) when the "
+                   "model's Flash or SRAM is over the plan's budgets or the board's regions.")
+@click.option("--allow-over", is_flag=True,
+              help="With --build: write the export even when it is over budget (warns).")
 @QUIET
 @user_errors
 def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: str,
-               targets: tuple[str, ...], build: bool, quiet: bool) -> None:
+               targets: tuple[str, ...], build: bool, allow_over: bool, quiet: bool) -> None:
     """Write the firmware sources of PLAN: mpq_model.{h,c}, mpq_weights.{h,c}, the kernels.
 
     Same plan ⇒ byte-identical files; unchanged files are not rewritten (make-friendly).
@@ -800,8 +804,7 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
         with progress_bar(f"building for {board.name}", None, quiet):
             measured = measure_build(files, board)
         files = with_measured(files, measured)
-        out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
-                  f"SRAM {measured['sram_bytes']:,} B")
+        _check_build(measured, board, plan, allow_over)
     if output.exists() and not output.is_dir():
         raise MpqError(f"{output}: exists and is not a directory")
     try:
@@ -817,6 +820,25 @@ def export_cmd(plan_path: Path, output: Path, plan_model: Path | None, backend: 
         out.print(f"  {n} of {len(report['layers'])} layers call CMSIS-NN (see "
                   f"mpq_report.json); scratch {p['scratch_bytes']:,} B, the plan predicted "
                   f"{p['plan_scratch_bytes']:,} B")
+
+
+def _check_build(measured: dict[str, int], board: Any, plan: Any, allow_over: bool) -> None:
+    """Print what `export --build` measured; over budget, stop before writing anything (one
+    line, exit 1) unless --allow-over, which writes the export with a warning line."""
+    from mpq.budget import build_summary, over_budget
+
+    out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
+              f"SRAM {measured['sram_bytes']:,} B (measured)")
+    p = plan.predicted
+    out.print("  " + plain(build_summary(measured, p["flash_bytes"] + p["code_bytes_estimate"])))
+    problems = over_budget(measured, board, plan.board)
+    if not problems:
+        return
+    line = f"build for {board.name} is over budget: " + "; ".join(problems)
+    if not allow_over:
+        raise MpqError(line + " (nothing written; --allow-over writes it anyway)")
+    err.print(f"warning: {plain(line)} (written anyway: --allow-over)", highlight=False,
+              soft_wrap=True)
 
 
 @main.command("report", epilog=EPILOG)
@@ -900,8 +922,13 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
                 out.print(f"  output '{plain(o['name'])}': {o['bytes']:,} bytes, "
                           f"{o['mismatches']} mismatched")
         if result.instructions is not None:
-            out.print(f"  {result.instructions:,} instructions per inference; Flash "
-                      f"{result.flash_bytes:,} B, SRAM {result.sram_bytes:,} B")
+            r = result
+            rest = r.sram_bytes - r.model_sram_bytes - r.test_vector_bytes - r.stack_bytes
+            out.print(f"  {r.instructions:,} instructions per inference; measured: Flash "
+                      f"{r.flash_bytes:,} B (model {r.model_flash_bytes:,}), SRAM "
+                      f"{r.sram_bytes:,} B = model {r.model_sram_bytes:,} + this harness's "
+                      f"test vectors {r.test_vector_bytes:,} + stack {r.stack_bytes:,}"
+                      + (f" + harness data {rest:,}" if rest else ""))
     if result.mismatches:
         sys.exit(1)
 
@@ -1040,17 +1067,32 @@ def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
             "bits": {t.name: t.bits for t in plan.tensors}}
 
 
+def _arena_budget_line(p: dict[str, Any], b: dict[str, Any]) -> str:
+    """What the arena was planned against: the SRAM budget less the other parts of the
+    model's SRAM figure (`mpq.budget`), and the board's reserves beside it."""
+    from mpq.memory import align_up
+
+    scratch, io = align_up(p["scratch_bytes"]), p["input_bytes"] + p.get("output_bytes", 0)
+    reserve = b.get("reserve", {})
+    return (f"arena {p['arena_bytes']:,} B planned against SRAM budget {b['sram_budget']:,} − "
+            f"scratch {scratch:,} − input/output buffers {io:,} = "
+            f"{b['sram_budget'] - scratch - io:,} B; board reserves beside it: stack "
+            f"{reserve.get('stack', 0):,} B, rest of firmware {reserve.get('runtime_sram', 0):,} B")
+
+
 def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     p, b = plan.predicted, plan.board
     table = Table(title=f"{plain(plan.model)} on {plain(b['name'])} ({plain(plan.strategy)})")
     for col in ("", "predicted", "budget", "margin"):
         table.add_column(col, justify="right")
-    table.add_row("SRAM (peak + input)", f"{p['sram_needed_bytes']:,}", f"{b['sram_budget']:,}",
+    table.add_row("SRAM (arena + scratch + in/out)", f"{p['sram_needed_bytes']:,}",
+                  f"{b['sram_budget']:,}",
                   f"{b['sram_budget'] - p['sram_needed_bytes']:+,}")
     flash = p["flash_bytes"] + p["code_bytes_estimate"]
-    table.add_row("Flash (params + code est.)", f"{flash:,}", f"{b['flash_budget']:,}",
+    table.add_row("Flash (params + code)", f"{flash:,}", f"{b['flash_budget']:,}",
                   f"{b['flash_budget'] - flash:+,}")
     table.add_row("BitOPs (all patches mixed)", f"{p['bitops']:,}", "", "")
+    table.caption = plain(_arena_budget_line(p, b))
     table.add_row("BitOPs expected (VDPC)", f"{p['expected_bitops']:,}", "", "")
     table.add_row("BitOPs int8", f"{p['bitops_int8']:,}", "", "")
     out.print(table)

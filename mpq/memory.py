@@ -306,24 +306,19 @@ def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
                         plan=plan, inplace=inplace)
 
 
-# Code size is only known after a build (`arm-none-eabi-size`, `mpq export --build`); until then
-# it is estimated from the kernels a model needs. Shown as an estimate wherever it appears.
-# Calibrated on `mpq export --build` of the README example's patch plan for nano33ble (-O2,
-# Cortex-M4, DSP kernels with per-bit-width inner loops): .text 26,176 B for 5 op kinds, plus
-# ~4.5 kB of geometry tables and call structures in .rodata beside the parameters.
-CODE_BASE_ESTIMATE = 8192
-CODE_PER_KERNEL_ESTIMATE = 4608
+def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16") -> int:
+    """Flash of the code and constant call blocks an export of `graph` links for `cpu`
+    (`core/fpu`), predicted from sizes measured with arm-none-eabi-gcc per kernel family and
+    per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`)."""
+    from mpq.budget import predicted_code_bytes
 
-
-def code_bytes_estimate(graph: Graph) -> int:
-    """Flash for mpq's runtime and the kernels `graph` uses: 8 KiB + 4.5 KiB per op kind."""
-    kinds = {n.kind for n in graph.nodes if n.op != "reshape"}
-    return CODE_BASE_ESTIMATE + CODE_PER_KERNEL_ESTIMATE * len(kinds)
+    return predicted_code_bytes(graph, cpu)
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
-    """Flash for parameters: packed weights + int32 biases + (M, S) int32 per output channel,
-    and 256 B per activation layer's lookup table."""
+    """Flash for parameters: packed weights (each array 4-byte aligned, as mpq_weights.c
+    declares it) + int32 biases + (M, S) int32 per output channel, and 256 B per activation
+    layer's lookup table."""
     weight_bits = weight_bits or {}
     total = 0
     for n in graph.nodes:
@@ -332,7 +327,7 @@ def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
         if n.weight is None:
             continue
         cout = n.weight.shape[0]
-        total += packed_bytes(n.weight.size, weight_bits.get(n.name, 8))
+        total += -(-packed_bytes(n.weight.size, weight_bits.get(n.name, 8)) // 4) * 4
         total += 4 * cout  # bias
         total += 8 * cout  # requantisation multiplier and shift
     return total + resize_map_bytes(graph)

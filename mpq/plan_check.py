@@ -19,6 +19,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from mpq.budget import board_cpu
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import buffers_conflict, code_bytes_estimate, constant_flash_bytes, packed_bytes
@@ -276,6 +277,9 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
     input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
     from mpq.quant.lut import tables_flash
 
+    # Older plans did not count the caller's output buffer (`mpq.budget`): checked as written.
+    output_bytes = 0 if "output_bytes" not in plan.predicted else \
+        sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs)
     flash = tables_flash(graph)
     for layer, node in zip(plan.layers, graph.nodes, strict=True):
         if node.weight is not None:
@@ -287,15 +291,17 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
         "scratch_bytes": memory.scratch_bytes,
         "peak_sram_bytes": arena + memory.scratch_bytes,
         "input_bytes": input_bytes,
-        "sram_needed_bytes": arena + memory.scratch_bytes + input_bytes,
+        "sram_needed_bytes": arena + memory.scratch_bytes + input_bytes + output_bytes,
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph),
+        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(plan.board)),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": int(sum(bitops.values())) + extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + extra["int8"],
         "expected_bitops": int(sum(bitops.values())) + extra["expected"],
         "full_precision_bitops": full_precision_bitops(graph),
     }
+    if "output_bytes" in plan.predicted:
+        expect["output_bytes"] = output_bytes
     for key, want in expect.items():
         if plan.predicted[key] != want:
             raise fail(f"predicted.{key}", f"must be {want}, got {plan.predicted[key]}")

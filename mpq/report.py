@@ -117,16 +117,17 @@ def sram_profiles(plan: Plan, graph: Graph, schedule: PatchSchedule) -> dict[str
     layer = memory_series(plan_patches(graph, None), None)
     patch = memory_series(schedule, None) if schedule.split_tensor is not None else None
     mine = memory_series(schedule, sram_bits(plan))
-    input_bytes = int(plan.predicted["input_bytes"])
+    # the caller's buffers: the input, and the output (0 in plans older than its count)
+    io_bytes = int(plan.predicted["input_bytes"]) + int(plan.predicted.get("output_bytes", 0))
     budget = int(plan.board["sram_budget"])
     return {
         "steps": list(schedule.steps),
         "layer_based_int8": layer,
         "patch_based_int8": patch,
         "plan": mine,
-        "input_bytes": input_bytes,
+        "io_buffer_bytes": io_bytes,
         "sram_budget": budget,
-        "budget_for_arena_and_scratch": budget - input_bytes,
+        "budget_for_arena_and_scratch": budget - io_bytes,
         "board_sram_budget": board_sram_budget(plan),
     }
 
@@ -212,6 +213,9 @@ def headline(plan: Plan, sram: dict[str, Any], bitops: dict[str, Any],
     return {
         "peak_sram_bytes": int(p["peak_sram_bytes"]),
         "input_bytes": int(p["input_bytes"]),
+        "output_bytes": int(p.get("output_bytes", 0)),
+        "stack_bytes": int(b.get("reserve", {}).get("stack", 0)),
+        "runtime_sram_bytes": int(b.get("reserve", {}).get("runtime_sram", 0)),
         "sram_needed_bytes": int(p["sram_needed_bytes"]),
         "sram_budget": int(b["sram_budget"]),
         "sram_margin": int(b["sram_budget"]) - int(p["sram_needed_bytes"]),
@@ -372,15 +376,15 @@ def figure_sram(summary: dict[str, Any]) -> bytes:
         _note(ax, "no patch split in this plan")
     budget = s["budget_for_arena_and_scratch"]
     ax.axhline(budget, color=COLORS["budget"], ls="--", lw=1.5,
-               label=f"SRAM budget {s['sram_budget']:,} B − input buffer {s['input_bytes']:,} B "
+               label=f"SRAM budget {s['sram_budget']:,} B − I/O buffers {s['io_buffer_bytes']:,} B "
                      f"= {budget:,} B")
     top = max(top, budget)
     board = s["board_sram_budget"]
     if board is not None and board != s["sram_budget"]:
-        board_line = board - s["input_bytes"]
+        board_line = board - s["io_buffer_bytes"]
         if board_line <= 1.5 * top:
             ax.axhline(board_line, color=COLORS["budget"], ls=":", lw=1.2,
-                       label=f"board {_plain(summary['board']['name'])}'s own budget − input "
+                       label=f"board {_plain(summary['board']['name'])}'s own budget − I/O buffers "
                              f"= {board_line:,} B")
             top = max(top, board_line)
         else:

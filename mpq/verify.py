@@ -53,6 +53,13 @@ class VerifyResult:
     #: Per graph output, in order: name, bytes compared (all samples) and mismatched bytes;
     #: `mismatches` is their sum, so it counts every output.
     outputs: list[dict] = field(default_factory=list)
+    # QEMU targets, measured (`budget.build_breakdown`): the model's SRAM (arena, scratch, its
+    # own .data/.bss) apart from the harness's test vectors (every sample's input and output
+    # linked into verify_main.c) and the stack.
+    model_sram_bytes: int | None = None
+    test_vector_bytes: int | None = None
+    stack_bytes: int | None = None
+    model_flash_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -173,7 +180,10 @@ def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
                        f"{_failure(run.returncode)})")
     out = np.frombuffer(run.files["out.bin"], np.int8)
     per = run.instructions_window // max(run.windows, 1)
-    return out, per, firmware.section_sizes(elf, tools)
+    from mpq.budget import build_breakdown
+
+    sizes = firmware.section_sizes(elf, tools)
+    return out, per, {**sizes, **build_breakdown(elf, sizes, tools.nm)}
 
 
 def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
@@ -194,5 +204,10 @@ def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
             out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target, backend)
     per_output = compare_outputs(out, ref)
     mismatches = sum(o["mismatches"] for o in per_output)
+    vectors = sizes.get("io_buffer_bytes")
     return VerifyResult(target, len(xq), mismatches, instructions,
-                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend, per_output)
+                        sizes.get("flash_bytes"), sizes.get("sram_bytes"), backend, per_output,
+                        model_sram_bytes=None if vectors is None
+                        else sizes["model_sram_bytes"] - vectors,
+                        test_vector_bytes=vectors, stack_bytes=sizes.get("stack_bytes"),
+                        model_flash_bytes=sizes.get("model_flash_bytes"))

@@ -69,14 +69,15 @@ def test_patch_plan_report(plans) -> None:
     assert max(prof["plan"]["sram_bytes"]) == prof["plan"]["peak_sram_bytes"] \
         == pred["peak_sram_bytes"]
     assert prof["plan"]["arena_bytes"] == pred["arena_bytes"]
-    assert max(prof["plan"]["sram_bytes"]) + pred["input_bytes"] <= plan["board"]["sram_budget"]
+    io = pred["input_bytes"] + pred["output_bytes"]
+    assert max(prof["plan"]["sram_bytes"]) + io <= plan["board"]["sram_budget"]
     assert all(a >= b for a, b in zip(prof["plan"]["sram_bytes"], prof["plan"]["live_bytes"],
                                       strict=True))
     assert max(prof["layer_based_int8"]["sram_bytes"]) == layer_memory(graph).peak_sram_bytes
     split = PatchSplit(plan["patch"]["split_layer"], plan["patch"]["n"])
     assert max(prof["patch_based_int8"]["sram_bytes"]) \
         == plan_patches(graph, split).memory().peak_sram_bytes
-    assert prof["budget_for_arena_and_scratch"] == 14000 - pred["input_bytes"]
+    assert prof["budget_for_arena_and_scratch"] == 14000 - io
     assert len(prof["steps"]) == len(plan["layers"])
 
     # (b) bits per layer are the plan's; (c) the grid and its rates are the plan's VDPC record.

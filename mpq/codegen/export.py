@@ -862,7 +862,8 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable",
 
 def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
     """Link the export for its board with a minimal main and measure the sections
-    (`arm-none-eabi-size`): the measured half of `mpq_report.json`. An export that calls
+    (`arm-none-eabi-size`) and the model's and the harness's shares of them
+    (`budget.build_breakdown`): the measured half of `mpq_report.json`. An export that calls
     CMSIS-NN links it from $CMSIS_NN_PATH."""
     import tempfile
 
@@ -882,7 +883,10 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
             sources += firmware.library_objects([root / s for s in used["sources"]],
                                                 [root / "Include"], board, work / "lib")
         elf = firmware.build_elf(sources, includes, board, work / "build")
-        return firmware.section_sizes(elf)
+        sizes = firmware.section_sizes(elf)
+        from mpq.budget import build_breakdown
+
+        return {**sizes, **build_breakdown(elf, sizes, firmware.require_tools().nm)}
 
 
 def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, str]:

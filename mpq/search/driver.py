@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpq.boards import Board
+from mpq.budget import align4, board_cpu
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs
@@ -204,8 +205,9 @@ def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
 
 def weight_flash(node_weight_size: int, cout: int, bits: int, scheme: str = "linear") -> int:
     """Flash of one layer: packed weights (+ the scheme's codebook) + int32 bias + int32 (M, S)
-    per output channel."""
-    return packed_bytes(node_weight_size, bits) + codebook_bytes(scheme, bits) + 12 * cout
+    per output channel, each array 4-byte aligned as mpq_weights.c declares it."""
+    return align4(packed_bytes(node_weight_size, bits)) + align4(codebook_bytes(scheme, bits)) \
+        + 12 * cout
 
 
 def weight_specs(graph: Graph, opts: SearchOptions) -> dict[str, WeightSpec]:
@@ -562,12 +564,19 @@ def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset |
 
 
 def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
-    """SRAM and Flash budgets (the board's or --sram/--flash), the input buffer and the code
-    estimate, in bytes."""
-    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
+    """SRAM and Flash budgets (the board's or --sram/--flash), the caller's input and output
+    buffers (the SRAM the model needs beside the arena and scratch: `mpq.budget`) and the
+    code estimate, in bytes."""
+    input_bytes = io_buffer_bytes(graph)
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
-    return sram_total, flash_total, input_bytes, code_bytes_estimate(graph)
+    return sram_total, flash_total, input_bytes, code_bytes_estimate(graph, board_cpu(board))
+
+
+def io_buffer_bytes(graph: Graph) -> int:
+    """The caller's input and output buffers, 8-bit (`mpq_model_run(input, output)`): part of
+    the model's SRAM figure, so the arena is planned against the budget less them."""
+    return sum(packed_bytes(graph.tensors[t].size, 8) for t in (*graph.inputs, *graph.outputs))
 
 
 def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
@@ -597,8 +606,9 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     scheme = opts.weight_scheme or "linear"
     flash = code + weights_flash(graph, w_floor, scheme) + tables_flash(graph)
     if flash > flash_total:
-        raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights (code "
-                          f"estimate {code:,} B included); budget is {flash_total:,} B"
+        raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights, the "
+                          f"fewest bits allowed (code {code:,} B included); budget is "
+                          f"{flash_total:,} B"
                           + _flash_hint(graph, opts, w_floor, code, flash), 0)
     candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
@@ -634,7 +644,7 @@ def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
     scored by measured damage."""
     int8_memory = schedule.memory()
     scratch = int8_memory.scratch_bytes
-    sram_budget = sram_total - input_bytes - scratch
+    sram_budget = sram_total - input_bytes - align_up(scratch)  # export aligns the scratch
     use_vdpc = opts.vdpc and schedule.split_tensor is not None
     by_name = {n.name: n for n in graph.nodes}
     classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
@@ -716,7 +726,7 @@ def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
                             problem.arena(problem.tensor_bits(pick)), problem.flash_bytes(pick))
     else:
         if table is not None:
-            floor = problem.arena(problem.tensor_bits(low)) + scratch + input_bytes
+            floor = problem.arena(problem.tensor_bits(low)) + align_up(scratch) + input_bytes
             problem, solution = solve_importance(problem, table, graph, schedule, opts.bitops,
                                                  floor)
         else:
@@ -794,7 +804,7 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
                 what: str) -> BudgetError:
     """One line naming the smallest SRAM and Flash reachable with the `floor` choice (the
     smallest bits the strategy may use) on this schedule (DESIGN §7.2)."""
-    best_sram = problem.arena(problem.tensor_bits(floor)) + scratch + input_bytes
+    best_sram = problem.arena(problem.tensor_bits(floor)) + align_up(scratch) + input_bytes
     best_flash = problem.flash_bytes(floor) + code
     grid = f"{schedule.n}×{schedule.n} patches" if schedule.split_tensor else "no patches"
     parts = []
@@ -802,7 +812,9 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
         parts.append(f"needs at least {best_sram:,} B SRAM with {what} and {grid}; budget is "
                      f"{sram_total:,} B")
     if best_flash > flash_total:
-        parts.append(f"needs at least {best_flash:,} B Flash with the smallest weight bits; "
+        w_bits = sorted({floor[g.name] for g in problem.groups if g.name.startswith("weights:")})
+        with_bits = f"{w_bits[0]}-bit weights" if w_bits else "its fixed weights"
+        parts.append(f"needs at least {best_flash:,} B Flash with {with_bits}; "
                      f"budget is {flash_total:,} B")
     if not parts:
         parts.append(f"needs {best_sram:,} B SRAM and {best_flash:,} B Flash with {what}; "
@@ -862,10 +874,11 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "arena_bytes": memory.arena_bytes,
         "scratch_bytes": memory.scratch_bytes,
         "peak_sram_bytes": memory.peak_sram_bytes,
-        "input_bytes": input_bytes,
-        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,
+        "input_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs),
+        "output_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs),
+        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + input and output
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph),
+        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board)),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],

@@ -1,0 +1,271 @@
+"""Budgets that hold after the build: one SRAM figure and one Flash figure, each with its parts
+labelled, predicted from the plan and measured from a linked ELF (DESIGN §5, README "Memory
+figures").
+
+SRAM. What the model adds to a firmware, and what ``--sram`` (or the board's
+``region − reserve.stack − reserve.runtime_sram``) bounds::
+
+    model SRAM = arena + kernel scratch + input buffer + output buffer
+
+The search plans the arena against ``budget − scratch − input − output``. The stack and the
+rest of the firmware's ``.data``/``.bss`` are the board's reserves (``reserve.stack``,
+``reserve.runtime_sram``): they do not depend on the model, so they are shown beside the model's
+figure, never hidden in it, and the build check holds the total against the SRAM region.
+
+Flash. ``model Flash = parameters + code and tables``: the packed weights, int32 biases,
+multipliers and shifts (each array 4-byte aligned, as ``mpq_weights.c`` declares them), the
+kernel library functions the model's kernels link (measured per kernel family with
+arm-none-eabi-gcc by ``tools/code_sizes.py``, ``kernels/code_sizes.json``) and the calls and
+constant parameter blocks of ``mpq_model_run`` (measured per call the same way).
+
+Measured. :func:`build_breakdown` attributes every symbol of a linked ELF to its source file
+(``arm-none-eabi-nm -l``, the build has ``-g``): the export's files are the model, the harness
+files (``main.c``, the start-up code, semihosting) are not; libgcc helpers (no source) count
+with the model that calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpq.errors import MpqError
+
+#: Source files of the build harness (`firmware.build_elf` adds the last two to every build;
+#: main.c is `mpq export --build`'s or `mpq verify`'s). Everything else is the model's.
+HARNESS_FILES = ("main.c", "verify_main.c", "mpq_startup.c", "mpq_semihost.c")
+#: The harness mains, whose .data/.bss are its input/output buffers (test vectors in verify).
+_HARNESS_MAINS = ("main.c", "verify_main.c")
+
+
+def align4(n: int) -> int:
+    """`n` rounded up to 4: every constant array of mpq_weights.c is `aligned(4)`."""
+    return -(-n // 4) * 4
+
+
+@dataclass(frozen=True)
+class SramFigure:
+    """The SRAM a plan needs, in parts (bytes)."""
+
+    arena: int
+    scratch: int
+    input: int
+    output: int
+    budget: int  # the search's (--sram or the board's): bounds `model`
+    stack: int  # board reserve
+    runtime: int  # board reserve: the rest of the firmware's .data/.bss/heap
+
+    @property
+    def model(self) -> int:
+        """arena + scratch + input buffer + output buffer."""
+        return self.arena + self.scratch + self.input + self.output
+
+    def describe(self) -> str:
+        """`model SRAM 37,504 B = arena … + scratch … + input … + output …` on one line."""
+        return (f"model SRAM {self.model:,} B = arena {self.arena:,} + scratch {self.scratch:,}"
+                f" + input {self.input:,} + output {self.output:,}; budget {self.budget:,} B; "
+                f"board reserves beside it: stack {self.stack:,} B, rest of firmware "
+                f"{self.runtime:,} B")
+
+
+def plan_sram(plan: Any) -> SramFigure:
+    """The plan's predicted SRAM figure; a plan written before `output_bytes` was recorded
+    counts its output buffer as 0 (what its search planned against)."""
+    p, b = plan.predicted, plan.board
+    reserve = b.get("reserve", {}) if isinstance(b, dict) else {}
+    return SramFigure(arena=int(p["arena_bytes"]), scratch=int(p["scratch_bytes"]),
+                      input=int(p["input_bytes"]), output=int(p.get("output_bytes", 0)),
+                      budget=int(b["sram_budget"]), stack=int(reserve.get("stack", 0)),
+                      runtime=int(reserve.get("runtime_sram", 0)))
+
+
+# -- measured ------------------------------------------------------------------------------------
+
+_KINDS = {"t": "text", "w": "text", "r": "rodata", "d": "data", "b": "bss"}
+
+
+def _symbols(elf: Path, nm: str) -> list[tuple[str, str, str, int]]:
+    """(source file, symbol, kind, bytes) of every sized symbol of a linked ELF, from
+    `arm-none-eabi-nm -l -S` (`?` as the file of symbols without debug info, e.g. libgcc);
+    aliases (several names at one address) are listed once."""
+    proc = subprocess.run([nm, "-l", "-S", "-t", "d", str(elf)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise MpqError(f"arm-none-eabi-nm failed on {elf}: {proc.stderr.strip()[:200]}")
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for line in proc.stdout.splitlines():
+        head, _, where = line.partition("\t")
+        fields = head.split()
+        if len(fields) != 4 or fields[2].lower() not in _KINDS:
+            continue
+        addr, size, typ, name = fields
+        if (addr, typ) in seen:
+            continue
+        seen.add((addr, typ))
+        src = Path(where.rsplit(":", 1)[0]).name if where else "?"
+        out.append((src, name, _KINDS[typ.lower()], int(size)))
+    return out
+
+
+def symbol_breakdown(elf: Path, nm: str) -> dict[str, dict[str, int]]:
+    """Bytes per source file and kind (`text`, `rodata`, `data`, `bss`) of a linked ELF."""
+    out: dict[str, dict[str, int]] = {}
+    for src, _name, kind, size in _symbols(elf, nm):
+        per = out.setdefault(src, {})
+        per[kind] = per.get(kind, 0) + size
+    return out
+
+
+def symbol_breakdown_symbols(elf: Path, nm: str) -> dict[str, int]:
+    """Flash bytes (code, constants, initial values) per `file:symbol` of a linked ELF."""
+    return {f"{src}:{name}": size for src, name, kind, size in _symbols(elf, nm)
+            if kind != "bss"}
+
+
+def build_breakdown(elf: Path, sections: dict[str, int], nm: str) -> dict[str, int]:
+    """The measured figures of an `mpq export --build` ELF (bytes):
+
+    * ``model_flash_bytes``: code, constants and initial values of the model's files (the
+      export and its kernels, libgcc helpers);
+    * ``harness_flash_bytes``: the same of the harness (main.c, start-up, semihosting);
+    * ``model_sram_bytes``: the model's `.data`/`.bss` symbols (the arena and scratch arrays
+      of `.mpq_arena` among them) and the harness's input/output buffers (a firmware has them
+      too);
+    * ``io_buffer_bytes``: that last part; ``stack_bytes``: the `.stack` section (board
+      reserve).
+    """
+    per = symbol_breakdown(elf, nm)
+    model_flash = harness_flash = model_static = io = 0
+    for src, kinds in per.items():
+        flash = kinds.get("text", 0) + kinds.get("rodata", 0) + kinds.get("data", 0)
+        ram = kinds.get("data", 0) + kinds.get("bss", 0)
+        if src in HARNESS_FILES:
+            harness_flash += flash
+            if src in _HARNESS_MAINS:
+                io += ram
+        else:
+            model_flash += flash
+            model_static += ram
+    # The arena and scratch arrays are mpq_model.c's symbols (in .mpq_arena): in model_static.
+    return {"model_flash_bytes": model_flash, "harness_flash_bytes": harness_flash,
+            "model_sram_bytes": model_static + io, "io_buffer_bytes": io,
+            "stack_bytes": sections.get("stack", 0)}
+
+
+def over_budget(measured: dict[str, int], board: Any, plan_board: dict[str, Any]) -> list[str]:
+    """What a measured build exceeds, one phrase each (empty: it fits): the model's Flash and
+    SRAM against the plan's budgets, the whole build against the board's regions less the
+    reserves of the rest of the firmware."""
+    problems = []
+    flash_budget, sram_budget = int(plan_board["flash_budget"]), int(plan_board["sram_budget"])
+    if measured["model_flash_bytes"] > flash_budget:
+        problems.append(f"model Flash {measured['model_flash_bytes']:,} B is "
+                        f"{measured['model_flash_bytes'] - flash_budget:,} B over the plan's "
+                        f"budget {flash_budget:,} B")
+    if measured["model_sram_bytes"] > sram_budget:
+        problems.append(f"model SRAM {measured['model_sram_bytes']:,} B (arena + scratch + "
+                        f"I/O buffers) is {measured['model_sram_bytes'] - sram_budget:,} B over "
+                        f"the plan's budget {sram_budget:,} B")
+    room = board.sram_region_obj.length - board.reserve_runtime_sram
+    if measured["sram_bytes"] > room:
+        problems.append(f"SRAM {measured['sram_bytes']:,} B with the {board.reserve_stack:,} B "
+                        f"stack is over {board.sram_region}'s {room:,} B left beside the "
+                        f"runtime reserve")
+    return problems
+
+
+def build_summary(measured: dict[str, int], predicted_flash: int | None) -> str:
+    """One line naming the measured parts (and the predicted Flash next to the measured)."""
+    got = measured["model_flash_bytes"]
+    pred = "" if predicted_flash is None else \
+        f" (predicted {predicted_flash:,} B, {_pct(got, predicted_flash)})"
+    return (f"model Flash {measured['model_flash_bytes']:,} B{pred} + harness "
+            f"{measured['harness_flash_bytes']:,} B; model SRAM {measured['model_sram_bytes']:,}"
+            f" B (arena + scratch {measured.get('mpq_arena', 0):,}, I/O buffers "
+            f"{measured['io_buffer_bytes']:,}) + stack {measured['stack_bytes']:,} B")
+
+
+def _pct(measured: int, predicted: int) -> str:
+    """How far the prediction is from the measurement, signed, in % of the measurement."""
+    if measured == 0:
+        return "n/a"
+    return f"{100.0 * (predicted - measured) / measured:+.2f} %"
+
+
+# -- predicted Flash ------------------------------------------------------------------------------
+
+def code_table() -> dict[str, Any]:
+    """`kernels/code_sizes.json`: code bytes per kernel family and per call, measured by
+    `tools/code_sizes.py` with the compiler it names."""
+    from mpq.resources import data_dir
+
+    path = data_dir("kernels") / "code_sizes.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+#: Kernel of a layer-based node without fusion or in-place work (`codegen.export._Builder`).
+_NODE_KERNELS = {"fully_connected": "fully_connected", "add": "add", "avg_pool": "avgpool",
+                 "max_pool": "maxpool", "softmax": "softmax", "concat": "copy_view"}
+#: Flash of one kernel family / one call the table does not have (a new kernel): the former
+#: estimate (4.5 KiB per op kind; a call as the table's median), labelled an estimate.
+UNKNOWN_FAMILY_BYTES = 4608
+
+
+def layer_kernels(graph: Any) -> list[str]:
+    """The kernel each layer-based node calls in an export (none for reshapes and adds fused
+    into their convolution), as `codegen.export._Builder._portable` chooses it."""
+    from mpq.memory import fused_residual_adds, layer_lifetimes, layer_schedule_buffers
+
+    elements = {t: graph.tensors[t].size for t in graph.tensors}
+    fused = fused_residual_adds(graph, elements, layer_lifetimes(graph))
+    _, inplace = layer_schedule_buffers(graph)
+    fused_convs = {conv for conv, _ in fused.values()}
+    out = []
+    for n in graph.nodes:
+        if n.op == "reshape" or n.name in fused:
+            continue
+        if n.op == "conv2d":
+            out.append("conv2d_add" if n.name in fused_convs else
+                       "depthwise_inplace" if n.name in inplace else "conv2d")
+        else:
+            out.append(_NODE_KERNELS.get(n.op, n.op))
+    return out
+
+
+def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16") -> int:
+    """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
+    (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
+    in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); a family or call
+    the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
+    table = code_table().get("cpus", {})
+    entry = table.get(cpu) or next((v for k, v in sorted(table.items())
+                                    if k.split("/")[0] == cpu.split("/")[0]), None) \
+        or next(iter(table.values()), None)
+    kernels = layer_kernels(graph)
+    if entry is None:  # no table at all (a broken install): the old estimate
+        return 8192 + UNKNOWN_FAMILY_BYTES * len(set(kernels))
+    per_call = entry["per_call"]
+    median_call = sorted(per_call.values())[len(per_call) // 2] if per_call else 160
+    symbols: dict[str, int] = {}
+    unknown = 0
+    for family in sorted(set(kernels)):
+        if family in entry["families"]:
+            symbols.update(entry["families"][family])
+        else:
+            unknown += UNKNOWN_FAMILY_BYTES
+    calls = sum(per_call.get(k, median_call) for k in kernels)
+    return int(entry["base"]) + sum(symbols.values()) + unknown + calls
+
+
+def board_cpu(board: Any) -> str:
+    """`core/fpu` of a Board or of a plan's board dict (the code-size table's key)."""
+    if isinstance(board, dict):
+        return f"{board.get('core', 'cortex-m4')}/{board.get('fpu', 'fpv4-sp-d16')}"
+    return f"{board.core}/{board.fpu}"

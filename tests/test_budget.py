@@ -1,0 +1,121 @@
+"""Budgets that hold after the build (issue 14 item 4): the labelled SRAM figure, Flash predicted
+within 1 % of what arm-none-eabi-gcc links, `export --build` refusing an over-budget build in
+one line, and verify's test vectors reported apart from the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from conftest import REPO, run_mpq
+
+pytestmark = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None,
+                                reason="needs arm-none-eabi-gcc")
+
+FASHION = REPO / "examples" / "fashion"
+
+
+@pytest.fixture(scope="module")
+def layer_plans(tmp_path_factory, kws) -> dict[str, dict]:
+    """Layer-based plans of the Fashion CNN (nano33ble, 2-bit weights allowed, a Flash budget
+    that forces some) and the shared KWS DS-CNN (stm32h743), each exported with --build."""
+    root = tmp_path_factory.mktemp("budget")
+    shutil.copy(FASHION / "fashion_cnn.onnx", root / "fashion.onnx")
+    shutil.copy(kws["model"], root / "kws.onnx")
+    out = {}
+    for name, board, extra in (("fashion", "nano33ble", ["--flash", "60000"]),
+                               ("kws", "stm32h743", [])):
+        plan = root / f"{name}.plan.json"
+        r = run_mpq("search", f"{name}.onnx", "--board", board, "--strategy", "qe",
+                    "--weight-bits", "8,4,2", "--patches", "none", *extra, "-o", plan, "-q",
+                    cwd=root)
+        assert r.returncode == 0, r.stderr
+        r = run_mpq("export", plan, "-o", root / name, "--build", cwd=root)
+        assert r.returncode == 0, r.stderr
+        out[name] = {"plan": json.loads(plan.read_text()), "path": plan, "root": root,
+                     "report": json.loads((root / name / "mpq_report.json").read_text()),
+                     "stdout": r.stdout}
+    return out
+
+
+@pytest.mark.parametrize("name", ["fashion", "kws"])
+def test_predicted_flash_within_one_percent_of_the_build(layer_plans, name):
+    """params + code as the plan predicts it vs the model's symbols in the linked ELF."""
+    d = layer_plans[name]
+    p = d["plan"]["predicted"]
+    predicted = p["flash_bytes"] + p["code_bytes_estimate"]
+    measured = d["report"]["measured"]["model_flash_bytes"]
+    assert abs(predicted - measured) <= 0.01 * measured, (name, predicted, measured)
+    assert predicted <= d["plan"]["board"]["flash_budget"]
+    assert "predicted" in d["stdout"] and f"{measured:,}" in d["stdout"]
+
+
+def test_sram_figure_counts_every_buffer_and_holds_after_the_build(layer_plans):
+    """sram_needed = arena + scratch + input + output ≤ budget, and the build's model SRAM
+    (arena and scratch arrays, the model's .bss, the I/O buffers) is within it."""
+    for d in layer_plans.values():
+        p, b = d["plan"]["predicted"], d["plan"]["board"]
+        assert p["sram_needed_bytes"] == p["arena_bytes"] + p["scratch_bytes"] \
+            + p["input_bytes"] + p["output_bytes"] <= b["sram_budget"]
+        m = d["report"]["measured"]
+        # the export rounds the scratch array up to 16 B; the search plans against that too
+        assert m["model_sram_bytes"] <= p["sram_needed_bytes"] + 15 <= b["sram_budget"] + 15
+        assert m["io_buffer_bytes"] >= p["input_bytes"] + p["output_bytes"]
+        assert m["stack_bytes"] == b["reserve"]["stack"]
+        assert m["model_sram_bytes"] + m["stack_bytes"] <= m["sram_bytes"]
+
+
+def test_over_budget_build_fails_in_one_line_and_writes_nothing(layer_plans, tmp_path):
+    """A plan whose budgets the real build exceeds: exit 1, one `error:` line naming both
+    overruns, no output directory; --allow-over writes it with one warning line."""
+    d = layer_plans["fashion"]
+    plan = json.loads(d["path"].read_text())
+    measured = d["report"]["measured"]
+    plan["board"]["flash_budget"] = measured["model_flash_bytes"] - 100
+    plan["board"]["sram_budget"] = measured["model_sram_bytes"] - 100
+    tampered = tmp_path / "over.plan.json"
+    tampered.write_text(json.dumps(plan))
+    model = d["root"] / "fashion.onnx"
+    r = run_mpq("export", tampered, "--model", model, "-o", tmp_path / "fw", "--build")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: build for nano33ble is over budget")
+    assert "model Flash" in lines[0] and "100 B over" in lines[0] and "model SRAM" in lines[0]
+    assert "Traceback" not in r.stderr and not (tmp_path / "fw").exists()
+    r = run_mpq("export", tampered, "--model", model, "-o", tmp_path / "fw", "--build",
+                "--allow-over")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: build for nano33ble is over")
+    assert (tmp_path / "fw" / "mpq_model.c").is_file()
+
+
+def test_verify_reports_test_vectors_apart(layer_plans):
+    """verify --target qemu-m4 links every sample into the harness: those bytes are reported
+    as test vectors, not as the model's SRAM (which stays what the plan predicted)."""
+    d = layer_plans["fashion"]
+    r = run_mpq("verify", d["path"], "--target", "qemu-m4", "--data", FASHION / "test.npz",
+                "--samples", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)
+    assert v["mismatches"] == 0 and v["test_vector_bytes"] == 3 * (28 * 28 + 10)
+    assert v["model_sram_bytes"] + v["test_vector_bytes"] + v["stack_bytes"] <= v["sram_bytes"]
+    p = d["plan"]["predicted"]
+    assert v["model_sram_bytes"] <= p["arena_bytes"] + p["scratch_bytes"] + 15  # 16-B aligned
+    r = run_mpq("verify", d["path"], "--target", "qemu-m4", "--data", FASHION / "test.npz",
+                "--samples", "3")
+    assert f"test vectors {v['test_vector_bytes']:,}" in r.stdout
+
+
+def test_code_table_is_current():
+    """kernels/code_sizes.json was measured from today's kernel sources (else run
+    `PYTHONPATH=. python -m tools.code_sizes PLAN…`, see its docstring)."""
+    table = json.loads((REPO / "kernels" / "code_sizes.json").read_text())
+    assert table["compiler"].startswith("arm-none-eabi-gcc")
+    for name, digest in table["sources_sha256"].items():
+        path = REPO / "kernels" / name
+        if name.endswith(".c") and path.exists():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, \
+                f"{name} changed since tools/code_sizes.py measured it"

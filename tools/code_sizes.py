@@ -1,0 +1,131 @@
+"""Measure the Flash of mpq's generated code with arm-none-eabi-gcc: `kernels/code_sizes.json`.
+
+    PYTHONPATH=. python -m tools.code_sizes PLAN.json [PLAN.json …]
+
+For each CPU of the shipped boards (their GCC flags), with the flags `mpq export --build` uses:
+
+* ``families``: each kernel family of `mpq.codegen.export.KERNEL_SOURCES` linked alone (a main
+  that only takes the address of ``mpq_<family>``, ``--gc-sections``): every symbol the family
+  pulls in, ``file:name → bytes`` (code, constants; libgcc helpers as ``?:name``). A model's
+  kernel code is the size of the union over its families (shared helpers counted once).
+* ``per_call``: the bytes one more call of a kernel adds to ``mpq_model.c`` (its call code and
+  its static parameter blocks): the export of a plan given on the command line, re-rendered
+  with that plan's first layer of the family repeated 1 and 3 times, linked, and the
+  difference halved. ``base``: what ``mpq_model.c`` takes besides its calls (median over the
+  samples).
+
+The compiler's version is recorded; `mpq.budget` reads the table to predict Flash. Run it again
+after a kernel changes (the test `test_budget.py::test_code_table_is_current` says when).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mpq import firmware
+from mpq.boards import list_boards
+from mpq.budget import HARNESS_FILES, symbol_breakdown_symbols
+from mpq.codegen.export import KERNEL_SOURCES, c_sources, export_context, library_sources
+from mpq.codegen.render import render
+from mpq.plan import load_plan_with_model
+from mpq.resources import data_dir
+
+OUT = data_dir("kernels") / "code_sizes.json"
+
+
+def _cpus() -> dict[str, list[str]]:
+    """GCC CPU flags of the shipped boards, keyed `core/fpu`."""
+    return {f"{b.core}/{b.fpu}": b.cpu_flags for b in list_boards()}
+
+
+def _board_for(key: str):
+    return next(b for b in list_boards() if f"{b.core}/{b.fpu}" == key)
+
+
+def _link(files: dict[str, str], main: str, board, tmp: Path) -> Path:
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    for name, text in files.items():
+        (work / name).write_text(text)
+    (work / "main.c").write_text(main)
+    sources = [work / n for n in ("main.c", *c_sources(files))]
+    return firmware.build_elf(sources, [work], board, work / "build")
+
+
+def family_symbols(family: str, board, tmp: Path, nm: str) -> dict[str, int]:
+    """Symbols (`file:name` → bytes) that linking `mpq_<family>` alone pulls in."""
+    files = library_sources([family])
+    main = ('#include <stdint.h>\n#include "mpq_kernels.h"\n'
+            f"int main(void) {{ return (int)(uintptr_t)&mpq_{family} == 1; }}\n")
+    elf = _link(files, main, board, tmp)
+    return {k: v for k, v in symbol_breakdown_symbols(elf, nm).items()
+            if k.split(":", 1)[0] not in HARNESS_FILES}
+
+
+def model_c_bytes(ctx: dict, layers: list, board, tmp: Path, nm: str) -> int:
+    """Flash of mpq_model.c's symbols when linked with `layers` as its calls."""
+    c = {**ctx, "layers": layers, "stage": None, "arena_static": False}
+    files = {"mpq_model.h": render("c/mpq_model.h.j2", **c),
+             "mpq_model.c": render("c/mpq_model.c.j2", **c),
+             "mpq_weights.h": render("c/mpq_weights.h.j2", **c),
+             "mpq_weights.c": render("c/mpq_weights.c.j2", **c),
+             **library_sources(sorted({la.kernel for la in layers} | set(ctx["kernels"])))}
+    main = ('#include <stdint.h>\n#include "mpq_model.h"\n'
+            "static int8_t in[MPQ_INPUT_BYTES], out[MPQ_OUTPUT_BYTES];\n"
+            "int main(void) { return mpq_model_run(in, out); }\n")
+    elf = _link(files, main, board, tmp)
+    return sum(v for k, v in symbol_breakdown_symbols(elf, nm).items()
+               if k.startswith("mpq_model.c:"))
+
+
+def main(argv: list[str]) -> int:
+    tools = firmware.require_tools()
+    version = subprocess.run([tools.cc, "--version"], capture_output=True,
+                             text=True).stdout.splitlines()[0]
+    kernels = data_dir("kernels")
+    table: dict = {"compiler": version, "flags": list(firmware._CFLAGS),
+                   "sources_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                      for p in sorted(kernels.glob("*.[ch]"))},
+                   "cpus": {}}
+    samples = []
+    for path in argv:
+        plan, _, graph = load_plan_with_model(Path(path))
+        if plan.patch is not None:
+            print(f"{path}: a patch plan; give layer-based plans", file=sys.stderr)
+            return 1
+        samples.append(export_context(plan, graph))
+    with tempfile.TemporaryDirectory(prefix="mpq-code-sizes-") as t:
+        tmp = Path(t)
+        for key in sorted(_cpus()):
+            board = _board_for(key)
+            fams = {f: family_symbols(f, board, tmp, tools.nm) for f in sorted(KERNEL_SOURCES)}
+            per_call: dict[str, int] = {}
+            bases: list[int] = []
+            for ctx in samples:
+                for layer in ctx["layers"]:
+                    if layer.kernel in per_call or layer.kernel == "cmsis":
+                        continue
+                    one = model_c_bytes(ctx, [layer], board, tmp, tools.nm)
+                    three = model_c_bytes(ctx, [layer, dataclasses.replace(layer),
+                                                dataclasses.replace(layer)], board, tmp,
+                                          tools.nm)
+                    per_call[layer.kernel] = (three - one) // 2
+                    bases.append(one - per_call[layer.kernel])
+            table["cpus"][key] = {"families": fams, "per_call": dict(sorted(per_call.items())),
+                                  "base": int(statistics.median(bases)) if bases else 0}
+            print(f"{key}: " + ", ".join(f"{f} {sum(s.values()):,} B"
+                                         for f, s in fams.items())
+                  + f"; per call {per_call}; base {table['cpus'][key]['base']}")
+    OUT.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"→ {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
