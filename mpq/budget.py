@@ -235,8 +235,20 @@ def layer_kernels(graph: Any) -> list[str]:
             out.append("conv2d_add" if n.name in fused_convs else
                        "depthwise_inplace" if n.name in inplace else "conv2d")
         else:
-            out.append(_NODE_KERNELS.get(n.op, n.op))
+            out.append(_node_kernel(graph, n))
     return out
+
+
+def _node_kernel(graph: Any, n: Any) -> str:
+    """The portable kernel family of a node that is not a conv (export's `_portable` rule)."""
+    if n.op in ("pad", "slice"):
+        return "copy_block"
+    if n.op == "concat":
+        channels = n.attrs["axis"] == 3 and len(graph.tensors[n.outputs[0]].shape) == 4
+        return "copy_view" if channels and not n.attrs.get("constants") else "copy_block"
+    if n.op == "resize":
+        return "resize_bilinear" if n.attrs["mode"] == "bilinear" else "resize_nearest"
+    return _NODE_KERNELS.get(n.op, n.op)
 
 
 def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16") -> int:

@@ -92,3 +92,17 @@ def test_tight_budget_plan_exact_on_host_and_qemu(network) -> None:
     _assert_every_output_exact(_verify(plan, data, "host"), graph, 6)
     if _cross_tools():
         _assert_every_output_exact(_verify(plan, data, "qemu-m4"), graph, 6)
+
+
+def test_predicted_flash_within_one_percent_of_the_build(network) -> None:
+    """The int8 plan's Flash (parameters, tables, constants + measured kernel code) against
+    the model's symbols in the firmware arm-none-eabi-gcc links (`mpq export --build`)."""
+    if not _cross_tools():
+        pytest.skip("arm-none-eabi-gcc not installed")
+    out = network["root"] / "fw-build"
+    r = run_mpq("export", network["int8"], "-o", out, "--build")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(network["int8"].read_text())["predicted"]
+    predicted = p["flash_bytes"] + p["code_bytes_estimate"]
+    measured = json.loads((out / "mpq_report.json").read_text())["measured"]["model_flash_bytes"]
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)

@@ -77,8 +77,16 @@ def model_c_bytes(ctx: dict, layers: list, board, tmp: Path, nm: str) -> int:
              "mpq_weights.c": render("c/mpq_weights.c.j2", **c),
              **library_sources(sorted({la.kernel for la in layers} | set(ctx["kernels"])))}
     main = ('#include <stdint.h>\n#include "mpq_model.h"\n'
-            "static int8_t in[MPQ_INPUT_BYTES], out[MPQ_OUTPUT_BYTES];\n"
-            "int main(void) { return mpq_model_run(in, out); }\n")
+            "static int8_t in[MPQ_INPUT_BYTES], out[MPQ_OUTPUTS_BYTES];\n"
+            "int main(void) {\n"
+            "    int8_t *outs[MPQ_NUM_OUTPUTS];\n"
+            "    int32_t at = 0;\n"
+            "    for (int k = 0; k < MPQ_NUM_OUTPUTS; k++) {\n"
+            "        outs[k] = out + at;\n"
+            "        at += mpq_outputs[k].bytes;\n"
+            "    }\n"
+            "    return mpq_model_run(in, outs);\n"
+            "}\n")
     elf = _link(files, main, board, tmp)
     return sum(v for k, v in symbol_breakdown_symbols(elf, nm).items()
                if k.startswith("mpq_model.c:"))
