@@ -13,6 +13,12 @@ import onnxruntime as ort
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# pytest-xdist's workers export COLUMNS=80 (a terminal they do not have); the CLI's tables
+# would then wrap differently under `make test` than in a plain run. Without a terminal the
+# CLI uses its documented default width (160) unless a test sets COLUMNS itself.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 SHARED_MODELS = REPO.parent / "shared" / "models"
 
 SHARED_ONNX = {

@@ -192,8 +192,7 @@ def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None,
 
 def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
     """Tensors held at 8 bits whatever the search: inputs, outputs, softmax, sigmoid and tanh
-    outputs and the
-    map VDPC classifies (both branches must read the same values)."""
+    outputs and the map VDPC classifies (both branches must read the same values)."""
     fixed = set(graph.inputs) | set(graph.outputs)
     fixed |= {n.outputs[0] for n in graph.nodes if n.op == "softmax"}
     # Sigmoid and tanh outputs too: TFLM fixes them at 8 bits, 1/256 and 1/128 (mpq.quant.lut).
