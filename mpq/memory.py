@@ -11,6 +11,7 @@ is alive at the same time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -330,7 +331,7 @@ def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
         total += -(-packed_bytes(n.weight.size, weight_bits.get(n.name, 8)) // 4) * 4
         total += 4 * cout  # bias
         total += 8 * cout  # requantisation multiplier and shift
-    return total + resize_map_bytes(graph)
+    return total + constant_flash_bytes(graph)
 
 
 def resize_map_bytes(graph: Graph) -> int:
@@ -345,7 +346,21 @@ def resize_map_bytes(graph: Graph) -> int:
 
 
 def constant_flash_bytes(graph: Graph) -> int:
-    """Flash of the constant inputs of concats (`ir.Node` concat `constants`), counted at 8 bits
-    — an upper bound: export packs them at the concat output's bits."""
-    return sum(packed_bytes(int(c.size), 8) for n in graph.nodes if n.op == "concat"
-               for _, c in n.attrs.get("constants", ()))
+    """Flash of the layers' constant arrays other than weights and tables, each 4-byte
+    aligned as `mpq_weights.c` declares it: concat constant inputs (counted at 8 bits — an
+    upper bound: export packs them at the concat output's bits), the resize maps
+    (`resize_map_bytes`), a mul/sub constant operand (int8 per value) and PRelu's int8 slopes,
+    one per channel of the output's view (a rank-3 tensor is one 1×1×(A·B) view: its slopes
+    repeat)."""
+    total = resize_map_bytes(graph)
+    for n in graph.nodes:
+        if n.op == "concat":
+            total += sum(align_up(packed_bytes(int(c.size), 8), 4)
+                         for _, c in n.attrs.get("constants", ()))
+        elif n.op in ("mul", "sub") and "const" in n.attrs:
+            total += align_up(len(n.attrs["const"]), 4)
+        elif n.op == "prelu":
+            shape = graph.tensors[n.outputs[0]].shape
+            channels = shape[3] if len(shape) == 4 else math.prod(shape[1:])
+            total += align_up(channels, 4)
+    return total

@@ -603,7 +603,8 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     w_options = weight_options(graph, opts, flash_total - code)
     w_floor = max(w_options) if opts.strategy == "int8" else min(w_options)
     scheme = opts.weight_scheme or "linear"
-    flash = code + weights_flash(graph, w_floor, scheme) + tables_flash(graph)
+    flash = code + weights_flash(graph, w_floor, scheme) + tables_flash(graph) \
+        + constant_flash_bytes(graph)
     if flash > flash_total:
         raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights, the "
                           f"fewest bits allowed (code {code:,} B included); budget is "
