@@ -166,6 +166,29 @@ class Graph:
         return out
 
 
+def tensor_groups(graph: Graph, pairs: Any) -> list[list[str]]:
+    """The connected groups of `graph`'s tensors under the (a, b) `pairs` (union-find): every
+    tensor in one group, members in tensor order, groups ordered by their first member."""
+    parent = {t: t for t in graph.tensors}
+    order = {t: i for i, t in enumerate(graph.tensors)}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            lo, hi = sorted((ra, rb), key=order.get)
+            parent[hi] = lo
+    groups: dict[str, list[str]] = {}
+    for t in graph.tensors:
+        groups.setdefault(find(t), []).append(t)
+    return sorted(groups.values(), key=lambda g: order[g[0]])
+
+
 def remove_dead_nodes(graph: Graph) -> None:
     """Drop nodes no graph output depends on, and tensors no remaining node touches."""
     live = set(graph.outputs)

@@ -1286,10 +1286,10 @@ def tflite_nearest_map(in_size: int, out_size: int, align_corners: bool,
     return tuple(int(k) for k in v)
 
 
-def _resize_nearest(imp: _Importer, i: int, op: Any) -> None:
-    """RESIZE_NEAREST_NEIGHBOR with a constant size: the index maps of `tflite_nearest_map`;
-    the output is the input's quantisation (TFLM copies bytes)."""
-    opts = _options(imp, op, "ResizeNearestNeighborOptionsT")
+def _resize_operands(imp: _Importer, i: int, op: Any
+                     ) -> tuple[str, int, tuple[int, int], tuple[int, int]]:
+    """A RESIZE_* op's input value, output tensor index (shape checked), input (H, W) and the
+    constant output size (H, W)."""
     ins, outs = imp.inputs(op), imp.outputs(op)
     if len(ins) != 2 or len(outs) != 1:
         raise imp.fail(f"{imp.where(i)}: expected input, size and one output")
@@ -1301,11 +1301,18 @@ def _resize_nearest(imp: _Importer, i: int, op: Any) -> None:
     ho, wo = (int(v) for v in np.asarray(size).reshape(-1))
     if ho < 1 or wo < 1:
         raise imp.fail(f"{imp.where(i)}: empty output {ho}x{wo}")
-    align = bool(opts.alignCorners) if op.builtinOptions is not None else False
-    hpc = bool(opts.halfPixelCenters) if op.builtinOptions is not None else False
     imp.check_output(i, outs[0], (1, ho, wo, c))
-    _same_quant(imp, i, imp.origin[x], outs[0])
-    out = imp.new_tensor(outs[0])
+    return x, outs[0], (h, w), (ho, wo)
+
+
+def _resize_nearest(imp: _Importer, i: int, op: Any) -> None:
+    """RESIZE_NEAREST_NEIGHBOR with a constant size: the index maps of `tflite_nearest_map`;
+    the output is the input's quantisation (TFLM copies bytes)."""
+    opts = _options(imp, op, "ResizeNearestNeighborOptionsT")
+    x, out_index, (h, w), (ho, wo) = _resize_operands(imp, i, op)
+    align, hpc = bool(opts.alignCorners), bool(opts.halfPixelCenters)
+    _same_quant(imp, i, imp.origin[x], out_index)
+    out = imp.new_tensor(out_index)
     imp.nodes.append(Node(name=imp.node_name(i), op="resize", inputs=[x], outputs=[out], attrs={
         "mode": "nearest", "rows": tflite_nearest_map(h, ho, align, hpc),
         "cols": tflite_nearest_map(w, wo, align, hpc), "scales": (ho / h, wo / w)}))
@@ -1316,24 +1323,13 @@ def _resize_bilinear(imp: _Importer, i: int, op: Any) -> None:
     (`interpreter.bilinear_float_taps`, `arith.bilinear_int_taps`); the output is the input's
     quantisation (TFLM interpolates the int8 values, no requantisation)."""
     opts = _options(imp, op, "ResizeBilinearOptionsT")
-    ins, outs = imp.inputs(op), imp.outputs(op)
-    if len(ins) != 2 or len(outs) != 1:
-        raise imp.fail(f"{imp.where(i)}: expected input, size and one output")
-    x = imp.value(ins[0], i)
-    _, h, w, c = imp.rank4(x, i)
-    size = imp.raw(ins[1])
-    if size is None or np.asarray(size).size != 2:
-        raise imp.fail(f"{imp.where(i)}: the size must be a constant of two values")
-    ho, wo = (int(v) for v in np.asarray(size).reshape(-1))
-    if ho < 1 or wo < 1:
-        raise imp.fail(f"{imp.where(i)}: empty output {ho}x{wo}")
+    x, out_index, _, _ = _resize_operands(imp, i, op)
     align, hpc = bool(opts.alignCorners), bool(opts.halfPixelCenters)
     if align and hpc:
         raise imp.fail(f"{imp.where(i)}: align_corners and half_pixel_centers together "
                        "(TFLM refuses them)")
-    imp.check_output(i, outs[0], (1, ho, wo, c))
-    _same_quant(imp, i, imp.origin[x], outs[0])
-    out = imp.new_tensor(outs[0])
+    _same_quant(imp, i, imp.origin[x], out_index)
+    out = imp.new_tensor(out_index)
     imp.nodes.append(Node(name=imp.node_name(i), op="resize", inputs=[x], outputs=[out], attrs={
         "mode": "bilinear", "align_corners": align, "half_pixel_centers": hpc}))
 

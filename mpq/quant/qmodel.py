@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.ir import Graph, Node
+from mpq.ir import Graph, Node, tensor_groups
 from mpq.quant import arith
 from mpq.quant.finite import check_finite_parameters, check_finite_ranges
 from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
@@ -256,26 +256,9 @@ def shared_quant_groups(graph: Graph) -> list[list[str]]:
     output (TFLM's int8 concatenation does not requantise). Transitive, so a concat of
     reshaped heads shares its range with the heads' producers. Groups and their members in
     tensor order."""
-    parent = {t: t for t in graph.tensors}
-
-    def find(t: str) -> str:
-        while parent[t] != t:
-            parent[t] = parent[parent[t]]
-            t = parent[t]
-        return t
-
-    order = {t: i for i, t in enumerate(graph.tensors)}
-    for n in graph.nodes:
-        if n.op in SAME_AS_INPUT or n.op == "concat":
-            for t in n.inputs:
-                a, b = find(t), find(n.outputs[0])
-                if a != b:
-                    lo, hi = sorted((a, b), key=order.get)
-                    parent[hi] = lo
-    groups: dict[str, list[str]] = {}
-    for t in graph.tensors:
-        groups.setdefault(find(t), []).append(t)
-    return sorted(groups.values(), key=lambda g: order[g[0]])
+    return tensor_groups(graph, ((t, n.outputs[0]) for n in graph.nodes
+                                 if n.op in SAME_AS_INPUT or n.op == "concat"
+                                 for t in n.inputs))
 
 
 def widen_hard_swish_ranges(graph: Graph, ranges: dict[str, tuple[float, float]],

@@ -25,7 +25,7 @@ from mpq.boards import Board
 from mpq.budget import align4, board_cpu
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
-from mpq.ir import Graph, graph_fingerprint, node_macs
+from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
@@ -159,35 +159,15 @@ def tie_groups(graph: Graph, fused: dict[str, tuple[str, str]] | None = None,
     fused residual add's sum with the skip it overwrites (`memory.fused_residual_adds`), and an
     in-place depthwise conv's output with its input — writing in place is safe channel by
     channel only when every element keeps its bit position."""
-    parent = {t: t for t in graph.tensors}
-
-    def find(t: str) -> str:
-        while parent[t] != t:
-            parent[t] = parent[parent[t]]
-            t = parent[t]
-        return t
-
-    def union(a: str, b: str) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
     # Views and concats: exactly the tensors that share one quantisation (the quantiser's
     # groups), so a concat of reshaped heads ties the heads' producers too.
-    for group in shared_quant_groups(graph):
-        for t in group[1:]:
-            union(group[0], t)
+    pairs = [(g[0], t) for g in shared_quant_groups(graph) for t in g[1:]]
     for n in graph.nodes:
         if fused and n.name in fused:
-            union(fused[n.name][1], n.outputs[0])
+            pairs.append((fused[n.name][1], n.outputs[0]))
         elif inplace and n.name in inplace:
-            union(n.inputs[0], n.outputs[0])
-    order = {t: i for i, t in enumerate(graph.tensors)}
-    groups: dict[str, list[str]] = {}
-    for t in graph.tensors:
-        groups.setdefault(find(t), []).append(t)
-    return sorted((sorted(g, key=order.get) for g in groups.values()),
-                  key=lambda g: order[g[0]])
+            pairs.append((n.inputs[0], n.outputs[0]))
+    return tensor_groups(graph, pairs)
 
 
 def fixed_8bit(graph: Graph, classified: str | None) -> set[str]:
