@@ -885,11 +885,14 @@ def report_cmd(plan_path: Path, output: Path | None, plan_model: Path | None,
 @click.option("--model", "plan_model", type=click.Path(path_type=Path),
               help="The plan's model file (default: the path the plan names).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--per-layer", is_flag=True,
+              help="QEMU targets: also count every layer's instructions (a table; `per_layer` "
+                   "in --json).")
 @QUIET
 @user_errors
 def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
                input_path: Path | None, samples: int, plan_model: Path | None,
-               as_json: bool, quiet: bool) -> None:
+               as_json: bool, quiet: bool, per_layer: bool) -> None:
     """Export PLAN, build it for TARGET, run it and compare every byte with the reference."""
     import numpy as np
 
@@ -898,6 +901,9 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
     from mpq.quant.calibrate import load_dataset
     from mpq.verify import verify
 
+    if per_layer and target == "host":
+        raise MpqError("verify: --per-layer counts instructions under QEMU: use --target "
+                       "qemu-m4 or qemu-m7")
     if backend == "cmsis-nn":
         cmsis_nn_root([])
     plan, _, graph = load_plan_with_model(plan_path, plan_model)
@@ -907,7 +913,7 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
     ds = load_dataset(source, graph)
     x = np.concatenate(list(ds.batches(256)))[:samples]
     with progress_bar(f"building and running on {target}", None, quiet or as_json):
-        result = verify(plan, graph, x, target, backend)
+        result = verify(plan, graph, x, target, backend, per_layer)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
@@ -929,8 +935,38 @@ def verify_cmd(plan_path: Path, target: str, backend: str, data: Path | None,
                       f"{r.sram_bytes:,} B = model {r.model_sram_bytes:,} + this harness's "
                       f"test vectors {r.test_vector_bytes:,} + stack {r.stack_bytes:,}"
                       + (f" + harness data {rest:,}" if rest else ""))
+        if result.per_layer is not None:
+            _print_per_layer(result)
     if result.mismatches:
         sys.exit(1)
+
+
+def _print_per_layer(result: Any) -> None:
+    """`verify --per-layer`: the measured instructions of every layer beside the plan's MACs and
+    BitOPs (per inference; exact integers unless the inferences differ)."""
+    n = result.samples
+    exact = all(r["instructions_all"] % n == 0 for r in result.per_layer)
+
+    def count(v: int) -> str:
+        return f"{v // n:,}" if exact else f"{v / n:,.1f}"
+
+    table = Table(title=f"Instructions per layer on {result.target}, measured (per inference"
+                        f"{'' if n == 1 else f', mean of {n}'})")
+    for col in ("#", "layer", "kernel", "op", "bits w/a", "MACs", "BitOPs", "instructions",
+                "instr/MAC"):
+        table.add_column(col, justify="left" if col in ("layer", "kernel", "op") else "right")
+    for r in result.per_layer:
+        bits = "" if r["a_bits_in"] is None else \
+            f"{r['w_bits'] or '-'}/{r['a_bits_in']}→{r['a_bits_out']}"
+        table.add_row(r["segment"], plain(r["layer"]), plain(r["kernel"] or ""),
+                      plain(r["op"] or ""), bits, f"{r['macs']:,}" if r["macs"] else "",
+                      f"{r['bitops']:,}" if r["bitops"] else "", count(r["instructions_all"]),
+                      "" if r["instructions_per_mac"] is None
+                      else f"{r['instructions_per_mac']:.2f}")
+    table.add_row("", "total", "", "", "", f"{sum(r['macs'] for r in result.per_layer):,}",
+                  f"{sum(r['bitops'] for r in result.per_layer):,}",
+                  count(result.instructions_all), "")
+    out.print(table)
 
 
 # -- search -------------------------------------------------------------------------------------

@@ -139,6 +139,9 @@ class QemuRun:
     instructions_window: int
     windows: int
     stderr: str = field(default="", repr=False)
+    #: With ``marks``: instructions per segment id summed over the windows (id 0: from the
+    #: window's start to the first mark); they add up to ``instructions_window``.
+    segments: dict[int, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +583,7 @@ def run_qemu(
     count_window: tuple[str, str] | None = DEFAULT_WINDOW,
     *,
     toolchain: Toolchain | None = None,
+    marks: Sequence[tuple[int, int]] = (),
 ) -> QemuRun:
     """Run ``elf`` on the QEMU ``machine`` (``mps2-an386``, ``mps2-an500``, or a target name such
     as ``qemu-m4``) in ``workdir`` and return its exit code, console output, written files and
@@ -601,6 +605,10 @@ def run_qemu(
     close the counting window; markers absent from the ELF give no window. Same ELF and same
     inputs give the same counts ("Deterministic instruction counting": ``-icount`` makes timers
     follow the instruction count, not host time).
+
+    ``marks`` — ``(address, segment id ≥ 1)`` pairs, in program order (at a shared address the
+    last pair wins) — split each window into segments: reaching a marked instruction starts its
+    segment (``tools/icount/icount.c``); :attr:`QemuRun.segments` holds the sums.
 
     :class:`MpqError` when QEMU does not finish within ``timeout`` seconds, when the guest faults
     (exit code 99 from the start-up code's handler, whose CFSR line is quoted; or a lockup, QEMU
@@ -631,6 +639,10 @@ def run_qemu(
                     f"start=0x{addrs[count_window[0]]:x}",
                     f"stop=0x{addrs[count_window[1]]:x}",
                 ]
+        if marks:
+            marks_file = Path(tmp) / "marks.txt"
+            marks_file.write_text("".join(f"{a:x} {i}\n" for a, i in marks))
+            plugin_args.append(f"marks={marks_file}")
         plugin_args.append(f"out={count_file}")
         cmd = [
             tools.qemu, "-M", machine,
@@ -686,4 +698,6 @@ def run_qemu(
         instructions_window=counts.get("window", 0),
         windows=counts.get("windows", 0),
         stderr=stderr,
+        segments={int(k.split(".", 1)[1]): v for k, v in counts.items()
+                  if k.startswith("segment.")},
     )

@@ -60,6 +60,10 @@ class VerifyResult:
     test_vector_bytes: int | None = None
     stack_bytes: int | None = None
     model_flash_bytes: int | None = None
+    #: `--per-layer` (QEMU targets): one row per layer (`mpq.per_layer.rows`); their
+    #: `instructions_all` add up to `instructions_all`, every inference's instructions.
+    per_layer: list[dict] | None = None
+    instructions_all: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -157,9 +161,13 @@ def run_host(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
 
 
 def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
-                    target: str, backend: str = "portable") -> tuple[np.ndarray, int, dict]:
-    """Cross-build the export for the target's QEMU machine and run it there."""
+                    target: str, backend: str = "portable",
+                    per_layer: bool = False) -> tuple[np.ndarray, int, dict]:
+    """Cross-build the export for the target's QEMU machine and run it there. With
+    `per_layer` the same build's run is split into layers (`mpq.per_layer`) and the sizes dict
+    also holds `per_layer` rows and `instructions_all`."""
     from mpq import firmware
+    from mpq import per_layer as pl
 
     tools = firmware.require_tools(target)
     machine, _ = firmware.TARGETS[target]
@@ -173,8 +181,19 @@ def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
     elf = firmware.build_elf([work / "verify_main.c", *built.sources, *objects],
                              [work, *built.includes], board, work / "build", toolchain=tools,
                              extra_flags=("-Werror",))
+    context = keys = None
+    marks: list[tuple[int, int]] = []
+    if per_layer:
+        from mpq.codegen.export import export_context
+
+        context = export_context(plan, graph, backend)
+        keys = pl.segment_keys(context)
+        binutils = Path(tools.nm).name[:-2]  # arm-none-eabi-: objdump, addr2line beside nm
+        marks = pl.marks(pl.code_lines(elf, str(Path(tools.nm).with_name(binutils + "objdump")),
+                                       str(Path(tools.nm).with_name(binutils + "addr2line"))),
+                         pl.line_segments((work / pl.MODEL_FILE).read_text()), keys)
     run = firmware.run_qemu(elf, machine, work / "run", {"in.bin": xq.tobytes()},
-                            toolchain=tools)
+                            toolchain=tools, marks=marks)
     if run.returncode != 0:
         raise MpqError(f"the exported model failed on {machine} (exit {run.returncode}: "
                        f"{_failure(run.returncode)})")
@@ -183,15 +202,27 @@ def run_qemu_target(plan: Plan, graph: Graph, xq: np.ndarray, work: Path,
     from mpq.budget import build_breakdown
 
     sizes = firmware.section_sizes(elf, tools)
-    return out, per, {**sizes, **build_breakdown(elf, sizes, tools.nm)}
+    extra: dict = {}
+    if per_layer:
+        if sum(run.segments.values()) != run.instructions_window:
+            raise MpqError(f"internal error: the per-layer segments add up to "
+                           f"{sum(run.segments.values())}, the window to "
+                           f"{run.instructions_window} instructions")
+        extra = {"per_layer": pl.rows(plan, graph, context, run.segments, samples),
+                 "instructions_all": run.instructions_window}
+    return out, per, {**sizes, **build_breakdown(elf, sizes, tools.nm), **extra}
 
 
 def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
-           backend: str = "portable") -> VerifyResult:
+           backend: str = "portable", per_layer: bool = False) -> VerifyResult:
     """Export for `backend`, build, run on `x` (float inputs, model layout) and compare with the
-    reference. The cmsis-nn backend needs $CMSIS_NN_PATH (checked first)."""
+    reference. The cmsis-nn backend needs $CMSIS_NN_PATH (checked first). `per_layer` (QEMU
+    targets only) counts every layer's instructions too (`mpq.per_layer`)."""
     if target not in TARGETS:
         raise MpqError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+    if per_layer and target == "host":
+        raise MpqError("verify: --per-layer counts instructions under QEMU: use --target "
+                       "qemu-m4 or qemu-m7")
     if cmsis.check_backend(backend) == "cmsis-nn":
         cmsis.cmsis_nn_root([])  # the checkout itself; the sources the export needs come later
     xq, ref = reference_outputs(plan, graph, x)
@@ -201,7 +232,8 @@ def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
             out = run_host(plan, graph, xq, work, backend)
             instructions, sizes = None, {}
         else:
-            out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target, backend)
+            out, instructions, sizes = run_qemu_target(plan, graph, xq, work, target, backend,
+                                                       per_layer)
     per_output = compare_outputs(out, ref)
     mismatches = sum(o["mismatches"] for o in per_output)
     vectors = sizes.get("io_buffer_bytes")
@@ -210,4 +242,6 @@ def verify(plan: Plan, graph: Graph, x: np.ndarray, target: str,
                         model_sram_bytes=None if vectors is None
                         else sizes["model_sram_bytes"] - vectors,
                         test_vector_bytes=vectors, stack_bytes=sizes.get("stack_bytes"),
-                        model_flash_bytes=sizes.get("model_flash_bytes"))
+                        model_flash_bytes=sizes.get("model_flash_bytes"),
+                        per_layer=sizes.get("per_layer"),
+                        instructions_all=sizes.get("instructions_all"))
