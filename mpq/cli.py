@@ -1033,6 +1033,13 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--bitops", type=click.IntRange(1),
               help="BitOPs budget Σ MACs·b_w·b_a (--strategy importance; default: none).")
 @ptq_options
+@click.option("--latency", is_flag=True,
+              help="Fewest predicted instructions (latency table) among the accuracy-first "
+                   "search's plans with fewer candidate bitwidths, within the budgets and "
+                   "--latency-tolerance of its fidelity.")
+@click.option("--latency-tolerance", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="--latency: top-1 agreement loss allowed vs the accuracy-first plan (pp; "
+                   "cosine loss ×100 for non-classifier outputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @QUIET
 @user_errors
@@ -1041,7 +1048,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                bins: int, bits: str, weight_bits: str, weights_spec: str | None, patches: str,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, bias_correction: bool, adaround: bool,
-               as_json: bool, quiet: bool) -> None:
+               latency: bool, latency_tolerance: float, as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1074,8 +1081,15 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     with progress_bar("calibrating", total or None, quiet) as tick:
         log = clock.timed(tick.note)
         log(f"import: {len(graph.nodes)} layers, {len(candidates)} candidate schedule(s)")
-        result = search(model, graph, board, ds, opts, progress=tick, log=log,
-                        candidates=candidates)
+        if latency:
+            from mpq.search.latency import latency_search
+
+            result = latency_search(model, graph, board, ds, opts, latency_tolerance, log,
+                                    search_fn=functools.partial(search, progress=tick,
+                                                                log=log))
+        else:
+            result = search(model, graph, board, ds, opts, progress=tick, log=log,
+                            candidates=candidates)
     result.plan.model = model_reference(model, output)
     result.plan.save(output)
     seconds = clock.total()
@@ -1086,6 +1100,14 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     _print_search(result.plan, summary)
+    lat = result.plan.search.get("latency")
+    if lat:
+        c = lat["candidates"][lat["chosen"]]
+        out.print(f"--latency: bits {','.join(map(str, c['bits']))}, weight bits "
+                  f"{','.join(map(str, c['weight_bits']))}: {c['instructions']:,} instructions "
+                  f"predicted, the fewest of {sum(x['admissible'] for x in lat['candidates'])} "
+                  f"plans within {lat['tolerance_pp']:g} pp of the accuracy-first plan's "
+                  f"fidelity ({lat['candidates'][0]['instructions']:,})")
 
 
 def _db(v: float | None) -> str:
@@ -1131,14 +1153,21 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     table.caption = plain(_arena_budget_line(p, b))
     table.add_row("BitOPs expected (VDPC)", f"{p['expected_bitops']:,}", "", "")
     table.add_row("BitOPs int8", f"{p['bitops_int8']:,}", "", "")
+    ins = p.get("instructions")
+    if ins:
+        table.add_row(f"Instructions ({plain(ins['target'])}, latency table)",
+                      f"{ins['total']:,}", "", "")
     out.print(table)
     layers = Table(title="Bits per layer")
-    for col in ("layer", "op", "w", "a in", "a out", "MACs", "BitOPs"):
+    for col in ("layer", "op", "w", "a in", "a out", "MACs", "BitOPs",
+                *(("instr. (predicted)",) if ins else ())):
         layers.add_column(col, justify="right" if col not in ("layer", "op") else "left")
     for layer in plan.layers:
+        pred = ins["layers"].get(layer.name) if ins else None
         layers.add_row(_short(layer.name, 40), plain(layer.op), plain(layer.w_bits or ""),
                        plain(layer.a_bits_in), plain(layer.a_bits_out), f"{layer.macs:,}",
-                       f"{layer.bitops:,}")
+                       f"{layer.bitops:,}",
+                       *((("" if pred is None else f"{pred:,}"),) if ins else ()))
     out.print(layers)
     if plan.patch is not None:
         pt = plan.patch

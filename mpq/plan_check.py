@@ -48,6 +48,7 @@ def check_plan(plan: Plan, graph: Graph) -> None:
     _check_ptq(plan, graph)
     _check_memory(plan, graph, schedule, index)
     _check_counts(plan, graph, schedule)
+    _check_instructions(plan, graph)
 
 
 def _check_names(plan: Plan, graph: Graph) -> dict[str, int]:
@@ -308,3 +309,13 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
 
 
 __all__ = ["PlanFieldError", "check_plan", "storage_bits"]
+
+
+def _check_instructions(plan: Plan, graph: Graph) -> None:
+    """`predicted.instructions` (optional) names only the model's nodes."""
+    layers = plan.predicted.get("instructions", {}).get("layers", {})
+    names = {n.name for n in graph.nodes}
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise fail("predicted.instructions.layers", f"'{_short(unknown[0])}' is not a node of "
+                   "the model")

@@ -48,8 +48,10 @@ SEARCH_KEYS = {"objective", "objective_solver", "solver", "lambda", "phi", "bins
                "range_method", "candidate_bits", "weight_bits", "qbr", "vdpc", "patches",
                "ilp_rounds", "repaired_groups"}
 SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget", "measured",
-                   "bias_correction", "adaround"}
-PREDICTED_OPTIONAL = {"fidelity", "output_bytes"}  # output_bytes: plans since the budgets fix
+                   "bias_correction", "adaround",
+                   "latency"}  # `search --latency`: the candidates compared (mpq.search.latency)
+PREDICTED_OPTIONAL = {"fidelity", "output_bytes",  # output_bytes: plans since the budgets fix
+                      "instructions"}  # plans since the latency model (mpq.latency)
 FIDELITY_KEYS = {"samples", "data", "damage", "outputs", "int8"}
 SUMMARY_KEYS = {"top1_agreement", "cosine", "sqnr_db", "exact"}
 
@@ -371,6 +373,10 @@ def check_predicted(p: Any, field: str = "predicted") -> None:
         req_int(p["output_bytes"], f"{field}.output_bytes", 0, MAX_BYTES)
     if "fidelity" in p:
         check_fidelity(p["fidelity"], f"{field}.fidelity")
+    if "instructions" in p:
+        from mpq.latency import check_instructions
+
+        check_instructions(p["instructions"], f"{field}.instructions")
 
 
 def check_fidelity(f: Any, field: str) -> None:

@@ -278,9 +278,21 @@ def report_summary(plan: Plan, graph: Graph, plan_name: str) -> dict[str, Any]:
         "bitwidths": bitwidth_rows(plan, graph),
         "patch_grid": grid,
         "bitops": bitops,
+        "instructions": instructions_breakdown(plan, graph),
         "figures": figures,
         "notes": notes,
     }
+
+
+def instructions_breakdown(plan: Plan, graph: Graph) -> dict[str, Any] | None:
+    """The plan's predicted instructions (`predicted.instructions`, `mpq.latency`) per layer in
+    graph order (None for a node that is no kernel call: a reshape view or a fused add), or
+    None for a plan made before the latency model."""
+    p = plan.predicted.get("instructions")
+    if p is None:
+        return None
+    return {"target": p["target"], "model": p["model"], "total": p["total"],
+            "layers": [p["layers"].get(n.name) for n in graph.nodes]}
 
 
 # -- figures ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from mpq.budget import align4, board_cpu
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
+from mpq.latency import search_prediction
 from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
@@ -865,6 +866,11 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "expected_bitops": total_bitops + stage_extra["expected"],
         "full_precision_bitops": full_precision_bitops(graph),
     }
+    instructions, why = search_prediction(graph, mixed_bits, w_bits, schedule)
+    if instructions is not None:
+        predicted["instructions"] = instructions
+    else:
+        notes.append(why)
     search_info = {
         "objective": round(solution.objective, 9),
         "objective_solver": round(objective_solver, 9),

@@ -1,0 +1,210 @@
+"""Measure the latency table (kernels/latency_table.json) that `mpq.latency` predicts from.
+
+    python tools/latency_table.py                 # every case, qemu-m4; rewrites the table
+    python tools/latency_table.py --targets qemu-m4,qemu-m7
+    python tools/latency_table.py --cases fashion --out /tmp/t.json   # a quick partial table
+
+Per case (the shared models and the Fashion example) and per bit variant (int8; every map at 4
+bits with 8-bit weights; 4-bit weights with 8-bit and with 4-bit maps; 2-bit maps and weights;
+the default accuracy-first search's mixed plan at 0.5× of the int8 SRAM need), the plan is
+searched layer-based (`--patches none`), exported and run under QEMU with `mpq verify
+--per-layer` on 2 inputs (bit-exact or the tool stops). Every layer row becomes a point
+(MACs, outputs, instructions per inference) of its key (`mpq.latency.layer_key`); each key gets
+a non-negative least-squares fit `a·MACs + b·outputs + c` (`mpq.latency.fit`). The table records
+the machine, the tool versions and the plans measured. Regenerate it after changing a kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mpq.boards import get_board  # noqa: E402
+from mpq.errors import MpqError  # noqa: E402
+from mpq.frontend import load_model  # noqa: E402
+from mpq.latency import (  # noqa: E402
+    REGENERATE,
+    TABLE_SCHEMA,
+    check_table,
+    evaluate,
+    fit,
+    layer_key,
+    plan_layer_features,
+    table_path,
+)
+from mpq.quant.calibrate import dataset_from_array, load_dataset, onnx_input_shape  # noqa: E402
+from mpq.search.driver import SearchOptions, search  # noqa: E402
+from mpq.verify import verify  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "models"
+FASHION = REPO / "examples" / "fashion"
+
+#: name -> (model file, input scale of the random calibration data, or None: the example's own)
+CASES: dict[str, tuple[Path, float | None]] = {
+    "fashion": (FASHION / "fashion_cnn.onnx", None),
+    "resnet8": (SHARED / "pretrainedResnet.onnx", 255.0),
+    "vww": (SHARED / "vww_96_float.onnx", 1.0),
+    "kws": (SHARED / "kws_ref_model_fp32.onnx", 1.0),
+    "ad": (SHARED / "ad01_fp32.onnx", 1.0),
+}
+
+#: variant -> search options (all layer-based); "mixed" is the default search at half the
+#: int8 SRAM need.
+VARIANTS: dict[str, dict] = {
+    "int8": {"strategy": "int8"},
+    "w8a4": {"strategy": "qe", "bits": (4,)},
+    "w4a8": {"strategy": "qe", "bits": (8,), "weight_scheme": "linear", "weight_bits": (4,)},
+    "w4a4": {"strategy": "qe", "bits": (4,), "weight_scheme": "linear", "weight_bits": (4,)},
+    "w2a2": {"strategy": "qe", "bits": (2,), "weight_scheme": "linear", "weight_bits": (2,)},
+    "mixed": {},
+}
+
+
+def _version(cmd: list[str], pattern: str) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "absent"
+    found = re.search(pattern, proc.stdout + proc.stderr)
+    return found.group(1) if found else "unknown"
+
+
+def machine() -> dict:
+    """What the counts depend on: the cross compiler and QEMU (not the host: counts are exact
+    instructions), plus the kernels' source digest."""
+    import hashlib
+
+    from mpq.resources import data_dir
+
+    h = hashlib.sha256()
+    for p in sorted(data_dir("kernels").glob("*.[ch]")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return {"gcc_arm": _version(["arm-none-eabi-gcc", "--version"], r"\) (\d[\w.\-]*)"),
+            "qemu": _version(["qemu-system-arm", "--version"], r"version (\S+)"),
+            "python": platform.python_version(), "kernels_sha256": h.hexdigest()[:16]}
+
+
+def _data(name: str, graph, scale: float | None):
+    if scale is None:
+        ds = load_dataset(FASHION / "calib.npz", graph)
+        x = np.concatenate(list(ds.batches(256)))[:64].astype(np.float32)
+        test = np.load(FASHION / "test.npz")["x"][:2].astype(np.float32)
+        return dataset_from_array(x, name), test
+    x = (np.random.default_rng(0).random((32, *onnx_input_shape(graph))) * scale)
+    x = x.astype(np.float32)
+    return dataset_from_array(x, name), x[:2]
+
+
+def measure_plan(case: str, variant: str, path: Path, scale: float | None,
+                 targets: list[str], log=print) -> dict:
+    """Search one variant of one case, run it per layer on every target; the points."""
+    graph = load_model(path)
+    data, x = _data(case, graph, scale)
+    board = get_board("nano33ble")
+    opts = VARIANTS[variant]
+    if variant == "mixed":
+        int8 = search(path, graph, board, data,
+                      SearchOptions(strategy="int8", patches="none")).plan
+        sram = int(0.5 * int8.predicted["sram_needed_bytes"])
+        try:
+            plan = search(path, graph, board, data,
+                          SearchOptions(patches="none", sram=sram)).plan
+        except MpqError:  # half the int8 need is out of reach layer-based: the unconstrained
+            plan = search(path, graph, board, data, SearchOptions(patches="none")).plan
+    else:
+        plan = search(path, graph, board, data, SearchOptions(patches="none", **opts)).plan
+    fused = {add: v["conv"] for add, v in plan.schedule.get("fused_adds", {}).items()}
+    features = plan_layer_features(graph, fused)
+    by_name = {n.name: n for n in graph.nodes}
+    add_of_conv = {conv: add for add, conv in fused.items()}
+    bits = {t.name: t.bits for t in plan.tensors}
+    w_bits = {layer.name: layer.w_bits for layer in plan.layers}
+    out = {"case": case, "variant": variant, "points": {}}
+    for target in targets:
+        result = verify(plan, graph, x, target, per_layer=True)
+        if result.mismatches:
+            raise SystemExit(f"{case}/{variant} on {target}: {result.mismatches} mismatched "
+                             "bytes: not measuring a wrong export")
+        points = []
+        for row in result.per_layer:
+            if not row["segment"].startswith("L"):
+                continue
+            name = row["layer"].split(" + ")[0]
+            node, f = by_name[name], features[name]
+            out_node = by_name[add_of_conv[name]] if name in add_of_conv else node
+            key = layer_key(f["kind"], f["shape"], w_bits.get(name) if node.weight is not None
+                            else None, bits.get(node.inputs[0], 8),
+                            bits.get(out_node.outputs[0], 8))
+            per = row["instructions_all"] // result.samples  # layer-based: identical runs
+            points.append((key, name, f["macs"], f["outputs"], per))
+        out["points"][target] = points
+        out.setdefault("instructions", {})[target] = result.instructions
+        log(f"{case:8} {variant:6} {target}: {result.instructions:,} instructions, "
+            f"{len(points)} layers", flush=True)
+    return out
+
+
+def build_table(measured: list[dict], targets: list[str]) -> dict:
+    """Fit every key of every target over the measured points."""
+    table = {"schema": TABLE_SCHEMA, "generated_by": REGENERATE, "machine": machine(),
+             "model": "instructions = a·MACs + b·outputs + c per key (NNLS)",
+             "plans": [{"case": m["case"], "variant": m["variant"],
+                        "instructions": m["instructions"],
+                        "layers": {t: [[key, int(macs), int(outputs), int(per)]
+                                       for key, _, macs, outputs, per in m["points"][t]]
+                                   for t in targets}} for m in measured],
+             "targets": {}}
+    for target in targets:
+        pts: dict[str, list[list[int]]] = {}
+        for m in measured:
+            for key, _, macs, outputs, per in m["points"][target]:
+                pts.setdefault(key, []).append([int(macs), int(outputs), int(per)])
+        entries = {}
+        for key in sorted(pts):
+            p = sorted(pts[key])
+            f = fit([tuple(q) for q in p])
+            err = max(abs(evaluate(f, m_, o) - i) / max(i, 1) for m_, o, i in p)
+            entries[key] = {"fit": {k: round(v, 6) for k, v in f.items()}, "points": p,
+                            "max_rel_error": round(err, 4)}
+        table["targets"][target] = {"entries": entries}
+    check_table(table)
+    return table
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--targets", default="qemu-m4")
+    ap.add_argument("--out", type=Path, default=table_path())
+    args = ap.parse_args(argv)
+    targets = args.targets.split(",")
+    measured = []
+    for case in args.cases.split(","):
+        path, scale = CASES[case]
+        if not path.is_file():
+            print(f"{case}: {path} missing, skipped", file=sys.stderr)
+            continue
+        for variant in args.variants.split(","):
+            try:
+                measured.append(measure_plan(case, variant, path, scale, targets))
+            except MpqError as exc:
+                print(f"{case:8} {variant:6}: skipped ({exc})", file=sys.stderr, flush=True)
+    table = build_table(measured, targets)
+    args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    n = sum(len(t["entries"]) for t in table["targets"].values())
+    print(f"{len(measured)} plans, {n} keys → {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
