@@ -293,5 +293,38 @@ def main(argv: list[str]) -> None:
     write_markdown(out)
 
 
+
+# -- latency table (issue 15 item 4) ------------------------------------------------------------
+def bench_latency_table() -> dict:
+    """Measure per-layer QEMU instructions of the shared models and the Fashion example at
+    int8 and sub-byte mixes and rewrite kernels/latency_table.json (`tools/latency_table.py`):
+    the fits per key and how well they predict each measured plan."""
+    from tools import latency_table as lt
+
+    table = lt.regenerate()
+    return latency_table_result(table)
+
+
+def latency_table_result(table: dict) -> dict:
+    """The benchmark's tables for a latency table (also used to report a table the tool wrote)."""
+    from tools import latency_table as lt
+
+    keys, plans = lt.summary_rows(table)
+    return {"tables": [
+        show("Latency table (qemu-m4): instructions = a·MACs + b·outputs + c per key",
+             ["key (kind|shape|w bits|a in>out)", "a", "b", "c", "points", "min instr/MAC",
+              "max error"], keys,
+             "Rebuild with `python benchmarks/run.py latency_table` (or `python "
+             "tools/latency_table.py`) after changing a kernel."),
+        show("Latency table: measured plans vs their layers' fits (qemu-m4)",
+             ["model", "variant", "measured", "sum of layer fits", "difference"], plans,
+             "Measured: whole inference (harness and glue included); the fits cover the "
+             "layers only.")],
+        "machine_table": table["machine"]}
+
+
+BENCHMARKS["latency_table"] = bench_latency_table
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
