@@ -206,7 +206,7 @@ def load_plan_with_model(path: str | Path, model: str | Path | None = None
     model_path = resolve_model(plan, path, model)
     graph = load_model(model_path)
     check_plan_against(plan, graph, str(path))
-    return plan, model_path, graph
+    return plan, model_path, _in_plan_order(plan, graph)
 
 
 _CHECKED: set[tuple[str, str]] = set()  # (plan digest, graph fingerprint) already checked
@@ -236,6 +236,7 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
     against the graph first (every library path to the kernels comes through here).
     """
     check_plan_against(plan, graph)
+    graph = _in_plan_order(plan, graph)
     acts: dict[str, ActQuant] = {}
     for t in plan.tensors:
         if branch == "outlier" and t.outlier_branch is not None:
@@ -249,6 +250,13 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
     corrections = {layer.name: np.asarray(layer.bias_correction, np.float64)
                    for layer in plan.layers if layer.bias_correction is not None}
     return quant_model_with_acts(graph, acts, w_bits, schemes, corrections)
+
+
+def _in_plan_order(plan: Plan, graph: Graph) -> Graph:
+    """`graph` with its nodes in the order the plan runs them (`mpq.order.plan_graph`)."""
+    from mpq.order import plan_graph
+
+    return plan_graph(plan, graph)
 
 
 def _fingerprint(graph: Graph) -> str:

@@ -672,9 +672,12 @@ def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
 
 def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, Any]:
     """Everything the templates need, computed once (pure: same plan ⇒ same context)."""
+    from mpq.order import plan_graph
+
     cmsis.check_backend(backend)
     board = plan_board(plan.board)
     qm = plan_quant_model(plan, graph, "mixed")
+    graph = plan_graph(plan, graph)  # the nodes in the order the arena was planned for
     if backend == "cmsis-nn":
         weights.require_linear_storage([(n, lq.weight_scheme, lq.weight_bits)
                                         for n, lq in qm.layers.items() if lq.weight is not None],
