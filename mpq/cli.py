@@ -119,15 +119,22 @@ def boards(as_json: bool) -> None:
     table = Table(title="Boards (budgets = region − reserves)")
     for col, justify in (("board", "left"), ("mcu", "left"), ("core", "left"), ("fpu", "left"),
                          ("clock", "right"), ("SRAM", "right"), ("SRAM budget", "right"),
-                         ("Flash", "right"), ("Flash budget", "right"), ("QEMU", "left")):
+                         ("Flash", "right"), ("Flash budget", "right"), ("QEMU", "left"),
+                         ("data regions, fastest first", "left")):
         table.add_column(col, justify=justify)
     for b in found:
         table.add_row(plain(b.name), plain(b.mcu), plain(b.core), plain(b.fpu),
                       f"{b.clock_hz / 1e6:g} MHz",
                       _kib(b.sram_region_obj.length), _kib(b.sram_budget),
                       _kib(b.flash_region_obj.length), _kib(b.flash_budget),
-                      plain(b.qemu_machine or "-"))
+                      plain(b.qemu_machine or "-"), _data_regions(b))
     out.print(table)
+
+
+def _data_regions(board: Any) -> str:
+    """The board's ranked SRAM regions (`mpq.regions`), fastest first; `-` without."""
+    return ", ".join(f"{plain(r.name)} {r.length // 1024:,} KiB"
+                     for r in board.data_regions) or "-"
 
 
 def _kib(n: int) -> str:

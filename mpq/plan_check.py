@@ -49,6 +49,22 @@ def check_plan(plan: Plan, graph: Graph) -> None:
     _check_ptq(plan, graph)
     _check_memory(plan, graph, schedule, index)
     _check_counts(plan, graph, schedule)
+    _check_regions(plan)
+
+
+def _check_regions(plan: Plan) -> None:
+    """`schedule.regions` is the placement `mpq.regions` makes for the plan's board and
+    predicted sizes (absent exactly when the board ranks no region)."""
+    from mpq.boards import plan_board
+    from mpq.regions import place_buffers
+
+    p = plan.predicted
+    io = p["input_bytes"] + p.get("output_bytes", 0)
+    want = place_buffers(plan_board(plan.board), p["arena_bytes"], p["scratch_bytes"], io)
+    got = plan.schedule.get("regions")
+    if got != want:
+        raise fail("schedule.regions", f"must be {_short(want)} (the board's fastest regions "
+                                       f"that hold each part), got {_short(got)}")
 
 
 def _ordered(plan: Plan, graph: Graph) -> Graph:

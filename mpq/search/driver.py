@@ -47,6 +47,7 @@ from mpq.quant.qmodel import (
     shared_quant_groups,
 )
 from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
+from mpq.regions import place_buffers
 from mpq.search.importance import ImportanceTable, solve_importance, total_importance
 from mpq.search.measured import Measured, initial, plan_fidelity, refine, rescore
 from mpq.search.rusci import layer_groups, solve_rusci
@@ -510,6 +511,9 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                          notes + [f"QBR: {line}" for line in qbr_log])
     if order_choice is not None:
         plan.search["order"] = order_choice.to_dict()
+    regions = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, input_bytes)
+    if regions is not None:  # the board ranks its data regions (`mpq.regions`)
+        plan.schedule["regions"] = regions
     if probe is not None:
         m = attempt.measured
         plan.search["measured"] = {
