@@ -59,15 +59,16 @@ def branches(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("order")
     onnx.save(branches_model(), root / "branches.onnx")
     rng = np.random.default_rng(0)
-    np.savez(root / "calib.npz", x=rng.standard_normal((32, 4, 16, 16)).astype(np.float32))
+    np.savez(root / "calib.npz", x=rng.standard_normal((16, 4, 16, 16)).astype(np.float32))
     np.savez(root / "test.npz", x=rng.standard_normal((6, 4, 16, 16)).astype(np.float32))
     plans = {}
     for kind, opts in (("memory", ("--strategy", "int8")),
                        ("file", ("--strategy", "int8", "--order", "file")),
-                       ("tight", ("--strategy", "exact", "--sram", "17000"))):
+                       ("tight", ("--strategy", "qe", "--sram", "17000"))):
         plans[kind] = root / f"{kind}.plan.json"
         r = run_mpq("search", "branches.onnx", "--board", "stm32f412", "--patches", "none",
-                    *opts, "--data", "calib.npz", "-o", plans[kind], "-q", cwd=root)
+                    *opts, *(("--data", "calib.npz") if kind != "tight" else ()), "-o",
+                    plans[kind], "-q", cwd=root)
         assert r.returncode == 0, r.stderr
     return {"root": root, "model": root / "branches.onnx", "plans": plans}
 
