@@ -4,8 +4,11 @@ A plan is JSON with sorted keys and a schema version. It names the model by its 
 plan's directory and its sha256 (export and eval refuse a model that changed), the board and
 its budgets, the patch schedule (split layer, grid, VDPC thresholds and per-position outlier
 rates), every tensor's bits and quantisation (and, inside the patch stage, the 8-bit
-parameters of the outlier branch), every layer's bitwidths, MACs and BitOPs, the arena
-offsets, what the memory model predicts, and how the plan was found. No wall-clock time and no
+parameters of the outlier branch), every layer's bitwidths, MACs and BitOPs (layers listed in
+the order they run: `schedule.order` when it differs from the model file's, `mpq.order`), the
+arena offsets and, on boards that rank their SRAM regions, where the arena and the scratch go
+(`schedule.regions`, `mpq.regions`), what the memory model predicts, and how the plan was
+found. No wall-clock time and no
 absolute path go into it, so the same inputs give the same bytes.
 
 Weights are not stored: they are re-quantised deterministically from the model (whose sha256
@@ -100,7 +103,7 @@ class Plan:
     board: dict[str, Any]
     strategy: str
     patch: dict[str, Any] | None
-    schedule: dict[str, Any]  # in-place depthwise nodes and fused residual adds
+    schedule: dict[str, Any]  # in-place depthwise, fused adds; order, regions (optional)
     tensors: list[TensorPlan]
     layers: list[LayerPlan]
     predicted: dict[str, Any]

@@ -27,7 +27,7 @@ from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
-from mpq.order import OrderChoice, apply_order, file_order, memory_ordered
+from mpq.order import EXACT_ORDERS, OrderChoice, apply_order, file_order, memory_ordered
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
 from mpq.quant.calibrate import (
@@ -362,6 +362,11 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                        "--strategy qe")
     notes: list[str] = []
     graph, order_choice = search_graph(graph, opts)
+    if order_choice is not None:
+        more = "more than " if order_choice.orders > EXACT_ORDERS else ""
+        say(f"order: {order_choice.method} over {more}{min(order_choice.orders, EXACT_ORDERS):,}"
+            f" topological order(s); int8 peak {order_choice.file_peak:,} B in file order, "
+            f"{order_choice.peak:,} B in the chosen one")
     specs = weight_specs(graph, opts)  # refuses what cannot be exported before any work
     if opts.adaround and opts.weight_scheme not in (None, "linear"):
         raise MpqError(f"--adaround rounds linear weights; --weights {opts.weight_scheme} "
