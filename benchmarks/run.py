@@ -198,6 +198,10 @@ BENCHMARKS = {"inspect": bench_inspect, "tflm_arena": bench_tflm_arena,
               "pareto": pareto.bench_pareto,
               "engine_speed": bench_engine_speed,
               "ptq_options": ptq_options.bench_ptq_options}
+# issue 16 items 3-4: memory-aware order and data regions (order_bench.py)
+from order_bench import bench_order  # noqa: E402
+
+BENCHMARKS["order"] = bench_order
 # The papers' tables, our version (paper_tables.py, methods_table.py): each takes (results
 # dir, smoke).
 PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),

@@ -23,6 +23,9 @@ Schema (exactly these keys; integers may be written in hex, e.g. ``0x20000000``)
     kind = "flash"                # flash | sram
     origin = 0x00010000
     length = 0x000F0000
+    speed = 1                     # optional, sram only: speed rank (1 = fastest); the ranked
+                                  # regions are the data regions the arena may go to
+                                  # (`mpq.regions`)
 
     [budget]
     flash_region = "FLASH"
@@ -109,7 +112,8 @@ _TOP_KEYS = (
     "reserve",
 )
 _OPTIONAL_TOP_KEYS = ("qemu_machine",)
-_REGION_KEYS = ("name", "kind", "origin", "length")
+_REGION_KEYS = ("name", "kind", "origin", "length", "speed")
+_OPTIONAL_REGION_KEYS = ("speed",)
 _BUDGET_KEYS = ("flash_region", "sram_region")
 _RESERVE_KEYS = ("stack", "runtime_sram", "runtime_flash")
 
@@ -129,6 +133,7 @@ class MemoryRegion:
     kind: str  # "flash" | "sram"
     origin: int
     length: int
+    speed: int | None = None  # speed rank of a data region (1 = fastest); None: not ranked
 
     @property
     def end(self) -> int:
@@ -136,8 +141,12 @@ class MemoryRegion:
         return self.origin + self.length
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form, keys in schema order."""
-        return {"name": self.name, "kind": self.kind, "origin": self.origin, "length": self.length}
+        """JSON-friendly form, keys in schema order (`speed` only when ranked)."""
+        out = {"name": self.name, "kind": self.kind, "origin": self.origin,
+               "length": self.length}
+        if self.speed is not None:
+            out["speed"] = self.speed
+        return out
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,13 @@ class Board:
     def sram_region_obj(self) -> MemoryRegion:
         """The region that holds the tensor arena, the stack and ``.data``/``.bss``."""
         return self.region(self.sram_region)
+
+    @property
+    def data_regions(self) -> list[MemoryRegion]:
+        """The SRAM regions with a speed rank, fastest first (file order among equals): where
+        the plan may place the arena and the scratch (`mpq.regions`)."""
+        ranked = [r for r in self.memory if r.speed is not None]
+        return sorted(ranked, key=lambda r: (r.speed, self.memory.index(r)))
 
     @property
     def flash_region_obj(self) -> MemoryRegion:
@@ -513,7 +529,8 @@ def _parse_memory(c: _Checker, entries: Any) -> tuple[MemoryRegion, ...]:
         entry = c.table(entry, f"memory[{i}]")
         c.keys(entry, _REGION_KEYS, prefix)
         for key in _REGION_KEYS:
-            c.require(entry, key, prefix)
+            if key not in _OPTIONAL_REGION_KEYS:
+                c.require(entry, key, prefix)
         name = c.string(entry, "name", prefix)
         if not _REGION_NAME_RE.match(name):
             raise c.fail(
@@ -537,5 +554,12 @@ def _parse_memory(c: _Checker, entries: Any) -> tuple[MemoryRegion, ...]:
                     f"overlaps memory[{j}] ({other.name} "
                     f"0x{other.origin:08X}..0x{other.end - 1:08X})"
                 )
-        regions.append(MemoryRegion(name=name, kind=kind, origin=origin, length=length))
+        speed = None
+        if "speed" in entry:
+            speed = c.integer(entry, "speed", prefix, positive=True)
+            if kind != "sram":
+                raise c.fail(f"field '{prefix}speed' ranks data memory: region {_show(name)} "
+                             f"is '{kind}'")
+        regions.append(MemoryRegion(name=name, kind=kind, origin=origin, length=length,
+                                    speed=speed))
     return tuple(regions)

@@ -119,15 +119,22 @@ def boards(as_json: bool) -> None:
     table = Table(title="Boards (budgets = region − reserves)")
     for col, justify in (("board", "left"), ("mcu", "left"), ("core", "left"), ("fpu", "left"),
                          ("clock", "right"), ("SRAM", "right"), ("SRAM budget", "right"),
-                         ("Flash", "right"), ("Flash budget", "right"), ("QEMU", "left")):
+                         ("Flash", "right"), ("Flash budget", "right"), ("QEMU", "left"),
+                         ("data regions, fastest first", "left")):
         table.add_column(col, justify=justify)
     for b in found:
         table.add_row(plain(b.name), plain(b.mcu), plain(b.core), plain(b.fpu),
                       f"{b.clock_hz / 1e6:g} MHz",
                       _kib(b.sram_region_obj.length), _kib(b.sram_budget),
                       _kib(b.flash_region_obj.length), _kib(b.flash_budget),
-                      plain(b.qemu_machine or "-"))
+                      plain(b.qemu_machine or "-"), _data_regions(b))
     out.print(table)
+
+
+def _data_regions(board: Any) -> str:
+    """The board's ranked SRAM regions (`mpq.regions`), fastest first; `-` without."""
+    return ", ".join(f"{plain(r.name)} {r.length // 1024:,} KiB"
+                     for r in board.data_regions) or "-"
 
 
 def _kib(n: int) -> str:
@@ -1032,6 +1039,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
                    "least squared error at each map's bits).")
 @click.option("--bitops", type=click.IntRange(1),
               help="BitOPs budget Σ MACs·b_w·b_a (--strategy importance; default: none).")
+@click.option("--order", type=click.Choice(["memory", "file"]), default="memory",
+              show_default=True,
+              help="Execution order of branching graphs: memory (the order with the lowest "
+                   "planned peak, exact over up to 1000 orders; recorded in the plan) or file "
+                   "(the model file's order).")
 @ptq_options
 @click.option("--latency", is_flag=True,
               help="Fewest predicted instructions (latency table) among the accuracy-first "
@@ -1047,8 +1059,9 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                sram: int | None, flash: int | None, strategy: str, lam: float, phi: float,
                bins: int, bits: str, weight_bits: str, weights_spec: str | None, patches: str,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
-               method: str, bitops: int | None, bias_correction: bool, adaround: bool,
-               latency: bool, latency_tolerance: float, as_json: bool, quiet: bool) -> None:
+               method: str, bitops: int | None, order: str, bias_correction: bool,
+               adaround: bool, latency: bool, latency_tolerance: float, as_json: bool,
+               quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1072,7 +1085,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          weight_bits=w_bits, weight_scheme=w_scheme, patches=patches,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
-                         bitops=bitops, bias_correction=bias_correction, adaround=adaround)
+                         bitops=bitops, bias_correction=bias_correction, adaround=adaround,
+                         order=order)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

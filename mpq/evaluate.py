@@ -316,9 +316,10 @@ class PlanRunner:
     """
 
     def __init__(self, plan, graph: Graph) -> None:
+        from mpq.order import plan_graph
         from mpq.plan import plan_quant_model
 
-        self.graph = graph
+        self.graph = plan_graph(plan, graph)  # the patch stage is a prefix of the plan's order
         self.plan = plan
         self.mixed = plan_quant_model(plan, graph, "mixed")
         self.vdpc = plan.patch.get("vdpc") if plan.patch else None

@@ -152,6 +152,9 @@ class Graph:
     input_layouts: dict[str, str] = field(default_factory=dict)
     output_layouts: dict[str, str] = field(default_factory=dict)
     notes: dict[str, int] = field(default_factory=dict)  # what import folded, fused, removed
+    # The node names in the model file's order when `nodes` runs in another (a plan's
+    # memory-aware order, `mpq.order`); empty: `nodes` is the file's order.
+    file_order: tuple[str, ...] = ()
 
     def producer(self) -> dict[str, Node]:
         """Map each tensor name to the node that writes it."""
@@ -285,7 +288,11 @@ def graph_fingerprint(graph: Graph) -> str:
     h = hashlib.sha256()
     for name in graph.inputs:
         h.update(f"in:{name}:{graph.tensors[name].shape}".encode())
-    for n in graph.nodes:
+    nodes = graph.nodes
+    if graph.file_order:  # the model, not the order a plan runs it in (`mpq.order`)
+        by_name = {n.name: n for n in graph.nodes}
+        nodes = [by_name[name] for name in graph.file_order]
+    for n in nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
         h.update(f"{n.name}|{n.op}|{n.inputs}|{n.outputs}|{attrs}".encode())
         for arr in (n.weight, n.bias, *(c for _, c in n.attrs.get("constants", ()))):

@@ -4,8 +4,11 @@ A plan is JSON with sorted keys and a schema version. It names the model by its 
 plan's directory and its sha256 (export and eval refuse a model that changed), the board and
 its budgets, the patch schedule (split layer, grid, VDPC thresholds and per-position outlier
 rates), every tensor's bits and quantisation (and, inside the patch stage, the 8-bit
-parameters of the outlier branch), every layer's bitwidths, MACs and BitOPs, the arena
-offsets, what the memory model predicts, and how the plan was found. No wall-clock time and no
+parameters of the outlier branch), every layer's bitwidths, MACs and BitOPs (layers listed in
+the order they run: `schedule.order` when it differs from the model file's, `mpq.order`), the
+arena offsets and, on boards that rank their SRAM regions, where the arena and the scratch go
+(`schedule.regions`, `mpq.regions`), what the memory model predicts, and how the plan was
+found. No wall-clock time and no
 absolute path go into it, so the same inputs give the same bytes.
 
 Weights are not stored: they are re-quantised deterministically from the model (whose sha256
@@ -100,7 +103,7 @@ class Plan:
     board: dict[str, Any]
     strategy: str
     patch: dict[str, Any] | None
-    schedule: dict[str, Any]  # in-place depthwise nodes and fused residual adds
+    schedule: dict[str, Any]  # in-place depthwise, fused adds; order, regions (optional)
     tensors: list[TensorPlan]
     layers: list[LayerPlan]
     predicted: dict[str, Any]
@@ -206,7 +209,7 @@ def load_plan_with_model(path: str | Path, model: str | Path | None = None
     model_path = resolve_model(plan, path, model)
     graph = load_model(model_path)
     check_plan_against(plan, graph, str(path))
-    return plan, model_path, graph
+    return plan, model_path, _in_plan_order(plan, graph)
 
 
 _CHECKED: set[tuple[str, str]] = set()  # (plan digest, graph fingerprint) already checked
@@ -236,6 +239,7 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
     against the graph first (every library path to the kernels comes through here).
     """
     check_plan_against(plan, graph)
+    graph = _in_plan_order(plan, graph)
     acts: dict[str, ActQuant] = {}
     for t in plan.tensors:
         if branch == "outlier" and t.outlier_branch is not None:
@@ -249,6 +253,13 @@ def plan_quant_model(plan: Plan, graph: Graph, branch: str = "mixed") -> QuantMo
     corrections = {layer.name: np.asarray(layer.bias_correction, np.float64)
                    for layer in plan.layers if layer.bias_correction is not None}
     return quant_model_with_acts(graph, acts, w_bits, schemes, corrections)
+
+
+def _in_plan_order(plan: Plan, graph: Graph) -> Graph:
+    """`graph` with its nodes in the order the plan runs them (`mpq.order.plan_graph`)."""
+    from mpq.order import plan_graph
+
+    return plan_graph(plan, graph)
 
 
 def _fingerprint(graph: Graph) -> str:

@@ -41,6 +41,7 @@ def check_plan(plan: Plan, graph: Graph) -> None:
     `plan` must have passed `plan_schema.check_plan_data` (load_plan does it)."""
     if plan.graph_fingerprint != graph_fingerprint(graph):
         raise fail("graph_fingerprint", "the plan was made for a different model")
+    graph = _ordered(plan, graph)
     index = _check_names(plan, graph)
     schedule = _check_patch(plan, graph)
     inplace = _check_schedule(plan, schedule)
@@ -49,6 +50,34 @@ def check_plan(plan: Plan, graph: Graph) -> None:
     _check_memory(plan, graph, schedule, index)
     _check_counts(plan, graph, schedule)
     _check_instructions(plan, graph)
+    _check_regions(plan)
+
+
+def _check_regions(plan: Plan) -> None:
+    """`schedule.regions` is the placement `mpq.regions` makes for the plan's board and
+    predicted sizes (absent exactly when the board ranks no region)."""
+    from mpq.boards import plan_board
+    from mpq.regions import place_buffers
+
+    p = plan.predicted
+    io = p["input_bytes"] + p.get("output_bytes", 0)
+    want = place_buffers(plan_board(plan.board), p["arena_bytes"], p["scratch_bytes"], io)
+    got = plan.schedule.get("regions")
+    if got != want:
+        raise fail("schedule.regions", f"must be {_short(want)} (the board's fastest regions "
+                                       f"that hold each part), got {_short(got)}")
+
+
+def _ordered(plan: Plan, graph: Graph) -> Graph:
+    """`graph` in the plan's `schedule.order` (the file order without one), which must be a
+    topological order of the model's nodes (`mpq.order`)."""
+    from mpq.order import apply_order, file_order, order_problem
+
+    order = plan.schedule.get("order", list(file_order(graph)))
+    problem = order_problem(graph, order)
+    if problem is not None:
+        raise fail("schedule.order", problem)
+    return apply_order(graph, order)
 
 
 def _check_names(plan: Plan, graph: Graph) -> dict[str, int]:

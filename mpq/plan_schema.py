@@ -48,7 +48,7 @@ SEARCH_KEYS = {"objective", "objective_solver", "solver", "lambda", "phi", "bins
                "range_method", "candidate_bits", "weight_bits", "qbr", "vdpc", "patches",
                "ilp_rounds", "repaired_groups"}
 SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget", "measured",
-                   "bias_correction", "adaround",
+                   "bias_correction", "adaround", "order",
                    "latency"}  # `search --latency`: the candidates compared (mpq.search.latency)
 PREDICTED_OPTIONAL = {"fidelity", "output_bytes",  # output_bytes: plans since the budgets fix
                       "instructions"}  # plans since the latency model (mpq.latency)
@@ -352,8 +352,17 @@ def check_patch(p: Any, field: str = "patch") -> None:
 
 
 def check_schedule(s: Any, field: str = "schedule") -> None:
-    """`schedule`: in-place depthwise node names and fused adds {add: {conv, skip}}."""
-    req_dict(s, field, {"inplace_depthwise", "fused_adds"})
+    """`schedule`: in-place depthwise node names and fused adds {add: {conv, skip}}; optional
+    `order`, the node names in the order they run (`mpq.order`; absent: the file's order), and
+    `regions`, the board regions of the arena and the scratch (`mpq.regions`)."""
+    req_dict(s, field, {"inplace_depthwise", "fused_adds"}, {"order", "regions"})
+    if "order" in s:
+        for i, n in enumerate(req_list(s["order"], f"{field}.order")):
+            req_str(n, f"{field}.order[{i}]")
+    if "regions" in s:  # where the arena and the scratch go (`mpq.regions`)
+        r = req_dict(s["regions"], f"{field}.regions", {"arena", "scratch"})
+        for part in ("arena", "scratch"):
+            req_str(r[part], f"{field}.regions.{part}")
     for i, n in enumerate(req_list(s["inplace_depthwise"], f"{field}.inplace_depthwise")):
         req_str(n, f"{field}.inplace_depthwise[{i}]")
     for add, v in req_dict(s["fused_adds"], f"{field}.fused_adds").items():

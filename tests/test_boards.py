@@ -40,7 +40,8 @@ DESIGN = {
         "flash": 1 * MB - 64 * KB,
     },
     "stm32h743": {"core": "cortex-m7", "clock": 480_000_000, "sram": 512 * KB, "flash": 2 * MB},
-    "stm32f746": {"core": "cortex-m7", "clock": 216_000_000, "sram": 320 * KB, "flash": 1 * MB},
+    # stm32f746: RAM = SRAM1 + SRAM2 (256 KB); its 64 KB DTCM is a separate data region
+    "stm32f746": {"core": "cortex-m7", "clock": 216_000_000, "sram": 256 * KB, "flash": 1 * MB},
     "stm32f412": {"core": "cortex-m4", "clock": 100_000_000, "sram": 256 * KB, "flash": 1 * MB},
     "mps2-an386": {"core": "cortex-m4", "clock": None, "sram": 4 * MB, "flash": 4 * MB},
     "mps2-an500": {"core": "cortex-m7", "clock": None, "sram": 4 * MB, "flash": 4 * MB},

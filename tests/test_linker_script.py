@@ -18,7 +18,12 @@ def test_memory_regions_come_from_the_board_file(board) -> None:
                   rf"LENGTH = 0x{region.length:08X}"
         assert re.search(pattern, text), region
     assert f"> {board.sram_region} AT> {board.flash_region}" in text  # .data
-    assert text.count("(NOLOAD)") == 4
+    # .bss, .mpq_arena, .heap, .stack, and one arena section per other SRAM region
+    others = [r.name for r in board.memory if r.kind == "sram" and r.name != board.sram_region]
+    assert text.count("(NOLOAD)") == 4 + len(others)
+    for name in others:  # each before the generic .mpq_arena, which would take it otherwise
+        assert text.index(f"*(.mpq_arena.{name})") < text.index("*(.mpq_arena .mpq_arena.*)")
+        assert f"}} > {name} AT> {name}" in text
     assert f"MPQ_STACK_SIZE = {board.reserve_stack};" in text
     assert text.index(".isr_vector") < text.index(".text :")
     assert "/work" not in text and "/tmp" not in text  # no absolute paths

@@ -34,6 +34,7 @@ from mpq.memory import align_up, packed_bytes
 from mpq.plan import Plan, plan_quant_model
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
+from mpq.regions import section_of
 from mpq.resources import data_dir
 from mpq.sim import quantize_input
 
@@ -672,9 +673,12 @@ def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
 
 def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, Any]:
     """Everything the templates need, computed once (pure: same plan ⇒ same context)."""
+    from mpq.order import plan_graph
+
     cmsis.check_backend(backend)
     board = plan_board(plan.board)
     qm = plan_quant_model(plan, graph, "mixed")
+    graph = plan_graph(plan, graph)  # the nodes in the order the arena was planned for
     if backend == "cmsis-nn":
         weights.require_linear_storage([(n, lq.weight_scheme, lq.weight_bits)
                                         for n, lq in qm.layers.items() if lq.weight is not None],
@@ -706,6 +710,8 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
         "model": plan.model, "model_sha256": plan.model_sha256, "board": board.name,
         "layers": b.layers, "consts": b.consts, "kernels": kernels,
         "arena_bytes": align_up(max(plan.predicted["arena_bytes"], 16)),
+        "arena_section": section_of(plan.schedule.get("regions"), "arena", board),
+        "scratch_section": section_of(plan.schedule.get("regions"), "scratch", board),
         "scratch_bytes": align_up(max(b.scratch, b.cmsis_scratch, 16)),
         "portable_scratch_bytes": b.scratch,
         "cmsis": {"functions": functions, "scratch_bytes": b.cmsis_scratch,
@@ -884,6 +890,9 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
                                                 [root / "Include"], board, work / "lib")
         elf = firmware.build_elf(sources, includes, board, work / "build")
         sizes = firmware.section_sizes(elf)
+        # the arena arrays' output sections, one per region they were placed in (`mpq.regions`)
+        sizes["mpq_arena"] = sum(v for k, v in sizes.items()
+                                 if k == "mpq_arena" or k.startswith("mpq_arena_"))
         from mpq.budget import build_breakdown
 
         return {**sizes, **build_breakdown(elf, sizes, firmware.require_tools().nm)}

@@ -28,6 +28,7 @@ from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.latency import search_prediction
 from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
+from mpq.order import EXACT_ORDERS, OrderChoice, apply_order, file_order, memory_ordered
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
 from mpq.quant.calibrate import (
@@ -47,6 +48,7 @@ from mpq.quant.qmodel import (
     shared_quant_groups,
 )
 from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
+from mpq.regions import place_buffers
 from mpq.search.importance import ImportanceTable, solve_importance, total_importance
 from mpq.search.measured import Measured, initial, plan_fidelity, refine, rescore
 from mpq.search.rusci import layer_groups, solve_rusci
@@ -82,6 +84,7 @@ class SearchOptions:
     bitops: int | None = None  # BitOPs budget of `--strategy importance` (none: unbounded)
     bias_correction: bool = False  # `mpq.quant.ptq`: fitted on the calibration data
     adaround: bool = False
+    order: str = "memory"  # `--order`: memory (`mpq.order.best_order`) or file
 
 
 class BudgetError(MpqError):
@@ -359,6 +362,12 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                        "bit choice on up to 64 of its samples; the data-free strategy is "
                        "--strategy qe")
     notes: list[str] = []
+    graph, order_choice = search_graph(graph, opts)
+    if order_choice is not None:
+        more = "more than " if order_choice.orders > EXACT_ORDERS else ""
+        say(f"order: {order_choice.method} over {more}{min(order_choice.orders, EXACT_ORDERS):,}"
+            f" topological order(s); int8 peak {order_choice.file_peak:,} B in file order, "
+            f"{order_choice.peak:,} B in the chosen one")
     specs = weight_specs(graph, opts)  # refuses what cannot be exported before any work
     if opts.adaround and opts.weight_scheme not in (None, "linear"):
         raise MpqError(f"--adaround rounds linear weights; --weights {opts.weight_scheme} "
@@ -506,6 +515,11 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                          stage_tensors, act_bits, w_bits, memory, input_bytes, problem,
                          solution, objective_solver, vdpc_result, sram_total, flash_total,
                          notes + [f"QBR: {line}" for line in qbr_log])
+    if order_choice is not None:
+        plan.search["order"] = order_choice.to_dict()
+    regions = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, input_bytes)
+    if regions is not None:  # the board ranks its data regions (`mpq.regions`)
+        plan.schedule["regions"] = regions
     if probe is not None:
         m = attempt.measured
         plan.search["measured"] = {
@@ -580,6 +594,7 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     that floor, and never one the search would meet. Flash does not depend on the schedule
     and is checked first, without building any.
     """
+    graph, _ = search_graph(graph, opts)
     sram_total, flash_total, input_bytes, code = _totals(graph, board, opts)
     w_options = weight_options(graph, opts, flash_total - code)
     w_floor = max(w_options) if opts.strategy == "int8" else min(w_options)
@@ -851,6 +866,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
     schedule_info = {"inplace_depthwise": sorted(memory.inplace),
                      "fused_adds": {add: {"conv": conv, "skip": skip}
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
+    if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
+        schedule_info["order"] = [n.name for n in graph.nodes]
     predicted = {
         "arena_bytes": memory.arena_bytes,
         "scratch_bytes": memory.scratch_bytes,
@@ -914,3 +931,13 @@ def stage_bitops(schedule: PatchSchedule, graph: Graph, bitops: dict[str, int],
     return {"mixed": extra_mixed, "int8": extra8,
             "expected": int(round(expected_stage - mixed))}
 
+
+def search_graph(graph: Graph, opts: SearchOptions) -> tuple[Graph, OrderChoice | None]:
+    """The graph the search plans: its nodes in the memory-aware order (`mpq.order`, chosen
+    once per graph at 8 bits; every candidate schedule and bit choice is then planned exactly
+    in it) with `--order memory`, in the file's order with `--order file`."""
+    if opts.order == "file":
+        return apply_order(graph, file_order(graph)), None
+    if opts.order != "memory":
+        raise MpqError(f"--order must be memory or file, not '{opts.order}'")
+    return memory_ordered(graph)
