@@ -60,6 +60,9 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "prelu": ("mpq_elementwise.c", "mpq_support.c"),
     "copy_block": ("mpq_block.c",),
     "activation": ("mpq_activation.c",),
+    # packed sub-byte kernels (issue 15 item 2; selected by mpq.codegen.packed)
+    "packed_conv2d": ("mpq_packed.c", "mpq_support.c"),
+    "packed_fully_connected": ("mpq_packed.c", "mpq_support.c"),
 }
 
 
