@@ -280,66 +280,84 @@ static MPQ_INLINE void mpq__pk_dot2(const uint32_t *x, const uint32_t *w0, const
     s[1] = mpq__i32(t1);
 }
 
-/* One dot loop per (weight bits, extraction period): constants, so each is specialised. */
-static void mpq__pk_dot2_w4e1(const uint32_t *x, const uint32_t *w0, const uint32_t *w1,
-                              int32_t nblk, int32_t s[2])
-{
-    mpq__pk_dot2(x, w0, w1, nblk, 4, 1, s);
-}
-
-static void mpq__pk_dot2_w4e4(const uint32_t *x, const uint32_t *w0, const uint32_t *w1,
-                              int32_t nblk, int32_t s[2])
-{
-    mpq__pk_dot2(x, w0, w1, nblk, 4, 4, s);
-}
-
-static void mpq__pk_dot2_w2e3(const uint32_t *x, const uint32_t *w0, const uint32_t *w1,
-                              int32_t nblk, int32_t s[2])
-{
-    mpq__pk_dot2(x, w0, w1, nblk, 2, 3, s);
-}
-
-static void mpq__pk_dot2_w2e21(const uint32_t *x, const uint32_t *w0, const uint32_t *w1,
-                               int32_t nblk, int32_t s[2])
-{
-    mpq__pk_dot2(x, w0, w1, nblk, 2, 21, s);
-}
-
-typedef void (*mpq__pk_dot_fn)(const uint32_t *, const uint32_t *, const uint32_t *, int32_t,
-                               int32_t[2]);
-
-/* The dot loop of an (activation, weight) bit mix, with its extraction period (W4A4: 1 block,
-   A2W4: 4, A4W2: 3, W2A2: 21; mpq.codegen.packed.extraction_period derives them). */
-static mpq__pk_dot_fn mpq__pk_dot_for(int32_t abits, int32_t wbits)
-{
-    if (wbits == 4) {
-        return abits == 4 ? mpq__pk_dot2_w4e1 : mpq__pk_dot2_w4e4;
-    }
-    return abits == 4 ? mpq__pk_dot2_w2e3 : mpq__pk_dot2_w2e21;
-}
-
-/* The outputs of one column: out element base + o for every channel o, two rows at a time. */
-static void mpq__pk_outputs(const mpq_packed_filter *f, const mpq_channel_quant *q,
-                            int32_t output_zp, int32_t act_min, int32_t act_max,
-                            const uint32_t *col, int32_t corr, mpq__pk_dot_fn dot,
-                            const mpq_view *out, uint32_t base)
+/* The outputs of one column: out element base + o for every channel o, two rows at a time
+   (the dot loop inlined with its bit mix's constants). */
+static MPQ_INLINE void mpq__pk_outputs_t(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                         int32_t output_zp, int32_t act_min, int32_t act_max,
+                                         const uint32_t *col, int32_t corr, const mpq_view *out,
+                                         uint32_t base, int32_t wbits, int32_t every)
 {
     const int32_t nblk = (f->k + 15) / 16;
-    const int32_t stride = nblk * (f->bits / 2);
+    const int32_t stride = nblk * (wbits / 2);
     uint8_t *dst = (uint8_t *)out->data;
     int32_t o, r;
     for (o = 0; o < f->n; o += 2) {
         const int32_t rows = o + 1 < f->n ? 2 : 1;
         const uint32_t *w0 = f->data + o * stride;
-        int32_t s[2];
-        dot(col, w0, w0 + (rows - 1) * stride, nblk, s);
+        int32_t s[2], y[2];
+        mpq__pk_dot2(col, w0, w0 + (rows - 1) * stride, nblk, wbits, every, s);
         for (r = 0; r < rows; ++r) {
             const uint32_t acc = (uint32_t)f->bias[o + r] + (uint32_t)s[r] - (uint32_t)corr;
-            mpq__st(dst, out->bits, base + (uint32_t)(o + r),
-                    mpq__output(acc, q->multiplier[o + r], q->shift[o + r], output_zp, act_min,
-                                act_max));
+            y[r] = mpq__output(acc, q->multiplier[o + r], q->shift[o + r], output_zp, act_min,
+                               act_max);
+        }
+        if (out->bits == 8) {
+            dst[base + (uint32_t)o] = (uint8_t)y[0];
+            if (rows == 2) {
+                dst[base + (uint32_t)o + 1u] = (uint8_t)y[1];
+            }
+        } else if (out->bits == 4 && rows == 2 && ((base + (uint32_t)o) & 1u) == 0) {
+            /* a whole byte: both nibbles are this pair's */
+            dst[(base + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y[0] & 15u)
+                                                       | (((uint32_t)y[1] & 15u) << 4));
+        } else {
+            for (r = 0; r < rows; ++r) {
+                mpq__st(dst, out->bits, base + (uint32_t)(o + r), y[r]);
+            }
         }
     }
+}
+
+static void mpq__pk_outputs_w4e1(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                 int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                 int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 4, 1);
+}
+
+static void mpq__pk_outputs_w4e4(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                 int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                 int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 4, 4);
+}
+
+static void mpq__pk_outputs_w2e3(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                 int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                 int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 2, 3);
+}
+
+static void mpq__pk_outputs_w2e21(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                  int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                  int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 2, 21);
+}
+
+typedef void (*mpq__pk_out_fn)(const mpq_packed_filter *, const mpq_channel_quant *, int32_t,
+                               int32_t, int32_t, const uint32_t *, int32_t, const mpq_view *,
+                               uint32_t);
+
+/* The output loop of an (activation, weight) bit mix, with its extraction period (W4A4: 1
+   block, A2W4: 4, A4W2: 3, W2A2: 21; mpq.codegen.packed.extraction_period derives them). */
+static mpq__pk_out_fn mpq__pk_out_for(int32_t abits, int32_t wbits)
+{
+    if (wbits == 4) {
+        return abits == 4 ? mpq__pk_outputs_w4e1 : mpq__pk_outputs_w4e4;
+    }
+    return abits == 4 ? mpq__pk_outputs_w2e3 : mpq__pk_outputs_w2e21;
 }
 
 static int mpq__pk_filter_ok(const mpq_packed_filter *f, const mpq_channel_quant *q)
@@ -393,7 +411,7 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
 {
     const uint8_t *src;
     int32_t nblk, oy, ox, ky, kx;
-    mpq__pk_dot_fn dot;
+    mpq__pk_out_fn outputs;
     int err;
     if ((err = mpq__pk_conv_check(p, f, in, out)) != MPQ_OK
         || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
@@ -404,7 +422,7 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
     }
     src = (const uint8_t *)in->data;
     nblk = (f->k + 15) / 16;
-    dot = mpq__pk_dot_for(in->bits, f->bits);
+    outputs = mpq__pk_out_for(in->bits, f->bits);
     for (oy = 0; oy < out->h; ++oy) {
         for (ox = 0; ox < out->w; ++ox) {
             mpq__pk_col c;
@@ -425,8 +443,8 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
                 }
             }
             corr = mpq__pk_close(&c, nblk, f->bits);
-            mpq__pk_outputs(f, q, p->output_zp, p->act_min, p->act_max,
-                            (const uint32_t *)scratch, corr, dot, out, mpq__at(out, oy, ox));
+            outputs(f, q, p->output_zp, p->act_min, p->act_max, (const uint32_t *)scratch, corr,
+                    out, mpq__at(out, oy, ox));
         }
     }
     return MPQ_OK;
@@ -473,8 +491,9 @@ int mpq_packed_fully_connected(const mpq_fc_params *p, const mpq_packed_filter *
     }
     corr = mpq__pk_close(&c, (f->k + 15) / 16, f->bits);
     if (out->h == 1 && out->w == 1) {
-        mpq__pk_outputs(f, q, p->output_zp, p->act_min, p->act_max, (const uint32_t *)scratch,
-                        corr, mpq__pk_dot_for(in->bits, f->bits), out, mpq__at(out, 0, 0));
+        mpq__pk_out_for(in->bits, f->bits)(f, q, p->output_zp, p->act_min, p->act_max,
+                                           (const uint32_t *)scratch, corr, out,
+                                           mpq__at(out, 0, 0));
         return MPQ_OK;
     }
     /* Outputs spread over several pixels: one channel at a time, stored where it belongs. */
@@ -483,7 +502,11 @@ int mpq_packed_fully_connected(const mpq_fc_params *p, const mpq_packed_filter *
         const uint32_t *w0 = f->data + o * nblk * (f->bits / 2);
         const int32_t oc = o % out->c, ox = (o / out->c) % out->w, oy = o / (out->c * out->w);
         int32_t s[2];
-        mpq__pk_dot_for(in->bits, f->bits)((const uint32_t *)scratch, w0, w0, nblk, s);
+        if (f->bits == 4) {
+            mpq__pk_dot2((const uint32_t *)scratch, w0, w0, nblk, 4, in->bits == 4 ? 1 : 4, s);
+        } else {
+            mpq__pk_dot2((const uint32_t *)scratch, w0, w0, nblk, 2, in->bits == 4 ? 3 : 21, s);
+        }
         mpq__st((uint8_t *)out->data, out->bits, mpq__at(out, oy, ox) + (uint32_t)oc,
                 mpq__output((uint32_t)f->bias[o] + (uint32_t)s[0] - (uint32_t)corr,
                             q->multiplier[o], q->shift[o], p->output_zp, p->act_min,
