@@ -357,6 +357,59 @@ typedef struct { const int8_t *table; } mpq_activation_params;
  * `data` with different bits are refused (MPQ_ERR_BITS). No scratch. */
 int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq_view *out);
 
+/* -- packed sub-byte kernels (mpq_packed.c; issue 15 item 2) ----------------------------------
+ *
+ * Convolution (groups = 1; 1x1 and KxK, any stride, dilation, padding) and fully connected
+ * layers whose activations and weights are both 4 or 2 bits (W4A4, W2A2 and the 4x2 mixes),
+ * with linear weights. Two multiply-accumulates share each 16-bit SMLAD lane (ULPPACK /
+ * MCU-MixQ packing): per output pixel the input column is written once to `scratch` as lanes
+ *     a_l = (X[2l] + oa) + X[2l+1] * 2^12                     (oa = 2^(act_bits-1))
+ * and each row of the filter is stored (by mpq, or mpq_packed_pack) as lanes
+ *     h_l = (W[2l+1] + ow) + (W[2l] + oh) * 2^12   (ow = 2^(wbits-1); oh = 0 for 4-bit, 2 for 2-bit)
+ * bit-interleaved so that one word gives two (4-bit) or four (2-bit) SMLAD operands with an AND
+ * of a rotated copy. Bits 12..23 of sum(a_l * h_l) are extracted (sign-extended) before the
+ * low field can carry into them; with
+ *     bias'[o] = bias[o] - input_zp*sum_k W[o,k] - oa*sum_{k even} W[o,k]   (mpq_packed_pack)
+ *     corr     = oh*sum_{k even}(X[k] + oa) + ow*sum_{k odd} X[k]           (per column)
+ * the accumulator is acc = bias'[o] + fields - corr, exactly mpq_conv2d's / mpq_fully_connected's
+ * (mod 2^32), then requantised and clamped the same way. Out-of-view taps are input_zp. Output
+ * of any bits. On a core without the DSP extension the same arithmetic runs in plain C (same
+ * bits, no speed-up: mpq selects these kernels only for cores with DSP). */
+typedef struct {
+    const uint32_t *data;  /* n rows of ceil(k/16) blocks; a block is wbits/2 words */
+    const int32_t *bias;   /* bias' above, n entries */
+    int32_t bits;          /* weight bits: 4 or 2 */
+    int32_t n, h, w, c;    /* OHWI dims as mpq_filter's (fully connected: h*w*c = K) */
+    int32_t k;             /* h*w*c */
+} mpq_packed_filter;
+
+/* Words of packed filter data for n rows of k weights of `wbits` bits: n*ceil(k/16)*wbits/2. */
+int32_t mpq_packed_words(int32_t wbits, int32_t n, int32_t k);
+
+/* Packs a LINEAR 4- or 2-bit mpq_filter for activations of act_bits (4 or 2) with zero point
+ * input_zp: mpq_packed_words() words into `data`, f->n corrected biases into `cbias`. mpq does
+ * this at export time (mpq/codegen/packed.py computes the same bytes); kept in C for tests. */
+int mpq_packed_pack(const mpq_filter *f, const int32_t *bias, int32_t act_bits, int32_t input_zp,
+                    uint32_t *data, int32_t *cbias);
+
+/* Bytes of 4-byte aligned scratch of mpq_packed_conv2d: 16*ceil(K/16), K = KH*KW*Cin. */
+int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packed_filter *f,
+                                       const mpq_view *in, const mpq_view *out);
+
+/* mpq_conv2d (groups = 1, 4- or 2-bit input, packed filter) with the packed dot product.
+ * q supplies multiplier and shift (its bias is unused: f->bias holds the corrected one). */
+int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
+                      const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                      int32_t *scratch);
+
+/* Bytes of 4-byte aligned scratch of mpq_packed_fully_connected: 16*ceil(K/16). */
+int32_t mpq_packed_fully_connected_scratch_size(const mpq_packed_filter *f);
+
+/* mpq_fully_connected (4- or 2-bit input, packed filter) with the packed dot product. */
+int mpq_packed_fully_connected(const mpq_fc_params *p, const mpq_packed_filter *f,
+                               const mpq_channel_quant *q, const mpq_view *in,
+                               const mpq_view *out, int32_t *scratch);
+
 #ifdef __cplusplus
 }
 #endif

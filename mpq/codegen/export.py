@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mpq.boards import Board, plan_board
-from mpq.codegen import cmsis
+from mpq.codegen import cmsis, packed
 from mpq.codegen.blocks import concat_blocks, pad_block, slice_block
 from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
@@ -61,6 +61,9 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "prelu": ("mpq_elementwise.c", "mpq_support.c"),
     "copy_block": ("mpq_block.c",),
     "activation": ("mpq_activation.c",),
+    # packed sub-byte kernels (issue 15 item 2; selected by mpq.codegen.packed)
+    "packed_conv2d": ("mpq_packed.c", "mpq_support.c"),
+    "packed_fully_connected": ("mpq_packed.c", "mpq_support.c"),
 }
 
 
@@ -177,6 +180,7 @@ class _Builder:
         self.fused_adds = set(fused)
         self.inplace = set(plan.schedule.get("inplace_depthwise", []))
         self.skip_nodes: set[str] = set()
+        self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
 
     def operand(self, tensor: str) -> Operand:
         g = self.graph
@@ -305,11 +309,15 @@ class _Builder:
                          "call": f"mpq_{layer.kernel}"}
                 if reason is not None:
                     entry["reason"] = reason
+                if i in self.packed_notes:  # conv / fully connected: packed, or why not
+                    entry["packed"] = self.packed_notes[i]
                 self.report.append(entry)
 
     def _portable(self, i: int, node: Node, by_name: dict[str, Node], ins: list[Operand],
                   out: Operand) -> None:
         """The portable kernel call of one layer-based node."""
+        if node.op in ("conv2d", "fully_connected") and self._packed(i, node, ins, out):
+            return
         if node.op == "conv2d" and node.name in self.fused_by_conv:
             add_name, skip = self.fused_by_conv[node.name]
             add = by_name[add_name]
@@ -394,6 +402,43 @@ class _Builder:
                                      weight=self.activation_table(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+    def _packed(self, i: int, node: Node, ins: list[Operand], out: Operand) -> bool:
+        """Emit the packed sub-byte kernel for a conv2d / fully_connected layer when
+        `packed.packed_choice` allows it (True), noting in `packed_notes` either way."""
+        lq = self.qm.layers[node.name]
+        why = packed.packed_choice(
+            node, plan_board(self.plan.board).core, ins[0].bits, lq.weight_bits,
+            weights.storage(lq.weight_scheme, lq.weight_bits)[0],
+            node.name in self.fused_by_conv, node.name in self.inplace)
+        self.packed_notes[i] = {"used": why is None, **({"reason": why} if why else {})}
+        if why is not None:
+            return False
+        w = lq.weight
+        dims = w.shape if w.ndim == 4 else (w.shape[0], 1, 1, w.shape[1])
+        input_zp = self.qm.acts[node.inputs[0]].zero_point
+        words, cbias = packed.pack_filter(w, lq.weight_bits, lq.bias, ins[0].bits, input_zp)
+        sym = f"mpq_l{i}"
+        self.consts += [
+            ConstArray(f"{sym}_pw", "uint32_t", [int(v) for v in words]),
+            ConstArray(f"{sym}_pb", "int32_t", [int(v) for v in cbias]),
+            ConstArray(f"{sym}_m", "int32_t", [int(v) for v in lq.multiplier]),
+            ConstArray(f"{sym}_s", "int32_t", [int(v) for v in lq.shift]),
+        ]
+        k = int(dims[1] * dims[2] * dims[3])
+        weight = {"sym": sym, "bits": lq.weight_bits, "n": dims[0], "h": dims[1],
+                  "w": dims[2], "c": dims[3], "k": k}
+        self.scratch = max(self.scratch, 16 * ((k + 15) // 16))  # the packed column
+        if node.op == "conv2d":
+            self.layers.append(Layer(i, node.name, "packed_conv2d", ins, out,
+                                     self.conv_params(node), weight))
+        else:
+            params = {"input_zp": input_zp,
+                      "output_zp": self.qm.acts[node.outputs[0]].zero_point,
+                      "act_min": lq.act_min, "act_max": lq.act_max}
+            self.layers.append(Layer(i, node.name, "packed_fully_connected", ins, out, params,
+                                     weight))
+        return True
 
     def mean_params(self, node: Node) -> dict[str, int]:
         """mpq_mean_params of a mean node: reduced axes, count, zero points, TFLM's (M, S)."""

@@ -1,0 +1,516 @@
+/* mpq_packed.c: mpq_packed_conv2d, mpq_packed_fully_connected, mpq_packed_pack and their
+ * size functions - sub-byte convolution and fully connected layers with two MACs per SMLAD
+ * halfword (issue 15 item 2; API and formulas: mpq_kernels.h, "packed sub-byte kernels").
+ *
+ * Part of mpq's portable kernel library (shared helpers: mpq_support.h).
+ *
+ * Why it is exact (ULPPACK, Won et al. 2022; MCU-MixQ, 2024): a halfword lane of the column
+ * holds a = (x_p + oa) + x_q * 2^12 and a lane of the filter h = (w_q + ow) + (w_p + oh) * 2^12
+ * (element p = 2l, q = 2l + 1 of lane l). Their product is
+ *     (x_p + oa)(w_q + ow) + [(x_p + oa)(w_p + oh) + x_q (w_q + ow)] * 2^12 + x_q (w_p + oh) * 2^24
+ * whose middle field carries the two useful products plus offset terms that do not depend on
+ * the output channel's activations (folded into a corrected bias) or on the channel (one sum
+ * per column). SMLAD adds two lanes; after at most MPQ_PK_EVERY blocks of four SMLADs the low
+ * field is still in [0, 2^12) and the middle one in [-2^11, 2^11), so bits 12..23 of the
+ * accumulator, sign-extended (SBFX), are the middle field's sum exactly (the periods per bit
+ * mix: mpq.codegen.packed.extraction_period). */
+#include "mpq_support.h"
+
+#define MPQ_PK_S 12                  /* the field shift */
+#define MPQ_PK_MASK4 0xF00FF00Fu     /* 4-bit weights: lo field bits 0-3, hi field bits 12-15 */
+#define MPQ_PK_MASK2 0x30033003u     /* 2-bit weights: lo field bits 0-1, hi field bits 12-13 */
+
+/* The weight offsets of a filter: ow on the lo (q) field, oh on the hi (p) field. A 4-bit hi
+   field is the weight's own two's complement code (bits 12-15 of the signed halfword), so
+   oh = 0; a 2-bit one cannot carry its sign there and is stored offset like the lo field. */
+static inline int32_t mpq__pk_ow(int32_t wbits)
+{
+    return 1 << (wbits - 1);
+}
+
+static inline int32_t mpq__pk_oh(int32_t wbits)
+{
+    return wbits == 4 ? 0 : 2;
+}
+
+/* The filter's lanes of elements 4j .. 4j+3 of a row as one SMLAD operand word (fields at
+   bits 0 and 12 of each halfword). */
+static uint32_t mpq__pk_opword(const int32_t *w4, int32_t wbits)
+{
+    const uint32_t fmask = (1u << wbits) - 1u;
+    const int32_t ow = mpq__pk_ow(wbits), oh = mpq__pk_oh(wbits);
+    uint32_t o = 0;
+    int32_t l;
+    for (l = 0; l < 2; ++l) {
+        const uint32_t lo = (uint32_t)(w4[2 * l + 1] + ow) & fmask;
+        const uint32_t hi = (uint32_t)(w4[2 * l] + oh) & fmask;
+        o |= (lo | (hi << MPQ_PK_S)) << (16 * l);
+    }
+    return o;
+}
+
+static inline uint32_t mpq__rol(uint32_t v, int32_t n)
+{
+    return n == 0 ? v : (v << n) | (v >> (32 - n));
+}
+
+static inline uint32_t mpq__ror(uint32_t v, int32_t n)
+{
+    return n == 0 ? v : (v >> n) | (v << (32 - n));
+}
+
+int32_t mpq_packed_words(int32_t wbits, int32_t n, int32_t k)
+{
+    if ((wbits != 4 && wbits != 2) || n < 1 || k < 1) {
+        return MPQ_ERR_ARG;
+    }
+    return n * ((k + 15) / 16) * (wbits / 2);
+}
+
+int mpq_packed_pack(const mpq_filter *f, const int32_t *bias, int32_t act_bits, int32_t input_zp,
+                    uint32_t *data, int32_t *cbias)
+{
+    const int32_t k = f != NULL ? f->h * f->w * f->c : 0;
+    int32_t o, b;
+    if (f == NULL || f->data == NULL || data == NULL || cbias == NULL || f->n < 1 || k < 1
+        || f->format != MPQ_WFMT_LINEAR || (act_bits != 4 && act_bits != 2)
+        || !mpq__in_range(input_zp, act_bits)) {
+        return MPQ_ERR_ARG;
+    }
+    if (f->bits != 4 && f->bits != 2) {
+        return MPQ_ERR_BITS;
+    }
+    for (o = 0; o < f->n; ++o) {
+        const int32_t nblk = (k + 15) / 16;
+        const int32_t oa = 1 << (act_bits - 1);
+        uint32_t sum = 0, even = 0;
+        for (b = 0; b < nblk; ++b) {
+            int32_t w[16], e, j;
+            uint32_t ops[4];
+            for (e = 0; e < 16; ++e) {
+                const int32_t i = 16 * b + e;
+                w[e] = i < k ? mpq__ld((const uint8_t *)f->data, f->bits,
+                                       (uint32_t)o * (uint32_t)k + (uint32_t)i) : 0;
+                sum += (uint32_t)w[e];
+                even += (e % 2 == 0) ? (uint32_t)w[e] : 0u;
+            }
+            for (j = 0; j < 4; ++j) {
+                ops[j] = mpq__pk_opword(w + 4 * j, f->bits);
+            }
+            if (f->bits == 4) {
+                *data++ = ops[0] | mpq__rol(ops[1], 8);
+                *data++ = ops[2] | mpq__rol(ops[3], 8);
+            } else {
+                *data++ = ops[0] | mpq__rol(ops[1], 2) | mpq__rol(ops[2], 8) | mpq__rol(ops[3], 10);
+            }
+        }
+        /* cbias = bias - zp*sum(w) - oa*sum_{k even}(w)   (mod 2^32) */
+        cbias[o] = mpq__i32((bias != NULL ? (uint32_t)bias[o] : 0u) - (uint32_t)input_zp * sum
+                            - (uint32_t)oa * even);
+    }
+    return MPQ_OK;
+}
+
+/* -- the column --------------------------------------------------------------------------- */
+
+/* A column being written: lane l = (x_{2l} + oa) + x_{2l+1} * 2^12 as int16; sp sums the
+   offset even elements, sq the odd ones. */
+typedef struct {
+    int16_t *lane;
+    int32_t n;    /* elements so far */
+    int32_t oa;   /* 2^(act_bits - 1) */
+    int32_t pend; /* the pending even element + oa */
+    int32_t sp, sq;
+} mpq__pk_col;
+
+static MPQ_INLINE void mpq__pk_put(mpq__pk_col *c, int32_t x)
+{
+    if ((c->n & 1) == 0) {
+        c->pend = x + c->oa;
+        c->sp += c->pend;
+    } else {
+        c->lane[c->n >> 1] = (int16_t)(c->pend + x * (1 << MPQ_PK_S));
+        c->sq += x;
+    }
+    c->n++;
+}
+
+/* Appends elements k .. k+len-1 of a packed buffer of `bits` (4 or 2) bits. */
+static void mpq__pk_run(mpq__pk_col *c, const uint8_t *src, int32_t bits, uint32_t k, int32_t len)
+{
+    while (len > 0 && ((c->n & 1) != 0 || !mpq__at_byte(k, bits))) {
+        mpq__pk_put(c, mpq__ld(src, bits, k));
+        ++k;
+        --len;
+    }
+    if (bits == 4) {
+        const uint8_t *s = src + (k >> 1);
+        int16_t *d = c->lane + (c->n >> 1);
+        int32_t sp = 0, sq = 0, i;
+        const int32_t nb = len >> 1;
+        /* byte (x_q << 4 | x_p): lane = (code_p ^ 8) | code_q << 12, i.e. x_p + 8 + x_q*2^12 */
+        for (i = 0; i < nb; ++i) {
+            const uint32_t b = s[i];
+            const uint32_t lo = (b & 15u) ^ 8u;
+            d[i] = (int16_t)(uint16_t)(lo | ((b & 0xF0u) << 8));
+            sp += (int32_t)lo;
+            sq += (int32_t)(int8_t)b >> 4;
+        }
+        c->sp += sp;
+        c->sq += sq;
+        c->n += 2 * nb;
+        k += (uint32_t)(2 * nb);
+        len -= 2 * nb;
+    } else {
+        const uint8_t *s = src + (k >> 2);
+        int16_t *d = c->lane + (c->n >> 1);
+        int32_t sp = 0, sq = 0, i;
+        const int32_t nb = len >> 2;
+        for (i = 0; i < nb; ++i) {
+            const uint32_t b = s[i];
+            const int32_t p0 = (int32_t)((b & 3u) ^ 2u);
+            const int32_t q0 = (int32_t)(((b >> 2) & 3u) ^ 2u) - 2;
+            const int32_t p1 = (int32_t)(((b >> 4) & 3u) ^ 2u);
+            const int32_t q1 = (int32_t)((b >> 6) ^ 2u) - 2;
+            d[2 * i] = (int16_t)(p0 + q0 * (1 << MPQ_PK_S));
+            d[2 * i + 1] = (int16_t)(p1 + q1 * (1 << MPQ_PK_S));
+            sp += p0 + p1;
+            sq += q0 + q1;
+        }
+        c->sp += sp;
+        c->sq += sq;
+        c->n += 4 * nb;
+        k += (uint32_t)(4 * nb);
+        len -= 4 * nb;
+    }
+    for (; len > 0; --len, ++k) {
+        mpq__pk_put(c, mpq__ld(src, bits, k));
+    }
+}
+
+/* Appends len copies of x (taps outside the input: x = input_zp contributes nothing). */
+static void mpq__pk_fill(mpq__pk_col *c, int32_t x, int32_t len)
+{
+    for (; len > 0; --len) {
+        mpq__pk_put(c, x);
+    }
+}
+
+/* Closes a column of k elements into nblk blocks: a trailing odd element gets x_q = 0, the
+   lanes up to 8*nblk are 0 (they add nothing whatever the filter holds there). Returns the
+   column's correction oh*sp + ow*sq. */
+static int32_t mpq__pk_close(mpq__pk_col *c, int32_t nblk, int32_t wbits)
+{
+    int32_t l = c->n >> 1;
+    if ((c->n & 1) != 0) {
+        c->lane[l++] = (int16_t)c->pend;
+    }
+    for (; l < 8 * nblk; ++l) {
+        c->lane[l] = 0;
+    }
+    return mpq__i32((uint32_t)mpq__pk_oh(wbits) * (uint32_t)c->sp
+                    + (uint32_t)mpq__pk_ow(wbits) * (uint32_t)c->sq);
+}
+
+/* -- the dot products ----------------------------------------------------------------------- */
+
+static inline int32_t mpq__pk_smlad(uint32_t a, uint32_t b, int32_t acc)
+{
+#if MPQ_USE_DSP
+    return mpq__smlad(mpq__i32(a), mpq__i32(b), acc);
+#else
+    return mpq__i32((uint32_t)acc
+                    + (uint32_t)((int32_t)(int16_t)(uint16_t)a * (int32_t)(int16_t)(uint16_t)b)
+                    + (uint32_t)((int32_t)(int16_t)(uint16_t)(a >> 16)
+                                 * (int32_t)(int16_t)(uint16_t)(b >> 16)));
+#endif
+}
+
+/* Bits 12..23 of the accumulator, sign-extended (SBFX): the middle field's sum. */
+static inline int32_t mpq__pk_field(int32_t acc)
+{
+    const uint32_t u = ((uint32_t)acc >> MPQ_PK_S) & 0xFFFu;
+    return (int32_t)(u ^ 0x800u) - 0x800;
+}
+
+/* s[r] = sum over the column's 16*nblk elements of the middle fields against rows w0, w1. */
+static MPQ_INLINE void mpq__pk_dot2(const uint32_t *x, const uint32_t *w0, const uint32_t *w1,
+                                    int32_t nblk, int32_t wbits, int32_t every, int32_t s[2])
+{
+    uint32_t t0 = 0, t1 = 0;
+    while (nblk > 0) {
+        int32_t e = nblk < every ? nblk : every;
+        int32_t a0 = 0, a1 = 0;
+        nblk -= e;
+        for (; e > 0; --e, x += 4) {
+            const uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+            if (wbits == 4) {
+                uint32_t u = w0[0], v = w0[1];
+                a0 = mpq__pk_smlad(x0, u & MPQ_PK_MASK4, a0);
+                a0 = mpq__pk_smlad(x1, mpq__ror(u, 8) & MPQ_PK_MASK4, a0);
+                a0 = mpq__pk_smlad(x2, v & MPQ_PK_MASK4, a0);
+                a0 = mpq__pk_smlad(x3, mpq__ror(v, 8) & MPQ_PK_MASK4, a0);
+                u = w1[0];
+                v = w1[1];
+                a1 = mpq__pk_smlad(x0, u & MPQ_PK_MASK4, a1);
+                a1 = mpq__pk_smlad(x1, mpq__ror(u, 8) & MPQ_PK_MASK4, a1);
+                a1 = mpq__pk_smlad(x2, v & MPQ_PK_MASK4, a1);
+                a1 = mpq__pk_smlad(x3, mpq__ror(v, 8) & MPQ_PK_MASK4, a1);
+                w0 += 2;
+                w1 += 2;
+            } else {
+                uint32_t u = w0[0];
+                a0 = mpq__pk_smlad(x0, u & MPQ_PK_MASK2, a0);
+                a0 = mpq__pk_smlad(x1, mpq__ror(u, 2) & MPQ_PK_MASK2, a0);
+                a0 = mpq__pk_smlad(x2, mpq__ror(u, 8) & MPQ_PK_MASK2, a0);
+                a0 = mpq__pk_smlad(x3, mpq__ror(u, 10) & MPQ_PK_MASK2, a0);
+                u = w1[0];
+                a1 = mpq__pk_smlad(x0, u & MPQ_PK_MASK2, a1);
+                a1 = mpq__pk_smlad(x1, mpq__ror(u, 2) & MPQ_PK_MASK2, a1);
+                a1 = mpq__pk_smlad(x2, mpq__ror(u, 8) & MPQ_PK_MASK2, a1);
+                a1 = mpq__pk_smlad(x3, mpq__ror(u, 10) & MPQ_PK_MASK2, a1);
+                w0 += 1;
+                w1 += 1;
+            }
+        }
+        t0 += (uint32_t)mpq__pk_field(a0);
+        t1 += (uint32_t)mpq__pk_field(a1);
+    }
+    s[0] = mpq__i32(t0);
+    s[1] = mpq__i32(t1);
+}
+
+/* The outputs of one column: out element base + o for every channel o, two rows at a time
+   (the dot loop inlined with its bit mix's constants). */
+static MPQ_INLINE void mpq__pk_outputs_t(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                         int32_t output_zp, int32_t act_min, int32_t act_max,
+                                         const uint32_t *col, int32_t corr, const mpq_view *out,
+                                         uint32_t base, int32_t wbits, int32_t every)
+{
+    const int32_t nblk = (f->k + 15) / 16;
+    const int32_t stride = nblk * (wbits / 2);
+    uint8_t *dst = (uint8_t *)out->data;
+    int32_t o, r;
+    for (o = 0; o < f->n; o += 2) {
+        const int32_t rows = o + 1 < f->n ? 2 : 1;
+        const uint32_t *w0 = f->data + o * stride;
+        int32_t s[2], y[2];
+        mpq__pk_dot2(col, w0, w0 + (rows - 1) * stride, nblk, wbits, every, s);
+        for (r = 0; r < rows; ++r) {
+            const uint32_t acc = (uint32_t)f->bias[o + r] + (uint32_t)s[r] - (uint32_t)corr;
+            y[r] = mpq__output(acc, q->multiplier[o + r], q->shift[o + r], output_zp, act_min,
+                               act_max);
+        }
+        if (out->bits == 8) {
+            dst[base + (uint32_t)o] = (uint8_t)y[0];
+            if (rows == 2) {
+                dst[base + (uint32_t)o + 1u] = (uint8_t)y[1];
+            }
+        } else if (out->bits == 4 && rows == 2 && ((base + (uint32_t)o) & 1u) == 0) {
+            /* a whole byte: both nibbles are this pair's */
+            dst[(base + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y[0] & 15u)
+                                                       | (((uint32_t)y[1] & 15u) << 4));
+        } else {
+            for (r = 0; r < rows; ++r) {
+                mpq__st(dst, out->bits, base + (uint32_t)(o + r), y[r]);
+            }
+        }
+    }
+}
+
+static void mpq__pk_outputs_w4e1(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                 int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                 int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 4, 1);
+}
+
+static void mpq__pk_outputs_w4e4(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                 int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                 int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 4, 4);
+}
+
+static void mpq__pk_outputs_w2e3(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                 int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                 int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 2, 3);
+}
+
+static void mpq__pk_outputs_w2e21(const mpq_packed_filter *f, const mpq_channel_quant *q,
+                                  int32_t zp, int32_t lo, int32_t hi, const uint32_t *col,
+                                  int32_t corr, const mpq_view *out, uint32_t base)
+{
+    mpq__pk_outputs_t(f, q, zp, lo, hi, col, corr, out, base, 2, 21);
+}
+
+typedef void (*mpq__pk_out_fn)(const mpq_packed_filter *, const mpq_channel_quant *, int32_t,
+                               int32_t, int32_t, const uint32_t *, int32_t, const mpq_view *,
+                               uint32_t);
+
+/* The output loop of an (activation, weight) bit mix, with its extraction period (W4A4: 1
+   block, A2W4: 4, A4W2: 3, W2A2: 21; mpq.codegen.packed.extraction_period derives them). */
+static mpq__pk_out_fn mpq__pk_out_for(int32_t abits, int32_t wbits)
+{
+    if (wbits == 4) {
+        return abits == 4 ? mpq__pk_outputs_w4e1 : mpq__pk_outputs_w4e4;
+    }
+    return abits == 4 ? mpq__pk_outputs_w2e3 : mpq__pk_outputs_w2e21;
+}
+
+static int mpq__pk_filter_ok(const mpq_packed_filter *f, const mpq_channel_quant *q)
+{
+    if (f == NULL || f->data == NULL || f->bias == NULL || q == NULL || q->multiplier == NULL
+        || q->shift == NULL || f->n < 1 || f->h < 1 || f->w < 1 || f->c < 1
+        || f->k != f->h * f->w * f->c) {
+        return MPQ_ERR_ARG;
+    }
+    return f->bits == 4 || f->bits == 2 ? MPQ_OK : MPQ_ERR_BITS;
+}
+
+/* -- convolution ---------------------------------------------------------------------------- */
+
+static int mpq__pk_conv_check(const mpq_conv_params *p, const mpq_packed_filter *f,
+                              const mpq_view *in, const mpq_view *out)
+{
+    int err;
+    if (p == NULL || f == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    if ((err = mpq__view_check(in)) != MPQ_OK || (err = mpq__view_check(out)) != MPQ_OK) {
+        return err;
+    }
+    if (in->bits != 4 && in->bits != 2) {
+        return MPQ_ERR_BITS;
+    }
+    if (f->bits != 4 && f->bits != 2) {
+        return MPQ_ERR_BITS;
+    }
+    if (f->n < 1 || f->h < 1 || f->w < 1 || f->c < 1 || f->k != f->h * f->w * f->c
+        || p->groups != 1 || in->c != f->c || out->c != f->n || p->stride_h < 1
+        || p->stride_w < 1 || p->dilation_h < 1 || p->dilation_w < 1 || p->pad_top < 0
+        || p->pad_left < 0 || !mpq__in_range(p->input_zp, in->bits)
+        || !mpq__act_ok(p->act_min, p->act_max, out->bits) || in->data == out->data) {
+        return MPQ_ERR_ARG;
+    }
+    return MPQ_OK;
+}
+
+int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packed_filter *f,
+                                       const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__pk_conv_check(p, f, in, out);
+    return err != MPQ_OK ? err : 16 * ((f->k + 15) / 16);
+}
+
+int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
+                      const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                      int32_t *scratch)
+{
+    const uint8_t *src;
+    int32_t nblk, oy, ox, ky, kx;
+    mpq__pk_out_fn outputs;
+    int err;
+    if ((err = mpq__pk_conv_check(p, f, in, out)) != MPQ_OK
+        || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
+        return err;
+    }
+    if (scratch == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    src = (const uint8_t *)in->data;
+    nblk = (f->k + 15) / 16;
+    outputs = mpq__pk_out_for(in->bits, f->bits);
+    for (oy = 0; oy < out->h; ++oy) {
+        for (ox = 0; ox < out->w; ++ox) {
+            mpq__pk_col c;
+            int32_t corr;
+            c.lane = (int16_t *)scratch;
+            c.n = 0;
+            c.oa = 1 << (in->bits - 1);
+            c.pend = c.sp = c.sq = 0;
+            for (ky = 0; ky < f->h; ++ky) {
+                const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+                for (kx = 0; kx < f->w; ++kx) {
+                    const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
+                    if (iy < 0 || iy >= in->h || ix < 0 || ix >= in->w) {
+                        mpq__pk_fill(&c, p->input_zp, f->c);
+                    } else {
+                        mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix), f->c);
+                    }
+                }
+            }
+            corr = mpq__pk_close(&c, nblk, f->bits);
+            outputs(f, q, p->output_zp, p->act_min, p->act_max, (const uint32_t *)scratch, corr,
+                    out, mpq__at(out, oy, ox));
+        }
+    }
+    return MPQ_OK;
+}
+
+/* -- fully connected ------------------------------------------------------------------------ */
+
+int32_t mpq_packed_fully_connected_scratch_size(const mpq_packed_filter *f)
+{
+    if (f == NULL || f->k < 1) {
+        return MPQ_ERR_ARG;
+    }
+    return 16 * ((f->k + 15) / 16);
+}
+
+int mpq_packed_fully_connected(const mpq_fc_params *p, const mpq_packed_filter *f,
+                               const mpq_channel_quant *q, const mpq_view *in,
+                               const mpq_view *out, int32_t *scratch)
+{
+    mpq__pk_col c;
+    int32_t y, corr, o;
+    int err;
+    if (p == NULL || f == NULL || scratch == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    if ((err = mpq__view_check(in)) != MPQ_OK || (err = mpq__view_check(out)) != MPQ_OK
+        || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
+        return err;
+    }
+    if (in->bits != 4 && in->bits != 2) {
+        return MPQ_ERR_BITS;
+    }
+    if (f->k != in->h * in->w * in->c || f->n != out->h * out->w * out->c
+        || !mpq__in_range(p->input_zp, in->bits)
+        || !mpq__act_ok(p->act_min, p->act_max, out->bits) || in->data == out->data) {
+        return MPQ_ERR_ARG;
+    }
+    c.lane = (int16_t *)scratch;
+    c.n = 0;
+    c.oa = 1 << (in->bits - 1);
+    c.pend = c.sp = c.sq = 0;
+    for (y = 0; y < in->h; ++y) {
+        mpq__pk_run(&c, (const uint8_t *)in->data, in->bits, mpq__at(in, y, 0), in->w * in->c);
+    }
+    corr = mpq__pk_close(&c, (f->k + 15) / 16, f->bits);
+    if (out->h == 1 && out->w == 1) {
+        mpq__pk_out_for(in->bits, f->bits)(f, q, p->output_zp, p->act_min, p->act_max,
+                                           (const uint32_t *)scratch, corr, out,
+                                           mpq__at(out, 0, 0));
+        return MPQ_OK;
+    }
+    /* Outputs spread over several pixels: one channel at a time, stored where it belongs. */
+    for (o = 0; o < f->n; ++o) {
+        const int32_t nblk = (f->k + 15) / 16;
+        const uint32_t *w0 = f->data + o * nblk * (f->bits / 2);
+        const int32_t oc = o % out->c, ox = (o / out->c) % out->w, oy = o / (out->c * out->w);
+        int32_t s[2];
+        if (f->bits == 4) {
+            mpq__pk_dot2((const uint32_t *)scratch, w0, w0, nblk, 4, in->bits == 4 ? 1 : 4, s);
+        } else {
+            mpq__pk_dot2((const uint32_t *)scratch, w0, w0, nblk, 2, in->bits == 4 ? 3 : 21, s);
+        }
+        mpq__st((uint8_t *)out->data, out->bits, mpq__at(out, oy, ox) + (uint32_t)oc,
+                mpq__output((uint32_t)f->bias[o] + (uint32_t)s[0] - (uint32_t)corr,
+                            q->multiplier[o], q->shift[o], p->output_zp, p->act_min,
+                            p->act_max));
+    }
+    return MPQ_OK;
+}

@@ -1,0 +1,378 @@
+/* Random cases for the packed sub-byte kernels (kernels/mpq_packed.c), all in one program so a
+ * single host run or QEMU firmware run checks them all (tests/test_packed_kernels.py).
+ *
+ * For every kernel kind (1x1 conv, KxK conv, fully connected) and bit mix (a4w4, a2w2, a4w2,
+ * a2w4), CASES random layers - shapes, strides, dilations, padding, view offsets, zero points,
+ * requantisation, output bits; some with every operand at an extreme of its range, which is
+ * what bounds the packed fields - are run through mpq_packed_* (filter packed by
+ * mpq_packed_pack) and through the library's reference kernel (mpq_conv2d /
+ * mpq_fully_connected) on identically pre-filled output buffers; every byte must agree. One
+ * line per kind and mix: "<kind> a<b>w<b> cases=<n> bad=<mismatching cases> sum=<checksum of
+ * the outputs>", the same on every target. Exit code 0 when no case mismatched.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "mpq_kernels.h"
+
+#ifndef CASES
+#define CASES 200
+#endif
+
+#ifdef PACKED_HOST
+#include <stdio.h>
+static void emit(const char *s)
+{
+    fputs(s, stdout);
+}
+#else
+#include "mpq_semihost.h"
+static void emit(const char *s)
+{
+    mpq_sh_write0(s);
+}
+#endif
+
+static uint32_t rng_state = 12345u;
+
+static uint32_t rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 17;
+    rng_state ^= rng_state << 5;
+    return rng_state;
+}
+
+/* uniform in [lo, hi] */
+static int32_t rint_(int32_t lo, int32_t hi)
+{
+    return lo + (int32_t)(rnd() % (uint32_t)(hi - lo + 1));
+}
+
+static void put(uint8_t *p, int32_t bits, uint32_t k, int32_t v)
+{
+    const uint32_t bit = k * (uint32_t)bits;
+    const uint32_t mask = ((1u << bits) - 1u) << (bit & 7u);
+    if (bits == 8) {
+        p[k] = (uint8_t)v;
+        return;
+    }
+    p[bit >> 3] = (uint8_t)((p[bit >> 3] & ~mask) | (((uint32_t)v << (bit & 7u)) & mask));
+}
+
+#define MAX_IN 4096      /* bytes of input storage */
+#define MAX_OUT 2048     /* bytes of output storage */
+#define MAX_W 8192       /* bytes of weights */
+#define MAX_N 64         /* output channels */
+#define MAX_K 1024       /* elements per filter row */
+
+static uint8_t in_buf[MAX_IN];
+static uint8_t out_ref[MAX_OUT], out_pk[MAX_OUT];
+static uint8_t wts[MAX_W];
+static uint32_t packed[MAX_N * MAX_K / 8];
+static int32_t bias[MAX_N], cbias[MAX_N], mult[MAX_N], shift[MAX_N];
+static int16_t scratch16[MAX_K];
+static int32_t scratch32[MAX_K / 4 + 4];
+
+/* A value of `bits` bits: uniform, or (mode 1/2) the range's minimum/maximum. */
+static int32_t value(int32_t bits, int mode)
+{
+    const int32_t lo = -(1 << (bits - 1)), hi = (1 << (bits - 1)) - 1;
+    return mode == 1 ? lo : mode == 2 ? hi : rint_(lo, hi);
+}
+
+static void fill_quant(int32_t n)
+{
+    int32_t o;
+    for (o = 0; o < n; ++o) {
+        bias[o] = rint_(0, 3) == 0 ? (int32_t)rnd() : rint_(-5000, 5000);
+        mult[o] = rint_(1 << 30, 0x7FFFFFFF);
+        shift[o] = rint_(-9, 1);
+    }
+}
+
+/* Random weights of n rows of k values: uniform or all at an extreme of the linear range
+   (and, rarely, the code -2^(b-1) too: the packed fields are sized for it). */
+static void fill_weights(int32_t wbits, int32_t n, int32_t k, int mode)
+{
+    const int32_t lim = (1 << (wbits - 1)) - 1;
+    int32_t i;
+    memset(wts, 0, sizeof wts);
+    for (i = 0; i < n * k; ++i) {
+        int32_t v = mode == 1 ? -lim - (rint_(0, 1)) : mode == 2 ? lim : rint_(-lim, lim);
+        put(wts, wbits, (uint32_t)i, v);
+    }
+}
+
+static uint32_t checksum(uint32_t sum, const uint8_t *p, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        sum = sum * 31u + p[i];
+    }
+    return sum;
+}
+
+static void fmt_u(char *dst, uint32_t v)
+{
+    char t[12];
+    int n = 0;
+    do {
+        t[n++] = (char)('0' + v % 10u);
+        v /= 10u;
+    } while (v != 0u);
+    while (n > 0) {
+        *dst++ = t[--n];
+    }
+    *dst = '\0';
+}
+
+/* Appends src to dst (no <string.h> string functions: the firmware has no C library). */
+static void append(char *dst, const char *src)
+{
+    while (*dst != '\0') {
+        ++dst;
+    }
+    while ((*dst++ = *src++) != '\0') {
+    }
+}
+
+static void report(const char *kind, int32_t abits, int32_t wbits, int32_t cases, int32_t bad,
+                   uint32_t sum)
+{
+    char line[96], num[12];
+    line[0] = '\0';
+    append(line, kind);
+    append(line, abits == 4 ? " a4" : " a2");
+    append(line, wbits == 4 ? "w4 cases=" : "w2 cases=");
+    fmt_u(num, (uint32_t)cases);
+    append(line, num);
+    append(line, " bad=");
+    fmt_u(num, (uint32_t)bad);
+    append(line, num);
+    append(line, " sum=");
+    fmt_u(num, sum);
+    append(line, num);
+    append(line, "\n");
+    emit(line);
+}
+
+/* One random convolution (kind 0: 1x1, 1: KxK); returns 1 when the kernels disagree. */
+static int conv_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    mpq_conv_params p;
+    mpq_filter f;
+    mpq_packed_filter pf;
+    mpq_channel_quant q;
+    mpq_view in, out;
+    int32_t kh, kw, h, w, cin, cout, pb, pr, oh, ow, i, r1, r2, nbytes, in_elems;
+    kh = kind == 0 ? 1 : rint_(1, 3);
+    kw = kind == 0 ? 1 : rint_(1, 3);
+    h = rint_(1, 5);
+    w = rint_(1, 5);
+    cin = rint_(1, kind == 0 ? 40 : 12);
+    cout = rint_(1, 12);
+    memset(&p, 0, sizeof p);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.dilation_h = kind == 0 ? 1 : rint_(1, 2);
+    p.dilation_w = kind == 0 ? 1 : rint_(1, 2);
+    p.pad_top = kind == 0 ? 0 : rint_(0, kh - 1);
+    p.pad_left = kind == 0 ? 0 : rint_(0, kw - 1);
+    pb = kind == 0 ? 0 : rint_(0, kh - 1);
+    pr = kind == 0 ? 0 : rint_(0, kw - 1);
+    oh = (h + p.pad_top + pb - p.dilation_h * (kh - 1) - 1) / p.stride_h + 1;
+    ow = (w + p.pad_left + pr - p.dilation_w * (kw - 1) - 1) / p.stride_w + 1;
+    if (h + p.pad_top + pb - p.dilation_h * (kh - 1) < 1
+        || w + p.pad_left + pr - p.dilation_w * (kw - 1) < 1) {
+        kh = kw = 1;
+        p.dilation_h = p.dilation_w = 1;
+        p.pad_top = p.pad_left = 0;
+        oh = (h - 1) / p.stride_h + 1;
+        ow = (w - 1) / p.stride_w + 1;
+    }
+    p.groups = 1;
+    p.input_zp = value(abits, mode);
+    p.output_zp = value(obits, 0);
+    r1 = value(obits, 0);
+    r2 = value(obits, 0);
+    p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
+    /* the input: a view at an offset inside a wider stored tensor */
+    in.data = in_buf;
+    in.bits = abits;
+    in.h = h;
+    in.w = w;
+    in.c = cin;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    in_elems = (in.y0 + h) * in.stored_w * cin;
+    for (i = 0; i < in_elems; ++i) {
+        put(in_buf, abits, (uint32_t)i, value(abits, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    out.data = out_ref;
+    out.bits = obits;
+    out.h = oh;
+    out.w = ow;
+    out.c = cout;
+    out.y0 = rint_(0, 1);
+    out.x0 = rint_(0, 1);
+    out.stored_w = out.x0 + ow + rint_(0, 1);
+    nbytes = ((out.y0 + oh) * out.stored_w * cout * obits + 7) / 8;
+    if (in_elems * abits > 8 * MAX_IN || nbytes > MAX_OUT || cout * kh * kw * cin * 4 > 8 * MAX_W
+        || kh * kw * cin > MAX_K) {
+        return -1;
+    }
+    fill_weights(wbits, cout, kh * kw * cin, mode);
+    fill_quant(cout);
+    f.data = wts;
+    f.bits = wbits;
+    f.n = cout;
+    f.h = kh;
+    f.w = kw;
+    f.c = cin;
+    f.format = MPQ_WFMT_LINEAR;
+    f.codebook = NULL;
+    q.bias = bias;
+    q.multiplier = mult;
+    q.shift = shift;
+    if (mpq_packed_pack(&f, bias, abits, p.input_zp, packed, cbias) != MPQ_OK) {
+        return 1;
+    }
+    pf.data = packed;
+    pf.bias = cbias;
+    pf.bits = wbits;
+    pf.n = cout;
+    pf.h = kh;
+    pf.w = kw;
+    pf.c = cin;
+    pf.k = kh * kw * cin;
+    for (i = 0; i < nbytes; ++i) {
+        out_ref[i] = out_pk[i] = (uint8_t)rnd();
+    }
+    if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
+        return 1;
+    }
+    out.data = out_pk;
+    if (mpq_packed_conv2d_scratch_size(&p, &pf, &in, &out) > (int32_t)sizeof scratch32
+        || mpq_packed_conv2d(&p, &pf, &q, &in, &out, scratch32) != MPQ_OK) {
+        return 1;
+    }
+    *sum = checksum(*sum, out_pk, nbytes);
+    return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
+}
+
+/* One random fully connected layer; returns 1 when the kernels disagree. */
+static int fc_case(int32_t abits, int32_t wbits, uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    mpq_fc_params p;
+    mpq_filter f;
+    mpq_packed_filter pf;
+    mpq_channel_quant q;
+    mpq_view in, out;
+    int32_t k, n, i, nbytes, in_elems;
+    const int long_row = rint_(0, 3) == 0;
+    in.data = in_buf;
+    in.bits = abits;
+    in.h = rint_(1, 3);
+    in.w = rint_(1, 3);
+    in.c = long_row ? rint_(40, 110) : rint_(1, 24);
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + in.w + rint_(0, 1);
+    k = in.h * in.w * in.c;
+    n = long_row ? rint_(1, 6) : rint_(1, 20);
+    in_elems = (in.y0 + in.h) * in.stored_w * in.c;
+    for (i = 0; i < in_elems; ++i) {
+        put(in_buf, abits, (uint32_t)i, value(abits, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    out.data = out_ref;
+    out.bits = obits;
+    if (rint_(0, 3) == 0 && n % 2 == 0) {  /* outputs spread over a 1 x 2 x n/2 view */
+        out.h = 1;
+        out.w = 2;
+        out.c = n / 2;
+    } else {
+        out.h = out.w = 1;
+        out.c = n;
+    }
+    out.y0 = 0;
+    out.x0 = 0;
+    out.stored_w = out.w;
+    nbytes = (n * obits + 7) / 8;
+    if (in_elems * abits > 8 * MAX_IN || k > MAX_K || n * k * 4 > 8 * MAX_W) {
+        return -1;
+    }
+    memset(&p, 0, sizeof p);
+    p.input_zp = value(abits, mode);
+    p.output_zp = value(obits, 0);
+    p.act_min = -(1 << (obits - 1));
+    p.act_max = (1 << (obits - 1)) - 1;
+    fill_weights(wbits, n, k, mode);
+    fill_quant(n);
+    f.data = wts;
+    f.bits = wbits;
+    f.n = n;
+    f.h = in.h;
+    f.w = in.w;
+    f.c = in.c;
+    f.format = MPQ_WFMT_LINEAR;
+    f.codebook = NULL;
+    q.bias = bias;
+    q.multiplier = mult;
+    q.shift = shift;
+    if (mpq_packed_pack(&f, bias, abits, p.input_zp, packed, cbias) != MPQ_OK) {
+        return 1;
+    }
+    pf.data = packed;
+    pf.bias = cbias;
+    pf.bits = wbits;
+    pf.n = n;
+    pf.h = in.h;
+    pf.w = in.w;
+    pf.c = in.c;
+    pf.k = k;
+    for (i = 0; i < nbytes; ++i) {
+        out_ref[i] = out_pk[i] = (uint8_t)rnd();
+    }
+    if (mpq_fully_connected(&p, &f, &q, &in, &out) != MPQ_OK) {
+        return 1;
+    }
+    out.data = out_pk;
+    if (mpq_packed_fully_connected_scratch_size(&pf) > (int32_t)sizeof scratch32
+        || mpq_packed_fully_connected(&p, &pf, &q, &in, &out, scratch32) != MPQ_OK) {
+        return 1;
+    }
+    *sum = checksum(*sum, out_pk, nbytes);
+    return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
+}
+
+int main(void)
+{
+    static const char *const kinds[3] = {"conv1x1", "convkxk", "fc"};
+    static const int32_t mixes[4][2] = {{4, 4}, {2, 2}, {4, 2}, {2, 4}};
+    int total_bad = 0, kind, m;
+    for (kind = 0; kind < 3; ++kind) {
+        for (m = 0; m < 4; ++m) {
+            const int32_t abits = mixes[m][0], wbits = mixes[m][1];
+            int32_t cases = 0, bad = 0;
+            uint32_t sum = 0;
+            while (cases < CASES) {
+                const int r = kind < 2 ? conv_case(kind, abits, wbits, &sum)
+                                       : fc_case(abits, wbits, &sum);
+                if (r >= 0) {
+                    ++cases;
+                    bad += r;
+                }
+            }
+            report(kinds[kind], abits, wbits, cases, bad, sum);
+            total_bad += bad;
+        }
+    }
+    return total_bad != 0;
+}

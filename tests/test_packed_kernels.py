@@ -1,0 +1,176 @@
+"""The packed sub-byte kernels (kernels/mpq_packed.c) against the library's reference kernels.
+
+tests/packed_cases.c runs 200 random layers per kernel (1x1 conv, KxK conv, fully connected)
+and bit mix (a4w4, a2w2, a4w2, a2w4) through mpq_packed_* and through mpq_conv2d /
+mpq_fully_connected, byte for byte, in one program: on the host (plain C, and the emulated DSP
+loops with -fsanitize=address,undefined) and as one firmware run under QEMU's M4 and M7
+(the real SMLAD). Every target must print the same lines, i.e. the same outputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import ckernels as ck
+import numpy as np
+import onnx_builders as B
+import pytest
+
+from mpq import firmware
+from mpq.boards import get_board
+from mpq.codegen import packed
+from mpq.codegen.export import render_export
+from mpq.frontend import load_model
+from mpq.quant import arith
+from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
+from mpq.search.driver import SearchOptions, search
+from mpq.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = REPO / "kernels"
+CASES_C = REPO / "tests" / "packed_cases.c"
+FLAGS = ("-std=c99", "-O0", "-Wall", "-Wextra", "-Werror")  # -O0: compiles fast
+SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+KINDS = ("conv1x1", "convkxk", "fc")
+MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
+#: what the cases call: the packed kernels and the reference ones
+SOURCES = tuple(KERNELS / n for n in ("mpq_packed.c", "mpq_conv.c", "mpq_dot.c",
+                                      "mpq_fully_connected.c", "mpq_support.c"))
+LINE = re.compile(r"^(\w+) (a\dw\d) cases=(\d+) bad=(\d+) sum=(\d+)$")
+
+
+def _check(stdout: str) -> list[tuple[str, ...]]:
+    """The result lines: one per kind and mix, 200 cases each, none mismatching."""
+    rows = [LINE.match(line) for line in stdout.splitlines()]
+    assert all(rows), stdout
+    got = [r.groups() for r in rows if r]
+    assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES], stdout
+    for kind, mix, cases, bad, _ in got:
+        assert int(cases) >= 200, (kind, mix)
+        assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
+    return got
+
+
+@cache
+def _host_run(dsp: bool, tmp: str) -> list[tuple[str, ...]]:
+    exe = Path(tmp) / ("cases_dsp" if dsp else "cases")
+    # the DSP loops (the code the Cortex-M runs) under the sanitizers; the plain ones as is
+    cmd = ["gcc", *FLAGS, *(SANITIZE + ("-DMPQ_EMULATE_DSP",) if dsp else ()), "-DPACKED_HOST",
+           f"-I{KERNELS}", str(CASES_C), *map(str, SOURCES), "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
+                         env={"ASAN_OPTIONS": "detect_leaks=0"})
+    assert run.returncode == 0 and "runtime error" not in run.stderr, run.stdout + run.stderr
+    return _check(run.stdout)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> list[tuple[str, ...]]:
+    if shutil.which("gcc") is None:
+        pytest.skip("needs host gcc")
+    tmp = str(tmp_path_factory.mktemp("packed"))
+    plain = _host_run(False, tmp)
+    # the DSP loops (emulated intrinsics) compute the very same bytes as the plain C ones
+    assert _host_run(True, tmp) == plain
+    return plain
+
+
+def test_packed_kernels_match_reference_on_host(host) -> None:
+    assert len(host) == len(KINDS) * len(MIXES)
+
+
+@pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
+def test_packed_kernels_match_reference_under_qemu(host, tmp_path: Path, target: str) -> None:
+    try:
+        tools = firmware.require_tools(target)
+    except Exception as exc:  # noqa: BLE001 - a missing toolchain skips, as test_firmware
+        pytest.skip(str(exc))
+    elf = firmware.build_elf([CASES_C, *SOURCES], [KERNELS], target, tmp_path / "build",
+                             extra_flags=["-Werror", "-std=c99"], toolchain=tools)
+    objdump = tools.nm[: -len("nm")] + "objdump"
+    dis = subprocess.run([objdump, "-d", str(elf)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "smlad" in dis  # the real DSP path runs here
+    run = firmware.run_qemu(elf, target, tmp_path / "run", timeout=300, toolchain=tools)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # the same outputs (checksums) as the host: bit-exact across targets
+    assert _check(run.stdout) == host
+
+
+# -- the export side: mpq.codegen.packed ---------------------------------------------------------
+
+def test_extraction_periods_are_the_kernels() -> None:
+    """The field bounds give the periods kernels/mpq_packed.c hard-codes (a4w4, a2w2, a4w2,
+    a2w4); tests/packed_cases.c's extreme cases fail when one is raised."""
+    assert [packed.extraction_period(a, w) for a, w in ((4, 4), (2, 2), (4, 2), (2, 4))] == \
+        [1, 21, 3, 4]
+
+
+def test_python_packing_is_the_c_packing(tmp_path: Path) -> None:
+    """`packed.pack_filter` (what mpq exports) gives mpq_packed_pack's words and biases."""
+    lib_path = tmp_path / "libpk.so"
+    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{KERNELS}",
+                    str(KERNELS / "mpq_packed.c"), str(KERNELS / "mpq_support.c"), "-o",
+                    str(lib_path)], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        wbits, abits = int(rng.choice([4, 2])), int(rng.choice([4, 2]))
+        n, k = int(rng.integers(1, 9)), int(rng.integers(1, 70))
+        lim = (1 << (wbits - 1)) - 1
+        w = rng.integers(-lim, lim + 1, size=(n, k))
+        bias = rng.integers(-2**31, 2**31, size=n).astype(np.int32)
+        zp = int(rng.integers(-(1 << (abits - 1)), 1 << (abits - 1)))
+        codes = arith.pack(np.asarray(w, np.int64) & ((1 << wbits) - 1), wbits)
+        filt = ck.Filter(codes.ctypes.data, wbits, n, 1, 1, k, 0, None)
+        words = np.zeros(n * ((k + 15) // 16) * wbits // 2, np.uint32)
+        cb = np.zeros(n, np.int32)
+        rc = lib.mpq_packed_pack(ctypes.byref(filt), bias.ctypes.data_as(ck.P_I32), abits, zp,
+                                 words.ctypes.data_as(ctypes.c_void_p), cb.ctypes.data_as(ck.P_I32))
+        assert rc == 0
+        py_words, py_cb = packed.pack_filter(w, wbits, bias, abits, zp)
+        assert np.array_equal(py_words, words) and np.array_equal(py_cb, cb)
+
+
+def test_packed_choice_says_why_not() -> None:
+    conv = SimpleNamespace(op="conv2d", attrs={"groups": 1})
+    assert packed.packed_choice(conv, "cortex-m4", 4, 4, 0, False, False) is None
+    assert packed.packed_choice(conv, "cortex-m7", 2, 4, 0, False, False) is None
+    assert "no DSP" in packed.packed_choice(conv, "cortex-m0plus", 4, 4, 0, False, False)
+    assert "8-bit activations" in packed.packed_choice(conv, "cortex-m4", 8, 4, 0, False, False)
+    assert "8-bit weights" in packed.packed_choice(conv, "cortex-m4", 4, 8, 0, False, False)
+    assert "non-linear" in packed.packed_choice(conv, "cortex-m4", 4, 4, 1, False, False)
+    assert "residual add" in packed.packed_choice(conv, "cortex-m4", 4, 4, 0, True, False)
+    dw = SimpleNamespace(op="conv2d", attrs={"groups": 8})
+    assert "depthwise" in packed.packed_choice(dw, "cortex-m4", 4, 4, 0, False, False)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: int) -> None:
+    """An all-`bits` plan on a Cortex-M4 board calls the packed kernels for its conv and fully
+    connected layers, says in mpq_report.json why the others do not, and its export equals the
+    integer reference on the host (and, for 4 bits, under qemu-m4)."""
+    model = B.kws_style_model(channels=24, num_blocks=1)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    graph = load_model(path)
+    x = np.random.default_rng(1).random((16, *onnx_input_shape(graph))).astype(np.float32)
+    plan = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "m"),
+                  SearchOptions(strategy="int8", bits=(bits,), weight_bits=(bits,),
+                                weight_scheme="linear", patches="none")).plan
+    layers = json.loads(render_export(plan, graph)["mpq_report.json"])["layers"]
+    used = [e for e in layers if e.get("packed", {}).get("used")]
+    assert {e["call"] for e in used} >= {"mpq_packed_conv2d", "mpq_packed_fully_connected"}
+    for e in layers:
+        if "packed" in e and not e["packed"]["used"]:
+            assert e["packed"]["reason"] and not e["call"].startswith("mpq_packed")
+    assert verify(plan, graph, x[:4], "host").mismatches == 0
+    if bits == 4 and shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
+        assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0
