@@ -676,6 +676,207 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
     }
 }
 
+/* -- the int8 path: 2 output channels x 2 pixels per inner loop ---------------------------- */
+
+/* The im2col column of output pixel (oy, ox) as raw int8 inputs (groups = 1): col[(ky*KW +
+   kx)*C + ci] = X[iy, ix, ci], or input_zp for taps out of view (so x - zp is 0 there, what
+   padding contributes). A row of taps wholly in view with unit dilation along W is one
+   contiguous run of KW*C bytes of the input (the few-channel first layers: one copy per row
+   instead of one per tap). */
+static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+                           int32_t oy, int32_t ox, int8_t *col)
+{
+    const int8_t *src = (const int8_t *)in->data;
+    const int32_t cg = in->c, kw = f->w, run = f->w * in->c;
+    const int32_t zp = p->input_zp;
+    const int32_t ix0 = ox * p->stride_w - p->pad_left;
+    const int whole = p->dilation_w == 1 && ix0 >= 0 && ix0 + kw <= in->w;
+    int8_t *dst = col;
+    int32_t ky, kx, i;
+    for (ky = 0; ky < f->h; ++ky, dst += run) {
+        const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        const int8_t *row;
+        if (iy < 0 || iy >= in->h) {
+            memset(dst, (uint8_t)zp, (size_t)run);
+            continue;
+        }
+        row = src + mpq__at(in, iy, 0);
+        if (whole) {
+            const int8_t *s = row + ix0 * cg;
+            if (run >= 16) {
+                memcpy(dst, s, (size_t)run);
+            } else {
+                for (i = 0; i < run; ++i) {
+                    dst[i] = s[i];
+                }
+            }
+            continue;
+        }
+        for (kx = 0; kx < kw; ++kx) {
+            const int32_t ix = ix0 + kx * p->dilation_w;
+            int8_t *d = dst + kx * cg;
+            if (ix < 0 || ix >= in->w) {
+                memset(d, (uint8_t)zp, (size_t)cg);
+            } else {
+                memcpy(d, row + ix * cg, (size_t)cg);
+            }
+        }
+    }
+}
+
+/* s[2p + r] += sum_{i<n} W_r[i]*(X_p[i] - zp) modulo 2^32 for the weight rows r = 0, 1 (w0,
+   w1) and the input runs p = 0, 1 (x0, x1): the 2x2 register block of CMSIS-NN's
+   arm_nn_mat_mult_kernel_s8_s16, here on int8 runs. With the DSP every word of each operand is
+   split once into SMLAD pairs (SXTAB16 adds -zp to the inputs' halfwords) and meets two
+   operands of the other kind: 4 loads, 8 extends, 8 SMLAD per 16 MACs. nz = mpq__quad_z(8,
+   zp). */
+static MPQ_INLINE void mpq__block22(const int8_t *x0, const int8_t *x1, const int8_t *w0,
+                                    const int8_t *w1, int32_t n, int32_t zp, int32_t nz,
+                                    uint32_t s[4])
+{
+#if MPQ_USE_DSP
+    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+    for (; n >= 4; n -= 4, x0 += 4, x1 += 4, w0 += 4, w1 += 4) {
+        const int32_t a = mpq__word(x0), u = mpq__word(w0), v = mpq__word(w1);
+        const int32_t ae = mpq__sxtab16(nz, a), ao = mpq__sxtab16_r8(nz, a);
+        const int32_t ue = mpq__sxtb16(u), uo = mpq__sxtb16_r8(u);
+        const int32_t ve = mpq__sxtb16(v), vo = mpq__sxtb16_r8(v);
+        const int32_t b = mpq__word(x1);
+        const int32_t be = mpq__sxtab16(nz, b), bo = mpq__sxtab16_r8(nz, b);
+        s00 = mpq__smlad(ao, uo, mpq__smlad(ae, ue, s00));
+        s01 = mpq__smlad(ao, vo, mpq__smlad(ae, ve, s01));
+        s10 = mpq__smlad(bo, uo, mpq__smlad(be, ue, s10));
+        s11 = mpq__smlad(bo, vo, mpq__smlad(be, ve, s11));
+    }
+    s[0] += (uint32_t)s00;
+    s[1] += (uint32_t)s01;
+    s[2] += (uint32_t)s10;
+    s[3] += (uint32_t)s11;
+#else
+    (void)nz;
+#endif
+    {
+        uint32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+        int32_t i;
+        for (i = 0; i < n; ++i) {
+            const int32_t a = x0[i] - zp, b = x1[i] - zp;
+            s00 += (uint32_t)(a * w0[i]);
+            s01 += (uint32_t)(a * w1[i]);
+            s10 += (uint32_t)(b * w0[i]);
+            s11 += (uint32_t)(b * w1[i]);
+        }
+        s[0] += s00;
+        s[1] += s01;
+        s[2] += s10;
+        s[3] += s11;
+    }
+}
+
+/* The output of channel o from its accumulator (mpq__requantize32: the call's shifts are all
+   in [-30, 0]), with the fused add of skip element ks + o when `add`, stored as byte ko + o. */
+static MPQ_INLINE void mpq__emit_s8(const mpq__conv_ctx *c, uint8_t *dst, const int32_t *mult,
+                                    const int32_t *shift, int32_t zp, int32_t lo, int32_t hi,
+                                    int32_t o, uint32_t acc, uint32_t ko, uint32_t ks,
+                                    const int add)
+{
+    int32_t v = mpq__clamp_add(mpq__requantize32(mpq__i32(acc), mult[o], shift[o]), zp, lo, hi);
+    if (add) {
+        v = mpq__emit_add(c->add, c->add_fast, (const uint8_t *)c->skip->data, c->skip->bits,
+                          ks + (uint32_t)o, v);
+    }
+    dst[ko + (uint32_t)o] = (uint8_t)v;
+}
+
+/* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 0]:
+   the output pixels in pairs (row-major, a pair may span two rows), each pair against the
+   weight rows in pairs (mpq__block22). A 1x1 unit-stride unpadded convolution reads the input
+   in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
+   the scratch mpq_conv2d_scratch_size asks for), so the quad loop is the same. An odd last
+   pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add. */
+static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch,
+                                         const int add)
+{
+    const mpq_conv_params *p = c->p;
+    const mpq_view *in = c->in, *out = c->out;
+    const int8_t *src = (const int8_t *)in->data;
+    const int8_t *wts = (const int8_t *)c->f->data;
+    const int32_t *bias = c->q->bias;
+    const int32_t *mult = c->q->multiplier, *shift = c->q->shift;
+    const int32_t klen = c->klen, cout = c->f->n;
+    const int32_t zp = p->input_zp, nz = mpq__quad_z(8, zp);
+    const int32_t ozp = p->output_zp, lo = p->act_min, hi = p->act_max;
+    const int32_t ow = out->w, npix = out->h * out->w;
+    uint8_t *dst = (uint8_t *)out->data;
+    int32_t pix, o;
+    for (pix = 0; pix < npix; pix += 2) {
+        const int two_px = pix + 1 < npix;
+        const int32_t oy0 = pix / ow, ox0 = pix - oy0 * ow;
+        const int32_t oy1 = two_px ? (pix + 1) / ow : oy0;
+        const int32_t ox1 = two_px ? pix + 1 - oy1 * ow : ox0;
+        const uint32_t ko0 = mpq__at(out, oy0, ox0), ko1 = mpq__at(out, oy1, ox1);
+        const uint32_t ks0 = add ? mpq__at(c->skip, oy0, ox0) : 0u;
+        const uint32_t ks1 = add ? mpq__at(c->skip, oy1, ox1) : 0u;
+        const int8_t *x0, *x1;
+        if (c->direct) {
+            x0 = src + mpq__at(in, oy0, ox0);
+            x1 = src + mpq__at(in, oy1, ox1);
+        } else {
+            x0 = scratch;
+            x1 = scratch + klen;
+            mpq__im2col_s8(p, c->f, in, oy0, ox0, scratch);
+            if (two_px) {
+                mpq__im2col_s8(p, c->f, in, oy1, ox1, scratch + klen);
+            } else {
+                x1 = x0;
+            }
+        }
+        for (o = 0; o < cout; o += 2) {
+            const int two_ch = o + 1 < cout;
+            const int8_t *w0 = wts + o * klen;
+            uint32_t s[4];
+            s[0] = s[2] = bias != NULL ? (uint32_t)bias[o] : 0u;
+            s[1] = s[3] = bias != NULL && two_ch ? (uint32_t)bias[o + 1] : 0u;
+            mpq__block22(x0, x1, w0, two_ch ? w0 + klen : w0, klen, zp, nz, s);
+            mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o, s[0], ko0, ks0, add);
+            if (two_ch) {
+                mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o + 1, s[1], ko0, ks0, add);
+            }
+            if (two_px) {
+                mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o, s[2], ko1, ks1, add);
+                if (two_ch) {
+                    mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o + 1, s[3], ko1, ks1,
+                                 add);
+                }
+            }
+        }
+    }
+}
+
+static void mpq__conv_s8(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 0);
+}
+
+static void mpq__conv_s8_add(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 1);
+}
+
+/* Does the call take mpq__conv_s8: 8-bit linear weights, inputs and outputs, one group, the
+   32-bit requantisation, and a fused add whose skip is either apart from the output or the
+   very same elements (the pair order then still reads each skip element just before its sum
+   overwrites it)? */
+static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
+{
+    const mpq_view *out = c->out, *sk = c->skip;
+    if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
+        || c->in->bits != 8 || out->bits != 8 || c->p->groups != 1 || !c->fast) {
+        return 0;
+    }
+    return c->add == NULL || sk->data != out->data
+           || (sk->y0 == out->y0 && sk->x0 == out->x0 && sk->stored_w == out->stored_w);
+}
+
 /* The convolution of mpq_conv2d; with `add` it is mpq_conv2d_add: each channel's result is
    added to the skip element right away, and the sum written where the skip element was.
    Linear weights and tabled ones (t: their tables, built by mpq__conv_tab) whose rows start at
@@ -737,6 +938,14 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     c.add_fast = add != NULL && mpq__add_fast_ok(add);
     if (depthwise) {
         mpq__conv_depthwise(&c);
+        return MPQ_OK;
+    }
+    if (mpq__conv_s8_ok(&c)) {
+        if (add != NULL) {
+            mpq__conv_s8_add(&c, (int8_t *)scratch);
+        } else {
+            mpq__conv_s8(&c, (int8_t *)scratch);
+        }
         return MPQ_OK;
     }
     for (oy = 0; oy < out->h; ++oy) {
