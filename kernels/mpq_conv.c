@@ -725,29 +725,73 @@ static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const 
 }
 
 /* s[2p + r] += sum_{i<n} W_r[i]*(X_p[i] - zp) modulo 2^32 for the weight rows r = 0, 1 (w0,
-   w1) and the input runs p = 0, 1 (x0, x1): the 2x2 register block of CMSIS-NN's
-   arm_nn_mat_mult_kernel_s8_s16, here on int8 runs. With the DSP every word of each operand is
-   split once into SMLAD pairs (SXTAB16 adds -zp to the inputs' halfwords) and meets two
-   operands of the other kind: 4 loads, 8 extends, 8 SMLAD per 16 MACs. nz = mpq__quad_z(8,
-   zp). */
-static MPQ_INLINE void mpq__block22(const int8_t *x0, const int8_t *x1, const int8_t *w0,
-                                    const int8_t *w1, int32_t n, int32_t zp, int32_t nz,
-                                    uint32_t s[4])
+   w1 = w0 + kl) and the input runs p = 0, 1 (x0, x1 = x0 + dx): the 2x2 register block of
+   CMSIS-NN's arm_nn_mat_mult_kernel_s8_s16, here on int8 runs. With the DSP every word of each
+   operand is split once into SMLAD pairs (SXTAB16 adds -zp to the inputs' halfwords) and meets
+   two operands of the other kind: 4 loads, 8 extends, 8 SMLAD per 16 MACs. `same` (a
+   constant): dx == kl, so that one offset register serves both second operands and the loop
+   fits the core's registers. nz = mpq__quad_z(8, zp). */
+static MPQ_INLINE void mpq__block22(const int8_t *x0, int32_t dx, const int8_t *w0, int32_t kl,
+                                    int32_t n, int32_t zp, int32_t nz, uint32_t s[4],
+                                    const int same)
 {
+    const int32_t d = same ? kl : dx;
 #if MPQ_USE_DSP
     int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-    for (; n >= 4; n -= 4, x0 += 4, x1 += 4, w0 += 4, w1 += 4) {
-        const int32_t a = mpq__word(x0), u = mpq__word(w0), v = mpq__word(w1);
-        const int32_t ae = mpq__sxtab16(nz, a), ao = mpq__sxtab16_r8(nz, a);
+    const int8_t *end = w0 + (n & ~3);
+#if !defined(MPQ_EMULATE_DSP)
+    /* The same loop scheduled by hand: GCC 12 keeps the pointers and the offset on the stack
+       (15 live values for 14 registers); here only the loop end is, 23 instructions per 16
+       MACs. */
+    if (same && w0 != end) {
+        int32_t t0, t1, t2, t3, t4, t5;
+        __asm__("1:\n\t"
+                "ldr %[t0], [%[w], %[kl]]\n\t"
+                "ldr %[t1], [%[w]], #4\n\t"
+                "sxtb16 %[t2], %[t1]\n\t"
+                "sxtb16 %[t1], %[t1], ror #8\n\t"
+                "sxtb16 %[t3], %[t0]\n\t"
+                "sxtb16 %[t0], %[t0], ror #8\n\t"
+                "ldr %[t4], [%[x], %[kl]]\n\t"
+                "sxtab16 %[t5], %[nz], %[t4]\n\t"
+                "smlad %[s10], %[t5], %[t2], %[s10]\n\t"
+                "smlad %[s11], %[t5], %[t3], %[s11]\n\t"
+                "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"
+                "smlad %[s10], %[t4], %[t1], %[s10]\n\t"
+                "smlad %[s11], %[t4], %[t0], %[s11]\n\t"
+                "ldr %[t4], [%[x]], #4\n\t"
+                "sxtab16 %[t5], %[nz], %[t4]\n\t"
+                "smlad %[s00], %[t5], %[t2], %[s00]\n\t"
+                "smlad %[s01], %[t5], %[t3], %[s01]\n\t"
+                "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"
+                "smlad %[s00], %[t4], %[t1], %[s00]\n\t"
+                "smlad %[s01], %[t4], %[t0], %[s01]\n\t"
+                "ldr %[t5], %[end]\n\t"
+                "cmp %[w], %[t5]\n\t"
+                "bne 1b"
+                : [s00] "+r"(s00), [s01] "+r"(s01), [s10] "+r"(s10), [s11] "+r"(s11),
+                  [w] "+r"(w0), [x] "+r"(x0), [t0] "=&r"(t0), [t1] "=&r"(t1),
+                  [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
+                : [kl] "r"(kl), [nz] "r"(nz), [end] "m"(end)
+                : "cc");
+    }
+#endif
+    for (; w0 != end; x0 += 4, w0 += 4) {
+        const int32_t u = mpq__word(w0), v = mpq__word(w0 + kl);
         const int32_t ue = mpq__sxtb16(u), uo = mpq__sxtb16_r8(u);
         const int32_t ve = mpq__sxtb16(v), vo = mpq__sxtb16_r8(v);
-        const int32_t b = mpq__word(x1);
-        const int32_t be = mpq__sxtab16(nz, b), bo = mpq__sxtab16_r8(nz, b);
+        int32_t a = mpq__word(x0), ae, ao;
+        ae = mpq__sxtab16(nz, a);
+        ao = mpq__sxtab16_r8(nz, a);
         s00 = mpq__smlad(ao, uo, mpq__smlad(ae, ue, s00));
         s01 = mpq__smlad(ao, vo, mpq__smlad(ae, ve, s01));
-        s10 = mpq__smlad(bo, uo, mpq__smlad(be, ue, s10));
-        s11 = mpq__smlad(bo, vo, mpq__smlad(be, ve, s11));
+        a = mpq__word(x0 + d);
+        ae = mpq__sxtab16(nz, a);
+        ao = mpq__sxtab16_r8(nz, a);
+        s10 = mpq__smlad(ao, uo, mpq__smlad(ae, ue, s10));
+        s11 = mpq__smlad(ao, vo, mpq__smlad(ae, ve, s11));
     }
+    n &= 3;
     s[0] += (uint32_t)s00;
     s[1] += (uint32_t)s01;
     s[2] += (uint32_t)s10;
@@ -759,11 +803,11 @@ static MPQ_INLINE void mpq__block22(const int8_t *x0, const int8_t *x1, const in
         uint32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
         int32_t i;
         for (i = 0; i < n; ++i) {
-            const int32_t a = x0[i] - zp, b = x1[i] - zp;
+            const int32_t a = x0[i] - zp, b = x0[d + i] - zp;
             s00 += (uint32_t)(a * w0[i]);
-            s01 += (uint32_t)(a * w1[i]);
+            s01 += (uint32_t)(a * w0[kl + i]);
             s10 += (uint32_t)(b * w0[i]);
-            s11 += (uint32_t)(b * w1[i]);
+            s11 += (uint32_t)(b * w0[kl + i]);
         }
         s[0] += s00;
         s[1] += s01;
@@ -772,14 +816,28 @@ static MPQ_INLINE void mpq__block22(const int8_t *x0, const int8_t *x1, const in
     }
 }
 
-/* The output of channel o from its accumulator (mpq__requantize32: the call's shifts are all
-   in [-30, 0]), with the fused add of skip element ks + o when `add`, stored as byte ko + o. */
-static MPQ_INLINE void mpq__emit_s8(const mpq__conv_ctx *c, uint8_t *dst, const int32_t *mult,
-                                    const int32_t *shift, int32_t zp, int32_t lo, int32_t hi,
-                                    int32_t o, uint32_t acc, uint32_t ko, uint32_t ks,
-                                    const int add)
+/* The outputs of two accumulators a, b of one channel (m, sh) (mpq__requantize32, then
+   mpq__clamp_add; the call's shifts are all in [-30, 0]): the rounding shift's mask and threshold
+   (mpq__requantize32) worked out once for both. */
+static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
+                                    int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
 {
-    int32_t v = mpq__clamp_add(mpq__requantize32(mpq__i32(acc), mult[o], shift[o]), zp, lo, hi);
+    const uint32_t mask = (1u << -sh) - 1u;
+    const int32_t half = (int32_t)(mask >> 1);
+    const int32_t ha = (int32_t)mpq__asr64((int64_t)mpq__i32(a) * m + (INT64_C(1) << 30), 31);
+    const int32_t hb = (int32_t)mpq__asr64((int64_t)mpq__i32(b) * m + (INT64_C(1) << 30), 31);
+    const int32_t ra = mpq__asr32(ha, -sh)
+                       + ((int32_t)((uint32_t)ha & mask) > half + (ha < 0 ? 1 : 0) ? 1 : 0);
+    const int32_t rb = mpq__asr32(hb, -sh)
+                       + ((int32_t)((uint32_t)hb & mask) > half + (hb < 0 ? 1 : 0) ? 1 : 0);
+    *va = mpq__clamp_add(ra, zp, lo, hi);
+    *vb = mpq__clamp_add(rb, zp, lo, hi);
+}
+
+/* Stores v as byte ko + o, after the fused add of skip element ks + o when `add`. */
+static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t o, int32_t v,
+                                   uint32_t ko, uint32_t ks, const int add)
+{
     if (add) {
         v = mpq__emit_add(c->add, c->add_fast, (const uint8_t *)c->skip->data, c->skip->bits,
                           ks + (uint32_t)o, v);
@@ -830,34 +888,48 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
                 x1 = x0;
             }
         }
+        /* The second run one row of weights after the first: one offset for both. */
+        const int same = x1 - x0 == klen;
+        const int32_t dx = (int32_t)(x1 - x0);
         for (o = 0; o < cout; o += 2) {
             const int two_ch = o + 1 < cout;
             const int8_t *w0 = wts + o * klen;
+            const int32_t kl = two_ch ? klen : 0;
+            int32_t v00, v01, v10, v11;
             uint32_t s[4];
             s[0] = s[2] = bias != NULL ? (uint32_t)bias[o] : 0u;
             s[1] = s[3] = bias != NULL && two_ch ? (uint32_t)bias[o + 1] : 0u;
-            mpq__block22(x0, x1, w0, two_ch ? w0 + klen : w0, klen, zp, nz, s);
-            mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o, s[0], ko0, ks0, add);
+            if (same && two_ch) {
+                mpq__block22(x0, dx, w0, kl, klen, zp, nz, s, 1);
+            } else {
+                mpq__block22(x0, dx, w0, kl, klen, zp, nz, s, 0);
+            }
+            /* All four values before any store: a byte store may alias the constants. */
+            mpq__out2_s8(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
+            mpq__out2_s8(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
+                         &v11);
+            mpq__put_s8(c, dst, o, v00, ko0, ks0, add);
             if (two_ch) {
-                mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o + 1, s[1], ko0, ks0, add);
+                mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add);
             }
             if (two_px) {
-                mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o, s[2], ko1, ks1, add);
+                mpq__put_s8(c, dst, o, v10, ko1, ks1, add);
                 if (two_ch) {
-                    mpq__emit_s8(c, dst, mult, shift, ozp, lo, hi, o + 1, s[3], ko1, ks1,
-                                 add);
+                    mpq__put_s8(c, dst, o + 1, v11, ko1, ks1, add);
                 }
             }
         }
     }
 }
 
-static void mpq__conv_s8(const mpq__conv_ctx *c, int8_t *scratch)
+/* Out of line, so that the loop's registers are allocated apart from mpq__conv's other
+   paths. */
+static MPQ_NOINLINE void mpq__conv_s8(const mpq__conv_ctx *c, int8_t *scratch)
 {
     mpq__conv_s8_loop(c, scratch, 0);
 }
 
-static void mpq__conv_s8_add(const mpq__conv_ctx *c, int8_t *scratch)
+static MPQ_NOINLINE void mpq__conv_s8_add(const mpq__conv_ctx *c, int8_t *scratch)
 {
     mpq__conv_s8_loop(c, scratch, 1);
 }
