@@ -816,20 +816,27 @@ static MPQ_INLINE void mpq__block22(const int8_t *x0, int32_t dx, const int8_t *
     }
 }
 
-/* The outputs of two accumulators a, b of one channel (m, sh) (mpq__requantize32, then
-   mpq__clamp_add; the call's shifts are all in [-30, 0]): the rounding shift's mask and threshold
-   (mpq__requantize32) worked out once for both. */
+/* The rounding right shift of mpq__requantize32 by s in [1, 31] in four instructions:
+   h/2^s rounded half away from zero is floor((h - [h < 0] + 2^(s-1)) / 2^s), which is
+   floor((q + 1) / 2) = (q >> 1) + (q & 1) for q = floor((h - [h < 0]) / 2^(s-1)) (nested
+   floors compose). Nothing overflows: h > INT32_MIN (|multiplier| < 2^31). sm1 = s - 1. */
+static MPQ_INLINE int32_t mpq__round_shift(int32_t h, int32_t sm1)
+{
+    const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
+    return mpq__asr32(q, 1) + (q & 1);
+}
+
+/* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
+   shifts are all in [-30, 0]), then mpq__clamp_add; the shift's constant worked out once. */
 static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
                                     int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
 {
-    const uint32_t mask = (1u << -sh) - 1u;
-    const int32_t half = (int32_t)(mask >> 1);
-    const int32_t ha = (int32_t)mpq__asr64((int64_t)mpq__i32(a) * m + (INT64_C(1) << 30), 31);
-    const int32_t hb = (int32_t)mpq__asr64((int64_t)mpq__i32(b) * m + (INT64_C(1) << 30), 31);
-    const int32_t ra = mpq__asr32(ha, -sh)
-                       + ((int32_t)((uint32_t)ha & mask) > half + (ha < 0 ? 1 : 0) ? 1 : 0);
-    const int32_t rb = mpq__asr32(hb, -sh)
-                       + ((int32_t)((uint32_t)hb & mask) > half + (hb < 0 ? 1 : 0) ? 1 : 0);
+    int32_t ra = (int32_t)mpq__asr64((int64_t)mpq__i32(a) * m + (INT64_C(1) << 30), 31);
+    int32_t rb = (int32_t)mpq__asr64((int64_t)mpq__i32(b) * m + (INT64_C(1) << 30), 31);
+    if (sh < 0) {
+        ra = mpq__round_shift(ra, -sh - 1);
+        rb = mpq__round_shift(rb, -sh - 1);
+    }
     *va = mpq__clamp_add(ra, zp, lo, hi);
     *vb = mpq__clamp_add(rb, zp, lo, hi);
 }
