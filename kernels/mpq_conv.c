@@ -724,6 +724,33 @@ static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const 
     }
 }
 
+#if MPQ_USE_DSP && !defined(MPQ_EMULATE_DSP)
+/* One quad of mpq__block22 by hand (operands named as there): the weight words at w and
+   w + kl, the input words at x + kl and x, split into SMLAD pairs and multiplied crosswise;
+   w and x step by 4. */
+#define MPQ__QUAD22                                   \
+    "ldr %[t0], [%[w], %[kl]]\n\t"                    \
+    "ldr %[t1], [%[w]], #4\n\t"                       \
+    "sxtb16 %[t2], %[t1]\n\t"                         \
+    "sxtb16 %[t1], %[t1], ror #8\n\t"                 \
+    "sxtb16 %[t3], %[t0]\n\t"                         \
+    "sxtb16 %[t0], %[t0], ror #8\n\t"                 \
+    "ldr %[t4], [%[x], %[kl]]\n\t"                    \
+    "sxtab16 %[t5], %[nz], %[t4]\n\t"                 \
+    "smlad %[s10], %[t5], %[t2], %[s10]\n\t"          \
+    "smlad %[s11], %[t5], %[t3], %[s11]\n\t"          \
+    "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"         \
+    "smlad %[s10], %[t4], %[t1], %[s10]\n\t"          \
+    "smlad %[s11], %[t4], %[t0], %[s11]\n\t"          \
+    "ldr %[t4], [%[x]], #4\n\t"                       \
+    "sxtab16 %[t5], %[nz], %[t4]\n\t"                 \
+    "smlad %[s00], %[t5], %[t2], %[s00]\n\t"          \
+    "smlad %[s01], %[t5], %[t3], %[s01]\n\t"          \
+    "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"         \
+    "smlad %[s00], %[t4], %[t1], %[s00]\n\t"          \
+    "smlad %[s01], %[t4], %[t0], %[s01]\n\t"
+#endif
+
 /* s[2p + r] += sum_{i<n} W_r[i]*(X_p[i] - zp) modulo 2^32 for the weight rows r = 0, 1 (w0,
    w1 = w0 + kl) and the input runs p = 0, 1 (x0, x1 = x0 + dx): the 2x2 register block of
    CMSIS-NN's arm_nn_mat_mult_kernel_s8_s16, here on int8 runs. With the DSP every word of each
@@ -741,39 +768,30 @@ static MPQ_INLINE void mpq__block22(const int8_t *x0, int32_t dx, const int8_t *
     const int8_t *end = w0 + (n & ~3);
 #if !defined(MPQ_EMULATE_DSP)
     /* The same loop scheduled by hand: GCC 12 keeps the pointers and the offset on the stack
-       (15 live values for 14 registers); here only the loop end is, 23 instructions per 16
-       MACs. */
-    if (same && w0 != end) {
+       (15 live values for 14 registers); here only the loop end is. Two quads per pass:
+       47 instructions per 32 MACs. */
+    if (same) {
+        const int8_t *end8 = w0 + (n & ~7);
         int32_t t0, t1, t2, t3, t4, t5;
-        __asm__("1:\n\t"
-                "ldr %[t0], [%[w], %[kl]]\n\t"
-                "ldr %[t1], [%[w]], #4\n\t"
-                "sxtb16 %[t2], %[t1]\n\t"
-                "sxtb16 %[t1], %[t1], ror #8\n\t"
-                "sxtb16 %[t3], %[t0]\n\t"
-                "sxtb16 %[t0], %[t0], ror #8\n\t"
-                "ldr %[t4], [%[x], %[kl]]\n\t"
-                "sxtab16 %[t5], %[nz], %[t4]\n\t"
-                "smlad %[s10], %[t5], %[t2], %[s10]\n\t"
-                "smlad %[s11], %[t5], %[t3], %[s11]\n\t"
-                "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"
-                "smlad %[s10], %[t4], %[t1], %[s10]\n\t"
-                "smlad %[s11], %[t4], %[t0], %[s11]\n\t"
-                "ldr %[t4], [%[x]], #4\n\t"
-                "sxtab16 %[t5], %[nz], %[t4]\n\t"
-                "smlad %[s00], %[t5], %[t2], %[s00]\n\t"
-                "smlad %[s01], %[t5], %[t3], %[s01]\n\t"
-                "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"
-                "smlad %[s00], %[t4], %[t1], %[s00]\n\t"
-                "smlad %[s01], %[t4], %[t0], %[s01]\n\t"
-                "ldr %[t5], %[end]\n\t"
-                "cmp %[w], %[t5]\n\t"
-                "bne 1b"
-                : [s00] "+r"(s00), [s01] "+r"(s01), [s10] "+r"(s10), [s11] "+r"(s11),
-                  [w] "+r"(w0), [x] "+r"(x0), [t0] "=&r"(t0), [t1] "=&r"(t1),
-                  [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
-                : [kl] "r"(kl), [nz] "r"(nz), [end] "m"(end)
-                : "cc");
+        if (w0 != end8) {
+            __asm__("1:\n\t" MPQ__QUAD22 MPQ__QUAD22
+                    "ldr %[t5], %[end]\n\t"
+                    "cmp %[w], %[t5]\n\t"
+                    "bne 1b"
+                    : [s00] "+r"(s00), [s01] "+r"(s01), [s10] "+r"(s10), [s11] "+r"(s11),
+                      [w] "+r"(w0), [x] "+r"(x0), [t0] "=&r"(t0), [t1] "=&r"(t1),
+                      [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
+                    : [kl] "r"(kl), [nz] "r"(nz), [end] "m"(end8)
+                    : "cc");
+        }
+        if (n & 4) {
+            __asm__(MPQ__QUAD22
+                    : [s00] "+r"(s00), [s01] "+r"(s01), [s10] "+r"(s10), [s11] "+r"(s11),
+                      [w] "+r"(w0), [x] "+r"(x0), [t0] "=&r"(t0), [t1] "=&r"(t1),
+                      [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
+                    : [kl] "r"(kl), [nz] "r"(nz)
+                    : "cc");
+        }
     }
 #endif
     for (; w0 != end; x0 += 4, w0 += 4) {
