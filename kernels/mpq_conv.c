@@ -676,6 +676,304 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
     }
 }
 
+/* -- the int8 path: 2 output channels x 2 pixels per inner loop ---------------------------- */
+
+/* The im2col column of output pixel (oy, ox) as raw int8 inputs (groups = 1): col[(ky*KW +
+   kx)*C + ci] = X[iy, ix, ci], or input_zp for taps out of view (so x - zp is 0 there, what
+   padding contributes). A row of taps wholly in view with unit dilation along W is one
+   contiguous run of KW*C bytes of the input (the few-channel first layers: one copy per row
+   instead of one per tap). */
+static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+                           int32_t oy, int32_t ox, int8_t *col)
+{
+    const int8_t *src = (const int8_t *)in->data;
+    const int32_t cg = in->c, kw = f->w, run = f->w * in->c;
+    const int32_t zp = p->input_zp;
+    const int32_t ix0 = ox * p->stride_w - p->pad_left;
+    const int whole = p->dilation_w == 1 && ix0 >= 0 && ix0 + kw <= in->w;
+    int8_t *dst = col;
+    int32_t ky, kx, i;
+    for (ky = 0; ky < f->h; ++ky, dst += run) {
+        const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        const int8_t *row;
+        if (iy < 0 || iy >= in->h) {
+            memset(dst, (uint8_t)zp, (size_t)run);
+            continue;
+        }
+        row = src + mpq__at(in, iy, 0);
+        if (whole) {
+            const int8_t *s = row + ix0 * cg;
+            if (run >= 16) {
+                memcpy(dst, s, (size_t)run);
+            } else {
+                for (i = 0; i < run; ++i) {
+                    dst[i] = s[i];
+                }
+            }
+            continue;
+        }
+        for (kx = 0; kx < kw; ++kx) {
+            const int32_t ix = ix0 + kx * p->dilation_w;
+            int8_t *d = dst + kx * cg;
+            if (ix < 0 || ix >= in->w) {
+                memset(d, (uint8_t)zp, (size_t)cg);
+            } else {
+                memcpy(d, row + ix * cg, (size_t)cg);
+            }
+        }
+    }
+}
+
+#if MPQ_USE_DSP && !defined(MPQ_EMULATE_DSP)
+/* One quad of mpq__block22 by hand (operands named as there): the weight words at w and
+   w + kl, the input words at x + kl and x, split into SMLAD pairs and multiplied crosswise;
+   w and x step by 4. */
+#define MPQ__QUAD22                                   \
+    "ldr %[t0], [%[w], %[kl]]\n\t"                    \
+    "ldr %[t1], [%[w]], #4\n\t"                       \
+    "sxtb16 %[t2], %[t1]\n\t"                         \
+    "sxtb16 %[t1], %[t1], ror #8\n\t"                 \
+    "sxtb16 %[t3], %[t0]\n\t"                         \
+    "sxtb16 %[t0], %[t0], ror #8\n\t"                 \
+    "ldr %[t4], [%[x], %[kl]]\n\t"                    \
+    "sxtab16 %[t5], %[nz], %[t4]\n\t"                 \
+    "smlad %[s10], %[t5], %[t2], %[s10]\n\t"          \
+    "smlad %[s11], %[t5], %[t3], %[s11]\n\t"          \
+    "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"         \
+    "smlad %[s10], %[t4], %[t1], %[s10]\n\t"          \
+    "smlad %[s11], %[t4], %[t0], %[s11]\n\t"          \
+    "ldr %[t4], [%[x]], #4\n\t"                       \
+    "sxtab16 %[t5], %[nz], %[t4]\n\t"                 \
+    "smlad %[s00], %[t5], %[t2], %[s00]\n\t"          \
+    "smlad %[s01], %[t5], %[t3], %[s01]\n\t"          \
+    "sxtab16 %[t4], %[nz], %[t4], ror #8\n\t"         \
+    "smlad %[s00], %[t4], %[t1], %[s00]\n\t"          \
+    "smlad %[s01], %[t4], %[t0], %[s01]\n\t"
+#endif
+
+/* s[2p + r] += sum_{i<n} W_r[i]*(X_p[i] - zp) modulo 2^32 for the weight rows r = 0, 1 (w0,
+   w1 = w0 + kl) and the input runs p = 0, 1 (x0, x1 = x0 + dx): the 2x2 register block of
+   CMSIS-NN's arm_nn_mat_mult_kernel_s8_s16, here on int8 runs. With the DSP every word of each
+   operand is split once into SMLAD pairs (SXTAB16 adds -zp to the inputs' halfwords) and meets
+   two operands of the other kind: 4 loads, 8 extends, 8 SMLAD per 16 MACs. `same` (a
+   constant): dx == kl, so that one offset register serves both second operands and the loop
+   fits the core's registers. nz = mpq__quad_z(8, zp). */
+static MPQ_INLINE void mpq__block22(const int8_t *x0, int32_t dx, const int8_t *w0, int32_t kl,
+                                    int32_t n, int32_t zp, int32_t nz, uint32_t s[4],
+                                    const int same)
+{
+    const int32_t d = same ? kl : dx;
+#if MPQ_USE_DSP
+    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+    const int8_t *end = w0 + (n & ~3);
+#if !defined(MPQ_EMULATE_DSP)
+    /* The same loop scheduled by hand: GCC 12 keeps the pointers and the offset on the stack
+       (15 live values for 14 registers); here only the loop end is. Two quads per pass:
+       47 instructions per 32 MACs. */
+    if (same) {
+        const int8_t *end8 = w0 + (n & ~7);
+        int32_t t0, t1, t2, t3, t4, t5;
+        if (w0 != end8) {
+            __asm__("1:\n\t" MPQ__QUAD22 MPQ__QUAD22
+                    "ldr %[t5], %[end]\n\t"
+                    "cmp %[w], %[t5]\n\t"
+                    "bne 1b"
+                    : [s00] "+r"(s00), [s01] "+r"(s01), [s10] "+r"(s10), [s11] "+r"(s11),
+                      [w] "+r"(w0), [x] "+r"(x0), [t0] "=&r"(t0), [t1] "=&r"(t1),
+                      [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
+                    : [kl] "r"(kl), [nz] "r"(nz), [end] "m"(end8)
+                    : "cc");
+        }
+        if (n & 4) {
+            __asm__(MPQ__QUAD22
+                    : [s00] "+r"(s00), [s01] "+r"(s01), [s10] "+r"(s10), [s11] "+r"(s11),
+                      [w] "+r"(w0), [x] "+r"(x0), [t0] "=&r"(t0), [t1] "=&r"(t1),
+                      [t2] "=&r"(t2), [t3] "=&r"(t3), [t4] "=&r"(t4), [t5] "=&r"(t5)
+                    : [kl] "r"(kl), [nz] "r"(nz)
+                    : "cc");
+        }
+    }
+#endif
+    for (; w0 != end; x0 += 4, w0 += 4) {
+        const int32_t u = mpq__word(w0), v = mpq__word(w0 + kl);
+        const int32_t ue = mpq__sxtb16(u), uo = mpq__sxtb16_r8(u);
+        const int32_t ve = mpq__sxtb16(v), vo = mpq__sxtb16_r8(v);
+        int32_t a = mpq__word(x0), ae, ao;
+        ae = mpq__sxtab16(nz, a);
+        ao = mpq__sxtab16_r8(nz, a);
+        s00 = mpq__smlad(ao, uo, mpq__smlad(ae, ue, s00));
+        s01 = mpq__smlad(ao, vo, mpq__smlad(ae, ve, s01));
+        a = mpq__word(x0 + d);
+        ae = mpq__sxtab16(nz, a);
+        ao = mpq__sxtab16_r8(nz, a);
+        s10 = mpq__smlad(ao, uo, mpq__smlad(ae, ue, s10));
+        s11 = mpq__smlad(ao, vo, mpq__smlad(ae, ve, s11));
+    }
+    n &= 3;
+    s[0] += (uint32_t)s00;
+    s[1] += (uint32_t)s01;
+    s[2] += (uint32_t)s10;
+    s[3] += (uint32_t)s11;
+#else
+    (void)nz;
+#endif
+    {
+        uint32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+        int32_t i;
+        for (i = 0; i < n; ++i) {
+            const int32_t a = x0[i] - zp, b = x0[d + i] - zp;
+            s00 += (uint32_t)(a * w0[i]);
+            s01 += (uint32_t)(a * w0[kl + i]);
+            s10 += (uint32_t)(b * w0[i]);
+            s11 += (uint32_t)(b * w0[kl + i]);
+        }
+        s[0] += s00;
+        s[1] += s01;
+        s[2] += s10;
+        s[3] += s11;
+    }
+}
+
+/* The rounding right shift of mpq__requantize32 by s in [1, 31] in four instructions:
+   h/2^s rounded half away from zero is floor((h - [h < 0] + 2^(s-1)) / 2^s), which is
+   floor((q + 1) / 2) = (q >> 1) + (q & 1) for q = floor((h - [h < 0]) / 2^(s-1)) (nested
+   floors compose). Nothing overflows: h > INT32_MIN (|multiplier| < 2^31). sm1 = s - 1. */
+static MPQ_INLINE int32_t mpq__round_shift(int32_t h, int32_t sm1)
+{
+    const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
+    return mpq__asr32(q, 1) + (q & 1);
+}
+
+/* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
+   shifts are all in [-30, 0]), then mpq__clamp_add; the shift's constant worked out once. */
+static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
+                                    int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
+{
+    int32_t ra = (int32_t)mpq__asr64((int64_t)mpq__i32(a) * m + (INT64_C(1) << 30), 31);
+    int32_t rb = (int32_t)mpq__asr64((int64_t)mpq__i32(b) * m + (INT64_C(1) << 30), 31);
+    if (sh < 0) {
+        ra = mpq__round_shift(ra, -sh - 1);
+        rb = mpq__round_shift(rb, -sh - 1);
+    }
+    *va = mpq__clamp_add(ra, zp, lo, hi);
+    *vb = mpq__clamp_add(rb, zp, lo, hi);
+}
+
+/* Stores v as byte ko + o, after the fused add of skip element ks + o when `add`. */
+static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t o, int32_t v,
+                                   uint32_t ko, uint32_t ks, const int add)
+{
+    if (add) {
+        v = mpq__emit_add(c->add, c->add_fast, (const uint8_t *)c->skip->data, c->skip->bits,
+                          ks + (uint32_t)o, v);
+    }
+    dst[ko + (uint32_t)o] = (uint8_t)v;
+}
+
+/* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 0]:
+   the output pixels in pairs (row-major, a pair may span two rows), each pair against the
+   weight rows in pairs (mpq__block22). A 1x1 unit-stride unpadded convolution reads the input
+   in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
+   the scratch mpq_conv2d_scratch_size asks for), so the quad loop is the same. An odd last
+   pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add. */
+static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch,
+                                         const int add)
+{
+    const mpq_conv_params *p = c->p;
+    const mpq_view *in = c->in, *out = c->out;
+    const int8_t *src = (const int8_t *)in->data;
+    const int8_t *wts = (const int8_t *)c->f->data;
+    const int32_t *bias = c->q->bias;
+    const int32_t *mult = c->q->multiplier, *shift = c->q->shift;
+    const int32_t klen = c->klen, cout = c->f->n;
+    const int32_t zp = p->input_zp, nz = mpq__quad_z(8, zp);
+    const int32_t ozp = p->output_zp, lo = p->act_min, hi = p->act_max;
+    const int32_t ow = out->w, npix = out->h * out->w;
+    uint8_t *dst = (uint8_t *)out->data;
+    int32_t pix, o;
+    for (pix = 0; pix < npix; pix += 2) {
+        const int two_px = pix + 1 < npix;
+        const int32_t oy0 = pix / ow, ox0 = pix - oy0 * ow;
+        const int32_t oy1 = two_px ? (pix + 1) / ow : oy0;
+        const int32_t ox1 = two_px ? pix + 1 - oy1 * ow : ox0;
+        const uint32_t ko0 = mpq__at(out, oy0, ox0), ko1 = mpq__at(out, oy1, ox1);
+        const uint32_t ks0 = add ? mpq__at(c->skip, oy0, ox0) : 0u;
+        const uint32_t ks1 = add ? mpq__at(c->skip, oy1, ox1) : 0u;
+        const int8_t *x0, *x1;
+        if (c->direct) {
+            x0 = src + mpq__at(in, oy0, ox0);
+            x1 = src + mpq__at(in, oy1, ox1);
+        } else {
+            x0 = scratch;
+            x1 = scratch + klen;
+            mpq__im2col_s8(p, c->f, in, oy0, ox0, scratch);
+            if (two_px) {
+                mpq__im2col_s8(p, c->f, in, oy1, ox1, scratch + klen);
+            } else {
+                x1 = x0;
+            }
+        }
+        /* The second run one row of weights after the first: one offset for both. */
+        const int same = x1 - x0 == klen;
+        const int32_t dx = (int32_t)(x1 - x0);
+        for (o = 0; o < cout; o += 2) {
+            const int two_ch = o + 1 < cout;
+            const int8_t *w0 = wts + o * klen;
+            const int32_t kl = two_ch ? klen : 0;
+            int32_t v00, v01, v10, v11;
+            uint32_t s[4];
+            s[0] = s[2] = bias != NULL ? (uint32_t)bias[o] : 0u;
+            s[1] = s[3] = bias != NULL && two_ch ? (uint32_t)bias[o + 1] : 0u;
+            if (same && two_ch) {
+                mpq__block22(x0, dx, w0, kl, klen, zp, nz, s, 1);
+            } else {
+                mpq__block22(x0, dx, w0, kl, klen, zp, nz, s, 0);
+            }
+            /* All four values before any store: a byte store may alias the constants. */
+            mpq__out2_s8(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
+            mpq__out2_s8(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
+                         &v11);
+            mpq__put_s8(c, dst, o, v00, ko0, ks0, add);
+            if (two_ch) {
+                mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add);
+            }
+            if (two_px) {
+                mpq__put_s8(c, dst, o, v10, ko1, ks1, add);
+                if (two_ch) {
+                    mpq__put_s8(c, dst, o + 1, v11, ko1, ks1, add);
+                }
+            }
+        }
+    }
+}
+
+/* Out of line, so that the loop's registers are allocated apart from mpq__conv's other
+   paths. */
+static MPQ_NOINLINE void mpq__conv_s8(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 0);
+}
+
+static MPQ_NOINLINE void mpq__conv_s8_add(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 1);
+}
+
+/* Does the call take mpq__conv_s8: 8-bit linear weights, inputs and outputs, one group, the
+   32-bit requantisation, and a fused add whose skip is either apart from the output or the
+   very same elements (the pair order then still reads each skip element just before its sum
+   overwrites it)? */
+static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
+{
+    const mpq_view *out = c->out, *sk = c->skip;
+    if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
+        || c->in->bits != 8 || out->bits != 8 || c->p->groups != 1 || !c->fast) {
+        return 0;
+    }
+    return c->add == NULL || sk->data != out->data
+           || (sk->y0 == out->y0 && sk->x0 == out->x0 && sk->stored_w == out->stored_w);
+}
+
 /* The convolution of mpq_conv2d; with `add` it is mpq_conv2d_add: each channel's result is
    added to the skip element right away, and the sum written where the skip element was.
    Linear weights and tabled ones (t: their tables, built by mpq__conv_tab) whose rows start at
@@ -737,6 +1035,14 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     c.add_fast = add != NULL && mpq__add_fast_ok(add);
     if (depthwise) {
         mpq__conv_depthwise(&c);
+        return MPQ_OK;
+    }
+    if (mpq__conv_s8_ok(&c)) {
+        if (add != NULL) {
+            mpq__conv_s8_add(&c, (int8_t *)scratch);
+        } else {
+            mpq__conv_s8(&c, (int8_t *)scratch);
+        }
         return MPQ_OK;
     }
     for (oy = 0; oy < out->h; ++oy) {

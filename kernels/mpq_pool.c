@@ -38,6 +38,82 @@ static inline void mpq__window(int32_t start, int32_t len, int32_t size, int32_t
     }
 }
 
+/* The rounded mean of mpq_avgpool: sum / cnt rounded half away from zero (0 for cnt = 0),
+   clamped. */
+static inline int32_t mpq__avg(int32_t sum, int32_t cnt, int32_t lo, int32_t hi)
+{
+    int32_t v = 0;
+    if (cnt > 0) {
+        v = sum > 0 ? (sum + cnt / 2) / cnt : (sum - cnt / 2) / cnt;
+    }
+    return mpq__clamp(v, lo, hi);
+}
+
+#if MPQ_USE_DSP
+/* The low and high halfwords of an SXTAB16 sum, sign-extended. */
+static inline int32_t mpq__pool_lo(int32_t v)
+{
+    return (int32_t)(((uint32_t)v & 0xFFFFu) ^ 0x8000u) - 0x8000;
+}
+
+static inline int32_t mpq__pool_hi(int32_t v)
+{
+    return mpq__asr32(v, 16);
+}
+#endif
+
+/* mpq_avgpool's sums for 8-bit inputs and outputs, straight from the bytes: per output pixel
+   the window's rows are walked with pointers. With the DSP and a channel count that is a
+   multiple of 4, four channels at a time: SXTAB16 adds the bytes of a word to two halfword
+   pairs (channels 0/2 and 1/3), which cannot wrap for windows of at most 256 taps
+   (|sum| <= 256 * 128 = 2^15). */
+static void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+{
+    const int8_t *src = (const int8_t *)in->data;
+    uint8_t *dst = (uint8_t *)out->data;
+    const int32_t c = out->c, lo = p->act_min, hi = p->act_max;
+    int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
+    for (oy = 0; oy < out->h; ++oy) {
+        mpq__window(oy * p->stride_h - p->pad_top, p->kernel_h, in->h, &ylo, &yhi);
+        for (ox = 0; ox < out->w; ++ox) {
+            uint8_t *d = dst + mpq__at(out, oy, ox);
+            int32_t cnt;
+            mpq__window(ox * p->stride_w - p->pad_left, p->kernel_w, in->w, &xlo, &xhi);
+            cnt = (yhi - ylo) * (xhi - xlo);
+            ch = 0;
+#if MPQ_USE_DSP
+            if (c % 4 == 0 && cnt <= 256) {
+                for (; ch < c; ch += 4) {
+                    int32_t s02 = 0, s13 = 0;
+                    for (y = ylo; y < yhi; ++y) {
+                        const int8_t *s = src + mpq__at(in, y, xlo) + ch;
+                        for (x = xlo; x < xhi; ++x, s += c) {
+                            const int32_t v = mpq__word(s);
+                            s02 = mpq__sxtab16(s02, v);
+                            s13 = mpq__sxtab16_r8(s13, v);
+                        }
+                    }
+                    d[ch] = (uint8_t)mpq__avg(mpq__pool_lo(s02), cnt, lo, hi);
+                    d[ch + 1] = (uint8_t)mpq__avg(mpq__pool_lo(s13), cnt, lo, hi);
+                    d[ch + 2] = (uint8_t)mpq__avg(mpq__pool_hi(s02), cnt, lo, hi);
+                    d[ch + 3] = (uint8_t)mpq__avg(mpq__pool_hi(s13), cnt, lo, hi);
+                }
+            }
+#endif
+            for (; ch < c; ++ch) {
+                int32_t sum = 0;
+                for (y = ylo; y < yhi; ++y) {
+                    const int8_t *s = src + mpq__at(in, y, xlo) + ch;
+                    for (x = xlo; x < xhi; ++x, s += c) {
+                        sum += *s;
+                    }
+                }
+                d[ch] = (uint8_t)mpq__avg(sum, cnt, lo, hi);
+            }
+        }
+    }
+}
+
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
 {
     int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
@@ -46,6 +122,10 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     uint8_t *dst;
     if (err != MPQ_OK) {
         return err;
+    }
+    if (in->bits == 8 && out->bits == 8) {
+        mpq__avgpool_s8(p, in, out);
+        return MPQ_OK;
     }
     src = (const uint8_t *)in->data;
     dst = (uint8_t *)out->data;
@@ -58,16 +138,13 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
             cnt = (yhi - ylo) * (xhi - xlo);
             for (ch = 0; ch < out->c; ++ch) {
                 int32_t sum = 0;
-                int32_t v = 0;
                 for (y = ylo; y < yhi; ++y) {
                     for (x = xlo; x < xhi; ++x) {
                         sum += mpq__ld(src, in->bits, mpq__at(in, y, x) + (uint32_t)ch);
                     }
                 }
-                if (cnt > 0) {
-                    v = sum > 0 ? (sum + cnt / 2) / cnt : (sum - cnt / 2) / cnt;
-                }
-                mpq__st(dst, out->bits, ko + (uint32_t)ch, mpq__clamp(v, p->act_min, p->act_max));
+                mpq__st(dst, out->bits, ko + (uint32_t)ch,
+                        mpq__avg(sum, cnt, p->act_min, p->act_max));
             }
         }
     }

@@ -468,3 +468,32 @@ def test_mpq_mk_and_export_build(tmp_path: Path) -> None:
     measured = json.loads((tmp_path / "fw2" / "mpq_report.json").read_text())["measured"]
     assert measured["mpq_arena"] >= report["predicted"]["arena_bytes"]
     assert 0 < measured["flash_bytes"] <= get_board("nano33ble").flash_region_obj.length
+
+
+def softmax_only_cmsis_model(seed: int = 0):
+    """Gemm 16 → 10 with weights of uneven row ranges, then Softmax: at 4-bit weights the Gemm
+    stays portable (no per-channel s4 fully connected in CMSIS-NN), so softmax is the only
+    CMSIS-NN call, and it takes no context."""
+    b = B._Builder(seed)
+    w = b.rng.uniform(-0.5, 0.5, (10, 16)).astype(np.float32)
+    x = b.node("Gemm", ["input", b.init("fc.weight", w), b.init("fc.bias", b.small(10))],
+               "/fc/Gemm", alpha=1.0, beta=1.0, transB=1)
+    b.node("Softmax", [x], "/Softmax", outputs=["output"], axis=1)
+    return b.model("main_graph", [B._input("input", ["batch", 16])], ["output"])
+
+
+def test_softmax_only_export_compiles_with_werror(tmp_path: Path) -> None:
+    """The model source builds with -Wall -Wextra -Werror when the only CMSIS-NN call takes no
+    context (the shared cmsis_nn_context must not be an unused variable)."""
+    root = _cmsis_nn()
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    plan, graph = _int8_plan(tmp_path, softmax_only_cmsis_model(), "softmax_only")
+    _with_weight_bits(plan, 4, graph)
+    assert set(_calls(_report(plan, graph)).values()) == {"mpq_fully_connected", "arm_softmax_s8"}
+    out = tmp_path / "fw"
+    write_export(render_export(plan, graph, "cmsis-nn"), out)
+    r = subprocess.run(["gcc", "-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{out}",
+                        f"-I{root / 'Include'}", "-c", str(out / "mpq_model.c"),
+                        "-o", str(tmp_path / "mpq_model.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
