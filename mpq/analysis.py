@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mpq.boards import Board
+from mpq.budget import predicted_stack_bytes
 from mpq.ir import Graph, node_macs, node_params
 from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory
 from mpq.quant.finite import check_finite_parameters
@@ -67,6 +68,7 @@ class ModelSummary:
     output_bytes: int
     flash_bytes: int
     code_bytes_estimate: int
+    stack_bytes: int  # the model's stack bound (GCC's call graph of the kernels, `mpq.budget`)
     inplace_depthwise: int
     fit: BoardFit | None = None
     compress: dict[str, Any] | None = None  # `--compress`: the weight blob's sizes
@@ -90,8 +92,9 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
             out_shape=list(graph.tensors[node.outputs[0]].shape),
             macs=node_macs(node, graph), params=node_params(node),
             act_bytes=sum(t.size for t in tensors), scratch_bytes=step.scratch))
-    code = code_bytes_estimate(graph) if board is None else \
-        code_bytes_estimate(graph, f"{board.core}/{board.fpu}")
+    cpu = "cortex-m4/fpv4-sp-d16" if board is None else f"{board.core}/{board.fpu}"
+    code = code_bytes_estimate(graph, cpu)
+    stack = predicted_stack_bytes(graph, cpu)
     flash = flash_bytes(graph)
     summary = ModelSummary(
         model=model_name,
@@ -101,9 +104,10 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
         arena_bytes=mem.arena_bytes, scratch_bytes=mem.scratch_bytes,
         peak_sram_bytes=mem.peak_sram_bytes, input_bytes=mem.input_bytes,
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
+        stack_bytes=stack,
         inplace_depthwise=len(mem.inplace))
     if board is not None:
-        sram_needed = mem.peak_sram_bytes + mem.input_bytes + mem.output_bytes  # mpq.budget
+        sram_needed = mem.peak_sram_bytes + mem.input_bytes + mem.output_bytes + stack
         flash_needed = flash + code
         summary.fit = BoardFit(
             board=board.name, sram_budget=board.sram_budget, sram_needed=sram_needed,

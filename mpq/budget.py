@@ -27,6 +27,7 @@ with the model that calls them.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,30 +55,33 @@ class SramFigure:
     scratch: int
     input: int
     output: int
+    model_stack: int  # mpq_model_run's deepest call (GCC's call graph), inside `model`
     budget: int  # the search's (--sram or the board's): bounds `model`
     stack: int  # board reserve
     runtime: int  # board reserve: the rest of the firmware's .data/.bss/heap
 
     @property
     def model(self) -> int:
-        """arena + scratch + input buffer + output buffer."""
-        return self.arena + self.scratch + self.input + self.output
+        """arena + scratch + input buffer + output buffer + the model's stack."""
+        return self.arena + self.scratch + self.input + self.output + self.model_stack
 
     def describe(self) -> str:
         """`model SRAM 37,504 B = arena … + scratch … + input … + output …` on one line."""
         return (f"model SRAM {self.model:,} B = arena {self.arena:,} + scratch {self.scratch:,}"
-                f" + input {self.input:,} + output {self.output:,}; budget {self.budget:,} B; "
+                f" + input {self.input:,} + output {self.output:,} + stack "
+                f"{self.model_stack:,}; budget {self.budget:,} B; "
                 f"board reserves beside it: stack {self.stack:,} B, rest of firmware "
                 f"{self.runtime:,} B")
 
 
 def plan_sram(plan: Any) -> SramFigure:
-    """The plan's predicted SRAM figure; a plan written before `output_bytes` was recorded
-    counts its output buffer as 0 (what its search planned against)."""
+    """The plan's predicted SRAM figure; a plan written before `output_bytes` or `stack_bytes`
+    were recorded counts them as 0 (what its search planned against)."""
     p, b = plan.predicted, plan.board
     reserve = b.get("reserve", {}) if isinstance(b, dict) else {}
     return SramFigure(arena=int(p["arena_bytes"]), scratch=int(p["scratch_bytes"]),
                       input=int(p["input_bytes"]), output=int(p.get("output_bytes", 0)),
+                      model_stack=int(p.get("stack_bytes", 0)),
                       budget=int(b["sram_budget"]), stack=int(reserve.get("stack", 0)),
                       runtime=int(reserve.get("runtime_sram", 0)))
 
@@ -166,10 +170,13 @@ def over_budget(measured: dict[str, int], board: Any, plan_board: dict[str, Any]
         problems.append(f"model Flash {measured['model_flash_bytes']:,} B is "
                         f"{measured['model_flash_bytes'] - flash_budget:,} B over the plan's "
                         f"budget {flash_budget:,} B")
-    if measured["model_sram_bytes"] > sram_budget:
-        problems.append(f"model SRAM {measured['model_sram_bytes']:,} B (arena + scratch + "
-                        f"I/O buffers) is {measured['model_sram_bytes'] - sram_budget:,} B over "
-                        f"the plan's budget {sram_budget:,} B")
+    sram = measured["model_sram_bytes"] + measured.get("model_stack_bytes", 0)
+    if sram > sram_budget:
+        problems.append(f"model SRAM {sram:,} B (arena + scratch + I/O buffers + stack) is "
+                        f"{sram - sram_budget:,} B over the plan's budget {sram_budget:,} B")
+    if measured.get("model_stack_bytes", 0) > board.reserve_stack:
+        problems.append(f"the model's stack {measured['model_stack_bytes']:,} B is over the "
+                        f"board's {board.reserve_stack:,} B stack reserve")
     room = board.sram_region_obj.length - board.reserve_runtime_sram
     if measured["sram_bytes"] > room:
         problems.append(f"SRAM {measured['sram_bytes']:,} B with the {board.reserve_stack:,} B "
@@ -186,7 +193,9 @@ def build_summary(measured: dict[str, int], predicted_flash: int | None) -> str:
     return (f"model Flash {measured['model_flash_bytes']:,} B{pred} + harness "
             f"{measured['harness_flash_bytes']:,} B; model SRAM {measured['model_sram_bytes']:,}"
             f" B (arena + scratch {measured.get('mpq_arena', 0):,}, I/O buffers "
-            f"{measured['io_buffer_bytes']:,}) + stack {measured['stack_bytes']:,} B")
+            f"{measured['io_buffer_bytes']:,}) + model stack "
+            f"{measured.get('model_stack_bytes', 0):,} B (call-graph bound, inside the "
+            f"{measured['stack_bytes']:,} B stack reserve)")
 
 
 def _pct(measured: int, predicted: int) -> str:
@@ -218,18 +227,54 @@ _NODE_KERNELS = {"fully_connected": "fully_connected", "add": "add", "avg_pool":
 UNKNOWN_FAMILY_BYTES = 4608
 
 
-def layer_kernels(graph: Any) -> list[str]:
-    """The kernel each layer-based node calls in an export (none for reshapes and adds fused
-    into their convolution), as `codegen.export._Builder._portable` chooses it."""
+@dataclass(frozen=True)
+class CodeShape:
+    """What an export's code depends on besides the graph (`codegen.export`): the patch stage
+    (its nodes in order and its n×n grid), whether VDPC gives it an all-8-bit outlier branch,
+    and — for a patch plan — the schedule's in-place depthwise convolutions and residual adds
+    fused into their convolution (add → (conv, skip)), which decide each call's kernel."""
+
+    stage_nodes: tuple[str, ...] = ()
+    n: int = 0
+    vdpc: bool = False
+    inplace: frozenset[str] = frozenset()
+    fused: tuple[tuple[str, str], ...] = ()  # (add, conv) pairs
+
+    @property
+    def patches(self) -> int:
+        return self.n * self.n
+
+
+def code_shape(schedule: Any, inplace: Any, vdpc: bool) -> CodeShape | None:
+    """The CodeShape of a plan on `schedule` (a `patch.PatchSchedule`): None for a layer-based
+    one, whose kernels `layer_kernels` derives from the graph alone."""
+    if not schedule.split_tensor:
+        return None
+    return CodeShape(tuple(schedule.stage_nodes), schedule.n, bool(vdpc), frozenset(inplace),
+                     tuple(sorted((add, conv) for add, (conv, _) in
+                                  schedule.fused_adds.items())))
+
+
+def layer_kernels(graph: Any, shape: CodeShape | None = None) -> list[str]:
+    """The kernel each layer-based node calls in an export (none for reshapes, adds fused
+    into their convolution and the patch stage's nodes), as `codegen.export._Builder._portable`
+    chooses it."""
     from mpq.memory import fused_residual_adds, layer_lifetimes, layer_schedule_buffers
 
-    elements = {t: graph.tensors[t].size for t in graph.tensors}
-    fused = fused_residual_adds(graph, elements, layer_lifetimes(graph))
-    _, inplace = layer_schedule_buffers(graph)
-    fused_convs = {conv for conv, _ in fused.values()}
+    if shape is None:
+        elements = {t: graph.tensors[t].size for t in graph.tensors}
+        pairs = fused_residual_adds(graph, elements, layer_lifetimes(graph))
+        fused, fused_convs = set(pairs), {conv for conv, _ in pairs.values()}
+        _, inplace = layer_schedule_buffers(graph)
+        skip: set[str] = set()
+    else:
+        fused = {add for add, _ in shape.fused}
+        fused_convs = {conv for _, conv in shape.fused}
+        inplace = set(shape.inplace)
+        skip = set(shape.stage_nodes)
     out = []
     for n in graph.nodes:
-        if n.op == "reshape" or n.name in fused:
+        if n.op == "reshape" or n.name in fused or n.name in skip:
             continue
         if n.op == "conv2d":
             out.append("conv2d_add" if n.name in fused_convs else
@@ -237,6 +282,61 @@ def layer_kernels(graph: Any) -> list[str]:
         else:
             out.append(_node_kernel(graph, n))
     return out
+
+
+#: Kernel of a stage node (`codegen.export._stage`); convolutions as in `layer_kernels`.
+_STAGE_KERNELS = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
+                  "max_pool": "maxpool", "mul": "mul", "sub": "sub", "prelu": "prelu",
+                  "activation": "activation"}
+
+
+def stage_calls(graph: Any, shape: CodeShape) -> list[tuple[str, int]]:
+    """(kernel, int16 fields per geometry row) of each call of the patch stage, as
+    `codegen.export._stage` emits them: a row holds (y0, x0, h, w, stored_w) per input (the
+    fused residual counts as one), the same for the output, then the top/left padding."""
+    by_name = {n.name: n for n in graph.nodes}
+    fused = {add for add, _ in shape.fused}
+    fused_convs = {conv for _, conv in shape.fused}
+    out = []
+    for name in shape.stage_nodes:
+        node = by_name[name]
+        kernel = _STAGE_KERNELS.get(node.op)
+        if name in fused or kernel is None:
+            continue  # fused into its conv (an unsupported op fails the export instead)
+        inputs = len(node.inputs)
+        if node.op == "conv2d" and name in fused_convs:
+            kernel, inputs = "conv2d_add", inputs + 1
+        elif node.op == "conv2d" and name in shape.inplace:
+            kernel = "depthwise_inplace"
+        out.append((kernel, 5 * inputs + 7))
+    return out
+
+
+def stage_table_bytes(graph: Any, shape: CodeShape) -> int:
+    """Flash of the stage's geometry tables (`mpq_geo_<i>`: patches × fields int16) and, with
+    VDPC, the classified map's byte count per patch (int32 each)."""
+    geo = sum(2 * fields * shape.patches for _, fields in stage_calls(graph, shape))
+    return geo + (4 * shape.patches if shape.vdpc else 0)
+
+
+def stage_branch_flash(graph: Any, shape: CodeShape | None,
+                       tables_differ: Any = None) -> int:
+    """Flash of the VDPC outlier branch's own parameters (`codegen.export._stage`): per stage
+    convolution an int32 bias, multiplier and shift per output channel (`mpq_l<i>_outlier_*`),
+    per stage activation its 256-byte table when it differs from the mixed branch's.
+    `tables_differ(node) -> bool` decides the latter; without it every table is counted (the
+    search's bound before the bits are chosen)."""
+    if shape is None or not shape.vdpc:
+        return 0
+    by_name = {n.name: n for n in graph.nodes}
+    total = 0
+    for name in shape.stage_nodes:
+        node = by_name[name]
+        if node.op == "conv2d":
+            total += 3 * 4 * node.weight.shape[0]
+        elif node.op == "activation" and (tables_differ is None or tables_differ(node)):
+            total += 256
+    return total
 
 
 def _node_kernel(graph: Any, n: Any) -> str:
@@ -251,28 +351,62 @@ def _node_kernel(graph: Any, n: Any) -> str:
     return _NODE_KERNELS.get(n.op, n.op)
 
 
-def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16") -> int:
+def _cpu_entry(cpu: str) -> dict[str, Any] | None:
+    """The code-size table's entry for `cpu` (`core/fpu`), else the same core's, else any."""
+    table = code_table().get("cpus", {})
+    return table.get(cpu) or next((v for k, v in sorted(table.items())
+                                   if k.split("/")[0] == cpu.split("/")[0]), None) \
+        or next(iter(table.values()), None)
+
+
+def _stage_entry(entry: dict[str, Any], vdpc: bool) -> dict[str, Any]:
+    """The table's stage sizes for a stage with (`vdpc`) or without the outlier branch, else
+    the other kind's (closer than nothing), else empty."""
+    stage = entry.get("stage", {})
+    return stage.get("vdpc" if vdpc else "plain") or next(iter(stage.values()), {})
+
+
+def _stage_call_bytes(entry: dict[str, Any], stage: dict[str, Any], kernel: str,
+                      median_call: int) -> int:
+    """Code bytes of one stage call of `kernel` (its function and parameter blocks, geometry
+    table apart): measured, or the layer call's plus the median stage-over-layer difference
+    of the measured kernels (an estimate, for a kernel no sample plan had in its stage)."""
+    per = stage.get("per_call", {})
+    if kernel in per:
+        return int(per[kernel])
+    layer = entry["per_call"]
+    deltas = sorted(int(v) - int(layer[k]) for k, v in per.items() if k in layer)
+    delta = deltas[len(deltas) // 2] if deltas else 0
+    return int(layer.get(kernel, median_call)) + delta
+
+
+def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
+                         shape: CodeShape | None = None) -> int:
     """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
     (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
-    in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); a family or call
-    the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
-    table = code_table().get("cpus", {})
-    entry = table.get(cpu) or next((v for k, v in sorted(table.items())
-                                    if k.split("/")[0] == cpu.split("/")[0]), None) \
-        or next(iter(table.values()), None)
-    kernels = layer_kernels(graph)
+    in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); with a patch stage
+    (`shape`) its calls, geometry tables, patch loop and VDPC test, measured the same way. A
+    family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
+    entry = _cpu_entry(cpu)
+    kernels = layer_kernels(graph, shape)
+    calls_in_stage = stage_calls(graph, shape) if shape is not None else []
+    families = set(kernels) | {k for k, _ in calls_in_stage}
     if entry is None:  # no table at all (a broken install): the old estimate
-        return 8192 + UNKNOWN_FAMILY_BYTES * len(set(kernels))
+        return 8192 + UNKNOWN_FAMILY_BYTES * len(families)
     per_call = entry["per_call"]
     median_call = sorted(per_call.values())[len(per_call) // 2] if per_call else 160
     symbols: dict[str, int] = {}
     unknown = 0
-    for family in sorted(set(kernels)):
+    for family in sorted(families):
         if family in entry["families"]:
             symbols.update(entry["families"][family])
         else:
             unknown += UNKNOWN_FAMILY_BYTES
     calls = sum(per_call.get(k, median_call) for k in kernels)
+    if shape is not None:
+        stage = _stage_entry(entry, shape.vdpc)
+        calls += sum(_stage_call_bytes(entry, stage, k, median_call) for k, _ in calls_in_stage)
+        calls += int(stage.get("base", 0)) + stage_table_bytes(graph, shape)
     return int(entry["base"]) + sum(symbols.values()) + unknown + calls
 
 
@@ -281,3 +415,75 @@ def board_cpu(board: Any) -> str:
     if isinstance(board, dict):
         return f"{board.get('core', 'cortex-m4')}/{board.get('fpu', 'fpv4-sp-d16')}"
     return f"{board.core}/{board.fpu}"
+
+
+# -- stack ---------------------------------------------------------------------------------------
+
+#: GCC's call-graph dump (`-fcallgraph-info=su`): one VCG file per source, `<output>-<src>.ci`.
+STACK_FLAG = "-fcallgraph-info=su"
+_CI_NODE = re.compile(r'node: \{ title: "([^"]+)" label: "[^"]*\\n(\d+) bytes \(([a-z,]+)\)')
+_CI_EDGE = re.compile(r'edge: \{ sourcename: "([^"]+)" targetname: "([^"]+)"')
+
+
+def read_call_graph(ci_files: list[Path]) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """Frame bytes per function and callees per function from GCC's `.ci` files. Static
+    functions are titled `file:name`, global ones by name, so edges resolve across files.
+    A frame GCC marks `dynamic` (alloca, VLA) cannot be bounded: an MpqError names it."""
+    frames: dict[str, int] = {}
+    calls: dict[str, set[str]] = {}
+    for path in ci_files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for title, size, kind in _CI_NODE.findall(text):
+            if "dynamic" in kind and "bounded" not in kind:
+                raise MpqError(f"{title}: its stack frame is dynamic, cannot be bounded")
+            frames[title] = int(size)
+        for src, dst in _CI_EDGE.findall(text):
+            calls.setdefault(src, set()).add(dst)
+    return frames, calls
+
+
+def stack_depth(frames: dict[str, int], calls: dict[str, set[str]], root: str) -> int:
+    """Deepest stack of a call from `root`: its frame plus its deepest callee's, over the
+    static call graph (GCC `-fcallgraph-info=su`; a function without a frame record — a
+    libgcc helper — counts 0, leaf helpers of a few words). Recursion is refused."""
+    memo: dict[str, int] = {}
+
+    def depth(f: str, path: tuple[str, ...]) -> int:
+        if f in path:
+            raise MpqError(f"{f}: recursive call, the stack cannot be bounded")
+        if f not in memo:
+            memo[f] = frames.get(f, 0) + max((depth(g, (*path, f)) for g in
+                                              calls.get(f, ())), default=0)
+        return memo[f]
+
+    return depth(root, ())
+
+
+def measured_stack(build_dir: Path, root: str = "mpq_model_run") -> int:
+    """The deepest stack a call of `root` can take in a build compiled with `STACK_FLAG`
+    (its `.ci` files in `build_dir`): GCC's own frame sizes over the static call graph."""
+    files = sorted(Path(build_dir).glob("*.ci"))
+    if not files:
+        raise MpqError(f"{build_dir}: no call graph (.ci) files; build with {STACK_FLAG}")
+    frames, calls = read_call_graph(files)
+    if root not in frames:
+        raise MpqError(f"{root}: not in the build's call graph")
+    return stack_depth(frames, calls, root)
+
+
+def predicted_stack_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
+                          shape: CodeShape | None = None) -> int:
+    """The model's stack bound: `mpq_model_run`'s own frame (the largest over the measured
+    sample exports, patch stages included) plus the deepest kernel entry the model calls,
+    each measured from GCC's call graph by `tools/code_sizes.py` (`stack` in the table);
+    0 without a table."""
+    entry = _cpu_entry(cpu)
+    if entry is None or "stack" not in entry:
+        return 0
+    stack = entry["stack"]
+    kernels = set(layer_kernels(graph, shape))
+    if shape is not None:
+        kernels |= {k for k, _ in stage_calls(graph, shape)}
+    deepest = max((int(stack["families"].get(k, max(stack["families"].values(), default=0)))
+                   for k in kernels), default=0)
+    return int(stack["run"]) + deepest

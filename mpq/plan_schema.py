@@ -50,8 +50,9 @@ SEARCH_KEYS = {"objective", "objective_solver", "solver", "lambda", "phi", "bins
 SEARCH_OPTIONAL = {"weights", "importance", "importance_total", "bitops_budget", "measured",
                    "bias_correction", "adaround", "order",
                    "latency"}  # `search --latency`: the candidates compared (mpq.search.latency)
-PREDICTED_OPTIONAL = {"fidelity", "output_bytes",  # output_bytes: plans since the budgets fix
-                      "instructions"}  # plans since the latency model (mpq.latency)
+# output_bytes: plans since the budgets fix; stack_bytes: since the model's stack is counted;
+# instructions: since the latency model (mpq.latency)
+PREDICTED_OPTIONAL = {"fidelity", "output_bytes", "stack_bytes", "instructions"}
 FIDELITY_KEYS = {"samples", "data", "damage", "outputs", "int8"}
 SUMMARY_KEYS = {"top1_agreement", "cosine", "sqnr_db", "exact"}
 
@@ -380,6 +381,8 @@ def check_predicted(p: Any, field: str = "predicted") -> None:
         req_int(p[key], f"{field}.{key}", 1 if key == "arena_bytes" else 0, hi)
     if "output_bytes" in p:
         req_int(p["output_bytes"], f"{field}.output_bytes", 0, MAX_BYTES)
+    if "stack_bytes" in p:
+        req_int(p["stack_bytes"], f"{field}.stack_bytes", 0, MAX_BYTES)
     if "fidelity" in p:
         check_fidelity(p["fidelity"], f"{field}.fidelity")
     if "instructions" in p:

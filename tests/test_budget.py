@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 
 import pytest
 from conftest import REPO, run_mpq
@@ -58,10 +59,13 @@ def test_sram_figure_counts_every_buffer_and_holds_after_the_build(layer_plans):
     for d in layer_plans.values():
         p, b = d["plan"]["predicted"], d["plan"]["board"]
         assert p["sram_needed_bytes"] == p["arena_bytes"] + p["scratch_bytes"] \
-            + p["input_bytes"] + p["output_bytes"] <= b["sram_budget"]
+            + p["input_bytes"] + p["output_bytes"] + p["stack_bytes"] <= b["sram_budget"]
         m = d["report"]["measured"]
         # the export rounds the scratch array up to 16 B; the search plans against that too
-        assert m["model_sram_bytes"] <= p["sram_needed_bytes"] + 15 <= b["sram_budget"] + 15
+        assert m["model_sram_bytes"] + m["model_stack_bytes"] \
+            <= p["sram_needed_bytes"] + 15 <= b["sram_budget"] + 15
+        # the model's stack: GCC's call graph of the very build, bounded by the prediction
+        assert 0 < m["model_stack_bytes"] <= p["stack_bytes"] <= m["model_stack_bytes"] + 256
         assert m["io_buffer_bytes"] >= p["input_bytes"] + p["output_bytes"]
         assert m["stack_bytes"] == b["reserve"]["stack"]
         assert m["model_sram_bytes"] + m["stack_bytes"] <= m["sram_bytes"]
@@ -119,3 +123,63 @@ def test_code_table_is_current():
         if name.endswith(".c") and path.exists():
             assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, \
                 f"{name} changed since tools/code_sizes.py measured it"
+
+
+@pytest.fixture(scope="module")
+def patch_plan(tmp_path_factory) -> dict:
+    """A patch plan of the Fashion CNN with VDPC's all-8-bit outlier branch (what `make demo`
+    builds), exported with --build."""
+    root = tmp_path_factory.mktemp("patch_budget")
+    shutil.copy(FASHION / "fashion_cnn.onnx", root / "fashion.onnx")
+    plan = root / "p.plan.json"
+    r = run_mpq("search", "fashion.onnx", "--board", "nano33ble", "--strategy", "qe",
+                "--sram", "16000", "--patches", "k=4,n=3", "--data", FASHION / "calib.npz",
+                "-o", plan, "-q", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = run_mpq("export", plan, "-o", root / "fw", "--build", cwd=root)
+    assert r.returncode == 0, r.stderr
+    return {"plan": json.loads(plan.read_text()),
+            "report": json.loads((root / "fw" / "mpq_report.json").read_text())}
+
+
+def test_patch_plan_flash_within_one_percent_of_the_build(patch_plan):
+    """The patch stage's calls, geometry tables, patch loop and VDPC test, and the outlier
+    branch's own biases and requantisation, are all in the prediction."""
+    plan = patch_plan["plan"]
+    assert plan["patch"] is not None and plan["patch"]["vdpc"] is not None
+    p = plan["predicted"]
+    predicted = p["flash_bytes"] + p["code_bytes_estimate"]
+    measured = patch_plan["report"]["measured"]["model_flash_bytes"]
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
+    m = patch_plan["report"]["measured"]
+    assert m["model_sram_bytes"] + m["model_stack_bytes"] <= p["sram_needed_bytes"] + 15
+
+
+CALLS = """
+#include <stdint.h>
+__attribute__((noinline)) int leaf(volatile int8_t *p) { volatile int8_t b[100]; b[0] = *p;
+    return b[0]; }
+__attribute__((noinline)) int mid(int8_t *p) { volatile int8_t a[400]; a[1] = *p;
+    return leaf(&a[1]) + a[1]; }
+int top(int8_t *p) { return mid(p) + leaf(p); }
+"""
+
+
+def test_stack_depth_follows_the_call_graph(tmp_path):
+    """The deepest path's frames add up (top → mid → leaf, not top → leaf); a frame of
+    unknown size is refused in one line."""
+    from mpq.budget import STACK_FLAG, read_call_graph, stack_depth
+    from mpq.errors import MpqError
+
+    (tmp_path / "calls.c").write_text(CALLS)
+    subprocess.run(["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-O2", "-c",
+                    STACK_FLAG, "calls.c"], cwd=tmp_path, check=True)
+    frames, calls = read_call_graph([tmp_path / "calls.ci"])
+    assert frames["mid"] >= 400 and frames["leaf"] >= 100
+    assert stack_depth(frames, calls, "top") == frames["top"] + frames["mid"] + frames["leaf"]
+    (tmp_path / "vla.c").write_text("int f(int n) { volatile char a[n]; a[0] = 1; "
+                                    "return a[0]; }\n")
+    subprocess.run(["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-O2", "-c",
+                    STACK_FLAG, "vla.c"], cwd=tmp_path, check=True)
+    with pytest.raises(MpqError, match="dynamic"):
+        read_call_graph([tmp_path / "vla.ci"])

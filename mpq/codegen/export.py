@@ -933,14 +933,16 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
             includes.append(root / "Include")
             sources += firmware.library_objects([root / s for s in used["sources"]],
                                                 [root / "Include"], board, work / "lib")
-        elf = firmware.build_elf(sources, includes, board, work / "build")
+        from mpq.budget import STACK_FLAG, build_breakdown, measured_stack
+
+        elf = firmware.build_elf(sources, includes, board, work / "build",
+                                 extra_flags=[STACK_FLAG])
         sizes = firmware.section_sizes(elf)
         # the arena arrays' output sections, one per region they were placed in (`mpq.regions`)
         sizes["mpq_arena"] = sum(v for k, v in sizes.items()
                                  if k == "mpq_arena" or k.startswith("mpq_arena_"))
-        from mpq.budget import build_breakdown
-
-        return {**sizes, **build_breakdown(elf, sizes, firmware.require_tools().nm)}
+        return {**sizes, **build_breakdown(elf, sizes, firmware.require_tools().nm),
+                "model_stack_bytes": measured_stack(work / "build")}
 
 
 def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, str]:

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from mpq.boards import Board
-from mpq.budget import align4, board_cpu
+from mpq.budget import (
+    align4,
+    board_cpu,
+    code_shape,
+    predicted_stack_bytes,
+    stage_branch_flash,
+)
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
@@ -423,8 +429,10 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     failures: list[MpqError] = []
     for schedule in candidates:
         try:
+            extra = stage_flash(graph, schedule, opts, board_cpu(board), code)
             attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
-                                      flash_budget, input_bytes, code, table, probe)
+                                      flash_budget - extra, input_bytes, code + extra, table,
+                                      probe)
         except MpqError as exc:  # this schedule cannot meet the budgets; try the others
             failures.append(exc)
             say(f"solving: {_describe(schedule)}: {exc}")
@@ -558,10 +566,10 @@ def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset |
 
 
 def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
-    """SRAM and Flash budgets (the board's or --sram/--flash), the caller's input and output
-    buffers (the SRAM the model needs beside the arena and scratch: `mpq.budget`) and the
-    code estimate, in bytes."""
-    input_bytes = io_buffer_bytes(graph)
+    """SRAM and Flash budgets (the board's or --sram/--flash), the SRAM the model needs beside
+    the arena and scratch — the caller's input and output buffers and the model's stack
+    (`mpq.budget`) — and the code estimate, in bytes."""
+    input_bytes = io_buffer_bytes(graph) + predicted_stack_bytes(graph, board_cpu(board))
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
     return sram_total, flash_total, input_bytes, code_bytes_estimate(graph, board_cpu(board))
@@ -609,12 +617,14 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
     for schedule in candidates:
-        setup = _setup_schedule(graph, schedule, {}, opts, sram_total, flash_total - code,
-                                input_bytes, scored=False)
+        extra = stage_flash(graph, schedule, opts, board_cpu(board), code)
+        setup = _setup_schedule(graph, schedule, {}, opts, sram_total,
+                                flash_total - code - extra, input_bytes, scored=False)
         if setup.problem.fits(setup.floor):
             return candidates
         failures.append(_impossible(setup.problem, setup.floor, schedule, sram_total,
-                                    input_bytes, setup.scratch, flash_total, code, setup.what))
+                                    input_bytes, setup.scratch, flash_total, code + extra,
+                                    setup.what))
     raise min(failures, key=lambda e: e.sram_needed)
 
 
@@ -631,6 +641,29 @@ class _Setup:
     what: str  # the floor's activation bits, as error messages name them
 
 
+def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str | None:
+    """The map VDPC classifies on `schedule` (the first stage node's output, QuantMCU §III-A),
+    or None: no patches, --no-vdpc, or that map is the split tensor itself."""
+    if not (opts.vdpc and schedule.split_tensor is not None):
+        return None
+    by_name = {n.name: n for n in graph.nodes}
+    classified = by_name[schedule.stage_nodes[0]].outputs[0]
+    return None if classified == schedule.split_tensor else classified
+
+
+def stage_flash(graph: Graph, schedule: PatchSchedule, opts: SearchOptions, cpu: str,
+                code: int) -> int:
+    """Flash a schedule's patch stage adds to the layer-based code estimate `code` (its calls,
+    geometry tables, patch loop and VDPC test: `budget.predicted_code_bytes`) plus its outlier
+    branch's parameters, every activation table counted (`budget.stage_branch_flash`): the
+    bound the search holds the weights to on that schedule."""
+    shape = code_shape(schedule, schedule.memory().inplace,
+                       vdpc_map(graph, schedule, opts) is not None)
+    if shape is None:
+        return 0
+    return code_bytes_estimate(graph, cpu, shape) - code + stage_branch_flash(graph, shape)
+
+
 def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                     opts: SearchOptions, sram_total: int, flash_budget: int,
                     input_bytes: int, scored: bool = True, probe: Probe | None = None
@@ -641,11 +674,8 @@ def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
     int8_memory = schedule.memory()
     scratch = int8_memory.scratch_bytes
     sram_budget = sram_total - input_bytes - align_up(scratch)  # export aligns the scratch
-    use_vdpc = opts.vdpc and schedule.split_tensor is not None
-    by_name = {n.name: n for n in graph.nodes}
-    classified = by_name[schedule.stage_nodes[0]].outputs[0] if use_vdpc else None
-    if classified is not None and classified == schedule.split_tensor:
-        use_vdpc, classified = False, None
+    classified = vdpc_map(graph, schedule, opts)
+    use_vdpc = classified is not None
     problem, order = build_problem(graph, schedule, scores, replace(opts, vdpc=use_vdpc),
                                    sram_budget, flash_budget, classified, int8_memory.inplace,
                                    scored=scored)
@@ -854,7 +884,16 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
             **layer_weight_fields(qm.layers.get(n.name))))
     total_bitops = int(sum(bitops.values()))
     stage_extra = stage_bitops(schedule, graph, bitops, bitops8, vdpc)
-    flash = problem.flash_bytes(solution.choice)
+    shape = code_shape(schedule, memory.inplace, vdpc is not None)
+    stack = predicted_stack_bytes(graph, board_cpu(board))  # what the search planned against
+
+    def table_differs(node) -> bool:  # the outlier branch's activation table is its own
+        return any((qm.acts[t].bits, qm.acts[t].scale, qm.acts[t].zero_point)
+                   != (outlier_qm.acts[t].bits, outlier_qm.acts[t].scale,
+                       outlier_qm.acts[t].zero_point) for t in (*node.inputs, *node.outputs))
+
+    flash = problem.flash_bytes(solution.choice) + stage_branch_flash(graph, shape,
+                                                                      table_differs)
     patch = None
     if schedule.split_tensor is not None:
         patch = {"split_layer": schedule.split_layer, "n": schedule.n,
@@ -874,9 +913,10 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "peak_sram_bytes": memory.peak_sram_bytes,
         "input_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs),
         "output_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs),
-        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + input and output
+        "stack_bytes": stack,
+        "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + in, out and stack
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board)),
+        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board), shape),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],
