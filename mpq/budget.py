@@ -255,28 +255,65 @@ def code_shape(schedule: Any, inplace: Any, vdpc: bool) -> CodeShape | None:
                                   schedule.fused_adds.items())))
 
 
-def layer_kernels(graph: Any, shape: CodeShape | None = None) -> list[str]:
-    """The kernel each layer-based node calls in an export (none for reshapes, adds fused
-    into their convolution and the patch stage's nodes), as `codegen.export._Builder._portable`
-    chooses it."""
+def _conv_sets(graph: Any, shape: CodeShape | None
+               ) -> tuple[set[str], set[str], set[str], set[str]]:
+    """(fused adds, convolutions they are fused into, in-place depthwise convolutions, stage
+    nodes) of an export: the layer-based planner's without a `shape`, else the schedule's."""
     from mpq.memory import fused_residual_adds, layer_lifetimes, layer_schedule_buffers
 
     if shape is None:
         elements = {t: graph.tensors[t].size for t in graph.tensors}
         pairs = fused_residual_adds(graph, elements, layer_lifetimes(graph))
-        fused, fused_convs = set(pairs), {conv for conv, _ in pairs.values()}
         _, inplace = layer_schedule_buffers(graph)
-        skip: set[str] = set()
-    else:
-        fused = {add for add, _ in shape.fused}
-        fused_convs = {conv for _, conv in shape.fused}
-        inplace = set(shape.inplace)
-        skip = set(shape.stage_nodes)
+        return set(pairs), {conv for conv, _ in pairs.values()}, set(inplace), set()
+    return ({add for add, _ in shape.fused}, {conv for _, conv in shape.fused},
+            set(shape.inplace), set(shape.stage_nodes))
+
+
+def packed_layers(graph: Any, core: str, shape: CodeShape | None,
+                  in_bits: Any, weights: Any) -> frozenset[str]:
+    """The layer-based conv / fully connected nodes an export runs through the packed
+    sub-byte kernels (`codegen.packed.packed_choice`, as `codegen.export._Builder._packed`
+    asks it): `in_bits(tensor) -> bits`, `weights(node) -> (bits, linear?)`."""
+    from mpq.codegen.packed import packed_choice
+
+    _, fused_convs, inplace, skip = _conv_sets(graph, shape)
+    out = set()
+    for n in graph.nodes:
+        if n.op not in ("conv2d", "fully_connected") or n.weight is None or n.name in skip:
+            continue
+        bits, linear = weights(n)
+        if packed_choice(n, core, in_bits(n.inputs[0]), bits, 0 if linear else 1,
+                         n.name in fused_convs, n.name in inplace) is None:
+            out.add(n.name)
+    return frozenset(out)
+
+
+def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int:
+    """Flash the packed kernels' weight layout adds (`codegen.packed.pack_filter`): each row
+    padded to a multiple of 16 values, against the plain packed array (4-byte aligned)."""
+    total = 0
+    for n in graph.nodes:
+        if n.name in packed:
+            rows, k = n.weight.shape[0], n.weight.size // n.weight.shape[0]
+            bits = w_bits(n)
+            total += rows * (-(-k // 16)) * 2 * bits - align4(-(-rows * k * bits // 8))
+    return total
+
+
+def layer_kernels(graph: Any, shape: CodeShape | None = None,
+                  packed: frozenset[str] = frozenset()) -> list[str]:
+    """The kernel each layer-based node calls in an export (none for reshapes, adds fused
+    into their convolution and the patch stage's nodes), as `codegen.export._Builder._portable`
+    chooses it; `packed` names the layers on the packed sub-byte kernels."""
+    fused, fused_convs, inplace, skip = _conv_sets(graph, shape)
     out = []
     for n in graph.nodes:
         if n.op == "reshape" or n.name in fused or n.name in skip:
             continue
-        if n.op == "conv2d":
+        if n.name in packed:
+            out.append(f"packed_{n.op}")
+        elif n.op == "conv2d":
             out.append("conv2d_add" if n.name in fused_convs else
                        "depthwise_inplace" if n.name in inplace else "conv2d")
         else:
@@ -381,14 +418,15 @@ def _stage_call_bytes(entry: dict[str, Any], stage: dict[str, Any], kernel: str,
 
 
 def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
-                         shape: CodeShape | None = None) -> int:
+                         shape: CodeShape | None = None,
+                         packed: frozenset[str] = frozenset()) -> int:
     """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
     (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
     in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); with a patch stage
     (`shape`) its calls, geometry tables, patch loop and VDPC test, measured the same way. A
     family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
     entry = _cpu_entry(cpu)
-    kernels = layer_kernels(graph, shape)
+    kernels = layer_kernels(graph, shape, packed)
     calls_in_stage = stage_calls(graph, shape) if shape is not None else []
     families = set(kernels) | {k for k, _ in calls_in_stage}
     if entry is None:  # no table at all (a broken install): the old estimate

@@ -309,14 +309,15 @@ def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
 
 
 def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16",
-                        shape: Any = None) -> int:
+                        shape: Any = None, packed: frozenset[str] = frozenset()) -> int:
     """Flash of the code and constant call blocks an export of `graph` links for `cpu`
     (`core/fpu`), predicted from sizes measured with arm-none-eabi-gcc per kernel family and
     per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`); `shape` (a
-    `budget.CodeShape`) describes a patch stage."""
+    `budget.CodeShape`) describes a patch stage, `packed` the layers on the packed sub-byte
+    kernels."""
     from mpq.budget import predicted_code_bytes
 
-    return predicted_code_bytes(graph, cpu, shape)
+    return predicted_code_bytes(graph, cpu, shape, packed)
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:

@@ -1,6 +1,8 @@
 """Measure the Flash of mpq's generated code with arm-none-eabi-gcc: `kernels/code_sizes.json`.
 
     PYTHONPATH=. python -m tools.code_sizes PLAN.json [PLAN.json …]
+    PYTHONPATH=. python -m tools.code_sizes --try cortex-m4/fpv4-sp-d16 PLAN.json …  # one CPU,
+                                                        # to kernels/code_sizes.try.json
 
 For each CPU of the shipped boards (their GCC flags), with the flags `mpq export --build` uses:
 
@@ -157,6 +159,9 @@ def stage_sizes(ctx: dict, board, tmp: Path, nm: str, variants: dict[str, dict],
 
 
 def main(argv: list[str]) -> int:
+    out, only = OUT, None
+    if argv[:1] == ["--try"]:  # a trial on one CPU, written beside the table, not over it
+        out, only, argv = OUT.with_name("code_sizes.try.json"), argv[1], argv[2:]
     tools = firmware.require_tools()
     version = subprocess.run([tools.cc, "--version"], capture_output=True,
                              text=True).stdout.splitlines()[0]
@@ -172,7 +177,7 @@ def main(argv: list[str]) -> int:
             export_context(plan, graph))
     with tempfile.TemporaryDirectory(prefix="mpq-code-sizes-") as t:
         tmp = Path(t)
-        for key in sorted(_cpus()):
+        for key in sorted(k for k in _cpus() if only in (None, k)):
             board = _board_for(key)
             measured = {f: family_symbols(f, board, tmp, tools.nm) for f in sorted(KERNEL_SOURCES)}
             fams = {f: m[0] for f, m in measured.items()}
@@ -204,8 +209,8 @@ def main(argv: list[str]) -> int:
                                          for f, s in fams.items())
                   + f"; per call {per_call}; base {table['cpus'][key]['base']}"
                   + f"; stage {table['cpus'][key]['stage']}")
-    OUT.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"→ {OUT}")
+    out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"→ {out}")
     return 0
 
 

@@ -26,6 +26,8 @@ from mpq.budget import (
     align4,
     board_cpu,
     code_shape,
+    packed_layers,
+    packed_padding_bytes,
     predicted_stack_bytes,
     stage_branch_flash,
 )
@@ -53,7 +55,7 @@ from mpq.quant.qmodel import (
     quantize_graph,
     shared_quant_groups,
 )
-from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes
+from mpq.quant.weights import WeightSpec, check_exportable, codebook_bytes, storage
 from mpq.regions import place_buffers
 from mpq.search.importance import ImportanceTable, solve_importance, total_importance
 from mpq.search.measured import Measured, initial, plan_fidelity, refine, rescore
@@ -572,7 +574,22 @@ def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, 
     input_bytes = io_buffer_bytes(graph) + predicted_stack_bytes(graph, board_cpu(board))
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
-    return sram_total, flash_total, input_bytes, code_bytes_estimate(graph, board_cpu(board))
+    return sram_total, flash_total, input_bytes, code_bound(graph, board, opts)
+
+
+def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
+    """The code the search reserves Flash for: the layer-based export's
+    (`budget.predicted_code_bytes`) and, when the options allow 4- or 2-bit activations and
+    linear weights on a core with SMLAD, the packed kernels' code and row padding for every
+    layer that could take them (at 4 bits, their largest) — what the plan may end up using."""
+    cpu = board_cpu(board)
+    sub_byte = min(opts.bits) <= 4 and min(opts.weight_bits) <= 4 \
+        and opts.weight_scheme in (None, "linear")
+    if not sub_byte:
+        return code_bytes_estimate(graph, cpu)
+    packable = packed_layers(graph, board.core, None, lambda t: 4, lambda n: (4, True))
+    return code_bytes_estimate(graph, cpu, None, packable) \
+        + max(0, packed_padding_bytes(graph, packable, lambda n: 4))
 
 
 def io_buffer_bytes(graph: Graph) -> int:
@@ -886,6 +903,11 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
     stage_extra = stage_bitops(schedule, graph, bitops, bitops8, vdpc)
     shape = code_shape(schedule, memory.inplace, vdpc is not None)
     stack = predicted_stack_bytes(graph, board_cpu(board))  # what the search planned against
+    packed = packed_layers(
+        graph, board.core, shape, lambda t: qm.acts[t].bits,
+        lambda n: (qm.layers[n.name].weight_bits,
+                   storage(qm.layers[n.name].weight_scheme, qm.layers[n.name].weight_bits)[0]
+                   == 0))
 
     def table_differs(node) -> bool:  # the outlier branch's activation table is its own
         return any((qm.acts[t].bits, qm.acts[t].scale, qm.acts[t].zero_point)
@@ -916,7 +938,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "stack_bytes": stack,
         "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + in, out and stack
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board), shape),
+        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board), shape, packed)
+        + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],
