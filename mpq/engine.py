@@ -42,8 +42,12 @@ ENGINES = ("auto", "c", "numpy")
 #: Position-independent objects for a shared library, the arena a static array (no
 #: .mpq_arena linker section). -O3, not -O2: GCC 12 vectorises the kernels' inner loops only
 #: there, measured about 2× faster on VWW (benchmarks/engine_speed.py); the code is
-#: integer-only, so the bytes do not depend on it.
-C_FLAGS = ("-O3", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC")
+#: integer-only, so the bytes do not depend on it. -DMPQ_HOST_FAST takes the kernels' host-only
+#: paths (kernels/mpq_support.h: the 8-bit dot product by SSE2's PMADDWD, 3×3 depthwise rows
+#: the compiler vectorises): the same sums modulo 2^32 in another order, so the same bytes
+#: (tests/test_c_kernels.py runs every kernel test on that build too), about 2.5× faster on
+#: VWW. No -march: the objects stay portable across the hosts that share a cache directory.
+C_FLAGS = ("-O3", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC", "-DMPQ_HOST_FAST")
 
 
 def host_compiler() -> str | None:
@@ -90,6 +94,20 @@ class CPlanRunner(PlanRunner):
         self._run = self._lib.mpq_model_run
         self._run.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
         self._run.restype = ctypes.c_int
+
+    #: Samples quantised and run per step by `output_dict`.
+    CHUNK = 16
+
+    def output_dict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """PlanRunner.output_dict (the same quantisation and layouts), CHUNK samples at a time:
+        the float64 temporaries of `quantize_input` then stay a few MB. Over a whole batch of
+        300 VWW images they were 66 MB arrays, whose first-touch page faults cost the process
+        more CPU time than running the model (benchmarks/engine_speed.py)."""
+        if len(batch) <= self.CHUNK:
+            return super().output_dict(batch)
+        parts = [super(CPlanRunner, self).output_dict(batch[i:i + self.CHUNK])
+                 for i in range(0, len(batch), self.CHUNK)]
+        return {y: np.concatenate([part[y] for part in parts]) for y in parts[0]}
 
     def int_output_dict(self, x_ir: np.ndarray) -> dict[str, np.ndarray]:
         """The compiled model's outputs — every graph output, int64 as the reference's, in the
