@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import show  # noqa: E402
 
 from mpq.boards import get_board  # noqa: E402
-from mpq.engine import CPlanRunner, host_compiler  # noqa: E402
+from mpq.engine import C_FLAGS, CPlanRunner, host_compiler  # noqa: E402
 from mpq.evaluate import PlanRunner  # noqa: E402
 from mpq.frontend import load_model  # noqa: E402
 from mpq.quant.calibrate import dataset_from_array, load_dataset, onnx_input_shape  # noqa: E402
@@ -119,7 +119,9 @@ def bench_engine_speed() -> dict:
           str(r["identical"]), "met" if r["c_samples_per_cpu_s"] >= GOAL else
           f"missed ({r['c_samples_per_cpu_s']:.0f}/s)"] for r in rows],
         "ms/sample and samples/s: CPU time of the benchmark process over the plan's runner "
-        "(one core; other load on the machine excluded), host cc -O3 (mpq.engine.C_FLAGS). "
+        "(one core; other load on the machine excluded), host cc "
+        f"{' '.join(f for f in C_FLAGS if f not in ('-fPIC', '-std=c99'))} "
+        "(mpq.engine.C_FLAGS; MPQ_HOST_FAST: the kernels' host-only SIMD paths). "
         "C build, cold: export + compile + load, wall, with an empty object cache (what the "
         "first `mpq eval --engine c` of a plan pays). mpq eval columns: the whole command's "
         "wall time, the c one with the objects cached (float + all-int8 columns included; "

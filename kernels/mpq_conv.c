@@ -30,6 +30,11 @@ static MPQ_INLINE uint64_t mpq__dot2_col_quads(const int16_t *col, const uint8_t
     return (uint64_t)(uint32_t)s0 | ((uint64_t)(uint32_t)s1 << 32);
 #else
     uint32_t a0 = 0, a1 = 0;
+#if defined(MPQ_HOST_FAST)
+    if (wbits == 8) {
+        return mpq__host_dot2_col_w8(col, (const int8_t *)w0, (const int8_t *)w1, 4 * nq);
+    }
+#endif
     for (; nq > 0; --nq, col += 4, w0 += wstep, w1 += wstep) {
         int32_t wv[4], j;
         mpq__quad4(w0, wbits, 0, wv);

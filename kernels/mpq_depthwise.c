@@ -60,6 +60,10 @@ static void mpq__dw_save_row(const mpq_view *in, int32_t iy, int32_t ch, int8_t 
     int32_t x;
     if (bits == 8) {
         const int8_t *s = (const int8_t *)src + k0;
+#if defined(MPQ_HOST_FAST) && !MPQ_USE_DSP
+        mpq__host_gather8(s, in->c, in->w, d);
+        return;
+#endif
         for (x = 0; x < in->w; ++x) {
             d[x] = s[x * in->c];
         }
@@ -178,6 +182,13 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
             const int32_t rs = p->dilation_h * pw;
             uint32_t k = mpq__at(out, oy, 0) + (uint32_t)ch;
             ox = 0;
+#if defined(MPQ_HOST_FAST) && !MPQ_USE_DSP
+            if (k3 && o.fast && o.bits == 8) {
+                mpq__host_dw3_row(line, rs, p->stride_w, p->dilation_w, wv, acc0, o.mult,
+                                  o.shift, o.zp, o.lo, o.hi, o.data + k, out->c, out->w);
+                continue;
+            }
+#endif
 #if MPQ_USE_DSP
             /* 3x3, unit stride and dilation along W: two neighbouring outputs share a word of
                each row, [a0 a1 a2 a3]: out0 = (a0, a2).(w0, w2) + a1*w1, out1 = (a1, a3).(w0,

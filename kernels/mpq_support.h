@@ -625,6 +625,178 @@ static inline int32_t mpq__quad_z(int32_t bits, int32_t zp)
 #endif
 }
 
+#if defined(MPQ_HOST_FAST) && !MPQ_USE_DSP
+/* -- host-only fast paths (MPQ_HOST_FAST: defined by `mpq eval --engine c`'s host build,
+   never by a firmware build) -------------------------------------------------------------------
+   The same sums modulo 2^32 as the portable loops, in an order the host's SIMD unit likes:
+   integer sums wrap alike in any order, so the bytes are the same. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+/* Eight int8 at p sign-extended to int16 lanes. */
+static inline __m128i mpq__host_s8x8(const int8_t *p)
+{
+    const __m128i v = _mm_loadl_epi64((const __m128i *)(const void *)p);
+    return _mm_srai_epi16(_mm_unpacklo_epi8(v, v), 8);
+}
+
+/* The four int32 lanes of v added up, modulo 2^32. */
+static inline uint32_t mpq__host_hsum(__m128i v)
+{
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(v);
+}
+#endif
+
+/* sum_{i<n} W_r[i]*(X[i] - z) modulo 2^32 for r = 0, 1, 8-bit X and W (mpq__dot2_quads): with
+   SSE2, eight elements per step by PMADDWD (|X - z| <= 255 and |W| <= 128, so the int16
+   products and their pairwise sums are exact). */
+static inline uint64_t mpq__host_dot2_x8_w8(const int8_t *x, int32_t z, const int8_t *w0,
+                                            const int8_t *w1, int32_t n)
+{
+    uint32_t a0 = 0, a1 = 0;
+    int32_t i = 0;
+#if defined(__SSE2__)
+    {
+        const __m128i zv = _mm_set1_epi16((int16_t)z);
+        __m128i s0 = _mm_setzero_si128(), s1 = _mm_setzero_si128();
+        for (; i + 8 <= n; i += 8) {
+            const __m128i xv = _mm_sub_epi16(mpq__host_s8x8(x + i), zv);
+            s0 = _mm_add_epi32(s0, _mm_madd_epi16(xv, mpq__host_s8x8(w0 + i)));
+            s1 = _mm_add_epi32(s1, _mm_madd_epi16(xv, mpq__host_s8x8(w1 + i)));
+        }
+        a0 = mpq__host_hsum(s0);
+        a1 = mpq__host_hsum(s1);
+    }
+#endif
+    for (; i < n; ++i) {
+        const int32_t xv = x[i] - z;
+        a0 += (uint32_t)(xv * w0[i]);
+        a1 += (uint32_t)(xv * w1[i]);
+    }
+    return (uint64_t)a0 | ((uint64_t)a1 << 32);
+}
+#endif
+
+#if defined(MPQ_HOST_FAST) && !MPQ_USE_DSP
+/* sum_{i<n} W_r[i]*(X[i] - z) modulo 2^32 for r = 0, 1, X a run of 4-bit elements (element 0
+   in the low nibble of x[0]) and 8-bit W (mpq__dot2_quads): with SSE2 eight elements (four
+   bytes) per step, the nibbles spread to bytes in element order, then PMADDWD as for 8 bits. */
+static inline uint64_t mpq__host_dot2_x4_w8(const uint8_t *x, int32_t z, const int8_t *w0,
+                                            const int8_t *w1, int32_t n)
+{
+    uint32_t a0 = 0, a1 = 0;
+    int32_t i = 0;
+#if defined(__SSE2__)
+    {
+        const __m128i zero = _mm_setzero_si128(), lo = _mm_set1_epi16(0x000F),
+                      hi = _mm_set1_epi16(0x00F0), eight = _mm_set1_epi16(8),
+                      off = _mm_set1_epi16((int16_t)(8 + z));
+        __m128i s0 = _mm_setzero_si128(), s1 = _mm_setzero_si128();
+        for (; i + 8 <= n; i += 8) {
+            int32_t word;
+            __m128i v, xv;
+            memcpy(&word, x + i / 2, 4);
+            v = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word), zero);
+            v = _mm_or_si128(_mm_and_si128(v, lo), _mm_slli_epi16(_mm_and_si128(v, hi), 4));
+            xv = _mm_sub_epi16(_mm_xor_si128(_mm_unpacklo_epi8(v, zero), eight), off);
+            s0 = _mm_add_epi32(s0, _mm_madd_epi16(xv, mpq__host_s8x8(w0 + i)));
+            s1 = _mm_add_epi32(s1, _mm_madd_epi16(xv, mpq__host_s8x8(w1 + i)));
+        }
+        a0 = mpq__host_hsum(s0);
+        a1 = mpq__host_hsum(s1);
+    }
+#endif
+    for (; i < n; ++i) {
+        const uint32_t code = ((uint32_t)x[i / 2] >> (4 * (i & 1))) & 15u;
+        const int32_t xv = (int32_t)(code ^ 8u) - 8 - z;
+        a0 += (uint32_t)(xv * w0[i]);
+        a1 += (uint32_t)(xv * w1[i]);
+    }
+    return (uint64_t)a0 | ((uint64_t)a1 << 32);
+}
+
+/* sum_{i<n} W_r[i]*col[i] modulo 2^32 for r = 0, 1: an im2col column (int16, natural order)
+   against two rows of 8-bit weights (mpq__dot2_col_quads), eight elements per step by PMADDWD
+   with SSE2 (|col| <= 255, |W| <= 128: exact int16 products and pair sums). */
+static inline uint64_t mpq__host_dot2_col_w8(const int16_t *col, const int8_t *w0,
+                                             const int8_t *w1, int32_t n)
+{
+    uint32_t a0 = 0, a1 = 0;
+    int32_t i = 0;
+#if defined(__SSE2__)
+    {
+        __m128i s0 = _mm_setzero_si128(), s1 = _mm_setzero_si128();
+        for (; i + 8 <= n; i += 8) {
+            const __m128i cv = _mm_loadu_si128((const __m128i *)(const void *)(col + i));
+            s0 = _mm_add_epi32(s0, _mm_madd_epi16(cv, mpq__host_s8x8(w0 + i)));
+            s1 = _mm_add_epi32(s1, _mm_madd_epi16(cv, mpq__host_s8x8(w1 + i)));
+        }
+        a0 = mpq__host_hsum(s0);
+        a1 = mpq__host_hsum(s1);
+    }
+#endif
+    for (; i < n; ++i) {
+        a0 += (uint32_t)(col[i] * w0[i]);
+        a1 += (uint32_t)(col[i] * w1[i]);
+    }
+    return (uint64_t)a0 | ((uint64_t)a1 << 32);
+}
+
+/* Input row iy of channel c of an 8-bit NHWC tensor, n pixels `step` bytes apart, into d
+   (mpq__dw_save_row at 8 bits, the bounds in locals: a byte store may alias the view). */
+static inline void mpq__host_gather8(const int8_t *s, int32_t step, int32_t n, int8_t *d)
+{
+    int32_t x;
+    for (x = 0; x < n; ++x) {
+        d[x] = s[x * step];
+    }
+}
+
+/* One output row of one channel of a 3x3 depthwise (mpq_depthwise_inplace, 8-bit output whose
+   requantisation is mpq__requantize32): out[ox*ostep] for ox < n from the saved, padded input
+   rows b, b + rs, b + 2*rs (raw values; acc0 = bias - input_zp*sum(W)), column stride sw and
+   dilation dw. The sums go to a block of int32 first - at unit stride and dilation a loop the
+   compiler vectorises - and are requantised and stored in a second pass. */
+static inline void mpq__host_dw3_row(const int8_t *b, int32_t rs, int32_t sw, int32_t dw,
+                                     const int32_t *wv, uint32_t acc0, int32_t mult,
+                                     int32_t shift, int32_t zp, int32_t lo, int32_t hi,
+                                     uint8_t *out, int32_t ostep, int32_t n)
+{
+    enum { BLOCK = 64 };
+    uint32_t acc[BLOCK];
+    const int8_t *r0 = b, *r1 = b + rs, *r2 = b + 2 * rs;
+    const int32_t w0 = wv[0], w1 = wv[1], w2 = wv[2], w3 = wv[3], w4 = wv[4], w5 = wv[5],
+                  w6 = wv[6], w7 = wv[7], w8 = wv[8];
+    int32_t x0, i;
+    for (x0 = 0; x0 < n; x0 += BLOCK) {
+        const int32_t m = n - x0 < BLOCK ? n - x0 : BLOCK;
+        if (sw == 1 && dw == 1) {
+            const int8_t *a = r0 + x0, *c = r1 + x0, *d = r2 + x0;
+            for (i = 0; i < m; ++i) {
+                acc[i] = acc0 + (uint32_t)(w0 * a[i] + w1 * a[i + 1] + w2 * a[i + 2]
+                                           + w3 * c[i] + w4 * c[i + 1] + w5 * c[i + 2]
+                                           + w6 * d[i] + w7 * d[i + 1] + w8 * d[i + 2]);
+            }
+        } else {
+            for (i = 0; i < m; ++i) {
+                const int32_t k = (x0 + i) * sw;
+                acc[i] = acc0 + (uint32_t)(w0 * r0[k] + w1 * r0[k + dw] + w2 * r0[k + 2 * dw]
+                                           + w3 * r1[k] + w4 * r1[k + dw] + w5 * r1[k + 2 * dw]
+                                           + w6 * r2[k] + w7 * r2[k + dw]
+                                           + w8 * r2[k + 2 * dw]);
+            }
+        }
+        for (i = 0; i < m; ++i) {
+            /* clamp(r + zp) with the exact sum: mpq__clamp_add's value (see there) */
+            const int64_t v = (int64_t)mpq__requantize32(mpq__i32(acc[i]), mult, shift) + zp;
+            out[(x0 + i) * ostep] = (uint8_t)(v < lo ? lo : (v > hi ? hi : (int32_t)v));
+        }
+    }
+}
+#endif
+
 /* s_r = sum_{i<4*nq} W_r[i]*(X[i] - zp) modulo 2^32 for the two weight rows w0, w1 (r = 0, 1),
    all three runs starting at a byte boundary, z = mpq__quad_z(xbits, zp); returns
    s_0 + 2^32*s_1. Every input quad is decoded once for both rows. Instantiated for constant
@@ -651,6 +823,15 @@ static MPQ_INLINE uint64_t mpq__dot2_quads(const uint8_t *x, int32_t xbits, int3
     return (uint64_t)(uint32_t)s0 | ((uint64_t)(uint32_t)s1 << 32);
 #else
     uint32_t a0 = 0, a1 = 0;
+#if defined(MPQ_HOST_FAST)
+    if (xbits == 8 && wbits == 8) {
+        return mpq__host_dot2_x8_w8((const int8_t *)x, z, (const int8_t *)w0,
+                                    (const int8_t *)w1, 4 * nq);
+    }
+    if (xbits == 4 && wbits == 8) {
+        return mpq__host_dot2_x4_w8(x, z, (const int8_t *)w0, (const int8_t *)w1, 4 * nq);
+    }
+#endif
     for (; nq > 0; --nq, x += xstep, w0 += wstep, w1 += wstep) {
         int32_t xv[4], wv[4], j;
         mpq__quad4(x, xbits, z, xv);

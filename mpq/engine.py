@@ -34,6 +34,7 @@ import numpy as np
 from mpq.codegen.export import export_sources, render_export, write_export
 from mpq.errors import MpqError
 from mpq.evaluate import PlanRunner
+from mpq.interpreter import from_ir_layout, to_ir_layout
 from mpq.ir import Graph
 
 _LOG = logging.getLogger(__name__)  # `mpq -v`: the compile command
@@ -42,8 +43,12 @@ ENGINES = ("auto", "c", "numpy")
 #: Position-independent objects for a shared library, the arena a static array (no
 #: .mpq_arena linker section). -O3, not -O2: GCC 12 vectorises the kernels' inner loops only
 #: there, measured about 2× faster on VWW (benchmarks/engine_speed.py); the code is
-#: integer-only, so the bytes do not depend on it.
-C_FLAGS = ("-O3", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC")
+#: integer-only, so the bytes do not depend on it. -DMPQ_HOST_FAST takes the kernels' host-only
+#: paths (kernels/mpq_support.h: the 8-bit dot product by SSE2's PMADDWD, 3×3 depthwise rows
+#: the compiler vectorises): the same sums modulo 2^32 in another order, so the same bytes
+#: (tests/test_c_kernels.py runs every kernel test on that build too), about 2.5× faster on
+#: VWW. No -march: the objects stay portable across the hosts that share a cache directory.
+C_FLAGS = ("-O3", "-fPIC", "-std=c99", "-DMPQ_ARENA_STATIC", "-DMPQ_HOST_FAST")
 
 
 def host_compiler() -> str | None:
@@ -90,6 +95,38 @@ class CPlanRunner(PlanRunner):
         self._run = self._lib.mpq_model_run
         self._run.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
         self._run.restype = ctypes.c_int
+        # The export's own float -> int8 input helper (byte for byte mpq.sim.quantize_input on
+        # float32 data), used when the plan's input is 8-bit, the only width it writes.
+        self._quantize = None
+        if _input_bits(self) == 8 and hasattr(self._lib, "mpq_quantize_input"):
+            self._quantize = self._lib.mpq_quantize_input
+            self._quantize.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+            self._quantize.restype = None
+
+    #: Samples quantised and run per step by `output_dict`.
+    CHUNK = 16
+
+    def output_dict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """PlanRunner.output_dict (the same quantisation and layouts). The input is quantised by
+        the export's `mpq_quantize_input`, one call per sample, on the float32 batch in the IR
+        layout (`to_ir_layout` makes it that), which is what the numpy reference quantises:
+        same bytes, a fifth of the CPU time of the reference's float64 passes on VWW. Without
+        the helper, CHUNK samples at a time: the float64 temporaries of `quantize_input` then
+        stay a few MB (over a batch of 300 VWW images they were 66 MB arrays, whose first-touch
+        page faults cost more CPU time than running the model)."""
+        if self._quantize is not None:
+            g = self.graph
+            x = to_ir_layout(g, g.inputs[0], batch)  # float32, C order, shape checked
+            xq = np.empty(x.shape, np.int8)
+            step_x, step_q = (x[0].nbytes, xq[0].nbytes) if len(x) else (0, 0)
+            for i in range(len(x)):
+                self._quantize(x.ctypes.data + i * step_x, xq.ctypes.data + i * step_q)
+            return {y: from_ir_layout(g, y, v) for y, v in self.int_output_dict(xq).items()}
+        if len(batch) <= self.CHUNK:
+            return super().output_dict(batch)
+        parts = [super(CPlanRunner, self).output_dict(batch[i:i + self.CHUNK])
+                 for i in range(0, len(batch), self.CHUNK)]
+        return {y: np.concatenate([part[y] for part in parts]) for y in parts[0]}
 
     def int_output_dict(self, x_ir: np.ndarray) -> dict[str, np.ndarray]:
         """The compiled model's outputs — every graph output, int64 as the reference's, in the
@@ -117,6 +154,11 @@ class CPlanRunner(PlanRunner):
         """Integer first output (int64, as the reference's) for a batch of int8 inputs in the
         IR layout (`int_output_dict` has every output)."""
         return self.int_output_dict(x_ir)[self.graph.outputs[0]]
+
+
+def _input_bits(runner: PlanRunner) -> int:
+    """The bit width of the plan's (first) input activation."""
+    return runner.mixed.acts[runner.graph.inputs[0]].bits
 
 
 def _cache_dir() -> Path | None:

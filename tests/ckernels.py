@@ -4,7 +4,8 @@ The library is plain C shipped in the package; `build(variant)` compiles every f
 is, with host gcc into a shared library (once per variant and test session) and returns a
 `Kernels` object with one method per kernel - nothing is rendered. Variant "portable" is the
 plain C build; "dsp" defines MPQ_EMULATE_DSP, which runs the Cortex-M DSP (SXTB16/SMLAD) loops
-on the host with C versions of the intrinsics, so both code paths are checked byte for byte.
+on the host with C versions of the intrinsics, and "host" defines MPQ_HOST_FAST, the host-only
+fast paths of `--engine c` (mpq.engine.C_FLAGS), so every code path is checked byte for byte.
 
 Tensors live in `Stored` byte buffers packed with `mpq.quant.arith.pack` (DESIGN §4.2) and are
 handed to the kernels as `mpq_view`s of any sub-region. Weights are `Weights`: b-bit codes in one
@@ -34,7 +35,9 @@ I32 = ctypes.c_int32
 P_I32 = ctypes.POINTER(I32)
 CANARY = 8  # bytes after every buffer that no kernel may touch
 CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror")
-VARIANTS = {"portable": (), "dsp": ("-DMPQ_EMULATE_DSP",)}
+VARIANTS = {"portable": (), "dsp": ("-DMPQ_EMULATE_DSP",),
+            # the host-only fast paths `mpq eval --engine c` compiles (mpq.engine.C_FLAGS)
+            "host": ("-DMPQ_HOST_FAST",)}
 
 
 def _struct(name: str, *fields: str, first: tuple[str, type] | None = None) -> type:
