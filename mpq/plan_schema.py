@@ -350,8 +350,11 @@ def check_patch(p: Any, field: str = "patch") -> None:
 
 
 def check_schedule(s: Any, field: str = "schedule") -> None:
-    """`schedule`: in-place depthwise node names and fused adds {add: {conv, skip}}."""
-    req_dict(s, field, {"inplace_depthwise", "fused_adds"})
+    """`schedule`: in-place depthwise node names, fused adds {add: {conv, skip}} and, optional
+    (plans before it: "external"), `io`: where the graph input and outputs live."""
+    req_dict(s, field, {"inplace_depthwise", "fused_adds"}, {"io"})
+    if "io" in s and s["io"] not in ("arena", "external"):
+        raise fail(f"{field}.io", f"must be \"arena\" or \"external\", got {_show(s['io'])}")
     for i, n in enumerate(req_list(s["inplace_depthwise"], f"{field}.inplace_depthwise")):
         req_str(n, f"{field}.inplace_depthwise[{i}]")
     for add, v in req_dict(s["fused_adds"], f"{field}.fused_adds").items():
