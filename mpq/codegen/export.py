@@ -799,7 +799,7 @@ def _library_files(plan: Plan, board: Board, ctx: dict[str, Any], files: dict[st
     meta = {"name": library_name(plan), "version": __version__, "model": plan.model,
             "board": board, "plan_digest": ctx["plan_digest"], "sources": sources["c"],
             "headers": sources["h"], "arena_bytes": ctx["arena_bytes"],
-            "scratch_bytes": ctx["scratch_bytes"]}
+            "scratch_bytes": ctx["scratch_bytes"], "io": ctx["io"]}
     out: dict[str, str] = {}
     if "zephyr" in targets:
         out["zephyr/module.yml"] = render("zephyr/module.yml.j2", **meta)
