@@ -57,7 +57,8 @@ def heads(tmp_path_factory) -> dict:
     np.savez(root / "test.npz", x=rng.standard_normal((12, 3, 16, 16)).astype(np.float32),
              y=rng.integers(0, 10, 12))
     plans = {}
-    for kind, opts in (("int8", ("--strategy", "int8")), ("tight", ("--sram", "2072", "--io", "external"))):
+    for kind, opts in (("int8", ("--strategy", "int8")),
+                       ("tight", ("--sram", "2072", "--io", "external"))):
         plans[kind] = root / f"{kind}.plan.json"
         r = run_mpq("search", "heads.onnx", "--board", "nano33ble", *opts, "--data",
                     "calib.npz", "-o", plans[kind], "-q", cwd=root)
