@@ -210,6 +210,11 @@ PAPER = {"table1": lambda out, smoke: paper_tables.bench_table1(smoke),
          "methods": lambda out, smoke: methods_table.bench_methods(smoke)}
 SMOKE = ["tflm_arena", "table1", "table2", "table3", "methods"]  # `--smoke`: CI's, < 3 min
 
+# Issue 16 (lossless memory): int8 peak with the input in the arena vs the caller's buffers.
+import memory_bench  # noqa: E402
+
+BENCHMARKS["memory"] = memory_bench.bench_memory
+
 
 def markdown_path(results: Path) -> Path:
     """benchmarks/RESULTS.md for the suite's own results, DIR/RESULTS.md for `--out DIR`."""

@@ -1053,6 +1053,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--latency-tolerance", type=click.FloatRange(0), default=0.5, show_default=True,
               help="--latency: top-1 agreement loss allowed vs the accuracy-first plan (pp; "
                    "cosine loss ×100 for non-classifier outputs).")
+@click.option("--io", "io", type=click.Choice(["arena", "external"]), default="arena",
+              show_default=True,
+              help="arena: the input and outputs are arena tensors (the input freed after its "
+                   "last reader; the caller writes it through mpq_model_input()); external: "
+                   "the caller's own buffers beside the arena.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @QUIET
 @user_errors
@@ -1061,8 +1066,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                bins: int, bits: str, weight_bits: str, weights_spec: str | None, patches: str,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
-               adaround: bool, latency: bool, latency_tolerance: float, as_json: bool,
-               quiet: bool) -> None:
+               adaround: bool, latency: bool, latency_tolerance: float, io: str,
+               as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1087,7 +1092,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
-                         order=order)
+                         order=order, io=io)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

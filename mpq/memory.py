@@ -19,6 +19,10 @@ from typing import Any
 from mpq.ir import Graph, Node
 
 ALIGN = 16  # TFLM's arena alignment (micro_arena_constants.h)
+#: Where the graph input and outputs live (the plan's `schedule.io`): "arena" — tensors of the
+#: arena like any activation, the input freed after its last reader (TFLM keeps its input in its
+#: arena too); "external" — the caller's buffers beside the arena (plans before `io` existed).
+IO_MODES = ("arena", "external")
 
 
 def align_up(n: int, a: int = ALIGN) -> int:
@@ -162,11 +166,12 @@ def live_bytes_per_step(buffers: list[Buffer], n_steps: int) -> list[int]:
     return live
 
 
-def layer_lifetimes(graph: Graph, first_override: dict[str, int] | None = None
-                    ) -> dict[str, tuple[int, int]]:
+def layer_lifetimes(graph: Graph, first_override: dict[str, int] | None = None,
+                    io: str = "external", hold_input: int = 0) -> dict[str, tuple[int, int]]:
     """(first, last) step of every node output in the layer-based order; graph outputs live
     to the last step. `first_override` moves a tensor's birth earlier (the patch split tensor
-    is alive from step 0)."""
+    is alive from step 0). With `io` "arena" the graph inputs are arena tensors too
+    (`input_lifetimes`)."""
     last_step = len(graph.nodes) - 1
     produced = {t: i for i, n in enumerate(graph.nodes) for t in n.outputs}
     last = dict(produced)
@@ -178,7 +183,21 @@ def layer_lifetimes(graph: Graph, first_override: dict[str, int] | None = None
         if t in last:
             last[t] = last_step
     first = {**produced, **(first_override or {})}
-    return {t: (first[t], last[t]) for t in produced}
+    out = {t: (first[t], last[t]) for t in produced}
+    if io == "arena":
+        out.update(input_lifetimes(graph, hold_input))
+    return out
+
+
+def input_lifetimes(graph: Graph, hold_until: int = 0) -> dict[str, tuple[int, int]]:
+    """(first, last) step of each graph input kept in the arena (`io` "arena"): written by the
+    caller before step 0, freed after its last reader — or after step `hold_until` when later
+    (the patch stage's last step: every patch reads the input again)."""
+    out = {}
+    for t in graph.inputs:
+        last = max((i for i, n in enumerate(graph.nodes) if t in n.inputs), default=0)
+        out[t] = (0, max(last, hold_until))
+    return out
 
 
 def fused_residual_adds(graph: Graph, elements: dict[str, int],
@@ -236,7 +255,8 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
     activation (table lookup) whose input dies there, with `inplace_ok` likewise (both are
     listed in the plan's `schedule.inplace_depthwise`). A fused residual add
     (`fused_residual_adds`) writes over its skip input, and the conv feeding it keeps nothing in
-    memory. Graph inputs are the caller's buffer, never in the arena. Segment sizes are
+    memory. Graph inputs are the caller's buffer, never in the arena, unless `lifetimes` lists
+    them (io "arena", `input_lifetimes`): then each is a buffer of its own. Segment sizes are
     align16(⌈elements·bits/8⌉). Returns the buffers and the names of the in-place nodes.
     """
     bits = bits or {}
@@ -246,6 +266,12 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
     owner: dict[str, str] = {}  # tensor -> buffer name
     buffers: dict[str, Buffer] = {}
     inplace: set[str] = set()
+    for t in graph.inputs:
+        if t in lifetimes:  # io "arena": the input is an arena buffer (`input_lifetimes`)
+            first, last = lifetimes[t]
+            size = align_up(packed_bytes(elements[t], bits.get(t, 8)))
+            owner[t] = t
+            buffers[t] = Buffer(t, [Segment(t, first, last, size)])
     for i, n in enumerate(graph.nodes):
         src = n.inputs[0] if n.inputs else None
         share = None
@@ -282,30 +308,50 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
 
 def layer_schedule_buffers(graph: Graph, bits: dict[str, int] | None = None,
                            inplace_depthwise: bool = True,
-                           fuse_adds: bool = True) -> tuple[list[Buffer], set[str]]:
+                           fuse_adds: bool = True, io: str = "external"
+                           ) -> tuple[list[Buffer], set[str]]:
     """Buffers of the layer-based schedule (one node per step); see `schedule_buffers`."""
     elements = {t: graph.tensors[t].size for t in graph.tensors}
-    lifetimes = layer_lifetimes(graph)
+    lifetimes = layer_lifetimes(graph, io=io)
     fused = fused_residual_adds(graph, elements, lifetimes) if fuse_adds else {}
     return schedule_buffers(graph, elements, lifetimes, bits,
                             None if inplace_depthwise else (lambda n: False), fused)
 
 
 def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
-                 inplace_depthwise: bool = True) -> MemoryReport:
-    """Arena, scratch and per-step live bytes of the layer-based schedule (DESIGN §5)."""
+                 inplace_depthwise: bool = True, io: str = "external") -> MemoryReport:
+    """Arena, scratch and per-step live bytes of the layer-based schedule (DESIGN §5); with
+    `io` "arena" the input and outputs are in the arena and the caller's buffers are 0 B
+    (`io_buffer_bytes`)."""
     bits = bits or {}
-    buffers, inplace = layer_schedule_buffers(graph, bits, inplace_depthwise)
+    buffers, inplace = layer_schedule_buffers(graph, bits, inplace_depthwise, io=io)
     plan = plan_arena(buffers)
     live = live_bytes_per_step(buffers, len(graph.nodes))
     steps = [Step(n.name, live[i], scratch_bytes(n, graph, n.name in inplace))
              for i, n in enumerate(graph.nodes)]
-    input_bytes = sum(packed_bytes(graph.tensors[t].size, bits.get(t, 8)) for t in graph.inputs)
-    output_bytes = sum(packed_bytes(graph.tensors[t].size, bits.get(t, 8))
-                       for t in graph.outputs)
+    input_bytes, output_bytes = io_buffer_bytes(graph, io)
     return MemoryReport(arena_bytes=plan.size, scratch_bytes=max(s.scratch for s in steps),
                         input_bytes=input_bytes, output_bytes=output_bytes, steps=steps,
                         plan=plan, inplace=inplace)
+
+
+def io_buffer_bytes(graph: Graph, io: str = "external") -> tuple[int, int]:
+    """(input, output) bytes of the caller's buffers beside the arena, 8-bit: the graph
+    input's and outputs' packed sizes with `io` "external", 0 and 0 with "arena" (they are
+    arena tensors then, counted once in the arena)."""
+    if io == "arena":
+        return 0, 0
+    return (sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs),
+            sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs))
+
+
+def check_io(io: str, where: str = "--io") -> str:
+    """`io` itself when it is one of `IO_MODES`, else MpqError naming them."""
+    from mpq.errors import MpqError
+
+    if io not in IO_MODES:
+        raise MpqError(f"{where} must be one of {', '.join(IO_MODES)}, not '{io}'")
+    return io
 
 
 def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16",

@@ -332,6 +332,7 @@ class PatchSchedule:
     tensor_elements: dict[str, int]
     lifetimes: dict[str, tuple[int, int]]  # tensor -> (first, last) step, graph input excluded
     inplace_candidates: set[str]  # stage depthwise nodes whose output fits in every input patch
+    io: str = "external"  # where the graph input/outputs live (`memory.IO_MODES`)
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
 
@@ -510,13 +511,19 @@ def stage_node_scratch(nd: Node, graph: Graph, row_reads: list[list[Span]],
                          sub, inplace)
 
 
-def _lifetimes(graph: Graph, split_tensor: str | None) -> dict[str, tuple[int, int]]:
-    """(first, last) step of every non-input tensor; the split tensor starts at step 0."""
-    return layer_lifetimes(graph, {split_tensor: 0} if split_tensor is not None else None)
+def _lifetimes(graph: Graph, split_tensor: str | None, io: str = "external",
+               split_layer: int = 0) -> dict[str, tuple[int, int]]:
+    """(first, last) step of every non-input tensor; the split tensor starts at step 0. With
+    `io` "arena" the graph input too, alive to the end of the stage at least (every patch
+    reads it; `memory.input_lifetimes`)."""
+    return layer_lifetimes(graph, {split_tensor: 0} if split_tensor is not None else None,
+                           io=io, hold_input=max(split_layer - 1, 0))
 
 
-def plan_patches(graph: Graph, split: PatchSplit | None) -> PatchSchedule:
-    """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6.
+def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external"
+                 ) -> PatchSchedule:
+    """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6. `io`:
+    where the graph input and outputs live (`memory.IO_MODES`).
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
     tensor (1 ≤ n ≤ min(H, W)).
@@ -528,11 +535,12 @@ def plan_patches(graph: Graph, split: PatchSplit | None) -> PatchSchedule:
             stage_macs_full=0, stage_macs_patched=0, total_macs=total,
             steps=[nd.name for nd in graph.nodes],
             tensor_elements={t: graph.tensors[t].size for t in graph.tensors},
-            lifetimes=_lifetimes(graph, None), inplace_candidates=set())
-    return _plan(graph, split.split_layer, split.n, _index(graph), total)
+            lifetimes=_lifetimes(graph, None, io), inplace_candidates=set(), io=io)
+    return _plan(graph, split.split_layer, split.n, _index(graph), total, io)
 
 
-def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int) -> PatchSchedule:
+def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
+          io: str = "external") -> PatchSchedule:
     """`plan_patches` for a split at layer k with n×n patches, given the graph's index."""
     problem = split_problem(graph, k, index)
     if problem is not None:
@@ -572,8 +580,8 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int) -> Patch
         graph=graph, split_layer=k, n=n, stage_nodes=[nd.name for nd in stage],
         split_tensor=split_tensor, stage_macs_full=full_macs, stage_macs_patched=patched,
         total_macs=total, steps=[nd.name for nd in graph.nodes], tensor_elements=elements,
-        lifetimes=_lifetimes(graph, split_tensor),
-        inplace_candidates=inplace_ok, _rows=rows, _cols=cols)
+        lifetimes=_lifetimes(graph, split_tensor, io, k),
+        inplace_candidates=inplace_ok, io=io, _rows=rows, _cols=cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,7 +591,8 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int) -> Patch
 
 def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
                    max_overhead: float | None = None,
-                   bits: dict[str, int] | None = None) -> PatchSchedule | None:
+                   bits: dict[str, int] | None = None, io: str = "external"
+                   ) -> PatchSchedule | None:
     """The valid (k, n) schedule with the lowest peak SRAM, or None if none beats layer-based.
 
     Ties go to fewer redundant MACs, then smaller k, then smaller n. With `max_overhead`, only
@@ -591,7 +600,7 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
     candidates are visited in order of a lower bound on their peak (live bytes per step +
     scratch), so the arena planner runs only for the few that can still win.
     """
-    baseline = layer_memory(graph, bits).peak_sram_bytes
+    baseline = layer_memory(graph, bits, io=io).peak_sram_bytes
     cands: list[tuple[tuple[int, int, int, int], PatchSchedule]] = []
     index = _index(graph)
     total = sum(node_macs(nd, graph) for nd in graph.nodes)
@@ -602,7 +611,7 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
         for n in sorted(set(n_choices)):
             if not 2 <= n <= min(h, w):
                 continue
-            sched = _plan(graph, k, n, index, total)
+            sched = _plan(graph, k, n, index, total, io)
             if max_overhead is not None \
                     and sched.redundant_macs > max_overhead * sched.total_macs:
                 continue

@@ -267,3 +267,8 @@ def _fingerprint(graph: Graph) -> str:
 
     return graph_fingerprint(graph)
 
+
+def plan_io(plan: Plan) -> str:
+    """Where the plan keeps the graph input and outputs (`schedule.io`, `memory.IO_MODES`):
+    "arena", or "external" — the caller's buffers — for plans written before `io` existed."""
+    return str(plan.schedule.get("io", "external"))

@@ -24,7 +24,7 @@ from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import buffers_conflict, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches
-from mpq.plan import Plan
+from mpq.plan import Plan, plan_io
 from mpq.plan_schema import PlanFieldError, fail
 
 
@@ -111,9 +111,9 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     buffers."""
     p = plan.patch
     if p is None:
-        return plan_patches(graph, None)
+        return plan_patches(graph, None, plan_io(plan))
     try:
-        schedule = plan_patches(graph, PatchSplit(p["split_layer"], p["n"]))
+        schedule = plan_patches(graph, PatchSplit(p["split_layer"], p["n"]), plan_io(plan))
     except MpqError as exc:
         raise fail("patch.split_layer", str(exc)) from None
     expect = {
@@ -239,7 +239,8 @@ def _check_schedule(plan: Plan, schedule: PatchSchedule) -> set[str]:
 def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                   index: dict[str, int]) -> None:
     """Every tensor's `bytes` is its packed size at its storage bits (per-patch maximum inside
-    the stage); graph inputs have no offset (the caller's buffer), every other tensor has one;
+    the stage); graph inputs have no offset (the caller's buffer) unless the plan keeps them in
+    the arena (`schedule.io` "arena"), every other tensor has one;
     tensors sharing storage share the offset; each stored tensor lies in [0, arena_bytes);
     buffers alive at the same step do not overlap (`memory.buffers_conflict`, the planner's own
     test)."""
@@ -250,10 +251,11 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
         if t.bytes != want:
             raise fail(f"tensors[{i}].bytes", f"must be {want} ('{name}' at {bits[name]} bits),"
                                               f" got {t.bytes}")
-        if name in graph.inputs and t.offset is not None:
+        external = name in graph.inputs and schedule.io == "external"
+        if external and t.offset is not None:
             raise fail(f"tensors[{i}].offset", "must be null for a graph input (the caller's "
                                                "buffer)")
-        if name not in graph.inputs and t.offset is None:
+        if not external and t.offset is None:
             raise fail(f"tensors[{i}].offset", f"'{name}' needs an arena offset")
     arena = plan.predicted["arena_bytes"]
     buffers = schedule.buffers(bits)
@@ -304,12 +306,13 @@ def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:
     rates = SimpleNamespace(outlier_rate=v["outlier_rate"]) if v else None
     extra = stage_bitops(schedule, graph, bitops, bitops8, rates)
     memory = schedule.memory(storage_bits(plan))
-    input_bytes = sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs)
+    from mpq.memory import io_buffer_bytes
     from mpq.quant.lut import tables_flash
 
+    input_bytes, output_bytes = io_buffer_bytes(graph, schedule.io)
     # Older plans did not count the caller's output buffer (`mpq.budget`): checked as written.
-    output_bytes = 0 if "output_bytes" not in plan.predicted else \
-        sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs)
+    if "output_bytes" not in plan.predicted:
+        output_bytes = 0
     flash = tables_flash(graph)
     for layer, node in zip(plan.layers, graph.nodes, strict=True):
         if node.weight is not None:

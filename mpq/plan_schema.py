@@ -354,9 +354,10 @@ def check_patch(p: Any, field: str = "patch") -> None:
 
 def check_schedule(s: Any, field: str = "schedule") -> None:
     """`schedule`: in-place depthwise node names and fused adds {add: {conv, skip}}; optional
-    `order`, the node names in the order they run (`mpq.order`; absent: the file's order), and
-    `regions`, the board regions of the arena and the scratch (`mpq.regions`)."""
-    req_dict(s, field, {"inplace_depthwise", "fused_adds"}, {"order", "regions"})
+    `order`, the node names in the order they run (`mpq.order`; absent: the file's order),
+    `regions`, the board regions of the arena and the scratch (`mpq.regions`), and `io`, where
+    the graph input and outputs live (plans before it: "external")."""
+    req_dict(s, field, {"inplace_depthwise", "fused_adds"}, {"order", "regions", "io"})
     if "order" in s:
         for i, n in enumerate(req_list(s["order"], f"{field}.order")):
             req_str(n, f"{field}.order[{i}]")
@@ -364,6 +365,8 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
         r = req_dict(s["regions"], f"{field}.regions", {"arena", "scratch"})
         for part in ("arena", "scratch"):
             req_str(r[part], f"{field}.regions.{part}")
+    if "io" in s and s["io"] not in ("arena", "external"):
+        raise fail(f"{field}.io", f"must be \"arena\" or \"external\", got {_show(s['io'])}")
     for i, n in enumerate(req_list(s["inplace_depthwise"], f"{field}.inplace_depthwise")):
         req_str(n, f"{field}.inplace_depthwise[{i}]")
     for add, v in req_dict(s["fused_adds"], f"{field}.fused_adds").items():

@@ -60,9 +60,11 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
         raise MpqError("the plan was made for a different model")
     if [layer.name for layer in plan.layers] != [n.name for n in graph.nodes]:
         raise MpqError("the plan's layers are not the model's nodes; run `mpq search` again")
+    io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
     if plan.patch is None:
-        return plan_patches(graph, None)
-    return plan_patches(graph, PatchSplit(int(plan.patch["split_layer"]), int(plan.patch["n"])))
+        return plan_patches(graph, None, io)
+    return plan_patches(graph, PatchSplit(int(plan.patch["split_layer"]), int(plan.patch["n"])),
+                        io)
 
 
 def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:
@@ -114,7 +116,7 @@ def board_sram_budget(plan: Plan) -> int | None:
 
 def sram_profiles(plan: Plan, graph: Graph, schedule: PatchSchedule) -> dict[str, Any]:
     """Figure (a)'s data: layer-based int8, patch-based int8 (the plan's split) and the plan."""
-    layer = memory_series(plan_patches(graph, None), None)
+    layer = memory_series(plan_patches(graph, None, schedule.io), None)
     patch = memory_series(schedule, None) if schedule.split_tensor is not None else None
     mine = memory_series(schedule, sram_bits(plan))
     # the caller's buffers: the input, and the output (0 in plans older than its count)

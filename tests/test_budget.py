@@ -21,12 +21,16 @@ FASHION = REPO / "examples" / "fashion"
 @pytest.fixture(scope="module")
 def layer_plans(tmp_path_factory, kws) -> dict[str, dict]:
     """Layer-based plans of the Fashion CNN (nano33ble, 2-bit weights allowed, a Flash budget
-    that forces some) and the shared KWS DS-CNN (stm32h743), each exported with --build."""
+    that forces some; input and outputs in the arena, and once more as the caller's buffers)
+    and the shared KWS DS-CNN (stm32h743), each exported with --build."""
     root = tmp_path_factory.mktemp("budget")
     shutil.copy(FASHION / "fashion_cnn.onnx", root / "fashion.onnx")
     shutil.copy(kws["model"], root / "kws.onnx")
     out = {}
+    shutil.copy(root / "fashion.onnx", root / "fashion_external.onnx")
     for name, board, extra in (("fashion", "nano33ble", ["--flash", "60000"]),
+                               ("fashion_external", "nano33ble",
+                                ["--flash", "60000", "--io", "external"]),
                                ("kws", "stm32h743", [])):
         plan = root / f"{name}.plan.json"
         r = run_mpq("search", f"{name}.onnx", "--board", board, "--strategy", "qe",
@@ -41,7 +45,7 @@ def layer_plans(tmp_path_factory, kws) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("name", ["fashion", "kws"])
+@pytest.mark.parametrize("name", ["fashion", "fashion_external", "kws"])
 def test_predicted_flash_within_one_percent_of_the_build(layer_plans, name):
     """params + code as the plan predicts it vs the model's symbols in the linked ELF."""
     d = layer_plans[name]
@@ -67,6 +71,8 @@ def test_sram_figure_counts_every_buffer_and_holds_after_the_build(layer_plans):
         # the model's stack: GCC's call graph of the very build, bounded by the prediction
         assert 0 < m["model_stack_bytes"] <= p["stack_bytes"] <= m["model_stack_bytes"] + 256
         assert m["io_buffer_bytes"] >= p["input_bytes"] + p["output_bytes"]
+        if d["plan"]["schedule"].get("io") == "arena":  # no buffers beside the arena
+            assert p["input_bytes"] == p["output_bytes"] == m["io_buffer_bytes"] == 0
         assert m["stack_bytes"] == b["reserve"]["stack"]
         assert m["model_sram_bytes"] + m["stack_bytes"] <= m["sram_bytes"]
 
@@ -96,10 +102,34 @@ def test_over_budget_build_fails_in_one_line_and_writes_nothing(layer_plans, tmp
     assert (tmp_path / "fw" / "mpq_model.c").is_file()
 
 
+def test_arena_io_counts_the_input_once(layer_plans):
+    """The same search with the input and outputs in the arena (default) and as the caller's
+    buffers (--io external): the arena plan has no I/O buffers, its arena holds the input at an
+    offset of its own, and the built model's SRAM is what it predicts."""
+    arena, ext = layer_plans["fashion"], layer_plans["fashion_external"]
+    assert arena["plan"]["schedule"]["io"] == "arena"
+    assert ext["plan"]["schedule"]["io"] == "external"
+    p, q = arena["plan"]["predicted"], ext["plan"]["predicted"]
+    assert q["input_bytes"] == 28 * 28 and q["output_bytes"] == 10
+    offsets = {t["name"]: t["offset"] for t in arena["plan"]["tensors"]}
+    assert offsets["input"] is not None and offsets["input"] + 28 * 28 <= p["arena_bytes"]
+    assert {t["name"]: t["offset"] for t in ext["plan"]["tensors"]}["input"] is None
+    m = arena["report"]["measured"]
+    assert p["sram_needed_bytes"] <= m["model_sram_bytes"] + 64  # scratch: export's formula
+    assert m["model_sram_bytes"] <= p["sram_needed_bytes"] + 15
+    # verify on qemu-m4 reads each input straight into the arena: byte-exact, no test vectors
+    r = run_mpq("verify", arena["path"], "--target", "qemu-m4", "--data", FASHION / "test.npz",
+                "--samples", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)
+    assert v["mismatches"] == 0 and v["samples"] == 3 and v["test_vector_bytes"] == 0
+    assert v["model_sram_bytes"] == m["model_sram_bytes"]
+
+
 def test_verify_reports_test_vectors_apart(layer_plans):
     """verify --target qemu-m4 links every sample into the harness: those bytes are reported
     as test vectors, not as the model's SRAM (which stays what the plan predicted)."""
-    d = layer_plans["fashion"]
+    d = layer_plans["fashion_external"]
     r = run_mpq("verify", d["path"], "--target", "qemu-m4", "--data", FASHION / "test.npz",
                 "--samples", "3", "--json")
     assert r.returncode == 0, r.stderr

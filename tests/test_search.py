@@ -87,8 +87,8 @@ def test_impossible_budget_names_the_smallest_reachable(kws, tmp_path: Path) -> 
                 "--strategy", "int8", "--patches", "none", "--sram", "12000", "-o", out, "-q")
     from mpq.memory import align_up, layer_memory
 
-    mem = layer_memory(load_model(kws["model"]))
-    # arena + scratch (16-B aligned, as the export allocates it) + input and output buffers
+    mem = layer_memory(load_model(kws["model"]), io="arena")  # the default: I/O in the arena
+    # arena + scratch (16-B aligned, as the export allocates it) + input and output buffers (0)
     need = mem.arena_bytes + align_up(mem.scratch_bytes) + mem.input_bytes + mem.output_bytes
     assert_clean_failure(r, f"needs at least {need:,} B SRAM with 8-bit activations")
 
@@ -210,7 +210,8 @@ def test_every_shared_model_gets_a_plan(key: str, board: str, tmp_path: Path) ->
     if {t.bits for t in plan.tensors} == {8} and plan.patch is not None:
         # patches only recompute overlaps: an all-8-bit patch plan is right only when the
         # layer-based int8 schedule does not fit (VWW on nano33ble once chose 4x6 patches)
-        need = layer_memory(graph).peak_sram_bytes + plan.predicted["input_bytes"]
+        need = layer_memory(graph, io=plan.schedule["io"]).peak_sram_bytes \
+            + plan.predicted["input_bytes"]
         assert need > plan.board["sram_budget"]
 
 

@@ -31,7 +31,7 @@ from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
 from mpq.ir import LAYOUT_NHWC, Graph, Node
 from mpq.memory import align_up, packed_bytes
-from mpq.plan import Plan, plan_quant_model
+from mpq.plan import Plan, plan_io, plan_quant_model
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
 from mpq.regions import section_of
@@ -181,12 +181,13 @@ class _Builder:
         self.inplace = set(plan.schedule.get("inplace_depthwise", []))
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
+        self.io = plan_io(plan)
 
     def operand(self, tensor: str) -> Operand:
         g = self.graph
         bits = self.qm.acts[tensor].bits
         h, w, c = _view_dims(g.tensors[tensor].shape)
-        if tensor in g.inputs:
+        if tensor in g.inputs and self.io == "external":
             base = "(void *)input"
         else:
             offset = self.tensors[tensor].offset
@@ -762,11 +763,13 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
         "cmsis": {"functions": functions, "scratch_bytes": b.cmsis_scratch,
                   "sources": cmsis.sources_for(functions)} if functions else None,
         "backend": backend,
+        "io": b.io,
         "report_layers": report,
         "input": {"name": x, "dims": _view_dims(g.tensors[x].shape),
                   "bytes": packed_bytes(g.tensors[x].size, 8), "scale": xq.scale,
                   "layout": g.input_layouts.get(x, LAYOUT_NHWC), "rank": len(g.tensors[x].shape),
-                  **io_quant(xq.scale, xq.zero_point, "the graph input")},
+                  **io_quant(xq.scale, xq.zero_point, "the graph input"),
+                  "base": b.operand(x).base},
         "outputs": output_contexts(g, qm, b),
         "stage": stage,
     }
@@ -847,7 +850,7 @@ def _library_files(plan: Plan, board: Board, ctx: dict[str, Any], files: dict[st
     meta = {"name": library_name(plan), "version": __version__, "model": plan.model,
             "board": board, "plan_digest": ctx["plan_digest"], "sources": sources["c"],
             "headers": sources["h"], "arena_bytes": ctx["arena_bytes"],
-            "scratch_bytes": ctx["scratch_bytes"]}
+            "scratch_bytes": ctx["scratch_bytes"], "io": ctx["io"]}
     out: dict[str, str] = {}
     if "zephyr" in targets:
         out["zephyr/module.yml"] = render("zephyr/module.yml.j2", **meta)
@@ -887,7 +890,7 @@ def render_export(plan: Plan, graph: Graph, backend: str = "portable",
     # The export's arena is the plan's; its scratch is the larger of the portable kernels' and
     # CMSIS-NN's, which may exceed what the plan predicted (the linker proves the fit).
     report = {"plan_digest": ctx["plan_digest"], "model": plan.model, "board": plan.board,
-              "backend": backend,
+              "backend": backend, **({"io": "arena"} if ctx["io"] == "arena" else {}),
               "predicted": {"arena_bytes": ctx["arena_bytes"],
                             "scratch_bytes": ctx["scratch_bytes"],
                             "portable_scratch_bytes": ctx["portable_scratch_bytes"],

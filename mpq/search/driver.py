@@ -36,6 +36,7 @@ from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.latency import search_prediction
 from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
+from mpq.memory import io_buffer_bytes as memory_io_bytes
 from mpq.order import EXACT_ORDERS, OrderChoice, apply_order, file_order, memory_ordered
 from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
@@ -93,6 +94,7 @@ class SearchOptions:
     bias_correction: bool = False  # `mpq.quant.ptq`: fitted on the calibration data
     adaround: bool = False
     order: str = "memory"  # `--order`: memory (`mpq.order.best_order`) or file
+    io: str = "arena"  # `--io`: graph input/outputs in the arena or the caller's (memory.IO_MODES)
 
 
 class BudgetError(MpqError):
@@ -569,9 +571,9 @@ def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset |
 
 def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
     """SRAM and Flash budgets (the board's or --sram/--flash), the SRAM the model needs beside
-    the arena and scratch — the caller's input and output buffers and the model's stack
-    (`mpq.budget`) — and the code estimate, in bytes."""
-    input_bytes = io_buffer_bytes(graph) + predicted_stack_bytes(graph, board_cpu(board))
+    the arena and scratch — the caller's input and output buffers (none with `--io arena`) and
+    the model's stack (`mpq.budget`) — and the code estimate, in bytes."""
+    input_bytes = io_buffer_bytes(graph, opts.io) + predicted_stack_bytes(graph, board_cpu(board))
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
     return sram_total, flash_total, input_bytes, code_bound(graph, board, opts)
@@ -592,20 +594,21 @@ def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
         + max(0, packed_padding_bytes(graph, packable, lambda n: 4))
 
 
-def io_buffer_bytes(graph: Graph) -> int:
+def io_buffer_bytes(graph: Graph, io: str = "external") -> int:
     """The caller's input and output buffers, 8-bit (`mpq_model_run(input, output)`): part of
-    the model's SRAM figure, so the arena is planned against the budget less them."""
-    return sum(packed_bytes(graph.tensors[t].size, 8) for t in (*graph.inputs, *graph.outputs))
+    the model's SRAM figure, so the arena is planned against the budget less them; 0 with
+    `io` "arena" (they are arena tensors then: `memory.io_buffer_bytes`)."""
+    return sum(memory_io_bytes(graph, io))
 
 
 def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """The patch schedules the search tries (--patches none, auto or k=K,n=N)."""
     patches = parse_patches(opts.patches)
     if patches == "none":
-        return [plan_patches(graph, None)]
+        return [plan_patches(graph, None, opts.io)]
     if patches == "auto":
         return auto_candidates(graph, opts)
-    return [plan_patches(graph, patches)]
+    return [plan_patches(graph, patches, opts.io)]
 
 
 def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[PatchSchedule]:
@@ -741,10 +744,11 @@ def schedule_value(problem: Problem, choice: dict[str, int],
 def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """`--patches auto`: the layer-based schedule and, for each grid size n, the split with the
     lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead`."""
-    low = {t: min(opts.bits) for t in graph.tensors}
-    out = [plan_patches(graph, None)]
+    low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
+    out = [plan_patches(graph, None, opts.io)]
     for n in PATCH_N:
-        best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead, bits=low)
+        best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead, bits=low,
+                              io=opts.io)
         if best is not None:
             out.append(best)
     return out
@@ -924,7 +928,7 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                  "redundant_macs_percent": round(schedule.redundant_macs_percent, 4),
                  "tiles": [[[r.y0, r.y1, r.x0, r.x1] for r in row] for row in schedule.tiles],
                  "vdpc": vdpc.to_dict() if vdpc is not None else None}
-    schedule_info = {"inplace_depthwise": sorted(memory.inplace),
+    schedule_info = {"io": schedule.io, "inplace_depthwise": sorted(memory.inplace),
                      "fused_adds": {add: {"conv": conv, "skip": skip}
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
     if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
@@ -933,8 +937,9 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "arena_bytes": memory.arena_bytes,
         "scratch_bytes": memory.scratch_bytes,
         "peak_sram_bytes": memory.peak_sram_bytes,
-        "input_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.inputs),
-        "output_bytes": sum(packed_bytes(graph.tensors[t].size, 8) for t in graph.outputs),
+        # The caller's buffers beside the arena (0 with io "arena": counted in the arena).
+        "input_bytes": memory_io_bytes(graph, schedule.io)[0],
+        "output_bytes": memory_io_bytes(graph, schedule.io)[1],
         "stack_bytes": stack,
         "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + in, out and stack
         "flash_bytes": flash,
