@@ -119,9 +119,12 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     vdpc = json.loads(plan.read_text())["patch"]["vdpc"] is not None
     measuring = [ln for ln in lines if ln.startswith("measuring: ")]
     assert 1 <= len(measuring) <= 2  # the measured search refines its two best schedules
+    # the accuracy-first selection: one line per candidate plan, then the one kept
+    selection = [ln for ln in lines if ln.startswith("selection: ")]
+    assert len(selection) >= 2 and selection[-1].startswith("selection: kept the "), r.stderr
     expected = ["import", "calibrated", "sensitivity", "scoring", *["solving"] * len(solving),
                 *["measuring"] * len(measuring), "quantisation", *(["VDPC"] if vdpc else []),
-                "fidelity", "plan", "total"]
+                "fidelity", "plan", *["selection"] * len(selection), "total"]
     assert phases == expected, r.stderr
     assert all(re.search(r" \(\d+\.\d\d s\)$", ln) for ln in lines[:-1]), r.stderr
     assert re.fullmatch(r"total: \d+\.\d\d s", lines[-1])
