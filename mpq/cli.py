@@ -1058,6 +1058,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="arena: the input and outputs are arena tensors (the input freed after its "
                    "last reader; the caller writes it through mpq_model_input()); external: "
                    "the caller's own buffers beside the arena.")
+@click.option("--compare-strategies", is_flag=True,
+              help="With the measured strategy: also run importance, exact, qe, vdqs, rusci and "
+                   "uniform 4-bit under the same budgets and keep the plan that keeps most of "
+                   "the float model's top-1 decisions on --data (several times slower; models "
+                   "up to 60 M MACs per sample).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @QUIET
 @user_errors
@@ -1067,7 +1072,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
-               as_json: bool, quiet: bool) -> None:
+               compare_strategies: bool, as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1092,7 +1097,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
-                         order=order, io=io)
+                         order=order, io=io, compare_strategies=compare_strategies)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

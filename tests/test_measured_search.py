@@ -84,6 +84,23 @@ def test_more_memory_never_measures_worse(tmp_path: Path) -> None:
     assert damages == sorted(damages, reverse=True), damages
 
 
+def test_compare_strategies_keeps_the_best_ranked_plan(tmp_path: Path) -> None:
+    """`--compare-strategies`: the other strategies' plans are measured beside the measured
+    one, the plan records every candidate, and the kept plan ranks best (top-1 agreement with
+    float on the calibration samples, then the measured damage)."""
+    out = tmp_path / "p.json"
+    r = _search(12_800, out, "measured", "--compare-strategies")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(out.read_text())
+    assert plan["strategy"] == "measured"
+    sel = plan["search"]["measured"]["selection"]
+    assert sel["samples"] == 256 and sel["candidates"][0]["from"] == "measured"
+    assert len(sel["candidates"]) >= 2  # the other strategies' plans were measured too
+    rank = {c["from"]: (c["top1_agreement"], -c["damage"]) for c in sel["candidates"]}
+    assert rank[sel["chosen"]] == max(rank.values())
+    assert -rank[sel["chosen"]][1] == plan["search"]["measured"]["damage"]
+
+
 def test_the_advertised_minimum_is_accepted_by_every_strategy(tmp_path: Path) -> None:
     r = _search(2_000, tmp_path / "never.json")
     assert_clean_failure(r)
@@ -109,3 +126,51 @@ def test_too_little_calibration_data_is_one_line(tmp_path: Path, samples: int) -
     assert_clean_failure(r, "at least 16")
     assert not out.exists()
     assert "--strategy exact" in r.stderr and "--strategy exact" in r.stderr
+
+
+class _Plan:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def to_json(self) -> str:
+        return json.dumps({k: self.name for k in ("tensors", "layers", "patch", "schedule")})
+
+
+class _Result:
+    def __init__(self, name: str) -> None:
+        self.plan = _Plan(name)
+
+
+class _Judge:
+    """Agreement counts by plan name (the selection's first key)."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts, self.measured = counts, []
+        self.x, self.float_top1 = np.zeros((10, 1)), {"logits": np.zeros(10, int)}
+
+    def agreement(self, plan) -> int:
+        self.measured.append(plan.name)
+        return self.counts[plan.name]
+
+
+def test_selection_keeps_the_plan_closest_to_float() -> None:
+    """`portfolio.choose`: most top-1 agreement wins; equal agreement goes to less damage; a
+    full tie keeps the measured strategy's own plan; a plan found twice is measured once."""
+    from mpq.search.portfolio import choose
+
+    damage = {"own": 0.02, "a": 0.05, "b": 0.01, "c": 0.01}
+    judge = _Judge({"own": 8, "a": 9, "b": 9, "c": 8})
+
+    def pick(names: list[str]) -> str:
+        best, _ = choose(_Result("own"), lambda: [(n, _Result(n)) for n in names], judge,
+                         lambda plan: damage[plan.name], lambda line: None)
+        return best.label
+
+    assert pick(["a"]) == "a"  # more agreement beats less damage
+    assert pick(["a", "b"]) == "b"  # same agreement: less damage
+    damage["c"] = damage["own"]
+    assert pick(["c"]) == "measured"  # a full tie keeps the default's own plan
+    judge.measured.clear()
+    best, cands = choose(_Result("own"), lambda: [("again", _Result("own")), ("a", _Result("a"))],
+                         judge, lambda plan: damage[plan.name], lambda line: None)
+    assert judge.measured == ["own", "a"] and [c.label for c in cands] == ["measured", "a"]

@@ -57,8 +57,10 @@ def heads(tmp_path_factory) -> dict:
     np.savez(root / "test.npz", x=rng.standard_normal((12, 3, 16, 16)).astype(np.float32),
              y=rng.integers(0, 10, 12))
     plans = {}
+    # the tight plan by the entropy ILP: it is the patch + VDPC + 2-bit plan these tests need
+    # (the default may keep a layer-based plan there, chosen on 48 random samples)
     for kind, opts in (("int8", ("--strategy", "int8")),
-                       ("tight", ("--sram", "2072", "--io", "external"))):
+                       ("tight", ("--sram", "2072", "--io", "external", "--strategy", "exact"))):
         plans[kind] = root / f"{kind}.plan.json"
         r = run_mpq("search", "heads.onnx", "--board", "nano33ble", *opts, "--data",
                     "calib.npz", "-o", plans[kind], "-q", cwd=root)
@@ -236,7 +238,15 @@ def test_eval_scores_labels_on_one_output_and_fidelity_on_both(heads) -> None:
 
 
 def test_search_fidelity_covers_every_output(heads) -> None:
-    fid = load_plan(heads["plans"]["tight"]).predicted["fidelity"]
+    """The default (measured) search at the tight budget: its fidelity record and its
+    accuracy-first selection cover both heads."""
+    out = heads["root"] / "measured.plan.json"
+    r = run_mpq("search", "heads.onnx", "--board", "nano33ble", "--sram", "2072", "--data",
+                "calib.npz", "--compare-strategies", "-o", out, "-q", cwd=heads["root"])
+    assert r.returncode == 0, r.stderr
+    plan = load_plan(out)
+    assert plan.search["measured"]["selection"]["samples"] == 48
+    fid = plan.predicted["fidelity"]
     assert sorted(fid["outputs"]) == sorted(fid["int8"]) == sorted(OUTPUTS)
     assert fid["outputs"]["boxes"]["top1_agreement"] is None  # not a classifier
 

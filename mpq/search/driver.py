@@ -95,6 +95,9 @@ class SearchOptions:
     adaround: bool = False
     order: str = "memory"  # `--order`: memory (`mpq.order.best_order`) or file
     io: str = "arena"  # `--io`: graph input/outputs in the arena or the caller's (memory.IO_MODES)
+    # `--compare-strategies`: the measured plan competes with the other strategies' plans
+    # (`search.portfolio`); opt-in, it costs their searches (several times the default's time)
+    compare_strategies: bool = False
 
 
 class BudgetError(MpqError):
@@ -550,7 +553,12 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         if opts.bitops is not None and plan.predicted["bitops"] > opts.bitops:
             raise MpqError(f"internal: the plan's {plan.predicted['bitops']:,} BitOPs exceed "
                            f"--bitops {opts.bitops:,}")
-    return SearchResult(plan, qm, schedule, solution, qbr_log, vdpc_result)
+    result = SearchResult(plan, qm, schedule, solution, qbr_log, vdpc_result)
+    if opts.compare_strategies and probe is not None and attempt.measured is not None \
+            and attempt.measured.damage > 0:
+        result = accuracy_first(result, model_path, graph, board, data, opts, stats, probe,
+                                x_val, say)
+    return result
 
 
 def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset | None,
@@ -1009,3 +1017,66 @@ def search_graph(graph: Graph, opts: SearchOptions) -> tuple[Graph, OrderChoice 
     if opts.order != "memory":
         raise MpqError(f"--order must be memory or file, not '{opts.order}'")
     return memory_ordered(graph)
+
+
+# -- accuracy first (issue 13) ------------------------------------------------------------------
+
+def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Board,
+                   data: Dataset, opts: SearchOptions, stats: CalibrationStats, probe: Probe,
+                   x_val: np.ndarray, say: Callable[[str], None]) -> SearchResult:
+    """The measured strategy's plan against the other strategies' plans under the same
+    budgets, each run as the firmware runs it on the calibration samples; the one closest to
+    float is kept (`mpq.search.portfolio`: top-1 agreement, then measured damage). Small
+    models only (`portfolio_applies`)."""
+    from mpq.fidelity import validation_inputs
+    from mpq.search.portfolio import (
+        ALTERNATIVES,
+        Judge,
+        choose,
+        plan_bits,
+        portfolio_applies,
+        selection_count,
+    )
+
+    macs = sum(node_macs(n, graph) for n in graph.nodes)
+    if not portfolio_applies(macs):
+        say(f"selection: {macs:,} MACs per sample, alternatives not searched")
+        return own
+    x = validation_inputs(data, selection_count(macs, len(data)))
+    judge = Judge.build(graph, x, probe.classifier_any)
+
+    def damage_of(plan: Plan) -> float:
+        acts, weights = plan_bits(plan)
+        return probe.damage_of(acts, {n: b for n, b in weights.items() if n in probe._ref_w})
+
+    def alternatives() -> list[tuple[str, SearchResult]]:
+        out = []
+        for label, strategy, bits in ALTERNATIVES:
+            alt = replace(opts, strategy=strategy, bits=bits or opts.bits)
+            try:
+                out.append((label, search(model_path, graph, board, data, alt, stats=stats)))
+            except MpqError as exc:  # this strategy finds no plan under these budgets
+                say(f"selection: {label}: {exc}")
+        return out
+
+    best, cands = choose(own, alternatives, judge, damage_of, say)
+    result = best.result
+    plan = result.plan
+    selection = {"samples": len(x), "chosen": best.label,
+                 "candidates": [c.record(len(x) * max(len(judge.float_top1), 1))
+                                for c in cands]}
+    if best.label != "measured":
+        measured = own.plan.search["measured"]
+        plan.strategy = "measured"
+        plan.search["measured"] = {
+            "validation_samples": probe.samples, "damage": round(best.damage, 9),
+            "plans_measured": measured["plans_measured"] + len(cands) - 1,
+            "reference_runs": probe.runs}
+        plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
+                                                   best.damage)
+        plan.notes.append(f"accuracy first: the {best.label} strategy's plan kept more top-1 "
+                          f"decisions of the float model on {len(x)} calibration samples "
+                          f"({best.agree} vs {cands[0].agree}) than the measured ILP's")
+    plan.search["measured"]["selection"] = selection
+    say(f"selection: kept the {best.label} plan")
+    return result
