@@ -419,7 +419,7 @@ def _stage_call_bytes(entry: dict[str, Any], stage: dict[str, Any], kernel: str,
 
 def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
                          shape: CodeShape | None = None,
-                         packed: frozenset[str] = frozenset()) -> int:
+                         packed: frozenset[str] = frozenset(), either: bool = False) -> int:
     """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
     (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
     in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); with a patch stage
@@ -429,6 +429,8 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
     kernels = layer_kernels(graph, shape, packed)
     calls_in_stage = stage_calls(graph, shape) if shape is not None else []
     families = set(kernels) | {k for k, _ in calls_in_stage}
+    plain = layer_kernels(graph, shape) if either else kernels
+    families |= set(plain)  # `either`: a bound over packed or not, per layer
     if entry is None:  # no table at all (a broken install): the old estimate
         return 8192 + UNKNOWN_FAMILY_BYTES * len(families)
     per_call = entry["per_call"]
@@ -440,7 +442,8 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
             symbols.update(entry["families"][family])
         else:
             unknown += UNKNOWN_FAMILY_BYTES
-    calls = sum(per_call.get(k, median_call) for k in kernels)
+    calls = sum(max(per_call.get(k, median_call), per_call.get(q, median_call))
+                for k, q in zip(kernels, plain, strict=True))
     if shape is not None:
         stage = _stage_entry(entry, shape.vdpc)
         calls += sum(_stage_call_bytes(entry, stage, k, median_call) for k, _ in calls_in_stage)

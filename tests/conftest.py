@@ -29,6 +29,14 @@ SHARED_ONNX = {
 }
 
 
+def with_stack(graph, sram: int | None) -> int | None:
+    """A test's SRAM budget for the model's data plus its stack on nano33ble (the SRAM figure
+    counts `mpq_model_run`'s stack: `mpq.budget.predicted_stack_bytes`)."""
+    from mpq.budget import predicted_stack_bytes
+
+    return None if sram is None else sram + predicted_stack_bytes(graph, "cortex-m4/fpv4-sp-d16")
+
+
 def shared_model(name: str) -> Path:
     """Path of a file in ../shared/models; skipped outside CI when the folder is absent."""
     path = SHARED_MODELS / name

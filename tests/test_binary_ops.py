@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import with_stack
 from onnx import TensorProto, helper, numpy_helper
 from test_bad_input import import_fails, save
 from test_import import check_model
@@ -176,7 +177,8 @@ def _plan(tmp_path: Path, model: onnx.ModelProto, **opts):
     graph = load_model(path)
     res = search(path, graph, get_board("nano33ble"),
                  dataset_from_array(_x((3, 12, 12), 48), "se"),
-                 SearchOptions(patches="none", **opts))
+                 SearchOptions(patches="none", **{**opts, "sram": with_stack(graph,
+                                                                            opts.get("sram"))}))
     return res.plan, graph
 
 
@@ -227,7 +229,7 @@ def test_patch_stage_with_elementwise_ops_bit_exact_on_host(tmp_path: Path) -> N
     k = ops.index("sub") + 1
     res = search(path, graph, get_board("nano33ble"),
                  dataset_from_array(_x((3, 16, 16), 32), "s"),
-                 SearchOptions(patches=f"k={k},n=2", sram=4_000))
+                 SearchOptions(patches=f"k={k},n=2", sram=with_stack(graph, 4_000)))
     plan = res.plan
     assert plan.patch is not None
     assert {"mul", "sub", "prelu"} <= {nd.op for nd in graph.nodes

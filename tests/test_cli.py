@@ -77,7 +77,8 @@ def test_inspect_board_fit(tmp_path: Path) -> None:
     d = json.loads(run_mpq("inspect", path, "--board", "nano33ble", "--json").stdout)
     fit, board = d["fit"], get_board("nano33ble")
     assert fit["sram_budget"] == board.sram_budget
-    assert fit["sram_needed"] == d["peak_sram_bytes"] + d["input_bytes"] + d["output_bytes"]
+    assert fit["sram_needed"] == d["peak_sram_bytes"] + d["input_bytes"] + d["output_bytes"] \
+        + d["stack_bytes"]
     assert fit["sram_margin"] == fit["sram_budget"] - fit["sram_needed"]
     assert fit["fits"] is True
     big = save(tmp_path / "big.onnx", B.mobilenet_v2(1.0, 224))

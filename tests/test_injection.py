@@ -224,6 +224,7 @@ UNTRUSTED = re.compile(r"\b(model|model_sha256|description|mcu|board_file|name)\
 # whatever the model file is called).
 CODE_FIELDS = {("make/mpq.mk.j2", "board.name"), ("cmake/CMakeLists.txt.j2", "board.name"),
                ("linker/board.ld.j2", '"%-10s" | format(r.name)'),
+               ("linker/board.ld.j2", "r.name"),
                *((t, "name") for t in ("arduino/library.properties.j2", "arduino/sketch.ino.j2",
                                        "zephyr/Kconfig.j2", "zephyr/module.yml.j2",
                                        "zephyr/CMakeLists.txt.j2",

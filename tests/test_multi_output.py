@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_builders as B
 import pytest
-from conftest import run_mpq
+from conftest import run_mpq, with_stack
 from test_bad_input import assert_clean_failure
 
 from mpq.cli import _run_output_bytes
@@ -44,6 +44,11 @@ def _need(*tools: str) -> None:
         pytest.skip(f"{', '.join(missing)} not installed")
 
 
+def tight_sram(root: Path) -> str:
+    """2,072 B for the model's data (tight: sub-byte maps, patches) plus its stack."""
+    return str(with_stack(load_model(root / "heads.onnx"), 2072))
+
+
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory) -> dict:
     """The two-head model, random calibration/test data, and two plans: int8 (the input and
@@ -60,7 +65,8 @@ def heads(tmp_path_factory) -> dict:
     # the tight plan by the entropy ILP: it is the patch + VDPC + 2-bit plan these tests need
     # (the default may keep a layer-based plan there, chosen on 48 random samples)
     for kind, opts in (("int8", ("--strategy", "int8")),
-                       ("tight", ("--sram", "2072", "--io", "external", "--strategy", "exact"))):
+                       ("tight", ("--sram", tight_sram(root), "--io", "external",
+                                  "--strategy", "exact"))):
         plans[kind] = root / f"{kind}.plan.json"
         r = run_mpq("search", "heads.onnx", "--board", "nano33ble", *opts, "--data",
                     "calib.npz", "-o", plans[kind], "-q", cwd=root)
@@ -241,7 +247,8 @@ def test_search_fidelity_covers_every_output(heads) -> None:
     """The default (measured) search at the tight budget: its fidelity record and its
     accuracy-first selection cover both heads."""
     out = heads["root"] / "measured.plan.json"
-    r = run_mpq("search", "heads.onnx", "--board", "nano33ble", "--sram", "2072", "--data",
+    r = run_mpq("search", "heads.onnx", "--board", "nano33ble", "--sram",
+                tight_sram(heads["root"]), "--io", "external", "--data",
                 "calib.npz", "--compare-strategies", "-o", out, "-q", cwd=heads["root"])
     assert r.returncode == 0, r.stderr
     plan = load_plan(out)

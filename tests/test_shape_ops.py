@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ort_run
+from conftest import ort_run, with_stack
 from onnx import TensorProto, helper, numpy_helper
 
 from mpq.boards import get_board
@@ -184,7 +184,7 @@ def test_search_export_host_bit_exact(tmp_path: Path, build, sram: int | None) -
     x = rng.random((32, *onnx_input_shape(graph))).astype(np.float32)
     res = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "blaze"),
                  SearchOptions(strategy="int8" if sram is None else "exact", patches="none",
-                               sram=sram))
+                               sram=with_stack(graph, sram), io="external"))
     bits = {t.name: t.bits for t in res.plan.tensors}
     if sram is not None:
         assert bits["channel_padding"] < 8 and bits["r1"] == bits["channel_padding"]

@@ -598,7 +598,7 @@ def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
     if not sub_byte:
         return code_bytes_estimate(graph, cpu)
     packable = packed_layers(graph, board.core, None, lambda t: 4, lambda n: (4, True))
-    return code_bytes_estimate(graph, cpu, None, packable) \
+    return code_bytes_estimate(graph, cpu, None, packable, either=True) \
         + max(0, packed_padding_bytes(graph, packable, lambda n: 4))
 
 
@@ -641,7 +641,10 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
         raise BudgetError(f"needs at least {flash:,} B Flash with {w_floor}-bit weights, the "
                           f"fewest bits allowed (code {code:,} B included); budget is "
                           f"{flash_total:,} B"
-                          + _flash_hint(graph, opts, w_floor, code, flash), 0)
+                          + _flash_hint(graph, opts, w_floor,
+                                        code_bound(graph, board, replace(opts,
+                                                                         weight_bits=(8, 4, 2))),
+                                        flash), 0)
     candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
     for schedule in candidates:
@@ -842,11 +845,11 @@ def _describe(schedule: PatchSchedule) -> str:
 def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flash: int
                 ) -> str:
     """What would go below a Flash floor of `flash` bytes at `w_floor`-bit weights: the option
-    offering 2-bit linear weights and the Flash they need (DESIGN §7), or nothing when the
-    user already allows them or chose another scheme."""
+    offering 2-bit linear weights and the Flash they need with that option's code `code`
+    (DESIGN §7), or nothing when the user already allows them or chose another scheme."""
     if opts.weight_scheme is not None or w_floor <= 2:
         return ""
-    flash2 = code + weights_flash(graph, 2)
+    flash2 = code + weights_flash(graph, 2) + tables_flash(graph) + constant_flash_bytes(graph)
     if flash2 >= flash:
         return ""
     option = "--weight-bits 8,4,2" if opts.strategy != "int8" else \
