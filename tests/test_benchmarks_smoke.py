@@ -117,8 +117,9 @@ def test_methods_side_by_side_exports_and_verifies(smoke: Path) -> None:
     assert rows["pow2:4 (Nayak et al.)"]["flash_params"] == lin4["flash_params"]
     imp = rows["importance (Tang et al., LIMPQ ILP)"]
     assert imp["sram"] <= imp["sram_budget"] == 11_000 < int8["sram"]
-    assert imp["flash_with_code_estimate"] <= imp["flash_budget"] \
-        == lin4["flash_with_code_estimate"]
+    # the budget: linear 4-bit's Flash plus the packed kernels' code the search reserves
+    assert imp["flash_with_code_estimate"] <= imp["flash_budget"]
+    assert imp["flash_budget"] >= lin4["flash_with_code_estimate"]
 
 
 def test_markdown_has_every_table_and_the_figure(smoke: Path) -> None:

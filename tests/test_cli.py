@@ -120,7 +120,9 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     vdpc = json.loads(plan.read_text())["patch"]["vdpc"] is not None
     measuring = [ln for ln in lines if ln.startswith("measuring: ")]
     assert 1 <= len(measuring) <= 2  # the measured search refines its two best schedules
-    expected = ["import", "calibrated", "sensitivity", "scoring", *["solving"] * len(solving),
+    order = ["order"] if any(ln.startswith("order: ") for ln in lines) else []
+    expected = ["import", *order, "calibrated", "sensitivity", "scoring",
+                *["solving"] * len(solving),
                 *["measuring"] * len(measuring), "quantisation", *(["VDPC"] if vdpc else []),
                 "fidelity", "plan", "total"]
     assert phases == expected, r.stderr

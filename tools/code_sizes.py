@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m tools.code_sizes PLAN.json [PLAN.json …]
     PYTHONPATH=. python -m tools.code_sizes --try cortex-m4/fpv4-sp-d16 PLAN.json …  # one CPU,
-                                                        # to kernels/code_sizes.try.json
+                                                        # to ./code_sizes.try.json
 
 For each CPU of the shipped boards (their GCC flags), with the flags `mpq export --build` uses:
 
@@ -160,8 +160,8 @@ def stage_sizes(ctx: dict, board, tmp: Path, nm: str, variants: dict[str, dict],
 
 def main(argv: list[str]) -> int:
     out, only = OUT, None
-    if argv[:1] == ["--try"]:  # a trial on one CPU, written beside the table, not over it
-        out, only, argv = OUT.with_name("code_sizes.try.json"), argv[1], argv[2:]
+    if argv[:1] == ["--try"]:  # a trial on one CPU, into the current directory, not the table
+        out, only, argv = Path("code_sizes.try.json"), argv[1], argv[2:]
     tools = firmware.require_tools()
     version = subprocess.run([tools.cc, "--version"], capture_output=True,
                              text=True).stdout.splitlines()[0]
