@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check mpq tests benchmarks tools
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

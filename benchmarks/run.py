@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,19 +39,10 @@ from patch_overhead import bench_patch_overhead  # noqa: E402
 from mpq.frontend.onnx_import import import_onnx  # noqa: E402
 from mpq.memory import layer_memory  # noqa: E402
 from mpq.tflm import tflm_arena  # noqa: E402
+from tools.toolchain import cross_versions  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SHARED = REPO.parent / "shared" / "models"
-
-
-def _version(cmd: list[str], pattern: str) -> str:
-    """The first match of `pattern` in a tool's version banner, or "absent"."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "absent"
-    found = re.search(pattern, proc.stdout + proc.stderr)
-    return found.group(1) if found else "unknown"
 
 
 def cpu_model() -> str:
@@ -72,9 +62,7 @@ def machine() -> dict:
 
     return {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "cpu_model": cpu_model(), "numpy": numpy.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "gcc_arm": _version(["arm-none-eabi-gcc", "--version"], r"\) (\d[\w.\-]*)"),
-            "qemu": _version(["qemu-system-arm", "--version"], r"version (\S+)")}
+            "onnxruntime": onnxruntime.__version__, **cross_versions()}
 
 
 def bench_inspect() -> dict:

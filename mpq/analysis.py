@@ -69,6 +69,7 @@ class ModelSummary:
     flash_bytes: int
     code_bytes_estimate: int
     stack_bytes: int  # the model's stack bound (GCC's call graph of the kernels, `mpq.budget`)
+    io: str  # "arena" (input and outputs inside the arena) or "external" (the caller's buffers)
     inplace_depthwise: int
     fit: BoardFit | None = None
     compress: dict[str, Any] | None = None  # `--compress`: the weight blob's sizes
@@ -80,9 +81,11 @@ class ModelSummary:
         return d
 
 
-def summarise(graph: Graph, model_name: str, board: Board | None = None) -> ModelSummary:
-    """Analyse a graph at int8 in the layer-based schedule, optionally against a board."""
-    mem = layer_memory(graph)
+def summarise(graph: Graph, model_name: str, board: Board | None = None,
+              io: str = "arena") -> ModelSummary:
+    """Analyse a graph at int8 in the layer-based schedule, optionally against a board; `io`
+    as `mpq search --io` (arena: the input and outputs are arena tensors, DESIGN §5)."""
+    mem = layer_memory(graph, io=io)
     layers = []
     for node, step in zip(graph.nodes, mem.steps, strict=True):
         tensors = [graph.tensors[t] for t in node.inputs + node.outputs]
@@ -104,7 +107,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None) -> Mode
         arena_bytes=mem.arena_bytes, scratch_bytes=mem.scratch_bytes,
         peak_sram_bytes=mem.peak_sram_bytes, input_bytes=mem.input_bytes,
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
-        stack_bytes=stack,
+        stack_bytes=stack, io=io,
         inplace_depthwise=len(mem.inplace))
     if board is not None:
         sram_needed = mem.peak_sram_bytes + mem.input_bytes + mem.output_bytes + stack

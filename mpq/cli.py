@@ -193,13 +193,20 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
 @click.option("--weights", "weights_spec", default=None,
               help="Weight scheme of --compress (default linear:8): linear, wentropy, sym "
                    "or pow2, with :BITS.")
+@click.option("--io", type=click.Choice(["arena", "external"]), default="arena",
+              show_default=True, help="Where the input and outputs live, as `mpq search --io`.")
+@click.option("--order", type=click.Choice(["memory", "file"]), default="memory",
+              show_default=True,
+              help="Execution order of branching graphs, as `mpq search --order`.")
 @user_errors
 def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
-            weights_spec: str | None) -> None:
-    """Per-layer shapes, MACs, parameters and the int8 memory model of MODEL."""
+            weights_spec: str | None, io: str, order: str) -> None:
+    """Per-layer shapes, MACs, parameters and the int8 memory model of MODEL (layers in the
+    order the search would run them)."""
     from mpq.analysis import summarise, weight_compression
     from mpq.boards import get_board
     from mpq.frontend import load_model
+    from mpq.order import memory_ordered
     from mpq.quant.weights import parse_weights
 
     if weights_spec is not None and not compress:
@@ -207,7 +214,9 @@ def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
     spec = parse_weights(weights_spec or "linear:8", for_export=True)
     board = get_board(board_name) if board_name else None
     graph = load_model(model)
-    summary = summarise(graph, model.name, board)
+    if order == "memory":
+        graph, _ = memory_ordered(graph)
+    summary = summarise(graph, model.name, board, io=io)
     if compress:
         summary.compress = weight_compression(graph, spec)
     if as_json:
@@ -255,9 +264,13 @@ def _print_summary(s: Any) -> None:
         ("MACs", s.macs), ("parameters", s.params),
         ("arena (greedy planner, 16-B aligned)", s.arena_bytes),
         ("largest kernel scratch", s.scratch_bytes),
-        ("peak SRAM = arena + scratch", s.peak_sram_bytes),
-        ("input buffer (caller's)", s.input_bytes),
-        ("output buffer (caller's)", s.output_bytes),
+        ("peak SRAM = arena + scratch" + (" (input and outputs in the arena)"
+                                           if s.io == "arena" else ""), s.peak_sram_bytes),
+    ]
+    if s.io == "external":
+        rows += [("input buffer (caller's)", s.input_bytes),
+                 ("output buffer (caller's)", s.output_bytes)]
+    rows += [
         ("model stack (GCC call-graph bound)", s.stack_bytes),
         ("Flash: weights + biases + requant + tables", s.flash_bytes),
         ("Flash: code (predicted from measured kernel sizes)", s.code_bytes_estimate),

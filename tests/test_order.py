@@ -166,3 +166,16 @@ def test_the_heuristic_never_plans_more_than_the_file_order(tmp_path: Path) -> N
     names = [n.name for n in graph.nodes]
     for lo, hi in segments(graph, tuple(names)):
         assert 0 <= lo < hi <= len(names) and hi - lo >= 2
+
+
+@pytest.mark.parametrize("order", ["memory", "file"])
+def test_inspect_plans_the_peak_the_int8_search_plans(branches, order: str) -> None:
+    # A user checks a model with `mpq inspect` before searching: the same order and the same
+    # I/O placement must give the same int8 peak (and the order's layer listing).
+    r = run_mpq("inspect", branches["model"], "--order", order, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    plan = load_plan(branches["plans"][order])
+    assert d["io"] == "arena" and d["input_bytes"] == d["output_bytes"] == 0
+    assert d["peak_sram_bytes"] == plan.predicted["peak_sram_bytes"]
+    assert [x["name"] for x in d["layers"]] == [layer.name for layer in plan.layers]

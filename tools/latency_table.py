@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from mpq.latency import (  # noqa: E402
 from mpq.quant.calibrate import dataset_from_array, load_dataset, onnx_input_shape  # noqa: E402
 from mpq.search.driver import SearchOptions, search  # noqa: E402
 from mpq.verify import verify  # noqa: E402
+from tools.toolchain import cross_versions  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
 FASHION = REPO / "examples" / "fashion"
@@ -70,15 +69,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _version(cmd: list[str], pattern: str) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "absent"
-    found = re.search(pattern, proc.stdout + proc.stderr)
-    return found.group(1) if found else "unknown"
-
-
 def machine() -> dict:
     """What the counts depend on: the cross compiler and QEMU (not the host: counts are exact
     instructions), plus the kernels' source digest."""
@@ -89,9 +79,8 @@ def machine() -> dict:
     h = hashlib.sha256()
     for p in sorted(data_dir("kernels").glob("*.[ch]")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return {"gcc_arm": _version(["arm-none-eabi-gcc", "--version"], r"\) (\d[\w.\-]*)"),
-            "qemu": _version(["qemu-system-arm", "--version"], r"version (\S+)"),
-            "python": platform.python_version(), "kernels_sha256": h.hexdigest()[:16]}
+    return {**cross_versions(), "python": platform.python_version(),
+            "kernels_sha256": h.hexdigest()[:16]}
 
 
 def _data(name: str, graph, scale: float | None):
