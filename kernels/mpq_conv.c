@@ -1070,9 +1070,8 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     return MPQ_OK;
 }
 
-/* mpq__conv with the tables of a tabled filter, built in this frame (mpq__wtab: 1088 bytes of
-   stack with the DSP, 64 without) - or without, for any other filter, so that those calls do
-   not carry the tables' stack. */
+/* mpq__conv with the table of a tabled filter, built in this frame (mpq__wtab: 64 bytes of
+   stack) - or without, for any other filter, so that those calls do not carry it. */
 static MPQ_NOINLINE int mpq__conv_tab(const mpq_conv_params *p, const mpq_filter *f,
                                       const mpq_channel_quant *q, const mpq_view *in,
                                       const mpq_add_params *add, const mpq_view *skip,

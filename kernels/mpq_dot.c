@@ -7,7 +7,7 @@
  */
 #include "mpq_support.h"
 
-/* Fills t for filter f (mpq__tabled): 2^b values and, with the DSP, 2^(2b) pairs. */
+/* Fills t for filter f (mpq__tabled): its 2^b values. */
 MPQ_NOINLINE void mpq__wtab_build(const mpq_filter *f, mpq__wtab *t)
 {
     const uint32_t n = 1u << f->bits;
@@ -15,18 +15,6 @@ MPQ_NOINLINE void mpq__wtab_build(const mpq_filter *f, mpq__wtab *t)
     for (u = 0; u < n; ++u) {
         t->val[u] = mpq__wval(f, u);
     }
-#if MPQ_USE_DSP
-    {
-        uint32_t v;
-        for (v = 0; v < n; ++v) {
-            const uint32_t hi = (uint32_t)t->val[v] << 16;
-            uint32_t *row = t->pair + (v << f->bits);
-            for (u = 0; u < n; ++u) {
-                row[u] = ((uint32_t)t->val[u] & 0xFFFFu) | hi;
-            }
-        }
-    }
-#endif
 }
 
 static uint64_t mpq__quads_x8_w8(const void *x, int32_t z, const uint8_t *w0,

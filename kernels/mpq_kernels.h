@@ -69,10 +69,8 @@ extern "C" {
               kernels multiply by the decoded value: +-2^e * x is bit for bit the shift
               +-(x << e) modulo 2^32 (a multiply-accumulate costs a cycle on a Cortex-M).
    CODEBOOK and POW2 filters of 4, 3 or 2 bits are decoded through a table of their code
-   values (and, with the DSP extension, of SMLAD-ready pairs of them) that mpq_conv2d,
-   mpq_conv2d_add and mpq_fully_connected build on their stack once per call: 1088 bytes with
-   the DSP, 64 without; calls with other filters do not reserve it. mpq's SRAM model (arena
-   and scratch) does not count stack. */
+   values that mpq_conv2d, mpq_conv2d_add and mpq_fully_connected build on their stack once
+   per call (64 bytes); calls with other filters do not reserve it. */
 #define MPQ_WFMT_LINEAR 0
 #define MPQ_WFMT_CODEBOOK 1
 #define MPQ_WFMT_POW2 2

@@ -502,21 +502,19 @@ static MPQ_INLINE void mpq__quad4(const uint8_t *p, int32_t bits, int32_t z, int
 
 /* -- dot products ---------------------------------------------------------------------------- */
 
-/* The decode tables of a CODEBOOK or POW2 filter of b <= 4 bits (mpq__tabled), built once per
-   kernel call on the stack of the call's table entry (mpq__conv_tab, mpq__fc_tab): 1088 bytes
-   with the DSP, 64 without; calls with LINEAR weights do not have it. The static SRAM model
-   (mpq/memory.py: arena + scratch) does not count stack, so this is stack the firmware needs on
-   top of it. With both formats a small table of int8 values indexed by the code, the loops
-   below are the linear sub-byte loops with the value lookup in place of the sign extension. */
+/* The decode table of a CODEBOOK or POW2 filter of b <= 4 bits (mpq__tabled), built once per
+   kernel call on the stack of the call's table entry (mpq__conv_tab, mpq__fc_tab): 64 bytes;
+   calls with LINEAR weights do not have it. With both formats a small table of int8 values
+   indexed by the code, the loops below are the linear sub-byte loops with the value lookup in
+   place of the sign extension. The DSP loops form each SMLAD halfword pair from two lookups
+   (mpq__tpair) rather than from a 2^(2b)-entry pair table: that table took 1,024 more bytes of
+   stack, and the model's stack bound (GCC's static call graph, DESIGN sec. 5) counts the deepest
+   frame any call could reach, so every build carried it, tabled weights or not. */
 typedef struct {
     int32_t val[16];     /* val[u]: the value of code u (2^b entries) */
-#if MPQ_USE_DSP
-    uint32_t pair[256];  /* pair[u0 | u1 << b]: the SMLAD halfword pair (val[u0], val[u1]) */
-#endif
 } mpq__wtab;
 
-/* Fills t for filter f (mpq__tabled): 2^b values and, with the DSP, 2^(2b) pairs. In
-   mpq_dot.c. */
+/* Fills t for filter f (mpq__tabled): its 2^b values. In mpq_dot.c. */
 void mpq__wtab_build(const mpq_filter *f, mpq__wtab *t);
 
 /* Weight k of a row of linear weights (t NULL) or of a tabled filter's codes (t its table). */
@@ -525,7 +523,7 @@ static inline int32_t mpq__wget(const uint8_t *w, int32_t bits, uint32_t k, cons
     return t != NULL ? t->val[mpq__code(w, bits, k)] : mpq__ld(w, bits, k);
 }
 
-/* The pair-table indices of a quad of b-bit codes whose first code is at bit `sh` of byte p[0]
+/* The pair indices of a quad of b-bit codes whose first code is at bit `sh` of byte p[0]
    (sh = 4 for the odd quads of a 3-bit row, else 0): *i0 = u0 | u1 << b, *i1 = u2 | u3 << b.
    Only bytes holding the quad's codes are read. */
 static MPQ_INLINE void mpq__tidx(const uint8_t *p, int32_t bits, uint32_t sh, uint32_t *i0,
@@ -547,7 +545,7 @@ static MPQ_INLINE void mpq__tidx(const uint8_t *p, int32_t bits, uint32_t sh, ui
 #if MPQ_USE_DSP
 
 /* (x0, x1) and (x2, x3) from mpq__quad's pairs (x0, x2), (x1, x3): PKHBT and PKHTB, so that an
-   input quad meets the pair table's natural order. GCC does not form PKHBT/PKHTB from the C
+   input quad meets the weight pairs' natural order. GCC does not form PKHBT/PKHTB from the C
    expressions, so on the target they are inline assembly (as CMSIS's __PKHBT/__PKHTB). */
 static inline void mpq__natural(int32_t even, int32_t odd, int32_t *p01, int32_t *p23)
 {
@@ -557,6 +555,21 @@ static inline void mpq__natural(int32_t even, int32_t odd, int32_t *p01, int32_t
 #else
     __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(*p01) : "r"(even), "r"(odd));
     __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(*p23) : "r"(odd), "r"(even));
+#endif
+}
+
+/* The SMLAD halfword pair (val[u0], val[u1]) of two codes indexed as i = u0 | u1 << b
+   (mpq__tidx): PKHBT of the two table values. */
+static MPQ_INLINE int32_t mpq__tpair(const int32_t *val, uint32_t i, int32_t bits)
+{
+    const int32_t lo = val[i & ((1u << bits) - 1u)];
+    const int32_t hi = val[i >> bits];
+#if defined(MPQ_EMULATE_DSP)
+    return mpq__i32(((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16));
+#else
+    int32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(lo), "r"(hi));
+    return r;
 #endif
 }
 
@@ -570,14 +583,14 @@ typedef uint32_t mpq__sums;
    xbits minus the zero point (z = mpq__quad_z) or, for xbits = 16, four int16 of an im2col
    column in natural order - and W_r the quad of codes at w0, w1 (mpq__tidx, first code at bit
    sh). With the DSP the input becomes the natural pairs (x0, x1), (x2, x3) once for both rows
-   and meets two pair-table words per row; without, values from t->val. */
+   and meets two table-value pairs per row (mpq__tpair); without, values from t->val. */
 static MPQ_INLINE void mpq__tstep(const uint8_t *x, int32_t xbits, int32_t z, const uint8_t *w0,
                                   const uint8_t *w1, int32_t wbits, uint32_t sh,
                                   const mpq__wtab *t, mpq__sums *s0, mpq__sums *s1)
 {
     uint32_t i0, i1;
 #if MPQ_USE_DSP
-    const uint32_t *pair = t->pair;
+    const int32_t *val = t->val;
     int32_t a, b;
     if (xbits == 16) {
         a = mpq__word(x);
@@ -588,9 +601,11 @@ static MPQ_INLINE void mpq__tstep(const uint8_t *x, int32_t xbits, int32_t z, co
         mpq__natural(even, odd, &a, &b);
     }
     mpq__tidx(w0, wbits, sh, &i0, &i1);
-    *s0 = mpq__smlad(b, (int32_t)pair[i1], mpq__smlad(a, (int32_t)pair[i0], *s0));
+    *s0 = mpq__smlad(b, mpq__tpair(val, i1, wbits), mpq__smlad(a, mpq__tpair(val, i0, wbits),
+                                                               *s0));
     mpq__tidx(w1, wbits, sh, &i0, &i1);
-    *s1 = mpq__smlad(b, (int32_t)pair[i1], mpq__smlad(a, (int32_t)pair[i0], *s1));
+    *s1 = mpq__smlad(b, mpq__tpair(val, i1, wbits), mpq__smlad(a, mpq__tpair(val, i0, wbits),
+                                                               *s1));
 #else
     const uint32_t m = (1u << wbits) - 1u;
     const int32_t *val = t->val;

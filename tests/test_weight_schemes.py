@@ -268,7 +268,8 @@ def _have_cross_tools() -> bool:
 
 
 @pytest.mark.parametrize("weights,fashion", [("wentropy:4", False), ("pow2:4", True),
-                                             ("wentropy:3", True), ("sym:3", False)])
+                                             ("wentropy:3", True), ("sym:3", False),
+                                             ("pow2:2", False)])
 def test_exports_compute_what_the_reference_computes(kws, tmp_path: Path, weights: str,
                                                      fashion: bool) -> None:
     res, graph, path = _search(tmp_path, kws, weights, patches="auto" if fashion else "none",
@@ -277,7 +278,9 @@ def test_exports_compute_what_the_reference_computes(kws, tmp_path: Path, weight
         assert res.plan.patch is not None and res.plan.patch["vdpc"]  # codes per patch too
     x = np.load(FASHION / "test.npz" if fashion else kws["test"])["x"][:12]
     assert verify(res.plan, graph, x, "host").mismatches == 0
-    if weights == "wentropy:4" and _have_cross_tools():
+    if not weights.startswith("sym") and _have_cross_tools():
+        # The codebook / power-of-two decode on the DSP loops (PKHBT of two table values) is
+        # code only the target runs: 4, 3 and 2-bit codes, on the Cortex-M4.
         result = verify(res.plan, graph, x[:3], "qemu-m4")
         assert result.mismatches == 0 and result.instructions
 
