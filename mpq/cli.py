@@ -1028,6 +1028,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
                    "(default: linear, bits from --weight-bits).")
 @click.option("--patches", default="auto", show_default=True,
               help="auto, none, or k=K,n=N (K layers per patch, N×N grid).")
+@click.option("--patch-cache", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Keep the rows adjacent patches share in line buffers instead of "
+                   "recomputing them (auto: when that costs no peak and VDPC is off or "
+                   "--strategy int8).")
 @click.option("--no-vdpc", is_flag=True, help="All patches mixed-precision.")
 @click.option("--vdpc-min-outliers", type=click.IntRange(1), default=1, show_default=True,
               help="Outliers a patch needs to take the 8-bit branch.")
@@ -1072,7 +1077,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
-               compare_strategies: bool, as_json: bool, quiet: bool) -> None:
+               compare_strategies: bool, as_json: bool, quiet: bool,
+               patch_cache: str = "auto") -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1097,7 +1103,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
-                         order=order, io=io, compare_strategies=compare_strategies)
+                         order=order, io=io, compare_strategies=compare_strategies,
+                         patch_cache=patch_cache)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

@@ -63,8 +63,8 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
     io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
     if plan.patch is None:
         return plan_patches(graph, None, io)
-    return plan_patches(graph, PatchSplit(int(plan.patch["split_layer"]), int(plan.patch["n"])),
-                        io)
+    return plan_patches(graph, PatchSplit(int(plan.patch["split_layer"]), int(plan.patch["n"]),
+                                          "cache" in plan.patch), io)
 
 
 def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:
