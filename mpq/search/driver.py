@@ -796,14 +796,20 @@ def schedule_value(problem: Problem, choice: dict[str, int],
 
 def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """`--patches auto`: the layer-based schedule and, for each grid size n, the split with the
-    lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead`."""
+    lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead` — for
+    each form `cache_choice` allows (halos recomputed, rows kept in line buffers)."""
     low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
     out = [plan_patches(graph, None, opts.io)]
+    choice = cache_choice(opts)
+    # auto: the lowest-peak split of each form competes; at equal objective the solver's
+    # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
+    forms = (False, True) if choice is None else (choice,)
     for n in PATCH_N:
-        best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead, bits=low,
-                              io=opts.io, cache=cache_choice(opts))
-        if best is not None:
-            out.append(best)
+        for cache in forms:
+            best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead,
+                                  bits=low, io=opts.io, cache=cache)
+            if best is not None:
+                out.append(best)
     return out
 
 
@@ -881,7 +887,8 @@ def _describe(schedule: PatchSchedule) -> str:
     """A schedule as the user names it: `no patches` or `k=3,n=2 patches`."""
     if schedule.split_tensor is None:
         return "no patches"
-    return f"k={schedule.split_layer},n={schedule.n} patches"
+    cached = " with line buffers" if schedule.cache else ""
+    return f"k={schedule.split_layer},n={schedule.n} patches{cached}"
 
 
 def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flash: int
