@@ -1,0 +1,251 @@
+"""Patch line buffers (`mpq.patch.cache_rows`; StreamNet / msf-CNN): the rows vertically
+adjacent patches share are kept instead of recomputed — exact geometry, MACs against a brute
+force count, the buffers in the memory model, the plan's record and its checks, and the C
+export byte for byte against the integer reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_builders as B
+import pytest
+
+from mpq.boards import get_board
+from mpq.frontend import load_model
+from mpq.interpreter import run_graph
+from mpq.memory import align_up, packed_bytes
+from mpq.patch import (
+    LINE_PREFIX,
+    PatchSplit,
+    cached_span,
+    kept_rows,
+    plan_patches,
+    run_patch_stage,
+    search_patches,
+)
+from mpq.plan import Plan, load_plan
+from mpq.plan_check import check_plan
+from mpq.plan_schema import PlanFieldError
+from mpq.quant.calibrate import dataset_from_array, onnx_input_shape
+from mpq.search.driver import SearchOptions, cache_choice, search
+from mpq.verify import verify
+
+SPLITS = [(5, 2), (10, 3), (13, 3), (13, 4)]  # residual adds inside the stage from k = 13
+
+
+@pytest.fixture(scope="module")
+def mnv2(tmp_path_factory) -> dict:
+    """MobileNetV2-0.35 at 64×64 (10 classes), its float run and calibration inputs."""
+    root = tmp_path_factory.mktemp("linebuf")
+    path = root / "m.onnx"
+    path.write_bytes(B.mobilenet_v2(0.35, 64, num_classes=10).SerializeToString())
+    graph = load_model(path)
+    rng = np.random.default_rng(0)
+    feeds = {t: rng.standard_normal((2, *graph.tensors[t].shape[1:])).astype(np.float32)
+             for t in graph.inputs}
+    x = np.random.default_rng(1).random((32, *onnx_input_shape(graph))).astype(np.float32)
+    return {"root": root, "path": path, "graph": graph, "feeds": feeds,
+            "env": run_graph(graph, feeds, keep=True), "x": x}
+
+
+def _search(mnv2: dict, **opts) -> Plan:
+    res = search(mnv2["path"], mnv2["graph"], get_board("nano33ble"),
+                 dataset_from_array(mnv2["x"], "r"), SearchOptions(**opts))
+    return res.plan
+
+
+@pytest.fixture(scope="module")
+def int8_plan(mnv2: dict) -> Plan:
+    """An int8 plan with line buffers on a stage with fused residual adds and in-place
+    depthwise convolutions."""
+    return _search(mnv2, patches="k=13,n=3", strategy="int8", patch_cache="on")
+
+
+# -- geometry ------------------------------------------------------------------------------------
+
+def test_cached_span_and_kept_rows_by_hand() -> None:
+    spans = [(0, 5), (3, 9), (7, 12)]
+    assert [cached_span(spans, i) for i in range(3)] == [(0, 5), (5, 9), (9, 12)]
+    assert [kept_rows(spans, i) for i in range(3)] == [2, 2, 0]
+    # the patch above already reached the bottom: nothing left to compute
+    assert cached_span([(0, 8), (2, 8)], 1) == (8, 8)
+    assert kept_rows([(0, 4), (4, 8)], 0) == 0  # tiles: nothing shared
+
+
+@pytest.mark.parametrize("k,n", SPLITS)
+def test_cached_patches_are_exact(mnv2: dict, k: int, n: int) -> None:
+    """Patch by patch in float, rows from the line buffers (NaN where nothing provides them):
+    the stitched split tensor is the full inference's."""
+    sched = plan_patches(mnv2["graph"], PatchSplit(k, n, cache=True))
+    assert sched.patch_order[:2] == [(0, 0), (1, 0)]  # column by column
+    stitched = run_patch_stage(sched, mnv2["feeds"])
+    assert not np.isnan(stitched).any()
+    np.testing.assert_allclose(stitched, mnv2["env"][sched.split_tensor], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,n", SPLITS)
+def test_redundant_macs_against_a_brute_force_count(mnv2: dict, k: int, n: int) -> None:
+    """Count every output pixel each patch computes, as pixel sets: recomputing, the whole
+    region; cached, the region less what the patch above (same column) computed or kept. The
+    line buffers at least halve the redundant MACs here."""
+    g = mnv2["graph"]
+    plain = plan_patches(g, PatchSplit(k, n))
+    cached = plan_patches(g, PatchSplit(k, n, cache=True))
+    by_name = {nd.name: nd for nd in g.nodes}
+    counts = {"plain": 0, "cached": 0, "full": 0}
+    for name in plain.stage_nodes:
+        nd = by_name[name]
+        if nd.op != "conv2d":
+            continue
+        cout, kh, kw, cin_g = nd.weight.shape
+        per_pixel = cout * kh * kw * cin_g
+        t = nd.outputs[0]
+        _, h, w, _ = g.tensors[t].shape
+        counts["full"] += per_pixel * h * w
+        seen = np.zeros((h, w), int)
+        for i, j in cached.patch_order:
+            r = plain.regions[t][i][j]
+            pixels = {(y, x) for y in range(r.y0, r.y1) for x in range(r.x0, r.x1)}
+            counts["plain"] += per_pixel * len(pixels)
+            if i > 0:
+                a = plain.regions[t][i - 1][j]
+                pixels -= {(y, x) for y in range(a.y0, a.y1) for x in range(a.x0, a.x1)}
+            counts["cached"] += per_pixel * len(pixels)
+            c = cached.computed_regions[t][i][j]
+            assert c.area == len(pixels)  # the geometry computes exactly those pixels
+            for y, x in pixels:
+                seen[y, x] += 1
+        assert (seen >= 1).all()
+    assert plain.stage_macs_full == cached.stage_macs_full == counts["full"]
+    assert plain.stage_macs_patched == counts["plain"]
+    assert cached.stage_macs_patched == counts["cached"]
+    assert cached.redundant_macs_recompute == plain.redundant_macs
+    assert 0 < cached.redundant_macs <= 0.5 * plain.redundant_macs
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+def test_line_buffers_live_through_the_stage(mnv2: dict) -> None:
+    """One buffer per kept map, rows × widest patch column × channels at the map's bits,
+    alive over every stage step: per step, exactly the line buffers' bytes more than
+    recomputing; after the stage, the same."""
+    g = mnv2["graph"]
+    k, n = 10, 3
+    plain = plan_patches(g, PatchSplit(k, n))
+    cached = plan_patches(g, PatchSplit(k, n, cache=True))
+    assert cached.line_rows  # deep enough to share rows
+    for bits in (None, {t: 4 for t in g.tensors if t not in g.inputs}):
+        lines = {b.name: b for b in cached.buffers(bits) if b.name.startswith(LINE_PREFIX)}
+        assert set(lines) == {LINE_PREFIX + t for t in cached.line_rows}
+        extra = 0
+        for name, buf in lines.items():
+            t = name[len(LINE_PREFIX):]
+            cols = max(r.cols for row in cached.regions[t] for r in row)
+            elements = cached.line_rows[t] * cols * g.tensors[t].shape[3]
+            assert [(s.first, s.last) for s in buf.segments] == [(0, k - 1)]
+            assert buf.size == align_up(packed_bytes(elements, (bits or {}).get(t, 8)))
+            extra += buf.size
+        a = plain.memory(bits).per_step_bytes
+        b = cached.memory(bits).per_step_bytes
+        assert [y - x for x, y in zip(a, b, strict=True)] == [extra] * k + [0] * (len(a) - k)
+        assert cached.memory(bits).peak_sram_bytes >= cached.peak_lower_bound(bits)
+
+
+def test_search_takes_line_buffers_when_they_cost_no_peak(mnv2: dict) -> None:
+    """Both forms compete on (peak, redundant MACs): the winner is the better of the two
+    searches restricted to one form; and the driver's switch."""
+    g = mnv2["graph"]
+
+    def key(s):
+        return (s.memory().peak_sram_bytes, s.redundant_macs)
+
+    for n in (2, 3):
+        plain = search_patches(g, n_choices=(n,), cache=False)
+        cached = search_patches(g, n_choices=(n,), cache=True)
+        both = search_patches(g, n_choices=(n,), cache=None)
+        assert not plain.cache and cached.cache
+        assert key(both) == min(key(plain), key(cached))
+    assert cache_choice(SearchOptions(patch_cache="on")) is True
+    assert cache_choice(SearchOptions(patch_cache="off", strategy="int8")) is False
+    assert cache_choice(SearchOptions(patch_cache="auto", strategy="int8")) is None
+    assert cache_choice(SearchOptions(patch_cache="auto", vdpc=False)) is None
+    # VDPC may switch branch from patch to patch: a kept row could be the other branch's
+    assert cache_choice(SearchOptions(patch_cache="auto")) is False
+
+
+def test_auto_search_prefers_fewer_macs_within_the_budget(mnv2: dict) -> None:
+    """`--strategy int8` at a budget patches fit with either form: the plan keeps rows (fewer
+    redundant MACs, the search's tie-break at equal objective) and records both forms."""
+    plan = _search(mnv2, strategy="int8", sram=40_000)
+    off = _search(mnv2, strategy="int8", sram=40_000, patch_cache="off")
+    assert plan.patch is not None and "cache" in plan.patch
+    assert off.patch is not None and "cache" not in off.patch
+    assert plan.patch["redundant_macs"] < plan.patch["cache"]["redundant_macs_recompute"]
+    assert plan.predicted["macs"] < off.predicted["macs"]
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+def test_plan_records_the_cache_and_refuses_tampering(int8_plan: Plan, mnv2: dict,
+                                                      tmp_path: Path) -> None:
+    g = mnv2["graph"]
+    c = int8_plan.patch["cache"]
+    sched = plan_patches(g, PatchSplit(13, 3, cache=True))
+    assert int8_plan.patch["vdpc"] is None
+    assert int8_plan.patch["redundant_macs"] == sched.redundant_macs
+    assert c["redundant_macs_recompute"] == sched.redundant_macs_recompute
+    assert [(b["tensor"], b["rows"]) for b in c["line_buffers"]] == sorted(
+        sched.line_rows.items())
+    check_plan(int8_plan, g)
+    data = json.loads(int8_plan.to_json())
+
+    def refused(mutate, field: str) -> None:
+        bad = copy.deepcopy(data)
+        mutate(bad)
+        path = tmp_path / "bad.plan.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(Exception) as exc:  # schema (MpqError) or model (PlanFieldError)
+            check_plan(load_plan(path), g)
+        assert field in str(exc.value)
+
+    lb = "patch.cache.line_buffers"
+    refused(lambda p: p["patch"]["cache"]["line_buffers"][0].update(
+        rows=p["patch"]["cache"]["line_buffers"][0]["rows"] + 1), lb)
+    refused(lambda p: p["patch"]["cache"]["line_buffers"][0].update(bytes=16), f"{lb}[0].bytes")
+    other = c["line_buffers"][1]["offset"]
+    refused(lambda p: p["patch"]["cache"]["line_buffers"][0].update(offset=other), lb)
+    refused(lambda p: p["patch"]["cache"]["line_buffers"][0].update(
+        offset=int8_plan.predicted["arena_bytes"]), f"{lb}[0].offset")
+    refused(lambda p: p["patch"]["cache"].update(redundant_macs_recompute=0),
+            "patch.cache.redundant_macs_recompute")
+    refused(lambda p: p["patch"]["cache"].update(order="row-major"), "patch.cache.order")
+    refused(lambda p: p["patch"].pop("cache"), "patch.redundant_macs")  # the recomputing form
+
+
+# -- C export ------------------------------------------------------------------------------------
+
+def test_cached_plans_bit_exact_on_host(int8_plan: Plan, mnv2: dict) -> None:
+    """int8, and 4-bit maps (packed line buffers), against the integer reference."""
+    g = mnv2["graph"]
+    assert verify(int8_plan, g, mnv2["x"][:4], "host").mismatches == 0
+    low = _search(mnv2, patches="k=10,n=3", strategy="exact", patch_cache="on", sram=30_000)
+    assert "cache" in low.patch and min(t.bits for t in low.tensors) < 8
+    assert verify(low, g, mnv2["x"][:4], "host").mismatches == 0
+
+
+def test_cached_plan_under_qemu_runs_fewer_instructions(int8_plan: Plan, mnv2: dict) -> None:
+    """`mpq verify --target qemu-m4`: byte-exact, and fewer instructions than recomputing the
+    same split."""
+    if shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None:
+        pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed")
+    g = mnv2["graph"]
+    plain = _search(mnv2, patches="k=13,n=3", strategy="int8", patch_cache="off")
+    x = mnv2["x"][:2]
+    a = verify(int8_plan, g, x, "qemu-m4")
+    b = verify(plain, g, x, "qemu-m4")
+    assert a.mismatches == 0 and b.mismatches == 0
+    assert a.instructions < b.instructions
