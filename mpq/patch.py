@@ -60,11 +60,11 @@ N_CHOICES = (2, 3, 4, 5, 6, 8)
 class PatchSplit:
     """A patch schedule's parameters: the first `split_layer` nodes run per patch, n×n patches;
     `cache`: keep the rows a patch shares with the patch below in line buffers instead of
-    recomputing them (`cache_rows`)."""
+    recomputing them (`cache_rows`) — for every map (True) or the maps named."""
 
     split_layer: int
     n: int
-    cache: bool = False
+    cache: bool | frozenset[str] = False  # True: every map; a set: those maps only
 
 
 @dataclass(frozen=True)
@@ -332,10 +332,14 @@ def kept_rows(spans: list[Span], i: int) -> int:
     return max(0, spans[i][1] - spans[i + 1][0])
 
 
-def cache_rows(graph: Graph, stage: list[Node], rows: _AxisPlan) -> _AxisPlan:
-    """The row plan with line buffers: each stage output's computed span (`cached_span`), and
-    each node's reads and effective pads for those rows only (`window_span` of the computed
-    span; add/concat/elementwise: the same rows). Stored spans are unchanged.
+def cache_rows(graph: Graph, stage: list[Node], rows: _AxisPlan,
+               maps: set[str] | frozenset[str] | None = None) -> _AxisPlan:
+    """The row plan with line buffers: each cached stage output's computed span
+    (`cached_span`; `maps` None: every output, else those named), and each node's reads and
+    effective pads for those rows only (`window_span` of the computed span;
+    add/concat/elementwise: the same rows). Other outputs are computed whole, as without line
+    buffers; any subset is exact, since a kept row holds the same value as a recomputed one.
+    Stored spans are unchanged.
 
     Raises MpqError if a map's spans are not monotone in i or a read leaves its input's span
     (neither can happen with the backward pass's rules; checked, not assumed).
@@ -351,9 +355,12 @@ def cache_rows(graph: Graph, stage: list[Node], rows: _AxisPlan) -> _AxisPlan:
                for i in range(n - 1)):
             raise MpqError(f"patch line buffer: the row spans of '{t}' are not monotone")
         for i in range(n):
-            out = cached_span(spans, i)
+            out = cached_span(spans, i) if maps is None or t in maps else spans[i]
             computed[i][t] = out
-            if out[0] == out[1]:  # every row kept from the patch above: nothing to compute
+            if out == spans[i]:  # computed whole: the recomputing plan's reads
+                before, after = rows.pads[nd.name][i]
+                node_reads = list(rows.reads[nd.name][i])
+            elif out[0] == out[1]:  # every row kept from the patch above: nothing to compute
                 before = after = 0
                 node_reads = [(rows.spans[i][x][0],) * 2 for x in nd.inputs]
             elif nd.op in ("conv2d", "max_pool", "avg_pool"):
@@ -705,7 +712,7 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external"
 
 
 def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
-          io: str = "external", cache: bool = False) -> PatchSchedule:
+          io: str = "external", cache: bool | frozenset[str] = False) -> PatchSchedule:
     """`plan_patches` for a split at layer k with n×n patches, given the graph's index; with
     `cache`, line buffers keep the rows vertically adjacent patches share (`cache_rows`)."""
     problem = split_problem(graph, k, index)
@@ -742,31 +749,62 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
             if all(r[i] * c[j] <= rs[i] * cs[j] for i in range(n) for j in range(n)):
                 inplace_ok.add(nd.name)
 
-    recomputed = patched
-    if cache:
-        rows = cache_rows(graph, stage, rows)
-        patched = stage_macs(stage, rows.computed or rows.spans, cols.spans)
     sched = PatchSchedule(
         graph=graph, split_layer=k, n=n, stage_nodes=[nd.name for nd in stage],
         split_tensor=split_tensor, stage_macs_full=full_macs, stage_macs_patched=patched,
         total_macs=total, steps=[nd.name for nd in graph.nodes], tensor_elements=elements,
         lifetimes=_lifetimes(graph, split_tensor, io, k),
-        inplace_candidates=inplace_ok, io=io, cache=cache, stage_macs_recomputed=recomputed,
+        inplace_candidates=inplace_ok, io=io, stage_macs_recomputed=patched,
         _rows=rows, _cols=cols)
-    if cache:
-        # Stored maps only: the split tensor's tiles do not overlap, a fused conv's output
-        # never exists (its add's output is the map that is kept).
-        never = sched.fused_conv_outputs | {split_tensor}
-        for nd in stage:
-            t = nd.outputs[0]
-            keep = max(kept_rows([s[t] for s in rows.spans], i) for i in range(n))
-            if t not in never and keep > 0:
-                sched.line_rows[t] = keep
-        for name, size in sched.line_buffers.items():
-            if name in graph.tensors:
-                raise MpqError(f"patch line buffer: the model has a tensor named '{name}'")
-            sched.tensor_elements[name] = size
+    if cache is not False:
+        _add_line_buffers(sched, stage, None if cache is True else frozenset(cache))
     return sched
+
+
+def cacheable_maps(sched: PatchSchedule) -> dict[str, str]:
+    """Stored stage map -> the node whose call computes it, for maps vertically adjacent
+    patches share rows of: not the split tensor (its tiles do not overlap), not a fused conv's
+    output (it never exists: its add's output is the map kept, computed by the conv)."""
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    never = sched.fused_conv_outputs | {sched.split_tensor}
+    out = {}
+    for name in sched.stage_nodes:
+        nd = by_name[name]
+        t = nd.outputs[0]
+        if t in never or sched._rows is None:
+            continue
+        spans = [s[t] for s in sched._rows.spans]
+        if max(kept_rows(spans, i) for i in range(sched.n)) > 0:
+            out[t] = sched.fused_adds[name][0] if name in sched.fused_adds else name
+    return out
+
+
+def _add_line_buffers(sched: PatchSchedule, stage: list[Node],
+                      maps: frozenset[str] | None) -> None:
+    """Turn `sched` (halos recomputed) into its line-buffer form for `maps` (None: every
+    `cacheable_maps` map); a fused conv computes its add's rows, so it follows the add."""
+    cacheable = cacheable_maps(sched)
+    chosen = set(cacheable) if maps is None else set(maps)
+    unknown = sorted(chosen - set(cacheable))
+    if unknown:
+        raise MpqError(f"patch line buffer: '{unknown[0]}' is not a stage map that patches "
+                       "share rows of")
+    if not chosen:
+        return
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    rows_maps = chosen | {by_name[cacheable[t]].outputs[0] for t in chosen}
+    assert sched._rows is not None and sched._cols is not None
+    rows = cache_rows(sched.graph, stage, sched._rows, rows_maps)
+    sched._rows = rows
+    sched.cache = True
+    sched.stage_macs_patched = stage_macs(stage, rows.computed or rows.spans, sched._cols.spans)
+    for t in sorted(chosen, key=list(cacheable).index):
+        sched.line_rows[t] = max(kept_rows([s[t] for s in rows.spans], i)
+                                 for i in range(sched.n))
+    for name, size in sched.line_buffers.items():
+        if name in sched.graph.tensors:
+            raise MpqError(f"patch line buffer: the model has a tensor named '{name}'")
+        sched.tensor_elements[name] = size
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,8 +820,9 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
 
     Ties go to fewer redundant MACs, then smaller k, then smaller n, then recomputed halos
     before line buffers. `cache`: False recomputes every halo (MCUNetV2), True caches rows
-    (`cache_rows`), None tries both for every (k, n) — line buffers win exactly when their
-    peak is as low and they save MACs. With `max_overhead`, only
+    (`cache_rows`), None tries both for every (k, n) — line buffers win when their peak is as
+    low and they save MACs — and then, if halos recomputed won, line buffers for the maps that
+    fit under its peak (`cache_within_peak`). With `max_overhead`, only
     schedules with redundant MACs ≤ max_overhead · total MACs are considered. Branch and bound:
     candidates are visited in order of a lower bound on their peak (live bytes per step +
     scratch), so the arena planner runs only for the few that can still win.
@@ -818,7 +857,70 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
             best, best_sched = full_key, sched
     if best is None or best[0] >= baseline:
         return None
+    if cache is None and best_sched is not None and not best_sched.cache:
+        # line buffers for the maps that fit under the winner's peak: fewer MACs, same peak
+        cached = cache_within_peak(best_sched, bits)
+        if cached is not None and cached.redundant_macs < best_sched.redundant_macs:
+            return cached
     return best_sched
+
+
+def plan_split(patch: dict) -> PatchSplit:
+    """The PatchSplit a plan's `patch` record names: (split_layer, n) and, with `cache`, the
+    maps its line buffers keep."""
+    c = patch.get("cache")
+    maps: bool | frozenset[str] = False
+    if c is not None:
+        maps = frozenset(str(b["tensor"]) for b in c["line_buffers"])
+    return PatchSplit(int(patch["split_layer"]), int(patch["n"]), maps)
+
+
+def map_savings(sched: PatchSchedule) -> dict[str, int]:
+    """MACs each cacheable map's line buffer saves on `sched`'s split: its producing conv's
+    Cout·KH·KW·Cin/groups · Σ_i kept rows · Σ_j columns (0 for pools and element-wise ops)."""
+    full = plan_patches(sched.graph, PatchSplit(sched.split_layer, sched.n, True), sched.io)
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    assert full._rows is not None and full._rows.computed is not None and full._cols is not None
+    out = {}
+    for t, producer in cacheable_maps(full).items():
+        nd = by_name[producer]
+        if nd.op != "conv2d":
+            out[t] = 0
+            continue
+        c = nd.outputs[0]
+        cout, kh, kw, cin_g = nd.weight.shape
+        kept = sum((s[c][1] - s[c][0]) - (m[c][1] - m[c][0])
+                   for s, m in zip(full._rows.spans, full._rows.computed, strict=True))
+        out[t] = int(cout * kh * kw * cin_g) * kept * sum(s[c][1] - s[c][0]
+                                                          for s in full._cols.spans)
+    return out
+
+
+def cache_within_peak(sched: PatchSchedule, bits: dict[str, int] | None = None,
+                      peak: int | None = None) -> PatchSchedule | None:
+    """The line-buffer form of `sched`'s split whose peak SRAM stays ≤ `peak` (default: the
+    recomputing schedule's own): every map if that fits, else maps added greedily by MACs
+    saved per line-buffer byte (`map_savings`), each kept only if the planned peak stays
+    within. None when no map fits or none saves MACs."""
+    limit = sched.memory(bits).peak_sram_bytes if peak is None else peak
+    g, k, n = sched.graph, sched.split_layer, sched.n
+    full = plan_patches(g, PatchSplit(k, n, True), sched.io)
+    if not full.line_rows:
+        return None
+    if full.memory(bits).peak_sram_bytes <= limit:
+        return full
+    saved = map_savings(sched)
+    size = {b.name[len(LINE_PREFIX):]: b.size for b in full._line_buffer_list(bits or {})}
+    order = sorted((t for t in full.line_rows if saved.get(t, 0) > 0),
+                   key=lambda t: (-saved[t] / size[t], t))
+    chosen: list[str] = []
+    best = None
+    for t in order:
+        trial = plan_patches(g, PatchSplit(k, n, frozenset([*chosen, t])), sched.io)
+        if trial.memory(bits).peak_sram_bytes <= limit:
+            chosen.append(t)
+            best = trial
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -906,7 +1008,8 @@ def window_of(x: np.ndarray, offset: tuple[int, int], node: Node, out: Region,
 
 __all__ = [
     "LINE_PREFIX", "N_CHOICES", "PatchMemory", "PatchSchedule", "PatchSplit", "Region",
-    "cache_rows", "cached_span", "grid_spans", "hull", "kept_rows", "live_bytes_per_step",
+    "cache_rows", "cache_within_peak", "cacheable_maps", "cached_span", "map_savings",
+    "plan_split", "grid_spans", "hull", "kept_rows", "live_bytes_per_step",
     "locality_problem", "patch_conv_macs", "plan_patches", "run_patch_stage", "search_patches",
     "split_problem", "stage_macs", "stage_node_scratch", "valid_splits", "window_of",
     "window_params", "window_span",

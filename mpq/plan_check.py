@@ -23,7 +23,7 @@ from mpq.budget import code_shape, stage_branch_flash
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import buffers_conflict, constant_flash_bytes, packed_bytes
-from mpq.patch import PatchSchedule, PatchSplit, plan_patches
+from mpq.patch import PatchSchedule, plan_patches, plan_split
 from mpq.plan import Plan, plan_io
 from mpq.plan_schema import PlanFieldError, fail
 
@@ -113,10 +113,12 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     if p is None:
         return plan_patches(graph, None, plan_io(plan))
     try:
-        schedule = plan_patches(graph, PatchSplit(p["split_layer"], p["n"], "cache" in p),
-                                plan_io(plan))
+        schedule = plan_patches(graph, plan_split(p), plan_io(plan))
     except MpqError as exc:
-        raise fail("patch.split_layer", str(exc)) from None
+        where = "patch.cache.line_buffers" if "line buffer" in str(exc) else "patch.split_layer"
+        raise fail(where, str(exc)) from None
+    if "cache" in p:  # first: which maps are kept decides the MACs compared below
+        _check_cache(p["cache"], schedule, p["vdpc"])
     expect = {
         "split_tensor": schedule.split_tensor,
         "stage_nodes": schedule.stage_nodes,
@@ -129,8 +131,6 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
             raise fail(f"patch.{key}", f"does not match the split at layer {p['split_layer']} "
                                        f"with n = {p['n']} (expected {_short(want)})")
     v = p["vdpc"]
-    if "cache" in p:
-        _check_cache(p["cache"], schedule, v)
     if v is not None:
         classified = {n.name: n for n in graph.nodes}[schedule.stage_nodes[0]].outputs[0]
         if classified == schedule.split_tensor:
@@ -153,6 +153,8 @@ def _check_cache(c: dict[str, Any], schedule: PatchSchedule, vdpc: Any) -> None:
     them (bytes and offsets: `_check_memory`); no VDPC (every patch takes the same branch)."""
     if vdpc is not None:
         raise fail("patch.cache", "line buffers need every patch on one branch: not with VDPC")
+    if not schedule.cache:
+        raise fail("patch.cache.line_buffers", "names no map patches share rows of")
     if c["redundant_macs_recompute"] != schedule.redundant_macs_recompute:
         raise fail("patch.cache.redundant_macs_recompute",
                    f"must be {schedule.redundant_macs_recompute}")

@@ -22,8 +22,10 @@ from mpq.memory import align_up, packed_bytes
 from mpq.patch import (
     LINE_PREFIX,
     PatchSplit,
+    cache_within_peak,
     cached_span,
     kept_rows,
+    map_savings,
     plan_patches,
     run_patch_stage,
     search_patches,
@@ -58,11 +60,21 @@ def _search(mnv2: dict, **opts) -> Plan:
     return res.plan
 
 
+# Some maps of the k=13 stage: the first conv's, an in-place depthwise conv's, a residual
+# add's (no MACs saved, add calls skipped) and a 1×1 conv's after it.
+SUBSET = frozenset({"/features/0/2/Clip_output_0", "/features/2/conv/1/2/Clip_output_0",
+                    "/features/3/Add_output_0", "/features/3/conv/1/2/Clip_output_0"})
+
+
 @pytest.fixture(scope="module")
 def int8_plan(mnv2: dict) -> Plan:
-    """An int8 plan with line buffers on a stage with fused residual adds and in-place
-    depthwise convolutions."""
-    return _search(mnv2, patches="k=13,n=3", strategy="int8", patch_cache="on")
+    """An int8 plan with line buffers for `SUBSET` only (the search's `cache_within_peak`
+    form), on a stage with a residual add and in-place depthwise convolutions."""
+    sched = plan_patches(mnv2["graph"], PatchSplit(13, 3, SUBSET), "arena")
+    res = search(mnv2["path"], mnv2["graph"], get_board("nano33ble"),
+                 dataset_from_array(mnv2["x"], "r"), SearchOptions(strategy="int8"),
+                 candidates=[sched])
+    return res.plan
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -127,6 +139,38 @@ def test_redundant_macs_against_a_brute_force_count(mnv2: dict, k: int, n: int) 
     assert 0 < cached.redundant_macs <= 0.5 * plain.redundant_macs
 
 
+def test_any_subset_of_maps_is_exact_and_saves_its_own_macs(mnv2: dict) -> None:
+    """Line buffers for some maps only: exact, and each kept map saves exactly its producing
+    conv's MACs on the kept rows (`map_savings`), independently of the others."""
+    g = mnv2["graph"]
+    plain = plan_patches(g, PatchSplit(13, 3))
+    part = plan_patches(g, PatchSplit(13, 3, SUBSET))
+    assert part.cache and set(part.line_rows) == SUBSET
+    saved = map_savings(plain)
+    assert saved["/features/3/Add_output_0"] == 0 and saved["/features/0/2/Clip_output_0"] > 0
+    assert part.redundant_macs == plain.redundant_macs - sum(saved[t] for t in SUBSET)
+    stitched = run_patch_stage(part, mnv2["feeds"])
+    np.testing.assert_allclose(stitched, mnv2["env"][part.split_tensor], rtol=1e-5, atol=1e-5)
+    with pytest.raises(MpqError, match="not a stage map"):
+        plan_patches(g, PatchSplit(13, 3, frozenset({part.split_tensor})))
+
+
+def test_cache_within_peak_keeps_the_peak(mnv2: dict) -> None:
+    """Every map when that fits the limit; else a greedy subset under it; None when no line
+    buffer fits."""
+    g = mnv2["graph"]
+    plain = plan_patches(g, PatchSplit(10, 3))
+    full = plan_patches(g, PatchSplit(10, 3, True))
+    top = full.memory().peak_sram_bytes
+    assert cache_within_peak(plain, peak=top).line_rows == full.line_rows
+    sizes = sorted(b.size for b in full.buffers() if b.name.startswith(LINE_PREFIX))
+    some = cache_within_peak(plain, peak=plain.memory().peak_sram_bytes + sizes[-1])
+    assert some is not None and 0 < len(some.line_rows) < len(full.line_rows)
+    assert some.memory().peak_sram_bytes <= plain.memory().peak_sram_bytes + sizes[-1]
+    assert full.redundant_macs < some.redundant_macs < plain.redundant_macs
+    assert cache_within_peak(plain, peak=plain.memory().peak_sram_bytes - 1) is None
+
+
 # -- memory --------------------------------------------------------------------------------------
 
 def test_line_buffers_live_through_the_stage(mnv2: dict) -> None:
@@ -181,11 +225,11 @@ def test_auto_search_prefers_fewer_macs_within_the_budget(mnv2: dict) -> None:
     """`--strategy int8` at a budget patches fit with either form: the plan keeps rows (fewer
     redundant MACs, the search's tie-break at equal objective) and records both forms."""
     plan = _search(mnv2, strategy="int8", sram=40_000)
-    off = _search(mnv2, strategy="int8", sram=40_000, patch_cache="off")
     assert plan.patch is not None and "cache" in plan.patch
-    assert off.patch is not None and "cache" not in off.patch
-    assert plan.patch["redundant_macs"] < plan.patch["cache"]["redundant_macs_recompute"]
-    assert plan.predicted["macs"] < off.predicted["macs"]
+    recompute = plan.patch["cache"]["redundant_macs_recompute"]
+    assert plan.patch["redundant_macs"] < recompute
+    assert plan.predicted["macs"] == sum(layer.macs for layer in plan.layers) \
+        + plan.patch["redundant_macs"]
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -194,7 +238,7 @@ def test_plan_records_the_cache_and_refuses_tampering(int8_plan: Plan, mnv2: dic
                                                       tmp_path: Path) -> None:
     g = mnv2["graph"]
     c = int8_plan.patch["cache"]
-    sched = plan_patches(g, PatchSplit(13, 3, cache=True))
+    sched = plan_patches(g, PatchSplit(13, 3, SUBSET))
     assert int8_plan.patch["vdpc"] is None
     assert int8_plan.patch["redundant_macs"] == sched.redundant_macs
     assert c["redundant_macs_recompute"] == sched.redundant_macs_recompute
@@ -224,12 +268,15 @@ def test_plan_records_the_cache_and_refuses_tampering(int8_plan: Plan, mnv2: dic
             "patch.cache.redundant_macs_recompute")
     refused(lambda p: p["patch"]["cache"].update(order="row-major"), "patch.cache.order")
     refused(lambda p: p["patch"].pop("cache"), "patch.redundant_macs")  # the recomputing form
+    refused(lambda p: p["patch"]["cache"]["line_buffers"][0].update(tensor="nope"), lb)
+    refused(lambda p: p["patch"]["cache"].update(line_buffers=[]), lb)
 
 
 # -- C export ------------------------------------------------------------------------------------
 
 def test_cached_plans_bit_exact_on_host(int8_plan: Plan, mnv2: dict) -> None:
-    """int8, and 4-bit maps (packed line buffers), against the integer reference."""
+    """int8 (some maps cached), and 4-bit maps (every map: packed line buffers), against the
+    integer reference."""
     g = mnv2["graph"]
     assert verify(int8_plan, g, mnv2["x"][:4], "host").mismatches == 0
     low = _search(mnv2, patches="k=10,n=3", strategy="exact", patch_cache="on", bits=(4,))

@@ -552,11 +552,11 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
     per patch (their buffers are reused from patch to patch); the graph input is read in
     place from the caller's buffer and the split tensor is written tile by tile.
     """
-    from mpq.patch import PatchSplit, plan_patches
+    from mpq.patch import plan_patches, plan_split
 
     pt = plan.patch
-    k, n = pt["split_layer"], pt["n"]
-    sched = plan_patches(graph, PatchSplit(k, n, "cache" in pt))
+    n = pt["n"]
+    sched = plan_patches(graph, plan_split(pt))
     regions, offsets, pads = sched.regions, sched.node_offsets, sched.node_pads
     computed = sched.computed_regions  # with line buffers: the rows not kept from above
     line_base = {b["tensor"]: f"mpq_arena + {_plan_int(b['offset'], 'a line buffer offset')}"

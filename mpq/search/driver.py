@@ -43,6 +43,7 @@ from mpq.patch import (
     LINE_PREFIX,
     PatchSchedule,
     PatchSplit,
+    cache_within_peak,
     plan_patches,
     search_patches,
     split_problem,
@@ -649,16 +650,18 @@ def cache_choice(opts: SearchOptions) -> bool | None:
 
 
 def given_split(graph: Graph, split: PatchSplit, opts: SearchOptions) -> PatchSchedule:
-    """`--patches k=K,n=N`: with line buffers when `cache_choice` allows them and they cost no
-    more int8 peak than recomputing (or when they are asked for)."""
+    """`--patches k=K,n=N`: every map in line buffers with `--patch-cache on`; with auto (when
+    `cache_choice` allows them) the maps whose line buffers fit under the recomputing
+    schedule's int8 peak (`patch.cache_within_peak`), if any saves MACs."""
     choice = cache_choice(opts)
     plain = plan_patches(graph, split, opts.io)
     if choice is False:
         return plain
-    cached = plan_patches(graph, replace(split, cache=True), opts.io)
-    if choice or (_peak(cached), cached.redundant_macs) < (_peak(plain), plain.redundant_macs):
-        return cached
-    return plain
+    if choice:
+        return plan_patches(graph, replace(split, cache=True), opts.io)
+    cached = cache_within_peak(plain)
+    return cached if cached is not None and cached.redundant_macs < plain.redundant_macs \
+        else plain
 
 
 def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[PatchSchedule]:
