@@ -1152,7 +1152,8 @@ def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
     return {"plan": str(output), "board": plan.board, "strategy": plan.strategy,
             "predicted": p, "patch": None if plan.patch is None else {
                 k: plan.patch[k] for k in ("split_layer", "n", "redundant_macs",
-                                           "redundant_macs_percent")},
+                                           "redundant_macs_percent", "cache")
+                if k in plan.patch},
             "objective": plan.search["objective"], "seconds": round(seconds, 3),
             "bits": {t.name: t.bits for t in plan.tensors}}
 
@@ -1208,6 +1209,11 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
         out.print(f"Patches: first {pt['split_layer']} layers in a {pt['n']}×{pt['n']} grid, "
                   f"redundant MACs {pt['redundant_macs']:,} "
                   f"({pt['redundant_macs_percent']:.1f} % of the network)")
+        if pt.get("cache"):  # line buffers (`mpq.patch.cache_rows`)
+            c = pt["cache"]
+            out.print(f"  line buffers for {len(c['line_buffers'])} map(s), "
+                      f"{sum(b['bytes'] for b in c['line_buffers']):,} B; recomputing every "
+                      f"halo would cost {c['redundant_macs_recompute']:,} redundant MACs")
         if pt.get("vdpc"):
             v = pt["vdpc"]
             out.print(f"VDPC on '{_short(v['map'], 40)}': φ={plain(v['phi'])}, integer thresholds "

@@ -291,3 +291,29 @@ def test_cached_plan_bit_exact_under_qemu(int8_plan: Plan, mnv2: dict) -> None:
         pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed")
     r = verify(int8_plan, mnv2["graph"], mnv2["x"][:2], "qemu-m4")
     assert r.mismatches == 0 and r.instructions > 0
+
+
+def test_cli_patch_cache_switch(mnv2: dict, tmp_path: Path) -> None:
+    """`mpq search --patch-cache on` (in-process): the plan and the JSON summary record the
+    line buffers with both forms' redundant MACs; a bad value is a usage error."""
+    from click.testing import CliRunner
+
+    from mpq.cli import main
+
+    shutil.copy(mnv2["path"], tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=mnv2["x"][:16])
+    for mode in ("on",):
+        plan = tmp_path / f"{mode}.plan.json"
+        r = CliRunner().invoke(main, ["search", str(tmp_path / "m.onnx"), "--board", "nano33ble",
+                                      "--data", str(tmp_path / "calib.npz"), "--strategy",
+                                      "int8", "--patches", "k=10,n=3", "--patch-cache", mode,
+                                      "--json", "-o", str(plan)])
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)["patch"]
+        saved = json.loads(plan.read_text())["patch"]
+        assert ("cache" in summary) == ("cache" in saved) == (mode == "on")
+        if mode == "on":
+            assert summary["redundant_macs"] < summary["cache"]["redundant_macs_recompute"]
+    r = CliRunner().invoke(main, ["search", str(tmp_path / "m.onnx"), "--board", "nano33ble",
+                                  "--patch-cache", "sometimes", "-o", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "sometimes" in r.output
