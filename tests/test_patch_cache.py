@@ -281,6 +281,7 @@ def test_cached_plans_bit_exact_on_host(int8_plan: Plan, mnv2: dict) -> None:
     assert verify(int8_plan, g, mnv2["x"][:4], "host").mismatches == 0
     low = _search(mnv2, patches="k=10,n=3", strategy="exact", patch_cache="on", bits=(4,))
     assert "cache" in low.patch and min(t.bits for t in low.tensors) < 8
+    assert low.patch["vdpc"] is None and any("VDPC off" in note for note in low.notes)
     assert verify(low, g, mnv2["x"][:4], "host").mismatches == 0
 
 

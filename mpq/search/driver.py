@@ -488,6 +488,9 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     schedule, problem, solution = attempt.schedule, attempt.problem, attempt.solution
     use_vdpc, classified = attempt.use_vdpc, attempt.classified
     opts_eff = replace(opts, vdpc=use_vdpc)
+    if schedule.cache and opts.vdpc and opts.strategy != "int8":
+        notes.append("VDPC off: the patch line buffers (--patch-cache) need every patch on "
+                     "one branch")
     by_name = {n.name: n for n in graph.nodes}
     objective_solver = solution.objective
     qbr_log = attempt.qbr_log
