@@ -22,6 +22,11 @@ last use; the graph input is the caller's buffer. Depthwise convolutions run in 
 reshapes are views as in `mpq.memory`, and buffers are placed with `memory.plan_arena`.
 Peak SRAM = arena + the largest kernel scratch (`memory.scratch_bytes`, on per-patch shapes for
 stage nodes).
+
+Line buffers (StreamNet, msf-CNN; `cache_rows`): instead of recomputing the rows a patch shares
+with the patch below, the stage may run column by column and keep them, per map, in a buffer
+alive through the whole stage; a patch then computes only the rows the patch above did not.
+Column overlaps are still recomputed (caching them too would need a strip per patch column).
 """
 
 from __future__ import annotations
