@@ -1,6 +1,8 @@
 """Lossless memory (issue 16): int8 peak SRAM with the input and outputs as the caller's
 buffers (`--io external`, mpq before issue 16) and inside the arena (`--io arena`, the default),
-layer-based and with int8 patches, beside TFLM's planned arena head.
+layer-based and with int8 patches, beside TFLM's planned arena head; and the patch stage's
+two forms — halos recomputed (MCUNetV2) or kept in line buffers (StreamNet / msf-CNN) — with
+their peaks and redundant MACs.
 
     python benchmarks/run.py memory
 
@@ -117,6 +119,77 @@ def bench_memory() -> dict:
                  "is a real run: `mpq search --strategy int8 --patches none --io arena` on "
                  "stm32h743, exported, built and run on qemu-m4 by `mpq verify` (random "
                  "inputs); measured = the model's .data/.bss in the linked ELF.")
+    cache = patch_cache_table([(task, graph) for task, graph, _, _ in models])
+    return {"rows": rows, "tables": [table, cache["table"]], "patch_cache": cache["rows"]}
+
+
+def patch_forms(graph: Graph, io: str = "arena") -> dict | None:
+    """Issue 16 item 5: the best int8 split recomputing its halos (MCUNetV2), the same split
+    with line buffers (`mpq.patch.cache_rows`), and the search's pick over both forms
+    (`search_patches(cache=None)`: lowest peak, then fewest redundant MACs); peak with the
+    input, redundant MACs of each. None when no split beats layer-based."""
+    from mpq.patch import PatchSplit, plan_patches
+
+    mem = layer_memory(graph, io=io)
+    io_bytes = mem.input_bytes + mem.output_bytes
+    rec = search_patches(graph, max_overhead=MAX_OVERHEAD, io=io, cache=False)
+    if rec is None:
+        return None
+    same = plan_patches(graph, PatchSplit(rec.split_layer, rec.n, cache=True), io)
+    pick = search_patches(graph, max_overhead=MAX_OVERHEAD, io=io, cache=None)
+    best_cached = search_patches(graph, max_overhead=MAX_OVERHEAD, io=io, cache=True)
+
+    def entry(s) -> dict:
+        return {"split": f"k={s.split_layer},n={s.n}", "cache": s.cache,
+                "peak": s.memory().peak_sram_bytes + io_bytes,
+                "redundant_macs": s.redundant_macs,
+                "redundant_percent": round(s.redundant_macs_percent, 2),
+                "line_buffer_bytes": sum(b.size for b in s.buffers()
+                                         if b.name.startswith("line:"))}
+    return {"recompute": entry(rec), "cached": entry(same), "pick": entry(pick),
+            "best_cached": entry(best_cached) if best_cached is not None else None}
+
+
+def patch_cache_table(models: list[tuple[str, Graph]]) -> dict:
+    """The "int8 patches with cached overlaps" columns beside recomputed halos."""
+    rows = []
+    for task, graph in models:
+        rows.append({"task": task, **(patch_forms(graph) or {})})
+
+    def cell(e: dict | None, key: str) -> str:
+        return "-" if not e else f"{e[key]:,}"
+
+    cells = []
+    for r in rows:
+        rec, cached, pick = r.get("recompute"), r.get("cached"), r.get("pick")
+        ratio = "-" if not rec or not rec["redundant_macs"] else \
+            f"{cached['redundant_macs'] / rec['redundant_macs']:.2f}×"
+        form = "-" if not pick else f"{pick['split']} " + ("cached" if pick["cache"]
+                                                             else "recompute")
+        bc = r.get("best_cached")
+        cells.append([r["task"], rec["split"] if rec else "-", cell(rec, "peak"),
+                      cell(rec, "redundant_macs"), cell(cached, "peak"),
+                      cell(cached, "line_buffer_bytes"), cell(cached, "redundant_macs"), ratio,
+                      bc["split"] if bc else "-", cell(bc, "peak"), cell(bc, "redundant_macs"),
+                      form, cell(pick, "peak"), cell(pick, "redundant_macs")])
+    table = show("Int8 patches: halos recomputed (MCUNetV2) vs overlaps cached in line buffers "
+                 "(StreamNet / msf-CNN), input in the arena (bytes, MACs)",
+                 ["model", "best split", "recompute: peak", "recompute: redundant MACs",
+                  "cached: peak", "cached: line buffers", "cached: redundant MACs",
+                  "cached/recompute MACs", "best cached split", "its peak",
+                  "its redundant MACs", "search's pick (both forms)", "pick: peak",
+                  "pick: redundant MACs"],
+                 cells,
+                 "best split: `search_patches` recomputing halos (redundant MACs ≤ "
+                 f"{MAX_OVERHEAD:.0%}); cached: the same split with line buffers (patches column "
+                 "by column, each keeps the rows the patch below shares; columns still "
+                 "recomputed), their bytes counted in the peak; best cached split: the "
+                 "lowest-peak split in that form; pick: `search_patches` over both forms "
+                 "(lowest peak, then fewest redundant MACs, then line buffers for the maps that "
+                 "fit under that peak: `cache_within_peak`). `mpq search --patch-cache auto` "
+                 "offers the solver the best split of each form, and it takes the fewer MACs "
+                 "when both fit the budget. Predicted by the memory model; exactness of the "
+                 "form is checked byte for byte (host and qemu-m4) in tests/test_patch_cache.py.")
     return {"rows": rows, "table": table}
 
 

@@ -239,6 +239,8 @@ class CodeShape:
     vdpc: bool = False
     inplace: frozenset[str] = frozenset()
     fused: tuple[tuple[str, str], ...] = ()  # (add, conv) pairs
+    # line buffers (`patch.cache_rows`): the maps that have one; None: halos recomputed
+    lines: frozenset[str] | None = None
 
     @property
     def patches(self) -> int:
@@ -252,7 +254,9 @@ def code_shape(schedule: Any, inplace: Any, vdpc: bool) -> CodeShape | None:
         return None
     return CodeShape(tuple(schedule.stage_nodes), schedule.n, bool(vdpc), frozenset(inplace),
                      tuple(sorted((add, conv) for add, (conv, _) in
-                                  schedule.fused_adds.items())))
+                                  schedule.fused_adds.items())),
+                     frozenset(schedule.line_rows) if getattr(schedule, "cache", False)
+                     else None)
 
 
 def _conv_sets(graph: Any, shape: CodeShape | None
@@ -341,12 +345,26 @@ def stage_calls(graph: Any, shape: CodeShape) -> list[tuple[str, int]]:
         if name in fused or kernel is None:
             continue  # fused into its conv (an unsupported op fails the export instead)
         inputs = len(node.inputs)
+        out_t = node.outputs[0]
         if node.op == "conv2d" and name in fused_convs:
             kernel, inputs = "conv2d_add", inputs + 1
+            add = next(a for a, c in shape.fused if c == name)
+            out_t = by_name[add].outputs[0]
         elif node.op == "conv2d" and name in shape.inplace:
             kernel = "depthwise_inplace"
-        out.append((kernel, 5 * inputs + 7))
+        # with a line buffer, each row ends with (restore, save from, save) rows
+        out.append((kernel, 5 * inputs + 7 + (3 if shape.lines and out_t in shape.lines else 0)))
     return out
+
+
+def line_buffer_code_bytes(entry: dict[str, Any], shape: CodeShape, median_call: int) -> int:
+    """Code of the line-buffer wrappers (`templates/c/mpq_model.c.j2`): an estimate, not yet
+    measured by `tools/code_sizes.py` — two `mpq_copy_view` calls per map with a line buffer
+    and a skip test per stage call (a quarter of a call)."""
+    if shape.lines is None:
+        return 0
+    copy = int(entry["per_call"].get("copy_view", median_call))
+    return 2 * copy * len(shape.lines) + (median_call // 4) * len(shape.stage_nodes)
 
 
 def stage_table_bytes(graph: Any, shape: CodeShape) -> int:
@@ -429,6 +447,8 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
     kernels = layer_kernels(graph, shape, packed)
     calls_in_stage = stage_calls(graph, shape) if shape is not None else []
     families = set(kernels) | {k for k, _ in calls_in_stage}
+    if shape is not None and shape.lines:
+        families.add("copy_view")  # the line buffers' copies
     plain = layer_kernels(graph, shape) if either else kernels
     families |= set(plain)  # `either`: a bound over packed or not, per layer
     if entry is None:  # no table at all (a broken install): the old estimate
@@ -448,6 +468,7 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
         stage = _stage_entry(entry, shape.vdpc)
         calls += sum(_stage_call_bytes(entry, stage, k, median_call) for k, _ in calls_in_stage)
         calls += int(stage.get("base", 0)) + stage_table_bytes(graph, shape)
+        calls += line_buffer_code_bytes(entry, shape, median_call)
     return int(entry["base"]) + sum(symbols.values()) + unknown + calls
 
 

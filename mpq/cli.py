@@ -1041,6 +1041,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
                    "(default: linear, bits from --weight-bits).")
 @click.option("--patches", default="auto", show_default=True,
               help="auto, none, or k=K,n=N (K layers per patch, N×N grid).")
+@click.option("--patch-cache", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Keep the rows adjacent patches share in line buffers instead of "
+                   "recomputing them (auto: when that costs no peak and VDPC is off or "
+                   "--strategy int8).")
 @click.option("--no-vdpc", is_flag=True, help="All patches mixed-precision.")
 @click.option("--vdpc-min-outliers", type=click.IntRange(1), default=1, show_default=True,
               help="Outliers a patch needs to take the 8-bit branch.")
@@ -1085,7 +1090,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
-               compare_strategies: bool, as_json: bool, quiet: bool) -> None:
+               compare_strategies: bool, as_json: bool, quiet: bool,
+               patch_cache: str = "auto") -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1110,7 +1116,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
-                         order=order, io=io, compare_strategies=compare_strategies)
+                         order=order, io=io, compare_strategies=compare_strategies,
+                         patch_cache=patch_cache)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data
@@ -1158,7 +1165,8 @@ def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
     return {"plan": str(output), "board": plan.board, "strategy": plan.strategy,
             "predicted": p, "patch": None if plan.patch is None else {
                 k: plan.patch[k] for k in ("split_layer", "n", "redundant_macs",
-                                           "redundant_macs_percent")},
+                                           "redundant_macs_percent", "cache")
+                if k in plan.patch},
             "objective": plan.search["objective"], "seconds": round(seconds, 3),
             "bits": {t.name: t.bits for t in plan.tensors}}
 
@@ -1214,6 +1222,11 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
         out.print(f"Patches: first {pt['split_layer']} layers in a {pt['n']}×{pt['n']} grid, "
                   f"redundant MACs {pt['redundant_macs']:,} "
                   f"({pt['redundant_macs_percent']:.1f} % of the network)")
+        if pt.get("cache"):  # line buffers (`mpq.patch.cache_rows`)
+            c = pt["cache"]
+            out.print(f"  line buffers for {len(c['line_buffers'])} map(s), "
+                      f"{sum(b['bytes'] for b in c['line_buffers']):,} B; recomputing every "
+                      f"halo would cost {c['redundant_macs_recompute']:,} redundant MACs")
         if pt.get("vdpc"):
             v = pt["vdpc"]
             out.print(f"VDPC on '{_short(v['map'], 40)}': φ={plain(v['phi'])}, integer thresholds "

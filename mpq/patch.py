@@ -22,6 +22,11 @@ last use; the graph input is the caller's buffer. Depthwise convolutions run in 
 reshapes are views as in `mpq.memory`, and buffers are placed with `memory.plan_arena`.
 Peak SRAM = arena + the largest kernel scratch (`memory.scratch_bytes`, on per-patch shapes for
 stage nodes).
+
+Line buffers (StreamNet, msf-CNN; `cache_rows`): instead of recomputing the rows a patch shares
+with the patch below, the stage may run column by column and keep them, per map, in a buffer
+alive through the whole stage; a patch then computes only the rows the patch above did not.
+Column overlaps are still recomputed (caching them too would need a strip per patch column).
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from mpq.ir import Graph, Node, Tensor, node_macs
 from mpq.memory import (
     ArenaPlan,
     Buffer,
+    Segment,
+    align_up,
     fused_residual_adds,
     layer_lifetimes,
     layer_memory,
     live_bytes_per_step,
+    packed_bytes,
     plan_arena,
     schedule_buffers,
     scratch_bytes,
@@ -55,10 +63,13 @@ N_CHOICES = (2, 3, 4, 5, 6, 8)
 
 @dataclass(frozen=True)
 class PatchSplit:
-    """A patch schedule's parameters: the first `split_layer` nodes run per patch, n×n patches."""
+    """A patch schedule's parameters: the first `split_layer` nodes run per patch, n×n patches;
+    `cache`: keep the rows a patch shares with the patch below in line buffers instead of
+    recomputing them (`cache_rows`) — for every map (True) or the maps named."""
 
     split_layer: int
     n: int
+    cache: bool | frozenset[str] = False  # True: every map; a set: those maps only
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,9 @@ class _AxisPlan:
     spans: list[dict[str, Span]]
     pads: dict[str, list[tuple[int, int]]]
     reads: dict[str, list[list[Span]]]
+    #: with a line buffer (`cache_rows`): the span of each stage output position i computes
+    #: (the rest of spans[i] comes from the buffer); None: every patch computes all of spans[i]
+    computed: list[dict[str, Span]] | None = None
 
 
 def _axis_pass(graph: Graph, stage: list[Node], split: str, axis: int, n: int) -> _AxisPlan:
@@ -288,6 +302,107 @@ def _axis_pass(graph: Graph, stage: list[Node], split: str, axis: int, n: int) -
                 need[t] = hull(need.get(t), span)
         spans.append(need)
     return _AxisPlan(spans, pads, reads)
+
+
+# --------------------------------------------------------------------------------------------
+# Line buffers: cached overlaps instead of recomputed ones (StreamNet, msf-CNN)
+# --------------------------------------------------------------------------------------------
+#
+# MCUNetV2 recomputes the halo of every patch. StreamNet (Zheng et al., NeurIPS'23) and msf-CNN
+# keep the overlapping rows of each intermediate map for the neighbouring patch instead. mpq
+# caches along one axis: patches run column by column (j outer, i inner), so patch (i, j) follows
+# (i−1, j) and shares the bottom rows of every stage map of (i−1, j) — at most one strip per
+# map, the width of one patch column. Columns are still recomputed (a row-major order would
+# need a strip the whole width of each map per tensor). Every map's row span is monotone in i
+# (window spans and hulls of monotone spans are monotone), so patch i computes
+# [max(lo_i, hi_{i−1}), hi_i) and takes [lo_i, hi_{i−1}) from the strip saved by patch i−1; the
+# values are the full network's as before, so the outputs are byte-identical to recomputation.
+
+
+def cached_span(spans: list[Span], i: int) -> Span:
+    """The rows position i computes when position i−1 left its rows in a line buffer:
+    [max(lo_i, hi_{i−1}), hi_i) (all of spans[0] for the first); empty when i−1 reached hi_i."""
+    lo, hi = spans[i]
+    if i == 0:
+        return lo, hi
+    start = min(max(lo, spans[i - 1][1]), hi)
+    return start, hi
+
+
+def kept_rows(spans: list[Span], i: int) -> int:
+    """Rows of position i that position i+1 reads again: max(0, hi_i − lo_{i+1}) (0 for the last);
+    what the line buffer holds between the two patches."""
+    if i + 1 >= len(spans):
+        return 0
+    return max(0, spans[i][1] - spans[i + 1][0])
+
+
+def cache_rows(graph: Graph, stage: list[Node], rows: _AxisPlan,
+               maps: set[str] | frozenset[str] | None = None) -> _AxisPlan:
+    """The row plan with line buffers: each cached stage output's computed span
+    (`cached_span`; `maps` None: every output, else those named), and each node's reads and
+    effective pads for those rows only (`window_span` of the computed span;
+    add/concat/elementwise: the same rows). Other outputs are computed whole, as without line
+    buffers; any subset is exact, since a kept row holds the same value as a recomputed one.
+    Stored spans are unchanged.
+
+    Raises MpqError if a map's spans are not monotone in i or a read leaves its input's span
+    (neither can happen with the backward pass's rules; checked, not assumed).
+    """
+    n = len(rows.spans)
+    computed: list[dict[str, Span]] = [dict(s) for s in rows.spans]
+    pads: dict[str, list[tuple[int, int]]] = {nd.name: [] for nd in stage}
+    reads: dict[str, list[list[Span]]] = {nd.name: [] for nd in stage}
+    for nd in stage:
+        t = nd.outputs[0]
+        spans = [s[t] for s in rows.spans]
+        if any(spans[i][0] > spans[i + 1][0] or spans[i][1] > spans[i + 1][1]
+               for i in range(n - 1)):
+            raise MpqError(f"patch line buffer: the row spans of '{t}' are not monotone")
+        for i in range(n):
+            out = cached_span(spans, i) if maps is None or t in maps else spans[i]
+            computed[i][t] = out
+            if out == spans[i]:  # computed whole: the recomputing plan's reads
+                before, after = rows.pads[nd.name][i]
+                node_reads = list(rows.reads[nd.name][i])
+            elif out[0] == out[1]:  # every row kept from the patch above: nothing to compute
+                before = after = 0
+                node_reads = [(rows.spans[i][x][0],) * 2 for x in nd.inputs]
+            elif nd.op in ("conv2d", "max_pool", "avg_pool"):
+                kernel, strides, dilations, p = window_params(nd)
+                size_in = graph.tensors[nd.inputs[0]].shape[1]
+                span, before, after = window_span(out, kernel[0], strides[0], dilations[0],
+                                                  p[0], size_in)
+                node_reads = [span]
+            else:
+                before = after = 0
+                node_reads = [out] * len(nd.inputs)
+            for x, r in zip(nd.inputs, node_reads, strict=True):
+                have = rows.spans[i][x]
+                if not have[0] <= r[0] <= r[1] <= have[1]:
+                    raise MpqError(f"patch line buffer: node '{nd.name}' reads rows {r} outside "
+                                   f"the {have} of '{x}'")
+            pads[nd.name].append((before, after))
+            reads[nd.name].append(node_reads)
+    return _AxisPlan(rows.spans, pads, reads, computed)
+
+
+def stage_macs(stage: list[Node], rows: list[dict[str, Span]], cols: list[dict[str, Span]]
+               ) -> int:
+    """Σ over stage convs of Cout·KH·KW·Cin/groups · Σ_i rows_i · Σ_j cols_j: the MACs of all
+    patches when position (i, j) computes rows[i] × cols[j] of each output (DESIGN §6)."""
+    total = 0
+    for nd in stage:
+        if nd.op != "conv2d":
+            continue
+        t = nd.outputs[0]
+        cout, kh, kw, cin_g = nd.weight.shape
+        total += int(cout * kh * kw * cin_g) * sum(s[t][1] - s[t][0] for s in rows) \
+            * sum(s[t][1] - s[t][0] for s in cols)
+    return total
+
+
+LINE_PREFIX = "line:"  # buffer name of a map's line buffer: "line:<tensor>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +448,9 @@ class PatchSchedule:
     lifetimes: dict[str, tuple[int, int]]  # tensor -> (first, last) step, graph input excluded
     inplace_candidates: set[str]  # stage depthwise nodes whose output fits in every input patch
     io: str = "external"  # where the graph input/outputs live (`memory.IO_MODES`)
+    cache: bool = False  # line buffers keep shared rows (`cache_rows`); patches column-major
+    stage_macs_recomputed: int = 0  # Σ_patches stage MACs when every patch recomputes its halo
+    line_rows: dict[str, int] = field(default_factory=dict)  # map -> rows of its line buffer
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
 
@@ -346,6 +464,54 @@ class PatchSchedule:
     def redundant_macs_percent(self) -> float:
         """Redundant MACs as a percentage of the whole network's MACs."""
         return 100.0 * self.redundant_macs / self.total_macs if self.total_macs else 0.0
+
+    @property
+    def redundant_macs_recompute(self) -> int:
+        """Redundant MACs of the same split when every patch recomputes its overlaps
+        (MCUNetV2's form; equals `redundant_macs` without the cache)."""
+        return self.stage_macs_recomputed - self.stage_macs_full
+
+    # -- line buffers (`cache_rows`) -------------------------------------------------------
+    @property
+    def patch_order(self) -> list[tuple[int, int]]:
+        """(i, j) of the patches in the order they run: row-major, or column-major with the
+        line buffers (patch (i, j) follows (i−1, j), whose bottom rows it reuses)."""
+        if self.cache:
+            return [(i, j) for j in range(self.n) for i in range(self.n)]
+        return [(i, j) for i in range(self.n) for j in range(self.n)]
+
+    @property
+    def line_buffers(self) -> dict[str, int]:
+        """Line buffer name ("line:<map>") -> elements: rows · widest patch column · channels."""
+        if self._cols is None:
+            return {}
+        out = {}
+        for t, rows in self.line_rows.items():
+            cols = max(s[t][1] - s[t][0] for s in self._cols.spans)
+            out[LINE_PREFIX + t] = rows * cols * self.graph.tensors[t].shape[3]
+        return out
+
+    def line_copies(self, t: str, i: int) -> tuple[int, int, int]:
+        """(restore, save_from, save) rows for map t at patch row i: after computing, rows
+        [0, restore) of its stored region come from the line buffer, then rows
+        [save_from, save_from + save) go into it for patch row i+1 (`kept_rows`)."""
+        if t not in self.line_rows or self._rows is None or self._rows.computed is None:
+            return 0, 0, 0
+        spans = [s[t] for s in self._rows.spans]
+        restore = self._rows.computed[i][t][0] - spans[i][0]
+        save = kept_rows(spans, i)
+        start = spans[i + 1][0] - spans[i][0] if save else 0
+        return restore, start, save
+
+    @cached_property
+    def computed_regions(self) -> dict[str, list[list[Region]]]:
+        """map → [i][j] rectangle patch (i, j) computes: its region, or, with line buffers, the
+        rows not kept from the patch above."""
+        if self._rows is None or self._cols is None or self._rows.computed is None:
+            return self.regions
+        rows, cols = self._rows.computed, self._cols.spans
+        return {t: [[Region(*rows[i][t], *cols[j][t]) for j in range(self.n)]
+                    for i in range(self.n)] for t in rows[0]}
 
     # -- regions ---------------------------------------------------------------------------
     @cached_property
@@ -420,8 +586,19 @@ class PatchSchedule:
             return inplace_depthwise and (nd.name not in stage
                                           or nd.name in self.inplace_candidates)
 
-        return schedule_buffers(self.graph, self.tensor_elements, self.lifetimes, bits,
-                                inplace_ok, self.fused_adds)
+        buffers, inplace = schedule_buffers(self.graph, self.tensor_elements, self.lifetimes,
+                                            bits, inplace_ok, self.fused_adds)
+        return buffers + self._line_buffer_list(bits or {}), inplace
+
+    def _line_buffer_list(self, bits: dict[str, int]) -> list[Buffer]:
+        """Each line buffer, alive over the whole stage (it carries rows from one patch to the
+        next), at its map's bits: align16(⌈rows·cols·C·bits/8⌉)."""
+        out = []
+        for name, elements in self.line_buffers.items():
+            t = name[len(LINE_PREFIX):]
+            size = align_up(packed_bytes(elements, bits.get(t, 8)))
+            out.append(Buffer(name, [Segment(name, 0, self.split_layer - 1, size)]))
+        return out
 
     @cached_property
     def fused_adds(self) -> dict[str, tuple[str, str]]:
@@ -536,12 +713,13 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external"
             steps=[nd.name for nd in graph.nodes],
             tensor_elements={t: graph.tensors[t].size for t in graph.tensors},
             lifetimes=_lifetimes(graph, None, io), inplace_candidates=set(), io=io)
-    return _plan(graph, split.split_layer, split.n, _index(graph), total, io)
+    return _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache)
 
 
 def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
-          io: str = "external") -> PatchSchedule:
-    """`plan_patches` for a split at layer k with n×n patches, given the graph's index."""
+          io: str = "external", cache: bool | frozenset[str] = False) -> PatchSchedule:
+    """`plan_patches` for a split at layer k with n×n patches, given the graph's index; with
+    `cache`, line buffers keep the rows vertically adjacent patches share (`cache_rows`)."""
     problem = split_problem(graph, k, index)
     if problem is not None:
         raise MpqError(f"patch split at layer {k} is invalid: {problem}")
@@ -576,12 +754,62 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
             if all(r[i] * c[j] <= rs[i] * cs[j] for i in range(n) for j in range(n)):
                 inplace_ok.add(nd.name)
 
-    return PatchSchedule(
+    sched = PatchSchedule(
         graph=graph, split_layer=k, n=n, stage_nodes=[nd.name for nd in stage],
         split_tensor=split_tensor, stage_macs_full=full_macs, stage_macs_patched=patched,
         total_macs=total, steps=[nd.name for nd in graph.nodes], tensor_elements=elements,
         lifetimes=_lifetimes(graph, split_tensor, io, k),
-        inplace_candidates=inplace_ok, io=io, _rows=rows, _cols=cols)
+        inplace_candidates=inplace_ok, io=io, stage_macs_recomputed=patched,
+        _rows=rows, _cols=cols)
+    if cache is not False:
+        _add_line_buffers(sched, stage, None if cache is True else frozenset(cache))
+    return sched
+
+
+def cacheable_maps(sched: PatchSchedule) -> dict[str, str]:
+    """Stored stage map -> the node whose call computes it, for maps vertically adjacent
+    patches share rows of: not the split tensor (its tiles do not overlap), not a fused conv's
+    output (it never exists: its add's output is the map kept, computed by the conv)."""
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    never = sched.fused_conv_outputs | {sched.split_tensor}
+    out = {}
+    for name in sched.stage_nodes:
+        nd = by_name[name]
+        t = nd.outputs[0]
+        if t in never or sched._rows is None:
+            continue
+        spans = [s[t] for s in sched._rows.spans]
+        if max(kept_rows(spans, i) for i in range(sched.n)) > 0:
+            out[t] = sched.fused_adds[name][0] if name in sched.fused_adds else name
+    return out
+
+
+def _add_line_buffers(sched: PatchSchedule, stage: list[Node],
+                      maps: frozenset[str] | None) -> None:
+    """Turn `sched` (halos recomputed) into its line-buffer form for `maps` (None: every
+    `cacheable_maps` map); a fused conv computes its add's rows, so it follows the add."""
+    cacheable = cacheable_maps(sched)
+    chosen = set(cacheable) if maps is None else set(maps)
+    unknown = sorted(chosen - set(cacheable))
+    if unknown:
+        raise MpqError(f"patch line buffer: '{unknown[0]}' is not a stage map that patches "
+                       "share rows of")
+    if not chosen:
+        return
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    rows_maps = chosen | {by_name[cacheable[t]].outputs[0] for t in chosen}
+    assert sched._rows is not None and sched._cols is not None
+    rows = cache_rows(sched.graph, stage, sched._rows, rows_maps)
+    sched._rows = rows
+    sched.cache = True
+    sched.stage_macs_patched = stage_macs(stage, rows.computed or rows.spans, sched._cols.spans)
+    for t in sorted(chosen, key=list(cacheable).index):
+        sched.line_rows[t] = max(kept_rows([s[t] for s in rows.spans], i)
+                                 for i in range(sched.n))
+    for name, size in sched.line_buffers.items():
+        if name in sched.graph.tensors:
+            raise MpqError(f"patch line buffer: the model has a tensor named '{name}'")
+        sched.tensor_elements[name] = size
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,11 +819,15 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
 
 def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
                    max_overhead: float | None = None,
-                   bits: dict[str, int] | None = None, io: str = "external"
-                   ) -> PatchSchedule | None:
+                   bits: dict[str, int] | None = None, io: str = "external",
+                   cache: bool | None = False) -> PatchSchedule | None:
     """The valid (k, n) schedule with the lowest peak SRAM, or None if none beats layer-based.
 
-    Ties go to fewer redundant MACs, then smaller k, then smaller n. With `max_overhead`, only
+    Ties go to fewer redundant MACs, then smaller k, then smaller n, then recomputed halos
+    before line buffers. `cache`: False recomputes every halo (MCUNetV2), True caches rows
+    (`cache_rows`), None tries both for every (k, n) — line buffers win when their peak is as
+    low and they save MACs — and then, if halos recomputed won, line buffers for the maps that
+    fit under its peak (`cache_within_peak`). With `max_overhead`, only
     schedules with redundant MACs ≤ max_overhead · total MACs are considered. Branch and bound:
     candidates are visited in order of a lower bound on their peak (live bytes per step +
     scratch), so the arena planner runs only for the few that can still win.
@@ -611,25 +843,89 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
         for n in sorted(set(n_choices)):
             if not 2 <= n <= min(h, w):
                 continue
-            sched = _plan(graph, k, n, index, total, io)
-            if max_overhead is not None \
-                    and sched.redundant_macs > max_overhead * sched.total_macs:
-                continue
-            key = (sched.peak_lower_bound(bits), sched.redundant_macs, k, n)
-            cands.append((key, sched))
+            for c in ((False, True) if cache is None else (cache,)):
+                sched = _plan(graph, k, n, index, total, io, c)
+                if max_overhead is not None \
+                        and sched.redundant_macs > max_overhead * sched.total_macs:
+                    continue
+                key = (sched.peak_lower_bound(bits), sched.redundant_macs, k, n, int(c))
+                cands.append((key, sched))
     cands.sort(key=lambda c: c[0])
-    best: tuple[int, int, int, int] | None = None
+    best: tuple[int, int, int, int, int] | None = None
     best_sched = None
     for key, sched in cands:
         if best is not None and key > best:
             break
         peak = sched.memory(bits).peak_sram_bytes
-        full_key = (peak, sched.redundant_macs, sched.split_layer, sched.n)
+        full_key = (peak, sched.redundant_macs, sched.split_layer, sched.n, int(sched.cache))
         if best is None or full_key < best:
             best, best_sched = full_key, sched
     if best is None or best[0] >= baseline:
         return None
+    if cache is None and best_sched is not None and not best_sched.cache:
+        # line buffers for the maps that fit under the winner's peak: fewer MACs, same peak
+        cached = cache_within_peak(best_sched, bits)
+        if cached is not None and cached.redundant_macs < best_sched.redundant_macs:
+            return cached
     return best_sched
+
+
+def plan_split(patch: dict) -> PatchSplit:
+    """The PatchSplit a plan's `patch` record names: (split_layer, n) and, with `cache`, the
+    maps its line buffers keep."""
+    c = patch.get("cache")
+    maps: bool | frozenset[str] = False
+    if c is not None:
+        maps = frozenset(str(b["tensor"]) for b in c["line_buffers"])
+    return PatchSplit(int(patch["split_layer"]), int(patch["n"]), maps)
+
+
+def map_savings(sched: PatchSchedule) -> dict[str, int]:
+    """MACs each cacheable map's line buffer saves on `sched`'s split: its producing conv's
+    Cout·KH·KW·Cin/groups · Σ_i kept rows · Σ_j columns (0 for pools and element-wise ops)."""
+    full = plan_patches(sched.graph, PatchSplit(sched.split_layer, sched.n, True), sched.io)
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    assert full._rows is not None and full._rows.computed is not None and full._cols is not None
+    out = {}
+    for t, producer in cacheable_maps(full).items():
+        nd = by_name[producer]
+        if nd.op != "conv2d":
+            out[t] = 0
+            continue
+        c = nd.outputs[0]
+        cout, kh, kw, cin_g = nd.weight.shape
+        kept = sum((s[c][1] - s[c][0]) - (m[c][1] - m[c][0])
+                   for s, m in zip(full._rows.spans, full._rows.computed, strict=True))
+        out[t] = int(cout * kh * kw * cin_g) * kept * sum(s[c][1] - s[c][0]
+                                                          for s in full._cols.spans)
+    return out
+
+
+def cache_within_peak(sched: PatchSchedule, bits: dict[str, int] | None = None,
+                      peak: int | None = None) -> PatchSchedule | None:
+    """The line-buffer form of `sched`'s split whose peak SRAM stays ≤ `peak` (default: the
+    recomputing schedule's own): every map if that fits, else maps added greedily by MACs
+    saved per line-buffer byte (`map_savings`), each kept only if the planned peak stays
+    within. None when no map fits or none saves MACs."""
+    limit = sched.memory(bits).peak_sram_bytes if peak is None else peak
+    g, k, n = sched.graph, sched.split_layer, sched.n
+    full = plan_patches(g, PatchSplit(k, n, True), sched.io)
+    if not full.line_rows:
+        return None
+    if full.memory(bits).peak_sram_bytes <= limit:
+        return full
+    saved = map_savings(sched)
+    size = {b.name[len(LINE_PREFIX):]: b.size for b in full._line_buffer_list(bits or {})}
+    order = sorted((t for t in full.line_rows if saved.get(t, 0) > 0),
+                   key=lambda t: (-saved[t] / size[t], t))
+    chosen: list[str] = []
+    best = None
+    for t in order:
+        trial = plan_patches(g, PatchSplit(k, n, frozenset([*chosen, t])), sched.io)
+        if trial.memory(bits).peak_sram_bytes <= limit:
+            chosen.append(t)
+            best = trial
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +938,10 @@ def run_patch_stage(schedule: PatchSchedule, feeds: dict[str, np.ndarray]) -> np
 
     Each branch starts from the graph input's region, runs every stage node on the window it
     reads (offset inside the input's region, effective pads at image borders, as in firmware)
-    with the IR interpreter's kernels, and writes its tile into the split tensor.
+    with the IR interpreter's kernels, and writes its tile into the split tensor. With line
+    buffers (`cache_rows`) the patches run in `patch_order`, each node computes only its
+    computed rows, and the rest of each map's region comes from the strip the patch above
+    saved (rows nobody provides are NaN, so a wrong geometry cannot pass unnoticed).
     """
     from mpq.interpreter import OPS
 
@@ -653,27 +952,40 @@ def run_patch_stage(schedule: PatchSchedule, feeds: dict[str, np.ndarray]) -> np
     batch = next(iter(feeds.values())).shape[0]
     split = schedule.split_tensor
     out = np.zeros((batch, *g.tensors[split].shape[1:]), np.float32)
-    for i in range(schedule.n):
-        for j in range(schedule.n):
-            env: dict[str, np.ndarray] = {}
-            for name in g.inputs:
-                if name in schedule.regions:
-                    r = schedule.regions[name][i][j]
-                    env[name] = feeds[name][:, r.y0:r.y1, r.x0:r.x1]
-            for name in schedule.stage_nodes:
-                nd = by_name[name]
-                r = schedule.regions[nd.outputs[0]][i][j]
-                shape = (batch, r.rows, r.cols, g.tensors[nd.outputs[0]].shape[3])
-                xs = [window_of(env[t], off, nd, r, schedule.node_pads[name][i][j])
-                      for t, off in zip(nd.inputs, schedule.node_offsets[name][i][j],
+    lines: dict[str, np.ndarray] = {}
+    for i, j in schedule.patch_order:
+        env: dict[str, np.ndarray] = {}
+        for name in g.inputs:
+            if name in schedule.regions:
+                r = schedule.regions[name][i][j]
+                env[name] = feeds[name][:, r.y0:r.y1, r.x0:r.x1]
+        for name in schedule.stage_nodes:
+            nd = by_name[name]
+            t = nd.outputs[0]
+            r = schedule.computed_regions[t][i][j]
+            shape = (batch, r.rows, r.cols, g.tensors[t].shape[3])
+            if r.rows == 0:
+                y = np.zeros(shape, np.float32)
+            else:
+                xs = [window_of(env[x], off, nd, r, schedule.node_pads[name][i][j])
+                      for x, off in zip(nd.inputs, schedule.node_offsets[name][i][j],
                                         strict=True)]
                 node = nd
                 if nd.op in ("conv2d", "max_pool", "avg_pool"):
                     node = dataclasses.replace(
                         nd, attrs={**nd.attrs, "pads": schedule.node_pads[name][i][j]})
-                env[nd.outputs[0]] = OPS[nd.op].run(node, xs, shape).astype(np.float32)
-            r = schedule.regions[split][i][j]
-            out[:, r.y0:r.y1, r.x0:r.x1] = env[split]
+                y = OPS[nd.op].run(node, xs, shape).astype(np.float32)
+            stored = schedule.regions[t][i][j]
+            full = np.full((batch, stored.rows, stored.cols, shape[3]), np.nan, np.float32)
+            full[:, r.y0 - stored.y0:r.y1 - stored.y0] = y
+            restore, start, save = schedule.line_copies(t, i)
+            if restore:
+                full[:, :restore] = lines[t][:, :restore]
+            if save:
+                lines[t] = full[:, start:start + save].copy()
+            env[t] = full
+        r = schedule.regions[split][i][j]
+        out[:, r.y0:r.y1, r.x0:r.x1] = env[split]
     return out
 
 
@@ -700,8 +1012,10 @@ def window_of(x: np.ndarray, offset: tuple[int, int], node: Node, out: Region,
 
 
 __all__ = [
-    "N_CHOICES", "PatchMemory", "PatchSchedule", "PatchSplit", "Region", "grid_spans",
-    "hull", "live_bytes_per_step", "locality_problem", "patch_conv_macs", "plan_patches",
-    "run_patch_stage", "search_patches", "split_problem", "stage_node_scratch", "valid_splits",
-    "window_of", "window_params", "window_span",
+    "LINE_PREFIX", "N_CHOICES", "PatchMemory", "PatchSchedule", "PatchSplit", "Region",
+    "cache_rows", "cache_within_peak", "cacheable_maps", "cached_span", "map_savings",
+    "plan_split", "grid_spans", "hull", "kept_rows", "live_bytes_per_step",
+    "locality_problem", "patch_conv_macs", "plan_patches", "run_patch_stage", "search_patches",
+    "split_problem", "stage_macs", "stage_node_scratch", "valid_splits", "window_of",
+    "window_params", "window_span",
 ]

@@ -23,7 +23,7 @@ from mpq.budget import code_shape, stage_branch_flash
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import buffers_conflict, constant_flash_bytes, packed_bytes
-from mpq.patch import PatchSchedule, PatchSplit, plan_patches
+from mpq.patch import PatchSchedule, plan_patches, plan_split
 from mpq.plan import Plan, plan_io
 from mpq.plan_schema import PlanFieldError, fail
 
@@ -113,9 +113,12 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     if p is None:
         return plan_patches(graph, None, plan_io(plan))
     try:
-        schedule = plan_patches(graph, PatchSplit(p["split_layer"], p["n"]), plan_io(plan))
+        schedule = plan_patches(graph, plan_split(p), plan_io(plan))
     except MpqError as exc:
-        raise fail("patch.split_layer", str(exc)) from None
+        where = "patch.cache.line_buffers" if "line buffer" in str(exc) else "patch.split_layer"
+        raise fail(where, str(exc)) from None
+    if "cache" in p:  # first: which maps are kept decides the MACs compared below
+        _check_cache(p["cache"], schedule, p["vdpc"])
     expect = {
         "split_tensor": schedule.split_tensor,
         "stage_nodes": schedule.stage_nodes,
@@ -142,6 +145,32 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
         if len(v["outlier_rate"]) != schedule.n:
             raise fail("patch.vdpc.outlier_rate", f"must be {schedule.n}×{schedule.n}")
     return schedule
+
+
+def _check_cache(c: dict[str, Any], schedule: PatchSchedule, vdpc: Any) -> None:
+    """`patch.cache` is the line-buffer form of the split (`mpq.patch.cache_rows`): its
+    recomputing form's redundant MACs and each buffer's map and rows as `mpq.patch` finds
+    them (bytes and offsets: `_check_memory`); no VDPC (every patch takes the same branch)."""
+    if vdpc is not None:
+        raise fail("patch.cache", "line buffers need every patch on one branch: not with VDPC")
+    if not schedule.cache:
+        raise fail("patch.cache.line_buffers", "names no map patches share rows of")
+    if c["redundant_macs_recompute"] != schedule.redundant_macs_recompute:
+        raise fail("patch.cache.redundant_macs_recompute",
+                   f"must be {schedule.redundant_macs_recompute}")
+    want = [[t, schedule.line_rows[t]] for t in sorted(schedule.line_rows)]
+    got = [[b["tensor"], b["rows"]] for b in c["line_buffers"]]
+    if got != want:
+        raise fail("patch.cache.line_buffers", f"must hold (map, rows) {_short(want)}")
+
+
+def line_offsets(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Line buffer name ("line:<map>") -> (index in `patch.cache.line_buffers`, offset)."""
+    from mpq.patch import LINE_PREFIX
+
+    c = (plan.patch or {}).get("cache")
+    return {LINE_PREFIX + b["tensor"]: (i, b["offset"])
+            for i, b in enumerate(c["line_buffers"])} if c else {}
 
 
 def _short(v: Any) -> str:
@@ -260,7 +289,19 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
     arena = plan.predicted["arena_bytes"]
     buffers = schedule.buffers(bits)
     offsets: dict[str, int] = {}
+    lines = line_offsets(plan)
     for buf in buffers:
+        if buf.name in lines:  # a line buffer (`patch.cache`): its own bytes and offset
+            i, off = lines[buf.name]
+            field = f"patch.cache.line_buffers[{i}]"
+            want = packed_bytes(schedule.line_buffers[buf.name], bits[buf.name[len("line:"):]])
+            if plan.patch["cache"]["line_buffers"][i]["bytes"] != want:
+                raise fail(f"{field}.bytes", f"must be {want}")
+            if off + buf.size > arena:
+                raise fail(f"{field}.offset", f"{off} + {buf.size} bytes ends past "
+                                              f"predicted.arena_bytes ({arena})")
+            offsets[buf.name] = off
+            continue
         for s in buf.segments:
             i = index[s.tensor]
             off = plan.tensors[i].offset
@@ -275,6 +316,10 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
     for a_i, a in enumerate(buffers):
         for b in buffers[a_i + 1:]:
             if buffers_conflict(a, offsets[a.name], b, offsets[b.name]):
+                if b.name in lines:
+                    raise fail(f"patch.cache.line_buffers[{lines[b.name][0]}].offset",
+                               f"'{b.name}' overlaps '{a.segments[0].tensor}' while both are "
+                               "alive")
                 i = index[b.segments[0].tensor]
                 raise fail(f"tensors[{i}].offset", f"'{b.segments[0].tensor}' overlaps "
                                                    f"'{a.segments[0].tensor}' while both are "

@@ -339,7 +339,7 @@ def check_vdpc(v: Any, field: str) -> None:
 
 def check_patch(p: Any, field: str = "patch") -> None:
     """`patch` (null: the layer-based schedule)."""
-    req_dict(p, field, PATCH_KEYS)
+    req_dict(p, field, PATCH_KEYS, {"cache"})
     req_int(p["split_layer"], f"{field}.split_layer", 1, MAX_ITEMS)
     req_int(p["n"], f"{field}.n", 1, 64)
     req_str(p["split_tensor"], f"{field}.split_tensor")
@@ -350,6 +350,25 @@ def check_patch(p: Any, field: str = "patch") -> None:
     check_regions(p["tiles"], f"{field}.tiles")
     if p["vdpc"] is not None:
         check_vdpc(p["vdpc"], f"{field}.vdpc")
+    if "cache" in p:
+        check_patch_cache(p["cache"], f"{field}.cache")
+
+
+def check_patch_cache(c: Any, field: str = "patch.cache") -> None:
+    """`patch.cache` (`mpq.patch.cache_rows`; absent: every patch recomputes its halo): the
+    patch order, the recomputing form's redundant MACs, and per line buffer its map, rows,
+    bytes and arena offset."""
+    req_dict(c, field, {"order", "redundant_macs_recompute", "line_buffers"})
+    if c["order"] != "column-major":
+        raise fail(f"{field}.order", f"must be 'column-major', got {c['order']!r}")
+    req_int(c["redundant_macs_recompute"], f"{field}.redundant_macs_recompute")
+    for i, b in enumerate(req_list(c["line_buffers"], f"{field}.line_buffers")):
+        f = f"{field}.line_buffers[{i}]"
+        req_dict(b, f, {"tensor", "rows", "bytes", "offset"})
+        req_str(b["tensor"], f"{f}.tensor")
+        req_int(b["rows"], f"{f}.rows", 1, MAX_ITEMS)
+        req_int(b["bytes"], f"{f}.bytes", 1, MAX_BYTES)
+        req_int(b["offset"], f"{f}.offset", 0, MAX_BYTES)
 
 
 def check_schedule(s: Any, field: str = "schedule") -> None:

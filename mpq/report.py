@@ -25,7 +25,7 @@ from typing import Any
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import Graph, graph_fingerprint
-from mpq.patch import PatchMemory, PatchSchedule, PatchSplit, plan_patches
+from mpq.patch import PatchMemory, PatchSchedule, plan_patches, plan_split
 from mpq.plan import Plan
 from mpq.search.driver import stage_bitops
 from mpq.search.scores import layer_bitops
@@ -63,8 +63,7 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
     io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
     if plan.patch is None:
         return plan_patches(graph, None, io)
-    return plan_patches(graph, PatchSplit(int(plan.patch["split_layer"]), int(plan.patch["n"])),
-                        io)
+    return plan_patches(graph, plan_split(plan.patch), io)
 
 
 def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:

@@ -539,6 +539,9 @@ class StageCall:
     params: dict[str, dict[str, int]]  # branch → kernel parameters
     weight: dict[str, Any] | None
     quant_syms: dict[str, str]  # branch → symbol prefix of bias/multiplier/shift
+    #: the output's line buffer (`mpq.patch.cache_rows`): its base; each geometry row then ends
+    #: with (restore rows, save-from row, save rows) (`PatchSchedule.line_copies`)
+    line: str | None = None
 
 
 def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, Any]:
@@ -549,12 +552,15 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
     per patch (their buffers are reused from patch to patch); the graph input is read in
     place from the caller's buffer and the split tensor is written tile by tile.
     """
-    from mpq.patch import PatchSplit, plan_patches
+    from mpq.patch import plan_patches, plan_split
 
     pt = plan.patch
-    k, n = pt["split_layer"], pt["n"]
-    sched = plan_patches(graph, PatchSplit(k, n))
+    n = pt["n"]
+    sched = plan_patches(graph, plan_split(pt))
     regions, offsets, pads = sched.regions, sched.node_offsets, sched.node_pads
+    computed = sched.computed_regions  # with line buffers: the rows not kept from above
+    line_base = {b["tensor"]: f"mpq_arena + {_plan_int(b['offset'], 'a line buffer offset')}"
+                 for b in pt.get("cache", {}).get("line_buffers", [])}
     split = pt["split_tensor"]
     vdpc = pt.get("vdpc")
     outlier = plan_quant_model(plan, graph, "outlier") if vdpc else None
@@ -582,7 +588,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         return [r.y0 + dy - oy, r.x0 + dx - ox, r.rows - dy, r.cols - dx, sw]
 
     def out_view(t: str, i: int, j: int) -> list[int]:
-        r = regions[t][i][j]
+        r = computed[t][i][j]
         oy, ox, sw = stored(t, i, j)
         return [r.y0 - oy, r.x0 - ox, r.rows, r.cols, sw]
 
@@ -607,24 +613,25 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
             kernel = "conv2d_add"
             out_t = add_node.outputs[0]
         geometry = []
-        for i in range(n):
-            for j in range(n):
-                row: list[int] = []
-                ov = out_view(out_t, i, j)
-                for q, t in enumerate(inputs):
-                    v = in_view(t, name, q, i, j)
-                    if node.op in ("add", "mul", "sub", "prelu", "activation"):  # output's extent
-                        v[2:4] = ov[2:4]
-                    row += v
-                if add_node is not None:
-                    skip_q = add_node.inputs.index(fused[name][1])
-                    v = in_view(fused[name][1], add_node.name, skip_q, i, j)
+        for i, j in sched.patch_order:
+            row: list[int] = []
+            ov = out_view(out_t, i, j)
+            for q, t in enumerate(inputs):
+                v = in_view(t, name, q, i, j)
+                if node.op in ("add", "mul", "sub", "prelu", "activation"):  # output's extent
                     v[2:4] = ov[2:4]
-                    row += v
-                row += ov
-                pt_, pl_, _, _ = pads[geo_node][i][j]
-                row += [pt_, pl_]
-                geometry.append(row)
+                row += v
+            if add_node is not None:
+                skip_q = add_node.inputs.index(fused[name][1])
+                v = in_view(fused[name][1], add_node.name, skip_q, i, j)
+                v[2:4] = ov[2:4]
+                row += v
+            row += ov
+            pt_, pl_, _, _ = pads[geo_node][i][j]
+            row += [pt_, pl_]
+            if out_t in line_base:
+                row += list(sched.line_copies(out_t, i))
+            geometry.append(row)
         params: dict[str, dict[str, int]] = {}
         bits_in: dict[str, list[int]] = {}
         bits_out: dict[str, int] = {}
@@ -684,7 +691,8 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
             len(in_bases), in_bases, b.operand(out_t).base, bits_in, bits_out,
             [graph.tensors[t].shape[3] for t in inputs] + (
                 [graph.tensors[fused[name][1]].shape[3]] if add_node is not None else []),
-            graph.tensors[out_t].shape[3], geometry, params, weight, quant_syms))
+            graph.tensors[out_t].shape[3], geometry, params, weight, quant_syms,
+            line_base.get(out_t)))
     cmap = None
     if vdpc:
         r = regions[vdpc["map"]]
@@ -695,7 +703,7 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 "hi": _plan_int(vdpc["hi_threshold"], "patch.vdpc.hi_threshold"),
                 "min_outliers": _plan_int(vdpc["min_outliers"], "patch.vdpc.min_outliers")}
     return {"n": n, "patches": n * n, "calls": calls, "vdpc": cmap,
-            "branches": list(branches)}
+            "branches": list(branches), "cache": sched.cache}
 
 
 def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
@@ -710,6 +718,8 @@ def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
     for row in geometry:
         _, _, h, w, _ = row[0:5]
         _, _, ho, wo, _ = row[5:10]
+        if ho == 0:  # every row kept in the line buffer: the call is skipped
+            continue
         pt, pl = row[10], row[11]
         pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
         pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
@@ -749,7 +759,9 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
     if xq.bits != 8 or any(qm.acts[y].bits != 8 for y in g.outputs):
         raise MpqError("export: the graph input and every graph output must be 8-bit")
     kernels = sorted({layer.kernel for layer in b.layers if layer.cmsis is None}
-                     | {c.kernel for c in (stage["calls"] if stage else [])})
+                     | {c.kernel for c in (stage["calls"] if stage else [])}
+                     | ({"copy_view"} if stage and any(c.line for c in stage["calls"])
+                        else set()))
     functions = sorted({layer.cmsis.function for layer in b.layers if layer.cmsis is not None})
     return {
         "plan_digest": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,15 @@ from mpq.latency import search_prediction
 from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
 from mpq.memory import io_buffer_bytes as memory_io_bytes
 from mpq.order import EXACT_ORDERS, OrderChoice, apply_order, file_order, memory_ordered
-from mpq.patch import PatchSchedule, PatchSplit, plan_patches, search_patches, split_problem
+from mpq.patch import (
+    LINE_PREFIX,
+    PatchSchedule,
+    PatchSplit,
+    cache_within_peak,
+    plan_patches,
+    search_patches,
+    split_problem,
+)
 from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
 from mpq.quant.calibrate import (
     CalibrationStats,
@@ -98,6 +107,10 @@ class SearchOptions:
     # `--compare-strategies`: the measured plan competes with the other strategies' plans
     # (`search.portfolio`); opt-in, it costs their searches (several times the default's time)
     compare_strategies: bool = False
+    # `--patch-cache`: line buffers keep the rows adjacent patches share (`mpq.patch.cache_rows`)
+    # — "auto": where the search finds them better (the same peak, fewer MACs) and VDPC is not
+    # in play (a cached row must come from the patch's own branch); "on"; "off" (MCUNetV2)
+    patch_cache: str = "auto"
 
 
 class BudgetError(MpqError):
@@ -475,6 +488,9 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     schedule, problem, solution = attempt.schedule, attempt.problem, attempt.solution
     use_vdpc, classified = attempt.use_vdpc, attempt.classified
     opts_eff = replace(opts, vdpc=use_vdpc)
+    if schedule.cache and opts.vdpc and opts.strategy != "int8":
+        notes.append("VDPC off: the patch line buffers (--patch-cache) need every patch on "
+                     "one branch")
     by_name = {n.name: n for n in graph.nodes}
     objective_solver = solution.objective
     qbr_log = attempt.qbr_log
@@ -616,7 +632,39 @@ def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
         return [plan_patches(graph, None, opts.io)]
     if patches == "auto":
         return auto_candidates(graph, opts)
-    return [plan_patches(graph, patches, opts.io)]
+    return [given_split(graph, patches, opts)]
+
+
+PATCH_CACHE = ("auto", "on", "off")
+
+
+def cache_choice(opts: SearchOptions) -> bool | None:
+    """`--patch-cache` as `search_patches` takes it: True (on), False (off, or auto while VDPC
+    may pick a branch per patch: rows kept from the patch above could be the other
+    branch's), None (auto: both forms compete)."""
+    if opts.patch_cache not in PATCH_CACHE:
+        raise MpqError(f"--patch-cache must be one of {', '.join(PATCH_CACHE)}, not "
+                       f"'{opts.patch_cache}'")
+    if opts.patch_cache == "on":
+        return True
+    if opts.patch_cache == "off" or (opts.vdpc and opts.strategy != "int8"):
+        return False
+    return None
+
+
+def given_split(graph: Graph, split: PatchSplit, opts: SearchOptions) -> PatchSchedule:
+    """`--patches k=K,n=N`: every map in line buffers with `--patch-cache on`; with auto (when
+    `cache_choice` allows them) the maps whose line buffers fit under the recomputing
+    schedule's int8 peak (`patch.cache_within_peak`), if any saves MACs."""
+    choice = cache_choice(opts)
+    plain = plan_patches(graph, split, opts.io)
+    if choice is False:
+        return plain
+    if choice:
+        return plan_patches(graph, replace(split, cache=True), opts.io)
+    cached = cache_within_peak(plain)
+    return cached if cached is not None and cached.redundant_macs < plain.redundant_macs \
+        else plain
 
 
 def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[PatchSchedule]:
@@ -674,9 +722,9 @@ class _Setup:
 
 def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str | None:
     """The map VDPC classifies on `schedule` (the first stage node's output, QuantMCU §III-A),
-    or None: no patches, --no-vdpc, or that map is the split tensor itself."""
-    if not (opts.vdpc and schedule.split_tensor is not None):
-        return None
+    or None: no patches, --no-vdpc, line buffers, or that map is the split tensor itself."""
+    if not (opts.vdpc and schedule.split_tensor is not None) or schedule.cache:
+        return None  # line buffers: every patch must take the same branch (`cache_choice`)
     by_name = {n.name: n for n in graph.nodes}
     classified = by_name[schedule.stage_nodes[0]].outputs[0]
     return None if classified == schedule.split_tensor else classified
@@ -754,14 +802,20 @@ def schedule_value(problem: Problem, choice: dict[str, int],
 
 def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """`--patches auto`: the layer-based schedule and, for each grid size n, the split with the
-    lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead`."""
+    lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead` — for
+    each form `cache_choice` allows (halos recomputed, rows kept in line buffers)."""
     low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
     out = [plan_patches(graph, None, opts.io)]
+    choice = cache_choice(opts)
+    # auto: the lowest-peak split of each form competes; at equal objective the solver's
+    # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
+    forms = (False, True) if choice is None else (choice,)
     for n in PATCH_N:
-        best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead, bits=low,
-                              io=opts.io)
-        if best is not None:
-            out.append(best)
+        for cache in forms:
+            best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead,
+                                  bits=low, io=opts.io, cache=cache)
+            if best is not None:
+                out.append(best)
     return out
 
 
@@ -839,7 +893,8 @@ def _describe(schedule: PatchSchedule) -> str:
     """A schedule as the user names it: `no patches` or `k=3,n=2 patches`."""
     if schedule.split_tensor is None:
         return "no patches"
-    return f"k={schedule.split_layer},n={schedule.n} patches"
+    cached = " with line buffers" if schedule.cache else ""
+    return f"k={schedule.split_layer},n={schedule.n} patches{cached}"
 
 
 def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flash: int
@@ -939,6 +994,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                  "redundant_macs_percent": round(schedule.redundant_macs_percent, 4),
                  "tiles": [[[r.y0, r.y1, r.x0, r.x1] for r in row] for row in schedule.tiles],
                  "vdpc": vdpc.to_dict() if vdpc is not None else None}
+        if schedule.cache:
+            patch["cache"] = cache_record(schedule, memory.plan.offsets, act_bits)
     schedule_info = {"io": schedule.io, "inplace_depthwise": sorted(memory.inplace),
                      "fused_adds": {add: {"conv": conv, "skip": skip}
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
@@ -1083,3 +1140,17 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
     plan.search["measured"]["selection"] = selection
     say(f"selection: kept the {best.label} plan")
     return result
+
+
+def cache_record(schedule: PatchSchedule, offsets: dict[str, int], bits: dict[str, int]
+                 ) -> dict[str, Any]:
+    """The plan's `patch.cache` (`mpq.patch.cache_rows`): the patch order, both forms'
+    redundant MACs and each line buffer's map, rows, packed bytes and arena offset."""
+    lines = []
+    for name, elements in sorted(schedule.line_buffers.items()):
+        t = name[len(LINE_PREFIX):]
+        lines.append({"tensor": t, "rows": schedule.line_rows[t],
+                      "bytes": packed_bytes(elements, bits.get(t, 8)),
+                      "offset": offsets.get(name)})
+    return {"order": "column-major", "redundant_macs_recompute":
+            schedule.redundant_macs_recompute, "line_buffers": lines}
