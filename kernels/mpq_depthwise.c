@@ -174,6 +174,14 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
         if (table) {
             acc0 -= (uint32_t)p->input_zp * mpq__dw_weights(f, wk, taps, wv);
         }
+#if MPQ_USE_DSP
+        /* The 3x3 loops' weights, packed once per channel: (w0, w2) halves and w1, w2 of each
+           filter row a, b, c. */
+        const int32_t w02a = k3 ? mpq__halves(wv[0], wv[2]) : 0, w1a = k3 ? wv[1] : 0;
+        const int32_t w02b = k3 ? mpq__halves(wv[3], wv[5]) : 0, w1b = k3 ? wv[4] : 0;
+        const int32_t w02c = k3 ? mpq__halves(wv[6], wv[8]) : 0, w1c = k3 ? wv[7] : 0;
+        const int32_t w2a = k3 ? wv[2] : 0, w2b = k3 ? wv[5] : 0, w2c = k3 ? wv[8] : 0;
+#endif
         /* Save input channel ch with its padding (raw values, padding = input_zp, so the
            inner loop needs no bounds checks) before any output of channel ch overwrites it. */
         for (r = 0; r < ph; ++r) {
@@ -204,9 +212,6 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                each row, [a0 a1 a2 a3]: out0 = (a0, a2).(w0, w2) + a1*w1, out1 = (a1, a3).(w0,
                w2) + a2*w1 (SMLAD, SMLABB, SMLATB). The word stays inside the padded row. */
             if (k3 && p->stride_w == 1 && p->dilation_w == 1) {
-                const int32_t w02a = mpq__halves(wv[0], wv[2]), w1a = wv[1];
-                const int32_t w02b = mpq__halves(wv[3], wv[5]), w1b = wv[4];
-                const int32_t w02c = mpq__halves(wv[6], wv[8]), w1c = wv[7];
                 const uint32_t kstep = (uint32_t)out_c;
                 for (; ox + 2 <= out_w; ox += 2, k += 2u * kstep) {
                     const int8_t *b = line + ox;
@@ -235,9 +240,6 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                (w0, w2) + a1*w1 (SMLAD, SMLABB), out1 = a2*w0 + a3*w1 + a4*w2 (SMLATB, SMLATB,
                SMLABB). Column 4 is the second output's last tap, inside the padded row. */
             if (k3 && p->stride_w == 2 && p->dilation_w == 1) {
-                const int32_t w02a = mpq__halves(wv[0], wv[2]), w1a = wv[1], w2a = wv[2];
-                const int32_t w02b = mpq__halves(wv[3], wv[5]), w1b = wv[4], w2b = wv[5];
-                const int32_t w02c = mpq__halves(wv[6], wv[8]), w1c = wv[7], w2c = wv[8];
                 const uint32_t kstep = (uint32_t)out_c;
                 for (; ox + 2 <= out_w; ox += 2, k += 2u * kstep) {
                     const int8_t *b = line + 2 * ox;
