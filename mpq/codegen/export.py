@@ -328,7 +328,8 @@ class _Builder:
         add_name, skip = self.fused_by_conv[node.name]
         add = by_name[add_name]
         call = cmsis.plan_fused_call(node, add, skip, self.graph, self.qm, self.inplace,
-                                     int(self.plan.predicted.get("scratch_bytes", 0)))
+                                     _plan_int(self.plan.predicted.get("scratch_bytes", 0),
+                                               "predicted.scratch_bytes"))
         return (call, f"{node.name} + {add.name}", [ins[0], self.operand(skip)],
                 self.operand(add.outputs[0]))
 
