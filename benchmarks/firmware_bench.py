@@ -109,8 +109,9 @@ def bench_latency() -> dict:
         table_rows.append(line)
     if no_cmsis is None:
         note = ("cmsis-nn: layers with int8 activations in and out call CMSIS-NN (int8/int4 "
-                "weights); the patch stage, sub-byte maps, in-place depthwise and conv+add "
-                "fused layers keep mpq's portable kernels. Mismatches: portable/cmsis-nn "
+                "weights; a conv fused with its residual add: CMSIS-NN's conv band by band, "
+                "then arm_elementwise_add_s8 in place); the patch stage, sub-byte maps and "
+                "in-place depthwise keep mpq's portable kernels. Mismatches: portable/cmsis-nn "
                 "output bytes vs the integer reference.")
     else:
         note = (f"cmsis-nn columns left out: {no_cmsis} (set {ENV} to a CMSIS-NN checkout to "

@@ -60,12 +60,22 @@ static void mpq__dw_save_row(const mpq_view *in, int32_t iy, int32_t ch, int8_t 
     int32_t x;
     if (bits == 8) {
         const int8_t *s = (const int8_t *)src + k0;
+        /* The view's width and pixel stride in locals: a byte store may alias any memory, so
+           in->w and in->c would be read again after every store; four bytes per round. */
+        const int32_t w = in->w, step = in->c;
 #if defined(MPQ_HOST_FAST) && !MPQ_USE_DSP
-        mpq__host_gather8(s, in->c, in->w, d);
+        mpq__host_gather8(s, step, w, d);
         return;
 #endif
-        for (x = 0; x < in->w; ++x) {
-            d[x] = s[x * in->c];
+        for (x = 0; x + 4 <= w; x += 4, s += 4 * step) {
+            const int8_t v0 = s[0], v1 = s[step], v2 = s[2 * step], v3 = s[3 * step];
+            d[x] = v0;
+            d[x + 1] = v1;
+            d[x + 2] = v2;
+            d[x + 3] = v3;
+        }
+        for (; x < w; ++x, s += step) {
+            d[x] = s[0];
         }
     } else if (mpq__at_byte((uint32_t)in->c, bits)) {
         const uint8_t *s = src + ((k0 * (uint32_t)bits) >> 3);
@@ -164,6 +174,14 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
         if (table) {
             acc0 -= (uint32_t)p->input_zp * mpq__dw_weights(f, wk, taps, wv);
         }
+#if MPQ_USE_DSP
+        /* The 3x3 loops' weights, packed once per channel: (w0, w2) halves and w1, w2 of each
+           filter row a, b, c. */
+        const int32_t w02a = k3 ? mpq__halves(wv[0], wv[2]) : 0, w1a = k3 ? wv[1] : 0;
+        const int32_t w02b = k3 ? mpq__halves(wv[3], wv[5]) : 0, w1b = k3 ? wv[4] : 0;
+        const int32_t w02c = k3 ? mpq__halves(wv[6], wv[8]) : 0, w1c = k3 ? wv[7] : 0;
+        const int32_t w2a = k3 ? wv[2] : 0, w2b = k3 ? wv[5] : 0, w2c = k3 ? wv[8] : 0;
+#endif
         /* Save input channel ch with its padding (raw values, padding = input_zp, so the
            inner loop needs no bounds checks) before any output of channel ch overwrites it. */
         for (r = 0; r < ph; ++r) {
@@ -194,9 +212,6 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                each row, [a0 a1 a2 a3]: out0 = (a0, a2).(w0, w2) + a1*w1, out1 = (a1, a3).(w0,
                w2) + a2*w1 (SMLAD, SMLABB, SMLATB). The word stays inside the padded row. */
             if (k3 && p->stride_w == 1 && p->dilation_w == 1) {
-                const int32_t w02a = mpq__halves(wv[0], wv[2]), w1a = wv[1];
-                const int32_t w02b = mpq__halves(wv[3], wv[5]), w1b = wv[4];
-                const int32_t w02c = mpq__halves(wv[6], wv[8]), w1c = wv[7];
                 const uint32_t kstep = (uint32_t)out_c;
                 for (; ox + 2 <= out_w; ox += 2, k += 2u * kstep) {
                     const int8_t *b = line + ox;
@@ -216,6 +231,37 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                     e13 = mpq__sxtb16_r8(v);
                     a0 = mpq__smlabb(e13, w1c, mpq__smlad(e02, w02c, a0));
                     a1 = mpq__smlatb(e02, w1c, mpq__smlad(e13, w02c, a1));
+                    mpq__dw_put(&o, k, (uint32_t)a0);
+                    mpq__dw_put(&o, k + kstep, (uint32_t)a1);
+                }
+            }
+            /* 3x3, stride 2 and unit dilation along W: two neighbouring outputs read columns
+               0-2 and 2-4 of each row, the word [a0 a1 a2 a3] and the byte a4: out0 = (a0, a2).
+               (w0, w2) + a1*w1 (SMLAD, SMLABB), out1 = a2*w0 + a3*w1 + a4*w2 (SMLATB, SMLATB,
+               SMLABB). Column 4 is the second output's last tap, inside the padded row. */
+            if (k3 && p->stride_w == 2 && p->dilation_w == 1) {
+                const uint32_t kstep = (uint32_t)out_c;
+                for (; ox + 2 <= out_w; ox += 2, k += 2u * kstep) {
+                    const int8_t *b = line + 2 * ox;
+                    int32_t a0 = mpq__i32(acc0), a1 = a0, v, e02, e13;
+                    v = mpq__word(b);
+                    e02 = mpq__sxtb16(v);
+                    e13 = mpq__sxtb16_r8(v);
+                    a0 = mpq__smlabb(e13, w1a, mpq__smlad(e02, w02a, a0));
+                    a1 = mpq__smlabb(b[4], w2a,
+                                     mpq__smlatb(e13, w1a, mpq__smlatb(e02, w02a, a1)));
+                    v = mpq__word(b + rs);
+                    e02 = mpq__sxtb16(v);
+                    e13 = mpq__sxtb16_r8(v);
+                    a0 = mpq__smlabb(e13, w1b, mpq__smlad(e02, w02b, a0));
+                    a1 = mpq__smlabb(b[rs + 4], w2b,
+                                     mpq__smlatb(e13, w1b, mpq__smlatb(e02, w02b, a1)));
+                    v = mpq__word(b + 2 * rs);
+                    e02 = mpq__sxtb16(v);
+                    e13 = mpq__sxtb16_r8(v);
+                    a0 = mpq__smlabb(e13, w1c, mpq__smlad(e02, w02c, a0));
+                    a1 = mpq__smlabb(b[2 * rs + 4], w2c,
+                                     mpq__smlatb(e13, w1c, mpq__smlatb(e02, w02c, a1)));
                     mpq__dw_put(&o, k, (uint32_t)a0);
                     mpq__dw_put(&o, k + kstep, (uint32_t)a1);
                 }

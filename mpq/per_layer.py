@@ -161,7 +161,7 @@ def rows(plan: Plan, graph: Graph, context: dict[str, Any], segments: dict[int, 
             add(key, "VDPC branch choice (patch stage)", None, [], sid)
         elif key.startswith("L"):
             layer = context["layers"][int(key[1:])]
-            kernel = layer.cmsis.function if layer.cmsis is not None else layer.kernel
+            kernel = layer.cmsis.label if layer.cmsis is not None else layer.kernel
             add(key, layer.name, kernel, layer.name.split(" + "), sid)
         else:
             add(key, "output copy and return", None, [], sid)

@@ -408,16 +408,70 @@ def test_conv2d_add_random(libs: list[ck.Kernels]) -> None:
 
 # -- in-place depthwise -------------------------------------------------------------------------
 
+def _depthwise_inplace_case(libs: list[ck.Kernels], rng: np.random.Generator, bits: int,
+                            fmt: int, bw: int, geometry: tuple) -> bool | None:
+    """One random in-place depthwise case of `geometry` ((kh, kw), (sh, sw), (dh, dw), pads,
+    (h, w)) on every build: None when the output is empty, else whether every build wrote the
+    reference's bytes (and nothing else) and reported the scratch formula. The output view
+    starts at the input's first element: either a plain contiguous tensor (the layer-based
+    arena) or the input's own sub-region layout."""
+    (kh, kw), (sh, sw), (dh, dw), pads, (h, w) = geometry
+    ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
+    wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
+    if ho <= 0 or wo <= 0:
+        return None
+    ch = int(rng.integers(1, 7))
+    a_in, a_out = rand_act(rng, bits), rand_act(rng, bits, 0.2)
+    codes = ck.Weights.random(rng, (ch, kh, kw, 1), bw, fmt)
+    wq = codes.values
+    bias = rng.integers(-5000, 5000, ch)
+    attrs = {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw), "pads": pads,
+             "groups": ch}
+    lo, hi = rand_clamp(rng, a_out)
+    node = Node("conv", "conv2d", ["x"], ["y"], {**attrs, "act_min": lo, "act_max": hi},
+                weight=wq.astype(np.float32), bias=bias.astype(np.float32))
+    qm = single_node_model(node, {"x": (1, h, w, ch), "y": (1, ho, wo, ch)},
+                           {"x": a_in, "y": a_out}, weight=wq,
+                           weight_scale=(10 ** rng.uniform(-3, 0, ch)).astype(np.float32),
+                           weight_bits=bw, bias=bias)
+    lq = qm.layers["conv"]
+    x = rand_values(rng, bits, (h, w, ch))
+    want = run_int(qm, {"x": x[None]})["y"][0]
+    sub = rng.random() < 0.5
+    same_layout = sub and rng.random() < 0.5
+    sh_, sw_ = (h + 2, max(w, wo if same_layout else 0) + 3) if sub else (h, w)
+    y0, x0 = (int(rng.integers(0, 3)), int(rng.integers(0, 4))) if sub else (0, 0)
+    out_extent = ((y0 + ho) * sw_ + x0 + wo) * ch if same_layout else ho * wo * ch
+    store = ck.Stored.random(rng, max(sh_ * sw_ * ch, out_extent), bits)
+    v_in = store.view(h, w, ch, y0, x0, sw_)
+    store.elements[ck.Stored.indices(v_in)] = x
+    store.restore()
+    v_out = store.view(ho, wo, ch, y0, x0, sw_) if same_layout else store.view(ho, wo, ch)
+    p = ck.ConvParams(sh, sw, dh, dw, pads[0], pads[1], ch, a_in.zero_point,
+                      a_out.zero_point, lq.act_min, lq.act_max)
+    good = True
+    for lib in libs:
+        store.restore()
+        assert lib.depthwise_inplace(p, codes, None, bias, lq.multiplier, lq.shift, v_in,
+                                     v_out) == MPQ_OK
+        good &= check_bytes(store, v_out, want)
+    size = libs[0].depthwise_inplace_scratch_size(p, codes, None, v_in, v_out)
+    pb = max(0, (ho - 1) * sh + (kh - 1) * dh + 1 - pads[0] - h)
+    pr = max(0, (wo - 1) * sw + (kw - 1) * dw + 1 - pads[1] - w)
+    assert size == (pads[0] + h + pb) * (pads[1] + w + pr)
+    if node.is_depthwise:  # C = 1 is an ordinary conv to mpq (groups = 1)
+        assert size <= scratch_bytes(node, qm.graph, inplace=True)
+    return good
+
+
 def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
-    """Depthwise (multiplier 1) whose output view starts at the input's first element: either a
-    plain contiguous tensor (the layer-based arena) or the input's own sub-region layout. A
-    third of the cases are 3x3 with unit stride and dilation along W, the DSP build's
-    two-outputs-per-word loop."""
+    """Depthwise (multiplier 1) whose output view starts at the input's first element (see
+    _depthwise_inplace_case). A third of the cases are 3x3 with unit stride and dilation along
+    W, the DSP build's two-outputs-per-word loop."""
     n = bad = paired = 0
     per_format: dict[int, int] = {}
     combos = [(b, b, wf) for b in BITS for wf in WFORMATS] * 3
     for rng, bits, _, (fmt, bw) in cases(5, combos):
-        ch = int(rng.integers(1, 7))
         kh, kw = (int(v) for v in rng.integers(1, 4, 2))
         sh, sw = (int(v) for v in rng.integers(1, 3, 2))
         if rng.random() < 0.1:
@@ -427,54 +481,42 @@ def test_depthwise_inplace_random(libs: list[ck.Kernels]) -> None:
             kh, kw, sw, dw = 3, 3, 1, 1
         pads = tuple(int(v) for v in rng.integers(0, 3, 4))
         h, w = (int(v) for v in rng.integers(dh * (kh - 1) + 1, 9, 2))
-        ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
-        wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
-        if ho <= 0 or wo <= 0:
+        good = _depthwise_inplace_case(libs, rng, bits, fmt, bw,
+                                       ((kh, kw), (sh, sw), (dh, dw), pads, (h, w)))
+        if good is None:
             continue
-        a_in, a_out = rand_act(rng, bits), rand_act(rng, bits, 0.2)
-        codes = ck.Weights.random(rng, (ch, kh, kw, 1), bw, fmt)
-        wq = codes.values
-        bias = rng.integers(-5000, 5000, ch)
-        attrs = {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw), "pads": pads,
-                 "groups": ch}
-        lo, hi = rand_clamp(rng, a_out)
-        node = Node("conv", "conv2d", ["x"], ["y"], {**attrs, "act_min": lo, "act_max": hi},
-                    weight=wq.astype(np.float32), bias=bias.astype(np.float32))
-        qm = single_node_model(node, {"x": (1, h, w, ch), "y": (1, ho, wo, ch)},
-                         {"x": a_in, "y": a_out}, weight=wq,
-                         weight_scale=(10 ** rng.uniform(-3, 0, ch)).astype(np.float32),
-                         weight_bits=bw, bias=bias)
-        lq = qm.layers["conv"]
-        x = rand_values(rng, bits, (h, w, ch))
-        want = run_int(qm, {"x": x[None]})["y"][0]
-        sub = rng.random() < 0.5
-        same_layout = sub and rng.random() < 0.5
-        sh_, sw_ = (h + 2, max(w, wo if same_layout else 0) + 3) if sub else (h, w)
-        y0, x0 = (int(rng.integers(0, 3)), int(rng.integers(0, 4))) if sub else (0, 0)
-        out_extent = ((y0 + ho) * sw_ + x0 + wo) * ch if same_layout else ho * wo * ch
-        store = ck.Stored.random(rng, max(sh_ * sw_ * ch, out_extent), bits)
-        v_in = store.view(h, w, ch, y0, x0, sw_)
-        store.elements[ck.Stored.indices(v_in)] = x
-        store.restore()
-        v_out = store.view(ho, wo, ch, y0, x0, sw_) if same_layout else store.view(ho, wo, ch)
-        p = ck.ConvParams(sh, sw, dh, dw, pads[0], pads[1], ch, a_in.zero_point,
-                          a_out.zero_point, lq.act_min, lq.act_max)
-        for lib in libs:
-            store.restore()
-            assert lib.depthwise_inplace(p, codes, None, bias, lq.multiplier, lq.shift, v_in,
-                                         v_out) == MPQ_OK
-            bad += not check_bytes(store, v_out, want)
-        size = libs[0].depthwise_inplace_scratch_size(p, codes, None, v_in, v_out)
-        pb = max(0, (ho - 1) * sh + (kh - 1) * dh + 1 - pads[0] - h)
-        pr = max(0, (wo - 1) * sw + (kw - 1) * dw + 1 - pads[1] - w)
-        assert size == (pads[0] + h + pb) * (pads[1] + w + pr)
-        if node.is_depthwise:  # C = 1 is an ordinary conv to mpq (groups = 1)
-            assert size <= scratch_bytes(node, qm.graph, inplace=True)
+        bad += not good
         per_format[fmt] = per_format.get(fmt, 0) + 1
-        paired += kh == kw == 3 and sw == dw == 1 and wo >= 2
+        paired += kh == kw == 3 and sw == dw == 1 and conv_out_size(w, 3, 1, 1, pads[1],
+                                                                      pads[3]) >= 2
         n += 1
     assert enough_per_format(per_format) and bad == 0, (per_format, bad)
     assert paired >= scaled(150)
+
+
+def test_depthwise_inplace_3x3_stride2_random(libs: list[ck.Kernels]) -> None:
+    """3x3 depthwise with stride 2 and unit dilation along W (MobileNet's downsampling layers),
+    the DSP build's two-outputs-per-word-and-byte loop: ≥ 200 cases per weight format, every
+    bitwidth, any stride/dilation along H, padding 0–2 on every side (the last pair reaches the
+    padded row's last column), widths with an odd output count (the scalar tail)."""
+    per_format: dict[int, int] = {}
+    bad = pairs = tails = 0
+    combos = [(b, b, wf) for b in BITS for wf in WFORMATS] * 3
+    for rng, bits, _, (fmt, bw) in cases(6, combos):
+        sh, dh = int(rng.integers(1, 3)), int(rng.choice([1, 1, 2]))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 4))
+        h, w = int(rng.integers(2 * dh + 1, 9)), int(rng.integers(3, 14))
+        good = _depthwise_inplace_case(libs, rng, bits, fmt, bw,
+                                       ((3, 3), (sh, 2), (dh, 1), pads, (h, w)))
+        if good is None:
+            continue
+        bad += not good
+        per_format[fmt] = per_format.get(fmt, 0) + 1
+        wo = conv_out_size(w, 3, 2, 1, pads[1], pads[3])
+        pairs += wo >= 2
+        tails += wo % 2
+    assert enough_per_format(per_format) and bad == 0, (per_format, bad)
+    assert pairs >= scaled(600) and tails >= scaled(300), (pairs, tails)
 
 
 # -- pooling ------------------------------------------------------------------------------------

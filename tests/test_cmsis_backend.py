@@ -51,13 +51,15 @@ def _random(graph, n: int, scale: float = 1.0) -> np.ndarray:
     return (np.random.default_rng(1).random(shape) * scale).astype(np.float32)
 
 
-def _int8_plan(tmp: Path, model, name: str, scale: float = 1.0):
+def _int8_plan(tmp: Path, model, name: str, scale: float = 1.0, io: str = "arena"):
+    """The int8 layer-based plan of `model`; `io` "external" keeps the graph input out of the
+    arena (a single depthwise layer would otherwise run in place over it)."""
     path = tmp / f"{name}.onnx"
     path.write_bytes(model.SerializeToString())
     graph = load_model(path)
     plan = search(path, graph, get_board("nano33ble"),
                   dataset_from_array(_random(graph, 16, scale), name),
-                  SearchOptions(strategy="int8", patches="none")).plan
+                  SearchOptions(strategy="int8", patches="none", io=io)).plan
     return plan, graph
 
 
@@ -101,6 +103,23 @@ def residual_add_model(seed: int = 0):
     return b.model("main_graph", [B._input("input", ["batch", 3, 10, 12])], ["output"])
 
 
+def fused_block_model(stride: int, seed: int = 0, group: int = 1):
+    """A residual block whose add the plan fuses into the conv before it: s = relu(conv(x)),
+    skip = 1x1 conv of s (stride `stride`), then add(skip, conv3x3(s, stride `stride`, padding
+    1, `group` groups)): the 3x3 conv reads s, never the skip, so the sum overwrites the skip."""
+    b = B._Builder(seed)
+    w = b.init("c0.weight", b.he((8, 3, 3, 3)))
+    s = b.conv("input", w, b.init("c0.bias", b.small(8)), "/c0/Conv", 3, 1, (1, 1, 1, 1))
+    s = b.node("Relu", [s], "/r0/Relu")
+    w = b.init("sk.weight", b.he((8, 8, 1, 1)))
+    skip = b.conv(s, w, b.init("sk.bias", b.small(8)), "/sk/Conv", 1, stride, (0, 0, 0, 0))
+    w = b.init("c1.weight", b.he((8, 8 // group, 3, 3)))
+    y = b.conv(s, w, b.init("c1.bias", b.small(8)), "/c1/Conv", 3, stride, (1, 1, 1, 1),
+               group=group)
+    b.node("Add", [skip, y], "/add/Add", outputs=["output"])
+    return b.model("main_graph", [B._input("input", ["batch", 3, 11, 13])], ["output"])
+
+
 def uniform_fc_model(seed: int = 0):
     """Gemm 64 → 10 whose rows share their largest |weight|, so every output channel gets the
     same requantisation: 4-bit weights can go to the per-tensor arm_fully_connected_s4."""
@@ -126,14 +145,17 @@ def test_backend_choice_report_and_deterministic_export(tmp_path: Path) -> None:
         by_backend[layer["backend"]].append(layer)
     inplace, fused = set(plan.schedule["inplace_depthwise"]), plan.schedule["fused_adds"]
     for layer in by_backend["portable"]:
-        if layer["call"] == "mpq_depthwise_inplace":
-            assert layer["name"] in inplace and "in-place" in layer["reason"]
-        else:
-            assert layer["call"] == "mpq_conv2d_add" and "residual add" in layer["reason"]
-            assert layer["name"].split(" + ")[1] in fused
+        assert layer["call"] == "mpq_depthwise_inplace"
+        assert layer["name"] in inplace and "in-place" in layer["reason"]
+    # Every conv fused with its residual add calls CMSIS-NN's conv, then its add in place.
+    fused_calls = [x for x in by_backend["cmsis-nn"] if " + " in x["name"]]
+    assert sorted(x["name"].split(" + ")[1] for x in fused_calls) == sorted(fused)
+    assert {x["call"] for x in fused_calls} == {"arm_convolve_wrapper_s8 + arm_elementwise_add_s8"}
     cmsis_calls = {layer["call"] for layer in by_backend["cmsis-nn"]}
     assert cmsis_calls == {"arm_convolve_wrapper_s8", "arm_avgpool_s8",
-                           "arm_fully_connected_per_channel_s8"}
+                           "arm_fully_connected_per_channel_s8",
+                           "arm_convolve_wrapper_s8 + arm_elementwise_add_s8"}
+    cmsis_calls = {f for call in cmsis_calls for f in call.split(" + ")}
     # The export's scratch covers both kinds of kernel; the plan's prediction is reported too.
     p = report["predicted"]
     assert p["scratch_bytes"] >= max(p["cmsis_nn_scratch_bytes"], p["portable_scratch_bytes"])
@@ -156,10 +178,14 @@ def test_backend_choice_report_and_deterministic_export(tmp_path: Path) -> None:
     model_c = (a / "mpq_model.c").read_text()
     assert '#include "arm_nnfunctions.h"' in model_c
     assert model_c.count("arm_convolve_wrapper_s8(") == len(
-        [x for x in by_backend["cmsis-nn"] if x["call"] == "arm_convolve_wrapper_s8"])
-    # Every CMSIS-NN call with a scratch getter checks it against the static scratch.
-    assert model_c.count("mpq_cmsis_scratch(arm_") == sum(
-        1 for x in by_backend["cmsis-nn"] if x["call"] != "arm_elementwise_add_s8")
+        [x for x in by_backend["cmsis-nn"] if x["call"].startswith("arm_convolve_wrapper_s8")])
+    assert model_c.count("arm_elementwise_add_s8(") == len(fused_calls)
+    # Every CMSIS-NN call with a scratch getter checks it against the static scratch (a fused
+    # conv+add against the part of the scratch its convolution may use).
+    assert model_c.count("mpq_cmsis_scratch(arm_") == len(by_backend["cmsis-nn"]) \
+        - len(fused_calls)
+    assert model_c.count("_get_buffer_size(&p, &in_dims, &f_dims, &out_dims);") == \
+        len(fused_calls)
     header = (a / "mpq_model.h").read_text()
     assert f"#define MPQ_CMSIS_SCRATCH_BYTES {p['cmsis_nn_scratch_bytes']}\n" in header
     mk = (a / "mpq.mk").read_text()
@@ -341,7 +367,7 @@ def test_single_layers_bit_exact_on_host(tmp_path: Path, name: str) -> None:
     """CMSIS-NN's plain-C paths (host gcc), int8 and int4 weights, against the reference."""
     _cmsis_nn()
     expected = next(f for n, _, f in LAYERS if n == name)
-    plan, graph = _int8_plan(tmp_path, _layer_model(name), name)
+    plan, graph = _int8_plan(tmp_path, _layer_model(name), name, io="external")
     x = _random(graph, 4)
     for bits in (8, 4):
         _with_weight_bits(plan, bits, graph)
@@ -384,7 +410,7 @@ def test_single_layers_bit_exact_on_cortex_m4(tmp_path: Path, name: str) -> None
     """The DSP (SMLAD) paths of the convolution kernels, int8 and int4 weights."""
     _cmsis_nn()
     _cross_tools()
-    plan, graph = _int8_plan(tmp_path, _layer_model(name), name)
+    plan, graph = _int8_plan(tmp_path, _layer_model(name), name, io="external")
     x = _random(graph, 2)
     for bits in (8, 4):
         _with_weight_bits(plan, bits, graph)
@@ -419,7 +445,7 @@ def test_mixed_plans_bit_exact_on_cortex_m4_and_m7() -> None:
     graph = load_model(path)
     x = _random(graph, 16)
     plan = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "random"),
-                  SearchOptions(sram=45_000)).plan
+                  SearchOptions(sram=40_000)).plan  # 45,000 B now fits 8-bit patches
     assert plan.patch is not None and min(t.bits for t in plan.tensors) < 8
     assert verify(plan, graph, x[:2], "qemu-m4", "cmsis-nn").mismatches == 0
 
@@ -497,3 +523,59 @@ def test_softmax_only_export_compiles_with_werror(tmp_path: Path) -> None:
                         f"-I{root / 'Include'}", "-c", str(out / "mpq_model.c"),
                         "-o", str(tmp_path / "mpq_model.o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# -- conv fused with its residual add: CMSIS-NN conv band by band + arm_elementwise_add_s8 ------
+
+def test_fused_add_rows() -> None:
+    """Bands take the plan's scratch beside the conv's own (16-byte aligned), 1 row at least,
+    the whole output at most."""
+    assert cmsis.fused_add_rows(32, 16, 32, 576, 2304) == 3  # (2304 - 576) // 512
+    assert cmsis.fused_add_rows(8, 64, 8, 2304, 2304) == 1  # no room left: one row
+    assert cmsis.fused_add_rows(8, 64, 8, 570, 0) == 1
+    assert cmsis.fused_add_rows(7, 8, 6, 100, 10_000) == 6
+    assert cmsis.fused_add_rows(7, 8, 6, 104, 112 + 2 * 56) == 2  # 104 → 112 aligned
+
+
+# (name, stride, groups of the 3x3 conv, the conv the plan fuses with the add): with a
+# depthwise 3x3 the order puts the 1x1 skip conv last, so the 1x1 stride-2 conv is fused.
+FUSED = [("s1", 1, 1, "/c1/Conv"), ("s2", 2, 1, "/c1/Conv"), ("1x1_s2", 2, 8, "/sk/Conv")]
+
+
+def _fused_plan(tmp: Path, stride: int, group: int, conv: str):
+    plan, graph = _int8_plan(tmp, fused_block_model(stride, group=group), f"fused{stride}")
+    assert plan.schedule["fused_adds"] == {"/add/Add": {
+        "conv": conv, "skip": ({"/c1/Conv", "/sk/Conv"} - {conv}).pop() + "_output_0"}}
+    return plan, graph
+
+
+@pytest.mark.parametrize("name,stride,group,conv", FUSED)
+def test_fused_conv_add_bit_exact_on_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          name: str, stride: int, group: int, conv: str) -> None:
+    """The fused conv+add through CMSIS-NN for bands of 1, 2 (the top padding in the first
+    band only) and all rows; int8 and int4 weights; bytes equal to the integer reference."""
+    _cmsis_nn()
+    plan, graph = _fused_plan(tmp_path, stride, group, conv)
+    x = _random(graph, 3)
+    for bits in (8, 4):
+        _with_weight_bits(plan, bits, graph)
+        calls = _calls(_report(plan, graph))
+        assert calls[f"{conv} + /add/Add"] == \
+            f"arm_convolve_wrapper_s{bits} + arm_elementwise_add_s8"
+        for rows in (1, 2, 99):
+            monkeypatch.setattr(cmsis, "fused_add_rows", lambda *a, r=rows: min(r, a[2]))
+            model_c = render_export(plan, graph, "cmsis-nn")["mpq_model.c"]
+            assert f"per band of {min(rows, 11 if stride == 1 else 6)} output row" in model_c
+            assert verify(plan, graph, x, "host", "cmsis-nn").mismatches == 0, (bits, rows)
+
+
+@pytest.mark.parametrize("name,stride,group,conv", FUSED[1:])
+def test_fused_conv_add_bit_exact_on_cortex_m4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               name: str, stride: int, group: int,
+                                               conv: str) -> None:
+    """The same on the DSP paths (qemu-m4), bands of 2 rows."""
+    _cmsis_nn()
+    _cross_tools()
+    plan, graph = _fused_plan(tmp_path, stride, group, conv)
+    monkeypatch.setattr(cmsis, "fused_add_rows", lambda *a: 2)
+    assert verify(plan, graph, _random(graph, 2), "qemu-m4", "cmsis-nn").mismatches == 0

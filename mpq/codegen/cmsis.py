@@ -16,13 +16,18 @@ int8 or int4, and CMSIS-NN has a kernel that computes exactly what `mpq.sim` com
 
 Everything else keeps mpq's portable kernels, for a reason the export report names: sub-byte
 activations; 2-bit weights and non-linear weight schemes (codebooks, powers of two); the plan's
-in-place depthwise convolutions and convolutions fused with their residual add (CMSIS-NN writes
-a separate output, and the plan's arena has no room for one: the fused sum overwrites the skip);
-grouped convolutions; two shapes whose CMSIS-NN fast paths read taps unchecked (1x1 convolutions
-with implied bottom/right padding, 3x3 depthwise with more than one implied bottom/right row or
-column: 3,425 and 144 wrong bytes in single-layer tests); and the whole patch stage, whose
-kernels read and write views into larger stored tensors (CMSIS-NN takes contiguous NHWC
-tensors only).
+in-place depthwise convolutions (CMSIS-NN writes a separate output, and the plan's arena has no
+room for one); grouped convolutions; two shapes whose CMSIS-NN fast paths read taps unchecked
+(1x1 convolutions with implied bottom/right padding, 3x3 depthwise with more than one implied
+bottom/right row or column: 3,425 and 144 wrong bytes in single-layer tests); and the whole
+patch stage, whose kernels read and write views into larger stored tensors (CMSIS-NN takes
+contiguous NHWC tensors only).
+
+A convolution fused with its residual add (`mpq.memory.fused_residual_adds`: the sum overwrites
+the skip, and the arena holds no room for the convolution's own output) calls CMSIS-NN band by
+band of output rows (`plan_fused_call`): the convolution of a band into the scratch, then
+`arm_elementwise_add_s8` over the band with the skip as input 2 and output (in place: it reads
+each word of both inputs before it writes that word of the output).
 
 The static scratch is sized here with Python mirrors of CMSIS-NN's `*_get_buffer_size` for a
 core with the DSP extension and without MVE (Cortex-M4/M7); the generated code asks CMSIS-NN's
@@ -191,6 +196,17 @@ class CmsisCall:
     getter: str | None = None  # CMSIS-NN's *_get_buffer_size for the run-time check
     params: dict[str, Any] = field(default_factory=dict)
     weight_layout: str | None = None  # "ohwi" (as mpq stores it) or "1hwc" (depthwise)
+    add: dict[str, int] | None = None  # conv+add (plan_fused_call): the add and the bands
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        """Every CMSIS-NN function the call makes (a fused conv+add also adds)."""
+        return (self.function, "arm_elementwise_add_s8") if self.add else (self.function,)
+
+    @property
+    def label(self) -> str:
+        """The call as the export report names it."""
+        return " + ".join(self.functions)
 
 
 def _dims(shape: tuple[int, ...]) -> list[int]:
@@ -342,3 +358,52 @@ def cmsis_weights(weight: np.ndarray, layout: str) -> np.ndarray:
     if layout == "1hwc":
         return np.ascontiguousarray(weight[:, :, :, 0].transpose(1, 2, 0))
     return weight
+
+
+def fused_add_rows(out_w: int, out_c: int, out_h: int, conv_scratch: int, budget: int) -> int:
+    """Output rows per band of a fused conv+add: as many as fit in the scratch the plan reserved
+    (`budget`, the plan's `scratch_bytes`) beside the convolution's own CMSIS-NN scratch
+    (`conv_scratch`, 16-byte aligned), at least one, at most the whole output."""
+    room = budget - _align16(conv_scratch)
+    return max(1, min(out_h, room // (out_w * out_c)))
+
+
+def _align16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def plan_fused_call(conv: Node, add: Node, skip: str, graph: Graph, qm: QuantModel,
+                    inplace: set[str], budget: int) -> CmsisCall | str:
+    """A convolution fused with its residual add (add → (conv, skip) of
+    `mpq.memory.fused_residual_adds`) as CMSIS-NN calls, or why it keeps `mpq_conv2d_add`.
+
+    Per band of `fused_add_rows` output rows r0 … r1−1: the convolution of those rows (input
+    rows max(0, r0·sh − pt) … min(H, (r1−1)·sh − pt + dh·(KH−1) + 1), the top padding only
+    where the band reaches above the input) into the scratch after the convolution's own, then
+    `arm_elementwise_add_s8(res, skip, …)` writes the band's sums over the skip rows r0 … r1−1.
+    The band's convolution never reads the skip (the plan fuses only then), so the order is
+    free. The add's constants are TFLM's (`quant.arith` add), input 1 = the convolution's result.
+    """
+    call = plan_call(conv, graph, qm, inplace, set())
+    if isinstance(call, str):
+        return call
+    acts = qm.acts
+    out = add.outputs[0]
+    if acts[skip].bits != 8 or acts[out].bits != 8:
+        return "sub-byte activations"
+    res = conv.outputs[0]
+    lq = qm.layers[add.name]
+    e = lq.extra
+    m1, s1, m2, s2 = (e["m1"], e["s1"], e["m2"], e["s2"]) if res == add.inputs[0] \
+        else (e["m2"], e["s2"], e["m1"], e["s1"])
+    y = call.params["output"]
+    rows = fused_add_rows(y[2], y[3], y[1], call.scratch, budget)
+    call.add = {"res_offset": -acts[res].zero_point, "res_multiplier": m1, "res_shift": s1,
+                "skip_offset": -acts[skip].zero_point, "skip_multiplier": m2,
+                "skip_shift": s2, "left_shift": e["left_shift"],
+                "output_offset": acts[out].zero_point, "output_multiplier": e["mo"],
+                "output_shift": e["so"], "act_min": lq.act_min, "act_max": lq.act_max,
+                "rows": rows, "conv_scratch": _align16(call.scratch),
+                "kernel_h": int(qm.layers[conv.name].weight.shape[1])}
+    call.scratch = _align16(call.scratch) + rows * y[2] * y[3]
+    return call

@@ -293,16 +293,22 @@ class _Builder:
             ins = [self.operand(t) for t in node.inputs]
             reason = None
             if self.backend == "cmsis-nn":
-                call = cmsis.plan_call(node, self.graph, self.qm, self.inplace, fused_convs)
+                name = node.name
+                if node.name in fused_convs:
+                    call, name, ins, out = self._cmsis_fused(node, by_name, ins)
+                else:
+                    call = cmsis.plan_call(node, self.graph, self.qm, self.inplace, fused_convs)
                 if isinstance(call, cmsis.CmsisCall):
                     self.cmsis_scratch = max(self.cmsis_scratch, call.scratch)
                     weight = self.cmsis_weights(i, node, call) if call.weight_layout else None
-                    self.layers.append(Layer(i, node.name, "cmsis", ins, out, weight=weight,
+                    self.layers.append(Layer(i, name, "cmsis", ins, out, weight=weight,
                                              cmsis=call))
-                    self.report.append({"index": i, "name": node.name,
-                                        "backend": "cmsis-nn", "call": call.function})
+                    self.report.append({"index": i, "name": name,
+                                        "backend": "cmsis-nn", "call": call.label})
                     continue
                 reason = call
+                ins = [self.operand(t) for t in node.inputs]
+                out = self.operand(node.outputs[0])
             n_before = len(self.layers)
             self._portable(i, node, by_name, ins, out)
             for layer in self.layers[n_before:]:
@@ -313,6 +319,19 @@ class _Builder:
                 if i in self.packed_notes:  # conv / fully connected: packed, or why not
                     entry["packed"] = self.packed_notes[i]
                 self.report.append(entry)
+
+    def _cmsis_fused(self, node: Node, by_name: dict[str, Node], ins: list[Operand]
+                     ) -> tuple[cmsis.CmsisCall | str, str, list[Operand], Operand]:
+        """A conv fused with its residual add, for the cmsis-nn backend: the CMSIS-NN call (or
+        why not), the layer's name, its operands (the conv's input, then the skip) and output
+        (the add's, over the skip)."""
+        add_name, skip = self.fused_by_conv[node.name]
+        add = by_name[add_name]
+        call = cmsis.plan_fused_call(node, add, skip, self.graph, self.qm, self.inplace,
+                                     _plan_int(self.plan.predicted.get("scratch_bytes", 0),
+                                               "predicted.scratch_bytes"))
+        return (call, f"{node.name} + {add.name}", [ins[0], self.operand(skip)],
+                self.operand(add.outputs[0]))
 
     def _portable(self, i: int, node: Node, by_name: dict[str, Node], ins: list[Operand],
                   out: Operand) -> None:
@@ -762,7 +781,8 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
                      | {c.kernel for c in (stage["calls"] if stage else [])}
                      | ({"copy_view"} if stage and any(c.line for c in stage["calls"])
                         else set()))
-    functions = sorted({layer.cmsis.function for layer in b.layers if layer.cmsis is not None})
+    functions = sorted({f for layer in b.layers if layer.cmsis is not None
+                        for f in layer.cmsis.functions})
     return {
         "plan_digest": hashlib.sha256(plan.to_json().encode()).hexdigest()[:16],
         "model": plan.model, "model_sha256": plan.model_sha256, "board": board.name,
