@@ -542,7 +542,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             "damage_sum_of_single_choices": round(m.predicted, 9),
             "plans_measured": m.candidates, "reference_runs": probe.runs}
         plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
-                                                   m.damage)
+                                                   m.damage, probe)
         say(f"fidelity: measured on {probe.samples} samples")
     say("plan: assembled")
     if table is not None:
@@ -1076,7 +1076,7 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
             "plans_measured": measured["plans_measured"] + len(cands) - 1,
             "reference_runs": probe.runs}
         plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
-                                                   best.damage)
+                                                   best.damage, probe)
         plan.notes.append(f"accuracy first: the {best.label} strategy's plan kept more top-1 "
                           f"decisions of the float model on {len(x)} calibration samples "
                           f"({best.agree} vs {cands[0].agree}) than the measured ILP's")
