@@ -22,6 +22,7 @@ candidates of a smaller one (within the window).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -278,9 +279,13 @@ def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damag
     name = graph.inputs[0]
     classes = {o: is_classifier(graph, o) for o in graph.outputs} if len(graph.outputs) > 1 \
         else {graph.outputs[0]: classifier}
-    refs = [run_graph(graph, {name: to_ir_layout(graph, name, x_val[i:i + 64])})
-            for i in range(0, len(x_val), 64)]
-    mixed = runner.output_dict(x_val)
+    # The float reference and the plan run side by side (numpy releases the GIL; neither
+    # depends on the other).
+    with ThreadPoolExecutor(2) as pool:
+        plan_run = pool.submit(runner.output_dict, x_val)
+        refs = [run_graph(graph, {name: to_ir_layout(graph, name, x_val[i:i + 64])})
+                for i in range(0, len(x_val), 64)]
+        mixed = plan_run.result()
     xq = quantize_input(int8.acts[name], to_ir_layout(graph, name, x_val))
     eight = probe.cached_outputs(int8, xq) if probe is not None else None
     if eight is None:

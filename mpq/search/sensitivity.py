@@ -76,6 +76,9 @@ class Probe:
         self._memo: dict[tuple, float] = {}
         self._ref_w = {n.name: self._w_bits(n, {}) for n in graph.nodes if n.weight is not None}
         self.runs = 0
+        self._readers = _readers(graph)
+        for t, _ in self.measure:
+            self._readers[t] += 1
         self._pending: dict[tuple, float] = {}  # measured ahead by `prefetch`, not yet asked
         self._lock = threading.Lock()
         self.base: QuantModel | None = None  # `model` builds the reference when it is None
@@ -161,6 +164,10 @@ class Probe:
         descendants run, everything else comes from the reference cache."""
         g = self.graph
         dirty: dict[str, np.ndarray] = {}
+        # A recomputed tensor is dropped after its last reader (the measured ones are kept):
+        # a variant near the input would otherwise hold the int64 values of the whole
+        # network at once.
+        remaining = dict(self._readers)
         started = False
         for node in g.nodes:
             if not started and node.name not in changed:
@@ -172,6 +179,11 @@ class Probe:
                   for t in node.inputs]
             dirty[node.outputs[0]] = INT_OPS[node.op].run(node, qm.layers[node.name], qm, xs,
                                                           g.tensors[node.outputs[0]].shape)
+            del xs
+            for t in node.inputs:
+                remaining[t] -= 1
+                if remaining[t] <= 0:
+                    dirty.pop(t, None)
         return {t: dequantize(qm.acts[t], dirty[t]) if t in dirty else self.reference[t]
                 for t, _ in self.measure}
 
