@@ -86,7 +86,8 @@ def conv_float32(node: Node, lq: LayerQuant, zero_point: int, x: np.ndarray,
     w = lq.weight
     w_abs = int(np.abs(w.reshape(w.shape[0], -1).astype(np.int64)).sum(axis=1).max()) \
         if w.size else 0
-    if x_abs * w_abs >= FLOAT32_EXACT or x_abs >= FLOAT32_EXACT:
+    # X itself in float32's exact range too, whichever loop numpy picks for X − zp below.
+    if x_abs * w_abs >= FLOAT32_EXACT or max(x_abs, abs(lo), abs(hi)) >= FLOAT32_EXACT:
         return None
     a = node.attrs
     t, left, b, r = a["pads"]
