@@ -346,8 +346,13 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
             return 0
         return align_up(packed_bytes(elements[tensor], bits))
 
+    arenas: dict[tuple, int] = {}  # the planner is deterministic: each bit map planned once
+
     def arena(bits: dict[str, int]) -> int:
-        return schedule.memory(bits).arena_bytes
+        key = tuple(sorted(bits.items()))
+        if key not in arenas:
+            arenas[key] = schedule.memory(bits).arena_bytes
+        return arenas[key]
 
     problem = Problem(groups=groups, live=live, size=size, arena=arena,
                       sram_budget=sram_budget, flash_budget=flash_budget,
@@ -446,6 +451,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     say(f"scoring: {len(scores)} feature maps, {len(candidates)} candidate schedule(s)")
     full_bitops = full_precision_bitops(graph)
     attempts = []
+    to_measure: list[_Attempt] = []  # measured strategy: ILP solutions to measure
     failures: list[MpqError] = []
     for schedule in candidates:
         try:
@@ -461,12 +467,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         # every map (see `schedule_value`), not on the solver's, whose groups differ by
         # schedule.
         if probe is not None:
-            attempt.pool = initial(attempt.problem, attempt.solution, probe)
-            value = -attempt.pool.best[0]
-            say(f"solving: {_describe(schedule)}: arena {attempt.solution.arena:,} B, "
-                f"measured damage {-value:.5f}")
-            attempts.append((round(value, 12), -schedule.redundant_macs,
-                             -schedule.split_layer, -schedule.n, attempt))
+            to_measure.append(attempt)  # below, the schedules' plans side by side
             continue
         if opts.qbr and opts.strategy != "int8":
             attempt.refined, attempt.qbr_log = refine_bits(attempt.problem, attempt.solution)
@@ -480,6 +481,17 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             f"{attempt.solution.objective:.4f}, after QBR {value:.4f}")
         attempts.append((round(value, 12), -schedule.redundant_macs,
                          -schedule.split_layer, -schedule.n, attempt))
+    if to_measure:
+        from mpq.search.measured import choice_bits
+
+        probe.prefetch([choice_bits(a.problem, a.solution.choice) for a in to_measure])
+    for attempt in to_measure:
+        attempt.pool = initial(attempt.problem, attempt.solution, probe)
+        value = -attempt.pool.best[0]
+        say(f"solving: {_describe(attempt.schedule)}: arena {attempt.solution.arena:,} B, "
+            f"measured damage {-value:.5f}")
+        attempts.append((round(value, 12), -attempt.schedule.redundant_macs,
+                         -attempt.schedule.split_layer, -attempt.schedule.n, attempt))
     if not attempts:
         raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
     if probe is not None:
@@ -558,7 +570,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             "damage_sum_of_single_choices": round(m.predicted, 9),
             "plans_measured": m.candidates, "reference_runs": probe.runs}
         plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
-                                                   m.damage)
+                                                   m.damage, probe)
         say(f"fidelity: measured on {probe.samples} samples")
     say("plan: assembled")
     if table is not None:
@@ -1133,7 +1145,7 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
             "plans_measured": measured["plans_measured"] + len(cands) - 1,
             "reference_runs": probe.runs}
         plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
-                                                   best.damage)
+                                                   best.damage, probe)
         plan.notes.append(f"accuracy first: the {best.label} strategy's plan kept more top-1 "
                           f"decisions of the float model on {len(x)} calibration samples "
                           f"({best.agree} vs {cands[0].agree}) than the measured ILP's")

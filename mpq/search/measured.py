@@ -22,6 +22,7 @@ candidates of a smaller one (within the window).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,6 +68,7 @@ def rescore(problem: Problem, probe: Probe) -> Problem:
     needs, so the ILP would never pick it (it only costs damage) — on MobileNetV2 this skips
     most of the network. Weight groups are measured (Flash binds on the whole sum)."""
     binding = binding_tensors(problem)
+    probe.prefetch(single_variants(problem, binding))
     groups = []
     for g in problem.groups:
         node = weight_node(g)
@@ -79,6 +81,20 @@ def rescore(problem: Problem, probe: Probe) -> Problem:
             damage = {b: probe.group_damage(g.tensors, b) for b in g.options}
         groups.append(replace(g, score={b: -d for b, d in damage.items()}, omega=damage))
     return replace(problem, groups=groups)
+
+
+def single_variants(problem: Problem, binding: set[str]
+                    ) -> list[tuple[dict[str, int], dict[str, int]]]:
+    """The single-choice variants `rescore` measures (as `Probe.damage_of` arguments), for
+    `Probe.prefetch` to measure them side by side first."""
+    out = []
+    for g in problem.groups:
+        node = weight_node(g)
+        if node is not None:
+            out += [({}, {node: b}) for b in g.options]
+        elif not (8 in g.options and (g.sram_free or not binding & set(g.tensors))):
+            out += [({t: b for t in g.tensors}, {}) for b in g.options if b < 8]
+    return out
 
 
 def choice_bits(problem: Problem, choice: dict[str, int]
@@ -245,13 +261,15 @@ def _measured_qbr(pool: _Pool, log: list[str]) -> None:
             return
 
 
-def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damage: float
-                  ) -> dict[str, Any]:
+def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damage: float,
+                  probe: Probe | None = None) -> dict[str, Any]:
     """`predicted.fidelity` (DESIGN §7.4): the plan and its all-8-bit model against float on
     the validation samples, every output (`fidelity_summary`), through the integer reference
     exactly as the firmware runs (`PlanRunner`, VDPC included), and the measured damage.
     `classifier` says whether a one-output model's output is a class distribution (the probe
-    counts softmax logits); with several outputs each is judged by `is_classifier`."""
+    counts softmax logits); with several outputs each is judged by `is_classifier`. With
+    `probe`, the all-8-bit outputs come from its reference run when it ran that very model
+    on these inputs (`Probe.cached_outputs`)."""
     from mpq.evaluate import PlanRunner, plan_int8_ranges
     from mpq.fidelity import is_classifier
     from mpq.quant.qmodel import quantize_graph
@@ -261,11 +279,17 @@ def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damag
     name = graph.inputs[0]
     classes = {o: is_classifier(graph, o) for o in graph.outputs} if len(graph.outputs) > 1 \
         else {graph.outputs[0]: classifier}
-    refs = [run_graph(graph, {name: to_ir_layout(graph, name, x_val[i:i + 64])})
-            for i in range(0, len(x_val), 64)]
-    mixed = runner.output_dict(x_val)
+    # The float reference and the plan run side by side (numpy releases the GIL; neither
+    # depends on the other).
+    with ThreadPoolExecutor(2) as pool:
+        plan_run = pool.submit(runner.output_dict, x_val)
+        refs = [run_graph(graph, {name: to_ir_layout(graph, name, x_val[i:i + 64])})
+                for i in range(0, len(x_val), 64)]
+        mixed = plan_run.result()
     xq = quantize_input(int8.acts[name], to_ir_layout(graph, name, x_val))
-    eight = run_int(int8, {name: xq})
+    eight = probe.cached_outputs(int8, xq) if probe is not None else None
+    if eight is None:
+        eight = run_int(int8, {name: xq})
     outputs, int8_out = {}, {}
     for out in graph.outputs:
         ref = from_ir_layout(graph, out, np.concatenate([r[out] for r in refs]))

@@ -14,7 +14,11 @@ of its quantised output a poor, noisy measure.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 
 import numpy as np
 
@@ -22,6 +26,7 @@ from mpq.fidelity import is_classifier, output_damage
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, Node
 from mpq.quant.qmodel import (
+    ActQuant,
     LayerQuant,
     QuantModel,
     activation_quant,
@@ -32,6 +37,10 @@ from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
 from mpq.sim import INT_OPS, dequantize, quantize_input
 
 RangeOf = Callable[[str, int], tuple[float, float]]
+
+#: Variants `Probe.prefetch` measures at once: one per core, at most two (each run holds a
+#: few network-sized temporaries; the machines mpq targets for search have 2–8 cores).
+MEASURE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 def measured_tensors(graph: Graph) -> list[tuple[str, bool]]:
@@ -62,10 +71,16 @@ class Probe:
         self.classifier = {t: logits or is_classifier(graph, t) for t, logits in self.measure}
         self.classifier_any = any(self.classifier.values())
         self._weights: dict[tuple[str, int], QuantizedWeights] = {}
+        self._layers: dict[tuple, LayerQuant] = {}
         self._single: dict[tuple, float] = {}
         self._memo: dict[tuple, float] = {}
         self._ref_w = {n.name: self._w_bits(n, {}) for n in graph.nodes if n.weight is not None}
         self.runs = 0
+        self._readers = _readers(graph)
+        for t, _ in self.measure:
+            self._readers[t] += 1
+        self._pending: dict[tuple, float] = {}  # measured ahead by `prefetch`, not yet asked
+        self._lock = threading.Lock()
         self.base: QuantModel | None = None  # `model` builds the reference when it is None
         self.base = self.model({}, {})[0]
         name = graph.inputs[0]
@@ -106,11 +121,22 @@ class Probe:
                 layers[node.name] = base.layers[node.name]
                 continue
             changed.add(node.name)
-            if node.op in ("conv2d", "fully_connected"):
-                layers[node.name] = weighted_layer(node, acts, self._quantized(node, wb))
-            else:
-                layers[node.name] = layer_params(node, acts)
+            layers[node.name] = self._layer(node, acts, wb)
         return QuantModel(g, acts, layers), changed
+
+    def _layer(self, node: Node, acts: dict[str, ActQuant], wb: int) -> LayerQuant:
+        """A changed layer's parameters, built once per (weight bits, input and output
+        quantisation): the variants of a search share most of them, and the per-channel
+        multipliers are computed in Python."""
+        key = (node.name, wb, tuple(acts[t] for t in node.inputs + node.outputs))
+        lq = self._layers.get(key)
+        if lq is None:
+            if node.op in ("conv2d", "fully_connected"):
+                lq = weighted_layer(node, acts, self._quantized(node, wb))
+            else:
+                lq = layer_params(node, acts)
+            self._layers[key] = lq
+        return lq
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -137,8 +163,11 @@ class Probe:
         """The measured tensors (dequantised) of a variant: the changed layers and their
         descendants run, everything else comes from the reference cache."""
         g = self.graph
-        self.runs += 1
         dirty: dict[str, np.ndarray] = {}
+        # A recomputed tensor is dropped after its last reader (the measured ones are kept):
+        # a variant near the input would otherwise hold the int64 values of the whole
+        # network at once.
+        remaining = dict(self._readers)
         started = False
         for node in g.nodes:
             if not started and node.name not in changed:
@@ -150,24 +179,82 @@ class Probe:
                   for t in node.inputs]
             dirty[node.outputs[0]] = INT_OPS[node.op].run(node, qm.layers[node.name], qm, xs,
                                                           g.tensors[node.outputs[0]].shape)
+            del xs
+            for t in node.inputs:
+                remaining[t] -= 1
+                if remaining[t] <= 0:
+                    dirty.pop(t, None)
         return {t: dequantize(qm.acts[t], dirty[t]) if t in dirty else self.reference[t]
                 for t, _ in self.measure}
+
+    def cached_outputs(self, qm: QuantModel, xq: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The graph outputs (int64) of `run_int(qm, {input: xq})` taken from the reference
+        run, when `qm` has exactly the reference's parameters and `xq` is the input it ran on;
+        else None."""
+        g = self.graph
+        name = g.inputs[0]
+        ref = self.cache[name]
+        if qm.graph is not g or xq.shape != ref.shape or not np.array_equal(xq, ref) \
+                or not same_parameters(qm, self.base):
+            return None
+        return {t: self.cache[t].astype(np.int64) for t in g.outputs}
+
+    def _key(self, act_bits: dict[str, int], w_bits: dict[str, int]) -> tuple:
+        return (tuple(sorted((t, b) for t, b in act_bits.items() if b != 8)),
+                tuple(sorted((n, b) for n, b in w_bits.items() if b != self._ref_w.get(n))))
+
+    def _measure(self, act_bits: dict[str, int], w_bits: dict[str, int]) -> tuple[float, bool]:
+        """The damage of a variant and whether it ran (False: it is the reference)."""
+        qm, changed = self.model(act_bits, w_bits)
+        if not changed:
+            return 0.0, False
+        outs = self.outputs(qm, changed)
+        return float(sum(output_damage(self.reference[t], outs[t], self.classifier[t])
+                         for t, _ in self.measure)), True
 
     def damage_of(self, act_bits: dict[str, int], w_bits: dict[str, int]) -> float:
         """Σ over outputs of the damage of a variant (0 for the reference itself); each
         distinct variant runs once (schedules often share a choice)."""
-        key = (tuple(sorted((t, b) for t, b in act_bits.items() if b != 8)),
-               tuple(sorted((n, b) for n, b in w_bits.items() if b != self._ref_w.get(n))))
+        key = self._key(act_bits, w_bits)
         if key in self._memo:
             return self._memo[key]
-        qm, changed = self.model(act_bits, w_bits)
-        damage = 0.0
-        if changed:
-            outs = self.outputs(qm, changed)
-            damage = float(sum(output_damage(self.reference[t], outs[t], self.classifier[t])
-                               for t, _ in self.measure))
+        if key in self._pending:
+            damage = self._pending.pop(key)
+            self.runs += 1
+        else:
+            damage, ran = self._measure(act_bits, w_bits)
+            self.runs += ran
         self._memo[key] = damage
         return damage
+
+    def prefetch(self, variants: list[tuple[dict[str, int], dict[str, int]]]) -> None:
+        """Measure the variants not measured yet MEASURE_WORKERS at a time, for `damage_of`
+        to take when asked (a cache warmer: what is never asked is never counted in `runs`).
+
+        Threads, not processes: the runs are numpy and BLAS calls on large arrays, which
+        release the GIL, and they share the reference cache without copying it. A variant's
+        damage does not depend on which others run beside it (each run only reads the cache
+        and its own arrays), so the values are those of one at a time."""
+        todo, seen = [], set()
+        for acts, weights in variants:
+            key = self._key(acts, weights)
+            if key in self._memo or key in self._pending or key in seen:
+                continue
+            qm_changes = self.model(acts, weights)[1]
+            if qm_changes:
+                seen.add(key)
+                todo.append((key, acts, weights))
+        if MEASURE_WORKERS < 2 or len(todo) < 2:
+            return
+
+        def one(job: tuple[tuple, dict[str, int], dict[str, int]]) -> None:
+            key, acts, weights = job
+            damage, _ = self._measure(acts, weights)
+            with self._lock:
+                self._pending[key] = damage
+
+        with ThreadPoolExecutor(MEASURE_WORKERS) as pool:
+            list(pool.map(one, todo))
 
     def group_damage(self, tensors: tuple[str, ...], bits: int) -> float:
         """Damage of one tie group of activations at `bits`, everything else at 8."""
@@ -183,6 +270,27 @@ class Probe:
         if key not in self._single:
             self._single[key] = self.damage_of({}, {node: bits})
         return self._single[key]
+
+
+def same_parameters(a: QuantModel, b: QuantModel) -> bool:
+    """Whether two QuantModels of one graph carry the same activation quantisation and the same
+    integer parameters in every layer (arrays compared by value)."""
+    if a.acts != b.acts or a.layers.keys() != b.layers.keys():
+        return False
+    for name, la in a.layers.items():
+        lb = b.layers[name]
+        for f in fields(la):
+            va, vb = getattr(la, f.name), getattr(lb, f.name)
+            if isinstance(va, np.ndarray) or isinstance(vb, np.ndarray):
+                if va is None or vb is None or not np.array_equal(va, vb):
+                    return False
+            elif isinstance(va, dict) or isinstance(vb, dict):
+                if va is None or vb is None or va.keys() != vb.keys() or not all(
+                        np.array_equal(va[k], vb[k]) for k in va):
+                    return False
+            elif va != vb:
+                return False
+    return True
 
 
 def _readers(graph: Graph) -> dict[str, int]:

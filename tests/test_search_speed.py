@@ -1,0 +1,166 @@
+"""The measured search's speed-ups keep every number (issue 13 item 5): the float32
+convolution and merged requantisation of the integer reference give the float64 path's
+integers, the probe's side-by-side measurements give the one-at-a-time damages and run count,
+and the fidelity block may reuse the probe's int8 run only for the very same model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_measured_search import fragile_and_robust_model
+
+from mpq.frontend import load_model
+from mpq.ir import Node
+from mpq.quant import arith
+from mpq.quant.calibrate import activation_range, calibrate, dataset_from_array
+from mpq.quant.qmodel import ActQuant, LayerQuant
+from mpq.search import sensitivity
+from mpq.search.sensitivity import Probe
+from mpq.sim import Conv2D, _exact, _requant_out, conv_float32, requantize_rows
+
+
+def _layer(rng: np.random.Generator, cout: int, reals: np.ndarray, bits: int,
+           bias_bits: int = 20) -> tuple[LayerQuant, ActQuant]:
+    ms = [arith.quantize_multiplier(float(r)) for r in reals]
+    lo, hi = arith.qrange(bits)
+    lq = LayerQuant(bias=rng.integers(-(1 << bias_bits), 1 << bias_bits, cout),
+                    multiplier=np.array([m for m, _ in ms]), shift=np.array([s for _, s in ms]),
+                    act_min=lo, act_max=hi)
+    return lq, ActQuant(0.1, int(rng.integers(lo, hi + 1)), bits)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "mixed_shifts", "left_shift"])
+def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
+    """`requantize_rows` (one merged shift, chunked, in place) against `_requant_out`
+    (`arith.requantize` + zero point + clamp) on every rounding case: halves of both signs
+    (power-of-two multipliers make exact ties), channels with and without a right shift,
+    zero points at the range ends, and the left-shift fallback."""
+    rng = np.random.default_rng({"random": 0, "ties": 1, "mixed_shifts": 2,
+                                 "left_shift": 3}[case])
+    for _ in range(40):
+        cout = int(rng.integers(1, 40))
+        acc = rng.integers(-(1 << 23), 1 << 23, (2, 3, 5, cout)).astype(np.float64)
+        if case == "ties":
+            acc = rng.integers(-64, 64, acc.shape).astype(np.float64)
+            reals = 2.0 ** -rng.integers(1, 8, cout)
+        elif case == "mixed_shifts":
+            reals = rng.choice([0.75, 0.3, 1e-4, 1e-9], cout)
+        elif case == "left_shift":
+            reals = rng.uniform(1.0, 3.0, cout)
+            acc = np.rint(acc / 4096)
+        else:
+            reals = rng.uniform(1e-7, 0.99, cout)
+        for bits in (8, 4, 2):
+            lq, out = _layer(rng, cout, reals, bits, 4 if case == "ties" else 20)
+            lq.bias[0] = 0
+            fast = requantize_rows(acc.astype(np.float32), lq, out)
+            ref = _requant_out(np.rint(acc).astype(np.int64) + lq.bias, lq, out)
+            assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+
+
+def _conv_node(cin: int, cout: int, k: int, stride: int, pad: int, groups: int) -> Node:
+    return Node("c", "conv2d", ["x"], ["y"],
+                {"pads": (pad, pad, pad, pad), "strides": (stride, stride),
+                 "dilations": (1, 1), "groups": groups})
+
+
+@pytest.mark.parametrize("shape", [(6, 10, 1, 1, 0, 1), (8, 8, 3, 2, 1, 8), (8, 8, 3, 1, 1, 8),
+                                   (3, 7, 3, 2, 1, 1), (4, 6, 3, 1, 0, 2)])
+def test_float32_convolution_is_the_exact_integer_one(shape) -> None:
+    """Pointwise, depthwise (stride 1 and 2, padded), full and grouped convolutions: the
+    float32 path's accumulators equal the float64 path's integers, and the layer output is the
+    same."""
+    cin, cout, k, stride, pad, groups = shape
+    rng = np.random.default_rng(cout * 31 + k)
+    node = _conv_node(cin, cout, k, stride, pad, groups)
+    x = rng.integers(-128, 128, (3, 9, 9, cin)).astype(np.int64)
+    w = rng.integers(-127, 128, (cout, k, k, cin // groups)).astype(np.int8)
+    ho = (9 + 2 * pad - k) // stride + 1
+    out_shape = (3, ho, ho, cout)
+    lq, out = _layer(rng, cout, rng.uniform(1e-5, 1e-3, cout), 8)
+    lq.weight = w
+    zp = int(rng.integers(-20, 20))
+    acc32 = conv_float32(node, lq, zp, x, out_shape)
+    assert acc32 is not None and acc32.dtype == np.float32
+    from mpq.interpreter import conv2d_nhwc, pad_nhwc
+
+    acc64 = conv2d_nhwc(pad_nhwc((x - zp).astype(np.float64), node.attrs["pads"]),
+                        w.astype(np.float64), (stride, stride), (1, 1), groups, (ho, ho))
+    assert np.array_equal(acc32.astype(np.float64), acc64)
+    ref = _requant_out(_exact(acc64, node) + lq.bias, lq, out)
+    assert np.array_equal(requantize_rows(acc32, lq, out), ref)
+
+
+def test_float32_is_refused_when_a_sum_could_leave_its_exact_range() -> None:
+    """A wide layer whose Σ|W|·max|X − zp| reaches 2^24 keeps the float64 path (None here),
+    and `Conv2D.run` still gives the exact integers."""
+    rng = np.random.default_rng(5)
+    node = _conv_node(1024, 4, 1, 1, 0, 1)
+    x = np.full((1, 2, 2, 1024), 127, np.int64)
+    w = np.full((4, 1, 1, 1024), 127, np.int8)  # 255·127·1024 > 2^24
+    lq, out = _layer(rng, 4, np.full(4, 1e-7), 8)
+    lq.weight = w
+    assert conv_float32(node, lq, -128, x, (1, 2, 2, 4)) is None
+    from mpq.quant.qmodel import QuantModel
+
+    qm = QuantModel(None, {"x": ActQuant(0.1, -128, 8), "y": out}, {"c": lq})
+    y = Conv2D.run(node, lq, qm, [x], (1, 2, 2, 4))
+    acc = np.full((1, 2, 2, 4), 255 * 127 * 1024, np.int64)
+    assert np.array_equal(y, _requant_out(acc + lq.bias, lq, out))
+
+
+@pytest.fixture(scope="module")
+def small_probe_inputs(tmp_path_factory):
+    import onnx
+
+    path = tmp_path_factory.mktemp("speed") / "fr.onnx"
+    onnx.save(fragile_and_robust_model(), path)
+    graph = load_model(path)
+    x = np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32)
+    stats = calibrate(graph, dataset_from_array(x, "random"))
+
+    def range_of(t: str, bits: int) -> tuple[float, float]:
+        return activation_range(stats.tensors[t], "minmax", bits)
+
+    return graph, x[:32], range_of
+
+
+def test_prefetch_gives_the_one_at_a_time_damages_and_runs(small_probe_inputs,
+                                                            monkeypatch) -> None:
+    """Variants measured side by side (threads) give the damages and the run count of the
+    same variants measured one at a time; a prefetched variant nobody asks for is not
+    counted."""
+    graph, x, range_of = small_probe_inputs
+    weights = [n.name for n in graph.nodes if n.weight is not None]
+    variants = [({"fragile": 2}, {}), ({"robust": 4}, {}), ({}, {weights[0]: 4}),
+                ({}, {weights[-1]: 2}), ({"fragile": 8}, {})]
+    one = Probe(graph, x, range_of, {})
+    expected = [one.damage_of(a, w) for a, w in variants]
+    monkeypatch.setattr(sensitivity, "MEASURE_WORKERS", 2)
+    both = Probe(graph, x, range_of, {})
+    both.prefetch(variants + [({"robust": 2}, {})])
+    assert both.runs == 0
+    assert [both.damage_of(a, w) for a, w in variants] == expected
+    assert both.runs == one.runs == 4
+
+
+def test_fidelity_reuses_the_reference_run_only_for_the_same_model(small_probe_inputs) -> None:
+    """`Probe.cached_outputs` returns the reference's outputs for its own model and inputs,
+    and None for another model or other inputs."""
+    from mpq.interpreter import to_ir_layout
+    from mpq.quant.qmodel import quantize_graph
+    from mpq.sim import quantize_input, run_int
+
+    graph, x, range_of = small_probe_inputs
+    probe = Probe(graph, x, range_of, {})
+    int8 = quantize_graph(graph, {t: range_of(t, 8) for t in graph.tensors})
+    name = graph.inputs[0]
+    xq = quantize_input(int8.acts[name], to_ir_layout(graph, name, x))
+    cached = probe.cached_outputs(int8, xq)
+    assert cached is not None
+    run = run_int(int8, {name: xq})
+    assert all(np.array_equal(cached[o], run[o]) for o in graph.outputs)
+    assert probe.cached_outputs(int8, xq[:-1]) is None
+    other = quantize_graph(graph, {t: range_of(t, 8) for t in graph.tensors},
+                           weight_bits={graph.nodes[0].name: 4})
+    assert probe.cached_outputs(other, xq) is None
