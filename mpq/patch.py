@@ -417,6 +417,12 @@ class PatchSchedule:
         """
         return self._buffers(bits, inplace_depthwise)[0]
 
+    def buffers_and_overlap(self, bits: dict[str, int] | None = None
+                            ) -> tuple[list[Buffer], dict[str, int]]:
+        """`buffers` and the overlapped nodes with their shift D (`memory.overlap_shift`)."""
+        buffers, _, overlap = self._buffers(bits, True)
+        return buffers, overlap
+
     def _buffers(self, bits: dict[str, int] | None, inplace_depthwise: bool,
                  overlap: frozenset[str] | None = None
                  ) -> tuple[list[Buffer], set[str], dict[str, int]]:

@@ -98,6 +98,9 @@ class SearchOptions:
     # `--compare-strategies`: the measured plan competes with the other strategies' plans
     # (`search.portfolio`); opt-in, it costs their searches (several times the default's time)
     compare_strategies: bool = False
+    # `--overlap`: layer outputs start inside their dying inputs where the kernels' write order
+    # allows and the arena shrinks (`memory.choose_overlaps`; layer-based schedules)
+    overlap: bool = True
 
 
 class BudgetError(MpqError):
@@ -613,7 +616,7 @@ def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """The patch schedules the search tries (--patches none, auto or k=K,n=N)."""
     patches = parse_patches(opts.patches)
     if patches == "none":
-        return [plan_patches(graph, None, opts.io)]
+        return [plan_patches(graph, None, opts.io, opts.overlap)]
     if patches == "auto":
         return auto_candidates(graph, opts)
     return [plan_patches(graph, patches, opts.io)]
@@ -756,7 +759,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """`--patches auto`: the layer-based schedule and, for each grid size n, the split with the
     lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead`."""
     low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
-    out = [plan_patches(graph, None, opts.io)]
+    out = [plan_patches(graph, None, opts.io, opts.overlap)]
     for n in PATCH_N:
         best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead, bits=low,
                               io=opts.io)
@@ -942,6 +945,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
     schedule_info = {"io": schedule.io, "inplace_depthwise": sorted(memory.inplace),
                      "fused_adds": {add: {"conv": conv, "skip": skip}
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
+    if memory.overlap:  # outputs written inside their inputs (`memory.overlap_shift`)
+        schedule_info["overlap"] = dict(sorted(memory.overlap.items()))
     if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
         schedule_info["order"] = [n.name for n in graph.nodes]
     predicted = {
