@@ -333,3 +333,18 @@ def test_plan_check_refuses_an_unsafe_overlap(plans, tmp_path: Path) -> None:
     assert "tensors[" in _tampered(plans, tmp_path, lambda d: closer(d, False))
     err = _tampered(plans, tmp_path, lambda d: d["schedule"]["overlap"].update({"c3": 16}))
     assert "schedule.overlap" in err
+
+
+def test_cmsis_nn_export_keeps_overlapped_layers_portable(plans) -> None:
+    """CMSIS-NN's kernels do not promise the raster write order the shift assumes: with
+    `--backend cmsis-nn` the overlapped layers call the portable kernels, and the report says
+    why; the other int8 layers still call CMSIS-NN."""
+    from mpq.codegen.export import render_export
+
+    plan, _, graph = load_plan_with_model(plans["int8"])
+    report = json.loads(render_export(plan, graph, "cmsis-nn")["mpq_report.json"])
+    by_name = {layer["name"]: layer for layer in report["layers"]}
+    for name in ("pw1", "mp"):
+        assert by_name[name]["backend"] == "portable"
+        assert "overlaps its input" in by_name[name]["reason"]
+    assert by_name["c3"]["backend"] == "cmsis-nn"
