@@ -323,9 +323,14 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
     for t in range(len(schedule.steps)):
         step = []
         for buf in buffers:
-            alive = tuple(s.tensor for s in buf.segments if s.first <= t <= s.last)
-            if alive:
-                step.append(alive)
+            # An overlapped input and output (different shifts) count as two buffers here:
+            # the linear model then asks no more of the bits than without overlap, and the
+            # exact planner (`arena`) credits the overlap.
+            for shift in sorted({s.shift for s in buf.segments}):
+                alive = tuple(s.tensor for s in buf.segments
+                              if s.first <= t <= s.last and s.shift == shift)
+                if alive:
+                    step.append(alive)
         live.append(step)
 
     elements = schedule.tensor_elements
