@@ -233,10 +233,10 @@ def test_rusci_baseline_cuts_only_what_memory_demands(kws) -> None:
                    SearchOptions(strategy="rusci", qbr=False, patches="none"), stats=stats)
     assert {t.bits for t in roomy.plan.tensors} == {8}
     res = search(kws["model"], graph, get_board("nano33ble"), None,
-                 SearchOptions(strategy="rusci", sram=11_000, qbr=False, patches="none"),
-                 stats=stats)
+                 SearchOptions(strategy="rusci", sram=9_000, qbr=False, patches="none"),
+                 stats=stats)  # int8, overlapped, needs ~11,000 B
     p = res.plan.predicted
-    assert p["sram_needed_bytes"] <= 11_000
+    assert p["sram_needed_bytes"] <= 9_000
     bits = {t.name: t.bits for t in res.plan.tensors}
     assert min(bits.values()) < 8
     assert res.plan.strategy == "rusci"
