@@ -1076,6 +1076,10 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="arena: the input and outputs are arena tensors (the input freed after its "
                    "last reader; the caller writes it through mpq_model_input()); external: "
                    "the caller's own buffers beside the arena.")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="Let a layer's output start inside its dying input where the kernels' "
+                   "write order makes it exact and the arena shrinks (vMCU; layer-based "
+                   "layers).")
 @click.option("--compare-strategies", is_flag=True,
               help="With the measured strategy: also run importance, exact, qe, vdqs, rusci and "
                    "uniform 4-bit under the same budgets and keep the plan that keeps most of "
@@ -1090,7 +1094,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
-               compare_strategies: bool, as_json: bool, quiet: bool,
+               overlap: bool, compare_strategies: bool, as_json: bool, quiet: bool,
                patch_cache: str = "auto") -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
@@ -1117,7 +1121,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
                          order=order, io=io, compare_strategies=compare_strategies,
-                         patch_cache=patch_cache)
+                         overlap=overlap, patch_cache=patch_cache)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

@@ -12,8 +12,9 @@ is alive at the same time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from mpq.ir import Graph, Node
@@ -37,12 +38,14 @@ def packed_bytes(elements: int, bits: int) -> int:
 
 @dataclass(frozen=True)
 class Segment:
-    """A tensor's share of a buffer: alive from step `first` to step `last` inclusive."""
+    """A tensor's share of a buffer: alive from step `first` to step `last` inclusive, `shift`
+    bytes above the buffer's offset (0 but for partial input/output overlap, `overlap_shift`)."""
 
     tensor: str
     first: int
     last: int
     size: int
+    shift: int = 0
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Buffer:
 
     @property
     def size(self) -> int:
-        return max(s.size for s in self.segments)
+        return max(s.shift + s.size for s in self.segments)
 
     @property
     def first(self) -> int:
@@ -70,7 +73,8 @@ class ArenaPlan:
     buffers: list[Buffer]
 
     def tensor_offsets(self) -> dict[str, int]:
-        return {s.tensor: self.offsets[b.name] for b in self.buffers for s in b.segments}
+        return {s.tensor: self.offsets[b.name] + s.shift for b in self.buffers
+                for s in b.segments}
 
 
 def buffers_conflict(a: Buffer, off_a: int, b: Buffer, off_b: int) -> bool:
@@ -79,7 +83,8 @@ def buffers_conflict(a: Buffer, off_a: int, b: Buffer, off_b: int) -> bool:
     for sa in a.segments:
         for sb in b.segments:
             if sa.first <= sb.last and sb.first <= sa.last \
-                    and off_a < off_b + sb.size and off_b < off_a + sa.size:
+                    and off_a + sa.shift < off_b + sb.shift + sb.size \
+                    and off_b + sb.shift < off_a + sa.shift + sa.size:
                 return True
     return False
 
@@ -94,7 +99,11 @@ def plan_arena(buffers: list[Buffer]) -> ArenaPlan:
     placed: list[tuple[Buffer, int]] = []
     offsets: dict[str, int] = {}
     for buf in order:
-        candidates = sorted({0} | {off + s.size for other, off in placed for s in other.segments})
+        # A segment of `buf` may start right after a placed one (`shift`: the overlap's).
+        shifts = {s.shift for s in buf.segments}
+        candidates = sorted({0} | {off + s.shift + s.size - k for other, off in placed
+                                   for s in other.segments for k in shifts
+                                   if off + s.shift + s.size >= k})
         for cand in candidates:
             if not any(buffers_conflict(buf, cand, other, off) for other, off in placed):
                 break
@@ -147,6 +156,7 @@ class MemoryReport:
     steps: list[Step]
     plan: ArenaPlan
     inplace: set[str]
+    overlap: dict[str, int] = field(default_factory=dict)  # node -> D (`overlap_shift`)
 
     @property
     def peak_sram_bytes(self) -> int:
@@ -154,16 +164,34 @@ class MemoryReport:
 
 
 def live_bytes_per_step(buffers: list[Buffer], n_steps: int) -> list[int]:
-    """Σ over buffers of the largest segment alive at each step (what the arena must hold then)."""
+    """Σ over buffers of the bytes their segments alive at each step cover (what the arena
+    must hold then): the largest segment, or the union of an overlapped input and output."""
     live = [0] * n_steps
     for b in buffers:
-        foot = [0] * n_steps
-        for s in b.segments:
-            for t in range(s.first, s.last + 1):
-                foot[t] = max(foot[t], s.size)
+        if all(s.shift == 0 for s in b.segments):
+            foot = [0] * n_steps
+            for s in b.segments:
+                for t in range(s.first, s.last + 1):
+                    foot[t] = max(foot[t], s.size)
+        else:
+            foot = [_union_bytes([(s.shift, s.shift + s.size) for s in b.segments
+                                  if s.first <= t <= s.last]) for t in range(n_steps)]
         for t in range(n_steps):
             live[t] += foot[t]
     return live
+
+
+def _union_bytes(spans: list[tuple[int, int]]) -> int:
+    """Bytes covered by the half-open spans."""
+    total, end = 0, None
+    for a, b in sorted(spans):
+        if end is None or a >= end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
 
 
 def layer_lifetimes(graph: Graph, first_override: dict[str, int] | None = None,
@@ -246,6 +274,19 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
                      inplace_ok: Callable[[Node], bool] | None = None,
                      fused: dict[str, tuple[str, str]] | None = None
                      ) -> tuple[list[Buffer], set[str]]:
+    """`schedule_buffers_overlap` without partial overlap: (buffers, in-place nodes)."""
+    buffers, inplace, _ = schedule_buffers_overlap(graph, elements, lifetimes, bits,
+                                                   inplace_ok, fused)
+    return buffers, inplace
+
+
+def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
+                             lifetimes: dict[str, tuple[int, int]],
+                             bits: dict[str, int] | None = None,
+                             inplace_ok: Callable[[Node], bool] | None = None,
+                             fused: dict[str, tuple[str, str]] | None = None,
+                             overlap_ok: Callable[[Node], bool] | None = None
+                             ) -> tuple[list[Buffer], set[str], dict[str, int]]:
     """Buffers of a schedule (DESIGN §5): tensors as (bytes, first, last), sharing storage
     where the kernels allow it.
 
@@ -257,7 +298,11 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
     (`fused_residual_adds`) writes over its skip input, and the conv feeding it keeps nothing in
     memory. Graph inputs are the caller's buffer, never in the arena, unless `lifetimes` lists
     them (io "arena", `input_lifetimes`): then each is a buffer of its own. Segment sizes are
-    align16(⌈elements·bits/8⌉). Returns the buffers and the names of the in-place nodes.
+    align16(⌈elements·bits/8⌉). With `overlap_ok`, a node it accepts among `OVERLAP_OPS` whose
+    input dies there (with everything else its storage holds) writes its output
+    `node_overlap_shift` bytes below the input's start, inside the same buffer, when that
+    shares bytes at all (vMCU). Returns the buffers, the names of the in-place nodes and the
+    overlapped nodes with their shift D.
     """
     bits = bits or {}
     fused = fused or {}
@@ -266,6 +311,8 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
     owner: dict[str, str] = {}  # tensor -> buffer name
     buffers: dict[str, Buffer] = {}
     inplace: set[str] = set()
+    overlap: dict[str, int] = {}
+    shift: dict[str, int] = {}  # tensor -> bytes above its buffer's origin (may be < 0)
     for t in graph.inputs:
         if t in lifetimes:  # io "arena": the input is an arena buffer (`input_lifetimes`)
             first, last = lifetimes[t]
@@ -294,16 +341,49 @@ def schedule_buffers(graph: Graph, elements: dict[str, int],
                 # storage holds, e.g. the tensor a reshape views — dies here (bits tied).
                 share = src
                 inplace.add(n.name)
+        below = 0
+        if share is None and overlap_ok is not None and src is not None and src in owner \
+                and n.op in OVERLAP_OPS and n.outputs[0] not in fused_res \
+                and src not in graph.outputs and overlap_ok(n):
+            below = _overlap_below(n, graph, i, src, buffers[owner[src]], shift, elements,
+                                   bits)
+            if below is not None:
+                share = src
+                overlap[n.name] = below
         for t in n.outputs:
             first, last = lifetimes[t]
             size = 0 if t in fused_res else align_up(packed_bytes(elements[t], bits.get(t, 8)))
             if share is not None:
                 owner[t] = owner[share]
+                shift[t] = shift.get(share, 0) - (below or 0)
             else:
                 owner[t] = t
                 buffers[t] = Buffer(t)
             buffers[owner[t]].segments.append(Segment(t, first, last, size))
-    return list(buffers.values()), inplace
+    for b in buffers.values():  # shifts relative to the buffer's lowest byte
+        low = min(shift.get(s.tensor, 0) for s in b.segments)
+        if any(shift.get(s.tensor, 0) for s in b.segments):
+            b.segments = [replace(s, shift=shift.get(s.tensor, 0) - low) for s in b.segments]
+    return list(buffers.values()), inplace, overlap
+
+
+def _overlap_below(n: Node, graph: Graph, i: int, src: str, buf: Buffer,
+                   shift: dict[str, int], elements: dict[str, int], bits: dict[str, int]
+                   ) -> int | None:
+    """D for node `n` at step `i` writing below its input `src` (`node_overlap_shift`), or
+    None when it may not: something in `src`'s storage other than `src` (or a view of its
+    bytes) is alive after step i−1, or the output would not share a byte with the input."""
+    base = shift.get(src, 0)
+    in_size = align_up(packed_bytes(elements[src], bits.get(src, 8)))
+    for seg in buf.segments:
+        if seg.last > i or (seg.last == i and not (
+                shift.get(seg.tensor, 0) == base and seg.size <= in_size)):
+            return None
+    d = node_overlap_shift(n, graph, bits.get(src, 8), bits.get(n.outputs[0], 8))
+    out_size = align_up(packed_bytes(elements[n.outputs[0]], bits.get(n.outputs[0], 8)))
+    if d is None or d >= out_size:
+        return None
+    return d
 
 
 def layer_schedule_buffers(graph: Graph, bits: dict[str, int] | None = None,
@@ -311,20 +391,35 @@ def layer_schedule_buffers(graph: Graph, bits: dict[str, int] | None = None,
                            fuse_adds: bool = True, io: str = "external"
                            ) -> tuple[list[Buffer], set[str]]:
     """Buffers of the layer-based schedule (one node per step); see `schedule_buffers`."""
+    buffers, inplace, _ = layer_schedule_buffers_overlap(graph, bits, inplace_depthwise,
+                                                         fuse_adds, io, overlap=False)
+    return buffers, inplace
+
+
+def layer_schedule_buffers_overlap(graph: Graph, bits: dict[str, int] | None = None,
+                                   inplace_depthwise: bool = True, fuse_adds: bool = True,
+                                   io: str = "external", overlap: bool = False
+                                   ) -> tuple[list[Buffer], set[str], dict[str, int]]:
+    """`layer_schedule_buffers`, with partial input/output overlap when `overlap`
+    (`schedule_buffers_overlap`)."""
     elements = {t: graph.tensors[t].size for t in graph.tensors}
     lifetimes = layer_lifetimes(graph, io=io)
     fused = fused_residual_adds(graph, elements, lifetimes) if fuse_adds else {}
-    return schedule_buffers(graph, elements, lifetimes, bits,
-                            None if inplace_depthwise else (lambda n: False), fused)
+    return schedule_buffers_overlap(graph, elements, lifetimes, bits,
+                                    None if inplace_depthwise else (lambda n: False), fused,
+                                    (lambda n: True) if overlap else None)
 
 
 def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
-                 inplace_depthwise: bool = True, io: str = "external") -> MemoryReport:
+                 inplace_depthwise: bool = True, io: str = "external",
+                 overlap: bool = False) -> MemoryReport:
     """Arena, scratch and per-step live bytes of the layer-based schedule (DESIGN §5); with
     `io` "arena" the input and outputs are in the arena and the caller's buffers are 0 B
-    (`io_buffer_bytes`)."""
+    (`io_buffer_bytes`); with `overlap`, outputs start inside their dying inputs where the
+    kernels' write order allows (`overlap_shift`)."""
     bits = bits or {}
-    buffers, inplace = layer_schedule_buffers(graph, bits, inplace_depthwise, io=io)
+    buffers, inplace, shifts = layer_schedule_buffers_overlap(graph, bits, inplace_depthwise,
+                                                              io=io, overlap=overlap)
     plan = plan_arena(buffers)
     live = live_bytes_per_step(buffers, len(graph.nodes))
     steps = [Step(n.name, live[i], scratch_bytes(n, graph, n.name in inplace))
@@ -332,7 +427,7 @@ def layer_memory(graph: Graph, bits: dict[str, int] | None = None,
     input_bytes, output_bytes = io_buffer_bytes(graph, io)
     return MemoryReport(arena_bytes=plan.size, scratch_bytes=max(s.scratch for s in steps),
                         input_bytes=input_bytes, output_bytes=output_bytes, steps=steps,
-                        plan=plan, inplace=inplace)
+                        plan=plan, inplace=inplace, overlap=shifts)
 
 
 def io_buffer_bytes(graph: Graph, io: str = "external") -> tuple[int, int]:
@@ -415,3 +510,109 @@ def constant_flash_bytes(graph: Graph) -> int:
             channels = shape[3] if len(shape) == 4 else math.prod(shape[1:])
             total += align_up(channels, 4)
     return total
+
+
+# -- partial input/output overlap (vMCU; issue 16 item 2) ---------------------------------------
+
+#: Ops whose output may start inside their dying input (`node_overlap_shift`): the kernels
+#: write output pixels in raster order, each after reading what it needs.
+OVERLAP_OPS = ("conv2d", "avg_pool", "max_pool")
+
+
+@lru_cache(maxsize=4096)
+def overlap_shift(in_hwc: tuple[int, int, int], out_hwc: tuple[int, int, int],
+                  window: tuple[int, int, int, int, int, int], in_bits: int, out_bits: int,
+                  group: int = 1) -> int:
+    """The least D ≥ 0 such that an output stored D bytes *below* its input's start never
+    overwrites input bytes the kernel still has to read (vMCU, Zheng et al., MLSys'24: the
+    output of a layer overwrites the part of its input already consumed).
+
+    The kernel writes the output pixels in raster order, `group` at a time (mpq's int8
+    convolution computes pixel pairs: group 2), each unit after reading what it needs; a unit
+    covering pixels [uG, e_u) writes output bytes [0, ⌈e_u·C_o·b_o/8⌉) (sub-byte elements are
+    merged into the byte they share with their neighbours, keeping the other bits), while the
+    pixels q ≥ uG still read input elements from n_u = min_{q ≥ uG} first(q) on, where first(q)
+    = (clamp(oy·s_h − p_t)·W + clamp(ox·s_w − p_l))·C is the top-left element of q's window
+    (kernel kh×kw; its dilation only widens the window downward/rightward). Safe iff for every
+    unit ⌈e_u·C_o·b_o/8⌉ − D ≤ ⌊n_u·b_i/8⌋, so
+
+        D = max(0, max_u (⌈e_u·C_o·b_o/8⌉ − ⌊n_u·b_i/8⌋)).
+
+    `window` = (s_h, s_w, p_t, p_l, kh, kw); a 1×1 stride-1 unpadded window is a pointwise op
+    (output pixel p reads input pixel p only): 8-bit C→C gives D = G·C. The loop is the
+    formula, exact; cached per geometry.
+    """
+    h, w, c = in_hwc
+    ho, wo, co = out_hwc
+    sh, sw, pt, pl, _, _ = window
+    n_pix = ho * wo
+    firsts = [0] * n_pix
+    for oy in range(ho):
+        row = min(max(oy * sh - pt, 0), h - 1) * w
+        for ox in range(wo):
+            firsts[oy * wo + ox] = (row + min(max(ox * sw - pl, 0), w - 1)) * c
+    need = 1 << 62  # suffix minimum of `firsts`
+    suffix = [0] * n_pix
+    for q in range(n_pix - 1, -1, -1):
+        need = min(need, firsts[q])
+        suffix[q] = need
+    d = 0
+    for start in range(0, n_pix, group):
+        end = min(start + group, n_pix)
+        written = -(-end * co * out_bits // 8)
+        d = max(d, written - suffix[start] * in_bits // 8)
+    return d
+
+
+def node_overlap_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) -> int | None:
+    """`overlap_shift` for a node the portable kernels run in raster order (`OVERLAP_OPS`;
+    convolutions in pixel pairs, kernels/mpq_conv.c `mpq__conv_s8_loop`), rounded up to the
+    arena alignment so the output's offset stays aligned; None for any other node."""
+    if node.op not in OVERLAP_OPS:
+        return None
+    in_shape = graph.tensors[node.inputs[0]].shape
+    out_shape = graph.tensors[node.outputs[0]].shape
+    if len(in_shape) != 4 or len(out_shape) != 4:
+        return None
+    a = node.attrs
+    kh, kw = a["kernel"] if "kernel" in a else node.weight.shape[1:3]
+    window = (a["strides"][0], a["strides"][1], a["pads"][0], a["pads"][1], int(kh), int(kw))
+    group = 2 if node.op == "conv2d" else 1
+    d = overlap_shift(tuple(in_shape[1:]), tuple(out_shape[1:]), window, in_bits, out_bits,
+                      group)
+    return align_up(d)
+
+
+def choose_overlaps(arena_of: Callable[[frozenset[str]], int], eligible: Iterable[str]
+                    ) -> frozenset[str]:
+    """The overlapped nodes a schedule uses, the smaller arena (`arena_of`, the greedy
+    planner's size; ties: fewer nodes) of two greedy passes over the `eligible` nodes in
+    schedule order: from all of them, each dropped again when the arena does not grow without
+    it; and from none, each added when it shrinks the arena. None at all when neither is
+    smaller than without overlap.
+
+    Overlap merges a node's input and output into one buffer, and chains of such buffers can
+    place worse with the greedy planner than separate tensors (VWW: all 14 eligible layers
+    overlapped give a 19 % larger arena, the 2 the first pass keeps a 17 % smaller one; in
+    MobileNetV2 the first pass drops the expansion at the peak, the second keeps it), so only
+    the ones that pay are kept. Deterministic: the same schedule gives the same set.
+    """
+    names = list(eligible)
+    none = arena_of(frozenset())
+    drop, drop_size = list(names), arena_of(frozenset(names))
+    for name in names:
+        size = arena_of(frozenset(n for n in drop if n != name))
+        if size <= drop_size:
+            drop.remove(name)
+            drop_size = size
+    add: list[str] = []
+    add_size = none
+    for name in names:
+        size = arena_of(frozenset([*add, name]))
+        if size < add_size:
+            add.append(name)
+            add_size = size
+    best_size, best = min((drop_size, len(drop), 0, drop), (add_size, len(add), 1, add))[::3]
+    if best_size >= none:
+        return frozenset()
+    return frozenset(best)

@@ -45,13 +45,14 @@ from mpq.memory import (
     Buffer,
     Segment,
     align_up,
+    choose_overlaps,
     fused_residual_adds,
     layer_lifetimes,
     layer_memory,
     live_bytes_per_step,
     packed_bytes,
     plan_arena,
-    schedule_buffers,
+    schedule_buffers_overlap,
     scratch_bytes,
 )
 
@@ -420,6 +421,7 @@ class PatchMemory:
     per_step_scratch: list[int]  # kernel scratch of each step
     plan: ArenaPlan
     inplace: set[str]
+    overlap: dict[str, int] = field(default_factory=dict)  # node -> D (`memory.overlap_shift`)
 
     @property
     def peak_sram_bytes(self) -> int:
@@ -451,6 +453,9 @@ class PatchSchedule:
     cache: bool = False  # line buffers keep shared rows (`cache_rows`); patches column-major
     stage_macs_recomputed: int = 0  # Σ_patches stage MACs when every patch recomputes its halo
     line_rows: dict[str, int] = field(default_factory=dict)  # map -> rows of its line buffer
+    # Nodes whose output may start inside their dying input (`memory.choose_overlaps`;
+    # layer-based schedules only: the patch stage's kernels write per patch)
+    overlap: frozenset[str] = frozenset()
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
 
@@ -578,17 +583,26 @@ class PatchSchedule:
         """
         return self._buffers(bits, inplace_depthwise)[0]
 
-    def _buffers(self, bits: dict[str, int] | None,
-                 inplace_depthwise: bool) -> tuple[list[Buffer], set[str]]:
+    def buffers_and_overlap(self, bits: dict[str, int] | None = None
+                            ) -> tuple[list[Buffer], dict[str, int]]:
+        """`buffers` and the overlapped nodes with their shift D (`memory.overlap_shift`)."""
+        buffers, _, overlap = self._buffers(bits, True)
+        return buffers, overlap
+
+    def _buffers(self, bits: dict[str, int] | None, inplace_depthwise: bool,
+                 overlap: frozenset[str] | None = None
+                 ) -> tuple[list[Buffer], set[str], dict[str, int]]:
         stage = set(self.stage_nodes)
+        allowed = self.overlap if overlap is None else overlap
 
         def inplace_ok(nd: Node) -> bool:
             return inplace_depthwise and (nd.name not in stage
                                           or nd.name in self.inplace_candidates)
 
-        buffers, inplace = schedule_buffers(self.graph, self.tensor_elements, self.lifetimes,
-                                            bits, inplace_ok, self.fused_adds)
-        return buffers + self._line_buffer_list(bits or {}), inplace
+        buffers, inplace, shifts = schedule_buffers_overlap(
+            self.graph, self.tensor_elements, self.lifetimes, bits, inplace_ok,
+            self.fused_adds, (lambda nd: nd.name in allowed) if allowed else None)
+        return buffers + self._line_buffer_list(bits or {}), inplace, shifts
 
     def _line_buffer_list(self, bits: dict[str, int]) -> list[Buffer]:
         """Each line buffer, alive over the whole stage (it carries rows from one patch to the
@@ -642,12 +656,13 @@ class PatchSchedule:
     def memory(self, bits: dict[str, int] | None = None,
                inplace_depthwise: bool = True) -> PatchMemory:
         """Arena (greedy planner), largest scratch and live bytes per step (DESIGN §5)."""
-        buffers, inplace = self._buffers(bits, inplace_depthwise)
+        buffers, inplace, overlap = self._buffers(bits, inplace_depthwise)
         plan = plan_arena(buffers)
         scratch = self.scratch_per_step(inplace)
         return PatchMemory(arena_bytes=plan.size, scratch_bytes=max(scratch, default=0),
                            per_step_bytes=live_bytes_per_step(buffers, len(self.steps)),
-                           per_step_scratch=scratch, plan=plan, inplace=inplace)
+                           per_step_scratch=scratch, plan=plan, inplace=inplace,
+                           overlap=overlap)
 
     def peak_lower_bound(self, bits: dict[str, int] | None = None) -> int:
         """Largest live bytes over the steps + the largest scratch: the peak is never lower.
@@ -655,7 +670,7 @@ class PatchSchedule:
         (Buffers alive at the same step occupy disjoint addresses, so the arena holds at least
         their sum.)
         """
-        buffers, inplace = self._buffers(bits, True)
+        buffers, inplace, _ = self._buffers(bits, True)
         return max(live_bytes_per_step(buffers, len(self.steps)), default=0) \
             + max(self.scratch_per_step(inplace), default=0)
 
@@ -697,22 +712,31 @@ def _lifetimes(graph: Graph, split_tensor: str | None, io: str = "external",
                            io=io, hold_input=max(split_layer - 1, 0))
 
 
-def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external"
-                 ) -> PatchSchedule:
+def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
+                 overlap: bool | Iterable[str] = False) -> PatchSchedule:
     """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6. `io`:
-    where the graph input and outputs live (`memory.IO_MODES`).
+    where the graph input and outputs live (`memory.IO_MODES`). `overlap` (layer-based only):
+    True — outputs start inside their dying inputs where that lowers the int8 arena
+    (`memory.choose_overlaps`); a set of node names — exactly those may (a plan's record).
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
     tensor (1 ≤ n ≤ min(H, W)).
     """
     total = sum(node_macs(nd, graph) for nd in graph.nodes)
     if split is None:
-        return PatchSchedule(
+        sched = PatchSchedule(
             graph=graph, split_layer=0, n=1, stage_nodes=[], split_tensor=None,
             stage_macs_full=0, stage_macs_patched=0, total_macs=total,
             steps=[nd.name for nd in graph.nodes],
             tensor_elements={t: graph.tensors[t].size for t in graph.tensors},
             lifetimes=_lifetimes(graph, None, io), inplace_candidates=set(), io=io)
+        if overlap is True:
+            sched.overlap = choose_overlaps(
+                lambda allowed: plan_arena(sched._buffers(None, True, allowed)[0]).size,
+                sched._buffers(None, True, frozenset(nd.name for nd in graph.nodes))[2])
+        elif overlap is not False:
+            sched.overlap = frozenset(overlap)
+        return sched
     return _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache)
 
 

@@ -272,3 +272,9 @@ def plan_io(plan: Plan) -> str:
     """Where the plan keeps the graph input and outputs (`schedule.io`, `memory.IO_MODES`):
     "arena", or "external" — the caller's buffers — for plans written before `io` existed."""
     return str(plan.schedule.get("io", "external"))
+
+
+def plan_overlap(plan: Plan) -> frozenset[str]:
+    """The nodes whose output the plan writes inside their input (`schedule.overlap`,
+    `memory.overlap_shift`); none for plans without it."""
+    return frozenset(plan.schedule.get("overlap", {}))

@@ -24,7 +24,7 @@ from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import buffers_conflict, constant_flash_bytes, packed_bytes
 from mpq.patch import PatchSchedule, plan_patches, plan_split
-from mpq.plan import Plan, plan_io
+from mpq.plan import Plan, plan_io, plan_overlap
 from mpq.plan_schema import PlanFieldError, fail
 
 
@@ -111,7 +111,10 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     buffers."""
     p = plan.patch
     if p is None:
-        return plan_patches(graph, None, plan_io(plan))
+        return plan_patches(graph, None, plan_io(plan), plan_overlap(plan))
+    if plan_overlap(plan):
+        raise fail("schedule.overlap", "must be empty in a patch-based plan (overlap is "
+                                       "layer-based only)")
     try:
         schedule = plan_patches(graph, plan_split(p), plan_io(plan))
     except MpqError as exc:
@@ -287,7 +290,10 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
         if not external and t.offset is None:
             raise fail(f"tensors[{i}].offset", f"'{name}' needs an arena offset")
     arena = plan.predicted["arena_bytes"]
-    buffers = schedule.buffers(bits)
+    buffers, overlap = schedule.buffers_and_overlap(bits)
+    if overlap != plan.schedule.get("overlap", {}):
+        raise fail("schedule.overlap", f"must be {_short(overlap)} (the safe shifts the "
+                                       "kernels' write order gives these nodes at these bits)")
     offsets: dict[str, int] = {}
     lines = line_offsets(plan)
     for buf in buffers:
@@ -305,11 +311,12 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
         for s in buf.segments:
             i = index[s.tensor]
             off = plan.tensors[i].offset
-            offsets.setdefault(buf.name, off)
-            if off != offsets[buf.name]:
-                raise fail(f"tensors[{i}].offset", f"must equal the offset of "
-                                                   f"'{buf.segments[0].tensor}' "
-                                                   f"({offsets[buf.name]}): they share storage")
+            offsets.setdefault(buf.name, off - s.shift)
+            if off != offsets[buf.name] + s.shift:
+                first = buf.segments[0]
+                raise fail(f"tensors[{i}].offset", f"must be the offset of '{first.tensor}' "
+                                                   f"{s.shift - first.shift:+d} "
+                           f"({offsets[buf.name] + s.shift}): they share storage")
             if off + s.size > arena:
                 raise fail(f"tensors[{i}].offset", f"{off} + {s.size} bytes ends past "
                                                    f"predicted.arena_bytes ({arena})")
@@ -324,6 +331,9 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                 raise fail(f"tensors[{i}].offset", f"'{b.segments[0].tensor}' overlaps "
                                                    f"'{a.segments[0].tensor}' while both are "
                                                    "alive")
+    if any(off < 0 for off in offsets.values()):
+        name = next(b.segments[0].tensor for b in buffers if offsets[b.name] < 0)
+        raise fail(f"tensors[{index[name]}].offset", f"'{name}' starts before the arena")
     extent = max((offsets[b.name] + b.size for b in buffers), default=0)
     if arena != extent:
         raise fail("predicted.arena_bytes", f"must be {extent} (the end of the last tensor), "

@@ -62,7 +62,7 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
         raise MpqError("the plan's layers are not the model's nodes; run `mpq search` again")
     io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
     if plan.patch is None:
-        return plan_patches(graph, None, io)
+        return plan_patches(graph, None, io, frozenset(plan.schedule.get("overlap", {})))
     return plan_patches(graph, plan_split(plan.patch), io)
 
 
@@ -75,7 +75,7 @@ def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:
         off = memory.plan.offsets[buf.name]
         for s in buf.segments:
             for t in range(s.first, s.last + 1):
-                extent[t] = max(extent[t], off + s.size)
+                extent[t] = max(extent[t], off + s.shift + s.size)
     return extent
 
 

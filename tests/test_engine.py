@@ -70,7 +70,8 @@ def test_c_engine_gives_the_reference_bytes_on_a_mixed_kws_plan(kws, tmp_path: P
     cc = _need_cc()
     graph = load_model(kws["model"])
     res = search(kws["model"], graph, get_board("nano33ble"),
-                 load_dataset(kws["calib"], graph), SearchOptions(patches="none", sram=12000))
+                 load_dataset(kws["calib"], graph),
+                 SearchOptions(patches="none", sram=9000))  # int8 needs ~11,000 B
     plan = res.plan
     assert min(t.bits for t in plan.tensors) < 8  # mixed precision, sub-byte packing
     x = np.load(kws["test"])["x"][:200]

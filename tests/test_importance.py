@@ -160,13 +160,13 @@ def test_kws_plan_is_deterministic_exports_and_is_bit_exact(kws, tmp_path: Path)
     a, b = tmp_path / "a.plan.json", tmp_path / "b.plan.json"
     for out in (a, b):
         r = run_mpq("search", tmp_path / "kws.onnx", "--board", "nano33ble", "--data",
-                    kws["calib"], "--sram", "11000", "--strategy", "importance", "-o", out,
+                    kws["calib"], "--sram", "9000", "--strategy", "importance", "-o", out,
                     "-q")
         assert r.returncode == 0, r.stderr
     assert a.read_bytes() == b.read_bytes()
     plan = load_plan(a)
     assert plan.strategy == "importance"
-    assert plan.predicted["sram_needed_bytes"] <= 11_000
+    assert plan.predicted["sram_needed_bytes"] <= 9_000  # int8 (overlapped) needs ~11,000 B
     assert min(t.bits for t in plan.tensors) < 8
     r = run_mpq("eval", a, "--data", kws["test"], "--json", "-q")
     assert r.returncode == 0, r.stderr

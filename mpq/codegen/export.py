@@ -179,6 +179,7 @@ class _Builder:
         self.fused_by_conv = {v["conv"]: (add, v["skip"]) for add, v in fused.items()}
         self.fused_adds = set(fused)
         self.inplace = set(plan.schedule.get("inplace_depthwise", []))
+        self.overlap = set(plan.schedule.get("overlap", {}))  # written inside their input
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
         self.io = plan_io(plan)
@@ -292,7 +293,11 @@ class _Builder:
             out = self.operand(node.outputs[0])
             ins = [self.operand(t) for t in node.inputs]
             reason = None
-            if self.backend == "cmsis-nn":
+            if self.backend == "cmsis-nn" and node.name in self.overlap:
+                # The plan's overlap shift is safe for the portable kernels' raster write
+                # order (`memory.overlap_shift`); CMSIS-NN's order is not guaranteed.
+                reason = "output overlaps its input (schedule.overlap): portable write order"
+            elif self.backend == "cmsis-nn":
                 name = node.name
                 if node.name in fused_convs:
                     call, name, ins, out = self._cmsis_fused(node, by_name, ins)

@@ -111,6 +111,9 @@ class SearchOptions:
     # — "auto": where the search finds them better (the same peak, fewer MACs) and VDPC is not
     # in play (a cached row must come from the patch's own branch); "on"; "off" (MCUNetV2)
     patch_cache: str = "auto"
+    # `--overlap`: layer outputs start inside their dying inputs where the kernels' write order
+    # allows and the arena shrinks (`memory.choose_overlaps`; layer-based schedules)
+    overlap: bool = True
 
 
 class BudgetError(MpqError):
@@ -333,9 +336,14 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
     for t in range(len(schedule.steps)):
         step = []
         for buf in buffers:
-            alive = tuple(s.tensor for s in buf.segments if s.first <= t <= s.last)
-            if alive:
-                step.append(alive)
+            # An overlapped input and output (different shifts) count as two buffers here:
+            # the linear model then asks no more of the bits than without overlap, and the
+            # exact planner (`arena`) credits the overlap.
+            for shift in sorted({s.shift for s in buf.segments}):
+                alive = tuple(s.tensor for s in buf.segments
+                              if s.first <= t <= s.last and s.shift == shift)
+                if alive:
+                    step.append(alive)
         live.append(step)
 
     elements = schedule.tensor_elements
@@ -641,7 +649,7 @@ def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """The patch schedules the search tries (--patches none, auto or k=K,n=N)."""
     patches = parse_patches(opts.patches)
     if patches == "none":
-        return [plan_patches(graph, None, opts.io)]
+        return [plan_patches(graph, None, opts.io, opts.overlap)]
     if patches == "auto":
         return auto_candidates(graph, opts)
     return [given_split(graph, patches, opts)]
@@ -817,7 +825,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead` — for
     each form `cache_choice` allows (halos recomputed, rows kept in line buffers)."""
     low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
-    out = [plan_patches(graph, None, opts.io)]
+    out = [plan_patches(graph, None, opts.io, opts.overlap)]
     choice = cache_choice(opts)
     # auto: the lowest-peak split of each form competes; at equal objective the solver's
     # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
@@ -1011,6 +1019,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
     schedule_info = {"io": schedule.io, "inplace_depthwise": sorted(memory.inplace),
                      "fused_adds": {add: {"conv": conv, "skip": skip}
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
+    if memory.overlap:  # outputs written inside their inputs (`memory.overlap_shift`)
+        schedule_info["overlap"] = dict(sorted(memory.overlap.items()))
     if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
         schedule_info["order"] = [n.name for n in graph.nodes]
     predicted = {
