@@ -36,7 +36,9 @@ def plans(tmp_path_factory) -> dict[str, Any]:
     shutil.copy(FASHION / MODEL, root / MODEL)
     common = ("--board", "nano33ble", "--data", FASHION / "calib.npz", "-q")
     out = {"root": root}
-    for kind, extra in (("layer", ("--strategy", "int8", "--patches", "none")),
+    # The layer plan without overlap: these mutations test the placement checks on their own
+    # (tampered overlaps: tests/test_overlap.py).
+    for kind, extra in (("layer", ("--strategy", "int8", "--patches", "none", "--no-overlap")),
                         ("patch", ("--sram", "14000", "--strategy", "exact"))):
         path = root / f"{kind}.plan.json"
         code, _, stderr = cli("search", root / MODEL, *common, *extra, "-o", path)
