@@ -392,7 +392,8 @@ int32_t mpq_packed_words(int32_t wbits, int32_t n, int32_t k);
 int mpq_packed_pack(const mpq_filter *f, const int32_t *bias, int32_t act_bits, int32_t input_zp,
                     uint32_t *data, int32_t *cbias);
 
-/* Bytes of 4-byte aligned scratch of mpq_packed_conv2d: 16*ceil(K/16), K = KH*KW*Cin. */
+/* Bytes of 4-byte aligned scratch of mpq_packed_conv2d: 32*ceil(K/16), K = KH*KW*Cin (the
+   columns of two output pixels). */
 int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packed_filter *f,
                                        const mpq_view *in, const mpq_view *out);
 

@@ -402,16 +402,327 @@ int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packe
                                        const mpq_view *in, const mpq_view *out)
 {
     const int err = mpq__pk_conv_check(p, f, in, out);
-    return err != MPQ_OK ? err : 16 * ((f->k + 15) / 16);
+    return err != MPQ_OK ? err : 32 * ((f->k + 15) / 16);
+}
+
+/* The column of output pixel (oy, ox) into `lane` (8*nblk halfwords); returns its
+   correction (mpq__pk_close). */
+static int32_t mpq__pk_column(const mpq_conv_params *p, const mpq_packed_filter *f,
+                              const mpq_view *in, int32_t oy, int32_t ox, int16_t *lane,
+                              int32_t nblk)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    mpq__pk_col c;
+    int32_t ky, kx;
+    c.lane = lane;
+    c.n = 0;
+    c.oa = 1 << (in->bits - 1);
+    c.pend = c.sp = c.sq = 0;
+    for (ky = 0; ky < f->h; ++ky) {
+        const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        const int32_t ix0 = ox * p->stride_w - p->pad_left;
+        if (iy < 0 || iy >= in->h) {
+            mpq__pk_fill(&c, p->input_zp, f->w * f->c);
+            continue;
+        }
+        if (p->dilation_w == 1 && ix0 >= 0 && ix0 + f->w <= in->w) {
+            /* a row of taps wholly in view: one run of KW*C elements */
+            mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix0), f->w * f->c);
+            continue;
+        }
+        for (kx = 0; kx < f->w; ++kx) {
+            const int32_t ix = ix0 + kx * p->dilation_w;
+            if (ix < 0 || ix >= in->w) {
+                mpq__pk_fill(&c, p->input_zp, f->c);
+            } else {
+                mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix), f->c);
+            }
+        }
+    }
+    return mpq__pk_close(&c, nblk, f->bits);
+}
+
+/* The 2x2 register block (CMSIS-NN's arm_nn_mat_mult_kernel shape): s[2p + r] = the middle
+   fields of columns p = 0, 1 (x0, x1) against filter rows r = 0, 1 (w0, w1), 16*nblk
+   elements. Each unpacked weight operand meets both columns, each column word both rows. */
+static MPQ_INLINE void mpq__pk_dot22(const uint32_t *x0, const uint32_t *x1, const uint32_t *w0,
+                                     const uint32_t *w1, int32_t nblk, int32_t wbits,
+                                     int32_t every, uint32_t s[4])
+{
+    uint32_t t00 = 0, t01 = 0, t10 = 0, t11 = 0;
+    while (nblk > 0) {
+        int32_t e = nblk < every ? nblk : every;
+        int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+        nblk -= e;
+        for (; e > 0; --e, x0 += 4, x1 += 4) {
+            int32_t j;
+            if (wbits == 4) {
+                for (j = 0; j < 2; ++j) {
+                    const uint32_t u = w0[j], v = w1[j];
+                    uint32_t ua = u & MPQ_PK_MASK4, va = v & MPQ_PK_MASK4;
+                    uint32_t xa = x0[2 * j], xb = x1[2 * j];
+                    a00 = mpq__pk_smlad(xa, ua, a00);
+                    a01 = mpq__pk_smlad(xa, va, a01);
+                    a10 = mpq__pk_smlad(xb, ua, a10);
+                    a11 = mpq__pk_smlad(xb, va, a11);
+                    ua = mpq__ror(u, 8) & MPQ_PK_MASK4;
+                    va = mpq__ror(v, 8) & MPQ_PK_MASK4;
+                    xa = x0[2 * j + 1];
+                    xb = x1[2 * j + 1];
+                    a00 = mpq__pk_smlad(xa, ua, a00);
+                    a01 = mpq__pk_smlad(xa, va, a01);
+                    a10 = mpq__pk_smlad(xb, ua, a10);
+                    a11 = mpq__pk_smlad(xb, va, a11);
+                }
+                w0 += 2;
+                w1 += 2;
+            } else {
+                const uint32_t u = w0[0], v = w1[0];
+                for (j = 0; j < 4; ++j) {
+                    const int32_t r = (j & 1) * 2 + (j >> 1) * 8; /* 0, 2, 8, 10 */
+                    const uint32_t ua = mpq__ror(u, r) & MPQ_PK_MASK2;
+                    const uint32_t va = mpq__ror(v, r) & MPQ_PK_MASK2;
+                    const uint32_t xa = x0[j], xb = x1[j];
+                    a00 = mpq__pk_smlad(xa, ua, a00);
+                    a01 = mpq__pk_smlad(xa, va, a01);
+                    a10 = mpq__pk_smlad(xb, ua, a10);
+                    a11 = mpq__pk_smlad(xb, va, a11);
+                }
+                w0 += 1;
+                w1 += 1;
+            }
+        }
+        t00 += (uint32_t)mpq__pk_field(a00);
+        t01 += (uint32_t)mpq__pk_field(a01);
+        t10 += (uint32_t)mpq__pk_field(a10);
+        t11 += (uint32_t)mpq__pk_field(a11);
+    }
+    s[0] = t00;
+    s[1] = t01;
+    s[2] = t10;
+    s[3] = t11;
+}
+
+#if MPQ_USE_DSP && !defined(MPQ_EMULATE_DSP)
+/* One stored word of each of two 4-bit filter rows (wp, wp + off) against two column words of
+   each of two columns (xp, xp + 2*off), by hand: GCC 12 spills the 2x2 block's operands. F:
+   the accumulators' first products (SMUAD at a block's start, else SMLAD). */
+#define MPQ__PK_FIRST(a, o) "smuad %[" a "], %[x], %[" o "]\n\t"
+#define MPQ__PK_NEXT(a, o) "smlad %[" a "], %[x], %[" o "], %[" a "]\n\t"
+#define MPQ__PK_W4_WORD(F)                                 \
+    "ldr %[v], [%[wp], %[off]]\n\t"                        \
+    "ldr %[u], [%[wp]], #4\n\t"                            \
+    "and %[p], %[m], %[u]\n\t"                             \
+    "and %[q], %[m], %[v]\n\t"                             \
+    "ldr %[x], [%[xp], %[off], lsl #1]\n\t"                \
+    F("a10", "p") F("a11", "q")                            \
+    "ldr %[x], [%[xp]], #4\n\t"                            \
+    F("a00", "p") F("a01", "q")                            \
+    "and %[p], %[m], %[u], ror #8\n\t"                     \
+    "and %[q], %[m], %[v], ror #8\n\t"                     \
+    "ldr %[x], [%[xp], %[off], lsl #1]\n\t"                \
+    MPQ__PK_NEXT("a10", "p") MPQ__PK_NEXT("a11", "q")      \
+    "ldr %[x], [%[xp]], #4\n\t"                            \
+    MPQ__PK_NEXT("a00", "p") MPQ__PK_NEXT("a01", "q")
+
+/* mpq__pk_dot22 for 4-bit weights with the DSP: the second filter row `off` bytes after the
+   first, the second column 2*off bytes after the first (off = 8*nblk: the columns' layout in
+   scratch), 36 instructions per block of 64 MACs plus the extraction. */
+static MPQ_INLINE void mpq__pk_dot22_w4(const uint32_t *xp, const uint32_t *wp, int32_t off,
+                                        int32_t nblk, int32_t every, uint32_t s[4])
+{
+    const uint32_t m = MPQ_PK_MASK4;
+    uint32_t t00 = 0, t01 = 0, t10 = 0, t11 = 0;
+    while (nblk > 0) {
+        int32_t e = nblk < every ? nblk : every;
+        int32_t a00, a01, a10, a11;
+        uint32_t u, v, p, q, x;
+        nblk -= e;
+        __asm__(MPQ__PK_W4_WORD(MPQ__PK_FIRST) MPQ__PK_W4_WORD(MPQ__PK_NEXT)
+                : [a00] "=&r"(a00), [a01] "=&r"(a01), [a10] "=&r"(a10), [a11] "=&r"(a11),
+                  [xp] "+r"(xp), [wp] "+r"(wp), [u] "=&r"(u), [v] "=&r"(v), [p] "=&r"(p),
+                  [q] "=&r"(q), [x] "=&r"(x)
+                : [off] "r"(off), [m] "r"(m)
+                : "memory");
+        for (--e; e > 0; --e) {
+            __asm__(MPQ__PK_W4_WORD(MPQ__PK_NEXT) MPQ__PK_W4_WORD(MPQ__PK_NEXT)
+                    : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11),
+                      [xp] "+r"(xp), [wp] "+r"(wp), [u] "=&r"(u), [v] "=&r"(v), [p] "=&r"(p),
+                      [q] "=&r"(q), [x] "=&r"(x)
+                    : [off] "r"(off), [m] "r"(m)
+                    : "memory");
+        }
+        t00 += (uint32_t)mpq__pk_field(a00);
+        t01 += (uint32_t)mpq__pk_field(a01);
+        t10 += (uint32_t)mpq__pk_field(a10);
+        t11 += (uint32_t)mpq__pk_field(a11);
+    }
+    s[0] = t00;
+    s[1] = t01;
+    s[2] = t10;
+    s[3] = t11;
+}
+#define MPQ__PK_ASM_W4 1
+#else
+#define MPQ__PK_ASM_W4 0
+#endif
+
+/* The rounding right shift of mpq__requantize32 by s = sm1 + 1 in [1, 31] (as mpq_conv.c's
+   mpq__round_shift): h/2^s rounded half away from zero is (q >> 1) + (q & 1) for
+   q = floor((h - [h < 0]) / 2^(s-1)). */
+static MPQ_INLINE int32_t mpq__pk_round_shift(int32_t h, int32_t sm1)
+{
+    const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
+    return mpq__asr32(q, 1) + (q & 1);
+}
+
+/* mpq__output for a channel whose shift is in [-30, 0] and multiplier >= 0 (the layer's
+   `fast` case), the shift's constant worked out by the caller. */
+static MPQ_INLINE int32_t mpq__pk_out_fast(uint32_t acc, int32_t m, int32_t sh, int32_t zp,
+                                           int32_t lo, int32_t hi)
+{
+    int32_t r = (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+    if (sh < 0) {
+        r = mpq__pk_round_shift(r, -sh - 1);
+    }
+    return mpq__clamp_add(r, zp, lo, hi);
+}
+
+/* Stores y0, y1 as channels o, o + 1 (o + 1 only when two) at element base + o. */
+static MPQ_INLINE void mpq__pk_put2(uint8_t *dst, int32_t bits, uint32_t k, int32_t y0,
+                                    int32_t y1, int two)
+{
+    if (bits == 8) {
+        dst[k] = (uint8_t)y0;
+        if (two) {
+            dst[k + 1u] = (uint8_t)y1;
+        }
+    } else if (bits == 4 && two && (k & 1u) == 0) {
+        dst[k >> 1] = (uint8_t)(((uint32_t)y0 & 15u) | (((uint32_t)y1 & 15u) << 4));
+    } else {
+        mpq__st(dst, bits, k, y0);
+        if (two) {
+            mpq__st(dst, bits, k + 1u, y1);
+        }
+    }
+}
+
+/* The convolution with the output pixels in pairs (row-major; an odd last one is paired with
+   itself and stored once) and the channels in pairs (mpq__pk_dot22): both columns are written
+   to scratch once per pair and read by every channel pair. `fast`: every channel's shift is in
+   [-30, 0] and its multiplier >= 0. */
+static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed_filter *f,
+                                      const mpq_channel_quant *q, const mpq_view *in,
+                                      const mpq_view *out, int32_t *scratch, int32_t wbits,
+                                      int32_t every, int fast, int nib)
+{
+    const int32_t nblk = (f->k + 15) / 16, stride = nblk * (wbits / 2);
+    const int32_t npix = out->h * out->w, ow = out->w, cout = f->n;
+    const int32_t ozp = p->output_zp, lo = p->act_min, hi = p->act_max;
+    /* 4-bit outputs with an even channel count: every pair of channels is one whole byte */
+    const int pairs4 = out->bits == 4 && (out->c & 1) == 0;
+    const int32_t *bias = f->bias, *mult = q->multiplier, *shift = q->shift;
+    uint32_t *col0 = (uint32_t *)scratch, *col1 = col0 + 4 * nblk;
+    uint8_t *dst = (uint8_t *)out->data;
+    int32_t pix, o;
+    for (pix = 0; pix < npix; pix += 2) {
+        const int two_px = pix + 1 < npix;
+        const int32_t oy0 = pix / ow, ox0 = pix - oy0 * ow;
+        const int32_t oy1 = two_px ? (pix + 1) / ow : oy0;
+        const int32_t ox1 = two_px ? pix + 1 - oy1 * ow : ox0;
+        const uint32_t ko0 = mpq__at(out, oy0, ox0), ko1 = mpq__at(out, oy1, ox1);
+        const int32_t corr0 = mpq__pk_column(p, f, in, oy0, ox0, (int16_t *)col0, nblk);
+        /* an odd last pixel: its own column again (the pair's second is never stored) */
+        const int32_t corr1 = mpq__pk_column(p, f, in, oy1, ox1, (int16_t *)col1, nblk);
+        for (o = 0; o < cout; o += 2) {
+            const int two_ch = o + 1 < cout;
+            uint32_t s[4], b0, b1;
+            int32_t y00, y01, y10, y11, o1;
+            if (!two_ch && cout > 1) {
+                /* an odd last channel: the pair (o - 1, o), its second half stored */
+                --o;
+            }
+            o1 = o + (cout > 1);
+#if MPQ__PK_ASM_W4
+            if (wbits == 4 && cout > 1) {
+                mpq__pk_dot22_w4(col0, f->data + o * stride, 4 * stride, nblk, every, s);
+            } else
+#endif
+            {
+                const uint32_t *w0 = f->data + o * stride;
+                mpq__pk_dot22(col0, col1, w0, w0 + (o1 - o) * stride, nblk, wbits, every, s);
+            }
+            b0 = (uint32_t)bias[o];
+            b1 = (uint32_t)bias[o1];
+            if (fast) {
+                const int32_t m0 = mult[o], m1 = mult[o1], sh0 = shift[o], sh1 = shift[o1];
+                y00 = mpq__pk_out_fast(b0 + s[0] - (uint32_t)corr0, m0, sh0, ozp, lo, hi);
+                y01 = mpq__pk_out_fast(b1 + s[1] - (uint32_t)corr0, m1, sh1, ozp, lo, hi);
+                y10 = mpq__pk_out_fast(b0 + s[2] - (uint32_t)corr1, m0, sh0, ozp, lo, hi);
+                y11 = mpq__pk_out_fast(b1 + s[3] - (uint32_t)corr1, m1, sh1, ozp, lo, hi);
+            } else {
+                y00 = mpq__output(b0 + s[0] - (uint32_t)corr0, mult[o], shift[o], ozp, lo, hi);
+                y01 = mpq__output(b1 + s[1] - (uint32_t)corr0, mult[o1], shift[o1], ozp, lo, hi);
+                y10 = mpq__output(b0 + s[2] - (uint32_t)corr1, mult[o], shift[o], ozp, lo, hi);
+                y11 = mpq__output(b1 + s[3] - (uint32_t)corr1, mult[o1], shift[o1], ozp, lo, hi);
+            }
+            /* all four values before any store: a byte store may alias the constants */
+            if (!two_ch && cout > 1) {
+                ++o;
+                y00 = y01;
+                y10 = y11;
+            }
+            if (nib && pairs4) {
+                dst[(ko0 + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y00 & 15u)
+                                                          | (((uint32_t)y01 & 15u) << 4));
+                if (two_px) {
+                    dst[(ko1 + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y10 & 15u)
+                                                              | (((uint32_t)y11 & 15u) << 4));
+                }
+                continue;
+            }
+            mpq__pk_put2(dst, out->bits, ko0 + (uint32_t)o, y00, y01, two_ch);
+            if (two_px) {
+                mpq__pk_put2(dst, out->bits, ko1 + (uint32_t)o, y10, y11, two_ch);
+            }
+        }
+    }
+}
+
+#define MPQ__PK_CONV(name, wb, ev, fa)                                                       \
+    static MPQ_NOINLINE void name(const mpq_conv_params *p, const mpq_packed_filter *f,      \
+                                  const mpq_channel_quant *q, const mpq_view *in,            \
+                                  const mpq_view *out, int32_t *scratch)                     \
+    {                                                                                        \
+        mpq__pk_conv_t(p, f, q, in, out, scratch, wb, ev, fa, fa);                           \
+    }
+
+MPQ__PK_CONV(mpq__pk_conv_w4e1, 4, 1, 0)
+MPQ__PK_CONV(mpq__pk_conv_w4e1f, 4, 1, 1)
+MPQ__PK_CONV(mpq__pk_conv_w4e4, 4, 4, 0)
+MPQ__PK_CONV(mpq__pk_conv_w4e4f, 4, 4, 1)
+MPQ__PK_CONV(mpq__pk_conv_w2e3, 2, 3, 0)
+MPQ__PK_CONV(mpq__pk_conv_w2e3f, 2, 3, 1)
+MPQ__PK_CONV(mpq__pk_conv_w2e21, 2, 21, 0)
+MPQ__PK_CONV(mpq__pk_conv_w2e21f, 2, 21, 1)
+
+/* Does every channel take the 32-bit requantisation (shift in [-30, 0], multiplier >= 0)? */
+static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
+{
+    int32_t o;
+    for (o = 0; o < n; ++o) {
+        if (q->shift[o] > 0 || q->shift[o] < -30 || q->multiplier[o] < 0) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
                       const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                       int32_t *scratch)
 {
-    const uint8_t *src;
-    int32_t nblk, oy, ox, ky, kx;
-    mpq__pk_out_fn outputs;
+    int fast;
     int err;
     if ((err = mpq__pk_conv_check(p, f, in, out)) != MPQ_OK
         || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
@@ -420,32 +731,17 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
     if (scratch == NULL) {
         return MPQ_ERR_ARG;
     }
-    src = (const uint8_t *)in->data;
-    nblk = (f->k + 15) / 16;
-    outputs = mpq__pk_out_for(in->bits, f->bits);
-    for (oy = 0; oy < out->h; ++oy) {
-        for (ox = 0; ox < out->w; ++ox) {
-            mpq__pk_col c;
-            int32_t corr;
-            c.lane = (int16_t *)scratch;
-            c.n = 0;
-            c.oa = 1 << (in->bits - 1);
-            c.pend = c.sp = c.sq = 0;
-            for (ky = 0; ky < f->h; ++ky) {
-                const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
-                for (kx = 0; kx < f->w; ++kx) {
-                    const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
-                    if (iy < 0 || iy >= in->h || ix < 0 || ix >= in->w) {
-                        mpq__pk_fill(&c, p->input_zp, f->c);
-                    } else {
-                        mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix), f->c);
-                    }
-                }
-            }
-            corr = mpq__pk_close(&c, nblk, f->bits);
-            outputs(f, q, p->output_zp, p->act_min, p->act_max, (const uint32_t *)scratch, corr,
-                    out, mpq__at(out, oy, ox));
+    fast = mpq__pk_fast(q, f->n);
+    if (f->bits == 4) {
+        if (in->bits == 4) {
+            (fast ? mpq__pk_conv_w4e1f : mpq__pk_conv_w4e1)(p, f, q, in, out, scratch);
+        } else {
+            (fast ? mpq__pk_conv_w4e4f : mpq__pk_conv_w4e4)(p, f, q, in, out, scratch);
         }
+    } else if (in->bits == 4) {
+        (fast ? mpq__pk_conv_w2e3f : mpq__pk_conv_w2e3)(p, f, q, in, out, scratch);
+    } else {
+        (fast ? mpq__pk_conv_w2e21f : mpq__pk_conv_w2e21)(p, f, q, in, out, scratch);
     }
     return MPQ_OK;
 }

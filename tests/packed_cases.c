@@ -81,13 +81,16 @@ static int32_t value(int32_t bits, int mode)
     return mode == 1 ? lo : mode == 2 ? hi : rint_(lo, hi);
 }
 
+/* Half the layers have every shift in [-9, 0] (the kernels' 32-bit requantisation path), the
+   others some left shifts too (the general one). */
 static void fill_quant(int32_t n)
 {
+    const int32_t smax = rint_(0, 1);
     int32_t o;
     for (o = 0; o < n; ++o) {
         bias[o] = rint_(0, 3) == 0 ? (int32_t)rnd() : rint_(-5000, 5000);
         mult[o] = rint_(1 << 30, 0x7FFFFFFF);
-        shift[o] = rint_(-9, 1);
+        shift[o] = rint_(-9, smax);
     }
 }
 

@@ -429,7 +429,8 @@ class _Builder:
         k = int(dims[1] * dims[2] * dims[3])
         weight = {"sym": sym, "bits": lq.weight_bits, "n": dims[0], "h": dims[1],
                   "w": dims[2], "c": dims[3], "k": k}
-        self.scratch = max(self.scratch, 16 * ((k + 15) // 16))  # the packed column
+        # the packed columns: two output pixels (conv), one (fully connected)
+        self.scratch = max(self.scratch, (32 if node.op == "conv2d" else 16) * ((k + 15) // 16))
         if node.op == "conv2d":
             self.layers.append(Layer(i, node.name, "packed_conv2d", ins, out,
                                      self.conv_params(node), weight))
