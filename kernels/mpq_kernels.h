@@ -403,6 +403,15 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
                       const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                       int32_t *scratch);
 
+/* mpq_conv2d_add (the convolution fused with the residual add that consumes it; the same
+ * arithmetic and views) with the packed convolution. `out` may be the very same view as
+ * `skip`; other views sharing its `data` are refused (MPQ_ERR_ARG). Scratch as
+ * mpq_packed_conv2d. */
+int mpq_packed_conv2d_add(const mpq_conv_params *p, const mpq_packed_filter *f,
+                          const mpq_channel_quant *q, const mpq_view *in,
+                          const mpq_add_params *add, const mpq_view *skip, const mpq_view *out,
+                          int32_t *scratch);
+
 /* Bytes of 4-byte aligned scratch of mpq_packed_fully_connected: 16*ceil(K/16). */
 int32_t mpq_packed_fully_connected_scratch_size(const mpq_packed_filter *f);
 

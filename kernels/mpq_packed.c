@@ -588,6 +588,22 @@ static MPQ_INLINE int32_t mpq__pk_out_fast(uint32_t acc, int32_t m, int32_t sh, 
     return mpq__clamp_add(r, zp, lo, hi);
 }
 
+/* The fused residual add of one element: skip value a, convolution result b (out of line:
+   the add's three requantisations would swell every copy of the loop). */
+static MPQ_NOINLINE int32_t mpq__pk_add(const mpq_add_params *add, int fast, int32_t a,
+                                        int32_t b)
+{
+    return fast ? mpq__add_fast(add, a, b) : mpq__add_one(add, a, b);
+}
+
+/* mpq__output out of line: the general requantisation (a left shift, or a right shift above
+   30) is rare and need not be inlined in the loops. */
+static MPQ_NOINLINE int32_t mpq__pk_out_slow(uint32_t acc, int32_t m, int32_t sh, int32_t zp,
+                                             int32_t lo, int32_t hi)
+{
+    return mpq__output(acc, m, sh, zp, lo, hi);
+}
+
 /* Stores y0, y1 as channels o, o + 1 (o + 1 only when two) at element base + o. */
 static MPQ_INLINE void mpq__pk_put2(uint8_t *dst, int32_t bits, uint32_t k, int32_t y0,
                                     int32_t y1, int two)
@@ -614,7 +630,8 @@ static MPQ_INLINE void mpq__pk_put2(uint8_t *dst, int32_t bits, uint32_t k, int3
 static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed_filter *f,
                                       const mpq_channel_quant *q, const mpq_view *in,
                                       const mpq_view *out, int32_t *scratch, int32_t wbits,
-                                      int32_t every, int fast, int nib)
+                                      int32_t every, int fast, const mpq_add_params *add,
+                                      const mpq_view *skip, int add_fast)
 {
     const int32_t nblk = (f->k + 15) / 16, stride = nblk * (wbits / 2);
     const int32_t npix = out->h * out->w, ow = out->w, cout = f->n;
@@ -631,6 +648,8 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
         const int32_t oy1 = two_px ? (pix + 1) / ow : oy0;
         const int32_t ox1 = two_px ? pix + 1 - oy1 * ow : ox0;
         const uint32_t ko0 = mpq__at(out, oy0, ox0), ko1 = mpq__at(out, oy1, ox1);
+        const uint32_t ks0 = add != NULL ? mpq__at(skip, oy0, ox0) : 0u;
+        const uint32_t ks1 = add != NULL ? mpq__at(skip, oy1, ox1) : 0u;
         const int32_t corr0 = mpq__pk_column(p, f, in, oy0, ox0, (int16_t *)col0, nblk);
         /* an odd last pixel: its own column again (the pair's second is never stored) */
         const int32_t corr1 = mpq__pk_column(p, f, in, oy1, ox1, (int16_t *)col1, nblk);
@@ -661,10 +680,14 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
                 y10 = mpq__pk_out_fast(b0 + s[2] - (uint32_t)corr1, m0, sh0, ozp, lo, hi);
                 y11 = mpq__pk_out_fast(b1 + s[3] - (uint32_t)corr1, m1, sh1, ozp, lo, hi);
             } else {
-                y00 = mpq__output(b0 + s[0] - (uint32_t)corr0, mult[o], shift[o], ozp, lo, hi);
-                y01 = mpq__output(b1 + s[1] - (uint32_t)corr0, mult[o1], shift[o1], ozp, lo, hi);
-                y10 = mpq__output(b0 + s[2] - (uint32_t)corr1, mult[o], shift[o], ozp, lo, hi);
-                y11 = mpq__output(b1 + s[3] - (uint32_t)corr1, mult[o1], shift[o1], ozp, lo, hi);
+                y00 = mpq__pk_out_slow(b0 + s[0] - (uint32_t)corr0, mult[o], shift[o], ozp, lo,
+                                       hi);
+                y01 = mpq__pk_out_slow(b1 + s[1] - (uint32_t)corr0, mult[o1], shift[o1], ozp,
+                                       lo, hi);
+                y10 = mpq__pk_out_slow(b0 + s[2] - (uint32_t)corr1, mult[o], shift[o], ozp, lo,
+                                       hi);
+                y11 = mpq__pk_out_slow(b1 + s[3] - (uint32_t)corr1, mult[o1], shift[o1], ozp,
+                                       lo, hi);
             }
             /* all four values before any store: a byte store may alias the constants */
             if (!two_ch && cout > 1) {
@@ -672,7 +695,24 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
                 y00 = y01;
                 y10 = y11;
             }
-            if (nib && pairs4) {
+            if (add != NULL) {
+                /* the fused add: skip element (input a) + this result (input b), every skip
+                   element read before any store (the sum may take the skip's storage) */
+                const uint8_t *sk = (const uint8_t *)skip->data;
+                const int32_t sb = skip->bits;
+                const uint32_t k0 = ks0 + (uint32_t)o, k1 = ks1 + (uint32_t)o;
+                y00 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k0), y00);
+                if (two_ch) {
+                    y01 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k0 + 1u), y01);
+                }
+                if (two_px) {
+                    y10 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k1), y10);
+                    if (two_ch) {
+                        y11 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k1 + 1u), y11);
+                    }
+                }
+            }
+            if (pairs4) {
                 dst[(ko0 + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y00 & 15u)
                                                           | (((uint32_t)y01 & 15u) << 4));
                 if (two_px) {
@@ -689,23 +729,6 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
     }
 }
 
-#define MPQ__PK_CONV(name, wb, ev, fa)                                                       \
-    static MPQ_NOINLINE void name(const mpq_conv_params *p, const mpq_packed_filter *f,      \
-                                  const mpq_channel_quant *q, const mpq_view *in,            \
-                                  const mpq_view *out, int32_t *scratch)                     \
-    {                                                                                        \
-        mpq__pk_conv_t(p, f, q, in, out, scratch, wb, ev, fa, fa);                           \
-    }
-
-MPQ__PK_CONV(mpq__pk_conv_w4e1, 4, 1, 0)
-MPQ__PK_CONV(mpq__pk_conv_w4e1f, 4, 1, 1)
-MPQ__PK_CONV(mpq__pk_conv_w4e4, 4, 4, 0)
-MPQ__PK_CONV(mpq__pk_conv_w4e4f, 4, 4, 1)
-MPQ__PK_CONV(mpq__pk_conv_w2e3, 2, 3, 0)
-MPQ__PK_CONV(mpq__pk_conv_w2e3f, 2, 3, 1)
-MPQ__PK_CONV(mpq__pk_conv_w2e21, 2, 21, 0)
-MPQ__PK_CONV(mpq__pk_conv_w2e21f, 2, 21, 1)
-
 /* Does every channel take the 32-bit requantisation (shift in [-30, 0], multiplier >= 0)? */
 static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
 {
@@ -718,11 +741,46 @@ static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
     return 1;
 }
 
+/* The loops of each weight width, with the requantisation path (`fast`), the fused add and
+   the extraction period as run-time arguments (one copy of the loop per width keeps the
+   code small); W4A4 without an add, the common case, gets its own copy. */
+#define MPQ__PK_CONV(name, wb, ev)                                                         \
+    static MPQ_NOINLINE void name(const mpq_conv_params *p, const mpq_packed_filter *f,    \
+                                  const mpq_channel_quant *q, const mpq_view *in,          \
+                                  const mpq_view *out, int32_t *scratch, int32_t every,    \
+                                  int fast, const mpq_add_params *add,                     \
+                                  const mpq_view *skip, int add_fast)                      \
+    {                                                                                      \
+        mpq__pk_conv_t(p, f, q, in, out, scratch, wb, ev > 0 ? ev : every, fast,           \
+                       ev > 0 ? NULL : add, skip, add_fast);                                \
+    }
+
+MPQ__PK_CONV(mpq__pk_conv_w4e1, 4, 1) /* W4A4 without an add */
+MPQ__PK_CONV(mpq__pk_conv_w4, 4, 0)
+MPQ__PK_CONV(mpq__pk_conv_w2, 2, 0)
+
+/* The convolution of an (activation, weight) bit mix (extraction periods: W4A4 1 block, A2W4
+   4, A4W2 3, W2A2 21; mpq.codegen.packed.extraction_period derives them). */
+static void mpq__pk_conv_run(const mpq_conv_params *p, const mpq_packed_filter *f,
+                             const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                             int32_t *scratch, const mpq_add_params *add, const mpq_view *skip)
+{
+    const int fast = mpq__pk_fast(q, f->n), add_fast = add != NULL && mpq__add_fast_ok(add);
+    if (f->bits == 4 && in->bits == 4 && add == NULL) {
+        mpq__pk_conv_w4e1(p, f, q, in, out, scratch, 1, fast, NULL, NULL, 0);
+    } else if (f->bits == 4) {
+        mpq__pk_conv_w4(p, f, q, in, out, scratch, in->bits == 4 ? 1 : 4, fast, add, skip,
+                        add_fast);
+    } else {
+        mpq__pk_conv_w2(p, f, q, in, out, scratch, in->bits == 4 ? 3 : 21, fast, add, skip,
+                        add_fast);
+    }
+}
+
 int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
                       const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                       int32_t *scratch)
 {
-    int fast;
     int err;
     if ((err = mpq__pk_conv_check(p, f, in, out)) != MPQ_OK
         || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
@@ -731,18 +789,47 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
     if (scratch == NULL) {
         return MPQ_ERR_ARG;
     }
-    fast = mpq__pk_fast(q, f->n);
-    if (f->bits == 4) {
-        if (in->bits == 4) {
-            (fast ? mpq__pk_conv_w4e1f : mpq__pk_conv_w4e1)(p, f, q, in, out, scratch);
-        } else {
-            (fast ? mpq__pk_conv_w4e4f : mpq__pk_conv_w4e4)(p, f, q, in, out, scratch);
-        }
-    } else if (in->bits == 4) {
-        (fast ? mpq__pk_conv_w2e3f : mpq__pk_conv_w2e3)(p, f, q, in, out, scratch);
-    } else {
-        (fast ? mpq__pk_conv_w2e21f : mpq__pk_conv_w2e21)(p, f, q, in, out, scratch);
+    mpq__pk_conv_run(p, f, q, in, out, (int32_t *)scratch, NULL, NULL);
+    return MPQ_OK;
+}
+
+int mpq_packed_conv2d_add(const mpq_conv_params *p, const mpq_packed_filter *f,
+                          const mpq_channel_quant *q, const mpq_view *in,
+                          const mpq_add_params *add, const mpq_view *skip, const mpq_view *out,
+                          int32_t *scratch)
+{
+    int err;
+    if (p == NULL || f == NULL || add == NULL) {
+        return MPQ_ERR_ARG;
     }
+    if ((err = mpq__view_check(in)) != MPQ_OK || (err = mpq__view_check(out)) != MPQ_OK
+        || (err = mpq__view_check(skip)) != MPQ_OK || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
+        return err;
+    }
+    if (in->bits != 4 && in->bits != 2) {
+        return MPQ_ERR_BITS;
+    }
+    /* as mpq_conv2d_add: the intermediate result only needs a clamp the add can take */
+    if (f->k != f->h * f->w * f->c || p->groups != 1 || in->c != f->c || out->c != f->n
+        || p->stride_h < 1 || p->stride_w < 1 || p->dilation_h < 1 || p->dilation_w < 1
+        || p->pad_top < 0 || p->pad_left < 0 || !mpq__in_range(p->input_zp, in->bits)
+        || !mpq__act_ok(p->act_min, p->act_max, 8)
+        || !mpq__act_ok(add->act_min, add->act_max, out->bits)
+        || !mpq__in_range(add->a_zp, skip->bits) || !mpq__in_range(add->b_zp, 8)
+        || add->left_shift < 0 || add->left_shift > 31 || skip->h != out->h
+        || skip->w != out->w || skip->c != out->c || in->data == out->data
+        || skip->data == in->data || scratch == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    if (!mpq__alias_ok(skip, out)) {
+        return MPQ_ERR_BITS;
+    }
+    /* a sum written over its skip: only in the very same elements (pairs are read first) */
+    if (skip->data == out->data
+        && (skip->y0 != out->y0 || skip->x0 != out->x0 || skip->stored_w != out->stored_w)) {
+        return MPQ_ERR_ARG;
+    }
+    mpq__pk_conv_run(p, f, q, in, out, scratch, add, skip);
     return MPQ_OK;
 }
 
