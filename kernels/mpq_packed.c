@@ -146,10 +146,32 @@ static void mpq__pk_run(mpq__pk_col *c, const uint8_t *src, int32_t bits, uint32
     if (bits == 4) {
         const uint8_t *s = src + (k >> 1);
         int16_t *d = c->lane + (c->n >> 1);
-        int32_t sp = 0, sq = 0, i;
+        int32_t sp = 0, sq = 0, i = 0;
         const int32_t nb = len >> 1;
+        /* four bytes at a time: bytes b0, b1 (b2, b3) as the halfwords of one word, each turned
+           into its lane at once; the lo codes ^ 8 and the hi codes ^ 8 (x_q + 8) summed per
+           byte with one multiply (four values below 16: no carry between bytes) */
+        if (((uintptr_t)d & 3u) == 0) {
+            uint32_t *dw = (uint32_t *)(void *)d;
+            uint32_t tp = 0, tq = 0;
+            for (; i + 4 <= nb; i += 4) {
+                uint32_t w, l01, l23, ep, eq;
+                memcpy(&w, s + i, 4);
+                l01 = (w & 0xFFu) | ((w & 0xFF00u) << 8);
+                l23 = ((w >> 16) & 0xFFu) | ((w >> 8) & 0xFF0000u);
+                dw[(i >> 1)] = ((l01 & 0x000F000Fu) ^ 0x00080008u) | ((l01 & 0x00F000F0u) << 8);
+                dw[(i >> 1) + 1] = ((l23 & 0x000F000Fu) ^ 0x00080008u)
+                                   | ((l23 & 0x00F000F0u) << 8);
+                ep = (w & 0x0F0F0F0Fu) ^ 0x08080808u;
+                eq = ((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+                tp += (ep * 0x01010101u) >> 24;
+                tq += (eq * 0x01010101u) >> 24;
+            }
+            sp += (int32_t)tp;
+            sq += (int32_t)tq - 8 * i;
+        }
         /* byte (x_q << 4 | x_p): lane = (code_p ^ 8) | code_q << 12, i.e. x_p + 8 + x_q*2^12 */
-        for (i = 0; i < nb; ++i) {
+        for (; i < nb; ++i) {
             const uint32_t b = s[i];
             const uint32_t lo = (b & 15u) ^ 8u;
             d[i] = (int16_t)(uint16_t)(lo | ((b & 0xF0u) << 8));
