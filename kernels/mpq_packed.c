@@ -1,6 +1,13 @@
-/* mpq_packed.c: mpq_packed_conv2d, mpq_packed_fully_connected, mpq_packed_pack and their
- * size functions - sub-byte convolution and fully connected layers with two MACs per SMLAD
- * halfword (issue 15 item 2; API and formulas: mpq_kernels.h, "packed sub-byte kernels").
+/* mpq_packed.c: mpq_packed_conv2d, mpq_packed_conv2d_add, mpq_packed_fully_connected,
+ * mpq_packed_pack and their size functions - sub-byte convolution (alone or fused with its
+ * residual add) and fully connected layers with two MACs per SMLAD halfword (issue 15 item 2;
+ * API and formulas: mpq_kernels.h, "packed sub-byte kernels").
+ *
+ * The convolution works on output pixels in pairs and channels in pairs (CMSIS-NN's 2x2
+ * register block): the two pixels' columns are written to scratch once and read by every
+ * channel pair; each unpacked weight operand meets both columns (W4 with the DSP: a
+ * hand-scheduled block of 36 instructions per 64 MACs). Outputs take the int8 path's 32-bit
+ * requantisation when every channel's shift is in [-30, 0].
  *
  * Part of mpq's portable kernel library (shared helpers: mpq_support.h).
  *
