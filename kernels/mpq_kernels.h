@@ -361,8 +361,9 @@ int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq
  *
  * Convolution (groups = 1; 1x1 and KxK, any stride, dilation, padding; also fused with its
  * residual add) and fully connected layers whose activations and weights are both 4 or 2
- * bits (W4A4, W2A2 and the 4x2 mixes), with linear weights. Two multiply-accumulates share each 16-bit SMLAD lane (ULPPACK /
- * MCU-MixQ packing): per output pixel the input column is written once to `scratch` as lanes
+ * bits (W4A4, W2A2 and the 4x2 mixes), with linear weights. Two multiply-accumulates share
+ * each 16-bit SMLAD lane (ULPPACK / MCU-MixQ packing): per output pixel the input column is
+ * written once to `scratch` as lanes
  *     a_l = (X[2l] + oa) + X[2l+1] * 2^12                     (oa = 2^(act_bits-1))
  * and each row of the filter is stored (by mpq, or mpq_packed_pack) as lanes
  *     h_l = (W[2l+1] + ow) + (W[2l] + oh) * 2^12   (ow = 2^(wbits-1); oh = 0 for 4-bit, 2 for 2-bit)
