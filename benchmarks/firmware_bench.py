@@ -1,7 +1,9 @@
 """Latency evidence (issue: export): instructions per inference under QEMU, exactly counted.
 
-For VWW and ResNet-8 (and KWS): int8 layer-based, int8 patch-based and the mixed-precision plan
-under a budget that forces sub-byte maps, on the emulated Cortex-M4, with mpq's portable kernels
+For VWW and ResNet-8, KWS and the Fashion example: int8 layer-based, int8 patch-based, the
+mixed-precision plan under a budget that forces sub-byte maps and an all-4-bit plan (W4A4:
+every map and every weight at 4 bits, layer-based: the packed sub-byte kernels' case; issue 15
+target <= 0.8x int8 layer-based), on the emulated Cortex-M4, with mpq's portable kernels
 and — when CMSIS_NN_PATH names a CMSIS-NN checkout — with the cmsis-nn backend (the counts are
 instructions, not cycles: QEMU models no pipeline).
 """
@@ -33,7 +35,12 @@ from mpq.verify import verify  # noqa: E402
 SHARED = REPO.parent / "shared" / "models"
 CASES = [("VWW MobileNetV1-0.25@96", "vww_96_float.onnx", 1.0, 45_000),
          ("IC ResNet-8", "pretrainedResnet.onnx", 255.0, 36_000),
-         ("KWS DS-CNN", "kws_ref_model_fp32.onnx", 1.0, 11_000)]
+         ("KWS DS-CNN", "kws_ref_model_fp32.onnx", 1.0, 11_000),
+         ("Fashion CNN (example)", REPO / "examples" / "fashion" / "fashion_cnn.onnx", 1.0,
+          20_000)]
+#: every map and every weight at 4 bits, layer-based (the packed kernels' W4A4 case)
+W4A4 = SearchOptions(strategy="qe", bits=(4,), weight_scheme="linear", weight_bits=(4,),
+                     patches="none")
 
 
 def _cmsis_available() -> str | None:
@@ -52,13 +59,14 @@ def bench_latency() -> dict:
     backends = ["portable"] + ([] if no_cmsis else ["cmsis-nn"])
     rows = []
     for label, name, scale, sram in CASES:
-        path = SHARED / name
+        path = SHARED / name  # an absolute `name` (the Fashion example) stays as it is
         graph = load_model(path)
         x = (np.random.default_rng(0).random((32, *onnx_input_shape(graph))) * scale)
         data = dataset_from_array(x.astype(np.float32), "random")
         variants = [("int8 layer-based", SearchOptions(strategy="int8", patches="none")),
                     ("int8 patch-based (auto)", SearchOptions(strategy="int8", sram=sram)),
-                    (f"mixed plan (SRAM {sram:,} B)", SearchOptions(sram=sram))]
+                    (f"mixed plan (SRAM {sram:,} B)", SearchOptions(sram=sram)),
+                    ("W4A4 layer-based (packed kernels)", W4A4)]
         base = None
         for what, opts in variants:
             try:

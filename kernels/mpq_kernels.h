@@ -364,10 +364,11 @@ int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq
 
 /* -- packed sub-byte kernels (mpq_packed.c; issue 15 item 2) ----------------------------------
  *
- * Convolution (groups = 1; 1x1 and KxK, any stride, dilation, padding) and fully connected
- * layers whose activations and weights are both 4 or 2 bits (W4A4, W2A2 and the 4x2 mixes),
- * with linear weights. Two multiply-accumulates share each 16-bit SMLAD lane (ULPPACK /
- * MCU-MixQ packing): per output pixel the input column is written once to `scratch` as lanes
+ * Convolution (groups = 1; 1x1 and KxK, any stride, dilation, padding; also fused with its
+ * residual add) and fully connected layers whose activations and weights are both 4 or 2
+ * bits (W4A4, W2A2 and the 4x2 mixes), with linear weights. Two multiply-accumulates share
+ * each 16-bit SMLAD lane (ULPPACK / MCU-MixQ packing): per output pixel the input column is
+ * written once to `scratch` as lanes
  *     a_l = (X[2l] + oa) + X[2l+1] * 2^12                     (oa = 2^(act_bits-1))
  * and each row of the filter is stored (by mpq, or mpq_packed_pack) as lanes
  *     h_l = (W[2l+1] + ow) + (W[2l] + oh) * 2^12   (ow = 2^(wbits-1); oh = 0 for 4-bit, 2 for 2-bit)
@@ -397,7 +398,8 @@ int32_t mpq_packed_words(int32_t wbits, int32_t n, int32_t k);
 int mpq_packed_pack(const mpq_filter *f, const int32_t *bias, int32_t act_bits, int32_t input_zp,
                     uint32_t *data, int32_t *cbias);
 
-/* Bytes of 4-byte aligned scratch of mpq_packed_conv2d: 16*ceil(K/16), K = KH*KW*Cin. */
+/* Bytes of 4-byte aligned scratch of mpq_packed_conv2d: 32*ceil(K/16), K = KH*KW*Cin (the
+   columns of two output pixels). */
 int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packed_filter *f,
                                        const mpq_view *in, const mpq_view *out);
 
@@ -406,6 +408,15 @@ int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packe
 int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
                       const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                       int32_t *scratch);
+
+/* mpq_conv2d_add (the convolution fused with the residual add that consumes it; the same
+ * arithmetic and views) with the packed convolution. `out` may be the very same view as
+ * `skip`; other views sharing its `data` are refused (MPQ_ERR_ARG). Scratch as
+ * mpq_packed_conv2d. */
+int mpq_packed_conv2d_add(const mpq_conv_params *p, const mpq_packed_filter *f,
+                          const mpq_channel_quant *q, const mpq_view *in,
+                          const mpq_add_params *add, const mpq_view *skip, const mpq_view *out,
+                          int32_t *scratch);
 
 /* Bytes of 4-byte aligned scratch of mpq_packed_fully_connected: 16*ceil(K/16). */
 int32_t mpq_packed_fully_connected_scratch_size(const mpq_packed_filter *f);

@@ -1,6 +1,13 @@
-/* mpq_packed.c: mpq_packed_conv2d, mpq_packed_fully_connected, mpq_packed_pack and their
- * size functions - sub-byte convolution and fully connected layers with two MACs per SMLAD
- * halfword (issue 15 item 2; API and formulas: mpq_kernels.h, "packed sub-byte kernels").
+/* mpq_packed.c: mpq_packed_conv2d, mpq_packed_conv2d_add, mpq_packed_fully_connected,
+ * mpq_packed_pack and their size functions - sub-byte convolution (alone or fused with its
+ * residual add) and fully connected layers with two MACs per SMLAD halfword (issue 15 item 2;
+ * API and formulas: mpq_kernels.h, "packed sub-byte kernels").
+ *
+ * The convolution works on output pixels in pairs and channels in pairs (CMSIS-NN's 2x2
+ * register block): the two pixels' columns are written to scratch once and read by every
+ * channel pair; each unpacked weight operand meets both columns (W4 with the DSP: a
+ * hand-scheduled block of 36 instructions per 64 MACs). Outputs take the int8 path's 32-bit
+ * requantisation when every channel's shift is in [-30, 0].
  *
  * Part of mpq's portable kernel library (shared helpers: mpq_support.h).
  *
@@ -146,10 +153,32 @@ static void mpq__pk_run(mpq__pk_col *c, const uint8_t *src, int32_t bits, uint32
     if (bits == 4) {
         const uint8_t *s = src + (k >> 1);
         int16_t *d = c->lane + (c->n >> 1);
-        int32_t sp = 0, sq = 0, i;
+        int32_t sp = 0, sq = 0, i = 0;
         const int32_t nb = len >> 1;
+        /* four bytes at a time: bytes b0, b1 (b2, b3) as the halfwords of one word, each turned
+           into its lane at once; the lo codes ^ 8 and the hi codes ^ 8 (x_q + 8) summed per
+           byte with one multiply (four values below 16: no carry between bytes) */
+        if (((uintptr_t)d & 3u) == 0) {
+            uint32_t *dw = (uint32_t *)(void *)d;
+            uint32_t tp = 0, tq = 0;
+            for (; i + 4 <= nb; i += 4) {
+                uint32_t w, l01, l23, ep, eq;
+                memcpy(&w, s + i, 4);
+                l01 = (w & 0xFFu) | ((w & 0xFF00u) << 8);
+                l23 = ((w >> 16) & 0xFFu) | ((w >> 8) & 0xFF0000u);
+                dw[(i >> 1)] = ((l01 & 0x000F000Fu) ^ 0x00080008u) | ((l01 & 0x00F000F0u) << 8);
+                dw[(i >> 1) + 1] = ((l23 & 0x000F000Fu) ^ 0x00080008u)
+                                   | ((l23 & 0x00F000F0u) << 8);
+                ep = (w & 0x0F0F0F0Fu) ^ 0x08080808u;
+                eq = ((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+                tp += (ep * 0x01010101u) >> 24;
+                tq += (eq * 0x01010101u) >> 24;
+            }
+            sp += (int32_t)tp;
+            sq += (int32_t)tq - 8 * i;
+        }
         /* byte (x_q << 4 | x_p): lane = (code_p ^ 8) | code_q << 12, i.e. x_p + 8 + x_q*2^12 */
-        for (i = 0; i < nb; ++i) {
+        for (; i < nb; ++i) {
             const uint32_t b = s[i];
             const uint32_t lo = (b & 15u) ^ 8u;
             d[i] = (int16_t)(uint16_t)(lo | ((b & 0xF0u) << 8));
@@ -402,16 +431,385 @@ int32_t mpq_packed_conv2d_scratch_size(const mpq_conv_params *p, const mpq_packe
                                        const mpq_view *in, const mpq_view *out)
 {
     const int err = mpq__pk_conv_check(p, f, in, out);
-    return err != MPQ_OK ? err : 16 * ((f->k + 15) / 16);
+    return err != MPQ_OK ? err : 32 * ((f->k + 15) / 16);
+}
+
+/* The column of output pixel (oy, ox) into `lane` (8*nblk halfwords); returns its
+   correction (mpq__pk_close). */
+static int32_t mpq__pk_column(const mpq_conv_params *p, const mpq_packed_filter *f,
+                              const mpq_view *in, int32_t oy, int32_t ox, int16_t *lane,
+                              int32_t nblk)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    mpq__pk_col c;
+    int32_t ky, kx;
+    c.lane = lane;
+    c.n = 0;
+    c.oa = 1 << (in->bits - 1);
+    c.pend = c.sp = c.sq = 0;
+    for (ky = 0; ky < f->h; ++ky) {
+        const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        const int32_t ix0 = ox * p->stride_w - p->pad_left;
+        if (iy < 0 || iy >= in->h) {
+            mpq__pk_fill(&c, p->input_zp, f->w * f->c);
+            continue;
+        }
+        if (p->dilation_w == 1 && ix0 >= 0 && ix0 + f->w <= in->w) {
+            /* a row of taps wholly in view: one run of KW*C elements */
+            mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix0), f->w * f->c);
+            continue;
+        }
+        for (kx = 0; kx < f->w; ++kx) {
+            const int32_t ix = ix0 + kx * p->dilation_w;
+            if (ix < 0 || ix >= in->w) {
+                mpq__pk_fill(&c, p->input_zp, f->c);
+            } else {
+                mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix), f->c);
+            }
+        }
+    }
+    return mpq__pk_close(&c, nblk, f->bits);
+}
+
+/* The 2x2 register block (CMSIS-NN's arm_nn_mat_mult_kernel shape): s[2p + r] = the middle
+   fields of columns p = 0, 1 (x0, x1) against filter rows r = 0, 1 (w0, w1), 16*nblk
+   elements. Each unpacked weight operand meets both columns, each column word both rows. */
+static MPQ_INLINE void mpq__pk_dot22(const uint32_t *x0, const uint32_t *x1, const uint32_t *w0,
+                                     const uint32_t *w1, int32_t nblk, int32_t wbits,
+                                     int32_t every, uint32_t s[4])
+{
+    uint32_t t00 = 0, t01 = 0, t10 = 0, t11 = 0;
+    while (nblk > 0) {
+        int32_t e = nblk < every ? nblk : every;
+        int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+        nblk -= e;
+        for (; e > 0; --e, x0 += 4, x1 += 4) {
+            int32_t j;
+            if (wbits == 4) {
+                for (j = 0; j < 2; ++j) {
+                    const uint32_t u = w0[j], v = w1[j];
+                    uint32_t ua = u & MPQ_PK_MASK4, va = v & MPQ_PK_MASK4;
+                    uint32_t xa = x0[2 * j], xb = x1[2 * j];
+                    a00 = mpq__pk_smlad(xa, ua, a00);
+                    a01 = mpq__pk_smlad(xa, va, a01);
+                    a10 = mpq__pk_smlad(xb, ua, a10);
+                    a11 = mpq__pk_smlad(xb, va, a11);
+                    ua = mpq__ror(u, 8) & MPQ_PK_MASK4;
+                    va = mpq__ror(v, 8) & MPQ_PK_MASK4;
+                    xa = x0[2 * j + 1];
+                    xb = x1[2 * j + 1];
+                    a00 = mpq__pk_smlad(xa, ua, a00);
+                    a01 = mpq__pk_smlad(xa, va, a01);
+                    a10 = mpq__pk_smlad(xb, ua, a10);
+                    a11 = mpq__pk_smlad(xb, va, a11);
+                }
+                w0 += 2;
+                w1 += 2;
+            } else {
+                const uint32_t u = w0[0], v = w1[0];
+                for (j = 0; j < 4; ++j) {
+                    const int32_t r = (j & 1) * 2 + (j >> 1) * 8; /* 0, 2, 8, 10 */
+                    const uint32_t ua = mpq__ror(u, r) & MPQ_PK_MASK2;
+                    const uint32_t va = mpq__ror(v, r) & MPQ_PK_MASK2;
+                    const uint32_t xa = x0[j], xb = x1[j];
+                    a00 = mpq__pk_smlad(xa, ua, a00);
+                    a01 = mpq__pk_smlad(xa, va, a01);
+                    a10 = mpq__pk_smlad(xb, ua, a10);
+                    a11 = mpq__pk_smlad(xb, va, a11);
+                }
+                w0 += 1;
+                w1 += 1;
+            }
+        }
+        t00 += (uint32_t)mpq__pk_field(a00);
+        t01 += (uint32_t)mpq__pk_field(a01);
+        t10 += (uint32_t)mpq__pk_field(a10);
+        t11 += (uint32_t)mpq__pk_field(a11);
+    }
+    s[0] = t00;
+    s[1] = t01;
+    s[2] = t10;
+    s[3] = t11;
+}
+
+#if MPQ_USE_DSP && !defined(MPQ_EMULATE_DSP)
+/* One stored word of each of two 4-bit filter rows (wp, wp + off) against two column words of
+   each of two columns (xp, xp + 2*off), by hand: GCC 12 spills the 2x2 block's operands. F:
+   the accumulators' first products (SMUAD at a block's start, else SMLAD). */
+#define MPQ__PK_FIRST(a, o) "smuad %[" a "], %[x], %[" o "]\n\t"
+#define MPQ__PK_NEXT(a, o) "smlad %[" a "], %[x], %[" o "], %[" a "]\n\t"
+#define MPQ__PK_W4_WORD(F)                                 \
+    "ldr %[v], [%[wp], %[off]]\n\t"                        \
+    "ldr %[u], [%[wp]], #4\n\t"                            \
+    "and %[p], %[m], %[u]\n\t"                             \
+    "and %[q], %[m], %[v]\n\t"                             \
+    "ldr %[x], [%[xp], %[off], lsl #1]\n\t"                \
+    F("a10", "p") F("a11", "q")                            \
+    "ldr %[x], [%[xp]], #4\n\t"                            \
+    F("a00", "p") F("a01", "q")                            \
+    "and %[p], %[m], %[u], ror #8\n\t"                     \
+    "and %[q], %[m], %[v], ror #8\n\t"                     \
+    "ldr %[x], [%[xp], %[off], lsl #1]\n\t"                \
+    MPQ__PK_NEXT("a10", "p") MPQ__PK_NEXT("a11", "q")      \
+    "ldr %[x], [%[xp]], #4\n\t"                            \
+    MPQ__PK_NEXT("a00", "p") MPQ__PK_NEXT("a01", "q")
+
+/* mpq__pk_dot22 for 4-bit weights with the DSP: the second filter row `off` bytes after the
+   first, the second column 2*off bytes after the first (off = 8*nblk: the columns' layout in
+   scratch), 36 instructions per block of 64 MACs plus the extraction. */
+static MPQ_INLINE void mpq__pk_dot22_w4(const uint32_t *xp, const uint32_t *wp, int32_t off,
+                                        int32_t nblk, int32_t every, uint32_t s[4])
+{
+    const uint32_t m = MPQ_PK_MASK4;
+    uint32_t t00 = 0, t01 = 0, t10 = 0, t11 = 0;
+    while (nblk > 0) {
+        int32_t e = nblk < every ? nblk : every;
+        int32_t a00, a01, a10, a11;
+        uint32_t u, v, p, q, x;
+        nblk -= e;
+        __asm__(MPQ__PK_W4_WORD(MPQ__PK_FIRST) MPQ__PK_W4_WORD(MPQ__PK_NEXT)
+                : [a00] "=&r"(a00), [a01] "=&r"(a01), [a10] "=&r"(a10), [a11] "=&r"(a11),
+                  [xp] "+r"(xp), [wp] "+r"(wp), [u] "=&r"(u), [v] "=&r"(v), [p] "=&r"(p),
+                  [q] "=&r"(q), [x] "=&r"(x)
+                : [off] "r"(off), [m] "r"(m)
+                : "memory");
+        for (--e; e > 0; --e) {
+            __asm__(MPQ__PK_W4_WORD(MPQ__PK_NEXT) MPQ__PK_W4_WORD(MPQ__PK_NEXT)
+                    : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11),
+                      [xp] "+r"(xp), [wp] "+r"(wp), [u] "=&r"(u), [v] "=&r"(v), [p] "=&r"(p),
+                      [q] "=&r"(q), [x] "=&r"(x)
+                    : [off] "r"(off), [m] "r"(m)
+                    : "memory");
+        }
+        t00 += (uint32_t)mpq__pk_field(a00);
+        t01 += (uint32_t)mpq__pk_field(a01);
+        t10 += (uint32_t)mpq__pk_field(a10);
+        t11 += (uint32_t)mpq__pk_field(a11);
+    }
+    s[0] = t00;
+    s[1] = t01;
+    s[2] = t10;
+    s[3] = t11;
+}
+#define MPQ__PK_ASM_W4 1
+#else
+#define MPQ__PK_ASM_W4 0
+#endif
+
+/* The rounding right shift of mpq__requantize32 by s = sm1 + 1 in [1, 31] (as mpq_conv.c's
+   mpq__round_shift): h/2^s rounded half away from zero is (q >> 1) + (q & 1) for
+   q = floor((h - [h < 0]) / 2^(s-1)). */
+static MPQ_INLINE int32_t mpq__pk_round_shift(int32_t h, int32_t sm1)
+{
+    const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
+    return mpq__asr32(q, 1) + (q & 1);
+}
+
+/* mpq__output for a channel whose shift is in [-30, 0] and multiplier >= 0 (the layer's
+   `fast` case), the shift's constant worked out by the caller. */
+static MPQ_INLINE int32_t mpq__pk_out_fast(uint32_t acc, int32_t m, int32_t sh, int32_t zp,
+                                           int32_t lo, int32_t hi)
+{
+    int32_t r = (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+    if (sh < 0) {
+        r = mpq__pk_round_shift(r, -sh - 1);
+    }
+    return mpq__clamp_add(r, zp, lo, hi);
+}
+
+/* The fused residual add of one element: skip value a, convolution result b (out of line:
+   the add's three requantisations would swell every copy of the loop). */
+static MPQ_NOINLINE int32_t mpq__pk_add(const mpq_add_params *add, int fast, int32_t a,
+                                        int32_t b)
+{
+    return fast ? mpq__add_fast(add, a, b) : mpq__add_one(add, a, b);
+}
+
+/* mpq__output out of line: the general requantisation (a left shift, or a right shift above
+   30) is rare and need not be inlined in the loops. */
+static MPQ_NOINLINE int32_t mpq__pk_out_slow(uint32_t acc, int32_t m, int32_t sh, int32_t zp,
+                                             int32_t lo, int32_t hi)
+{
+    return mpq__output(acc, m, sh, zp, lo, hi);
+}
+
+/* Stores y0, y1 as channels o, o + 1 (o + 1 only when two) at element base + o. */
+static MPQ_INLINE void mpq__pk_put2(uint8_t *dst, int32_t bits, uint32_t k, int32_t y0,
+                                    int32_t y1, int two)
+{
+    if (bits == 8) {
+        dst[k] = (uint8_t)y0;
+        if (two) {
+            dst[k + 1u] = (uint8_t)y1;
+        }
+    } else if (bits == 4 && two && (k & 1u) == 0) {
+        dst[k >> 1] = (uint8_t)(((uint32_t)y0 & 15u) | (((uint32_t)y1 & 15u) << 4));
+    } else {
+        mpq__st(dst, bits, k, y0);
+        if (two) {
+            mpq__st(dst, bits, k + 1u, y1);
+        }
+    }
+}
+
+/* The convolution with the output pixels in pairs (row-major; an odd last one is paired with
+   itself and stored once) and the channels in pairs (mpq__pk_dot22): both columns are written
+   to scratch once per pair and read by every channel pair. `fast`: every channel's shift is in
+   [-30, 0] and its multiplier >= 0. */
+static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed_filter *f,
+                                      const mpq_channel_quant *q, const mpq_view *in,
+                                      const mpq_view *out, int32_t *scratch, int32_t wbits,
+                                      int32_t every, int fast, const mpq_add_params *add,
+                                      const mpq_view *skip, int add_fast)
+{
+    const int32_t nblk = (f->k + 15) / 16, stride = nblk * (wbits / 2);
+    const int32_t npix = out->h * out->w, ow = out->w, cout = f->n;
+    const int32_t ozp = p->output_zp, lo = p->act_min, hi = p->act_max;
+    /* 4-bit outputs with an even channel count: every pair of channels is one whole byte */
+    const int pairs4 = out->bits == 4 && (out->c & 1) == 0;
+    const int32_t *bias = f->bias, *mult = q->multiplier, *shift = q->shift;
+    uint32_t *col0 = (uint32_t *)scratch, *col1 = col0 + 4 * nblk;
+    uint8_t *dst = (uint8_t *)out->data;
+    int32_t pix, o;
+    for (pix = 0; pix < npix; pix += 2) {
+        const int two_px = pix + 1 < npix;
+        const int32_t oy0 = pix / ow, ox0 = pix - oy0 * ow;
+        const int32_t oy1 = two_px ? (pix + 1) / ow : oy0;
+        const int32_t ox1 = two_px ? pix + 1 - oy1 * ow : ox0;
+        const uint32_t ko0 = mpq__at(out, oy0, ox0), ko1 = mpq__at(out, oy1, ox1);
+        const uint32_t ks0 = add != NULL ? mpq__at(skip, oy0, ox0) : 0u;
+        const uint32_t ks1 = add != NULL ? mpq__at(skip, oy1, ox1) : 0u;
+        const int32_t corr0 = mpq__pk_column(p, f, in, oy0, ox0, (int16_t *)col0, nblk);
+        /* an odd last pixel: its own column again (the pair's second is never stored) */
+        const int32_t corr1 = mpq__pk_column(p, f, in, oy1, ox1, (int16_t *)col1, nblk);
+        for (o = 0; o < cout; o += 2) {
+            const int two_ch = o + 1 < cout;
+            uint32_t s[4], b0, b1;
+            int32_t y00, y01, y10, y11, o1;
+            if (!two_ch && cout > 1) {
+                /* an odd last channel: the pair (o - 1, o), its second half stored */
+                --o;
+            }
+            o1 = o + (cout > 1);
+#if MPQ__PK_ASM_W4
+            if (wbits == 4 && cout > 1) {
+                mpq__pk_dot22_w4(col0, f->data + o * stride, 4 * stride, nblk, every, s);
+            } else
+#endif
+            {
+                const uint32_t *w0 = f->data + o * stride;
+                mpq__pk_dot22(col0, col1, w0, w0 + (o1 - o) * stride, nblk, wbits, every, s);
+            }
+            b0 = (uint32_t)bias[o];
+            b1 = (uint32_t)bias[o1];
+            if (fast) {
+                const int32_t m0 = mult[o], m1 = mult[o1], sh0 = shift[o], sh1 = shift[o1];
+                y00 = mpq__pk_out_fast(b0 + s[0] - (uint32_t)corr0, m0, sh0, ozp, lo, hi);
+                y01 = mpq__pk_out_fast(b1 + s[1] - (uint32_t)corr0, m1, sh1, ozp, lo, hi);
+                y10 = mpq__pk_out_fast(b0 + s[2] - (uint32_t)corr1, m0, sh0, ozp, lo, hi);
+                y11 = mpq__pk_out_fast(b1 + s[3] - (uint32_t)corr1, m1, sh1, ozp, lo, hi);
+            } else {
+                y00 = mpq__pk_out_slow(b0 + s[0] - (uint32_t)corr0, mult[o], shift[o], ozp, lo,
+                                       hi);
+                y01 = mpq__pk_out_slow(b1 + s[1] - (uint32_t)corr0, mult[o1], shift[o1], ozp,
+                                       lo, hi);
+                y10 = mpq__pk_out_slow(b0 + s[2] - (uint32_t)corr1, mult[o], shift[o], ozp, lo,
+                                       hi);
+                y11 = mpq__pk_out_slow(b1 + s[3] - (uint32_t)corr1, mult[o1], shift[o1], ozp,
+                                       lo, hi);
+            }
+            /* all four values before any store: a byte store may alias the constants */
+            if (!two_ch && cout > 1) {
+                ++o;
+                y00 = y01;
+                y10 = y11;
+            }
+            if (add != NULL) {
+                /* the fused add: skip element (input a) + this result (input b), every skip
+                   element read before any store (the sum may take the skip's storage) */
+                const uint8_t *sk = (const uint8_t *)skip->data;
+                const int32_t sb = skip->bits;
+                const uint32_t k0 = ks0 + (uint32_t)o, k1 = ks1 + (uint32_t)o;
+                y00 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k0), y00);
+                if (two_ch) {
+                    y01 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k0 + 1u), y01);
+                }
+                if (two_px) {
+                    y10 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k1), y10);
+                    if (two_ch) {
+                        y11 = mpq__pk_add(add, add_fast, mpq__ld(sk, sb, k1 + 1u), y11);
+                    }
+                }
+            }
+            if (pairs4) {
+                dst[(ko0 + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y00 & 15u)
+                                                          | (((uint32_t)y01 & 15u) << 4));
+                if (two_px) {
+                    dst[(ko1 + (uint32_t)o) >> 1] = (uint8_t)(((uint32_t)y10 & 15u)
+                                                              | (((uint32_t)y11 & 15u) << 4));
+                }
+                continue;
+            }
+            mpq__pk_put2(dst, out->bits, ko0 + (uint32_t)o, y00, y01, two_ch);
+            if (two_px) {
+                mpq__pk_put2(dst, out->bits, ko1 + (uint32_t)o, y10, y11, two_ch);
+            }
+        }
+    }
+}
+
+/* Does every channel take the 32-bit requantisation (shift in [-30, 0], multiplier >= 0)? */
+static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
+{
+    int32_t o;
+    for (o = 0; o < n; ++o) {
+        if (q->shift[o] > 0 || q->shift[o] < -30 || q->multiplier[o] < 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The loops of each weight width, with the requantisation path (`fast`), the fused add and
+   the extraction period as run-time arguments (one copy of the loop per width keeps the
+   code small); W4A4 without an add, the common case, gets its own copy. */
+#define MPQ__PK_CONV(name, wb, ev)                                                         \
+    static MPQ_NOINLINE void name(const mpq_conv_params *p, const mpq_packed_filter *f,    \
+                                  const mpq_channel_quant *q, const mpq_view *in,          \
+                                  const mpq_view *out, int32_t *scratch, int32_t every,    \
+                                  int fast, const mpq_add_params *add,                     \
+                                  const mpq_view *skip, int add_fast)                      \
+    {                                                                                      \
+        mpq__pk_conv_t(p, f, q, in, out, scratch, wb, ev > 0 ? ev : every, fast,           \
+                       ev > 0 ? NULL : add, skip, add_fast);                                \
+    }
+
+MPQ__PK_CONV(mpq__pk_conv_w4e1, 4, 1) /* W4A4 without an add */
+MPQ__PK_CONV(mpq__pk_conv_w4, 4, 0)
+MPQ__PK_CONV(mpq__pk_conv_w2, 2, 0)
+
+/* The convolution of an (activation, weight) bit mix (extraction periods: W4A4 1 block, A2W4
+   4, A4W2 3, W2A2 21; mpq.codegen.packed.extraction_period derives them). */
+static void mpq__pk_conv_run(const mpq_conv_params *p, const mpq_packed_filter *f,
+                             const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                             int32_t *scratch, const mpq_add_params *add, const mpq_view *skip)
+{
+    const int fast = mpq__pk_fast(q, f->n), add_fast = add != NULL && mpq__add_fast_ok(add);
+    if (f->bits == 4 && in->bits == 4 && add == NULL) {
+        mpq__pk_conv_w4e1(p, f, q, in, out, scratch, 1, fast, NULL, NULL, 0);
+    } else if (f->bits == 4) {
+        mpq__pk_conv_w4(p, f, q, in, out, scratch, in->bits == 4 ? 1 : 4, fast, add, skip,
+                        add_fast);
+    } else {
+        mpq__pk_conv_w2(p, f, q, in, out, scratch, in->bits == 4 ? 3 : 21, fast, add, skip,
+                        add_fast);
+    }
 }
 
 int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
                       const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                       int32_t *scratch)
 {
-    const uint8_t *src;
-    int32_t nblk, oy, ox, ky, kx;
-    mpq__pk_out_fn outputs;
     int err;
     if ((err = mpq__pk_conv_check(p, f, in, out)) != MPQ_OK
         || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
@@ -420,33 +818,47 @@ int mpq_packed_conv2d(const mpq_conv_params *p, const mpq_packed_filter *f,
     if (scratch == NULL) {
         return MPQ_ERR_ARG;
     }
-    src = (const uint8_t *)in->data;
-    nblk = (f->k + 15) / 16;
-    outputs = mpq__pk_out_for(in->bits, f->bits);
-    for (oy = 0; oy < out->h; ++oy) {
-        for (ox = 0; ox < out->w; ++ox) {
-            mpq__pk_col c;
-            int32_t corr;
-            c.lane = (int16_t *)scratch;
-            c.n = 0;
-            c.oa = 1 << (in->bits - 1);
-            c.pend = c.sp = c.sq = 0;
-            for (ky = 0; ky < f->h; ++ky) {
-                const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
-                for (kx = 0; kx < f->w; ++kx) {
-                    const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
-                    if (iy < 0 || iy >= in->h || ix < 0 || ix >= in->w) {
-                        mpq__pk_fill(&c, p->input_zp, f->c);
-                    } else {
-                        mpq__pk_run(&c, src, in->bits, mpq__at(in, iy, ix), f->c);
-                    }
-                }
-            }
-            corr = mpq__pk_close(&c, nblk, f->bits);
-            outputs(f, q, p->output_zp, p->act_min, p->act_max, (const uint32_t *)scratch, corr,
-                    out, mpq__at(out, oy, ox));
-        }
+    mpq__pk_conv_run(p, f, q, in, out, (int32_t *)scratch, NULL, NULL);
+    return MPQ_OK;
+}
+
+int mpq_packed_conv2d_add(const mpq_conv_params *p, const mpq_packed_filter *f,
+                          const mpq_channel_quant *q, const mpq_view *in,
+                          const mpq_add_params *add, const mpq_view *skip, const mpq_view *out,
+                          int32_t *scratch)
+{
+    int err;
+    if (p == NULL || f == NULL || add == NULL) {
+        return MPQ_ERR_ARG;
     }
+    if ((err = mpq__view_check(in)) != MPQ_OK || (err = mpq__view_check(out)) != MPQ_OK
+        || (err = mpq__view_check(skip)) != MPQ_OK || (err = mpq__pk_filter_ok(f, q)) != MPQ_OK) {
+        return err;
+    }
+    if (in->bits != 4 && in->bits != 2) {
+        return MPQ_ERR_BITS;
+    }
+    /* as mpq_conv2d_add: the intermediate result only needs a clamp the add can take */
+    if (f->k != f->h * f->w * f->c || p->groups != 1 || in->c != f->c || out->c != f->n
+        || p->stride_h < 1 || p->stride_w < 1 || p->dilation_h < 1 || p->dilation_w < 1
+        || p->pad_top < 0 || p->pad_left < 0 || !mpq__in_range(p->input_zp, in->bits)
+        || !mpq__act_ok(p->act_min, p->act_max, 8)
+        || !mpq__act_ok(add->act_min, add->act_max, out->bits)
+        || !mpq__in_range(add->a_zp, skip->bits) || !mpq__in_range(add->b_zp, 8)
+        || add->left_shift < 0 || add->left_shift > 31 || skip->h != out->h
+        || skip->w != out->w || skip->c != out->c || in->data == out->data
+        || skip->data == in->data || scratch == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    if (!mpq__alias_ok(skip, out)) {
+        return MPQ_ERR_BITS;
+    }
+    /* a sum written over its skip: only in the very same elements (pairs are read first) */
+    if (skip->data == out->data
+        && (skip->y0 != out->y0 || skip->x0 != out->x0 || skip->stored_w != out->stored_w)) {
+        return MPQ_ERR_ARG;
+    }
+    mpq__pk_conv_run(p, f, q, in, out, scratch, add, skip);
     return MPQ_OK;
 }
 

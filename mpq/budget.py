@@ -316,7 +316,7 @@ def layer_kernels(graph: Any, shape: CodeShape | None = None,
         if n.op == "reshape" or n.name in fused or n.name in skip:
             continue
         if n.name in packed:
-            out.append(f"packed_{n.op}")
+            out.append("packed_conv2d_add" if n.name in fused_convs else f"packed_{n.op}")
         elif n.op == "conv2d":
             out.append("conv2d_add" if n.name in fused_convs else
                        "depthwise_inplace" if n.name in inplace else "conv2d")

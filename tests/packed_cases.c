@@ -1,7 +1,8 @@
 /* Random cases for the packed sub-byte kernels (kernels/mpq_packed.c), all in one program so a
  * single host run or QEMU firmware run checks them all (tests/test_packed_kernels.py).
  *
- * For every kernel kind (1x1 conv, KxK conv, fully connected) and bit mix (a4w4, a2w2, a4w2,
+ * For every kernel kind (1x1 conv, KxK conv, fully connected, conv fused with a residual add)
+ * and bit mix (a4w4, a2w2, a4w2,
  * a2w4), CASES random layers - shapes, strides, dilations, padding, view offsets, zero points,
  * requantisation, output bits; some with every operand at an extreme of its range, which is
  * what bounds the packed fields - are run through mpq_packed_* (filter packed by
@@ -81,13 +82,16 @@ static int32_t value(int32_t bits, int mode)
     return mode == 1 ? lo : mode == 2 ? hi : rint_(lo, hi);
 }
 
+/* Half the layers have every shift in [-9, 0] (the kernels' 32-bit requantisation path), the
+   others some left shifts too (the general one). */
 static void fill_quant(int32_t n)
 {
+    const int32_t smax = rint_(0, 1);
     int32_t o;
     for (o = 0; o < n; ++o) {
         bias[o] = rint_(0, 3) == 0 ? (int32_t)rnd() : rint_(-5000, 5000);
         mult[o] = rint_(1 << 30, 0x7FFFFFFF);
-        shift[o] = rint_(-9, 1);
+        shift[o] = rint_(-9, smax);
     }
 }
 
@@ -157,8 +161,31 @@ static void report(const char *kind, int32_t abits, int32_t wbits, int32_t cases
     emit(line);
 }
 
-/* One random convolution (kind 0: 1x1, 1: KxK); returns 1 when the kernels disagree. */
-static int conv_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
+static uint8_t skip_buf[MAX_OUT];
+
+/* Random TFLM add constants (left shift 20; the 32-bit path or, with smax 1, the general one). */
+static void fill_add(mpq_add_params *a, int32_t skip_bits, int32_t b_zp, int32_t obits)
+{
+    const int32_t smax = rint_(0, 3) == 0;
+    const int32_t r1 = value(obits, 0), r2 = value(obits, 0);
+    a->a_zp = value(skip_bits, 0);
+    a->a_multiplier = rint_(1 << 30, 0x7FFFFFFF);
+    a->a_shift = rint_(-2, smax);
+    a->b_zp = b_zp;
+    a->b_multiplier = rint_(1 << 30, 0x7FFFFFFF);
+    a->b_shift = rint_(-2, 0);
+    a->left_shift = 20;
+    a->output_zp = value(obits, 0);
+    a->output_multiplier = rint_(1 << 30, 0x7FFFFFFF);
+    a->output_shift = rint_(-22, -17);
+    a->act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
+    a->act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
+}
+
+/* One random convolution (kind 0: 1x1, 1: KxK; with_add: fused with a residual add, the skip
+   either the output's own storage or a view of its own); returns 1 when the kernels
+   disagree. */
+static int conv_case(int kind, int32_t abits, int32_t wbits, int with_add, uint32_t *sum)
 {
     const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
     const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
@@ -167,7 +194,9 @@ static int conv_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
     mpq_packed_filter pf;
     mpq_channel_quant q;
     mpq_view in, out;
-    int32_t kh, kw, h, w, cin, cout, pb, pr, oh, ow, i, r1, r2, nbytes, in_elems;
+    mpq_add_params add;
+    mpq_view skip;
+    int32_t kh, kw, h, w, cin, cout, pb, pr, oh, ow, i, r1, r2, nbytes, in_elems, inplace = 0;
     kh = kind == 0 ? 1 : rint_(1, 3);
     kw = kind == 0 ? 1 : rint_(1, 3);
     h = rint_(1, 5);
@@ -253,13 +282,47 @@ static int conv_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
     for (i = 0; i < nbytes; ++i) {
         out_ref[i] = out_pk[i] = (uint8_t)rnd();
     }
-    if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
-        return 1;
-    }
-    out.data = out_pk;
-    if (mpq_packed_conv2d_scratch_size(&p, &pf, &in, &out) > (int32_t)sizeof scratch32
-        || mpq_packed_conv2d(&p, &pf, &q, &in, &out, scratch32) != MPQ_OK) {
-        return 1;
+    if (with_add) {
+        inplace = rint_(0, 1);
+        if (inplace) {
+            skip = out;
+        } else {
+            skip.data = skip_buf;
+            skip.bits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+            skip.h = oh;
+            skip.w = ow;
+            skip.c = cout;
+            skip.y0 = rint_(0, 1);
+            skip.x0 = rint_(0, 1);
+            skip.stored_w = skip.x0 + ow + rint_(0, 1);
+            for (i = 0; i < MAX_OUT; ++i) {
+                skip_buf[i] = (uint8_t)rnd();
+            }
+            if (((skip.y0 + oh) * skip.stored_w * cout * skip.bits + 7) / 8 > MAX_OUT) {
+                return -1;
+            }
+        }
+        fill_add(&add, skip.bits, p.output_zp, obits);
+        if (mpq_conv2d_add(&p, &f, &q, &in, &add, &skip, &out, scratch16) != MPQ_OK) {
+            return 1;
+        }
+        out.data = out_pk;
+        if (inplace) {
+            skip.data = out_pk;
+        }
+        if (mpq_packed_conv2d_scratch_size(&p, &pf, &in, &out) > (int32_t)sizeof scratch32
+            || mpq_packed_conv2d_add(&p, &pf, &q, &in, &add, &skip, &out, scratch32) != MPQ_OK) {
+            return 1;
+        }
+    } else {
+        if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
+            return 1;
+        }
+        out.data = out_pk;
+        if (mpq_packed_conv2d_scratch_size(&p, &pf, &in, &out) > (int32_t)sizeof scratch32
+            || mpq_packed_conv2d(&p, &pf, &q, &in, &out, scratch32) != MPQ_OK) {
+            return 1;
+        }
     }
     *sum = checksum(*sum, out_pk, nbytes);
     return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
@@ -354,17 +417,18 @@ static int fc_case(int32_t abits, int32_t wbits, uint32_t *sum)
 
 int main(void)
 {
-    static const char *const kinds[3] = {"conv1x1", "convkxk", "fc"};
+    static const char *const kinds[4] = {"conv1x1", "convkxk", "fc", "convadd"};
     static const int32_t mixes[4][2] = {{4, 4}, {2, 2}, {4, 2}, {2, 4}};
     int total_bad = 0, kind, m;
-    for (kind = 0; kind < 3; ++kind) {
+    for (kind = 0; kind < 4; ++kind) {
         for (m = 0; m < 4; ++m) {
             const int32_t abits = mixes[m][0], wbits = mixes[m][1];
             int32_t cases = 0, bad = 0;
             uint32_t sum = 0;
             while (cases < CASES) {
-                const int r = kind < 2 ? conv_case(kind, abits, wbits, &sum)
-                                       : fc_case(abits, wbits, &sum);
+                const int r = kind < 2    ? conv_case(kind, abits, wbits, 0, &sum)
+                              : kind == 2 ? fc_case(abits, wbits, &sum)
+                                          : conv_case(rint_(0, 1), abits, wbits, 1, &sum);
                 if (r >= 0) {
                     ++cases;
                     bad += r;

@@ -1,10 +1,11 @@
 """The packed sub-byte kernels (kernels/mpq_packed.c) against the library's reference kernels.
 
-tests/packed_cases.c runs 200 random layers per kernel (1x1 conv, KxK conv, fully connected)
-and bit mix (a4w4, a2w2, a4w2, a2w4) through mpq_packed_* and through mpq_conv2d /
-mpq_fully_connected, byte for byte, in one program: on the host (plain C, and the emulated DSP
-loops with -fsanitize=address,undefined) and as one firmware run under QEMU's M4 and M7
-(the real SMLAD). Every target must print the same lines, i.e. the same outputs.
+tests/packed_cases.c runs 200 random layers per kernel (1x1 conv, KxK conv, fully connected,
+conv fused with a residual add) and bit mix (a4w4, a2w2, a4w2, a2w4) through mpq_packed_* and
+through mpq_conv2d / mpq_fully_connected / mpq_conv2d_add, byte for byte, in one program: on
+the host (plain C, and the emulated DSP loops with -fsanitize=address,undefined) and as one
+firmware run under QEMU's M4 and M7 (the real SMLAD). Every target must print the same lines,
+i.e. the same outputs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ KERNELS = REPO / "kernels"
 CASES_C = REPO / "tests" / "packed_cases.c"
 FLAGS = ("-std=c99", "-O0", "-Wall", "-Wextra", "-Werror")  # -O0: compiles fast
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
-KINDS = ("conv1x1", "convkxk", "fc")
+KINDS = ("conv1x1", "convkxk", "fc", "convadd")
 MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
 #: what the cases call: the packed kernels and the reference ones
 SOURCES = tuple(KERNELS / n for n in ("mpq_packed.c", "mpq_conv.c", "mpq_dot.c",
@@ -147,7 +148,8 @@ def test_packed_choice_says_why_not() -> None:
     assert "8-bit activations" in packed.packed_choice(conv, "cortex-m4", 8, 4, 0, False, False)
     assert "8-bit weights" in packed.packed_choice(conv, "cortex-m4", 4, 8, 0, False, False)
     assert "non-linear" in packed.packed_choice(conv, "cortex-m4", 4, 4, 1, False, False)
-    assert "residual add" in packed.packed_choice(conv, "cortex-m4", 4, 4, 0, True, False)
+    # a convolution fused with its residual add takes mpq_packed_conv2d_add
+    assert packed.packed_choice(conv, "cortex-m4", 4, 4, 0, True, False) is None
     dw = SimpleNamespace(op="conv2d", attrs={"groups": 8})
     assert "depthwise" in packed.packed_choice(dw, "cortex-m4", 4, 4, 0, False, False)
 
@@ -173,4 +175,21 @@ def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: in
             assert e["packed"]["reason"] and not e["call"].startswith("mpq_packed")
     assert verify(plan, graph, x[:4], "host").mismatches == 0
     if bits == 4 and shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
+        assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0
+
+
+def test_residual_w4a4_plan_exports_packed_conv_add_bit_exact() -> None:
+    """The Fashion example's all-4-bit plan runs its convolutions fused with a residual add
+    through mpq_packed_conv2d_add, bit-exact with the integer reference (host and qemu-m4)."""
+    path = REPO / "examples" / "fashion" / "fashion_cnn.onnx"
+    graph = load_model(path)
+    x = np.load(REPO / "examples" / "fashion" / "test.npz")["x"][:16].astype(np.float32)
+    plan = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "fashion"),
+                  SearchOptions(strategy="qe", bits=(4,), weight_bits=(4,),
+                                weight_scheme="linear", patches="none")).plan
+    layers = json.loads(render_export(plan, graph)["mpq_report.json"])["layers"]
+    calls = [e["call"] for e in layers]
+    assert calls.count("mpq_packed_conv2d_add") == len(plan.schedule["fused_adds"]) >= 1
+    assert verify(plan, graph, x[:4], "host").mismatches == 0
+    if shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
         assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0

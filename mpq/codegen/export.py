@@ -64,6 +64,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     # packed sub-byte kernels (issue 15 item 2; selected by mpq.codegen.packed)
     "packed_conv2d": ("mpq_packed.c", "mpq_support.c"),
     "packed_fully_connected": ("mpq_packed.c", "mpq_support.c"),
+    "packed_conv2d_add": ("mpq_packed.c", "mpq_support.c"),
 }
 
 
@@ -453,8 +454,19 @@ class _Builder:
         k = int(dims[1] * dims[2] * dims[3])
         weight = {"sym": sym, "bits": lq.weight_bits, "n": dims[0], "h": dims[1],
                   "w": dims[2], "c": dims[3], "k": k}
-        self.scratch = max(self.scratch, 16 * ((k + 15) // 16))  # the packed column
-        if node.op == "conv2d":
+        # the packed columns: two output pixels (conv), one (fully connected)
+        self.scratch = max(self.scratch, (32 if node.op == "conv2d" else 16) * ((k + 15) // 16))
+        if node.op == "conv2d" and node.name in self.fused_by_conv:
+            # fused with the residual add that consumes it, as mpq_conv2d_add
+            add_name, skip = self.fused_by_conv[node.name]
+            add = next(n for n in self.graph.nodes if n.name == add_name)
+            self.layers.append(Layer(
+                i, f"{node.name} + {add.name}", "packed_conv2d_add",
+                [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
+                {**self.conv_params(node), **{f"add_{k}": v for k, v in
+                                              self.add_params(add, skip).items()}},
+                weight))
+        elif node.op == "conv2d":
             self.layers.append(Layer(i, node.name, "packed_conv2d", ins, out,
                                      self.conv_params(node), weight))
         else:

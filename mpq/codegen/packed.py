@@ -83,13 +83,12 @@ def packed_choice(node: Any, core: str, in_bits: int, weight_bits: int, weight_f
                   fused: bool, inplace: bool) -> str | None:
     """None when the packed kernel takes this conv2d / fully_connected layer, else why not
     (a sentence for `mpq_report.json`). Needs: a core with the DSP extension, a layer-based
-    conv (groups 1, not fused with a residual add, not the in-place depthwise) or fully
-    connected layer, 4- or 2-bit activations and 4- or 2-bit linear weights."""
+    conv (groups 1, not the in-place depthwise; one `fused` with its residual add takes
+    mpq_packed_conv2d_add) or fully connected layer, 4- or 2-bit activations and 4- or 2-bit
+    linear weights."""
     if core not in DSP_CORES:
         return f"core {core} has no DSP extension (SMLAD)"
     if node.op == "conv2d":
-        if fused:
-            return "convolution fused with a residual add (mpq_conv2d_add)"
         if inplace or node.attrs["groups"] != 1:
             return "grouped or depthwise convolution"
     if in_bits not in (4, 2):
