@@ -1058,6 +1058,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="arena: the input and outputs are arena tensors (the input freed after its "
                    "last reader; the caller writes it through mpq_model_input()); external: "
                    "the caller's own buffers beside the arena.")
+@click.option("--auto-ptq/--no-auto-ptq", default=True, show_default=True,
+              help="Measured strategy: try bias correction (and AdaRound on 4/2-bit weights) "
+                   "on the chosen plan, fitted on the --data samples it does not measure on, "
+                   "and keep a fit only when it measures closer to float (ignored with "
+                   "--bias-correction/--adaround).")
 @click.option("--compare-strategies", is_flag=True,
               help="With the measured strategy: also run importance, exact, qe, vdqs, rusci and "
                    "uniform 4-bit under the same budgets and keep the plan that keeps most of "
@@ -1072,7 +1077,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
-               compare_strategies: bool, as_json: bool, quiet: bool) -> None:
+               compare_strategies: bool, auto_ptq: bool, as_json: bool, quiet: bool) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1097,7 +1102,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          vdpc=not no_vdpc, vdpc_min_outliers=vdpc_min_outliers, qbr=not no_qbr,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
-                         order=order, io=io, compare_strategies=compare_strategies)
+                         order=order, io=io, compare_strategies=compare_strategies,
+                         auto_ptq=auto_ptq)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

@@ -6,8 +6,10 @@ every plan: on the Fashion example's W4A4 model bias correction + AdaRound lift 
 per-channel mean shift of a 2-bit map is estimated from few samples and over-corrects). So the
 measured strategy does not switch them on blindly: once the plan's bits are chosen, each
 applicable fit is run and the plan's damage measured with and without it, and the best is
-kept — the same measure the bit search minimises (`Probe`: Σ over outputs of the KL / NSR
-against the all-8-bit model).
+kept. The measure is the bit search's (Σ over outputs of the KL / NSR, `output_damage`) but
+against the *float* model: PTQ aims at float, and with `--weights SCHEME:B` the search's
+all-8-bit-activation reference already carries the B-bit weights, so against it the plain
+plan would always measure 0.
 
 Honest selection: the fits are made on the calibration samples the measurement does *not*
 run on (the complement of `validation_indices`), so a fit is never judged on the samples it
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpq.fidelity import output_damage
+from mpq.interpreter import run_graph, to_ir_layout
 from mpq.quant.calibrate import Dataset, dataset_from_array
 from mpq.quant.ptq import PtqOptions, PtqResult, apply_ptq
 from mpq.quant.qmodel import QuantModel
@@ -44,7 +47,7 @@ class PtqChoice:
     model: QuantModel
     fitted: PtqResult | None  # None: no fit kept
     options: PtqOptions
-    damage: float
+    damage: float  # against the all-8-bit model (the search's measure)
     record: dict = field(default_factory=dict)  # plan.search["ptq"]
 
 
@@ -71,11 +74,24 @@ def candidates(qm: QuantModel) -> list[tuple[str, PtqOptions]]:
     return out
 
 
-def model_damage(probe: Probe, qm: QuantModel) -> float:
-    """Σ over the probe's measured outputs of the damage of `qm` against the all-8-bit
-    reference on the validation samples (the whole network runs from the cached input)."""
+def float_reference(probe: Probe, x_val: np.ndarray) -> dict[str, np.ndarray]:
+    """The float model's measured tensors (a softmax's logits, else the output) on the
+    validation inputs, in the IR layout the probe's outputs use."""
+    g = probe.graph
+    name = g.inputs[0]
+    runs = [run_graph(g, {name: to_ir_layout(g, name, x_val[i:i + 64])}, keep=True)
+            for i in range(0, len(x_val), 64)]
+    return {t: np.concatenate([r[t] for r in runs]) for t, _ in probe.measure}
+
+
+def model_damage(probe: Probe, qm: QuantModel,
+                 reference: dict[str, np.ndarray] | None = None) -> float:
+    """Σ over the probe's measured outputs of the damage of `qm` on the validation samples
+    against `reference` (default: the probe's all-8-bit model); the whole network runs from
+    the probe's cached input."""
     outs = probe.outputs(qm, {n.name for n in qm.graph.nodes})
-    return float(sum(output_damage(probe.reference[t], outs[t], probe.classifier[t])
+    ref = reference or probe.reference
+    return float(sum(output_damage(ref[t], outs[t], probe.classifier[t])
                      for t, _ in probe.measure))
 
 
@@ -91,29 +107,33 @@ def fit_data(data: Dataset, validation: np.ndarray) -> Dataset | None:
 
 def choose_ptq(qm: QuantModel, data: Dataset, validation: np.ndarray, probe: Probe,
                say: Callable[[str], None] | None = None) -> PtqChoice:
-    """The plan's model with the fit of lowest measured damage (none included); ties keep
-    the simpler (fewer fits, the order of `candidates`)."""
+    """The plan's model with the fit of lowest measured damage against float (none
+    included); ties keep the simpler (fewer fits, the order of `candidates`)."""
     say = say or (lambda message: None)
-    plain = model_damage(probe, qm)
-    best = PtqChoice(qm, None, PtqOptions(), plain)
     tried = candidates(qm)
     if not tried:
-        return best
+        return PtqChoice(qm, None, PtqOptions(), model_damage(probe, qm))
+    x_all = np.concatenate(list(data.batches(256)))
+    ref = float_reference(probe, x_all[validation])
+    plain = model_damage(probe, qm, ref)
+    best = PtqChoice(qm, None, PtqOptions(), plain)
     fit_on = fit_data(data, validation)
     if fit_on is None:
+        best.damage = model_damage(probe, qm)
         best.record = {"kept": "none",
                        "note": f"fewer than {MIN_FIT} calibration samples outside the "
                                f"{len(validation)} measured; no fit tried"}
         return best
-    rows = [{"fit": "none", "damage": round(plain, 9)}]
+    rows = [{"fit": "none", "damage_vs_float": round(plain, 9)}]
     kept = "none"
     for label, opts in tried:
         fitted = apply_ptq(qm, fit_on, opts)
-        damage = model_damage(probe, fitted.model)
-        rows.append({"fit": label, "damage": round(damage, 9)})
-        say(f"ptq: {label}: measured damage {damage:.5f} (none {plain:.5f})")
+        damage = model_damage(probe, fitted.model, ref)
+        rows.append({"fit": label, "damage_vs_float": round(damage, 9)})
+        say(f"ptq: {label}: measured damage against float {damage:.5f} (none {plain:.5f})")
         if damage < best.damage:
             best, kept = PtqChoice(fitted.model, fitted, opts, damage), label
+    best.damage = model_damage(probe, best.model)  # the search's measure, for the plan
     best.record = {"fit_samples": len(fit_on), "validation_samples": len(validation),
                    "candidates": rows, "kept": kept}
     return best
