@@ -1080,6 +1080,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="Let a layer's output start inside its dying input where the kernels' "
                    "write order makes it exact and the arena shrinks (vMCU; layer-based "
                    "layers).")
+@click.option("--auto-ptq/--no-auto-ptq", default=True, show_default=True,
+              help="Measured strategy: try bias correction (and AdaRound on 4/2-bit weights) "
+                   "on the chosen plan, fitted on the --data samples it does not measure on, "
+                   "and keep a fit only when it measures closer to float (ignored with "
+                   "--bias-correction/--adaround).")
 @click.option("--compare-strategies", is_flag=True,
               help="With the measured strategy: also run importance, exact, qe, vdqs, rusci and "
                    "uniform 4-bit under the same budgets and keep the plan that keeps most of "
@@ -1094,8 +1099,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                no_vdpc: bool, vdpc_min_outliers: int, no_qbr: bool, phi_norm: str,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
-               overlap: bool, compare_strategies: bool, as_json: bool, quiet: bool,
-               patch_cache: str = "auto") -> None:
+               overlap: bool, compare_strategies: bool, auto_ptq: bool, as_json: bool,
+               quiet: bool, patch_cache: str = "auto") -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1121,7 +1126,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
                          order=order, io=io, compare_strategies=compare_strategies,
-                         overlap=overlap, patch_cache=patch_cache)
+                         overlap=overlap, patch_cache=patch_cache, auto_ptq=auto_ptq)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

@@ -260,3 +260,37 @@ def test_ptq_options_refuse_misuse_in_one_line(grouped, tmp_path: Path) -> None:
                 "--weights", "wentropy:4", "-o", tmp_path / "p.json", "-q")
     assert_clean_failure(r, "--adaround rounds linear weights")
     assert not (tmp_path / "p.json").exists()
+
+
+# -- PTQ chosen by the measured strategy (search.ptq_choice) -----------------------------------
+
+def test_measured_search_keeps_the_fit_that_measures_best(grouped, tmp_path: Path) -> None:
+    """At 2-bit weights the measured strategy tries bias correction, AdaRound and both, fitted
+    on the calibration samples it does not measure on; it keeps the one of least measured
+    damage (here one beats none), records every candidate, and the plan it writes is
+    bit-exact in export (fits judged against float); with auto_ptq off no fit is tried and
+    the plan has no PTQ keys."""
+    graph = grouped["graph"]
+    x = np.random.default_rng(11).random((96, *onnx_input_shape(graph))).astype(np.float32)
+    opts = SearchOptions(weight_bits=(2,), weight_scheme="linear", patches="none")
+    _, plan = _search_and_check(grouped["path"], x, opts, tmp_path)
+    record = plan.search["measured"]["ptq"]
+    assert record["fit_samples"] == 96 - 64 and record["validation_samples"] == 64
+    damages = {row["fit"]: row["damage_vs_float"] for row in record["candidates"]}
+    assert set(damages) == {"none", "bias correction", "AdaRound",
+                            "AdaRound + bias correction"}
+    assert record["kept"] != "none" and damages[record["kept"]] == min(damages.values())
+    weighted = [layer for layer in plan.layers if layer.w_bits is not None]
+    assert plan.search.get("adaround", False) == ("AdaRound" in record["kept"])
+    assert plan.search.get("bias_correction", False) == ("bias" in record["kept"])
+    if "bias" in record["kept"]:
+        assert all(layer.bias_correction is not None for layer in weighted)
+    off = search(grouped["path"], graph, get_board("nano33ble"), dataset_from_array(x, "calib"),
+                 SearchOptions(weight_bits=(2,), weight_scheme="linear", patches="none",
+                               auto_ptq=False)).plan
+    assert "ptq" not in off.search["measured"] and "bias_correction" not in off.search
+    assert all(layer.bias_correction is None and "rounding" not in (layer.w_params or {})
+               for layer in off.layers)
+    # Against the all-8-bit-activation reference (which has the 2-bit weights) the plain plan
+    # measures 0: why the fits are judged against float.
+    assert off.search["measured"]["damage"] == 0.0 < damages["none"]

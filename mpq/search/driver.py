@@ -104,6 +104,10 @@ class SearchOptions:
     adaround: bool = False
     order: str = "memory"  # `--order`: memory (`mpq.order.best_order`) or file
     io: str = "arena"  # `--io`: graph input/outputs in the arena or the caller's (memory.IO_MODES)
+    # The measured strategy tries bias correction / AdaRound on its plan and keeps what
+    # measures best (`search.ptq_choice`); off, or the user's own --bias-correction/--adaround
+    # given, it does not.
+    auto_ptq: bool = True
     # `--compare-strategies`: the measured plan competes with the other strategies' plans
     # (`search.portfolio`); opt-in, it costs their searches (several times the default's time)
     compare_strategies: bool = False
@@ -532,6 +536,10 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     qm = quantize_graph(graph, ranges, act_bits=mixed_bits, weight_bits=w_bits,
                         weight_schemes=specs)
     qm, specs, corrections = _post_training(qm, specs, data, opts, notes, say)
+    ptq_choice = None
+    if probe is not None and opts.auto_ptq and not (opts.bias_correction or opts.adaround):
+        ptq_choice, specs, corrections = _measured_ptq(qm, specs, data, probe, say)
+        qm = ptq_choice.model
     outlier_qm = None
     stage_tensors = set()
     if use_vdpc:
@@ -562,6 +570,9 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     memory = schedule.memory(act_bits)
     ranges8 = {t: range_of(t, 8)
                for t in graph.tensors}
+    if ptq_choice is not None and ptq_choice.fitted is not None:
+        opts_eff = replace(opts_eff, bias_correction=ptq_choice.options.bias_correction,
+                           adaround=ptq_choice.options.adaround)
     plan = assemble_plan(model_path, graph, board, opts_eff, schedule, qm, outlier_qm, ranges8,
                          stage_tensors, act_bits, w_bits, memory, input_bytes, problem,
                          solution, objective_solver, vdpc_result, sram_total, flash_total,
@@ -573,12 +584,15 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         plan.schedule["regions"] = regions
     if probe is not None:
         m = attempt.measured
+        damage = ptq_choice.damage if ptq_choice is not None else m.damage
         plan.search["measured"] = {
-            "validation_samples": probe.samples, "damage": round(m.damage, 9),
+            "validation_samples": probe.samples, "damage": round(damage, 9),
             "damage_sum_of_single_choices": round(m.predicted, 9),
             "plans_measured": m.candidates, "reference_runs": probe.runs}
+        if ptq_choice is not None and ptq_choice.record:
+            plan.search["measured"]["ptq"] = ptq_choice.record
         plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
-                                                   m.damage, probe)
+                                                   damage, probe)
         say(f"fidelity: measured on {probe.samples} samples")
     say("plan: assembled")
     if table is not None:
@@ -611,6 +625,21 @@ def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset |
         notes.append("AdaRound: no 4- or 2-bit linear layer improved (or none in this plan); "
                      "weights rounded to nearest")
     return fitted.model, {**specs, **fitted.specs}, fitted.corrections
+
+
+def _measured_ptq(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset,
+                  probe: Probe, say: Callable[[str], None]):
+    """The measured strategy's PTQ (`search.ptq_choice`): the plan's model with the fit of
+    lowest measured damage, the weight specs with AdaRound's rounding added when kept, and
+    the bias corrections kept."""
+    from mpq.fidelity import validation_indices
+    from mpq.search.ptq_choice import choose_ptq
+
+    validation = validation_indices(len(data), str(data.path), probe.samples)
+    choice = choose_ptq(qm, data, validation, probe, say)
+    if choice.fitted is None:
+        return choice, specs, {}
+    return choice, {**specs, **choice.fitted.specs}, choice.fitted.corrections
 
 
 def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, int, int]:
