@@ -70,6 +70,7 @@ class ModelSummary:
     code_bytes_estimate: int
     stack_bytes: int  # the model's stack bound (GCC's call graph of the kernels, `mpq.budget`)
     io: str  # "arena" (input and outputs inside the arena) or "external" (the caller's buffers)
+    overlapped: int  # layers whose output starts inside their dying input (`memory.overlap_shift`)
     inplace_depthwise: int
     fit: BoardFit | None = None
     compress: dict[str, Any] | None = None  # `--compress`: the weight blob's sizes
@@ -82,10 +83,14 @@ class ModelSummary:
 
 
 def summarise(graph: Graph, model_name: str, board: Board | None = None,
-              io: str = "arena") -> ModelSummary:
+              io: str = "arena", overlap: bool = True) -> ModelSummary:
     """Analyse a graph at int8 in the layer-based schedule, optionally against a board; `io`
-    as `mpq search --io` (arena: the input and outputs are arena tensors, DESIGN §5)."""
+    and `overlap` as `mpq search --io/--overlap` (DESIGN §5: the input and outputs as arena
+    tensors; outputs written over their dying inputs where that lowers the arena)."""
+    from mpq.patch import plan_patches
+
     mem = layer_memory(graph, io=io)
+    planned = plan_patches(graph, None, io, overlap).memory()
     layers = []
     for node, step in zip(graph.nodes, mem.steps, strict=True):
         tensors = [graph.tensors[t] for t in node.inputs + node.outputs]
@@ -104,13 +109,13 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None,
         inputs={t: list(graph.tensors[t].shape) for t in graph.inputs},
         outputs={t: list(graph.tensors[t].shape) for t in graph.outputs},
         layers=layers, macs=sum(x.macs for x in layers), params=sum(x.params for x in layers),
-        arena_bytes=mem.arena_bytes, scratch_bytes=mem.scratch_bytes,
-        peak_sram_bytes=mem.peak_sram_bytes, input_bytes=mem.input_bytes,
+        arena_bytes=planned.arena_bytes, scratch_bytes=planned.scratch_bytes,
+        peak_sram_bytes=planned.peak_sram_bytes, input_bytes=mem.input_bytes,
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
         stack_bytes=stack, io=io,
-        inplace_depthwise=len(mem.inplace))
+        inplace_depthwise=len(mem.inplace), overlapped=len(planned.overlap))
     if board is not None:
-        sram_needed = mem.peak_sram_bytes + mem.input_bytes + mem.output_bytes + stack
+        sram_needed = planned.peak_sram_bytes + mem.input_bytes + mem.output_bytes + stack
         flash_needed = flash + code
         summary.fit = BoardFit(
             board=board.name, sram_budget=board.sram_budget, sram_needed=sram_needed,

@@ -198,9 +198,11 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
 @click.option("--order", type=click.Choice(["memory", "file"]), default="memory",
               show_default=True,
               help="Execution order of branching graphs, as `mpq search --order`.")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="Outputs written over their dying inputs, as `mpq search --overlap`.")
 @user_errors
 def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
-            weights_spec: str | None, io: str, order: str) -> None:
+            weights_spec: str | None, io: str, order: str, overlap: bool) -> None:
     """Per-layer shapes, MACs, parameters and the int8 memory model of MODEL (layers in the
     order the search would run them)."""
     from mpq.analysis import summarise, weight_compression
@@ -216,7 +218,7 @@ def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
     graph = load_model(model)
     if order == "memory":
         graph, _ = memory_ordered(graph)
-    summary = summarise(graph, model.name, board, io=io)
+    summary = summarise(graph, model.name, board, io=io, overlap=overlap)
     if compress:
         summary.compress = weight_compression(graph, spec)
     if as_json:
@@ -266,6 +268,7 @@ def _print_summary(s: Any) -> None:
         ("largest kernel scratch", s.scratch_bytes),
         ("peak SRAM = arena + scratch" + (" (input and outputs in the arena)"
                                            if s.io == "arena" else ""), s.peak_sram_bytes),
+        ("layers writing over their dying input (overlap)", s.overlapped),
     ]
     if s.io == "external":
         rows += [("input buffer (caller's)", s.input_bytes),

@@ -53,7 +53,7 @@ def test_import_writes_a_model_onnxruntime_runs(tmp_path: Path) -> None:
 
 def test_inspect_json_keys_and_totals(tmp_path: Path) -> None:
     src = save(tmp_path / "mbv2.onnx", B.mobilenet_v2(1.0, 224))
-    result = run_mpq("inspect", src, "--json")
+    result = run_mpq("inspect", src, "--json", "--no-overlap")
     assert result.returncode == 0, result.stderr
     d = json.loads(result.stdout)
     for key in ("macs", "params", "arena_bytes", "scratch_bytes", "peak_sram_bytes",
@@ -89,10 +89,25 @@ def test_inspect_board_fit(tmp_path: Path) -> None:
 
 
 def test_inspect_table_lists_every_layer() -> None:
-    result = run_mpq("inspect", shared_model("kws_ref_model_fp32.onnx"))
+    result = run_mpq("inspect", shared_model("kws_ref_model_fp32.onnx"), "--no-overlap")
     assert result.returncode == 0
     assert result.stdout.count("│ depthwise ") == 4
     assert "peak SRAM" in result.stdout and "16,000" in result.stdout
+
+
+def test_inspect_peak_is_the_int8_search_peak(tmp_path: Path) -> None:
+    # Defaults as `mpq search`: input in the arena, memory order, overlap — the same peak.
+    kws = shared_model("kws_ref_model_fp32.onnx")
+    d = json.loads(run_mpq("inspect", kws, "--json").stdout)
+    plan, data = tmp_path / "kws.plan.json", tmp_path / "x.npz"
+    shape = [1 if isinstance(s, str) else s for s in d["inputs"][next(iter(d["inputs"]))]]
+    np.savez(data, x=np.random.default_rng(0).standard_normal([8, *shape[1:]]).astype(np.float32))
+    r = run_mpq("search", kws, "--board", "nano33ble", "--strategy", "int8", "--patches",
+                "none", "--data", data, "-o", plan, "-q")
+    assert r.returncode == 0, r.stderr
+    predicted = json.loads(plan.read_text())["predicted"]
+    assert d["overlapped"] > 0 and d["peak_sram_bytes"] == predicted["peak_sram_bytes"]
+    assert d["peak_sram_bytes"] < 16_000  # below the arena without overlap
 
 
 def test_float_interpreter_matches_on_inspected_model(tmp_path: Path) -> None:
