@@ -599,9 +599,19 @@ class PatchSchedule:
             return inplace_depthwise and (nd.name not in stage
                                           or nd.name in self.inplace_candidates)
 
-        buffers, inplace, shifts = schedule_buffers_overlap(
-            self.graph, self.tensor_elements, self.lifetimes, bits, inplace_ok,
-            self.fused_adds, (lambda nd: nd.name in allowed) if allowed else None)
+        def plan(ok: frozenset[str]) -> tuple[list[Buffer], set[str], dict[str, int]]:
+            return schedule_buffers_overlap(
+                self.graph, self.tensor_elements, self.lifetimes, bits, inplace_ok,
+                self.fused_adds, (lambda nd: nd.name in ok) if ok else None)
+
+        buffers, inplace, shifts = plan(allowed)
+        if overlap is None and shifts:
+            # The overlaps were chosen at int8 (`choose_overlaps`); at other bits the greedy
+            # planner may place the shifted pairs worse than separate buffers. Then the schedule
+            # runs without them at these bits (the plan records what it uses: an empty set).
+            plain = plan(frozenset())
+            if plan_arena(plain[0]).size < plan_arena(buffers).size:
+                buffers, inplace, shifts = plain
         return buffers + self._line_buffer_list(bits or {}), inplace, shifts
 
     def _line_buffer_list(self, bits: dict[str, int]) -> list[Buffer]:

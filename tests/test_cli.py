@@ -138,7 +138,10 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     order = ["order"] if any(ln.startswith("order: ") for ln in lines) else []
     expected = ["import", *order, "calibrated", "sensitivity", "scoring",
                 *["solving"] * len(solving),
-                *["measuring"] * len(measuring), "quantisation", *(["VDPC"] if vdpc else []),
+                *["measuring"] * len(measuring),
+                # the PTQ fits tried on a plan with sub-byte maps (`search.ptq_choice`)
+                *(["ptq"] if "ptq" in phases else []),
+                "quantisation", *(["VDPC"] if vdpc else []),
                 "fidelity", "plan", "total"]
     assert phases == expected, r.stderr
     assert all(re.search(r" \(\d+\.\d\d s\)$", ln) for ln in lines[:-1]), r.stderr

@@ -116,7 +116,7 @@ def test_budgets_met_by_the_plan(kws) -> None:
                   stats=stats)
     assert free.plan.predicted["bitops"] == free.plan.predicted["bitops_int8"]  # nothing binds
     budget = free.plan.predicted["bitops_int8"] // 2
-    flash = 62_000  # below int8 (67,936 B with code), above the 2-bit floor (57,446 B)
+    flash = 68_000  # below int8 (69,754 B with code), above the 2-bit floor (66,114 B)
     res = search(kws["model"], graph, get_board("nano33ble"), data,
                  SearchOptions(strategy="importance", sram=11_000, flash=flash,
                                weight_bits=(8, 4, 2), bitops=budget), stats=stats)

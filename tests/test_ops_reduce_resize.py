@@ -259,7 +259,7 @@ def updown_model(mode: str = "nearest") -> onnx.ModelProto:
     return _model(nodes, inits, [1, 3, 16, 16], y_shape=["N", 10])
 
 
-@pytest.mark.parametrize("mode,sram", [("nearest", None), ("nearest", 4500), ("linear", 4500)])
+@pytest.mark.parametrize("mode,sram", [("nearest", None), ("nearest", 3500), ("linear", 3500)])
 def test_resize_and_mean_network_bit_exact_on_host(tmp_path: Path, mode: str,
                                                    sram: int | None) -> None:
     model = updown_model(mode).SerializeToString()
@@ -291,6 +291,6 @@ def test_resize_and_mean_network_under_qemu(tmp_path: Path) -> None:
     model = updown_model().SerializeToString()
     (tmp_path / "probe.onnx").write_bytes(model)
     graph = load_model(tmp_path / "probe.onnx")
-    plan, graph, _ = _plan(tmp_path, model, "updown", _random(graph, 32), sram=4500)
+    plan, graph, _ = _plan(tmp_path, model, "updown", _random(graph, 32), sram=3500)
     result = verify(plan, graph, _random(graph, 3), "qemu-m4")
     assert result.samples == 3 and result.mismatches == 0

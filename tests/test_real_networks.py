@@ -75,10 +75,10 @@ def test_int8_plan_exact_on_host_and_qemu(network) -> None:
 
 
 def test_tight_budget_plan_exact_on_host_and_qemu(network) -> None:
-    """A budget of 3/4 of the int8 peak: the search must lower bits (or patch) to fit it."""
+    """A budget of 0.85 of the int8 need: the search must lower bits (or patch) to fit it."""
     root, graph = network["root"], network["graph"]
     int8 = json.loads(network["int8"].read_text())
-    budget = int(int8["predicted"]["sram_needed_bytes"] * 0.75)
+    budget = int(int8["predicted"]["sram_needed_bytes"] * 0.85)
     plan = root / "tight.plan.json"
     r = run_mpq("search", network["model"], "--board", "nano33ble", "--data",
                 root / "calib.npz", "--sram", budget, "-o", plan, "-q")
