@@ -155,16 +155,21 @@ def test_plan_finds_its_model_from_another_directory(tmp_path: Path) -> None:
 
 
 def test_flash_error_names_the_floor_and_the_floor_is_accepted(tmp_path: Path) -> None:
-    """A Flash budget below the floor at the offered weight bits names the floor before any
-    data is read, and that floor is a budget the search then meets."""
+    """A Flash budget below the floor at the offered weight bits names the floor (the packed
+    kernels' code reserved, as 4-bit weights may take them) and the `--weight-bits` that goes
+    lower, before any data is read; the floor is a budget the search then meets."""
     ex = REPO / "examples" / "fashion"
     r = run_mpq("search", ex / "fashion_cnn.onnx", "--board", "nano33ble", "--flash", "60000",
                 "--data", ex / "calib.npz", "-o", tmp_path / "p.json")
-    assert_clean_failure(r, "needs at least", "B Flash with 4-bit weights")
+    assert_clean_failure(r, "needs at least", "B Flash with 4-bit weights",
+                         "--weight-bits 8,4,2 goes down to")
     assert not (tmp_path / "p.json").exists()
     floor = int(re.search(r"needs at least ([\d,]+) B Flash", r.stderr)[1].replace(",", ""))
+    # With a tight SRAM budget too, 4-bit weights meet sub-byte maps and take the packed
+    # kernels: their code was in the floor, so the plan still fits it.
     r = run_mpq("search", ex / "fashion_cnn.onnx", "--board", "nano33ble", "--flash",
-                str(floor), "--data", ex / "calib.npz", "-o", tmp_path / "p.json", "-q")
+                str(floor), "--sram", "12000", "--data", ex / "calib.npz", "-o",
+                tmp_path / "p.json", "-q")
     assert r.returncode == 0, r.stderr
     p = json.loads((tmp_path / "p.json").read_text())["predicted"]
     assert p["flash_bytes"] + p["code_bytes_estimate"] <= floor

@@ -649,7 +649,13 @@ def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, 
     input_bytes = io_buffer_bytes(graph, opts.io) + predicted_stack_bytes(graph, board_cpu(board))
     sram_total = opts.sram if opts.sram is not None else board.sram_budget
     flash_total = opts.flash if opts.flash is not None else board.flash_budget
-    return sram_total, flash_total, input_bytes, code_bound(graph, board, opts)
+    code = code_bound(graph, board, opts)
+    w_options = weight_options(graph, opts, flash_total - code)
+    if min(w_options) < min(opts.weight_bits):
+        # Flash made 4-bit weights an option: their layers may take the packed kernels, so the
+        # bound reserves that code as it does when --weight-bits offers them.
+        code = code_bound(graph, board, replace(opts, weight_bits=w_options))
+    return sram_total, flash_total, input_bytes, code
 
 
 def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
