@@ -605,10 +605,11 @@ class PatchSchedule:
                 self.fused_adds, (lambda nd: nd.name in ok) if ok else None)
 
         buffers, inplace, shifts = plan(allowed)
-        if overlap is None and shifts:
-            # The overlaps were chosen at int8 (`choose_overlaps`); at other bits the greedy
-            # planner may place the shifted pairs worse than separate buffers. Then the schedule
-            # runs without them at these bits (the plan records what it uses: an empty set).
+        if overlap is None and shifts and any(b != 8 for b in (bits or {}).values()):
+            # The overlaps were chosen at int8 (`choose_overlaps`: never a larger arena than
+            # none there, so int8 needs no second plan); at other bits the greedy planner may
+            # place the shifted pairs worse than separate buffers. Then the schedule runs
+            # without them at these bits (the plan records what it uses: an empty set).
             plain = plan(frozenset())
             if plan_arena(plain[0]).size < plan_arena(buffers).size:
                 buffers, inplace, shifts = plain

@@ -41,10 +41,12 @@ def fragile_and_robust_model():
     return b.model("main_graph", [_input("input", ["batch", 4, 8, 8])], ["logits"])
 
 
-def test_sensitivity_ranks_a_fragile_map_above_a_robust_one(tmp_path: Path) -> None:
+def fragile_probe_inputs(root: Path):
+    """(graph, 32 validation samples, min-max range_of) of `fragile_and_robust_model`,
+    calibrated on 64 random samples: what a Probe of it needs."""
     import onnx
 
-    path = tmp_path / "fr.onnx"
+    path = root / "fr.onnx"
     onnx.save(fragile_and_robust_model(), path)
     graph = load_model(path)
     x = np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32)
@@ -53,7 +55,12 @@ def test_sensitivity_ranks_a_fragile_map_above_a_robust_one(tmp_path: Path) -> N
     def range_of(t: str, bits: int) -> tuple[float, float]:
         return activation_range(stats.tensors[t], "minmax", bits)
 
-    probe = Probe(graph, x[:32], range_of, {})
+    return graph, x[:32], range_of
+
+
+def test_sensitivity_ranks_a_fragile_map_above_a_robust_one(tmp_path: Path) -> None:
+    graph, x_val, range_of = fragile_probe_inputs(tmp_path)
+    probe = Probe(graph, x_val, range_of, {})
     fragile, robust = probe.group_damage(("fragile",), 2), probe.group_damage(("robust",), 2)
     assert robust >= 0 and fragile > 3 * robust, (fragile, robust)
     # 8 bits is the reference itself; a variant with nothing changed costs nothing

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_measured_search import fragile_and_robust_model
+from test_measured_search import fragile_probe_inputs
 
-from mpq.frontend import load_model
 from mpq.ir import Node
 from mpq.quant import arith
-from mpq.quant.calibrate import activation_range, calibrate, dataset_from_array
 from mpq.quant.qmodel import ActQuant, LayerQuant
 from mpq.search import sensitivity
 from mpq.search.sensitivity import Probe
@@ -111,18 +109,7 @@ def test_float32_is_refused_when_a_sum_could_leave_its_exact_range() -> None:
 
 @pytest.fixture(scope="module")
 def small_probe_inputs(tmp_path_factory):
-    import onnx
-
-    path = tmp_path_factory.mktemp("speed") / "fr.onnx"
-    onnx.save(fragile_and_robust_model(), path)
-    graph = load_model(path)
-    x = np.random.default_rng(0).standard_normal((64, 4, 8, 8)).astype(np.float32)
-    stats = calibrate(graph, dataset_from_array(x, "random"))
-
-    def range_of(t: str, bits: int) -> tuple[float, float]:
-        return activation_range(stats.tensors[t], "minmax", bits)
-
-    return graph, x[:32], range_of
+    return fragile_probe_inputs(tmp_path_factory.mktemp("speed"))
 
 
 def test_prefetch_gives_the_one_at_a_time_damages_and_runs(small_probe_inputs,
