@@ -50,6 +50,10 @@
  *    pair, its last written byte lies D bytes before the first input byte that pair or a later
  *    pixel still reads. The planner places outputs only there; any new fast path must keep
  *    that order (tests/test_overlap.py runs each such layer on host against the reference).
+ *    Reverse form (mpq.memory.reverse_overlap_shift): an output stored S bytes after the
+ *    input's start, computed by one call per output row from the last row to the first (each
+ *    call's input view the row's window, pad_top its own), is exact when each row's first
+ *    written byte lies after every input byte that row and the rows above it read.
  */
 #ifndef MPQ_KERNELS_H
 #define MPQ_KERNELS_H
