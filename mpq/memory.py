@@ -613,9 +613,10 @@ def choose_overlaps(arena_of: Callable[[frozenset[str], frozenset[str]], int],
 
     Overlap merges a node's input and output into one buffer, and chains of such buffers can
     place worse with the greedy planner than separate tensors (VWW: all 14 eligible layers
-    overlapped below give a 19 % larger arena; the first conv written above its input and the
-    expanding pointwise below stop the chain drifting downward), so only the ones that pay are
-    kept. Deterministic: the same schedule gives the same sets.
+    overlapped below give a 19 % larger arena: each output below its input drifts the chain
+    down past the dead input; with the expanding pointwise 8 → 16 written one input row above
+    its input instead, the arena is 33 % smaller than without overlap), so only the ones that
+    pay are kept. Deterministic: the same schedule gives the same sets.
     """
     below_ok, above_ok = list(eligible), list(eligible_reverse)
     names = [n for n in (order or dict.fromkeys([*below_ok, *above_ok]))
