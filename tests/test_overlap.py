@@ -541,9 +541,11 @@ def _reversed_node(data: dict) -> tuple[str, int]:
 
 
 def test_vww_plan_reverses_rows_and_is_byte_exact_on_the_host(vww_plan) -> None:
-    """The VWW plan records a layer above its input (D = −384: one 48×8 input row), the arena
-    is smaller than the same search's without overlap would plan, the export runs that
-    layer's rows last to first, and the firmware's output is the integer reference's."""
+    """The VWW plan records a layer above its input (D = −384: one 48×8 input row) and an
+    arena of at most 37,248 B (55,296 without overlap, 46,128 with outputs only below their
+    inputs), the export runs that layer's rows last to first (with `--backend cmsis-nn` too:
+    the portable kernel, as for the other form), and the firmware's output is the integer
+    reference's."""
     from mpq.codegen.export import render_export
 
     data = json.loads(vww_plan.read_text())
@@ -552,6 +554,10 @@ def test_vww_plan_reverses_rows_and_is_byte_exact_on_the_host(vww_plan) -> None:
     plan, _, graph = load_plan_with_model(vww_plan)
     model_c = render_export(plan, graph, "portable")["mpq_model.c"]
     assert model_c.count("Rows last to first") == 1
+    cmsis = render_export(plan, graph, "cmsis-nn")  # that layer keeps the portable kernel
+    layer = next(x for x in json.loads(cmsis["mpq_report.json"])["layers"] if x["name"] == name)
+    assert layer["backend"] == "portable" and "overlaps its input" in layer["reason"]
+    assert cmsis["mpq_model.c"].count("Rows last to first") == 1
     result = _verify(vww_plan, "host", 2)
     assert result["mismatches"] == 0 and result["samples"] == 2
 
