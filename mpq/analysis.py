@@ -74,6 +74,9 @@ class ModelSummary:
     inplace_depthwise: int
     fit: BoardFit | None = None
     compress: dict[str, Any] | None = None  # `--compress`: the weight blob's sizes
+    # "arena": each layer's scratch planned in the arena for its step (scratch_bytes 0);
+    # "separate": one buffer of the largest scratch beside it (`memory.SCRATCH_MODES`)
+    scratch: str = "separate"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,14 +86,16 @@ class ModelSummary:
 
 
 def summarise(graph: Graph, model_name: str, board: Board | None = None,
-              io: str = "arena", overlap: bool = True) -> ModelSummary:
+              io: str = "arena", overlap: bool = True,
+              scratch: str = "arena") -> ModelSummary:
     """Analyse a graph at int8 in the layer-based schedule, optionally against a board; `io`
     and `overlap` as `mpq search --io/--overlap` (DESIGN §5: the input and outputs as arena
-    tensors; outputs written over their dying inputs where that lowers the arena)."""
+    tensors; outputs written over their dying inputs where that lowers the arena); `scratch`
+    as `mpq search --scratch`."""
     from mpq.patch import plan_patches
 
     mem = layer_memory(graph, io=io)
-    planned = plan_patches(graph, None, io, overlap).memory()
+    planned = plan_patches(graph, None, io, overlap, scratch).memory()
     layers = []
     for node, step in zip(graph.nodes, mem.steps, strict=True):
         tensors = [graph.tensors[t] for t in node.inputs + node.outputs]
@@ -113,7 +118,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None,
         peak_sram_bytes=planned.peak_sram_bytes, input_bytes=mem.input_bytes,
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
         stack_bytes=stack, io=io,
-        inplace_depthwise=len(mem.inplace), overlapped=len(planned.overlap))
+        inplace_depthwise=len(mem.inplace), overlapped=len(planned.overlap), scratch=scratch)
     if board is not None:
         sram_needed = planned.peak_sram_bytes + mem.input_bytes + mem.output_bytes + stack
         flash_needed = flash + code
