@@ -14,7 +14,7 @@ from typing import Any
 from mpq.boards import Board
 from mpq.budget import predicted_stack_bytes
 from mpq.ir import Graph, node_macs, node_params
-from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory
+from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory, step_scratch_bytes
 from mpq.quant.finite import check_finite_parameters
 from mpq.quant.weights import WeightSpec, compressed_sizes, encode, quantize_weights, weight_blob
 
@@ -95,7 +95,8 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None,
     from mpq.patch import plan_patches
 
     mem = layer_memory(graph, io=io)
-    planned = plan_patches(graph, None, io, overlap, scratch).memory()
+    schedule = plan_patches(graph, None, io, overlap, scratch)
+    planned, planned_in_arena = schedule.memory(), schedule.scratch_in_arena
     layers = []
     for node, step in zip(graph.nodes, mem.steps, strict=True):
         tensors = [graph.tensors[t] for t in node.inputs + node.outputs]
@@ -104,7 +105,10 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None,
             in_shape=list(graph.tensors[node.inputs[0]].shape),
             out_shape=list(graph.tensors[node.outputs[0]].shape),
             macs=node_macs(node, graph), params=node_params(node),
-            act_bytes=sum(t.size for t in tensors), scratch_bytes=step.scratch))
+            act_bytes=sum(t.size for t in tensors),
+            # with the scratch in the arena: the slot the plan gives it (the export's kernels)
+            scratch_bytes=step_scratch_bytes(node, graph, node.name in planned.inplace)
+            if planned_in_arena else step.scratch))
     cpu = "cortex-m4/fpv4-sp-d16" if board is None else f"{board.core}/{board.fpu}"
     code = code_bytes_estimate(graph, cpu)
     stack = predicted_stack_bytes(graph, cpu)
