@@ -45,6 +45,7 @@ from mpq.memory import (
     Buffer,
     Segment,
     align_up,
+    check_scratch,
     choose_overlaps,
     fused_residual_adds,
     layer_lifetimes,
@@ -766,6 +767,7 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     tensor (1 ≤ n ≤ min(H, W)).
     """
     total = sum(node_macs(nd, graph) for nd in graph.nodes)
+    check_scratch(scratch, "scratch")
     if split is None:
         sched = PatchSchedule(
             graph=graph, split_layer=0, n=1, stage_nodes=[], split_tensor=None,
