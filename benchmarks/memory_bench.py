@@ -58,7 +58,12 @@ def peaks(graph: Graph, io: str) -> dict:
     # + the memory-aware order (`mpq.order.best_order`, what `mpq search` runs), overlap on
     ordered = plan_patches(apply_order(graph, best_order(graph).order), None, io,
                            overlap=True).memory()
+    # + the kernels' scratch inside the arena, each layer's alive at its step only
+    # (`memory.scratch_buffers`; `mpq search --scratch arena`, the default), order and overlap on
+    scratch = plan_patches(apply_order(graph, best_order(graph).order), None, io,
+                           overlap=True, scratch="arena").memory()
     return {"layer": layer, "patch": patch, "input": mem.input_bytes,
+            "scratch": scratch.peak_sram_bytes + mem.input_bytes + mem.output_bytes,
             "overlap": over.peak_sram_bytes + mem.input_bytes + mem.output_bytes,
             "overlapped_layers": len(over.overlap),
             "reversed_layers": sum(d < 0 for d in over.overlap.values()),
@@ -119,16 +124,19 @@ def bench_memory() -> dict:
                                                  if a["reversed_layers"] else "")
         cells.append([r["task"], num(e["input"] + e["output"]), num(e["layer"]), num(a["layer"]),
                        f"{num(a['overlap'])} ({layers})", num(a["reordered"]),
+                       num(a["scratch"]),
                        num(r["tflm_head"]), ratio(e["layer"], r["tflm_head"]),
                        ratio(a["layer"], r["tflm_head"]), ratio(a["reordered"], r["tflm_head"]),
+                       ratio(a["scratch"], r["tflm_head"]),
                        num(e["patch"]),
                        num(None if e["patch"] is None else e["patch"] - e["input"]),
                        num(a["patch"]), ratio(a["patch"], r["tflm_head"]), check])
     table = show("Int8 peak SRAM, input included: caller's I/O buffers vs input and outputs in "
                  "the arena (bytes)",
                  ["model", "I/O buffers", "layer: external", "layer: arena",
-                  "+ overlap (layers)", "+ reordering", "TFLM head", "external/TFLM",
-                  "arena/TFLM", "reordering/TFLM", "patches: external",
+                  "+ overlap (layers)", "+ reordering", "+ scratch in arena", "TFLM head",
+                  "external/TFLM", "arena/TFLM", "reordering/TFLM", "scratch in arena/TFLM",
+                  "patches: external",
                   "patches: excl. input", "patches: arena", "patches arena/TFLM",
                   "qemu-m4 mismatches; measured model SRAM (arena plan)"],
                  cells,
@@ -139,7 +147,11 @@ def bench_memory() -> dict:
                  "order makes it exact and the arena shrinks (vMCU; `--overlap`, the default; "
                  "in brackets the layers overlapped, and how many of them start above their "
                  "input with their rows run last to first), file order; + reordering = the "
-                 "same in the memory-aware order `mpq search` runs (`mpq.order.best_order`). "
+                 "same in the memory-aware order `mpq search` runs (`mpq.order.best_order`); "
+                 "+ scratch in arena = the same with each layer's kernel scratch an arena "
+                 "buffer alive at its step only, sized as the export's kernels ask "
+                 "(`--scratch arena`, the default; the other columns keep one separate "
+                 "buffer of the largest scratch). "
                  "Patches: the best int8 split "
                  f"(`search_patches`, redundant MACs ≤ {MAX_OVERHEAD:.0%}; no overlap); "
                  "excl. input = patches: external less the caller's input buffer (arena + "
@@ -147,7 +159,7 @@ def bench_memory() -> dict:
                  "issue 16's target is ≤ 150 kB). TFLM head: its "
                  "planned arena head for the same `.tflite` (input included). The last column "
                  "is a real run: `mpq search --strategy int8 --patches none --io arena` "
-                 "(overlap on) on "
+                 "(overlap on, scratch in the arena) on "
                  "stm32h743, exported, built and run on qemu-m4 by `mpq verify` (random "
                  "inputs); measured = the model's .data/.bss in the linked ELF.")
     cache = patch_cache_table([(task, graph) for task, graph, _, _ in models])

@@ -14,7 +14,7 @@ from typing import Any
 from mpq.boards import Board
 from mpq.budget import predicted_stack_bytes
 from mpq.ir import Graph, node_macs, node_params
-from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory
+from mpq.memory import code_bytes_estimate, flash_bytes, layer_memory, step_scratch_bytes
 from mpq.quant.finite import check_finite_parameters
 from mpq.quant.weights import WeightSpec, compressed_sizes, encode, quantize_weights, weight_blob
 
@@ -74,6 +74,9 @@ class ModelSummary:
     inplace_depthwise: int
     fit: BoardFit | None = None
     compress: dict[str, Any] | None = None  # `--compress`: the weight blob's sizes
+    # "arena": each layer's scratch planned in the arena for its step (scratch_bytes 0);
+    # "separate": one buffer of the largest scratch beside it (`memory.SCRATCH_MODES`)
+    scratch: str = "separate"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,14 +86,17 @@ class ModelSummary:
 
 
 def summarise(graph: Graph, model_name: str, board: Board | None = None,
-              io: str = "arena", overlap: bool = True) -> ModelSummary:
+              io: str = "arena", overlap: bool = True,
+              scratch: str = "arena") -> ModelSummary:
     """Analyse a graph at int8 in the layer-based schedule, optionally against a board; `io`
     and `overlap` as `mpq search --io/--overlap` (DESIGN §5: the input and outputs as arena
-    tensors; outputs written over their dying inputs where that lowers the arena)."""
+    tensors; outputs written over their dying inputs where that lowers the arena); `scratch`
+    as `mpq search --scratch`."""
     from mpq.patch import plan_patches
 
     mem = layer_memory(graph, io=io)
-    planned = plan_patches(graph, None, io, overlap).memory()
+    schedule = plan_patches(graph, None, io, overlap, scratch)
+    planned, planned_in_arena = schedule.memory(), schedule.scratch_in_arena
     layers = []
     for node, step in zip(graph.nodes, mem.steps, strict=True):
         tensors = [graph.tensors[t] for t in node.inputs + node.outputs]
@@ -99,7 +105,10 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None,
             in_shape=list(graph.tensors[node.inputs[0]].shape),
             out_shape=list(graph.tensors[node.outputs[0]].shape),
             macs=node_macs(node, graph), params=node_params(node),
-            act_bytes=sum(t.size for t in tensors), scratch_bytes=step.scratch))
+            act_bytes=sum(t.size for t in tensors),
+            # with the scratch in the arena: the slot the plan gives it (the export's kernels)
+            scratch_bytes=step_scratch_bytes(node, graph, node.name in planned.inplace)
+            if planned_in_arena else step.scratch))
     cpu = "cortex-m4/fpv4-sp-d16" if board is None else f"{board.core}/{board.fpu}"
     code = code_bytes_estimate(graph, cpu)
     stack = predicted_stack_bytes(graph, cpu)
@@ -113,7 +122,7 @@ def summarise(graph: Graph, model_name: str, board: Board | None = None,
         peak_sram_bytes=planned.peak_sram_bytes, input_bytes=mem.input_bytes,
         output_bytes=mem.output_bytes, flash_bytes=flash, code_bytes_estimate=code,
         stack_bytes=stack, io=io,
-        inplace_depthwise=len(mem.inplace), overlapped=len(planned.overlap))
+        inplace_depthwise=len(mem.inplace), overlapped=len(planned.overlap), scratch=scratch)
     if board is not None:
         sram_needed = planned.peak_sram_bytes + mem.input_bytes + mem.output_bytes + stack
         flash_needed = flash + code

@@ -200,9 +200,13 @@ def import_(model: Path, output: Path | None, quiet: bool) -> None:
               help="Execution order of branching graphs, as `mpq search --order`.")
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Outputs written over their dying inputs, as `mpq search --overlap`.")
+@click.option("--scratch", type=click.Choice(["arena", "separate"]), default="arena",
+              show_default=True, help="Where the kernels' scratch lives, as `mpq search "
+                                      "--scratch`.")
 @user_errors
 def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
-            weights_spec: str | None, io: str, order: str, overlap: bool) -> None:
+            weights_spec: str | None, io: str, order: str, overlap: bool,
+            scratch: str = "arena") -> None:
     """Per-layer shapes, MACs, parameters and the int8 memory model of MODEL (layers in the
     order the search would run them)."""
     from mpq.analysis import summarise, weight_compression
@@ -218,7 +222,7 @@ def inspect(model: Path, board_name: str | None, as_json: bool, compress: bool,
     graph = load_model(model)
     if order == "memory":
         graph, _ = memory_ordered(graph)
-    summary = summarise(graph, model.name, board, io=io, overlap=overlap)
+    summary = summarise(graph, model.name, board, io=io, overlap=overlap, scratch=scratch)
     if compress:
         summary.compress = weight_compression(graph, spec)
     if as_json:
@@ -265,7 +269,9 @@ def _print_summary(s: Any) -> None:
     rows = [
         ("MACs", s.macs), ("parameters", s.params),
         ("arena (greedy planner, 16-B aligned)", s.arena_bytes),
-        ("largest kernel scratch", s.scratch_bytes),
+        ("kernel scratch beside the arena" + (" (per layer inside the arena)"
+                                               if s.scratch == "arena" else " (largest)"),
+         s.scratch_bytes),
         ("peak SRAM = arena + scratch" + (" (input and outputs in the arena)"
                                            if s.io == "arena" else ""), s.peak_sram_bytes),
         ("layers writing over their dying input (overlap)", s.overlapped),
@@ -1049,6 +1055,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="Keep the rows adjacent patches share in line buffers instead of "
                    "recomputing them (auto: when that costs no peak and VDPC is off or "
                    "--strategy int8).")
+@click.option("--scratch", type=click.Choice(["arena", "separate"]), default="arena",
+              show_default=True,
+              help="arena: each layer's kernel scratch is an arena buffer alive only at its "
+                   "step (layer-based schedules; a patch schedule keeps the separate one); "
+                   "separate: one buffer of the largest scratch beside the arena.")
 @click.option("--no-vdpc", is_flag=True, help="All patches mixed-precision.")
 @click.option("--vdpc-min-outliers", type=click.IntRange(1), default=1, show_default=True,
               help="Outliers a patch needs to take the 8-bit branch.")
@@ -1103,7 +1114,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
                overlap: bool, compare_strategies: bool, auto_ptq: bool, as_json: bool,
-               quiet: bool, patch_cache: str = "auto") -> None:
+               quiet: bool, patch_cache: str = "auto", scratch: str = "arena") -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1129,7 +1140,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          phi_norm=phi_norm, range_method=method, sram=sram, flash=flash,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
                          order=order, io=io, compare_strategies=compare_strategies,
-                         overlap=overlap, patch_cache=patch_cache, auto_ptq=auto_ptq)
+                         overlap=overlap, patch_cache=patch_cache, auto_ptq=auto_ptq,
+                         scratch=scratch)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

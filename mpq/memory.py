@@ -725,3 +725,97 @@ def node_reverse_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) ->
     s = reverse_overlap_shift(tuple(in_shape[1:]), tuple(out_shape[1:]), window,
                               (int(dh), int(dw)), in_bits, out_bits)
     return align_up(s)
+
+
+# -- kernel scratch inside the arena (issue 16: TFLM plans scratch with one op's lifetime) -------
+
+#: Where the kernels' scratch lives (the plan's `schedule.scratch`): "arena" — one arena buffer
+#: per layer that needs scratch, alive only during that layer's step(s), placed by the planner
+#: like any tensor; "separate" — one static buffer of the largest scratch beside the arena
+#: (plans before `schedule.scratch` existed, and patch-based schedules).
+SCRATCH_MODES = ("arena", "separate")
+SCRATCH_PREFIX = "scratch:"  # buffer name of a layer's scratch: "scratch:<node>"
+
+
+def check_scratch(mode: str, where: str = "--scratch") -> str:
+    """`mode` itself when it is one of `SCRATCH_MODES`, else MpqError naming them."""
+    from mpq.errors import MpqError
+
+    if mode not in SCRATCH_MODES:
+        raise MpqError(f"{where} must be one of {', '.join(SCRATCH_MODES)}, not '{mode}'")
+    return mode
+
+
+def kernel_scratch_bytes(node: Node, graph: Graph, inplace: bool, packed: bool = False) -> int:
+    """Bytes of scratch mpq's portable kernel for `node` asks for (kernels/mpq_kernels.h, the
+    `*_scratch_size` functions): in-place depthwise — one padded input channel,
+    (p_t + H + p_b)·(p_l + W + p_r) with p_b, p_r the rows/columns the output reaches below/right
+    of the input; conv2d — 2·KH·KW·Cin/g (one int16 im2col column), 0 for a 1×1 stride-1
+    unpadded conv whose output is no larger than its input; `packed` sub-byte kernels —
+    32·⌈K/16⌉ (conv, two pixels of packed lanes) or 16·⌈K/16⌉ (fully connected); others 0.
+    The export sizes each layer's scratch with this function."""
+    if packed and node.op in ("conv2d", "fully_connected"):
+        k = int(math.prod(node.weight.shape[1:]))
+        return (32 if node.op == "conv2d" else 16) * ((k + 15) // 16)
+    if node.op != "conv2d":
+        return 0
+    _, kh, kw, cin_g = node.weight.shape
+    a = node.attrs
+    if inplace:
+        _, h, w, _ = graph.tensors[node.inputs[0]].shape
+        _, ho, wo, _ = graph.tensors[node.outputs[0]].shape
+        sh, sw = a["strides"]
+        dh, dw = a.get("dilations", (1, 1))
+        pt, pl = a["pads"][0], a["pads"][1]
+        pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
+        pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
+        return (pt + h + pb) * (pl + w + pr)
+    in_shape = graph.tensors[node.inputs[0]].shape
+    out_shape = graph.tensors[node.outputs[0]].shape
+    if (kh, kw) == (1, 1) and tuple(a["strides"]) == (1, 1) and not any(a["pads"][:2]) \
+            and out_shape[1] <= in_shape[1] and out_shape[2] <= in_shape[2]:
+        return 0
+    return 2 * kh * kw * cin_g
+
+
+def step_scratch_bytes(node: Node, graph: Graph, inplace: bool, in_bits: int = 8) -> int:
+    """The arena slot planned for `node`'s scratch: the largest `kernel_scratch_bytes` of the
+    kernels the export may pick for it — the packed sub-byte kernel only where it can (a conv
+    with groups 1 not in place, or a fully connected layer, reading 4- or 2-bit activations:
+    `codegen.packed.packed_choice`; whether it does also depends on the weights and the core,
+    so the slot covers both)."""
+    need = kernel_scratch_bytes(node, graph, inplace)
+    if in_bits in (4, 2) and (node.op == "fully_connected" or (
+            node.op == "conv2d" and not inplace and node.attrs.get("groups", 1) == 1)):
+        need = max(need, kernel_scratch_bytes(node, graph, inplace, packed=True))
+    return need
+
+
+def scratch_buffers(graph: Graph, inplace: set[str], fused: dict[str, tuple[str, str]],
+                    bits: dict[str, int] | None = None) -> list[Buffer]:
+    """One arena buffer per layer-based node that needs scratch (`step_scratch_bytes`,
+    aligned), alive at its step only — a conv fused with the residual add after it
+    (`fused_residual_adds`) at its step and the add's, the steps its one kernel call spans —
+    so the planner reuses the bytes at every other step (TFLM plans its scratch buffers the
+    same way, with the lifetime of their op)."""
+    bits = bits or {}
+    fused_convs = {conv for conv, _ in fused.values()}
+    out = []
+    for i, n in enumerate(graph.nodes):
+        if n.op not in ("conv2d", "fully_connected"):
+            continue
+        size = step_scratch_bytes(n, graph, n.name in inplace, bits.get(n.inputs[0], 8))
+        if size == 0:
+            continue
+        last = i + 1 if n.name in fused_convs else i
+        name = SCRATCH_PREFIX + n.name
+        out.append(Buffer(name, [Segment(name, i, last, align_up(size))]))
+    return out
+
+
+def scratch_record(plan: ArenaPlan) -> dict[str, Any]:
+    """The plan's `schedule.scratch` for scratch planned in the arena: {"mode": "arena",
+    "steps": {node: {"offset", "bytes"}}} from the placed scratch buffers."""
+    steps = {b.name[len(SCRATCH_PREFIX):]: {"offset": plan.offsets[b.name], "bytes": b.size}
+             for b in plan.buffers if b.name.startswith(SCRATCH_PREFIX)}
+    return {"mode": "arena", "steps": dict(sorted(steps.items()))}

@@ -45,6 +45,7 @@ from mpq.memory import (
     Buffer,
     Segment,
     align_up,
+    check_scratch,
     choose_overlaps,
     fused_residual_adds,
     layer_lifetimes,
@@ -53,6 +54,7 @@ from mpq.memory import (
     packed_bytes,
     plan_arena,
     schedule_buffers_overlap,
+    scratch_buffers,
     scratch_bytes,
 )
 
@@ -459,6 +461,9 @@ class PatchSchedule:
     # ... and those whose output starts above it, rows run last to first
     # (`memory.node_reverse_shift`)
     overlap_reverse: frozenset[str] = frozenset()
+    # Where the kernel scratch lives (`memory.SCRATCH_MODES`): "arena" — per layer, in the
+    # arena for its step (`memory.scratch_buffers`; layer-based schedules only) — or "separate"
+    scratch: str = "separate"
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
 
@@ -671,16 +676,33 @@ class PatchSchedule:
                 out.append(scratch_bytes(nd, self.graph, nd.name in inplace))
         return out
 
+    def scratch_buffers(self, inplace: set[str], bits: dict[str, int] | None = None
+                        ) -> list[Buffer]:
+        """The kernel scratch as arena buffers of one step each (`memory.scratch_buffers`)
+        when the schedule keeps it in the arena (`scratch` "arena", layer-based); else none."""
+        if self.scratch != "arena" or self.split_tensor is not None:
+            return []
+        return scratch_buffers(self.graph, inplace, self.fused_adds, bits)
+
     def memory(self, bits: dict[str, int] | None = None,
                inplace_depthwise: bool = True) -> PatchMemory:
-        """Arena (greedy planner), largest scratch and live bytes per step (DESIGN §5)."""
+        """Arena (greedy planner), largest scratch and live bytes per step (DESIGN §5); with
+        the scratch in the arena (`scratch_buffers`) the separate scratch is 0 B."""
         buffers, inplace, overlap = self._buffers(bits, inplace_depthwise)
+        in_arena = self.scratch_buffers(inplace, bits)
+        buffers = buffers + in_arena
         plan = plan_arena(buffers)
         scratch = self.scratch_per_step(inplace)
-        return PatchMemory(arena_bytes=plan.size, scratch_bytes=max(scratch, default=0),
+        separate = 0 if self.scratch_in_arena else max(scratch, default=0)
+        return PatchMemory(arena_bytes=plan.size, scratch_bytes=separate,
                            per_step_bytes=live_bytes_per_step(buffers, len(self.steps)),
                            per_step_scratch=scratch, plan=plan, inplace=inplace,
                            overlap=overlap)
+
+    @property
+    def scratch_in_arena(self) -> bool:
+        """True when the kernel scratch is planned in the arena (`scratch_buffers`)."""
+        return self.scratch == "arena" and self.split_tensor is None
 
     def peak_lower_bound(self, bits: dict[str, int] | None = None) -> int:
         """Largest live bytes over the steps + the largest scratch: the peak is never lower.
@@ -731,29 +753,38 @@ def _lifetimes(graph: Graph, split_tensor: str | None, io: str = "external",
 
 
 def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
-                 overlap: bool | Iterable[str] | Mapping[str, int] = False) -> PatchSchedule:
+                 overlap: bool | Iterable[str] | Mapping[str, int] = False,
+                 scratch: str = "separate") -> PatchSchedule:
     """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6. `io`:
     where the graph input and outputs live (`memory.IO_MODES`). `overlap` (layer-based only):
     True — outputs start inside their dying inputs where that lowers the int8 arena
     (`memory.choose_overlaps`); a set of node names — exactly those may, below their input; a
     mapping node → D (a plan's `schedule.overlap`) — those with D ≥ 0 below, those with D < 0
-    above their input in reverse row order.
+    above their input in reverse row order. `scratch` (`memory.SCRATCH_MODES`; layer-based
+    only, a patch schedule keeps the separate scratch): where the kernels' scratch lives.
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
     tensor (1 ≤ n ≤ min(H, W)).
     """
     total = sum(node_macs(nd, graph) for nd in graph.nodes)
+    check_scratch(scratch, "scratch")
     if split is None:
         sched = PatchSchedule(
             graph=graph, split_layer=0, n=1, stage_nodes=[], split_tensor=None,
             stage_macs_full=0, stage_macs_patched=0, total_macs=total,
             steps=[nd.name for nd in graph.nodes],
             tensor_elements={t: graph.tensors[t].size for t in graph.tensors},
-            lifetimes=_lifetimes(graph, None, io), inplace_candidates=set(), io=io)
+            lifetimes=_lifetimes(graph, None, io), inplace_candidates=set(), io=io,
+            scratch=scratch)
+
+        def arena_of(below: frozenset[str], above: frozenset[str]) -> int:
+            bufs, inplace, _ = sched._buffers(None, True, below, above)
+            return plan_arena(bufs + sched.scratch_buffers(inplace)).size
+
         if overlap is True:
             every = frozenset(nd.name for nd in graph.nodes)
             sched.overlap, sched.overlap_reverse = choose_overlaps(
-                lambda below, above: plan_arena(sched._buffers(None, True, below, above)[0]).size,
+                arena_of,
                 sched._buffers(None, True, every)[2],
                 sched._buffers(None, True, frozenset(), every)[2],
                 [nd.name for nd in graph.nodes])

@@ -274,6 +274,22 @@ def plan_io(plan: Plan) -> str:
     return str(plan.schedule.get("io", "external"))
 
 
+def plan_scratch(plan: Plan) -> str:
+    """Where the plan keeps the kernels' scratch (`memory.SCRATCH_MODES`): "arena" when it
+    records each layer's slot (`schedule.scratch`), else "separate" — one buffer beside the
+    arena, as every plan before `schedule.scratch` existed."""
+    return "arena" if "scratch" in plan.schedule else "separate"
+
+
+def plan_scratch_slots(plan: Plan) -> dict[str, tuple[int, int]]:
+    """node → (arena offset, bytes) of its kernel scratch (`schedule.scratch.steps`); empty
+    for a plan with the separate scratch."""
+    rec = plan.schedule.get("scratch")
+    if not rec:
+        return {}
+    return {n: (int(v["offset"]), int(v["bytes"])) for n, v in rec["steps"].items()}
+
+
 def plan_overlap(plan: Plan) -> dict[str, int]:
     """The nodes whose output the plan writes inside their input, with their shift D
     (`schedule.overlap`: D ≥ 0 bytes below the input, `memory.overlap_shift`; D < 0: −D bytes

@@ -22,9 +22,15 @@ from typing import Any
 from mpq.budget import code_shape, stage_branch_flash
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
-from mpq.memory import buffers_conflict, constant_flash_bytes, packed_bytes
+from mpq.memory import (
+    ALIGN,
+    SCRATCH_PREFIX,
+    buffers_conflict,
+    constant_flash_bytes,
+    packed_bytes,
+)
 from mpq.patch import PatchSchedule, plan_patches, plan_split
-from mpq.plan import Plan, plan_io, plan_overlap
+from mpq.plan import Plan, plan_io, plan_overlap, plan_scratch, plan_scratch_slots
 from mpq.plan_schema import PlanFieldError, fail
 
 
@@ -111,7 +117,10 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     buffers."""
     p = plan.patch
     if p is None:
-        return plan_patches(graph, None, plan_io(plan), plan_overlap(plan))
+        return plan_patches(graph, None, plan_io(plan), plan_overlap(plan), plan_scratch(plan))
+    if plan_scratch(plan) == "arena":
+        raise fail("schedule.scratch", "must be absent in a patch-based plan (the scratch in "
+                                       "the arena is layer-based only)")
     if plan_overlap(plan):
         raise fail("schedule.overlap", "must be empty in a patch-based plan (overlap is "
                                        "layer-based only)")
@@ -296,7 +305,12 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                                        "kernels' write order gives these nodes at these bits)")
     offsets: dict[str, int] = {}
     lines = line_offsets(plan)
+    scratch = _scratch_offsets(plan, schedule, bits, arena)
+    offsets.update(scratch)
+    buffers = buffers + schedule.scratch_buffers(set(plan.schedule["inplace_depthwise"]), bits)
     for buf in buffers:
+        if buf.name in scratch:  # a layer's kernel scratch (`schedule.scratch`): checked above
+            continue
         if buf.name in lines:  # a line buffer (`patch.cache`): its own bytes and offset
             i, off = lines[buf.name]
             field = f"patch.cache.line_buffers[{i}]"
@@ -327,6 +341,12 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                     raise fail(f"patch.cache.line_buffers[{lines[b.name][0]}].offset",
                                f"'{b.name}' overlaps '{a.segments[0].tensor}' while both are "
                                "alive")
+                for x, y in ((b, a), (a, b)):
+                    if x.name in scratch:
+                        node = x.name[len(SCRATCH_PREFIX):]
+                        raise fail(f"schedule.scratch.steps.{node}.offset",
+                                   f"the scratch of '{node}' overlaps '{y.segments[0].tensor}' "
+                                   "while both are alive")
                 i = index[b.segments[0].tensor]
                 raise fail(f"tensors[{i}].offset", f"'{b.segments[0].tensor}' overlaps "
                                                    f"'{a.segments[0].tensor}' while both are "
@@ -338,6 +358,33 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
     if arena != extent:
         raise fail("predicted.arena_bytes", f"must be {extent} (the end of the last tensor), "
                                             f"got {arena}")
+
+
+def _scratch_offsets(plan: Plan, schedule: PatchSchedule, bits: dict[str, int],
+                     arena: int) -> dict[str, int]:
+    """Buffer name → offset of each layer's kernel scratch the plan records
+    (`schedule.scratch`): exactly the layers `memory.scratch_buffers` gives scratch, each with
+    its bytes, inside the arena."""
+    slots = plan_scratch_slots(plan)
+    want = {b.name[len(SCRATCH_PREFIX):]: b.size for b in schedule.scratch_buffers(
+        set(plan.schedule["inplace_depthwise"]), bits)}
+    if sorted(slots) != sorted(want):
+        raise fail("schedule.scratch.steps", f"must list the layers with kernel scratch "
+                                             f"{_short(sorted(want))}, got {_short(sorted(slots))}")
+    out = {}
+    for node, (off, size) in slots.items():
+        if size != want[node]:
+            raise fail(f"schedule.scratch.steps.{node}.bytes",
+                       f"must be {want[node]} (the kernel's scratch at these bits, 16-B "
+                       f"aligned), got {size}")
+        if off % ALIGN:
+            raise fail(f"schedule.scratch.steps.{node}.offset",
+                       f"must be a multiple of {ALIGN}, got {off}")
+        if off + size > arena:
+            raise fail(f"schedule.scratch.steps.{node}.offset",
+                       f"{off} + {size} bytes ends past predicted.arena_bytes ({arena})")
+        out[SCRATCH_PREFIX + node] = off
+    return out
 
 
 def _check_counts(plan: Plan, graph: Graph, schedule: PatchSchedule) -> None:

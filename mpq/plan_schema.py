@@ -378,7 +378,10 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
     the graph input and outputs live (plans before it: "external"), and `overlap`, the nodes
     whose output starts D bytes below their input's start (`memory.overlap_shift`; D < 0: −D
     bytes above it, rows run last to first, `memory.reverse_overlap_shift`)."""
-    req_dict(s, field, {"inplace_depthwise", "fused_adds"}, {"order", "regions", "io", "overlap"})
+    req_dict(s, field, {"inplace_depthwise", "fused_adds"},
+             {"order", "regions", "io", "overlap", "scratch"})
+    if "scratch" in s:
+        check_scratch_record(s["scratch"], f"{field}.scratch")
     if "overlap" in s:  # node -> bytes its output starts below its input (`memory.overlap_shift`)
         for n, d in req_dict(s["overlap"], f"{field}.overlap").items():
             req_str(n, f"{field}.overlap key")
@@ -401,6 +404,20 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
         f = req_dict(v, f"{field}.fused_adds.{add}", {"conv", "skip"})
         req_str(f["conv"], f"{field}.fused_adds.{add}.conv")
         req_str(f["skip"], f"{field}.fused_adds.{add}.skip")
+
+
+def check_scratch_record(r: Any, field: str) -> None:
+    """`schedule.scratch`: {"mode": "arena", "steps": {node: {"offset", "bytes"}}}, the arena
+    slot of each layer's kernel scratch (`memory.scratch_record`; absent: one separate
+    buffer)."""
+    r = req_dict(r, field, {"mode", "steps"})
+    if r["mode"] != "arena":
+        raise fail(f"{field}.mode", f"must be \"arena\", got {_show(r['mode'])}")
+    for n, slot in req_dict(r["steps"], f"{field}.steps").items():
+        req_str(n, f"{field}.steps key")
+        b = req_dict(slot, f"{field}.steps.{n}", {"offset", "bytes"})
+        req_int(b["offset"], f"{field}.steps.{n}.offset", 0, MAX_BYTES)
+        req_int(b["bytes"], f"{field}.steps.{n}.bytes", 1, MAX_BYTES)
 
 
 def check_predicted(p: Any, field: str = "predicted") -> None:

@@ -91,8 +91,9 @@ def test_impossible_budget_names_the_smallest_reachable(kws, tmp_path: Path) -> 
     from mpq.patch import plan_patches
 
     graph = load_model(kws["model"])
-    # the defaults: I/O in the arena, outputs overlapping their inputs where that pays
-    mem = plan_patches(graph, None, "arena", overlap=True).memory()
+    # the defaults: I/O in the arena, outputs overlapping their inputs where that pays, the
+    # kernels' scratch inside the arena (then `scratch_bytes` is 0)
+    mem = plan_patches(graph, None, "arena", overlap=True, scratch="arena").memory()
     # arena + scratch (16-B aligned, as the export allocates it) + the model's stack (no input
     # and output buffers)
     need = mem.arena_bytes + align_up(mem.scratch_bytes) \

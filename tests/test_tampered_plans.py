@@ -218,7 +218,7 @@ CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("patch-stage-nodes", "patch", setter("patch.stage_nodes[0]", "/features/1/conv/0/0/Conv"),
      "patch.stage_nodes: does not match"),
     ("patch-on-layer-plan", "layer", lambda p: setter("patch", PATCH_OF["patch"])(p),
-     "tensors["),
+     "schedule.scratch: must be absent in a patch-based plan"),
     ("vdpc-regions", "patch", setter("patch.vdpc.regions[0][0][1]", 27),
      "patch.vdpc.regions: do not match"),
     ("vdpc-rate-shape", "patch", setter("patch.vdpc.outlier_rate", [[0.5]]),

@@ -30,8 +30,8 @@ from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
 from mpq.ir import LAYOUT_NHWC, Graph, Node
-from mpq.memory import align_up, packed_bytes
-from mpq.plan import Plan, plan_io, plan_quant_model
+from mpq.memory import align_up, kernel_scratch_bytes, packed_bytes
+from mpq.plan import Plan, plan_io, plan_quant_model, plan_scratch, plan_scratch_slots
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
 from mpq.regions import section_of
@@ -126,6 +126,9 @@ class Layer:
     # input: `schedule.overlap` D < 0, `memory.reverse_overlap_shift`): rows, stride_h,
     # pad_top, span (the window's rows, dilation included) and the input's rows.
     reverse: dict[str, int] | None = None
+    # The call's scratch argument: the separate array, or its slot in the arena
+    # (`schedule.scratch`, `memory.scratch_buffers`)
+    scratch: str = "mpq_scratch"
 
 
 @dataclass
@@ -195,6 +198,9 @@ class _Builder:
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
         self.io = plan_io(plan)
+        self.slots = plan_scratch_slots(plan)  # node -> (arena offset, bytes) of its scratch
+        self.scratch_arena = plan_scratch(plan) == "arena"
+        self.scratch_of: dict[str, str] = {}  # node -> C expression of its scratch
 
     def operand(self, tensor: str) -> Operand:
         g = self.graph
@@ -258,24 +264,23 @@ class _Builder:
                 "act_min": lq.act_min, "act_max": lq.act_max}
 
     def conv_scratch(self, node: Node, inplace: bool) -> int:
-        """The kernels' own scratch formulas (kernels/mpq_kernels.h)."""
-        _, kh, kw, cin_g = node.weight.shape
-        a = node.attrs
-        if inplace:
-            _, h, w, _ = self.graph.tensors[node.inputs[0]].shape
-            _, ho, wo, _ = self.graph.tensors[node.outputs[0]].shape
-            sh, sw = a["strides"]
-            dh, dw = a["dilations"]
-            pt, pl = a["pads"][0], a["pads"][1]
-            pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
-            pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
-            return (pt + h + pb) * (pl + w + pr)
-        in_shape = self.graph.tensors[node.inputs[0]].shape
-        out_shape = self.graph.tensors[node.outputs[0]].shape
-        if (kh, kw) == (1, 1) and a["strides"] == (1, 1) and not any(a["pads"][:2]) \
-                and out_shape[1] <= in_shape[1] and out_shape[2] <= in_shape[2]:
-            return 0
-        return 2 * kh * kw * cin_g
+        """The kernels' own scratch formulas (`memory.kernel_scratch_bytes`)."""
+        return kernel_scratch_bytes(node, self.graph, inplace)
+
+    def use_scratch(self, node: Node, need: int) -> None:
+        """Give a layer-based call its `need` bytes of scratch: its arena slot when the plan
+        keeps the scratch there (`schedule.scratch`; MpqError when the slot is missing or
+        smaller), else the separate array, grown to fit."""
+        if need == 0:
+            return
+        if not self.scratch_arena:
+            self.scratch = max(self.scratch, need)
+            return
+        if node.name not in self.slots or self.slots[node.name][1] < need:
+            raise MpqError(f"plan: schedule.scratch.steps.{node.name} must hold the kernel's "
+                           f"{need} B of scratch, got "
+                           f"{self.slots[node.name][1] if node.name in self.slots else 'none'}")
+        self.scratch_of[node.name] = f"(void *)(mpq_arena + {self.slots[node.name][0]})"
 
     def cmsis_weights(self, i: int, node: Node, call: cmsis.CmsisCall) -> dict[str, Any]:
         """Weights, bias and (per-channel calls) requantisation arrays of a CMSIS-NN call, in
@@ -328,6 +333,10 @@ class _Builder:
                 out = self.operand(node.outputs[0])
             n_before = len(self.layers)
             self._portable(i, node, by_name, ins, out)
+            for layer in self.layers[n_before:]:
+                # no slot: the kernel needs no scratch (it may then be NULL, mpq_kernels.h)
+                layer.scratch = self.scratch_of.get(
+                    node.name, "NULL" if self.scratch_arena else layer.scratch)
             if node.name in self.reverse:
                 self._reverse_rows(node, self.layers[n_before:])
             for layer in self.layers[n_before:]:
@@ -362,8 +371,9 @@ class _Builder:
         add_name, skip = self.fused_by_conv[node.name]
         add = by_name[add_name]
         call = cmsis.plan_fused_call(node, add, skip, self.graph, self.qm, self.inplace,
-                                     _plan_int(self.plan.predicted.get("scratch_bytes", 0),
-                                               "predicted.scratch_bytes"))
+                                     max([_plan_int(self.plan.predicted.get(
+                                         "scratch_bytes", 0), "predicted.scratch_bytes"),
+                                         *(b for _, b in self.slots.values())]))
         return (call, f"{node.name} + {add.name}", [ins[0], self.operand(skip)],
                 self.operand(add.outputs[0]))
 
@@ -375,7 +385,7 @@ class _Builder:
         if node.op == "conv2d" and node.name in self.fused_by_conv:
             add_name, skip = self.fused_by_conv[node.name]
             add = by_name[add_name]
-            self.scratch = max(self.scratch, self.conv_scratch(node, False))
+            self.use_scratch(node, self.conv_scratch(node, False))
             self.layers.append(Layer(
                 i, f"{node.name} + {add.name}", "conv2d_add",
                 [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
@@ -384,7 +394,7 @@ class _Builder:
                 self.weights(i, node)))
         elif node.op == "conv2d":
             inplace = node.name in self.inplace
-            self.scratch = max(self.scratch, self.conv_scratch(node, inplace))
+            self.use_scratch(node, self.conv_scratch(node, inplace))
             kernel = "depthwise_inplace" if inplace else "conv2d"
             self.layers.append(Layer(i, node.name, kernel, ins, out,
                                      self.conv_params(node), self.weights(i, node)))
@@ -483,7 +493,7 @@ class _Builder:
         weight = {"sym": sym, "bits": lq.weight_bits, "n": dims[0], "h": dims[1],
                   "w": dims[2], "c": dims[3], "k": k}
         # the packed columns: two output pixels (conv), one (fully connected)
-        self.scratch = max(self.scratch, (32 if node.op == "conv2d" else 16) * ((k + 15) // 16))
+        self.use_scratch(node, kernel_scratch_bytes(node, self.graph, False, packed=True))
         if node.op == "conv2d" and node.name in self.fused_by_conv:
             # fused with the residual add that consumes it, as mpq_conv2d_add
             add_name, skip = self.fused_by_conv[node.name]
@@ -835,7 +845,10 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
         "arena_bytes": align_up(max(plan.predicted["arena_bytes"], 16)),
         "arena_section": section_of(plan.schedule.get("regions"), "arena", board),
         "scratch_section": section_of(plan.schedule.get("regions"), "scratch", board),
-        "scratch_bytes": align_up(max(b.scratch, b.cmsis_scratch, 16)),
+        # with the scratch in the arena (`schedule.scratch`) no separate array, unless
+        # CMSIS-NN calls need theirs
+        "scratch_bytes": 0 if b.scratch_arena and not (b.scratch or b.cmsis_scratch)
+        else align_up(max(b.scratch, b.cmsis_scratch, 16)),
         "portable_scratch_bytes": b.scratch,
         "cmsis": {"functions": functions, "scratch_bytes": b.cmsis_scratch,
                   "sources": cmsis.sources_for(functions)} if functions else None,

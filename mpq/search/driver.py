@@ -36,7 +36,13 @@ from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.latency import search_prediction
-from mpq.memory import align_up, code_bytes_estimate, constant_flash_bytes, packed_bytes
+from mpq.memory import (
+    align_up,
+    code_bytes_estimate,
+    constant_flash_bytes,
+    packed_bytes,
+    scratch_record,
+)
 from mpq.memory import io_buffer_bytes as memory_io_bytes
 from mpq.order import EXACT_ORDERS, OrderChoice, apply_order, file_order, memory_ordered
 from mpq.patch import (
@@ -118,6 +124,9 @@ class SearchOptions:
     # `--overlap`: layer outputs start inside their dying inputs where the kernels' write order
     # allows and the arena shrinks (`memory.choose_overlaps`; layer-based schedules)
     overlap: bool = True
+    # `--scratch`: the kernels' scratch per layer inside the arena, alive only at its step
+    # (`memory.scratch_buffers`; layer-based schedules), or one separate largest-size buffer
+    scratch: str = "arena"
 
 
 class BudgetError(MpqError):
@@ -684,7 +693,7 @@ def candidate_list(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """The patch schedules the search tries (--patches none, auto or k=K,n=N)."""
     patches = parse_patches(opts.patches)
     if patches == "none":
-        return [plan_patches(graph, None, opts.io, opts.overlap)]
+        return [plan_patches(graph, None, opts.io, opts.overlap, opts.scratch)]
     if patches == "auto":
         return auto_candidates(graph, opts)
     return [given_split(graph, patches, opts)]
@@ -860,7 +869,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead` — for
     each form `cache_choice` allows (halos recomputed, rows kept in line buffers)."""
     low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
-    out = [plan_patches(graph, None, opts.io, opts.overlap)]
+    out = [plan_patches(graph, None, opts.io, opts.overlap, opts.scratch)]
     choice = cache_choice(opts)
     # auto: the lowest-peak split of each form competes; at equal objective the solver's
     # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
@@ -1056,6 +1065,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
     if memory.overlap:  # outputs written inside their inputs (`memory.overlap_shift`)
         schedule_info["overlap"] = dict(sorted(memory.overlap.items()))
+    if schedule.scratch_in_arena:  # each layer's scratch in the arena (`memory.scratch_buffers`)
+        schedule_info["scratch"] = scratch_record(memory.plan)
     if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
         schedule_info["order"] = [n.name for n in graph.nodes]
     predicted = {

@@ -1,0 +1,251 @@
+"""The kernels' scratch planned inside the arena (issue 16: TFLM plans its scratch buffers with
+the lifetime of one op): one arena buffer per layer that needs scratch, alive at its step only,
+recorded in the plan (`schedule.scratch`), recomputed by the plan check, handed to each kernel
+as `arena + offset` by the export; byte-exact on the host and qemu-m4, the measured SRAM the
+predicted, tampering refused, and plans with the separate scratch (every plan before) still
+valid."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_mpq, shared_model
+from test_overlap import _overlap_model
+
+from mpq.errors import MpqError
+from mpq.frontend.onnx_import import import_onnx
+from mpq.memory import SCRATCH_PREFIX, kernel_scratch_bytes
+from mpq.order import apply_order, best_order
+from mpq.patch import plan_patches
+from mpq.plan import load_plan_with_model
+
+needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None
+                               or shutil.which("qemu-system-arm") is None,
+                               reason="needs arm-none-eabi-gcc and qemu-system-arm")
+
+
+# -- the planner -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("onnx_name,separate,arena", [
+    ("vww_96_float.onnx", 39_748, 39_664),       # 37,248 + 2,500 (in-place depthwise, step 1)
+    ("pretrainedResnet.onnx", 35_072, 33_056),   # 32,768 + 2,304 (step 10's conv)
+    ("kws_ref_model_fp32.onnx", 8_701, 8_384),
+])
+def test_scratch_in_the_arena_lowers_the_int8_peak(onnx_name, separate, arena) -> None:
+    """The int8 layer-based peak as `mpq search` plans it (memory-aware order, overlap, input
+    and outputs in the arena): with each layer's scratch an arena buffer of its own step, the
+    peak is the arena alone and lower than arena + one separate largest scratch."""
+    graph = import_onnx(shared_model(onnx_name))
+    graph = apply_order(graph, best_order(graph).order)
+    sep = plan_patches(graph, None, "arena", True, "separate").memory()
+    inside = plan_patches(graph, None, "arena", True, "arena").memory()
+    assert sep.peak_sram_bytes == separate and sep.scratch_bytes > 0
+    assert inside.scratch_bytes == 0 and inside.peak_sram_bytes == inside.arena_bytes == arena
+
+
+def test_each_scratch_lives_at_its_step_only() -> None:
+    """ResNet-8: every conv with scratch has one buffer of the export's size
+    (`kernel_scratch_bytes`, aligned), alive at its own step — a conv fused with the residual
+    add after it at the add's step too (one kernel call spans both)."""
+    graph = import_onnx(shared_model("pretrainedResnet.onnx"))
+    sched = plan_patches(graph, None, "arena", False, "arena")
+    mem = sched.memory()
+    fused = {conv for conv, _ in sched.fused_adds.values()}
+    step = {n.name: i for i, n in enumerate(graph.nodes)}
+    by_name = {n.name: n for n in graph.nodes}
+    slots = [b for b in mem.plan.buffers if b.name.startswith(SCRATCH_PREFIX)]
+    assert slots and fused
+    for b in slots:
+        node = by_name[b.name[len(SCRATCH_PREFIX):]]
+        (seg,) = b.segments
+        i = step[node.name]
+        assert (seg.first, seg.last) == (i, i + 1 if node.name in fused else i)
+        need = kernel_scratch_bytes(node, graph, node.name in mem.inplace)
+        assert need > 0 and seg.size == -(-need // 16) * 16
+    convs = {n.name for n in graph.nodes if n.op == "conv2d"
+             and kernel_scratch_bytes(n, graph, n.name in mem.inplace)}
+    assert {b.name[len(SCRATCH_PREFIX):] for b in slots} == convs
+
+
+# -- searched plans ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, kws) -> dict[str, tuple[Path, Path]]:
+    """name → (plan, test data). The overlap test model: int8 (default: scratch in the arena),
+    the same with `--scratch separate` (the form of every plan before `schedule.scratch`) and
+    a tight one (4-bit maps and weights: c3 on the packed sub-byte kernel; the caller's I/O
+    buffers); ResNet-8 at int8 (fused residual adds) and KWS at int8 (in-place depthwise)."""
+    root = tmp_path_factory.mktemp("scratch_arena")
+    onnx.save(_overlap_model(), root / "ov.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(root / "calib.npz", x=rng.standard_normal((32, 3, 16, 16)).astype(np.float32))
+    np.savez(root / "test.npz", x=rng.standard_normal((4, 3, 16, 16)).astype(np.float32))
+    np.savez(root / "rcalib.npz", x=rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32))
+    np.savez(root / "rtest.npz", x=rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32))
+    out = {}
+    for name, model, calib, test, opts in (
+            ("int8", "ov.onnx", "calib.npz", "test.npz", ["--strategy", "int8"]),
+            ("separate", "ov.onnx", "calib.npz", "test.npz",
+             ["--strategy", "int8", "--scratch", "separate"]),
+            ("tight", "ov.onnx", "calib.npz", "test.npz",
+             ["--strategy", "exact", "--sram", "5800", "--io", "external", "--weights",
+              "linear:4"]),
+            ("resnet", shared_model("pretrainedResnet.onnx"), "rcalib.npz", "rtest.npz",
+             ["--strategy", "int8"]),
+            ("kws", kws["model"], kws["calib"], kws["test"], ["--strategy", "int8"])):
+        plan = root / f"{name}.plan.json"
+        r = run_mpq("search", model, "--board", "nano33ble", "--patches", "none",
+                    "--data", calib, *opts, "-o", plan, "-q", cwd=root)
+        assert r.returncode == 0, r.stderr
+        out[name] = (plan, root / test)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plans(searched) -> dict[str, Path]:
+    return {name: plan for name, (plan, _) in searched.items()}
+
+
+def _verify(searched, name: str, target: str, samples: int) -> dict:
+    plan, test = searched[name]
+    r = run_mpq("verify", plan, "--data", test, "--target", target,
+                "--samples", str(samples), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_plans_record_the_slots_and_peak_is_the_arena(plans) -> None:
+    """Default plans record each layer's slot (`schedule.scratch`), predict no separate scratch
+    and a peak equal to the arena, below the `--scratch separate` plan's arena + scratch; the
+    tight plan's packed sub-byte conv gets a slot of the packed kernel's size."""
+    p = {k: json.loads(v.read_text()) for k, v in plans.items()}
+    for name in ("int8", "tight", "resnet", "kws"):
+        rec = p[name]["schedule"]["scratch"]
+        assert rec["mode"] == "arena" and rec["steps"], name
+        assert p[name]["predicted"]["scratch_bytes"] == 0
+        assert p[name]["predicted"]["peak_sram_bytes"] == p[name]["predicted"]["arena_bytes"]
+    assert "scratch" not in p["separate"]["schedule"]
+    sep = p["separate"]["predicted"]
+    assert sep["scratch_bytes"] > 0
+    assert p["int8"]["predicted"]["peak_sram_bytes"] < sep["arena_bytes"] + sep["scratch_bytes"]
+    # c3 (3×3×16 at 4-bit input): the slot covers the packed kernel's 32·⌈144/16⌉ = 288 B
+    bits = {t["name"]: t["bits"] for t in p["tight"]["tensors"]}
+    assert bits["mp_output_0"] == 4
+    assert p["tight"]["schedule"]["scratch"]["steps"]["c3"]["bytes"] == 288
+
+
+def test_export_hands_each_kernel_its_arena_slot(plans) -> None:
+    """The generated code passes `mpq_arena + offset` of the plan's slot to each kernel that
+    needs scratch, NULL to the others, and declares no separate scratch array; the
+    `--scratch separate` plan keeps the array."""
+    from mpq.codegen.export import render_export
+
+    plan, _, graph = load_plan_with_model(plans["int8"])
+    code = render_export(plan, graph, "portable")["mpq_model.c"]
+    for slot in plan.schedule["scratch"]["steps"].values():
+        assert f"(void *)(mpq_arena + {slot['offset']})" in code
+    assert "mpq_scratch" not in code and "static int16_t" not in code
+    plan, _, graph = load_plan_with_model(plans["separate"])
+    code = render_export(plan, graph, "portable")["mpq_model.c"]
+    assert "static int16_t mpq_scratch[" in code and "mpq_arena + " in code
+
+
+@pytest.mark.parametrize("name", ["int8", "separate", "tight", "kws"])
+def test_plans_are_byte_exact_on_the_host(searched, name) -> None:
+    result = _verify(searched, name, "host", 2)
+    assert result["mismatches"] == 0 and result["samples"] == 2
+
+
+@needs_arm
+@pytest.mark.parametrize("name", ["int8", "tight", "resnet"])
+def test_plans_are_byte_exact_on_qemu_m4_with_the_predicted_sram(searched, plans,
+                                                                 name) -> None:
+    """Every output byte is the integer reference's, and the model's measured `.data`/`.bss`
+    (the arena, no scratch array) is the plan's predicted peak."""
+    result = _verify(searched, name, "qemu-m4", 1)
+    assert result["mismatches"] == 0 and result["samples"] == 1
+    p = json.loads(plans[name].read_text())["predicted"]
+    assert result["model_sram_bytes"] == p["peak_sram_bytes"] == p["arena_bytes"]
+
+
+def test_cmsis_nn_backend_keeps_its_own_scratch(plans) -> None:
+    """With `--backend cmsis-nn` the CMSIS-NN calls get the separate array sized by their own
+    getters' mirrors, the portable calls keep their arena slots."""
+    from mpq.codegen.export import render_export
+
+    plan, _, graph = load_plan_with_model(plans["int8"])
+    files = render_export(plan, graph, "cmsis-nn")
+    report = json.loads(files["mpq_report.json"])
+    assert any(x["backend"] == "cmsis-nn" for x in report["layers"])
+    assert report["predicted"]["scratch_bytes"] >= report["predicted"]["cmsis_nn_scratch_bytes"]
+    assert "static int16_t mpq_scratch[" in files["mpq_model.c"]
+    portable = {x["name"] for x in report["layers"] if x["backend"] == "portable"}
+    steps = plan.schedule["scratch"]["steps"]
+    for name in portable & set(steps):
+        assert f"(void *)(mpq_arena + {steps[name]['offset']})" in files["mpq_model.c"]
+
+
+# -- tampering ---------------------------------------------------------------------------------
+
+def _refused(plans, tmp_path: Path, edit, cli: bool = False) -> str:
+    data = json.loads(plans["int8"].read_text())
+    edit(data)
+    # beside the plan: it finds its model there
+    path = plans["int8"].parent / f"tampered-{len(list(tmp_path.iterdir()))}.plan.json"
+    (tmp_path / path.name).write_text("")  # counts the edits made so far
+    path.write_text(json.dumps(data))
+    if not cli:
+        with pytest.raises(MpqError) as exc:
+            load_plan_with_model(path)
+        return str(exc.value)
+    r = run_mpq("export", path, "-o", tmp_path / "out")
+    assert r.returncode == 1 and not (tmp_path / "out").exists()
+    assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
+    return r.stderr
+
+
+def test_plan_check_refuses_tampered_scratch(plans, tmp_path: Path) -> None:
+    """A slot moved onto a live tensor, shrunk, moved off alignment or past the arena, a slot
+    missing or added, an unknown mode: one clear error each (the CLI: one line, exit 1, nothing
+    written)."""
+    data = json.loads(plans["int8"].read_text())
+    c1 = data["schedule"]["scratch"]["steps"]["c1"]
+    x_off = next(t["offset"] for t in data["tensors"] if t["name"] == "x")
+
+    def steps(d):
+        return d["schedule"]["scratch"]["steps"]
+
+    err = _refused(plans, tmp_path, lambda d: steps(d)["c1"].update(offset=x_off), cli=True)
+    assert "schedule.scratch.steps.c1.offset" in err and "overlaps" in err
+    err = _refused(plans, tmp_path, lambda d: steps(d)["c1"].update(bytes=c1["bytes"] - 16))
+    assert "schedule.scratch.steps.c1.bytes: must be" in err
+    err = _refused(plans, tmp_path, lambda d: steps(d)["c1"].update(offset=c1["offset"] + 8))
+    assert "must be a multiple of 16" in err
+    err = _refused(plans, tmp_path, lambda d: steps(d)["c1"].update(
+        offset=d["predicted"]["arena_bytes"]))
+    assert "ends past predicted.arena_bytes" in err
+    err = _refused(plans, tmp_path, lambda d: steps(d).pop("c1"))
+    assert "schedule.scratch.steps: must list" in err
+    err = _refused(plans, tmp_path, lambda d: steps(d).update(pw2={"offset": 0, "bytes": 16}))
+    assert "schedule.scratch.steps: must list" in err
+    err = _refused(plans, tmp_path, lambda d: d["schedule"]["scratch"].update(mode="flash"))
+    assert "schedule.scratch.mode" in err
+    # without the record the plan's arena (and its tensors) no longer check out
+    err = _refused(plans, tmp_path, lambda d: d["schedule"].pop("scratch"))
+    assert "predicted." in err
+
+
+def test_old_plans_without_the_record_stay_valid(plans, tmp_path: Path) -> None:
+    """A plan with the separate scratch (no `schedule.scratch`: every plan written before it)
+    loads, checks and exports as before: the kernels share the one scratch array."""
+    plan, _, graph = load_plan_with_model(plans["separate"])
+    assert "scratch" not in plan.schedule
+    r = run_mpq("export", plans["separate"], "-o", tmp_path / "fw")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "fw" / "mpq_report.json").read_text())
+    assert report["predicted"]["scratch_bytes"] > 0
