@@ -875,14 +875,32 @@ static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t
     dst[ko + (uint32_t)o] = (uint8_t)v;
 }
 
+/* Stores the outputs v0 (channel o) and, when `two`, v1 (channel o + 1) of the pixel at
+   element ko of a 4- or 2-bit output: one whole byte when both nibbles of a 4-bit byte are
+   this pair's, else element by element (mpq__st merges the byte's other elements). */
+static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, int32_t o,
+                                     int32_t v0, int32_t v1, int two)
+{
+    const uint32_t k = ko + (uint32_t)o;
+    if (bits == 4 && two && (k & 1u) == 0) {
+        dst[k >> 1] = (uint8_t)(((uint32_t)v0 & 15u) | (((uint32_t)v1 & 15u) << 4));
+        return;
+    }
+    mpq__st(dst, bits, k, v0);
+    if (two) {
+        mpq__st(dst, bits, k + 1u, v1);
+    }
+}
+
 /* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 0]:
    the output pixels in pairs (row-major, a pair may span two rows), each pair against the
    weight rows in pairs (mpq__block22). A 1x1 unit-stride unpadded convolution reads the input
    in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
    the scratch mpq_conv2d_scratch_size asks for), so the quad loop is the same. An odd last
-   pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add. */
+   pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add.
+   `sub`: a 4- or 2-bit output (no add), stored by mpq__put2_sub in the same pair order. */
 static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch,
-                                         const int add)
+                                         const int add, const int sub)
 {
     const mpq_conv_params *p = c->p;
     const mpq_view *in = c->in, *out = c->out;
@@ -938,6 +956,13 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
             mpq__out2_s8(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
             mpq__out2_s8(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
                          &v11);
+            if (sub) {
+                mpq__put2_sub(dst, out->bits, ko0, o, v00, v01, two_ch);
+                if (two_px) {
+                    mpq__put2_sub(dst, out->bits, ko1, o, v10, v11, two_ch);
+                }
+                continue;
+            }
             mpq__put_s8(c, dst, o, v00, ko0, ks0, add);
             if (two_ch) {
                 mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add);
@@ -956,23 +981,29 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
    paths. */
 static MPQ_NOINLINE void mpq__conv_s8(const mpq__conv_ctx *c, int8_t *scratch)
 {
-    mpq__conv_s8_loop(c, scratch, 0);
+    mpq__conv_s8_loop(c, scratch, 0, 0);
 }
 
 static MPQ_NOINLINE void mpq__conv_s8_add(const mpq__conv_ctx *c, int8_t *scratch)
 {
-    mpq__conv_s8_loop(c, scratch, 1);
+    mpq__conv_s8_loop(c, scratch, 1, 0);
 }
 
-/* Does the call take mpq__conv_s8: 8-bit linear weights, inputs and outputs, one group, the
-   32-bit requantisation, and a fused add whose skip is either apart from the output or the
-   very same elements (the pair order then still reads each skip element just before its sum
-   overwrites it)? */
+static MPQ_NOINLINE void mpq__conv_s8_sub(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 0, 1);
+}
+
+/* Does the call take mpq__conv_s8: 8-bit linear weights and inputs, 8-bit outputs (or 4-/2-bit
+   ones without a fused add: mpq__conv_s8_sub), one group, the 32-bit requantisation, and a
+   fused add whose skip is either apart from the output or the very same elements (the pair
+   order then still reads each skip element just before its sum overwrites it)? */
 static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
     if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
-        || c->in->bits != 8 || out->bits != 8 || c->p->groups != 1 || !c->fast) {
+        || c->in->bits != 8 || (out->bits != 8 && c->add != NULL) || c->p->groups != 1
+        || !c->fast) {
         return 0;
     }
     return c->add == NULL || sk->data != out->data
@@ -1045,6 +1076,8 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     if (mpq__conv_s8_ok(&c)) {
         if (add != NULL) {
             mpq__conv_s8_add(&c, (int8_t *)scratch);
+        } else if (out->bits != 8) {
+            mpq__conv_s8_sub(&c, (int8_t *)scratch);
         } else {
             mpq__conv_s8(&c, (int8_t *)scratch);
         }
@@ -1132,4 +1165,67 @@ int mpq_conv2d_add(const mpq_conv_params *p, const mpq_filter *f, const mpq_chan
         return MPQ_ERR_BITS;
     }
     return mpq__conv_run(p, f, q, in, add, skip, out, scratch);
+}
+
+/* -- 8-bit inputs with sub-byte weights: the weights unpacked to int8 once per call --------- */
+
+/* Bytes of int8 weights mpq_conv2d_unpacked unpacks into the front of its scratch (4-byte
+   aligned, so the convolution's own scratch after them stays aligned). */
+static int32_t mpq__unpacked_bytes(const mpq_filter *f)
+{
+    return (f->n * f->h * f->w * f->c + 3) & ~3;
+}
+
+/* Is the call one mpq_conv2d_unpacked takes: 8-bit input, weights below 8 bits, one group. */
+static int mpq__unpacked_check(const mpq_conv_params *p, const mpq_filter *f,
+                               const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__conv_check(p, f, in, out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    return in->bits == 8 && f->bits < 8 && p->groups == 1 ? MPQ_OK : MPQ_ERR_BITS;
+}
+
+int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
+                                         const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__unpacked_check(p, f, in, out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    return mpq__unpacked_bytes(f) + (mpq__conv_direct(p, f, in, out) ? 0 : 2 * f->h * f->w * f->c);
+}
+
+int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                        const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                        int16_t *scratch)
+{
+    const int err = mpq__unpacked_check(p, f, in, out);
+    const uint8_t *codes;
+    int8_t *w8;
+    mpq_filter f8;
+    uint32_t k, nk;
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (q == NULL || q->multiplier == NULL || q->shift == NULL || scratch == NULL
+        || !mpq__act_ok(p->act_min, p->act_max, out->bits)) {
+        return MPQ_ERR_ARG;
+    }
+    /* Every code decodes to its int8 value (mpq__wval: linear, codebook or power of two), so
+       the int8 path's products are the sub-byte filter's, bit for bit. */
+    codes = (const uint8_t *)f->data;
+    w8 = (int8_t *)scratch;
+    nk = (uint32_t)(f->n * f->h * f->w * f->c);
+    for (k = 0; k < nk; ++k) {
+        w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
+    }
+    f8 = *f;
+    f8.data = w8;
+    f8.bits = 8;
+    f8.format = MPQ_WFMT_LINEAR;
+    f8.codebook = NULL;
+    return mpq__conv(p, &f8, q, in, NULL, NULL, out,
+                     (int16_t *)(void *)((uint8_t *)scratch + mpq__unpacked_bytes(f)), NULL);
 }

@@ -2,7 +2,8 @@
  *
  * Plain C99 shipped with mpq (`kernels/` in its source tree); `mpq export` copies the files
  * a plan's kernels need into the export, unchanged. One file per kernel family:
- *   mpq_conv.c             mpq_conv2d, mpq_conv2d_add, mpq_conv2d_scratch_size
+ *   mpq_conv.c             mpq_conv2d, mpq_conv2d_add, mpq_conv2d_scratch_size,
+ *                          mpq_conv2d_unpacked, mpq_conv2d_unpacked_scratch_size
  *   mpq_depthwise.c        mpq_depthwise_inplace, mpq_depthwise_inplace_scratch_size
  *   mpq_fully_connected.c  mpq_fully_connected
  *   mpq_add.c              mpq_add
@@ -361,6 +362,24 @@ typedef struct { const int8_t *table; } mpq_activation_params;
  * be the very same view as `in` (each element is read before it is written); views sharing
  * `data` with different bits are refused (MPQ_ERR_BITS). No scratch. */
 int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq_view *out);
+
+/* -- 8-bit inputs with 4-, 3- or 2-bit weights (mpq_conv.c; issue 15) ---------------------
+ *
+ * mpq_conv2d's arithmetic for a layer whose input is 8-bit and whose weights are sub-byte (any
+ * format; typically a model's first layer): the weights are decoded once per call to int8 at
+ * the front of `scratch`, then the int8 path runs (2 output channels x 2 pixels per SMLAD
+ * block; 4- and 2-bit outputs stored in the same pair order). Same bits as mpq_conv2d, at
+ * int8's speed, for the scratch below. groups = 1 only (MPQ_ERR_BITS otherwise). */
+
+/* Bytes of 4-byte aligned scratch of mpq_conv2d_unpacked: align4(n*KH*KW*Cin) for the int8
+   weights plus mpq_conv2d_scratch_size's for their 8-bit filter (0 or 2*KH*KW*Cin). */
+int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
+                                         const mpq_view *in, const mpq_view *out);
+
+/* mpq_conv2d (8-bit input, weights of fewer than 8 bits, groups = 1) through the int8 path. */
+int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                        const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                        int16_t *scratch);
 
 /* -- packed sub-byte kernels (mpq_packed.c; issue 15 item 2) ----------------------------------
  *

@@ -9,7 +9,9 @@
  * mpq_packed_pack) and through the library's reference kernel (mpq_conv2d /
  * mpq_fully_connected) on identically pre-filled output buffers; every byte must agree. One
  * line per kind and mix: "<kind> a<b>w<b> cases=<n> bad=<mismatching cases> sum=<checksum of
- * the outputs>", the same on every target. Exit code 0 when no case mismatched.
+ * the outputs>", the same on every target. Exit code 0 when no case mismatched. Then the same
+ * for mpq_conv2d_unpacked (8-bit input, 4-, 2- and 3-bit weights of every format, 1x1 and KxK)
+ * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk.
  */
 #include <stdint.h>
 #include <string.h>
@@ -415,6 +417,151 @@ static int fc_case(int32_t abits, int32_t wbits, uint32_t *sum)
     return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
 }
 
+static int16_t scratch_u[4096];
+static int8_t codebook[16];
+
+/* Random codes of n rows of k weights of `wbits` bits in format fmt (CODEBOOK: a random
+   table of int8 entries; POW2 and LINEAR codes: any code the format's decoding takes). */
+static void fill_codes(int32_t wbits, int32_t fmt, int32_t n, int32_t k, int mode)
+{
+    int32_t i;
+    if (fmt == MPQ_WFMT_LINEAR) {
+        fill_weights(wbits, n, k, mode);
+        return;
+    }
+    memset(wts, 0, sizeof wts);
+    for (i = 0; i < 16; ++i) {
+        codebook[i] = (int8_t)(mode == 1 ? -128 : mode == 2 ? 127 : rint_(-128, 127));
+    }
+    for (i = 0; i < n * k; ++i) {
+        const uint32_t u = (uint32_t)rint_(0, (1 << wbits) - 1);
+        const uint32_t bit = (uint32_t)i * (uint32_t)wbits;
+        /* codes of any width, 3-bit ones straddling bytes */
+        wts[bit >> 3] |= (uint8_t)(u << (bit & 7u));
+        if ((bit & 7u) + (uint32_t)wbits > 8u) {
+            wts[(bit >> 3) + 1u] |= (uint8_t)(u >> (8u - (bit & 7u)));
+        }
+    }
+}
+
+/* One random convolution with an 8-bit input and `wbits`-bit weights (kind 0: 1x1, 1: KxK;
+   format LINEAR, CODEBOOK or POW2 at random where the width allows it) through mpq_conv2d and
+   through mpq_conv2d_unpacked; returns 1 when they disagree. */
+static int unpack_case(int kind, int32_t wbits, uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    const int32_t fmt = wbits == 3 ? rint_(1, 2) : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
+    mpq_conv_params p;
+    mpq_filter f;
+    mpq_channel_quant q;
+    mpq_view in, out;
+    int32_t kh, kw, h, w, cin, cout, pb, pr, oh, ow, i, r1, r2, nbytes, in_elems;
+    kh = kind == 0 ? 1 : rint_(1, 3);
+    kw = kind == 0 ? 1 : rint_(1, 3);
+    h = rint_(1, 6);
+    w = rint_(1, 6);
+    cin = rint_(1, kind == 0 ? 40 : 12);
+    cout = rint_(1, 16);
+    memset(&p, 0, sizeof p);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.dilation_h = kind == 0 ? 1 : rint_(1, 2);
+    p.dilation_w = kind == 0 ? 1 : rint_(1, 2);
+    p.pad_top = kind == 0 ? 0 : rint_(0, kh - 1);
+    p.pad_left = kind == 0 ? 0 : rint_(0, kw - 1);
+    pb = kind == 0 ? 0 : rint_(0, kh - 1);
+    pr = kind == 0 ? 0 : rint_(0, kw - 1);
+    oh = (h + p.pad_top + pb - p.dilation_h * (kh - 1) - 1) / p.stride_h + 1;
+    ow = (w + p.pad_left + pr - p.dilation_w * (kw - 1) - 1) / p.stride_w + 1;
+    if (h + p.pad_top + pb - p.dilation_h * (kh - 1) < 1
+        || w + p.pad_left + pr - p.dilation_w * (kw - 1) < 1) {
+        kh = kw = 1;
+        p.dilation_h = p.dilation_w = 1;
+        p.pad_top = p.pad_left = 0;
+        oh = (h - 1) / p.stride_h + 1;
+        ow = (w - 1) / p.stride_w + 1;
+    }
+    p.groups = 1;
+    p.input_zp = value(8, mode);
+    p.output_zp = value(obits, 0);
+    r1 = value(obits, 0);
+    r2 = value(obits, 0);
+    p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
+    in.data = in_buf;
+    in.bits = 8;
+    in.h = h;
+    in.w = w;
+    in.c = cin;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    in_elems = (in.y0 + h) * in.stored_w * cin;
+    out.data = out_ref;
+    out.bits = obits;
+    out.h = oh;
+    out.w = ow;
+    out.c = cout;
+    out.y0 = rint_(0, 1);
+    out.x0 = rint_(0, 1);
+    out.stored_w = out.x0 + ow + rint_(0, 1);
+    nbytes = ((out.y0 + oh) * out.stored_w * cout * obits + 7) / 8;
+    if (in_elems > MAX_IN || nbytes > MAX_OUT || cout * kh * kw * cin * wbits > 8 * MAX_W
+        || kh * kw * cin > MAX_K) {
+        return -1;
+    }
+    for (i = 0; i < in_elems; ++i) {
+        put(in_buf, 8, (uint32_t)i, value(8, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    fill_codes(wbits, fmt, cout, kh * kw * cin, mode);
+    fill_quant(cout);
+    f.data = wts;
+    f.bits = wbits;
+    f.n = cout;
+    f.h = kh;
+    f.w = kw;
+    f.c = cin;
+    f.format = fmt;
+    f.codebook = fmt == MPQ_WFMT_CODEBOOK ? codebook : NULL;
+    q.bias = rint_(0, 7) == 0 ? NULL : bias;
+    q.multiplier = mult;
+    q.shift = shift;
+    for (i = 0; i < nbytes; ++i) {
+        out_ref[i] = out_pk[i] = (uint8_t)rnd();
+    }
+    if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
+        return 1;
+    }
+    out.data = out_pk;
+    if (mpq_conv2d_unpacked_scratch_size(&p, &f, &in, &out) > (int32_t)sizeof scratch_u
+        || mpq_conv2d_unpacked(&p, &f, &q, &in, &out, scratch_u) != MPQ_OK) {
+        return 1;
+    }
+    *sum = checksum(*sum, out_pk, nbytes);
+    return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
+}
+
+static void report_unpack(int kind, int32_t wbits, int32_t cases, int32_t bad, uint32_t sum)
+{
+    char line[96], num[12];
+    line[0] = '\0';
+    append(line, kind == 0 ? "unpack1x1 a8w" : "unpackkxk a8w");
+    fmt_u(num, (uint32_t)wbits);
+    append(line, num);
+    append(line, " cases=");
+    fmt_u(num, (uint32_t)cases);
+    append(line, num);
+    append(line, " bad=");
+    fmt_u(num, (uint32_t)bad);
+    append(line, num);
+    append(line, " sum=");
+    fmt_u(num, sum);
+    append(line, num);
+    append(line, "\n");
+    emit(line);
+}
+
 int main(void)
 {
     static const char *const kinds[4] = {"conv1x1", "convkxk", "fc", "convadd"};
@@ -435,6 +582,23 @@ int main(void)
                 }
             }
             report(kinds[kind], abits, wbits, cases, bad, sum);
+            total_bad += bad;
+        }
+    }
+    /* 8-bit inputs with sub-byte weights: mpq_conv2d_unpacked */
+    for (kind = 0; kind < 2; ++kind) {
+        static const int32_t wbits_u[3] = {4, 2, 3};
+        for (m = 0; m < 3; ++m) {
+            int32_t cases = 0, bad = 0;
+            uint32_t sum = 0;
+            while (cases < CASES) {
+                const int r = unpack_case(kind, wbits_u[m], &sum);
+                if (r >= 0) {
+                    ++cases;
+                    bad += r;
+                }
+            }
+            report_unpack(kind, wbits_u[m], cases, bad, sum);
             total_bad += bad;
         }
     }

@@ -65,6 +65,8 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "packed_conv2d": ("mpq_packed.c", "mpq_support.c"),
     "packed_fully_connected": ("mpq_packed.c", "mpq_support.c"),
     "packed_conv2d_add": ("mpq_packed.c", "mpq_support.c"),
+    # 8-bit inputs with sub-byte weights at int8 speed (issue 15; mpq.codegen.packed)
+    "conv2d_unpacked": ("mpq_conv.c", *_DOT),
 }
 
 
@@ -183,6 +185,7 @@ class _Builder:
         self.overlap = set(plan.schedule.get("overlap", {}))  # written inside their input
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
+        self.unpack_notes: dict[int, dict[str, Any]] = {}  # mpq_conv2d_unpacked: used / why
         self.io = plan_io(plan)
 
     def operand(self, tensor: str) -> Operand:
@@ -324,6 +327,8 @@ class _Builder:
                     entry["reason"] = reason
                 if i in self.packed_notes:  # conv / fully connected: packed, or why not
                     entry["packed"] = self.packed_notes[i]
+                if i in self.unpack_notes:  # 8-bit input, sub-byte weights: unpacked, or why
+                    entry["unpacked"] = self.unpack_notes[i]
                 self.report.append(entry)
 
     def _cmsis_fused(self, node: Node, by_name: dict[str, Node], ins: list[Operand]
@@ -356,8 +361,11 @@ class _Builder:
                 self.weights(i, node)))
         elif node.op == "conv2d":
             inplace = node.name in self.inplace
-            self.scratch = max(self.scratch, self.conv_scratch(node, inplace))
             kernel = "depthwise_inplace" if inplace else "conv2d"
+            need = self._unpacked(i, node, ins)
+            if need:
+                kernel = "conv2d_unpacked"
+            self.scratch = max(self.scratch, need or self.conv_scratch(node, inplace))
             self.layers.append(Layer(i, node.name, kernel, ins, out,
                                      self.conv_params(node), self.weights(i, node)))
         elif node.op == "fully_connected":
@@ -428,6 +436,23 @@ class _Builder:
                                      weight=self.activation_table(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+    def _unpacked(self, i: int, node: Node, ins: list[Operand]) -> int:
+        """The scratch of `mpq_conv2d_unpacked` when a conv2d layer takes it
+        (`packed.unpack_choice`: 8-bit input, sub-byte weights, the unpacked weights within
+        the plan's scratch), else 0; for 8-bit-input sub-byte-weight layers the choice and
+        its reason go into `unpack_notes` (mpq_report.json)."""
+        lq = self.qm.layers[node.name]
+        if ins[0].bits != 8 or lq.weight_bits >= 8:
+            return 0
+        shapes = [self.graph.tensors[t].shape for t in (node.inputs[0], node.outputs[0])]
+        need = packed.unpacked_scratch(node, *shapes)
+        why = packed.unpack_choice(
+            node, ins[0].bits, lq.weight_bits, node.name in self.fused_by_conv,
+            node.name in self.inplace, need,
+            _plan_int(self.plan.predicted.get("scratch_bytes", 0), "predicted.scratch_bytes"))
+        self.unpack_notes[i] = {"used": why is None, **({"reason": why} if why else {})}
+        return need if why is None else 0
 
     def _packed(self, i: int, node: Node, ins: list[Operand], out: Operand) -> bool:
         """Emit the packed sub-byte kernel for a conv2d / fully_connected layer when

@@ -98,3 +98,48 @@ def packed_choice(node: Any, core: str, in_bits: int, weight_bits: int, weight_f
     if weight_format != 0:
         return "non-linear weight format (codebook/pow2 codes are decoded through tables)"
     return None
+
+
+# -- 8-bit inputs with sub-byte weights: mpq_conv2d_unpacked (issue 15) --------------------------
+
+def unpacked_scratch(node: Any, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+    """Bytes of scratch `mpq_conv2d_unpacked` takes (`mpq_conv2d_unpacked_scratch_size`):
+    align4(n·KH·KW·Cin) for the int8 weights plus the int8 path's two im2col columns, 2·K
+    (none for a 1×1 unit-stride unpadded convolution whose output lies within its input,
+    which reads the input in place)."""
+    n, kh, kw, cin = node.weight.shape
+    k = kh * kw * cin
+    a = node.attrs
+    direct = (kh, kw) == (1, 1) and a["strides"] == (1, 1) and not any(a["pads"][:2]) \
+        and out_shape[1] <= in_shape[1] and out_shape[2] <= in_shape[2]
+    return (n * k + 3) // 4 * 4 + (0 if direct else 2 * k)
+
+
+def unpack_eligible(node: Any, in_bits: int, weight_bits: int, fused: bool, inplace: bool
+                    ) -> str | None:
+    """None when a layer's operands suit `mpq_conv2d_unpacked` (a conv2d with groups 1, not
+    fused with its residual add, 8-bit input, weights of 4, 3 or 2 bits in any format), else
+    why not. Whether its scratch is free is `unpack_choice`'s second test."""
+    if node.op != "conv2d" or in_bits != 8 or weight_bits >= 8:
+        return "not an 8-bit-input convolution with sub-byte weights"
+    if inplace or node.attrs["groups"] != 1:
+        return "grouped or depthwise convolution"
+    if fused:
+        return "fused with its residual add (mpq_conv2d_add)"
+    return None
+
+
+def unpack_choice(node: Any, in_bits: int, weight_bits: int, fused: bool, inplace: bool,
+                  need: int, available: int) -> str | None:
+    """None when the export runs this layer through `mpq_conv2d_unpacked` (its sub-byte
+    weights decoded to int8 once per call, then mpq_conv2d's int8 SMLAD path), else why not.
+    The bound on the unpacked weights: their scratch `need` (`unpacked_scratch`) must fit in
+    the scratch the plan already reserves (`available`, its int8 kernel scratch model), so the
+    plan's SRAM figure stays true with no extra byte."""
+    why = unpack_eligible(node, in_bits, weight_bits, fused, inplace)
+    if why is not None:
+        return why
+    if need > available:
+        return (f"unpacked int8 weights need {need:,} B of scratch, more than the plan's "
+                f"{available:,} B")
+    return None
