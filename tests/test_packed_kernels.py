@@ -158,6 +158,29 @@ def test_packed_choice_says_why_not() -> None:
     assert "depthwise" in packed.packed_choice(dw, "cortex-m4", 4, 4, 0, False, False)
 
 
+def test_unpack_choice_says_why_not() -> None:
+    """mpq_conv2d_unpacked takes 8-bit-input convolutions with sub-byte weights whose unpacked
+    weights fit the plan's scratch; mpq_report.json gets the reason otherwise."""
+    w = np.zeros((16, 3, 3, 2), dtype=np.int8)
+    conv = SimpleNamespace(op="conv2d", attrs={"groups": 1, "strides": (1, 1),
+                                               "pads": (1, 1, 1, 1)}, weight=w)
+    need = packed.unpacked_scratch(conv, (1, 8, 8, 2), (1, 8, 8, 16))
+    assert need == 16 * 18 + 2 * 18  # the int8 weights + the int8 path's two columns
+    one = SimpleNamespace(op="conv2d", attrs={"groups": 1, "strides": (1, 1),
+                                              "pads": (0, 0, 0, 0)},
+                          weight=np.zeros((3, 1, 1, 5), dtype=np.int8))
+    assert packed.unpacked_scratch(one, (1, 4, 4, 5), (1, 4, 4, 3)) == 16  # read in place
+    assert packed.unpack_choice(conv, 8, 4, False, False, need, need) is None
+    assert packed.unpack_choice(conv, 8, 3, False, False, need, 4096) is None
+    assert "more than the plan's" in packed.unpack_choice(conv, 8, 2, False, False, need,
+                                                          need - 1)
+    assert "residual add" in packed.unpack_choice(conv, 8, 4, True, False, need, 4096)
+    assert "8-bit-input" in packed.unpack_choice(conv, 4, 4, False, False, need, 4096)
+    assert "8-bit-input" in packed.unpack_choice(conv, 8, 8, False, False, need, 4096)
+    dw = SimpleNamespace(op="conv2d", attrs={"groups": 8})
+    assert "depthwise" in packed.unpack_choice(dw, 8, 4, False, True, need, 4096)
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: int) -> None:
     """An all-`bits` plan on a Cortex-M4 board calls the packed kernels for its conv and fully
@@ -194,6 +217,11 @@ def test_residual_w4a4_plan_exports_packed_conv_add_bit_exact() -> None:
     layers = json.loads(render_export(plan, graph)["mpq_report.json"])["layers"]
     calls = [e["call"] for e in layers]
     assert calls.count("mpq_packed_conv2d_add") == len(plan.schedule["fused_adds"]) >= 1
+    # the first layer (8-bit input, 4-bit weights) runs the int8 path on unpacked weights,
+    # within the plan's scratch
+    assert calls[0] == "mpq_conv2d_unpacked" and layers[0]["unpacked"] == {"used": True}
+    report = json.loads(render_export(plan, graph)["mpq_report.json"])["predicted"]
+    assert report["scratch_bytes"] <= report["plan_scratch_bytes"]
     assert verify(plan, graph, x[:4], "host").mismatches == 0
     if shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
         assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0
