@@ -11,7 +11,9 @@
  * line per kind and mix: "<kind> a<b>w<b> cases=<n> bad=<mismatching cases> sum=<checksum of
  * the outputs>", the same on every target. Exit code 0 when no case mismatched. Then the same
  * for mpq_conv2d_unpacked (8-bit input, 4-, 2- and 3-bit weights of every format, 1x1 and KxK)
- * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk.
+ * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; and 400 4-bit
+ * depthwise layers through mpq_depthwise_inplace's channel-pair path (in place) against
+ * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights).
  */
 #include <stdint.h>
 #include <string.h>
@@ -542,11 +544,131 @@ static int unpack_case(int kind, int32_t wbits, uint32_t *sum)
     return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
 }
 
+static uint8_t dw_buf[MAX_OUT];
+static int8_t dw_scratch[2048];
+
+static int32_t get(const uint8_t *p, int32_t bits, uint32_t k)
+{
+    const uint32_t bit = k * (uint32_t)bits;
+    const uint32_t u = ((uint32_t)p[bit >> 3] >> (bit & 7u)) & ((1u << bits) - 1u);
+    const uint32_t sign = 1u << (bits - 1);
+    return (int32_t)(u ^ sign) - (int32_t)sign;
+}
+
+/* One random 4-bit depthwise layer with an even channel count (mpq_depthwise_inplace's
+   channel-pair path; 3x3 at strides 1 and 2 half the time, else any kernel up to 5x5, any
+   stride and dilation; 8-, 4- or 2-bit weights of every format), run in place and through
+   mpq_conv2d (groups = C, a separate output): every output element must agree, and the input
+   elements the output does not cover keep their values. Returns 1 when they disagree. */
+static int dw_case(uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t wbits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    const int32_t fmt = wbits == 8 ? MPQ_WFMT_LINEAR
+                        : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
+    const int k3 = rint_(0, 1);
+    mpq_conv_params p;
+    mpq_filter f;
+    mpq_channel_quant q;
+    mpq_view in, out, ref;
+    int32_t kh, kw, h, w, c, oh, ow, pb, pr, i, y, x, ch, r1, r2, elems, bad = 0;
+    kh = k3 ? 3 : rint_(1, 5);
+    kw = k3 ? 3 : rint_(1, 5);
+    h = rint_(1, 9);
+    w = rint_(1, 9);
+    c = 2 * rint_(1, 12);
+    memset(&p, 0, sizeof p);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.dilation_h = k3 ? 1 : rint_(1, 2);
+    p.dilation_w = k3 ? 1 : rint_(1, 2);
+    p.pad_top = rint_(0, kh - 1);
+    p.pad_left = rint_(0, kw - 1);
+    pb = rint_(0, kh - 1);
+    pr = rint_(0, kw - 1);
+    if (h + p.pad_top + pb - p.dilation_h * (kh - 1) < 1
+        || w + p.pad_left + pr - p.dilation_w * (kw - 1) < 1) {
+        return -1;
+    }
+    oh = (h + p.pad_top + pb - p.dilation_h * (kh - 1) - 1) / p.stride_h + 1;
+    ow = (w + p.pad_left + pr - p.dilation_w * (kw - 1) - 1) / p.stride_w + 1;
+    if (oh > h || ow > w) {  /* in place: the output inside the input's storage */
+        return -1;
+    }
+    p.groups = c;
+    p.input_zp = value(4, mode);
+    p.output_zp = value(4, 0);
+    r1 = value(4, 0);
+    r2 = value(4, 0);
+    p.act_min = rint_(0, 1) ? -8 : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? 7 : (r1 < r2 ? r2 : r1);
+    in.data = dw_buf;
+    in.bits = 4;
+    in.h = h;
+    in.w = w;
+    in.c = c;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    elems = (in.y0 + h) * in.stored_w * c;
+    if (elems * 4 > 8 * MAX_IN || elems * 4 > 8 * MAX_OUT
+        || (p.pad_top + h + kh) * (p.pad_left + w + kw) * 2 > (int32_t)sizeof dw_scratch) {
+        return -1;
+    }
+    for (i = 0; i < elems; ++i) {
+        put(in_buf, 4, (uint32_t)i, value(4, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    fill_codes(wbits, fmt, c, kh * kw, mode);
+    fill_quant(c);
+    f.data = wts;
+    f.bits = wbits;
+    f.n = c;
+    f.h = kh;
+    f.w = kw;
+    f.c = 1;
+    f.format = fmt;
+    f.codebook = fmt == MPQ_WFMT_CODEBOOK ? codebook : NULL;
+    q.bias = rint_(0, 7) == 0 ? NULL : bias;
+    q.multiplier = mult;
+    q.shift = shift;
+    /* the reference: mpq_conv2d from the input's copy into a separate buffer */
+    ref = in;
+    ref.data = in_buf;
+    out = in;
+    out.data = out_ref;
+    out.h = oh;
+    out.w = ow;
+    for (i = 0; i < MAX_OUT; ++i) {
+        out_ref[i] = (uint8_t)rnd();
+    }
+    if (mpq_conv2d(&p, &f, &q, &ref, &out, scratch16) != MPQ_OK) {
+        return 1;
+    }
+    memcpy(dw_buf, in_buf, (size_t)((elems + 1) / 2));
+    out.data = dw_buf;
+    if (mpq_depthwise_inplace(&p, &f, &q, &in, &out, dw_scratch) != MPQ_OK) {
+        return 1;
+    }
+    for (y = 0; y < in.y0 + h; ++y) {
+        for (x = 0; x < in.stored_w; ++x) {
+            const int covered = y >= in.y0 && y < in.y0 + oh && x >= in.x0 && x < in.x0 + ow;
+            for (ch = 0; ch < c; ++ch) {
+                const uint32_t k = (uint32_t)((y * in.stored_w + x) * c + ch);
+                const int32_t want = covered ? get(out_ref, 4, k) : get(in_buf, 4, k);
+                const int32_t got = get(dw_buf, 4, k);
+                bad |= want != got;
+                *sum = *sum * 31u + (uint32_t)(got & 15);
+            }
+        }
+    }
+    return bad;
+}
+
 static void report_unpack(int kind, int32_t wbits, int32_t cases, int32_t bad, uint32_t sum)
 {
     char line[96], num[12];
     line[0] = '\0';
-    append(line, kind == 0 ? "unpack1x1 a8w" : "unpackkxk a8w");
+    append(line, kind == 0 ? "unpack1x1 a8w" : kind == 1 ? "unpackkxk a8w" : "dwpairs a4o");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -601,6 +723,20 @@ int main(void)
             report_unpack(kind, wbits_u[m], cases, bad, sum);
             total_bad += bad;
         }
+    }
+    /* 4-bit depthwise in place, channel pairs */
+    {
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        while (cases < 2 * CASES) {
+            const int r = dw_case(&sum);
+            if (r >= 0) {
+                ++cases;
+                bad += r;
+            }
+        }
+        report_unpack(2, 4, cases, bad, sum);
+        total_bad += bad;
     }
     return total_bad != 0;
 }
