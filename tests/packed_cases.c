@@ -13,7 +13,9 @@
  * for mpq_conv2d_unpacked (8-bit input, 4-, 2- and 3-bit weights of every format, 1x1 and KxK)
  * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; and 400 4-bit
  * depthwise layers through mpq_depthwise_inplace's channel-pair path (in place) against
- * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights).
+ * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights); and
+ * 200 4-bit average poolings (mpq_avgpool's channel-pair path) against the formula computed
+ * in this file: kind avgpool, mix a4o4 (4-bit input, any output bits).
  */
 #include <stdint.h>
 #include <string.h>
@@ -664,11 +666,111 @@ static int dw_case(uint32_t *sum)
     return bad;
 }
 
+/* One random 4-bit average pooling with an even channel count (mpq_avgpool's channel-pair
+   path; C a multiple of 8 half the time: the DSP's eight-channel words), against the formula
+   computed here element by element: v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt over
+   the in-view taps, clamped. Returns 1 when they disagree. */
+static int pool_case(uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    mpq_pool_params p;
+    mpq_view in, out;
+    int32_t h, w, c, oh, ow, i, y, x, ch, ky, kx, r1, r2, elems, nbytes, bad = 0;
+    h = rint_(1, 9);
+    w = rint_(1, 9);
+    c = rint_(0, 1) ? 8 * rint_(1, 6) : 2 * rint_(1, 12);
+    p.kernel_h = rint_(0, 3) == 0 ? h : rint_(1, 3);
+    p.kernel_w = rint_(0, 3) == 0 ? w : rint_(1, 3);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.pad_top = rint_(0, p.kernel_h - 1);
+    p.pad_left = rint_(0, p.kernel_w - 1);
+    oh = (h + p.pad_top - p.kernel_h) / p.stride_h + 1;
+    ow = (w + p.pad_left - p.kernel_w) / p.stride_w + 1;
+    if (oh < 1 || ow < 1) {
+        return -1;
+    }
+    r1 = value(obits, 0);
+    r2 = value(obits, 0);
+    p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
+    if (p.act_min < -8) {
+        p.act_min = -8;  /* the mean of 4-bit values stays in [-8, 7] */
+    }
+    if (p.act_max > 7) {
+        p.act_max = 7;
+    }
+    if (p.act_max < p.act_min) {
+        p.act_max = p.act_min;
+    }
+    in.data = in_buf;
+    in.bits = 4;
+    in.h = h;
+    in.w = w;
+    in.c = c;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    elems = (in.y0 + h) * in.stored_w * c;
+    out.data = out_pk;
+    out.bits = obits;
+    out.h = oh;
+    out.w = ow;
+    out.c = c;
+    out.y0 = rint_(0, 1);
+    out.x0 = rint_(0, 1);
+    out.stored_w = out.x0 + ow + rint_(0, 1);
+    nbytes = ((out.y0 + oh) * out.stored_w * c * obits + 7) / 8;
+    if (elems * 4 > 8 * MAX_IN || nbytes > MAX_OUT) {
+        return -1;
+    }
+    for (i = 0; i < elems; ++i) {
+        put(in_buf, 4, (uint32_t)i, value(4, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    for (i = 0; i < nbytes; ++i) {
+        out_ref[i] = out_pk[i] = (uint8_t)rnd();
+    }
+    for (y = 0; y < oh; ++y) {
+        for (x = 0; x < ow; ++x) {
+            for (ch = 0; ch < c; ++ch) {
+                int32_t s = 0, cnt = 0, v = 0;
+                for (ky = 0; ky < p.kernel_h; ++ky) {
+                    for (kx = 0; kx < p.kernel_w; ++kx) {
+                        const int32_t iy = y * p.stride_h - p.pad_top + ky;
+                        const int32_t ix = x * p.stride_w - p.pad_left + kx;
+                        if (iy >= 0 && iy < h && ix >= 0 && ix < w) {
+                            s += get(in_buf, 4, (uint32_t)(((in.y0 + iy) * in.stored_w + in.x0
+                                                            + ix) * c + ch));
+                            ++cnt;
+                        }
+                    }
+                }
+                if (cnt > 0) {
+                    v = s > 0 ? (s + cnt / 2) / cnt : (s - cnt / 2) / cnt;
+                }
+                v = v < p.act_min ? p.act_min : v > p.act_max ? p.act_max : v;
+                put(out_ref, obits, (uint32_t)(((out.y0 + y) * out.stored_w + out.x0 + x) * c
+                                               + ch), v);
+            }
+        }
+    }
+    if (mpq_avgpool(&p, &in, &out) != MPQ_OK) {
+        return 1;
+    }
+    *sum = checksum(*sum, out_pk, nbytes);
+    bad = memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
+    return bad;
+}
+
 static void report_unpack(int kind, int32_t wbits, int32_t cases, int32_t bad, uint32_t sum)
 {
     char line[96], num[12];
     line[0] = '\0';
-    append(line, kind == 0 ? "unpack1x1 a8w" : kind == 1 ? "unpackkxk a8w" : "dwpairs a4o");
+    append(line, kind == 0   ? "unpack1x1 a8w"
+                 : kind == 1 ? "unpackkxk a8w"
+                 : kind == 2 ? "dwpairs a4o"
+                             : "avgpool a4o");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -736,6 +838,20 @@ int main(void)
             }
         }
         report_unpack(2, 4, cases, bad, sum);
+        total_bad += bad;
+    }
+    /* 4-bit average pooling, channel pairs */
+    {
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        while (cases < CASES) {
+            const int r = pool_case(&sum);
+            if (r >= 0) {
+                ++cases;
+                bad += r;
+            }
+        }
+        report_unpack(3, 4, cases, bad, sum);
         total_bad += bad;
     }
     return total_bad != 0;

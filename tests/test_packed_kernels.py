@@ -45,11 +45,11 @@ MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
 UNPACK_KINDS = ("unpack1x1", "unpackkxk")
 UNPACK_MIXES = ("a8w4", "a8w2", "a8w3")
 #: and the 4-bit depthwise channel-pair path (mpq_depthwise_inplace) against mpq_conv2d: one
-#: line, "dwpairs a4o4", 400 cases
+#: line, "dwpairs a4o4", 400 cases; 4-bit average pooling: "avgpool a4o4", 200 cases
 #: what the cases call: the packed kernels and the reference ones
 SOURCES = tuple(KERNELS / n for n in ("mpq_packed.c", "mpq_conv.c", "mpq_dot.c",
                                       "mpq_fully_connected.c", "mpq_support.c",
-                                      "mpq_depthwise.c"))
+                                      "mpq_depthwise.c", "mpq_pool.c"))
 LINE = re.compile(r"^(\w+) (a\d[wo]\d) cases=(\d+) bad=(\d+) sum=(\d+)$")
 
 
@@ -59,7 +59,8 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
     assert all(rows), stdout
     got = [r.groups() for r in rows if r]
     assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES] + [
-        (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [("dwpairs", "a4o4")], stdout
+        (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [("dwpairs", "a4o4"),
+                                                                ("avgpool", "a4o4")], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
         assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
@@ -91,7 +92,7 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
-    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 1
+    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 2
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
