@@ -197,7 +197,10 @@ int32_t mpq_depthwise_inplace_scratch_size(const mpq_conv_params *p, const mpq_f
  * input_zp padding), then that channel's outputs are written. An output element of channel ch
  * is stored at an index == ch (mod C), i.e. over input channel ch, which is already saved; so
  * `out` may share storage with `in` when both views start at the same element (same `data`,
- * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1]. */
+ * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1].
+ * 4-bit tensors with an even C and at most 5x5 taps go by channel pairs instead: the pair's
+ * bytes (both nibbles) are saved - the same scratch, a byte per padded pixel - and each output
+ * byte holds both channels' results, written whole over bytes of the same pair. */
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                           int8_t *scratch);
@@ -222,7 +225,9 @@ int mpq_add(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const
  *   v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt   (C truncating division)
  *   Y = clamp(v, act_min, act_max)
  * The sum is kept in a register: no scratch. Input and output share the quantisation (no
- * requantisation); a window with no tap in view gives clamp(0). */
+ * requantisation); a window with no tap in view gives clamp(0). 4-bit inputs with an even C
+ * are summed by channel pairs (both nibbles of each byte; eight channels a word with the DSP,
+ * for windows of at most 256 taps). */
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* Max pooling: Y = clamp(max over the in-view taps, act_min, act_max); a window with no tap
