@@ -236,7 +236,7 @@ static void mpq__dw_pairs4(const mpq_conv_params *p, const mpq_filter *f,
                 for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
                     const int8_t *b = line + sw * ox;
                     int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, ya, yb, v, l, h, l02, l13, h02, h13;
-#define MPQ__DW_PAIR_ROW(OFF, A02, A1, A2, B02, B1, B2)                                               \
+#define MPQ__DW_PAIR_ROW(OFF, A02, A1, A2, B02, B1, B2)                                         \
     v = mpq__word(b + (OFF));                                                                  \
     l = mpq__i32(((uint32_t)v << 4) & 0xF0F0F0F0u);                                            \
     h = mpq__i32((uint32_t)v & 0xF0F0F0F0u);                                                   \
