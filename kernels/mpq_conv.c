@@ -348,6 +348,7 @@ struct mpq__conv_ctx {
     mpq__tquads_fn tquads; /* the tabled loop, or NULL */
     const mpq__wtab *tab;  /* a tabled filter's tables, else NULL */
     int32_t direct, klen, cout_g, z;
+    int32_t cols8; /* mpq__conv's cols8: sub-byte inputs unpacked into int8 columns */
     /* Every channel's requantisation takes mpq__requantize's 32-bit path (mpq__requantize32). */
     int32_t fast;
     int32_t add_fast; /* mpq__add_fast_ok(add) */
@@ -683,12 +684,62 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
 
 /* -- the int8 path: 2 output channels x 2 pixels per inner loop ---------------------------- */
 
+/* dst[i] = X[k + i] for i < n, elements of a packed buffer of 4 or 2 bits as int8 (4-bit runs
+   from a byte boundary: a byte at a time, both nibbles sign-extended). */
+static void mpq__expand_s8(const uint8_t *src, int32_t bits, uint32_t k, int32_t n, int8_t *dst)
+{
+    int32_t i = 0;
+    if (bits == 4 && (k & 1u) == 0) {
+        const uint8_t *s = src + (k >> 1);
+        for (; i + 2 <= n; i += 2, ++s) {
+            const int32_t b = (int32_t)(int8_t)*s;
+            dst[i] = (int8_t)mpq__asr32((int32_t)(int8_t)(uint8_t)((uint32_t)b << 4), 4);
+            dst[i + 1] = (int8_t)mpq__asr32(b, 4);
+        }
+    }
+    for (; i < n; ++i) {
+        dst[i] = (int8_t)mpq__ld(src, bits, k + (uint32_t)i);
+    }
+}
+
+/* mpq__im2col_s8 for 4- and 2-bit inputs (mpq_conv2d_unpacked): the same column, each
+   element unpacked to int8. */
+static void mpq__im2col_sub(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+                            int32_t oy, int32_t ox, int8_t *col)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    const int32_t cg = in->c, kw = f->w, run = f->w * in->c, bits = in->bits;
+    const int32_t ix0 = ox * p->stride_w - p->pad_left;
+    const int whole = p->dilation_w == 1 && ix0 >= 0 && ix0 + kw <= in->w;
+    int8_t *dst = col;
+    int32_t ky, kx;
+    for (ky = 0; ky < f->h; ++ky, dst += run) {
+        const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        if (iy < 0 || iy >= in->h) {
+            memset(dst, (uint8_t)p->input_zp, (size_t)run);
+            continue;
+        }
+        if (whole) {
+            mpq__expand_s8(src, bits, mpq__at(in, iy, ix0), run, dst);
+            continue;
+        }
+        for (kx = 0; kx < kw; ++kx) {
+            const int32_t ix = ix0 + kx * p->dilation_w;
+            if (ix < 0 || ix >= in->w) {
+                memset(dst + kx * cg, (uint8_t)p->input_zp, (size_t)cg);
+            } else {
+                mpq__expand_s8(src, bits, mpq__at(in, iy, ix), cg, dst + kx * cg);
+            }
+        }
+    }
+}
+
 /* The im2col column of output pixel (oy, ox) as raw int8 inputs (groups = 1): col[(ky*KW +
    kx)*C + ci] = X[iy, ix, ci], or input_zp for taps out of view (so x - zp is 0 there, what
    padding contributes). A row of taps wholly in view with unit dilation along W is one
    contiguous run of KW*C bytes of the input (the few-channel first layers: one copy per row
    instead of one per tap). */
-static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+static void mpq__im2col_x8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
                            int32_t oy, int32_t ox, int8_t *col)
 {
     const int8_t *src = (const int8_t *)in->data;
@@ -726,6 +777,17 @@ static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const 
                 memcpy(d, row + ix * cg, (size_t)cg);
             }
         }
+    }
+}
+
+/* The int8 column of output pixel (oy, ox) from an input of any bits. */
+static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+                           int32_t oy, int32_t ox, int8_t *col)
+{
+    if (in->bits != 8) {
+        mpq__im2col_sub(p, f, in, oy, ox, col);
+    } else {
+        mpq__im2col_x8(p, f, in, oy, ox, col);
     }
 }
 
@@ -1002,8 +1064,8 @@ static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
     if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
-        || c->in->bits != 8 || (out->bits != 8 && c->add != NULL) || c->p->groups != 1
-        || !c->fast) {
+        || (c->in->bits != 8 && !c->cols8) || (out->bits != 8 && c->add != NULL)
+        || c->p->groups != 1 || !c->fast) {
         return 0;
     }
     return c->add == NULL || sk->data != out->data
@@ -1017,9 +1079,11 @@ static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
    at a time; the rest through mpq__conv_any. */
 static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
                      const mpq_view *in, const mpq_add_params *add, const mpq_view *skip,
-                     const mpq_view *out, int16_t *scratch, const mpq__wtab *t)
+                     const mpq_view *out, int16_t *scratch, const mpq__wtab *t, int cols8)
 {
-    const int direct = mpq__conv_direct(p, f, in, out);
+    /* cols8 (mpq_conv2d_unpacked): the int8 path on columns unpacked from any input bits,
+       never read in place (the caller has the two columns' scratch) */
+    const int direct = !cols8 && mpq__conv_direct(p, f, in, out);
     const int32_t klen = f->h * f->w * f->c;
     const uint8_t *src = (const uint8_t *)in->data;
     const int depthwise = f->c == 1 && f->n == p->groups && p->groups > 1
@@ -1041,6 +1105,7 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     c.skip = skip;
     c.add = add;
     c.direct = direct;
+    c.cols8 = cols8;
     c.quads = NULL;
     c.tquads = NULL;
     c.tab = t;
@@ -1112,7 +1177,7 @@ static MPQ_NOINLINE int mpq__conv_tab(const mpq_conv_params *p, const mpq_filter
 {
     mpq__wtab tab;
     mpq__wtab_build(f, &tab);
-    return mpq__conv(p, f, q, in, add, skip, out, scratch, &tab);
+    return mpq__conv(p, f, q, in, add, skip, out, scratch, &tab, 0);
 }
 
 /* mpq__conv, through mpq__conv_tab for a tabled filter. */
@@ -1124,7 +1189,7 @@ static int mpq__conv_run(const mpq_conv_params *p, const mpq_filter *f,
     if (mpq__tabled(f)) {
         return mpq__conv_tab(p, f, q, in, add, skip, out, scratch);
     }
-    return mpq__conv(p, f, q, in, add, skip, out, scratch, NULL);
+    return mpq__conv(p, f, q, in, add, skip, out, scratch, NULL, 0);
 }
 
 int mpq_conv2d(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
@@ -1167,16 +1232,22 @@ int mpq_conv2d_add(const mpq_conv_params *p, const mpq_filter *f, const mpq_chan
     return mpq__conv_run(p, f, q, in, add, skip, out, scratch);
 }
 
-/* -- 8-bit inputs with sub-byte weights: the weights unpacked to int8 once per call --------- */
+/* -- sub-byte operands unpacked to int8: mpq_conv2d_unpacked ---------------------------------- */
 
-/* Bytes of int8 weights mpq_conv2d_unpacked unpacks into the front of its scratch (4-byte
-   aligned, so the convolution's own scratch after them stays aligned). */
-static int32_t mpq__unpacked_bytes(const mpq_filter *f)
+/* Does the filter need decoding to int8 (anything but 8-bit linear weights)? */
+static int mpq__needs_decode(const mpq_filter *f)
 {
-    return (f->n * f->h * f->w * f->c + 3) & ~3;
+    return f->bits != 8 || f->format != MPQ_WFMT_LINEAR;
 }
 
-/* Is the call one mpq_conv2d_unpacked takes: 8-bit input, weights below 8 bits, one group. */
+/* Bytes of int8 weights mpq_conv2d_unpacked unpacks into the front of its scratch (4-byte
+   aligned, so the columns after them stay aligned); 0 for 8-bit linear weights. */
+static int32_t mpq__unpacked_bytes(const mpq_filter *f)
+{
+    return mpq__needs_decode(f) ? (f->n * f->h * f->w * f->c + 3) & ~3 : 0;
+}
+
+/* Is the call one mpq_conv2d_unpacked takes: one group and a sub-byte (or tabled) operand. */
 static int mpq__unpacked_check(const mpq_conv_params *p, const mpq_filter *f,
                                const mpq_view *in, const mpq_view *out)
 {
@@ -1184,17 +1255,19 @@ static int mpq__unpacked_check(const mpq_conv_params *p, const mpq_filter *f,
     if (err != MPQ_OK) {
         return err;
     }
-    return in->bits == 8 && f->bits < 8 && p->groups == 1 ? MPQ_OK : MPQ_ERR_BITS;
+    return p->groups == 1 && (in->bits != 8 || mpq__needs_decode(f)) ? MPQ_OK : MPQ_ERR_BITS;
 }
 
 int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
                                          const mpq_view *in, const mpq_view *out)
 {
     const int err = mpq__unpacked_check(p, f, in, out);
+    const int cols = in != NULL && in->bits != 8;
     if (err != MPQ_OK) {
         return err;
     }
-    return mpq__unpacked_bytes(f) + (mpq__conv_direct(p, f, in, out) ? 0 : 2 * f->h * f->w * f->c);
+    return mpq__unpacked_bytes(f)
+           + (!cols && mpq__conv_direct(p, f, in, out) ? 0 : 2 * f->h * f->w * f->c);
 }
 
 int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
@@ -1206,6 +1279,7 @@ int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
     int8_t *w8;
     mpq_filter f8;
     uint32_t k, nk;
+    int32_t wbytes;
     if (err != MPQ_OK) {
         return err;
     }
@@ -1213,19 +1287,22 @@ int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
         || !mpq__act_ok(p->act_min, p->act_max, out->bits)) {
         return MPQ_ERR_ARG;
     }
-    /* Every code decodes to its int8 value (mpq__wval: linear, codebook or power of two), so
-       the int8 path's products are the sub-byte filter's, bit for bit. */
-    codes = (const uint8_t *)f->data;
-    w8 = (int8_t *)scratch;
-    nk = (uint32_t)(f->n * f->h * f->w * f->c);
-    for (k = 0; k < nk; ++k) {
-        w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
-    }
     f8 = *f;
-    f8.data = w8;
-    f8.bits = 8;
-    f8.format = MPQ_WFMT_LINEAR;
-    f8.codebook = NULL;
+    wbytes = mpq__unpacked_bytes(f);
+    if (wbytes > 0) {
+        /* Every code decodes to its int8 value (mpq__wval: linear, codebook or power of two),
+           so the int8 path's products are the filter's, bit for bit. */
+        codes = (const uint8_t *)f->data;
+        w8 = (int8_t *)scratch;
+        nk = (uint32_t)(f->n * f->h * f->w * f->c);
+        for (k = 0; k < nk; ++k) {
+            w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
+        }
+        f8.data = w8;
+        f8.bits = 8;
+        f8.format = MPQ_WFMT_LINEAR;
+        f8.codebook = NULL;
+    }
     return mpq__conv(p, &f8, q, in, NULL, NULL, out,
-                     (int16_t *)(void *)((uint8_t *)scratch + mpq__unpacked_bytes(f)), NULL);
+                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
 }

@@ -368,20 +368,23 @@ typedef struct { const int8_t *table; } mpq_activation_params;
  * `data` with different bits are refused (MPQ_ERR_BITS). No scratch. */
 int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq_view *out);
 
-/* -- 8-bit inputs with 4-, 3- or 2-bit weights (mpq_conv.c; issue 15) ---------------------
+/* -- sub-byte operands unpacked to int8 (mpq_conv.c; issue 15) ------------------------------
  *
- * mpq_conv2d's arithmetic for a layer whose input is 8-bit and whose weights are sub-byte (any
- * format; typically a model's first layer): the weights are decoded once per call to int8 at
- * the front of `scratch`, then the int8 path runs (2 output channels x 2 pixels per SMLAD
- * block; 4- and 2-bit outputs stored in the same pair order). Same bits as mpq_conv2d, at
- * int8's speed, for the scratch below. groups = 1 only (MPQ_ERR_BITS otherwise). */
+ * mpq_conv2d's arithmetic (groups = 1) through its int8 path (2 output channels x 2 pixels per
+ * SMLAD block) for layers whose weights are sub-byte or tabled (any format; typically a
+ * model's 8-bit-input first layer) and/or whose input is 4- or 2-bit: the weights are decoded
+ * once per call to int8 at the front of `scratch`, and a sub-byte input is unpacked into the
+ * int8 path's two im2col columns (also for 1x1 layers, which mpq_conv2d reads in place).
+ * Outputs of any bits, stored in the same pair order. Same bits as mpq_conv2d, for the scratch
+ * below. MPQ_ERR_BITS for groups > 1 or 8-bit input with 8-bit linear weights. */
 
 /* Bytes of 4-byte aligned scratch of mpq_conv2d_unpacked: align4(n*KH*KW*Cin) for the int8
-   weights plus mpq_conv2d_scratch_size's for their 8-bit filter (0 or 2*KH*KW*Cin). */
+   weights (0 for 8-bit linear ones) plus 2*KH*KW*Cin for the columns (0 for an 8-bit input
+   that mpq_conv2d reads in place). */
 int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
                                          const mpq_view *in, const mpq_view *out);
 
-/* mpq_conv2d (8-bit input, weights of fewer than 8 bits, groups = 1) through the int8 path. */
+/* mpq_conv2d (groups = 1) through the int8 path on unpacked operands. */
 int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
                         const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                         int16_t *scratch);

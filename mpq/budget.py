@@ -296,9 +296,10 @@ def packed_layers(graph: Any, core: str, shape: CodeShape | None,
 def unpacked_layers(graph: Any, shape: CodeShape | None, in_bits: Any,
                     weights: Any) -> frozenset[str]:
     """The layer-based conv2d nodes whose operands suit `mpq_conv2d_unpacked`
-    (`codegen.packed.unpack_eligible`: 8-bit input, sub-byte weights, groups 1, not fused):
-    a superset of those an export runs through it (it also needs the unpacked weights to fit
-    the plan's scratch), so the code counted for them is a bound."""
+    (`codegen.packed.unpack_eligible`: a sub-byte input or non-int8 weights, groups 1, not
+    fused): a superset of those an export runs through it (it also needs the unpacked operands
+    to fit the plan's scratch, and the packed kernels go first), so the code counted for them
+    is a bound. `weights(node) -> (bits, linear?)`."""
     from mpq.codegen.packed import unpack_eligible
 
     _, fused_convs, inplace, skip = _conv_sets(graph, shape)
@@ -306,7 +307,7 @@ def unpacked_layers(graph: Any, shape: CodeShape | None, in_bits: Any,
         n.name for n in graph.nodes
         if n.op == "conv2d" and n.weight is not None and n.name not in skip
         and unpack_eligible(n, in_bits(n.inputs[0]), weights(n)[0], n.name in fused_convs,
-                            n.name in inplace) is None)
+                            n.name in inplace, weights(n)[1]) is None)
 
 
 def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int:

@@ -10,7 +10,8 @@
  * mpq_fully_connected) on identically pre-filled output buffers; every byte must agree. One
  * line per kind and mix: "<kind> a<b>w<b> cases=<n> bad=<mismatching cases> sum=<checksum of
  * the outputs>", the same on every target. Exit code 0 when no case mismatched. Then the same
- * for mpq_conv2d_unpacked (8-bit input, 4-, 2- and 3-bit weights of every format, 1x1 and KxK)
+ * for mpq_conv2d_unpacked (8-bit input with 4-, 2- and 3-bit weights of every format, 4- and
+ * 2-bit input with 8-bit weights, 4-bit input with 3-bit weights; 1x1 and KxK)
  * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; and 400 4-bit
  * depthwise layers through mpq_depthwise_inplace's channel-pair path (in place) against
  * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights); and
@@ -448,14 +449,16 @@ static void fill_codes(int32_t wbits, int32_t fmt, int32_t n, int32_t k, int mod
     }
 }
 
-/* One random convolution with an 8-bit input and `wbits`-bit weights (kind 0: 1x1, 1: KxK;
-   format LINEAR, CODEBOOK or POW2 at random where the width allows it) through mpq_conv2d and
-   through mpq_conv2d_unpacked; returns 1 when they disagree. */
-static int unpack_case(int kind, int32_t wbits, uint32_t *sum)
+/* One random convolution with an `abits`-bit input and `wbits`-bit weights (kind 0: 1x1, 1:
+   KxK; sub-byte weights LINEAR, CODEBOOK or POW2 at random where the width allows it) through
+   mpq_conv2d and through mpq_conv2d_unpacked; returns 1 when they disagree. */
+static int unpack_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
 {
     const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
     const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
-    const int32_t fmt = wbits == 3 ? rint_(1, 2) : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
+    const int32_t fmt = wbits == 8   ? MPQ_WFMT_LINEAR
+                        : wbits == 3 ? rint_(1, 2)
+                        : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
     mpq_conv_params p;
     mpq_filter f;
     mpq_channel_quant q;
@@ -487,14 +490,14 @@ static int unpack_case(int kind, int32_t wbits, uint32_t *sum)
         ow = (w - 1) / p.stride_w + 1;
     }
     p.groups = 1;
-    p.input_zp = value(8, mode);
+    p.input_zp = value(abits, mode);
     p.output_zp = value(obits, 0);
     r1 = value(obits, 0);
     r2 = value(obits, 0);
     p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
     p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
     in.data = in_buf;
-    in.bits = 8;
+    in.bits = abits;
     in.h = h;
     in.w = w;
     in.c = cin;
@@ -511,12 +514,12 @@ static int unpack_case(int kind, int32_t wbits, uint32_t *sum)
     out.x0 = rint_(0, 1);
     out.stored_w = out.x0 + ow + rint_(0, 1);
     nbytes = ((out.y0 + oh) * out.stored_w * cout * obits + 7) / 8;
-    if (in_elems > MAX_IN || nbytes > MAX_OUT || cout * kh * kw * cin * wbits > 8 * MAX_W
-        || kh * kw * cin > MAX_K) {
+    if (in_elems * abits > 8 * MAX_IN || nbytes > MAX_OUT
+        || cout * kh * kw * cin * wbits > 8 * MAX_W || kh * kw * cin > MAX_K) {
         return -1;
     }
     for (i = 0; i < in_elems; ++i) {
-        put(in_buf, 8, (uint32_t)i, value(8, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+        put(in_buf, abits, (uint32_t)i, value(abits, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
     }
     fill_codes(wbits, fmt, cout, kh * kw * cin, mode);
     fill_quant(cout);
@@ -763,14 +766,18 @@ static int pool_case(uint32_t *sum)
     return bad;
 }
 
-static void report_unpack(int kind, int32_t wbits, int32_t cases, int32_t bad, uint32_t sum)
+static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases, int32_t bad,
+                          uint32_t sum)
 {
     char line[96], num[12];
     line[0] = '\0';
-    append(line, kind == 0   ? "unpack1x1 a8w"
-                 : kind == 1 ? "unpackkxk a8w"
-                 : kind == 2 ? "dwpairs a4o"
-                             : "avgpool a4o");
+    append(line, kind == 0   ? "unpack1x1 a"
+                 : kind == 1 ? "unpackkxk a"
+                 : kind == 2 ? "dwpairs a"
+                             : "avgpool a");
+    fmt_u(num, (uint32_t)abits);
+    append(line, num);
+    append(line, kind < 2 ? "w" : "o");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -811,18 +818,18 @@ int main(void)
     }
     /* 8-bit inputs with sub-byte weights: mpq_conv2d_unpacked */
     for (kind = 0; kind < 2; ++kind) {
-        static const int32_t wbits_u[3] = {4, 2, 3};
-        for (m = 0; m < 3; ++m) {
+        static const int32_t mix_u[6][2] = {{8, 4}, {8, 2}, {8, 3}, {4, 8}, {2, 8}, {4, 3}};
+        for (m = 0; m < 6; ++m) {
             int32_t cases = 0, bad = 0;
             uint32_t sum = 0;
             while (cases < CASES) {
-                const int r = unpack_case(kind, wbits_u[m], &sum);
+                const int r = unpack_case(kind, mix_u[m][0], mix_u[m][1], &sum);
                 if (r >= 0) {
                     ++cases;
                     bad += r;
                 }
             }
-            report_unpack(kind, wbits_u[m], cases, bad, sum);
+            report_unpack(kind, mix_u[m][0], mix_u[m][1], cases, bad, sum);
             total_bad += bad;
         }
     }
@@ -837,7 +844,7 @@ int main(void)
                 bad += r;
             }
         }
-        report_unpack(2, 4, cases, bad, sum);
+        report_unpack(2, 4, 4, cases, bad, sum);
         total_bad += bad;
     }
     /* 4-bit average pooling, channel pairs */
@@ -851,7 +858,7 @@ int main(void)
                 bad += r;
             }
         }
-        report_unpack(3, 4, cases, bad, sum);
+        report_unpack(3, 4, 4, cases, bad, sum);
         total_bad += bad;
     }
     return total_bad != 0;

@@ -41,9 +41,9 @@ FLAGS = ("-std=c99", "-O0", "-Wall", "-Wextra", "-Werror")  # -O0: compiles fast
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 KINDS = ("conv1x1", "convkxk", "fc", "convadd")
 MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
-#: mpq_conv2d_unpacked (8-bit input, sub-byte weights of every format) against mpq_conv2d
+#: mpq_conv2d_unpacked (sub-byte weights of every format, sub-byte inputs) against mpq_conv2d
 UNPACK_KINDS = ("unpack1x1", "unpackkxk")
-UNPACK_MIXES = ("a8w4", "a8w2", "a8w3")
+UNPACK_MIXES = ("a8w4", "a8w2", "a8w3", "a4w8", "a2w8", "a4w3")
 #: and the 4-bit depthwise channel-pair path (mpq_depthwise_inplace) against mpq_conv2d: one
 #: line, "dwpairs a4o4", 400 cases; 4-bit average pooling: "avgpool a4o4", 200 cases
 #: what the cases call: the packed kernels and the reference ones
@@ -179,8 +179,13 @@ def test_unpack_choice_says_why_not() -> None:
     assert "more than the plan's" in packed.unpack_choice(conv, 8, 2, False, False, need,
                                                           need - 1)
     assert "residual add" in packed.unpack_choice(conv, 8, 4, True, False, need, 4096)
-    assert "8-bit-input" in packed.unpack_choice(conv, 4, 4, False, False, need, 4096)
-    assert "8-bit-input" in packed.unpack_choice(conv, 8, 8, False, False, need, 4096)
+    # sub-byte inputs are unpacked into the int8 columns, also for a 1x1 layer
+    assert packed.unpack_choice(conv, 4, 8, False, False, 36, 36) is None
+    assert packed.unpacked_scratch(one, (1, 4, 4, 5), (1, 4, 4, 3), 4, 8) == 10
+    assert packed.unpacked_scratch(conv, (1, 8, 8, 2), (1, 8, 8, 16), 2, 8) == 36
+    assert "8-bit input and 8-bit linear" in packed.unpack_choice(conv, 8, 8, False, False,
+                                                                  need, 4096)
+    assert packed.unpack_choice(conv, 8, 8, False, False, need, 4096, linear=False) is None
     dw = SimpleNamespace(op="conv2d", attrs={"groups": 8})
     assert "depthwise" in packed.unpack_choice(dw, 8, 4, False, True, need, 4096)
 

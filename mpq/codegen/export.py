@@ -65,7 +65,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "packed_conv2d": ("mpq_packed.c", "mpq_support.c"),
     "packed_fully_connected": ("mpq_packed.c", "mpq_support.c"),
     "packed_conv2d_add": ("mpq_packed.c", "mpq_support.c"),
-    # 8-bit inputs with sub-byte weights at int8 speed (issue 15; mpq.codegen.packed)
+    # sub-byte operands unpacked to int8 at int8 speed (issue 15; mpq.codegen.packed)
     "conv2d_unpacked": ("mpq_conv.c", *_DOT),
 }
 
@@ -327,7 +327,7 @@ class _Builder:
                     entry["reason"] = reason
                 if i in self.packed_notes:  # conv / fully connected: packed, or why not
                     entry["packed"] = self.packed_notes[i]
-                if i in self.unpack_notes:  # 8-bit input, sub-byte weights: unpacked, or why
+                if i in self.unpack_notes:  # sub-byte operands: unpacked to int8, or why not
                     entry["unpacked"] = self.unpack_notes[i]
                 self.report.append(entry)
 
@@ -439,18 +439,20 @@ class _Builder:
 
     def _unpacked(self, i: int, node: Node, ins: list[Operand]) -> int:
         """The scratch of `mpq_conv2d_unpacked` when a conv2d layer takes it
-        (`packed.unpack_choice`: 8-bit input, sub-byte weights, the unpacked weights within
-        the plan's scratch), else 0; for 8-bit-input sub-byte-weight layers the choice and
-        its reason go into `unpack_notes` (mpq_report.json)."""
+        (`packed.unpack_choice`: a sub-byte input or non-int8 weights, the unpacked operands
+        within the plan's scratch), else 0; for such layers the choice and its reason go into
+        `unpack_notes` (mpq_report.json)."""
         lq = self.qm.layers[node.name]
-        if ins[0].bits != 8 or lq.weight_bits >= 8:
+        linear = weights.storage(lq.weight_scheme, lq.weight_bits)[0] == 0
+        if ins[0].bits == 8 and lq.weight_bits == 8 and linear:
             return 0
         shapes = [self.graph.tensors[t].shape for t in (node.inputs[0], node.outputs[0])]
-        need = packed.unpacked_scratch(node, *shapes)
+        need = packed.unpacked_scratch(node, *shapes, ins[0].bits, lq.weight_bits, linear)
         why = packed.unpack_choice(
             node, ins[0].bits, lq.weight_bits, node.name in self.fused_by_conv,
             node.name in self.inplace, need,
-            _plan_int(self.plan.predicted.get("scratch_bytes", 0), "predicted.scratch_bytes"))
+            _plan_int(self.plan.predicted.get("scratch_bytes", 0), "predicted.scratch_bytes"),
+            linear)
         self.unpack_notes[i] = {"used": why is None, **({"reason": why} if why else {})}
         return need if why is None else 0
 

@@ -665,10 +665,10 @@ def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
     linear weights on a core with SMLAD, the packed kernels' code and row padding for every
     layer that could take them (at 4 bits, their largest) — what the plan may end up using."""
     cpu = board_cpu(board)
-    # 8-bit-input layers may take sub-byte weights (mpq_conv2d_unpacked; the model's input
-    # is always 8-bit, other tensors when 8 is among the bits)
-    unpackable = unpacked_layers(graph, None, lambda t: 8, lambda n: (4, True)) \
-        if min(opts.weight_bits) < 8 else frozenset()
+    # any regular conv may get a sub-byte operand (mpq_conv2d_unpacked)
+    unpackable = unpacked_layers(graph, None, lambda t: 4, lambda n: (4, True)) \
+        if min(opts.weight_bits) < 8 or min(opts.bits) < 8 \
+        or opts.weight_scheme not in (None, "linear") else frozenset()
     sub_byte = min(opts.bits) <= 4 and min(opts.weight_bits) <= 4 \
         and opts.weight_scheme in (None, "linear")
     if not sub_byte:
@@ -1076,8 +1076,11 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "flash_bytes": flash,
         "code_bytes_estimate": code_bytes_estimate(
             graph, board_cpu(board), shape, packed,
-            unpacked=unpacked_layers(graph, shape, lambda t: qm.acts[t].bits,
-                                     lambda n: (qm.layers[n.name].weight_bits, True)))
+            unpacked=unpacked_layers(
+                graph, shape, lambda t: qm.acts[t].bits,
+                lambda n: (qm.layers[n.name].weight_bits,
+                           storage(qm.layers[n.name].weight_scheme,
+                                   qm.layers[n.name].weight_bits)[0] == 0)))
         + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
