@@ -926,15 +926,20 @@ static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t s
     *vb = mpq__clamp_add(rb, zp, lo, hi);
 }
 
-/* Stores v as byte ko + o, after the fused add of skip element ks + o when `add`. */
+/* Stores v as element ko + o (a byte; with `sub` merged into a 4- or 2-bit output's byte),
+   after the fused add of skip element ks + o when `add`. */
 static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t o, int32_t v,
-                                   uint32_t ko, uint32_t ks, const int add)
+                                   uint32_t ko, uint32_t ks, const int add, const int sub)
 {
     if (add) {
         v = mpq__emit_add(c->add, c->add_fast, (const uint8_t *)c->skip->data, c->skip->bits,
                           ks + (uint32_t)o, v);
     }
-    dst[ko + (uint32_t)o] = (uint8_t)v;
+    if (sub) {
+        mpq__st(dst, c->out->bits, ko + (uint32_t)o, v);
+    } else {
+        dst[ko + (uint32_t)o] = (uint8_t)v;
+    }
 }
 
 /* Stores the outputs v0 (channel o) and, when `two`, v1 (channel o + 1) of the pixel at
@@ -960,7 +965,8 @@ static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, in
    in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
    the scratch mpq_conv2d_scratch_size asks for), so the quad loop is the same. An odd last
    pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add.
-   `sub`: a 4- or 2-bit output (no add), stored by mpq__put2_sub in the same pair order. */
+   `sub`: a 4- or 2-bit output, stored in the same pair order (mpq__put2_sub; element by element
+   after a fused add). */
 static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch,
                                          const int add, const int sub)
 {
@@ -1018,21 +1024,21 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
             mpq__out2_s8(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
             mpq__out2_s8(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
                          &v11);
-            if (sub) {
+            if (sub && !add) {
                 mpq__put2_sub(dst, out->bits, ko0, o, v00, v01, two_ch);
                 if (two_px) {
                     mpq__put2_sub(dst, out->bits, ko1, o, v10, v11, two_ch);
                 }
                 continue;
             }
-            mpq__put_s8(c, dst, o, v00, ko0, ks0, add);
+            mpq__put_s8(c, dst, o, v00, ko0, ks0, add, sub);
             if (two_ch) {
-                mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add);
+                mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add, sub);
             }
             if (two_px) {
-                mpq__put_s8(c, dst, o, v10, ko1, ks1, add);
+                mpq__put_s8(c, dst, o, v10, ko1, ks1, add, sub);
                 if (two_ch) {
-                    mpq__put_s8(c, dst, o + 1, v11, ko1, ks1, add);
+                    mpq__put_s8(c, dst, o + 1, v11, ko1, ks1, add, sub);
                 }
             }
         }
@@ -1056,16 +1062,22 @@ static MPQ_NOINLINE void mpq__conv_s8_sub(const mpq__conv_ctx *c, int8_t *scratc
     mpq__conv_s8_loop(c, scratch, 0, 1);
 }
 
-/* Does the call take mpq__conv_s8: 8-bit linear weights and inputs, 8-bit outputs (or 4-/2-bit
-   ones without a fused add: mpq__conv_s8_sub), one group, the 32-bit requantisation, and a
-   fused add whose skip is either apart from the output or the very same elements (the pair
-   order then still reads each skip element just before its sum overwrites it)? */
+static MPQ_NOINLINE void mpq__conv_s8_add_sub(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 1, 1);
+}
+
+/* Does the call take mpq__conv_s8: 8-bit linear weights and inputs (or int8 columns, cols8),
+   outputs of any bits (4-/2-bit ones merged element by element: mpq__conv_s8_sub and
+   mpq__conv_s8_add_sub), one group, the 32-bit requantisation, and a fused add whose skip is
+   either apart from the output or the very same elements (the pair order then still reads each
+   skip element just before its sum overwrites it; a sub-byte store keeps the byte's other
+   elements)? */
 static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
     if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
-        || (c->in->bits != 8 && !c->cols8) || (out->bits != 8 && c->add != NULL)
-        || c->p->groups != 1 || !c->fast) {
+        || (c->in->bits != 8 && !c->cols8) || c->p->groups != 1 || !c->fast) {
         return 0;
     }
     return c->add == NULL || sk->data != out->data
@@ -1139,7 +1151,9 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
         return MPQ_OK;
     }
     if (mpq__conv_s8_ok(&c)) {
-        if (add != NULL) {
+        if (add != NULL && out->bits != 8) {
+            mpq__conv_s8_add_sub(&c, (int8_t *)scratch);
+        } else if (add != NULL) {
             mpq__conv_s8_add(&c, (int8_t *)scratch);
         } else if (out->bits != 8) {
             mpq__conv_s8_sub(&c, (int8_t *)scratch);
@@ -1304,5 +1318,50 @@ int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
         f8.codebook = NULL;
     }
     return mpq__conv(p, &f8, q, in, NULL, NULL, out,
+                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
+}
+
+int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                            const mpq_channel_quant *q, const mpq_view *in,
+                            const mpq_add_params *add, const mpq_view *skip,
+                            const mpq_view *out, int16_t *scratch)
+{
+    int err = mpq__unpacked_check(p, f, in, out);
+    const uint8_t *codes;
+    int8_t *w8;
+    mpq_filter f8;
+    uint32_t k, nk;
+    int32_t wbytes;
+    if (err != MPQ_OK || (err = mpq__view_check(skip)) != MPQ_OK) {
+        return err;
+    }
+    /* mpq_conv2d_add's argument rules */
+    if (q == NULL || q->multiplier == NULL || q->shift == NULL || add == NULL || scratch == NULL
+        || !mpq__act_ok(p->act_min, p->act_max, 8)
+        || !mpq__act_ok(add->act_min, add->act_max, out->bits)
+        || !mpq__in_range(add->a_zp, skip->bits) || !mpq__in_range(add->b_zp, 8)
+        || add->left_shift < 0 || add->left_shift > 31
+        || skip->h != out->h || skip->w != out->w || skip->c != out->c
+        || skip->data == in->data) {
+        return MPQ_ERR_ARG;
+    }
+    if (!mpq__alias_ok(skip, out)) {
+        return MPQ_ERR_BITS;
+    }
+    f8 = *f;
+    wbytes = mpq__unpacked_bytes(f);
+    if (wbytes > 0) {
+        codes = (const uint8_t *)f->data;
+        w8 = (int8_t *)scratch;
+        nk = (uint32_t)(f->n * f->h * f->w * f->c);
+        for (k = 0; k < nk; ++k) {
+            w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
+        }
+        f8.data = w8;
+        f8.bits = 8;
+        f8.format = MPQ_WFMT_LINEAR;
+        f8.codebook = NULL;
+    }
+    return mpq__conv(p, &f8, q, in, add, skip, out,
                      (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
 }

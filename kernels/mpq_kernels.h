@@ -3,7 +3,8 @@
  * Plain C99 shipped with mpq (`kernels/` in its source tree); `mpq export` copies the files
  * a plan's kernels need into the export, unchanged. One file per kernel family:
  *   mpq_conv.c             mpq_conv2d, mpq_conv2d_add, mpq_conv2d_scratch_size,
- *                          mpq_conv2d_unpacked, mpq_conv2d_unpacked_scratch_size
+ *                          mpq_conv2d_unpacked, mpq_conv2d_add_unpacked,
+ *                          mpq_conv2d_unpacked_scratch_size
  *   mpq_depthwise.c        mpq_depthwise_inplace, mpq_depthwise_inplace_scratch_size
  *   mpq_fully_connected.c  mpq_fully_connected
  *   mpq_add.c              mpq_add
@@ -388,6 +389,13 @@ int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_fil
 int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
                         const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                         int16_t *scratch);
+
+/* mpq_conv2d_add (the same arguments, views and aliasing rules) through the int8 path on
+   unpacked operands; scratch as mpq_conv2d_unpacked_scratch_size. */
+int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                            const mpq_channel_quant *q, const mpq_view *in,
+                            const mpq_add_params *add, const mpq_view *skip,
+                            const mpq_view *out, int16_t *scratch);
 
 /* -- packed sub-byte kernels (mpq_packed.c; issue 15 item 2) ----------------------------------
  *

@@ -11,7 +11,8 @@
  * line per kind and mix: "<kind> a<b>w<b> cases=<n> bad=<mismatching cases> sum=<checksum of
  * the outputs>", the same on every target. Exit code 0 when no case mismatched. Then the same
  * for mpq_conv2d_unpacked (8-bit input with 4-, 2- and 3-bit weights of every format, 4- and
- * 2-bit input with 8-bit weights, 4-bit input with 3-bit weights; 1x1 and KxK)
+ * 2-bit input with 8-bit weights, 4-bit input with 3-bit weights; 1x1 and KxK; and fused with
+ * a residual add, mpq_conv2d_add_unpacked against mpq_conv2d_add: kind unpackadd)
  * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; and 400 4-bit
  * depthwise layers through mpq_depthwise_inplace's channel-pair path (in place) against
  * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights); and
@@ -452,7 +453,7 @@ static void fill_codes(int32_t wbits, int32_t fmt, int32_t n, int32_t k, int mod
 /* One random convolution with an `abits`-bit input and `wbits`-bit weights (kind 0: 1x1, 1:
    KxK; sub-byte weights LINEAR, CODEBOOK or POW2 at random where the width allows it) through
    mpq_conv2d and through mpq_conv2d_unpacked; returns 1 when they disagree. */
-static int unpack_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
+static int unpack_case(int kind, int32_t abits, int32_t wbits, int with_add, uint32_t *sum)
 {
     const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
     const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
@@ -537,13 +538,54 @@ static int unpack_case(int kind, int32_t abits, int32_t wbits, uint32_t *sum)
     for (i = 0; i < nbytes; ++i) {
         out_ref[i] = out_pk[i] = (uint8_t)rnd();
     }
-    if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
-        return 1;
-    }
-    out.data = out_pk;
-    if (mpq_conv2d_unpacked_scratch_size(&p, &f, &in, &out) > (int32_t)sizeof scratch_u
-        || mpq_conv2d_unpacked(&p, &f, &q, &in, &out, scratch_u) != MPQ_OK) {
-        return 1;
+    if (with_add) {
+        mpq_add_params add;
+        mpq_view skip;
+        const int inplace = rint_(0, 1);
+        if (inplace) {
+            skip = out;
+        } else {
+            skip.data = skip_buf;
+            skip.bits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+            skip.h = oh;
+            skip.w = ow;
+            skip.c = cout;
+            skip.y0 = rint_(0, 1);
+            skip.x0 = rint_(0, 1);
+            skip.stored_w = skip.x0 + ow + rint_(0, 1);
+            for (i = 0; i < MAX_OUT; ++i) {
+                skip_buf[i] = (uint8_t)rnd();
+            }
+            if (((skip.y0 + oh) * skip.stored_w * cout * skip.bits + 7) / 8 > MAX_OUT) {
+                return -1;
+            }
+        }
+        /* the conv's own clamp: the add's 8-bit input */
+        p.output_zp = value(8, 0);
+        p.act_min = -128;
+        p.act_max = 127;
+        fill_add(&add, skip.bits, p.output_zp, obits);
+        if (mpq_conv2d_add(&p, &f, &q, &in, &add, &skip, &out, scratch16) != MPQ_OK) {
+            return 1;
+        }
+        out.data = out_pk;
+        if (inplace) {
+            skip.data = out_pk;
+        }
+        if (mpq_conv2d_unpacked_scratch_size(&p, &f, &in, &out) > (int32_t)sizeof scratch_u
+            || mpq_conv2d_add_unpacked(&p, &f, &q, &in, &add, &skip, &out, scratch_u)
+                   != MPQ_OK) {
+            return 1;
+        }
+    } else {
+        if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
+            return 1;
+        }
+        out.data = out_pk;
+        if (mpq_conv2d_unpacked_scratch_size(&p, &f, &in, &out) > (int32_t)sizeof scratch_u
+            || mpq_conv2d_unpacked(&p, &f, &q, &in, &out, scratch_u) != MPQ_OK) {
+            return 1;
+        }
     }
     *sum = checksum(*sum, out_pk, nbytes);
     return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
@@ -774,10 +816,11 @@ static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases,
     append(line, kind == 0   ? "unpack1x1 a"
                  : kind == 1 ? "unpackkxk a"
                  : kind == 2 ? "dwpairs a"
-                             : "avgpool a");
+                 : kind == 3 ? "avgpool a"
+                             : "unpackadd a");
     fmt_u(num, (uint32_t)abits);
     append(line, num);
-    append(line, kind < 2 ? "w" : "o");
+    append(line, kind < 2 || kind == 4 ? "w" : "o");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -823,7 +866,7 @@ int main(void)
             int32_t cases = 0, bad = 0;
             uint32_t sum = 0;
             while (cases < CASES) {
-                const int r = unpack_case(kind, mix_u[m][0], mix_u[m][1], &sum);
+                const int r = unpack_case(kind, mix_u[m][0], mix_u[m][1], 0, &sum);
                 if (r >= 0) {
                     ++cases;
                     bad += r;
@@ -832,6 +875,21 @@ int main(void)
             report_unpack(kind, mix_u[m][0], mix_u[m][1], cases, bad, sum);
             total_bad += bad;
         }
+    }
+    /* fused with the residual add: mpq_conv2d_add_unpacked against mpq_conv2d_add */
+    for (m = 0; m < 3; ++m) {
+        static const int32_t mix_a[3][2] = {{4, 8}, {8, 4}, {2, 8}};
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        while (cases < CASES) {
+            const int r = unpack_case(rint_(0, 1), mix_a[m][0], mix_a[m][1], 1, &sum);
+            if (r >= 0) {
+                ++cases;
+                bad += r;
+            }
+        }
+        report_unpack(4, mix_a[m][0], mix_a[m][1], cases, bad, sum);
+        total_bad += bad;
     }
     /* 4-bit depthwise in place, channel pairs */
     {

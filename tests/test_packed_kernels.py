@@ -59,7 +59,8 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
     assert all(rows), stdout
     got = [r.groups() for r in rows if r]
     assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES] + [
-        (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [("dwpairs", "a4o4"),
+        (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [
+        ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [("dwpairs", "a4o4"),
                                                                 ("avgpool", "a4o4")], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
@@ -92,7 +93,7 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
-    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 2
+    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 5
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
@@ -178,7 +179,8 @@ def test_unpack_choice_says_why_not() -> None:
     assert packed.unpack_choice(conv, 8, 3, False, False, need, 4096) is None
     assert "more than the plan's" in packed.unpack_choice(conv, 8, 2, False, False, need,
                                                           need - 1)
-    assert "residual add" in packed.unpack_choice(conv, 8, 4, True, False, need, 4096)
+    # fused with its residual add: mpq_conv2d_add_unpacked
+    assert packed.unpack_choice(conv, 8, 4, True, False, need, 4096) is None
     # sub-byte inputs are unpacked into the int8 columns, also for a 1x1 layer
     assert packed.unpack_choice(conv, 4, 8, False, False, 36, 36) is None
     assert packed.unpacked_scratch(one, (1, 4, 4, 5), (1, 4, 4, 3), 4, 8) == 10

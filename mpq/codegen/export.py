@@ -67,6 +67,7 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "packed_conv2d_add": ("mpq_packed.c", "mpq_support.c"),
     # sub-byte operands unpacked to int8 at int8 speed (issue 15; mpq.codegen.packed)
     "conv2d_unpacked": ("mpq_conv.c", *_DOT),
+    "conv2d_add_unpacked": ("mpq_conv.c", *_DOT),
 }
 
 
@@ -352,9 +353,10 @@ class _Builder:
         if node.op == "conv2d" and node.name in self.fused_by_conv:
             add_name, skip = self.fused_by_conv[node.name]
             add = by_name[add_name]
-            self.scratch = max(self.scratch, self.conv_scratch(node, False))
+            need = self._unpacked(i, node, ins)
+            self.scratch = max(self.scratch, need or self.conv_scratch(node, False))
             self.layers.append(Layer(
-                i, f"{node.name} + {add.name}", "conv2d_add",
+                i, f"{node.name} + {add.name}", "conv2d_add_unpacked" if need else "conv2d_add",
                 [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
                 {**self.conv_params(node), **{f"add_{k}": v for k, v in
                                               self.add_params(add, skip).items()}},

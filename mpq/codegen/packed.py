@@ -119,16 +119,15 @@ def unpacked_scratch(node: Any, in_shape: tuple[int, ...], out_shape: tuple[int,
 
 def unpack_eligible(node: Any, in_bits: int, weight_bits: int, fused: bool, inplace: bool,
                     linear: bool = True) -> str | None:
-    """None when a layer's operands suit `mpq_conv2d_unpacked` (a conv2d with groups 1, not
-    fused with its residual add, with a 4- or 2-bit input or weights other than 8-bit linear),
-    else why not. Whether its scratch is free is `unpack_choice`'s second test."""
+    """None when a layer's operands suit `mpq_conv2d_unpacked` (`mpq_conv2d_add_unpacked` when
+    `fused` with its residual add): a conv2d with groups 1 and a 4- or 2-bit input or weights
+    other than 8-bit linear; else why not. Whether its scratch is free is `unpack_choice`'s
+    second test."""
     if node.op != "conv2d" or (in_bits == 8 and weight_bits == 8 and linear):
         return "8-bit input and 8-bit linear weights: mpq_conv2d's own int8 path"
     if inplace or node.attrs["groups"] != 1:
         return "grouped or depthwise convolution"
-    if fused:
-        return "fused with its residual add (mpq_conv2d_add)"
-    return None
+    return None  # a conv fused with its residual add takes mpq_conv2d_add_unpacked
 
 
 def unpack_choice(node: Any, in_bits: int, weight_bits: int, fused: bool, inplace: bool,
