@@ -31,6 +31,7 @@ from common import show  # noqa: E402
 from mpq.frontend.onnx_import import import_model, import_onnx  # noqa: E402
 from mpq.ir import Graph  # noqa: E402
 from mpq.memory import layer_memory  # noqa: E402
+from mpq.order import apply_order, best_order  # noqa: E402
 from mpq.patch import plan_patches, search_patches  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
@@ -51,11 +52,17 @@ def peaks(graph: Graph, io: str) -> dict:
     patch = None
     if best is not None:
         patch = best.memory().peak_sram_bytes + mem.input_bytes + mem.output_bytes
-    # + partial input/output overlap (vMCU; `memory.choose_overlaps`), layer-based
+    # + partial input/output overlap (vMCU; `memory.choose_overlaps`), layer-based: outputs
+    # below their dying inputs, or above them with the rows run last to first
     over = plan_patches(graph, None, io, overlap=True).memory()
+    # + the memory-aware order (`mpq.order.best_order`, what `mpq search` runs), overlap on
+    ordered = plan_patches(apply_order(graph, best_order(graph).order), None, io,
+                           overlap=True).memory()
     return {"layer": layer, "patch": patch, "input": mem.input_bytes,
             "overlap": over.peak_sram_bytes + mem.input_bytes + mem.output_bytes,
             "overlapped_layers": len(over.overlap),
+            "reversed_layers": sum(d < 0 for d in over.overlap.values()),
+            "reordered": ordered.peak_sram_bytes + mem.input_bytes + mem.output_bytes,
             "output": mem.output_bytes,
             "patch_redundant_percent": None if best is None else best.redundant_macs_percent}
 
@@ -108,27 +115,36 @@ def bench_memory() -> dict:
         e, a, v = r["external"], r["arena"], r["verify"]
         check = "-" if v is None else (f"{v['mismatches']} / {v['samples']} samples; "
                                        f"{num(v['measured'])} (pred. {num(v['predicted'])})")
+        layers = f"{a['overlapped_layers']}" + (f", {a['reversed_layers']} above"
+                                                 if a["reversed_layers"] else "")
         cells.append([r["task"], num(e["input"] + e["output"]), num(e["layer"]), num(a["layer"]),
-                       f"{num(a['overlap'])} ({a['overlapped_layers']})",
+                       f"{num(a['overlap'])} ({layers})", num(a["reordered"]),
                        num(r["tflm_head"]), ratio(e["layer"], r["tflm_head"]),
-                       ratio(a["layer"], r["tflm_head"]), ratio(a["overlap"], r["tflm_head"]),
-                       num(e["patch"]), num(a["patch"]),
-                       ratio(a["patch"], r["tflm_head"]), check])
+                       ratio(a["layer"], r["tflm_head"]), ratio(a["reordered"], r["tflm_head"]),
+                       num(e["patch"]),
+                       num(None if e["patch"] is None else e["patch"] - e["input"]),
+                       num(a["patch"]), ratio(a["patch"], r["tflm_head"]), check])
     table = show("Int8 peak SRAM, input included: caller's I/O buffers vs input and outputs in "
                  "the arena (bytes)",
                  ["model", "I/O buffers", "layer: external", "layer: arena",
-                  "+ overlap (layers)", "TFLM head", "external/TFLM", "arena/TFLM",
-                  "overlap/TFLM", "patches: external", "patches: arena",
-                  "patches arena/TFLM",
+                  "+ overlap (layers)", "+ reordering", "TFLM head", "external/TFLM",
+                  "arena/TFLM", "reordering/TFLM", "patches: external",
+                  "patches: excl. input", "patches: arena", "patches arena/TFLM",
                   "qemu-m4 mismatches; measured model SRAM (arena plan)"],
                  cells,
                  "external = arena + scratch + the caller's input and output buffers (mpq "
                  "before issue 16); arena = arena + scratch with the input and outputs as arena "
                  "tensors (the input freed after its last reader); + overlap = arena with "
-                 "layer outputs written inside their dying inputs where the kernels' raster "
+                 "layer outputs written inside their dying inputs where the kernels' write "
                  "order makes it exact and the arena shrinks (vMCU; `--overlap`, the default; "
-                 "in brackets the layers overlapped). Patches: the best int8 split "
-                 f"(`search_patches`, redundant MACs ≤ {MAX_OVERHEAD:.0%}). TFLM head: its "
+                 "in brackets the layers overlapped, and how many of them start above their "
+                 "input with their rows run last to first), file order; + reordering = the "
+                 "same in the memory-aware order `mpq search` runs (`mpq.order.best_order`). "
+                 "Patches: the best int8 split "
+                 f"(`search_patches`, redundant MACs ≤ {MAX_OVERHEAD:.0%}; no overlap); "
+                 "excl. input = patches: external less the caller's input buffer (arena + "
+                 "scratch + output buffer; MCUNetV2 reports 172 kB for MobileNetV2-1.0@224, "
+                 "issue 16's target is ≤ 150 kB). TFLM head: its "
                  "planned arena head for the same `.tflite` (input included). The last column "
                  "is a real run: `mpq search --strategy int8 --patches none --io arena` "
                  "(overlap on) on "

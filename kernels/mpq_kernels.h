@@ -45,13 +45,18 @@
  *  - Every kernel returns MPQ_OK or a negative MPQ_ERR_* code, having checked its arguments
  *    before touching any output.
  *  - Unless a kernel says otherwise, its output must not overlap its inputs.
- *  - Partial overlap (vMCU; mpq.memory.overlap_shift): mpq_conv2d, mpq_packed_conv2d,
- *    mpq_avgpool and mpq_maxpool write the output pixels in raster order, one or two (a pair
+ *  - Partial overlap (vMCU; mpq.memory.overlap_shift): mpq_conv2d, mpq_conv2d_unpacked,
+ *    mpq_packed_conv2d, mpq_avgpool and mpq_maxpool write the output pixels in raster order,
+ *    one or two (a pair
  *    of consecutive pixels) at a time, each only after reading every input element it needs;
  *    so an output stored D bytes before the input's start is exact when, for every pixel
  *    pair, its last written byte lies D bytes before the first input byte that pair or a later
  *    pixel still reads. The planner places outputs only there; any new fast path must keep
  *    that order (tests/test_overlap.py runs each such layer on host against the reference).
+ *    Reverse form (mpq.memory.reverse_overlap_shift): an output stored S bytes after the
+ *    input's start, computed by one call per output row from the last row to the first (each
+ *    call's input view the row's window, pad_top its own), is exact when each row's first
+ *    written byte lies after every input byte that row and the rows above it read.
  */
 #ifndef MPQ_KERNELS_H
 #define MPQ_KERNELS_H

@@ -12,7 +12,7 @@ is alive at the same time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -285,7 +285,8 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
                              bits: dict[str, int] | None = None,
                              inplace_ok: Callable[[Node], bool] | None = None,
                              fused: dict[str, tuple[str, str]] | None = None,
-                             overlap_ok: Callable[[Node], bool] | None = None
+                             overlap_ok: Callable[[Node], bool] | None = None,
+                             reverse_ok: Callable[[Node], bool] | None = None
                              ) -> tuple[list[Buffer], set[str], dict[str, int]]:
     """Buffers of a schedule (DESIGN §5): tensors as (bytes, first, last), sharing storage
     where the kernels allow it.
@@ -301,8 +302,10 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
     align16(⌈elements·bits/8⌉). With `overlap_ok`, a node it accepts among `OVERLAP_OPS` whose
     input dies there (with everything else its storage holds) writes its output
     `node_overlap_shift` bytes below the input's start, inside the same buffer, when that
-    shares bytes at all (vMCU). Returns the buffers, the names of the in-place nodes and the
-    overlapped nodes with their shift D.
+    shares bytes at all (vMCU); with `reverse_ok`, a node it accepts writes its output
+    `node_reverse_shift` bytes *above* the input's start instead, its rows run last to first
+    (D negative). Returns the buffers, the names of the in-place nodes and the overlapped
+    nodes with their shift D (output offset = input offset − D).
     """
     bits = bits or {}
     fused = fused or {}
@@ -342,11 +345,18 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
                 share = src
                 inplace.add(n.name)
         below = 0
-        if share is None and overlap_ok is not None and src is not None and src in owner \
+        if share is None and (overlap_ok is not None or reverse_ok is not None) \
+                and src is not None and src in owner \
                 and n.op in OVERLAP_OPS and n.outputs[0] not in fused_res \
-                and src not in graph.outputs and overlap_ok(n):
-            below = _overlap_below(n, graph, i, src, buffers[owner[src]], shift, elements,
-                                   bits)
+                and src not in graph.outputs:
+            if reverse_ok is not None and reverse_ok(n):
+                below = _overlap_below(n, graph, i, src, buffers[owner[src]], shift, elements,
+                                       bits, reverse=True)
+            elif overlap_ok is not None and overlap_ok(n):
+                below = _overlap_below(n, graph, i, src, buffers[owner[src]], shift, elements,
+                                       bits)
+            else:
+                below = None
             if below is not None:
                 share = src
                 overlap[n.name] = below
@@ -368,9 +378,10 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
 
 
 def _overlap_below(n: Node, graph: Graph, i: int, src: str, buf: Buffer,
-                   shift: dict[str, int], elements: dict[str, int], bits: dict[str, int]
-                   ) -> int | None:
-    """D for node `n` at step `i` writing below its input `src` (`node_overlap_shift`), or
+                   shift: dict[str, int], elements: dict[str, int], bits: dict[str, int],
+                   reverse: bool = False) -> int | None:
+    """D for node `n` at step `i` writing below its input `src` (`node_overlap_shift`) — with
+    `reverse`, −S for writing S bytes above it, rows last to first (`node_reverse_shift`) — or
     None when it may not: something in `src`'s storage other than `src` (or a view of its
     bytes) is alive after step i−1, or the output would not share a byte with the input."""
     base = shift.get(src, 0)
@@ -379,8 +390,13 @@ def _overlap_below(n: Node, graph: Graph, i: int, src: str, buf: Buffer,
         if seg.last > i or (seg.last == i and not (
                 shift.get(seg.tensor, 0) == base and seg.size <= in_size)):
             return None
-    d = node_overlap_shift(n, graph, bits.get(src, 8), bits.get(n.outputs[0], 8))
     out_size = align_up(packed_bytes(elements[n.outputs[0]], bits.get(n.outputs[0], 8)))
+    if reverse:
+        s = node_reverse_shift(n, graph, bits.get(src, 8), bits.get(n.outputs[0], 8))
+        if s is None or s <= 0 or s >= in_size:
+            return None
+        return -s
+    d = node_overlap_shift(n, graph, bits.get(src, 8), bits.get(n.outputs[0], 8))
     if d is None or d >= out_size:
         return None
     return d
@@ -583,36 +599,129 @@ def node_overlap_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) ->
     return align_up(d)
 
 
-def choose_overlaps(arena_of: Callable[[frozenset[str]], int], eligible: Iterable[str]
-                    ) -> frozenset[str]:
-    """The overlapped nodes a schedule uses, the smaller arena (`arena_of`, the greedy
-    planner's size; ties: fewer nodes) of two greedy passes over the `eligible` nodes in
-    schedule order: from all of them, each dropped again when the arena does not grow without
-    it; and from none, each added when it shrinks the arena. None at all when neither is
-    smaller than without overlap.
+def choose_overlaps(arena_of: Callable[[frozenset[str], frozenset[str]], int],
+                    eligible: Iterable[str], eligible_reverse: Iterable[str] = (),
+                    order: Sequence[str] = ()) -> tuple[frozenset[str], frozenset[str]]:
+    """The overlapped nodes a schedule uses — (written below their input, written above it in
+    reverse row order) — the smallest arena (`arena_of(below, above)`, the greedy planner's
+    size; ties: fewer nodes) of greedy passes over the nodes in schedule order, each node
+    taking the form among none, below (if in `eligible`) and above (if in
+    `eligible_reverse`) that gives the smallest arena with the others kept (ties: none, then
+    below, then above; `order`: the schedule's node order). The passes start from all
+    `eligible` below, from none, and from all `eligible_reverse` above. None at all when no
+    pass is smaller than without overlap.
 
     Overlap merges a node's input and output into one buffer, and chains of such buffers can
     place worse with the greedy planner than separate tensors (VWW: all 14 eligible layers
-    overlapped give a 19 % larger arena, the 2 the first pass keeps a 17 % smaller one; in
-    MobileNetV2 the first pass drops the expansion at the peak, the second keeps it), so only
-    the ones that pay are kept. Deterministic: the same schedule gives the same set.
+    overlapped below give a 19 % larger arena: each output below its input drifts the chain
+    down past the dead input; with the expanding pointwise 8 → 16 written one input row above
+    its input instead, the arena is 33 % smaller than without overlap), so only the ones that
+    pay are kept. Deterministic: the same schedule gives the same sets.
     """
-    names = list(eligible)
-    none = arena_of(frozenset())
-    drop, drop_size = list(names), arena_of(frozenset(names))
-    for name in names:
-        size = arena_of(frozenset(n for n in drop if n != name))
-        if size <= drop_size:
-            drop.remove(name)
-            drop_size = size
-    add: list[str] = []
-    add_size = none
-    for name in names:
-        size = arena_of(frozenset([*add, name]))
-        if size < add_size:
-            add.append(name)
-            add_size = size
-    best_size, best = min((drop_size, len(drop), 0, drop), (add_size, len(add), 1, add))[::3]
+    below_ok, above_ok = list(eligible), list(eligible_reverse)
+    names = [n for n in (order or dict.fromkeys([*below_ok, *above_ok]))
+             if n in below_ok or n in above_ok]
+    none = arena_of(frozenset(), frozenset())
+
+    def size(state: dict[str, str]) -> int:
+        return arena_of(frozenset(n for n, f in state.items() if f == "below"),
+                        frozenset(n for n, f in state.items() if f == "above"))
+
+    def greedy(state: dict[str, str]) -> tuple[int, dict[str, str]]:
+        best = size(state)
+        for name in names:
+            forms = ["none", *(["below"] if name in below_ok else []),
+                     *(["above"] if name in above_ok else [])]
+            current = state.get(name, "none")
+            sizes = {f: best if f == current else size({**state, name: f}) for f in forms}
+            form = min(forms, key=lambda f: (sizes[f], forms.index(f)))
+            state, best = {**state, name: form}, sizes[form]
+        return best, {n: f for n, f in state.items() if f != "none"}
+
+    passes = [greedy({n: "below" for n in below_ok}), greedy({})]
+    if above_ok:
+        passes.append(greedy({n: "above" for n in above_ok}))
+    best_size, _, _, best = min((sz, len(st), k, st) for k, (sz, st) in enumerate(passes))
     if best_size >= none:
-        return frozenset()
-    return frozenset(best)
+        return frozenset(), frozenset()
+    return (frozenset(n for n, f in best.items() if f == "below"),
+            frozenset(n for n, f in best.items() if f == "above"))
+
+
+# -- reverse rows: an output placed ABOVE its dying input (issue 16 item 2) ----------------------
+
+@lru_cache(maxsize=4096)
+def reverse_overlap_shift(in_hwc: tuple[int, int, int], out_hwc: tuple[int, int, int],
+                          window: tuple[int, int, int, int, int, int],
+                          dilation: tuple[int, int], in_bits: int, out_bits: int) -> int:
+    """The least S ≥ 0 such that an output stored S bytes *above* its input's start never
+    overwrites input bytes still to be read when the output rows run from the last to the
+    first (each row by the kernel's own forward pixel loop, in any grouping of pixels within
+    the row): the mirror of `overlap_shift` (vMCU's analysis, with the write order reversed so
+    an output in the top part of its input stops chains of overlaps drifting downward).
+
+    Row oy's first write, byte ⌊oy·W_o·C_o·b_o/8⌋ of the output, comes while row oy's last
+    pixel and every row above it (processed later) still read; the highest element they read
+    is m_oy − 1 with m_oy = (R_oy·W + c_max + 1)·C, where R_oy is the largest input row any
+    window of rows 0..oy reads (its last in-view tap, dilation d_h included) and c_max the
+    largest input column any window reads. Every later write of row oy is higher and needs no
+    more, so the order is safe iff for every row S + ⌊oy·W_o·C_o·b_o/8⌋ ≥ ⌈m_oy·b_i/8⌉:
+
+        S = max(0, max_oy (⌈m_oy·b_i/8⌉ − ⌊oy·W_o·C_o·b_o/8⌋)).
+
+    `window` = (s_h, s_w, p_t, p_l, kh, kw) as for `overlap_shift`, `dilation` = (d_h, d_w).
+    Sub-byte maps: bytes shared by two elements count as read while either is (the kernels
+    merge a partly written byte). The loop is the formula, exact; cached per geometry.
+    """
+    h, w, c = in_hwc
+    ho, wo, co = out_hwc
+    sh, sw, pt, pl, kh, kw = window
+    dh, dw = dilation
+
+    def last_tap(start: int, k: int, d: int, size: int) -> int:
+        """The last in-view tap of a window starting at `start` (−1: none in view)."""
+        if start > size - 1:
+            return -1
+        return start + d * min(k - 1, (size - 1 - start) // d)
+
+    c_max = max(last_tap(ox * sw - pl, kw, dw, w) for ox in range(wo))
+    s, row = 0, -1
+    for oy in range(ho):
+        row = max(row, last_tap(oy * sh - pt, kh, dh, h))
+        if row < 0 or c_max < 0:
+            continue
+        need = -(-(row * w + c_max + 1) * c * in_bits // 8)
+        s = max(s, need - oy * wo * co * out_bits // 8)
+    return s
+
+
+def reverse_rows_ok(in_hw: tuple[int, int], out_h: int, stride: int, pad_top: int,
+                    kernel: int, dilation: int) -> bool:
+    """True when every output row's window reads at least one input row, so the generated
+    code can call the kernel on that row alone with a non-empty input view (the reverse-row
+    loop of templates/c/mpq_model.c.j2)."""
+    h = in_hw[0]
+    return all(any(0 <= oy * stride - pad_top + k * dilation <= h - 1 for k in range(kernel))
+               for oy in range(out_h))
+
+
+def node_reverse_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) -> int | None:
+    """`reverse_overlap_shift` for a node of `OVERLAP_OPS` whose rows the generated code can
+    run one at a time (`reverse_rows_ok`), rounded up to the arena alignment; None for any
+    other node."""
+    if node.op not in OVERLAP_OPS:
+        return None
+    in_shape = graph.tensors[node.inputs[0]].shape
+    out_shape = graph.tensors[node.outputs[0]].shape
+    if len(in_shape) != 4 or len(out_shape) != 4:
+        return None
+    a = node.attrs
+    kh, kw = a["kernel"] if "kernel" in a else node.weight.shape[1:3]
+    dh, dw = a.get("dilations", (1, 1))
+    if not reverse_rows_ok(tuple(in_shape[1:3]), out_shape[1], a["strides"][0], a["pads"][0],
+                           int(kh), int(dh)):
+        return None
+    window = (a["strides"][0], a["strides"][1], a["pads"][0], a["pads"][1], int(kh), int(kw))
+    s = reverse_overlap_shift(tuple(in_shape[1:]), tuple(out_shape[1:]), window,
+                              (int(dh), int(dw)), in_bits, out_bits)
+    return align_up(s)

@@ -32,7 +32,7 @@ Column overlaps are still recomputed (caching them too would need a strip per pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -456,6 +456,9 @@ class PatchSchedule:
     # Nodes whose output may start inside their dying input (`memory.choose_overlaps`;
     # layer-based schedules only: the patch stage's kernels write per patch)
     overlap: frozenset[str] = frozenset()
+    # ... and those whose output starts above it, rows run last to first
+    # (`memory.node_reverse_shift`)
+    overlap_reverse: frozenset[str] = frozenset()
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
 
@@ -590,21 +593,25 @@ class PatchSchedule:
         return buffers, overlap
 
     def _buffers(self, bits: dict[str, int] | None, inplace_depthwise: bool,
-                 overlap: frozenset[str] | None = None
+                 overlap: frozenset[str] | None = None,
+                 reverse: frozenset[str] | None = None
                  ) -> tuple[list[Buffer], set[str], dict[str, int]]:
         stage = set(self.stage_nodes)
         allowed = self.overlap if overlap is None else overlap
+        above = self.overlap_reverse if overlap is None else (reverse or frozenset())
 
         def inplace_ok(nd: Node) -> bool:
             return inplace_depthwise and (nd.name not in stage
                                           or nd.name in self.inplace_candidates)
 
-        def plan(ok: frozenset[str]) -> tuple[list[Buffer], set[str], dict[str, int]]:
+        def plan(ok: frozenset[str], up: frozenset[str] = frozenset()
+                 ) -> tuple[list[Buffer], set[str], dict[str, int]]:
             return schedule_buffers_overlap(
                 self.graph, self.tensor_elements, self.lifetimes, bits, inplace_ok,
-                self.fused_adds, (lambda nd: nd.name in ok) if ok else None)
+                self.fused_adds, (lambda nd: nd.name in ok) if ok else None,
+                (lambda nd: nd.name in up) if up else None)
 
-        buffers, inplace, shifts = plan(allowed)
+        buffers, inplace, shifts = plan(allowed, above)
         if overlap is None and shifts and any(b != 8 for b in (bits or {}).values()):
             # The overlaps were chosen at int8 (`choose_overlaps`: never a larger arena than
             # none there, so int8 needs no second plan); at other bits the greedy planner may
@@ -724,11 +731,13 @@ def _lifetimes(graph: Graph, split_tensor: str | None, io: str = "external",
 
 
 def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
-                 overlap: bool | Iterable[str] = False) -> PatchSchedule:
+                 overlap: bool | Iterable[str] | Mapping[str, int] = False) -> PatchSchedule:
     """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6. `io`:
     where the graph input and outputs live (`memory.IO_MODES`). `overlap` (layer-based only):
     True — outputs start inside their dying inputs where that lowers the int8 arena
-    (`memory.choose_overlaps`); a set of node names — exactly those may (a plan's record).
+    (`memory.choose_overlaps`); a set of node names — exactly those may, below their input; a
+    mapping node → D (a plan's `schedule.overlap`) — those with D ≥ 0 below, those with D < 0
+    above their input in reverse row order.
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
     tensor (1 ≤ n ≤ min(H, W)).
@@ -742,9 +751,15 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
             tensor_elements={t: graph.tensors[t].size for t in graph.tensors},
             lifetimes=_lifetimes(graph, None, io), inplace_candidates=set(), io=io)
         if overlap is True:
-            sched.overlap = choose_overlaps(
-                lambda allowed: plan_arena(sched._buffers(None, True, allowed)[0]).size,
-                sched._buffers(None, True, frozenset(nd.name for nd in graph.nodes))[2])
+            every = frozenset(nd.name for nd in graph.nodes)
+            sched.overlap, sched.overlap_reverse = choose_overlaps(
+                lambda below, above: plan_arena(sched._buffers(None, True, below, above)[0]).size,
+                sched._buffers(None, True, every)[2],
+                sched._buffers(None, True, frozenset(), every)[2],
+                [nd.name for nd in graph.nodes])
+        elif isinstance(overlap, Mapping):  # a plan's record: D < 0 — above, rows reversed
+            sched.overlap = frozenset(n for n, d in overlap.items() if d >= 0)
+            sched.overlap_reverse = frozenset(n for n, d in overlap.items() if d < 0)
         elif overlap is not False:
             sched.overlap = frozenset(overlap)
         return sched

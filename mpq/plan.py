@@ -274,7 +274,9 @@ def plan_io(plan: Plan) -> str:
     return str(plan.schedule.get("io", "external"))
 
 
-def plan_overlap(plan: Plan) -> frozenset[str]:
-    """The nodes whose output the plan writes inside their input (`schedule.overlap`,
-    `memory.overlap_shift`); none for plans without it."""
-    return frozenset(plan.schedule.get("overlap", {}))
+def plan_overlap(plan: Plan) -> dict[str, int]:
+    """The nodes whose output the plan writes inside their input, with their shift D
+    (`schedule.overlap`: D ≥ 0 bytes below the input, `memory.overlap_shift`; D < 0: −D bytes
+    above it, rows run last to first, `memory.reverse_overlap_shift`); none for plans without
+    it."""
+    return dict(plan.schedule.get("overlap", {}))

@@ -376,14 +376,15 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
     `order`, the node names in the order they run (`mpq.order`; absent: the file's order),
     `regions`, the board regions of the arena and the scratch (`mpq.regions`), and `io`, where
     the graph input and outputs live (plans before it: "external"), and `overlap`, the nodes
-    whose output starts D bytes below their input's start (`memory.overlap_shift`)."""
+    whose output starts D bytes below their input's start (`memory.overlap_shift`; D < 0: −D
+    bytes above it, rows run last to first, `memory.reverse_overlap_shift`)."""
     req_dict(s, field, {"inplace_depthwise", "fused_adds"}, {"order", "regions", "io", "overlap"})
     if "overlap" in s:  # node -> bytes its output starts below its input (`memory.overlap_shift`)
         for n, d in req_dict(s["overlap"], f"{field}.overlap").items():
             req_str(n, f"{field}.overlap key")
-            if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-                raise fail(f"{field}.overlap.{n}", f"must be a non-negative integer, got "
-                                                   f"{_show(d)}")
+            if not isinstance(d, int) or isinstance(d, bool):
+                raise fail(f"{field}.overlap.{n}", f"must be an integer (bytes below the "
+                                                   f"input; < 0: above it), got {_show(d)}")
     if "order" in s:
         for i, n in enumerate(req_list(s["order"], f"{field}.order")):
             req_str(n, f"{field}.order[{i}]")

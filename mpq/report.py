@@ -62,7 +62,7 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
         raise MpqError("the plan's layers are not the model's nodes; run `mpq search` again")
     io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
     if plan.patch is None:
-        return plan_patches(graph, None, io, frozenset(plan.schedule.get("overlap", {})))
+        return plan_patches(graph, None, io, dict(plan.schedule.get("overlap", {})))
     return plan_patches(graph, plan_split(plan.patch), io)
 
 

@@ -71,6 +71,11 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Kernels whose calls a layer written above its input runs one output row at a time, last
+#: row first (`_Builder._reverse_rows`; `memory.OVERLAP_OPS`).
+REVERSE_KERNELS = ("conv2d", "packed_conv2d", "avgpool", "maxpool", "conv2d_unpacked")
+
+
 def library_files(kernels: list[str] | tuple[str, ...] | set[str]) -> list[str]:
     """The kernel library files an export calling `kernels` needs: both headers and the
     sources of each kernel (`KERNEL_SOURCES`), sorted."""
@@ -120,6 +125,10 @@ class Layer:
     fill: int | None = None  # copy_block: value the whole output is set to first (pad)
     out_elements: int = 0  # copy_block: elements of the output buffer
     block_sources: list[str] = field(default_factory=list)  # copy_block: C source per block
+    # Rows run last to first, one kernel call per output row (its output starts above its
+    # input: `schedule.overlap` D < 0, `memory.reverse_overlap_shift`): rows, stride_h,
+    # pad_top, span (the window's rows, dilation included) and the input's rows.
+    reverse: dict[str, int] | None = None
 
 
 @dataclass
@@ -184,6 +193,8 @@ class _Builder:
         self.fused_adds = set(fused)
         self.inplace = set(plan.schedule.get("inplace_depthwise", []))
         self.overlap = set(plan.schedule.get("overlap", {}))  # written inside their input
+        # ... above it, rows last to first (`memory.reverse_overlap_shift`)
+        self.reverse = {n for n, d in plan.schedule.get("overlap", {}).items() if d < 0}
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
         self.unpack_notes: dict[int, dict[str, Any]] = {}  # mpq_conv2d_unpacked: used / why
@@ -321,6 +332,8 @@ class _Builder:
                 out = self.operand(node.outputs[0])
             n_before = len(self.layers)
             self._portable(i, node, by_name, ins, out)
+            if node.name in self.reverse:
+                self._reverse_rows(node, self.layers[n_before:])
             for layer in self.layers[n_before:]:
                 entry = {"index": i, "name": layer.name, "backend": "portable",
                          "call": f"mpq_{layer.kernel}"}
@@ -331,6 +344,21 @@ class _Builder:
                 if i in self.unpack_notes:  # sub-byte operands: unpacked to int8, or why not
                     entry["unpacked"] = self.unpack_notes[i]
                 self.report.append(entry)
+
+    def _reverse_rows(self, node: Node, layers: list[Layer]) -> None:
+        """Mark the one call of a node the plan writes above its input (`schedule.overlap`
+        D < 0) to run its output rows last to first, each row a kernel call on that row's
+        input window (`memory.reverse_overlap_shift` assumes that order)."""
+        if len(layers) != 1 or layers[0].kernel not in REVERSE_KERNELS:
+            raise MpqError(f"plan: schedule.overlap writes '{node.name}' above its input, but "
+                           f"its kernel cannot run its rows in reverse")
+        a = node.attrs
+        kh = a["kernel"][0] if "kernel" in a else node.weight.shape[1]
+        dh = a.get("dilations", (1, 1))[0]
+        layers[0].reverse = {"rows": int(self.graph.tensors[node.outputs[0]].shape[1]),
+                             "stride": int(a["strides"][0]), "pad_top": int(a["pads"][0]),
+                             "span": int(dh * (kh - 1) + 1),
+                             "in_h": int(self.graph.tensors[node.inputs[0]].shape[1])}
 
     def _cmsis_fused(self, node: Node, by_name: dict[str, Node], ins: list[Operand]
                      ) -> tuple[cmsis.CmsisCall | str, str, list[Operand], Operand]:
