@@ -1,7 +1,8 @@
 """Latency evidence (issue: export): instructions per inference under QEMU, exactly counted.
 
-For VWW and ResNet-8, KWS and the Fashion example: int8 layer-based, int8 patch-based, the
-mixed-precision plan under a budget that forces sub-byte maps and an all-4-bit plan (W4A4:
+For VWW and ResNet-8, KWS and the Fashion example: int8 layer-based, int8 patch-based (the
+smallest budget an int8 split meets), the mixed-precision plans of the accuracy-first search at
+0.5× and 0.35× of the int8 layer-based SRAM need (issue 15) and an all-4-bit plan (W4A4:
 every map and every weight at 4 bits, layer-based: the packed sub-byte kernels' case; issue 15
 target <= 0.8x int8 layer-based), on the emulated Cortex-M4, with mpq's portable kernels
 and — when CMSIS_NN_PATH names a CMSIS-NN checkout — with the cmsis-nn backend (the counts are
@@ -33,11 +34,16 @@ from mpq.search.driver import SearchOptions, search  # noqa: E402
 from mpq.verify import verify  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
-CASES = [("VWW MobileNetV1-0.25@96", "vww_96_float.onnx", 1.0, 45_000),
-         ("IC ResNet-8", "pretrainedResnet.onnx", 255.0, 36_000),
-         ("KWS DS-CNN", "kws_ref_model_fp32.onnx", 1.0, 11_000),
-         ("Fashion CNN (example)", REPO / "examples" / "fashion" / "fashion_cnn.onnx", 1.0,
-          20_000)]
+CASES = [("VWW MobileNetV1-0.25@96", "vww_96_float.onnx", 1.0),
+         ("IC ResNet-8", "pretrainedResnet.onnx", 255.0),
+         ("KWS DS-CNN", "kws_ref_model_fp32.onnx", 1.0),
+         ("Fashion CNN (example)", REPO / "examples" / "fashion" / "fashion_cnn.onnx", 1.0)]
+#: the mixed plans' SRAM budgets, as fractions of the int8 layer-based plan's need (issue 15)
+MIXED_FRACTIONS = (0.5, 0.35)
+#: the int8 patch-based plan: the first of these fractions of the int8 layer-based need whose
+#: budget an int8 patch split meets (below 1: the layer-based schedule does not fit, so the
+#: search must split)
+PATCH_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 #: every map and every weight at 4 bits, layer-based (the packed kernels' W4A4 case)
 W4A4 = SearchOptions(strategy="qe", bits=(4,), weight_scheme="linear", weight_bits=(4,),
                      patches="none")
@@ -54,26 +60,58 @@ def _cmsis_available() -> str | None:
     return None
 
 
+def _int8_patch_plan(path: Path, graph, board, data, need: int) -> tuple:
+    """(label, plan) of the int8 patch-based plan under the smallest budget of
+    `PATCH_FRACTIONS` × the int8 layer-based need that an int8 patch split meets, or
+    (why not, None) when none does (e.g. a residual model whose split saves nothing)."""
+    why = ""
+    for f in PATCH_FRACTIONS:
+        sram = int(need * f)
+        try:
+            plan = search(path, graph, board, data,
+                          SearchOptions(strategy="int8", sram=sram)).plan
+        except MpqError as exc:
+            why = str(exc)
+            continue
+        return f"int8 patch-based (SRAM {sram:,} B = {f}× int8)", plan
+    return f"no int8 patch split below {PATCH_FRACTIONS[-1]}× the int8 need: {why}", None
+
+
 def bench_latency() -> dict:
     no_cmsis = _cmsis_available()
     backends = ["portable"] + ([] if no_cmsis else ["cmsis-nn"])
     rows = []
-    for label, name, scale, sram in CASES:
+    board = get_board("nano33ble")
+    for label, name, scale in CASES:
         path = SHARED / name  # an absolute `name` (the Fashion example) stays as it is
         graph = load_model(path)
         x = (np.random.default_rng(0).random((32, *onnx_input_shape(graph))) * scale)
         data = dataset_from_array(x.astype(np.float32), "random")
-        variants = [("int8 layer-based", SearchOptions(strategy="int8", patches="none")),
-                    ("int8 patch-based (auto)", SearchOptions(strategy="int8", sram=sram)),
-                    (f"mixed plan (SRAM {sram:,} B)", SearchOptions(sram=sram)),
-                    ("W4A4 layer-based (packed kernels)", W4A4)]
-        base = None
+        int8 = search(path, graph, board, data,
+                      SearchOptions(strategy="int8", patches="none")).plan
+        need = int(int8.predicted["sram_needed_bytes"])
+        variants = [("int8 layer-based", int8), ("int8 patch-based", _int8_patch_plan(
+            path, graph, board, data, need))]
+        for f in MIXED_FRACTIONS:
+            sram = int(need * f)
+            variants.append((f"mixed plan (SRAM {sram:,} B = {f}× int8)",
+                             SearchOptions(sram=sram)))
+        variants.append(("W4A4 layer-based (packed kernels)", W4A4))
+        base = patch_base = None
         for what, opts in variants:
-            try:
-                plan = search(path, graph, get_board("nano33ble"), data, opts).plan
-            except MpqError as exc:  # a budget the int8 schedule cannot meet
-                rows.append({"model": label, "plan": what, "error": str(exc)})
-                continue
+            if isinstance(opts, tuple):  # the int8 patch plan: (label, plan) or (why not, None)
+                what, plan = opts
+                if plan is None:
+                    rows.append({"model": label, "plan": "int8 patch-based", "error": what})
+                    continue
+            elif isinstance(opts, SearchOptions):
+                try:
+                    plan = search(path, graph, board, data, opts).plan
+                except MpqError as exc:  # a budget no plan meets
+                    rows.append({"model": label, "plan": what, "error": str(exc)})
+                    continue
+            else:
+                plan = opts
             row = {"model": label, "plan": what,
                    "sram": plan.predicted["sram_needed_bytes"],
                    "bitops": plan.predicted["bitops"],
@@ -93,8 +131,12 @@ def bench_latency() -> dict:
                                        len(layers)]
             base = base or row["portable"]["instructions"]
             row["relative"] = row["portable"]["instructions"] / base
+            if what.startswith("int8 patch"):
+                patch_base = row["portable"]["instructions"]
+            elif plan.patch is not None and patch_base:  # a mixed patch plan
+                row["vs_int8_patch"] = row["portable"]["instructions"] / patch_base
             rows.append(row)
-    columns = ["model", "plan", "portable", "vs int8 layer"]
+    columns = ["model", "plan", "portable", "vs int8 layer", "vs int8 patch"]
     if no_cmsis is None:
         columns += ["cmsis-nn", "cmsis-nn / portable", "CMSIS-NN layers"]
     columns += ["SRAM", "BitOPs", "patches", "bits", "mismatches"]
@@ -105,7 +147,8 @@ def bench_latency() -> dict:
                               + [""] * (len(columns) - 3))
             continue
         p = r["portable"]
-        line = [r["model"], r["plan"], f"{p['instructions']:,}", f"{r['relative']:.2f}×"]
+        line = [r["model"], r["plan"], f"{p['instructions']:,}", f"{r['relative']:.2f}×",
+                f"{r['vs_int8_patch']:.2f}×" if "vs_int8_patch" in r else ""]
         mismatches = [p["mismatches"]]
         if no_cmsis is None:
             c = r["cmsis-nn"]

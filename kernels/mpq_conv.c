@@ -348,6 +348,7 @@ struct mpq__conv_ctx {
     mpq__tquads_fn tquads; /* the tabled loop, or NULL */
     const mpq__wtab *tab;  /* a tabled filter's tables, else NULL */
     int32_t direct, klen, cout_g, z;
+    int32_t cols8; /* mpq__conv's cols8: sub-byte inputs unpacked into int8 columns */
     /* Every channel's requantisation takes mpq__requantize's 32-bit path (mpq__requantize32). */
     int32_t fast;
     int32_t add_fast; /* mpq__add_fast_ok(add) */
@@ -683,12 +684,62 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
 
 /* -- the int8 path: 2 output channels x 2 pixels per inner loop ---------------------------- */
 
+/* dst[i] = X[k + i] for i < n, elements of a packed buffer of 4 or 2 bits as int8 (4-bit runs
+   from a byte boundary: a byte at a time, both nibbles sign-extended). */
+static void mpq__expand_s8(const uint8_t *src, int32_t bits, uint32_t k, int32_t n, int8_t *dst)
+{
+    int32_t i = 0;
+    if (bits == 4 && (k & 1u) == 0) {
+        const uint8_t *s = src + (k >> 1);
+        for (; i + 2 <= n; i += 2, ++s) {
+            const int32_t b = (int32_t)(int8_t)*s;
+            dst[i] = (int8_t)mpq__asr32((int32_t)(int8_t)(uint8_t)((uint32_t)b << 4), 4);
+            dst[i + 1] = (int8_t)mpq__asr32(b, 4);
+        }
+    }
+    for (; i < n; ++i) {
+        dst[i] = (int8_t)mpq__ld(src, bits, k + (uint32_t)i);
+    }
+}
+
+/* mpq__im2col_s8 for 4- and 2-bit inputs (mpq_conv2d_unpacked): the same column, each
+   element unpacked to int8. */
+static void mpq__im2col_sub(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+                            int32_t oy, int32_t ox, int8_t *col)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    const int32_t cg = in->c, kw = f->w, run = f->w * in->c, bits = in->bits;
+    const int32_t ix0 = ox * p->stride_w - p->pad_left;
+    const int whole = p->dilation_w == 1 && ix0 >= 0 && ix0 + kw <= in->w;
+    int8_t *dst = col;
+    int32_t ky, kx;
+    for (ky = 0; ky < f->h; ++ky, dst += run) {
+        const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
+        if (iy < 0 || iy >= in->h) {
+            memset(dst, (uint8_t)p->input_zp, (size_t)run);
+            continue;
+        }
+        if (whole) {
+            mpq__expand_s8(src, bits, mpq__at(in, iy, ix0), run, dst);
+            continue;
+        }
+        for (kx = 0; kx < kw; ++kx) {
+            const int32_t ix = ix0 + kx * p->dilation_w;
+            if (ix < 0 || ix >= in->w) {
+                memset(dst + kx * cg, (uint8_t)p->input_zp, (size_t)cg);
+            } else {
+                mpq__expand_s8(src, bits, mpq__at(in, iy, ix), cg, dst + kx * cg);
+            }
+        }
+    }
+}
+
 /* The im2col column of output pixel (oy, ox) as raw int8 inputs (groups = 1): col[(ky*KW +
    kx)*C + ci] = X[iy, ix, ci], or input_zp for taps out of view (so x - zp is 0 there, what
    padding contributes). A row of taps wholly in view with unit dilation along W is one
    contiguous run of KW*C bytes of the input (the few-channel first layers: one copy per row
    instead of one per tap). */
-static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+static void mpq__im2col_x8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
                            int32_t oy, int32_t ox, int8_t *col)
 {
     const int8_t *src = (const int8_t *)in->data;
@@ -726,6 +777,17 @@ static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const 
                 memcpy(d, row + ix * cg, (size_t)cg);
             }
         }
+    }
+}
+
+/* The int8 column of output pixel (oy, ox) from an input of any bits. */
+static void mpq__im2col_s8(const mpq_conv_params *p, const mpq_filter *f, const mpq_view *in,
+                           int32_t oy, int32_t ox, int8_t *col)
+{
+    if (in->bits != 8) {
+        mpq__im2col_sub(p, f, in, oy, ox, col);
+    } else {
+        mpq__im2col_x8(p, f, in, oy, ox, col);
     }
 }
 
@@ -864,15 +926,37 @@ static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t s
     *vb = mpq__clamp_add(rb, zp, lo, hi);
 }
 
-/* Stores v as byte ko + o, after the fused add of skip element ks + o when `add`. */
+/* Stores v as element ko + o (a byte; with `sub` merged into a 4- or 2-bit output's byte),
+   after the fused add of skip element ks + o when `add`. */
 static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t o, int32_t v,
-                                   uint32_t ko, uint32_t ks, const int add)
+                                   uint32_t ko, uint32_t ks, const int add, const int sub)
 {
     if (add) {
         v = mpq__emit_add(c->add, c->add_fast, (const uint8_t *)c->skip->data, c->skip->bits,
                           ks + (uint32_t)o, v);
     }
-    dst[ko + (uint32_t)o] = (uint8_t)v;
+    if (sub) {
+        mpq__st(dst, c->out->bits, ko + (uint32_t)o, v);
+    } else {
+        dst[ko + (uint32_t)o] = (uint8_t)v;
+    }
+}
+
+/* Stores the outputs v0 (channel o) and, when `two`, v1 (channel o + 1) of the pixel at
+   element ko of a 4- or 2-bit output: one whole byte when both nibbles of a 4-bit byte are
+   this pair's, else element by element (mpq__st merges the byte's other elements). */
+static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, int32_t o,
+                                     int32_t v0, int32_t v1, int two)
+{
+    const uint32_t k = ko + (uint32_t)o;
+    if (bits == 4 && two && (k & 1u) == 0) {
+        dst[k >> 1] = (uint8_t)(((uint32_t)v0 & 15u) | (((uint32_t)v1 & 15u) << 4));
+        return;
+    }
+    mpq__st(dst, bits, k, v0);
+    if (two) {
+        mpq__st(dst, bits, k + 1u, v1);
+    }
 }
 
 /* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 0]:
@@ -880,9 +964,11 @@ static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t
    weight rows in pairs (mpq__block22). A 1x1 unit-stride unpadded convolution reads the input
    in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
    the scratch mpq_conv2d_scratch_size asks for), so the quad loop is the same. An odd last
-   pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add. */
+   pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add.
+   `sub`: a 4- or 2-bit output, stored in the same pair order (mpq__put2_sub; element by element
+   after a fused add). */
 static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch,
-                                         const int add)
+                                         const int add, const int sub)
 {
     const mpq_conv_params *p = c->p;
     const mpq_view *in = c->in, *out = c->out;
@@ -938,14 +1024,21 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
             mpq__out2_s8(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
             mpq__out2_s8(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
                          &v11);
-            mpq__put_s8(c, dst, o, v00, ko0, ks0, add);
+            if (sub && !add) {
+                mpq__put2_sub(dst, out->bits, ko0, o, v00, v01, two_ch);
+                if (two_px) {
+                    mpq__put2_sub(dst, out->bits, ko1, o, v10, v11, two_ch);
+                }
+                continue;
+            }
+            mpq__put_s8(c, dst, o, v00, ko0, ks0, add, sub);
             if (two_ch) {
-                mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add);
+                mpq__put_s8(c, dst, o + 1, v01, ko0, ks0, add, sub);
             }
             if (two_px) {
-                mpq__put_s8(c, dst, o, v10, ko1, ks1, add);
+                mpq__put_s8(c, dst, o, v10, ko1, ks1, add, sub);
                 if (two_ch) {
-                    mpq__put_s8(c, dst, o + 1, v11, ko1, ks1, add);
+                    mpq__put_s8(c, dst, o + 1, v11, ko1, ks1, add, sub);
                 }
             }
         }
@@ -956,23 +1049,35 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
    paths. */
 static MPQ_NOINLINE void mpq__conv_s8(const mpq__conv_ctx *c, int8_t *scratch)
 {
-    mpq__conv_s8_loop(c, scratch, 0);
+    mpq__conv_s8_loop(c, scratch, 0, 0);
 }
 
 static MPQ_NOINLINE void mpq__conv_s8_add(const mpq__conv_ctx *c, int8_t *scratch)
 {
-    mpq__conv_s8_loop(c, scratch, 1);
+    mpq__conv_s8_loop(c, scratch, 1, 0);
 }
 
-/* Does the call take mpq__conv_s8: 8-bit linear weights, inputs and outputs, one group, the
-   32-bit requantisation, and a fused add whose skip is either apart from the output or the
-   very same elements (the pair order then still reads each skip element just before its sum
-   overwrites it)? */
+static MPQ_NOINLINE void mpq__conv_s8_sub(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 0, 1);
+}
+
+static MPQ_NOINLINE void mpq__conv_s8_add_sub(const mpq__conv_ctx *c, int8_t *scratch)
+{
+    mpq__conv_s8_loop(c, scratch, 1, 1);
+}
+
+/* Does the call take mpq__conv_s8: 8-bit linear weights and inputs (or int8 columns, cols8),
+   outputs of any bits (4-/2-bit ones merged element by element: mpq__conv_s8_sub and
+   mpq__conv_s8_add_sub), one group, the 32-bit requantisation, and a fused add whose skip is
+   either apart from the output or the very same elements (the pair order then still reads each
+   skip element just before its sum overwrites it; a sub-byte store keeps the byte's other
+   elements)? */
 static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
     if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
-        || c->in->bits != 8 || out->bits != 8 || c->p->groups != 1 || !c->fast) {
+        || (c->in->bits != 8 && !c->cols8) || c->p->groups != 1 || !c->fast) {
         return 0;
     }
     return c->add == NULL || sk->data != out->data
@@ -986,9 +1091,11 @@ static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
    at a time; the rest through mpq__conv_any. */
 static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
                      const mpq_view *in, const mpq_add_params *add, const mpq_view *skip,
-                     const mpq_view *out, int16_t *scratch, const mpq__wtab *t)
+                     const mpq_view *out, int16_t *scratch, const mpq__wtab *t, int cols8)
 {
-    const int direct = mpq__conv_direct(p, f, in, out);
+    /* cols8 (mpq_conv2d_unpacked): the int8 path on columns unpacked from any input bits,
+       never read in place (the caller has the two columns' scratch) */
+    const int direct = !cols8 && mpq__conv_direct(p, f, in, out);
     const int32_t klen = f->h * f->w * f->c;
     const uint8_t *src = (const uint8_t *)in->data;
     const int depthwise = f->c == 1 && f->n == p->groups && p->groups > 1
@@ -1010,6 +1117,7 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     c.skip = skip;
     c.add = add;
     c.direct = direct;
+    c.cols8 = cols8;
     c.quads = NULL;
     c.tquads = NULL;
     c.tab = t;
@@ -1043,8 +1151,12 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
         return MPQ_OK;
     }
     if (mpq__conv_s8_ok(&c)) {
-        if (add != NULL) {
+        if (add != NULL && out->bits != 8) {
+            mpq__conv_s8_add_sub(&c, (int8_t *)scratch);
+        } else if (add != NULL) {
             mpq__conv_s8_add(&c, (int8_t *)scratch);
+        } else if (out->bits != 8) {
+            mpq__conv_s8_sub(&c, (int8_t *)scratch);
         } else {
             mpq__conv_s8(&c, (int8_t *)scratch);
         }
@@ -1079,7 +1191,7 @@ static MPQ_NOINLINE int mpq__conv_tab(const mpq_conv_params *p, const mpq_filter
 {
     mpq__wtab tab;
     mpq__wtab_build(f, &tab);
-    return mpq__conv(p, f, q, in, add, skip, out, scratch, &tab);
+    return mpq__conv(p, f, q, in, add, skip, out, scratch, &tab, 0);
 }
 
 /* mpq__conv, through mpq__conv_tab for a tabled filter. */
@@ -1091,7 +1203,7 @@ static int mpq__conv_run(const mpq_conv_params *p, const mpq_filter *f,
     if (mpq__tabled(f)) {
         return mpq__conv_tab(p, f, q, in, add, skip, out, scratch);
     }
-    return mpq__conv(p, f, q, in, add, skip, out, scratch, NULL);
+    return mpq__conv(p, f, q, in, add, skip, out, scratch, NULL, 0);
 }
 
 int mpq_conv2d(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
@@ -1132,4 +1244,124 @@ int mpq_conv2d_add(const mpq_conv_params *p, const mpq_filter *f, const mpq_chan
         return MPQ_ERR_BITS;
     }
     return mpq__conv_run(p, f, q, in, add, skip, out, scratch);
+}
+
+/* -- sub-byte operands unpacked to int8: mpq_conv2d_unpacked ---------------------------------- */
+
+/* Does the filter need decoding to int8 (anything but 8-bit linear weights)? */
+static int mpq__needs_decode(const mpq_filter *f)
+{
+    return f->bits != 8 || f->format != MPQ_WFMT_LINEAR;
+}
+
+/* Bytes of int8 weights mpq_conv2d_unpacked unpacks into the front of its scratch (4-byte
+   aligned, so the columns after them stay aligned); 0 for 8-bit linear weights. */
+static int32_t mpq__unpacked_bytes(const mpq_filter *f)
+{
+    return mpq__needs_decode(f) ? (f->n * f->h * f->w * f->c + 3) & ~3 : 0;
+}
+
+/* Is the call one mpq_conv2d_unpacked takes: one group and a sub-byte (or tabled) operand. */
+static int mpq__unpacked_check(const mpq_conv_params *p, const mpq_filter *f,
+                               const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__conv_check(p, f, in, out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    return p->groups == 1 && (in->bits != 8 || mpq__needs_decode(f)) ? MPQ_OK : MPQ_ERR_BITS;
+}
+
+int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
+                                         const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__unpacked_check(p, f, in, out);
+    const int cols = in != NULL && in->bits != 8;
+    if (err != MPQ_OK) {
+        return err;
+    }
+    return mpq__unpacked_bytes(f)
+           + (!cols && mpq__conv_direct(p, f, in, out) ? 0 : 2 * f->h * f->w * f->c);
+}
+
+int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                        const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                        int16_t *scratch)
+{
+    const int err = mpq__unpacked_check(p, f, in, out);
+    const uint8_t *codes;
+    int8_t *w8;
+    mpq_filter f8;
+    uint32_t k, nk;
+    int32_t wbytes;
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (q == NULL || q->multiplier == NULL || q->shift == NULL || scratch == NULL
+        || !mpq__act_ok(p->act_min, p->act_max, out->bits)) {
+        return MPQ_ERR_ARG;
+    }
+    f8 = *f;
+    wbytes = mpq__unpacked_bytes(f);
+    if (wbytes > 0) {
+        /* Every code decodes to its int8 value (mpq__wval: linear, codebook or power of two),
+           so the int8 path's products are the filter's, bit for bit. */
+        codes = (const uint8_t *)f->data;
+        w8 = (int8_t *)scratch;
+        nk = (uint32_t)(f->n * f->h * f->w * f->c);
+        for (k = 0; k < nk; ++k) {
+            w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
+        }
+        f8.data = w8;
+        f8.bits = 8;
+        f8.format = MPQ_WFMT_LINEAR;
+        f8.codebook = NULL;
+    }
+    return mpq__conv(p, &f8, q, in, NULL, NULL, out,
+                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
+}
+
+int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                            const mpq_channel_quant *q, const mpq_view *in,
+                            const mpq_add_params *add, const mpq_view *skip,
+                            const mpq_view *out, int16_t *scratch)
+{
+    int err = mpq__unpacked_check(p, f, in, out);
+    const uint8_t *codes;
+    int8_t *w8;
+    mpq_filter f8;
+    uint32_t k, nk;
+    int32_t wbytes;
+    if (err != MPQ_OK || (err = mpq__view_check(skip)) != MPQ_OK) {
+        return err;
+    }
+    /* mpq_conv2d_add's argument rules */
+    if (q == NULL || q->multiplier == NULL || q->shift == NULL || add == NULL || scratch == NULL
+        || !mpq__act_ok(p->act_min, p->act_max, 8)
+        || !mpq__act_ok(add->act_min, add->act_max, out->bits)
+        || !mpq__in_range(add->a_zp, skip->bits) || !mpq__in_range(add->b_zp, 8)
+        || add->left_shift < 0 || add->left_shift > 31
+        || skip->h != out->h || skip->w != out->w || skip->c != out->c
+        || skip->data == in->data) {
+        return MPQ_ERR_ARG;
+    }
+    if (!mpq__alias_ok(skip, out)) {
+        return MPQ_ERR_BITS;
+    }
+    f8 = *f;
+    wbytes = mpq__unpacked_bytes(f);
+    if (wbytes > 0) {
+        codes = (const uint8_t *)f->data;
+        w8 = (int8_t *)scratch;
+        nk = (uint32_t)(f->n * f->h * f->w * f->c);
+        for (k = 0; k < nk; ++k) {
+            w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
+        }
+        f8.data = w8;
+        f8.bits = 8;
+        f8.format = MPQ_WFMT_LINEAR;
+        f8.codebook = NULL;
+    }
+    return mpq__conv(p, &f8, q, in, add, skip, out,
+                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
 }

@@ -133,6 +133,165 @@ static MPQ_NOINLINE uint32_t mpq__dw_weights(const mpq_filter *f, uint32_t wk, i
     return wsum;
 }
 
+/* -- 4-bit channel pairs ------------------------------------------------------------------- */
+
+/* The output value of accumulator acc with channel quantisation (m, sh) (mpq__dw_put's). */
+static MPQ_INLINE int32_t mpq__dw_value(uint32_t acc, int32_t m, int32_t sh, int fast,
+                                        int32_t zp, int32_t lo, int32_t hi)
+{
+    if (fast) {
+        return mpq__clamp_add(mpq__requantize32(mpq__i32(acc), m, sh), zp, lo, hi);
+    }
+    return mpq__output(acc, m, sh, zp, lo, hi);
+}
+
+/* The low / high nibble of byte b, sign-extended and times 16 (a signed byte's top bits). */
+static MPQ_INLINE int32_t mpq__nib_lo16(int32_t b)
+{
+    return (int32_t)(int8_t)(uint8_t)((uint32_t)b << 4);
+}
+
+static MPQ_INLINE int32_t mpq__nib_hi16(int32_t b)
+{
+    return (int32_t)(int8_t)(uint8_t)((uint32_t)b & 0xF0u);
+}
+
+/* mpq_depthwise_inplace for 4-bit input and output with an even channel count and decodable
+   weights of at most MPQ_DW_TAPS taps: channels in pairs (2c, 2c + 1), which share every byte
+   of the tensor. The pair's padded input plane is saved as those raw bytes (one byte per
+   pixel: the scratch of one 8-bit channel), each output byte holds both results and is
+   written whole, over input bytes of the same pair already saved (so the in-place rule
+   holds). Sums are kept times 16 - a nibble at the top of a byte is 16x its value, which
+   SXTB16 takes as is - and divided back exactly before the bias: |sum| <= 25*8*128*16. */
+static void mpq__dw_pairs4(const mpq_conv_params *p, const mpq_filter *f,
+                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                           int8_t *scratch, int32_t ph, int32_t pw, int32_t pr)
+{
+    const int32_t taps = f->h * f->w;
+    const int k3 = f->h == 3 && f->w == 3;
+    const int32_t out_w = out->w, out_h = out->h, out_c = out->c;
+    const int32_t sh = p->stride_h, sw = p->stride_w, dh = p->dilation_h, dw = p->dilation_w;
+    const int32_t rs = dh * pw;
+    const int32_t zp = p->input_zp, lo = p->act_min, hi = p->act_max, ozp = p->output_zp;
+    const uint8_t pad = (uint8_t)(((uint32_t)zp & 15u) * 0x11u);
+    const uint8_t *src = (const uint8_t *)in->data;
+    uint8_t *dst = (uint8_t *)out->data;
+    const uint32_t kstep = (uint32_t)out_c >> 1;  /* bytes per output pixel */
+    int32_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
+    int32_t ch, r, t, oy, ox, ky, kx;
+    (void)k3;
+    for (ch = 0; ch < in->c; ch += 2) {
+        const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ch * taps), taps, wa);
+        const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ch + 1) * taps), taps, wb);
+        const uint32_t acca = (q->bias != NULL ? (uint32_t)q->bias[ch] : 0u)
+                              - (uint32_t)zp * suma;
+        const uint32_t accb = (q->bias != NULL ? (uint32_t)q->bias[ch + 1] : 0u)
+                              - (uint32_t)zp * sumb;
+        const int32_t ma = q->multiplier[ch], sa = q->shift[ch];
+        const int32_t mb = q->multiplier[ch + 1], sb = q->shift[ch + 1];
+        const int fa = sa <= 0 && sa >= -30 && ma >= 0, fb = sb <= 0 && sb >= -30 && mb >= 0;
+#if MPQ_USE_DSP
+        const int32_t a02a = k3 ? mpq__halves(wa[0], wa[2]) : 0, a1a = k3 ? wa[1] : 0;
+        const int32_t a02b = k3 ? mpq__halves(wa[3], wa[5]) : 0, a1b = k3 ? wa[4] : 0;
+        const int32_t a02c = k3 ? mpq__halves(wa[6], wa[8]) : 0, a1c = k3 ? wa[7] : 0;
+        const int32_t b02a = k3 ? mpq__halves(wb[0], wb[2]) : 0, b1a = k3 ? wb[1] : 0;
+        const int32_t b02b = k3 ? mpq__halves(wb[3], wb[5]) : 0, b1b = k3 ? wb[4] : 0;
+        const int32_t b02c = k3 ? mpq__halves(wb[6], wb[8]) : 0, b1c = k3 ? wb[7] : 0;
+#endif
+        /* the pair's padded plane: byte per pixel, padding = the zero point in both nibbles */
+        for (r = 0; r < ph; ++r) {
+            int8_t *row = scratch + r * pw;
+            const int32_t iy = r - p->pad_top;
+            if (iy < 0 || iy >= in->h) {
+                memset(row, pad, (size_t)pw);
+                continue;
+            }
+            memset(row, pad, (size_t)p->pad_left);
+            {
+                const uint8_t *s = src + ((mpq__at(in, iy, 0) + (uint32_t)ch) >> 1);
+                const int32_t w = in->w, step = in->c >> 1;
+                int8_t *d = row + p->pad_left;
+                int32_t x;
+                for (x = 0; x + 4 <= w; x += 4, s += 4 * step) {
+                    const uint8_t v0 = s[0], v1 = s[step], v2 = s[2 * step], v3 = s[3 * step];
+                    d[x] = (int8_t)v0;
+                    d[x + 1] = (int8_t)v1;
+                    d[x + 2] = (int8_t)v2;
+                    d[x + 3] = (int8_t)v3;
+                }
+                for (; x < w; ++x, s += step) {
+                    d[x] = (int8_t)s[0];
+                }
+            }
+            memset(row + p->pad_left + in->w, pad, (size_t)pr);
+        }
+        for (oy = 0; oy < out_h; ++oy) {
+            const int8_t *line = scratch + oy * sh * pw;
+            uint8_t *o = dst + ((mpq__at(out, oy, 0) + (uint32_t)ch) >> 1);
+            ox = 0;
+#if MPQ_USE_DSP
+            /* 3x3 along W at unit dilation, two neighbouring outputs of both channels: as
+               mpq_depthwise_inplace's int8 loops, on the word's nibbles (times 16) */
+            if (k3 && dw == 1 && (sw == 1 || sw == 2)) {
+                for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
+                    const int8_t *b = line + sw * ox;
+                    int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, ya, yb, v, l, h, l02, l13, h02, h13;
+#define MPQ__DW_PAIR_ROW(OFF, A02, A1, A2, B02, B1, B2)                                         \
+    v = mpq__word(b + (OFF));                                                                  \
+    l = mpq__i32(((uint32_t)v << 4) & 0xF0F0F0F0u);                                            \
+    h = mpq__i32((uint32_t)v & 0xF0F0F0F0u);                                                   \
+    l02 = mpq__sxtb16(l);                                                                      \
+    l13 = mpq__sxtb16_r8(l);                                                                   \
+    h02 = mpq__sxtb16(h);                                                                      \
+    h13 = mpq__sxtb16_r8(h);                                                                   \
+    x0 = mpq__smlabb(l13, A1, mpq__smlad(l02, A02, x0));                                       \
+    y0 = mpq__smlabb(h13, B1, mpq__smlad(h02, B02, y0));                                       \
+    if (sw == 1) {                                                                             \
+        x1 = mpq__smlatb(l02, A1, mpq__smlad(l13, A02, x1));                                   \
+        y1 = mpq__smlatb(h02, B1, mpq__smlad(h13, B02, y1));                                   \
+    } else {                                                                                   \
+        const int32_t e = b[(OFF) + 4];                                                        \
+        x1 = mpq__smlabb(mpq__nib_lo16(e), A2,                                                 \
+                         mpq__smlatb(l13, A1, mpq__smlatb(l02, A02, x1)));                     \
+        y1 = mpq__smlabb(mpq__nib_hi16(e), B2,                                                 \
+                         mpq__smlatb(h13, B1, mpq__smlatb(h02, B02, y1)));                     \
+    }
+                    MPQ__DW_PAIR_ROW(0, a02a, a1a, wa[2], b02a, b1a, wb[2])
+                    MPQ__DW_PAIR_ROW(rs, a02b, a1b, wa[5], b02b, b1b, wb[5])
+                    MPQ__DW_PAIR_ROW(2 * rs, a02c, a1c, wa[8], b02c, b1c, wb[8])
+#undef MPQ__DW_PAIR_ROW
+                    ya = mpq__dw_value(acca + (uint32_t)mpq__asr32(x0, 4), ma, sa, fa, ozp, lo,
+                                       hi);
+                    yb = mpq__dw_value(accb + (uint32_t)mpq__asr32(y0, 4), mb, sb, fb, ozp, lo,
+                                       hi);
+                    o[0] = (uint8_t)(((uint32_t)ya & 15u) | ((uint32_t)yb << 4));
+                    ya = mpq__dw_value(acca + (uint32_t)mpq__asr32(x1, 4), ma, sa, fa, ozp, lo,
+                                       hi);
+                    yb = mpq__dw_value(accb + (uint32_t)mpq__asr32(y1, 4), mb, sb, fb, ozp, lo,
+                                       hi);
+                    o[kstep] = (uint8_t)(((uint32_t)ya & 15u) | ((uint32_t)yb << 4));
+                }
+            }
+#endif
+            for (; ox < out_w; ++ox, o += kstep) {
+                const int8_t *base = line + ox * sw;
+                int32_t x = 0, y = 0, ya, yb;
+                for (ky = 0, t = 0; ky < f->h; ++ky) {
+                    const int8_t *row = base + ky * rs;
+                    for (kx = 0; kx < f->w; ++kx, ++t) {
+                        const int32_t e = row[kx * dw];
+                        x += wa[t] * mpq__nib_lo16(e);
+                        y += wb[t] * mpq__nib_hi16(e);
+                    }
+                }
+                ya = mpq__dw_value(acca + (uint32_t)mpq__asr32(x, 4), ma, sa, fa, ozp, lo, hi);
+                yb = mpq__dw_value(accb + (uint32_t)mpq__asr32(y, 4), mb, sb, fb, ozp, lo, hi);
+                o[0] = (uint8_t)(((uint32_t)ya & 15u) | ((uint32_t)yb << 4));
+            }
+        }
+    }
+}
+
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                           int8_t *scratch)
@@ -160,6 +319,10 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
     }
     ph = p->pad_top + in->h + pb;
     pw = p->pad_left + in->w + pr;
+    if (in->bits == 4 && (in->c & 1) == 0 && table) {
+        mpq__dw_pairs4(p, f, q, in, out, scratch, ph, pw, pr);
+        return MPQ_OK;
+    }
     o.lo = p->act_min;
     o.hi = p->act_max;
     o.zp = p->output_zp;

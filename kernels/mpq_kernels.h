@@ -2,7 +2,9 @@
  *
  * Plain C99 shipped with mpq (`kernels/` in its source tree); `mpq export` copies the files
  * a plan's kernels need into the export, unchanged. One file per kernel family:
- *   mpq_conv.c             mpq_conv2d, mpq_conv2d_add, mpq_conv2d_scratch_size
+ *   mpq_conv.c             mpq_conv2d, mpq_conv2d_add, mpq_conv2d_scratch_size,
+ *                          mpq_conv2d_unpacked, mpq_conv2d_add_unpacked,
+ *                          mpq_conv2d_unpacked_scratch_size
  *   mpq_depthwise.c        mpq_depthwise_inplace, mpq_depthwise_inplace_scratch_size
  *   mpq_fully_connected.c  mpq_fully_connected
  *   mpq_add.c              mpq_add
@@ -43,9 +45,10 @@
  *  - Every kernel returns MPQ_OK or a negative MPQ_ERR_* code, having checked its arguments
  *    before touching any output.
  *  - Unless a kernel says otherwise, its output must not overlap its inputs.
- *  - Partial overlap (vMCU; mpq.memory.overlap_shift): mpq_conv2d, mpq_packed_conv2d,
- *    mpq_avgpool and mpq_maxpool write the output pixels in raster order, one or two (a pair
- *    of consecutive pixels) at a time, each only after reading every input element it needs;
+ *  - Partial overlap (vMCU; mpq.memory.overlap_shift): mpq_conv2d, mpq_conv2d_unpacked,
+ *    mpq_packed_conv2d, mpq_avgpool and mpq_maxpool write the output pixels in raster order,
+ *    one or two (a pair of consecutive pixels) at a time, each only after reading every input
+ *    element it needs;
  *    so an output stored D bytes before the input's start is exact when, for every pixel
  *    pair, its last written byte lies D bytes before the first input byte that pair or a later
  *    pixel still reads. The planner places outputs only there; any new fast path must keep
@@ -200,7 +203,10 @@ int32_t mpq_depthwise_inplace_scratch_size(const mpq_conv_params *p, const mpq_f
  * input_zp padding), then that channel's outputs are written. An output element of channel ch
  * is stored at an index == ch (mod C), i.e. over input channel ch, which is already saved; so
  * `out` may share storage with `in` when both views start at the same element (same `data`,
- * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1]. */
+ * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1].
+ * 4-bit tensors with an even C and at most 5x5 taps go by channel pairs instead: the pair's
+ * bytes (both nibbles) are saved - the same scratch, a byte per padded pixel - and each output
+ * byte holds both channels' results, written whole over bytes of the same pair. */
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                           int8_t *scratch);
@@ -225,7 +231,9 @@ int mpq_add(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const
  *   v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt   (C truncating division)
  *   Y = clamp(v, act_min, act_max)
  * The sum is kept in a register: no scratch. Input and output share the quantisation (no
- * requantisation); a window with no tap in view gives clamp(0). */
+ * requantisation); a window with no tap in view gives clamp(0). 4-bit inputs with an even C
+ * are summed by channel pairs (both nibbles of each byte; eight channels a word with the DSP,
+ * for windows of at most 256 taps). */
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* Max pooling: Y = clamp(max over the in-view taps, act_min, act_max); a window with no tap
@@ -365,6 +373,34 @@ typedef struct { const int8_t *table; } mpq_activation_params;
  * be the very same view as `in` (each element is read before it is written); views sharing
  * `data` with different bits are refused (MPQ_ERR_BITS). No scratch. */
 int mpq_activation(const mpq_activation_params *p, const mpq_view *in, const mpq_view *out);
+
+/* -- sub-byte operands unpacked to int8 (mpq_conv.c; issue 15) ------------------------------
+ *
+ * mpq_conv2d's arithmetic (groups = 1) through its int8 path (2 output channels x 2 pixels per
+ * SMLAD block) for layers whose weights are sub-byte or tabled (any format; typically a
+ * model's 8-bit-input first layer) and/or whose input is 4- or 2-bit: the weights are decoded
+ * once per call to int8 at the front of `scratch`, and a sub-byte input is unpacked into the
+ * int8 path's two im2col columns (also for 1x1 layers, which mpq_conv2d reads in place).
+ * Outputs of any bits, stored in the same pair order. Same bits as mpq_conv2d, for the scratch
+ * below. MPQ_ERR_BITS for groups > 1 or 8-bit input with 8-bit linear weights. */
+
+/* Bytes of 4-byte aligned scratch of mpq_conv2d_unpacked: align4(n*KH*KW*Cin) for the int8
+   weights (0 for 8-bit linear ones) plus 2*KH*KW*Cin for the columns (0 for an 8-bit input
+   that mpq_conv2d reads in place). */
+int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_filter *f,
+                                         const mpq_view *in, const mpq_view *out);
+
+/* mpq_conv2d (groups = 1) through the int8 path on unpacked operands. */
+int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                        const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                        int16_t *scratch);
+
+/* mpq_conv2d_add (the same arguments, views and aliasing rules) through the int8 path on
+   unpacked operands; scratch as mpq_conv2d_unpacked_scratch_size. */
+int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
+                            const mpq_channel_quant *q, const mpq_view *in,
+                            const mpq_add_params *add, const mpq_view *skip,
+                            const mpq_view *out, int16_t *scratch);
 
 /* -- packed sub-byte kernels (mpq_packed.c; issue 15 item 2) ----------------------------------
  *

@@ -114,6 +114,84 @@ static void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in, const 
     }
 }
 
+/* mpq_avgpool for 4-bit inputs with an even channel count: the channels in pairs, which share
+   every input byte, both sums from that byte (each nibble sign-extended times 16: the top of a
+   signed byte). With the DSP and C a multiple of 8, eight channels per word: the words' low
+   and high nibbles masked to the top of their bytes, SXTAB16 adds them to four halfword pairs,
+   which hold 16 * sum exactly for windows of at most 256 taps (|16 * sum| <= 2^15). A 4-bit
+   output pair is written as one byte. */
+static void mpq__avgpool_x4(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    uint8_t *dst = (uint8_t *)out->data;
+    const int32_t c = out->c, lo = p->act_min, hi = p->act_max, obits = out->bits;
+    const uint32_t step = (uint32_t)c >> 1;  /* bytes per input pixel */
+    int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi, i;
+    for (oy = 0; oy < out->h; ++oy) {
+        mpq__window(oy * p->stride_h - p->pad_top, p->kernel_h, in->h, &ylo, &yhi);
+        for (ox = 0; ox < out->w; ++ox) {
+            const uint32_t ko = mpq__at(out, oy, ox);
+            int32_t cnt, v[8];
+            mpq__window(ox * p->stride_w - p->pad_left, p->kernel_w, in->w, &xlo, &xhi);
+            cnt = (yhi - ylo) * (xhi - xlo);
+            for (ch = 0; ch < c; ch += 2) {
+                int n = 2;
+#if MPQ_USE_DSP
+                if (c % 8 == 0 && cnt <= 256) {
+                    int32_t l02 = 0, l13 = 0, h02 = 0, h13 = 0;
+                    for (y = ylo; y < yhi; ++y) {
+                        const uint8_t *s = src + ((mpq__at(in, y, xlo) + (uint32_t)ch) >> 1);
+                        for (x = xlo; x < xhi; ++x, s += step) {
+                            const uint32_t w = (uint32_t)mpq__word(s);
+                            const int32_t l = mpq__i32((w << 4) & 0xF0F0F0F0u);
+                            const int32_t h = mpq__i32(w & 0xF0F0F0F0u);
+                            l02 = mpq__sxtab16(l02, l);
+                            l13 = mpq__sxtab16_r8(l13, l);
+                            h02 = mpq__sxtab16(h02, h);
+                            h13 = mpq__sxtab16_r8(h13, h);
+                        }
+                    }
+                    /* channel 2j: low nibble of byte j; 2j + 1: its high nibble */
+                    v[0] = mpq__pool_lo(l02);
+                    v[1] = mpq__pool_lo(h02);
+                    v[2] = mpq__pool_lo(l13);
+                    v[3] = mpq__pool_lo(h13);
+                    v[4] = mpq__pool_hi(l02);
+                    v[5] = mpq__pool_hi(h02);
+                    v[6] = mpq__pool_hi(l13);
+                    v[7] = mpq__pool_hi(h13);
+                    n = 8;
+                } else
+#endif
+                {
+                    int32_t sl = 0, sh = 0;
+                    for (y = ylo; y < yhi; ++y) {
+                        const uint8_t *s = src + ((mpq__at(in, y, xlo) + (uint32_t)ch) >> 1);
+                        for (x = xlo; x < xhi; ++x, s += step) {
+                            sl += (int32_t)(int8_t)(uint8_t)((uint32_t)s[0] << 4);
+                            sh += (int32_t)(int8_t)(uint8_t)(s[0] & 0xF0u);
+                        }
+                    }
+                    v[0] = sl;
+                    v[1] = sh;
+                }
+                for (i = 0; i < n; i += 2) {
+                    const int32_t a = mpq__avg(mpq__asr32(v[i], 4), cnt, lo, hi);
+                    const int32_t b = mpq__avg(mpq__asr32(v[i + 1], 4), cnt, lo, hi);
+                    const uint32_t k = ko + (uint32_t)(ch + i);
+                    if (obits == 4) {
+                        dst[k >> 1] = (uint8_t)(((uint32_t)a & 15u) | ((uint32_t)b << 4));
+                    } else {
+                        mpq__st(dst, obits, k, a);
+                        mpq__st(dst, obits, k + 1u, b);
+                    }
+                }
+                ch += n - 2;
+            }
+        }
+    }
+}
+
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
 {
     int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
@@ -125,6 +203,10 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     }
     if (in->bits == 8 && out->bits == 8) {
         mpq__avgpool_s8(p, in, out);
+        return MPQ_OK;
+    }
+    if (in->bits == 4 && in->c % 2 == 0 && in->data != out->data) {
+        mpq__avgpool_x4(p, in, out);
         return MPQ_OK;
     }
     src = (const uint8_t *)in->data;

@@ -293,6 +293,23 @@ def packed_layers(graph: Any, core: str, shape: CodeShape | None,
     return frozenset(out)
 
 
+def unpacked_layers(graph: Any, shape: CodeShape | None, in_bits: Any,
+                    weights: Any) -> frozenset[str]:
+    """The layer-based conv2d nodes whose operands suit `mpq_conv2d_unpacked`
+    (`codegen.packed.unpack_eligible`: a sub-byte input or non-int8 weights, groups 1, not
+    fused): a superset of those an export runs through it (it also needs the unpacked operands
+    to fit the plan's scratch, and the packed kernels go first), so the code counted for them
+    is a bound. `weights(node) -> (bits, linear?)`."""
+    from mpq.codegen.packed import unpack_eligible
+
+    _, fused_convs, inplace, skip = _conv_sets(graph, shape)
+    return frozenset(
+        n.name for n in graph.nodes
+        if n.op == "conv2d" and n.weight is not None and n.name not in skip
+        and unpack_eligible(n, in_bits(n.inputs[0]), weights(n)[0], n.name in fused_convs,
+                            n.name in inplace, weights(n)[1]) is None)
+
+
 def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int:
     """Flash the packed kernels' weight layout adds (`codegen.packed.pack_filter`): each row
     padded to a multiple of 16 values, against the plain packed array (4-byte aligned)."""
@@ -306,10 +323,12 @@ def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int
 
 
 def layer_kernels(graph: Any, shape: CodeShape | None = None,
-                  packed: frozenset[str] = frozenset()) -> list[str]:
+                  packed: frozenset[str] = frozenset(),
+                  unpacked: frozenset[str] = frozenset()) -> list[str]:
     """The kernel each layer-based node calls in an export (none for reshapes, adds fused
     into their convolution and the patch stage's nodes), as `codegen.export._Builder._portable`
-    chooses it; `packed` names the layers on the packed sub-byte kernels."""
+    chooses it; `packed` names the layers on the packed sub-byte kernels, `unpacked` those on
+    `mpq_conv2d_unpacked`."""
     fused, fused_convs, inplace, skip = _conv_sets(graph, shape)
     out = []
     for n in graph.nodes:
@@ -317,6 +336,8 @@ def layer_kernels(graph: Any, shape: CodeShape | None = None,
             continue
         if n.name in packed:
             out.append("packed_conv2d_add" if n.name in fused_convs else f"packed_{n.op}")
+        elif n.name in unpacked:
+            out.append("conv2d_add_unpacked" if n.name in fused_convs else "conv2d_unpacked")
         elif n.op == "conv2d":
             out.append("conv2d_add" if n.name in fused_convs else
                        "depthwise_inplace" if n.name in inplace else "conv2d")
@@ -435,22 +456,37 @@ def _stage_call_bytes(entry: dict[str, Any], stage: dict[str, Any], kernel: str,
     return int(layer.get(kernel, median_call)) + delta
 
 
+#: A kernel family that wraps another (the same sources, one more entry point): where the code
+#: table lacks it (until `tools/code_sizes.py` runs again), it is bounded by the other's symbols
+#: and calls plus `WRAPPER_BYTES`.
+_FAMILY_BASIS = {"conv2d_unpacked": "conv2d", "conv2d_add_unpacked": "conv2d_add"}
+#: A bound on such an entry point, measured with nm when they were added (arm-none-eabi-gcc
+#: 12.2 -O2, Cortex-M0+ and M4): mpq_conv2d_unpacked 414-446 B, mpq_conv2d_add_unpacked
+#: 692-712 B.
+WRAPPER_BYTES = 768
+
+
 def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
                          shape: CodeShape | None = None,
-                         packed: frozenset[str] = frozenset(), either: bool = False) -> int:
+                         packed: frozenset[str] = frozenset(), either: bool = False,
+                         unpacked: frozenset[str] = frozenset()) -> int:
     """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
     (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
     in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); with a patch stage
     (`shape`) its calls, geometry tables, patch loop and VDPC test, measured the same way. A
     family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
     entry = _cpu_entry(cpu)
-    kernels = layer_kernels(graph, shape, packed)
+    unpacked = unpacked - packed
+    kernels = layer_kernels(graph, shape, packed, unpacked)
     calls_in_stage = stage_calls(graph, shape) if shape is not None else []
     families = set(kernels) | {k for k, _ in calls_in_stage}
     if shape is not None and shape.lines:
         families.add("copy_view")  # the line buffers' copies
-    plain = layer_kernels(graph, shape) if either else kernels
-    families |= set(plain)  # `either`: a bound over packed or not, per layer
+    # `either`: a bound over packed or not, per layer; the `unpacked` layers may run
+    # mpq_conv2d instead (weights too large for the plan's scratch): a bound over both
+    plain = layer_kernels(graph, shape) if either else \
+        layer_kernels(graph, shape, packed) if unpacked else kernels
+    families |= set(plain)
     if entry is None:  # no table at all (a broken install): the old estimate
         return 8192 + UNKNOWN_FAMILY_BYTES * len(families)
     per_call = entry["per_call"]
@@ -460,9 +496,14 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
     for family in sorted(families):
         if family in entry["families"]:
             symbols.update(entry["families"][family])
+        elif family in _FAMILY_BASIS and _FAMILY_BASIS[family] in entry["families"]:
+            # a family the table has not measured yet: the one it wraps, plus the unknown bound
+            symbols.update(entry["families"][_FAMILY_BASIS[family]])
+            unknown += WRAPPER_BYTES
         else:
             unknown += UNKNOWN_FAMILY_BYTES
-    calls = sum(max(per_call.get(k, median_call), per_call.get(q, median_call))
+    calls = sum(max(per_call.get(k, per_call.get(_FAMILY_BASIS.get(k, k), median_call)),
+                    per_call.get(q, median_call))
                 for k, q in zip(kernels, plain, strict=True))
     if shape is not None:
         stage = _stage_entry(entry, shape.vdpc)

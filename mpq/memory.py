@@ -467,15 +467,15 @@ def check_io(io: str, where: str = "--io") -> str:
 
 def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16",
                         shape: Any = None, packed: frozenset[str] = frozenset(),
-                        either: bool = False) -> int:
+                        either: bool = False, unpacked: frozenset[str] = frozenset()) -> int:
     """Flash of the code and constant call blocks an export of `graph` links for `cpu`
     (`core/fpu`), predicted from sizes measured with arm-none-eabi-gcc per kernel family and
     per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`); `shape` (a
     `budget.CodeShape`) describes a patch stage, `packed` the layers on the packed sub-byte
-    kernels."""
+    kernels, `unpacked` those that may take mpq_conv2d_unpacked."""
     from mpq.budget import predicted_code_bytes
 
-    return predicted_code_bytes(graph, cpu, shape, packed, either)
+    return predicted_code_bytes(graph, cpu, shape, packed, either, unpacked)
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:

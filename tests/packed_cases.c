@@ -9,7 +9,15 @@
  * mpq_packed_pack) and through the library's reference kernel (mpq_conv2d /
  * mpq_fully_connected) on identically pre-filled output buffers; every byte must agree. One
  * line per kind and mix: "<kind> a<b>w<b> cases=<n> bad=<mismatching cases> sum=<checksum of
- * the outputs>", the same on every target. Exit code 0 when no case mismatched.
+ * the outputs>", the same on every target. Exit code 0 when no case mismatched. Then the same
+ * for mpq_conv2d_unpacked (8-bit input with 4-, 2- and 3-bit weights of every format, 4- and
+ * 2-bit input with 8-bit weights, 4-bit input with 3-bit weights; 1x1 and KxK; and fused with
+ * a residual add, mpq_conv2d_add_unpacked against mpq_conv2d_add: kind unpackadd)
+ * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; and 400 4-bit
+ * depthwise layers through mpq_depthwise_inplace's channel-pair path (in place) against
+ * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights); and
+ * 200 4-bit average poolings (mpq_avgpool's channel-pair path) against the formula computed
+ * in this file: kind avgpool, mix a4o4 (4-bit input, any output bits).
  */
 #include <stdint.h>
 #include <string.h>
@@ -415,6 +423,419 @@ static int fc_case(int32_t abits, int32_t wbits, uint32_t *sum)
     return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
 }
 
+static int16_t scratch_u[4096];
+static int8_t codebook[16];
+
+/* Random codes of n rows of k weights of `wbits` bits in format fmt (CODEBOOK: a random
+   table of int8 entries; POW2 and LINEAR codes: any code the format's decoding takes). */
+static void fill_codes(int32_t wbits, int32_t fmt, int32_t n, int32_t k, int mode)
+{
+    int32_t i;
+    if (fmt == MPQ_WFMT_LINEAR) {
+        fill_weights(wbits, n, k, mode);
+        return;
+    }
+    memset(wts, 0, sizeof wts);
+    for (i = 0; i < 16; ++i) {
+        codebook[i] = (int8_t)(mode == 1 ? -128 : mode == 2 ? 127 : rint_(-128, 127));
+    }
+    for (i = 0; i < n * k; ++i) {
+        const uint32_t u = (uint32_t)rint_(0, (1 << wbits) - 1);
+        const uint32_t bit = (uint32_t)i * (uint32_t)wbits;
+        /* codes of any width, 3-bit ones straddling bytes */
+        wts[bit >> 3] |= (uint8_t)(u << (bit & 7u));
+        if ((bit & 7u) + (uint32_t)wbits > 8u) {
+            wts[(bit >> 3) + 1u] |= (uint8_t)(u >> (8u - (bit & 7u)));
+        }
+    }
+}
+
+/* One random convolution with an `abits`-bit input and `wbits`-bit weights (kind 0: 1x1, 1:
+   KxK; sub-byte weights LINEAR, CODEBOOK or POW2 at random where the width allows it) through
+   mpq_conv2d and through mpq_conv2d_unpacked; returns 1 when they disagree. */
+static int unpack_case(int kind, int32_t abits, int32_t wbits, int with_add, uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    const int32_t fmt = wbits == 8   ? MPQ_WFMT_LINEAR
+                        : wbits == 3 ? rint_(1, 2)
+                        : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
+    mpq_conv_params p;
+    mpq_filter f;
+    mpq_channel_quant q;
+    mpq_view in, out;
+    int32_t kh, kw, h, w, cin, cout, pb, pr, oh, ow, i, r1, r2, nbytes, in_elems;
+    kh = kind == 0 ? 1 : rint_(1, 3);
+    kw = kind == 0 ? 1 : rint_(1, 3);
+    h = rint_(1, 6);
+    w = rint_(1, 6);
+    cin = rint_(1, kind == 0 ? 40 : 12);
+    cout = rint_(1, 16);
+    memset(&p, 0, sizeof p);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.dilation_h = kind == 0 ? 1 : rint_(1, 2);
+    p.dilation_w = kind == 0 ? 1 : rint_(1, 2);
+    p.pad_top = kind == 0 ? 0 : rint_(0, kh - 1);
+    p.pad_left = kind == 0 ? 0 : rint_(0, kw - 1);
+    pb = kind == 0 ? 0 : rint_(0, kh - 1);
+    pr = kind == 0 ? 0 : rint_(0, kw - 1);
+    oh = (h + p.pad_top + pb - p.dilation_h * (kh - 1) - 1) / p.stride_h + 1;
+    ow = (w + p.pad_left + pr - p.dilation_w * (kw - 1) - 1) / p.stride_w + 1;
+    if (h + p.pad_top + pb - p.dilation_h * (kh - 1) < 1
+        || w + p.pad_left + pr - p.dilation_w * (kw - 1) < 1) {
+        kh = kw = 1;
+        p.dilation_h = p.dilation_w = 1;
+        p.pad_top = p.pad_left = 0;
+        oh = (h - 1) / p.stride_h + 1;
+        ow = (w - 1) / p.stride_w + 1;
+    }
+    p.groups = 1;
+    p.input_zp = value(abits, mode);
+    p.output_zp = value(obits, 0);
+    r1 = value(obits, 0);
+    r2 = value(obits, 0);
+    p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
+    in.data = in_buf;
+    in.bits = abits;
+    in.h = h;
+    in.w = w;
+    in.c = cin;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    in_elems = (in.y0 + h) * in.stored_w * cin;
+    out.data = out_ref;
+    out.bits = obits;
+    out.h = oh;
+    out.w = ow;
+    out.c = cout;
+    out.y0 = rint_(0, 1);
+    out.x0 = rint_(0, 1);
+    out.stored_w = out.x0 + ow + rint_(0, 1);
+    nbytes = ((out.y0 + oh) * out.stored_w * cout * obits + 7) / 8;
+    if (in_elems * abits > 8 * MAX_IN || nbytes > MAX_OUT
+        || cout * kh * kw * cin * wbits > 8 * MAX_W || kh * kw * cin > MAX_K) {
+        return -1;
+    }
+    for (i = 0; i < in_elems; ++i) {
+        put(in_buf, abits, (uint32_t)i, value(abits, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    fill_codes(wbits, fmt, cout, kh * kw * cin, mode);
+    fill_quant(cout);
+    f.data = wts;
+    f.bits = wbits;
+    f.n = cout;
+    f.h = kh;
+    f.w = kw;
+    f.c = cin;
+    f.format = fmt;
+    f.codebook = fmt == MPQ_WFMT_CODEBOOK ? codebook : NULL;
+    q.bias = rint_(0, 7) == 0 ? NULL : bias;
+    q.multiplier = mult;
+    q.shift = shift;
+    for (i = 0; i < nbytes; ++i) {
+        out_ref[i] = out_pk[i] = (uint8_t)rnd();
+    }
+    if (with_add) {
+        mpq_add_params add;
+        mpq_view skip;
+        const int inplace = rint_(0, 1);
+        if (inplace) {
+            skip = out;
+        } else {
+            skip.data = skip_buf;
+            skip.bits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+            skip.h = oh;
+            skip.w = ow;
+            skip.c = cout;
+            skip.y0 = rint_(0, 1);
+            skip.x0 = rint_(0, 1);
+            skip.stored_w = skip.x0 + ow + rint_(0, 1);
+            for (i = 0; i < MAX_OUT; ++i) {
+                skip_buf[i] = (uint8_t)rnd();
+            }
+            if (((skip.y0 + oh) * skip.stored_w * cout * skip.bits + 7) / 8 > MAX_OUT) {
+                return -1;
+            }
+        }
+        /* the conv's own clamp: the add's 8-bit input */
+        p.output_zp = value(8, 0);
+        p.act_min = -128;
+        p.act_max = 127;
+        fill_add(&add, skip.bits, p.output_zp, obits);
+        if (mpq_conv2d_add(&p, &f, &q, &in, &add, &skip, &out, scratch16) != MPQ_OK) {
+            return 1;
+        }
+        out.data = out_pk;
+        if (inplace) {
+            skip.data = out_pk;
+        }
+        if (mpq_conv2d_unpacked_scratch_size(&p, &f, &in, &out) > (int32_t)sizeof scratch_u
+            || mpq_conv2d_add_unpacked(&p, &f, &q, &in, &add, &skip, &out, scratch_u)
+                   != MPQ_OK) {
+            return 1;
+        }
+    } else {
+        if (mpq_conv2d(&p, &f, &q, &in, &out, scratch16) != MPQ_OK) {
+            return 1;
+        }
+        out.data = out_pk;
+        if (mpq_conv2d_unpacked_scratch_size(&p, &f, &in, &out) > (int32_t)sizeof scratch_u
+            || mpq_conv2d_unpacked(&p, &f, &q, &in, &out, scratch_u) != MPQ_OK) {
+            return 1;
+        }
+    }
+    *sum = checksum(*sum, out_pk, nbytes);
+    return memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
+}
+
+static uint8_t dw_buf[MAX_OUT];
+static int8_t dw_scratch[2048];
+
+static int32_t get(const uint8_t *p, int32_t bits, uint32_t k)
+{
+    const uint32_t bit = k * (uint32_t)bits;
+    const uint32_t u = ((uint32_t)p[bit >> 3] >> (bit & 7u)) & ((1u << bits) - 1u);
+    const uint32_t sign = 1u << (bits - 1);
+    return (int32_t)(u ^ sign) - (int32_t)sign;
+}
+
+/* One random 4-bit depthwise layer with an even channel count (mpq_depthwise_inplace's
+   channel-pair path; 3x3 at strides 1 and 2 half the time, else any kernel up to 5x5, any
+   stride and dilation; 8-, 4- or 2-bit weights of every format), run in place and through
+   mpq_conv2d (groups = C, a separate output): every output element must agree, and the input
+   elements the output does not cover keep their values. Returns 1 when they disagree. */
+static int dw_case(uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t wbits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    const int32_t fmt = wbits == 8 ? MPQ_WFMT_LINEAR
+                        : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
+    const int k3 = rint_(0, 1);
+    mpq_conv_params p;
+    mpq_filter f;
+    mpq_channel_quant q;
+    mpq_view in, out, ref;
+    int32_t kh, kw, h, w, c, oh, ow, pb, pr, i, y, x, ch, r1, r2, elems, bad = 0;
+    kh = k3 ? 3 : rint_(1, 5);
+    kw = k3 ? 3 : rint_(1, 5);
+    h = rint_(1, 9);
+    w = rint_(1, 9);
+    c = 2 * rint_(1, 12);
+    memset(&p, 0, sizeof p);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.dilation_h = k3 ? 1 : rint_(1, 2);
+    p.dilation_w = k3 ? 1 : rint_(1, 2);
+    p.pad_top = rint_(0, kh - 1);
+    p.pad_left = rint_(0, kw - 1);
+    pb = rint_(0, kh - 1);
+    pr = rint_(0, kw - 1);
+    if (h + p.pad_top + pb - p.dilation_h * (kh - 1) < 1
+        || w + p.pad_left + pr - p.dilation_w * (kw - 1) < 1) {
+        return -1;
+    }
+    oh = (h + p.pad_top + pb - p.dilation_h * (kh - 1) - 1) / p.stride_h + 1;
+    ow = (w + p.pad_left + pr - p.dilation_w * (kw - 1) - 1) / p.stride_w + 1;
+    if (oh > h || ow > w) {  /* in place: the output inside the input's storage */
+        return -1;
+    }
+    p.groups = c;
+    p.input_zp = value(4, mode);
+    p.output_zp = value(4, 0);
+    r1 = value(4, 0);
+    r2 = value(4, 0);
+    p.act_min = rint_(0, 1) ? -8 : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? 7 : (r1 < r2 ? r2 : r1);
+    in.data = dw_buf;
+    in.bits = 4;
+    in.h = h;
+    in.w = w;
+    in.c = c;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    elems = (in.y0 + h) * in.stored_w * c;
+    if (elems * 4 > 8 * MAX_IN || elems * 4 > 8 * MAX_OUT
+        || (p.pad_top + h + kh) * (p.pad_left + w + kw) * 2 > (int32_t)sizeof dw_scratch) {
+        return -1;
+    }
+    for (i = 0; i < elems; ++i) {
+        put(in_buf, 4, (uint32_t)i, value(4, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    fill_codes(wbits, fmt, c, kh * kw, mode);
+    fill_quant(c);
+    f.data = wts;
+    f.bits = wbits;
+    f.n = c;
+    f.h = kh;
+    f.w = kw;
+    f.c = 1;
+    f.format = fmt;
+    f.codebook = fmt == MPQ_WFMT_CODEBOOK ? codebook : NULL;
+    q.bias = rint_(0, 7) == 0 ? NULL : bias;
+    q.multiplier = mult;
+    q.shift = shift;
+    /* the reference: mpq_conv2d from the input's copy into a separate buffer */
+    ref = in;
+    ref.data = in_buf;
+    out = in;
+    out.data = out_ref;
+    out.h = oh;
+    out.w = ow;
+    for (i = 0; i < MAX_OUT; ++i) {
+        out_ref[i] = (uint8_t)rnd();
+    }
+    if (mpq_conv2d(&p, &f, &q, &ref, &out, scratch16) != MPQ_OK) {
+        return 1;
+    }
+    memcpy(dw_buf, in_buf, (size_t)((elems + 1) / 2));
+    out.data = dw_buf;
+    if (mpq_depthwise_inplace(&p, &f, &q, &in, &out, dw_scratch) != MPQ_OK) {
+        return 1;
+    }
+    for (y = 0; y < in.y0 + h; ++y) {
+        for (x = 0; x < in.stored_w; ++x) {
+            const int covered = y >= in.y0 && y < in.y0 + oh && x >= in.x0 && x < in.x0 + ow;
+            for (ch = 0; ch < c; ++ch) {
+                const uint32_t k = (uint32_t)((y * in.stored_w + x) * c + ch);
+                const int32_t want = covered ? get(out_ref, 4, k) : get(in_buf, 4, k);
+                const int32_t got = get(dw_buf, 4, k);
+                bad |= want != got;
+                *sum = *sum * 31u + (uint32_t)(got & 15);
+            }
+        }
+    }
+    return bad;
+}
+
+/* One random 4-bit average pooling with an even channel count (mpq_avgpool's channel-pair
+   path; C a multiple of 8 half the time: the DSP's eight-channel words), against the formula
+   computed here element by element: v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt over
+   the in-view taps, clamped. Returns 1 when they disagree. */
+static int pool_case(uint32_t *sum)
+{
+    const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
+    const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    mpq_pool_params p;
+    mpq_view in, out;
+    int32_t h, w, c, oh, ow, i, y, x, ch, ky, kx, r1, r2, elems, nbytes, bad = 0;
+    h = rint_(1, 9);
+    w = rint_(1, 9);
+    c = rint_(0, 1) ? 8 * rint_(1, 6) : 2 * rint_(1, 12);
+    p.kernel_h = rint_(0, 3) == 0 ? h : rint_(1, 3);
+    p.kernel_w = rint_(0, 3) == 0 ? w : rint_(1, 3);
+    p.stride_h = rint_(1, 2);
+    p.stride_w = rint_(1, 2);
+    p.pad_top = rint_(0, p.kernel_h - 1);
+    p.pad_left = rint_(0, p.kernel_w - 1);
+    oh = (h + p.pad_top - p.kernel_h) / p.stride_h + 1;
+    ow = (w + p.pad_left - p.kernel_w) / p.stride_w + 1;
+    if (oh < 1 || ow < 1) {
+        return -1;
+    }
+    r1 = value(obits, 0);
+    r2 = value(obits, 0);
+    p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
+    if (p.act_min < -8) {
+        p.act_min = -8;  /* the mean of 4-bit values stays in [-8, 7] */
+    }
+    if (p.act_max > 7) {
+        p.act_max = 7;
+    }
+    if (p.act_max < p.act_min) {
+        p.act_max = p.act_min;
+    }
+    in.data = in_buf;
+    in.bits = 4;
+    in.h = h;
+    in.w = w;
+    in.c = c;
+    in.y0 = rint_(0, 1);
+    in.x0 = rint_(0, 1);
+    in.stored_w = in.x0 + w + rint_(0, 1);
+    elems = (in.y0 + h) * in.stored_w * c;
+    out.data = out_pk;
+    out.bits = obits;
+    out.h = oh;
+    out.w = ow;
+    out.c = c;
+    out.y0 = rint_(0, 1);
+    out.x0 = rint_(0, 1);
+    out.stored_w = out.x0 + ow + rint_(0, 1);
+    nbytes = ((out.y0 + oh) * out.stored_w * c * obits + 7) / 8;
+    if (elems * 4 > 8 * MAX_IN || nbytes > MAX_OUT) {
+        return -1;
+    }
+    for (i = 0; i < elems; ++i) {
+        put(in_buf, 4, (uint32_t)i, value(4, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+    }
+    for (i = 0; i < nbytes; ++i) {
+        out_ref[i] = out_pk[i] = (uint8_t)rnd();
+    }
+    for (y = 0; y < oh; ++y) {
+        for (x = 0; x < ow; ++x) {
+            for (ch = 0; ch < c; ++ch) {
+                int32_t s = 0, cnt = 0, v = 0;
+                for (ky = 0; ky < p.kernel_h; ++ky) {
+                    for (kx = 0; kx < p.kernel_w; ++kx) {
+                        const int32_t iy = y * p.stride_h - p.pad_top + ky;
+                        const int32_t ix = x * p.stride_w - p.pad_left + kx;
+                        if (iy >= 0 && iy < h && ix >= 0 && ix < w) {
+                            s += get(in_buf, 4, (uint32_t)(((in.y0 + iy) * in.stored_w + in.x0
+                                                            + ix) * c + ch));
+                            ++cnt;
+                        }
+                    }
+                }
+                if (cnt > 0) {
+                    v = s > 0 ? (s + cnt / 2) / cnt : (s - cnt / 2) / cnt;
+                }
+                v = v < p.act_min ? p.act_min : v > p.act_max ? p.act_max : v;
+                put(out_ref, obits, (uint32_t)(((out.y0 + y) * out.stored_w + out.x0 + x) * c
+                                               + ch), v);
+            }
+        }
+    }
+    if (mpq_avgpool(&p, &in, &out) != MPQ_OK) {
+        return 1;
+    }
+    *sum = checksum(*sum, out_pk, nbytes);
+    bad = memcmp(out_ref, out_pk, (size_t)nbytes) != 0;
+    return bad;
+}
+
+static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases, int32_t bad,
+                          uint32_t sum)
+{
+    char line[96], num[12];
+    line[0] = '\0';
+    append(line, kind == 0   ? "unpack1x1 a"
+                 : kind == 1 ? "unpackkxk a"
+                 : kind == 2 ? "dwpairs a"
+                 : kind == 3 ? "avgpool a"
+                             : "unpackadd a");
+    fmt_u(num, (uint32_t)abits);
+    append(line, num);
+    append(line, kind < 2 || kind == 4 ? "w" : "o");
+    fmt_u(num, (uint32_t)wbits);
+    append(line, num);
+    append(line, " cases=");
+    fmt_u(num, (uint32_t)cases);
+    append(line, num);
+    append(line, " bad=");
+    fmt_u(num, (uint32_t)bad);
+    append(line, num);
+    append(line, " sum=");
+    fmt_u(num, sum);
+    append(line, num);
+    append(line, "\n");
+    emit(line);
+}
+
 int main(void)
 {
     static const char *const kinds[4] = {"conv1x1", "convkxk", "fc", "convadd"};
@@ -437,6 +858,66 @@ int main(void)
             report(kinds[kind], abits, wbits, cases, bad, sum);
             total_bad += bad;
         }
+    }
+    /* 8-bit inputs with sub-byte weights: mpq_conv2d_unpacked */
+    for (kind = 0; kind < 2; ++kind) {
+        static const int32_t mix_u[6][2] = {{8, 4}, {8, 2}, {8, 3}, {4, 8}, {2, 8}, {4, 3}};
+        for (m = 0; m < 6; ++m) {
+            int32_t cases = 0, bad = 0;
+            uint32_t sum = 0;
+            while (cases < CASES) {
+                const int r = unpack_case(kind, mix_u[m][0], mix_u[m][1], 0, &sum);
+                if (r >= 0) {
+                    ++cases;
+                    bad += r;
+                }
+            }
+            report_unpack(kind, mix_u[m][0], mix_u[m][1], cases, bad, sum);
+            total_bad += bad;
+        }
+    }
+    /* fused with the residual add: mpq_conv2d_add_unpacked against mpq_conv2d_add */
+    for (m = 0; m < 3; ++m) {
+        static const int32_t mix_a[3][2] = {{4, 8}, {8, 4}, {2, 8}};
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        while (cases < CASES) {
+            const int r = unpack_case(rint_(0, 1), mix_a[m][0], mix_a[m][1], 1, &sum);
+            if (r >= 0) {
+                ++cases;
+                bad += r;
+            }
+        }
+        report_unpack(4, mix_a[m][0], mix_a[m][1], cases, bad, sum);
+        total_bad += bad;
+    }
+    /* 4-bit depthwise in place, channel pairs */
+    {
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        while (cases < 2 * CASES) {
+            const int r = dw_case(&sum);
+            if (r >= 0) {
+                ++cases;
+                bad += r;
+            }
+        }
+        report_unpack(2, 4, 4, cases, bad, sum);
+        total_bad += bad;
+    }
+    /* 4-bit average pooling, channel pairs */
+    {
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        while (cases < CASES) {
+            const int r = pool_case(&sum);
+            if (r >= 0) {
+                ++cases;
+                bad += r;
+            }
+        }
+        report_unpack(3, 4, 4, cases, bad, sum);
+        total_bad += bad;
     }
     return total_bad != 0;
 }

@@ -41,10 +41,16 @@ FLAGS = ("-std=c99", "-O0", "-Wall", "-Wextra", "-Werror")  # -O0: compiles fast
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 KINDS = ("conv1x1", "convkxk", "fc", "convadd")
 MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
+#: mpq_conv2d_unpacked (sub-byte weights of every format, sub-byte inputs) against mpq_conv2d
+UNPACK_KINDS = ("unpack1x1", "unpackkxk")
+UNPACK_MIXES = ("a8w4", "a8w2", "a8w3", "a4w8", "a2w8", "a4w3")
+#: and the 4-bit depthwise channel-pair path (mpq_depthwise_inplace) against mpq_conv2d: one
+#: line, "dwpairs a4o4", 400 cases; 4-bit average pooling: "avgpool a4o4", 200 cases
 #: what the cases call: the packed kernels and the reference ones
 SOURCES = tuple(KERNELS / n for n in ("mpq_packed.c", "mpq_conv.c", "mpq_dot.c",
-                                      "mpq_fully_connected.c", "mpq_support.c"))
-LINE = re.compile(r"^(\w+) (a\dw\d) cases=(\d+) bad=(\d+) sum=(\d+)$")
+                                      "mpq_fully_connected.c", "mpq_support.c",
+                                      "mpq_depthwise.c", "mpq_pool.c"))
+LINE = re.compile(r"^(\w+) (a\d[wo]\d) cases=(\d+) bad=(\d+) sum=(\d+)$")
 
 
 def _check(stdout: str) -> list[tuple[str, ...]]:
@@ -52,7 +58,10 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
     rows = [LINE.match(line) for line in stdout.splitlines()]
     assert all(rows), stdout
     got = [r.groups() for r in rows if r]
-    assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES], stdout
+    assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES] + [
+        (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [
+        ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [("dwpairs", "a4o4"),
+                                                                ("avgpool", "a4o4")], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
         assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
@@ -84,7 +93,7 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
-    assert len(host) == len(KINDS) * len(MIXES)
+    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 5
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
@@ -154,6 +163,35 @@ def test_packed_choice_says_why_not() -> None:
     assert "depthwise" in packed.packed_choice(dw, "cortex-m4", 4, 4, 0, False, False)
 
 
+def test_unpack_choice_says_why_not() -> None:
+    """mpq_conv2d_unpacked takes 8-bit-input convolutions with sub-byte weights whose unpacked
+    weights fit the plan's scratch; mpq_report.json gets the reason otherwise."""
+    w = np.zeros((16, 3, 3, 2), dtype=np.int8)
+    conv = SimpleNamespace(op="conv2d", attrs={"groups": 1, "strides": (1, 1),
+                                               "pads": (1, 1, 1, 1)}, weight=w)
+    need = packed.unpacked_scratch(conv, (1, 8, 8, 2), (1, 8, 8, 16))
+    assert need == 16 * 18 + 2 * 18  # the int8 weights + the int8 path's two columns
+    one = SimpleNamespace(op="conv2d", attrs={"groups": 1, "strides": (1, 1),
+                                              "pads": (0, 0, 0, 0)},
+                          weight=np.zeros((3, 1, 1, 5), dtype=np.int8))
+    assert packed.unpacked_scratch(one, (1, 4, 4, 5), (1, 4, 4, 3)) == 16  # read in place
+    assert packed.unpack_choice(conv, 8, 4, False, False, need, need) is None
+    assert packed.unpack_choice(conv, 8, 3, False, False, need, 4096) is None
+    assert "more than the plan's" in packed.unpack_choice(conv, 8, 2, False, False, need,
+                                                          need - 1)
+    # fused with its residual add: mpq_conv2d_add_unpacked
+    assert packed.unpack_choice(conv, 8, 4, True, False, need, 4096) is None
+    # sub-byte inputs are unpacked into the int8 columns, also for a 1x1 layer
+    assert packed.unpack_choice(conv, 4, 8, False, False, 36, 36) is None
+    assert packed.unpacked_scratch(one, (1, 4, 4, 5), (1, 4, 4, 3), 4, 8) == 10
+    assert packed.unpacked_scratch(conv, (1, 8, 8, 2), (1, 8, 8, 16), 2, 8) == 36
+    assert "8-bit input and 8-bit linear" in packed.unpack_choice(conv, 8, 8, False, False,
+                                                                  need, 4096)
+    assert packed.unpack_choice(conv, 8, 8, False, False, need, 4096, linear=False) is None
+    dw = SimpleNamespace(op="conv2d", attrs={"groups": 8})
+    assert "depthwise" in packed.unpack_choice(dw, 8, 4, False, True, need, 4096)
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: int) -> None:
     """An all-`bits` plan on a Cortex-M4 board calls the packed kernels for its conv and fully
@@ -190,6 +228,11 @@ def test_residual_w4a4_plan_exports_packed_conv_add_bit_exact() -> None:
     layers = json.loads(render_export(plan, graph)["mpq_report.json"])["layers"]
     calls = [e["call"] for e in layers]
     assert calls.count("mpq_packed_conv2d_add") == len(plan.schedule["fused_adds"]) >= 1
+    # the first layer (8-bit input, 4-bit weights) runs the int8 path on unpacked weights,
+    # within the plan's scratch
+    assert calls[0] == "mpq_conv2d_unpacked" and layers[0]["unpacked"] == {"used": True}
+    report = json.loads(render_export(plan, graph)["mpq_report.json"])["predicted"]
+    assert report["scratch_bytes"] <= report["plan_scratch_bytes"]
     assert verify(plan, graph, x[:4], "host").mismatches == 0
     if shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
         assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0

@@ -65,12 +65,15 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "packed_conv2d": ("mpq_packed.c", "mpq_support.c"),
     "packed_fully_connected": ("mpq_packed.c", "mpq_support.c"),
     "packed_conv2d_add": ("mpq_packed.c", "mpq_support.c"),
+    # sub-byte operands unpacked to int8 at int8 speed (issue 15; mpq.codegen.packed)
+    "conv2d_unpacked": ("mpq_conv.c", *_DOT),
+    "conv2d_add_unpacked": ("mpq_conv.c", *_DOT),
 }
 
 
 #: Kernels whose calls a layer written above its input runs one output row at a time, last
 #: row first (`_Builder._reverse_rows`; `memory.OVERLAP_OPS`).
-REVERSE_KERNELS = ("conv2d", "packed_conv2d", "avgpool", "maxpool")
+REVERSE_KERNELS = ("conv2d", "packed_conv2d", "avgpool", "maxpool", "conv2d_unpacked")
 
 
 def library_files(kernels: list[str] | tuple[str, ...] | set[str]) -> list[str]:
@@ -197,6 +200,7 @@ class _Builder:
         self.reverse = {n for n, d in plan.schedule.get("overlap", {}).items() if d < 0}
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
+        self.unpack_notes: dict[int, dict[str, Any]] = {}  # mpq_conv2d_unpacked: used / why
         self.io = plan_io(plan)
         self.slots = plan_scratch_slots(plan)  # node -> (arena offset, bytes) of its scratch
         self.scratch_arena = plan_scratch(plan) == "arena"
@@ -346,6 +350,8 @@ class _Builder:
                     entry["reason"] = reason
                 if i in self.packed_notes:  # conv / fully connected: packed, or why not
                     entry["packed"] = self.packed_notes[i]
+                if i in self.unpack_notes:  # sub-byte operands: unpacked to int8, or why not
+                    entry["unpacked"] = self.unpack_notes[i]
                 self.report.append(entry)
 
     def _reverse_rows(self, node: Node, layers: list[Layer]) -> None:
@@ -385,17 +391,21 @@ class _Builder:
         if node.op == "conv2d" and node.name in self.fused_by_conv:
             add_name, skip = self.fused_by_conv[node.name]
             add = by_name[add_name]
-            self.use_scratch(node, self.conv_scratch(node, False))
+            need = self._unpacked(i, node, ins)
+            self.use_scratch(node, need or self.conv_scratch(node, False))
             self.layers.append(Layer(
-                i, f"{node.name} + {add.name}", "conv2d_add",
+                i, f"{node.name} + {add.name}", "conv2d_add_unpacked" if need else "conv2d_add",
                 [ins[0], self.operand(skip)], self.operand(add.outputs[0]),
                 {**self.conv_params(node), **{f"add_{k}": v for k, v in
                                               self.add_params(add, skip).items()}},
                 self.weights(i, node)))
         elif node.op == "conv2d":
             inplace = node.name in self.inplace
-            self.use_scratch(node, self.conv_scratch(node, inplace))
             kernel = "depthwise_inplace" if inplace else "conv2d"
+            need = self._unpacked(i, node, ins)
+            if need:
+                kernel = "conv2d_unpacked"
+            self.use_scratch(node, need or self.conv_scratch(node, inplace))
             self.layers.append(Layer(i, node.name, kernel, ins, out,
                                      self.conv_params(node), self.weights(i, node)))
         elif node.op == "fully_connected":
@@ -466,6 +476,31 @@ class _Builder:
                                      weight=self.activation_table(i, node)))
         else:  # pragma: no cover - the IR has no other ops
             raise MpqError(f"export: op '{node.op}' of '{node.name}' has no kernel")
+
+    def _unpacked(self, i: int, node: Node, ins: list[Operand]) -> int:
+        """The scratch of `mpq_conv2d_unpacked` when a conv2d layer takes it
+        (`packed.unpack_choice`: a sub-byte input or non-int8 weights, the unpacked operands
+        within the plan's scratch), else 0; for such layers the choice and its reason go into
+        `unpack_notes` (mpq_report.json)."""
+        lq = self.qm.layers[node.name]
+        linear = weights.storage(lq.weight_scheme, lq.weight_bits)[0] == 0
+        if ins[0].bits == 8 and lq.weight_bits == 8 and linear:
+            return 0
+        shapes = [self.graph.tensors[t].shape for t in (node.inputs[0], node.outputs[0])]
+        need = packed.unpacked_scratch(node, *shapes, ins[0].bits, lq.weight_bits, linear)
+        why = packed.unpack_choice(
+            node, ins[0].bits, lq.weight_bits, node.name in self.fused_by_conv,
+            node.name in self.inplace, need, self._scratch_available(node), linear)
+        self.unpack_notes[i] = {"used": why is None, **({"reason": why} if why else {})}
+        return need if why is None else 0
+
+    def _scratch_available(self, node: Node) -> int:
+        """The scratch the plan already reserves for `node`: its own arena slot when the
+        scratch is planned in the arena (`schedule.scratch`), else the plan's one separate
+        scratch."""
+        if self.scratch_arena:
+            return self.slots[node.name][1] if node.name in self.slots else 0
+        return _plan_int(self.plan.predicted.get("scratch_bytes", 0), "predicted.scratch_bytes")
 
     def _packed(self, i: int, node: Node, ins: list[Operand], out: Operand) -> bool:
         """Emit the packed sub-byte kernel for a conv2d / fully_connected layer when

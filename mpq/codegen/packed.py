@@ -98,3 +98,49 @@ def packed_choice(node: Any, core: str, in_bits: int, weight_bits: int, weight_f
     if weight_format != 0:
         return "non-linear weight format (codebook/pow2 codes are decoded through tables)"
     return None
+
+
+# -- sub-byte operands unpacked to int8: mpq_conv2d_unpacked (issue 15) --------------------------
+
+def unpacked_scratch(node: Any, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                     in_bits: int = 8, weight_bits: int = 4, linear: bool = True) -> int:
+    """Bytes of scratch `mpq_conv2d_unpacked` takes (`mpq_conv2d_unpacked_scratch_size`):
+    align4(n·KH·KW·Cin) for the weights decoded to int8 (none for 8-bit linear ones) plus the
+    int8 path's two im2col columns, 2·K (none for an 8-bit input a 1×1 unit-stride unpadded
+    convolution within its input reads in place)."""
+    n, kh, kw, cin = node.weight.shape
+    k = kh * kw * cin
+    a = node.attrs
+    direct = (kh, kw) == (1, 1) and a["strides"] == (1, 1) and not any(a["pads"][:2]) \
+        and out_shape[1] <= in_shape[1] and out_shape[2] <= in_shape[2]
+    weights = (n * k + 3) // 4 * 4 if weight_bits < 8 or not linear else 0
+    return weights + (0 if direct and in_bits == 8 else 2 * k)
+
+
+def unpack_eligible(node: Any, in_bits: int, weight_bits: int, fused: bool, inplace: bool,
+                    linear: bool = True) -> str | None:
+    """None when a layer's operands suit `mpq_conv2d_unpacked` (`mpq_conv2d_add_unpacked` when
+    `fused` with its residual add): a conv2d with groups 1 and a 4- or 2-bit input or weights
+    other than 8-bit linear; else why not. Whether its scratch is free is `unpack_choice`'s
+    second test."""
+    if node.op != "conv2d" or (in_bits == 8 and weight_bits == 8 and linear):
+        return "8-bit input and 8-bit linear weights: mpq_conv2d's own int8 path"
+    if inplace or node.attrs["groups"] != 1:
+        return "grouped or depthwise convolution"
+    return None  # a conv fused with its residual add takes mpq_conv2d_add_unpacked
+
+
+def unpack_choice(node: Any, in_bits: int, weight_bits: int, fused: bool, inplace: bool,
+                  need: int, available: int, linear: bool = True) -> str | None:
+    """None when the export runs this layer through `mpq_conv2d_unpacked` (sub-byte weights
+    decoded to int8 once per call, sub-byte inputs unpacked into int8 columns, then
+    mpq_conv2d's int8 SMLAD path), else why not. The bound: its scratch `need`
+    (`unpacked_scratch`) must fit in the scratch the plan already reserves (`available`, its
+    int8 kernel scratch model), so the plan's SRAM figure stays true with no extra byte."""
+    why = unpack_eligible(node, in_bits, weight_bits, fused, inplace, linear)
+    if why is not None:
+        return why
+    if need > available:
+        return (f"unpacked int8 operands need {need:,} B of scratch, more than the plan's "
+                f"{available:,} B")
+    return None

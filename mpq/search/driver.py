@@ -31,6 +31,7 @@ from mpq.budget import (
     packed_padding_bytes,
     predicted_stack_bytes,
     stage_branch_flash,
+    unpacked_layers,
 )
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
@@ -673,12 +674,17 @@ def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
     linear weights on a core with SMLAD, the packed kernels' code and row padding for every
     layer that could take them (at 4 bits, their largest) — what the plan may end up using."""
     cpu = board_cpu(board)
+    # any regular conv may get a sub-byte operand (mpq_conv2d_unpacked)
+    unpackable = unpacked_layers(graph, None, lambda t: 4, lambda n: (4, True)) \
+        if min(opts.weight_bits) < 8 or min(opts.bits) < 8 \
+        or opts.weight_scheme not in (None, "linear") else frozenset()
     sub_byte = min(opts.bits) <= 4 and min(opts.weight_bits) <= 4 \
         and opts.weight_scheme in (None, "linear")
     if not sub_byte:
-        return code_bytes_estimate(graph, cpu)
+        return code_bytes_estimate(graph, cpu, unpacked=unpackable)
     packable = packed_layers(graph, board.core, None, lambda t: 4, lambda n: (4, True))
-    return code_bytes_estimate(graph, cpu, None, packable, either=True) \
+    return code_bytes_estimate(graph, cpu, None, packable, either=True,
+                               unpacked=unpackable - packable) \
         + max(0, packed_padding_bytes(graph, packable, lambda n: 4))
 
 
@@ -1079,7 +1085,13 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "stack_bytes": stack,
         "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + in, out and stack
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(graph, board_cpu(board), shape, packed)
+        "code_bytes_estimate": code_bytes_estimate(
+            graph, board_cpu(board), shape, packed,
+            unpacked=unpacked_layers(
+                graph, shape, lambda t: qm.acts[t].bits,
+                lambda n: (qm.layers[n.name].weight_bits,
+                           storage(qm.layers[n.name].weight_scheme,
+                                   qm.layers[n.name].weight_bits)[0] == 0)))
         + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
