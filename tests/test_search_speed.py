@@ -151,3 +151,73 @@ def test_fidelity_reuses_the_reference_run_only_for_the_same_model(small_probe_i
     other = quantize_graph(graph, {t: range_of(t, 8) for t in graph.tensors},
                            weight_bits={graph.nodes[0].name: 4})
     assert probe.cached_outputs(other, xq) is None
+
+
+def _descent_as_written(v, free, forced, floor, s, cqq, target, e_near, iters):
+    """AdaRound's Adam steps as plain array expressions (the form `adaround_descent` was
+    written in before its buffers): the reference its numbers must equal bit for bit."""
+    from mpq.quant.ptq import (
+        ADAROUND_BETA,
+        ADAROUND_LAMBDA,
+        ADAROUND_LR,
+        ADAROUND_WARMUP,
+        GAMMA,
+        ZETA,
+    )
+
+    m1, m2 = np.zeros_like(v), np.zeros_like(v)
+    count = max(int(free.sum()), 1)
+    warm = int(iters * ADAROUND_WARMUP)
+    for it in range(iters):
+        sig = 1.0 / (1.0 + np.exp(-v))
+        raw = sig * (ZETA - GAMMA) + GAMMA
+        h = np.clip(raw, 0.0, 1.0)
+        up = np.where(free, h, forced)
+        wt = s * (floor + up)
+        a = wt @ cqq
+        grad_w = 2.0 * (a - target) / e_near
+        dh = (ZETA - GAMMA) * sig * (1.0 - sig) * ((raw > 0) & (raw < 1))
+        grad = grad_w * s * dh
+        if it >= warm:
+            beta = ADAROUND_BETA[0] + (ADAROUND_BETA[1] - ADAROUND_BETA[0]) \
+                * (it - warm) / max(iters - warm - 1, 1)
+            u = 2.0 * h - 1.0
+            dreg = -beta * np.abs(u) ** (beta - 1.0) * np.sign(u) * 2.0
+            grad = grad + ADAROUND_LAMBDA / count * dreg * dh
+        grad = np.where(free, grad, 0.0)
+        m1 = 0.9 * m1 + 0.1 * grad
+        m2 = 0.999 * m2 + 0.001 * grad * grad
+        step = ADAROUND_LR * (m1 / (1 - 0.9 ** (it + 1))) \
+            / (np.sqrt(m2 / (1 - 0.999 ** (it + 1))) + 1e-8)
+        v = v - step
+    return v
+
+
+@pytest.mark.parametrize("case", ["all_free", "clamped", "grouped"])
+def test_adaround_descent_equals_the_plain_expressions(case: str) -> None:
+    """`ptq.adaround_descent` (buffers reused, |u|^(β−1) only where 0 < r < 1) ends at the
+    very V of the plain expressions, bit for bit, through the warm-up and the annealed
+    regulariser: with every weight free, with weights clamped at the grid's ends (fixed,
+    some forced up), and with several groups."""
+    from mpq.quant.ptq import adaround_descent
+
+    rng = np.random.default_rng({"all_free": 0, "clamped": 1, "grouped": 2}[case])
+    groups, cout, d = (3, 4, 9) if case == "grouped" else (1, 12, 20)
+    floor = rng.integers(-7, 7, (groups, cout, d)).astype(np.float64)
+    if case == "clamped":
+        floor[0, :3] = 7.0  # at the top level: fixed
+        floor[0, 3:5] = -9.0  # below the bottom: forced up
+    free = (floor < 7) & (floor >= -7)
+    forced = (floor < -7).astype(np.float64)
+    s = rng.uniform(0.01, 0.1, (groups, cout, 1))
+    x = rng.normal(size=(groups, 64, d))
+    cqq = x.transpose(0, 2, 1) @ x / 64
+    target = (s * (floor + rng.random(floor.shape))) @ cqq
+    v = rng.normal(scale=2.0, size=floor.shape)
+    args = (free, forced, floor, s, cqq, target, 3.7)
+    got = adaround_descent(v, *args, iters=60)
+    want = _descent_as_written(v, *args, iters=60)
+    assert np.array_equal(got, want)
+    assert not np.array_equal(got, v)  # the steps moved V
+    if case == "clamped":
+        assert np.array_equal(got[~free], v[~free])  # fixed weights keep their V

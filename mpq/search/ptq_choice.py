@@ -25,6 +25,7 @@ Nothing is tried when the plan is all 8-bit (its damage is 0 by definition) or t
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +36,7 @@ from mpq.quant.calibrate import Dataset, dataset_from_array
 from mpq.quant.ptq import PtqOptions, PtqResult, apply_ptq
 from mpq.quant.qmodel import QuantModel
 from mpq.quant.weights import ROUNDING_BITS
-from mpq.search.sensitivity import Probe
+from mpq.search.sensitivity import MEASURE_WORKERS, Probe
 
 MIN_FIT = 16  # calibration samples outside the validation ones a fit needs
 
@@ -126,8 +127,7 @@ def choose_ptq(qm: QuantModel, data: Dataset, validation: np.ndarray, probe: Pro
         return best
     rows = [{"fit": "none", "damage_vs_float": round(plain, 9)}]
     kept = "none"
-    for label, opts in tried:
-        fitted = apply_ptq(qm, fit_on, opts)
+    for (label, opts), fitted in zip(tried, fit_all(qm, fit_on, tried), strict=True):
         damage = model_damage(probe, fitted.model, ref)
         rows.append({"fit": label, "damage_vs_float": round(damage, 9)})
         say(f"ptq: {label}: measured damage against float {damage:.5f} (none {plain:.5f})")
@@ -137,3 +137,16 @@ def choose_ptq(qm: QuantModel, data: Dataset, validation: np.ndarray, probe: Pro
     best.record = {"fit_samples": len(fit_on), "validation_samples": len(validation),
                    "candidates": rows, "kept": kept}
     return best
+
+
+def fit_all(qm: QuantModel, data: Dataset, tried: list[tuple[str, PtqOptions]]
+            ) -> list[PtqResult]:
+    """`apply_ptq(qm, data, opts)` for every candidate, in `tried`'s order, MEASURE_WORKERS
+    at a time. Threads, as in `Probe.prefetch`: each fit is a walk of numpy and BLAS calls on
+    large arrays (AdaRound's Adam steps on MobileNetV2-1.0's layers: minutes), which release
+    the GIL; a fit only reads `qm` and `data` and builds its own model, so its result is the
+    one it has alone."""
+    if MEASURE_WORKERS < 2 or len(tried) < 2:
+        return [apply_ptq(qm, data, opts) for _, opts in tried]
+    with ThreadPoolExecutor(MEASURE_WORKERS) as pool:
+        return list(pool.map(lambda item: apply_ptq(qm, data, item[1]), tried))
