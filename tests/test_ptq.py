@@ -294,3 +294,19 @@ def test_measured_search_keeps_the_fit_that_measures_best(grouped, tmp_path: Pat
     # Against the all-8-bit-activation reference (which has the 2-bit weights) the plain plan
     # measures 0: why the fits are judged against float.
     assert off.search["measured"]["damage"] == 0.0 < damages["none"]
+
+
+def test_measured_search_bounds_the_adaround_it_tries(grouped, monkeypatch) -> None:
+    """AdaRound's cost grows with c_out·d² per Adam step (minutes on MobileNetV2-1.0's
+    classifier): beyond AUTO_ADAROUND_MACS the measured strategy tries only bias correction,
+    and the plan says why AdaRound was not tried."""
+    from mpq.search import ptq_choice
+    graph = grouped["graph"]
+    x = np.random.default_rng(11).random((96, *onnx_input_shape(graph))).astype(np.float32)
+    monkeypatch.setattr(ptq_choice, "AUTO_ADAROUND_MACS", 0)
+    plan = search(grouped["path"], graph, get_board("nano33ble"), dataset_from_array(x, "calib"),
+                  SearchOptions(weight_bits=(2,), weight_scheme="linear", patches="none")).plan
+    record = plan.search["measured"]["ptq"]
+    assert {row["fit"] for row in record["candidates"]} == {"none", "bias correction"}
+    assert record["note"].startswith("AdaRound not tried:") and "--adaround" in record["note"]
+    assert not plan.search.get("adaround", False)
