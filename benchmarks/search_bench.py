@@ -208,8 +208,7 @@ TIME_COLUMNS = ["run", "wall (s)", "user (s)", "sys (s)", "CPU (s)", "peak RSS (
                 "load (1 min, at end)", "phases (s, from -v)"]
 TIME_NOTE = ("`mpq -v search` as a subprocess; wall, user, sys and peak RSS are the child's "
              "(wait4). The machine is shared (load average at each run's end in the table), "
-             "so wall times are noisy; CPU (user + sys) is the steadier number. The plan "
-             "written is byte-identical before and after.")
+             "so wall times are noisy; CPU (user + sys) is the steadier number.")
 
 
 def bench_search_time() -> dict:
@@ -266,7 +265,10 @@ def bench_search_time() -> dict:
         note=verdict(best, len(measured)) + ". " + TIME_NOTE + " `before`: the same command "
              "with /usr/bin/time -v on commit aebebdc (load ≈ 6 during that run: compare "
              "CPU) and on commit 4e2037e, whose auto-PTQ (bias correction, AdaRound, both; "
-             "the `ptq` phase) takes most of the time.")]
+             "the `ptq` phase) takes most of the time. Since then the measured strategy tries "
+             "AdaRound by itself only within `ptq_choice.AUTO_ADAROUND_MACS` multiply-adds "
+             "(not on this model: its plan records why), so its PTQ may differ from "
+             "4e2037e's.")]
     rows = [_time_row("before (8cf69dc), idle", SEARCH_BEFORE),
             _time_row("before (8cf69dc), loaded", SEARCH_BEFORE_LOADED)]
     rows += [_time_row(f"run {i + 1}" + (" (best)" if r is best_exact else ""), r)
@@ -275,7 +277,8 @@ def bench_search_time() -> dict:
         "mpq search --strategy exact on MobileNetV2-1.0@224, 64 calibration samples "
         "(goal ≤ 15 s wall)", TIME_COLUMNS, rows,
         note=verdict(best_exact) + f"; ILP solver step alone {solver:.2f} s (goal 1 s). "
-             + TIME_NOTE + " `before`: the same command on commit 8cf69dc with "
+             + TIME_NOTE + " The plan written is byte-identical before and after. "
+             "`before`: the same command on commit 8cf69dc with "
              "/usr/bin/time -v, once on the idle machine and once under load like the runs "
              "here."))
     result["tables"] = tables
