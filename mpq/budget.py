@@ -294,20 +294,31 @@ def packed_layers(graph: Any, core: str, shape: CodeShape | None,
 
 
 def unpacked_layers(graph: Any, shape: CodeShape | None, in_bits: Any,
-                    weights: Any) -> frozenset[str]:
+                    weights: Any, available: Any = None) -> frozenset[str]:
     """The layer-based conv2d nodes whose operands suit `mpq_conv2d_unpacked`
     (`codegen.packed.unpack_eligible`: a sub-byte input or non-int8 weights, groups 1, not
     fused): a superset of those an export runs through it (it also needs the unpacked operands
     to fit the plan's scratch, and the packed kernels go first), so the code counted for them
-    is a bound. `weights(node) -> (bits, linear?)`."""
-    from mpq.codegen.packed import unpack_eligible
+    is a bound. `weights(node) -> (bits, linear?)`. With `available(node)` (the scratch the
+    plan reserves for the node, as the export reads it) only the layers whose unpacked
+    operands fit it (`codegen.packed.unpack_choice`'s second test): then exactly the export's
+    choice."""
+    from mpq.codegen.packed import unpack_eligible, unpacked_scratch
 
     _, fused_convs, inplace, skip = _conv_sets(graph, shape)
+
+    def fits(n: Any) -> bool:
+        if available is None:
+            return True
+        shapes = [graph.tensors[t].shape for t in (n.inputs[0], n.outputs[0])]
+        bits, linear = weights(n)
+        return unpacked_scratch(n, *shapes, in_bits(n.inputs[0]), bits, linear) <= available(n)
+
     return frozenset(
         n.name for n in graph.nodes
         if n.op == "conv2d" and n.weight is not None and n.name not in skip
         and unpack_eligible(n, in_bits(n.inputs[0]), weights(n)[0], n.name in fused_convs,
-                            n.name in inplace, weights(n)[1]) is None)
+                            n.name in inplace, weights(n)[1]) is None and fits(n))
 
 
 def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int:

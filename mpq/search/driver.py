@@ -1007,6 +1007,15 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
 
 # -- the plan -----------------------------------------------------------------------------------
 
+def scratch_available(schedule_info: dict, separate: int) -> Callable[[Any], int]:
+    """The scratch the export gives a node's kernel (codegen.export `_scratch_available`): its
+    arena slot when `schedule.scratch` plans them, else the one separate scratch."""
+    slots = schedule_info.get("scratch", {}).get("steps")
+    if slots is None:
+        return lambda n: separate
+    return lambda n: slots[n.name]["bytes"] if n.name in slots else 0
+
+
 def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOptions,
                   schedule: PatchSchedule, qm: QuantModel, outlier_qm: QuantModel | None,
                   ranges8: dict[str, tuple[float, float]], stage_tensors: set[str],
@@ -1091,7 +1100,8 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                 graph, shape, lambda t: qm.acts[t].bits,
                 lambda n: (qm.layers[n.name].weight_bits,
                            storage(qm.layers[n.name].weight_scheme,
-                                   qm.layers[n.name].weight_bits)[0] == 0)))
+                                   qm.layers[n.name].weight_bits)[0] == 0),
+                scratch_available(schedule_info, memory.scratch_bytes)))
         + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
