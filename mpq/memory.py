@@ -584,6 +584,18 @@ def node_overlap_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) ->
     """`overlap_shift` for a node the portable kernels run in raster order (`OVERLAP_OPS`;
     convolutions in pixel pairs, kernels/mpq_conv.c `mpq__conv_s8_loop`), rounded up to the
     arena alignment so the output's offset stays aligned; None for any other node."""
+    geometry = _overlap_geometry(node, graph)
+    if geometry is None:
+        return None
+    in_hwc, out_hwc, window = geometry
+    group = 2 if node.op == "conv2d" else 1
+    return align_up(overlap_shift(in_hwc, out_hwc, window, in_bits, out_bits, group))
+
+
+def _overlap_geometry(node: Node, graph: Graph
+                      ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+    """(input HWC, output HWC, window (s_h, s_w, p_t, p_l, kh, kw)) of an `OVERLAP_OPS` node
+    with 4-D maps, the shapes both overlap forms are computed from; None for any other."""
     if node.op not in OVERLAP_OPS:
         return None
     in_shape = graph.tensors[node.inputs[0]].shape
@@ -593,10 +605,7 @@ def node_overlap_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) ->
     a = node.attrs
     kh, kw = a["kernel"] if "kernel" in a else node.weight.shape[1:3]
     window = (a["strides"][0], a["strides"][1], a["pads"][0], a["pads"][1], int(kh), int(kw))
-    group = 2 if node.op == "conv2d" else 1
-    d = overlap_shift(tuple(in_shape[1:]), tuple(out_shape[1:]), window, in_bits, out_bits,
-                      group)
-    return align_up(d)
+    return tuple(in_shape[1:]), tuple(out_shape[1:]), window
 
 
 def choose_overlaps(arena_of: Callable[[frozenset[str], frozenset[str]], int],
@@ -709,21 +718,14 @@ def node_reverse_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) ->
     """`reverse_overlap_shift` for a node of `OVERLAP_OPS` whose rows the generated code can
     run one at a time (`reverse_rows_ok`), rounded up to the arena alignment; None for any
     other node."""
-    if node.op not in OVERLAP_OPS:
+    geometry = _overlap_geometry(node, graph)
+    if geometry is None:
         return None
-    in_shape = graph.tensors[node.inputs[0]].shape
-    out_shape = graph.tensors[node.outputs[0]].shape
-    if len(in_shape) != 4 or len(out_shape) != 4:
+    in_hwc, out_hwc, window = geometry
+    dh, dw = node.attrs.get("dilations", (1, 1))
+    if not reverse_rows_ok(in_hwc[:2], out_hwc[0], window[0], window[2], window[4], int(dh)):
         return None
-    a = node.attrs
-    kh, kw = a["kernel"] if "kernel" in a else node.weight.shape[1:3]
-    dh, dw = a.get("dilations", (1, 1))
-    if not reverse_rows_ok(tuple(in_shape[1:3]), out_shape[1], a["strides"][0], a["pads"][0],
-                           int(kh), int(dh)):
-        return None
-    window = (a["strides"][0], a["strides"][1], a["pads"][0], a["pads"][1], int(kh), int(kw))
-    s = reverse_overlap_shift(tuple(in_shape[1:]), tuple(out_shape[1:]), window,
-                              (int(dh), int(dw)), in_bits, out_bits)
+    s = reverse_overlap_shift(in_hwc, out_hwc, window, (int(dh), int(dw)), in_bits, out_bits)
     return align_up(s)
 
 
