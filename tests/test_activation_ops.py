@@ -166,7 +166,8 @@ def test_qemu_m4_bit_exact(tmp_path) -> None:
     rng = np.random.default_rng(3)
     calib = rng.standard_normal((32, 3, 16, 16)).astype(np.float32)
     plan = search(path, graph, get_board("nano33ble"), dataset_from_array(calib, "c"),
-                  SearchOptions(patches="none", sram=with_stack(graph, 4_290), overlap=False)).plan
+                  SearchOptions(patches="none", sram=with_stack(graph, 4_290), overlap=False,
+                                scratch="separate")).plan
     assert min(t.bits for t in plan.tensors) < 8
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     assert verify(plan, graph, x, "qemu-m4").mismatches == 0

@@ -184,7 +184,7 @@ def _plan(tmp_path: Path, model: onnx.ModelProto, **opts):
 
 def test_se_network_sub_byte_bit_exact_on_host(tmp_path: Path) -> None:
     """A budget tight enough that the search takes the new ops' tensors below 8 bits."""
-    plan, graph = _plan(tmp_path, se_model(), sram=2_500)
+    plan, graph = _plan(tmp_path, se_model(), sram=2_500, scratch="separate")
     bits = {t.name: t.bits for t in plan.tensors}
     ours = [n for n in graph.nodes if n.op in ("mul", "sub", "prelu")]
     assert sum(bits[t] < 8 for n in ours for t in n.inputs + n.outputs) >= 4

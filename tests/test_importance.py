@@ -116,7 +116,9 @@ def test_budgets_met_by_the_plan(kws) -> None:
                   stats=stats)
     assert free.plan.predicted["bitops"] == free.plan.predicted["bitops_int8"]  # nothing binds
     budget = free.plan.predicted["bitops_int8"] // 2
-    flash = 68_000  # below int8 (69,754 B with code), above the 2-bit floor (66,114 B)
+    # just above the 2-bit floor (74,291 B: the sub-byte kernels' code is reserved in it, so
+    # it is no longer below int8's need with int8's smaller code)
+    flash = 75_000
     res = search(kws["model"], graph, get_board("nano33ble"), data,
                  SearchOptions(strategy="importance", sram=11_000, flash=flash,
                                weight_bits=(8, 4, 2), bitops=budget), stats=stats)

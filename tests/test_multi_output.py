@@ -66,6 +66,7 @@ def heads(tmp_path_factory) -> dict:
     # (the default may keep a layer-based plan there, chosen on 48 random samples)
     for kind, opts in (("int8", ("--strategy", "int8")),
                        ("tight", ("--sram", tight_sram(root), "--io", "external", "--no-overlap",
+                                  "--scratch", "separate",
                                   "--strategy", "exact"))):
         plans[kind] = root / f"{kind}.plan.json"
         r = run_mpq("search", "heads.onnx", "--board", "nano33ble", *opts, "--data",

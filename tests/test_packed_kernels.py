@@ -224,7 +224,8 @@ def test_residual_w4a4_plan_exports_packed_conv_add_bit_exact() -> None:
     x = np.load(REPO / "examples" / "fashion" / "test.npz")["x"][:16].astype(np.float32)
     plan = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "fashion"),
                   SearchOptions(strategy="qe", bits=(4,), weight_bits=(4,),
-                                weight_scheme="linear", patches="none")).plan
+                                weight_scheme="linear", patches="none",
+                                scratch="separate")).plan
     layers = json.loads(render_export(plan, graph)["mpq_report.json"])["layers"]
     calls = [e["call"] for e in layers]
     assert calls.count("mpq_packed_conv2d_add") == len(plan.schedule["fused_adds"]) >= 1

@@ -805,12 +805,15 @@ def stage_flash(graph: Graph, schedule: PatchSchedule, opts: SearchOptions, cpu:
     """Flash a schedule's patch stage adds to the layer-based code estimate `code` (its calls,
     geometry tables, patch loop and VDPC test: `budget.predicted_code_bytes`) plus its outlier
     branch's parameters, every activation table counted (`budget.stage_branch_flash`): the
-    bound the search holds the weights to on that schedule."""
+    bound the search holds the weights to on that schedule. The stage's code is added as its
+    difference from the layer-based estimate, so the reserve `code` holds for the packed and
+    unpacked kernels (`code_bound`) stays in the bound."""
     shape = code_shape(schedule, schedule.memory().inplace,
                        vdpc_map(graph, schedule, opts) is not None)
     if shape is None:
         return 0
-    return code_bytes_estimate(graph, cpu, shape) - code + stage_branch_flash(graph, shape)
+    return code_bytes_estimate(graph, cpu, shape) - code_bytes_estimate(graph, cpu) \
+        + stage_branch_flash(graph, shape)
 
 
 def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
