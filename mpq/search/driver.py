@@ -477,7 +477,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     failures: list[MpqError] = []
     for schedule in candidates:
         try:
-            extra = stage_flash(graph, schedule, opts, board_cpu(board), code)
+            extra = stage_flash(graph, schedule, opts, board_cpu(board))
             attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
                                       flash_budget - extra, input_bytes, code + extra, table,
                                       probe)
@@ -766,7 +766,7 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
     for schedule in candidates:
-        extra = stage_flash(graph, schedule, opts, board_cpu(board), code)
+        extra = stage_flash(graph, schedule, opts, board_cpu(board))
         setup = _setup_schedule(graph, schedule, {}, opts, sram_total,
                                 flash_total - code - extra, input_bytes, scored=False)
         if setup.problem.fits(setup.floor):
@@ -800,14 +800,13 @@ def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str 
     return None if classified == schedule.split_tensor else classified
 
 
-def stage_flash(graph: Graph, schedule: PatchSchedule, opts: SearchOptions, cpu: str,
-                code: int) -> int:
-    """Flash a schedule's patch stage adds to the layer-based code estimate `code` (its calls,
+def stage_flash(graph: Graph, schedule: PatchSchedule, opts: SearchOptions, cpu: str) -> int:
+    """Flash a schedule's patch stage adds to the layer-based code estimate (its calls,
     geometry tables, patch loop and VDPC test: `budget.predicted_code_bytes`) plus its outlier
     branch's parameters, every activation table counted (`budget.stage_branch_flash`): the
     bound the search holds the weights to on that schedule. The stage's code is added as its
-    difference from the layer-based estimate, so the reserve `code` holds for the packed and
-    unpacked kernels (`code_bound`) stays in the bound."""
+    difference from the layer-based estimate, so the packed and unpacked kernels' reserve in
+    the search's code bound (`code_bound`) stays in it."""
     shape = code_shape(schedule, schedule.memory().inplace,
                        vdpc_map(graph, schedule, opts) is not None)
     if shape is None:
