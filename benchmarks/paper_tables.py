@@ -312,7 +312,7 @@ class Loaded:
     graph: Graph
     calib: Dataset
     test: Dataset
-    seen: dict[str, float] = field(default_factory=dict)  # plan_accuracy's memo
+    seen: dict[str, np.ndarray] = field(default_factory=dict)  # plan_correct's memo
 
 
 def load_task(task: Task, test_samples: int | None = None) -> Loaded:
@@ -326,17 +326,36 @@ def load_task(task: Task, test_samples: int | None = None) -> Loaded:
     return Loaded(task, graph, load_dataset(task.calib, graph), test)
 
 
-def plan_accuracy(plan: Plan, t: Loaded) -> float:
-    """Top-1 of the plan through the integer reference, VDPC branches included (`mpq eval`).
-    Plans that differ only in how they were searched (λ, budgets) compute the same function:
-    they are evaluated once."""
+def plan_correct(plan: Plan, t: Loaded) -> np.ndarray:
+    """Per test sample, whether the plan's top-1 through the integer reference (VDPC branches
+    included, as `mpq eval` runs it) equals the label. Plans that differ only in how they were
+    searched (λ, budgets) compute the same function: they are run once."""
     data = json.loads(plan.to_json())
     key = json.dumps({k: data[k] for k in ("tensors", "layers", "patch", "schedule")},
                      sort_keys=True)
     if key not in t.seen:
-        t.seen[key] = accuracy(PlanRunner(plan, t.graph).predictions(t.test, batch_size=256),
-                               t.test.y)
+        preds = PlanRunner(plan, t.graph).predictions(t.test, batch_size=256)
+        t.seen[key] = np.asarray(preds) == np.asarray(t.test.y).reshape(-1)
     return t.seen[key]
+
+
+def plan_accuracy(plan: Plan, t: Loaded) -> float:
+    """Top-1 of the plan on the task's test set (`plan_correct`'s mean, = `accuracy`)."""
+    return float(plan_correct(plan, t).mean())
+
+
+def paired_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Top-1 of `a` minus top-1 of `b` on the same samples, with its 95 % interval: the
+    paired (McNemar) difference d = (n10 − n01)/n, n10 the samples only `a` gets right, n01
+    those only `b` does, Var(d) = (n10 + n01 − n·d²)/n² (normal approximation; Agresti,
+    Categorical Data Analysis §10.1). Two plans that disagree on few samples can be told apart
+    by less than two plans that disagree on many."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    n = len(a)
+    n10, n01 = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    d = (n10 - n01) / n
+    half = 1.96 * float(np.sqrt(max(n10 + n01 - n * d * d, 0.0))) / n
+    return d, d - half, d + half
 
 
 def data_origins(rows: list[dict]) -> str:
