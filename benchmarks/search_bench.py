@@ -141,6 +141,16 @@ MEASURED_BEFORE_PTQ = {"wall_s": 687.52, "user_s": 648.80, "sys_s": 22.18, "max_
                                   "scoring": 0.01, "solving": 28.92, "measuring": 2.08,
                                   "ptq": 638.39, "quantisation": 2.14, "fidelity": 5.32,
                                   "plan": 0.01}}
+# The same command on commit 48464c6 (2026-12-04 15:26 UTC, load average 0.4 at the start,
+# 3.2 at the end), before the speed-ups of issue 13 item 5's second pass (requantisation,
+# PTQ reuse, calibration segments); its `solving` still includes the single choices'
+# measurements, which `-v` now reports as `sensitivity: <schedule>: …` lines.
+MEASURED_BEFORE_48464C6 = {"wall_s": 82.62, "user_s": 61.71, "sys_s": 8.24,
+                           "max_rss_mb": 1298.5, "load_avg_1min": 3.18,
+                           "phases": {"import": 2.15, "calibration": 7.91, "sensitivity": 1.5,
+                                      "scoring": 0.01, "solving": 40.53, "measuring": 10.5,
+                                      "ptq": 13.85, "quantisation": 1.61, "VDPC": 0.67,
+                                      "fidelity": 3.53, "plan": 0.0}}
 # Timed runs of the measured strategy: one since auto-PTQ made a run take over ten minutes
 # (three would hold the shared machine for most of an hour); `exact` keeps three.
 MEASURED_RUNS = 1
@@ -244,6 +254,7 @@ def bench_search_time() -> dict:
     ok = best["wall_s"] <= SEARCH_GOAL_S and solver < 1.0
     result = {"runs": measured, "best": best, "plan_sha256": measured_sha,
               "before": MEASURED_BEFORE, "before_ptq": MEASURED_BEFORE_PTQ,
+              "before_48464c6": MEASURED_BEFORE_48464C6,
               "exact": {"runs": exact, "best": best_exact, "plan_sha256": exact_sha,
                         "before": SEARCH_BEFORE, "before_loaded": SEARCH_BEFORE_LOADED},
               "seconds_end_to_end": best["wall_s"], "seconds_solver": solver,
@@ -256,7 +267,8 @@ def bench_search_time() -> dict:
             else f"— goal missed by {r['wall_s'] - SEARCH_GOAL_S:.1f} s")
 
     rows = [_time_row("before (aebebdc, no auto-PTQ yet), loaded", MEASURED_BEFORE),
-            _time_row("before (4e2037e, auto-PTQ)", MEASURED_BEFORE_PTQ)]
+            _time_row("before (4e2037e, auto-PTQ)", MEASURED_BEFORE_PTQ),
+            _time_row("before (48464c6)", MEASURED_BEFORE_48464C6)]
     rows += [_time_row(f"run {i + 1}" + (" (best)" if r is best else ""), r)
              for i, r in enumerate(measured)]
     tables = [show(
@@ -268,7 +280,9 @@ def bench_search_time() -> dict:
              "the `ptq` phase) takes most of the time. Since then the measured strategy tries "
              "AdaRound by itself only within `ptq_choice.AUTO_ADAROUND_MACS` multiply-adds "
              "(not on this model: its plan records why), so its PTQ may differ from "
-             "4e2037e's.")]
+             "4e2037e's. On 48464c6 and before, `solving` includes the measurements of the "
+             "single choices; since, `-v` reports them as `sensitivity` (the plan is "
+             "byte-identical to 48464c6's).")]
     rows = [_time_row("before (8cf69dc), idle", SEARCH_BEFORE),
             _time_row("before (8cf69dc), loaded", SEARCH_BEFORE_LOADED)]
     rows += [_time_row(f"run {i + 1}" + (" (best)" if r is best_exact else ""), r)

@@ -66,7 +66,7 @@ class Conv2D(IntOp):
 #: float32 represents every integer of magnitude below 2^24 exactly.
 FLOAT32_EXACT = float(1 << 24)
 #: Elements requantised per chunk: the chunk's int64 temporaries stay in the L2 cache.
-REQUANT_CHUNK = 1 << 15
+REQUANT_CHUNK = 1 << 16
 
 
 def conv_float32(node: Node, lq: LayerQuant, zero_point: int, x: np.ndarray,
@@ -136,7 +136,12 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
     ⌊(a + k·m)/(m·n)⌋ for integer k, and hi < 0 ⟺ R < 0, the output is
     ⌊(R + 2^31·(h_e − [R < 0 ∧ e > 0] + zp·2^e)) / 2^(31+e)⌋ — one shift, exact in int64
     while |R| + the added terms stay below 2^63 (checked; else `_requant_out`). Layers with a
-    left shift (S > 0) or an accumulator that could leave int32 take `_requant_out` too."""
+    left shift (S > 0) or an accumulator that could leave int32 take `_requant_out` too.
+
+    The sign term [R < 0] is skipped when the clamp's lower end is at or above zp (a fused
+    ReLU/ReLU6: most layers): for R < 0, (R + 2^31·h_e)/2^(31+e) < 1/2, so the output is at
+    most zp with or without the term (which lowers it by at most 1), and the clamp makes both
+    act_min. The chunks reuse two preallocated buffers (no fresh pages per chunk)."""
     cout = acc.shape[-1]
     bias = np.broadcast_to(np.asarray(lq.bias if lq.bias is not None else 0, np.int64), (cout,))
     shift = np.broadcast_to(np.asarray(lq.shift, np.int64), (cout,))
@@ -157,22 +162,32 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
     neg = np.where(right > 0, np.int64(-1) << 31, np.int64(0))  # −2^31 where R < 0, e > 0
     total = right + 31
     all_right = bool((right > 0).all())
+    signed = lq.act_min < zp and bool((right > 0).any())  # else the sign term cannot show
+    add_all = add_r + add_out
     flat = acc.reshape(-1, cout)
     y = np.empty(flat.shape, np.int64)
     rows = max(1, REQUANT_CHUNK // cout)
+    xbuf = np.empty((min(rows, len(flat)), cout), np.int64)
+    tbuf = np.empty_like(xbuf) if signed else None
     for start in range(0, len(flat), rows):
-        x = flat[start:start + rows].astype(np.int64)
+        piece = flat[start:start + rows]
+        x = xbuf[:len(piece)]
+        np.copyto(x, piece, casting="unsafe")  # exact: the floats hold integers
         x *= mult
-        x += add_r
-        t = x >> 63  # −1 where R < 0
-        if all_right:
-            t <<= 31
+        if signed:
+            x += add_r
+            t = np.right_shift(x, 63, out=tbuf[:len(piece)])  # −1 where R < 0
+            if all_right:
+                t <<= 31
+            else:
+                t &= neg
+            x += t
+            x += add_out
         else:
-            t &= neg
-        x += t
-        x += add_out
+            x += add_all
         x >>= total
-        np.clip(x, lq.act_min, lq.act_max, out=y[start:start + rows])
+        np.maximum(x, lq.act_min, out=x)
+        np.minimum(x, lq.act_max, out=y[start:start + len(piece)])
     return y.reshape(acc.shape)
 
 

@@ -490,6 +490,39 @@ def test_onnxruntime_runner_visits_what_one_plain_run_gives(nchw_graph, monkeypa
     session = ort.InferenceSession(model.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     plain = dict(zip(names, session.run(names, {nchw_graph.inputs[0]: x}), strict=True))
-    assert list(seen) == [nchw_graph.inputs[0], *names]
+    # Every tensor once; a group's tensors are visited side by side (`_visit_all`), so only
+    # the input's place (first) is fixed.
+    assert list(seen)[0] == nchw_graph.inputs[0]
+    assert sorted(seen) == sorted([nchw_graph.inputs[0], *names])
     for t in names:
         np.testing.assert_array_equal(seen[t], plain[t], err_msg=t)
+
+
+def test_groups_after_the_first_run_only_their_own_nodes(nchw_graph) -> None:
+    """Each group's session is the segment of nodes after the previous group's (fed the
+    earlier tensors it reads), not the model cut from the input: one tensor per group, every
+    segment holds just the nodes producing its tensor."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import mpq.quant.calibrate as C
+    from mpq.frontend.onnx_writer import graph_to_onnx
+
+    model = graph_to_onnx(nchw_graph)
+    names = [t for n in nchw_graph.nodes for t in n.outputs]
+    declared = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in names if t not in declared)
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = random_x(nchw_graph, 1, seed=2)
+    shapes = {t: v.shape[1:] for t, v in zip(names, session.run(names, {nchw_graph.inputs[0]: x}),
+                                             strict=True)}
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    for i, t in enumerate(names):
+        seg = C._segment_model(model, names, i, i, shapes)
+        assert seg is not None, t
+        lo = producer[names[i - 1]] + 1 if i else 0
+        assert len(seg[0].graph.node) == producer[t] - lo + 1
+        assert [o.name for o in seg[0].graph.output] == [t]
+        assert all(f == nchw_graph.inputs[0] or f in names[:i] for f in seg[1])

@@ -27,14 +27,15 @@ def _layer(rng: np.random.Generator, cout: int, reals: np.ndarray, bits: int,
     return lq, ActQuant(0.1, int(rng.integers(lo, hi + 1)), bits)
 
 
-@pytest.mark.parametrize("case", ["random", "ties", "mixed_shifts", "left_shift"])
+@pytest.mark.parametrize("case", ["random", "ties", "mixed_shifts", "left_shift", "relu"])
 def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
     """`requantize_rows` (one merged shift, chunked, in place) against `_requant_out`
     (`arith.requantize` + zero point + clamp) on every rounding case: halves of both signs
     (power-of-two multipliers make exact ties), channels with and without a right shift,
-    zero points at the range ends, and the left-shift fallback."""
+    zero points at the range ends, the left-shift fallback, and a clamp from the zero point up
+    (a fused ReLU: the sign term is skipped there)."""
     rng = np.random.default_rng({"random": 0, "ties": 1, "mixed_shifts": 2,
-                                 "left_shift": 3}[case])
+                                 "left_shift": 3, "relu": 4}[case])
     for _ in range(40):
         cout = int(rng.integers(1, 40))
         acc = rng.integers(-(1 << 23), 1 << 23, (2, 3, 5, cout)).astype(np.float64)
@@ -51,6 +52,8 @@ def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
         for bits in (8, 4, 2):
             lq, out = _layer(rng, cout, reals, bits, 4 if case == "ties" else 20)
             lq.bias[0] = 0
+            if case == "relu":
+                lq.act_min = out.zero_point
             fast = requantize_rows(acc.astype(np.float32), lq, out)
             ref = _requant_out(np.rint(acc).astype(np.int64) + lq.bias, lq, out)
             assert fast.dtype == np.int64 and np.array_equal(fast, ref)

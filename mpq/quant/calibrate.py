@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,6 +72,23 @@ _BIN_CHUNK = 1 << 18  # values binned per step: temporaries of a few MB, kept in
 # _GROUP_BYTES at once; see `_ort_runner`.
 _SLICE_BYTES = 128 << 20
 _GROUP_BYTES = 512 << 20
+#: Tensors of one onnxruntime group whose statistics are taken at once (threads): one per core,
+#: at most two. Each tensor's moments and histogram are its own (`calibrate`'s observers keep
+#: per-tensor state and per-thread scratch), so the numbers are those of one at a time.
+VISIT_WORKERS = max(1, min(2, os.cpu_count() or 1))
+
+
+def _visit_all(visit: Visit, items: list[tuple[str, np.ndarray]]) -> None:
+    """`visit(t, value)` for every item, VISIT_WORKERS at a time: numpy's reductions on
+    whole tensors release the GIL. The first failing item (in order) raises, as in a loop."""
+    if VISIT_WORKERS < 2 or len(items) < 2:
+        for t, value in items:
+            visit(t, value)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(VISIT_WORKERS) as pool:
+        list(pool.map(lambda item: visit(*item), items))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,10 +570,11 @@ class _Group:
     computes them (the model cut after their last producer) and their buffers."""
 
     session: object
-    exposed: list[str]  # every output of that session (all tensors up to the group's last)
+    exposed: list[str]  # every output of that session
     tensors: list[str]
     step: int  # samples per onnxruntime call
     buffers: dict[str, np.ndarray]
+    inputs: list[str] = field(default_factory=list)  # a segment's (`_segment_model`) feeds
 
 
 def _cut_model(model: onnx.ModelProto, names: list[str], last: int) -> onnx.ModelProto:
@@ -576,6 +596,57 @@ def _cut_model(model: onnx.ModelProto, names: list[str], last: int) -> onnx.Mode
     del cut.graph.initializer[:]
     cut.graph.initializer.extend(kept)
     return cut
+
+
+def _segment_model(model: onnx.ModelProto, names: list[str], first: int, last: int,
+                   shapes: dict[str, tuple[int, ...]]
+                   ) -> tuple[onnx.ModelProto, list[str]] | None:
+    """The nodes of `model` (every IR tensor exposed) after the producer of names[first − 1]
+    up to the producer of names[last], as a model of their own: fed the tensors they read
+    that earlier nodes produce (IR tensors, which the earlier groups computed), exposing
+    names[first:last + 1]. A fed tensor is declared with its per-sample shape (`shapes`) and
+    a free batch axis, so onnxruntime knows what the whole model told it. None when such a
+    tensor is not an IR tensor (then the groups are cut from the input, `_cut_model`).
+
+    The same nodes compute the same values: every IR tensor is an output of the whole model,
+    so onnxruntime fuses no node across them there, and a node reads the same float32 values
+    whether an earlier node or a feed holds them (checked value for value: the tests, and
+    MobileNetV2-1.0@224's statistics byte-identical to the cut-from-the-input groups')."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    lo = producer[names[first - 1]] + 1 if first > 0 else 0
+    hi = producer[names[last]]
+    part = nodes[lo:hi + 1]
+    made = {o for n in part for o in n.output}
+    inits = {init.name for init in model.graph.initializer}
+    feeds: list[str] = []
+    for n in part:
+        for i in n.input:
+            if i and i not in made and i not in inits and i not in feeds:
+                feeds.append(i)
+    graph_inputs = {i.name: i for i in model.graph.input}
+    if any(i not in graph_inputs and i not in names[:first] for i in feeds):
+        return None
+    seg = onnx.ModelProto()
+    seg.CopyFrom(model)
+    del seg.graph.node[:]
+    seg.graph.node.extend(part)
+    del seg.graph.input[:]
+    seg.graph.input.extend(graph_inputs[i] if i in graph_inputs
+                           else helper.make_tensor_value_info(i, TensorProto.FLOAT,
+                                                              ["N", *shapes[i]])
+                           for i in feeds)
+    del seg.graph.output[:]
+    seg.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                            for t in names[first:last + 1])
+    used = {i for n in part for i in n.input}
+    kept = [init for init in seg.graph.initializer if init.name in used]
+    del seg.graph.initializer[:]
+    seg.graph.initializer.extend(kept)
+    return seg, feeds
 
 
 _ARENA: list[bool] = []  # whether the process-wide onnxruntime CPU arena is registered
@@ -606,16 +677,22 @@ def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
     network). Instead
 
     - the tensors are taken in groups of consecutive tensors of at most `_GROUP_BYTES` for the
-      whole batch (or one tensor); a group's session is the model cut after its last
-      producer (`_cut_model`), the last group's the whole model;
+      whole batch (or one tensor); a group's session is the segment of nodes producing its
+      tensors (`_segment_model`; when a segment would need a tensor that is not an IR
+      tensor, the model cut after the group's last producer, `_cut_model`, the last group's
+      the whole model);
     - a batch runs in slices of about `_SLICE_BYTES` of activations, onnxruntime writing the
       group's tensors straight into whole-batch buffers (IO binding), allocated once and
-      reused by every group, batch and pass.
+      reused by every group, batch and pass (the tensors a later segment is fed keep their
+      own buffers).
 
     onnxruntime's CPU kernels compute each sample independently of the others in its batch
     and a node's values do not depend on the nodes after it, so neither changes a number
-    (checked by the tests, and value for value on the benchmark models). Visited arrays are
-    only valid until the next call.
+    (checked by the tests, and value for value on the benchmark models). Each group after the
+    first runs only its own nodes, fed the earlier tensors it reads (`_segment_model`), so the
+    network runs once, not once per group. The input is visited first, then each group's
+    tensors once it has run, side by side (`_visit_all`: no order within a group). Visited
+    arrays are only valid until the next call.
     """
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -640,6 +717,7 @@ def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
     session = open_session(model)
     name = graph.inputs[0]
     groups: list[_Group] = []
+    carried_values: dict[str, np.ndarray] = {}  # tensors a later group is fed
 
     def plan(batch: np.ndarray) -> bool:
         """Groups, sessions and buffers for batches of up to len(batch); False when some
@@ -656,31 +734,48 @@ def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
             if spans[-1] and n * (sum(row[names[j]] for j in spans[-1]) + row[t]) > budget:
                 spans.append([])
             spans[-1].append(i)
-        pool = np.empty(max(sum(n * row[names[j]] for j in span) for span in spans) // 4,
-                        np.float32)
+        # Each group after the first runs only its own nodes, fed the earlier tensors it
+        # reads (`_segment_model`); those are carried in buffers of their own, the others
+        # share one pool reused by every group.
+        segments = [_segment_model(model, names, span[0], span[-1], shapes) for span in spans]
+        if any(seg is None for seg in segments):
+            segments = [None] * len(spans)
+        carried = {t for seg in segments if seg is not None for t in seg[1] if t != name}
+        pool = np.empty(max(sum(n * row[names[j]] for j in span if names[j] not in carried)
+                            for span in spans) // 4, np.float32)
         groups.clear()
-        for span in spans:
+        for span, seg in zip(spans, segments, strict=True):
             last = span[-1]
             whole = last == len(names) - 1
-            exposed = names if whole else names[:last + 1]
             buffers, offset = {}, 0
             for j in span:
                 t = names[j]
                 size = n * row[t] // 4
+                if t in carried:
+                    buffers[t] = carried_values[t] = np.empty((n, *shapes[t]), np.float32)
+                    continue
                 buffers[t] = pool[offset:offset + size].reshape((n, *shapes[t]))
                 offset += size
-            per_sample = sum(row[t] for t in exposed) or 1
-            groups.append(_Group(session if whole else open_session(_cut_model(model, names,
-                                                                               last)),
-                                 exposed, [names[j] for j in span],
-                                 max(1, _SLICE_BYTES // per_sample), buffers))
+            # Slices as when every group ran from the input (the same onnxruntime calls).
+            per_sample = sum(row[t] for t in names[:last + 1]) or 1
+            step = max(1, _SLICE_BYTES // per_sample)
+            if seg is not None:
+                groups.append(_Group(open_session(seg[0]), names[span[0]:last + 1],
+                                     [names[j] for j in span], step, buffers, seg[1]))
+            else:
+                exposed = names if whole else names[:last + 1]
+                groups.append(_Group(session if whole else open_session(_cut_model(model, names,
+                                                                                   last)),
+                                     exposed, [names[j] for j in span], step, buffers, [name]))
         return True
 
     def run_group(g: _Group, batch: np.ndarray) -> None:
         for start in range(0, len(batch), g.step):
             stop = min(start + g.step, len(batch))
             binding = g.session.io_binding()
-            binding.bind_cpu_input(name, np.ascontiguousarray(batch[start:stop]))
+            for t in g.inputs:
+                binding.bind_cpu_input(t, np.ascontiguousarray(
+                    batch[start:stop] if t == name else carried_values[t][start:stop]))
             for t in g.exposed:
                 if t in g.buffers:
                     view = g.buffers[t][start:stop]
@@ -710,8 +805,7 @@ def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
                 groups.clear()
                 run_whole(batch, visit)
                 return
-            for t in g.tensors:
-                visit(t, g.buffers[t][:n])
+            _visit_all(visit, [(t, g.buffers[t][:n]) for t in g.tensors])
 
     return run
 
@@ -751,15 +845,15 @@ def calibrate(graph: Graph, data: Dataset, batch_size: int = 64, bins: int = DEF
     seen = 0  # samples before the current batch, for the error of a non-finite activation
     grids: dict[str, tuple[float, int]] = {}
     hists = {t: np.zeros(bins, np.int64) for t in order}
-    scratch = np.empty(0, np.float32)
+    local = threading.local()  # each visiting thread's scratch (`_visit_all`)
 
     def observe_moments(t: str, value: np.ndarray) -> None:
-        nonlocal scratch
         lo, hi = value.min(), value.max()  # NaN propagates through min/max, ±Inf shows there
         if not (math.isfinite(lo) and math.isfinite(hi)):
             check_finite_activation(t, value, seen, t == order[0])
-        if len(scratch) < value.size:
-            scratch = np.empty(value.size, np.float32)
+        scratch = getattr(local, "scratch", None)
+        if scratch is None or len(scratch) < value.size:
+            scratch = local.scratch = np.empty(value.size, np.float32)
         moments[t] = merge_moments(moments[t],
                                    batch_moments(value, float(lo), float(hi), scratch))
 

@@ -50,7 +50,7 @@ from mpq.quant.weights import (
     pack_rounding,
     rounding_floor,
 )
-from mpq.sim import INT_OPS, quantize_input
+from mpq.sim import INT_OPS, conv_float32, quantize_input, requantize_rows
 
 PTQ_SAMPLES = 64  # calibration samples the walk uses (fewer when the tensors are large)
 PTQ_ELEMENTS = 1 << 24  # bound on samples × the largest tensor's elements (memory)
@@ -120,16 +120,21 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
         for t in node.inputs:
             remaining[t] += 1
     for node in graph.nodes:
+        acc = None
         if node.op in WEIGHTED:
-            layers[node.name] = _fit_layer(node, layers[node.name], qm.acts,
-                                           env_f[node.inputs[0]], env_q[node.inputs[0]],
-                                           opts, result)
+            layers[node.name], acc = _fit_layer(node, layers[node.name], qm.acts,
+                                                env_f[node.inputs[0]], env_q[node.inputs[0]],
+                                                opts, result)
         out_shape = graph.tensors[node.outputs[0]].shape
         env_f[node.outputs[0]] = OPS[node.op].run(node, [env_f[t] for t in node.inputs],
                                                   out_shape).astype(np.float32)
-        env_q[node.outputs[0]] = INT_OPS[node.op].run(node, layers[node.name], walk,
-                                                      [env_q[t] for t in node.inputs],
-                                                      out_shape)
+        if acc is not None:  # `Conv2D.run` on the fitted layer, its accumulators reused
+            env_q[node.outputs[0]] = requantize_rows(acc, layers[node.name],
+                                                     qm.acts[node.outputs[0]])
+        else:
+            env_q[node.outputs[0]] = INT_OPS[node.op].run(node, layers[node.name], walk,
+                                                          [env_q[t] for t in node.inputs],
+                                                          out_shape)
         for t in node.inputs:
             remaining[t] -= 1
             if remaining[t] == 0:
@@ -144,8 +149,12 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
 
 
 def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.ndarray,
-               xq: np.ndarray, opts: PtqOptions, result: PtqResult) -> LayerQuant:
-    """One layer: AdaRound (4/2-bit linear weights), then bias correction on the result."""
+               xq: np.ndarray, opts: PtqOptions, result: PtqResult
+               ) -> tuple[LayerQuant, np.ndarray | None]:
+    """One layer: AdaRound (4/2-bit linear weights), then bias correction on the result. Also
+    the fitted layer's float32 accumulators (`mpq.sim.conv_float32`) when bias correction
+    computed them and they are exact, else None: the correction changes only the bias, so the
+    walk requantises them instead of running the convolution again."""
     spec = WeightSpec(lq.weight_scheme, lq.weight_bits, lq.weight_params)
     src = acts[node.inputs[0]]
     if opts.adaround and lq.weight_scheme == "linear" and lq.weight_bits in ROUNDING_BITS:
@@ -158,11 +167,18 @@ def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.nda
             result.log.append(f"{node.name}: AdaRound output error {gain:.3f}× of nearest")
         else:
             result.log.append(f"{node.name}: AdaRound no better than nearest; kept nearest")
+    acc = None
     if opts.bias_correction:
-        delta = expected_shift(node, lq, src, xf, xq)
+        out_shape = (xq.shape[0], *_out_hw(node, xq), lq.weight.shape[0]) \
+            if node.op == "conv2d" else None
+        acc = conv_float32(node, lq, src.zero_point, xq, out_shape) if out_shape else None
+        delta = expected_shift(node, lq, src, xf, xq, acc)
         result.corrections[node.name] = delta
-        lq = weighted_layer(node, acts, spec, delta)
-    return lq
+        fitted = weighted_layer(node, acts, spec, delta)
+        if acc is not None and not np.array_equal(fitted.weight, lq.weight):
+            acc = None  # (the same spec gives the same weights; never taken)
+        lq = fitted
+    return lq, acc
 
 
 # -- bias correction ----------------------------------------------------------------------------
@@ -189,12 +205,16 @@ def _out_hw(node: Node, x: np.ndarray) -> tuple[int, int]:
 
 
 def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray,
-                   xq: np.ndarray) -> np.ndarray:
+                   xq: np.ndarray, acc32: np.ndarray | None = None) -> np.ndarray:
     """δ_c = mean over samples and positions of ŷ_c − y_c (module docstring): the integer
     accumulator s_in·s_w[c]·(Σ W_q (x_q − z_in) + b_q) against the float W x + b, per output
-    channel, in real units (float64)."""
-    acc = _linear(node, (xq - src.zero_point).astype(np.float64),
-                  lq.weight.astype(np.float64)) + lq.bias
+    channel, in real units (float64). `acc32`: the layer's accumulators Σ W_q (x_q − z_in)
+    from `mpq.sim.conv_float32` when it had them (exact integers, so the float64 sums' values)."""
+    if acc32 is not None:
+        acc = acc32.reshape(-1, lq.weight.shape[0]).astype(np.float64) + lq.bias
+    else:
+        acc = _linear(node, (xq - src.zero_point).astype(np.float64),
+                      lq.weight.astype(np.float64)) + lq.bias
     real = acc * (np.float64(np.float32(src.scale)) * lq.weight_scale.astype(np.float64))
     ref = _linear(node, xf.astype(np.float64), node.weight.astype(np.float64)) \
         + node.bias.astype(np.float64)

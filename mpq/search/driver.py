@@ -480,7 +480,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             extra = stage_flash(graph, schedule, opts, board_cpu(board))
             attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
                                       flash_budget - extra, input_bytes, code + extra, table,
-                                      probe)
+                                      probe, say)
         except MpqError as exc:  # this schedule cannot meet the budgets; try the others
             failures.append(exc)
             say(f"solving: {_describe(schedule)}: {exc}")
@@ -548,7 +548,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     qm, specs, corrections = _post_training(qm, specs, data, opts, notes, say)
     ptq_choice = None
     if probe is not None and opts.auto_ptq and not (opts.bias_correction or opts.adaround):
-        ptq_choice, specs, corrections = _measured_ptq(qm, specs, data, probe, say)
+        ptq_choice, specs, corrections = _measured_ptq(qm, specs, data, probe, say,
+                                                       (problem, solution.choice))
         qm = ptq_choice.model
     outlier_qm = None
     stage_tensors = set()
@@ -638,15 +639,25 @@ def _post_training(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset |
 
 
 def _measured_ptq(qm: QuantModel, specs: dict[str, WeightSpec], data: Dataset,
-                  probe: Probe, say: Callable[[str], None]):
+                  probe: Probe, say: Callable[[str], None],
+                  chosen: tuple[Problem, dict[str, int]] | None = None):
     """The measured strategy's PTQ (`search.ptq_choice`): the plan's model with the fit of
     lowest measured damage, the weight specs with AdaRound's rounding added when kept, and
-    the bias corrections kept."""
+    the bias corrections kept. `chosen`: the problem and choice `qm` was built from; when the
+    probe's variant of that choice has `qm`'s very parameters, its measured outputs are
+    reused instead of running `qm` again."""
     from mpq.fidelity import validation_indices
+    from mpq.search.measured import choice_bits
     from mpq.search.ptq_choice import choose_ptq
+    from mpq.search.sensitivity import same_parameters
 
+    plain = None
+    if chosen is not None:
+        acts, weights = choice_bits(*chosen)
+        if same_parameters(probe.model(acts, weights)[0], qm):
+            plain = probe.variant_outputs(acts, weights)
     validation = validation_indices(len(data), str(data.path), probe.samples)
-    choice = choose_ptq(qm, data, validation, probe, say)
+    choice = choose_ptq(qm, data, validation, probe, say, plain)
     if choice.fitted is None:
         return choice, specs, {}
     return choice, {**specs, **choice.fitted.specs}, choice.fitted.corrections
@@ -817,11 +828,12 @@ def stage_flash(graph: Graph, schedule: PatchSchedule, opts: SearchOptions, cpu:
 
 def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                     opts: SearchOptions, sram_total: int, flash_budget: int,
-                    input_bytes: int, scored: bool = True, probe: Probe | None = None
-                    ) -> _Setup:
+                    input_bytes: int, scored: bool = True, probe: Probe | None = None,
+                    say: Callable[[str], None] | None = None) -> _Setup:
     """The allocation problem of one schedule and the strategy's floor: the largest options
     for `int8`, the smallest otherwise. With `probe` (the measured strategy) the groups are
-    scored by measured damage."""
+    scored by measured damage (`say` gets a `sensitivity:` line with the time it took, so
+    the schedule's `solving:` line times the solving alone)."""
     int8_memory = schedule.memory()
     scratch = int8_memory.scratch_bytes
     sram_budget = sram_total - input_bytes - align_up(scratch)  # export aligns the scratch
@@ -833,7 +845,11 @@ def _setup_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, Map
     if probe is not None and not problem.fits({g.name: max(g.options) for g in problem.groups}):
         # Measured only when the budget forces something below 8 bits: at 8 everywhere the
         # plan is the reference itself (damage 0), nothing to measure.
+        runs = probe.runs
         problem = rescore(problem, probe)
+        if say is not None and probe.runs > runs:
+            say(f"sensitivity: {_describe(schedule)}: {probe.runs - runs} single choice(s) "
+                f"measured ({probe.runs} in all)")
     if opts.strategy == "int8":
         floor = {g.name: max(g.options) for g in problem.groups}
         what = "8-bit activations"
@@ -894,10 +910,12 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
 def _solve_schedule(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapScore],
                     opts: SearchOptions, sram_total: int, flash_total: int, flash_budget: int,
                     input_bytes: int, code: int, table: ImportanceTable | None = None,
-                    probe: Probe | None = None) -> _Attempt:
-    """Build and solve the allocation problem for one patch schedule."""
+                    probe: Probe | None = None,
+                    say: Callable[[str], None] | None = None) -> _Attempt:
+    """Build and solve the allocation problem for one patch schedule (`say`: see
+    `_setup_schedule`)."""
     setup = _setup_schedule(graph, schedule, scores, opts, sram_total, flash_budget,
-                            input_bytes, probe=probe)
+                            input_bytes, probe=probe, say=say)
     problem, order, scratch, low = setup.problem, setup.order, setup.scratch, setup.floor
     use_vdpc, classified = setup.use_vdpc, setup.classified
     if not problem.fits(low):

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpq.fidelity import output_damage
 from mpq.interpreter import run_graph, to_ir_layout
 from mpq.quant.calibrate import Dataset, dataset_from_array
 from mpq.quant.ptq import ADAROUND_ITERS, PtqOptions, PtqResult, apply_ptq
@@ -99,23 +98,33 @@ def candidates(qm: QuantModel) -> list[tuple[str, PtqOptions]]:
 
 def float_reference(probe: Probe, x_val: np.ndarray) -> dict[str, np.ndarray]:
     """The float model's measured tensors (a softmax's logits, else the output) on the
-    validation inputs, in the IR layout the probe's outputs use."""
+    validation inputs, in the IR layout the probe's outputs use: the probe's own float run
+    (`Probe.float_outputs`) when `x_val` are its inputs."""
+    if x_val.shape == probe.x_val.shape and np.array_equal(x_val, probe.x_val):
+        return probe.float_outputs()[0]
     g = probe.graph
     name = g.inputs[0]
-    runs = [run_graph(g, {name: to_ir_layout(g, name, x_val[i:i + 64])}, keep=True)
-            for i in range(0, len(x_val), 64)]
+    wanted = {t for t, _ in probe.measure}
+    runs: list[dict[str, np.ndarray]] = []
+    for i in range(0, len(x_val), 64):
+        kept: dict[str, np.ndarray] = {}
+        run_graph(g, {name: to_ir_layout(g, name, x_val[i:i + 64])},
+                  observe=lambda t, v, kept=kept: kept.update({t: v}) if t in wanted else None)
+        runs.append(kept)
     return {t: np.concatenate([r[t] for r in runs]) for t, _ in probe.measure}
+
+
+def model_outputs(probe: Probe, qm: QuantModel) -> dict[str, np.ndarray]:
+    """The probe's measured tensors of `qm` on the validation samples; the whole network runs
+    from the probe's cached input."""
+    return probe.outputs(qm, {n.name for n in qm.graph.nodes})
 
 
 def model_damage(probe: Probe, qm: QuantModel,
                  reference: dict[str, np.ndarray] | None = None) -> float:
     """Σ over the probe's measured outputs of the damage of `qm` on the validation samples
-    against `reference` (default: the probe's all-8-bit model); the whole network runs from
-    the probe's cached input."""
-    outs = probe.outputs(qm, {n.name for n in qm.graph.nodes})
-    ref = reference or probe.reference
-    return float(sum(output_damage(ref[t], outs[t], probe.classifier[t])
-                     for t, _ in probe.measure))
+    against `reference` (default: the probe's all-8-bit model)."""
+    return probe.damage_against(model_outputs(probe, qm), reference)
 
 
 def fit_data(data: Dataset, validation: np.ndarray) -> Dataset | None:
@@ -129,20 +138,26 @@ def fit_data(data: Dataset, validation: np.ndarray) -> Dataset | None:
 
 
 def choose_ptq(qm: QuantModel, data: Dataset, validation: np.ndarray, probe: Probe,
-               say: Callable[[str], None] | None = None) -> PtqChoice:
+               say: Callable[[str], None] | None = None,
+               plain_outputs: dict[str, np.ndarray] | None = None) -> PtqChoice:
     """The plan's model with the fit of lowest measured damage against float (none
-    included); ties keep the simpler (fewer fits, the order of `candidates`)."""
+    included); ties keep the simpler (fewer fits, the order of `candidates`).
+    `plain_outputs`: `qm`'s measured tensors when the caller has them (the search measured
+    this very model: `Probe.variant_outputs`), else `qm` runs here. Each model runs once: its
+    damage against float and against the all-8-bit model come from the same outputs."""
     say = say or (lambda message: None)
     tried = candidates(qm)
+    plain_outs = plain_outputs if plain_outputs is not None else model_outputs(probe, qm)
     if not tried:
-        return PtqChoice(qm, None, PtqOptions(), model_damage(probe, qm))
+        return PtqChoice(qm, None, PtqOptions(), probe.damage_against(plain_outs))
     x_all = np.concatenate(list(data.batches(256)))
     ref = float_reference(probe, x_all[validation])
-    plain = model_damage(probe, qm, ref)
+    plain = probe.damage_against(plain_outs, ref)
     best = PtqChoice(qm, None, PtqOptions(), plain)
+    best_outs = plain_outs
     fit_on = fit_data(data, validation)
     if fit_on is None:
-        best.damage = model_damage(probe, qm)
+        best.damage = probe.damage_against(plain_outs)
         best.record = {"kept": "none",
                        "note": f"fewer than {MIN_FIT} calibration samples outside the "
                                f"{len(validation)} measured; no fit tried"}
@@ -150,12 +165,13 @@ def choose_ptq(qm: QuantModel, data: Dataset, validation: np.ndarray, probe: Pro
     rows = [{"fit": "none", "damage_vs_float": round(plain, 9)}]
     kept = "none"
     for (label, opts), fitted in zip(tried, fit_all(qm, fit_on, tried), strict=True):
-        damage = model_damage(probe, fitted.model, ref)
+        outs = model_outputs(probe, fitted.model)
+        damage = probe.damage_against(outs, ref)
         rows.append({"fit": label, "damage_vs_float": round(damage, 9)})
         say(f"ptq: {label}: measured damage against float {damage:.5f} (none {plain:.5f})")
         if damage < best.damage:
-            best, kept = PtqChoice(fitted.model, fitted, opts, damage), label
-    best.damage = model_damage(probe, best.model)  # the search's measure, for the plan
+            best, kept, best_outs = PtqChoice(fitted.model, fitted, opts, damage), label, outs
+    best.damage = probe.damage_against(best_outs)  # the search's measure, for the plan
     best.record = {"fit_samples": len(fit_on), "validation_samples": len(validation),
                    "candidates": rows, "kept": kept}
     if roundable(qm) and adaround_macs(qm) > AUTO_ADAROUND_MACS:

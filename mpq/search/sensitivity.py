@@ -80,6 +80,11 @@ class Probe:
         for t, _ in self.measure:
             self._readers[t] += 1
         self._pending: dict[tuple, float] = {}  # measured ahead by `prefetch`, not yet asked
+        # The measured tensors of every variant run (a few KB each: logits of the validation
+        # samples), for `variant_outputs`: the chosen plan's PTQ needs them again.
+        self._outputs: dict[tuple, dict[str, np.ndarray]] = {}
+        self._float: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        self.x_val = x_val
         self._lock = threading.Lock()
         self.base: QuantModel | None = None  # `model` builds the reference when it is None
         self.base = self.model({}, {})[0]
@@ -204,13 +209,60 @@ class Probe:
                 tuple(sorted((n, b) for n, b in w_bits.items() if b != self._ref_w.get(n))))
 
     def _measure(self, act_bits: dict[str, int], w_bits: dict[str, int]) -> tuple[float, bool]:
-        """The damage of a variant and whether it ran (False: it is the reference)."""
+        """The damage of a variant and whether it ran (False: it is the reference); its
+        measured tensors are kept for `variant_outputs`."""
         qm, changed = self.model(act_bits, w_bits)
         if not changed:
             return 0.0, False
         outs = self.outputs(qm, changed)
-        return float(sum(output_damage(self.reference[t], outs[t], self.classifier[t])
-                         for t, _ in self.measure)), True
+        with self._lock:
+            self._outputs[self._key(act_bits, w_bits)] = outs
+        return self.damage_against(outs), True
+
+    def damage_against(self, outs: dict[str, np.ndarray],
+                       reference: dict[str, np.ndarray] | None = None) -> float:
+        """Σ over the measured tensors of `output_damage(reference, outs)` (default
+        reference: the all-8-bit model's)."""
+        ref = reference or self.reference
+        return float(sum(output_damage(ref[t], outs[t], self.classifier[t])
+                         for t, _ in self.measure))
+
+    def variant_outputs(self, act_bits: dict[str, int], w_bits: dict[str, int]
+                        ) -> dict[str, np.ndarray]:
+        """The measured tensors of a variant: those of its measurement when it was measured
+        (the same integers a new run gives: the run is deterministic), else a new run (not
+        counted in `runs`)."""
+        key = self._key(act_bits, w_bits)
+        if key not in self._outputs:
+            qm, changed = self.model(act_bits, w_bits)
+            return self.outputs(qm, changed) if changed else dict(self.reference)
+        return self._outputs[key]
+
+    def float_outputs(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The float model on the validation inputs (IR layout, batches of 64): its measured
+        tensors (a softmax's logits, else the output) and its graph outputs. One run, shared
+        by the PTQ choice and the plan's fidelity block; only those tensors are kept."""
+        if self._float is None:
+            from mpq.interpreter import run_graph
+
+            g = self.graph
+            name = g.inputs[0]
+            wanted = {t for t, _ in self.measure}
+            measured: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+            outputs: dict[str, list[np.ndarray]] = {t: [] for t in g.outputs}
+
+            def keep(t: str, value: np.ndarray) -> None:
+                if t in wanted:
+                    measured[t].append(value)
+
+            for i in range(0, len(self.x_val), 64):
+                out = run_graph(g, {name: to_ir_layout(g, name, self.x_val[i:i + 64])},
+                                observe=keep)
+                for t in g.outputs:
+                    outputs[t].append(out[t])
+            self._float = ({t: np.concatenate(v) for t, v in measured.items()},
+                           {t: np.concatenate(v) for t, v in outputs.items()})
+        return self._float
 
     def damage_of(self, act_bits: dict[str, int], w_bits: dict[str, int]) -> float:
         """Σ over outputs of the damage of a variant (0 for the reference itself); each
