@@ -1284,15 +1284,37 @@ int32_t mpq_conv2d_unpacked_scratch_size(const mpq_conv_params *p, const mpq_fil
            + (!cols && mpq__conv_direct(p, f, in, out) ? 0 : 2 * f->h * f->w * f->c);
 }
 
+/* `f` as the int8 filter the unpacked kernels run (into *f8): a filter that needs decoding
+   (mpq__needs_decode) has every code decoded to its int8 value (mpq__wval: linear, codebook or
+   power of two) at the start of `scratch`, so the int8 path's products are the filter's, bit
+   for bit; any other is `f` itself. Returns the scratch bytes the decoded weights take. */
+static int32_t mpq__decode_filter(const mpq_filter *f, int16_t *scratch, mpq_filter *f8)
+{
+    const int32_t wbytes = mpq__unpacked_bytes(f);
+    const uint8_t *codes = (const uint8_t *)f->data;
+    int8_t *w8 = (int8_t *)scratch;
+    uint32_t k;
+    const uint32_t nk = (uint32_t)(f->n * f->h * f->w * f->c);
+    *f8 = *f;
+    if (wbytes == 0) {
+        return 0;
+    }
+    for (k = 0; k < nk; ++k) {
+        w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
+    }
+    f8->data = w8;
+    f8->bits = 8;
+    f8->format = MPQ_WFMT_LINEAR;
+    f8->codebook = NULL;
+    return wbytes;
+}
+
 int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
                         const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                         int16_t *scratch)
 {
     const int err = mpq__unpacked_check(p, f, in, out);
-    const uint8_t *codes;
-    int8_t *w8;
     mpq_filter f8;
-    uint32_t k, nk;
     int32_t wbytes;
     if (err != MPQ_OK) {
         return err;
@@ -1301,22 +1323,7 @@ int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
         || !mpq__act_ok(p->act_min, p->act_max, out->bits)) {
         return MPQ_ERR_ARG;
     }
-    f8 = *f;
-    wbytes = mpq__unpacked_bytes(f);
-    if (wbytes > 0) {
-        /* Every code decodes to its int8 value (mpq__wval: linear, codebook or power of two),
-           so the int8 path's products are the filter's, bit for bit. */
-        codes = (const uint8_t *)f->data;
-        w8 = (int8_t *)scratch;
-        nk = (uint32_t)(f->n * f->h * f->w * f->c);
-        for (k = 0; k < nk; ++k) {
-            w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
-        }
-        f8.data = w8;
-        f8.bits = 8;
-        f8.format = MPQ_WFMT_LINEAR;
-        f8.codebook = NULL;
-    }
+    wbytes = mpq__decode_filter(f, scratch, &f8);
     return mpq__conv(p, &f8, q, in, NULL, NULL, out,
                      (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
 }
@@ -1327,10 +1334,7 @@ int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
                             const mpq_view *out, int16_t *scratch)
 {
     int err = mpq__unpacked_check(p, f, in, out);
-    const uint8_t *codes;
-    int8_t *w8;
     mpq_filter f8;
-    uint32_t k, nk;
     int32_t wbytes;
     if (err != MPQ_OK || (err = mpq__view_check(skip)) != MPQ_OK) {
         return err;
@@ -1348,20 +1352,7 @@ int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
     if (!mpq__alias_ok(skip, out)) {
         return MPQ_ERR_BITS;
     }
-    f8 = *f;
-    wbytes = mpq__unpacked_bytes(f);
-    if (wbytes > 0) {
-        codes = (const uint8_t *)f->data;
-        w8 = (int8_t *)scratch;
-        nk = (uint32_t)(f->n * f->h * f->w * f->c);
-        for (k = 0; k < nk; ++k) {
-            w8[k] = (int8_t)mpq__wval(f, mpq__code(codes, f->bits, k));
-        }
-        f8.data = w8;
-        f8.bits = 8;
-        f8.format = MPQ_WFMT_LINEAR;
-        f8.codebook = NULL;
-    }
+    wbytes = mpq__decode_filter(f, scratch, &f8);
     return mpq__conv(p, &f8, q, in, add, skip, out,
                      (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
 }
