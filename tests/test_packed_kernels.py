@@ -44,8 +44,11 @@ MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
 #: mpq_conv2d_unpacked (sub-byte weights of every format, sub-byte inputs) against mpq_conv2d
 UNPACK_KINDS = ("unpack1x1", "unpackkxk")
 UNPACK_MIXES = ("a8w4", "a8w2", "a8w3", "a4w8", "a2w8", "a4w3")
-#: and the 4-bit depthwise channel-pair path (mpq_depthwise_inplace) against mpq_conv2d: one
-#: line, "dwpairs a4o4", 400 cases; 4-bit average pooling: "avgpool a4o4", 200 cases
+#: the 4-/2-bit depthwise channel-group path (mpq_depthwise_inplace) against mpq_conv2d, per
+#: activation and weight bits; 4-/2-bit average pooling (mpq_avgpool's channel groups, outputs
+#: of any bits: "o0") against the formula
+DW_MIXES = ("a4w4", "a4w2", "a4w8", "a2w2", "a2w4", "a2w8")
+POOL_MIXES = ("a4o0", "a2o0")
 #: what the cases call: the packed kernels and the reference ones
 SOURCES = tuple(KERNELS / n for n in ("mpq_packed.c", "mpq_conv.c", "mpq_dot.c",
                                       "mpq_fully_connected.c", "mpq_support.c",
@@ -60,8 +63,8 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
     got = [r.groups() for r in rows if r]
     assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES] + [
         (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [
-        ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [("dwpairs", "a4o4"),
-                                                                ("avgpool", "a4o4")], stdout
+        ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [
+        ("dwinplace", m) for m in DW_MIXES] + [("avgpool", m) for m in POOL_MIXES], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
         assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
@@ -93,7 +96,8 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
-    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 5
+    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 3 \
+        + len(DW_MIXES) + len(POOL_MIXES)
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
