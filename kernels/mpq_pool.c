@@ -192,6 +192,116 @@ static void mpq__avgpool_x4(const mpq_pool_params *p, const mpq_view *in, const 
     }
 }
 
+/* The field of byte b that a left shift by `la` puts at the byte's top, as a signed byte: a
+   2-bit value times 64. */
+static inline int32_t mpq__pool_f2(uint32_t b, int32_t la)
+{
+    return (int32_t)(int8_t)(uint8_t)((b << la) & 0xC0u);
+}
+
+/* mpq_avgpool for 2-bit inputs with C a multiple of 4: the channels in quads, which share every
+   input byte, the four sums from that byte (each field sign-extended times 64: the top of a
+   signed byte). With the DSP and C a multiple of 16, sixteen channels per word: each of the
+   word's four fields masked to the top of its bytes, SXTAB16 adds them to eight halfword pairs,
+   which hold 64 * sum exactly for windows of at most 256 taps (|64 * sum| <= 2^15). A 2-bit
+   output quad is written as one byte. */
+static void mpq__avgpool_x2(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    uint8_t *dst = (uint8_t *)out->data;
+    const int32_t c = out->c, lo = p->act_min, hi = p->act_max, obits = out->bits;
+    const uint32_t step = (uint32_t)c >> 2;  /* bytes per input pixel */
+    int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi, i, j;
+    for (oy = 0; oy < out->h; ++oy) {
+        mpq__window(oy * p->stride_h - p->pad_top, p->kernel_h, in->h, &ylo, &yhi);
+        for (ox = 0; ox < out->w; ++ox) {
+            const uint32_t ko = mpq__at(out, oy, ox);
+            int32_t cnt, v[16];
+            mpq__window(ox * p->stride_w - p->pad_left, p->kernel_w, in->w, &xlo, &xhi);
+            cnt = (yhi - ylo) * (xhi - xlo);
+            for (ch = 0; ch < c; ch += 4) {
+                int n = 4;
+#if MPQ_USE_DSP
+                if (c % 16 == 0 && cnt <= 256) {
+                    int32_t a02 = 0, a13 = 0, b02 = 0, b13 = 0, c02 = 0, c13 = 0, d02 = 0,
+                            d13 = 0;
+                    for (y = ylo; y < yhi; ++y) {
+                        const uint8_t *s = src + ((mpq__at(in, y, xlo) + (uint32_t)ch) >> 2);
+                        for (x = xlo; x < xhi; ++x, s += step) {
+                            const uint32_t w = (uint32_t)mpq__word(s);
+                            const int32_t fa = mpq__i32((w << 6) & 0xC0C0C0C0u);
+                            const int32_t fb = mpq__i32((w << 4) & 0xC0C0C0C0u);
+                            const int32_t fc = mpq__i32((w << 2) & 0xC0C0C0C0u);
+                            const int32_t fd = mpq__i32(w & 0xC0C0C0C0u);
+                            a02 = mpq__sxtab16(a02, fa);
+                            a13 = mpq__sxtab16_r8(a13, fa);
+                            b02 = mpq__sxtab16(b02, fb);
+                            b13 = mpq__sxtab16_r8(b13, fb);
+                            c02 = mpq__sxtab16(c02, fc);
+                            c13 = mpq__sxtab16_r8(c13, fc);
+                            d02 = mpq__sxtab16(d02, fd);
+                            d13 = mpq__sxtab16_r8(d13, fd);
+                        }
+                    }
+                    /* channel 4j + f: field f (bits 2f, 2f + 1) of byte j */
+                    v[0] = mpq__pool_lo(a02);
+                    v[1] = mpq__pool_lo(b02);
+                    v[2] = mpq__pool_lo(c02);
+                    v[3] = mpq__pool_lo(d02);
+                    v[4] = mpq__pool_lo(a13);
+                    v[5] = mpq__pool_lo(b13);
+                    v[6] = mpq__pool_lo(c13);
+                    v[7] = mpq__pool_lo(d13);
+                    v[8] = mpq__pool_hi(a02);
+                    v[9] = mpq__pool_hi(b02);
+                    v[10] = mpq__pool_hi(c02);
+                    v[11] = mpq__pool_hi(d02);
+                    v[12] = mpq__pool_hi(a13);
+                    v[13] = mpq__pool_hi(b13);
+                    v[14] = mpq__pool_hi(c13);
+                    v[15] = mpq__pool_hi(d13);
+                    n = 16;
+                } else
+#endif
+                {
+                    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+                    for (y = ylo; y < yhi; ++y) {
+                        const uint8_t *s = src + ((mpq__at(in, y, xlo) + (uint32_t)ch) >> 2);
+                        for (x = xlo; x < xhi; ++x, s += step) {
+                            const uint32_t b = s[0];
+                            s0 += mpq__pool_f2(b, 6);
+                            s1 += mpq__pool_f2(b, 4);
+                            s2 += mpq__pool_f2(b, 2);
+                            s3 += mpq__pool_f2(b, 0);
+                        }
+                    }
+                    v[0] = s0;
+                    v[1] = s1;
+                    v[2] = s2;
+                    v[3] = s3;
+                }
+                for (i = 0; i < n; i += 4) {
+                    const uint32_t k = ko + (uint32_t)(ch + i);
+                    int32_t a[4];
+                    for (j = 0; j < 4; ++j) {
+                        a[j] = mpq__avg(mpq__asr32(v[i + j], 6), cnt, lo, hi);
+                    }
+                    if (obits == 2) {
+                        dst[k >> 2] = (uint8_t)(((uint32_t)a[0] & 3u) | (((uint32_t)a[1] & 3u) << 2)
+                                                | (((uint32_t)a[2] & 3u) << 4)
+                                                | ((uint32_t)a[3] << 6));
+                    } else {
+                        for (j = 0; j < 4; ++j) {
+                            mpq__st(dst, obits, k + (uint32_t)j, a[j]);
+                        }
+                    }
+                }
+                ch += n - 4;
+            }
+        }
+    }
+}
+
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
 {
     int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
@@ -207,6 +317,10 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     }
     if (in->bits == 4 && in->c % 2 == 0 && in->data != out->data) {
         mpq__avgpool_x4(p, in, out);
+        return MPQ_OK;
+    }
+    if (in->bits == 2 && in->c % 4 == 0 && in->data != out->data) {
+        mpq__avgpool_x2(p, in, out);
         return MPQ_OK;
     }
     src = (const uint8_t *)in->data;
