@@ -673,7 +673,7 @@ static int dw_case(int32_t abits, int32_t wbits, uint32_t *sum)
     if (rint_(0, 3) == 0) {  /* left shifts up to 31, and some beyond the 32-bit path */
         for (i = 0; i < c; ++i) {
             shift[i] = rint_(0, 7) == 0 ? rint_(-40, 40) : rint_(0, 1) ? rint_(1, 31) : shift[i];
-            mult[i] = rint_(0, 15) == 0 ? -rint_(0, 0x7FFFFFFF) : mult[i];
+            mult[i] = rint_(0, 15) == 0 ? -(int32_t)(rnd() >> 1) : mult[i];
         }
     }
     f.data = wts;

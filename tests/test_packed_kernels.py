@@ -167,6 +167,29 @@ def test_packed_choice_says_why_not() -> None:
     assert "depthwise" in packed.packed_choice(dw, "cortex-m4", 4, 4, 0, False, False)
 
 
+def test_group_choice_says_why_not() -> None:
+    """Sub-byte depthwise and average pooling run their channels in byte groups; the report
+    says when a layer cannot (mpq_conv2d's depthwise, max pooling, channels that do not fill
+    whole bytes, filters above 25 taps, pooling in place) and whether the SIMD rows apply."""
+    dw = SimpleNamespace(op="conv2d", weight=np.zeros((8, 3, 3, 1), np.int8),
+                         attrs={"groups": 8, "strides": (2, 2), "dilations": (1, 1)})
+    assert packed.group_choice(dw, "depthwise_inplace", 2, 8, "cortex-m4") is None
+    assert packed.group_simd(dw, "depthwise_inplace", 2, 8, "cortex-m4")
+    assert not packed.group_simd(dw, "depthwise_inplace", 2, 8, "cortex-m0plus")
+    assert packed.group_choice(dw, "depthwise_inplace", 4, 8, "cortex-m0plus") is None
+    assert "quads" in packed.group_choice(dw, "depthwise_inplace", 2, 6, "cortex-m4")
+    assert packed.group_choice(dw, "depthwise_inplace", 4, 6, "cortex-m4") is None
+    assert "in-place" in packed.group_choice(dw, "conv2d", 4, 8, "cortex-m4")
+    big = SimpleNamespace(op="conv2d", weight=np.zeros((8, 7, 7, 1), np.int8), attrs=dw.attrs)
+    assert "25 taps" in packed.group_choice(big, "depthwise_inplace", 4, 8, "cortex-m4")
+    pool = SimpleNamespace(op="avg_pool", attrs={"kernel": (3, 3), "strides": (1, 1)})
+    assert packed.group_choice(pool, "avgpool", 2, 12, "cortex-m7") is None
+    assert not packed.group_simd(pool, "avgpool", 2, 12, "cortex-m7")  # < 16 channels a word
+    assert packed.group_simd(pool, "avgpool", 2, 32, "cortex-m7")
+    assert "in place" in packed.group_choice(pool, "avgpool", 4, 8, "cortex-m4", True)
+    assert "max pooling" in packed.group_choice(pool, "maxpool", 4, 8, "cortex-m4")
+
+
 def test_unpack_choice_says_why_not() -> None:
     """mpq_conv2d_unpacked takes 8-bit-input convolutions with sub-byte weights whose unpacked
     weights fit the plan's scratch; mpq_report.json gets the reason otherwise."""
@@ -215,6 +238,12 @@ def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: in
     for e in layers:
         if "packed" in e and not e["packed"]["used"]:
             assert e["packed"]["reason"] and not e["call"].startswith("mpq_packed")
+    # the depthwise (in place) and the average pooling take the channel groups, the 3x3
+    # depthwise with SIMD rows; the pooling's 24 channels fill words of 4-bit channels (8) but
+    # not of 2-bit ones (16)
+    groups = {e["call"]: e["channel_groups"] for e in layers if "channel_groups" in e}
+    assert groups == {"mpq_depthwise_inplace": {"used": True, "simd": True},
+                      "mpq_avgpool": {"used": True, "simd": bits == 4}}, groups
     assert verify(plan, graph, x[:4], "host").mismatches == 0
     if bits == 4 and shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
         assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0
