@@ -231,11 +231,13 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
         uint8_t *o = dst + ((mpq__at(g->out, oy, 0) + (uint32_t)g->cg) * (uint32_t)bits >> 3);
         ox = 0;
 #if MPQ_USE_DSP
-        if (k3 && dw == 1 && (sw == 1 || sw == 2)) {
-            for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
-                const int8_t *b = line + sw * ox;
-                int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
-#define MPQ__DW_PAIR_ROW(OFF, A02, A1, A2, B02, B1, B2)                                         \
+        /* 3x3 along W at unit dilation, two neighbouring outputs of both channels per step, as
+           mpq_depthwise_inplace's int8 loops, on the word's fields: stride 1 reads the word
+           [e0 e1 e2 e3] of each row (out0 = (e0, e2).(w0, w2) + e1*w1, out1 = (e1, e3).(w0, w2)
+           + e2*w1), stride 2 also its fifth byte e4 (out1 = e2*w0 + e3*w1 + e4*w2). Only for
+           channels whose requantisation is the 32-bit one (the others take the loop below). */
+        if (k3 && dw == 1 && fa && fb && (sw == 1 || sw == 2)) {
+#define MPQ__DW_FIELDS(OFF)                                                                    \
     v = mpq__word(b + (OFF));                                                                  \
     l = mpq__i32(((uint32_t)v << la) & mask);                                                  \
     h = mpq__i32(((uint32_t)v << lb) & mask);                                                  \
@@ -244,24 +246,60 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
     h02 = mpq__sxtb16(h);                                                                      \
     h13 = mpq__sxtb16_r8(h);                                                                   \
     x0 = mpq__smlabb(l13, A1, mpq__smlad(l02, A02, x0));                                       \
-    y0 = mpq__smlabb(h13, B1, mpq__smlad(h02, B02, y0));                                       \
-    if (sw == 1) {                                                                             \
+    y0 = mpq__smlabb(h13, B1, mpq__smlad(h02, B02, y0));
+#define MPQ__DW_FAST(X, ACC, M, LS, RS)                                                        \
+    ((uint32_t)mpq__clamp_add(mpq__requantize32(mpq__i32(((ACC) + (uint32_t)mpq__asr32((X), sc)) \
+                                                         << (LS)), (M), (RS)), ozp, lo, hi)    \
+     & omask)
+#define MPQ__DW_PUT2(O, X, Y)                                                                  \
+    do {                                                                                       \
+        const uint32_t v_ = (MPQ__DW_FAST(X, acca, ma, lsa, rsa) << sa)                        \
+                            | (MPQ__DW_FAST(Y, accb, mb, lsb, rsb) << sb);                     \
+        *(O) = (uint8_t)(first ? v_ : (uint32_t)*(O) | v_);                                    \
+    } while (0)
+            if (sw == 1) {
+                for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
+                    const int8_t *b = line + ox;
+                    int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
+#define MPQ__DW_ROW1(OFF, A02_, A1_, B02_, B1_)                                                \
+    {                                                                                          \
+        const int32_t A02 = (A02_), A1 = (A1_), B02 = (B02_), B1 = (B1_);                      \
+        MPQ__DW_FIELDS(OFF)                                                                    \
         x1 = mpq__smlatb(l02, A1, mpq__smlad(l13, A02, x1));                                   \
         y1 = mpq__smlatb(h02, B1, mpq__smlad(h13, B02, y1));                                   \
-    } else {                                                                                   \
+    }
+                    MPQ__DW_ROW1(0, a02a, a1a, b02a, b1a)
+                    MPQ__DW_ROW1(rs, a02b, a1b, b02b, b1b)
+                    MPQ__DW_ROW1(2 * rs, a02c, a1c, b02c, b1c)
+#undef MPQ__DW_ROW1
+                    MPQ__DW_PUT2(o, x0, y0);
+                    MPQ__DW_PUT2(o + kstep, x1, y1);
+                }
+            } else {
+                for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
+                    const int8_t *b = line + 2 * ox;
+                    int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
+#define MPQ__DW_ROW2(OFF, A02_, A1_, A2, B02_, B1_, B2)                                        \
+    {                                                                                          \
+        const int32_t A02 = (A02_), A1 = (A1_), B02 = (B02_), B1 = (B1_);                      \
         const int32_t e = b[(OFF) + 4];                                                        \
+        MPQ__DW_FIELDS(OFF)                                                                    \
         x1 = mpq__smlabb(mpq__dw_field(e, la, mask8), A2,                                      \
                          mpq__smlatb(l13, A1, mpq__smlatb(l02, A02, x1)));                     \
         y1 = mpq__smlabb(mpq__dw_field(e, lb, mask8), B2,                                      \
                          mpq__smlatb(h13, B1, mpq__smlatb(h02, B02, y1)));                     \
     }
-                MPQ__DW_PAIR_ROW(0, a02a, a1a, wa[2], b02a, b1a, wb[2])
-                MPQ__DW_PAIR_ROW(rs, a02b, a1b, wa[5], b02b, b1b, wb[5])
-                MPQ__DW_PAIR_ROW(2 * rs, a02c, a1c, wa[8], b02c, b1c, wb[8])
-#undef MPQ__DW_PAIR_ROW
-                MPQ__DW_STORE(o, x0, y0);
-                MPQ__DW_STORE(o + kstep, x1, y1);
+                    MPQ__DW_ROW2(0, a02a, a1a, wa[2], b02a, b1a, wb[2])
+                    MPQ__DW_ROW2(rs, a02b, a1b, wa[5], b02b, b1b, wb[5])
+                    MPQ__DW_ROW2(2 * rs, a02c, a1c, wa[8], b02c, b1c, wb[8])
+#undef MPQ__DW_ROW2
+                    MPQ__DW_PUT2(o, x0, y0);
+                    MPQ__DW_PUT2(o + kstep, x1, y1);
+                }
             }
+#undef MPQ__DW_PUT2
+#undef MPQ__DW_FAST
+#undef MPQ__DW_FIELDS
         }
 #endif
         for (; ox < out_w; ++ox, o += kstep) {
