@@ -46,7 +46,7 @@ static inline int32_t mpq__avg(int32_t sum, int32_t cnt, int32_t lo, int32_t hi)
     if (cnt > 0) {
         v = sum > 0 ? (sum + cnt / 2) / cnt : (sum - cnt / 2) / cnt;
     }
-    return mpq__clamp(v, lo, hi);
+    return v < lo ? lo : (v > hi ? hi : v);  /* in int32: the mean of the window's values */
 }
 
 #if MPQ_USE_DSP
