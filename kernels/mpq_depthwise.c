@@ -171,64 +171,134 @@ typedef struct {
     int32_t cg;           /* the group's first channel */
 } mpq__dw_group;
 
-/* The outputs of channels ca and ca + 1 of a sub-byte channel group from its saved plane. In
-   each byte, channel ca's field is the one a left shift by `la` puts at the top and ca + 1's the
-   one by la - bits (mask: the top `bits` bits of every byte of a word); sums are kept times
-   2^sc = 2^(8 - bits) - a field at the top of a byte is that multiple of its value, which SXTB16
-   takes as is - and divided back exactly before the bias: |sum| <= 25*128*128. Each output byte
-   of the group is written whole by the pass with `first` set (the two fields, zero above), or-ed
-   into by the others (2-bit quads: the pass of channels cg + 2, cg + 3). Out-of-view padding
-   is in the plane (the zero point in every field). Stride-1/2 3x3 layers at unit dilation take
-   two neighbouring outputs per word of each row with the DSP, as mpq_depthwise_inplace's int8
-   loops do. */
+/* One channel pair (ca, ca + 1) of a sub-byte channel group: its decoded weights, the
+   accumulators' start (bias - input_zp * sum(W)) and the requantisation (mpq__dw_split). */
+typedef struct {
+    int32_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
+    uint32_t acca, accb;
+    int32_t ma, mb, lsa, rsa, lsb, rsb, fa, fb;
+} mpq__dw_pair;
+
+/* Fills pair `c` for channels ca, ca + 1 of the group's filter. */
+static MPQ_NOINLINE void mpq__dw_pair_init(const mpq__dw_group *g, int32_t ca, mpq__dw_pair *c)
+{
+    const mpq_filter *f = g->f;
+    const mpq_channel_quant *q = g->q;
+    const int32_t taps = f->h * f->w;
+    const uint32_t zp = (uint32_t)g->p->input_zp;
+    const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ca * taps), taps, c->wa);
+    const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ca + 1) * taps), taps, c->wb);
+    c->acca = (q->bias != NULL ? (uint32_t)q->bias[ca] : 0u) - zp * suma;
+    c->accb = (q->bias != NULL ? (uint32_t)q->bias[ca + 1] : 0u) - zp * sumb;
+    c->ma = q->multiplier[ca];
+    c->mb = q->multiplier[ca + 1];
+    c->fa = mpq__dw_split(c->ma, q->shift[ca], &c->lsa, &c->rsa);
+    c->fb = mpq__dw_split(c->mb, q->shift[ca + 1], &c->lsb, &c->rsb);
+}
+
+/* Outputs ox0 .. W-1 of output row oy of a channel pair, tap by tap (any filter, stride and
+   dilation; any requantisation): each output byte of the group gets the pair's two fields -
+   channel ca's is the one a left shift by `la` puts at the top of a byte (times 2^(8 - bits)),
+   ca + 1's the one by la - bits - written whole when `first` (zero above), else or-ed in. */
+static MPQ_NOINLINE void mpq__dw_rest(const mpq__dw_group *g, const mpq__dw_pair *c,
+                                      int32_t bits, int32_t la, int first, int32_t oy,
+                                      int32_t ox0)
+{
+    const mpq_conv_params *p = g->p;
+    const int32_t fh = g->f->h, fw = g->f->w, sw = p->stride_w, dw = p->dilation_w;
+    const int32_t lb = la - bits, sc = 8 - bits, sa = 8 - bits - la, sb = sa + bits;
+    const uint32_t omask = (1u << bits) - 1u, mask8 = (0xFFu << sc) & 0xFFu;
+    const int32_t zp = p->output_zp, lo = p->act_min, hi = p->act_max, rs = p->dilation_h * g->pw;
+    const int32_t out_w = g->out->w;
+    const uint32_t kstep = (uint32_t)g->out->c * (uint32_t)bits >> 3;
+    const int8_t *line = g->plane + oy * p->stride_h * g->pw;
+    uint8_t *o = (uint8_t *)g->out->data
+                 + ((mpq__at(g->out, oy, ox0) + (uint32_t)g->cg) * (uint32_t)bits >> 3);
+    int32_t ox, ky, kx, t;
+    for (ox = ox0; ox < out_w; ++ox, o += kstep) {
+        const int8_t *base = line + ox * sw;
+        int32_t x = 0, y = 0;
+        uint32_t ya, yb, v;
+        for (ky = 0, t = 0; ky < fh; ++ky) {
+            const int8_t *row = base + ky * rs;
+            for (kx = 0; kx < fw; ++kx, ++t) {
+                const int32_t e = row[kx * dw];
+                x += c->wa[t] * mpq__dw_field(e, la, mask8);
+                y += c->wb[t] * mpq__dw_field(e, lb, mask8);
+            }
+        }
+        ya = (uint32_t)mpq__dw_value(c->acca + (uint32_t)mpq__asr32(x, sc), c->ma, c->lsa,
+                                     c->rsa, c->fa, zp, lo, hi);
+        yb = (uint32_t)mpq__dw_value(c->accb + (uint32_t)mpq__asr32(y, sc), c->mb, c->lsb,
+                                     c->rsb, c->fb, zp, lo, hi);
+        v = ((ya & omask) << sa) | ((yb & omask) << sb);
+        *o = (uint8_t)(first ? v : (uint32_t)*o | v);
+    }
+}
+
+/* The outputs of channels ca and ca + 1 of a sub-byte channel group from its saved plane
+   (mpq__dw_rest's fields and bytes; mask: the top `bits` bits of every byte of a word). Sums
+   are kept times 2^sc = 2^(8 - bits) - a field at the top of a byte is that multiple of its
+   value, which SXTB16 takes as is - and divided back exactly before the bias: |sum| <=
+   25*128*128. Each output byte of the group is written whole by the pass with `first` set,
+   or-ed into by the others (2-bit quads: the pass of channels cg + 2, cg + 3). Out-of-view
+   padding is in the plane (the zero point in every field). With the DSP, 3x3 layers at stride
+   1 or 2 and unit dilation along W take two neighbouring outputs per word of each row, as
+   mpq_depthwise_inplace's int8 loops do; the rest of each row goes tap by tap. */
 static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t bits,
                                     int32_t la, uint32_t mask, int first)
 {
-    const mpq_conv_params *p = g->p;
-    const mpq_filter *f = g->f;
-    const mpq_channel_quant *q = g->q;
-    const int32_t taps = f->h * f->w, fh = f->h, fw = f->w;
+    const int32_t out_h = g->out->h;
+    mpq__dw_pair c;
+    int32_t oy, ox;
 #if MPQ_USE_DSP
-    const int k3 = fh == 3 && fw == 3;
-#endif
+    const mpq_conv_params *p = g->p;
+    const int k3 = g->f->h == 3 && g->f->w == 3;
     const int32_t lb = la - bits, sc = 8 - bits, sa = 8 - bits - la, sb = sa + bits;
     const uint32_t omask = (1u << bits) - 1u, mask8 = mask & 0xFFu;
-    const int32_t out_w = g->out->w, out_h = g->out->h;
-    const int32_t sh = p->stride_h, sw = p->stride_w, dh = p->dilation_h, dw = p->dilation_w;
-    const int32_t pw = g->pw, rs = dh * pw;
-    const int32_t zp = p->input_zp, lo = p->act_min, hi = p->act_max, ozp = p->output_zp;
+    const int32_t out_w = g->out->w;
+    const int32_t sh = p->stride_h, sw = p->stride_w, dw = p->dilation_w;
+    const int32_t pw = g->pw, rs = p->dilation_h * pw;
+    const int32_t lo = p->act_min, hi = p->act_max, ozp = p->output_zp;
     uint8_t *dst = (uint8_t *)g->out->data;
     const uint32_t kstep = (uint32_t)g->out->c * (uint32_t)bits >> 3;  /* bytes per pixel */
-    int32_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
-    int32_t lsa, rsa, lsb, rsb, t, oy, ox, ky, kx;
-    const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ca * taps), taps, wa);
-    const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ca + 1) * taps), taps, wb);
-    const uint32_t acca = (q->bias != NULL ? (uint32_t)q->bias[ca] : 0u) - (uint32_t)zp * suma;
-    const uint32_t accb = (q->bias != NULL ? (uint32_t)q->bias[ca + 1] : 0u)
-                          - (uint32_t)zp * sumb;
-    const int32_t ma = q->multiplier[ca], mb = q->multiplier[ca + 1];
-    const int fa = mpq__dw_split(ma, q->shift[ca], &lsa, &rsa);
-    const int fb = mpq__dw_split(mb, q->shift[ca + 1], &lsb, &rsb);
-#if MPQ_USE_DSP
-    const int32_t a02a = k3 ? mpq__halves(wa[0], wa[2]) : 0, a1a = k3 ? wa[1] : 0;
-    const int32_t a02b = k3 ? mpq__halves(wa[3], wa[5]) : 0, a1b = k3 ? wa[4] : 0;
-    const int32_t a02c = k3 ? mpq__halves(wa[6], wa[8]) : 0, a1c = k3 ? wa[7] : 0;
-    const int32_t b02a = k3 ? mpq__halves(wb[0], wb[2]) : 0, b1a = k3 ? wb[1] : 0;
-    const int32_t b02b = k3 ? mpq__halves(wb[3], wb[5]) : 0, b1b = k3 ? wb[4] : 0;
-    const int32_t b02c = k3 ? mpq__halves(wb[6], wb[8]) : 0, b1c = k3 ? wb[7] : 0;
+    int32_t a02a, a1a, a02b, a1b, a02c, a1c, b02a, b1a, b02b, b1b, b02c, b1c;
+    uint32_t acca, accb;
+    int32_t ma, mb, lsa, rsa, lsb, rsb, fa, fb;
 #endif
-#define MPQ__DW_STORE(O, X, Y)                                                                 \
-    do {                                                                                       \
-        const uint32_t ya_ = (uint32_t)mpq__dw_value(acca + (uint32_t)mpq__asr32((X), sc),     \
-                                                     ma, lsa, rsa, fa, ozp, lo, hi);           \
-        const uint32_t yb_ = (uint32_t)mpq__dw_value(accb + (uint32_t)mpq__asr32((Y), sc),     \
-                                                     mb, lsb, rsb, fb, ozp, lo, hi);           \
-        const uint32_t v_ = ((ya_ & omask) << sa) | ((yb_ & omask) << sb);                      \
-        *(O) = (uint8_t)(first ? v_ : (uint32_t)*(O) | v_);                                    \
-    } while (0)
+#if !MPQ_USE_DSP
+    (void)mask;
+#endif
+    mpq__dw_pair_init(g, ca, &c);
+#if MPQ_USE_DSP
+    acca = c.acca;
+    accb = c.accb;
+    ma = c.ma;
+    mb = c.mb;
+    lsa = c.lsa;
+    rsa = c.rsa;
+    lsb = c.lsb;
+    rsb = c.rsb;
+    fa = c.fa;
+    fb = c.fb;
+    a02a = k3 ? mpq__halves(c.wa[0], c.wa[2]) : 0;
+    a1a = k3 ? c.wa[1] : 0;
+    a02b = k3 ? mpq__halves(c.wa[3], c.wa[5]) : 0;
+    a1b = k3 ? c.wa[4] : 0;
+    a02c = k3 ? mpq__halves(c.wa[6], c.wa[8]) : 0;
+    a1c = k3 ? c.wa[7] : 0;
+    b02a = k3 ? mpq__halves(c.wb[0], c.wb[2]) : 0;
+    b1a = k3 ? c.wb[1] : 0;
+    b02b = k3 ? mpq__halves(c.wb[3], c.wb[5]) : 0;
+    b1b = k3 ? c.wb[4] : 0;
+    b02c = k3 ? mpq__halves(c.wb[6], c.wb[8]) : 0;
+    b1c = k3 ? c.wb[7] : 0;
+#endif
     for (oy = 0; oy < out_h; ++oy) {
+#if MPQ_USE_DSP
         const int8_t *line = g->plane + oy * sh * pw;
         uint8_t *o = dst + ((mpq__at(g->out, oy, 0) + (uint32_t)g->cg) * (uint32_t)bits >> 3);
+#endif
         ox = 0;
 #if MPQ_USE_DSP
         /* 3x3 along W at unit dilation, two neighbouring outputs of both channels per step, as
@@ -289,9 +359,9 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
         y1 = mpq__smlabb(mpq__dw_field(e, lb, mask8), B2,                                      \
                          mpq__smlatb(h13, B1, mpq__smlatb(h02, B02, y1)));                     \
     }
-                    MPQ__DW_ROW2(0, a02a, a1a, wa[2], b02a, b1a, wb[2])
-                    MPQ__DW_ROW2(rs, a02b, a1b, wa[5], b02b, b1b, wb[5])
-                    MPQ__DW_ROW2(2 * rs, a02c, a1c, wa[8], b02c, b1c, wb[8])
+                    MPQ__DW_ROW2(0, a02a, a1a, c.wa[2], b02a, b1a, c.wb[2])
+                    MPQ__DW_ROW2(rs, a02b, a1b, c.wa[5], b02b, b1b, c.wb[5])
+                    MPQ__DW_ROW2(2 * rs, a02c, a1c, c.wa[8], b02c, b1c, c.wb[8])
 #undef MPQ__DW_ROW2
                     MPQ__DW_PUT2(o, x0, y0);
                     MPQ__DW_PUT2(o + kstep, x1, y1);
@@ -302,21 +372,10 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
 #undef MPQ__DW_FIELDS
         }
 #endif
-        for (; ox < out_w; ++ox, o += kstep) {
-            const int8_t *base = line + ox * sw;
-            int32_t x = 0, y = 0;
-            for (ky = 0, t = 0; ky < fh; ++ky) {
-                const int8_t *row = base + ky * rs;
-                for (kx = 0; kx < fw; ++kx, ++t) {
-                    const int32_t e = row[kx * dw];
-                    x += wa[t] * mpq__dw_field(e, la, mask8);
-                    y += wb[t] * mpq__dw_field(e, lb, mask8);
-                }
-            }
-            MPQ__DW_STORE(o, x, y);
+        if (ox < g->out->w) {
+            mpq__dw_rest(g, &c, bits, la, first, oy, ox);
         }
     }
-#undef MPQ__DW_STORE
 }
 
 /* mpq_depthwise_inplace for 4- and 2-bit input and output with a channel count that fills
