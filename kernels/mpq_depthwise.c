@@ -263,6 +263,7 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
     uint8_t *dst = (uint8_t *)g->out->data;
     const uint32_t kstep = (uint32_t)g->out->c * (uint32_t)bits >> 3;  /* bytes per pixel */
     int32_t a02a, a1a, a02b, a1b, a02c, a1c, b02a, b1a, b02b, b1b, b02c, b1c;
+    int32_t a2a, a2b, a2c, b2a, b2b, b2c;
     uint32_t acca, accb;
     int32_t ma, mb, lsa, rsa, lsb, rsb, fa, fb;
 #endif
@@ -293,6 +294,12 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
     b1b = k3 ? c.wb[4] : 0;
     b02c = k3 ? mpq__halves(c.wb[6], c.wb[8]) : 0;
     b1c = k3 ? c.wb[7] : 0;
+    a2a = k3 ? c.wa[2] : 0;
+    a2b = k3 ? c.wa[5] : 0;
+    a2c = k3 ? c.wa[8] : 0;
+    b2a = k3 ? c.wb[2] : 0;
+    b2b = k3 ? c.wb[5] : 0;
+    b2c = k3 ? c.wb[8] : 0;
 #endif
     for (oy = 0; oy < out_h; ++oy) {
 #if MPQ_USE_DSP
@@ -359,9 +366,9 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
         y1 = mpq__smlabb(mpq__dw_field(e, lb, mask8), B2,                                      \
                          mpq__smlatb(h13, B1, mpq__smlatb(h02, B02, y1)));                     \
     }
-                    MPQ__DW_ROW2(0, a02a, a1a, c.wa[2], b02a, b1a, c.wb[2])
-                    MPQ__DW_ROW2(rs, a02b, a1b, c.wa[5], b02b, b1b, c.wb[5])
-                    MPQ__DW_ROW2(2 * rs, a02c, a1c, c.wa[8], b02c, b1c, c.wb[8])
+                    MPQ__DW_ROW2(0, a02a, a1a, a2a, b02a, b1a, b2a)
+                    MPQ__DW_ROW2(rs, a02b, a1b, a2b, b02b, b1b, b2b)
+                    MPQ__DW_ROW2(2 * rs, a02c, a1c, a2c, b02c, b1c, b2c)
 #undef MPQ__DW_ROW2
                     MPQ__DW_PUT2(o, x0, y0);
                     MPQ__DW_PUT2(o + kstep, x1, y1);
