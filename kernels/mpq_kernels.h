@@ -241,7 +241,9 @@ int mpq_add(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* Max pooling: Y = clamp(max over the in-view taps, act_min, act_max); a window with no tap
- * in view gives act_min. No scratch. */
+ * in view gives act_min. No scratch. 4- and 2-bit inputs whose C fills whole bytes go by
+ * channel groups (every byte read once for its 8/bits channels; a word of them at a time by
+ * SSUB8/SEL with the DSP when a pixel is whole words). */
 int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* int8 softmax along C for every pixel, exactly `mpq.quant.arith.softmax_s8` (the gemmlowp

@@ -347,6 +347,93 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     return MPQ_OK;
 }
 
+/* mpq_maxpool for 4- and 2-bit inputs whose C fills whole bytes (even at 4 bits, a multiple
+   of 4 at 2): every input byte is read once for its 8/bits channels, each field compared at the
+   top of a signed byte (its value times 2^(8 - bits): the order is the values'). With the DSP
+   and a pixel of whole words, four bytes at a time: each field of the word masked to the top
+   of its bytes, SSUB8/SEL keep the bytewise maxima (mpq__smax8). A window with no tap in view
+   gives act_min; output of any bits, a byte of the input's width written whole. */
+static void mpq__maxpool_groups(const mpq_pool_params *p, const mpq_view *in,
+                                const mpq_view *out)
+{
+    const uint8_t *src = (const uint8_t *)in->data;
+    uint8_t *dst = (uint8_t *)out->data;
+    const int32_t bits = in->bits, obits = out->bits, sc = 8 - bits, group = 8 / bits;
+    const int32_t lo = p->act_min, hi = p->act_max;
+    const uint32_t step = (uint32_t)(out->c / group);  /* bytes per input pixel */
+    const uint32_t top = (0xFFu << sc) & 0xFFu;        /* a field at the top of a byte */
+    int32_t oy, ox, y, x, ylo, yhi, xlo, xhi, j, f;
+    uint32_t b;
+    for (oy = 0; oy < out->h; ++oy) {
+        mpq__window(oy * p->stride_h - p->pad_top, p->kernel_h, in->h, &ylo, &yhi);
+        for (ox = 0; ox < out->w; ++ox) {
+            const uint32_t ko = mpq__at(out, oy, ox);
+            mpq__window(ox * p->stride_w - p->pad_left, p->kernel_w, in->w, &xlo, &xhi);
+            for (b = 0; b < step; b += (uint32_t)j) {
+                /* m[f][i]: the maximum of field f of byte b + i, times 2^sc, as a signed byte */
+                int32_t m[4][4];
+                j = 1;
+#if MPQ_USE_DSP
+                if (step % 4 == 0) {
+                    int32_t w0 = mpq__i32(0x80808080u), w1 = w0, w2 = w0, w3 = w0;
+                    for (y = ylo; y < yhi; ++y) {
+                        const uint8_t *s = src + (mpq__at(in, y, xlo) * (uint32_t)bits >> 3) + b;
+                        for (x = xlo; x < xhi; ++x, s += step) {
+                            const uint32_t v = (uint32_t)mpq__word(s);
+                            if (bits == 4) {
+                                w0 = mpq__smax8(w0, mpq__i32((v << 4) & 0xF0F0F0F0u));
+                                w1 = mpq__smax8(w1, mpq__i32(v & 0xF0F0F0F0u));
+                            } else {
+                                w0 = mpq__smax8(w0, mpq__i32((v << 6) & 0xC0C0C0C0u));
+                                w1 = mpq__smax8(w1, mpq__i32((v << 4) & 0xC0C0C0C0u));
+                                w2 = mpq__smax8(w2, mpq__i32((v << 2) & 0xC0C0C0C0u));
+                                w3 = mpq__smax8(w3, mpq__i32(v & 0xC0C0C0C0u));
+                            }
+                        }
+                    }
+                    for (j = 0; j < 4; ++j) {
+                        m[0][j] = (int8_t)(uint8_t)((uint32_t)w0 >> (8 * j));
+                        m[1][j] = (int8_t)(uint8_t)((uint32_t)w1 >> (8 * j));
+                        m[2][j] = (int8_t)(uint8_t)((uint32_t)w2 >> (8 * j));
+                        m[3][j] = (int8_t)(uint8_t)((uint32_t)w3 >> (8 * j));
+                    }
+                } else
+#endif
+                {
+                    m[0][0] = m[1][0] = m[2][0] = m[3][0] = -128;
+                    for (y = ylo; y < yhi; ++y) {
+                        const uint8_t *s = src + (mpq__at(in, y, xlo) * (uint32_t)bits >> 3) + b;
+                        for (x = xlo; x < xhi; ++x, s += step) {
+                            for (f = 0; f < group; ++f) {
+                                const int32_t v = (int8_t)(uint8_t)(((uint32_t)s[0]
+                                                                     << (sc - bits * f)) & top);
+                                m[f][0] = v > m[f][0] ? v : m[f][0];
+                            }
+                        }
+                    }
+                }
+                /* byte b + i holds channels group*(b + i) + f */
+                for (x = 0; x < j; ++x) {
+                    const uint32_t k = ko + (b + (uint32_t)x) * (uint32_t)group;
+                    uint32_t byte = 0;
+                    for (f = 0; f < group; ++f) {
+                        const int32_t v = yhi > ylo && xhi > xlo
+                                          ? mpq__clamp(mpq__asr32(m[f][x], sc), lo, hi) : lo;
+                        if (obits == bits) {
+                            byte |= ((uint32_t)v & ((1u << bits) - 1u)) << (bits * f);
+                        } else {
+                            mpq__st(dst, obits, k + (uint32_t)f, v);
+                        }
+                    }
+                    if (obits == bits) {
+                        dst[k * (uint32_t)bits >> 3] = (uint8_t)byte;
+                    }
+                }
+            }
+        }
+    }
+}
+
 int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
 {
     int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
@@ -355,6 +442,10 @@ int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     uint8_t *dst;
     if (err != MPQ_OK) {
         return err;
+    }
+    if (in->bits != 8 && in->c % (8 / in->bits) == 0 && in->data != out->data) {
+        mpq__maxpool_groups(p, in, out);
+        return MPQ_OK;
     }
     src = (const uint8_t *)in->data;
     dst = (uint8_t *)out->data;

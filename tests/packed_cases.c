@@ -16,9 +16,10 @@
  * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; CASES 4- and
  * 2-bit depthwise layers per activation and weight bits (a4w4, a4w2, a4w8, a2w2, a2w4, a2w8;
  * sub-byte weights of every format) through mpq_depthwise_inplace's channel-group path (in
- * place) against mpq_conv2d (groups = C): kind dwinplace; and CASES 4- and 2-bit average
- * poolings (mpq_avgpool's channel-group path) against the formula computed in this file: kind
- * avgpool, mixes a4o0 and a2o0 (o0: outputs of any bits).
+ * place) against mpq_conv2d (groups = C): kind dwinplace; and CASES 4- and 2-bit average and
+ * max poolings (mpq_avgpool's / mpq_maxpool's channel-group paths) against the formulas
+ * computed in this file: kinds avgpool and maxpool, mixes a4o0 and a2o0 (o0: outputs of any
+ * bits).
  */
 #include <stdint.h>
 #include <string.h>
@@ -720,12 +721,13 @@ static int dw_case(int32_t abits, int32_t wbits, uint32_t *sum)
     return bad;
 }
 
-/* One random ibits-bit (4 or 2) average pooling with a channel count that fills whole bytes
-   (mpq_avgpool's channel-group path; C a multiple of 32/ibits half the time: the DSP's
-   eight- or sixteen-channel words), against the formula computed here element by element: v =
-   sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt over the in-view taps, clamped; output of
-   any bits. Returns 1 when they disagree. */
-static int pool_case(int32_t ibits, uint32_t *sum)
+/* One random ibits-bit (4 or 2) average (maxp 0) or max (maxp 1) pooling with a channel count
+   that fills whole bytes (mpq_avgpool's / mpq_maxpool's channel-group paths; C a multiple of
+   32/ibits half the time: the DSP's words of channels), against the formula computed here
+   element by element: over the in-view taps v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt,
+   or their maximum (act_min for a window with none), clamped; output of any bits. Returns 1
+   when they disagree. */
+static int pool_case(int32_t ibits, int maxp, uint32_t *sum)
 {
     const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
     const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
@@ -750,10 +752,10 @@ static int pool_case(int32_t ibits, uint32_t *sum)
     r2 = value(obits, 0);
     p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
     p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
-    if (p.act_min < -(1 << (ibits - 1))) {
+    if (!maxp && p.act_min < -(1 << (ibits - 1))) {
         p.act_min = -(1 << (ibits - 1));  /* the mean stays in the input's range */
     }
-    if (p.act_max > (1 << (ibits - 1)) - 1) {
+    if (!maxp && p.act_max > (1 << (ibits - 1)) - 1) {
         p.act_max = (1 << (ibits - 1)) - 1;
     }
     if (p.act_max < p.act_min) {
@@ -789,19 +791,23 @@ static int pool_case(int32_t ibits, uint32_t *sum)
     for (y = 0; y < oh; ++y) {
         for (x = 0; x < ow; ++x) {
             for (ch = 0; ch < c; ++ch) {
-                int32_t s = 0, cnt = 0, v = 0;
+                int32_t s = 0, cnt = 0, v = 0, mx = p.act_min;
                 for (ky = 0; ky < p.kernel_h; ++ky) {
                     for (kx = 0; kx < p.kernel_w; ++kx) {
                         const int32_t iy = y * p.stride_h - p.pad_top + ky;
                         const int32_t ix = x * p.stride_w - p.pad_left + kx;
                         if (iy >= 0 && iy < h && ix >= 0 && ix < w) {
-                            s += get(in_buf, ibits, (uint32_t)(((in.y0 + iy) * in.stored_w + in.x0
-                                                            + ix) * c + ch));
+                            const int32_t e = get(in_buf, ibits, (uint32_t)(((in.y0 + iy)
+                                * in.stored_w + in.x0 + ix) * c + ch));
+                            s += e;
+                            mx = cnt == 0 || e > mx ? e : mx;
                             ++cnt;
                         }
                     }
                 }
-                if (cnt > 0) {
+                if (maxp) {
+                    v = mx;
+                } else if (cnt > 0) {
                     v = s > 0 ? (s + cnt / 2) / cnt : (s - cnt / 2) / cnt;
                 }
                 v = v < p.act_min ? p.act_min : v > p.act_max ? p.act_max : v;
@@ -810,7 +816,7 @@ static int pool_case(int32_t ibits, uint32_t *sum)
             }
         }
     }
-    if (mpq_avgpool(&p, &in, &out) != MPQ_OK) {
+    if ((maxp ? mpq_maxpool(&p, &in, &out) : mpq_avgpool(&p, &in, &out)) != MPQ_OK) {
         return 1;
     }
     *sum = checksum(*sum, out_pk, nbytes);
@@ -827,10 +833,11 @@ static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases,
                  : kind == 1 ? "unpackkxk a"
                  : kind == 2 ? "dwinplace a"
                  : kind == 3 ? "avgpool a"
+                 : kind == 5 ? "maxpool a"
                              : "unpackadd a");
     fmt_u(num, (uint32_t)abits);
     append(line, num);
-    append(line, kind == 3 ? "o" : "w");
+    append(line, kind == 3 || kind == 5 ? "o" : "w");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -916,19 +923,21 @@ int main(void)
         report_unpack(2, mix_d[m][0], mix_d[m][1], cases, bad, sum);
         total_bad += bad;
     }
-    /* 4- and 2-bit average pooling, channel groups (any output bits: "o" 0) */
-    for (m = 4; m >= 2; m -= 2) {
-        int32_t cases = 0, bad = 0;
-        uint32_t sum = 0;
-        while (cases < CASES) {
-            const int r = pool_case(m, &sum);
-            if (r >= 0) {
-                ++cases;
-                bad += r;
+    /* 4- and 2-bit average and max pooling, channel groups (any output bits: "o" 0) */
+    for (kind = 3; kind <= 5; kind += 2) {
+        for (m = 4; m >= 2; m -= 2) {
+            int32_t cases = 0, bad = 0;
+            uint32_t sum = 0;
+            while (cases < CASES) {
+                const int r = pool_case(m, kind == 5, &sum);
+                if (r >= 0) {
+                    ++cases;
+                    bad += r;
+                }
             }
+            report_unpack(kind, m, 0, cases, bad, sum);
+            total_bad += bad;
         }
-        report_unpack(3, m, 0, cases, bad, sum);
-        total_bad += bad;
     }
     return total_bad != 0;
 }

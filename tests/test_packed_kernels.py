@@ -45,8 +45,8 @@ MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
 UNPACK_KINDS = ("unpack1x1", "unpackkxk")
 UNPACK_MIXES = ("a8w4", "a8w2", "a8w3", "a4w8", "a2w8", "a4w3")
 #: the 4-/2-bit depthwise channel-group path (mpq_depthwise_inplace) against mpq_conv2d, per
-#: activation and weight bits; 4-/2-bit average pooling (mpq_avgpool's channel groups, outputs
-#: of any bits: "o0") against the formula
+#: activation and weight bits; 4-/2-bit average and max pooling (mpq_avgpool's and
+#: mpq_maxpool's channel groups, outputs of any bits: "o0") against the formulas
 DW_MIXES = ("a4w4", "a4w2", "a4w8", "a2w2", "a2w4", "a2w8")
 POOL_MIXES = ("a4o0", "a2o0")
 #: what the cases call: the packed kernels and the reference ones
@@ -64,7 +64,8 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
     assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES] + [
         (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [
         ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [
-        ("dwinplace", m) for m in DW_MIXES] + [("avgpool", m) for m in POOL_MIXES], stdout
+        ("dwinplace", m) for m in DW_MIXES] + [(k, m) for k in ("avgpool", "maxpool")
+                                                for m in POOL_MIXES], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
         assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
@@ -97,7 +98,7 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
     assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 3 \
-        + len(DW_MIXES) + len(POOL_MIXES)
+        + len(DW_MIXES) + 2 * len(POOL_MIXES)
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
@@ -168,9 +169,9 @@ def test_packed_choice_says_why_not() -> None:
 
 
 def test_group_choice_says_why_not() -> None:
-    """Sub-byte depthwise and average pooling run their channels in byte groups; the report
-    says when a layer cannot (mpq_conv2d's depthwise, max pooling, channels that do not fill
-    whole bytes, filters above 25 taps, pooling in place) and whether the SIMD rows apply."""
+    """Sub-byte depthwise and pooling run their channels in byte groups; the report says when
+    a layer cannot (mpq_conv2d's depthwise, channels that do not fill whole bytes, filters above
+    25 taps, pooling in place, other kernels) and whether the SIMD rows apply."""
     dw = SimpleNamespace(op="conv2d", weight=np.zeros((8, 3, 3, 1), np.int8),
                          attrs={"groups": 8, "strides": (2, 2), "dilations": (1, 1)})
     assert packed.group_choice(dw, "depthwise_inplace", 2, 8, "cortex-m4") is None
@@ -187,7 +188,10 @@ def test_group_choice_says_why_not() -> None:
     assert not packed.group_simd(pool, "avgpool", 2, 12, "cortex-m7")  # < 16 channels a word
     assert packed.group_simd(pool, "avgpool", 2, 32, "cortex-m7")
     assert "in place" in packed.group_choice(pool, "avgpool", 4, 8, "cortex-m4", True)
-    assert "max pooling" in packed.group_choice(pool, "maxpool", 4, 8, "cortex-m4")
+    assert packed.group_choice(pool, "maxpool", 4, 8, "cortex-m4") is None
+    assert packed.group_simd(pool, "maxpool", 4, 8, "cortex-m4")
+    assert "in place" in packed.group_choice(pool, "maxpool", 2, 8, "cortex-m4", True)
+    assert "channel-group" in packed.group_choice(pool, "mean", 4, 8, "cortex-m4")
 
 
 def test_unpack_choice_says_why_not() -> None:

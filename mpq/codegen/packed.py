@@ -156,16 +156,15 @@ def group_choice(node: Any, kernel: str, in_bits: int, channels: int, core: str,
                  same_storage: bool = False) -> str | None:
     """None when a layer with a 4- or 2-bit input runs its channels in byte groups (pairs at 4
     bits, quads at 2: every byte of the tensor decoded once for all its channels; on a core with
-    the DSP extension with SXTB16/SMLAD or SXTAB16 lanes), else why not (a sentence for
-    `mpq_report.json`). `kernel` is the export's call: `depthwise_inplace` (mpq_depthwise_inplace:
-    C a multiple of 8/bits, at most DW_TAPS taps), `avgpool` (mpq_avgpool: C a multiple of
-    8/bits and not in place; `same_storage`), anything else has no such path."""
+    the DSP extension with SXTB16/SMLAD, SXTAB16 or SSUB8/SEL lanes), else why not (a sentence
+    for `mpq_report.json`). `kernel` is the export's call: `depthwise_inplace`
+    (mpq_depthwise_inplace: C a multiple of 8/bits, at most DW_TAPS taps), `avgpool` / `maxpool`
+    (C a multiple of 8/bits and not in place; `same_storage`), anything else has no such
+    path."""
     group = 8 // in_bits
     if kernel == "conv2d":
         return "not the in-place depthwise: mpq_conv2d's grouped loops take one element at a time"
-    if kernel == "maxpool":
-        return "max pooling has no channel-group path (one element at a time)"
-    if kernel not in ("depthwise_inplace", "avgpool"):
+    if kernel not in ("depthwise_inplace", "avgpool", "maxpool"):
         return f"no channel-group path in mpq_{kernel}"
     if channels % group:
         return (f"{channels} channels do not fill whole bytes of {in_bits}-bit "
@@ -181,8 +180,8 @@ def group_choice(node: Any, kernel: str, in_bits: int, channels: int, core: str,
 
 def group_simd(node: Any, kernel: str, in_bits: int, channels: int, core: str) -> bool:
     """Whether a layer that `group_choice` admits also takes the SIMD rows on `core`: 3x3
-    depthwise at stride 1 or 2 along W and unit dilation; average pooling with C a multiple of
-    32/bits (a word of channels) and windows of at most 256 taps."""
+    depthwise at stride 1 or 2 along W and unit dilation; pooling with C a multiple of 32/bits
+    (a word of channels), average pooling with windows of at most 256 taps."""
     if core not in DSP_CORES:
         return False
     a = node.attrs
@@ -190,4 +189,4 @@ def group_simd(node: Any, kernel: str, in_bits: int, channels: int, core: str) -
         return tuple(node.weight.shape[1:3]) == (3, 3) and a["strides"][1] in (1, 2) \
             and a.get("dilations", (1, 1))[1] == 1
     kh, kw = a["kernel"]
-    return channels % (32 // in_bits) == 0 and kh * kw <= 256
+    return channels % (32 // in_bits) == 0 and (kernel == "maxpool" or kh * kw <= 256)
