@@ -374,6 +374,28 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
                     MPQ__DW_PUT2(o + kstep, x1, y1);
                 }
             }
+            /* the row's last output when W is odd: its three columns byte by byte (a word
+               could reach past the plane's last row) */
+            if (ox < out_w) {
+                const int8_t *b = line + sw * ox;
+                int32_t x0 = 0, y0 = 0;
+#define MPQ__DW_TAIL(OFF, A02, A1, B02, B1)                                                    \
+    {                                                                                          \
+        const int32_t e0 = b[(OFF)], e1 = b[(OFF) + 1], e2 = b[(OFF) + 2];                     \
+        x0 = mpq__smlabb(mpq__dw_field(e1, la, mask8), A1,                                     \
+                         mpq__smlad(mpq__halves(mpq__dw_field(e0, la, mask8),                  \
+                                                mpq__dw_field(e2, la, mask8)), A02, x0));      \
+        y0 = mpq__smlabb(mpq__dw_field(e1, lb, mask8), B1,                                     \
+                         mpq__smlad(mpq__halves(mpq__dw_field(e0, lb, mask8),                  \
+                                                mpq__dw_field(e2, lb, mask8)), B02, y0));      \
+    }
+                MPQ__DW_TAIL(0, a02a, a1a, b02a, b1a)
+                MPQ__DW_TAIL(rs, a02b, a1b, b02b, b1b)
+                MPQ__DW_TAIL(2 * rs, a02c, a1c, b02c, b1c)
+#undef MPQ__DW_TAIL
+                MPQ__DW_PUT2(o, x0, y0);
+                ++ox;
+            }
 #undef MPQ__DW_PUT2
 #undef MPQ__DW_FAST
 #undef MPQ__DW_FIELDS
