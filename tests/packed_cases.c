@@ -93,10 +93,11 @@ static int32_t value(int32_t bits, int mode)
 }
 
 /* Half the layers have every shift in [-9, 0] (the kernels' 32-bit requantisation path), the
-   others some left shifts too (the general one). */
+   others some left shifts too (up to 1, or now and then up to 31: the packed kernels' 32-bit
+   path with the left shift first). */
 static void fill_quant(int32_t n)
 {
-    const int32_t smax = rint_(0, 1);
+    const int32_t smax = rint_(0, 1) == 0 ? 0 : rint_(0, 3) == 0 ? 31 : 1;
     int32_t o;
     for (o = 0; o < n; ++o) {
         bias[o] = rint_(0, 3) == 0 ? (int32_t)rnd() : rint_(-5000, 5000);
