@@ -94,22 +94,40 @@ static void mpq__dw_save_row(const mpq_view *in, int32_t iy, int32_t ch, int8_t 
     }
 }
 
+/* Splits channel quantisation (m, s) for the 32-bit requantisation: returns whether
+   mpq__requantize32(acc << *ls, m, *rs) is mpq__requantize(acc, m, s) - M >= 0 and -30 <= S <= 31
+   (for a left shift S > 0, x = acc << S wrapped to int32 and x*M/2^31 stays inside int32, so
+   the 32-bit rounding at shift 0 is hi itself; 2-bit weights give such shifts). Otherwise
+   *ls = 0 and *rs = s, for mpq__output. */
+static MPQ_INLINE int mpq__dw_split(int32_t m, int32_t s, int32_t *ls, int32_t *rs)
+{
+    const int fast = m >= 0 && s >= -30 && s <= 31;
+    *ls = fast && s > 0 ? s : 0;
+    *rs = fast && s > 0 ? 0 : s;
+    return fast;
+}
+
+/* The output value of accumulator acc with channel quantisation split by mpq__dw_split:
+   clamp(requant(acc, M, S) + zp, lo, hi). */
+static MPQ_INLINE int32_t mpq__dw_value(uint32_t acc, int32_t m, int32_t ls, int32_t rs,
+                                        int fast, int32_t zp, int32_t lo, int32_t hi)
+{
+    if (fast) {
+        return mpq__clamp_add(mpq__requantize32(mpq__i32(acc << ls), m, rs), zp, lo, hi);
+    }
+    return mpq__output(acc, m, rs, zp, lo, hi);
+}
+
 /* The output stage of one channel, copied into locals (a byte store may alias any memory). */
 typedef struct {
     int32_t mult, shift, fast, lo, hi, zp, bits;
     uint8_t *data;
 } mpq__dw_out;
 
-/* Stores the output of accumulator acc as element k (mpq__output). */
+/* Stores the output of accumulator acc as element k (mpq__output; fast: no left shift). */
 static MPQ_INLINE void mpq__dw_put(const mpq__dw_out *o, uint32_t k, uint32_t acc)
 {
-    int32_t v;
-    if (o->fast) {
-        const int32_t r = mpq__requantize32(mpq__i32(acc), o->mult, o->shift);
-        v = mpq__clamp_add(r, o->zp, o->lo, o->hi);
-    } else {
-        v = mpq__output(acc, o->mult, o->shift, o->zp, o->lo, o->hi);
-    }
+    const int32_t v = mpq__dw_value(acc, o->mult, 0, o->shift, o->fast, o->zp, o->lo, o->hi);
     if (o->bits == 8) {
         o->data[k] = (uint8_t)v;
     } else {
@@ -133,161 +151,317 @@ static MPQ_NOINLINE uint32_t mpq__dw_weights(const mpq_filter *f, uint32_t wk, i
     return wsum;
 }
 
-/* -- 4-bit channel pairs ------------------------------------------------------------------- */
+/* -- sub-byte channel groups (4-bit pairs, 2-bit quads) ------------------------------------- */
 
-/* The output value of accumulator acc with channel quantisation (m, sh) (mpq__dw_put's). */
-static MPQ_INLINE int32_t mpq__dw_value(uint32_t acc, int32_t m, int32_t sh, int fast,
-                                        int32_t zp, int32_t lo, int32_t hi)
+/* The field of byte b that a left shift by `la` puts at the byte's top, as a signed byte: the
+   field's value times 2^(8 - bits) (mask8 = the top `bits` bits). */
+static MPQ_INLINE int32_t mpq__dw_field(int32_t b, int32_t la, uint32_t mask8)
 {
-    if (fast) {
-        return mpq__clamp_add(mpq__requantize32(mpq__i32(acc), m, sh), zp, lo, hi);
-    }
-    return mpq__output(acc, m, sh, zp, lo, hi);
+    return (int32_t)(int8_t)(uint8_t)(((uint32_t)b << la) & mask8);
 }
 
-/* The low / high nibble of byte b, sign-extended and times 16 (a signed byte's top bits). */
-static MPQ_INLINE int32_t mpq__nib_lo16(int32_t b)
-{
-    return (int32_t)(int8_t)(uint8_t)((uint32_t)b << 4);
-}
+/* The fixed arguments of one channel pair's pass (mpq__dw_pass). */
+typedef struct {
+    const mpq_conv_params *p;
+    const mpq_filter *f;
+    const mpq_channel_quant *q;
+    const mpq_view *out;
+    const int8_t *plane;  /* the group's saved, padded plane: one byte per pixel */
+    int32_t pw;           /* its row length */
+    int32_t cg;           /* the group's first channel */
+} mpq__dw_group;
 
-static MPQ_INLINE int32_t mpq__nib_hi16(int32_t b)
-{
-    return (int32_t)(int8_t)(uint8_t)((uint32_t)b & 0xF0u);
-}
-
-/* mpq_depthwise_inplace for 4-bit input and output with an even channel count and decodable
-   weights of at most MPQ_DW_TAPS taps: channels in pairs (2c, 2c + 1), which share every byte
-   of the tensor. The pair's padded input plane is saved as those raw bytes (one byte per
-   pixel: the scratch of one 8-bit channel), each output byte holds both results and is
-   written whole, over input bytes of the same pair already saved (so the in-place rule
-   holds). Sums are kept times 16 - a nibble at the top of a byte is 16x its value, which
-   SXTB16 takes as is - and divided back exactly before the bias: |sum| <= 25*8*128*16. */
-static void mpq__dw_pairs4(const mpq_conv_params *p, const mpq_filter *f,
-                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
-                           int8_t *scratch, int32_t ph, int32_t pw, int32_t pr)
-{
-    const int32_t taps = f->h * f->w;
-    const int k3 = f->h == 3 && f->w == 3;
-    const int32_t out_w = out->w, out_h = out->h, out_c = out->c;
-    const int32_t sh = p->stride_h, sw = p->stride_w, dh = p->dilation_h, dw = p->dilation_w;
-    const int32_t rs = dh * pw;
-    const int32_t zp = p->input_zp, lo = p->act_min, hi = p->act_max, ozp = p->output_zp;
-    const uint8_t pad = (uint8_t)(((uint32_t)zp & 15u) * 0x11u);
-    const uint8_t *src = (const uint8_t *)in->data;
-    uint8_t *dst = (uint8_t *)out->data;
-    const uint32_t kstep = (uint32_t)out_c >> 1;  /* bytes per output pixel */
+/* One channel pair (ca, ca + 1) of a sub-byte channel group: its decoded weights, the
+   accumulators' start (bias - input_zp * sum(W)) and the requantisation (mpq__dw_split). */
+typedef struct {
     int32_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
-    int32_t ch, r, t, oy, ox, ky, kx;
-    (void)k3;
-    for (ch = 0; ch < in->c; ch += 2) {
-        const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ch * taps), taps, wa);
-        const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ch + 1) * taps), taps, wb);
-        const uint32_t acca = (q->bias != NULL ? (uint32_t)q->bias[ch] : 0u)
-                              - (uint32_t)zp * suma;
-        const uint32_t accb = (q->bias != NULL ? (uint32_t)q->bias[ch + 1] : 0u)
-                              - (uint32_t)zp * sumb;
-        const int32_t ma = q->multiplier[ch], sa = q->shift[ch];
-        const int32_t mb = q->multiplier[ch + 1], sb = q->shift[ch + 1];
-        const int fa = sa <= 0 && sa >= -30 && ma >= 0, fb = sb <= 0 && sb >= -30 && mb >= 0;
-#if MPQ_USE_DSP
-        const int32_t a02a = k3 ? mpq__halves(wa[0], wa[2]) : 0, a1a = k3 ? wa[1] : 0;
-        const int32_t a02b = k3 ? mpq__halves(wa[3], wa[5]) : 0, a1b = k3 ? wa[4] : 0;
-        const int32_t a02c = k3 ? mpq__halves(wa[6], wa[8]) : 0, a1c = k3 ? wa[7] : 0;
-        const int32_t b02a = k3 ? mpq__halves(wb[0], wb[2]) : 0, b1a = k3 ? wb[1] : 0;
-        const int32_t b02b = k3 ? mpq__halves(wb[3], wb[5]) : 0, b1b = k3 ? wb[4] : 0;
-        const int32_t b02c = k3 ? mpq__halves(wb[6], wb[8]) : 0, b1c = k3 ? wb[7] : 0;
-#endif
-        /* the pair's padded plane: byte per pixel, padding = the zero point in both nibbles */
-        for (r = 0; r < ph; ++r) {
-            int8_t *row = scratch + r * pw;
-            const int32_t iy = r - p->pad_top;
-            if (iy < 0 || iy >= in->h) {
-                memset(row, pad, (size_t)pw);
-                continue;
+    uint32_t acca, accb;
+    int32_t ma, mb, lsa, rsa, lsb, rsb, fa, fb;
+} mpq__dw_pair;
+
+/* Fills pair `c` for channels ca, ca + 1 of the group's filter. */
+static MPQ_NOINLINE void mpq__dw_pair_init(const mpq__dw_group *g, int32_t ca, mpq__dw_pair *c)
+{
+    const mpq_filter *f = g->f;
+    const mpq_channel_quant *q = g->q;
+    const int32_t taps = f->h * f->w;
+    const uint32_t zp = (uint32_t)g->p->input_zp;
+    const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ca * taps), taps, c->wa);
+    const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ca + 1) * taps), taps, c->wb);
+    c->acca = (q->bias != NULL ? (uint32_t)q->bias[ca] : 0u) - zp * suma;
+    c->accb = (q->bias != NULL ? (uint32_t)q->bias[ca + 1] : 0u) - zp * sumb;
+    c->ma = q->multiplier[ca];
+    c->mb = q->multiplier[ca + 1];
+    c->fa = mpq__dw_split(c->ma, q->shift[ca], &c->lsa, &c->rsa);
+    c->fb = mpq__dw_split(c->mb, q->shift[ca + 1], &c->lsb, &c->rsb);
+}
+
+/* Outputs ox0 .. W-1 of output row oy of a channel pair, tap by tap (any filter, stride and
+   dilation; any requantisation): each output byte of the group gets the pair's two fields -
+   channel ca's is the one a left shift by `la` puts at the top of a byte (times 2^(8 - bits)),
+   ca + 1's the one by la - bits - written whole when `first` (zero above), else or-ed in. */
+static MPQ_NOINLINE void mpq__dw_rest(const mpq__dw_group *g, const mpq__dw_pair *c,
+                                      int32_t bits, int32_t la, int first, int32_t oy,
+                                      int32_t ox0)
+{
+    const mpq_conv_params *p = g->p;
+    const int32_t fh = g->f->h, fw = g->f->w, sw = p->stride_w, dw = p->dilation_w;
+    const int32_t lb = la - bits, sc = 8 - bits, sa = 8 - bits - la, sb = sa + bits;
+    const uint32_t omask = (1u << bits) - 1u, mask8 = (0xFFu << sc) & 0xFFu;
+    const int32_t zp = p->output_zp, lo = p->act_min, hi = p->act_max, rs = p->dilation_h * g->pw;
+    const int32_t out_w = g->out->w;
+    const uint32_t kstep = (uint32_t)g->out->c * (uint32_t)bits >> 3;
+    const int8_t *line = g->plane + oy * p->stride_h * g->pw;
+    uint8_t *o = (uint8_t *)g->out->data
+                 + ((mpq__at(g->out, oy, ox0) + (uint32_t)g->cg) * (uint32_t)bits >> 3);
+    int32_t ox, ky, kx, t;
+    for (ox = ox0; ox < out_w; ++ox, o += kstep) {
+        const int8_t *base = line + ox * sw;
+        int32_t x = 0, y = 0;
+        uint32_t ya, yb, v;
+        for (ky = 0, t = 0; ky < fh; ++ky) {
+            const int8_t *row = base + ky * rs;
+            for (kx = 0; kx < fw; ++kx, ++t) {
+                const int32_t e = row[kx * dw];
+                x += c->wa[t] * mpq__dw_field(e, la, mask8);
+                y += c->wb[t] * mpq__dw_field(e, lb, mask8);
             }
-            memset(row, pad, (size_t)p->pad_left);
-            {
-                const uint8_t *s = src + ((mpq__at(in, iy, 0) + (uint32_t)ch) >> 1);
-                const int32_t w = in->w, step = in->c >> 1;
-                int8_t *d = row + p->pad_left;
-                int32_t x;
-                for (x = 0; x + 4 <= w; x += 4, s += 4 * step) {
-                    const uint8_t v0 = s[0], v1 = s[step], v2 = s[2 * step], v3 = s[3 * step];
-                    d[x] = (int8_t)v0;
-                    d[x + 1] = (int8_t)v1;
-                    d[x + 2] = (int8_t)v2;
-                    d[x + 3] = (int8_t)v3;
-                }
-                for (; x < w; ++x, s += step) {
-                    d[x] = (int8_t)s[0];
-                }
-            }
-            memset(row + p->pad_left + in->w, pad, (size_t)pr);
         }
-        for (oy = 0; oy < out_h; ++oy) {
-            const int8_t *line = scratch + oy * sh * pw;
-            uint8_t *o = dst + ((mpq__at(out, oy, 0) + (uint32_t)ch) >> 1);
-            ox = 0;
+        ya = (uint32_t)mpq__dw_value(c->acca + (uint32_t)mpq__asr32(x, sc), c->ma, c->lsa,
+                                     c->rsa, c->fa, zp, lo, hi);
+        yb = (uint32_t)mpq__dw_value(c->accb + (uint32_t)mpq__asr32(y, sc), c->mb, c->lsb,
+                                     c->rsb, c->fb, zp, lo, hi);
+        v = ((ya & omask) << sa) | ((yb & omask) << sb);
+        *o = (uint8_t)(first ? v : (uint32_t)*o | v);
+    }
+}
+
+/* The outputs of channels ca and ca + 1 of a sub-byte channel group from its saved plane
+   (mpq__dw_rest's fields and bytes; mask: the top `bits` bits of every byte of a word). Sums
+   are kept times 2^sc = 2^(8 - bits) - a field at the top of a byte is that multiple of its
+   value, which SXTB16 takes as is - and divided back exactly before the bias: |sum| <=
+   25*128*128. Each output byte of the group is written whole by the pass with `first` set,
+   or-ed into by the others (2-bit quads: the pass of channels cg + 2, cg + 3). Out-of-view
+   padding is in the plane (the zero point in every field). With the DSP, 3x3 layers at stride
+   1 or 2 and unit dilation along W take two neighbouring outputs per word of each row, as
+   mpq_depthwise_inplace's int8 loops do; the rest of each row goes tap by tap. */
+static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t bits,
+                                    int32_t la, uint32_t mask, int first)
+{
+    const int32_t out_h = g->out->h;
+    mpq__dw_pair c;
+    int32_t oy, ox;
 #if MPQ_USE_DSP
-            /* 3x3 along W at unit dilation, two neighbouring outputs of both channels: as
-               mpq_depthwise_inplace's int8 loops, on the word's nibbles (times 16) */
-            if (k3 && dw == 1 && (sw == 1 || sw == 2)) {
-                for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
-                    const int8_t *b = line + sw * ox;
-                    int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, ya, yb, v, l, h, l02, l13, h02, h13;
-#define MPQ__DW_PAIR_ROW(OFF, A02, A1, A2, B02, B1, B2)                                         \
+    const mpq_conv_params *p = g->p;
+    const int k3 = g->f->h == 3 && g->f->w == 3;
+    const int32_t lb = la - bits, sc = 8 - bits, sa = 8 - bits - la, sb = sa + bits;
+    const uint32_t omask = (1u << bits) - 1u, mask8 = mask & 0xFFu;
+    const int32_t out_w = g->out->w;
+    const int32_t sh = p->stride_h, sw = p->stride_w, dw = p->dilation_w;
+    const int32_t pw = g->pw, rs = p->dilation_h * pw;
+    const int32_t lo = p->act_min, hi = p->act_max, ozp = p->output_zp;
+    uint8_t *dst = (uint8_t *)g->out->data;
+    const uint32_t kstep = (uint32_t)g->out->c * (uint32_t)bits >> 3;  /* bytes per pixel */
+    int32_t a02a, a1a, a02b, a1b, a02c, a1c, b02a, b1a, b02b, b1b, b02c, b1c;
+    int32_t a2a, a2b, a2c, b2a, b2b, b2c;
+    uint32_t acca, accb;
+    int32_t ma, mb, lsa, rsa, lsb, rsb, fa, fb;
+#endif
+#if !MPQ_USE_DSP
+    (void)mask;
+#endif
+    mpq__dw_pair_init(g, ca, &c);
+#if MPQ_USE_DSP
+    acca = c.acca;
+    accb = c.accb;
+    ma = c.ma;
+    mb = c.mb;
+    lsa = c.lsa;
+    rsa = c.rsa;
+    lsb = c.lsb;
+    rsb = c.rsb;
+    fa = c.fa;
+    fb = c.fb;
+    a02a = k3 ? mpq__halves(c.wa[0], c.wa[2]) : 0;
+    a1a = k3 ? c.wa[1] : 0;
+    a02b = k3 ? mpq__halves(c.wa[3], c.wa[5]) : 0;
+    a1b = k3 ? c.wa[4] : 0;
+    a02c = k3 ? mpq__halves(c.wa[6], c.wa[8]) : 0;
+    a1c = k3 ? c.wa[7] : 0;
+    b02a = k3 ? mpq__halves(c.wb[0], c.wb[2]) : 0;
+    b1a = k3 ? c.wb[1] : 0;
+    b02b = k3 ? mpq__halves(c.wb[3], c.wb[5]) : 0;
+    b1b = k3 ? c.wb[4] : 0;
+    b02c = k3 ? mpq__halves(c.wb[6], c.wb[8]) : 0;
+    b1c = k3 ? c.wb[7] : 0;
+    a2a = k3 ? c.wa[2] : 0;
+    a2b = k3 ? c.wa[5] : 0;
+    a2c = k3 ? c.wa[8] : 0;
+    b2a = k3 ? c.wb[2] : 0;
+    b2b = k3 ? c.wb[5] : 0;
+    b2c = k3 ? c.wb[8] : 0;
+#endif
+    for (oy = 0; oy < out_h; ++oy) {
+#if MPQ_USE_DSP
+        const int8_t *line = g->plane + oy * sh * pw;
+        uint8_t *o = dst + ((mpq__at(g->out, oy, 0) + (uint32_t)g->cg) * (uint32_t)bits >> 3);
+#endif
+        ox = 0;
+#if MPQ_USE_DSP
+        /* 3x3 along W at unit dilation, two neighbouring outputs of both channels per step, as
+           mpq_depthwise_inplace's int8 loops, on the word's fields: stride 1 reads the word
+           [e0 e1 e2 e3] of each row (out0 = (e0, e2).(w0, w2) + e1*w1, out1 = (e1, e3).(w0, w2)
+           + e2*w1), stride 2 also its fifth byte e4 (out1 = e2*w0 + e3*w1 + e4*w2). Only for
+           channels whose requantisation is the 32-bit one (the others take the loop below). */
+        if (k3 && dw == 1 && fa && fb && (sw == 1 || sw == 2)) {
+#define MPQ__DW_FIELDS(OFF)                                                                    \
     v = mpq__word(b + (OFF));                                                                  \
-    l = mpq__i32(((uint32_t)v << 4) & 0xF0F0F0F0u);                                            \
-    h = mpq__i32((uint32_t)v & 0xF0F0F0F0u);                                                   \
+    l = mpq__i32(((uint32_t)v << la) & mask);                                                  \
+    h = mpq__i32(((uint32_t)v << lb) & mask);                                                  \
     l02 = mpq__sxtb16(l);                                                                      \
     l13 = mpq__sxtb16_r8(l);                                                                   \
     h02 = mpq__sxtb16(h);                                                                      \
     h13 = mpq__sxtb16_r8(h);                                                                   \
     x0 = mpq__smlabb(l13, A1, mpq__smlad(l02, A02, x0));                                       \
-    y0 = mpq__smlabb(h13, B1, mpq__smlad(h02, B02, y0));                                       \
-    if (sw == 1) {                                                                             \
+    y0 = mpq__smlabb(h13, B1, mpq__smlad(h02, B02, y0));
+#define MPQ__DW_FAST(X, ACC, M, LS, RS)                                                        \
+    ((uint32_t)mpq__clamp_add(mpq__requantize32(mpq__i32(((ACC) + (uint32_t)mpq__asr32((X), sc)) \
+                                                         << (LS)), (M), (RS)), ozp, lo, hi)    \
+     & omask)
+#define MPQ__DW_PUT2(O, X, Y)                                                                  \
+    do {                                                                                       \
+        const uint32_t v_ = (MPQ__DW_FAST(X, acca, ma, lsa, rsa) << sa)                        \
+                            | (MPQ__DW_FAST(Y, accb, mb, lsb, rsb) << sb);                     \
+        *(O) = (uint8_t)(first ? v_ : (uint32_t)*(O) | v_);                                    \
+    } while (0)
+            if (sw == 1) {
+                for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
+                    const int8_t *b = line + ox;
+                    int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
+#define MPQ__DW_ROW1(OFF, A02_, A1_, B02_, B1_)                                                \
+    {                                                                                          \
+        const int32_t A02 = (A02_), A1 = (A1_), B02 = (B02_), B1 = (B1_);                      \
+        MPQ__DW_FIELDS(OFF)                                                                    \
         x1 = mpq__smlatb(l02, A1, mpq__smlad(l13, A02, x1));                                   \
         y1 = mpq__smlatb(h02, B1, mpq__smlad(h13, B02, y1));                                   \
-    } else {                                                                                   \
+    }
+                    MPQ__DW_ROW1(0, a02a, a1a, b02a, b1a)
+                    MPQ__DW_ROW1(rs, a02b, a1b, b02b, b1b)
+                    MPQ__DW_ROW1(2 * rs, a02c, a1c, b02c, b1c)
+#undef MPQ__DW_ROW1
+                    MPQ__DW_PUT2(o, x0, y0);
+                    MPQ__DW_PUT2(o + kstep, x1, y1);
+                }
+            } else {
+                for (; ox + 2 <= out_w; ox += 2, o += 2u * kstep) {
+                    const int8_t *b = line + 2 * ox;
+                    int32_t x0 = 0, x1 = 0, y0 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
+#define MPQ__DW_ROW2(OFF, A02_, A1_, A2, B02_, B1_, B2)                                        \
+    {                                                                                          \
+        const int32_t A02 = (A02_), A1 = (A1_), B02 = (B02_), B1 = (B1_);                      \
         const int32_t e = b[(OFF) + 4];                                                        \
-        x1 = mpq__smlabb(mpq__nib_lo16(e), A2,                                                 \
+        MPQ__DW_FIELDS(OFF)                                                                    \
+        x1 = mpq__smlabb(mpq__dw_field(e, la, mask8), A2,                                      \
                          mpq__smlatb(l13, A1, mpq__smlatb(l02, A02, x1)));                     \
-        y1 = mpq__smlabb(mpq__nib_hi16(e), B2,                                                 \
+        y1 = mpq__smlabb(mpq__dw_field(e, lb, mask8), B2,                                      \
                          mpq__smlatb(h13, B1, mpq__smlatb(h02, B02, y1)));                     \
     }
-                    MPQ__DW_PAIR_ROW(0, a02a, a1a, wa[2], b02a, b1a, wb[2])
-                    MPQ__DW_PAIR_ROW(rs, a02b, a1b, wa[5], b02b, b1b, wb[5])
-                    MPQ__DW_PAIR_ROW(2 * rs, a02c, a1c, wa[8], b02c, b1c, wb[8])
-#undef MPQ__DW_PAIR_ROW
-                    ya = mpq__dw_value(acca + (uint32_t)mpq__asr32(x0, 4), ma, sa, fa, ozp, lo,
-                                       hi);
-                    yb = mpq__dw_value(accb + (uint32_t)mpq__asr32(y0, 4), mb, sb, fb, ozp, lo,
-                                       hi);
-                    o[0] = (uint8_t)(((uint32_t)ya & 15u) | ((uint32_t)yb << 4));
-                    ya = mpq__dw_value(acca + (uint32_t)mpq__asr32(x1, 4), ma, sa, fa, ozp, lo,
-                                       hi);
-                    yb = mpq__dw_value(accb + (uint32_t)mpq__asr32(y1, 4), mb, sb, fb, ozp, lo,
-                                       hi);
-                    o[kstep] = (uint8_t)(((uint32_t)ya & 15u) | ((uint32_t)yb << 4));
+                    MPQ__DW_ROW2(0, a02a, a1a, a2a, b02a, b1a, b2a)
+                    MPQ__DW_ROW2(rs, a02b, a1b, a2b, b02b, b1b, b2b)
+                    MPQ__DW_ROW2(2 * rs, a02c, a1c, a2c, b02c, b1c, b2c)
+#undef MPQ__DW_ROW2
+                    MPQ__DW_PUT2(o, x0, y0);
+                    MPQ__DW_PUT2(o + kstep, x1, y1);
                 }
             }
+            /* the row's last output when W is odd: its three columns byte by byte (a word
+               could reach past the plane's last row) */
+            if (ox < out_w) {
+                const int8_t *b = line + sw * ox;
+                int32_t x0 = 0, y0 = 0;
+#define MPQ__DW_TAIL(OFF, A02, A1, B02, B1)                                                    \
+    {                                                                                          \
+        const int32_t e0 = b[(OFF)], e1 = b[(OFF) + 1], e2 = b[(OFF) + 2];                     \
+        x0 = mpq__smlabb(mpq__dw_field(e1, la, mask8), A1,                                     \
+                         mpq__smlad(mpq__halves(mpq__dw_field(e0, la, mask8),                  \
+                                                mpq__dw_field(e2, la, mask8)), A02, x0));      \
+        y0 = mpq__smlabb(mpq__dw_field(e1, lb, mask8), B1,                                     \
+                         mpq__smlad(mpq__halves(mpq__dw_field(e0, lb, mask8),                  \
+                                                mpq__dw_field(e2, lb, mask8)), B02, y0));      \
+    }
+                MPQ__DW_TAIL(0, a02a, a1a, b02a, b1a)
+                MPQ__DW_TAIL(rs, a02b, a1b, b02b, b1b)
+                MPQ__DW_TAIL(2 * rs, a02c, a1c, b02c, b1c)
+#undef MPQ__DW_TAIL
+                MPQ__DW_PUT2(o, x0, y0);
+                ++ox;
+            }
+#undef MPQ__DW_PUT2
+#undef MPQ__DW_FAST
+#undef MPQ__DW_FIELDS
+        }
 #endif
-            for (; ox < out_w; ++ox, o += kstep) {
-                const int8_t *base = line + ox * sw;
-                int32_t x = 0, y = 0, ya, yb;
-                for (ky = 0, t = 0; ky < f->h; ++ky) {
-                    const int8_t *row = base + ky * rs;
-                    for (kx = 0; kx < f->w; ++kx, ++t) {
-                        const int32_t e = row[kx * dw];
-                        x += wa[t] * mpq__nib_lo16(e);
-                        y += wb[t] * mpq__nib_hi16(e);
-                    }
-                }
-                ya = mpq__dw_value(acca + (uint32_t)mpq__asr32(x, 4), ma, sa, fa, ozp, lo, hi);
-                yb = mpq__dw_value(accb + (uint32_t)mpq__asr32(y, 4), mb, sb, fb, ozp, lo, hi);
-                o[0] = (uint8_t)(((uint32_t)ya & 15u) | ((uint32_t)yb << 4));
+        if (ox < g->out->w) {
+            mpq__dw_rest(g, &c, bits, la, first, oy, ox);
+        }
+    }
+}
+
+/* mpq_depthwise_inplace for 4- and 2-bit input and output with a channel count that fills
+   whole bytes (C a multiple of 8/bits) and decodable weights of at most MPQ_DW_TAPS taps:
+   channels in groups (pairs at 4 bits, quads at 2) that share every byte of the tensor. The
+   group's padded input plane is saved as those raw bytes (one byte per pixel: the scratch of
+   one 8-bit channel), then each pair of channels is computed from it (mpq__dw_pass); output
+   bytes hold the group's results and are written over input bytes of the same group, already
+   saved (so the in-place rule holds). */
+static void mpq__dw_groups(const mpq_conv_params *p, const mpq_filter *f,
+                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
+                           int8_t *scratch, int32_t ph, int32_t pw, int32_t pr)
+{
+    const int32_t bits = in->bits, group = 8 / bits;
+    const uint8_t pad = (uint8_t)(((uint32_t)p->input_zp & ((1u << bits) - 1u))
+                                  * (bits == 4 ? 0x11u : 0x55u));
+    const uint8_t *src = (const uint8_t *)in->data;
+    const int32_t w = in->w, step = in->c * bits / 8, pl = p->pad_left;
+    mpq__dw_group g;
+    int32_t r, x;
+    g.p = p;
+    g.f = f;
+    g.q = q;
+    g.out = out;
+    g.plane = scratch;
+    g.pw = pw;
+    for (g.cg = 0; g.cg < in->c; g.cg += group) {
+        /* the group's padded plane: byte per pixel, padding = the zero point in every field */
+        for (r = 0; r < ph; ++r) {
+            int8_t *row = scratch + r * pw;
+            const int32_t iy = r - p->pad_top;
+            const uint8_t *s;
+            int8_t *d;
+            if (iy < 0 || iy >= in->h) {
+                memset(row, pad, (size_t)pw);
+                continue;
             }
+            memset(row, pad, (size_t)pl);
+            s = src + ((mpq__at(in, iy, 0) + (uint32_t)g.cg) * (uint32_t)bits >> 3);
+            d = row + pl;
+            for (x = 0; x + 4 <= w; x += 4, s += 4 * step) {
+                const uint8_t v0 = s[0], v1 = s[step], v2 = s[2 * step], v3 = s[3 * step];
+                d[x] = (int8_t)v0;
+                d[x + 1] = (int8_t)v1;
+                d[x + 2] = (int8_t)v2;
+                d[x + 3] = (int8_t)v3;
+            }
+            for (; x < w; ++x, s += step) {
+                d[x] = (int8_t)s[0];
+            }
+            memset(row + pl + w, pad, (size_t)pr);
+        }
+        if (bits == 4) {
+            mpq__dw_pass(&g, g.cg, 4, 4, 0xF0F0F0F0u, 1);
+        } else {
+            mpq__dw_pass(&g, g.cg, 2, 6, 0xC0C0C0C0u, 1);
+            mpq__dw_pass(&g, g.cg + 2, 2, 2, 0xC0C0C0C0u, 0);
         }
     }
 }
@@ -319,8 +493,8 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
     }
     ph = p->pad_top + in->h + pb;
     pw = p->pad_left + in->w + pr;
-    if (in->bits == 4 && (in->c & 1) == 0 && table) {
-        mpq__dw_pairs4(p, f, q, in, out, scratch, ph, pw, pr);
+    if (in->bits != 8 && in->c % (8 / in->bits) == 0 && table) {
+        mpq__dw_groups(p, f, q, in, out, scratch, ph, pw, pr);
         return MPQ_OK;
     }
     o.lo = p->act_min;

@@ -204,9 +204,11 @@ int32_t mpq_depthwise_inplace_scratch_size(const mpq_conv_params *p, const mpq_f
  * is stored at an index == ch (mod C), i.e. over input channel ch, which is already saved; so
  * `out` may share storage with `in` when both views start at the same element (same `data`,
  * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1].
- * 4-bit tensors with an even C and at most 5x5 taps go by channel pairs instead: the pair's
- * bytes (both nibbles) are saved - the same scratch, a byte per padded pixel - and each output
- * byte holds both channels' results, written whole over bytes of the same pair. */
+ * 4- and 2-bit tensors whose C fills whole bytes (even at 4 bits, a multiple of 4 at 2) with
+ * at most 5x5 taps go by channel groups instead (pairs at 4 bits, quads at 2): the group's
+ * bytes are saved - the same scratch, a byte per padded pixel - and each output byte holds the
+ * group's results, written over bytes of the same group (3x3 stride 1/2 rows on SMLAD with the
+ * DSP, as the int8 loops). */
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                           int8_t *scratch);
@@ -233,11 +235,15 @@ int mpq_add(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const
  * The sum is kept in a register: no scratch. Input and output share the quantisation (no
  * requantisation); a window with no tap in view gives clamp(0). 4-bit inputs with an even C
  * are summed by channel pairs (both nibbles of each byte; eight channels a word with the DSP,
- * for windows of at most 256 taps). */
+ * for windows of at most 256 taps), 2-bit inputs with C a multiple of 4 by channel quads (the
+ * four fields of each byte; sixteen channels a word with the DSP, windows of at most 256
+ * taps). */
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* Max pooling: Y = clamp(max over the in-view taps, act_min, act_max); a window with no tap
- * in view gives act_min. No scratch. */
+ * in view gives act_min. No scratch. 4- and 2-bit inputs whose C fills whole bytes go by
+ * channel groups (every byte read once for its 8/bits channels; a word of them at a time by
+ * SSUB8/SEL with the DSP when a pixel is whole words). */
 int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* int8 softmax along C for every pixel, exactly `mpq.quant.arith.softmax_s8` (the gemmlowp

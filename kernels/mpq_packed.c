@@ -605,12 +605,15 @@ static MPQ_INLINE int32_t mpq__pk_round_shift(int32_t h, int32_t sm1)
     return mpq__asr32(q, 1) + (q & 1);
 }
 
-/* mpq__output for a channel whose shift is in [-30, 0] and multiplier >= 0 (the layer's
-   `fast` case), the shift's constant worked out by the caller. */
+/* mpq__output for a channel whose shift is in [-30, 31] and multiplier >= 0 (the layer's
+   `fast` case), the shift's constant worked out by the caller. A left shift S > 0 (2-bit
+   weights give them) is applied to acc first, wrapping as the reference's int32 x = acc << S;
+   x*M/2^31 then stays inside int32, which is hi, the result. */
 static MPQ_INLINE int32_t mpq__pk_out_fast(uint32_t acc, int32_t m, int32_t sh, int32_t zp,
                                            int32_t lo, int32_t hi)
 {
-    int32_t r = (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+    const int32_t x = mpq__i32(acc << (sh > 0 ? sh : 0));
+    int32_t r = (int32_t)mpq__asr64((int64_t)x * m + (INT64_C(1) << 30), 31);
     if (sh < 0) {
         r = mpq__pk_round_shift(r, -sh - 1);
     }
@@ -758,12 +761,12 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
     }
 }
 
-/* Does every channel take the 32-bit requantisation (shift in [-30, 0], multiplier >= 0)? */
+/* Does every channel take the 32-bit requantisation (shift in [-30, 31], multiplier >= 0)? */
 static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
 {
     int32_t o;
     for (o = 0; o < n; ++o) {
-        if (q->shift[o] > 0 || q->shift[o] < -30 || q->multiplier[o] < 0) {
+        if (q->shift[o] > 31 || q->shift[o] < -30 || q->multiplier[o] < 0) {
             return 0;
         }
     }

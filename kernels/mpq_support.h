@@ -414,6 +414,30 @@ static inline int32_t mpq__sxtab16_r8(int32_t a, int32_t v)
 }
 #endif
 
+/* The bytewise signed maximum of a and b: SSUB8 sets a GE flag per byte where a - b >= 0, SEL
+   takes those bytes of a and the others of b (one asm block: nothing may touch the flags in
+   between; CMSIS-NN's max pooling does the same). */
+#if defined(MPQ_EMULATE_DSP)
+static inline int32_t mpq__smax8(int32_t a, int32_t b)
+{
+    uint32_t r = 0;
+    int32_t i;
+    for (i = 0; i < 32; i += 8) {
+        const int32_t x = (int32_t)(int8_t)(uint8_t)((uint32_t)a >> i);
+        const int32_t y = (int32_t)(int8_t)(uint8_t)((uint32_t)b >> i);
+        r |= (uint32_t)(uint8_t)(x >= y ? x : y) << i;
+    }
+    return mpq__i32(r);
+}
+#else
+static inline int32_t mpq__smax8(int32_t a, int32_t b)
+{
+    int32_t r;
+    __asm__("ssub8 %0, %1, %2\n\tsel %0, %1, %2" : "=&r"(r) : "r"(a), "r"(b) : "cc");
+    return r;
+}
+#endif
+
 /* Four consecutive bytes as a word (unaligned: weights rows start anywhere). */
 static inline int32_t mpq__word(const void *p)
 {

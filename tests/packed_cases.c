@@ -13,11 +13,13 @@
  * for mpq_conv2d_unpacked (8-bit input with 4-, 2- and 3-bit weights of every format, 4- and
  * 2-bit input with 8-bit weights, 4-bit input with 3-bit weights; 1x1 and KxK; and fused with
  * a residual add, mpq_conv2d_add_unpacked against mpq_conv2d_add: kind unpackadd)
- * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; and 400 4-bit
- * depthwise layers through mpq_depthwise_inplace's channel-pair path (in place) against
- * mpq_conv2d (groups = C): kind dwpairs, mix a4o4 (4-bit input and output, any weights); and
- * 200 4-bit average poolings (mpq_avgpool's channel-pair path) against the formula computed
- * in this file: kind avgpool, mix a4o4 (4-bit input, any output bits).
+ * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; CASES 4- and
+ * 2-bit depthwise layers per activation and weight bits (a4w4, a4w2, a4w8, a2w2, a2w4, a2w8;
+ * sub-byte weights of every format) through mpq_depthwise_inplace's channel-group path (in
+ * place) against mpq_conv2d (groups = C): kind dwinplace; and CASES 4- and 2-bit average and
+ * max poolings (mpq_avgpool's / mpq_maxpool's channel-group paths) against the formulas
+ * computed in this file: kinds avgpool and maxpool, mixes a4o0 and a2o0 (o0: outputs of any
+ * bits).
  */
 #include <stdint.h>
 #include <string.h>
@@ -91,10 +93,11 @@ static int32_t value(int32_t bits, int mode)
 }
 
 /* Half the layers have every shift in [-9, 0] (the kernels' 32-bit requantisation path), the
-   others some left shifts too (the general one). */
+   others some left shifts too (up to 1, or now and then up to 31: the packed kernels' 32-bit
+   path with the left shift first). */
 static void fill_quant(int32_t n)
 {
-    const int32_t smax = rint_(0, 1);
+    const int32_t smax = rint_(0, 1) == 0 ? 0 : rint_(0, 3) == 0 ? 31 : 1;
     int32_t o;
     for (o = 0; o < n; ++o) {
         bias[o] = rint_(0, 3) == 0 ? (int32_t)rnd() : rint_(-5000, 5000);
@@ -602,15 +605,17 @@ static int32_t get(const uint8_t *p, int32_t bits, uint32_t k)
     return (int32_t)(u ^ sign) - (int32_t)sign;
 }
 
-/* One random 4-bit depthwise layer with an even channel count (mpq_depthwise_inplace's
-   channel-pair path; 3x3 at strides 1 and 2 half the time, else any kernel up to 5x5, any
-   stride and dilation; 8-, 4- or 2-bit weights of every format), run in place and through
-   mpq_conv2d (groups = C, a separate output): every output element must agree, and the input
-   elements the output does not cover keep their values. Returns 1 when they disagree. */
-static int dw_case(uint32_t *sum)
+/* One random abits-bit (4 or 2) depthwise layer with a channel count that fills whole bytes
+   (mpq_depthwise_inplace's channel-group path; 3x3 at strides 1 and 2 half the time, else any
+   kernel up to 5x5, any stride and dilation; wbits-bit weights, sub-byte ones of every format;
+   requantisation with right shifts, left shifts up to 31 - the 32-bit path's pre-shift - and
+   now and then beyond the 32-bit path), run in place and through mpq_conv2d (groups = C, a
+   separate output): every output element must agree, and the input elements the output does
+   not cover keep their values. Returns 1 when they disagree. */
+static int dw_case(int32_t abits, int32_t wbits, uint32_t *sum)
 {
     const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
-    const int32_t wbits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
+    const int32_t group = 8 / abits;
     const int32_t fmt = wbits == 8 ? MPQ_WFMT_LINEAR
                         : rint_(0, 3) < 2 ? MPQ_WFMT_LINEAR : rint_(1, 2);
     const int k3 = rint_(0, 1);
@@ -623,7 +628,7 @@ static int dw_case(uint32_t *sum)
     kw = k3 ? 3 : rint_(1, 5);
     h = rint_(1, 9);
     w = rint_(1, 9);
-    c = 2 * rint_(1, 12);
+    c = group * rint_(1, 24 / group);
     memset(&p, 0, sizeof p);
     p.stride_h = rint_(1, 2);
     p.stride_w = rint_(1, 2);
@@ -643,14 +648,14 @@ static int dw_case(uint32_t *sum)
         return -1;
     }
     p.groups = c;
-    p.input_zp = value(4, mode);
-    p.output_zp = value(4, 0);
-    r1 = value(4, 0);
-    r2 = value(4, 0);
-    p.act_min = rint_(0, 1) ? -8 : (r1 < r2 ? r1 : r2);
-    p.act_max = rint_(0, 1) ? 7 : (r1 < r2 ? r2 : r1);
+    p.input_zp = value(abits, mode);
+    p.output_zp = value(abits, 0);
+    r1 = value(abits, 0);
+    r2 = value(abits, 0);
+    p.act_min = rint_(0, 1) ? -(1 << (abits - 1)) : (r1 < r2 ? r1 : r2);
+    p.act_max = rint_(0, 1) ? (1 << (abits - 1)) - 1 : (r1 < r2 ? r2 : r1);
     in.data = dw_buf;
-    in.bits = 4;
+    in.bits = abits;
     in.h = h;
     in.w = w;
     in.c = c;
@@ -658,15 +663,21 @@ static int dw_case(uint32_t *sum)
     in.x0 = rint_(0, 1);
     in.stored_w = in.x0 + w + rint_(0, 1);
     elems = (in.y0 + h) * in.stored_w * c;
-    if (elems * 4 > 8 * MAX_IN || elems * 4 > 8 * MAX_OUT
+    if (elems * abits > 8 * MAX_IN || elems * abits > 8 * MAX_OUT
         || (p.pad_top + h + kh) * (p.pad_left + w + kw) * 2 > (int32_t)sizeof dw_scratch) {
         return -1;
     }
     for (i = 0; i < elems; ++i) {
-        put(in_buf, 4, (uint32_t)i, value(4, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+        put(in_buf, abits, (uint32_t)i, value(abits, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
     }
     fill_codes(wbits, fmt, c, kh * kw, mode);
     fill_quant(c);
+    if (rint_(0, 3) == 0) {  /* left shifts up to 31, and some beyond the 32-bit path */
+        for (i = 0; i < c; ++i) {
+            shift[i] = rint_(0, 7) == 0 ? rint_(-40, 40) : rint_(0, 1) ? rint_(1, 31) : shift[i];
+            mult[i] = rint_(0, 15) == 0 ? -(int32_t)(rnd() >> 1) : mult[i];
+        }
+    }
     f.data = wts;
     f.bits = wbits;
     f.n = c;
@@ -691,7 +702,7 @@ static int dw_case(uint32_t *sum)
     if (mpq_conv2d(&p, &f, &q, &ref, &out, scratch16) != MPQ_OK) {
         return 1;
     }
-    memcpy(dw_buf, in_buf, (size_t)((elems + 1) / 2));
+    memcpy(dw_buf, in_buf, (size_t)((elems * abits + 7) / 8));
     out.data = dw_buf;
     if (mpq_depthwise_inplace(&p, &f, &q, &in, &out, dw_scratch) != MPQ_OK) {
         return 1;
@@ -701,8 +712,8 @@ static int dw_case(uint32_t *sum)
             const int covered = y >= in.y0 && y < in.y0 + oh && x >= in.x0 && x < in.x0 + ow;
             for (ch = 0; ch < c; ++ch) {
                 const uint32_t k = (uint32_t)((y * in.stored_w + x) * c + ch);
-                const int32_t want = covered ? get(out_ref, 4, k) : get(in_buf, 4, k);
-                const int32_t got = get(dw_buf, 4, k);
+                const int32_t want = covered ? get(out_ref, abits, k) : get(in_buf, abits, k);
+                const int32_t got = get(dw_buf, abits, k);
                 bad |= want != got;
                 *sum = *sum * 31u + (uint32_t)(got & 15);
             }
@@ -711,11 +722,13 @@ static int dw_case(uint32_t *sum)
     return bad;
 }
 
-/* One random 4-bit average pooling with an even channel count (mpq_avgpool's channel-pair
-   path; C a multiple of 8 half the time: the DSP's eight-channel words), against the formula
-   computed here element by element: v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt over
-   the in-view taps, clamped. Returns 1 when they disagree. */
-static int pool_case(uint32_t *sum)
+/* One random ibits-bit (4 or 2) average (maxp 0) or max (maxp 1) pooling with a channel count
+   that fills whole bytes (mpq_avgpool's / mpq_maxpool's channel-group paths; C a multiple of
+   32/ibits half the time: the DSP's words of channels), against the formula computed here
+   element by element: over the in-view taps v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt,
+   or their maximum (act_min for a window with none), clamped; output of any bits. Returns 1
+   when they disagree. */
+static int pool_case(int32_t ibits, int maxp, uint32_t *sum)
 {
     const int mode = rint_(0, 5) < 4 ? 0 : rint_(1, 2);
     const int32_t obits = rint_(0, 2) == 0 ? 8 : rint_(0, 1) ? 4 : 2;
@@ -724,7 +737,7 @@ static int pool_case(uint32_t *sum)
     int32_t h, w, c, oh, ow, i, y, x, ch, ky, kx, r1, r2, elems, nbytes, bad = 0;
     h = rint_(1, 9);
     w = rint_(1, 9);
-    c = rint_(0, 1) ? 8 * rint_(1, 6) : 2 * rint_(1, 12);
+    c = rint_(0, 1) ? 32 / ibits * rint_(1, 6) : 8 / ibits * rint_(1, 12);
     p.kernel_h = rint_(0, 3) == 0 ? h : rint_(1, 3);
     p.kernel_w = rint_(0, 3) == 0 ? w : rint_(1, 3);
     p.stride_h = rint_(1, 2);
@@ -740,17 +753,17 @@ static int pool_case(uint32_t *sum)
     r2 = value(obits, 0);
     p.act_min = rint_(0, 1) ? -(1 << (obits - 1)) : (r1 < r2 ? r1 : r2);
     p.act_max = rint_(0, 1) ? (1 << (obits - 1)) - 1 : (r1 < r2 ? r2 : r1);
-    if (p.act_min < -8) {
-        p.act_min = -8;  /* the mean of 4-bit values stays in [-8, 7] */
+    if (!maxp && p.act_min < -(1 << (ibits - 1))) {
+        p.act_min = -(1 << (ibits - 1));  /* the mean stays in the input's range */
     }
-    if (p.act_max > 7) {
-        p.act_max = 7;
+    if (!maxp && p.act_max > (1 << (ibits - 1)) - 1) {
+        p.act_max = (1 << (ibits - 1)) - 1;
     }
     if (p.act_max < p.act_min) {
         p.act_max = p.act_min;
     }
     in.data = in_buf;
-    in.bits = 4;
+    in.bits = ibits;
     in.h = h;
     in.w = w;
     in.c = c;
@@ -767,11 +780,11 @@ static int pool_case(uint32_t *sum)
     out.x0 = rint_(0, 1);
     out.stored_w = out.x0 + ow + rint_(0, 1);
     nbytes = ((out.y0 + oh) * out.stored_w * c * obits + 7) / 8;
-    if (elems * 4 > 8 * MAX_IN || nbytes > MAX_OUT) {
+    if (elems * ibits > 8 * MAX_IN || nbytes > MAX_OUT) {
         return -1;
     }
     for (i = 0; i < elems; ++i) {
-        put(in_buf, 4, (uint32_t)i, value(4, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
+        put(in_buf, ibits, (uint32_t)i, value(ibits, mode == 0 ? 0 : (rint_(0, 3) ? mode : 0)));
     }
     for (i = 0; i < nbytes; ++i) {
         out_ref[i] = out_pk[i] = (uint8_t)rnd();
@@ -779,19 +792,23 @@ static int pool_case(uint32_t *sum)
     for (y = 0; y < oh; ++y) {
         for (x = 0; x < ow; ++x) {
             for (ch = 0; ch < c; ++ch) {
-                int32_t s = 0, cnt = 0, v = 0;
+                int32_t s = 0, cnt = 0, v = 0, mx = p.act_min;
                 for (ky = 0; ky < p.kernel_h; ++ky) {
                     for (kx = 0; kx < p.kernel_w; ++kx) {
                         const int32_t iy = y * p.stride_h - p.pad_top + ky;
                         const int32_t ix = x * p.stride_w - p.pad_left + kx;
                         if (iy >= 0 && iy < h && ix >= 0 && ix < w) {
-                            s += get(in_buf, 4, (uint32_t)(((in.y0 + iy) * in.stored_w + in.x0
-                                                            + ix) * c + ch));
+                            const int32_t e = get(in_buf, ibits, (uint32_t)(((in.y0 + iy)
+                                * in.stored_w + in.x0 + ix) * c + ch));
+                            s += e;
+                            mx = cnt == 0 || e > mx ? e : mx;
                             ++cnt;
                         }
                     }
                 }
-                if (cnt > 0) {
+                if (maxp) {
+                    v = mx;
+                } else if (cnt > 0) {
                     v = s > 0 ? (s + cnt / 2) / cnt : (s - cnt / 2) / cnt;
                 }
                 v = v < p.act_min ? p.act_min : v > p.act_max ? p.act_max : v;
@@ -800,7 +817,7 @@ static int pool_case(uint32_t *sum)
             }
         }
     }
-    if (mpq_avgpool(&p, &in, &out) != MPQ_OK) {
+    if ((maxp ? mpq_maxpool(&p, &in, &out) : mpq_avgpool(&p, &in, &out)) != MPQ_OK) {
         return 1;
     }
     *sum = checksum(*sum, out_pk, nbytes);
@@ -815,12 +832,13 @@ static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases,
     line[0] = '\0';
     append(line, kind == 0   ? "unpack1x1 a"
                  : kind == 1 ? "unpackkxk a"
-                 : kind == 2 ? "dwpairs a"
+                 : kind == 2 ? "dwinplace a"
                  : kind == 3 ? "avgpool a"
+                 : kind == 5 ? "maxpool a"
                              : "unpackadd a");
     fmt_u(num, (uint32_t)abits);
     append(line, num);
-    append(line, kind < 2 || kind == 4 ? "w" : "o");
+    append(line, kind == 3 || kind == 5 ? "o" : "w");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -891,33 +909,36 @@ int main(void)
         report_unpack(4, mix_a[m][0], mix_a[m][1], cases, bad, sum);
         total_bad += bad;
     }
-    /* 4-bit depthwise in place, channel pairs */
-    {
-        int32_t cases = 0, bad = 0;
-        uint32_t sum = 0;
-        while (cases < 2 * CASES) {
-            const int r = dw_case(&sum);
-            if (r >= 0) {
-                ++cases;
-                bad += r;
-            }
-        }
-        report_unpack(2, 4, 4, cases, bad, sum);
-        total_bad += bad;
-    }
-    /* 4-bit average pooling, channel pairs */
-    {
+    /* 4- and 2-bit depthwise in place, channel groups: per activation and weight bits */
+    for (m = 0; m < 6; ++m) {
+        static const int32_t mix_d[6][2] = {{4, 4}, {4, 2}, {4, 8}, {2, 2}, {2, 4}, {2, 8}};
         int32_t cases = 0, bad = 0;
         uint32_t sum = 0;
         while (cases < CASES) {
-            const int r = pool_case(&sum);
+            const int r = dw_case(mix_d[m][0], mix_d[m][1], &sum);
             if (r >= 0) {
                 ++cases;
                 bad += r;
             }
         }
-        report_unpack(3, 4, 4, cases, bad, sum);
+        report_unpack(2, mix_d[m][0], mix_d[m][1], cases, bad, sum);
         total_bad += bad;
+    }
+    /* 4- and 2-bit average and max pooling, channel groups (any output bits: "o" 0) */
+    for (kind = 3; kind <= 5; kind += 2) {
+        for (m = 4; m >= 2; m -= 2) {
+            int32_t cases = 0, bad = 0;
+            uint32_t sum = 0;
+            while (cases < CASES) {
+                const int r = pool_case(m, kind == 5, &sum);
+                if (r >= 0) {
+                    ++cases;
+                    bad += r;
+                }
+            }
+            report_unpack(kind, m, 0, cases, bad, sum);
+            total_bad += bad;
+        }
     }
     return total_bad != 0;
 }

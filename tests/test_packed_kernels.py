@@ -44,8 +44,11 @@ MIXES = ("a4w4", "a2w2", "a4w2", "a2w4")
 #: mpq_conv2d_unpacked (sub-byte weights of every format, sub-byte inputs) against mpq_conv2d
 UNPACK_KINDS = ("unpack1x1", "unpackkxk")
 UNPACK_MIXES = ("a8w4", "a8w2", "a8w3", "a4w8", "a2w8", "a4w3")
-#: and the 4-bit depthwise channel-pair path (mpq_depthwise_inplace) against mpq_conv2d: one
-#: line, "dwpairs a4o4", 400 cases; 4-bit average pooling: "avgpool a4o4", 200 cases
+#: the 4-/2-bit depthwise channel-group path (mpq_depthwise_inplace) against mpq_conv2d, per
+#: activation and weight bits; 4-/2-bit average and max pooling (mpq_avgpool's and
+#: mpq_maxpool's channel groups, outputs of any bits: "o0") against the formulas
+DW_MIXES = ("a4w4", "a4w2", "a4w8", "a2w2", "a2w4", "a2w8")
+POOL_MIXES = ("a4o0", "a2o0")
 #: what the cases call: the packed kernels and the reference ones
 SOURCES = tuple(KERNELS / n for n in ("mpq_packed.c", "mpq_conv.c", "mpq_dot.c",
                                       "mpq_fully_connected.c", "mpq_support.c",
@@ -60,8 +63,9 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
     got = [r.groups() for r in rows if r]
     assert [(k, m) for k, m, *_ in got] == [(k, m) for k in KINDS for m in MIXES] + [
         (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [
-        ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [("dwpairs", "a4o4"),
-                                                                ("avgpool", "a4o4")], stdout
+        ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [
+        ("dwinplace", m) for m in DW_MIXES] + [(k, m) for k in ("avgpool", "maxpool")
+                                                for m in POOL_MIXES], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
         assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
@@ -93,7 +97,8 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
-    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 5
+    assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 3 \
+        + len(DW_MIXES) + 2 * len(POOL_MIXES)
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
@@ -163,6 +168,32 @@ def test_packed_choice_says_why_not() -> None:
     assert "depthwise" in packed.packed_choice(dw, "cortex-m4", 4, 4, 0, False, False)
 
 
+def test_group_choice_says_why_not() -> None:
+    """Sub-byte depthwise and pooling run their channels in byte groups; the report says when
+    a layer cannot (mpq_conv2d's depthwise, channels that do not fill whole bytes, filters above
+    25 taps, pooling in place, other kernels) and whether the SIMD rows apply."""
+    dw = SimpleNamespace(op="conv2d", weight=np.zeros((8, 3, 3, 1), np.int8),
+                         attrs={"groups": 8, "strides": (2, 2), "dilations": (1, 1)})
+    assert packed.group_choice(dw, "depthwise_inplace", 2, 8, "cortex-m4") is None
+    assert packed.group_simd(dw, "depthwise_inplace", 2, 8, "cortex-m4")
+    assert not packed.group_simd(dw, "depthwise_inplace", 2, 8, "cortex-m0plus")
+    assert packed.group_choice(dw, "depthwise_inplace", 4, 8, "cortex-m0plus") is None
+    assert "quads" in packed.group_choice(dw, "depthwise_inplace", 2, 6, "cortex-m4")
+    assert packed.group_choice(dw, "depthwise_inplace", 4, 6, "cortex-m4") is None
+    assert "in-place" in packed.group_choice(dw, "conv2d", 4, 8, "cortex-m4")
+    big = SimpleNamespace(op="conv2d", weight=np.zeros((8, 7, 7, 1), np.int8), attrs=dw.attrs)
+    assert "25 taps" in packed.group_choice(big, "depthwise_inplace", 4, 8, "cortex-m4")
+    pool = SimpleNamespace(op="avg_pool", attrs={"kernel": (3, 3), "strides": (1, 1)})
+    assert packed.group_choice(pool, "avgpool", 2, 12, "cortex-m7") is None
+    assert not packed.group_simd(pool, "avgpool", 2, 12, "cortex-m7")  # < 16 channels a word
+    assert packed.group_simd(pool, "avgpool", 2, 32, "cortex-m7")
+    assert "in place" in packed.group_choice(pool, "avgpool", 4, 8, "cortex-m4", True)
+    assert packed.group_choice(pool, "maxpool", 4, 8, "cortex-m4") is None
+    assert packed.group_simd(pool, "maxpool", 4, 8, "cortex-m4")
+    assert "in place" in packed.group_choice(pool, "maxpool", 2, 8, "cortex-m4", True)
+    assert "channel-group" in packed.group_choice(pool, "mean", 4, 8, "cortex-m4")
+
+
 def test_unpack_choice_says_why_not() -> None:
     """mpq_conv2d_unpacked takes 8-bit-input convolutions with sub-byte weights whose unpacked
     weights fit the plan's scratch; mpq_report.json gets the reason otherwise."""
@@ -211,6 +242,12 @@ def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: in
     for e in layers:
         if "packed" in e and not e["packed"]["used"]:
             assert e["packed"]["reason"] and not e["call"].startswith("mpq_packed")
+    # the depthwise (in place) and the average pooling take the channel groups, the 3x3
+    # depthwise with SIMD rows; the pooling's 24 channels fill words of 4-bit channels (8) but
+    # not of 2-bit ones (16)
+    groups = {e["call"]: e["channel_groups"] for e in layers if "channel_groups" in e}
+    assert groups == {"mpq_depthwise_inplace": {"used": True, "simd": True},
+                      "mpq_avgpool": {"used": True, "simd": bits == 4}}, groups
     assert verify(plan, graph, x[:4], "host").mismatches == 0
     if bits == 4 and shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
         assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0

@@ -201,6 +201,8 @@ class _Builder:
         self.skip_nodes: set[str] = set()
         self.packed_notes: dict[int, dict[str, Any]] = {}  # layer index -> used / why not
         self.unpack_notes: dict[int, dict[str, Any]] = {}  # mpq_conv2d_unpacked: used / why
+        # sub-byte depthwise / pooling: channel groups used (and SIMD rows), or why not
+        self.group_notes: dict[int, dict[str, Any]] = {}
         self.io = plan_io(plan)
         self.slots = plan_scratch_slots(plan)  # node -> (arena offset, bytes) of its scratch
         self.scratch_arena = plan_scratch(plan) == "arena"
@@ -352,6 +354,8 @@ class _Builder:
                     entry["packed"] = self.packed_notes[i]
                 if i in self.unpack_notes:  # sub-byte operands: unpacked to int8, or why not
                     entry["unpacked"] = self.unpack_notes[i]
+                if i in self.group_notes:  # sub-byte depthwise / pooling: channel groups
+                    entry["channel_groups"] = self.group_notes[i]
                 self.report.append(entry)
 
     def _reverse_rows(self, node: Node, layers: list[Layer]) -> None:
@@ -408,6 +412,8 @@ class _Builder:
             self.use_scratch(node, need or self.conv_scratch(node, inplace))
             self.layers.append(Layer(i, node.name, kernel, ins, out,
                                      self.conv_params(node), self.weights(i, node)))
+            if node.attrs["groups"] > 1:
+                self._group_note(i, node, kernel, ins[0], out)
         elif node.op == "fully_connected":
             lq = self.qm.layers[node.name]
             params = {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
@@ -427,6 +433,7 @@ class _Builder:
                       "act_min": lq.act_min, "act_max": lq.act_max}
             kernel = "avgpool" if node.op == "avg_pool" else "maxpool"
             self.layers.append(Layer(i, node.name, kernel, ins, out, params))
+            self._group_note(i, node, kernel, ins[0], out)
         elif node.op == "softmax":
             self.layers.append(Layer(i, node.name, "softmax", ins, out,
                                      dict(self.qm.layers[node.name].extra)))
@@ -493,6 +500,18 @@ class _Builder:
             node.name in self.inplace, need, self._scratch_available(node), linear)
         self.unpack_notes[i] = {"used": why is None, **({"reason": why} if why else {})}
         return need if why is None else 0
+
+    def _group_note(self, i: int, node: Node, kernel: str, x: Operand, out: Operand) -> None:
+        """Note in `group_notes` (mpq_report.json) whether a depthwise or pooling layer with a
+        4- or 2-bit input runs its channels in byte groups (`packed.group_choice`) and, if so,
+        whether with the SIMD rows (`packed.group_simd`), or why not."""
+        if x.bits == 8:
+            return
+        core = plan_board(self.plan.board).core
+        why = packed.group_choice(node, kernel, x.bits, x.c, core, x.base == out.base)
+        self.group_notes[i] = ({"used": True, "simd": packed.group_simd(node, kernel, x.bits,
+                                                                        x.c, core)}
+                               if why is None else {"used": False, "reason": why})
 
     def _scratch_available(self, node: Node) -> int:
         """The scratch the plan already reserves for `node`: its own arena slot when the

@@ -144,3 +144,49 @@ def unpack_choice(node: Any, in_bits: int, weight_bits: int, fused: bool, inplac
         return (f"unpacked int8 operands need {need:,} B of scratch, more than the plan's "
                 f"{available:,} B")
     return None
+
+
+# -- sub-byte depthwise and pooling in channel groups (issue 15 item 2) -------------------------
+
+#: Taps of a depthwise filter the kernels decode into a per-channel table (MPQ_DW_TAPS).
+DW_TAPS = 25
+
+
+def group_choice(node: Any, kernel: str, in_bits: int, channels: int, core: str,
+                 same_storage: bool = False) -> str | None:
+    """None when a layer with a 4- or 2-bit input runs its channels in byte groups (pairs at 4
+    bits, quads at 2: every byte of the tensor decoded once for all its channels; on a core with
+    the DSP extension with SXTB16/SMLAD, SXTAB16 or SSUB8/SEL lanes), else why not (a sentence
+    for `mpq_report.json`). `kernel` is the export's call: `depthwise_inplace`
+    (mpq_depthwise_inplace: C a multiple of 8/bits, at most DW_TAPS taps), `avgpool` / `maxpool`
+    (C a multiple of 8/bits and not in place; `same_storage`), anything else has no such
+    path."""
+    group = 8 // in_bits
+    if kernel == "conv2d":
+        return "not the in-place depthwise: mpq_conv2d's grouped loops take one element at a time"
+    if kernel not in ("depthwise_inplace", "avgpool", "maxpool"):
+        return f"no channel-group path in mpq_{kernel}"
+    if channels % group:
+        return (f"{channels} channels do not fill whole bytes of {in_bits}-bit "
+                f"{'pairs' if group == 2 else 'quads'}")
+    if kernel == "depthwise_inplace":
+        kh, kw = node.weight.shape[1:3]
+        if kh * kw > DW_TAPS:
+            return f"{kh}x{kw} filter: more than {DW_TAPS} taps"
+    elif same_storage:
+        return "output over its own input (pooled in place: one element at a time)"
+    return None  # without the DSP extension the groups run in plain C (`group_simd`)
+
+
+def group_simd(node: Any, kernel: str, in_bits: int, channels: int, core: str) -> bool:
+    """Whether a layer that `group_choice` admits also takes the SIMD rows on `core`: 3x3
+    depthwise at stride 1 or 2 along W and unit dilation; pooling with C a multiple of 32/bits
+    (a word of channels), average pooling with windows of at most 256 taps."""
+    if core not in DSP_CORES:
+        return False
+    a = node.attrs
+    if kernel == "depthwise_inplace":
+        return tuple(node.weight.shape[1:3]) == (3, 3) and a["strides"][1] in (1, 2) \
+            and a.get("dilations", (1, 1))[1] == 1
+    kh, kw = a["kernel"]
+    return channels % (32 // in_bits) == 0 and (kernel == "maxpool" or kh * kw <= 256)
