@@ -506,12 +506,16 @@ WRAPPER_BYTES = 768
 def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
                          shape: CodeShape | None = None,
                          packed: frozenset[str] = frozenset(), either: bool = False,
-                         unpacked: frozenset[str] = frozenset()) -> int:
+                         unpacked: frozenset[str] = frozenset(),
+                         unpacked_exact: bool = False) -> int:
     """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
     (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
     in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); with a patch stage
     (`shape`) its calls, geometry tables, patch loop and VDPC test, measured the same way. A
-    family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
+    family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call. The
+    `unpacked` layers may each run mpq_conv2d instead (a bound over both), unless
+    `unpacked_exact` says they are the export's own choice (`unpacked_layers` with the
+    scratch the plan gives them)."""
     entry = _cpu_entry(cpu)
     unpacked = unpacked - packed
     kernels = layer_kernels(graph, shape, packed, unpacked)
@@ -522,7 +526,7 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
     # `either`: a bound over packed or not, per layer; the `unpacked` layers may run
     # mpq_conv2d instead (weights too large for the plan's scratch): a bound over both
     plain = layer_kernels(graph, shape) if either else \
-        layer_kernels(graph, shape, packed) if unpacked else kernels
+        layer_kernels(graph, shape, packed) if unpacked and not unpacked_exact else kernels
     families |= set(plain)
     if entry is None:  # no table at all (a broken install): the old estimate
         return 8192 + UNKNOWN_FAMILY_BYTES * len(families)

@@ -467,15 +467,17 @@ def check_io(io: str, where: str = "--io") -> str:
 
 def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16",
                         shape: Any = None, packed: frozenset[str] = frozenset(),
-                        either: bool = False, unpacked: frozenset[str] = frozenset()) -> int:
+                        either: bool = False, unpacked: frozenset[str] = frozenset(),
+                        unpacked_exact: bool = False) -> int:
     """Flash of the code and constant call blocks an export of `graph` links for `cpu`
     (`core/fpu`), predicted from sizes measured with arm-none-eabi-gcc per kernel family and
     per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`); `shape` (a
     `budget.CodeShape`) describes a patch stage, `packed` the layers on the packed sub-byte
-    kernels, `unpacked` those that may take mpq_conv2d_unpacked."""
+    kernels, `unpacked` those that may take mpq_conv2d_unpacked (`unpacked_exact`: those that
+    do)."""
     from mpq.budget import predicted_code_bytes
 
-    return predicted_code_bytes(graph, cpu, shape, packed, either, unpacked)
+    return predicted_code_bytes(graph, cpu, shape, packed, either, unpacked, unpacked_exact)
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:

@@ -1046,7 +1046,8 @@ def plan_code_bytes(graph: Graph, board: Board, shape: Any, qm: QuantModel,
     weights = _weights_of(qm)
     return code_bytes_estimate(
         graph, board_cpu(board), shape, packed,
-        unpacked=unpacked_layers(graph, shape, lambda t: qm.acts[t].bits, weights, available)) \
+        unpacked=unpacked_layers(graph, shape, lambda t: qm.acts[t].bits, weights, available),
+        unpacked_exact=True) \
         + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits)
 
 
