@@ -282,21 +282,24 @@ W4A4 = ["--strategy", "qe", "--bits", "4", "--weights", "linear:4", "--patches",
 
 @pytest.fixture(scope="module")
 def w4a4(tmp_path_factory) -> dict[str, Path]:
-    """name → plan of the wide model at W4A4: "room" on the board's SRAM budget, "tight"
-    one byte below the SRAM the roomy plan needs (its bits fit, its grown slot does not)."""
+    """name → plan of the wide model at W4A4 without overlap: "room" on the board's SRAM
+    budget, "tight" one byte below the SRAM the roomy plan needs (its bits fit, its grown slot
+    does not); "overlap" and "overlap_tight" the same with overlap."""
     root = tmp_path_factory.mktemp("unpacked_slots")
     onnx.save(_wide_model(), root / "wide.onnx")
     rng = np.random.default_rng(0)
     np.savez(root / "calib.npz", x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
     np.savez(root / "test.npz", x=rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
     out = {"test": root / "test.npz"}
-    for name in ("room", "tight"):
-        extra = [] if name == "room" else [
-            "--sram", str(json.loads(out["room"].read_text())["predicted"]
+    roomy = {"tight": "room", "overlap_tight": "overlap"}  # tight plan -> its roomy one
+    for name in ("room", "tight", "overlap", "overlap_tight"):
+        opts = W4A4 if name in ("room", "tight") else W4A4[:-1]  # with --overlap (default)
+        extra = [] if name not in roomy else [
+            "--sram", str(json.loads(out[roomy[name]].read_text())["predicted"]
                           ["sram_needed_bytes"] - 1)]
         out[name] = root / f"{name}.plan.json"
         r = run_mpq("search", "wide.onnx", "--board", "nano33ble", "--data", "calib.npz",
-                    *W4A4, *extra, "-o", out[name], "-q", cwd=root)
+                    *opts, *extra, "-o", out[name], "-q", cwd=root)
         assert r.returncode == 0, r.stderr
     return out
 
@@ -316,7 +319,9 @@ def test_w4a4_plan_grows_the_first_conv_slot_within_the_budget(w4a4) -> None:
     `schedule.scratch.unpacked`) and the export runs it through mpq_conv2d_unpacked; one
     byte less SRAM and the slot keeps its int8 size, c1 keeps mpq_conv2d, and the plan still
     meets its budget. Either plan's predicted code counts the kernels its export picks."""
+    from mpq.budget import packed_padding_bytes
     from mpq.codegen.export import render_export
+    from mpq.memory import code_bytes_estimate
 
     need = _c1_need()
     assert need == 32 * 27 + 2 * 27
@@ -331,18 +336,37 @@ def test_w4a4_plan_grows_the_first_conv_slot_within_the_budget(w4a4) -> None:
     assert tight["predicted"]["arena_bytes"] < room["predicted"]["arena_bytes"]
     assert tight["board"]["sram_budget"] == room["predicted"]["sram_needed_bytes"] - 1
     calls = {}
-    for name in ("room", "tight"):
+    for name, p in (("room", room), ("tight", tight)):
         plan, _, graph = load_plan_with_model(w4a4[name])
         layers = json.loads(render_export(plan, graph, "portable")["mpq_report.json"])["layers"]
         calls[name] = next(x for x in layers if x["name"] == "c1")
+        # the predicted code is that of the kernels this export calls
+        packed = frozenset(x["name"] for x in layers if x.get("packed", {}).get("used"))
+        unpacked = frozenset(x["name"] for x in layers if x.get("unpacked", {}).get("used"))
+        assert p["predicted"]["code_bytes_estimate"] == code_bytes_estimate(
+            graph, "cortex-m4/fpv4-sp-d16", None, packed, unpacked=unpacked,
+            unpacked_exact=True) + packed_padding_bytes(graph, packed, lambda n: 4)
     assert calls["room"]["call"] == "mpq_conv2d_unpacked"
     assert calls["room"]["unpacked"] == {"used": True}
     assert calls["tight"]["call"] == "mpq_conv2d" and not calls["tight"]["unpacked"]["used"]
     assert "more than the plan's" in calls["tight"]["unpacked"]["reason"]
-    assert room["predicted"]["code_bytes_estimate"] > tight["predicted"]["code_bytes_estimate"]
 
 
-@pytest.mark.parametrize("name", ["room", "tight"])
+def test_a_reversed_layer_gives_up_its_overlap_for_the_unpacked_kernel(w4a4) -> None:
+    """With overlap, c1 is written above its input row by row (one kernel call per row, the
+    weights decoded at each); with room its reverse overlap is dropped and its slot grown (one
+    call of mpq_conv2d_unpacked); one byte below that SRAM it keeps both its overlap and its
+    int8 slot."""
+    room, tight = (json.loads(w4a4[k].read_text()) for k in ("overlap", "overlap_tight"))
+    assert room["schedule"]["scratch"]["unpacked"] == ["c1"]
+    assert room["schedule"].get("overlap", {}).get("c1", 0) >= 0
+    assert "unpacked" not in tight["schedule"]["scratch"]
+    assert tight["schedule"]["overlap"]["c1"] < 0
+    assert tight["predicted"]["sram_needed_bytes"] <= tight["board"]["sram_budget"] \
+        < room["predicted"]["sram_needed_bytes"]
+
+
+@pytest.mark.parametrize("name", ["room", "tight", "overlap", "overlap_tight"])
 def test_w4a4_plans_are_byte_exact_on_the_host(w4a4, name) -> None:
     r = run_mpq("verify", w4a4[name], "--data", w4a4["test"], "--target", "host",
                 "--samples", "2", "--json")

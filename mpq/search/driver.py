@@ -581,11 +581,11 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
 
     memory = schedule.memory(act_bits)
     # The SRAM and Flash the bits left over buy speed: slots for mpq_conv2d_unpacked
-    grown = unpacked_slots(graph, board, schedule, qm, act_bits, memory, input_bytes,
-                           sram_total - input_bytes - memory.scratch_bytes,
-                           flash_total - problem.flash_bytes(solution.choice))
+    before = memory.arena_bytes
+    schedule, grown = speed_slots(graph, board, schedule, qm, act_bits, input_bytes,
+                                  sram_total - input_bytes - memory.scratch_bytes,
+                                  flash_total - problem.flash_bytes(solution.choice))
     if grown:
-        before = memory.arena_bytes
         memory = schedule.memory(act_bits, grown=grown)
         notes.append(f"scratch: {len(grown)} layer(s) given mpq_conv2d_unpacked's scratch "
                      f"within the SRAM budget (arena {before:,} -> {memory.arena_bytes:,} B)")
@@ -1051,14 +1051,47 @@ def plan_code_bytes(graph: Graph, board: Board, shape: Any, qm: QuantModel,
         + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits)
 
 
+def speed_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: QuantModel,
+                act_bits: dict[str, int], io_bytes: int, arena_limit: int, code_limit: int
+                ) -> tuple[PatchSchedule, dict[str, int]]:
+    """(schedule, grown slots) once the bits are chosen: `unpacked_slots` on `schedule`, then
+    for each layer it left out because it is written above its input row by row (most MACs
+    first), the schedule without that reverse overlap when there its slot grows too, and
+    every slot grown before still does — the overlap saved arena bytes the budget no longer
+    needs, and the layer then runs mpq_conv2d_unpacked in one call. Same limits as
+    `unpacked_slots`; the arena keeps the region the search's plan had."""
+    memory = schedule.memory(act_bits)
+    region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
+    grown = unpacked_slots(graph, board, schedule, qm, act_bits, memory, io_bytes,
+                           arena_limit, code_limit, region)
+    if not schedule.scratch_in_arena:
+        return schedule, grown
+    fused_convs = {conv for conv, _ in schedule.fused_adds.values()}
+    by_name = {n.name: n for n in graph.nodes}
+    rows = [n for n in unpacked_needs(graph, board.core, lambda t: qm.acts[t].bits,
+                                      _weights_of(qm), memory.inplace, fused_convs)
+            if memory.overlap.get(n, 0) < 0]
+    for name in sorted(rows, key=lambda m: -node_macs(by_name[m], graph)):
+        trial = replace(schedule, overlap_reverse=schedule.overlap_reverse - {name})
+        trial_memory = trial.memory(act_bits)
+        if trial_memory.arena_bytes > arena_limit:
+            continue
+        trial_grown = unpacked_slots(graph, board, trial, qm, act_bits, trial_memory,
+                                     io_bytes, arena_limit, code_limit, region)
+        if name in trial_grown and set(grown) <= set(trial_grown):
+            schedule, grown = trial, trial_grown
+    return schedule, grown
+
+
 def unpacked_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: QuantModel,
                    act_bits: dict[str, int], memory: Any, io_bytes: int, arena_limit: int,
-                   code_limit: int) -> dict[str, int]:
+                   code_limit: int, region: Any = None) -> dict[str, int]:
     """node → bytes of the slots grown for mpq_conv2d_unpacked once the bits are chosen
     (`memory.grow_scratch` over `budget.unpacked_needs`, but for layers run row by row;
     layer-based, scratch in the arena): each kept while the arena stays within `arena_limit`
     (the SRAM budget less what lies beside the arena), in the data region it had
-    (`regions.place_buffers`: a larger arena must not move out of a faster memory) and the
+    (`regions.place_buffers`: a larger arena must not move out of a faster memory;
+    `region`: the placement to keep, by default this memory's) and the
     code the export then links (`plan_code_bytes`) within `code_limit` (the Flash budget less
     the parameters).
     `io_bytes`: the SRAM beside the arena (the caller's buffers and the stack)."""
@@ -1077,7 +1110,8 @@ def unpacked_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: Quan
             if b.name.startswith(SCRATCH_PREFIX)}
     packed = packed_layers(graph, board.core, None, lambda t: qm.acts[t].bits, weights)
 
-    region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
+    if region is None:
+        region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
 
     def fits(grown: dict[str, int], arena: int) -> bool:
         def available(n: Any) -> int:
