@@ -274,8 +274,8 @@ def _wide_model(seed: int = 0) -> onnx.ModelProto:
     return b.model("wide", [_input("x", [1, 3, 16, 16])], ["y"])
 
 
-#: every map and weight at 4 bits, layer-based (`benchmarks/firmware_bench.py` W4A4); no
-#: overlap: a layer written above its input runs row by row, and its slot is not grown
+#: every map and weight at 4 bits, layer-based (`benchmarks/firmware_bench.py` W4A4), first
+#: without overlap (c1 is otherwise written above its input, row by row)
 W4A4 = ["--strategy", "qe", "--bits", "4", "--weights", "linear:4", "--patches", "none",
         "--no-overlap"]
 
