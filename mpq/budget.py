@@ -321,6 +321,32 @@ def unpacked_layers(graph: Any, shape: CodeShape | None, in_bits: Any,
                             n.name in inplace, weights(n)[1]) is None and fits(n))
 
 
+def unpacked_needs(graph: Any, core: str, in_bits: Any, weights: Any,
+                   inplace: Any, fused_convs: Any) -> dict[str, int]:
+    """node → bytes of `mpq_conv2d_unpacked`'s scratch (`codegen.packed.unpacked_scratch`)
+    for each layer-based conv2d an export would run through it given the scratch: its
+    operands suit it (`codegen.packed.unpack_eligible`) and the packed sub-byte kernels, which
+    the export tries first (`codegen.packed.packed_choice` on `core`), do not take it.
+    `in_bits(tensor) -> bits`, `weights(node) -> (bits, linear?)`; `inplace` and `fused_convs`
+    are the schedule's in-place depthwise convolutions and convolutions fused with their
+    residual add. The layers whose slot `memory.grow_scratch` may grow."""
+    from mpq.codegen.packed import packed_choice, unpack_eligible, unpacked_scratch
+
+    out = {}
+    for n in graph.nodes:
+        if n.op != "conv2d" or n.weight is None:
+            continue
+        bits, linear = weights(n)
+        a_bits = in_bits(n.inputs[0])
+        fused, ip = n.name in fused_convs, n.name in inplace
+        if packed_choice(n, core, a_bits, bits, 0 if linear else 1, fused, ip) is None \
+                or unpack_eligible(n, a_bits, bits, fused, ip, linear) is not None:
+            continue
+        shapes = [graph.tensors[t].shape for t in (n.inputs[0], n.outputs[0])]
+        out[n.name] = unpacked_scratch(n, *shapes, a_bits, bits, linear)
+    return out
+
+
 def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int:
     """Flash the packed kernels' weight layout adds (`codegen.packed.pack_filter`): each row
     padded to a multiple of 16 values, against the plain packed array (4-byte aligned)."""
@@ -480,12 +506,16 @@ WRAPPER_BYTES = 768
 def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
                          shape: CodeShape | None = None,
                          packed: frozenset[str] = frozenset(), either: bool = False,
-                         unpacked: frozenset[str] = frozenset()) -> int:
+                         unpacked: frozenset[str] = frozenset(),
+                         unpacked_exact: bool = False) -> int:
     """Flash of the code and constant parameter blocks an export of `graph` links for `cpu`
     (`core/fpu`): the union of the symbols its kernel families pull in, plus each call's bytes
     in `mpq_model.c`, plus its base — all measured (`tools/code_sizes.py`); with a patch stage
     (`shape`) its calls, geometry tables, patch loop and VDPC test, measured the same way. A
-    family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call."""
+    family or call the table lacks counts `UNKNOWN_FAMILY_BYTES` / the median call. The
+    `unpacked` layers may each run mpq_conv2d instead (a bound over both), unless
+    `unpacked_exact` says they are the export's own choice (`unpacked_layers` with the
+    scratch the plan gives them)."""
     entry = _cpu_entry(cpu)
     unpacked = unpacked - packed
     kernels = layer_kernels(graph, shape, packed, unpacked)
@@ -496,7 +526,7 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
     # `either`: a bound over packed or not, per layer; the `unpacked` layers may run
     # mpq_conv2d instead (weights too large for the plan's scratch): a bound over both
     plain = layer_kernels(graph, shape) if either else \
-        layer_kernels(graph, shape, packed) if unpacked else kernels
+        layer_kernels(graph, shape, packed) if unpacked and not unpacked_exact else kernels
     families |= set(plain)
     if entry is None:  # no table at all (a broken install): the old estimate
         return 8192 + UNKNOWN_FAMILY_BYTES * len(families)
@@ -585,17 +615,29 @@ def measured_stack(build_dir: Path, root: str = "mpq_model_run") -> int:
     return stack_depth(frames, calls, root)
 
 
+#: The kernels a layer-based call of a family may take instead (`codegen.export._portable`):
+#: the packed sub-byte kernels (`codegen.packed.packed_choice`) and mpq_conv2d_unpacked
+#: (`codegen.packed.unpack_choice`).
+KERNEL_ALTERNATIVES = {"conv2d": ("packed_conv2d", "conv2d_unpacked"),
+                       "conv2d_add": ("packed_conv2d_add", "conv2d_add_unpacked"),
+                       "fully_connected": ("packed_fully_connected",)}
+
+
 def predicted_stack_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
                           shape: CodeShape | None = None) -> int:
     """The model's stack bound: `mpq_model_run`'s own frame (the largest over the measured
     sample exports, patch stages included) plus the deepest kernel entry the model calls,
     each measured from GCC's call graph by `tools/code_sizes.py` (`stack` in the table);
-    0 without a table."""
+    0 without a table. A layer-based conv or fully connected call counts every kernel it may
+    take (`KERNEL_ALTERNATIVES`: which one depends on the bits and the scratch slots, chosen
+    after the search plans against this bound)."""
     entry = _cpu_entry(cpu)
     if entry is None or "stack" not in entry:
         return 0
     stack = entry["stack"]
-    kernels = set(layer_kernels(graph, shape))
+    layer = set(layer_kernels(graph, shape))
+    kernels = layer | {alt for k in layer & set(KERNEL_ALTERNATIVES)
+                       for alt in KERNEL_ALTERNATIVES[k]}
     if shape is not None:
         kernels |= {k for k, _ in stage_calls(graph, shape)}
     deepest = max((int(stack["families"].get(k, max(stack["families"].values(), default=0)))

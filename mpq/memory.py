@@ -12,12 +12,12 @@ is alive at the same time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from mpq.ir import Graph, Node
+from mpq.ir import Graph, Node, node_macs
 
 ALIGN = 16  # TFLM's arena alignment (micro_arena_constants.h)
 #: Where the graph input and outputs live (the plan's `schedule.io`): "arena" — tensors of the
@@ -467,15 +467,17 @@ def check_io(io: str, where: str = "--io") -> str:
 
 def code_bytes_estimate(graph: Graph, cpu: str = "cortex-m4/fpv4-sp-d16",
                         shape: Any = None, packed: frozenset[str] = frozenset(),
-                        either: bool = False, unpacked: frozenset[str] = frozenset()) -> int:
+                        either: bool = False, unpacked: frozenset[str] = frozenset(),
+                        unpacked_exact: bool = False) -> int:
     """Flash of the code and constant call blocks an export of `graph` links for `cpu`
     (`core/fpu`), predicted from sizes measured with arm-none-eabi-gcc per kernel family and
     per call (`mpq.budget.predicted_code_bytes`, `tools/code_sizes.py`); `shape` (a
     `budget.CodeShape`) describes a patch stage, `packed` the layers on the packed sub-byte
-    kernels, `unpacked` those that may take mpq_conv2d_unpacked."""
+    kernels, `unpacked` those that may take mpq_conv2d_unpacked (`unpacked_exact`: those that
+    do)."""
     from mpq.budget import predicted_code_bytes
 
-    return predicted_code_bytes(graph, cpu, shape, packed, either, unpacked)
+    return predicted_code_bytes(graph, cpu, shape, packed, either, unpacked, unpacked_exact)
 
 
 def flash_bytes(graph: Graph, weight_bits: dict[str, int] | None = None) -> int:
@@ -794,19 +796,24 @@ def step_scratch_bytes(node: Node, graph: Graph, inplace: bool, in_bits: int = 8
 
 
 def scratch_buffers(graph: Graph, inplace: set[str], fused: dict[str, tuple[str, str]],
-                    bits: dict[str, int] | None = None) -> list[Buffer]:
+                    bits: dict[str, int] | None = None,
+                    grown: Mapping[str, int] | None = None) -> list[Buffer]:
     """One arena buffer per layer-based node that needs scratch (`step_scratch_bytes`,
     aligned), alive at its step only — a conv fused with the residual add after it
     (`fused_residual_adds`) at its step and the add's, the steps its one kernel call spans —
     so the planner reuses the bytes at every other step (TFLM plans its scratch buffers the
-    same way, with the lifetime of their op)."""
+    same way, with the lifetime of their op). `grown` (node → bytes, `grow_scratch`) sizes a
+    node's slot to at least those bytes (mpq_conv2d_unpacked's scratch), making one where
+    the int8/packed kernels need none."""
     bits = bits or {}
+    grown = grown or {}
     fused_convs = {conv for conv, _ in fused.values()}
     out = []
     for i, n in enumerate(graph.nodes):
         if n.op not in ("conv2d", "fully_connected"):
             continue
-        size = step_scratch_bytes(n, graph, n.name in inplace, bits.get(n.inputs[0], 8))
+        size = max(step_scratch_bytes(n, graph, n.name in inplace, bits.get(n.inputs[0], 8)),
+                   grown.get(n.name, 0))
         if size == 0:
             continue
         last = i + 1 if n.name in fused_convs else i
@@ -815,9 +822,45 @@ def scratch_buffers(graph: Graph, inplace: set[str], fused: dict[str, tuple[str,
     return out
 
 
-def scratch_record(plan: ArenaPlan) -> dict[str, Any]:
+def scratch_record(plan: ArenaPlan, grown: Iterable[str] = ()) -> dict[str, Any]:
     """The plan's `schedule.scratch` for scratch planned in the arena: {"mode": "arena",
-    "steps": {node: {"offset", "bytes"}}} from the placed scratch buffers."""
+    "steps": {node: {"offset", "bytes"}}} from the placed scratch buffers, and — when
+    `grow_scratch` grew some — "unpacked": the nodes whose slot holds mpq_conv2d_unpacked's
+    scratch (sorted; their bytes are recomputed from the plan's bits by the plan check)."""
     steps = {b.name[len(SCRATCH_PREFIX):]: {"offset": plan.offsets[b.name], "bytes": b.size}
              for b in plan.buffers if b.name.startswith(SCRATCH_PREFIX)}
-    return {"mode": "arena", "steps": dict(sorted(steps.items()))}
+    out: dict[str, Any] = {"mode": "arena", "steps": dict(sorted(steps.items()))}
+    if grown:
+        out["unpacked"] = sorted(grown)
+    return out
+
+
+def grow_scratch(graph: Graph, tensors: list[Buffer], inplace: set[str],
+                 fused: dict[str, tuple[str, str]], bits: dict[str, int] | None,
+                 needs: Mapping[str, int], limit: int,
+                 accept: Callable[[dict[str, int], int], bool] | None = None
+                 ) -> dict[str, int]:
+    """The layers whose scratch slot grows to `needs[node]` bytes (node → bytes; the
+    unpacked kernel's scratch, `budget.unpacked_needs`) once the bits are chosen: greedily,
+    the layer of most MACs first (ties: schedule order), each kept when the greedy planner
+    places `tensors` (the schedule's other buffers) and every slot (`scratch_buffers` with the
+    growth so far) in an arena of at most `limit` bytes and `accept(grown, arena bytes)`
+    agrees (the Flash budget, the arena's region); a layer whose slot already holds its need
+    is left as it is.
+
+    Why this order: mpq_conv2d_unpacked saves per MAC (a sub-byte weight or input decoded once
+    per call instead of at every multiply), so the layers with most MACs gain most from the
+    SRAM the bits left over. Deterministic: the same inputs give the same growth."""
+    base = {b.name[len(SCRATCH_PREFIX):]: b.size
+            for b in scratch_buffers(graph, inplace, fused, bits)}
+    step = {n.name: i for i, n in enumerate(graph.nodes)}
+    by_name = {n.name: n for n in graph.nodes}
+    grown: dict[str, int] = {}
+    for name in sorted(needs, key=lambda m: (-node_macs(by_name[m], graph), step[m])):
+        if align_up(needs[name]) <= base.get(name, 0):
+            continue  # its slot already holds the unpacked operands
+        trial = {**grown, name: needs[name]}
+        size = plan_arena(tensors + scratch_buffers(graph, inplace, fused, bits, trial)).size
+        if size <= limit and (accept is None or accept(trial, size)):
+            grown = trial
+    return grown

@@ -32,7 +32,7 @@ Column overlaps are still recomputed (caching them too would need a strip per pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -48,6 +48,7 @@ from mpq.memory import (
     check_scratch,
     choose_overlaps,
     fused_residual_adds,
+    grow_scratch,
     layer_lifetimes,
     layer_memory,
     live_bytes_per_step,
@@ -676,20 +677,34 @@ class PatchSchedule:
                 out.append(scratch_bytes(nd, self.graph, nd.name in inplace))
         return out
 
-    def scratch_buffers(self, inplace: set[str], bits: dict[str, int] | None = None
-                        ) -> list[Buffer]:
-        """The kernel scratch as arena buffers of one step each (`memory.scratch_buffers`)
-        when the schedule keeps it in the arena (`scratch` "arena", layer-based); else none."""
+    def scratch_buffers(self, inplace: set[str], bits: dict[str, int] | None = None,
+                        grown: Mapping[str, int] | None = None) -> list[Buffer]:
+        """The kernel scratch as arena buffers of one step each (`memory.scratch_buffers`;
+        `grown`: slots sized for mpq_conv2d_unpacked, `grow_scratch`) when the schedule keeps
+        it in the arena (`scratch` "arena", layer-based); else none."""
         if self.scratch != "arena" or self.split_tensor is not None:
             return []
-        return scratch_buffers(self.graph, inplace, self.fused_adds, bits)
+        return scratch_buffers(self.graph, inplace, self.fused_adds, bits, grown)
+
+    def grow_scratch(self, bits: dict[str, int] | None, needs: Mapping[str, int], limit: int,
+                     accept: Callable[[dict[str, int], int], bool] | None = None
+                     ) -> dict[str, int]:
+        """The slots `memory.grow_scratch` grows to `needs` within an arena of `limit` bytes;
+        none when the scratch is not in the arena."""
+        if not self.scratch_in_arena or not needs:
+            return {}
+        buffers, inplace, _ = self._buffers(bits, True)
+        return grow_scratch(self.graph, buffers, inplace, self.fused_adds, bits, needs, limit,
+                            accept)
 
     def memory(self, bits: dict[str, int] | None = None,
-               inplace_depthwise: bool = True) -> PatchMemory:
+               inplace_depthwise: bool = True,
+               grown: Mapping[str, int] | None = None) -> PatchMemory:
         """Arena (greedy planner), largest scratch and live bytes per step (DESIGN §5); with
-        the scratch in the arena (`scratch_buffers`) the separate scratch is 0 B."""
+        the scratch in the arena (`scratch_buffers`, `grown` slots) the separate scratch is
+        0 B."""
         buffers, inplace, overlap = self._buffers(bits, inplace_depthwise)
-        in_arena = self.scratch_buffers(inplace, bits)
+        in_arena = self.scratch_buffers(inplace, bits, grown)
         buffers = buffers + in_arena
         plan = plan_arena(buffers)
         scratch = self.scratch_per_step(inplace)

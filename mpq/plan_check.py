@@ -19,7 +19,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from mpq.budget import code_shape, stage_branch_flash
+from mpq.boards import plan_board
+from mpq.budget import code_shape, stage_branch_flash, unpacked_needs
 from mpq.errors import MpqError
 from mpq.ir import Graph, graph_fingerprint, node_macs
 from mpq.memory import (
@@ -32,6 +33,7 @@ from mpq.memory import (
 from mpq.patch import PatchSchedule, plan_patches, plan_split
 from mpq.plan import Plan, plan_io, plan_overlap, plan_scratch, plan_scratch_slots
 from mpq.plan_schema import PlanFieldError, fail
+from mpq.quant.weights import LINEAR, storage
 
 
 def storage_bits(plan: Plan) -> dict[str, int]:
@@ -305,9 +307,11 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                                        "kernels' write order gives these nodes at these bits)")
     offsets: dict[str, int] = {}
     lines = line_offsets(plan)
-    scratch = _scratch_offsets(plan, schedule, bits, arena)
+    grown = _unpacked_slots(plan, graph)
+    scratch = _scratch_offsets(plan, schedule, bits, arena, grown)
     offsets.update(scratch)
-    buffers = buffers + schedule.scratch_buffers(set(plan.schedule["inplace_depthwise"]), bits)
+    buffers = buffers + schedule.scratch_buffers(set(plan.schedule["inplace_depthwise"]), bits,
+                                                 grown)
     for buf in buffers:
         if buf.name in scratch:  # a layer's kernel scratch (`schedule.scratch`): checked above
             continue
@@ -360,14 +364,45 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                                             f"got {arena}")
 
 
+def _unpacked_slots(plan: Plan, graph: Graph) -> dict[str, int]:
+    """node → bytes of the slots the plan grew for mpq_conv2d_unpacked
+    (`schedule.scratch.unpacked`, `memory.grow_scratch`): each listed node must be one the
+    export runs through it at the plan's bits on its board's core (`budget.unpacked_needs`),
+    its bytes that kernel's scratch. Which nodes grew is the plan's choice (like its bits);
+    their bytes are not."""
+    names = (plan.schedule.get("scratch") or {}).get("unpacked", [])
+    if not names:
+        return {}
+    field = "schedule.scratch.unpacked"
+    if names != sorted(set(names)):
+        raise fail(field, "must be sorted, each node once")
+    bits = {t.name: t.bits for t in plan.tensors}
+    layers = {layer.name: layer for layer in plan.layers}
+
+    def weights(n: Any) -> tuple[int, bool]:
+        layer = layers[n.name]
+        w_bits = int(layer.w_bits)
+        return w_bits, storage(layer.w_scheme or "linear", w_bits)[0] == LINEAR
+
+    fused_convs = {v["conv"] for v in plan.schedule["fused_adds"].values()}
+    needs = unpacked_needs(graph, plan_board(plan.board).core, bits.__getitem__, weights,
+                           set(plan.schedule["inplace_depthwise"]), fused_convs)
+    for i, name in enumerate(names):
+        if name not in needs:
+            raise fail(f"{field}[{i}]", f"'{_short(name)}' is not a convolution "
+                       "mpq_conv2d_unpacked runs at the plan's bits")
+    return {name: needs[name] for name in names}
+
+
 def _scratch_offsets(plan: Plan, schedule: PatchSchedule, bits: dict[str, int],
-                     arena: int) -> dict[str, int]:
+                     arena: int, grown: dict[str, int] | None = None) -> dict[str, int]:
     """Buffer name → offset of each layer's kernel scratch the plan records
-    (`schedule.scratch`): exactly the layers `memory.scratch_buffers` gives scratch, each with
-    its bytes, inside the arena."""
+    (`schedule.scratch`): exactly the layers `memory.scratch_buffers` gives scratch (`grown`:
+    those sized for mpq_conv2d_unpacked, `_unpacked_slots`), each with its bytes, inside the
+    arena."""
     slots = plan_scratch_slots(plan)
     want = {b.name[len(SCRATCH_PREFIX):]: b.size for b in schedule.scratch_buffers(
-        set(plan.schedule["inplace_depthwise"]), bits)}
+        set(plan.schedule["inplace_depthwise"]), bits, grown)}
     if sorted(slots) != sorted(want):
         raise fail("schedule.scratch.steps", f"must list the layers with kernel scratch "
                                              f"{_short(sorted(want))}, got {_short(sorted(slots))}")

@@ -409,8 +409,11 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
 def check_scratch_record(r: Any, field: str) -> None:
     """`schedule.scratch`: {"mode": "arena", "steps": {node: {"offset", "bytes"}}}, the arena
     slot of each layer's kernel scratch (`memory.scratch_record`; absent: one separate
-    buffer)."""
-    r = req_dict(r, field, {"mode", "steps"})
+    buffer), and optionally "unpacked": the nodes whose slot holds mpq_conv2d_unpacked's
+    scratch (`memory.grow_scratch`)."""
+    r = req_dict(r, field, {"mode", "steps"}, {"unpacked"})
+    for i, n in enumerate(req_list(r.get("unpacked", []), f"{field}.unpacked")):
+        req_str(n, f"{field}.unpacked[{i}]")
     if r["mode"] != "arena":
         raise fail(f"{field}.mode", f"must be \"arena\", got {_show(r['mode'])}")
     for n, slot in req_dict(r["steps"], f"{field}.steps").items():

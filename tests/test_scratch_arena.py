@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run_mpq, shared_model
+from onnx_builders import _Builder, _input
 from test_overlap import _overlap_model
 
 from mpq.errors import MpqError
-from mpq.frontend.onnx_import import import_onnx
+from mpq.frontend.onnx_import import import_model, import_onnx
 from mpq.memory import SCRATCH_PREFIX, kernel_scratch_bytes
 from mpq.order import apply_order, best_order
 from mpq.patch import plan_patches
@@ -249,3 +250,221 @@ def test_old_plans_without_the_record_stay_valid(plans, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "fw" / "mpq_report.json").read_text())
     assert report["predicted"]["scratch_bytes"] > 0
+
+
+# -- slots grown for mpq_conv2d_unpacked (issue 15: W4A4 plans faster than int8) ---------------
+
+def _wide_model(seed: int = 0) -> onnx.ModelProto:
+    """conv 3×3 3→32 → relu → maxpool → conv 3×3 32→16 → relu → avgpool → matmul: at all
+    4 bits the first conv (8-bit input, 4-bit weights) is the one layer the packed kernels
+    cannot take, and its unpacked scratch (864 decoded weights + two 27-value columns)
+    raises the arena when its slot grows."""
+    b = _Builder(seed)
+
+    def conv(x, name, cout, cin):
+        w = b.init(f"{name}_w", b.he((cout, cin, 3, 3)))
+        return b.conv(x, w, b.init(f"{name}_b", b.small(cout)), name, 3, 1, (1, 1, 1, 1))
+    x = b.node("Relu", [conv("x", "c1", 32, 3)], "r1")
+    x = b.node("MaxPool", [x], "mp", kernel_shape=[2, 2], strides=[2, 2])
+    x = b.node("Relu", [conv(x, "c2", 16, 32)], "r2")
+    x = b.node("AveragePool", [x], "ap", kernel_shape=[8, 8], strides=[8, 8])
+    x = b.node("Flatten", [x], "fl")
+    b.node("MatMul", [x, b.init("wf", b.he((10, 16), gain=1.0).T.copy())], "fc",
+           outputs=["y"])
+    return b.model("wide", [_input("x", [1, 3, 16, 16])], ["y"])
+
+
+#: every map and weight at 4 bits, layer-based (`benchmarks/firmware_bench.py` W4A4), first
+#: without overlap (c1 is otherwise written above its input, row by row)
+W4A4 = ["--strategy", "qe", "--bits", "4", "--weights", "linear:4", "--patches", "none",
+        "--no-overlap"]
+
+
+@pytest.fixture(scope="module")
+def w4a4(tmp_path_factory) -> dict[str, Path]:
+    """name → plan of the wide model at W4A4 without overlap: "room" on the board's SRAM
+    budget, "tight" one byte below the SRAM the roomy plan needs (its bits fit, its grown slot
+    does not); "overlap" and "overlap_tight" the same with overlap."""
+    root = tmp_path_factory.mktemp("unpacked_slots")
+    onnx.save(_wide_model(), root / "wide.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(root / "calib.npz", x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    np.savez(root / "test.npz", x=rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    out = {"test": root / "test.npz"}
+    roomy = {"tight": "room", "overlap_tight": "overlap"}  # tight plan -> its roomy one
+    for name in ("room", "tight", "overlap", "overlap_tight"):
+        opts = W4A4 if name in ("room", "tight") else W4A4[:-1]  # with --overlap (default)
+        extra = [] if name not in roomy else [
+            "--sram", str(json.loads(out[roomy[name]].read_text())["predicted"]
+                          ["sram_needed_bytes"] - 1)]
+        out[name] = root / f"{name}.plan.json"
+        r = run_mpq("search", "wide.onnx", "--board", "nano33ble", "--data", "calib.npz",
+                    *opts, *extra, "-o", out[name], "-q", cwd=root)
+        assert r.returncode == 0, r.stderr
+    return out
+
+
+def _c1_need() -> int:
+    """mpq_conv2d_unpacked's scratch for c1 at 8-bit input and 4-bit linear weights."""
+    from mpq.codegen.packed import unpacked_scratch
+
+    graph = import_model(_wide_model())
+    c1 = next(n for n in graph.nodes if n.name == "c1")
+    shapes = [graph.tensors[t].shape for t in (c1.inputs[0], c1.outputs[0])]
+    return unpacked_scratch(c1, *shapes, 8, 4, True)
+
+
+def test_w4a4_plan_grows_the_first_conv_slot_within_the_budget(w4a4) -> None:
+    """With room, c1's slot holds the unpacked kernel's scratch (recorded in
+    `schedule.scratch.unpacked`) and the export runs it through mpq_conv2d_unpacked; one
+    byte less SRAM and the slot keeps its int8 size, c1 keeps mpq_conv2d, and the plan still
+    meets its budget. Either plan's predicted code counts the kernels its export picks."""
+    from mpq.budget import packed_padding_bytes
+    from mpq.codegen.export import render_export
+    from mpq.memory import code_bytes_estimate
+
+    need = _c1_need()
+    assert need == 32 * 27 + 2 * 27
+    room, tight = (json.loads(w4a4[k].read_text()) for k in ("room", "tight"))
+    for p in (room, tight):
+        assert p["predicted"]["sram_needed_bytes"] <= p["board"]["sram_budget"]
+    assert room["schedule"]["scratch"]["unpacked"] == ["c1"]
+    assert room["schedule"]["scratch"]["steps"]["c1"]["bytes"] == -(-need // 16) * 16
+    assert any("mpq_conv2d_unpacked's scratch" in n for n in room["notes"])
+    assert "unpacked" not in tight["schedule"]["scratch"]
+    assert tight["schedule"]["scratch"]["steps"]["c1"]["bytes"] < need
+    assert tight["predicted"]["arena_bytes"] < room["predicted"]["arena_bytes"]
+    assert tight["board"]["sram_budget"] == room["predicted"]["sram_needed_bytes"] - 1
+    calls = {}
+    for name, p in (("room", room), ("tight", tight)):
+        plan, _, graph = load_plan_with_model(w4a4[name])
+        layers = json.loads(render_export(plan, graph, "portable")["mpq_report.json"])["layers"]
+        calls[name] = next(x for x in layers if x["name"] == "c1")
+        # the predicted code is that of the kernels this export calls
+        packed = frozenset(x["name"] for x in layers if x.get("packed", {}).get("used"))
+        unpacked = frozenset(x["name"] for x in layers if x.get("unpacked", {}).get("used"))
+        assert p["predicted"]["code_bytes_estimate"] == code_bytes_estimate(
+            graph, "cortex-m4/fpv4-sp-d16", None, packed, unpacked=unpacked,
+            unpacked_exact=True) + packed_padding_bytes(graph, packed, lambda n: 4)
+    assert calls["room"]["call"] == "mpq_conv2d_unpacked"
+    assert calls["room"]["unpacked"] == {"used": True}
+    assert calls["tight"]["call"] == "mpq_conv2d" and not calls["tight"]["unpacked"]["used"]
+    assert "more than the plan's" in calls["tight"]["unpacked"]["reason"]
+
+
+def test_a_reversed_layer_gives_up_its_overlap_for_the_unpacked_kernel(w4a4) -> None:
+    """With overlap, c1 is written above its input row by row (one kernel call per row, the
+    weights decoded at each); with room its reverse overlap is dropped and its slot grown (one
+    call of mpq_conv2d_unpacked); one byte below that SRAM it keeps both its overlap and its
+    int8 slot."""
+    room, tight = (json.loads(w4a4[k].read_text()) for k in ("overlap", "overlap_tight"))
+    assert room["schedule"]["scratch"]["unpacked"] == ["c1"]
+    assert room["schedule"].get("overlap", {}).get("c1", 0) >= 0
+    assert "unpacked" not in tight["schedule"]["scratch"]
+    assert tight["schedule"]["overlap"]["c1"] < 0
+    assert tight["predicted"]["sram_needed_bytes"] <= tight["board"]["sram_budget"] \
+        < room["predicted"]["sram_needed_bytes"]
+
+
+@pytest.mark.parametrize("name", ["room", "tight", "overlap", "overlap_tight"])
+def test_w4a4_plans_are_byte_exact_on_the_host(w4a4, name) -> None:
+    r = run_mpq("verify", w4a4[name], "--data", w4a4["test"], "--target", "host",
+                "--samples", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["mismatches"] == 0 and result["samples"] == 2
+
+
+@needs_arm
+def test_w4a4_grown_slot_is_byte_exact_faster_and_measured_on_qemu_m4(w4a4) -> None:
+    """On qemu-m4 both plans match the integer reference byte for byte, the model's measured
+    `.data`/`.bss` is each plan's predicted arena, and the grown slot's plan (c1 on
+    mpq_conv2d_unpacked) runs fewer instructions than the tight one."""
+    results = {}
+    for name in ("room", "tight"):
+        r = run_mpq("verify", w4a4[name], "--data", w4a4["test"], "--target", "qemu-m4",
+                    "--samples", "1", "--json")
+        assert r.returncode == 0, r.stderr
+        results[name] = json.loads(r.stdout)
+        p = json.loads(w4a4[name].read_text())["predicted"]
+        assert results[name]["mismatches"] == 0
+        assert results[name]["model_sram_bytes"] == p["peak_sram_bytes"] == p["arena_bytes"]
+    assert results["room"]["instructions"] < results["tight"]["instructions"]
+
+
+def test_plan_check_refuses_a_tampered_grown_slot(w4a4, tmp_path: Path) -> None:
+    """The grown slot's bytes shrunk or grown, its offset moved onto a live tensor or off
+    alignment, the record of which slots grew dropped or naming a layer the unpacked kernel
+    does not run: one clear error each."""
+    def refused(edit) -> str:
+        data = json.loads(w4a4["room"].read_text())
+        edit(data["schedule"]["scratch"], data)
+        path = w4a4["room"].parent / f"tampered-{len(list(tmp_path.iterdir()))}.plan.json"
+        (tmp_path / path.name).write_text("")
+        path.write_text(json.dumps(data))
+        with pytest.raises(MpqError) as exc:
+            load_plan_with_model(path)
+        return str(exc.value)
+
+    load_plan_with_model(w4a4["room"])  # untouched, it checks
+    slot = json.loads(w4a4["room"].read_text())["schedule"]["scratch"]["steps"]["c1"]
+    for delta in (-16, 16):
+        err = refused(lambda s, d, k=delta: s["steps"]["c1"].update(bytes=slot["bytes"] + k))
+        assert "schedule.scratch.steps.c1.bytes: must be" in err
+    err = refused(lambda s, d: s.pop("unpacked"))
+    assert "schedule.scratch.steps.c1.bytes: must be" in err
+    out_off = next(t["offset"] for t in json.loads(w4a4["room"].read_text())["tensors"]
+                   if t["name"] == "r1_output_0")  # c1's output (its relu fused), alive then
+    err = refused(lambda s, d: s["steps"]["c1"].update(offset=out_off))
+    assert "schedule.scratch.steps.c1.offset" in err and "overlaps" in err
+    err = refused(lambda s, d: s["steps"]["c1"].update(offset=slot["offset"] + 16))
+    assert "schedule.scratch.steps.c1" in err
+    err = refused(lambda s, d: s.update(unpacked=["c1", "c2"]))
+    assert "schedule.scratch.unpacked[1]" in err and "mpq_conv2d_unpacked" in err
+    err = refused(lambda s, d: s.update(unpacked=["c1", "c1"]))
+    assert "schedule.scratch.unpacked: must be sorted" in err
+
+
+def test_grow_scratch_takes_the_layer_of_most_macs_first() -> None:
+    """`memory.grow_scratch`: when only one slot may grow (here the `accept` test allows one),
+    the layer of more MACs (c2, 8·8·16·288, against c1's 16·16·32·27) gets it; with room for
+    both, both; with an arena limit at the ungrown arena, none; a need the slot already holds
+    is no growth."""
+    from mpq.memory import grow_scratch
+
+    graph = import_model(_wide_model())
+    sched = plan_patches(graph, None, "arena", False, "arena")
+    bits = {t: 4 for t in graph.tensors} | {"x": 8}
+    buffers, inplace, _ = sched._buffers(bits, True)
+
+    def arena(grown):
+        return sched.memory(bits, grown=grown).arena_bytes
+
+    needs = {"c1": 4096, "c2": 4096}
+    base = arena({})
+    assert base < min(arena({"c1": 4096}), arena({"c2": 4096}))
+
+    def grow(limit, accept=None, want=needs):
+        return grow_scratch(graph, buffers, inplace, sched.fused_adds, bits, want, limit,
+                            accept)
+
+    assert grow(1 << 20, lambda grown, size: len(grown) == 1) == {"c2": 4096}
+    assert grow(1 << 20, lambda grown, size: "c2" not in grown) == {"c1": 4096}
+    assert grow(arena(needs)) == needs
+    assert grow(base) == {}
+    assert grow(1 << 20, want={"c2": 16}) == {}  # c2's int8 slot already holds 16 B
+
+
+def test_stack_bound_counts_the_sub_byte_kernels_frames(monkeypatch) -> None:
+    """`budget.predicted_stack_bytes` bounds every kernel a conv may take: with a table where
+    mpq_conv2d_unpacked's frame is the deepest, a model of one regular conv counts it."""
+    from mpq import budget
+
+    graph = import_model(_wide_model())
+    families = {"conv2d": 100, "conv2d_unpacked": 900, "packed_conv2d": 300, "maxpool": 10,
+                "avgpool": 10, "fully_connected": 50, "packed_fully_connected": 60}
+    monkeypatch.setattr(budget, "_cpu_entry",
+                        lambda cpu: {"stack": {"run": 7, "families": families}})
+    assert budget.predicted_stack_bytes(graph) == 7 + 900
+    families["conv2d_unpacked"] = 1
+    assert budget.predicted_stack_bytes(graph) == 7 + 300

@@ -515,7 +515,8 @@ class _Builder:
 
     def _scratch_available(self, node: Node) -> int:
         """The scratch the plan already reserves for `node`: its own arena slot when the
-        scratch is planned in the arena (`schedule.scratch`), else the plan's one separate
+        scratch is planned in the arena (`schedule.scratch`; sized for mpq_conv2d_unpacked
+        where the search had room, `schedule.scratch.unpacked`), else the plan's one separate
         scratch."""
         if self.scratch_arena:
             return self.slots[node.name][1] if node.name in self.slots else 0

@@ -135,8 +135,9 @@ def unpack_choice(node: Any, in_bits: int, weight_bits: int, fused: bool, inplac
     """None when the export runs this layer through `mpq_conv2d_unpacked` (sub-byte weights
     decoded to int8 once per call, sub-byte inputs unpacked into int8 columns, then
     mpq_conv2d's int8 SMLAD path), else why not. The bound: its scratch `need`
-    (`unpacked_scratch`) must fit in the scratch the plan already reserves (`available`, its
-    int8 kernel scratch model), so the plan's SRAM figure stays true with no extra byte."""
+    (`unpacked_scratch`) must fit in the scratch the plan reserves (`available`: its arena
+    slot — grown for this kernel where the budget had room, `memory.grow_scratch` — or the one
+    separate scratch), so the plan's SRAM figure stays true with no extra byte."""
     why = unpack_eligible(node, in_bits, weight_bits, fused, inplace, linear)
     if why is not None:
         return why

@@ -32,12 +32,14 @@ from mpq.budget import (
     predicted_stack_bytes,
     stage_branch_flash,
     unpacked_layers,
+    unpacked_needs,
 )
 from mpq.errors import MpqError
 from mpq.interpreter import to_ir_layout
 from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.latency import search_prediction
 from mpq.memory import (
+    SCRATCH_PREFIX,
     align_up,
     code_bytes_estimate,
     constant_flash_bytes,
@@ -579,6 +581,15 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         say(f"VDPC: outlier rates of {vdpc_result.samples} samples")
 
     memory = schedule.memory(act_bits)
+    # The SRAM and Flash the bits left over buy speed: slots for mpq_conv2d_unpacked
+    before = memory.arena_bytes
+    schedule, grown = speed_slots(graph, board, schedule, qm, act_bits, input_bytes,
+                                  sram_total - input_bytes - memory.scratch_bytes,
+                                  flash_total - problem.flash_bytes(solution.choice))
+    if grown:
+        memory = schedule.memory(act_bits, grown=grown)
+        notes.append(f"scratch: {len(grown)} layer(s) given mpq_conv2d_unpacked's scratch "
+                     f"within the SRAM budget (arena {before:,} -> {memory.arena_bytes:,} B)")
     ranges8 = {t: range_of(t, 8)
                for t in graph.tensors}
     if ptq_choice is not None and ptq_choice.fitted is not None:
@@ -587,7 +598,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     plan = assemble_plan(model_path, graph, board, opts_eff, schedule, qm, outlier_qm, ranges8,
                          stage_tensors, act_bits, w_bits, memory, input_bytes, problem,
                          solution, objective_solver, vdpc_result, sram_total, flash_total,
-                         notes + [f"QBR: {line}" for line in qbr_log])
+                         notes + [f"QBR: {line}" for line in qbr_log], grown)
     if order_choice is not None:
         plan.search["order"] = order_choice.to_dict()
     regions = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, input_bytes)
@@ -1036,14 +1047,109 @@ def scratch_available(schedule_info: dict, separate: int) -> Callable[[Any], int
     return lambda n: slots[n.name]["bytes"] if n.name in slots else 0
 
 
+def _weights_of(qm: QuantModel) -> Callable[[Any], tuple[int, bool]]:
+    """node → (weight bits, linear?) of a quantised model (what the export's kernel choice
+    reads: `codegen.export._Builder`)."""
+    def weights(n: Any) -> tuple[int, bool]:
+        lq = qm.layers[n.name]
+        return lq.weight_bits, storage(lq.weight_scheme, lq.weight_bits)[0] == 0
+    return weights
+
+
+def plan_code_bytes(graph: Graph, board: Board, shape: Any, qm: QuantModel,
+                    packed: frozenset[str], available: Callable[[Any], int]) -> int:
+    """`predicted.code_bytes_estimate`: the code of the kernels the export picks — the
+    `packed` layers on the packed sub-byte kernels, those whose unpacked operands fit the
+    scratch `available(node)` on mpq_conv2d_unpacked — and the packed rows' padding."""
+    weights = _weights_of(qm)
+    return code_bytes_estimate(
+        graph, board_cpu(board), shape, packed,
+        unpacked=unpacked_layers(graph, shape, lambda t: qm.acts[t].bits, weights, available),
+        unpacked_exact=True) \
+        + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits)
+
+
+def speed_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: QuantModel,
+                act_bits: dict[str, int], io_bytes: int, arena_limit: int, code_limit: int
+                ) -> tuple[PatchSchedule, dict[str, int]]:
+    """(schedule, grown slots) once the bits are chosen: `unpacked_slots` on `schedule`, then
+    for each layer it left out because it is written above its input row by row (most MACs
+    first), the schedule without that reverse overlap when there its slot grows too, and
+    every slot grown before still does — the overlap saved arena bytes the budget no longer
+    needs, and the layer then runs mpq_conv2d_unpacked in one call. Same limits as
+    `unpacked_slots`; the arena keeps the region the search's plan had."""
+    memory = schedule.memory(act_bits)
+    region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
+    grown = unpacked_slots(graph, board, schedule, qm, act_bits, memory, io_bytes,
+                           arena_limit, code_limit, region)
+    if not schedule.scratch_in_arena:
+        return schedule, grown
+    fused_convs = {conv for conv, _ in schedule.fused_adds.values()}
+    by_name = {n.name: n for n in graph.nodes}
+    rows = [n for n in unpacked_needs(graph, board.core, lambda t: qm.acts[t].bits,
+                                      _weights_of(qm), memory.inplace, fused_convs)
+            if memory.overlap.get(n, 0) < 0]
+    for name in sorted(rows, key=lambda m: -node_macs(by_name[m], graph)):
+        trial = replace(schedule, overlap_reverse=schedule.overlap_reverse - {name})
+        trial_memory = trial.memory(act_bits)
+        if trial_memory.arena_bytes > arena_limit:
+            continue
+        trial_grown = unpacked_slots(graph, board, trial, qm, act_bits, trial_memory,
+                                     io_bytes, arena_limit, code_limit, region)
+        if name in trial_grown and set(grown) <= set(trial_grown):
+            schedule, grown = trial, trial_grown
+    return schedule, grown
+
+
+def unpacked_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: QuantModel,
+                   act_bits: dict[str, int], memory: Any, io_bytes: int, arena_limit: int,
+                   code_limit: int, region: Any = None) -> dict[str, int]:
+    """node → bytes of the slots grown for mpq_conv2d_unpacked once the bits are chosen
+    (`memory.grow_scratch` over `budget.unpacked_needs`, but for layers run row by row;
+    layer-based, scratch in the arena): each kept while the arena stays within `arena_limit`
+    (the SRAM budget less what lies beside the arena), in the data region it had
+    (`regions.place_buffers`: a larger arena must not move out of a faster memory;
+    `region`: the placement to keep, by default this memory's) and the
+    code the export then links (`plan_code_bytes`) within `code_limit` (the Flash budget less
+    the parameters).
+    `io_bytes`: the SRAM beside the arena (the caller's buffers and the stack)."""
+    if not schedule.scratch_in_arena:
+        return {}
+    weights = _weights_of(qm)
+    fused_convs = {conv for conv, _ in schedule.fused_adds.values()}
+    needs = unpacked_needs(graph, board.core, lambda t: qm.acts[t].bits, weights,
+                           memory.inplace, fused_convs)
+    # A layer written above its input runs one kernel call per output row
+    # (`memory.reverse_overlap_shift`), and mpq_conv2d_unpacked decodes the weights at every
+    # call: KWS's first conv, 25 rows of 64×40 4-bit weights, took 2.85 M instructions so
+    # against 1.95 M on mpq_conv2d (qemu-m4). Such layers keep their slot.
+    needs = {n: b for n, b in needs.items() if memory.overlap.get(n, 0) >= 0}
+    base = {b.name[len(SCRATCH_PREFIX):]: b.size for b in memory.plan.buffers
+            if b.name.startswith(SCRATCH_PREFIX)}
+    packed = packed_layers(graph, board.core, None, lambda t: qm.acts[t].bits, weights)
+
+    if region is None:
+        region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
+
+    def fits(grown: dict[str, int], arena: int) -> bool:
+        def available(n: Any) -> int:
+            return max(base.get(n.name, 0), align_up(grown.get(n.name, 0)))
+        return place_buffers(board, arena, memory.scratch_bytes, io_bytes) == region \
+            and plan_code_bytes(graph, board, None, qm, packed, available) <= code_limit
+
+    return schedule.grow_scratch(act_bits, needs, arena_limit, fits)
+
+
 def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOptions,
                   schedule: PatchSchedule, qm: QuantModel, outlier_qm: QuantModel | None,
                   ranges8: dict[str, tuple[float, float]], stage_tensors: set[str],
                   act_bits: dict[str, int], w_bits: dict[str, int],
                   memory, input_bytes: int, problem: Problem, solution: Solution,
                   objective_solver: float, vdpc: VdpcResult | None, sram_total: int,
-                  flash_total: int, notes: list[str]) -> Plan:
-    """Everything the later stages need, in the plan's JSON shape (DESIGN §1)."""
+                  flash_total: int, notes: list[str],
+                  grown: dict[str, int] | None = None) -> Plan:
+    """Everything the later stages need, in the plan's JSON shape (DESIGN §1); `grown`: the
+    slots `unpacked_slots` grew (recorded in `schedule.scratch.unpacked`)."""
     offsets = memory.plan.tensor_offsets()
     tensors = []
     for name in graph.tensors:
@@ -1101,7 +1207,7 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
     if memory.overlap:  # outputs written inside their inputs (`memory.overlap_shift`)
         schedule_info["overlap"] = dict(sorted(memory.overlap.items()))
     if schedule.scratch_in_arena:  # each layer's scratch in the arena (`memory.scratch_buffers`)
-        schedule_info["scratch"] = scratch_record(memory.plan)
+        schedule_info["scratch"] = scratch_record(memory.plan, grown or ())
     if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
         schedule_info["order"] = [n.name for n in graph.nodes]
     predicted = {
@@ -1114,15 +1220,9 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         "stack_bytes": stack,
         "sram_needed_bytes": memory.peak_sram_bytes + input_bytes,  # + in, out and stack
         "flash_bytes": flash,
-        "code_bytes_estimate": code_bytes_estimate(
-            graph, board_cpu(board), shape, packed,
-            unpacked=unpacked_layers(
-                graph, shape, lambda t: qm.acts[t].bits,
-                lambda n: (qm.layers[n.name].weight_bits,
-                           storage(qm.layers[n.name].weight_scheme,
-                                   qm.layers[n.name].weight_bits)[0] == 0),
-                scratch_available(schedule_info, memory.scratch_bytes)))
-        + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits),
+        "code_bytes_estimate": plan_code_bytes(
+            graph, board, shape, qm, packed,
+            scratch_available(schedule_info, memory.scratch_bytes)),
         "macs": schedule.total_macs + schedule.redundant_macs,
         "bitops": total_bitops + stage_extra["mixed"],
         "bitops_int8": int(sum(bitops8.values())) + stage_extra["int8"],
