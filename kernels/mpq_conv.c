@@ -351,6 +351,9 @@ struct mpq__conv_ctx {
     int32_t cols8; /* mpq__conv's cols8: sub-byte inputs unpacked into int8 columns */
     /* Every channel's requantisation takes mpq__requantize's 32-bit path (mpq__requantize32). */
     int32_t fast;
+    /* Every channel's shift is in [-30, 31] with M >= 0: mpq__conv_s8's 32-bit requantisation,
+       a left shift applied to the accumulator first (mpq__out2_s8). */
+    int32_t fast_s8;
     int32_t add_fast; /* mpq__add_fast_ok(add) */
 };
 
@@ -911,13 +914,33 @@ static MPQ_INLINE int32_t mpq__round_shift(int32_t h, int32_t sm1)
     return mpq__asr32(q, 1) + (q & 1);
 }
 
+/* c, telling the compiler that it is rarely true: the code for it is laid out of the way. */
+#if defined(__GNUC__)
+#define MPQ_UNLIKELY(c) __builtin_expect((c) != 0, 0)
+#else
+#define MPQ_UNLIKELY(c) (c)
+#endif
+
+/* hi of mpq__requantize32: floor((acc * m + 2^30) / 2^31), acc as int32. */
+static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
+{
+    return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+}
+
 /* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
-   shifts are all in [-30, 0]), then mpq__clamp_add; the shift's constant worked out once. */
+   shifts are all in [-30, 31], M >= 0), then mpq__clamp_add; the shift's constant worked out
+   once. A left shift sh > 0 is applied to the accumulators first (the reference's int32
+   x = acc << S, wrapping), leaving a right shift of 0, as mpq__requantize does. */
 static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
                                     int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
 {
-    int32_t ra = (int32_t)mpq__asr64((int64_t)mpq__i32(a) * m + (INT64_C(1) << 30), 31);
-    int32_t rb = (int32_t)mpq__asr64((int64_t)mpq__i32(b) * m + (INT64_C(1) << 30), 31);
+    int32_t ra, rb;
+    if (MPQ_UNLIKELY(sh > 0)) {
+        a <<= sh;
+        b <<= sh;
+    }
+    ra = mpq__mulhi(a, m);
+    rb = mpq__mulhi(b, m);
     if (sh < 0) {
         ra = mpq__round_shift(ra, -sh - 1);
         rb = mpq__round_shift(rb, -sh - 1);
@@ -959,7 +982,7 @@ static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, in
     }
 }
 
-/* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 0]:
+/* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 31]:
    the output pixels in pairs (row-major, a pair may span two rows), each pair against the
    weight rows in pairs (mpq__block22). A 1x1 unit-stride unpadded convolution reads the input
    in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
@@ -1069,7 +1092,7 @@ static MPQ_NOINLINE void mpq__conv_s8_add_sub(const mpq__conv_ctx *c, int8_t *sc
 
 /* Does the call take mpq__conv_s8: 8-bit linear weights and inputs (or int8 columns, cols8),
    outputs of any bits (4-/2-bit ones merged element by element: mpq__conv_s8_sub and
-   mpq__conv_s8_add_sub), one group, the 32-bit requantisation, and a fused add whose skip is
+   mpq__conv_s8_add_sub), one group, the 32-bit requantisation (fast_s8), and a fused add whose skip is
    either apart from the output or the very same elements (the pair order then still reads each
    skip element just before its sum overwrites it; a sub-byte store keeps the byte's other
    elements)? */
@@ -1077,7 +1100,7 @@ static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
     if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
-        || (c->in->bits != 8 && !c->cols8) || c->p->groups != 1 || !c->fast) {
+        || (c->in->bits != 8 && !c->cols8) || c->p->groups != 1 || !c->fast_s8) {
         return 0;
     }
     return c->add == NULL || sk->data != out->data
@@ -1121,9 +1144,17 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     c.quads = NULL;
     c.tquads = NULL;
     c.tab = t;
-    c.fast = 1;
-    for (o = 0; o < f->n && c.fast; ++o) {
-        c.fast = q->shift[o] <= 0 && q->shift[o] >= -30 && q->multiplier[o] >= 0;
+    c.fast_s8 = 1;
+    c.fast = 1; /* and no left shift */
+    for (o = 0; o < f->n; ++o) {
+        const int32_t s = q->shift[o];
+        if (s > 31 || s < -30 || q->multiplier[o] < 0) {
+            c.fast_s8 = c.fast = 0;
+            break;
+        }
+        if (s > 0) {
+            c.fast = 0;
+        }
     }
     if (f->bits == 8 && c.fast && add == NULL && out->bits == 8) {
         c.group = !direct ? mpq__group_col_w8_s
