@@ -357,11 +357,24 @@ struct mpq__conv_ctx {
     int32_t add_fast; /* mpq__add_fast_ok(add) */
 };
 
-/* mpq__output out of line, for the group loops' rare general case. */
-static MPQ_NOINLINE int32_t mpq__output_call(uint32_t acc, int32_t multiplier, int32_t shift,
-                                             int32_t zp, int32_t lo, int32_t hi)
+/* c, telling the compiler that it is rarely true: the code for it is laid out of the way. */
+#if defined(__GNUC__)
+#define MPQ_UNLIKELY(c) __builtin_expect((c) != 0, 0)
+#else
+#define MPQ_UNLIKELY(c) (c)
+#endif
+
+/* hi of mpq__requantize32: floor((acc * m + 2^30) / 2^31), acc as int32. */
+static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
 {
-    return mpq__output(acc, multiplier, shift, zp, lo, hi);
+    return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+}
+
+/* mpq__requantize out of line, for the group loops' rare general case (a left shift: 2-bit
+   weights; its three arguments travel in registers). */
+static MPQ_NOINLINE int32_t mpq__requantize_call(uint32_t acc, int32_t multiplier, int32_t shift)
+{
+    return mpq__requantize(mpq__i32(acc), multiplier, shift);
 }
 
 /* The output stage of one group's run of channels, copied out of the call's structures so that
@@ -461,7 +474,7 @@ static MPQ_INLINE void mpq__emit_end(mpq__emitter *e)
 
 /* Output channel o's value from its accumulator (mpq__output; plus the fused add with skip
    element ks + o), stored as element ko + o - the next of the run. `simple` (a constant): an
-   8-bit output without add whose requantisation is mpq__requantize32. */
+   8-bit output without add whose requantisation is mpq__requantize32 (no left shift). */
 static MPQ_INLINE void mpq__emit(mpq__emitter *e, int32_t o, uint32_t acc, uint32_t ko,
                                  const int simple)
 {
@@ -475,7 +488,8 @@ static MPQ_INLINE void mpq__emit(mpq__emitter *e, int32_t o, uint32_t acc, uint3
         const int32_t r = mpq__requantize32(mpq__i32(acc), e->mult[o], e->shift[o]);
         v = mpq__clamp_add(r, e->zp, e->lo, e->hi);
     } else {
-        v = mpq__output_call(acc, e->mult[o], e->shift[o], e->zp, e->lo, e->hi);
+        v = mpq__clamp_add(mpq__requantize_call(acc, e->mult[o], e->shift[o]), e->zp, e->lo,
+                           e->hi);
     }
     if (e->add != NULL) {
         v = mpq__emit_add(e->add, e->add_fast, e->skip, e->skip_bits, e->ks + (uint32_t)o, v);
@@ -912,19 +926,6 @@ static MPQ_INLINE int32_t mpq__round_shift(int32_t h, int32_t sm1)
 {
     const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
     return mpq__asr32(q, 1) + (q & 1);
-}
-
-/* c, telling the compiler that it is rarely true: the code for it is laid out of the way. */
-#if defined(__GNUC__)
-#define MPQ_UNLIKELY(c) __builtin_expect((c) != 0, 0)
-#else
-#define MPQ_UNLIKELY(c) (c)
-#endif
-
-/* hi of mpq__requantize32: floor((acc * m + 2^30) / 2^31), acc as int32. */
-static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
-{
-    return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
 }
 
 /* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
