@@ -349,7 +349,7 @@ struct mpq__conv_ctx {
     const mpq__wtab *tab;  /* a tabled filter's tables, else NULL */
     int32_t direct, klen, cout_g, z;
     int32_t cols8; /* mpq__conv's cols8: sub-byte inputs unpacked into int8 columns */
-    /* Every channel's requantisation takes mpq__requantize's 32-bit path (mpq__requantize32). */
+    /* Every channel's shift is in [-30, 0] with M >= 0: mpq__requantize32 with no left shift. */
     int32_t fast;
     /* Every channel's shift is in [-30, 31] with M >= 0: mpq__conv_s8's 32-bit requantisation,
        a left shift applied to the accumulator first (mpq__out2_s8). */
@@ -370,8 +370,8 @@ static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
     return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
 }
 
-/* mpq__requantize out of line, for the group loops' rare general case (a left shift: 2-bit
-   weights; its three arguments travel in registers). */
+/* mpq__requantize out of line, for the group loops' rare general case (a left shift, as 2-bit
+   weights give: its 32-bit path too); three arguments, all passed in registers. */
 static MPQ_NOINLINE int32_t mpq__requantize_call(uint32_t acc, int32_t multiplier, int32_t shift)
 {
     return mpq__requantize(mpq__i32(acc), multiplier, shift);
@@ -1093,10 +1093,10 @@ static MPQ_NOINLINE void mpq__conv_s8_add_sub(const mpq__conv_ctx *c, int8_t *sc
 
 /* Does the call take mpq__conv_s8: 8-bit linear weights and inputs (or int8 columns, cols8),
    outputs of any bits (4-/2-bit ones merged element by element: mpq__conv_s8_sub and
-   mpq__conv_s8_add_sub), one group, the 32-bit requantisation (fast_s8), and a fused add whose skip is
-   either apart from the output or the very same elements (the pair order then still reads each
-   skip element just before its sum overwrites it; a sub-byte store keeps the byte's other
-   elements)? */
+   mpq__conv_s8_add_sub), one group, the 32-bit requantisation (fast_s8), and a fused add whose
+   skip is either apart from the output or the very same elements (the pair order then still
+   reads each skip element just before its sum overwrites it; a sub-byte store keeps the byte's
+   other elements)? */
 static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
