@@ -349,16 +349,32 @@ struct mpq__conv_ctx {
     const mpq__wtab *tab;  /* a tabled filter's tables, else NULL */
     int32_t direct, klen, cout_g, z;
     int32_t cols8; /* mpq__conv's cols8: sub-byte inputs unpacked into int8 columns */
-    /* Every channel's requantisation takes mpq__requantize's 32-bit path (mpq__requantize32). */
+    /* Every channel's shift is in [-30, 0] with M >= 0: mpq__requantize32 with no left shift. */
     int32_t fast;
+    /* Every channel's shift is in [-30, 31] with M >= 0: mpq__conv_s8's 32-bit requantisation,
+       a left shift applied to the accumulator first (mpq__out2_s8). */
+    int32_t fast_s8;
     int32_t add_fast; /* mpq__add_fast_ok(add) */
 };
 
-/* mpq__output out of line, for the group loops' rare general case. */
-static MPQ_NOINLINE int32_t mpq__output_call(uint32_t acc, int32_t multiplier, int32_t shift,
-                                             int32_t zp, int32_t lo, int32_t hi)
+/* c, telling the compiler that it is rarely true: the code for it is laid out of the way. */
+#if defined(__GNUC__)
+#define MPQ_UNLIKELY(c) __builtin_expect((c) != 0, 0)
+#else
+#define MPQ_UNLIKELY(c) (c)
+#endif
+
+/* hi of mpq__requantize32: floor((acc * m + 2^30) / 2^31), acc as int32. */
+static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
 {
-    return mpq__output(acc, multiplier, shift, zp, lo, hi);
+    return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+}
+
+/* mpq__requantize out of line, for the group loops' rare general case (a left shift, as 2-bit
+   weights give: its 32-bit path too); three arguments, all passed in registers. */
+static MPQ_NOINLINE int32_t mpq__requantize_call(uint32_t acc, int32_t multiplier, int32_t shift)
+{
+    return mpq__requantize(mpq__i32(acc), multiplier, shift);
 }
 
 /* The output stage of one group's run of channels, copied out of the call's structures so that
@@ -458,7 +474,7 @@ static MPQ_INLINE void mpq__emit_end(mpq__emitter *e)
 
 /* Output channel o's value from its accumulator (mpq__output; plus the fused add with skip
    element ks + o), stored as element ko + o - the next of the run. `simple` (a constant): an
-   8-bit output without add whose requantisation is mpq__requantize32. */
+   8-bit output without add whose requantisation is mpq__requantize32 (no left shift). */
 static MPQ_INLINE void mpq__emit(mpq__emitter *e, int32_t o, uint32_t acc, uint32_t ko,
                                  const int simple)
 {
@@ -472,7 +488,8 @@ static MPQ_INLINE void mpq__emit(mpq__emitter *e, int32_t o, uint32_t acc, uint3
         const int32_t r = mpq__requantize32(mpq__i32(acc), e->mult[o], e->shift[o]);
         v = mpq__clamp_add(r, e->zp, e->lo, e->hi);
     } else {
-        v = mpq__output_call(acc, e->mult[o], e->shift[o], e->zp, e->lo, e->hi);
+        v = mpq__clamp_add(mpq__requantize_call(acc, e->mult[o], e->shift[o]), e->zp, e->lo,
+                           e->hi);
     }
     if (e->add != NULL) {
         v = mpq__emit_add(e->add, e->add_fast, e->skip, e->skip_bits, e->ks + (uint32_t)o, v);
@@ -912,12 +929,19 @@ static MPQ_INLINE int32_t mpq__round_shift(int32_t h, int32_t sm1)
 }
 
 /* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
-   shifts are all in [-30, 0]), then mpq__clamp_add; the shift's constant worked out once. */
+   shifts are all in [-30, 31], M >= 0), then mpq__clamp_add; the shift's constant worked out
+   once. A left shift sh > 0 is applied to the accumulators first (the reference's int32
+   x = acc << S, wrapping), leaving a right shift of 0, as mpq__requantize does. */
 static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
                                     int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
 {
-    int32_t ra = (int32_t)mpq__asr64((int64_t)mpq__i32(a) * m + (INT64_C(1) << 30), 31);
-    int32_t rb = (int32_t)mpq__asr64((int64_t)mpq__i32(b) * m + (INT64_C(1) << 30), 31);
+    int32_t ra, rb;
+    if (MPQ_UNLIKELY(sh > 0)) {
+        a <<= sh;
+        b <<= sh;
+    }
+    ra = mpq__mulhi(a, m);
+    rb = mpq__mulhi(b, m);
     if (sh < 0) {
         ra = mpq__round_shift(ra, -sh - 1);
         rb = mpq__round_shift(rb, -sh - 1);
@@ -959,7 +983,7 @@ static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, in
     }
 }
 
-/* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 0]:
+/* mpq__conv for 8-bit inputs, weights and outputs, groups = 1 and every shift in [-30, 31]:
    the output pixels in pairs (row-major, a pair may span two rows), each pair against the
    weight rows in pairs (mpq__block22). A 1x1 unit-stride unpadded convolution reads the input
    in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
@@ -1069,15 +1093,15 @@ static MPQ_NOINLINE void mpq__conv_s8_add_sub(const mpq__conv_ctx *c, int8_t *sc
 
 /* Does the call take mpq__conv_s8: 8-bit linear weights and inputs (or int8 columns, cols8),
    outputs of any bits (4-/2-bit ones merged element by element: mpq__conv_s8_sub and
-   mpq__conv_s8_add_sub), one group, the 32-bit requantisation, and a fused add whose skip is
-   either apart from the output or the very same elements (the pair order then still reads each
-   skip element just before its sum overwrites it; a sub-byte store keeps the byte's other
-   elements)? */
+   mpq__conv_s8_add_sub), one group, the 32-bit requantisation (fast_s8), and a fused add whose
+   skip is either apart from the output or the very same elements (the pair order then still
+   reads each skip element just before its sum overwrites it; a sub-byte store keeps the byte's
+   other elements)? */
 static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
 {
     const mpq_view *out = c->out, *sk = c->skip;
     if (c->f->bits != 8 || c->f->format != MPQ_WFMT_LINEAR || c->tab != NULL
-        || (c->in->bits != 8 && !c->cols8) || c->p->groups != 1 || !c->fast) {
+        || (c->in->bits != 8 && !c->cols8) || c->p->groups != 1 || !c->fast_s8) {
         return 0;
     }
     return c->add == NULL || sk->data != out->data
@@ -1121,9 +1145,17 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     c.quads = NULL;
     c.tquads = NULL;
     c.tab = t;
-    c.fast = 1;
-    for (o = 0; o < f->n && c.fast; ++o) {
-        c.fast = q->shift[o] <= 0 && q->shift[o] >= -30 && q->multiplier[o] >= 0;
+    c.fast_s8 = 1;
+    c.fast = 1; /* and no left shift */
+    for (o = 0; o < f->n; ++o) {
+        const int32_t s = q->shift[o];
+        if (s > 31 || s < -30 || q->multiplier[o] < 0) {
+            c.fast_s8 = c.fast = 0;
+            break;
+        }
+        if (s > 0) {
+            c.fast = 0;
+        }
     }
     if (f->bits == 8 && c.fast && add == NULL && out->bits == 8) {
         c.group = !direct ? mpq__group_col_w8_s

@@ -5,8 +5,8 @@
  */
 #include "mpq_support.h"
 
-/* mpq__requantize for the cases its inline part leaves: a left shift, a right shift above 30
-   or a negative multiplier (64-bit rounding). */
+/* mpq__requantize for the cases its inline part leaves: a left shift above 31, a right shift
+   above 30 or a negative multiplier (64-bit rounding); total over all (M, S). */
 MPQ_NOINLINE int32_t mpq__requantize_wide(int32_t acc, int32_t multiplier, int32_t shift)
 {
     const int32_t left = shift > 0 ? shift : 0;

@@ -68,8 +68,8 @@ static inline int64_t mpq__rdivpot(int64_t x, int32_t e)
 #define MPQ_NOINLINE
 #endif
 
-/* mpq__requantize for the cases its inline part leaves: a left shift, a right shift above 30
-   or a negative multiplier (64-bit rounding). In mpq_support.c. */
+/* mpq__requantize for the cases its inline part leaves: a left shift above 31, a right shift
+   above 30 or a negative multiplier (64-bit rounding). In mpq_support.c. */
 int32_t mpq__requantize_wide(int32_t acc, int32_t multiplier, int32_t shift);
 
 /* arm_nn_requantize / TFLite MultiplyByQuantizedMultiplier, double rounding (DESIGN sec. 4.1;
@@ -87,11 +87,17 @@ static inline int32_t mpq__requantize32(int32_t acc, int32_t multiplier, int32_t
     return mpq__asr32(h, -shift) + ((int32_t)((uint32_t)h & mask) > threshold ? 1 : 0);
 }
 
-/* The requantisation of any (M, S): mpq__requantize32 when -30 <= S <= 0 and M >= 0. */
+/* The requantisation of any (M, S): mpq__requantize32 when -30 <= S <= 0 and M >= 0, and for a
+   left shift 1 <= S <= 31 with M >= 0 (2-bit and some 4-bit weights give them) too, as
+   mpq__requantize32(acc << S wrapped to int32, M, 0): x*M/2^31 fits int32 for |x| <= 2^31,
+   M < 2^31, and a right shift of 0 rounds nothing. The common case is tested first. */
 static inline int32_t mpq__requantize(int32_t acc, int32_t multiplier, int32_t shift)
 {
     if (shift <= 0 && shift >= -30 && multiplier >= 0) {
         return mpq__requantize32(acc, multiplier, shift);
+    }
+    if (shift > 0 && shift <= 31 && multiplier >= 0) {
+        return mpq__requantize32(mpq__i32((uint32_t)acc << shift), multiplier, 0);
     }
     return mpq__requantize_wide(acc, multiplier, shift);
 }

@@ -203,6 +203,48 @@ def test_conv2d_random(libs: list[ck.Kernels]) -> None:
     assert positive_shift >= scaled(20) and direct >= scaled(40)
 
 
+def test_conv2d_int8_left_shifts(libs: list[ck.Kernels]) -> None:
+    """int8 convolutions (8-bit inputs and linear weights, one group: mpq_conv2d's 2x2 SMLAD
+    path) whose channels mix left shifts S in 1..31 with right shifts in [-30, 0] and S = 0, as
+    2- and 4-bit weights give; the left-shifted channels stay on that path (acc << S, wrapping,
+    then the 32-bit requantisation). Outputs of every bits, against the integer reference."""
+    n = bad = i = 0
+    while n < scaled(200):
+        i += 1
+        assert i <= 3 * scaled(200), "too few usable random layers"
+        rng = np.random.default_rng(700000 + i)
+        bo = BITS[i % len(BITS)]
+        c = rand_conv(rng, ("conv", "pointwise")[i % 2], 8, bo, (ck.WFMT_LINEAR, 8))
+        if c is None or c["groups"] != 1:
+            continue
+        node = conv_node(c, *rand_clamp(rng, c["a_out"]))
+        qm = single_node_model(node, {"x": (1, c["h"], c["w"], c["cin"]),
+                                      "y": (1, c["ho"], c["wo"], c["cout"])},
+                               {"x": c["a_in"], "y": c["a_out"]}, weight=c["weight"],
+                               weight_scale=c["wscale"], weight_bits=8, bias=c["bias"])
+        lq = qm.layers["conv"]
+        cout = c["cout"]
+        # small left shifts mostly (large ones wrap acc << S almost always), now and then 31
+        shift = rng.integers(-3, 6, cout)
+        shift[rng.random(cout) < 0.1] = 31
+        shift[rng.random(cout) < 0.1] = -30
+        shift[int(rng.integers(0, cout))] = int(rng.integers(1, 32))
+        lq.shift = shift.astype(np.int64)
+        lq.multiplier = rng.integers(1 << 30, 1 << 31, cout).astype(np.int64)
+        x = rand_values(rng, 8, (c["h"], c["w"], c["cin"]))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        s_in, v_in = placed(rng, x, 8)
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
+        p = conv_params(c, lq, c["a_out"].zero_point)
+        for lib in libs:
+            s_out.restore()
+            assert lib.conv2d(p, c["codes"], None, c["bias"], lq.multiplier, lq.shift, v_in,
+                              v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+        n += 1
+    assert bad == 0, (n, bad)
+
+
 def test_requantize_extremes(libs: list[ck.Kernels]) -> None:
     """acc = bias over the whole int32 range with S in [−31, 31]: the int32 wrap of acc << S,
     both roundings and the int64 zero-point add, against `arith.requantize`."""
