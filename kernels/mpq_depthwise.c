@@ -1,4 +1,5 @@
-/* mpq_depthwise.c: mpq_depthwise_inplace and its scratch size.
+/* mpq_depthwise.c: mpq_depthwise_inplace, its channel-group form for 4- and 2-bit tensors
+ * (mpq_depthwise_inplace_grouped) and their scratch size.
  *
  * Part of mpq's portable kernel library (API and formulas: mpq_kernels.h; shared helpers:
  * mpq_support.h).
@@ -407,9 +408,9 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
     }
 }
 
-/* mpq_depthwise_inplace for 4- and 2-bit input and output with a channel count that fills
-   whole bytes (C a multiple of 8/bits) and decodable weights of at most MPQ_DW_TAPS taps:
-   channels in groups (pairs at 4 bits, quads at 2) that share every byte of the tensor. The
+/* The work of mpq_depthwise_inplace_grouped: 4- and 2-bit input and output with a channel
+   count that fills whole bytes (C a multiple of 8/bits) and decodable weights of at most
+   MPQ_DW_TAPS taps: channels in groups (pairs at 4 bits, quads at 2) that share every byte of the tensor. The
    group's padded input plane is saved as those raw bytes (one byte per pixel: the scratch of
    one 8-bit channel), then each pair of channels is computed from it (mpq__dw_pass); output
    bytes hold the group's results and are written over input bytes of the same group, already
@@ -466,6 +467,28 @@ static void mpq__dw_groups(const mpq_conv_params *p, const mpq_filter *f,
     }
 }
 
+int mpq_depthwise_inplace_grouped(const mpq_conv_params *p, const mpq_filter *f,
+                                  const mpq_channel_quant *q, const mpq_view *in,
+                                  const mpq_view *out, int8_t *scratch)
+{
+    int32_t pb, pr;
+    const int err = mpq__dw_inplace_check(p, f, in, out, &pb, &pr);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (in->bits == 8) {
+        return MPQ_ERR_BITS;
+    }
+    if (q == NULL || q->multiplier == NULL || q->shift == NULL || scratch == NULL
+        || !mpq__act_ok(p->act_min, p->act_max, out->bits) || in->c % (8 / in->bits) != 0
+        || f->h * f->w > MPQ_DW_TAPS) {
+        return MPQ_ERR_ARG;
+    }
+    mpq__dw_groups(p, f, q, in, out, scratch, p->pad_top + in->h + pb, p->pad_left + in->w + pr,
+                   pr);
+    return MPQ_OK;
+}
+
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                           int8_t *scratch)
@@ -493,10 +516,6 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
     }
     ph = p->pad_top + in->h + pb;
     pw = p->pad_left + in->w + pr;
-    if (in->bits != 8 && in->c % (8 / in->bits) == 0 && table) {
-        mpq__dw_groups(p, f, q, in, out, scratch, ph, pw, pr);
-        return MPQ_OK;
-    }
     o.lo = p->act_min;
     o.hi = p->act_max;
     o.zp = p->output_zp;
