@@ -408,13 +408,31 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
     }
 }
 
+/* mpq__dw_pass with its constants, each a function of its own (GCC allocates the registers of
+   one pass's loops better alone: fewer spills than with the passes inlined together). A 4-bit
+   pair; the first and the second pair of a 2-bit quad. */
+static MPQ_NOINLINE void mpq__dw_pass4(const mpq__dw_group *g)
+{
+    mpq__dw_pass(g, g->cg, 4, 4, 0xF0F0F0F0u, 1);
+}
+
+static MPQ_NOINLINE void mpq__dw_pass2_hi(const mpq__dw_group *g)
+{
+    mpq__dw_pass(g, g->cg, 2, 6, 0xC0C0C0C0u, 1);
+}
+
+static MPQ_NOINLINE void mpq__dw_pass2_lo(const mpq__dw_group *g)
+{
+    mpq__dw_pass(g, g->cg + 2, 2, 2, 0xC0C0C0C0u, 0);
+}
+
 /* The work of mpq_depthwise_inplace_grouped: 4- and 2-bit input and output with a channel
    count that fills whole bytes (C a multiple of 8/bits) and decodable weights of at most
-   MPQ_DW_TAPS taps: channels in groups (pairs at 4 bits, quads at 2) that share every byte of the tensor. The
-   group's padded input plane is saved as those raw bytes (one byte per pixel: the scratch of
-   one 8-bit channel), then each pair of channels is computed from it (mpq__dw_pass); output
-   bytes hold the group's results and are written over input bytes of the same group, already
-   saved (so the in-place rule holds). */
+   MPQ_DW_TAPS taps: channels in groups (pairs at 4 bits, quads at 2) that share every byte of
+   the tensor. The group's padded input plane is saved as those raw bytes (one byte per pixel:
+   the scratch of one 8-bit channel), then each pair of channels is computed from it
+   (mpq__dw_pass); output bytes hold the group's results and are written over input bytes of
+   the same group, already saved (so the in-place rule holds). */
 static void mpq__dw_groups(const mpq_conv_params *p, const mpq_filter *f,
                            const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                            int8_t *scratch, int32_t ph, int32_t pw, int32_t pr)
@@ -459,10 +477,10 @@ static void mpq__dw_groups(const mpq_conv_params *p, const mpq_filter *f,
             memset(row + pl + w, pad, (size_t)pr);
         }
         if (bits == 4) {
-            mpq__dw_pass(&g, g.cg, 4, 4, 0xF0F0F0F0u, 1);
+            mpq__dw_pass4(&g);
         } else {
-            mpq__dw_pass(&g, g.cg, 2, 6, 0xC0C0C0C0u, 1);
-            mpq__dw_pass(&g, g.cg + 2, 2, 2, 0xC0C0C0C0u, 0);
+            mpq__dw_pass2_hi(&g);
+            mpq__dw_pass2_lo(&g);
         }
     }
 }

@@ -47,9 +47,9 @@
  *    before touching any output.
  *  - Unless a kernel says otherwise, its output must not overlap its inputs.
  *  - Partial overlap (vMCU; mpq.memory.overlap_shift): mpq_conv2d, mpq_conv2d_unpacked,
- *    mpq_packed_conv2d, mpq_avgpool and mpq_maxpool (and their _grouped forms) write the output pixels in raster order,
- *    one or two (a pair of consecutive pixels) at a time, each only after reading every input
- *    element it needs;
+ *    mpq_packed_conv2d, mpq_avgpool and mpq_maxpool (and their _grouped forms) write the
+ *    output pixels in raster order, one or two (a pair of consecutive pixels) at a time, each
+ *    only after reading every input element it needs;
  *    so an output stored D bytes before the input's start is exact when, for every pixel
  *    pair, its last written byte lies D bytes before the first input byte that pair or a later
  *    pixel still reads. The planner places outputs only there; any new fast path must keep

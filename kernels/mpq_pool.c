@@ -121,7 +121,8 @@ static void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in, const 
    and high nibbles masked to the top of their bytes, SXTAB16 adds them to four halfword pairs,
    which hold 16 * sum exactly for windows of at most 256 taps (|16 * sum| <= 2^15). A 4-bit
    output pair is written as one byte. */
-static void mpq__avgpool_x4(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+static MPQ_NOINLINE void mpq__avgpool_x4(const mpq_pool_params *p, const mpq_view *in,
+                                        const mpq_view *out)
 {
     const uint8_t *src = (const uint8_t *)in->data;
     uint8_t *dst = (uint8_t *)out->data;
@@ -206,7 +207,8 @@ static inline int32_t mpq__pool_f2(uint32_t b, int32_t la)
    word's four fields masked to the top of its bytes, SXTAB16 adds them to eight halfword pairs,
    which hold 64 * sum exactly for windows of at most 256 taps (|64 * sum| <= 2^15). A 2-bit
    output quad is written as one byte. */
-static void mpq__avgpool_x2(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+static MPQ_NOINLINE void mpq__avgpool_x2(const mpq_pool_params *p, const mpq_view *in,
+                                        const mpq_view *out)
 {
     const uint8_t *src = (const uint8_t *)in->data;
     uint8_t *dst = (uint8_t *)out->data;
