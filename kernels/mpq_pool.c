@@ -67,8 +67,10 @@ static inline int32_t mpq__pool_hi(int32_t v)
    the window's rows are walked with pointers. With the DSP and a channel count that is a
    multiple of 4, four channels at a time: SXTAB16 adds the bytes of a word to two halfword
    pairs (channels 0/2 and 1/3), which cannot wrap for windows of at most 256 taps
-   (|sum| <= 256 * 128 = 2^15). */
-static void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+   (|sum| <= 256 * 128 = 2^15). Each avgpool body is a function of its own: inlined together,
+   GCC spills inside their inner loops. */
+static MPQ_NOINLINE void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in,
+                                        const mpq_view *out)
 {
     const int8_t *src = (const int8_t *)in->data;
     uint8_t *dst = (uint8_t *)out->data;
