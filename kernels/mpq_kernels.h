@@ -5,10 +5,11 @@
  *   mpq_conv.c             mpq_conv2d, mpq_conv2d_add, mpq_conv2d_scratch_size,
  *                          mpq_conv2d_unpacked, mpq_conv2d_add_unpacked,
  *                          mpq_conv2d_unpacked_scratch_size
- *   mpq_depthwise.c        mpq_depthwise_inplace, mpq_depthwise_inplace_scratch_size
+ *   mpq_depthwise.c        mpq_depthwise_inplace, mpq_depthwise_inplace_grouped,
+ *                          mpq_depthwise_inplace_scratch_size
  *   mpq_fully_connected.c  mpq_fully_connected
  *   mpq_add.c              mpq_add
- *   mpq_pool.c             mpq_avgpool, mpq_maxpool
+ *   mpq_pool.c             mpq_avgpool, mpq_maxpool, mpq_avgpool_grouped, mpq_maxpool_grouped
  *   mpq_softmax.c          mpq_softmax
  *   mpq_copy.c             mpq_copy_view
  *   mpq_reduce.c           mpq_mean
@@ -46,9 +47,9 @@
  *    before touching any output.
  *  - Unless a kernel says otherwise, its output must not overlap its inputs.
  *  - Partial overlap (vMCU; mpq.memory.overlap_shift): mpq_conv2d, mpq_conv2d_unpacked,
- *    mpq_packed_conv2d, mpq_avgpool and mpq_maxpool write the output pixels in raster order,
- *    one or two (a pair of consecutive pixels) at a time, each only after reading every input
- *    element it needs;
+ *    mpq_packed_conv2d, mpq_avgpool and mpq_maxpool (and their _grouped forms) write the
+ *    output pixels in raster order, one or two (a pair of consecutive pixels) at a time, each
+ *    only after reading every input element it needs;
  *    so an output stored D bytes before the input's start is exact when, for every pixel
  *    pair, its last written byte lies D bytes before the first input byte that pair or a later
  *    pixel still reads. The planner places outputs only there; any new fast path must keep
@@ -204,14 +205,23 @@ int32_t mpq_depthwise_inplace_scratch_size(const mpq_conv_params *p, const mpq_f
  * is stored at an index == ch (mod C), i.e. over input channel ch, which is already saved; so
  * `out` may share storage with `in` when both views start at the same element (same `data`,
  * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1].
- * 4- and 2-bit tensors whose C fills whole bytes (even at 4 bits, a multiple of 4 at 2) with
- * at most 5x5 taps go by channel groups instead (pairs at 4 bits, quads at 2): the group's
- * bytes are saved - the same scratch, a byte per padded pixel - and each output byte holds the
- * group's results, written over bytes of the same group (3x3 stride 1/2 rows on SMLAD with the
- * DSP, as the int8 loops). */
+ * Any bits; 4- and 2-bit tensors one element at a time (mpq_depthwise_inplace_grouped is
+ * their fast form). */
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in, const mpq_view *out,
                           int8_t *scratch);
+
+/* mpq_depthwise_inplace, byte for byte, for 4- and 2-bit tensors whose C fills whole bytes
+ * (even at 4 bits, a multiple of 4 at 2) and filters of at most MPQ_DW_TAPS (5x5) taps, by
+ * channel groups (pairs at 4 bits, quads at 2): the group's bytes are saved - the same
+ * scratch, mpq_depthwise_inplace_scratch_size, a byte per padded pixel - and each output byte
+ * holds the group's results, written over bytes of the same group (3x3 stride 1/2 rows on
+ * SMLAD with the DSP, as the int8 loops). The same in-place rule. MPQ_ERR_BITS for 8-bit
+ * tensors, MPQ_ERR_ARG for a C or filter outside the rule. A separate entry point so that a
+ * model without such layers does not link its code. */
+int mpq_depthwise_inplace_grouped(const mpq_conv_params *p, const mpq_filter *f,
+                                  const mpq_channel_quant *q, const mpq_view *in,
+                                  const mpq_view *out, int8_t *scratch);
 
 /* Fully connected (runtimes.md sec. 1.4): the input view is flattened in (y, x, ch) order into K
  * values, the output view's h*w*c elements are the Cout outputs in the same order:
@@ -233,18 +243,28 @@ int mpq_add(const mpq_add_params *p, const mpq_view *a, const mpq_view *b, const
  *   v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt   (C truncating division)
  *   Y = clamp(v, act_min, act_max)
  * The sum is kept in a register: no scratch. Input and output share the quantisation (no
- * requantisation); a window with no tap in view gives clamp(0). 4-bit inputs with an even C
- * are summed by channel pairs (both nibbles of each byte; eight channels a word with the DSP,
- * for windows of at most 256 taps), 2-bit inputs with C a multiple of 4 by channel quads (the
- * four fields of each byte; sixteen channels a word with the DSP, windows of at most 256
- * taps). */
+ * requantisation); a window with no tap in view gives clamp(0). Any bits; 4- and 2-bit inputs
+ * one element at a time (mpq_avgpool_grouped is their fast form). */
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
+/* mpq_avgpool, byte for byte, for 4- and 2-bit inputs whose C fills whole bytes (even at 4
+ * bits, a multiple of 4 at 2) and an output that does not share their storage: 4-bit inputs
+ * summed by channel pairs (both nibbles of each byte; eight channels a word with the DSP, for
+ * windows of at most 256 taps), 2-bit inputs by channel quads (the four fields of each byte;
+ * sixteen channels a word with the DSP, windows of at most 256 taps). MPQ_ERR_BITS for 8-bit
+ * inputs, MPQ_ERR_ARG outside the rule. A separate entry point so that a model without such
+ * layers does not link its code. */
+int mpq_avgpool_grouped(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
+
 /* Max pooling: Y = clamp(max over the in-view taps, act_min, act_max); a window with no tap
- * in view gives act_min. No scratch. 4- and 2-bit inputs whose C fills whole bytes go by
- * channel groups (every byte read once for its 8/bits channels; a word of them at a time by
- * SSUB8/SEL with the DSP when a pixel is whole words). */
+ * in view gives act_min. No scratch. Any bits; 4- and 2-bit inputs one element at a time
+ * (mpq_maxpool_grouped is their fast form). */
 int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
+
+/* mpq_maxpool, byte for byte, under mpq_avgpool_grouped's rule, by channel groups (every byte
+ * read once for its 8/bits channels; a word of them at a time by SSUB8/SEL with the DSP when a
+ * pixel is whole words). MPQ_ERR_BITS for 8-bit inputs, MPQ_ERR_ARG outside the rule. */
+int mpq_maxpool_grouped(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
 
 /* int8 softmax along C for every pixel, exactly `mpq.quant.arith.softmax_s8` (the gemmlowp
  * fixed point of TFLM and CMSIS-NN arm_softmax_s8, runtimes.md sec. 1.4): diff = x - max(row);

@@ -1,4 +1,5 @@
-/* mpq_pool.c: mpq_avgpool and mpq_maxpool.
+/* mpq_pool.c: mpq_avgpool and mpq_maxpool, and their channel-group forms for 4- and 2-bit
+ * inputs (mpq_avgpool_grouped, mpq_maxpool_grouped).
  *
  * Part of mpq's portable kernel library (API and formulas: mpq_kernels.h; shared helpers:
  * mpq_support.h).
@@ -66,8 +67,10 @@ static inline int32_t mpq__pool_hi(int32_t v)
    the window's rows are walked with pointers. With the DSP and a channel count that is a
    multiple of 4, four channels at a time: SXTAB16 adds the bytes of a word to two halfword
    pairs (channels 0/2 and 1/3), which cannot wrap for windows of at most 256 taps
-   (|sum| <= 256 * 128 = 2^15). */
-static void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+   (|sum| <= 256 * 128 = 2^15). Each avgpool body is a function of its own: inlined together,
+   GCC spills inside their inner loops. */
+static MPQ_NOINLINE void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in,
+                                        const mpq_view *out)
 {
     const int8_t *src = (const int8_t *)in->data;
     uint8_t *dst = (uint8_t *)out->data;
@@ -114,13 +117,14 @@ static void mpq__avgpool_s8(const mpq_pool_params *p, const mpq_view *in, const 
     }
 }
 
-/* mpq_avgpool for 4-bit inputs with an even channel count: the channels in pairs, which share
+/* mpq_avgpool_grouped for 4-bit inputs (an even C): the channels in pairs, which share
    every input byte, both sums from that byte (each nibble sign-extended times 16: the top of a
    signed byte). With the DSP and C a multiple of 8, eight channels per word: the words' low
    and high nibbles masked to the top of their bytes, SXTAB16 adds them to four halfword pairs,
    which hold 16 * sum exactly for windows of at most 256 taps (|16 * sum| <= 2^15). A 4-bit
    output pair is written as one byte. */
-static void mpq__avgpool_x4(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+static MPQ_NOINLINE void mpq__avgpool_x4(const mpq_pool_params *p, const mpq_view *in,
+                                        const mpq_view *out)
 {
     const uint8_t *src = (const uint8_t *)in->data;
     uint8_t *dst = (uint8_t *)out->data;
@@ -199,13 +203,14 @@ static inline int32_t mpq__pool_f2(uint32_t b, int32_t la)
     return (int32_t)(int8_t)(uint8_t)((b << la) & 0xC0u);
 }
 
-/* mpq_avgpool for 2-bit inputs with C a multiple of 4: the channels in quads, which share every
-   input byte, the four sums from that byte (each field sign-extended times 64: the top of a
+/* mpq_avgpool_grouped for 2-bit inputs (C a multiple of 4): the channels in quads, which share
+   every input byte, the four sums from that byte (each field sign-extended times 64: the top of a
    signed byte). With the DSP and C a multiple of 16, sixteen channels per word: each of the
    word's four fields masked to the top of its bytes, SXTAB16 adds them to eight halfword pairs,
    which hold 64 * sum exactly for windows of at most 256 taps (|64 * sum| <= 2^15). A 2-bit
    output quad is written as one byte. */
-static void mpq__avgpool_x2(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+static MPQ_NOINLINE void mpq__avgpool_x2(const mpq_pool_params *p, const mpq_view *in,
+                                        const mpq_view *out)
 {
     const uint8_t *src = (const uint8_t *)in->data;
     uint8_t *dst = (uint8_t *)out->data;
@@ -302,6 +307,38 @@ static void mpq__avgpool_x2(const mpq_pool_params *p, const mpq_view *in, const 
     }
 }
 
+/* The rule of the channel-group pooling entry points: a 4- or 2-bit input whose C fills whole
+   bytes (MPQ_ERR_BITS at 8 bits) and an output that does not share its storage. */
+static int mpq__pool_groups_check(const mpq_pool_params *p, const mpq_view *in,
+                                  const mpq_view *out)
+{
+    const int err = mpq__pool_check(p, in, out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (in->bits == 8) {
+        return MPQ_ERR_BITS;
+    }
+    if (in->c % (8 / in->bits) != 0 || in->data == out->data) {
+        return MPQ_ERR_ARG;
+    }
+    return MPQ_OK;
+}
+
+int mpq_avgpool_grouped(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__pool_groups_check(p, in, out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (in->bits == 4) {
+        mpq__avgpool_x4(p, in, out);
+    } else {
+        mpq__avgpool_x2(p, in, out);
+    }
+    return MPQ_OK;
+}
+
 int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
 {
     int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
@@ -313,14 +350,6 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     }
     if (in->bits == 8 && out->bits == 8) {
         mpq__avgpool_s8(p, in, out);
-        return MPQ_OK;
-    }
-    if (in->bits == 4 && in->c % 2 == 0 && in->data != out->data) {
-        mpq__avgpool_x4(p, in, out);
-        return MPQ_OK;
-    }
-    if (in->bits == 2 && in->c % 4 == 0 && in->data != out->data) {
-        mpq__avgpool_x2(p, in, out);
         return MPQ_OK;
     }
     src = (const uint8_t *)in->data;
@@ -347,7 +376,7 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     return MPQ_OK;
 }
 
-/* mpq_maxpool for 4- and 2-bit inputs whose C fills whole bytes (even at 4 bits, a multiple
+/* mpq_maxpool_grouped: 4- and 2-bit inputs whose C fills whole bytes (even at 4 bits, a multiple
    of 4 at 2): every input byte is read once for its 8/bits channels, each field compared at the
    top of a signed byte (its value times 2^(8 - bits): the order is the values'). With the DSP
    and a pixel of whole words, four bytes at a time: each field of the word masked to the top
@@ -434,6 +463,16 @@ static void mpq__maxpool_groups(const mpq_pool_params *p, const mpq_view *in,
     }
 }
 
+int mpq_maxpool_grouped(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
+{
+    const int err = mpq__pool_groups_check(p, in, out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    mpq__maxpool_groups(p, in, out);
+    return MPQ_OK;
+}
+
 int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out)
 {
     int32_t oy, ox, ch, y, x, ylo, yhi, xlo, xhi;
@@ -442,10 +481,6 @@ int mpq_maxpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
     uint8_t *dst;
     if (err != MPQ_OK) {
         return err;
-    }
-    if (in->bits != 8 && in->c % (8 / in->bits) == 0 && in->data != out->data) {
-        mpq__maxpool_groups(p, in, out);
-        return MPQ_OK;
     }
     src = (const uint8_t *)in->data;
     dst = (uint8_t *)out->data;

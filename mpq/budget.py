@@ -274,16 +274,34 @@ def _conv_sets(graph: Any, shape: CodeShape | None
             set(shape.inplace), set(shape.stage_nodes))
 
 
+#: The channel-group entry point of a kernel (`codegen.export._Builder._group_note`): a
+#: 4- or 2-bit depthwise / pooling layer that `codegen.packed.group_choice` admits calls
+#: `mpq_<kernel>_grouped`, a family of its own (int8 exports do not link it).
+GROUPED_KERNELS = {"depthwise_inplace": "depthwise_inplace_grouped",
+                   "avgpool": "avgpool_grouped", "maxpool": "maxpool_grouped"}
+
+
 def packed_layers(graph: Any, core: str, shape: CodeShape | None,
-                  in_bits: Any, weights: Any) -> frozenset[str]:
+                  in_bits: Any, weights: Any, same_storage: Any = None) -> frozenset[str]:
     """The layer-based conv / fully connected nodes an export runs through the packed
     sub-byte kernels (`codegen.packed.packed_choice`, as `codegen.export._Builder._packed`
-    asks it): `in_bits(tensor) -> bits`, `weights(node) -> (bits, linear?)`."""
-    from mpq.codegen.packed import packed_choice
+    asks it), and the depthwise / pooling nodes (patch stage included) it runs by channel
+    groups (`codegen.packed.group_choice`, `GROUPED_KERNELS`): `in_bits(tensor) -> bits`,
+    `weights(node) -> (bits, linear?)`; `same_storage(node) -> bool` says whether a pooling
+    is stored over its own input (no channel groups then; without it: never)."""
+    from mpq.codegen.packed import group_choice, packed_choice
 
     _, fused_convs, inplace, skip = _conv_sets(graph, shape)
     out = set()
     for n in graph.nodes:
+        kernel = "depthwise_inplace" if n.op == "conv2d" and n.name in inplace \
+            else _NODE_KERNELS.get(n.op)
+        if kernel in GROUPED_KERNELS:
+            bits = in_bits(n.inputs[0])
+            if bits != 8 and group_choice(n, kernel, bits, graph.tensors[n.inputs[0]].shape[-1],
+                                          core, bool(same_storage and same_storage(n))) is None:
+                out.add(n.name)
+            continue
         if n.op not in ("conv2d", "fully_connected") or n.weight is None or n.name in skip:
             continue
         bits, linear = weights(n)
@@ -352,7 +370,8 @@ def packed_padding_bytes(graph: Any, packed: frozenset[str], w_bits: Any) -> int
     padded to a multiple of 16 values, against the plain packed array (4-byte aligned)."""
     total = 0
     for n in graph.nodes:
-        if n.name in packed:
+        if n.name in packed and n.op in ("conv2d", "fully_connected") \
+                and not n.attrs.get("groups", 1) > 1:  # channel groups: no packed filter
             rows, k = n.weight.shape[0], n.weight.size // n.weight.shape[0]
             bits = w_bits(n)
             total += rows * (-(-k // 16)) * 2 * bits - align4(-(-rows * k * bits // 8))
@@ -371,7 +390,11 @@ def layer_kernels(graph: Any, shape: CodeShape | None = None,
     for n in graph.nodes:
         if n.op == "reshape" or n.name in fused or n.name in skip:
             continue
-        if n.name in packed:
+        if n.name in packed and (n.op == "conv2d" and n.name in inplace
+                                 or n.op in ("avg_pool", "max_pool")):
+            out.append(GROUPED_KERNELS["depthwise_inplace" if n.op == "conv2d"
+                                       else _NODE_KERNELS[n.op]])
+        elif n.name in packed:
             out.append("packed_conv2d_add" if n.name in fused_convs else f"packed_{n.op}")
         elif n.name in unpacked:
             out.append("conv2d_add_unpacked" if n.name in fused_convs else "conv2d_unpacked")
@@ -389,10 +412,13 @@ _STAGE_KERNELS = {"conv2d": "conv2d", "add": "add", "avg_pool": "avgpool",
                   "activation": "activation"}
 
 
-def stage_calls(graph: Any, shape: CodeShape) -> list[tuple[str, int]]:
+def stage_calls(graph: Any, shape: CodeShape,
+                packed: frozenset[str] = frozenset()) -> list[tuple[str, int]]:
     """(kernel, int16 fields per geometry row) of each call of the patch stage, as
     `codegen.export._stage` emits them: a row holds (y0, x0, h, w, stored_w) per input (the
-    fused residual counts as one), the same for the output, then the top/left padding."""
+    fused residual counts as one), the same for the output, then the top/left padding. A
+    depthwise / pooling node in `packed` calls its channel-group kernel (`GROUPED_KERNELS`;
+    the mixed branch's)."""
     by_name = {n.name: n for n in graph.nodes}
     fused = {add for add, _ in shape.fused}
     fused_convs = {conv for _, conv in shape.fused}
@@ -410,6 +436,8 @@ def stage_calls(graph: Any, shape: CodeShape) -> list[tuple[str, int]]:
             out_t = by_name[add].outputs[0]
         elif node.op == "conv2d" and name in shape.inplace:
             kernel = "depthwise_inplace"
+        if name in packed and kernel in GROUPED_KERNELS:
+            kernel = GROUPED_KERNELS[kernel]
         # with a line buffer, each row ends with (restore, save from, save) rows
         out.append((kernel, 5 * inputs + 7 + (3 if shape.lines and out_t in shape.lines else 0)))
     return out
@@ -485,9 +513,11 @@ def _stage_call_bytes(entry: dict[str, Any], stage: dict[str, Any], kernel: str,
     table apart): measured, or the layer call's plus the median stage-over-layer difference
     of the measured kernels (an estimate, for a kernel no sample plan had in its stage)."""
     per = stage.get("per_call", {})
+    layer = entry["per_call"]
+    if kernel not in per and kernel not in layer:  # a new entry point: the call it replaces
+        kernel = _FAMILY_BASIS.get(kernel, kernel)
     if kernel in per:
         return int(per[kernel])
-    layer = entry["per_call"]
     deltas = sorted(int(v) - int(layer[k]) for k, v in per.items() if k in layer)
     delta = deltas[len(deltas) // 2] if deltas else 0
     return int(layer.get(kernel, median_call)) + delta
@@ -496,7 +526,10 @@ def _stage_call_bytes(entry: dict[str, Any], stage: dict[str, Any], kernel: str,
 #: A kernel family that wraps another (the same sources, one more entry point): where the code
 #: table lacks it (until `tools/code_sizes.py` runs again), it is bounded by the other's symbols
 #: and calls plus `WRAPPER_BYTES`.
-_FAMILY_BASIS = {"conv2d_unpacked": "conv2d", "conv2d_add_unpacked": "conv2d_add"}
+_FAMILY_BASIS = {"conv2d_unpacked": "conv2d", "conv2d_add_unpacked": "conv2d_add",
+                 # the channel-group entry points: until the table has them, the plain
+                 # family measured before the split (which held their code) bounds them
+                 **{g: k for k, g in GROUPED_KERNELS.items()}}
 #: A bound on such an entry point, measured with nm when they were added (arm-none-eabi-gcc
 #: 12.2 -O2, Cortex-M0+ and M4): mpq_conv2d_unpacked 414-446 B, mpq_conv2d_add_unpacked
 #: 692-712 B.
@@ -519,8 +552,10 @@ def predicted_code_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
     entry = _cpu_entry(cpu)
     unpacked = unpacked - packed
     kernels = layer_kernels(graph, shape, packed, unpacked)
-    calls_in_stage = stage_calls(graph, shape) if shape is not None else []
+    calls_in_stage = stage_calls(graph, shape, packed) if shape is not None else []
     families = set(kernels) | {k for k, _ in calls_in_stage}
+    if shape is not None and shape.vdpc:  # the all-8-bit outlier branch calls the plain one
+        families |= {k for k, _ in stage_calls(graph, shape)}
     if shape is not None and shape.lines:
         families.add("copy_view")  # the line buffers' copies
     # `either`: a bound over packed or not, per layer; the `unpacked` layers may run
@@ -640,6 +675,8 @@ def predicted_stack_bytes(graph: Any, cpu: str = "cortex-m4/fpv4-sp-d16",
                        for alt in KERNEL_ALTERNATIVES[k]}
     if shape is not None:
         kernels |= {k for k, _ in stage_calls(graph, shape)}
+    # a sub-byte depthwise / pooling may take its channel-group entry point (a bound)
+    kernels |= {GROUPED_KERNELS[k] for k in kernels if k in GROUPED_KERNELS}
     deepest = max((int(stack["families"].get(k, max(stack["families"].values(), default=0)))
                    for k in kernels), default=0)
     return int(stack["run"]) + deepest

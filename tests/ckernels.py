@@ -245,11 +245,15 @@ class Kernels:
                                                    ptr(View)],
             "mpq_depthwise_inplace": [ptr(ConvParams), ptr(Filter), ptr(ChannelQuant),
                                       ptr(View), ptr(View), ctypes.c_void_p],
+            "mpq_depthwise_inplace_grouped": [ptr(ConvParams), ptr(Filter), ptr(ChannelQuant),
+                                              ptr(View), ptr(View), ctypes.c_void_p],
             "mpq_fully_connected": [ptr(FcParams), ptr(Filter), ptr(ChannelQuant), ptr(View),
                                     ptr(View)],
             "mpq_add": [ptr(AddParams), ptr(View), ptr(View), ptr(View)],
             "mpq_avgpool": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_maxpool": [ptr(PoolParams), ptr(View), ptr(View)],
+            "mpq_avgpool_grouped": [ptr(PoolParams), ptr(View), ptr(View)],
+            "mpq_maxpool_grouped": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_softmax": [ptr(SoftmaxParams), ptr(View), ptr(View)],
             "mpq_copy_view": [ptr(View), ptr(View), I32],
             "mpq_mean": [ptr(MeanParams), ptr(View), ptr(View)],
@@ -337,12 +341,15 @@ class Kernels:
 
     def depthwise_inplace(self, p: ConvParams, weight: AnyWeights, w_bits: int | None,
                           bias: np.ndarray | None, mult: np.ndarray, shift: np.ndarray,
-                          inp: View, out: View) -> int:
+                          inp: View, out: View, grouped: bool = False) -> int:
+        """mpq_depthwise_inplace, or with `grouped` mpq_depthwise_inplace_grouped (the same
+        scratch)."""
         f, _wk = self._filter(weight, w_bits)
         q, _qk = self._quant(bias, mult, shift)
         size = self.lib.mpq_depthwise_inplace_scratch_size(p, f, inp, out)
         ptr, raw = self._scratch(size)
-        rc = self.lib.mpq_depthwise_inplace(p, f, q, inp, out, ptr)
+        fn = self.lib.mpq_depthwise_inplace_grouped if grouped else self.lib.mpq_depthwise_inplace
+        rc = fn(p, f, q, inp, out, ptr)
         self._check_scratch(raw)
         return rc
 
@@ -356,11 +363,13 @@ class Kernels:
     def add(self, p: AddParams, a: View, b: View, out: View) -> int:
         return self.lib.mpq_add(p, a, b, out)
 
-    def avgpool(self, p: PoolParams, inp: View, out: View) -> int:
-        return self.lib.mpq_avgpool(p, inp, out)
+    def avgpool(self, p: PoolParams, inp: View, out: View, grouped: bool = False) -> int:
+        """mpq_avgpool, or with `grouped` mpq_avgpool_grouped."""
+        return (self.lib.mpq_avgpool_grouped if grouped else self.lib.mpq_avgpool)(p, inp, out)
 
-    def maxpool(self, p: PoolParams, inp: View, out: View) -> int:
-        return self.lib.mpq_maxpool(p, inp, out)
+    def maxpool(self, p: PoolParams, inp: View, out: View, grouped: bool = False) -> int:
+        """mpq_maxpool, or with `grouped` mpq_maxpool_grouped."""
+        return (self.lib.mpq_maxpool_grouped if grouped else self.lib.mpq_maxpool)(p, inp, out)
 
     def softmax(self, p: SoftmaxParams, inp: View, out: View) -> int:
         return self.lib.mpq_softmax(p, inp, out)

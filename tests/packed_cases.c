@@ -15,9 +15,9 @@
  * a residual add, mpq_conv2d_add_unpacked against mpq_conv2d_add: kind unpackadd)
  * against mpq_conv2d's sub-byte weight loops: kinds unpack1x1 and unpackkxk; CASES 4- and
  * 2-bit depthwise layers per activation and weight bits (a4w4, a4w2, a4w8, a2w2, a2w4, a2w8;
- * sub-byte weights of every format) through mpq_depthwise_inplace's channel-group path (in
+ * sub-byte weights of every format) through mpq_depthwise_inplace_grouped (in
  * place) against mpq_conv2d (groups = C): kind dwinplace; and CASES 4- and 2-bit average and
- * max poolings (mpq_avgpool's / mpq_maxpool's channel-group paths) against the formulas
+ * max poolings (mpq_avgpool_grouped / mpq_maxpool_grouped) against the formulas
  * computed in this file: kinds avgpool and maxpool, mixes a4o0 and a2o0 (o0: outputs of any
  * bits).
  */
@@ -606,7 +606,7 @@ static int32_t get(const uint8_t *p, int32_t bits, uint32_t k)
 }
 
 /* One random abits-bit (4 or 2) depthwise layer with a channel count that fills whole bytes
-   (mpq_depthwise_inplace's channel-group path; 3x3 at strides 1 and 2 half the time, else any
+   (mpq_depthwise_inplace_grouped; 3x3 at strides 1 and 2 half the time, else any
    kernel up to 5x5, any stride and dilation; wbits-bit weights, sub-byte ones of every format;
    requantisation with right shifts, left shifts up to 31 - the 32-bit path's pre-shift - and
    now and then beyond the 32-bit path), run in place and through mpq_conv2d (groups = C, a
@@ -704,7 +704,7 @@ static int dw_case(int32_t abits, int32_t wbits, uint32_t *sum)
     }
     memcpy(dw_buf, in_buf, (size_t)((elems * abits + 7) / 8));
     out.data = dw_buf;
-    if (mpq_depthwise_inplace(&p, &f, &q, &in, &out, dw_scratch) != MPQ_OK) {
+    if (mpq_depthwise_inplace_grouped(&p, &f, &q, &in, &out, dw_scratch) != MPQ_OK) {
         return 1;
     }
     for (y = 0; y < in.y0 + h; ++y) {
@@ -723,7 +723,7 @@ static int dw_case(int32_t abits, int32_t wbits, uint32_t *sum)
 }
 
 /* One random ibits-bit (4 or 2) average (maxp 0) or max (maxp 1) pooling with a channel count
-   that fills whole bytes (mpq_avgpool's / mpq_maxpool's channel-group paths; C a multiple of
+   that fills whole bytes (mpq_avgpool_grouped / mpq_maxpool_grouped; C a multiple of
    32/ibits half the time: the DSP's words of channels), against the formula computed here
    element by element: over the in-view taps v = sum > 0 ? (sum + cnt/2)/cnt : (sum - cnt/2)/cnt,
    or their maximum (act_min for a window with none), clamped; output of any bits. Returns 1
@@ -817,7 +817,8 @@ static int pool_case(int32_t ibits, int maxp, uint32_t *sum)
             }
         }
     }
-    if ((maxp ? mpq_maxpool(&p, &in, &out) : mpq_avgpool(&p, &in, &out)) != MPQ_OK) {
+    if ((maxp ? mpq_maxpool_grouped(&p, &in, &out) : mpq_avgpool_grouped(&p, &in, &out))
+        != MPQ_OK) {
         return 1;
     }
     *sum = checksum(*sum, out_pk, nbytes);

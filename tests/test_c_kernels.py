@@ -492,11 +492,22 @@ def _depthwise_inplace_case(libs: list[ck.Kernels], rng: np.random.Generator, bi
     p = ck.ConvParams(sh, sw, dh, dw, pads[0], pads[1], ch, a_in.zero_point,
                       a_out.zero_point, lq.act_min, lq.act_max)
     good = True
+    # mpq_depthwise_inplace_grouped's rule: 4- or 2-bit, C filling whole bytes, <= 25 taps
+    grouped = bits != 8 and ch % (8 // bits) == 0 and kh * kw <= 25
     for lib in libs:
         store.restore()
         assert lib.depthwise_inplace(p, codes, None, bias, lq.multiplier, lq.shift, v_in,
                                      v_out) == MPQ_OK
         good &= check_bytes(store, v_out, want)
+        store.restore()
+        rc = lib.depthwise_inplace(p, codes, None, bias, lq.multiplier, lq.shift, v_in, v_out,
+                                   grouped=True)
+        if grouped:
+            assert rc == MPQ_OK
+            good &= check_bytes(store, v_out, want)
+        else:
+            assert rc == (MPQ_ERR_BITS if bits == 8 else MPQ_ERR_ARG)
+            assert check_bytes(store, v_in, x)  # refused before touching the output
     size = libs[0].depthwise_inplace_scratch_size(p, codes, None, v_in, v_out)
     pb = max(0, (ho - 1) * sh + (kh - 1) * dh + 1 - pads[0] - h)
     pr = max(0, (wo - 1) * sw + (kw - 1) * dw + 1 - pads[1] - w)
@@ -565,7 +576,9 @@ def test_depthwise_inplace_3x3_stride2_random(libs: list[ck.Kernels]) -> None:
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
-    n = bad = 0
+    """Pooling against the reference at every bits, through mpq_<kind>pool and, where its rule
+    holds, mpq_<kind>pool_grouped (which refuses the rest)."""
+    n = bad = n_grouped = 0
     combos = [(b, b, b) for b in BITS] * 9
     for rng, bits, _, _ in cases(6 + (kind == "avg"), combos):
         qm, (kh, kw, sh, sw, pt, pl, _, _), (h, w, c) = random_pool_case(rng, kind, bits, 8, 6)
@@ -575,13 +588,22 @@ def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
         s_in, v_in = placed(rng, x, bits)
         s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bits)
         p = ck.PoolParams(kh, kw, sh, sw, pt, pl, lq.act_min, lq.act_max)
+        grouped = bits != 8 and c % (8 // bits) == 0  # mpq_<kind>pool_grouped's rule
         for lib in libs:
-            s_out.restore()
             fn = lib.maxpool if kind == "max" else lib.avgpool
+            s_out.restore()
             assert fn(p, v_in, v_out) == MPQ_OK
             bad += not check_bytes(s_out, v_out, want)
+            s_out.restore()
+            rc = fn(p, v_in, v_out, grouped=True)
+            if grouped:
+                assert rc == MPQ_OK
+                bad += not check_bytes(s_out, v_out, want)
+                n_grouped += 1
+            else:
+                assert rc == (MPQ_ERR_BITS if bits == 8 else MPQ_ERR_ARG)
         n += 1
-    assert n >= scaled(200) and bad == 0
+    assert n >= scaled(200) and bad == 0 and n_grouped >= scaled(20), n_grouped
 
 
 # -- softmax ------------------------------------------------------------------------------------

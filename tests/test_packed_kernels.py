@@ -245,9 +245,15 @@ def test_sub_byte_plan_exports_packed_kernels_bit_exact(tmp_path: Path, bits: in
     # the depthwise (in place) and the average pooling take the channel groups, the 3x3
     # depthwise with SIMD rows; the pooling's 24 channels fill words of 4-bit channels (8) but
     # not of 2-bit ones (16)
+    # (their own entry points, mpq_<kernel>_grouped: an int8 export does not link them)
     groups = {e["call"]: e["channel_groups"] for e in layers if "channel_groups" in e}
-    assert groups == {"mpq_depthwise_inplace": {"used": True, "simd": True},
-                      "mpq_avgpool": {"used": True, "simd": bits == 4}}, groups
+    assert groups == {"mpq_depthwise_inplace_grouped": {"used": True, "simd": True},
+                      "mpq_avgpool_grouped": {"used": True, "simd": bits == 4}}, groups
+    plan8 = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "m"),
+                   SearchOptions(strategy="int8", patches="none")).plan
+    model_c = render_export(plan8, graph)["mpq_model.c"]
+    assert "mpq_depthwise_inplace(" in model_c and "mpq_avgpool(" in model_c
+    assert "_grouped" not in model_c
     assert verify(plan, graph, x[:4], "host").mismatches == 0
     if bits == 4 and shutil.which("qemu-system-arm") and shutil.which("arm-none-eabi-gcc"):
         assert verify(plan, graph, x[:2], "qemu-m4").mismatches == 0

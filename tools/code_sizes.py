@@ -9,7 +9,12 @@ For each CPU of the shipped boards (their GCC flags), with the flags `mpq export
 * ``families``: each kernel family of `mpq.codegen.export.KERNEL_SOURCES` linked alone (a main
   that only takes the address of ``mpq_<family>``, ``--gc-sections``): every symbol the family
   pulls in, ``file:name → bytes`` (code, constants; libgcc helpers as ``?:name``). A model's
-  kernel code is the size of the union over its families (shared helpers counted once).
+  kernel code is the size of the union over its families (shared helpers counted once). The
+  channel-group entry points of the sub-byte depthwise and pooling (``depthwise_inplace_grouped``,
+  ``avgpool_grouped``, ``maxpool_grouped``; `mpq.budget.GROUPED_KERNELS`) are families of their
+  own, so ``depthwise_inplace``, ``avgpool`` and ``maxpool`` hold only what int8 layers link.
+  Their ``per_call`` (and stage ``per_call``) entries come from sample plans with 4- or 2-bit
+  depthwise / pooling layers; without one the predictor takes the plain kernel's call.
 * ``per_call``: the bytes one more call of a kernel adds to ``mpq_model.c`` (its call code and
   its static parameter blocks): the export of a plan given on the command line, re-rendered
   with that plan's first layer of the family repeated 1 and 3 times, linked, and the
@@ -116,7 +121,8 @@ def model_c_bytes(ctx: dict, layers: list, board, tmp: Path, nm: str,
     if frames is not None:
         graph = _graph(elf)
         kernels = {f"mpq_{la.kernel}" for la in layers} | {
-            f"mpq_{c.kernel}" for c in (stage or {}).get("calls", [])}
+            f"mpq_{k}" for c in (stage or {}).get("calls", [])
+            for k in (c.kernel, *c.branch_kernels.values())}
         frames.append(stack_depth(*graph, "mpq_model_run") - max(
             (stack_depth(*graph, k) for k in kernels if k in graph[0]), default=0))
     return sum(v for k, v in symbol_breakdown_symbols(elf, nm).items()

@@ -47,10 +47,15 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "conv2d": ("mpq_conv.c", *_DOT),
     "conv2d_add": ("mpq_conv.c", *_DOT),
     "depthwise_inplace": ("mpq_depthwise.c", "mpq_support.c"),
+    # 4- and 2-bit depthwise / pooling by channel groups (issue 15; `packed.group_choice`):
+    # entry points of their own, so that int8 models do not link that code
+    "depthwise_inplace_grouped": ("mpq_depthwise.c", "mpq_support.c"),
     "fully_connected": ("mpq_fully_connected.c", *_DOT),
     "add": ("mpq_add.c", "mpq_support.c"),
     "avgpool": ("mpq_pool.c",),
     "maxpool": ("mpq_pool.c",),
+    "avgpool_grouped": ("mpq_pool.c",),
+    "maxpool_grouped": ("mpq_pool.c",),
     "softmax": ("mpq_softmax.c",),
     "copy_view": ("mpq_copy.c",),
     "mean": ("mpq_reduce.c", "mpq_support.c"),
@@ -73,7 +78,8 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
 
 #: Kernels whose calls a layer written above its input runs one output row at a time, last
 #: row first (`_Builder._reverse_rows`; `memory.OVERLAP_OPS`).
-REVERSE_KERNELS = ("conv2d", "packed_conv2d", "avgpool", "maxpool", "conv2d_unpacked")
+REVERSE_KERNELS = ("conv2d", "packed_conv2d", "avgpool", "maxpool", "conv2d_unpacked",
+                   "avgpool_grouped", "maxpool_grouped")
 
 
 def library_files(kernels: list[str] | tuple[str, ...] | set[str]) -> list[str]:
@@ -412,8 +418,8 @@ class _Builder:
             self.use_scratch(node, need or self.conv_scratch(node, inplace))
             self.layers.append(Layer(i, node.name, kernel, ins, out,
                                      self.conv_params(node), self.weights(i, node)))
-            if node.attrs["groups"] > 1:
-                self._group_note(i, node, kernel, ins[0], out)
+            if node.attrs["groups"] > 1 and self._group_note(i, node, kernel, ins[0], out):
+                self.layers[-1].kernel = f"{kernel}_grouped"
         elif node.op == "fully_connected":
             lq = self.qm.layers[node.name]
             params = {"input_zp": self.qm.acts[node.inputs[0]].zero_point,
@@ -432,8 +438,9 @@ class _Builder:
                       "pad_top": a["pads"][0], "pad_left": a["pads"][1],
                       "act_min": lq.act_min, "act_max": lq.act_max}
             kernel = "avgpool" if node.op == "avg_pool" else "maxpool"
+            if self._group_note(i, node, kernel, ins[0], out):
+                kernel = f"{kernel}_grouped"
             self.layers.append(Layer(i, node.name, kernel, ins, out, params))
-            self._group_note(i, node, kernel, ins[0], out)
         elif node.op == "softmax":
             self.layers.append(Layer(i, node.name, "softmax", ins, out,
                                      dict(self.qm.layers[node.name].extra)))
@@ -501,17 +508,19 @@ class _Builder:
         self.unpack_notes[i] = {"used": why is None, **({"reason": why} if why else {})}
         return need if why is None else 0
 
-    def _group_note(self, i: int, node: Node, kernel: str, x: Operand, out: Operand) -> None:
-        """Note in `group_notes` (mpq_report.json) whether a depthwise or pooling layer with a
-        4- or 2-bit input runs its channels in byte groups (`packed.group_choice`) and, if so,
-        whether with the SIMD rows (`packed.group_simd`), or why not."""
+    def _group_note(self, i: int, node: Node, kernel: str, x: Operand, out: Operand) -> bool:
+        """Whether a depthwise or pooling layer with a 4- or 2-bit input runs its channels in
+        byte groups (`packed.group_choice`): then the caller calls `mpq_<kernel>_grouped`
+        instead of `mpq_<kernel>`. Noted in `group_notes` (mpq_report.json), with whether it
+        takes the SIMD rows (`packed.group_simd`), or why not."""
         if x.bits == 8:
-            return
+            return False
         core = plan_board(self.plan.board).core
         why = packed.group_choice(node, kernel, x.bits, x.c, core, x.base == out.base)
         self.group_notes[i] = ({"used": True, "simd": packed.group_simd(node, kernel, x.bits,
                                                                         x.c, core)}
                                if why is None else {"used": False, "reason": why})
+        return why is None
 
     def _scratch_available(self, node: Node) -> int:
         """The scratch the plan already reserves for `node`: its own arena slot when the
@@ -671,6 +680,10 @@ class StageCall:
     #: the output's line buffer (`mpq.patch.cache_rows`): its base; each geometry row then ends
     #: with (restore rows, save-from row, save rows) (`PatchSchedule.line_copies`)
     line: str | None = None
+    #: branch → the kernel that branch calls when it differs from `kernel` (the mixed
+    #: branch's): a sub-byte depthwise / pooling by channel groups (`_stage_group_kernels`)
+    #: beside the all-8-bit outlier branch's plain one
+    branch_kernels: dict[str, str] = field(default_factory=dict)
 
 
 def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, Any]:
@@ -815,13 +828,18 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         in_bases = [b.operand(t).base for t in inputs]
         if add_node is not None:
             in_bases.append(b.operand(fused[name][1]).base)
+        per_branch = _stage_group_kernels(plan, node, kernel, bits_in,
+                                          graph.tensors[inputs[0]].shape[3],
+                                          in_bases[0] == b.operand(out_t).base)
+        kernel = per_branch.get("mixed", kernel)
         calls.append(StageCall(
             idx, name if add_node is None else f"{name} + {add_node.name}", kernel,
             len(in_bases), in_bases, b.operand(out_t).base, bits_in, bits_out,
             [graph.tensors[t].shape[3] for t in inputs] + (
                 [graph.tensors[fused[name][1]].shape[3]] if add_node is not None else []),
             graph.tensors[out_t].shape[3], geometry, params, weight, quant_syms,
-            line_base.get(out_t)))
+            line_base.get(out_t),
+            {br: k for br, k in per_branch.items() if k != kernel}))
     cmap = None
     if vdpc:
         r = regions[vdpc["map"]]
@@ -835,10 +853,24 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
             "branches": list(branches), "cache": sched.cache}
 
 
+def _stage_group_kernels(plan: Plan, node: Node, kernel: str, bits_in: dict[str, list[int]],
+                         channels: int, same_storage: bool) -> dict[str, str]:
+    """branch → the kernel a stage depthwise / pooling call runs in that branch: its
+    `mpq_<kernel>_grouped` form where the branch's input is 4- or 2-bit and
+    `packed.group_choice` admits it (as `_Builder._group_note` for layer calls), else
+    `kernel`; empty for other kernels."""
+    if kernel not in ("depthwise_inplace", "avgpool", "maxpool"):
+        return {}
+    core = plan_board(plan.board).core
+    return {br: f"{kernel}_grouped" if bits[0] != 8 and packed.group_choice(
+                node, kernel, bits[0], channels, core, same_storage) is None else kernel
+            for br, bits in bits_in.items()}
+
+
 def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
     """Largest kernel scratch of a stage conv over the patches (the kernels' formulas)."""
     _, kh, kw, cin_g = node.weight.shape
-    if kernel != "depthwise_inplace":
+    if kernel not in ("depthwise_inplace", "depthwise_inplace_grouped"):
         return 2 * kh * kw * cin_g
     a = node.attrs
     sh, sw = a["strides"]
@@ -888,7 +920,8 @@ def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[
     if xq.bits != 8 or any(qm.acts[y].bits != 8 for y in g.outputs):
         raise MpqError("export: the graph input and every graph output must be 8-bit")
     kernels = sorted({layer.kernel for layer in b.layers if layer.cmsis is None}
-                     | {c.kernel for c in (stage["calls"] if stage else [])}
+                     | {k for c in (stage["calls"] if stage else [])
+                        for k in (c.kernel, *c.branch_kernels.values())}
                      | ({"copy_view"} if stage and any(c.line for c in stage["calls"])
                         else set()))
     functions = sorted({f for layer in b.layers if layer.cmsis is not None

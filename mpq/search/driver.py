@@ -1182,7 +1182,9 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
         graph, board.core, shape, lambda t: qm.acts[t].bits,
         lambda n: (qm.layers[n.name].weight_bits,
                    storage(qm.layers[n.name].weight_scheme, qm.layers[n.name].weight_bits)[0]
-                   == 0))
+                   == 0),
+        lambda n: offsets.get(n.inputs[0]) is not None
+        and offsets.get(n.inputs[0]) == offsets.get(n.outputs[0]))
 
     def table_differs(node) -> bool:  # the outlier branch's activation table is its own
         return any((qm.acts[t].bits, qm.acts[t].scale, qm.acts[t].zero_point)
