@@ -341,7 +341,9 @@ def test_w4a4_plan_grows_the_first_conv_slot_within_the_budget(w4a4) -> None:
         layers = json.loads(render_export(plan, graph, "portable")["mpq_report.json"])["layers"]
         calls[name] = next(x for x in layers if x["name"] == "c1")
         # the predicted code is that of the kernels this export calls
-        packed = frozenset(x["name"] for x in layers if x.get("packed", {}).get("used"))
+        # the packed kernels' layers and those on the channel-group entry points
+        packed = frozenset(x["name"] for x in layers if x.get("packed", {}).get("used")
+                           or x.get("channel_groups", {}).get("used"))
         unpacked = frozenset(x["name"] for x in layers if x.get("unpacked", {}).get("used"))
         assert p["predicted"]["code_bytes_estimate"] == code_bytes_estimate(
             graph, "cortex-m4/fpv4-sp-d16", None, packed, unpacked=unpacked,

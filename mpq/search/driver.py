@@ -692,9 +692,11 @@ def _totals(graph: Graph, board: Board, opts: SearchOptions) -> tuple[int, int, 
 
 def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
     """The code the search reserves Flash for: the layer-based export's
-    (`budget.predicted_code_bytes`) and, when the options allow 4- or 2-bit activations and
-    linear weights on a core with SMLAD, the packed kernels' code and row padding for every
-    layer that could take them (at 4 bits, their largest) — what the plan may end up using."""
+    (`budget.predicted_code_bytes`); when the options allow 4- or 2-bit activations, the
+    channel-group depthwise / pooling entry points of every layer that could take them; and
+    when they also allow 4- or 2-bit linear weights on a core with SMLAD, the packed kernels'
+    code and row padding for every layer that could take them (at 4 bits, their largest) —
+    what the plan may end up using."""
     cpu = board_cpu(board)
     # any regular conv may get a sub-byte operand (mpq_conv2d_unpacked)
     unpackable = unpacked_layers(graph, None, lambda t: 4, lambda n: (4, True)) \
@@ -703,7 +705,12 @@ def code_bound(graph: Graph, board: Board, opts: SearchOptions) -> int:
     sub_byte = min(opts.bits) <= 4 and min(opts.weight_bits) <= 4 \
         and opts.weight_scheme in (None, "linear")
     if not sub_byte:
-        return code_bytes_estimate(graph, cpu, unpacked=unpackable)
+        # 4-/2-bit maps alone put depthwise and pooling layers on their channel-group entry
+        # points (`codegen.packed.group_choice`), whatever the weights: reserve them too
+        grouped = packed_layers(graph, board.core, None, lambda t: 4, lambda n: (8, True)) \
+            if min(opts.bits) <= 4 else frozenset()
+        return code_bytes_estimate(graph, cpu, None, grouped, either=True,
+                                   unpacked=unpackable)
     packable = packed_layers(graph, board.core, None, lambda t: 4, lambda n: (4, True))
     return code_bytes_estimate(graph, cpu, None, packable, either=True,
                                unpacked=unpackable - packable) \
