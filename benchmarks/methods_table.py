@@ -104,14 +104,14 @@ def bench_methods(smoke: bool = False) -> dict:
                 row = _row(task, what, opts, t, x1)
                 rows.append(row)
                 if what == "linear 4-bit weights":
-                    # the same Flash, plus the packed kernels' code the 8/4/2 search reserves
-                    # when sub-byte activations and weights may meet (`driver.code_bound`)
+                    # its parameters, plus the code the 8/4/2 search reserves when sub-byte
+                    # activations and weights may meet (`driver.code_bound`: the packed,
+                    # unpacked and channel-group kernels)
                     from mpq.search.driver import code_bound
 
                     board = get_board("nano33ble")
-                    flash4 = row["flash_with_code_estimate"] \
-                        + code_bound(t.graph, board, SearchOptions(weight_bits=(8, 4, 2))) \
-                        - code_bound(t.graph, board, SearchOptions())
+                    flash4 = row["flash_params"] \
+                        + code_bound(t.graph, board, SearchOptions(weight_bits=(8, 4, 2)))
             for what, opts in search_rows(task.sram, flash4):
                 if smoke and what not in SMOKE_METHODS:
                     continue
