@@ -352,23 +352,12 @@ struct mpq__conv_ctx {
     /* Every channel's shift is in [-30, 0] with M >= 0: mpq__requantize32 with no left shift. */
     int32_t fast;
     /* Every channel's shift is in [-30, 31] with M >= 0: mpq__conv_s8's 32-bit requantisation,
-       a left shift applied to the accumulator first (mpq__out2_s8). */
+       a left shift applied to the accumulator first (mpq__out2). */
     int32_t fast_s8;
     int32_t add_fast; /* mpq__add_fast_ok(add) */
 };
 
-/* c, telling the compiler that it is rarely true: the code for it is laid out of the way. */
-#if defined(__GNUC__)
-#define MPQ_UNLIKELY(c) __builtin_expect((c) != 0, 0)
-#else
-#define MPQ_UNLIKELY(c) (c)
-#endif
 
-/* hi of mpq__requantize32: floor((acc * m + 2^30) / 2^31), acc as int32. */
-static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
-{
-    return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
-}
 
 /* mpq__requantize out of line, for the group loops' rare general case (a left shift, as 2-bit
    weights give: its 32-bit path too); three arguments, all passed in registers. */
@@ -918,37 +907,6 @@ static MPQ_INLINE void mpq__block22(const int8_t *x0, int32_t dx, const int8_t *
     }
 }
 
-/* The rounding right shift of mpq__requantize32 by s in [1, 31] in four instructions:
-   h/2^s rounded half away from zero is floor((h - [h < 0] + 2^(s-1)) / 2^s), which is
-   floor((q + 1) / 2) = (q >> 1) + (q & 1) for q = floor((h - [h < 0]) / 2^(s-1)) (nested
-   floors compose). Nothing overflows: h > INT32_MIN (|multiplier| < 2^31). sm1 = s - 1. */
-static MPQ_INLINE int32_t mpq__round_shift(int32_t h, int32_t sm1)
-{
-    const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
-    return mpq__asr32(q, 1) + (q & 1);
-}
-
-/* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
-   shifts are all in [-30, 31], M >= 0), then mpq__clamp_add; the shift's constant worked out
-   once. A left shift sh > 0 is applied to the accumulators first (the reference's int32
-   x = acc << S, wrapping), leaving a right shift of 0, as mpq__requantize does. */
-static MPQ_INLINE void mpq__out2_s8(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
-                                    int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
-{
-    int32_t ra, rb;
-    if (MPQ_UNLIKELY(sh > 0)) {
-        a <<= sh;
-        b <<= sh;
-    }
-    ra = mpq__mulhi(a, m);
-    rb = mpq__mulhi(b, m);
-    if (sh < 0) {
-        ra = mpq__round_shift(ra, -sh - 1);
-        rb = mpq__round_shift(rb, -sh - 1);
-    }
-    *va = mpq__clamp_add(ra, zp, lo, hi);
-    *vb = mpq__clamp_add(rb, zp, lo, hi);
-}
 
 /* Stores v as element ko + o (a byte; with `sub` merged into a 4- or 2-bit output's byte),
    after the fused add of skip element ks + o when `add`. */
@@ -1045,8 +1003,8 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
                 mpq__block22(x0, dx, w0, kl, klen, zp, nz, s, 0);
             }
             /* All four values before any store: a byte store may alias the constants. */
-            mpq__out2_s8(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
-            mpq__out2_s8(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
+            mpq__out2(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
+            mpq__out2(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
                          &v11);
             if (sub && !add) {
                 mpq__put2_sub(dst, out->bits, ko0, o, v00, v01, two_ch);

@@ -376,26 +376,37 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
                     MPQ__DW_PUT2(o + kstep, x1, y1);
                 }
             }
-            /* the row's last output when W is odd: its three columns byte by byte (a word
-               could reach past the plane's last row) */
-            if (ox < out_w) {
-                const int8_t *b = line + sw * ox;
-                int32_t x0 = 0, y0 = 0;
-#define MPQ__DW_TAIL(OFF, A02, A1, B02, B1)                                                    \
+            /* the row's last output when W is odd (W >= 3): the second output of the pair
+               that starts one output earlier - its words are the ones that pair's step reads,
+               inside the padded row - only the second output's products taken */
+            if (ox < out_w && ox > 0) {
+                const int8_t *b = line + sw * (ox - 1);
+                int32_t x1 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
+#define MPQ__DW_LAST(OFF, A02, A1, A2, B02, B1, B2)                                            \
     {                                                                                          \
-        const int32_t e0 = b[(OFF)], e1 = b[(OFF) + 1], e2 = b[(OFF) + 2];                     \
-        x0 = mpq__smlabb(mpq__dw_field(e1, la, mask8), A1,                                     \
-                         mpq__smlad(mpq__halves(mpq__dw_field(e0, la, mask8),                  \
-                                                mpq__dw_field(e2, la, mask8)), A02, x0));      \
-        y0 = mpq__smlabb(mpq__dw_field(e1, lb, mask8), B1,                                     \
-                         mpq__smlad(mpq__halves(mpq__dw_field(e0, lb, mask8),                  \
-                                                mpq__dw_field(e2, lb, mask8)), B02, y0));      \
+        v = mpq__word(b + (OFF));                                                              \
+        l = mpq__i32(((uint32_t)v << la) & mask);                                              \
+        h = mpq__i32(((uint32_t)v << lb) & mask);                                              \
+        l02 = mpq__sxtb16(l);                                                                  \
+        l13 = mpq__sxtb16_r8(l);                                                               \
+        h02 = mpq__sxtb16(h);                                                                  \
+        h13 = mpq__sxtb16_r8(h);                                                               \
+        if (sw == 1) {                                                                         \
+            x1 = mpq__smlatb(l02, A1, mpq__smlad(l13, A02, x1));                               \
+            y1 = mpq__smlatb(h02, B1, mpq__smlad(h13, B02, y1));                               \
+        } else {                                                                               \
+            const int32_t e = b[(OFF) + 4];                                                    \
+            x1 = mpq__smlabb(mpq__dw_field(e, la, mask8), A2,                                  \
+                             mpq__smlatb(l13, A1, mpq__smlatb(l02, A02, x1)));                 \
+            y1 = mpq__smlabb(mpq__dw_field(e, lb, mask8), B2,                                  \
+                             mpq__smlatb(h13, B1, mpq__smlatb(h02, B02, y1)));                 \
+        }                                                                                      \
     }
-                MPQ__DW_TAIL(0, a02a, a1a, b02a, b1a)
-                MPQ__DW_TAIL(rs, a02b, a1b, b02b, b1b)
-                MPQ__DW_TAIL(2 * rs, a02c, a1c, b02c, b1c)
-#undef MPQ__DW_TAIL
-                MPQ__DW_PUT2(o, x0, y0);
+                MPQ__DW_LAST(0, a02a, a1a, a2a, b02a, b1a, b2a)
+                MPQ__DW_LAST(rs, a02b, a1b, a2b, b02b, b1b, b2b)
+                MPQ__DW_LAST(2 * rs, a02c, a1c, a2c, b02c, b1c, b2c)
+#undef MPQ__DW_LAST
+                MPQ__DW_PUT2(o, x1, y1);
                 ++ox;
             }
 #undef MPQ__DW_PUT2

@@ -596,15 +596,6 @@ static MPQ_INLINE void mpq__pk_dot22_w4(const uint32_t *xp, const uint32_t *wp, 
 #define MPQ__PK_ASM_W4 0
 #endif
 
-/* The rounding right shift of mpq__requantize32 by s = sm1 + 1 in [1, 31] (as mpq_conv.c's
-   mpq__round_shift): h/2^s rounded half away from zero is (q >> 1) + (q & 1) for
-   q = floor((h - [h < 0]) / 2^(s-1)). */
-static MPQ_INLINE int32_t mpq__pk_round_shift(int32_t h, int32_t sm1)
-{
-    const int32_t q = mpq__asr32(h + (h < 0 ? -1 : 0), sm1);
-    return mpq__asr32(q, 1) + (q & 1);
-}
-
 /* mpq__output for a channel whose shift is in [-30, 31] and multiplier >= 0 (the layer's
    `fast` case), the shift's constant worked out by the caller. A left shift S > 0 (2-bit
    weights give them) is applied to acc first, wrapping as the reference's int32 x = acc << S;
@@ -613,10 +604,8 @@ static MPQ_INLINE int32_t mpq__pk_out_fast(uint32_t acc, int32_t m, int32_t sh, 
                                            int32_t lo, int32_t hi)
 {
     const int32_t x = mpq__i32(acc << (sh > 0 ? sh : 0));
-    int32_t r = (int32_t)mpq__asr64((int64_t)x * m + (INT64_C(1) << 30), 31);
-    if (sh < 0) {
-        r = mpq__pk_round_shift(r, -sh - 1);
-    }
+    const int32_t r = sh < 0 ? mpq__requant_rs(x, m, 1u << (-sh - 1), -sh - 1)
+                             : (int32_t)mpq__asr64((int64_t)x * m + (INT64_C(1) << 30), 31);
     return mpq__clamp_add(r, zp, lo, hi);
 }
 
@@ -634,6 +623,34 @@ static MPQ_NOINLINE int32_t mpq__pk_out_slow(uint32_t acc, int32_t m, int32_t sh
                                              int32_t lo, int32_t hi)
 {
     return mpq__output(acc, m, sh, zp, lo, hi);
+}
+
+/* The output stage of one pixel pair when every channel takes the 32-bit requantisation, the
+   output is 4-bit with an even channel count and there is no add (the W4A4 case): one byte per
+   pixel and channel pair. Out of line: inside the channel loop GCC keeps none of these values
+   in registers (the 2x2 dot takes eleven), and spills cost more than the call. */
+typedef struct {
+    const int32_t *bias, *mult, *shift;
+    int32_t zp, lo, hi;
+    int32_t corr0, corr1; /* the two columns' corrections (mpq__pk_close) */
+    uint8_t *dst0, *dst1; /* the two pixels' channel 0 bytes; dst1 NULL: one pixel */
+} mpq__pk_pair4;
+
+static MPQ_NOINLINE void mpq__pk_put_pair4(const mpq__pk_pair4 *e, int32_t o, const uint32_t s[4])
+{
+    const uint32_t b0 = (uint32_t)e->bias[o] - (uint32_t)e->corr0;
+    const uint32_t b1 = (uint32_t)e->bias[o + 1] - (uint32_t)e->corr0;
+    const uint32_t d = (uint32_t)e->corr0 - (uint32_t)e->corr1; /* column 1's bias - column 0's */
+    int32_t y00, y01, y10, y11;
+    /* an odd last pixel's column is its own again (dst1 NULL): its values are not stored */
+    mpq__out2(b0 + s[0], b0 + d + s[2], e->mult[o], e->shift[o], e->zp, e->lo, e->hi, &y00,
+              &y10);
+    mpq__out2(b1 + s[1], b1 + d + s[3], e->mult[o + 1], e->shift[o + 1], e->zp, e->lo, e->hi,
+              &y01, &y11);
+    e->dst0[o >> 1] = (uint8_t)(((uint32_t)y00 & 15u) | (((uint32_t)y01 & 15u) << 4));
+    if (e->dst1 != NULL) {
+        e->dst1[o >> 1] = (uint8_t)(((uint32_t)y10 & 15u) | (((uint32_t)y11 & 15u) << 4));
+    }
 }
 
 /* Stores y0, y1 as channels o, o + 1 (o + 1 only when two) at element base + o. */
@@ -685,6 +702,34 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
         const int32_t corr0 = mpq__pk_column(p, f, in, oy0, ox0, (int16_t *)col0, nblk);
         /* an odd last pixel: its own column again (the pair's second is never stored) */
         const int32_t corr1 = mpq__pk_column(p, f, in, oy1, ox1, (int16_t *)col1, nblk);
+        if (pairs4 && fast && add == NULL) {
+            /* 4-bit outputs, even channel count (every pair whole), 32-bit requantisation */
+            mpq__pk_pair4 e;
+            e.bias = bias;
+            e.mult = mult;
+            e.shift = shift;
+            e.zp = ozp;
+            e.lo = lo;
+            e.hi = hi;
+            e.corr0 = corr0;
+            e.corr1 = corr1;
+            e.dst0 = dst + (ko0 >> 1);
+            e.dst1 = two_px ? dst + (ko1 >> 1) : NULL;
+            for (o = 0; o < cout; o += 2) {
+                uint32_t s[4];
+#if MPQ__PK_ASM_W4
+                if (wbits == 4) {
+                    mpq__pk_dot22_w4(col0, f->data + o * stride, 4 * stride, nblk, every, s);
+                } else
+#endif
+                {
+                    const uint32_t *w0 = f->data + o * stride;
+                    mpq__pk_dot22(col0, col1, w0, w0 + stride, nblk, wbits, every, s);
+                }
+                mpq__pk_put_pair4(&e, o, s);
+            }
+            continue;
+        }
         for (o = 0; o < cout; o += 2) {
             const int two_ch = o + 1 < cout;
             uint32_t s[4], b0, b1;

@@ -31,6 +31,15 @@
 #define MPQ_USE_DSP 0
 #endif
 
+/* SMLAL (ARMv7-M and later mainline cores, DSP extension or not) for mpq__requant_rs; the
+   host and MPQ_EMULATE_DSP builds use the C form. */
+#if (defined(__ARM_ARCH_7M__) || defined(__ARM_ARCH_7EM__) || defined(__ARM_ARCH_8M_MAIN__)) \
+    && !defined(MPQ_EMULATE_DSP)
+#define MPQ_HAVE_SMLAL 1
+#else
+#define MPQ_HAVE_SMLAL 0
+#endif
+
 /* -- integer helpers (DESIGN sec. 4.1) -------------------------------------------------------- */
 
 /* The int32 whose two's complement bits are u (what a wrapping int32 expression gives). */
@@ -61,6 +70,14 @@ static inline int64_t mpq__rdivpot(int64_t x, int32_t e)
     return mpq__asr64(x, e) + ((x & mask) > threshold ? 1 : 0);
 }
 
+/* The SIMD-style loops are written once and instantiated for constant bit widths: that only
+   works if they are inlined. */
+#if defined(__GNUC__)
+#define MPQ_INLINE inline __attribute__((always_inline))
+#else
+#define MPQ_INLINE inline
+#endif
+
 /* Kept out of line so that the loops that inline the common case stay small. */
 #if defined(__GNUC__)
 #define MPQ_NOINLINE __attribute__((noinline))
@@ -72,19 +89,42 @@ static inline int64_t mpq__rdivpot(int64_t x, int32_t e)
    above 30 or a negative multiplier (64-bit rounding). In mpq_support.c. */
 int32_t mpq__requantize_wide(int32_t acc, int32_t multiplier, int32_t shift);
 
+/* mpq__requantize32's right shift s = sm1 + 1 in [1, 30] in one rounding (t = 2^(s-1), worked
+   out once per channel): floor((acc*M + c) / 2^(31+s)) with c = 2^(30+s) + 2^30 - [acc < 0]*2^31.
+   Why it equals the double rounding below: with y = acc*M + 2^30 and h = floor(y / 2^31), h/2^s
+   rounded half away from zero is floor((q + 1) / 2) for q = floor((h - [h < 0]) / 2^(s-1)), and
+   h - [h < 0] = floor((y - [y < 0]*2^31) / 2^31), so the nested floors make one:
+   floor((y - [y < 0]*2^31 + 2^(30+s)) / 2^(31+s)). [y < 0] may be taken as [acc < 0] (M >= 0):
+   they differ only for acc*M in [-2^30, 0), where both give 0. c's words: u = t - [acc < 0],
+   c = u*2^31 + 2^30, i.e. hi u >> 1, lo (u << 31) | 2^30 - one SMLAL into them, then the high
+   word shifted by s - 1 (31 + s >= 32). No overflow: |acc*M| < 2^62, c < 2^61. */
+static inline int32_t mpq__requant_rs(int32_t acc, int32_t multiplier, uint32_t t, int32_t sm1)
+{
+    const uint32_t u = t + (uint32_t)mpq__asr32(acc, 31);
+    uint32_t lo = (u << 31) | 0x40000000u, hi = u >> 1;
+#if MPQ_HAVE_SMLAL
+    /* by hand: knowing M >= 0, GCC 12 multiplies as int64 x uint64 (UMULL, MUL, MLA) */
+    __asm__("smlal %0, %1, %2, %3" : "+r"(lo), "+r"(hi) : "r"(acc), "r"(multiplier));
+#else
+    const uint64_t c = ((uint64_t)hi << 32) | lo;
+    hi = (uint32_t)((uint64_t)((int64_t)acc * multiplier + (int64_t)c) >> 32);
+#endif
+    return mpq__asr32(mpq__i32(hi), sm1);
+}
+
 /* arm_nn_requantize / TFLite MultiplyByQuantizedMultiplier, double rounding (DESIGN sec. 4.1;
    `mpq.quant.arith.requantize`): x = acc << max(S,0) wrapped to int32, hi = floor((x*M + 2^30)
    / 2^31), result = RoundingDivideByPOT(hi, max(-S,0)). Total over all S: a left shift of 32
    or more leaves 0 bits, and |hi| <= 2^31 rounds to 0 for any right shift above 33. This is the
    usual case - no left shift, a right shift up to 30, M >= 0 (every multiplier mpq makes), so
-   hi fits in int32 - rounded in 32 bits like CMSIS-NN's: the same result as
-   mpq__requantize_wide in a third of the instructions. */
+   hi fits in int32 - rounded in 32 bits (a right shift: mpq__requant_rs's single rounding):
+   the same result as mpq__requantize_wide in a fraction of the instructions. */
 static inline int32_t mpq__requantize32(int32_t acc, int32_t multiplier, int32_t shift)
 {
-    const int32_t h = (int32_t)mpq__asr64((int64_t)acc * multiplier + (INT64_C(1) << 30), 31);
-    const uint32_t mask = (1u << -shift) - 1u;
-    const int32_t threshold = (int32_t)(mask >> 1) + (h < 0 ? 1 : 0);
-    return mpq__asr32(h, -shift) + ((int32_t)((uint32_t)h & mask) > threshold ? 1 : 0);
+    if (shift < 0) {
+        return mpq__requant_rs(acc, multiplier, 1u << (-shift - 1), -shift - 1);
+    }
+    return (int32_t)mpq__asr64((int64_t)acc * multiplier + (INT64_C(1) << 30), 31);
 }
 
 /* The requantisation of any (M, S): mpq__requantize32 when -30 <= S <= 0 and M >= 0, and for a
@@ -132,6 +172,43 @@ static inline int32_t mpq__output(uint32_t acc, int32_t multiplier, int32_t shif
                                   int32_t lo, int32_t hi)
 {
     return mpq__clamp_add(mpq__requantize(mpq__i32(acc), multiplier, shift), zp, lo, hi);
+}
+
+/* c, telling the compiler that it is rarely true: the code for it is laid out of the way. */
+#if defined(__GNUC__)
+#define MPQ_UNLIKELY(c) __builtin_expect((c) != 0, 0)
+#else
+#define MPQ_UNLIKELY(c) (c)
+#endif
+
+/* hi of mpq__requantize32: floor((acc * m + 2^30) / 2^31), acc as int32. */
+static MPQ_INLINE int32_t mpq__mulhi(uint32_t acc, int32_t m)
+{
+    return (int32_t)mpq__asr64((int64_t)mpq__i32(acc) * m + (INT64_C(1) << 30), 31);
+}
+
+/* The outputs of two accumulators a, b of one channel (m, sh): mpq__requantize32 (the call's
+   shifts are all in [-30, 31], M >= 0), then mpq__clamp_add; the shift's constant worked out
+   once. A left shift sh > 0 is applied to the accumulators first (the reference's int32
+   x = acc << S, wrapping), leaving a right shift of 0, as mpq__requantize does. */
+static MPQ_INLINE void mpq__out2(uint32_t a, uint32_t b, int32_t m, int32_t sh, int32_t zp,
+                                 int32_t lo, int32_t hi, int32_t *va, int32_t *vb)
+{
+    int32_t ra, rb;
+    if (MPQ_UNLIKELY(sh > 0)) {
+        a <<= sh;
+        b <<= sh;
+    }
+    if (sh < 0) {
+        const uint32_t t = 1u << (-sh - 1);
+        ra = mpq__requant_rs(mpq__i32(a), m, t, -sh - 1);
+        rb = mpq__requant_rs(mpq__i32(b), m, t, -sh - 1);
+    } else {
+        ra = mpq__mulhi(a, m);
+        rb = mpq__mulhi(b, m);
+    }
+    *va = mpq__clamp_add(ra, zp, lo, hi);
+    *vb = mpq__clamp_add(rb, zp, lo, hi);
 }
 
 /* -- packed storage (DESIGN sec. 4.2) --------------------------------------------------------- */
@@ -290,13 +367,6 @@ static inline int mpq__tabled(const mpq_filter *f)
 
 /* -- SIMD (DSP extension) helpers ------------------------------------------------------------- */
 
-/* The SIMD-style loops are written once and instantiated for constant bit widths: that only
-   works if they are inlined. */
-#if defined(__GNUC__)
-#define MPQ_INLINE inline __attribute__((always_inline))
-#else
-#define MPQ_INLINE inline
-#endif
 #if MPQ_USE_DSP
 #if defined(MPQ_EMULATE_DSP)
 /* C versions of the ACLE intrinsics, for testing the DSP loops on a host. */

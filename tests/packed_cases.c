@@ -19,12 +19,16 @@
  * place) against mpq_conv2d (groups = C): kind dwinplace; and CASES 4- and 2-bit average and
  * max poolings (mpq_avgpool_grouped / mpq_maxpool_grouped) against the formulas
  * computed in this file: kinds avgpool and maxpool, mixes a4o0 and a2o0 (o0: outputs of any
- * bits).
+ * bits). Last, kind requant (mix a8o8: 8-bit outputs): CASES draws of 64 (accumulator,
+ * multiplier, right shift 0..30) each - a third of them at the ends of their ranges - through the
+ * kernels' inline requantisation (mpq__requantize32: one rounding, SMLAL on the Cortex-M) and the
+ * 64-bit double rounding of mpq__requantize_wide, plus the zero point and the int8 clamp.
  */
 #include <stdint.h>
 #include <string.h>
 
 #include "mpq_kernels.h"
+#include "mpq_support.h" /* mpq__requantize32 and mpq__requantize_wide: kind requant */
 
 #ifndef CASES
 #define CASES 200
@@ -836,10 +840,11 @@ static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases,
                  : kind == 2 ? "dwinplace a"
                  : kind == 3 ? "avgpool a"
                  : kind == 5 ? "maxpool a"
+                 : kind == 6 ? "requant a"
                              : "unpackadd a");
     fmt_u(num, (uint32_t)abits);
     append(line, num);
-    append(line, kind == 3 || kind == 5 ? "o" : "w");
+    append(line, kind == 3 || kind >= 5 ? "o" : "w");
     fmt_u(num, (uint32_t)wbits);
     append(line, num);
     append(line, " cases=");
@@ -853,6 +858,30 @@ static void report_unpack(int kind, int32_t abits, int32_t wbits, int32_t cases,
     append(line, num);
     append(line, "\n");
     emit(line);
+}
+
+/* One draw of 64 requantisations (kind requant): mpq__requantize32 against
+   mpq__requantize_wide. Returns 1 when any differs. */
+static int32_t rq_value(int32_t lo, int32_t hi)
+{
+    const int32_t pick = rint_(0, 5);
+    return pick == 0 ? lo : pick == 1 ? hi : pick == 2 ? lo + rint_(0, 2) : (int32_t)rnd();
+}
+
+static int requant_case(uint32_t *sum)
+{
+    int bad = 0, i;
+    for (i = 0; i < 64; ++i) {
+        const int32_t acc = rint_(0, 1) ? rq_value(INT32_MIN, INT32_MAX) : rint_(-40000, 40000);
+        const int32_t m = rint_(0, 3) == 0 ? rq_value(0, INT32_MAX)
+                                           : (int32_t)(0x40000000u | (rnd() & 0x3FFFFFFFu));
+        const int32_t s = -rint_(0, 30), zp = rint_(-128, 127);
+        const int32_t got = mpq__clamp_add(mpq__requantize32(acc, m, s), zp, -128, 127);
+        const int32_t want = mpq__clamp((int64_t)mpq__requantize_wide(acc, m, s) + zp, -128, 127);
+        bad |= got != want;
+        *sum = *sum * 31u + (uint32_t)got;
+    }
+    return bad;
 }
 
 int main(void)
@@ -940,6 +969,15 @@ int main(void)
             report_unpack(kind, m, 0, cases, bad, sum);
             total_bad += bad;
         }
+    }
+    {
+        int32_t cases = 0, bad = 0;
+        uint32_t sum = 0;
+        for (; cases < CASES; ++cases) {
+            bad += requant_case(&sum);
+        }
+        report_unpack(6, 8, 8, cases, bad, sum);
+        total_bad += bad;
     }
     return total_bad != 0;
 }

@@ -65,7 +65,7 @@ def _check(stdout: str) -> list[tuple[str, ...]]:
         (k, m) for k in UNPACK_KINDS for m in UNPACK_MIXES] + [
         ("unpackadd", m) for m in ("a4w8", "a8w4", "a2w8")] + [
         ("dwinplace", m) for m in DW_MIXES] + [(k, m) for k in ("avgpool", "maxpool")
-                                                for m in POOL_MIXES], stdout
+                                                for m in POOL_MIXES] + [("requant", "a8o8")], stdout
     for kind, mix, cases, bad, _ in got:
         assert int(cases) >= 200, (kind, mix)
         assert int(bad) == 0, f"{kind} {mix}: {bad} of {cases} cases differ from the reference"
@@ -98,7 +98,7 @@ def host(tmp_path_factory) -> list[tuple[str, ...]]:
 
 def test_packed_kernels_match_reference_on_host(host) -> None:
     assert len(host) == len(KINDS) * len(MIXES) + len(UNPACK_KINDS) * len(UNPACK_MIXES) + 3 \
-        + len(DW_MIXES) + 2 * len(POOL_MIXES)
+        + len(DW_MIXES) + 2 * len(POOL_MIXES) + 1
 
 
 @pytest.mark.parametrize("target", ["qemu-m4", "qemu-m7"])
