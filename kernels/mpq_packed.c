@@ -591,6 +591,66 @@ static MPQ_INLINE void mpq__pk_dot22_w4(const uint32_t *xp, const uint32_t *wp, 
     s[2] = t10;
     s[3] = t11;
 }
+/* One stored word of both filter rows (r1: the first row's, r1 + off: the second's) against two
+   column words of both columns (r0: the first column's, r0 + 2*off: the second's) in the
+   registers of mpq__pk_w4e1_blocks; F: SMUAD (a block's first word) or SMLAD. */
+#define MPQ__PK_R_FIRST(a, o) "smuad " a ", lr, " o "\n\t"
+#define MPQ__PK_R_NEXT(a, o) "smlad " a ", lr, " o ", " a "\n\t"
+#define MPQ__PK_R_WORD(F)                                  \
+    "ldr r8, [r1, r2]\n\t"                                 \
+    "ldr r9, [r1], #4\n\t"                                 \
+    "and r10, r12, r9\n\t"                                 \
+    "and r11, r12, r8\n\t"                                 \
+    "ldr lr, [r0, r2, lsl #1]\n\t"                         \
+    F("r6", "r10") F("r7", "r11")                          \
+    "ldr lr, [r0], #4\n\t"                                 \
+    F("r4", "r10") F("r5", "r11")                          \
+    "and r10, r12, r9, ror #8\n\t"                         \
+    "and r11, r12, r8, ror #8\n\t"                         \
+    "ldr lr, [r0, r2, lsl #1]\n\t"                         \
+    MPQ__PK_R_NEXT("r6", "r10") MPQ__PK_R_NEXT("r7", "r11") \
+    "ldr lr, [r0], #4\n\t"                                 \
+    MPQ__PK_R_NEXT("r4", "r10") MPQ__PK_R_NEXT("r5", "r11")
+
+/* mpq__pk_dot22_w4 for an extraction period of one block (W4A4), the sums in memory: t[0..3]
+   (zeroed by the caller) += the middle fields of columns 0, 1 against rows 0, 1 (t[2p + r]),
+   over t[4] >= 1 blocks (counted down to 0). Every register is taken - four block
+   accumulators, the operands, both pointers, off, the mask, t - so the function is written
+   whole: per block the 36-instruction product, SBFX of each field, and the four sums and the
+   count loaded, added and stored back with LDM/STM into the operand registers, dead by then
+   (48 instructions per 64 MACs; the inlined form spills its sums: 58). AAPCS: r0 = the first
+   column, r1 = the first row, r2 = off (bytes per row), r3 = t. */
+__attribute__((naked, noinline)) static void mpq__pk_w4e1_blocks(const uint32_t *col
+                                                                __attribute__((unused)),
+                                                                const uint32_t *row
+                                                                __attribute__((unused)),
+                                                                int32_t off __attribute__((unused)),
+                                                                uint32_t *t __attribute__((unused)))
+{
+    /* the arguments are read in r0-r3 by the assembly (naked: no C statement may run) */
+    __asm__ volatile(
+        "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
+        "movw r12, #0xF00F\n\t"
+        "movt r12, #0xF00F\n\t"
+        "1:\n\t"
+        MPQ__PK_R_WORD(MPQ__PK_R_FIRST) MPQ__PK_R_WORD(MPQ__PK_R_NEXT)
+        "sbfx r4, r4, #12, #12\n\t"
+        "sbfx r5, r5, #12, #12\n\t"
+        "sbfx r6, r6, #12, #12\n\t"
+        "sbfx r7, r7, #12, #12\n\t"
+        "ldm r3, {r8, r9, r10, r11, lr}\n\t"
+        "add r8, r8, r4\n\t"
+        "add r9, r9, r5\n\t"
+        "add r10, r10, r6\n\t"
+        "add r11, r11, r7\n\t"
+        "subs lr, lr, #1\n\t"
+        "stm r3, {r8, r9, r10, r11, lr}\n\t"
+        "bne 1b\n\t"
+        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t");
+}
+#undef MPQ__PK_R_WORD
+#undef MPQ__PK_R_NEXT
+#undef MPQ__PK_R_FIRST
 #define MPQ__PK_ASM_W4 1
 #else
 #define MPQ__PK_ASM_W4 0
@@ -716,9 +776,13 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
             e.dst0 = dst + (ko0 >> 1);
             e.dst1 = two_px ? dst + (ko1 >> 1) : NULL;
             for (o = 0; o < cout; o += 2) {
-                uint32_t s[4];
+                uint32_t s[5];
 #if MPQ__PK_ASM_W4
-                if (wbits == 4) {
+                if (wbits == 4 && every == 1) {
+                    s[0] = s[1] = s[2] = s[3] = 0u;
+                    s[4] = (uint32_t)nblk;
+                    mpq__pk_w4e1_blocks(col0, f->data + o * stride, 4 * stride, s);
+                } else if (wbits == 4) {
                     mpq__pk_dot22_w4(col0, f->data + o * stride, 4 * stride, nblk, every, s);
                 } else
 #endif
@@ -732,7 +796,7 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
         }
         for (o = 0; o < cout; o += 2) {
             const int two_ch = o + 1 < cout;
-            uint32_t s[4], b0, b1;
+            uint32_t s[5], b0, b1;
             int32_t y00, y01, y10, y11, o1;
             if (!two_ch && cout > 1) {
                 /* an odd last channel: the pair (o - 1, o), its second half stored */
@@ -740,7 +804,11 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
             }
             o1 = o + (cout > 1);
 #if MPQ__PK_ASM_W4
-            if (wbits == 4 && cout > 1) {
+            if (wbits == 4 && cout > 1 && every == 1) {
+                s[0] = s[1] = s[2] = s[3] = 0u;
+                s[4] = (uint32_t)nblk;
+                mpq__pk_w4e1_blocks(col0, f->data + o * stride, 4 * stride, s);
+            } else if (wbits == 4 && cout > 1) {
                 mpq__pk_dot22_w4(col0, f->data + o * stride, 4 * stride, nblk, every, s);
             } else
 #endif
