@@ -21,6 +21,8 @@
  * field is still in [0, 2^12) and the middle one in [-2^11, 2^11), so bits 12..23 of the
  * accumulator, sign-extended (SBFX), are the middle field's sum exactly (the periods per bit
  * mix: mpq.codegen.packed.extraction_period). */
+#include <stddef.h>
+
 #include "mpq_support.h"
 
 #define MPQ_PK_S 12                  /* the field shift */
@@ -128,7 +130,15 @@ typedef struct {
     int32_t oa;   /* 2^(act_bits - 1) */
     int32_t pend; /* the pending even element + oa */
     int32_t sp, sq;
+    int want_sp;  /* sp is needed: the filter's hi fields are offset (oh != 0: 2-bit weights) */
 } mpq__pk_col;
+
+/* The sum of the four bytes of v (each below 256). */
+static MPQ_INLINE uint32_t mpq__pk_bytes_sum(uint32_t v)
+{
+    const uint32_t h = (v & 0x00FF00FFu) + ((v >> 8) & 0x00FF00FFu);
+    return (h & 0xFFFFu) + (h >> 16);
+}
 
 static MPQ_INLINE void mpq__pk_put(mpq__pk_col *c, int32_t x)
 {
@@ -142,9 +152,56 @@ static MPQ_INLINE void mpq__pk_put(mpq__pk_col *c, int32_t x)
     c->n++;
 }
 
+/* Lanes of 8*nw 4-bit elements, four bytes (eight elements) per round, from s into dw; adds the
+   sums of x_p + 8 (when want_sp) and x_q + 8 to *tp and *tq. Byte (x_q << 4 | x_p) gives the
+   lane (code_p ^ 8) | code_q << 12, i.e. x_p + 8 + x_q*2^12: with a = bytes 0, 2 and b = bytes
+   1, 3 of the word as halfwords, both lanes of a (of b) are made at once and the halfwords
+   regrouped (bytes 0, 1 and 2, 3: PKHBT, PKHTB). The codes ^ 8 are summed per byte lane, at
+   most 16 rounds of values below 16 (no carry between lanes), then the lanes added. */
+static MPQ_INLINE void mpq__pk_words4(uint32_t *dw, const uint8_t *s, int32_t nw, int want_sp,
+                                      uint32_t *tp, uint32_t *tq)
+{
+    while (nw > 0) {
+        const int32_t e = nw < 16 ? nw : 16;
+        uint32_t vp = 0, vq = 0;
+        int32_t j;
+        nw -= e;
+        for (j = 0; j < e; ++j, s += 4, dw += 2) {
+            uint32_t w, fa, fb;
+            memcpy(&w, s, 4);
+            fa = ((w & 0x000F000Fu) ^ 0x00080008u) | ((w & 0x00F000F0u) << 8);
+            fb = (((w >> 8) & 0x000F000Fu) ^ 0x00080008u) | (((w >> 8) & 0x00F000F0u) << 8);
+            dw[0] = (fa & 0xFFFFu) | (fb << 16);
+            dw[1] = (fa >> 16) | (fb & 0xFFFF0000u);
+            vq += ((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+            if (want_sp) {
+                vp += (w & 0x0F0F0F0Fu) ^ 0x08080808u;
+            }
+        }
+        *tp += mpq__pk_bytes_sum(vp);
+        *tq += mpq__pk_bytes_sum(vq);
+    }
+}
+
 /* Appends elements k .. k+len-1 of a packed buffer of `bits` (4 or 2) bits. */
 static void mpq__pk_run(mpq__pk_col *c, const uint8_t *src, int32_t bits, uint32_t k, int32_t len)
 {
+    /* the common case first: 4-bit elements from a byte into a whole word of lanes */
+    if (bits == 4 && len >= 8 && ((c->n | (int32_t)k) & 1) == 0
+        && ((uintptr_t)(c->lane + (c->n >> 1)) & 3u) == 0) {
+        const int32_t nw = len >> 3;
+        uint32_t tp = 0, tq = 0;
+        mpq__pk_words4((uint32_t *)(void *)(c->lane + (c->n >> 1)), src + (k >> 1), nw,
+                       c->want_sp, &tp, &tq);
+        c->sp += (int32_t)tp;
+        c->sq += (int32_t)tq - 32 * nw;
+        c->n += 8 * nw;
+        k += (uint32_t)(8 * nw);
+        len -= 8 * nw;
+        if (len == 0) {
+            return;
+        }
+    }
     while (len > 0 && ((c->n & 1) != 0 || !mpq__at_byte(k, bits))) {
         mpq__pk_put(c, mpq__ld(src, bits, k));
         ++k;
@@ -155,25 +212,10 @@ static void mpq__pk_run(mpq__pk_col *c, const uint8_t *src, int32_t bits, uint32
         int16_t *d = c->lane + (c->n >> 1);
         int32_t sp = 0, sq = 0, i = 0;
         const int32_t nb = len >> 1;
-        /* four bytes at a time: bytes b0, b1 (b2, b3) as the halfwords of one word, each turned
-           into its lane at once; the lo codes ^ 8 and the hi codes ^ 8 (x_q + 8) summed per
-           byte with one multiply (four values below 16: no carry between bytes) */
-        if (((uintptr_t)d & 3u) == 0) {
-            uint32_t *dw = (uint32_t *)(void *)d;
+        if (((uintptr_t)d & 3u) == 0 && nb >= 4) {
             uint32_t tp = 0, tq = 0;
-            for (; i + 4 <= nb; i += 4) {
-                uint32_t w, l01, l23, ep, eq;
-                memcpy(&w, s + i, 4);
-                l01 = (w & 0xFFu) | ((w & 0xFF00u) << 8);
-                l23 = ((w >> 16) & 0xFFu) | ((w >> 8) & 0xFF0000u);
-                dw[(i >> 1)] = ((l01 & 0x000F000Fu) ^ 0x00080008u) | ((l01 & 0x00F000F0u) << 8);
-                dw[(i >> 1) + 1] = ((l23 & 0x000F000Fu) ^ 0x00080008u)
-                                   | ((l23 & 0x00F000F0u) << 8);
-                ep = (w & 0x0F0F0F0Fu) ^ 0x08080808u;
-                eq = ((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
-                tp += (ep * 0x01010101u) >> 24;
-                tq += (eq * 0x01010101u) >> 24;
-            }
+            mpq__pk_words4((uint32_t *)(void *)d, s, nb >> 2, c->want_sp, &tp, &tq);
+            i = nb & ~3;
             sp += (int32_t)tp;
             sq += (int32_t)tq - 8 * i;
         }
@@ -447,6 +489,7 @@ static int32_t mpq__pk_column(const mpq_conv_params *p, const mpq_packed_filter 
     c.n = 0;
     c.oa = 1 << (in->bits - 1);
     c.pend = c.sp = c.sq = 0;
+    c.want_sp = mpq__pk_oh(f->bits) != 0;
     for (ky = 0; ky < f->h; ++ky) {
         const int32_t iy = oy * p->stride_h - p->pad_top + ky * p->dilation_h;
         const int32_t ix0 = ox * p->stride_w - p->pad_left;
@@ -696,6 +739,119 @@ typedef struct {
     uint8_t *dst0, *dst1; /* the two pixels' channel 0 bytes; dst1 NULL: one pixel */
 } mpq__pk_pair4;
 
+#if MPQ_HAVE_SMLAL && MPQ_USE_DSP
+/* The clamps of r10 (QADD of zp, r1; then [lo, hi]): any bounds (lo in r4, hi read from the
+   stage), or the whole 4-bit range [-8, 7] in one SSAT. */
+#define MPQ__PK_CLAMP_ANY                                  \
+    "qadd r10, r10, r1\n\t"                                \
+    "cmp r10, r4\n\t"                                      \
+    "it lt\n\t"                                            \
+    "movlt r10, r4\n\t"                                    \
+    "ldr r11, [r0, #20]\n\t"                               \
+    "cmp r10, r11\n\t"                                     \
+    "it gt\n\t"                                            \
+    "movgt r10, r11\n\t"
+#define MPQ__PK_CLAMP_4                                    \
+    "qadd r10, r10, r1\n\t"                                \
+    "ssat r10, #4, r10\n\t"
+/* The output of accumulator r9 of a channel with a right shift s (r6 = M, r7 = s - 1,
+   r8 = 2^(s-1)) into r10: mpq__requant_rs (u = t + [acc < 0]'s -1, c = (u >> 1,
+   u << 31 | 2^30), SMLAL, the high word >> (s - 1)), then the clamp C. */
+#define MPQ__PK_RS_OUT(C)                                  \
+    "add r10, r8, r9, asr #31\n\t"                         \
+    "lsl r11, r10, #31\n\t"                                \
+    "orr r11, r11, #0x40000000\n\t"                        \
+    "lsr r10, r10, #1\n\t"                                 \
+    "smlal r11, r10, r9, r6\n\t"                           \
+    "asr r10, r10, r7\n\t" C
+/* The same for a shift S >= 0 (r7 = S): x = acc << S (wrapping), floor((x*M + 2^30) / 2^31)
+   from SMLAL's two words, then the clamp C. */
+#define MPQ__PK_LS_OUT(C)                                  \
+    "lsl r9, r9, r7\n\t"                                   \
+    "mov r11, #0x40000000\n\t"                             \
+    "movs r10, #0\n\t"                                     \
+    "smlal r11, r10, r9, r6\n\t"                           \
+    "lsl r10, r10, #1\n\t"                                 \
+    "orr r10, r10, r11, lsr #31\n\t" C
+/* Accumulator r9 of a pixel: bias (r5) - its column's correction (stage + OFF) + its sum (byte
+   offset A of r2). */
+#define MPQ__PK_RS_ACC(OFF, A)                             \
+    "ldr r9, [r0, #" OFF "]\n\t"                           \
+    "sub r9, r5, r9\n\t"                                   \
+    "ldr r10, [r2, #" A "]\n\t"                            \
+    "add r9, r9, r10\n\t"
+/* Channel o + j (r3 = 4*(o + j)): its constants, then its outputs for both pixels (the sums
+   s[j] and s[2 + j] at byte offsets A and B of r2) into the nibbles of r12 and lr (PUT0,
+   PUT1); clamp C. */
+#define MPQ__PK_RS_CHAN(A, B, PUT0, PUT1, C)               \
+    "ldr r9, [r0, #0]\n\t"                                 \
+    "ldr r5, [r9, r3]\n\t"                                 \
+    "ldr r9, [r0, #4]\n\t"                                 \
+    "ldr r6, [r9, r3]\n\t"                                 \
+    "ldr r9, [r0, #8]\n\t"                                 \
+    "ldr r7, [r9, r3]\n\t"                                 \
+    "cmp r7, #0\n\t"                                       \
+    "bge 2f\n\t"                                           \
+    "mvn r7, r7\n\t"                                       \
+    "movs r8, #1\n\t"                                      \
+    "lsl r8, r8, r7\n\t"                                   \
+    MPQ__PK_RS_ACC("24", A) MPQ__PK_RS_OUT(C) PUT0         \
+    MPQ__PK_RS_ACC("28", B) MPQ__PK_RS_OUT(C) PUT1         \
+    "b 3f\n\t"                                             \
+    "2:\n\t"                                               \
+    MPQ__PK_RS_ACC("24", A) MPQ__PK_LS_OUT(C) PUT0         \
+    MPQ__PK_RS_ACC("28", B) MPQ__PK_LS_OUT(C) PUT1         \
+    "3:\n\t"
+/* The whole output stage of a channel pair with clamp C. */
+#define MPQ__PK_PAIR4_BODY(C)                                                              \
+    __asm__ volatile(                                                                      \
+        "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"                                  \
+        "lsl r3, r1, #2\n\t"                                                               \
+        "ldr r1, [r0, #12]\n\t"                                                            \
+        "ldr r4, [r0, #16]\n\t"                                                            \
+        MPQ__PK_RS_CHAN("0", "8", "and r12, r10, #15\n\t", "and lr, r10, #15\n\t", C)      \
+        "add r3, r3, #4\n\t"                                                               \
+        MPQ__PK_RS_CHAN("4", "12", "and r10, r10, #15\n\torr r12, r12, r10, lsl #4\n\t",  \
+                        "and r10, r10, #15\n\torr lr, lr, r10, lsl #4\n\t", C)             \
+        "lsr r3, r3, #3\n\t"                                                               \
+        "ldr r9, [r0, #32]\n\t"                                                            \
+        "strb r12, [r9, r3]\n\t"                                                           \
+        "ldr r5, [r0, #36]\n\t"                                                            \
+        "cbz r5, 1f\n\t"                                                                   \
+        "strb lr, [r5, r3]\n\t"                                                            \
+        "1:\n\t"                                                                           \
+        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t")
+
+/* mpq__pk_put_pair4 by hand (every channel's shift in [-30, 31], M >= 0: the layer's `fast`):
+   the C form spills the channel constants and the clamp bounds (126 instructions per call;
+   this: about 110, and about 85 when the clamp is the whole 4-bit range). AAPCS: r0 = e
+   (mpq__pk_pair4: bias, mult, shift, zp, lo, hi, corr0, corr1, dst0, dst1 at 0, 4, ..., 36),
+   r1 = o (even), r2 = s; the arguments are read by the assembly (naked: no C statement may
+   run). */
+typedef char mpq__pk_pair4_layout[offsetof(mpq__pk_pair4, dst1) == 36 ? 1 : -1];
+__attribute__((naked, noinline)) static void mpq__pk_put_pair4_asm(
+    const mpq__pk_pair4 *e __attribute__((unused)), int32_t o __attribute__((unused)),
+    const uint32_t s[4] __attribute__((unused)))
+{
+    MPQ__PK_PAIR4_BODY(MPQ__PK_CLAMP_ANY);
+}
+
+/* mpq__pk_put_pair4_asm for [lo, hi] = [-8, 7]: clamp(qadd(v, zp), -8, 7) is SSAT #4. */
+__attribute__((naked, noinline)) static void mpq__pk_put_pair4_asm8(
+    const mpq__pk_pair4 *e __attribute__((unused)), int32_t o __attribute__((unused)),
+    const uint32_t s[4] __attribute__((unused)))
+{
+    MPQ__PK_PAIR4_BODY(MPQ__PK_CLAMP_4);
+}
+#undef MPQ__PK_PAIR4_BODY
+#undef MPQ__PK_RS_CHAN
+#undef MPQ__PK_RS_ACC
+#undef MPQ__PK_LS_OUT
+#undef MPQ__PK_RS_OUT
+#undef MPQ__PK_CLAMP_4
+#undef MPQ__PK_CLAMP_ANY
+#define MPQ__PK_PAIR4_ASM 1
+#else
 static MPQ_NOINLINE void mpq__pk_put_pair4(const mpq__pk_pair4 *e, int32_t o, const uint32_t s[4])
 {
     const uint32_t b0 = (uint32_t)e->bias[o] - (uint32_t)e->corr0;
@@ -712,6 +868,34 @@ static MPQ_NOINLINE void mpq__pk_put_pair4(const mpq__pk_pair4 *e, int32_t o, co
         e->dst1[o >> 1] = (uint8_t)(((uint32_t)y10 & 15u) | (((uint32_t)y11 & 15u) << 4));
     }
 }
+
+/* mpq__pk_put_pair4 when every channel shifts right (S in [-30, -1], the layer's `fast` 2):
+   mpq__requant_rs alone, no left-shift or zero-shift case to carry. */
+static MPQ_NOINLINE void mpq__pk_put_pair4_rs(const mpq__pk_pair4 *e, int32_t o,
+                                              const uint32_t s[4])
+{
+    const int32_t zp = e->zp, lo = e->lo, hi = e->hi;
+    const uint32_t c0 = (uint32_t)e->corr0, c1 = (uint32_t)e->corr1;
+    uint32_t v0 = 0, v1 = 0;
+    int32_t j;
+    for (j = 0; j < 2; ++j) {
+        const uint32_t b = (uint32_t)e->bias[o + j];
+        const int32_t m = e->mult[o + j], sm1 = -e->shift[o + j] - 1;
+        const uint32_t t = 1u << sm1;
+        const int32_t y0 = mpq__clamp_add(mpq__requant_rs(mpq__i32(b - c0 + s[j]), m, t, sm1),
+                                          zp, lo, hi);
+        const int32_t y1 = mpq__clamp_add(
+            mpq__requant_rs(mpq__i32(b - c1 + s[2 + j]), m, t, sm1), zp, lo, hi);
+        v0 |= ((uint32_t)y0 & 15u) << (4 * j);
+        v1 |= ((uint32_t)y1 & 15u) << (4 * j);
+    }
+    e->dst0[o >> 1] = (uint8_t)v0;
+    if (e->dst1 != NULL) {
+        e->dst1[o >> 1] = (uint8_t)v1;
+    }
+}
+#define MPQ__PK_PAIR4_ASM 0
+#endif
 
 /* Stores y0, y1 as channels o, o + 1 (o + 1 only when two) at element base + o. */
 static MPQ_INLINE void mpq__pk_put2(uint8_t *dst, int32_t bits, uint32_t k, int32_t y0,
@@ -765,6 +949,9 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
         if (pairs4 && fast && add == NULL) {
             /* 4-bit outputs, even channel count (every pair whole), 32-bit requantisation */
             mpq__pk_pair4 e;
+#if MPQ__PK_PAIR4_ASM
+            const int full4 = lo == -8 && hi == 7;
+#endif
             e.bias = bias;
             e.mult = mult;
             e.shift = shift;
@@ -790,7 +977,19 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
                     const uint32_t *w0 = f->data + o * stride;
                     mpq__pk_dot22(col0, col1, w0, w0 + stride, nblk, wbits, every, s);
                 }
-                mpq__pk_put_pair4(&e, o, s);
+#if MPQ__PK_PAIR4_ASM
+                if (full4) {
+                    mpq__pk_put_pair4_asm8(&e, o, s);
+                } else {
+                    mpq__pk_put_pair4_asm(&e, o, s);
+                }
+#else
+                if (fast == 2) {
+                    mpq__pk_put_pair4_rs(&e, o, s);
+                } else {
+                    mpq__pk_put_pair4(&e, o, s);
+                }
+#endif
             }
             continue;
         }
@@ -874,16 +1073,19 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
     }
 }
 
-/* Does every channel take the 32-bit requantisation (shift in [-30, 31], multiplier >= 0)? */
+/* Does every channel take the 32-bit requantisation (shift in [-30, 31], multiplier >= 0)?
+   0: no; 2: yes, every shift a right shift (mpq__pk_put_pair4_rs); 1: yes, some not. */
 static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
 {
     int32_t o;
+    int right = 1;
     for (o = 0; o < n; ++o) {
         if (q->shift[o] > 31 || q->shift[o] < -30 || q->multiplier[o] < 0) {
             return 0;
         }
+        right &= q->shift[o] < 0;
     }
-    return 1;
+    return right ? 2 : 1;
 }
 
 /* The loops of each weight width, with the requantisation path (`fast`), the fused add and
@@ -1014,6 +1216,7 @@ int mpq_packed_fully_connected(const mpq_fc_params *p, const mpq_packed_filter *
     c.n = 0;
     c.oa = 1 << (in->bits - 1);
     c.pend = c.sp = c.sq = 0;
+    c.want_sp = mpq__pk_oh(f->bits) != 0;
     for (y = 0; y < in->h; ++y) {
         mpq__pk_run(&c, (const uint8_t *)in->data, in->bits, mpq__at(in, y, 0), in->w * in->c);
     }
