@@ -43,6 +43,9 @@
  *        x  = acc << max(S, 0)                    (int32, wrapping)
  *        hi = floor((x * M + 2^30) / 2^31)
  *        y  = round_half_away_from_zero(hi / 2^max(-S, 0))
+ *    For a right shift s = -S in [1, 30] and M >= 0 the kernels compute the same y in one
+ *    rounding, y = floor((x * M + 2^(30+s) + 2^30 - [x < 0] * 2^31) / 2^(31+s)) (one SMLAL;
+ *    mpq_support.h, mpq__requant_rs, says why they are equal).
  *  - Every kernel returns MPQ_OK or a negative MPQ_ERR_* code, having checked its arguments
  *    before touching any output.
  *  - Unless a kernel says otherwise, its output must not overlap its inputs.

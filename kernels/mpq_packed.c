@@ -6,8 +6,11 @@
  * The convolution works on output pixels in pairs and channels in pairs (CMSIS-NN's 2x2
  * register block): the two pixels' columns are written to scratch once and read by every
  * channel pair; each unpacked weight operand meets both columns (W4 with the DSP: a
- * hand-scheduled block of 36 instructions per 64 MACs). Outputs take the int8 path's 32-bit
- * requantisation when every channel's shift is in [-30, 0].
+ * hand-scheduled block of 36 instructions per 64 MACs; W4A4, whose fields are extracted after
+ * every block, runs its whole block loop and its 4-bit output stage as two assembly functions,
+ * mpq__pk_w4e1_blocks and mpq__pk_put_pair4_asm). Outputs take the 32-bit requantisation
+ * (mpq__requant_rs's single rounding for right shifts) when every channel's shift is in
+ * [-30, 31] and M >= 0.
  *
  * Part of mpq's portable kernel library (shared helpers: mpq_support.h).
  *
@@ -158,8 +161,8 @@ static MPQ_INLINE void mpq__pk_put(mpq__pk_col *c, int32_t x)
    1, 3 of the word as halfwords, both lanes of a (of b) are made at once and the halfwords
    regrouped (bytes 0, 1 and 2, 3: PKHBT, PKHTB). The codes ^ 8 are summed per byte lane, at
    most 16 rounds of values below 16 (no carry between lanes), then the lanes added. */
-static MPQ_INLINE void mpq__pk_words4(uint32_t *dw, const uint8_t *s, int32_t nw, int want_sp,
-                                      uint32_t *tp, uint32_t *tq)
+static MPQ_NOINLINE void mpq__pk_words4(uint32_t *dw, const uint8_t *s, int32_t nw,
+                                        int want_sp, uint32_t *tp, uint32_t *tq)
 {
     while (nw > 0) {
         const int32_t e = nw < 16 ? nw : 16;
@@ -924,7 +927,7 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
                                       const mpq_channel_quant *q, const mpq_view *in,
                                       const mpq_view *out, int32_t *scratch, int32_t wbits,
                                       int32_t every, int fast, const mpq_add_params *add,
-                                      const mpq_view *skip, int add_fast)
+                                      const mpq_view *skip, int add_fast, const int w4a4)
 {
     const int32_t nblk = (f->k + 15) / 16, stride = nblk * (wbits / 2);
     const int32_t npix = out->h * out->w, ow = out->w, cout = f->n;
@@ -946,8 +949,9 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
         const int32_t corr0 = mpq__pk_column(p, f, in, oy0, ox0, (int16_t *)col0, nblk);
         /* an odd last pixel: its own column again (the pair's second is never stored) */
         const int32_t corr1 = mpq__pk_column(p, f, in, oy1, ox1, (int16_t *)col1, nblk);
-        if (pairs4 && fast && add == NULL) {
-            /* 4-bit outputs, even channel count (every pair whole), 32-bit requantisation */
+        if (w4a4 && pairs4 && fast) {
+            /* W4A4 without an add (the w4e1 copy alone carries this code), 4-bit outputs with
+               an even channel count (every pair whole), 32-bit requantisation */
             mpq__pk_pair4 e;
 #if MPQ__PK_PAIR4_ASM
             const int full4 = lo == -8 && hi == 7;
@@ -1099,7 +1103,7 @@ static int mpq__pk_fast(const mpq_channel_quant *q, int32_t n)
                                   const mpq_view *skip, int add_fast)                      \
     {                                                                                      \
         mpq__pk_conv_t(p, f, q, in, out, scratch, wb, ev > 0 ? ev : every, fast,           \
-                       ev > 0 ? NULL : add, skip, add_fast);                                \
+                       ev > 0 ? NULL : add, skip, add_fast, ev == 1);                      \
     }
 
 MPQ__PK_CONV(mpq__pk_conv_w4e1, 4, 1) /* W4A4 without an add */
