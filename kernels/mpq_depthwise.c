@@ -316,14 +316,16 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
            + e2*w1), stride 2 also its fifth byte e4 (out1 = e2*w0 + e3*w1 + e4*w2). Only for
            channels whose requantisation is the 32-bit one (the others take the loop below). */
         if (k3 && dw == 1 && fa && fb && (sw == 1 || sw == 2)) {
-#define MPQ__DW_FIELDS(OFF)                                                                    \
+#define MPQ__DW_LOAD(OFF)                                                                      \
     v = mpq__word(b + (OFF));                                                                  \
     l = mpq__i32(((uint32_t)v << la) & mask);                                                  \
     h = mpq__i32(((uint32_t)v << lb) & mask);                                                  \
     l02 = mpq__sxtb16(l);                                                                      \
     l13 = mpq__sxtb16_r8(l);                                                                   \
     h02 = mpq__sxtb16(h);                                                                      \
-    h13 = mpq__sxtb16_r8(h);                                                                   \
+    h13 = mpq__sxtb16_r8(h);
+#define MPQ__DW_FIELDS(OFF)                                                                    \
+    MPQ__DW_LOAD(OFF)                                                                          \
     x0 = mpq__smlabb(l13, A1, mpq__smlad(l02, A02, x0));                                       \
     y0 = mpq__smlabb(h13, B1, mpq__smlad(h02, B02, y0));
 #define MPQ__DW_FAST(X, ACC, M, LS, RS)                                                        \
@@ -384,13 +386,7 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
                 int32_t x1 = 0, y1 = 0, v, l, h, l02, l13, h02, h13;
 #define MPQ__DW_LAST(OFF, A02, A1, A2, B02, B1, B2)                                            \
     {                                                                                          \
-        v = mpq__word(b + (OFF));                                                              \
-        l = mpq__i32(((uint32_t)v << la) & mask);                                              \
-        h = mpq__i32(((uint32_t)v << lb) & mask);                                              \
-        l02 = mpq__sxtb16(l);                                                                  \
-        l13 = mpq__sxtb16_r8(l);                                                               \
-        h02 = mpq__sxtb16(h);                                                                  \
-        h13 = mpq__sxtb16_r8(h);                                                               \
+        MPQ__DW_LOAD(OFF)                                                                      \
         if (sw == 1) {                                                                         \
             x1 = mpq__smlatb(l02, A1, mpq__smlad(l13, A02, x1));                               \
             y1 = mpq__smlatb(h02, B1, mpq__smlad(h13, B02, y1));                               \
@@ -412,6 +408,7 @@ static MPQ_INLINE void mpq__dw_pass(const mpq__dw_group *g, int32_t ca, int32_t 
 #undef MPQ__DW_PUT2
 #undef MPQ__DW_FAST
 #undef MPQ__DW_FIELDS
+#undef MPQ__DW_LOAD
         }
 #endif
         if (ox < g->out->w) {

@@ -161,8 +161,8 @@ static MPQ_INLINE void mpq__pk_put(mpq__pk_col *c, int32_t x)
    1, 3 of the word as halfwords, both lanes of a (of b) are made at once and the halfwords
    regrouped (bytes 0, 1 and 2, 3: PKHBT, PKHTB). The codes ^ 8 are summed per byte lane, at
    most 16 rounds of values below 16 (no carry between lanes), then the lanes added. */
-static MPQ_NOINLINE void mpq__pk_words4(uint32_t *dw, const uint8_t *s, int32_t nw,
-                                        int want_sp, uint32_t *tp, uint32_t *tq)
+static MPQ_INLINE void mpq__pk_words4(uint32_t *dw, const uint8_t *s, int32_t nw, int want_sp,
+                                      uint32_t *tp, uint32_t *tq)
 {
     while (nw > 0) {
         const int32_t e = nw < 16 ? nw : 16;
@@ -213,17 +213,12 @@ static void mpq__pk_run(mpq__pk_col *c, const uint8_t *src, int32_t bits, uint32
     if (bits == 4) {
         const uint8_t *s = src + (k >> 1);
         int16_t *d = c->lane + (c->n >> 1);
-        int32_t sp = 0, sq = 0, i = 0;
+        int32_t sp = 0, sq = 0, i;
         const int32_t nb = len >> 1;
-        if (((uintptr_t)d & 3u) == 0 && nb >= 4) {
-            uint32_t tp = 0, tq = 0;
-            mpq__pk_words4((uint32_t *)(void *)d, s, nb >> 2, c->want_sp, &tp, &tq);
-            i = nb & ~3;
-            sp += (int32_t)tp;
-            sq += (int32_t)tq - 8 * i;
-        }
-        /* byte (x_q << 4 | x_p): lane = (code_p ^ 8) | code_q << 12, i.e. x_p + 8 + x_q*2^12 */
-        for (; i < nb; ++i) {
+        /* byte by byte, what the word path above leaves (runs that start off a word of lanes
+           or an element pair, and the bytes after the last whole word): byte
+           (x_q << 4 | x_p) gives the lane (code_p ^ 8) | code_q << 12 = x_p + 8 + x_q*2^12 */
+        for (i = 0; i < nb; ++i) {
             const uint32_t b = s[i];
             const uint32_t lo = (b & 15u) ^ 8u;
             d[i] = (int16_t)(uint16_t)(lo | ((b & 0xF0u) << 8));
@@ -582,23 +577,29 @@ static MPQ_INLINE void mpq__pk_dot22(const uint32_t *x0, const uint32_t *x1, con
 /* One stored word of each of two 4-bit filter rows (wp, wp + off) against two column words of
    each of two columns (xp, xp + 2*off), by hand: GCC 12 spills the 2x2 block's operands. F:
    the accumulators' first products (SMUAD at a block's start, else SMLAD). */
-#define MPQ__PK_FIRST(a, o) "smuad %[" a "], %[x], %[" o "]\n\t"
-#define MPQ__PK_NEXT(a, o) "smlad %[" a "], %[x], %[" o "], %[" a "]\n\t"
-#define MPQ__PK_W4_WORD(F)                                 \
-    "ldr %[v], [%[wp], %[off]]\n\t"                        \
-    "ldr %[u], [%[wp]], #4\n\t"                            \
-    "and %[p], %[m], %[u]\n\t"                             \
-    "and %[q], %[m], %[v]\n\t"                             \
-    "ldr %[x], [%[xp], %[off], lsl #1]\n\t"                \
-    F("a10", "p") F("a11", "q")                            \
-    "ldr %[x], [%[xp]], #4\n\t"                            \
-    F("a00", "p") F("a01", "q")                            \
-    "and %[p], %[m], %[u], ror #8\n\t"                     \
-    "and %[q], %[m], %[v], ror #8\n\t"                     \
-    "ldr %[x], [%[xp], %[off], lsl #1]\n\t"                \
-    MPQ__PK_NEXT("a10", "p") MPQ__PK_NEXT("a11", "q")      \
-    "ldr %[x], [%[xp]], #4\n\t"                            \
-    MPQ__PK_NEXT("a00", "p") MPQ__PK_NEXT("a01", "q")
+#define MPQ__PK_SMUAD(a, x, o) "smuad " a ", " x ", " o "\n\t"
+#define MPQ__PK_SMLAD(a, x, o) "smlad " a ", " x ", " o ", " a "\n\t"
+/* The word step in the registers named: U, V the rows' words (V the second row's), P, Q their
+   masked operands, X the column word, WP/XP/OFF the pointers and offset, M the mask, Ajk the
+   accumulators of column j and row k. */
+#define MPQ__PK_W4_WORD_R(F, U, V, P, Q, X, WP, XP, OFF, M, A00, A01, A10, A11)              \
+    "ldr " V ", [" WP ", " OFF "]\n\t"                                                    \
+    "ldr " U ", [" WP "], #4\n\t"                                                         \
+    "and " P ", " M ", " U "\n\t"                                                         \
+    "and " Q ", " M ", " V "\n\t"                                                         \
+    "ldr " X ", [" XP ", " OFF ", lsl #1]\n\t"                                            \
+    F(A10, X, P) F(A11, X, Q)                                                               \
+    "ldr " X ", [" XP "], #4\n\t"                                                         \
+    F(A00, X, P) F(A01, X, Q)                                                               \
+    "and " P ", " M ", " U ", ror #8\n\t"                                                 \
+    "and " Q ", " M ", " V ", ror #8\n\t"                                                 \
+    "ldr " X ", [" XP ", " OFF ", lsl #1]\n\t"                                            \
+    MPQ__PK_SMLAD(A10, X, P) MPQ__PK_SMLAD(A11, X, Q)                                       \
+    "ldr " X ", [" XP "], #4\n\t"                                                         \
+    MPQ__PK_SMLAD(A00, X, P) MPQ__PK_SMLAD(A01, X, Q)
+#define MPQ__PK_W4_WORD(F)                                                                  \
+    MPQ__PK_W4_WORD_R(F, "%[u]", "%[v]", "%[p]", "%[q]", "%[x]", "%[wp]", "%[xp]", "%[off]", \
+                      "%[m]", "%[a00]", "%[a01]", "%[a10]", "%[a11]")
 
 /* mpq__pk_dot22 for 4-bit weights with the DSP: the second filter row `off` bytes after the
    first, the second column 2*off bytes after the first (off = 8*nblk: the columns' layout in
@@ -613,14 +614,14 @@ static MPQ_INLINE void mpq__pk_dot22_w4(const uint32_t *xp, const uint32_t *wp, 
         int32_t a00, a01, a10, a11;
         uint32_t u, v, p, q, x;
         nblk -= e;
-        __asm__(MPQ__PK_W4_WORD(MPQ__PK_FIRST) MPQ__PK_W4_WORD(MPQ__PK_NEXT)
+        __asm__(MPQ__PK_W4_WORD(MPQ__PK_SMUAD) MPQ__PK_W4_WORD(MPQ__PK_SMLAD)
                 : [a00] "=&r"(a00), [a01] "=&r"(a01), [a10] "=&r"(a10), [a11] "=&r"(a11),
                   [xp] "+r"(xp), [wp] "+r"(wp), [u] "=&r"(u), [v] "=&r"(v), [p] "=&r"(p),
                   [q] "=&r"(q), [x] "=&r"(x)
                 : [off] "r"(off), [m] "r"(m)
                 : "memory");
         for (--e; e > 0; --e) {
-            __asm__(MPQ__PK_W4_WORD(MPQ__PK_NEXT) MPQ__PK_W4_WORD(MPQ__PK_NEXT)
+            __asm__(MPQ__PK_W4_WORD(MPQ__PK_SMLAD) MPQ__PK_W4_WORD(MPQ__PK_SMLAD)
                     : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11),
                       [xp] "+r"(xp), [wp] "+r"(wp), [u] "=&r"(u), [v] "=&r"(v), [p] "=&r"(p),
                       [q] "=&r"(q), [x] "=&r"(x)
@@ -637,35 +638,28 @@ static MPQ_INLINE void mpq__pk_dot22_w4(const uint32_t *xp, const uint32_t *wp, 
     s[2] = t10;
     s[3] = t11;
 }
-/* One stored word of both filter rows (r1: the first row's, r1 + off: the second's) against two
-   column words of both columns (r0: the first column's, r0 + 2*off: the second's) in the
-   registers of mpq__pk_w4e1_blocks; F: SMUAD (a block's first word) or SMLAD. */
-#define MPQ__PK_R_FIRST(a, o) "smuad " a ", lr, " o "\n\t"
-#define MPQ__PK_R_NEXT(a, o) "smlad " a ", lr, " o ", " a "\n\t"
-#define MPQ__PK_R_WORD(F)                                  \
-    "ldr r8, [r1, r2]\n\t"                                 \
-    "ldr r9, [r1], #4\n\t"                                 \
-    "and r10, r12, r9\n\t"                                 \
-    "and r11, r12, r8\n\t"                                 \
-    "ldr lr, [r0, r2, lsl #1]\n\t"                         \
-    F("r6", "r10") F("r7", "r11")                          \
-    "ldr lr, [r0], #4\n\t"                                 \
-    F("r4", "r10") F("r5", "r11")                          \
-    "and r10, r12, r9, ror #8\n\t"                         \
-    "and r11, r12, r8, ror #8\n\t"                         \
-    "ldr lr, [r0, r2, lsl #1]\n\t"                         \
-    MPQ__PK_R_NEXT("r6", "r10") MPQ__PK_R_NEXT("r7", "r11") \
-    "ldr lr, [r0], #4\n\t"                                 \
-    MPQ__PK_R_NEXT("r4", "r10") MPQ__PK_R_NEXT("r5", "r11")
+/* The word step in the registers of mpq__pk_w4e1_blocks: r9, r8 the rows' words (r1: the first
+   row, r1 + off: the second), r10, r11 their operands, lr the column word (r0: the first
+   column, r0 + 2*off: the second), r2 off, r12 the mask, r4-r7 the accumulators; F: SMUAD (a
+   block's first word) or SMLAD. */
+#define MPQ__PK_R_WORD(F)                                                                   \
+    MPQ__PK_W4_WORD_R(F, "r9", "r8", "r10", "r11", "lr", "r1", "r0", "r2", "r12", "r4",    \
+                      "r5", "r6", "r7")
+/* The block's four middle fields, sign-extended in place (r4-r7). */
+#define MPQ__PK_R_FIELDS                                                                    \
+    "sbfx r4, r4, #12, #12\n\t"                                                            \
+    "sbfx r5, r5, #12, #12\n\t"                                                            \
+    "sbfx r6, r6, #12, #12\n\t"                                                            \
+    "sbfx r7, r7, #12, #12\n\t"
 
-/* mpq__pk_dot22_w4 for an extraction period of one block (W4A4), the sums in memory: t[0..3]
-   (zeroed by the caller) += the middle fields of columns 0, 1 against rows 0, 1 (t[2p + r]),
-   over t[4] >= 1 blocks (counted down to 0). Every register is taken - four block
-   accumulators, the operands, both pointers, off, the mask, t - so the function is written
-   whole: per block the 36-instruction product, SBFX of each field, and the four sums and the
-   count loaded, added and stored back with LDM/STM into the operand registers, dead by then
-   (48 instructions per 64 MACs; the inlined form spills its sums: 58). AAPCS: r0 = the first
-   column, r1 = the first row, r2 = off (bytes per row), r3 = t. */
+/* mpq__pk_dot22_w4 for an extraction period of one block (W4A4), the sums in memory: t[0..3] =
+   the middle fields of columns 0, 1 against rows 0, 1 (t[2p + r]) over t[4] >= 1 blocks
+   (counted down to 0). Every register is taken - four block accumulators, the operands, both
+   pointers, off, the mask, t - so the function is written whole: per block the 36-instruction
+   product, SBFX of each field, then the four sums and the count loaded, added and stored back
+   with LDM/STM into the operand registers, dead by then (48 instructions per 64 MACs; the
+   inlined form spills its sums: 58); the first block stores its fields as the sums. AAPCS:
+   r0 = the first column, r1 = the first row, r2 = off (bytes per row), r3 = t. */
 __attribute__((naked, noinline)) static void mpq__pk_w4e1_blocks(const uint32_t *col
                                                                 __attribute__((unused)),
                                                                 const uint32_t *row
@@ -678,12 +672,16 @@ __attribute__((naked, noinline)) static void mpq__pk_w4e1_blocks(const uint32_t 
         "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
         "movw r12, #0xF00F\n\t"
         "movt r12, #0xF00F\n\t"
+        /* the first block: its fields are the sums (STM of r4-r7 and the count) */
+        MPQ__PK_R_WORD(MPQ__PK_SMUAD) MPQ__PK_R_WORD(MPQ__PK_SMLAD)
+        MPQ__PK_R_FIELDS
+        "ldr lr, [r3, #16]\n\t"
+        "subs lr, lr, #1\n\t"
+        "stm r3, {r4, r5, r6, r7, lr}\n\t"
+        "beq 2f\n\t"
         "1:\n\t"
-        MPQ__PK_R_WORD(MPQ__PK_R_FIRST) MPQ__PK_R_WORD(MPQ__PK_R_NEXT)
-        "sbfx r4, r4, #12, #12\n\t"
-        "sbfx r5, r5, #12, #12\n\t"
-        "sbfx r6, r6, #12, #12\n\t"
-        "sbfx r7, r7, #12, #12\n\t"
+        MPQ__PK_R_WORD(MPQ__PK_SMUAD) MPQ__PK_R_WORD(MPQ__PK_SMLAD)
+        MPQ__PK_R_FIELDS
         "ldm r3, {r8, r9, r10, r11, lr}\n\t"
         "add r8, r8, r4\n\t"
         "add r9, r9, r5\n\t"
@@ -692,11 +690,11 @@ __attribute__((naked, noinline)) static void mpq__pk_w4e1_blocks(const uint32_t 
         "subs lr, lr, #1\n\t"
         "stm r3, {r8, r9, r10, r11, lr}\n\t"
         "bne 1b\n\t"
+        "2:\n\t"
         "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t");
 }
+#undef MPQ__PK_R_FIELDS
 #undef MPQ__PK_R_WORD
-#undef MPQ__PK_R_NEXT
-#undef MPQ__PK_R_FIRST
 #define MPQ__PK_ASM_W4 1
 #else
 #define MPQ__PK_ASM_W4 0
@@ -970,7 +968,6 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
                 uint32_t s[5];
 #if MPQ__PK_ASM_W4
                 if (wbits == 4 && every == 1) {
-                    s[0] = s[1] = s[2] = s[3] = 0u;
                     s[4] = (uint32_t)nblk;
                     mpq__pk_w4e1_blocks(col0, f->data + o * stride, 4 * stride, s);
                 } else if (wbits == 4) {
@@ -1008,7 +1005,6 @@ static MPQ_INLINE void mpq__pk_conv_t(const mpq_conv_params *p, const mpq_packed
             o1 = o + (cout > 1);
 #if MPQ__PK_ASM_W4
             if (wbits == 4 && cout > 1 && every == 1) {
-                s[0] = s[1] = s[2] = s[3] = 0u;
                 s[4] = (uint32_t)nblk;
                 mpq__pk_w4e1_blocks(col0, f->data + o * stride, 4 * stride, s);
             } else if (wbits == 4 && cout > 1) {
