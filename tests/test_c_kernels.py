@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import ckernels as ck
 import numpy as np
@@ -164,6 +165,36 @@ def conv_params(c: dict, lq: LayerQuant, out_zp: int) -> ck.ConvParams:
                          c["a_in"].zero_point, out_zp, lq.act_min, lq.act_max)
 
 
+def conv_model(rng: np.random.Generator, c: dict, weight_bits: int) -> tuple[Node, Any]:
+    """The random conv `c` as a one-node quantised model (a random clamp on its output)."""
+    node = conv_node(c, *rand_clamp(rng, c["a_out"]))
+    qm = single_node_model(node, {"x": (1, c["h"], c["w"], c["cin"]),
+                                  "y": (1, c["ho"], c["wo"], c["cout"])},
+                           {"x": c["a_in"], "y": c["a_out"]}, weight=c["weight"],
+                           weight_scale=c["wscale"], weight_bits=weight_bits, bias=c["bias"])
+    return node, qm
+
+
+def run_conv(libs: list[ck.Kernels], rng: np.random.Generator, c: dict, qm: Any, bi: int,
+             bo: int) -> tuple[int, ck.ConvParams, Any, Any]:
+    """A random bi-bit input through every library's mpq_conv2d into a placed bo-bit output:
+    (libraries whose bytes differ from the integer reference, the params, input and output
+    views)."""
+    lq = qm.layers["conv"]
+    x = rand_values(rng, bi, (c["h"], c["w"], c["cin"]))
+    want = run_int(qm, {"x": x[None]})["y"][0]
+    _, v_in = placed(rng, x, bi)
+    s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
+    p = conv_params(c, lq, c["a_out"].zero_point)
+    bad = 0
+    for lib in libs:
+        s_out.restore()
+        assert lib.conv2d(p, c["codes"], None, c["bias"], lq.multiplier, lq.shift, v_in,
+                          v_out) == MPQ_OK
+        bad += not check_bytes(s_out, v_out, want)
+    return bad, p, v_in, v_out
+
+
 def test_conv2d_random(libs: list[ck.Kernels]) -> None:
     n = bad = positive_shift = direct = 0
     per_format: dict[int, int] = {}
@@ -172,23 +203,10 @@ def test_conv2d_random(libs: list[ck.Kernels]) -> None:
         c = rand_conv(rng, kind, bi, bo, wf)
         if c is None:
             continue
-        bw = c["bw"]
-        node = conv_node(c, *rand_clamp(rng, c["a_out"]))
-        qm = single_node_model(node, {"x": (1, c["h"], c["w"], c["cin"]),
-                                "y": (1, c["ho"], c["wo"], c["cout"])},
-                         {"x": c["a_in"], "y": c["a_out"]}, weight=c["weight"],
-                         weight_scale=c["wscale"], weight_bits=bw, bias=c["bias"])
+        node, qm = conv_model(rng, c, c["bw"])
         lq = qm.layers["conv"]
-        x = rand_values(rng, bi, (c["h"], c["w"], c["cin"]))
-        want = run_int(qm, {"x": x[None]})["y"][0]
-        s_in, v_in = placed(rng, x, bi)
-        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
-        p = conv_params(c, lq, c["a_out"].zero_point)
-        for lib in libs:
-            s_out.restore()
-            assert lib.conv2d(p, c["codes"], None, c["bias"], lq.multiplier, lq.shift, v_in,
-                              v_out) == MPQ_OK
-            bad += not check_bytes(s_out, v_out, want)
+        miss, p, v_in, v_out = run_conv(libs, rng, c, qm, bi, bo)
+        bad += miss
         size = libs[0].conv_scratch_size(p, c["codes"], None, v_in, v_out)
         kk = int(np.prod(c["weight"].shape[1:]))
         assert size == (0 if kind == "pointwise" else 2 * kk)
@@ -217,11 +235,7 @@ def test_conv2d_int8_left_shifts(libs: list[ck.Kernels]) -> None:
         c = rand_conv(rng, ("conv", "pointwise")[i % 2], 8, bo, (ck.WFMT_LINEAR, 8))
         if c is None or c["groups"] != 1:
             continue
-        node = conv_node(c, *rand_clamp(rng, c["a_out"]))
-        qm = single_node_model(node, {"x": (1, c["h"], c["w"], c["cin"]),
-                                      "y": (1, c["ho"], c["wo"], c["cout"])},
-                               {"x": c["a_in"], "y": c["a_out"]}, weight=c["weight"],
-                               weight_scale=c["wscale"], weight_bits=8, bias=c["bias"])
+        _, qm = conv_model(rng, c, 8)
         lq = qm.layers["conv"]
         cout = c["cout"]
         # small left shifts mostly (large ones wrap acc << S almost always), now and then 31
@@ -231,16 +245,7 @@ def test_conv2d_int8_left_shifts(libs: list[ck.Kernels]) -> None:
         shift[int(rng.integers(0, cout))] = int(rng.integers(1, 32))
         lq.shift = shift.astype(np.int64)
         lq.multiplier = rng.integers(1 << 30, 1 << 31, cout).astype(np.int64)
-        x = rand_values(rng, 8, (c["h"], c["w"], c["cin"]))
-        want = run_int(qm, {"x": x[None]})["y"][0]
-        s_in, v_in = placed(rng, x, 8)
-        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bo)
-        p = conv_params(c, lq, c["a_out"].zero_point)
-        for lib in libs:
-            s_out.restore()
-            assert lib.conv2d(p, c["codes"], None, c["bias"], lq.multiplier, lq.shift, v_in,
-                              v_out) == MPQ_OK
-            bad += not check_bytes(s_out, v_out, want)
+        bad += run_conv(libs, rng, c, qm, 8, bo)[0]
         n += 1
     assert bad == 0, (n, bad)
 

@@ -583,7 +583,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     memory = schedule.memory(act_bits)
     # The SRAM and Flash the bits left over buy speed: slots for mpq_conv2d_unpacked
     before = memory.arena_bytes
-    schedule, grown = speed_slots(graph, board, schedule, qm, act_bits, input_bytes,
+    schedule, grown = speed_slots(graph, board, schedule, memory, qm, act_bits, input_bytes,
                                   sram_total - input_bytes - memory.scratch_bytes,
                                   flash_total - problem.flash_bytes(solution.choice))
     if grown:
@@ -1076,16 +1076,16 @@ def plan_code_bytes(graph: Graph, board: Board, shape: Any, qm: QuantModel,
         + packed_padding_bytes(graph, packed, lambda n: qm.layers[n.name].weight_bits)
 
 
-def speed_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: QuantModel,
-                act_bits: dict[str, int], io_bytes: int, arena_limit: int, code_limit: int
-                ) -> tuple[PatchSchedule, dict[str, int]]:
-    """(schedule, grown slots) once the bits are chosen: `unpacked_slots` on `schedule`, then
+def speed_slots(graph: Graph, board: Board, schedule: PatchSchedule, memory: Any,
+                qm: QuantModel, act_bits: dict[str, int], io_bytes: int, arena_limit: int,
+                code_limit: int) -> tuple[PatchSchedule, dict[str, int]]:
+    """(schedule, grown slots) once the bits are chosen (`memory`: `schedule.memory(act_bits)`,
+    which the caller has): `unpacked_slots` on `schedule`, then
     for each layer it left out because it is written above its input row by row (most MACs
     first), the schedule without that reverse overlap when there its slot grows too, and
     every slot grown before still does — the overlap saved arena bytes the budget no longer
     needs, and the layer then runs mpq_conv2d_unpacked in one call. Same limits as
     `unpacked_slots`; the arena keeps the region the search's plan had."""
-    memory = schedule.memory(act_bits)
     region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
     grown = unpacked_slots(graph, board, schedule, qm, act_bits, memory, io_bytes,
                            arena_limit, code_limit, region)
