@@ -299,3 +299,25 @@ def test_vdpc_rates_do_not_depend_on_the_slice(monkeypatch) -> None:
                                         regions, batches).to_dict())
     assert results[0] == results[1] and results[0]["samples"] == 12
     assert any(0 < r < 1 for row in results[0]["outlier_rate"] for r in row)
+
+
+def test_solver_noise_never_reaches_stdout(capfd) -> None:
+    """HiGHS prints debug lines on the C stdout even when silent; `mpq search --json` printed
+    them before its JSON. Whatever else reaches stdout inside the solve is kept (C's and
+    Python's buffers are two streams: their relative order was never defined)."""
+    import ctypes
+
+    from mpq.search.solvers import solver_stdout_filtered
+
+    libc = ctypes.CDLL(None)
+    print("before", flush=True)
+    with solver_stdout_filtered():
+        # C stdio is fully buffered on a file: the wrapper must flush it before restoring
+        libc.printf(b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        libc.printf(b"kept from C\n")
+        print("kept from Python")
+    print("after", flush=True)
+    libc.fflush(None)
+    lines = capfd.readouterr().out.splitlines()
+    assert lines[0] == "before" and lines[-1] == "after"
+    assert sorted(lines[1:-1]) == ["kept from C", "kept from Python"]

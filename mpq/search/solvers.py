@@ -9,7 +9,13 @@ at every step of the schedule; and the real planner to check a choice against.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import ctypes
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +104,60 @@ class Solution:
     flash: int
     iterations: int = 1
     repaired: int = 0  # groups lowered after the published algorithm to meet the true planner
+
+
+#: Lines HiGHS prints on the C stdout even when told to be silent (seen with scipy 1.17's
+#: HiGHS: "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();", ERGO-Code/
+#: HiGHS#2783). On `mpq search --json` they came before the JSON and broke its readers.
+_HIGHS_NOISE = (b"HighsMipSolverData::",)
+_STDOUT_LOCK = threading.Lock()
+
+
+def _flush_c_stdout() -> None:
+    """fflush(NULL): the C library buffers what HiGHS printed until then (a pipe or a file is
+    fully buffered), so it must reach the redirected descriptor before fd 1 is restored."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to reach (not a POSIX host)
+        pass
+
+
+def drop_solver_noise(text: bytes) -> bytes:
+    """`text` without the lines that start with one of `_HIGHS_NOISE`."""
+    lines = text.splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.startswith(_HIGHS_NOISE))
+
+
+@contextlib.contextmanager
+def solver_stdout_filtered() -> Iterator[None]:
+    """Run the body with file descriptor 1 sent to a temporary file, then write what it
+    caught, less HiGHS's stray lines (`drop_solver_noise`), to the real descriptor 1. What
+    other threads print meanwhile (a progress bar) is kept and only delayed. One body at a
+    time: the descriptor is process-wide."""
+    with _STDOUT_LOCK:
+        try:
+            sys.stdout.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+        try:
+            saved = os.dup(1)
+        except OSError:  # no descriptor 1 (a detached process): nothing to keep clean
+            yield
+            return
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 1)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(AttributeError, ValueError, OSError):
+                    sys.stdout.flush()
+                _flush_c_stdout()
+                os.dup2(saved, 1)
+                os.close(saved)
+                caught.seek(0)
+                kept = drop_solver_noise(caught.read())
+                while kept:
+                    kept = kept[os.write(1, kept):]
 
 
 def _owner(problem: Problem) -> dict[str, Group]:
@@ -190,8 +250,9 @@ def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
         for r, row in enumerate(all_rows):
             for i, v in row.items():
                 a[r, i] = v
-        res = milp(c, constraints=LinearConstraint(a.tocsr(), all_lo, all_hi),
-                   integrality=integrality, bounds=bounds)
+        with solver_stdout_filtered():
+            res = milp(c, constraints=LinearConstraint(a.tocsr(), all_lo, all_hi),
+                       integrality=integrality, bounds=bounds)
         if res.x is None:
             return None
         return {g.name: max(g.options, key=lambda b, g=g: res.x[var[(g.name, b)]])
