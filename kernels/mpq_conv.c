@@ -690,17 +690,66 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
 
 /* -- the int8 path: 2 output channels x 2 pixels per inner loop ---------------------------- */
 
-/* dst[i] = X[k + i] for i < n, elements of a packed buffer of 4 or 2 bits as int8 (4-bit runs
-   from a byte boundary: a byte at a time, both nibbles sign-extended). */
+/* Four signed 4-bit fields of halfword h (element 0 in bits 0-3) as four int8 lanes of a word
+   (lane i = element i, little-endian): the fields spread to one byte each, then each field's
+   sign bit copied through the top of its byte: (f & 8) * 0x1E is 0xF0 or 0 per lane, so no
+   carry crosses a lane. */
+static inline uint32_t mpq__spread4(uint32_t h)
+{
+    uint32_t t = (h | (h << 8)) & 0x00FF00FFu;
+    t = (t | (t << 4)) & 0x0F0F0F0Fu;
+    return t | ((t & 0x08080808u) * 0x1Eu);
+}
+
+/* Four signed 2-bit fields of byte b (element 0 in bits 0-1) as four int8 lanes, as
+   mpq__spread4: (f & 2) * 0x7E is 0xFC or 0 per lane. */
+static inline uint32_t mpq__spread2(uint32_t b)
+{
+    uint32_t t = (b | (b << 12)) & 0x000F000Fu;
+    t = (t | (t << 6)) & 0x03030303u;
+    return t | ((t & 0x02020202u) * 0x7Eu);
+}
+
+/* dst[i] = X[k + i] for i < n, elements of a packed buffer of 4 or 2 bits as int8: element by
+   element up to a byte boundary, then a word of the buffer at a time (8 or 16 elements,
+   mpq__spread4 / mpq__spread2), then four elements per step, then the rest element by
+   element. */
 static void mpq__expand_s8(const uint8_t *src, int32_t bits, uint32_t k, int32_t n, int8_t *dst)
 {
+    const uint8_t *s;
+    uint32_t w, v;
     int32_t i = 0;
-    if (bits == 4 && (k & 1u) == 0) {
-        const uint8_t *s = src + (k >> 1);
-        for (; i + 2 <= n; i += 2, ++s) {
-            const int32_t b = (int32_t)(int8_t)*s;
-            dst[i] = (int8_t)mpq__asr32((int32_t)(int8_t)(uint8_t)((uint32_t)b << 4), 4);
-            dst[i + 1] = (int8_t)mpq__asr32(b, 4);
+    for (; i < n && !mpq__at_byte(k + (uint32_t)i, bits); ++i) {
+        dst[i] = (int8_t)mpq__ld(src, bits, k + (uint32_t)i);
+    }
+    s = src + (((k + (uint32_t)i) * (uint32_t)bits) >> 3);
+    if (bits == 4) {
+        for (; i + 8 <= n; i += 8, s += 4) {
+            memcpy(&w, s, 4);
+            v = mpq__spread4(w & 0xFFFFu);
+            memcpy(dst + i, &v, 4);
+            v = mpq__spread4(w >> 16);
+            memcpy(dst + i + 4, &v, 4);
+        }
+        for (; i + 4 <= n; i += 4, s += 2) {
+            v = mpq__spread4((uint32_t)s[0] | ((uint32_t)s[1] << 8));
+            memcpy(dst + i, &v, 4);
+        }
+    } else {
+        for (; i + 16 <= n; i += 16, s += 4) {
+            memcpy(&w, s, 4);
+            v = mpq__spread2(w & 0xFFu);
+            memcpy(dst + i, &v, 4);
+            v = mpq__spread2((w >> 8) & 0xFFu);
+            memcpy(dst + i + 4, &v, 4);
+            v = mpq__spread2((w >> 16) & 0xFFu);
+            memcpy(dst + i + 8, &v, 4);
+            v = mpq__spread2(w >> 24);
+            memcpy(dst + i + 12, &v, 4);
+        }
+        for (; i + 4 <= n; i += 4, ++s) {
+            v = mpq__spread2(s[0]);
+            memcpy(dst + i, &v, 4);
         }
     }
     for (; i < n; ++i) {
@@ -926,13 +975,21 @@ static MPQ_INLINE void mpq__put_s8(const mpq__conv_ctx *c, uint8_t *dst, int32_t
 
 /* Stores the outputs v0 (channel o) and, when `two`, v1 (channel o + 1) of the pixel at
    element ko of a 4- or 2-bit output: one whole byte when both nibbles of a 4-bit byte are
-   this pair's, else element by element (mpq__st merges the byte's other elements). */
+   this pair's, one merge of a nibble when both fields of a 2-bit pair share it, else element
+   by element (mpq__st merges the byte's other elements). */
 static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, int32_t o,
                                      int32_t v0, int32_t v1, int two)
 {
     const uint32_t k = ko + (uint32_t)o;
     if (bits == 4 && two && (k & 1u) == 0) {
         dst[k >> 1] = (uint8_t)(((uint32_t)v0 & 15u) | (((uint32_t)v1 & 15u) << 4));
+        return;
+    }
+    if (bits == 2 && two && (k & 1u) == 0) { /* one nibble of the byte: one merge */
+        const uint32_t sh = (k & 2u) << 1;
+        uint8_t *b = dst + (k >> 2);
+        *b = (uint8_t)((*b & ~(15u << sh))
+                       | ((((uint32_t)v0 & 3u) | (((uint32_t)v1 & 3u) << 2)) << sh));
         return;
     }
     mpq__st(dst, bits, k, v0);
@@ -947,8 +1004,8 @@ static MPQ_INLINE void mpq__put2_sub(uint8_t *dst, int32_t bits, uint32_t ko, in
    in place; any other one first copies the pair's two im2col columns, raw int8 (2*klen bytes:
    the scratch mpq_conv2d_scratch_size asks for), so the quad loop is the same. An odd last
    pixel or channel is computed as a pair with itself and stored once. `add`: mpq_conv2d_add.
-   `sub`: a 4- or 2-bit output, stored in the same pair order (mpq__put2_sub; element by element
-   after a fused add). */
+   `sub`: a 4- or 2-bit output, stored in the same pair order (mpq__put2_sub, after the fused
+   add of all four values). */
 static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch,
                                          const int add, const int sub)
 {
@@ -1006,7 +1063,26 @@ static MPQ_INLINE void mpq__conv_s8_loop(const mpq__conv_ctx *c, int8_t *scratch
             mpq__out2(s[0], s[2], mult[o], shift[o], ozp, lo, hi, &v00, &v10);
             mpq__out2(s[1], s[3], mult[o + two_ch], shift[o + two_ch], ozp, lo, hi, &v01,
                          &v11);
-            if (sub && !add) {
+            if (sub) {
+                if (add) {
+                    /* the four skip elements read before any of the four sums is stored:
+                       in place, each is still read before its own sum overwrites it */
+                    const uint8_t *sk = (const uint8_t *)c->skip->data;
+                    const int32_t sb = c->skip->bits;
+                    v00 = mpq__emit_add(c->add, c->add_fast, sk, sb, ks0 + (uint32_t)o, v00);
+                    if (two_ch) {
+                        v01 = mpq__emit_add(c->add, c->add_fast, sk, sb, ks0 + (uint32_t)o + 1u,
+                                            v01);
+                    }
+                    if (two_px) {
+                        v10 = mpq__emit_add(c->add, c->add_fast, sk, sb, ks1 + (uint32_t)o,
+                                            v10);
+                        if (two_ch) {
+                            v11 = mpq__emit_add(c->add, c->add_fast, sk, sb,
+                                                ks1 + (uint32_t)o + 1u, v11);
+                        }
+                    }
+                }
                 mpq__put2_sub(dst, out->bits, ko0, o, v00, v01, two_ch);
                 if (two_px) {
                     mpq__put2_sub(dst, out->bits, ko1, o, v10, v11, two_ch);

@@ -825,7 +825,7 @@ typedef struct {
 
 /* mpq__pk_put_pair4 by hand (every channel's shift in [-30, 31], M >= 0: the layer's `fast`):
    the C form spills the channel constants and the clamp bounds (126 instructions per call;
-   this: about 110, and about 85 when the clamp is the whole 4-bit range). AAPCS: r0 = e
+   this: about 117, and about 92 when the clamp is the whole 4-bit range, measured). AAPCS: r0 = e
    (mpq__pk_pair4: bias, mult, shift, zp, lo, hi, corr0, corr1, dst0, dst1 at 0, 4, ..., 36),
    r1 = o (even), r2 = s; the arguments are read by the assembly (naked: no C statement may
    run). */
