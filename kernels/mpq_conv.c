@@ -711,42 +711,24 @@ static inline uint32_t mpq__spread2(uint32_t b)
 }
 
 /* dst[i] = X[k + i] for i < n, elements of a packed buffer of 4 or 2 bits as int8: element by
-   element up to a byte boundary, then a word of the buffer at a time (8 or 16 elements,
-   mpq__spread4 / mpq__spread2), then four elements per step, then the rest element by
-   element. */
+   element up to a byte boundary, then four elements per step (mpq__spread4 from two bytes,
+   mpq__spread2 from one), then the rest element by element. (Eight or sixteen elements per
+   loaded word were 0.5 % faster on ResNet-8's mixed plan and 278 B larger.) */
 static void mpq__expand_s8(const uint8_t *src, int32_t bits, uint32_t k, int32_t n, int8_t *dst)
 {
     const uint8_t *s;
-    uint32_t w, v;
+    uint32_t v;
     int32_t i = 0;
     for (; i < n && !mpq__at_byte(k + (uint32_t)i, bits); ++i) {
         dst[i] = (int8_t)mpq__ld(src, bits, k + (uint32_t)i);
     }
     s = src + (((k + (uint32_t)i) * (uint32_t)bits) >> 3);
     if (bits == 4) {
-        for (; i + 8 <= n; i += 8, s += 4) {
-            memcpy(&w, s, 4);
-            v = mpq__spread4(w & 0xFFFFu);
-            memcpy(dst + i, &v, 4);
-            v = mpq__spread4(w >> 16);
-            memcpy(dst + i + 4, &v, 4);
-        }
         for (; i + 4 <= n; i += 4, s += 2) {
             v = mpq__spread4((uint32_t)s[0] | ((uint32_t)s[1] << 8));
             memcpy(dst + i, &v, 4);
         }
     } else {
-        for (; i + 16 <= n; i += 16, s += 4) {
-            memcpy(&w, s, 4);
-            v = mpq__spread2(w & 0xFFu);
-            memcpy(dst + i, &v, 4);
-            v = mpq__spread2((w >> 8) & 0xFFu);
-            memcpy(dst + i + 4, &v, 4);
-            v = mpq__spread2((w >> 16) & 0xFFu);
-            memcpy(dst + i + 8, &v, 4);
-            v = mpq__spread2(w >> 24);
-            memcpy(dst + i + 12, &v, 4);
-        }
         for (; i + 4 <= n; i += 4, ++s) {
             v = mpq__spread2(s[0]);
             memcpy(dst + i, &v, 4);
