@@ -195,6 +195,9 @@ def _latency_rows(label: str, path: Path, graph, data, test, x: np.ndarray, boar
                                 ["mpq_report.json"])["layers"]
             row["cmsis_layers"] = [sum(x["backend"] == "cmsis-nn" for x in layers),
                                    len(layers)]
+        if row["lower_bound"] > row["portable"]["instructions"]:  # the bound would be wrong
+            raise RuntimeError(f"{label} / {what}: lower bound {row['lower_bound']:,} above "
+                               f"the measured {row['portable']['instructions']:,}")
         base = base or row["portable"]["instructions"]
         row["relative"] = row["portable"]["instructions"] / base
         m7 = f"portable@{TARGETS[1]}"
