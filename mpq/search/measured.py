@@ -37,7 +37,7 @@ from mpq.errors import MpqError
 from mpq.fidelity import fidelity_summary
 from mpq.interpreter import from_ir_layout, run_graph, to_ir_layout
 from mpq.ir import Graph
-from mpq.search.sensitivity import Probe
+from mpq.search.sensitivity import Probe, one_blas_thread
 from mpq.search.solvers import Group, Problem, Solution, solve_exact
 from mpq.sim import dequantize, quantize_input, run_int
 
@@ -364,7 +364,7 @@ def plan_fidelity(plan, graph: Graph, x_val: np.ndarray, classifier: bool, damag
     # The float reference and the plan run side by side (numpy releases the GIL; neither
     # depends on the other). The float outputs are the probe's float run when these are its
     # inputs (`Probe.float_outputs`: the PTQ choice ran it already).
-    with ThreadPoolExecutor(2) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(2) as pool:
         plan_run = pool.submit(runner.output_dict, x_val)
         if probe is not None and x_val.shape == probe.x_val.shape \
                 and np.array_equal(x_val, probe.x_val):

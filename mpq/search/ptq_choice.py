@@ -35,7 +35,7 @@ from mpq.quant.calibrate import Dataset, dataset_from_array
 from mpq.quant.ptq import ADAROUND_ITERS, PtqOptions, PtqResult, apply_ptq
 from mpq.quant.qmodel import QuantModel
 from mpq.quant.weights import ROUNDING_BITS
-from mpq.search.sensitivity import MEASURE_WORKERS, Probe
+from mpq.search.sensitivity import MEASURE_WORKERS, Probe, one_blas_thread
 
 MIN_FIT = 16  # calibration samples outside the validation ones a fit needs
 
@@ -189,5 +189,5 @@ def fit_all(qm: QuantModel, data: Dataset, tried: list[tuple[str, PtqOptions]]
     one it has alone."""
     if MEASURE_WORKERS < 2 or len(tried) < 2:
         return [apply_ptq(qm, data, opts) for _, opts in tried]
-    with ThreadPoolExecutor(MEASURE_WORKERS) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(MEASURE_WORKERS) as pool:
         return list(pool.map(lambda item: apply_ptq(qm, data, item[1]), tried))
