@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx_builders as B
 import pytest
-from conftest import run_mpq
+from conftest import run_mpq, shared_model
 from test_bad_input import assert_clean_failure
 
 from mpq.boards import get_board
 from mpq.errors import MpqError
 from mpq.frontend import load_model
-from mpq.interpreter import run_graph, to_ir_layout
+from mpq.interpreter import conv2d_nhwc, pad_nhwc, run_graph, to_ir_layout
 from mpq.plan import load_plan, plan_quant_model
 from mpq.quant.arith import choose_activation_params, qrange, round_half_away
 from mpq.quant.calibrate import (
@@ -28,7 +28,7 @@ from mpq.quant.calibrate import (
     summarise,
 )
 from mpq.quant.pipeline import uniform_act_bits
-from mpq.quant.ptq import PtqOptions, apply_ptq, fit_adaround, layer_patches
+from mpq.quant.ptq import PtqOptions, apply_ptq, fit_adaround, layer_patches, mean_patch
 from mpq.quant.qmodel import quantize_graph
 from mpq.quant.weights import WeightSpec, pack_rounding, unpack_rounding
 from mpq.search.driver import SearchOptions, search
@@ -147,6 +147,39 @@ def test_rounding_mask_round_trip_and_refusals() -> None:
 
 
 # -- bias correction ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["kws_ref_model_fp32.onnx", "vww_96_float.onnx"])
+def test_mean_patch_gives_the_mean_output(name: str) -> None:
+    """Bias correction's float reference is the mean over samples and positions of W x + b:
+    W times the mean input patch (`mean_patch`) equals the mean of the convolution itself, on
+    every conv (KWS's 10×4 stride-2 first layer with asymmetric padding, depthwise 3×3 at
+    strides 1 and 2, pointwise) and fully connected layer of two real models."""
+    graph = load_model(shared_model(name))
+    x = np.random.default_rng(3).random((3, *onnx_input_shape(graph))).astype(np.float32)
+    inputs: dict[str, np.ndarray] = {}
+    name_in = graph.inputs[0]
+    inputs[name_in] = to_ir_layout(graph, name_in, x)
+    run_graph(graph, dict(inputs), observe=lambda t, v: inputs.__setitem__(t, v))
+    layers = [n for n in graph.nodes if n.op in ("conv2d", "fully_connected")]
+    assert {n.attrs.get("groups", 1) > 1 for n in layers} == {True, False}
+    for node in layers:
+        xi = inputs[node.inputs[0]].astype(np.float64)
+        w = node.weight.astype(np.float64)
+        m = mean_patch(node, xi)
+        if node.op == "fully_connected":
+            got = w.reshape(w.shape[0], -1) @ m
+            want = (xi.reshape(len(xi), -1) @ w.reshape(w.shape[0], -1).T).mean(axis=0)
+        else:
+            a = node.attrs
+            y = conv2d_nhwc(pad_nhwc(xi, a["pads"]), w, a["strides"], a["dilations"],
+                            a["groups"], graph.tensors[node.outputs[0]].shape[1:3])
+            want = y.reshape(-1, w.shape[0]).mean(axis=0)
+            cout, kh, kw, cin_g = w.shape
+            groups = a["groups"]
+            mg = m.reshape(kh, kw, groups, cin_g)
+            got = np.array([np.sum(w[o] * mg[:, :, o // (cout // groups)])
+                            for o in range(cout)])
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9, err_msg=node.name)
 
 def _output_shift(qm, graph, x: np.ndarray) -> np.ndarray:
     """Mean per output channel of (integer model − float model) on inputs x (ONNX layout)."""

@@ -22,8 +22,9 @@ Bias", 2019, §3 — the layers are corrected in order for this reason).
   Bias Correction", ICCV 2019, §4.2, in its empirical form; Finkelstein et al. §3): the
   expected shift of each output channel's pre-activation, δ_c = E[ŷ_c] − E[y_c], with
   ŷ = s_in·s_w[c]·(Σ W_q (x_q − z_in) + b_q) the integer layer's accumulator in real units and
-  y = W x + b the float layer's, averaged over samples and positions; the layer's bias becomes
-  b − δ before it is quantised to int32. Sub-byte weights and activations (clipped ranges,
+  y = W x + b the float layer's, averaged over samples and positions (E[y] = W E[x_patch] + b:
+  the mean input patch, not the convolution); the layer's bias becomes b − δ before it is
+  quantised to int32. Sub-byte weights and activations (clipped ranges,
   coarse grids) shift these means; the correction removes the shift, not the noise.
 
 The plan records what rebuilds the parameters: the rounding as a bit mask (`w_params.rounding`,
@@ -216,9 +217,44 @@ def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray,
         acc = _linear(node, (xq - src.zero_point).astype(np.float64),
                       lq.weight.astype(np.float64)) + lq.bias
     real = acc * (np.float64(np.float32(src.scale)) * lq.weight_scale.astype(np.float64))
-    ref = _linear(node, xf.astype(np.float64), node.weight.astype(np.float64)) \
+    ref = _mean_linear(node, xf.astype(np.float64), node.weight.astype(np.float64)) \
         + node.bias.astype(np.float64)
-    return (real - ref).mean(axis=0)
+    return real.mean(axis=0) - ref
+
+
+def mean_patch(node: Node, x: np.ndarray) -> np.ndarray:
+    """The mean over samples and output positions of the input patch each output reads,
+    [KH, KW, C_in] for a conv (padding as zeros), [features] for a fully connected layer:
+    mean_{n,p} Σ W x_patch(n, p) = Σ W mean_{n,p} x_patch(n, p), so the float layer's mean
+    output (`expected_shift`'s reference) costs a sum over the input per tap instead of a
+    convolution."""
+    if node.op == "fully_connected":
+        return x.reshape(x.shape[0], -1).mean(axis=0)
+    a = node.attrs
+    kh, kw = node.weight.shape[1:3]
+    (sh, sw), (dh, dw) = a["strides"], a["dilations"]
+    ho, wo = _out_hw(node, x)
+    xp = pad_nhwc(x, a["pads"])
+    out = np.empty((kh, kw, x.shape[3]), np.float64)
+    for ky in range(kh):
+        for kx in range(kw):
+            tap = xp[:, ky * dh: ky * dh + sh * (ho - 1) + 1: sh,
+                     kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
+            out[ky, kx] = tap.sum(axis=(0, 1, 2))
+    return out / (x.shape[0] * ho * wo)
+
+
+def _mean_linear(node: Node, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """mean over samples and positions of `_linear(node, x, w)`, per output channel, from
+    `mean_patch` (groups: each output channel against its own group's input channels)."""
+    m = mean_patch(node, x)
+    if node.op == "fully_connected":
+        return w.reshape(w.shape[0], -1) @ m
+    cout, kh, kw, cin_g = w.shape
+    groups = node.attrs["groups"]
+    mg = m.reshape(kh, kw, groups, cin_g).transpose(2, 0, 1, 3)  # [groups, KH, KW, cin_g]
+    wg = w.reshape(groups, cout // groups, kh, kw, cin_g)
+    return np.einsum("gyxc,goyxc->go", mg, wg).reshape(cout)
 
 
 # -- AdaRound -----------------------------------------------------------------------------------
