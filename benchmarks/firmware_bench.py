@@ -19,6 +19,7 @@ at the plan's weight bits with any activation bits (kernels/latency_table.json, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -32,7 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import show  # noqa: E402
-from paper_tables import KWS_SCALE, KWS_ZP, plan_accuracy  # noqa: E402
+from paper_tables import kws_task, load_task, plan_accuracy  # noqa: E402
+from pareto import example_task  # noqa: E402
 
 from mpq.boards import get_board  # noqa: E402
 from mpq.codegen.cmsis import ENV, cmsis_nn_root  # noqa: E402
@@ -40,7 +42,7 @@ from mpq.codegen.export import render_export  # noqa: E402
 from mpq.errors import MpqError  # noqa: E402
 from mpq.frontend import load_model  # noqa: E402
 from mpq.latency import load_table, parse_key, plan_layer_features  # noqa: E402
-from mpq.quant.calibrate import dataset_from_array, load_dataset, onnx_input_shape  # noqa: E402
+from mpq.quant.calibrate import dataset_from_array, onnx_input_shape  # noqa: E402
 from mpq.search.driver import SearchOptions, search  # noqa: E402
 from mpq.verify import verify  # noqa: E402
 
@@ -101,31 +103,19 @@ def _int8_patch_plan(path: Path, graph, board, data, need: int) -> tuple:
 
 
 def _case_data(name: Path, scale: float, labelled: str | None, root: Path) -> tuple:
-    """(graph, calibration Dataset, test Dataset or None, two verify inputs) of one case."""
-    graph = load_model(name)
-    if labelled == "kws":
-        d = np.load(SHARED / "kws01_mfcc_int8_1000.npz")
-        x = (d["x"].astype(np.float32) - KWS_ZP) * np.float32(KWS_SCALE)
-        np.savez(root / "kws_calib.npz", x=x[:100], y=d["y"][:100])
-        np.savez(root / "kws_test.npz", x=x[100:], y=d["y"][100:])
-        calib, test = root / "kws_calib.npz", root / "kws_test.npz"
-    elif labelled == "fashion":
-        ex = REPO / "examples" / "fashion"
-        calib, test = ex / "calib.npz", ex / "test.npz"
-    else:
+    """(graph, calibration Dataset, the loaded task for `plan_accuracy` or None, two verify
+    inputs) of one case: the benchmarks' own KWS split (`paper_tables.kws_task`) and Fashion
+    example (`pareto.example_task`), or seeded random inputs."""
+    if labelled is None:
+        graph = load_model(name)
         x = (np.random.default_rng(0).random((32, *onnx_input_shape(graph))) * scale)
         x = x.astype(np.float32)
         return graph, dataset_from_array(x, "random"), None, x[:2]
-    with np.load(calib) as d:
+    task = kws_task(root / "kws") if labelled == "kws" else example_task()
+    t = load_task(task)
+    with np.load(task.calib) as d:
         first = d["x"][:2].astype(np.float32)
-    return graph, load_dataset(calib, graph), load_dataset(test, graph), first
-
-
-class _Task:
-    """What `paper_tables.plan_accuracy` reads: the graph, the test set, a cache of runs."""
-
-    def __init__(self, graph, test) -> None:
-        self.graph, self.test, self.seen = graph, test, {}
+    return t.graph, t.calib, t, first
 
 
 def bench_latency() -> dict:
@@ -136,18 +126,18 @@ def bench_latency() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for label, name, scale, labelled in CASES:
             path = SHARED / name  # an absolute `name` (the Fashion example) stays as it is
-            graph, data, test, x = _case_data(path, scale, labelled, Path(tmp))
-            rows += _latency_rows(label, path, graph, data, test, x, board, backends)
+            graph, data, task, x = _case_data(path, scale, labelled, Path(tmp))
+            rows += _latency_rows(label, path, graph, data, task, x, board, backends)
     table = _latency_table(rows, no_cmsis)
     limit = _limit_table(rows)
     return {"rows": rows, "table": table, "tables": [table, limit["table"]],
             "limit": limit["rows"], "cmsis_nn": no_cmsis is None}
 
 
-def _latency_rows(label: str, path: Path, graph, data, test, x: np.ndarray, board,
+def _latency_rows(label: str, path: Path, graph, data, task, x: np.ndarray, board,
                   backends: list[str]) -> list[dict]:
-    """One row per plan of one model: instructions per target and backend, accuracy."""
-    task = _Task(graph, test) if test is not None else None
+    """One row per plan of one model: instructions per target and backend, accuracy (on
+    `task`'s test set, when there is one)."""
     int8 = search(path, graph, board, data, SearchOptions(strategy="int8", patches="none")).plan
     need = int(int8.predicted["sram_needed_bytes"])
     variants = [("int8 layer-based", int8), ("int8 patch-based", _int8_patch_plan(
@@ -213,6 +203,23 @@ def _latency_rows(label: str, path: Path, graph, data, test, x: np.ndarray, boar
     return rows
 
 
+@functools.cache
+def _best_layer_costs() -> tuple[dict[tuple, int], dict[tuple, float]]:
+    """From kernels/latency_table.json (qemu-m4): the fewest instructions per measured layer
+    (kind, shape class, weight bits, MACs, outputs), and per (kind, shape class, weight bits)
+    the fewest instructions per MAC."""
+    same: dict[tuple, int] = {}
+    per_mac: dict[tuple, float] = {}
+    for measured in load_table()["plans"]:
+        for key, macs, outputs, instructions in measured["layers"]["qemu-m4"]:
+            kind, shape, w, _, _ = parse_key(key)
+            k = (kind, shape, w, macs, outputs)
+            same[k] = min(same.get(k, instructions), instructions)
+            if macs:
+                per_mac[k[:3]] = min(per_mac.get(k[:3], float("inf")), instructions / macs)
+    return same, per_mac
+
+
 def _lower_bound(plan, graph) -> int:
     """Σ over the plan's kernel calls of the fewest instructions the very same layer (kind,
     shape class, weight bits, MACs and outputs) took in any plan `tools/latency_table.py`
@@ -221,16 +228,7 @@ def _lower_bound(plan, graph) -> int:
     measured counts its MACs × the fewest instructions per MAC of its kind, shape class and
     weight bits. The patch stage's recomputation and its tiles' extra calls are left out, so
     no plan with these weight bits runs in fewer instructions on today's kernels."""
-    table = load_table()
-    same: dict[tuple, int] = {}
-    per_mac: dict[tuple, float] = {}
-    for measured in table["plans"]:
-        for key, macs, outputs, instructions in measured["layers"]["qemu-m4"]:
-            kind, shape, w, _, _ = parse_key(key)
-            k = (kind, shape, w, macs, outputs)
-            same[k] = min(same.get(k, instructions), instructions)
-            if macs:
-                per_mac[k[:3]] = min(per_mac.get(k[:3], float("inf")), instructions / macs)
+    same, per_mac = _best_layer_costs()
     w_bits = {la.name: la.w_bits for la in plan.layers}
     fused = {add: v["conv"] for add, v in plan.schedule.get("fused_adds", {}).items()}
     total = 0.0

@@ -152,8 +152,8 @@ MEASURED_BEFORE_48464C6 = {"wall_s": 82.62, "user_s": 61.71, "sys_s": 8.24,
                                       "scoring": 0.01, "solving": 40.53, "measuring": 10.5,
                                       "ptq": 13.85, "quantisation": 1.61, "VDPC": 0.67,
                                       "fidelity": 3.53, "plan": 0.0}}
-# Timed runs of the measured strategy (best of them by wall, as `exact`): a run takes about
-# 30 s again since the speed-ups of issue 13 item 5.
+# Timed runs of the measured strategy (best of them by wall, as `exact`): a run takes 20-30 s
+# since the speed-ups of issue 13 item 5.
 MEASURED_RUNS = 3
 PHASES = {"import": "import", "calibrated": "calibration", "sensitivity": "sensitivity",
           "scoring": "scoring", "solving": "solving", "measuring": "measuring",
@@ -233,10 +233,10 @@ def bench_search_time() -> dict:
         x = np.random.default_rng(0).random((64, *onnx_input_shape(graph))).astype(np.float32)
         np.savez(Path(tmp) / "calib.npz", x=x)
         plan = Path(tmp) / "plan.json"
-        # The whole 2 MiB Flash for the model: since the packed kernels grew (session 18,
-        # +2 KB), 4-bit weights plus the code bound no longer fit beside the board's 64 KB
-        # application reserve (2,032,660 B needed, 2,031,616 B left). With it, Flash still
-        # forces 4-bit weights on most layers: the same 67 single choices as before.
+        # The whole 2 MiB Flash for the model: since the packed kernels grew (+2.7 KB on the
+        # M4), 4-bit weights plus the code bound no longer fit beside the board's 64 KB
+        # application reserve (2,032,660 B needed against 2,031,616 B when first seen). With
+        # it, Flash still forces 4-bit weights on most layers: the same 67 single choices.
         args = [str(path), "--board", "stm32h743", "--flash", str(FLASH_BYTES),
                 "--data", str(Path(tmp) / "calib.npz"), "-o", str(plan), "-q", "--json"]
         measured, measured_sha = _time_strategy(args, plan, MEASURED_RUNS)
