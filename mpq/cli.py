@@ -1053,8 +1053,12 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--patch-cache", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
               help="Keep the rows adjacent patches share in line buffers instead of "
-                   "recomputing them (auto: when that costs no peak and VDPC is off or "
-                   "--strategy int8).")
+                   "recomputing them (auto: when that costs no peak and VDPC is off, or "
+                   "--strategy int8 or measured).")
+@click.option("--max-overhead", type=click.FloatRange(min=0), default=None,
+              help="With --patches auto: the most MACs the patch overlaps may recompute, as a "
+                   "fraction of the network's MACs (default: 1.0 for the measured strategy, "
+                   "which spends compute to keep bits; 0.25 for the others).")
 @click.option("--scratch", type=click.Choice(["arena", "separate"]), default="arena",
               show_default=True,
               help="arena: each layer's kernel scratch is an arena buffer alive only at its "
@@ -1114,7 +1118,8 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                method: str, bitops: int | None, order: str, bias_correction: bool,
                adaround: bool, latency: bool, latency_tolerance: float, io: str,
                overlap: bool, compare_strategies: bool, auto_ptq: bool, as_json: bool,
-               quiet: bool, patch_cache: str = "auto", scratch: str = "arena") -> None:
+               quiet: bool, patch_cache: str = "auto", scratch: str = "arena",
+               max_overhead: float | None = None) -> None:
     """Find bitwidths and a patch schedule that fit MODEL onto a board; write the plan."""
     clock = _PhaseClock()  # started before the imports below: they are the import phase
 
@@ -1141,7 +1146,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
                          bitops=bitops, bias_correction=bias_correction, adaround=adaround,
                          order=order, io=io, compare_strategies=compare_strategies,
                          overlap=overlap, patch_cache=patch_cache, auto_ptq=auto_ptq,
-                         scratch=scratch)
+                         scratch=scratch, max_overhead=max_overhead)
     check_outputs([output], [model, data, board.path])
     graph = load_model(model)
     candidates = feasible_candidates(graph, board, opts)  # budgets met at all? before the data

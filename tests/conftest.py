@@ -49,8 +49,8 @@ def shared_model(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def fashion_demo(tmp_path_factory) -> dict[str, Path]:
-    """The Fashion example beside `make demo`'s plan (nano33ble, --sram 14000: patches and
-    VDPC), searched once per session. Tests read these; they write their own outputs
+    """The Fashion example beside `make demo`'s plan (nano33ble, --sram 14000: patches),
+    searched once per session. Tests read these; they write their own outputs
     elsewhere."""
     import shutil
 
@@ -60,6 +60,19 @@ def fashion_demo(tmp_path_factory) -> dict[str, Path]:
     plan = root / "fashion.plan.json"
     r = run_mpq("search", "fashion_cnn.onnx", "--board", "nano33ble", "--sram", "14000",
                 "--data", example / "calib.npz", "-o", plan, "-q", cwd=root)
+    assert r.returncode == 0, r.stderr
+    return {"root": root, "model": root / "fashion_cnn.onnx", "plan": plan}
+
+
+@pytest.fixture(scope="session")
+def fashion_vdpc(fashion_demo) -> dict[str, Path]:
+    """The demo's model and budget under `--strategy vdqs`: a patch plan with VDPC's two
+    branches (the measured default's split at 14,000 B runs without it)."""
+    root = fashion_demo["root"]
+    plan = root / "fashion.vdpc.plan.json"
+    r = run_mpq("search", "fashion_cnn.onnx", "--board", "nano33ble", "--sram", "14000",
+                "--strategy", "vdqs", "--data", REPO / "examples" / "fashion" / "calib.npz",
+                "-o", plan, "-q", cwd=root)
     assert r.returncode == 0, r.stderr
     return {"root": root, "model": root / "fashion_cnn.onnx", "plan": plan}
 

@@ -229,7 +229,8 @@ def test_patch_stage_with_elementwise_ops_bit_exact_on_host(tmp_path: Path) -> N
     k = ops.index("sub") + 1
     res = search(path, graph, get_board("nano33ble"),
                  dataset_from_array(_x((3, 16, 16), 32), "s"),
-                 SearchOptions(patches=f"k={k},n=2", sram=with_stack(graph, 4_000)))
+                 SearchOptions(strategy="vdqs", patches=f"k={k},n=2",
+                               sram=with_stack(graph, 4_000)))
     plan = res.plan
     assert plan.patch is not None
     assert {"mul", "sub", "prelu"} <= {nd.op for nd in graph.nodes

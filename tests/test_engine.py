@@ -28,14 +28,14 @@ EX = REPO / "examples" / "fashion"
 
 
 @pytest.fixture(scope="module")
-def demo(fashion_demo, tmp_path_factory) -> dict:
-    """The Fashion demo plan (`make demo`: --sram 14000, so patches and VDPC) and 100 labelled
-    test images."""
+def demo(fashion_vdpc, tmp_path_factory) -> dict:
+    """The Fashion demo budget (--sram 14000) under vdqs, so patches and VDPC, and 100
+    labelled test images."""
     work = tmp_path_factory.mktemp("engine")
     test = np.load(EX / "test.npz")
     np.savez(work / "test100.npz", x=test["x"][:100], y=test["y"][:100])
     np.save(work / "x20.npy", test["x"][:20])
-    return {"root": fashion_demo["root"], "plan": fashion_demo["plan"],
+    return {"root": fashion_vdpc["root"], "plan": fashion_vdpc["plan"],
             "test": work / "test100.npz", "x": work / "x20.npy"}
 
 

@@ -151,7 +151,7 @@ def test_patch_plans_bit_exact_on_host(tmp_path: Path, width: float, res: int, s
     graph = load_model(path)
     res_ = search(path, graph, get_board("nano33ble"),
                   dataset_from_array(_random(graph, 32), "r"),
-                  SearchOptions(patches=split, sram=sram))
+                  SearchOptions(strategy="vdqs", patches=split, sram=sram))
     plan = res_.plan
     assert plan.patch is not None and plan.patch["vdpc"] is not None
     assert verify(plan, graph, _random(graph, 8), "host").mismatches == 0

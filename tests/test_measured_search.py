@@ -91,6 +91,32 @@ def test_more_memory_never_measures_worse(tmp_path: Path) -> None:
     assert damages == sorted(damages, reverse=True), damages
 
 
+def test_a_deeper_stage_without_vdpc_keeps_more_bits(tmp_path: Path) -> None:
+    """At half the Fashion example's int8 need the default spends recomputed MACs (within its
+    1.0 bound) on an 11-layer patch stage without VDPC instead of 2-bit maps: every map at 4
+    bits or more, lower measured damage than under the paper strategies' 25 % bound and
+    VDPC, and still bit-exact."""
+    plans = {}
+    for label, extra in (("default", ()), ("bounded", ("--max-overhead", "0.25"))):
+        out = tmp_path / f"{label}.json"
+        r = _search(12_520, out, "measured", *extra)
+        assert r.returncode == 0, r.stderr
+        plans[label] = json.loads(out.read_text())
+    deep, bounded = plans["default"], plans["bounded"]
+    assert deep["patch"]["split_layer"] > bounded["patch"]["split_layer"]
+    assert deep["patch"]["vdpc"] is None
+    total = sum(layer["macs"] for layer in deep["layers"])
+    assert bounded["patch"]["redundant_macs"] <= 0.25 * total < deep["patch"]["redundant_macs"] \
+        <= 1.0 * total
+    assert min(t["bits"] for t in deep["tensors"]) >= 4
+    assert min(t["bits"] for t in bounded["tensors"]) == 2
+    assert deep["search"]["measured"]["damage"] < bounded["search"]["measured"]["damage"]
+    assert deep["predicted"]["sram_needed_bytes"] <= 12_520
+    r = run_mpq("verify", tmp_path / "default.json", "--data", FASHION / "test.npz",
+                "--samples", "4", "-q")
+    assert r.returncode == 0 and "0 mismatches" in r.stdout, r.stdout + r.stderr
+
+
 def test_compare_strategies_keeps_the_best_ranked_plan(tmp_path: Path) -> None:
     """`--compare-strategies`: the other strategies' plans are measured beside the measured
     one, the plan records every candidate, and the kept plan ranks best (top-1 agreement with

@@ -236,8 +236,8 @@ def test_bias_corrected_patch_plan_verifies_bit_exact(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(B.mobilenet_v2(0.35, 32, num_classes=10).SerializeToString())
     x = np.random.default_rng(5).random((32, 3, 32, 32)).astype(np.float32)
-    opts = SearchOptions(weight_bits=(2,), weight_scheme="linear", range_method="mse",
-                         bias_correction=True, sram=9_000)
+    opts = SearchOptions(strategy="vdqs", weight_bits=(2,), weight_scheme="linear",
+                         range_method="mse", bias_correction=True, sram=9_000)
     _, plan = _search_and_check(path, x, opts, tmp_path)
     assert plan.patch is not None and plan.patch["vdpc"] is not None
     assert plan.search["bias_correction"] and plan.search["range_method"] == "mse"

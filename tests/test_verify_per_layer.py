@@ -36,7 +36,7 @@ def patch_plan(tmp_path_factory):
     graph = load_model(path)
     x = np.random.default_rng(1).random((16, *onnx_input_shape(graph))).astype(np.float32)
     res = search(path, graph, get_board("nano33ble"), dataset_from_array(x, "r"),
-                 SearchOptions(patches="k=10,n=2", sram=30_000))
+                 SearchOptions(strategy="vdqs", patches="k=10,n=2", sram=30_000))
     plan_path = tmp / "m.plan.json"
     res.plan.save(plan_path)
     np.savez(tmp / "x.npz", x=x[:2])

@@ -57,7 +57,14 @@ from mpq.patch import (
     search_patches,
     split_problem,
 )
-from mpq.plan import LayerPlan, Plan, TensorPlan, file_sha256, layer_weight_fields
+from mpq.plan import (
+    LayerPlan,
+    Plan,
+    TensorPlan,
+    file_sha256,
+    layer_weight_fields,
+    plan_quant_model,
+)
 from mpq.quant.calibrate import (
     CalibrationStats,
     Dataset,
@@ -107,7 +114,9 @@ class SearchOptions:
     range_method: str = "entropy"
     sram: int | None = None
     flash: int | None = None
-    max_overhead: float | None = 0.25  # bound on redundant MACs / total MACs (auto patches)
+    # `--max-overhead`: bound on redundant MACs / total MACs of `--patches auto`'s splits;
+    # None: the strategy's own (`overhead_bound`)
+    max_overhead: float | None = None
     bitops: int | None = None  # BitOPs budget of `--strategy importance` (none: unbounded)
     bias_correction: bool = False  # `mpq.quant.ptq`: fitted on the calibration data
     adaround: bool = False
@@ -130,6 +139,28 @@ class SearchOptions:
     # `--scratch`: the kernels' scratch per layer inside the arena, alive only at its step
     # (`memory.scratch_buffers`; layer-based schedules), or one separate largest-size buffer
     scratch: str = "arena"
+
+
+#: The patch overhead bound of the paper strategies (MCUNetV2's schedules stay within ~10–30 %)
+#: and of the accuracy-first default (DESIGN §7.5: it may recompute up to the network's own
+#: MACs once more when a deeper patch stage keeps maps at more bits — on the Fashion example
+#: at 0.5× of the int8 need, an 11-layer stage with 78 % redundant MACs keeps top-1 at
+#: 91.9 % where the 25 % bound leaves 2-bit maps and 88.4 %).
+PAPER_MAX_OVERHEAD = 0.25
+MEASURED_MAX_OVERHEAD = 1.0
+
+
+def overhead_bound(opts: SearchOptions) -> float:
+    """The redundant-MAC bound of `--patches auto` (a fraction of the network's MACs):
+    `--max-overhead` when given, else MEASURED_MAX_OVERHEAD for the measured strategy and
+    PAPER_MAX_OVERHEAD for the others."""
+    if opts.max_overhead is not None:
+        return opts.max_overhead
+    return MEASURED_MAX_OVERHEAD if opts.strategy == "measured" else PAPER_MAX_OVERHEAD
+
+
+#: A schedule and the options it is solved under (VDPC on or off: `schedule_variants`).
+Candidate = tuple[PatchSchedule, SearchOptions]
 
 
 class BudgetError(MpqError):
@@ -398,11 +429,12 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
            opts: SearchOptions, progress: Callable[[int], None] | None = None,
            stats: CalibrationStats | None = None,
            log: Callable[[str], None] | None = None,
-           candidates: list[PatchSchedule] | None = None) -> SearchResult:
+           candidates: list[PatchSchedule] | list[Candidate] | None = None) -> SearchResult:
     """Run the whole search and return the plan (DESIGN §1, §5–§7). `log` receives one line
     per phase and per candidate schedule (what `mpq -v search` prints). `candidates` are the
     schedules `feasible_candidates` returned for the same graph, board and options (else
-    they are computed, and checked, here before calibration)."""
+    they are computed, and checked, here before calibration); bare schedules are solved under
+    `opts` (`schedule_variants`)."""
     say = log or (lambda message: None)
     if opts.strategy not in STRATEGIES:
         raise MpqError(f"unknown strategy '{opts.strategy}' (choose from "
@@ -436,6 +468,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                      "inputs")
     if candidates is None:
         candidates = feasible_candidates(graph, board, opts)
+    elif candidates and isinstance(candidates[0], PatchSchedule):
+        candidates = schedule_variants(graph, candidates, opts)
     x_val = None
     if opts.strategy == "measured":
         from mpq.fidelity import measured_samples, validation_inputs
@@ -477,15 +511,15 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     attempts = []
     to_measure: list[_Attempt] = []  # measured strategy: ILP solutions to measure
     failures: list[MpqError] = []
-    for schedule in candidates:
+    for schedule, s_opts in candidates:
         try:
-            extra = stage_flash(graph, schedule, opts, board_cpu(board))
-            attempt = _solve_schedule(graph, schedule, scores, opts, sram_total, flash_total,
+            extra = stage_flash(graph, schedule, s_opts, board_cpu(board))
+            attempt = _solve_schedule(graph, schedule, scores, s_opts, sram_total, flash_total,
                                       flash_budget - extra, input_bytes, code + extra, table,
                                       probe, say)
         except MpqError as exc:  # this schedule cannot meet the budgets; try the others
             failures.append(exc)
-            say(f"solving: {_describe(schedule)}: {exc}")
+            say(f"solving: {_describe(schedule, s_opts.vdpc)}: {exc}")
             continue
         # Schedules are compared on what each would ship: after QBR, on one objective over
         # every map (see `schedule_value`), not on the solver's, whose groups differ by
@@ -503,8 +537,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             value = -round(total_importance(table, graph, attempt.problem, final.choice), 9)
         say(f"solving: {_describe(schedule)}: arena {final.arena:,} B, objective "
             f"{attempt.solution.objective:.4f}, after QBR {value:.4f}")
-        attempts.append((round(value, 12), -schedule.redundant_macs,
-                         -schedule.split_layer, -schedule.n, attempt))
+        attempts.append((round(value, 12), *_tie_break(attempt), attempt))
     if to_measure:
         from mpq.search.measured import choice_bits
 
@@ -512,15 +545,14 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     for attempt in to_measure:
         attempt.pool = initial(attempt.problem, attempt.solution, probe)
         value = -attempt.pool.best[0]
-        say(f"solving: {_describe(attempt.schedule)}: arena {attempt.solution.arena:,} B, "
-            f"measured damage {-value:.5f}")
-        attempts.append((round(value, 12), -attempt.schedule.redundant_macs,
-                         -attempt.schedule.split_layer, -attempt.schedule.n, attempt))
+        say(f"solving: {_describe(attempt.schedule, attempt.use_vdpc)}: arena "
+            f"{attempt.solution.arena:,} B, measured damage {-value:.5f}")
+        attempts.append((round(value, 12), *_tie_break(attempt), attempt))
     if not attempts:
         raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
     if probe is not None:
         attempts = _refine_measured(attempts, opts, say)
-    attempt = max(attempts, key=lambda a: a[:4])[4]
+    attempt = max(attempts, key=lambda a: a[:-1])[-1]
     schedule, problem, solution = attempt.schedule, attempt.problem, attempt.solution
     use_vdpc, classified = attempt.use_vdpc, attempt.classified
     opts_eff = replace(opts, vdpc=use_vdpc)
@@ -740,13 +772,14 @@ PATCH_CACHE = ("auto", "on", "off")
 def cache_choice(opts: SearchOptions) -> bool | None:
     """`--patch-cache` as `search_patches` takes it: True (on), False (off, or auto while VDPC
     may pick a branch per patch: rows kept from the patch above could be the other
-    branch's), None (auto: both forms compete)."""
+    branch's), None (auto: both forms compete — also under VDPC for the measured strategy,
+    whose line-buffer schedules run without it: `schedule_variants`)."""
     if opts.patch_cache not in PATCH_CACHE:
         raise MpqError(f"--patch-cache must be one of {', '.join(PATCH_CACHE)}, not "
                        f"'{opts.patch_cache}'")
     if opts.patch_cache == "on":
         return True
-    if opts.patch_cache == "off" or (opts.vdpc and opts.strategy != "int8"):
+    if opts.patch_cache == "off" or (opts.vdpc and opts.strategy not in ("int8", "measured")):
         return False
     return None
 
@@ -766,7 +799,7 @@ def given_split(graph: Graph, split: PatchSplit, opts: SearchOptions) -> PatchSc
         else plain
 
 
-def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[PatchSchedule]:
+def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[Candidate]:
     """The search's candidate schedules, after checking — before any data is read or
     calibrated — that the budgets can be met at all; else the BudgetError the search would
     raise.
@@ -775,7 +808,9 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
     smallest bits the strategy may choose (8-bit activations and weights for `int8`). Sizes
     do not depend on the data, so it rejects exactly the budgets the full search rejects at
     that floor, and never one the search would meet. Flash does not depend on the schedule
-    and is checked first, without building any.
+    and is checked first, without building any. The candidates are the first tier of
+    `candidate_tiers` in which some schedule's floor fits; the error names the smallest
+    floor of them all, which every strategy but `int8` then meets.
     """
     graph, _ = search_graph(graph, opts)
     sram_total, flash_total, input_bytes, code = _totals(graph, board, opts)
@@ -792,17 +827,17 @@ def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list
                                         code_bound(graph, board, replace(opts,
                                                                          weight_bits=(8, 4, 2))),
                                         flash), 0)
-    candidates = candidate_list(graph, opts)
     failures: list[BudgetError] = []
-    for schedule in candidates:
-        extra = stage_flash(graph, schedule, opts, board_cpu(board))
-        setup = _setup_schedule(graph, schedule, {}, opts, sram_total,
-                                flash_total - code - extra, input_bytes, scored=False)
-        if setup.problem.fits(setup.floor):
-            return candidates
-        failures.append(_impossible(setup.problem, setup.floor, schedule, sram_total,
-                                    input_bytes, setup.scratch, flash_total, code + extra,
-                                    setup.what))
+    for tier in candidate_tiers(graph, opts):
+        for schedule, s_opts in tier:
+            extra = stage_flash(graph, schedule, s_opts, board_cpu(board))
+            setup = _setup_schedule(graph, schedule, {}, s_opts, sram_total,
+                                    flash_total - code - extra, input_bytes, scored=False)
+            if setup.problem.fits(setup.floor):
+                return tier
+            failures.append(_impossible(setup.problem, setup.floor, schedule, sram_total,
+                                        input_bytes, setup.scratch, flash_total, code + extra,
+                                        setup.what))
     raise min(failures, key=lambda e: e.sram_needed)
 
 
@@ -918,7 +953,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     forms = (False, True) if choice is None else (choice,)
     for n in PATCH_N:
         for cache in forms:
-            best = search_patches(graph, n_choices=(n,), max_overhead=opts.max_overhead,
+            best = search_patches(graph, n_choices=(n,), max_overhead=overhead_bound(opts),
                                   bits=low, io=opts.io, cache=cache)
             if best is not None:
                 out.append(best)
@@ -976,10 +1011,10 @@ def _refine_measured(attempts: list[tuple], opts: SearchOptions,
     """The measured strategy's step 2–4 (`search.measured`) on the REFINE_SCHEDULES schedules
     whose ILP solutions measured best; their ranking value becomes the refined plan's
     measured damage (negated)."""
-    ranked = sorted(attempts, key=lambda a: a[:4], reverse=True)
+    ranked = sorted(attempts, key=lambda a: a[:-1], reverse=True)
     out = []
     for i, entry in enumerate(ranked):
-        att = entry[4]
+        att = entry[-1]
         if i >= REFINE_SCHEDULES:
             out.append(entry)
             continue
@@ -991,18 +1026,59 @@ def _refine_measured(attempts: list[tuple], opts: SearchOptions,
                                problem.arena(problem.tensor_bits(m.choice)),
                                problem.flash_bytes(m.choice), att.solution.iterations)
         att.qbr_log = m.log
-        say(f"measuring: {_describe(att.schedule)}: {m.candidates} plan(s) measured, best "
-            f"damage {m.damage:.5f} (sum of single choices {m.predicted:.5f})")
-        out.append((round(-m.damage, 12), *entry[1:4], att))
+        say(f"measuring: {_describe(att.schedule, att.use_vdpc)}: {m.candidates} plan(s) "
+            f"measured, best damage {m.damage:.5f} (sum of single choices {m.predicted:.5f})")
+        out.append((round(-m.damage, 12), *entry[1:]))
     return out
 
 
-def _describe(schedule: PatchSchedule) -> str:
-    """A schedule as the user names it: `no patches` or `k=3,n=2 patches`."""
+def _describe(schedule: PatchSchedule, vdpc: bool = True) -> str:
+    """A schedule as the user names it: `no patches` or `k=3,n=2 patches`, and `without
+    VDPC` for a split the measured strategy also tries with every patch on one branch
+    (`schedule_variants`)."""
     if schedule.split_tensor is None:
         return "no patches"
     cached = " with line buffers" if schedule.cache else ""
-    return f"k={schedule.split_layer},n={schedule.n} patches{cached}"
+    plain = "" if vdpc or schedule.cache else " without VDPC"
+    return f"k={schedule.split_layer},n={schedule.n} patches{cached}{plain}"
+
+
+def _tie_break(attempt: _Attempt) -> tuple[int, int, int, int]:
+    """How schedules of equal value rank (the larger first): fewer redundant MACs, smaller
+    k, smaller n, then one branch for every patch (no VDPC: less code, fewer BitOPs)."""
+    s = attempt.schedule
+    return -s.redundant_macs, -s.split_layer, -s.n, -int(attempt.use_vdpc)
+
+
+def candidate_tiers(graph: Graph, opts: SearchOptions) -> list[list[Candidate]]:
+    """The candidates the search tries, in tiers: a later tier only when no schedule of the
+    earlier ones fits the budgets (`feasible_candidates`).
+
+    The paper strategies keep their own space first (VDPC, PAPER_MAX_OVERHEAD); the measured
+    strategy's wider one (every split also without VDPC, redundant MACs up to
+    MEASURED_MAX_OVERHEAD, line buffers) comes second, so the smallest budget any strategy's
+    error names is met by every strategy (issue 13: the advertised minimum is accepted by
+    all), while a budget the paper space meets gets the paper's plan as before. One tier for
+    the measured strategy (it is that space), `int8`, `--max-overhead` or a given split."""
+    first = schedule_variants(graph, candidate_list(graph, opts), opts)
+    if opts.strategy in ("measured", "int8") or opts.max_overhead is not None \
+            or parse_patches(opts.patches) != "auto":
+        return [first]
+    wide = replace(opts, vdpc=False, max_overhead=MEASURED_MAX_OVERHEAD)
+    return [first, [(s, replace(opts, vdpc=False)) for s in candidate_list(graph, wide)]]
+
+
+def schedule_variants(graph: Graph, candidates: list[PatchSchedule], opts: SearchOptions
+                      ) -> list[Candidate]:
+    """Each candidate schedule with the options it is solved under; the measured strategy
+    also tries every split VDPC would classify with VDPC off (DESIGN §7.5): VDPC budgets the
+    stage for its all-8-bit outlier branch, which keeps deep stages out of small budgets,
+    so whether it pays is measured, not assumed."""
+    out = [(s, opts) for s in candidates]
+    if opts.strategy == "measured" and opts.vdpc:
+        plain = replace(opts, vdpc=False)
+        out += [(s, plain) for s in candidates if vdpc_map(graph, s, opts) is not None]
+    return out
 
 
 def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flash: int
@@ -1312,7 +1388,6 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
         ALTERNATIVES,
         Judge,
         choose,
-        plan_bits,
         portfolio_applies,
         selection_count,
     )
@@ -1325,8 +1400,10 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
     judge = Judge.build(graph, x, probe.classifier_any)
 
     def damage_of(plan: Plan) -> float:
-        acts, weights = plan_bits(plan)
-        return probe.damage_of(acts, {n: b for n, b in weights.items() if n in probe._ref_w})
+        # The plan's own model (its PTQ fits included), not only its bits: the measured
+        # plan may keep bias correction, which the bits alone do not show.
+        qm = plan_quant_model(plan, graph)
+        return probe.damage_against(probe.outputs(qm, {n.name for n in graph.nodes}))
 
     def alternatives() -> list[tuple[str, SearchResult]]:
         out = []

@@ -73,14 +73,6 @@ def plan_key(plan) -> str:
                       sort_keys=True)
 
 
-def plan_bits(plan) -> tuple[dict[str, int], dict[str, int]]:
-    """A plan's activation bits per tensor and weight bits per layer, as `Probe.damage_of`
-    takes them."""
-    acts = {t.name: int(t.bits) for t in plan.tensors}
-    weights = {lay.name: int(lay.w_bits) for lay in plan.layers if lay.w_bits}
-    return acts, weights
-
-
 @dataclass
 class Judge:
     """The float model's top-1 on the selection samples, to score candidate plans against."""
