@@ -1232,8 +1232,10 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     table.add_row("BitOPs int8", f"{p['bitops_int8']:,}", "", "")
     ins = p.get("instructions")
     if ins:
-        table.add_row(f"Instructions ({plain(ins['target'])}, latency table)",
-                      f"{ins['total']:,}", "", "")
+        staged = "patch stage" in str(ins.get("model", ""))
+        table.add_row(f"Instructions ({plain(ins['target'])}, latency table"
+                      + ("; patch stage estimated, per-patch overheads not modelled)" if staged
+                         else ")"), f"{ins['total']:,}", "", "")
     out.print(table)
     layers = Table(title="Bits per layer")
     for col in ("layer", "op", "w", "a in", "a out", "MACs", "BitOPs",

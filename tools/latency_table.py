@@ -8,7 +8,11 @@ Per case (the shared models and the Fashion example) and per bit variant (int8; 
 bits with 8-bit weights; 4-bit weights with 8-bit and with 4-bit maps; 2-bit maps and weights;
 the default accuracy-first search's mixed plan at 0.5× of the int8 SRAM need), the plan is
 searched layer-based (`--patches none`), exported and run under QEMU with `mpq verify
---per-layer` on 2 inputs (bit-exact or the tool stops). Every layer row becomes a point
+--per-layer` on 2 inputs (bit-exact or the tool stops). One more plan, `patch` (the Fashion
+example's `make demo` plan: an 11-layer patch stage), gives the residual adds a patch stage
+keeps unfused (layer-based plans fuse every add into its conv): each such add's instructions
+divided by the stage's recomputation ratio (patched / whole-map MACs), the factor
+`mpq.latency.search_prediction` multiplies stage layers by. Every layer row becomes a point
 (MACs, outputs, instructions per inference) of its key (`mpq.latency.layer_key`); each key gets
 a non-negative least-squares fit `a·MACs + b·outputs + c` (`mpq.latency.fit`). The table records
 the machine, the tool versions and the plans measured. Regenerate it after changing a kernel.
@@ -66,6 +70,7 @@ VARIANTS: dict[str, dict] = {
     "w4a4": {"strategy": "qe", "bits": (4,), "weight_scheme": "linear", "weight_bits": (4,)},
     "w2a2": {"strategy": "qe", "bits": (2,), "weight_scheme": "linear", "weight_bits": (2,)},
     "mixed": {},
+    "patch": {"patches": "auto", "sram": 14_000},  # stage adds only (module docstring)
 }
 
 
@@ -111,7 +116,15 @@ def measure_plan(case: str, variant: str, path: Path, scale: float | None,
         except MpqError:  # half the int8 need is out of reach layer-based: the unconstrained
             plan = search(path, graph, board, data, SearchOptions(patches="none")).plan
     else:
-        plan = search(path, graph, board, data, SearchOptions(patches="none", **opts)).plan
+        plan = search(path, graph, board, data,
+                      SearchOptions(**{"patches": "none", **opts})).plan
+    if variant == "patch" and plan.patch is None:
+        raise MpqError(f"{case}: the {variant} variant's plan has no patch stage")
+    ratio = 1.0
+    if plan.patch is not None:
+        stage = set(plan.patch["stage_nodes"])
+        full = sum(layer.macs for layer in plan.layers if layer.name in stage)
+        ratio = (full + plan.patch["redundant_macs"]) / max(full, 1)
     fused = {add: v["conv"] for add, v in plan.schedule.get("fused_adds", {}).items()}
     features = plan_layer_features(graph, fused)
     by_name = {n.name: n for n in graph.nodes}
@@ -126,15 +139,20 @@ def measure_plan(case: str, variant: str, path: Path, scale: float | None,
                              "bytes: not measuring a wrong export")
         points = []
         for row in result.per_layer:
-            if not row["segment"].startswith("L"):
-                continue
             name = row["layer"].split(" + ")[0]
+            if variant == "patch":  # the stage's unfused adds only
+                if not (row["segment"].startswith("S") and features[name]["kind"] == "add"):
+                    continue
+            elif not row["segment"].startswith("L"):
+                continue
             node, f = by_name[name], features[name]
             out_node = by_name[add_of_conv[name]] if name in add_of_conv else node
             key = layer_key(f["kind"], f["shape"], w_bits.get(name) if node.weight is not None
                             else None, bits.get(node.inputs[0], 8),
                             bits.get(out_node.outputs[0], 8))
             per = row["instructions_all"] // result.samples  # layer-based: identical runs
+            if row["segment"].startswith("S"):
+                per = round(per / ratio)  # per whole map, as the search scales it back
             points.append((key, name, f["macs"], f["outputs"], per))
         out["points"][target] = points
         out.setdefault("instructions", {})[target] = result.instructions
@@ -149,6 +167,7 @@ def build_table(measured: list[dict], targets: list[str]) -> dict:
              "model": "instructions = a·MACs + b·outputs + c per key (NNLS)",
              "plans": [{"case": m["case"], "variant": m["variant"],
                         "instructions": m["instructions"],
+                        "stage_adds_only": m["variant"] == "patch",
                         "layers": {t: [[key, int(macs), int(outputs), int(per)]
                                        for key, _, macs, outputs, per in m["points"][t]]
                                    for t in targets}} for m in measured],
@@ -174,19 +193,21 @@ def build_table(measured: list[dict], targets: list[str]) -> dict:
 #: covered by the others' keys; add them with --cases/--variants).
 DEFAULT_CASES = ("fashion", "resnet8", "kws", "vww")
 DEFAULT_VARIANTS = ("int8", "w8a4", "w4a8", "w4a4", "w2a2")
+DEFAULT_EXTRA = (("fashion", "patch"),)  # (case, variant) measured besides the grid
 
 
 def regenerate(cases=DEFAULT_CASES, variants=DEFAULT_VARIANTS, targets=("qemu-m4",),
-               out: Path | None = None) -> dict:
-    """Measure every case × variant on every target, fit, write the table to `out` (default:
-    the shipped kernels/latency_table.json) and return it."""
+               out: Path | None = None, extra=DEFAULT_EXTRA) -> dict:
+    """Measure every case × variant (and each `extra` (case, variant) of those cases) on
+    every target, fit, write the table to `out` (default: the shipped
+    kernels/latency_table.json) and return it."""
     measured = []
     for case in cases:
         path, scale = CASES[case]
         if not path.is_file():
             print(f"{case}: {path} missing, skipped", file=sys.stderr)
             continue
-        for variant in variants:
+        for variant in [*variants, *(v for c, v in extra if c == case and v not in variants)]:
             try:
                 measured.append(measure_plan(case, variant, path, scale, list(targets)))
             except MpqError as exc:
@@ -208,6 +229,8 @@ def summary_rows(table: dict, target: str = "qemu-m4") -> tuple[list[list[str]],
              f"{100 * e['max_rel_error']:.1f} %"] for k, e in sorted(entries.items())]
     plans = []
     for p in table["plans"]:
+        if p.get("stage_adds_only"):
+            continue  # its points are the stage's adds, not a whole plan
         measured = p["instructions"][target]
         pred = sum(evaluate(entries[k]["fit"], m, o) for k, m, o, _ in p["layers"][target])
         plans.append([p["case"], p["variant"], f"{measured:,}", f"{pred:,.0f}",
