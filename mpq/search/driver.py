@@ -506,7 +506,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     else:
         scores = vdqs_scores(graph, stats, opts.bits, opts.lam, opts.bins, opts.phi_norm,
                              range_method=opts.range_method)
-    say(f"scoring: {len(scores)} feature maps, {len(candidates)} candidate schedule(s)")
+    say(f"scoring: {len(scores)} feature maps, {describe_candidates(candidates)}")
     full_bitops = full_precision_bitops(graph)
     attempts = []
     to_measure: list[_Attempt] = []  # measured strategy: ILP solutions to measure
@@ -1066,6 +1066,13 @@ def candidate_tiers(graph: Graph, opts: SearchOptions) -> list[list[Candidate]]:
         return [first]
     wide = replace(opts, vdpc=False, max_overhead=MEASURED_MAX_OVERHEAD)
     return [first, [(s, replace(opts, vdpc=False)) for s in candidate_list(graph, wide)]]
+
+
+def describe_candidates(candidates: list[Candidate]) -> str:
+    """`N candidate schedule(s)`, and how many of them are also solved without VDPC."""
+    distinct = len({id(s) for s, _ in candidates})
+    twice = len(candidates) - distinct
+    return f"{distinct} candidate schedule(s)" + (f", {twice} also without VDPC" if twice else "")
 
 
 def schedule_variants(graph: Graph, candidates: list[PatchSchedule], opts: SearchOptions
