@@ -15,7 +15,7 @@ The steps, each a function of the one before:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1050,7 +1050,7 @@ def _tie_break(attempt: _Attempt) -> tuple[int, int, int, int]:
     return -s.redundant_macs, -s.split_layer, -s.n, -int(attempt.use_vdpc)
 
 
-def candidate_tiers(graph: Graph, opts: SearchOptions) -> list[list[Candidate]]:
+def candidate_tiers(graph: Graph, opts: SearchOptions) -> Iterator[list[Candidate]]:
     """The candidates the search tries, in tiers: a later tier only when no schedule of the
     earlier ones fits the budgets (`feasible_candidates`).
 
@@ -1059,13 +1059,14 @@ def candidate_tiers(graph: Graph, opts: SearchOptions) -> list[list[Candidate]]:
     MEASURED_MAX_OVERHEAD, line buffers) comes second, so the smallest budget any strategy's
     error names is met by every strategy (issue 13: the advertised minimum is accepted by
     all), while a budget the paper space meets gets the paper's plan as before. One tier for
-    the measured strategy (it is that space), `int8`, `--max-overhead` or a given split."""
-    first = schedule_variants(graph, candidate_list(graph, opts), opts)
+    the measured strategy (it is that space), `int8`, `--max-overhead` or a given split.
+    Lazy: a tier's schedules are built only when the earlier tiers fit nothing."""
+    yield schedule_variants(graph, candidate_list(graph, opts), opts)
     if opts.strategy in ("measured", "int8") or opts.max_overhead is not None \
             or parse_patches(opts.patches) != "auto":
-        return [first]
+        return
     wide = replace(opts, vdpc=False, max_overhead=MEASURED_MAX_OVERHEAD)
-    return [first, [(s, replace(opts, vdpc=False)) for s in candidate_list(graph, wide)]]
+    yield [(s, replace(opts, vdpc=False)) for s in candidate_list(graph, wide)]
 
 
 def describe_candidates(candidates: list[Candidate]) -> str:
