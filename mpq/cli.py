@@ -1129,12 +1129,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     from mpq.plan import model_reference
     from mpq.quant.calibrate import load_dataset, total_steps
     from mpq.quant.weights import parse_weights
-    from mpq.search.driver import (
-        SearchOptions,
-        describe_candidates,
-        feasible_candidates,
-        search,
-    )
+    from mpq.search.driver import SearchOptions, feasible_candidates, search
 
     board = get_board(board_name)
     w_bits, w_scheme = _int_list(weight_bits, "--weight-bits"), None
@@ -1159,7 +1154,7 @@ def search_cmd(model: Path, board_name: str, data: Path | None, output: Path,
     total = total_steps(ds) if ds is not None else 0
     with progress_bar("calibrating", total or None, quiet) as tick:
         log = clock.timed(tick.note)
-        log(f"import: {len(graph.nodes)} layers, {describe_candidates(candidates)}")
+        log(f"import: {len(graph.nodes)} layers, {len(candidates)} candidate schedule(s)")
         if latency:
             from mpq.search.latency import latency_search
 

@@ -219,7 +219,7 @@ def test_search_takes_line_buffers_when_they_cost_no_peak(mnv2: dict) -> None:
     assert cache_choice(SearchOptions(patch_cache="auto", vdpc=False)) is None
     # VDPC may switch branch from patch to patch: a kept row could be the other branch's
     assert cache_choice(SearchOptions(patch_cache="auto", strategy="vdqs")) is False
-    # ... the measured strategy also solves every split without VDPC (`schedule_variants`)
+    # ... the measured strategy runs every split without VDPC (`schedule_variants`)
     assert cache_choice(SearchOptions(patch_cache="auto")) is None
 
 

@@ -506,7 +506,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     else:
         scores = vdqs_scores(graph, stats, opts.bits, opts.lam, opts.bins, opts.phi_norm,
                              range_method=opts.range_method)
-    say(f"scoring: {len(scores)} feature maps, {describe_candidates(candidates)}")
+    say(f"scoring: {len(scores)} feature maps, {len(candidates)} candidate schedule(s)")
     full_bitops = full_precision_bitops(graph)
     attempts = []
     to_measure: list[_Attempt] = []  # measured strategy: ILP solutions to measure
@@ -519,7 +519,7 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                                       probe, say)
         except MpqError as exc:  # this schedule cannot meet the budgets; try the others
             failures.append(exc)
-            say(f"solving: {_describe(schedule, s_opts.vdpc)}: {exc}")
+            say(f"solving: {_describe(schedule)}: {exc}")
             continue
         # Schedules are compared on what each would ship: after QBR, on one objective over
         # every map (see `schedule_value`), not on the solver's, whose groups differ by
@@ -545,8 +545,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     for attempt in to_measure:
         attempt.pool = initial(attempt.problem, attempt.solution, probe)
         value = -attempt.pool.best[0]
-        say(f"solving: {_describe(attempt.schedule, attempt.use_vdpc)}: arena "
-            f"{attempt.solution.arena:,} B, measured damage {-value:.5f}")
+        say(f"solving: {_describe(attempt.schedule)}: arena {attempt.solution.arena:,} B, "
+            f"measured damage {-value:.5f}")
         attempts.append((round(value, 12), *_tie_break(attempt), attempt))
     if not attempts:
         raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
@@ -556,7 +556,9 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     schedule, problem, solution = attempt.schedule, attempt.problem, attempt.solution
     use_vdpc, classified = attempt.use_vdpc, attempt.classified
     opts_eff = replace(opts, vdpc=use_vdpc)
-    if schedule.cache and opts.vdpc and opts.strategy != "int8":
+    if schedule.split_tensor is not None and opts.vdpc and opts.strategy == "measured":
+        notes.append(MEASURED_VDPC_NOTE)
+    elif schedule.cache and opts.vdpc and opts.strategy != "int8":
         notes.append("VDPC off: the patch line buffers (--patch-cache) need every patch on "
                      "one branch")
     by_name = {n.name: n for n in graph.nodes}
@@ -772,8 +774,8 @@ PATCH_CACHE = ("auto", "on", "off")
 def cache_choice(opts: SearchOptions) -> bool | None:
     """`--patch-cache` as `search_patches` takes it: True (on), False (off, or auto while VDPC
     may pick a branch per patch: rows kept from the patch above could be the other
-    branch's), None (auto: both forms compete — also under VDPC for the measured strategy,
-    whose line-buffer schedules run without it: `schedule_variants`)."""
+    branch's), None (auto: both forms compete — also for the measured strategy, which runs
+    without VDPC: `schedule_variants`)."""
     if opts.patch_cache not in PATCH_CACHE:
         raise MpqError(f"--patch-cache must be one of {', '.join(PATCH_CACHE)}, not "
                        f"'{opts.patch_cache}'")
@@ -951,6 +953,11 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     # auto: the lowest-peak split of each form competes; at equal objective the solver's
     # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
     forms = (False, True) if choice is None else (choice,)
+    if choice is None and opts.strategy == "measured":
+        # accuracy first: per n the form with the lower peak (more room for bits), the other
+        # only at equal peak and fewer MACs (`search_patches` with cache=None) — one
+        # schedule per n, so half the ILP solutions to measure
+        forms = (None,)
     for n in PATCH_N:
         for cache in forms:
             best = search_patches(graph, n_choices=(n,), max_overhead=overhead_bound(opts),
@@ -1026,28 +1033,25 @@ def _refine_measured(attempts: list[tuple], opts: SearchOptions,
                                problem.arena(problem.tensor_bits(m.choice)),
                                problem.flash_bytes(m.choice), att.solution.iterations)
         att.qbr_log = m.log
-        say(f"measuring: {_describe(att.schedule, att.use_vdpc)}: {m.candidates} plan(s) "
-            f"measured, best damage {m.damage:.5f} (sum of single choices {m.predicted:.5f})")
+        say(f"measuring: {_describe(att.schedule)}: {m.candidates} plan(s) measured, best "
+            f"damage {m.damage:.5f} (sum of single choices {m.predicted:.5f})")
         out.append((round(-m.damage, 12), *entry[1:]))
     return out
 
 
-def _describe(schedule: PatchSchedule, vdpc: bool = True) -> str:
-    """A schedule as the user names it: `no patches` or `k=3,n=2 patches`, and `without
-    VDPC` for a split the measured strategy also tries with every patch on one branch
-    (`schedule_variants`)."""
+def _describe(schedule: PatchSchedule) -> str:
+    """A schedule as the user names it: `no patches` or `k=3,n=2 patches`."""
     if schedule.split_tensor is None:
         return "no patches"
     cached = " with line buffers" if schedule.cache else ""
-    plain = "" if vdpc or schedule.cache else " without VDPC"
-    return f"k={schedule.split_layer},n={schedule.n} patches{cached}{plain}"
+    return f"k={schedule.split_layer},n={schedule.n} patches{cached}"
 
 
-def _tie_break(attempt: _Attempt) -> tuple[int, int, int, int]:
+def _tie_break(attempt: _Attempt) -> tuple[int, int, int]:
     """How schedules of equal value rank (the larger first): fewer redundant MACs, smaller
-    k, smaller n, then one branch for every patch (no VDPC: less code, fewer BitOPs)."""
+    k, smaller n."""
     s = attempt.schedule
-    return -s.redundant_macs, -s.split_layer, -s.n, -int(attempt.use_vdpc)
+    return -s.redundant_macs, -s.split_layer, -s.n
 
 
 def candidate_tiers(graph: Graph, opts: SearchOptions) -> Iterator[list[Candidate]]:
@@ -1055,7 +1059,7 @@ def candidate_tiers(graph: Graph, opts: SearchOptions) -> Iterator[list[Candidat
     earlier ones fits the budgets (`feasible_candidates`).
 
     The paper strategies keep their own space first (VDPC, PAPER_MAX_OVERHEAD); the measured
-    strategy's wider one (every split also without VDPC, redundant MACs up to
+    strategy's wider one (splits without VDPC, redundant MACs up to
     MEASURED_MAX_OVERHEAD, line buffers) comes second, so the smallest budget any strategy's
     error names is met by every strategy (issue 13: the advertised minimum is accepted by
     all), while a budget the paper space meets gets the paper's plan as before. One tier for
@@ -1069,24 +1073,26 @@ def candidate_tiers(graph: Graph, opts: SearchOptions) -> Iterator[list[Candidat
     yield [(s, replace(opts, vdpc=False)) for s in candidate_list(graph, wide)]
 
 
-def describe_candidates(candidates: list[Candidate]) -> str:
-    """`N candidate schedule(s)`, and how many of them are also solved without VDPC."""
-    distinct = len({id(s) for s, _ in candidates})
-    twice = len(candidates) - distinct
-    return f"{distinct} candidate schedule(s)" + (f", {twice} also without VDPC" if twice else "")
-
-
 def schedule_variants(graph: Graph, candidates: list[PatchSchedule], opts: SearchOptions
                       ) -> list[Candidate]:
-    """Each candidate schedule with the options it is solved under; the measured strategy
-    also tries every split VDPC would classify with VDPC off (DESIGN §7.5): VDPC budgets the
-    stage for its all-8-bit outlier branch, which keeps deep stages out of small budgets,
-    so whether it pays is measured, not assumed."""
-    out = [(s, opts) for s in candidates]
+    """Each candidate schedule with the options it is solved under: `opts`, except that the
+    measured strategy runs every split without VDPC (`MEASURED_VDPC_NOTE`)."""
     if opts.strategy == "measured" and opts.vdpc:
-        plain = replace(opts, vdpc=False)
-        out += [(s, plain) for s in candidates if vdpc_map(graph, s, opts) is not None]
-    return out
+        opts = replace(opts, vdpc=False)
+    return [(s, opts) for s in candidates]
+
+
+#: Why the measured strategy does without VDPC (DESIGN §7.5). VDPC budgets the patch stage's
+#: SRAM for its all-8-bit outlier branch, so lowering a stage map saves no byte there; the
+#: measured strategy keeps such maps at 8 bits (they would only add damage: `rescore`), and
+#: then both branches compute the same values — VDPC would add its per-patch test and branch
+#: code and nothing else. Without it the stage's maps are the ILP's to lower, which is what
+#: lets deep stages into small budgets (Fashion example at half its int8 need: an 11-layer
+#: stage with every map at 8 or 4 bits, 91.9 % top-1, where the VDPC splits needed 2-bit maps
+#: and kept 88.4 %).
+MEASURED_VDPC_NOTE = ("VDPC off: the measured strategy keeps the maps of a VDPC patch stage at 8 "
+                      "bits (lowering them saves no SRAM there), so VDPC's two branches would "
+                      "compute the same values; without it the stage's maps can be lowered")
 
 
 def _flash_hint(graph: Graph, opts: SearchOptions, w_floor: int, code: int, flash: int
