@@ -953,11 +953,6 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     # auto: the lowest-peak split of each form competes; at equal objective the solver's
     # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
     forms = (False, True) if choice is None else (choice,)
-    if choice is None and opts.strategy == "measured":
-        # accuracy first: per n the form with the lower peak (more room for bits), the other
-        # only at equal peak and fewer MACs (`search_patches` with cache=None) — one
-        # schedule per n, so half the ILP solutions to measure
-        forms = (None,)
     for n in PATCH_N:
         for cache in forms:
             best = search_patches(graph, n_choices=(n,), max_overhead=overhead_bound(opts),
