@@ -1064,7 +1064,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
               help="arena: each layer's kernel scratch is an arena buffer alive only at its "
                    "step (layer-based schedules; a patch schedule keeps the separate one); "
                    "separate: one buffer of the largest scratch beside the arena.")
-@click.option("--no-vdpc", is_flag=True, help="All patches mixed-precision.")
+@click.option("--no-vdpc", is_flag=True,
+              help="All patches mixed-precision (the measured default runs without VDPC).")
 @click.option("--vdpc-min-outliers", type=click.IntRange(1), default=1, show_default=True,
               help="Outliers a patch needs to take the 8-bit branch.")
 @click.option("--no-qbr", is_flag=True, help="Skip QBR bit refinement.")
