@@ -2,7 +2,8 @@
 
 The steps, each a function of the one before:
 1. calibration statistics (or synthetic ones for the data-free `qe` strategy);
-2. the patch schedule: none, given, or searched (`choose_patches`);
+2. the candidate patch schedules: none, given, or searched (`candidate_tiers`), each solved
+   and the best kept;
 3. scores per feature map and bitwidth (VDQS entropy or QE-Score; for `importance`, LIMPQ's
    fitted LSQ step sizes, `search/importance.py`);
 4. the allocation problem under the board's budgets, solved by `exact`, `vdqs` or `int8`
@@ -55,7 +56,6 @@ from mpq.patch import (
     cache_within_peak,
     plan_patches,
     search_patches,
-    split_problem,
 )
 from mpq.plan import (
     LayerPlan,
@@ -193,40 +193,6 @@ def parse_patches(text: str) -> PatchSplit | str:
     except (ValueError, KeyError):
         raise MpqError(f"--patches must be auto, none or k=K,n=N (e.g. k=8,n=4), not "
                        f"'{text}'") from None
-
-
-def _peak(schedule: PatchSchedule, bits: dict[str, int] | None = None) -> int:
-    return schedule.memory(bits).peak_sram_bytes
-
-
-def candidate_schedules(graph: Graph, n_choices: tuple[int, ...] = PATCH_N
-                        ) -> list[PatchSchedule]:
-    """The layer-based schedule and every valid (k, n) split."""
-    out = [plan_patches(graph, None)]
-    for k in range(1, len(graph.nodes)):
-        if split_problem(graph, k) is not None:
-            continue
-        _, h, w, _ = graph.tensors[graph.nodes[k - 1].outputs[0]].shape
-        for n in n_choices:
-            if 2 <= n <= min(h, w):
-                out.append(plan_patches(graph, PatchSplit(k, n)))
-    return out
-
-
-def choose_patches(graph: Graph, sram_for_arena: int, min_bits: int,
-                   max_overhead: float | None) -> PatchSchedule:
-    """DESIGN §6: the cheapest schedule (fewest redundant MACs) whose int8 peak fits; when none
-    does at int8, the one with the lowest peak at the smallest activation bitwidth (the bit
-    search then has the most room). Ties: smaller k, then smaller n."""
-    cands = candidate_schedules(graph)
-    if max_overhead is not None:
-        cands = [s for s in cands if s.redundant_macs <= max_overhead * s.total_macs]
-    by_cost = sorted(cands, key=lambda s: (s.redundant_macs, s.split_layer, s.n))
-    for s in by_cost:
-        if s.peak_lower_bound() <= sram_for_arena and _peak(s) <= sram_for_arena:
-            return s
-    low = {t: min_bits for t in graph.tensors}
-    return min(cands, key=lambda s: (_peak(s, low), s.redundant_macs, s.split_layer, s.n))
 
 
 # -- the allocation problem ---------------------------------------------------------------------
