@@ -71,9 +71,9 @@ def int8_plan(mnv2: dict) -> Plan:
     """An int8 plan with line buffers for `SUBSET` only (the search's `cache_within_peak`
     form), on a stage with a residual add and in-place depthwise convolutions."""
     sched = plan_patches(mnv2["graph"], PatchSplit(13, 3, SUBSET), "arena")
+    opts = SearchOptions(strategy="int8")
     res = search(mnv2["path"], mnv2["graph"], get_board("nano33ble"),
-                 dataset_from_array(mnv2["x"], "r"), SearchOptions(strategy="int8"),
-                 candidates=[sched])
+                 dataset_from_array(mnv2["x"], "r"), opts, candidates=[(sched, opts)])
     return res.plan
 
 
@@ -219,7 +219,7 @@ def test_search_takes_line_buffers_when_they_cost_no_peak(mnv2: dict) -> None:
     assert cache_choice(SearchOptions(patch_cache="auto", vdpc=False)) is None
     # VDPC may switch branch from patch to patch: a kept row could be the other branch's
     assert cache_choice(SearchOptions(patch_cache="auto", strategy="vdqs")) is False
-    # ... the measured strategy runs every split without VDPC (`schedule_variants`)
+    # ... the measured strategy runs every split without VDPC (`vdpc_allowed`)
     assert cache_choice(SearchOptions(patch_cache="auto")) is None
 
 

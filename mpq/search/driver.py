@@ -159,7 +159,8 @@ def overhead_bound(opts: SearchOptions) -> float:
     return MEASURED_MAX_OVERHEAD if opts.strategy == "measured" else PAPER_MAX_OVERHEAD
 
 
-#: A schedule and the options it is solved under (VDPC on or off: `schedule_variants`).
+#: A schedule and the options it is solved under (the paper strategies' fallback tier solves
+#: its schedules without VDPC: `candidate_tiers`).
 Candidate = tuple[PatchSchedule, SearchOptions]
 
 
@@ -395,12 +396,11 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
            opts: SearchOptions, progress: Callable[[int], None] | None = None,
            stats: CalibrationStats | None = None,
            log: Callable[[str], None] | None = None,
-           candidates: list[PatchSchedule] | list[Candidate] | None = None) -> SearchResult:
+           candidates: list[Candidate] | None = None) -> SearchResult:
     """Run the whole search and return the plan (DESIGN §1, §5–§7). `log` receives one line
     per phase and per candidate schedule (what `mpq -v search` prints). `candidates` are the
     schedules `feasible_candidates` returned for the same graph, board and options (else
-    they are computed, and checked, here before calibration); bare schedules are solved under
-    `opts` (`schedule_variants`)."""
+    they are computed, and checked, here before calibration)."""
     say = log or (lambda message: None)
     if opts.strategy not in STRATEGIES:
         raise MpqError(f"unknown strategy '{opts.strategy}' (choose from "
@@ -434,8 +434,6 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
                      "inputs")
     if candidates is None:
         candidates = feasible_candidates(graph, board, opts)
-    elif candidates and isinstance(candidates[0], PatchSchedule):
-        candidates = schedule_variants(graph, candidates, opts)
     x_val = None
     if opts.strategy == "measured":
         from mpq.fidelity import measured_samples, validation_inputs
@@ -741,13 +739,13 @@ def cache_choice(opts: SearchOptions) -> bool | None:
     """`--patch-cache` as `search_patches` takes it: True (on), False (off, or auto while VDPC
     may pick a branch per patch: rows kept from the patch above could be the other
     branch's), None (auto: both forms compete — also for the measured strategy, which runs
-    without VDPC: `schedule_variants`)."""
+    without VDPC: `vdpc_allowed`)."""
     if opts.patch_cache not in PATCH_CACHE:
         raise MpqError(f"--patch-cache must be one of {', '.join(PATCH_CACHE)}, not "
                        f"'{opts.patch_cache}'")
     if opts.patch_cache == "on":
         return True
-    if opts.patch_cache == "off" or (opts.vdpc and opts.strategy not in ("int8", "measured")):
+    if opts.patch_cache == "off" or (vdpc_allowed(opts) and opts.strategy != "int8"):
         return False
     return None
 
@@ -824,8 +822,9 @@ class _Setup:
 
 def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str | None:
     """The map VDPC classifies on `schedule` (the first stage node's output, QuantMCU §III-A),
-    or None: no patches, --no-vdpc, line buffers, or that map is the split tensor itself."""
-    if not (opts.vdpc and schedule.split_tensor is not None) or schedule.cache:
+    or None: no patches, VDPC not allowed (`vdpc_allowed`), line buffers, or that map is the
+    split tensor itself."""
+    if not (vdpc_allowed(opts) and schedule.split_tensor is not None) or schedule.cache:
         return None  # line buffers: every patch must take the same branch (`cache_choice`)
     by_name = {n.name: n for n in graph.nodes}
     classified = by_name[schedule.stage_nodes[0]].outputs[0]
@@ -1026,7 +1025,7 @@ def candidate_tiers(graph: Graph, opts: SearchOptions) -> Iterator[list[Candidat
     all), while a budget the paper space meets gets the paper's plan as before. One tier for
     the measured strategy (it is that space), `int8`, `--max-overhead` or a given split.
     Lazy: a tier's schedules are built only when the earlier tiers fit nothing."""
-    yield schedule_variants(graph, candidate_list(graph, opts), opts)
+    yield [(s, opts) for s in candidate_list(graph, opts)]
     if opts.strategy in ("measured", "int8") or opts.max_overhead is not None \
             or parse_patches(opts.patches) != "auto":
         return
@@ -1034,13 +1033,10 @@ def candidate_tiers(graph: Graph, opts: SearchOptions) -> Iterator[list[Candidat
     yield [(s, replace(opts, vdpc=False)) for s in candidate_list(graph, wide)]
 
 
-def schedule_variants(graph: Graph, candidates: list[PatchSchedule], opts: SearchOptions
-                      ) -> list[Candidate]:
-    """Each candidate schedule with the options it is solved under: `opts`, except that the
-    measured strategy runs every split without VDPC (`MEASURED_VDPC_NOTE`)."""
-    if opts.strategy == "measured" and opts.vdpc:
-        opts = replace(opts, vdpc=False)
-    return [(s, opts) for s in candidates]
+def vdpc_allowed(opts: SearchOptions) -> bool:
+    """Whether patch stages may use VDPC: unless `--no-vdpc`, and never in the measured
+    strategy (`MEASURED_VDPC_NOTE`)."""
+    return opts.vdpc and opts.strategy != "measured"
 
 
 #: Why the measured strategy does without VDPC (DESIGN §7.5). VDPC budgets the patch stage's
@@ -1366,6 +1362,7 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
         portfolio_applies,
         selection_count,
     )
+    from mpq.search.ptq_choice import model_damage
 
     macs = sum(node_macs(n, graph) for n in graph.nodes)
     if not portfolio_applies(macs):
@@ -1377,8 +1374,7 @@ def accuracy_first(own: SearchResult, model_path: Path, graph: Graph, board: Boa
     def damage_of(plan: Plan) -> float:
         # The plan's own model (its PTQ fits included), not only its bits: the measured
         # plan may keep bias correction, which the bits alone do not show.
-        qm = plan_quant_model(plan, graph)
-        return probe.damage_against(probe.outputs(qm, {n.name for n in graph.nodes}))
+        return model_damage(probe, plan_quant_model(plan, graph))
 
     def alternatives() -> list[tuple[str, SearchResult]]:
         out = []
