@@ -8,8 +8,9 @@ Per case (the shared models and the Fashion example) and per bit variant (int8; 
 bits with 8-bit weights; 4-bit weights with 8-bit and with 4-bit maps; 2-bit maps and weights;
 the default accuracy-first search's mixed plan at 0.5× of the int8 SRAM need), the plan is
 searched layer-based (`--patches none`), exported and run under QEMU with `mpq verify
---per-layer` on 2 inputs (bit-exact or the tool stops). One more plan, `patch` (the Fashion
-example's `make demo` plan: an 11-layer patch stage), gives the residual adds a patch stage
+--per-layer` on 2 inputs (bit-exact or the tool stops). One more plan, `patch` (the default
+search on the Fashion example at the demo's 14,000 B, calibrated on the tool's 64 samples: an
+11-layer patch stage), gives the residual adds a patch stage
 keeps unfused (layer-based plans fuse every add into its conv): each such add's instructions
 divided by the stage's recomputation ratio (patched / whole-map MACs), the factor
 `mpq.latency.search_prediction` multiplies stage layers by. Every layer row becomes a point
