@@ -51,7 +51,7 @@ from mpq.quant.weights import (
     pack_rounding,
     rounding_floor,
 )
-from mpq.sim import INT_OPS, conv_float32, quantize_input, requantize_rows
+from mpq.sim import conv_float32, quantize_input, requantize_rows, run_op
 
 PTQ_SAMPLES = 64  # calibration samples the walk uses (fewer when the tensors are large)
 PTQ_ELEMENTS = 1 << 24  # bound on samples × the largest tensor's elements (memory)
@@ -133,9 +133,8 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
             env_q[node.outputs[0]] = requantize_rows(acc, layers[node.name],
                                                      qm.acts[node.outputs[0]])
         else:
-            env_q[node.outputs[0]] = INT_OPS[node.op].run(node, layers[node.name], walk,
-                                                          [env_q[t] for t in node.inputs],
-                                                          out_shape)
+            env_q[node.outputs[0]] = run_op(node, layers[node.name], walk,
+                                            [env_q[t] for t in node.inputs], out_shape)
         for t in node.inputs:
             remaining[t] -= 1
             if remaining[t] == 0:
@@ -159,7 +158,7 @@ def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.nda
     spec = WeightSpec(lq.weight_scheme, lq.weight_bits, lq.weight_params)
     src = acts[node.inputs[0]]
     if opts.adaround and lq.weight_scheme == "linear" and lq.weight_bits in ROUNDING_BITS:
-        x_deq = (xq - src.zero_point).astype(np.float64) * float(np.float32(src.scale))
+        x_deq = (xq.astype(np.float64) - src.zero_point) * float(np.float32(src.scale))
         up, gain = fit_adaround(node, lq.weight_bits, xf, x_deq)
         if up is not None:
             spec = WeightSpec("linear", lq.weight_bits, {ROUNDING: pack_rounding(up)})
@@ -172,7 +171,8 @@ def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.nda
     if opts.bias_correction:
         out_shape = (xq.shape[0], *_out_hw(node, xq), lq.weight.shape[0]) \
             if node.op == "conv2d" else None
-        acc = conv_float32(node, lq, src.zero_point, xq, out_shape) if out_shape else None
+        acc = conv_float32(node, lq, src.zero_point, xq, out_shape, src.bits) \
+            if out_shape else None
         delta = expected_shift(node, lq, src, xf, xq, acc)
         result.corrections[node.name] = delta
         fitted = weighted_layer(node, acts, spec, delta)
@@ -211,15 +211,18 @@ def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray,
     accumulator s_in·s_w[c]·(Σ W_q (x_q − z_in) + b_q) against the float W x + b, per output
     channel, in real units (float64). `acc32`: the layer's accumulators Σ W_q (x_q − z_in)
     from `mpq.sim.conv_float32` when it had them (exact integers, so the float64 sums' values)."""
-    if acc32 is not None:
-        acc = acc32.reshape(-1, lq.weight.shape[0]).astype(np.float64) + lq.bias
-    else:
-        acc = _linear(node, (xq - src.zero_point).astype(np.float64),
-                      lq.weight.astype(np.float64)) + lq.bias
-    real = acc * (np.float64(np.float32(src.scale)) * lq.weight_scale.astype(np.float64))
-    ref = _mean_linear(node, xf.astype(np.float64), node.weight.astype(np.float64)) \
+    cout = lq.weight.shape[0]
+    if acc32 is None:
+        acc32 = _linear(node, xq.astype(np.float64) - src.zero_point,
+                        lq.weight.astype(np.float64))
+    # The mean of the integer accumulators, then scaled: mean(s·(acc + b)) = s·(mean(acc) + b)
+    # (the sums of exact integers are exact in float64 while below 2^53).
+    flat = acc32.reshape(-1, cout)
+    mean_acc = flat.sum(axis=0, dtype=np.float64) / len(flat) + lq.bias
+    real = mean_acc * (np.float64(np.float32(src.scale)) * lq.weight_scale.astype(np.float64))
+    ref = _mean_linear(node, xf, node.weight.astype(np.float64)) \
         + node.bias.astype(np.float64)
-    return real.mean(axis=0) - ref
+    return real - ref
 
 
 def mean_patch(node: Node, x: np.ndarray) -> np.ndarray:
@@ -229,19 +232,31 @@ def mean_patch(node: Node, x: np.ndarray) -> np.ndarray:
     output (`expected_shift`'s reference) costs a sum over the input per tap instead of a
     convolution."""
     if node.op == "fully_connected":
-        return x.reshape(x.shape[0], -1).mean(axis=0)
+        return x.reshape(x.shape[0], -1).mean(axis=0, dtype=np.float64)
     a = node.attrs
     kh, kw = node.weight.shape[1:3]
     (sh, sw), (dh, dw) = a["strides"], a["dilations"]
+    top, left = a["pads"][:2]
     ho, wo = _out_hw(node, x)
-    xp = pad_nhwc(x, a["pads"])
-    out = np.empty((kh, kw, x.shape[3]), np.float64)
+    total = x.sum(axis=0, dtype=np.float64)  # [H, W, C]: every tap sums over the samples
+    out = np.zeros((kh, kw, x.shape[3]), np.float64)
     for ky in range(kh):
+        rows = _tap_slice(ky * dh - top, sh, ho, x.shape[1])
         for kx in range(kw):
-            tap = xp[:, ky * dh: ky * dh + sh * (ho - 1) + 1: sh,
-                     kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
-            out[ky, kx] = tap.sum(axis=(0, 1, 2))
+            cols = _tap_slice(kx * dw - left, sw, wo, x.shape[2])
+            if rows is not None and cols is not None:  # else the tap reads only padding
+                out[ky, kx] = total[rows, cols].sum(axis=(0, 1))
     return out / (x.shape[0] * ho * wo)
+
+
+def _tap_slice(offset: int, stride: int, outputs: int, size: int) -> slice | None:
+    """The input positions one tap reads, offset + i·stride for the outputs i in [0, outputs),
+    that fall inside [0, size) (the rest read padding, zeros); None when none does."""
+    first = max(0, -(offset // stride))  # ⌈−offset/stride⌉: the first i reading row ≥ 0
+    last = min(outputs - 1, (size - 1 - offset) // stride)  # floor: negative when none fits
+    if first > last:
+        return None
+    return slice(offset + first * stride, offset + last * stride + 1, stride)
 
 
 def _mean_linear(node: Node, x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from mpq.quant.qmodel import (
     weighted_layer,
 )
 from mpq.quant.weights import QuantizedWeights, WeightSpec, quantize_weights
-from mpq.sim import INT_OPS, dequantize, quantize_input
+from mpq.sim import dequantize, quantize_input, run_op
 
 RangeOf = Callable[[str, int], tuple[float, float]]
 
@@ -170,8 +170,7 @@ class Probe:
         remaining = _readers(g)
         for node in g.nodes:
             xs = [env[t] for t in node.inputs]
-            y = INT_OPS[node.op].run(node, qm.layers[node.name], qm, xs,
-                                     g.tensors[node.outputs[0]].shape)
+            y = run_op(node, qm.layers[node.name], qm, xs, g.tensors[node.outputs[0]].shape)
             env[node.outputs[0]] = y
             cache[node.outputs[0]] = y.astype(np.int8)
             for t in node.inputs:
@@ -196,10 +195,9 @@ class Probe:
             started = True
             if node.name not in changed and not any(t in dirty for t in node.inputs):
                 continue
-            xs = [dirty[t] if t in dirty else self.cache[t].astype(np.int64)
-                  for t in node.inputs]
-            dirty[node.outputs[0]] = INT_OPS[node.op].run(node, qm.layers[node.name], qm, xs,
-                                                          g.tensors[node.outputs[0]].shape)
+            xs = [dirty[t] if t in dirty else self.cache[t] for t in node.inputs]
+            dirty[node.outputs[0]] = run_op(node, qm.layers[node.name], qm, xs,
+                                            g.tensors[node.outputs[0]].shape)
             del xs
             for t in node.inputs:
                 remaining[t] -= 1
