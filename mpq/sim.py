@@ -193,6 +193,9 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
     narrow = compact.min <= lq.act_min and lq.act_max <= compact.max
     y = np.empty(flat.shape, COMPACT if narrow else np.int64)
     rows = max(1, REQUANT_CHUNK // cout)
+    if narrow and not signed and _requant_float64(flat, y, mult, add_all, total, lq.act_min,
+                                                  lq.act_max, rows):
+        return y.reshape(acc.shape)
     xbuf = np.empty((min(rows, len(flat)), cout), np.int64)
     tbuf = np.empty_like(xbuf) if signed else None
     for start in range(0, len(flat), rows):
@@ -215,6 +218,43 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
         np.maximum(x, lq.act_min, out=x)
         np.minimum(x, lq.act_max, out=y[start:start + len(piece)])
     return y.reshape(acc.shape)
+
+
+#: float64 holds every integer of magnitude below 2^53 exactly.
+FLOAT64_EXACT = 1 << 53
+
+
+def _requant_float64(flat: np.ndarray, y: np.ndarray, mult: np.ndarray, add_all: np.ndarray,
+                     total: np.ndarray, lo: int, hi: int, rows: int) -> bool:
+    """`requantize_rows`' merged formula without the sign term, y = ⌊(acc·M + A) / 2^T⌋
+    clamped to [lo, hi], in float64 when that is provably exact (True; False: nothing written,
+    the int64 steps run). Written as y = lo + clamp(⌊v⌋, 0, hi − lo) with v = acc·m + c,
+    m = M·2^−T and c = (A − lo·2^T)·2^−T, both exact (M < 2^31; |A − lo·2^T| < 2^53 checked).
+
+    Where |acc·M + A − lo·2^T| < 2^53 every product and sum is exact, and on [0, hi − lo]
+    truncation is the floor. Elsewhere |v| ≥ 2^(53−T) − |c|, which is required to exceed
+    hi − lo + 1 on every channel: rounding is monotone and the threshold representable, so the
+    computed v lands on the same side of the clamp as the true one. About twice as fast as the
+    int64 steps (x86 has no vectorised int64 multiply)."""
+    span = hi - lo
+    if int(total.max(initial=0)) > 44:  # 2^53 < (span + 1)·2^T already: never exact enough
+        return False
+    c_int = add_all - (np.int64(lo) << total)  # |·| < 2^62 + 2^51: int64 holds it
+    if (np.abs(c_int) >= FLOAT64_EXACT - (np.int64(span + 1) << total)).any():
+        return False
+    m = np.ldexp(mult.astype(np.float64), -total)  # exact: M < 2^31, |c_int| < 2^53
+    c = np.ldexp(c_int.astype(np.float64), -total)
+    buf = np.empty((min(rows, len(flat)), len(m)), np.float64)
+    for start in range(0, len(flat), rows):
+        piece = flat[start:start + rows]
+        v = buf[:len(piece)]
+        np.multiply(piece, m, out=v)
+        v += c
+        np.clip(v, 0, span, out=v)
+        out = y[start:start + len(piece)]
+        np.copyto(out, v, casting="unsafe")  # truncation: the floor on [0, span]
+        out += lo
+    return True
 
 
 class FullyConnected(IntOp):

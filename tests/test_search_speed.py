@@ -27,7 +27,8 @@ def _layer(rng: np.random.Generator, cout: int, reals: np.ndarray, bits: int,
     return lq, ActQuant(0.1, int(rng.integers(lo, hi + 1)), bits)
 
 
-@pytest.mark.parametrize("case", ["random", "ties", "mixed_shifts", "left_shift", "relu"])
+@pytest.mark.parametrize("case", ["random", "ties", "mixed_shifts", "left_shift", "relu",
+                                  "relu_ties", "relu_wide"])
 def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
     """`requantize_rows` (one merged shift, chunked, in place) against `_requant_out`
     (`arith.requantize` + zero point + clamp) on every rounding case: halves of both signs
@@ -35,11 +36,12 @@ def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
     zero points at the range ends, the left-shift fallback, and a clamp from the zero point up
     (a fused ReLU: the sign term is skipped there)."""
     rng = np.random.default_rng({"random": 0, "ties": 1, "mixed_shifts": 2,
-                                 "left_shift": 3, "relu": 4}[case])
+                                 "left_shift": 3, "relu": 4, "relu_ties": 5,
+                                 "relu_wide": 6}[case])
     for _ in range(40):
         cout = int(rng.integers(1, 40))
         acc = rng.integers(-(1 << 23), 1 << 23, (2, 3, 5, cout)).astype(np.float64)
-        if case == "ties":
+        if case in ("ties", "relu_ties"):
             acc = rng.integers(-64, 64, acc.shape).astype(np.float64)
             reals = 2.0 ** -rng.integers(1, 8, cout)
         elif case == "mixed_shifts":
@@ -50,15 +52,48 @@ def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
         else:
             reals = rng.uniform(1e-7, 0.99, cout)
         for bits in (8, 4, 2):
-            lq, out = _layer(rng, cout, reals, bits, 4 if case == "ties" else 20)
+            lq, out = _layer(rng, cout, reals, bits, {"ties": 4, "relu_ties": 4,
+                                                       "relu_wide": 30}.get(case, 20))
             lq.bias[0] = 0
-            if case == "relu":
+            if case.startswith("relu"):
                 lq.act_min = out.zero_point
             fast = requantize_rows(acc.astype(np.float32), lq, out)
             ref = _requant_out(np.rint(acc).astype(np.int64) + lq.bias, lq, out)
             # int16 on the merged path (the clamp range fits), int64 on the fallback
             assert fast.dtype in (np.int16, np.int64)
             assert np.array_equal(fast, ref)
+
+
+def test_float64_requantisation_runs_and_refuses_where_it_cannot_be_exact() -> None:
+    """The float64 form of the merged requantisation (no sign term: a fused ReLU) is taken on
+    ordinary layers and gives `_requant_out`'s integers on accumulators at both ends of the
+    float32-exact range; a bias so large that v could round across the clamp is refused."""
+    from mpq.sim import _requant_float64
+
+    rng = np.random.default_rng(7)
+    cout = 24
+    acc = rng.integers(-(1 << 24), 1 << 24, (4, 7, 7, cout)).astype(np.float64)
+    acc[0, 0, 0] = (1 << 24) - 1
+    acc[0, 0, 1] = -(1 << 24) + 1
+    lq, out = _layer(rng, cout, rng.uniform(1e-6, 0.5, cout), 8, 12)
+    lq.act_min = out.zero_point
+    ms = [arith.quantize_multiplier(float(r)) for r in rng.uniform(1e-6, 0.5, cout)]
+    lq.multiplier = np.array([m for m, _ in ms])
+    lq.shift = np.array([s for _, s in ms])
+    right = -lq.shift
+    total = right + 31
+    half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    add_all = lq.bias * lq.multiplier + (1 << 30) \
+        + ((half + (np.int64(out.zero_point) << right)) << 31)
+    flat = acc.astype(np.float32).reshape(-1, cout)
+    y = np.empty(flat.shape, np.int16)
+    assert _requant_float64(flat, y, lq.multiplier, add_all, total, lq.act_min, lq.act_max, 64)
+    want = _requant_out(np.rint(acc).astype(np.int64) + lq.bias, lq, out)
+    assert np.array_equal(y.reshape(acc.shape), want)
+    huge = add_all.copy()
+    huge[3] = 1 << 61
+    assert not _requant_float64(flat, y, lq.multiplier, huge, total, lq.act_min, lq.act_max,
+                                64)
 
 
 def _conv_node(cin: int, cout: int, k: int, stride: int, pad: int, groups: int) -> Node:

@@ -37,7 +37,7 @@ from mpq.errors import MpqError
 from mpq.fidelity import fidelity_summary
 from mpq.interpreter import from_ir_layout, run_graph, to_ir_layout
 from mpq.ir import Graph
-from mpq.search.sensitivity import Probe, one_blas_thread
+from mpq.search.sensitivity import MEASURE_WORKERS, Probe, one_blas_thread
 from mpq.search.solvers import Group, Problem, Solution, solve_exact
 from mpq.sim import dequantize, quantize_input, run_int
 
@@ -272,14 +272,14 @@ def refine(pool: _Pool, floor: dict[str, int], qbr: bool = True) -> Measured:
     if pool.best[0] == 0.0:  # the all-8-bit reference fits: nothing can measure better
         return Measured(pool.best[2], 0.0, 0.0, len(pool.seen), log)
     floor_arena = problem.arena(problem.tensor_bits(floor))
-    for point in ladder(floor_arena, problem.sram_budget):
-        choice = _solve(problem, point)
-        if choice is not None:
-            pool.add(choice)
-    for bits in (8, 4):
-        choice = uniform(problem, bits)
-        if choice is not None:
-            pool.add(choice)
+    # The ladder's solutions and the uniform plans do not depend on any measurement: they
+    # are measured side by side first (`Probe.prefetch`), then pooled in this order.
+    first = [_solve(problem, point) for point in ladder(floor_arena, problem.sram_budget)]
+    first += [uniform(problem, bits) for bits in (8, 4)]
+    first = [choice for choice in first if choice is not None]
+    pool.probe.prefetch([choice_bits(problem, choice) for choice in first])
+    for choice in first:
+        pool.add(choice)
     small = fitting_choices(problem)
     if small is not None:  # few enough to measure every one: the measured optimum
         pool.probe.prefetch([choice_bits(problem, c) for c in small])
@@ -331,7 +331,10 @@ def _measured_qbr(pool: _Pool, log: list[str]) -> None:
         if not raises:
             return
         improved = False
-        for _, name, trial in sorted(raises, key=lambda r: r[:2])[:QBR_TRIES]:
+        tries = sorted(raises, key=lambda r: r[:2])[:QBR_TRIES]
+        # the first tries side by side; the loop below asks for them in order
+        pool.probe.prefetch([choice_bits(problem, t[2]) for t in tries[:MEASURE_WORKERS]])
+        for _, name, trial in tries:
             before = pool.best[0]
             after = pool.add(trial)
             if after <= before:
