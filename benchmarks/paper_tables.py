@@ -312,7 +312,7 @@ class Loaded:
     graph: Graph
     calib: Dataset
     test: Dataset
-    seen: dict[str, np.ndarray] = field(default_factory=dict)  # plan_correct's memo
+    seen: dict[str, tuple] = field(default_factory=dict)  # `_plan_scores`' memo
 
 
 def load_task(task: Task, test_samples: int | None = None) -> Loaded:
@@ -330,12 +330,30 @@ def plan_correct(plan: Plan, t: Loaded) -> np.ndarray:
     """Per test sample, whether the plan's top-1 through the integer reference (VDPC branches
     included, as `mpq eval` runs it) equals the label. Plans that differ only in how they were
     searched (λ, budgets) compute the same function: they are run once."""
+    return _plan_scores(plan, t)[0]
+
+
+def plan_tie_credit(plan: Plan, t: Loaded) -> np.ndarray:
+    """Per test sample, 1/k when the label is among the k outputs tied for the maximum, else
+    0: the top-1 expected when ties are broken at random. `plan_correct` is what the firmware's
+    first-index argmax gives; the two differ where a coarse output (4-bit logits) ties often,
+    and then the first-index figure also measures how the classes happen to be numbered."""
+    return _plan_scores(plan, t)[1]
+
+
+def _plan_scores(plan: Plan, t: Loaded) -> tuple[np.ndarray, np.ndarray]:
     data = json.loads(plan.to_json())
     key = json.dumps({k: data[k] for k in ("tensors", "layers", "patch", "schedule")},
                      sort_keys=True)
     if key not in t.seen:
-        preds = PlanRunner(plan, t.graph).predictions(t.test, batch_size=256)
-        t.seen[key] = np.asarray(preds) == np.asarray(t.test.y).reshape(-1)
+        runner = PlanRunner(plan, t.graph)
+        out = np.concatenate([runner.outputs(b).reshape(len(b), -1)
+                              for b in t.test.batches(256)])
+        y = np.asarray(t.test.y).reshape(-1)
+        top = out.max(axis=1, keepdims=True)
+        tied = out == top
+        t.seen[key] = (out.argmax(axis=1) == y,
+                       tied[np.arange(len(y)), y] / tied.sum(axis=1))
     return t.seen[key]
 
 
