@@ -199,11 +199,13 @@ def _targets(results: list[dict], demo: float) -> dict:
                  for b, rs in by_budget.items() for r in rs
                  if r["strategy"] == "measured (default)"]
         gap, at, _ = max(split, key=lambda g: g[0], default=(None, None, None))
+        tied = max((x["tied_samples"] for rs in by_budget.values() for x in rs), default=0)
         out.append([res["model"], "the same, ties at the top split evenly",
                     "—" if gap is None else
-                    f"worst gap {100 * gap:.1f} pp at {at:,} B (tied outputs on "
-                    f"{max(x['tied_samples'] for x in by_budget[at])} of {res['test']} "
-                    f"samples in some plan there)", str(gap is not None and gap <= 0.003)])
+                    ("best at every budget" if gap <= 0 else
+                     f"worst gap {100 * gap:.1f} pp at {at:,} B")
+                    + f" (at most {tied} of {res['test']} test samples tied in a plan)",
+                    str(gap is not None and gap <= 0.003)])
         out.append([res["model"], "default never worse with more memory",
                     "no step" if rise is None else
                     f"largest gain from less memory {max(rise[0][0], 0.0):.1f} pp"
