@@ -69,16 +69,8 @@ def conv2d_nhwc(x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
     if cin_g == 1 and groups == x.shape[3] and groups > 1:
         # Depthwise: accumulate tap by tap; far cheaper than a grouped GEMM.
         mult = cout // groups
-        sh, sw = strides
-        dh, dw = dilations
         xr = np.repeat(x, mult, axis=3) if mult > 1 else x
-        acc = np.zeros((n, ho, wo, cout), np.result_type(x, w))
-        for ky in range(kh):
-            for kx in range(kw):
-                tap = xr[:, ky * dh: ky * dh + sh * (ho - 1) + 1: sh,
-                         kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
-                acc += tap * w[:, ky, kx, 0]
-        return acc
+        return depthwise_taps(xr, w, strides, dilations, out_hw)
     win = windows(x, (kh, kw), strides, dilations, (ho, wo))  # N,Ho,Wo,C,KH,KW
     cout_g = cout // groups
     outs = []
@@ -89,6 +81,47 @@ def conv2d_nhwc(x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
         outs.append(patch @ wg.T)
     y = np.concatenate(outs, axis=1) if groups > 1 else outs[0]
     return y.reshape(n, ho, wo, cout)
+
+
+#: Output elements per block of `depthwise_taps` (float32: 512 KB of sums).
+DEPTHWISE_BLOCK = 1 << 17
+
+
+def depthwise_taps(x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
+                   dilations: tuple[int, int], out_hw: tuple[int, int],
+                   zero_start: bool = True) -> np.ndarray:
+    """Σ over taps (ky, kx), in that order, of x[tap] · w[:, ky, kx, 0] (one output channel
+    per input channel of the padded NHWC `x`), in the dtype of x and w: one sample and one
+    block of DEPTHWISE_BLOCK output elements at a time, so the block's sums and one product
+    buffer stay in the cache through all taps instead of streaming a whole map per tap (1.5–2×
+    on MobileNetV2's maps). `zero_start`: the sums start at 0 and every tap is added (the
+    float model's exact order); else the first tap is written (integers: the same sums)."""
+    ho, wo = out_hw
+    n, c = x.shape[0], x.shape[3]
+    kh, kw = w.shape[1], w.shape[2]
+    sh, sw = strides
+    dh, dw = dilations
+    dtype = np.result_type(x, w)
+    acc = (np.zeros if zero_start else np.empty)((n, ho, wo, c), dtype)
+    rows = max(1, DEPTHWISE_BLOCK // max(1, wo * c))
+    prod = np.empty((min(rows, ho), wo, c), dtype)
+    taps = [np.ascontiguousarray(w[:, ky, kx, 0]) for ky in range(kh) for kx in range(kw)]
+    for i in range(n):
+        xi = x[i]
+        for r0 in range(0, ho, rows):
+            m = min(rows, ho - r0)
+            block, p = acc[i, r0:r0 + m], prod[:m]
+            for t, tap_w in enumerate(taps):
+                ky, kx = divmod(t, kw)
+                y0 = ky * dh + sh * r0
+                tap = xi[y0: y0 + sh * (m - 1) + 1: sh,
+                         kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
+                if t == 0 and not zero_start:
+                    np.multiply(tap, tap_w, out=block)
+                else:
+                    np.multiply(tap, tap_w, out=p)
+                    block += p
+    return acc
 
 
 def pool_windows(x: np.ndarray, node: Node, out_hw: tuple[int, int],

@@ -14,6 +14,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.interpreter import (
     conv2d_nhwc,
+    depthwise_taps,
     pad_nhwc,
     pool_windows,
     resize_nearest,
@@ -67,8 +68,6 @@ class Conv2D(IntOp):
 FLOAT32_EXACT = float(1 << 24)
 #: Elements requantised per chunk: the chunk's int64 temporaries stay in the L2 cache.
 REQUANT_CHUNK = 1 << 16
-#: Output elements per block of `_depthwise_f32` (float32: 512 KB of sums).
-DEPTHWISE_BLOCK = 1 << 17
 #: Convolution outputs are held as int16 (every activation range mpq uses fits): a quarter of
 #: int64's memory traffic for the next layer's reads. Other ops take int64 (`run_op`).
 COMPACT = np.int16
@@ -111,42 +110,9 @@ def conv_float32(node: Node, lq: LayerQuant, zero_point: int, x: np.ndarray,
     wf = w.astype(np.float32)
     cout, kh, kw, cin_g = w.shape
     if cin_g == 1 and a["groups"] == c and cout == c and c > 1:
-        return _depthwise_f32(xf, wf, a["strides"], a["dilations"], out_shape[1:3])
+        return depthwise_taps(xf, wf, a["strides"], a["dilations"], out_shape[1:3],
+                              zero_start=False)
     return conv2d_nhwc(xf, wf, a["strides"], a["dilations"], a["groups"], out_shape[1:3])
-
-
-def _depthwise_f32(x: np.ndarray, w: np.ndarray, strides: tuple[int, int],
-                   dilations: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
-    """`conv2d_nhwc`'s depthwise tap loop (multiplier 1), one sample and one block of
-    DEPTHWISE_BLOCK output elements at a time: the block's sums and one product buffer stay in
-    the cache through all KH·KW taps instead of streaming a whole map per tap (1.5–2× on
-    MobileNetV2's maps). The same sums in the same order: the first tap is written, the rest
-    added."""
-    ho, wo = out_hw
-    n, c = x.shape[0], x.shape[3]
-    kh, kw = w.shape[1], w.shape[2]
-    sh, sw = strides
-    dh, dw = dilations
-    acc = np.empty((n, ho, wo, c), np.float32)
-    rows = max(1, DEPTHWISE_BLOCK // max(1, wo * c))
-    prod = np.empty((min(rows, ho), wo, c), np.float32)
-    taps = [np.ascontiguousarray(w[:, ky, kx, 0]) for ky in range(kh) for kx in range(kw)]
-    for i in range(n):
-        xi = x[i]
-        for r0 in range(0, ho, rows):
-            m = min(rows, ho - r0)
-            block, p = acc[i, r0:r0 + m], prod[:m]
-            for t, tap_w in enumerate(taps):
-                ky, kx = divmod(t, kw)
-                y0 = ky * dh + sh * r0
-                tap = xi[y0: y0 + sh * (m - 1) + 1: sh,
-                         kx * dw: kx * dw + sw * (wo - 1) + 1: sw, :]
-                if t == 0:
-                    np.multiply(tap, tap_w, out=block)
-                else:
-                    np.multiply(tap, tap_w, out=p)
-                    block += p
-    return acc
 
 
 def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarray:

@@ -301,3 +301,29 @@ def test_adaround_descent_equals_the_plain_expressions(case: str) -> None:
     assert not np.array_equal(got, v)  # the steps moved V
     if case == "clamped":
         assert np.array_equal(got[~free], v[~free])  # fixed weights keep their V
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_blocked_depthwise_is_the_tap_by_tap_sum_bit_for_bit(stride: int, dilation: int,
+                                                             monkeypatch) -> None:
+    """`interpreter.depthwise_taps` (per sample, in cache-sized row blocks) gives the float
+    interpreter's whole-map tap loop bit for bit in float32 (zero start: the same additions in
+    the same order, signed zeros included), with blocks of a few rows and a ragged last one."""
+    from mpq import interpreter
+
+    monkeypatch.setattr(interpreter, "DEPTHWISE_BLOCK", 3 * 13 * 24)  # 3 rows a block
+    rng = np.random.default_rng(stride * 10 + dilation)
+    x = rng.standard_normal((3, 27, 27, 24)).astype(np.float32)
+    x[0, :4] = -0.0
+    w = rng.standard_normal((24, 3, 3, 1)).astype(np.float32)
+    w[:, 0, 0, 0] = 0.0
+    span = dilation * 2 + 1
+    ho = (27 - span) // stride + 1
+    want = np.zeros((3, ho, ho, 24), np.float32)
+    for ky in range(3):
+        for kx in range(3):
+            tap = x[:, ky * dilation: ky * dilation + stride * (ho - 1) + 1: stride,
+                    kx * dilation: kx * dilation + stride * (ho - 1) + 1: stride, :]
+            want += tap * w[:, ky, kx, 0]
+    got = interpreter.depthwise_taps(x, w, (stride, stride), (dilation, dilation), (ho, ho))
+    assert got.tobytes() == want.tobytes()

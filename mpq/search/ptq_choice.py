@@ -147,24 +147,33 @@ def choose_ptq(qm: QuantModel, data: Dataset, validation: np.ndarray, probe: Pro
     damage against float and against the all-8-bit model come from the same outputs."""
     say = say or (lambda message: None)
     tried = candidates(qm)
-    plain_outs = plain_outputs if plain_outputs is not None else model_outputs(probe, qm)
+
+    def plain_run() -> dict[str, np.ndarray]:
+        return plain_outputs if plain_outputs is not None else model_outputs(probe, qm)
+
     if not tried:
-        return PtqChoice(qm, None, PtqOptions(), probe.damage_against(plain_outs))
+        return PtqChoice(qm, None, PtqOptions(), probe.damage_against(plain_run()))
     x_all = np.concatenate(list(data.batches(256)))
-    ref = float_reference(probe, x_all[validation])
-    plain = probe.damage_against(plain_outs, ref)
-    best = PtqChoice(qm, None, PtqOptions(), plain)
-    best_outs = plain_outs
     fit_on = fit_data(data, validation)
     if fit_on is None:
-        best.damage = probe.damage_against(plain_outs)
+        plain_outs = plain_run()
+        best = PtqChoice(qm, None, PtqOptions(), probe.damage_against(plain_outs))
         best.record = {"kept": "none",
                        "note": f"fewer than {MIN_FIT} calibration samples outside the "
                                f"{len(validation)} measured; no fit tried"}
         return best
+    # The plan's own outputs and the float reference do not depend on the fits: they run
+    # beside them (threads; numpy releases the GIL), each exactly as it would alone.
+    with one_blas_thread(), ThreadPoolExecutor(1) as pool:
+        side = pool.submit(lambda: (plain_run(), float_reference(probe, x_all[validation])))
+        fits = fit_all(qm, fit_on, tried)
+        plain_outs, ref = side.result()
+    plain = probe.damage_against(plain_outs, ref)
+    best = PtqChoice(qm, None, PtqOptions(), plain)
+    best_outs = plain_outs
     rows = [{"fit": "none", "damage_vs_float": round(plain, 9)}]
     kept = "none"
-    for (label, opts), fitted in zip(tried, fit_all(qm, fit_on, tried), strict=True):
+    for (label, opts), fitted in zip(tried, fits, strict=True):
         outs = model_outputs(probe, fitted.model)
         damage = probe.damage_against(outs, ref)
         rows.append({"fit": label, "damage_vs_float": round(damage, 9)})
