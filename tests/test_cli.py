@@ -134,7 +134,9 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     phases = [ln.split(":")[0] for ln in lines]
     vdpc = json.loads(plan.read_text())["patch"]["vdpc"] is not None
     measuring = [ln for ln in lines if ln.startswith("measuring: ")]
-    assert 1 <= len(measuring) <= 2  # the measured search refines its two best schedules
+    # the schedules' ILP solutions measured side by side, then the two best refined
+    assert measuring[0].startswith("measuring: the ILP solutions of ")
+    assert 2 <= len(measuring) <= 3
     order = ["order"] if any(ln.startswith("order: ") for ln in lines) else []
     # Among the schedules' `solving:` lines, a `sensitivity:` line for each schedule whose
     # single choices were measured (the time the measuring took, not the solver's).

@@ -490,6 +490,8 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         # schedule.
         if probe is not None:
             to_measure.append(attempt)  # below, the schedules' plans side by side
+            say(f"solving: {_describe(schedule)}: arena {attempt.solution.arena:,} B, sum of "
+                f"single-choice damages {-attempt.solution.objective:.5f}")
             continue
         if opts.qbr and opts.strategy != "int8":
             attempt.refined, attempt.qbr_log = refine_bits(attempt.problem, attempt.solution)
@@ -509,9 +511,11 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
     for attempt in to_measure:
         attempt.pool = initial(attempt.problem, attempt.solution, probe)
         value = -attempt.pool.best[0]
-        say(f"solving: {_describe(attempt.schedule)}: arena {attempt.solution.arena:,} B, "
-            f"measured damage {-value:.5f}")
         attempts.append((round(value, 12), *_tie_break(attempt), attempt))
+    if to_measure:
+        ranked = sorted(attempts, key=lambda a: a[:-1], reverse=True)
+        say(f"measuring: the ILP solutions of {len(to_measure)} schedule(s), side by side: "
+            + ", ".join(f"{_describe(a[-1].schedule)} {-a[0]:.5f}" for a in ranked))
     if not attempts:
         raise min(failures, key=lambda e: getattr(e, "sram_needed", 1 << 62))
     if probe is not None:
