@@ -1,10 +1,13 @@
 """The bit-exact integer reference (DESIGN §4.4): runs a `QuantModel` as the C kernels do.
 
-One small class per op, like the float interpreter, over batches of integer activations held
-as int64 arrays (values in each tensor's b-bit range). Convolutions go through float64 GEMM on
-zero-point-subtracted inputs, which is exact while |acc| < 2^53 — checked, not assumed.
-Everything after the accumulator is `mpq.quant.arith`, the integer arithmetic of CMSIS-NN.
-Packed buffers (DESIGN §4.2) enter and leave through `run_packed`.
+One small class per op, like the float interpreter, over batches of integer activations
+(values in each tensor's b-bit range): convolutions write int16 and read any integer type,
+every other op gets int64 (`run_op`), and `run_int` returns int64. Convolutions go through a
+float32 GEMM on zero-point-subtracted inputs when a bound proves it exact (`conv_float32`),
+else float64, exact while |acc| < 2^53 — checked, not assumed. Everything after the
+accumulator is `mpq.quant.arith`, the integer arithmetic of CMSIS-NN (`requantize_rows`: the
+same integers, merged, in float64 or int64 steps). Packed buffers (DESIGN §4.2) enter and
+leave through `run_packed`.
 """
 
 from __future__ import annotations
