@@ -1233,7 +1233,7 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     table.add_row("BitOPs int8", f"{p['bitops_int8']:,}", "", "")
     ins = p.get("instructions")
     if ins:
-        staged = "patch stage" in str(ins.get("model", ""))
+        staged = plan.patch is not None  # stage layers: scaled layer costs (`search_prediction`)
         table.add_row(f"Instructions ({plain(ins['target'])}, latency table"
                       + ("; patch stage estimated, per-patch overheads not modelled)" if staged
                          else ")"), f"{ins['total']:,}", "", "")

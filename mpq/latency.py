@@ -225,6 +225,13 @@ def predict_plan(plan: Any, graph: Graph, table: dict[str, Any] | None = None,
             "model": "latency table (kernels/latency_table.json)"}
 
 
+def stage_ratio(full_macs: int, redundant_macs: int) -> float:
+    """A patch stage's recomputation ratio: patched / whole-map MACs of its layers,
+    (full + redundant) / full — the factor `search_prediction` scales the stage layers' costs
+    by, and `tools/latency_table.py` divides a measured stage layer's count by."""
+    return (full_macs + redundant_macs) / max(full_macs, 1)
+
+
 def search_prediction(graph: Graph, act_bits: dict[str, int], w_bits: dict[str, int],
                       schedule: Any, target: str = DEFAULT_TARGET
                       ) -> tuple[dict[str, Any] | None, str | None]:
@@ -238,7 +245,7 @@ def search_prediction(graph: Graph, act_bits: dict[str, int], w_bits: dict[str, 
     except MpqError as exc:
         return None, f"no predicted instructions: {exc}"
     stage = set(schedule.stage_nodes) if schedule.split_tensor is not None else set()
-    ratio = schedule.stage_macs_patched / max(schedule.stage_macs_full, 1) if stage else 1.0
+    ratio = stage_ratio(schedule.stage_macs_full, schedule.redundant_macs) if stage else 1.0
     layers = {name: round(v * ratio) if name in stage else v for name, v in p["layers"].items()}
     model = "latency table (kernels/latency_table.json), layer-based costs"
     if stage:

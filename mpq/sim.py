@@ -203,8 +203,8 @@ def _requant_float64(flat: np.ndarray, y: np.ndarray, mult: np.ndarray, add_all:
     Where |acc·M + A − lo·2^T| < 2^53 every product and sum is exact, and on [0, hi − lo]
     truncation is the floor. Elsewhere |v| ≥ 2^(53−T) − |c|, which is required to exceed
     hi − lo + 1 on every channel: rounding is monotone and the threshold representable, so the
-    computed v lands on the same side of the clamp as the true one. About twice as fast as the
-    int64 steps (x86 has no vectorised int64 multiply)."""
+    computed v lands on the same side of the clamp as the true one. About 1.7× as fast as the
+    int64 steps on MobileNetV2's maps (x86 has no vectorised int64 multiply)."""
     span = hi - lo
     if int(total.max(initial=0)) > 44:  # 2^53 < (span + 1)·2^T already: never exact enough
         return False

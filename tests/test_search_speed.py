@@ -149,7 +149,7 @@ def test_float32_is_refused_when_a_sum_could_leave_its_exact_range() -> None:
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16])
 @pytest.mark.parametrize("zp", [-128, 127])
-def test_narrow_inputs_give_the_int64_results(dtype, zp: int) -> None:
+def test_narrow_inputs_give_the_int64_results(dtype, zp: int, monkeypatch) -> None:
     """The probe's int8 cache and int16 conv outputs enter `run_op` as they are: a depthwise
     (blocked tap loop, stride 2, padded) and a pointwise conv on values at both range ends with
     zero points at both ends (X − zp = ±255 would wrap in int8) give the int64 input's integers,
@@ -178,12 +178,8 @@ def test_narrow_inputs_give_the_int64_results(dtype, zp: int) -> None:
 
     from mpq import sim
 
-    real = sim.INT_OPS["add"]
-    sim.INT_OPS["add"] = Spy
-    try:
-        run_op(add, LayerQuant(), None, [np.zeros(3, dtype), np.zeros(3, np.int64)], (3,))
-    finally:
-        sim.INT_OPS["add"] = real
+    monkeypatch.setitem(sim.INT_OPS, "add", Spy)
+    run_op(add, LayerQuant(), None, [np.zeros(3, dtype), np.zeros(3, np.int64)], (3,))
     assert seen == [np.int64, np.int64]
 
 

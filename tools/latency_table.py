@@ -43,6 +43,7 @@ from mpq.latency import (  # noqa: E402
     fit,
     layer_key,
     plan_layer_features,
+    stage_ratio,
     table_path,
 )
 from mpq.quant.calibrate import dataset_from_array, load_dataset, onnx_input_shape  # noqa: E402
@@ -124,8 +125,8 @@ def measure_plan(case: str, variant: str, path: Path, scale: float | None,
     ratio = 1.0
     if plan.patch is not None:
         stage = set(plan.patch["stage_nodes"])
-        full = sum(layer.macs for layer in plan.layers if layer.name in stage)
-        ratio = (full + plan.patch["redundant_macs"]) / max(full, 1)
+        ratio = stage_ratio(sum(layer.macs for layer in plan.layers if layer.name in stage),
+                            plan.patch["redundant_macs"])
     fused = {add: v["conv"] for add, v in plan.schedule.get("fused_adds", {}).items()}
     features = plan_layer_features(graph, fused)
     by_name = {n.name: n for n in graph.nodes}

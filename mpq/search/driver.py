@@ -508,11 +508,10 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
         from mpq.search.measured import choice_bits
 
         probe.prefetch([choice_bits(a.problem, a.solution.choice) for a in to_measure])
-    for attempt in to_measure:
-        attempt.pool = initial(attempt.problem, attempt.solution, probe)
-        value = -attempt.pool.best[0]
-        attempts.append((round(value, 12), *_tie_break(attempt), attempt))
-    if to_measure:
+        for attempt in to_measure:
+            attempt.pool = initial(attempt.problem, attempt.solution, probe)
+            value = -attempt.pool.best[0]
+            attempts.append((round(value, 12), *_tie_break(attempt), attempt))
         ranked = sorted(attempts, key=lambda a: a[:-1], reverse=True)
         say(f"measuring: the ILP solutions of {len(to_measure)} schedule(s), side by side: "
             + ", ".join(f"{_describe(a[-1].schedule)} {-a[0]:.5f}" for a in ranked))
