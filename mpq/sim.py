@@ -12,6 +12,8 @@ leave through `run_packed`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mpq.errors import MpqError
@@ -238,12 +240,47 @@ class FullyConnected(IntOp):
 
 
 class Add(IntOp):
+    """clamp(rq(rq((x1−zp1)<<20, M1) + rq((x2−zp2)<<20, M2), Mo) + zp_o) (`add_quantized`);
+    same-shape inputs of at most 16 bits together go through `arith.add_table` instead (the
+    same integers, one gather: ~10× faster on MobileNetV2's residual adds)."""
+
     @staticmethod
     def run(node, lq, qm, xs, out_shape):
         a, b = qm.acts[node.inputs[0]], qm.acts[node.inputs[1]]
         out = qm.acts[node.outputs[0]]
-        return arith.add_quantized(xs[0], a.zero_point, xs[1], b.zero_point, lq.extra,
-                                   out.zero_point, lq.act_min, lq.act_max)
+        x1, x2 = xs
+        if a.bits + b.bits <= ADD_TABLE_BITS and x1.shape == x2.shape \
+                and _within(x1, a.bits) and _within(x2, b.bits):
+            table = _add_table(a.zero_point, a.bits, b.zero_point, b.bits,
+                               tuple(sorted(lq.extra.items())), out.zero_point, lq.act_min,
+                               lq.act_max)
+            index = np.left_shift(x1, b.bits, dtype=np.intp)
+            index += x2
+            index -= arith.qrange(a.bits)[0] * (1 << b.bits) + arith.qrange(b.bits)[0]
+            return np.take(table, index, mode="clip")  # in range: `_within` checked it
+        return arith.add_quantized(x1.astype(np.int64), a.zero_point, x2.astype(np.int64),
+                                   b.zero_point, lq.extra, out.zero_point, lq.act_min,
+                                   lq.act_max)
+
+
+#: The widest input pair (bits of x1 + bits of x2) `Add` runs from a table: 2^16 entries.
+ADD_TABLE_BITS = 16
+
+
+def _within(x: np.ndarray, bits: int) -> bool:
+    """Whether every value of x lies in the `bits`-bit activation range (a table's domain)."""
+    lo, hi = arith.qrange(bits)
+    return x.size == 0 or (int(x.min()) >= lo and int(x.max()) <= hi)
+
+
+@functools.lru_cache(maxsize=256)
+def _add_table(zp1: int, bits1: int, zp2: int, bits2: int, params: tuple, zp_out: int,
+               act_min: int, act_max: int) -> np.ndarray:
+    """`arith.add_table`, built once per layer's parameters (a search measures each Add
+    under many variants)."""
+    table = arith.add_table(zp1, bits1, zp2, bits2, dict(params), zp_out, act_min, act_max)
+    table.flags.writeable = False
+    return table
 
 
 class MaxPool(IntOp):
@@ -408,12 +445,16 @@ INT_OPS: dict[str, type[IntOp]] = {
 }
 
 
+#: Ops that read narrow integer inputs as they are (the rest get int64).
+NARROW_INPUTS = frozenset({"conv2d", "add"})
+
+
 def run_op(node: Node, lq: LayerQuant, qm: QuantModel, xs: list[np.ndarray],
            out_shape: tuple[int, ...]) -> np.ndarray:
-    """`INT_OPS[node.op].run` on inputs of any integer type: convolutions read narrow
-    activations as they are (`conv_float32`), every other op gets int64, the type its
+    """`INT_OPS[node.op].run` on inputs of any integer type: convolutions (`conv_float32`) and
+    adds (`Add`) read narrow activations as they are, every other op gets int64, the type its
     arithmetic (shifts, products of multipliers) needs."""
-    if node.op != "conv2d":
+    if node.op not in NARROW_INPUTS:
         xs = [x if x.dtype == np.int64 else x.astype(np.int64) for x in xs]
     return INT_OPS[node.op].run(node, lq, qm, xs, out_shape)
 

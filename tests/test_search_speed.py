@@ -153,7 +153,7 @@ def test_narrow_inputs_give_the_int64_results(dtype, zp: int, monkeypatch) -> No
     """The probe's int8 cache and int16 conv outputs enter `run_op` as they are: a depthwise
     (blocked tap loop, stride 2, padded) and a pointwise conv on values at both range ends with
     zero points at both ends (X − zp = ±255 would wrap in int8) give the int64 input's integers,
-    and a non-conv op (add) gets int64 inputs."""
+    and a non-conv op other than add (mul) gets int64 inputs."""
     from mpq.quant.qmodel import QuantModel
 
     rng = np.random.default_rng(zp & 0xFF)
@@ -167,7 +167,7 @@ def test_narrow_inputs_give_the_int64_results(dtype, zp: int, monkeypatch) -> No
         want = run_op(node, lq, qm, [x.astype(np.int64)], (2, ho, ho, cout))
         got = run_op(node, lq, qm, [x.astype(dtype)], (2, ho, ho, cout))
         assert got.dtype == np.int16 and np.array_equal(got, want)
-    add = Node("a", "add", ["x", "x2"], ["y"], {})
+    mul = Node("m", "mul", ["x", "x2"], ["y"], {})
     seen = []
 
     class Spy:
@@ -178,9 +178,42 @@ def test_narrow_inputs_give_the_int64_results(dtype, zp: int, monkeypatch) -> No
 
     from mpq import sim
 
-    monkeypatch.setitem(sim.INT_OPS, "add", Spy)
-    run_op(add, LayerQuant(), None, [np.zeros(3, dtype), np.zeros(3, np.int64)], (3,))
+    monkeypatch.setitem(sim.INT_OPS, "mul", Spy)
+    run_op(mul, LayerQuant(), None, [np.zeros(3, dtype), np.zeros(3, np.int64)], (3,))
     assert seen == [np.int64, np.int64]
+
+
+@pytest.mark.parametrize("bits1,bits2", [(8, 8), (4, 8), (8, 2), (2, 4)])
+def test_add_table_gives_add_quantized(bits1: int, bits2: int) -> None:
+    """`Add` from its table (`arith.add_table`) gives `add_quantized`'s integers on every
+    input pair (zero points at the range ends, a clamp inside the range), narrow or int64;
+    inputs outside their range or of different shapes take `add_quantized` itself."""
+    from mpq.quant.qmodel import QuantModel
+    from mpq.sim import ADD_TABLE_BITS
+
+    assert bits1 + bits2 <= ADD_TABLE_BITS
+    lo1, hi1 = arith.qrange(bits1)
+    lo2, hi2 = arith.qrange(bits2)
+    g1, g2 = np.meshgrid(np.arange(lo1, hi1 + 1), np.arange(lo2, hi2 + 1), indexing="ij")
+    node = Node("a", "add", ["x1", "x2"], ["y"], {})
+    for zp1, zp2, s1, s2, so in ((lo1, hi2, 0.05, 0.013, 0.04), (hi1, lo2, 0.002, 0.3, 0.31)):
+        acts = {"x1": ActQuant(s1, zp1, bits1), "x2": ActQuant(s2, zp2, bits2),
+                "y": ActQuant(so, -3, 8)}
+        lq = LayerQuant(act_min=-100, act_max=120, extra=arith.add_params(s1, s2, so))
+        qm = QuantModel(None, acts, {"a": lq})
+        want = arith.add_quantized(g1, zp1, g2, zp2, lq.extra, -3, -100, 120)
+        for dtype in (np.int8, np.int16, np.int64):
+            got = run_op(node, lq, qm, [g1.astype(dtype), g2.astype(dtype)], g1.shape)
+            assert np.array_equal(got, want)
+        outside = g1.copy()
+        outside[0, 0] = hi1 + 1
+        got = run_op(node, lq, qm, [outside, g2], g1.shape)
+        assert np.array_equal(got, arith.add_quantized(outside, zp1, g2, zp2, lq.extra, -3,
+                                                       -100, 120))
+        row = g2[:1]
+        got = run_op(node, lq, qm, [g1, row], g1.shape)
+        assert np.array_equal(got, arith.add_quantized(g1, zp1, row, zp2, lq.extra, -3,
+                                                       -100, 120))
 
 
 @pytest.fixture(scope="module")

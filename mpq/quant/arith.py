@@ -204,6 +204,18 @@ def add_quantized(x1: np.ndarray, zp1: int, x2: np.ndarray, zp2: int, p: dict[st
     return np.clip(y, act_min, act_max)
 
 
+def add_table(zp1: int, bits1: int, zp2: int, bits2: int, p: dict[str, int], zp_out: int,
+              act_min: int, act_max: int) -> np.ndarray:
+    """`add_quantized` of every pair of inputs in their activation ranges, as a table
+    T[(x1 − lo1)·2^b2 + (x2 − lo2)] (lo the low end of `qrange`): the add is a function of
+    its two integer inputs, so one gather from T gives its exact result. 2^(b1+b2) entries;
+    int16, which holds every clamp range of 16 bits or fewer."""
+    a = np.arange(*np.add(qrange(bits1), (0, 1)), dtype=np.int64)
+    b = np.arange(*np.add(qrange(bits2), (0, 1)), dtype=np.int64)
+    table = add_quantized(a[:, None], zp1, b[None, :], zp2, p, zp_out, act_min, act_max)
+    return table.reshape(-1).astype(np.int16)
+
+
 def mul_params(s1: float, s2: float, s_out: float) -> dict[str, int]:
     """TFLM mul constants: (M, S) = QuantizeMultiplier((double)s1·(double)s2/(double)s_o)
     (mul_common.cc CalculateOpDataMul)."""
