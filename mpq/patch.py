@@ -642,16 +642,19 @@ class PatchSchedule:
     def fused_adds(self) -> dict[str, tuple[str, str]]:
         """Residual adds fused into their conv (`memory.fused_residual_adds`); inside the patch
         stage only where the skip's region is the add's in every patch."""
-        regions = self.regions
         stage = set(self.stage_nodes)
+
+        def same_region(a: str, b: str) -> bool:
+            """`regions[a] == regions[b]`, from the spans (no Region built per patch)."""
+            return all(s[a] == s[b] for s in self._rows.spans) \
+                and all(s[a] == s[b] for s in self._cols.spans)
 
         def allowed(nd: Node) -> bool:
             if nd.name not in stage:
                 return True
             if nd.outputs[0] == self.split_tensor:
                 return False  # stored whole, while the skip is stored per patch
-            out = regions[nd.outputs[0]]
-            return all(regions[t] == out for t in nd.inputs)
+            return all(same_region(t, nd.outputs[0]) for t in nd.inputs)
 
         return fused_residual_adds(self.graph, self.tensor_elements, self.lifetimes, allowed)
 
