@@ -89,3 +89,45 @@ def test_arena_not_larger_than_tflm(onnx_name: str, tflite_name: str) -> None:
     assert mem.arena_bytes <= tflm.head
     print(f"{onnx_name}: mpq arena {mem.arena_bytes} B, peak {mem.peak_sram_bytes} B; "
           f"TFLM head {tflm.head} B")
+
+
+def _plan_every_offset(buffers):
+    """The greedy planner trying the ends of every placed buffer (the planner before it
+    pruned the offsets to buffers alive with the one placed): the reference for the test."""
+    from mpq.memory import buffers_conflict
+
+    order = sorted(buffers, key=lambda b: (-b.size, b.first, b.name))
+    placed, offsets = [], {}
+    for buf in order:
+        shifts = {s.shift for s in buf.segments}
+        candidates = sorted({0} | {off + s.shift + s.size - k for other, off in placed
+                                   for s in other.segments for k in shifts
+                                   if off + s.shift + s.size >= k})
+        for cand in candidates:
+            if not any(buffers_conflict(buf, cand, other, off) for other, off in placed):
+                break
+        offsets[buf.name] = cand
+        placed.append((buf, cand))
+    return offsets
+
+
+def test_planner_places_as_trying_every_offset() -> None:
+    """`plan_arena` tries offsets only from buffers alive with the one it places; on random
+    buffer sets (several segments, overlap shifts) it places every buffer where trying every
+    placed buffer's ends does."""
+    import random
+
+    from mpq.memory import Buffer, Segment, plan_arena
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        buffers = []
+        for i in range(rng.randint(1, 10)):
+            segments = []
+            for j in range(rng.choice([1, 1, 2, 3])):
+                first = rng.randint(0, 12)
+                segments.append(Segment(f"t{i}.{j}", first, first + rng.randint(0, 5),
+                                        rng.choice([0, 16, 32, 48, 100, 128]),
+                                        rng.choice([0, 0, 8, 40])))
+            buffers.append(Buffer(f"b{i}", segments))
+        assert plan_arena(buffers).offsets == _plan_every_offset(buffers)
