@@ -164,8 +164,9 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
     narrow = compact.min <= lq.act_min and lq.act_max <= compact.max
     y = np.empty(flat.shape, COMPACT if narrow else np.int64)
     rows = max(1, REQUANT_CHUNK // cout)
-    if narrow and not signed and _requant_float64(flat, y, mult, add_all, total, lq.act_min,
-                                                  lq.act_max, rows):
+    sign = _sign_term(add_r, mult, right) if signed else None
+    if narrow and _requant_float64(flat, y, mult, add_all, total, lq.act_min, lq.act_max, rows,
+                                   sign):
         return y.reshape(acc.shape)
     xbuf = np.empty((min(rows, len(flat)), cout), np.int64)
     tbuf = np.empty_like(xbuf) if signed else None
@@ -193,34 +194,59 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
 
 #: float64 holds every integer of magnitude below 2^53 exactly.
 FLOAT64_EXACT = 1 << 53
+#: |acc| of the float32-exact accumulators is below 2^24; a sign threshold beyond ±2^25 is
+#: never crossed, and ±2^25 is a float32.
+_SIGN_LIMIT = 1 << 25
+
+
+def _sign_term(add_r: np.ndarray, mult: np.ndarray, right: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The merged formula's sign term per channel, for `_requant_float64`: R = acc·M + add_r
+    is negative exactly when the integer acc is below t = −⌊add_r / M⌋ (M > 0; never for
+    M = 0, where R = 2^30), held as float32 within ±2^25; and 2^−e, what the term takes off v
+    there (the numerator's −2^31 over 2^(31+e)), 0 on channels without a right shift."""
+    t = np.where(mult > 0, -(add_r // np.maximum(mult, 1)), -_SIGN_LIMIT)
+    below = np.clip(t, -_SIGN_LIMIT, _SIGN_LIMIT).astype(np.float32)
+    step = np.where(right > 0, np.ldexp(1.0, -np.maximum(right, 0)), 0.0)
+    return below, step
 
 
 def _requant_float64(flat: np.ndarray, y: np.ndarray, mult: np.ndarray, add_all: np.ndarray,
-                     total: np.ndarray, lo: int, hi: int, rows: int) -> bool:
-    """`requantize_rows`' merged formula without the sign term, y = ⌊(acc·M + A) / 2^T⌋
-    clamped to [lo, hi], in float64 when that is provably exact (True; False: nothing written,
-    the int64 steps run). Written as y = lo + clamp(⌊v⌋, 0, hi − lo) with v = acc·m + c,
-    m = M·2^−T and c = (A − lo·2^T)·2^−T, both exact (M < 2^31; |A − lo·2^T| < 2^53 checked).
+                     total: np.ndarray, lo: int, hi: int, rows: int,
+                     sign: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+    """`requantize_rows`' merged formula, y = ⌊(acc·M + A − s·2^31) / 2^T⌋ clamped to
+    [lo, hi] (s = [R < 0 ∧ e > 0], the sign term; `sign` = `_sign_term`, None where it cannot
+    show), in float64 when that is provably exact (True; False: nothing written, the int64
+    steps run). Written as y = lo + clamp(⌊v⌋, 0, hi − lo) with v = acc·m + c − s·2^−e,
+    m = M·2^−T and c = (A − lo·2^T)·2^−T, all exact (M < 2^31; |A − lo·2^T| + 2^31 < 2^53
+    checked).
 
-    Where |acc·M + A − lo·2^T| < 2^53 every product and sum is exact, and on [0, hi − lo]
-    truncation is the floor. Elsewhere |v| ≥ 2^(53−T) − |c|, which is required to exceed
-    hi − lo + 1 on every channel: rounding is monotone and the threshold representable, so the
-    computed v lands on the same side of the clamp as the true one. About 1.7× as fast as the
-    int64 steps on MobileNetV2's maps (x86 has no vectorised int64 multiply)."""
+    Where |acc·M + A − s·2^31 − lo·2^T| < 2^53 every product and sum is exact, and on
+    [0, hi − lo] truncation is the floor. Elsewhere |v| ≥ 2^(53−T) − |c| − 1/2, which is
+    required to exceed hi − lo + 1 on every channel: rounding is monotone and the threshold
+    representable, so the computed v lands on the same side of the clamp as the true one.
+    About 1.7× as fast as the int64 steps on MobileNetV2's maps (x86 has no vectorised int64
+    multiply)."""
     span = hi - lo
     if int(total.max(initial=0)) > 44:  # 2^53 < (span + 1)·2^T already: never exact enough
         return False
     c_int = add_all - (np.int64(lo) << total)  # |·| < 2^62 + 2^51: int64 holds it
-    if (np.abs(c_int) >= FLOAT64_EXACT - (np.int64(span + 1) << total)).any():
+    margin = (1 << 31) if sign is not None else 0  # c − 2^−e is exact too
+    if (np.abs(c_int) + margin >= FLOAT64_EXACT - (np.int64(span + 2) << total)).any():
         return False
     m = np.ldexp(mult.astype(np.float64), -total)  # exact: M < 2^31, |c_int| < 2^53
     c = np.ldexp(c_int.astype(np.float64), -total)
     buf = np.empty((min(rows, len(flat)), len(m)), np.float64)
+    mask = np.empty(buf.shape, bool) if sign is not None else None
+    drop = np.empty_like(buf) if sign is not None else None
     for start in range(0, len(flat), rows):
         piece = flat[start:start + rows]
         v = buf[:len(piece)]
         np.multiply(piece, m, out=v)
         v += c
+        if sign is not None:  # v −= s·2^−e (a product and a subtraction: `where=` is slower)
+            negative = np.less(piece, sign[0], out=mask[:len(piece)])
+            v -= np.multiply(negative, sign[1], out=drop[:len(piece)])
         np.clip(v, 0, span, out=v)
         out = y[start:start + len(piece)]
         np.copyto(out, v, casting="unsafe")  # truncation: the floor on [0, span]

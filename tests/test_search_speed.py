@@ -64,36 +64,45 @@ def test_merged_requantisation_equals_the_reference_formula(case: str) -> None:
             assert np.array_equal(fast, ref)
 
 
-def test_float64_requantisation_runs_and_refuses_where_it_cannot_be_exact() -> None:
-    """The float64 form of the merged requantisation (no sign term: a fused ReLU) is taken on
-    ordinary layers and gives `_requant_out`'s integers on accumulators at both ends of the
-    float32-exact range; a bias so large that v could round across the clamp is refused."""
-    from mpq.sim import _requant_float64
+@pytest.mark.parametrize("relu", [True, False])
+def test_float64_requantisation_runs_and_refuses_where_it_cannot_be_exact(relu: bool) -> None:
+    """The float64 form of the merged requantisation is taken on ordinary layers — with a
+    fused ReLU (no sign term) and without (the sign term `_sign_term`: accumulators on both
+    sides of each channel's threshold and exactly at it) — and gives `_requant_out`'s integers
+    on accumulators at both ends of the float32-exact range; a bias so large that v could
+    round across the clamp is refused."""
+    from mpq.sim import _requant_float64, _sign_term
 
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(7 + relu)
     cout = 24
     acc = rng.integers(-(1 << 24), 1 << 24, (4, 7, 7, cout)).astype(np.float64)
     acc[0, 0, 0] = (1 << 24) - 1
     acc[0, 0, 1] = -(1 << 24) + 1
     lq, out = _layer(rng, cout, rng.uniform(1e-6, 0.5, cout), 8, 12)
-    lq.act_min = out.zero_point
+    if relu:
+        lq.act_min = out.zero_point
     ms = [arith.quantize_multiplier(float(r)) for r in rng.uniform(1e-6, 0.5, cout)]
     lq.multiplier = np.array([m for m, _ in ms])
     lq.shift = np.array([s for _, s in ms])
     right = -lq.shift
     total = right + 31
     half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
-    add_all = lq.bias * lq.multiplier + (1 << 30) \
-        + ((half + (np.int64(out.zero_point) << right)) << 31)
+    add_r = lq.bias * lq.multiplier + (1 << 30)
+    add_all = add_r + ((half + (np.int64(out.zero_point) << right)) << 31)
+    sign = None if relu else _sign_term(add_r, lq.multiplier, right)
+    if sign is not None:  # the threshold and its neighbours, where R changes sign
+        t = sign[0].astype(np.int64)
+        acc[1, :3] = np.stack([t - 1, t, t + 1])[:, None, :]
     flat = acc.astype(np.float32).reshape(-1, cout)
     y = np.empty(flat.shape, np.int16)
-    assert _requant_float64(flat, y, lq.multiplier, add_all, total, lq.act_min, lq.act_max, 64)
+    assert _requant_float64(flat, y, lq.multiplier, add_all, total, lq.act_min, lq.act_max, 64,
+                            sign)
     want = _requant_out(np.rint(acc).astype(np.int64) + lq.bias, lq, out)
     assert np.array_equal(y.reshape(acc.shape), want)
     huge = add_all.copy()
     huge[3] = 1 << 61
     assert not _requant_float64(flat, y, lq.multiplier, huge, total, lq.act_min, lq.act_max,
-                                64)
+                                64, sign)
 
 
 def _conv_node(cin: int, cout: int, k: int, stride: int, pad: int, groups: int) -> Node:
