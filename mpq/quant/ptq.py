@@ -34,7 +34,8 @@ recomputes exactly the same integers from the model's float weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,35 +112,41 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
     x = next(data.batches(n))
     name = graph.inputs[0]
     xf = to_ir_layout(graph, name, x).astype(np.float32)
-    env_f: dict[str, np.ndarray] = {name: xf}
     env_q: dict[str, np.ndarray] = {name: quantize_input(qm.acts[name], xf)}
     layers = dict(qm.layers)
     walk = QuantModel(graph, qm.acts, layers)
     result = PtqResult(walk)
-    remaining = {t: 0 for t in graph.tensors}
-    for node in graph.nodes:
-        for t in node.inputs:
-            remaining[t] += 1
-    for node in graph.nodes:
-        acc = None
-        if node.op in WEIGHTED:
-            layers[node.name], acc = _fit_layer(node, layers[node.name], qm.acts,
-                                                env_f[node.inputs[0]], env_q[node.inputs[0]],
-                                                opts, result)
-        out_shape = graph.tensors[node.outputs[0]].shape
-        env_f[node.outputs[0]] = OPS[node.op].run(node, [env_f[t] for t in node.inputs],
-                                                  out_shape).astype(np.float32)
-        if acc is not None:  # `Conv2D.run` on the fitted layer, its accumulators reused
-            env_q[node.outputs[0]] = requantize_rows(acc, layers[node.name],
-                                                     qm.acts[node.outputs[0]])
-        else:
-            env_q[node.outputs[0]] = run_op(node, layers[node.name], walk,
-                                            [env_q[t] for t in node.inputs], out_shape)
-        for t in node.inputs:
-            remaining[t] -= 1
-            if remaining[t] == 0:
-                env_f.pop(t, None)
-                env_q.pop(t, None)
+    remaining = _readers(graph)
+    # Bias correction alone reads the float model only through each weighted layer's mean
+    # output, which no fit changes: the float walk then runs in a side thread (numpy releases
+    # the GIL) and hands those means over; AdaRound needs the float inputs themselves, so the
+    # two walks go in step.
+    means = {nd.name: Future() for nd in graph.nodes if nd.op in WEIGHTED} \
+        if not opts.adaround else None
+    steps = None if means is not None else _float_walk(graph, xf)
+    with ThreadPoolExecutor(1) as pool:
+        side = pool.submit(_float_means, graph, xf, means) if means is not None else None
+        for node in graph.nodes:
+            x_float = next(steps)[0] if steps is not None else None
+            acc = None
+            if node.op in WEIGHTED:
+                mean = means[node.name].result() if means is not None else None
+                layers[node.name], acc = _fit_layer(node, layers[node.name], qm.acts,
+                                                    x_float, env_q[node.inputs[0]], opts,
+                                                    result, mean)
+            out_shape = graph.tensors[node.outputs[0]].shape
+            if acc is not None:  # `Conv2D.run` on the fitted layer, its accumulators reused
+                env_q[node.outputs[0]] = requantize_rows(acc, layers[node.name],
+                                                         qm.acts[node.outputs[0]])
+            else:
+                env_q[node.outputs[0]] = run_op(node, layers[node.name], walk,
+                                                [env_q[t] for t in node.inputs], out_shape)
+            for t in node.inputs:
+                remaining[t] -= 1
+                if remaining[t] == 0:
+                    env_q.pop(t, None)
+        if side is not None:
+            side.result()
     fitted = sum(1 for s in result.specs)
     say(f"ptq: {n} calibration samples; AdaRound kept on {fitted} layer(s), bias corrected on "
         f"{len(result.corrections)} layer(s)")
@@ -148,13 +155,61 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
     return result
 
 
-def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.ndarray,
-               xq: np.ndarray, opts: PtqOptions, result: PtqResult
-               ) -> tuple[LayerQuant, np.ndarray | None]:
+def _readers(graph) -> dict[str, int]:
+    """How many nodes read each tensor."""
+    count = {t: 0 for t in graph.tensors}
+    for node in graph.nodes:
+        for t in node.inputs:
+            count[t] += 1
+    return count
+
+
+def _float_walk(graph, xf: np.ndarray) -> Iterator[list[np.ndarray]]:
+    """The float model on the IR-layout batch `xf`, node by node in graph order: yields each
+    node's float32 inputs, then runs it (a tensor is dropped after its last reader)."""
+    env: dict[str, np.ndarray] = {graph.inputs[0]: xf}
+    remaining = _readers(graph)
+    for node in graph.nodes:
+        xs = [env[t] for t in node.inputs]
+        yield xs
+        env[node.outputs[0]] = OPS[node.op].run(node, xs, graph.tensors[node.outputs[0]].shape
+                                                ).astype(np.float32)
+        del xs
+        for t in node.inputs:
+            remaining[t] -= 1
+            if remaining[t] == 0:
+                env.pop(t, None)
+
+
+def _float_means(graph, xf: np.ndarray, means: dict[str, Future]) -> None:
+    """`float_mean_output` of every weighted layer of the float walk, each set on its future
+    as soon as it is known; an error is set on every future still open (the walk waits on
+    them) and raised."""
+    try:
+        for node, xs in zip(graph.nodes, _float_walk(graph, xf), strict=False):
+            if node.name in means:
+                means[node.name].set_result(float_mean_output(node, xs[0]))
+    except BaseException as exc:
+        for future in means.values():
+            if not future.done():
+                future.set_exception(exc)
+        raise
+
+
+def float_mean_output(node: Node, xf: np.ndarray) -> np.ndarray:
+    """E[y] = W E[x_patch] + b of a conv/FC layer on its float input batch, per output channel
+    in float64 (`_mean_linear`): bias correction's reference."""
+    return _mean_linear(node, xf, node.weight.astype(np.float64)) + node.bias.astype(np.float64)
+
+
+def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.ndarray | None,
+               xq: np.ndarray, opts: PtqOptions, result: PtqResult,
+               mean: np.ndarray | None = None) -> tuple[LayerQuant, np.ndarray | None]:
     """One layer: AdaRound (4/2-bit linear weights), then bias correction on the result. Also
     the fitted layer's float32 accumulators (`mpq.sim.conv_float32`) when bias correction
     computed them and they are exact, else None: the correction changes only the bias, so the
-    walk requantises them instead of running the convolution again."""
+    walk requantises them instead of running the convolution again. `xf`: the layer's float
+    input (AdaRound's walk), or None with `mean`, its `float_mean_output`."""
     spec = WeightSpec(lq.weight_scheme, lq.weight_bits, lq.weight_params)
     src = acts[node.inputs[0]]
     if opts.adaround and lq.weight_scheme == "linear" and lq.weight_bits in ROUNDING_BITS:
@@ -173,7 +228,7 @@ def _fit_layer(node: Node, lq: LayerQuant, acts: dict[str, ActQuant], xf: np.nda
             if node.op == "conv2d" else None
         acc = conv_float32(node, lq, src.zero_point, xq, out_shape, src.bits) \
             if out_shape else None
-        delta = expected_shift(node, lq, src, xf, xq, acc)
+        delta = expected_shift(node, lq, src, xf, xq, acc, mean)
         result.corrections[node.name] = delta
         fitted = weighted_layer(node, acts, spec, delta)
         if acc is not None and not np.array_equal(fitted.weight, lq.weight):
@@ -205,12 +260,14 @@ def _out_hw(node: Node, x: np.ndarray) -> tuple[int, int]:
     return h, w
 
 
-def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray,
-                   xq: np.ndarray, acc32: np.ndarray | None = None) -> np.ndarray:
+def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray | None,
+                   xq: np.ndarray, acc32: np.ndarray | None = None,
+                   mean: np.ndarray | None = None) -> np.ndarray:
     """δ_c = mean over samples and positions of ŷ_c − y_c (module docstring): the integer
     accumulator s_in·s_w[c]·(Σ W_q (x_q − z_in) + b_q) against the float W x + b, per output
     channel, in real units (float64). `acc32`: the layer's accumulators Σ W_q (x_q − z_in)
-    from `mpq.sim.conv_float32` when it had them (exact integers, so the float64 sums' values)."""
+    from `mpq.sim.conv_float32` when it had them (exact integers, so the float64 sums' values).
+    `mean`: `float_mean_output(node, xf)` when the caller has it (then `xf` is not read)."""
     cout = lq.weight.shape[0]
     if acc32 is None:
         acc32 = _linear(node, xq.astype(np.float64) - src.zero_point,
@@ -220,8 +277,7 @@ def expected_shift(node: Node, lq: LayerQuant, src: ActQuant, xf: np.ndarray,
     flat = acc32.reshape(-1, cout)
     mean_acc = flat.sum(axis=0, dtype=np.float64) / len(flat) + lq.bias
     real = mean_acc * (np.float64(np.float32(src.scale)) * lq.weight_scale.astype(np.float64))
-    ref = _mean_linear(node, xf, node.weight.astype(np.float64)) \
-        + node.bias.astype(np.float64)
+    ref = mean if mean is not None else float_mean_output(node, xf)
     return real - ref
 
 
