@@ -162,6 +162,15 @@ MEASURED_BEFORE_6DA3F51 = {"wall_s": 23.76, "user_s": 35.61, "sys_s": 4.92,
                                       "scoring": 0.0, "solving": 2.07, "measuring": 3.85,
                                       "ptq": 3.73, "quantisation": 0.0, "fidelity": 0.62,
                                       "plan": 0.0}}
+# The best of this benchmark's three runs on commit 013d9bd (2026-12-05, load 1.5 at the end),
+# before the Add tables, the float64 requantisation of layers without ReLU, the planner's
+# pruned offsets and PTQ's float walk beside the integer one.
+MEASURED_BEFORE_013D9BD = {"wall_s": 17.39, "user_s": 23.62, "sys_s": 3.62,
+                           "max_rss_mb": 1546.8, "load_avg_1min": 1.48,
+                           "phases": {"import": 2.12, "calibration": 3.14, "sensitivity": 5.56,
+                                      "scoring": 0.0, "solving": 0.27, "measuring": 3.66,
+                                      "ptq": 1.69, "quantisation": 0.0, "fidelity": 0.57,
+                                      "plan": 0.0}}
 # Timed runs of the measured strategy (best of them by wall, as `exact`): a run takes 15-25 s
 # since the speed-ups of issue 13 item 5.
 MEASURED_RUNS = 3
@@ -271,6 +280,7 @@ def bench_search_time() -> dict:
               "before": MEASURED_BEFORE, "before_ptq": MEASURED_BEFORE_PTQ,
               "before_48464c6": MEASURED_BEFORE_48464C6,
               "before_6da3f51": MEASURED_BEFORE_6DA3F51,
+              "before_013d9bd": MEASURED_BEFORE_013D9BD,
               "exact": {"runs": exact, "best": best_exact, "plan_sha256": exact_sha,
                         "before": SEARCH_BEFORE, "before_loaded": SEARCH_BEFORE_LOADED},
               "seconds_end_to_end": best["wall_s"], "seconds_solver": solver,
@@ -285,7 +295,8 @@ def bench_search_time() -> dict:
     rows = [_time_row("before (aebebdc, no auto-PTQ yet), loaded", MEASURED_BEFORE),
             _time_row("before (4e2037e, auto-PTQ)", MEASURED_BEFORE_PTQ),
             _time_row("before (48464c6)", MEASURED_BEFORE_48464C6),
-            _time_row("before (6da3f51)", MEASURED_BEFORE_6DA3F51)]
+            _time_row("before (6da3f51)", MEASURED_BEFORE_6DA3F51),
+            _time_row("before (013d9bd)", MEASURED_BEFORE_013D9BD)]
     rows += [_time_row(f"run {i + 1}" + (" (best)" if r is best else ""), r)
              for i, r in enumerate(measured)]
     tables = [show(
