@@ -687,19 +687,18 @@ def _shared_arena(ort: object) -> bool:
     return _ARENA[0]
 
 
-def populated_float32(count: int) -> np.ndarray:
-    """`count` float32 values (uninitialised) in pages the kernel maps all at once
-    (MAP_POPULATE: one call instead of a fault per page, and ordinary pages, not the
-    transparent huge pages numpy asks for on large arrays, whose first use in a process can
-    wait for the kernel to compact memory): calibration's pool is written whole by every batch,
-    so nothing populated is wasted. On the 2-core benchmark machine calibration's cold start
-    on MobileNetV2-1.0 goes from 2.7–3.5 to 2.4–2.5 s. np.empty where mmap has no
-    MAP_POPULATE (macOS, Windows)."""
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if populate is None or count <= 0:
+def small_pages_float32(count: int) -> np.ndarray:
+    """`count` float32 values (uninitialised) in an anonymous mapping of ordinary pages. numpy
+    asks for transparent huge pages on large arrays, and their first use in a process can wait
+    for the kernel to compact memory: for calibration's pool, touched once per batch and group,
+    that cost more than the faults of small pages (MobileNetV2-1.0@224 on the 2-core benchmark
+    machine: calibration 2.9–3.2 → 2.2–2.6 s, sys 1.6–2.2 → 0.7–1.2 s, the same peak RSS;
+    MAP_POPULATE was no faster and made resident the part of the pool no group writes,
+    +135 MB). np.empty where mmap has no anonymous private mappings."""
+    private, anonymous = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    if private is None or anonymous is None or count <= 0:
         return np.empty(max(count, 0), np.float32)
-    pages = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-    return np.frombuffer(pages, np.float32, count)
+    return np.frombuffer(mmap.mmap(-1, count * 4, flags=private | anonymous), np.float32, count)
 
 
 def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
@@ -776,7 +775,7 @@ def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:
         if any(seg is None for seg in segments):
             segments = [None] * len(spans)
         carried = {t for seg in segments if seg is not None for t in seg[1] if t != name}
-        pool = populated_float32(max(sum(n * row[names[j]] for j in span
+        pool = small_pages_float32(max(sum(n * row[names[j]] for j in span
                                          if names[j] not in carried) for span in spans) // 4)
         groups.clear()
         for span, seg in zip(spans, segments, strict=True):
