@@ -32,7 +32,7 @@ from mpq.quant.ptq import PtqOptions, apply_ptq, fit_adaround, layer_patches, me
 from mpq.quant.qmodel import quantize_graph
 from mpq.quant.weights import WeightSpec, pack_rounding, unpack_rounding
 from mpq.search.driver import SearchOptions, search
-from mpq.sim import dequantize, quantize_input, run_int
+from mpq.sim import dequantize, quantize_input, run_int, run_op
 from mpq.verify import verify
 
 
@@ -207,6 +207,48 @@ def test_bias_correction_removes_the_mean_shift(grouped) -> None:
     before = np.abs(_output_shift(qm, graph, grouped["check"])).mean()
     after = np.abs(_output_shift(fitted.model, graph, grouped["check"])).mean()
     assert after < 0.5 * before, (before, after)
+
+
+def test_bias_correction_beside_the_float_walk(grouped, monkeypatch) -> None:
+    """With bias correction alone the float walk runs in a side thread and hands over each
+    layer's mean output: the corrections are those of computing each mean in the integer
+    walk itself (`expected_shift` without `mean`), and an error in the float walk is raised
+    by `apply_ptq` instead of leaving it waiting."""
+    import mpq.quant.ptq as ptq
+
+    graph = grouped["graph"]
+    data = dataset_from_array(grouped["calib"], "calib")
+    stats = calibrate(graph, data)
+    bits = uniform_act_bits(graph, 4)
+    ranges = {t: activation_range(stats.tensors[t], "mse", bits[t]) for t in graph.tensors}
+    qm = quantize_graph(graph, ranges, act_bits=bits,
+                        weight_bits={n.name: 2 for n in graph.nodes if n.weight is not None})
+    beside = apply_ptq(qm, data, PtqOptions(bias_correction=True)).corrections
+    inline = {}
+    n = ptq.walk_samples(qm, len(data), PtqOptions().samples)
+    x = next(data.batches(n))
+    env_q = {graph.inputs[0]: quantize_input(qm.acts[graph.inputs[0]],
+                                             to_ir_layout(graph, graph.inputs[0], x))}
+    walk = apply_ptq(qm, data, PtqOptions(bias_correction=True)).model
+    for node, xs in zip(graph.nodes, ptq._float_walk(graph, to_ir_layout(
+            graph, graph.inputs[0], x).astype(np.float32)), strict=False):
+        if node.op in ptq.WEIGHTED:
+            lq = qm.layers[node.name]
+            inline[node.name] = ptq.expected_shift(node, lq, qm.acts[node.inputs[0]], xs[0],
+                                                   env_q[node.inputs[0]])
+        env_q[node.outputs[0]] = run_op(node, walk.layers[node.name], walk,
+                                        [env_q[t] for t in node.inputs],
+                                        graph.tensors[node.outputs[0]].shape)
+    assert beside.keys() == inline.keys()
+    for name in beside:
+        assert np.array_equal(beside[name], inline[name]), name
+
+    def broken(node, x):
+        raise MpqError("float walk failed")
+
+    monkeypatch.setattr(ptq, "float_mean_output", broken)
+    with pytest.raises(MpqError, match="float walk failed"):
+        apply_ptq(qm, data, PtqOptions(bias_correction=True))
 
 
 # -- plans: recorded, rebuilt, bit-exact ---------------------------------------------------------

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpq.interpreter import OPS, conv2d_nhwc, pad_nhwc, to_ir_layout, windows
-from mpq.ir import Node
+from mpq.ir import Graph, Node
 from mpq.quant.arith import round_half_away
 from mpq.quant.calibrate import Dataset
 from mpq.quant.qmodel import ActQuant, LayerQuant, QuantModel, weighted_layer
@@ -155,7 +155,7 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
     return result
 
 
-def _readers(graph) -> dict[str, int]:
+def _readers(graph: Graph) -> dict[str, int]:
     """How many nodes read each tensor."""
     count = {t: 0 for t in graph.tensors}
     for node in graph.nodes:
@@ -164,7 +164,7 @@ def _readers(graph) -> dict[str, int]:
     return count
 
 
-def _float_walk(graph, xf: np.ndarray) -> Iterator[list[np.ndarray]]:
+def _float_walk(graph: Graph, xf: np.ndarray) -> Iterator[list[np.ndarray]]:
     """The float model on the IR-layout batch `xf`, node by node in graph order: yields each
     node's float32 inputs, then runs it (a tensor is dropped after its last reader)."""
     env: dict[str, np.ndarray] = {graph.inputs[0]: xf}
@@ -181,14 +181,18 @@ def _float_walk(graph, xf: np.ndarray) -> Iterator[list[np.ndarray]]:
                 env.pop(t, None)
 
 
-def _float_means(graph, xf: np.ndarray, means: dict[str, Future]) -> None:
+def _float_means(graph: Graph, xf: np.ndarray, means: dict[str, Future]) -> None:
     """`float_mean_output` of every weighted layer of the float walk, each set on its future
-    as soon as it is known; an error is set on every future still open (the walk waits on
-    them) and raised."""
+    as soon as it is known (the walk stops after the last); an error is set on every future
+    still open (the integer walk waits on them) and raised."""
+    left = len(means)
     try:
         for node, xs in zip(graph.nodes, _float_walk(graph, xf), strict=False):
+            if left == 0:
+                break
             if node.name in means:
                 means[node.name].set_result(float_mean_output(node, xs[0]))
+                left -= 1
     except BaseException as exc:
         for future in means.values():
             if not future.done():
