@@ -136,7 +136,8 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
     ReLU/ReLU6: most layers): for R < 0, (R + 2^31·h_e)/2^(31+e) < 1/2, so the output is at
     most zp with or without the term (which lowers it by at most 1), and the clamp makes both
     act_min. The chunks reuse two preallocated buffers (no fresh pages per chunk). The result
-    is int16 (`COMPACT`) when the clamp range fits it."""
+    is int16 (`COMPACT`) when the clamp range fits it; then the formula runs in float64
+    (`_requant_float64`, sign term included) wherever a per-layer bound proves it exact."""
     cout = acc.shape[-1]
     bias = np.broadcast_to(np.asarray(lq.bias if lq.bias is not None else 0, np.int64), (cout,))
     shift = np.broadcast_to(np.asarray(lq.shift, np.int64), (cout,))
