@@ -165,9 +165,8 @@ def requantize_rows(acc: np.ndarray, lq: LayerQuant, out: ActQuant) -> np.ndarra
     narrow = compact.min <= lq.act_min and lq.act_max <= compact.max
     y = np.empty(flat.shape, COMPACT if narrow else np.int64)
     rows = max(1, REQUANT_CHUNK // cout)
-    sign = _sign_term(add_r, mult, right) if signed else None
     if narrow and _requant_float64(flat, y, mult, add_all, total, lq.act_min, lq.act_max, rows,
-                                   sign):
+                                   _sign_term(add_r, mult, right) if signed else None):
         return y.reshape(acc.shape)
     xbuf = np.empty((min(rows, len(flat)), cout), np.int64)
     tbuf = np.empty_like(xbuf) if signed else None

@@ -526,3 +526,22 @@ def test_groups_after_the_first_run_only_their_own_nodes(nchw_graph) -> None:
         assert len(seg[0].graph.node) == producer[t] - lo + 1
         assert [o.name for o in seg[0].graph.output] == [t]
         assert all(f == nchw_graph.inputs[0] or f in names[:i] for f in seg[1])
+
+
+def test_pool_pages_fall_back_to_numpy_when_the_mapping_is_refused(monkeypatch) -> None:
+    """Calibration's pool is an anonymous mapping of ordinary pages; when the kernel refuses
+    the mapping it is np.empty's array, as before (writable, the size asked)."""
+    import mmap
+
+    from mpq.quant import calibrate as C
+
+    mapped = C.small_pages_float32(1000)
+    assert mapped.dtype == np.float32 and mapped.shape == (1000,) and mapped.flags.writeable
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    fallback = C.small_pages_float32(1000)
+    assert fallback.shape == (1000,) and fallback.flags.writeable
+    assert C.small_pages_float32(0).shape == (0,)

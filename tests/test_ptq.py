@@ -223,13 +223,13 @@ def test_bias_correction_beside_the_float_walk(grouped, monkeypatch) -> None:
     ranges = {t: activation_range(stats.tensors[t], "mse", bits[t]) for t in graph.tensors}
     qm = quantize_graph(graph, ranges, act_bits=bits,
                         weight_bits={n.name: 2 for n in graph.nodes if n.weight is not None})
-    beside = apply_ptq(qm, data, PtqOptions(bias_correction=True)).corrections
+    fitted = apply_ptq(qm, data, PtqOptions(bias_correction=True))
+    beside, walk = fitted.corrections, fitted.model
     inline = {}
     n = ptq.walk_samples(qm, len(data), PtqOptions().samples)
     x = next(data.batches(n))
     env_q = {graph.inputs[0]: quantize_input(qm.acts[graph.inputs[0]],
                                              to_ir_layout(graph, graph.inputs[0], x))}
-    walk = apply_ptq(qm, data, PtqOptions(bias_correction=True)).model
     for node, xs in zip(graph.nodes, ptq._float_walk(graph, to_ir_layout(
             graph, graph.inputs[0], x).astype(np.float32)), strict=False):
         if node.op in ptq.WEIGHTED:

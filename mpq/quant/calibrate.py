@@ -694,11 +694,17 @@ def small_pages_float32(count: int) -> np.ndarray:
     that cost more than the faults of small pages (MobileNetV2-1.0@224 on the 2-core benchmark
     machine: calibration 2.9–3.2 → 2.2–2.6 s, sys 1.6–2.2 → 0.7–1.2 s, the same peak RSS;
     MAP_POPULATE was no faster and made resident the part of the pool no group writes,
-    +135 MB). np.empty where mmap has no anonymous private mappings."""
+    +135 MB). np.empty where mmap has no anonymous private mappings or refuses the mapping (it
+    then fails, or not, exactly as it would have)."""
     private, anonymous = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
-    if private is None or anonymous is None or count <= 0:
-        return np.empty(max(count, 0), np.float32)
-    return np.frombuffer(mmap.mmap(-1, count * 4, flags=private | anonymous), np.float32, count)
+    if private is not None and anonymous is not None and count > 0:
+        try:
+            pages = mmap.mmap(-1, count * 4, flags=private | anonymous)
+        except OSError:
+            pass
+        else:
+            return np.frombuffer(pages, np.float32, count)
+    return np.empty(max(count, 0), np.float32)
 
 
 def _ort_runner(graph: Graph) -> Callable[[np.ndarray, Visit], None]:

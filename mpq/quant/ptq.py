@@ -156,12 +156,8 @@ def apply_ptq(qm: QuantModel, data: Dataset, opts: PtqOptions,
 
 
 def _readers(graph: Graph) -> dict[str, int]:
-    """How many nodes read each tensor."""
-    count = {t: 0 for t in graph.tensors}
-    for node in graph.nodes:
-        for t in node.inputs:
-            count[t] += 1
-    return count
+    """How many nodes read each tensor (`Graph.consumers`)."""
+    return {t: len(nodes) for t, nodes in graph.consumers().items()}
 
 
 def _float_walk(graph: Graph, xf: np.ndarray) -> Iterator[list[np.ndarray]]:
