@@ -9,7 +9,8 @@
  *                          mpq_depthwise_inplace_scratch_size
  *   mpq_fully_connected.c  mpq_fully_connected
  *   mpq_add.c              mpq_add
- *   mpq_pool.c             mpq_avgpool, mpq_maxpool, mpq_avgpool_grouped, mpq_maxpool_grouped
+ *   mpq_pool.c             mpq_avgpool, mpq_maxpool, mpq_avgpool_grouped, mpq_maxpool_grouped,
+ *                          mpq_avgpool_accumulate, mpq_avgpool_finish
  *   mpq_softmax.c          mpq_softmax
  *   mpq_copy.c             mpq_copy_view
  *   mpq_reduce.c           mpq_mean
@@ -258,6 +259,17 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
  * inputs, MPQ_ERR_ARG outside the rule. A separate entry point so that a model without such
  * layers does not link its code. */
 int mpq_avgpool_grouped(const mpq_pool_params *p, const mpq_view *in, const mpq_view *out);
+
+/* A global average pool in parts, for a patch stage that ends in one (DESIGN sec. 6): each
+ * patch adds its tile, sums[ch] += Σ over the view's pixels of in(y, x, ch) (any bits; the
+ * caller zeroes sums[0..c) before the first tile), and after the last tile
+ *   Y(0, 0, ch) = clamp(v, act_min, act_max), v = mpq_avgpool's rounded mean of sums[ch]
+ *                 over count = H*W
+ * into a 1x1 view. Since the tiles cover the input once, Y is mpq_avgpool's output over the
+ * whole input, byte for byte. int32 sums hold any input of up to 2^24 pixels. */
+int mpq_avgpool_accumulate(const mpq_view *in, int32_t *sums);
+int mpq_avgpool_finish(const int32_t *sums, int32_t count, int32_t act_min, int32_t act_max,
+                       const mpq_view *out);
 
 /* Max pooling: Y = clamp(max over the in-view taps, act_min, act_max); a window with no tap
  * in view gives act_min. No scratch. Any bits; 4- and 2-bit inputs one element at a time

@@ -1,5 +1,6 @@
 /* mpq_pool.c: mpq_avgpool and mpq_maxpool, and their channel-group forms for 4- and 2-bit
- * inputs (mpq_avgpool_grouped, mpq_maxpool_grouped).
+ * inputs (mpq_avgpool_grouped, mpq_maxpool_grouped); a global average pool in parts
+ * (mpq_avgpool_accumulate, mpq_avgpool_finish).
  *
  * Part of mpq's portable kernel library (API and formulas: mpq_kernels.h; shared helpers:
  * mpq_support.h).
@@ -372,6 +373,57 @@ int mpq_avgpool(const mpq_pool_params *p, const mpq_view *in, const mpq_view *ou
                         mpq__avg(sum, cnt, p->act_min, p->act_max));
             }
         }
+    }
+    return MPQ_OK;
+}
+
+int mpq_avgpool_accumulate(const mpq_view *in, int32_t *sums)
+{
+    int32_t y, x, ch;
+    const uint8_t *src;
+    const int err = mpq__view_check(in);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (sums == NULL) {
+        return MPQ_ERR_ARG;
+    }
+    src = (const uint8_t *)in->data;
+    for (y = 0; y < in->h; ++y) {
+        for (x = 0; x < in->w; ++x) {
+            const uint32_t k = mpq__at(in, y, x);
+            if (in->bits == 8) {
+                const int8_t *s = (const int8_t *)src + k;
+                for (ch = 0; ch < in->c; ++ch) {
+                    sums[ch] += s[ch];
+                }
+            } else {
+                for (ch = 0; ch < in->c; ++ch) {
+                    sums[ch] += mpq__ld(src, in->bits, k + (uint32_t)ch);
+                }
+            }
+        }
+    }
+    return MPQ_OK;
+}
+
+int mpq_avgpool_finish(const int32_t *sums, int32_t count, int32_t act_min, int32_t act_max,
+                       const mpq_view *out)
+{
+    int32_t ch;
+    uint8_t *dst;
+    const int err = mpq__view_check(out);
+    if (err != MPQ_OK) {
+        return err;
+    }
+    if (sums == NULL || count < 1 || out->h != 1 || out->w != 1
+        || !mpq__act_ok(act_min, act_max, out->bits)) {
+        return MPQ_ERR_ARG;
+    }
+    dst = (uint8_t *)out->data;
+    for (ch = 0; ch < out->c; ++ch) {
+        mpq__st(dst, out->bits, mpq__at(out, 0, 0) + (uint32_t)ch,
+                mpq__avg(sums[ch], count, act_min, act_max));
     }
     return MPQ_OK;
 }

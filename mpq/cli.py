@@ -1049,7 +1049,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
                    "codebook), pow2:4|3|2 (shifts), sym:8|4|3|2 or linear:8|4|2 "
                    "(default: linear, bits from --weight-bits).")
 @click.option("--patches", default="auto", show_default=True,
-              help="auto, none, or k=K,n=N (K layers per patch, N×N grid).")
+              help="auto, none, k=K,n=N (K layers per patch, N×N grid) or k=K,n=N,m=M "
+                   "(N rows × M columns of patches).")
 @click.option("--patch-cache", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
               help="Keep the rows adjacent patches share in line buffers instead of "
@@ -1058,7 +1059,8 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--max-overhead", type=click.FloatRange(min=0), default=None,
               help="With --patches auto: the most MACs the patch overlaps may recompute, as a "
                    "fraction of the network's MACs (default: 1.0 for the measured strategy, "
-                   "which spends compute to keep bits; 0.25 for the others).")
+                   "which spends compute to keep bits, and 4.0 for its stages that end in a "
+                   "global average pool; 0.25 for the others).")
 @click.option("--scratch", type=click.Choice(["arena", "separate"]), default="arena",
               show_default=True,
               help="arena: each layer's kernel scratch is an arena buffer alive only at its "
@@ -1251,7 +1253,9 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
     out.print(layers)
     if plan.patch is not None:
         pt = plan.patch
-        out.print(f"Patches: first {pt['split_layer']} layers in a {pt['n']}×{pt['n']} grid, "
+        grid = f"{pt['n']}×{pt.get('cols', pt['n'])}"
+        pooled = ", ending in a global pool summed patch by patch" if pt.get("pool") else ""
+        out.print(f"Patches: first {pt['split_layer']} layers in a {grid} grid{pooled}, "
                   f"redundant MACs {pt['redundant_macs']:,} "
                   f"({pt['redundant_macs_percent']:.1f} % of the network)")
         if pt.get("cache"):  # line buffers (`mpq.patch.cache_rows`)

@@ -23,6 +23,13 @@ reshapes are views as in `mpq.memory`, and buffers are placed with `memory.plan_
 Peak SRAM = arena + the largest kernel scratch (`memory.scratch_bytes`, on per-patch shapes for
 stage nodes).
 
+A stage may end in a global average pool (`global_pool_problem`): the grid then tiles the
+pool's input, each patch adds its tile to an int32 sum per channel (the `accumulator`, alive
+through the stage) and the rounded means are taken once after the last patch — the same
+integers as the whole pool, with no feature map ever stored whole. Such stages also take
+rows-only grids (`PatchSplit.cols` = 1: n rows × 1 column of tiles; `pooled_splits`), and their
+1×1 output lives from the pool's step only.
+
 Line buffers (StreamNet, msf-CNN; `cache_rows`): instead of recomputing the rows a patch shares
 with the patch below, the stage may run column by column and keep them, per map, in a buffer
 alive through the whole stage; a patch then computes only the rows the patch above did not.
@@ -74,6 +81,7 @@ class PatchSplit:
     split_layer: int
     n: int
     cache: bool | frozenset[str] = False  # True: every map; a set: those maps only
+    cols: int | None = None  # patch columns: None — n (an n×n grid); 1 — whole rows
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,27 @@ def locality_problem(node: Node, graph: Graph) -> str | None:
     return None
 
 
+def global_pool_problem(node: Node, graph: Graph) -> str | None:
+    """Why `node` cannot end a patch stage as a global average pool, or None when it can.
+
+    It can when it is an avg_pool whose window covers its rank-4 input without padding, so
+    its 1×1 output is Σ over every input pixel / (H·W) (`arith.avgpool_round`): the sum splits
+    into per-patch sums of disjoint tiles, added up in an int32 accumulator, and the rounded
+    division runs once after the last patch — the same integers as the whole pool.
+    """
+    label = f"node '{node.name}' ({node.op})"
+    if node.op != "avg_pool":
+        return f"{label} is not an average pool"
+    shape_in = graph.tensors[node.inputs[0]].shape
+    shape_out = graph.tensors[node.outputs[0]].shape
+    if len(shape_in) != 4 or len(shape_out) != 4:
+        return f"{label} has a tensor that is not rank 4"
+    (kh, kw), _, _, pads = window_params(node)
+    if kh < shape_in[1] or kw < shape_in[2] or tuple(shape_out[1:3]) != (1, 1) or any(pads):
+        return f"{label} is not a global pool without padding"
+    return None
+
+
 @dataclass
 class _GraphIndex:
     """Schedule positions the split rules need, computed once per graph."""
@@ -222,15 +251,20 @@ def split_problem(graph: Graph, k: int, index: _GraphIndex | None = None) -> str
 
     Valid: 1 ≤ k < len(nodes); stage nodes read only the graph input and stage outputs; every
     stage tensor other than the split tensor is read, and only by stage nodes (not a graph
-    output); the split tensor is rank 4 with H, W ≥ 2; every stage op is spatially local.
+    output); the split tensor is rank 4 with H, W ≥ 2; every stage op is spatially local —
+    except that the last may be a global average pool (`global_pool_problem`): the stage is
+    then tiled on the pool's input, whose tiles' sums accumulate patch by patch, and the
+    split tensor is the pool's 1×1 output.
     """
     index = index or _index(graph)
     if not 1 <= k < len(graph.nodes):
         return f"split layer {k} is outside 1..{len(graph.nodes) - 1}"
-    if k > index.first_nonlocal:
-        return index.nonlocal_reason
     stage = graph.nodes[:k]
-    split = stage[-1].outputs[0]
+    pooled = k == index.first_nonlocal + 1 and global_pool_problem(stage[-1], graph) is None
+    if k > index.first_nonlocal and not pooled:
+        return index.nonlocal_reason
+    # A stage ending in a global average pool is tiled on the pool's input (`tile_tensor`)
+    split = stage[-1].inputs[0] if pooled else stage[-1].outputs[0]
     if len(graph.tensors[split].shape) != 4:
         return f"split tensor '{split}' is not rank 4"
     _, h, w, _ = graph.tensors[split].shape
@@ -242,7 +276,7 @@ def split_problem(graph: Graph, k: int, index: _GraphIndex | None = None) -> str
             if t not in inputs and index.produced.get(t, k) >= k:
                 return f"stage node '{n.name}' reads '{t}', which is not the graph input"
         for t in n.outputs:
-            if t == split:
+            if t == split or (pooled and n is stage[-1]):
                 continue
             if t in graph.outputs:
                 return f"stage tensor '{t}' is a graph output"
@@ -281,15 +315,25 @@ class _AxisPlan:
     computed: list[dict[str, Span]] | None = None
 
 
-def _axis_pass(graph: Graph, stage: list[Node], split: str, axis: int, n: int) -> _AxisPlan:
-    """Walk the stage backwards from each tile along `axis` (0 rows, 1 columns), DESIGN §6."""
+def _axis_pass(graph: Graph, stage: list[Node], split: str, axis: int, n: int,
+               pooled: bool = False) -> _AxisPlan:
+    """Walk the stage backwards from each tile along `axis` (0 rows, 1 columns), DESIGN §6.
+
+    `pooled`: the stage ends in a global average pool and `split` is the pool's input; the
+    pool reads exactly the tile and its output is the whole 1×1 map in every patch.
+    """
     size = graph.tensors[split].shape[1 + axis]
     spans: list[dict[str, Span]] = []
     pads: dict[str, list[tuple[int, int]]] = {nd.name: [] for nd in stage}
     reads: dict[str, list[list[Span]]] = {nd.name: [] for nd in stage}
     for tile in grid_spans(size, n):
         need: dict[str, Span] = {split: tile}
-        for nd in reversed(stage):
+        if pooled:
+            pool = stage[-1]
+            need[pool.outputs[0]] = (0, 1)
+            pads[pool.name].append((0, 0))
+            reads[pool.name].append([tile])
+        for nd in reversed(stage[:-1] if pooled else stage):
             out = need[nd.outputs[0]]
             if nd.op in ("conv2d", "max_pool", "avg_pool"):
                 kernel, strides, dilations, p = window_params(nd)
@@ -407,6 +451,7 @@ def stage_macs(stage: list[Node], rows: list[dict[str, Span]], cols: list[dict[s
 
 
 LINE_PREFIX = "line:"  # buffer name of a map's line buffer: "line:<tensor>"
+ACC_PREFIX = "acc:"  # buffer name of a pooled stage's sums: "acc:<pool output>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,8 +510,37 @@ class PatchSchedule:
     # Where the kernel scratch lives (`memory.SCRATCH_MODES`): "arena" — per layer, in the
     # arena for its step (`memory.scratch_buffers`; layer-based schedules only) — or "separate"
     scratch: str = "separate"
+    #: patch columns (0: n, the n×n grid; 1: each patch is whole rows)
+    m: int = 0
+    #: the global average pool's input when the stage ends in one (`global_pool_problem`):
+    #: the tensor the grid tiles; its tiles' sums accumulate in `accumulator`
+    pool_input: str | None = None
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.m == 0:
+            self.m = self.n
+
+    @property
+    def patches(self) -> int:
+        """Patches per inference: n rows × m columns of tiles."""
+        return self.n * self.m
+
+    @property
+    def tile_tensor(self) -> str | None:
+        """The tensor the grid tiles: the pool's input for a pooled stage, else the split
+        tensor."""
+        return self.pool_input or self.split_tensor
+
+    @property
+    def accumulator(self) -> tuple[str, int] | None:
+        """(buffer name, bytes) of a pooled stage's int32 sums, one per channel, alive through
+        the stage (zeroed before the first patch, read by the pool's last step); None without a
+        pooled stage."""
+        if self.pool_input is None:
+            return None
+        return ACC_PREFIX + self.split_tensor, 4 * self.graph.tensors[self.pool_input].shape[3]
 
     # -- MACs (DESIGN §6) ------------------------------------------------------------------
     @property
@@ -491,8 +565,8 @@ class PatchSchedule:
         """(i, j) of the patches in the order they run: row-major, or column-major with the
         line buffers (patch (i, j) follows (i−1, j), whose bottom rows it reuses)."""
         if self.cache:
-            return [(i, j) for j in range(self.n) for i in range(self.n)]
-        return [(i, j) for i in range(self.n) for j in range(self.n)]
+            return [(i, j) for j in range(self.m) for i in range(self.n)]
+        return [(i, j) for i in range(self.n) for j in range(self.m)]
 
     @property
     def line_buffers(self) -> dict[str, int]:
@@ -524,7 +598,7 @@ class PatchSchedule:
         if self._rows is None or self._cols is None or self._rows.computed is None:
             return self.regions
         rows, cols = self._rows.computed, self._cols.spans
-        return {t: [[Region(*rows[i][t], *cols[j][t]) for j in range(self.n)]
+        return {t: [[Region(*rows[i][t], *cols[j][t]) for j in range(self.m)]
                     for i in range(self.n)] for t in rows[0]}
 
     # -- regions ---------------------------------------------------------------------------
@@ -534,7 +608,7 @@ class PatchSchedule:
         if self._rows is None or self._cols is None:
             return {}
         rows, cols = self._rows.spans, self._cols.spans
-        return {t: [[Region(*rows[i][t], *cols[j][t]) for j in range(self.n)]
+        return {t: [[Region(*rows[i][t], *cols[j][t]) for j in range(self.m)]
                     for i in range(self.n)] for t in rows[0]}
 
     @cached_property
@@ -547,7 +621,7 @@ class PatchSchedule:
             return {}
         rp, cp = self._rows.pads, self._cols.pads
         return {nd: [[(rp[nd][i][0], cp[nd][j][0], rp[nd][i][1], cp[nd][j][1])
-                      for j in range(self.n)] for i in range(self.n)] for nd in self.stage_nodes}
+                      for j in range(self.m)] for i in range(self.n)] for nd in self.stage_nodes}
 
     @cached_property
     def node_offsets(self) -> dict[str, list[list[list[tuple[int, int]]]]]:
@@ -565,14 +639,15 @@ class PatchSchedule:
             rr, cr = self._rows.reads[name], self._cols.reads[name]
             rs, cs = self._rows.spans, self._cols.spans
             out[name] = [[[(rr[i][q][0] - rs[i][t][0], cr[j][q][0] - cs[j][t][0])
-                           for q, t in enumerate(ins)] for j in range(self.n)]
+                           for q, t in enumerate(ins)] for j in range(self.m)]
                          for i in range(self.n)]
         return out
 
     @property
     def tiles(self) -> list[list[Region]]:
-        """[i][j] tile of the split tensor (the rectangle patch (i, j) writes)."""
-        return self.regions[self.split_tensor] if self.split_tensor else []
+        """[i][j] tile of the tiled tensor (the rectangle patch (i, j) writes; a pooled stage's:
+        of the pool's input, which it sums)."""
+        return self.regions[self.tile_tensor] if self.tile_tensor else []
 
     # -- memory (DESIGN §5) ----------------------------------------------------------------
     @property
@@ -626,7 +701,15 @@ class PatchSchedule:
             plain = plan(frozenset())
             if plan_arena(plain[0]).size < plan_arena(buffers).size:
                 buffers, inplace, shifts = plain
-        return buffers + self._line_buffer_list(bits or {}), inplace, shifts
+        return (buffers + self._line_buffer_list(bits or {}) + self._accumulator_list(),
+                inplace, shifts)
+
+    def _accumulator_list(self) -> list[Buffer]:
+        """A pooled stage's int32 sums (`accumulator`), alive over the whole stage."""
+        if self.accumulator is None:
+            return []
+        name, size = self.accumulator
+        return [Buffer(name, [Segment(name, 0, self.split_layer - 1, align_up(size))])]
 
     def _line_buffer_list(self, bits: dict[str, int]) -> list[Buffer]:
         """Each line buffer, alive over the whole stage (it carries rows from one patch to the
@@ -812,24 +895,34 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
         elif overlap is not False:
             sched.overlap = frozenset(overlap)
         return sched
-    return _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache)
+    return _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache,
+                 split.cols)
 
 
 def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
-          io: str = "external", cache: bool | frozenset[str] = False) -> PatchSchedule:
-    """`plan_patches` for a split at layer k with n×n patches, given the graph's index; with
-    `cache`, line buffers keep the rows vertically adjacent patches share (`cache_rows`)."""
+          io: str = "external", cache: bool | frozenset[str] = False,
+          m: int | None = None) -> PatchSchedule:
+    """`plan_patches` for a split at layer k with n×m patches (m None: n), given the graph's
+    index; with `cache`, line buffers keep the rows vertically adjacent patches share
+    (`cache_rows`)."""
     problem = split_problem(graph, k, index)
     if problem is not None:
         raise MpqError(f"patch split at layer {k} is invalid: {problem}")
     stage = graph.nodes[:k]
     split_tensor = stage[-1].outputs[0]
-    _, h, w, _ = graph.tensors[split_tensor].shape
-    if not 1 <= n <= min(h, w):
-        raise MpqError(f"patch split at layer {k}: n = {n} patches per side does not fit the "
-                       f"{h}×{w} split tensor '{split_tensor}' (1 ≤ n ≤ {min(h, w)})")
-    rows = _axis_pass(graph, stage, split_tensor, 0, n)
-    cols = _axis_pass(graph, stage, split_tensor, 1, n)
+    pooled = global_pool_problem(stage[-1], graph) is None
+    tiled = stage[-1].inputs[0] if pooled else split_tensor
+    _, h, w, _ = graph.tensors[tiled].shape
+    if m is None:
+        if not 1 <= n <= min(h, w):
+            raise MpqError(f"patch split at layer {k}: n = {n} patches per side does not fit "
+                           f"the {h}×{w} split tensor '{tiled}' (1 ≤ n ≤ {min(h, w)})")
+        m = n
+    elif not (1 <= n <= h and 1 <= m <= w):
+        raise MpqError(f"patch split at layer {k}: a {n}×{m} grid does not fit the {h}×{w} "
+                       f"tensor '{tiled}' (1 ≤ rows ≤ {h}, 1 ≤ columns ≤ {w})")
+    rows = _axis_pass(graph, stage, tiled, 0, n, pooled)
+    cols = _axis_pass(graph, stage, tiled, 1, m, pooled)
 
     elements = {t: graph.tensors[t].size for t in graph.tensors}
     full_macs = patched = 0
@@ -850,16 +943,22 @@ def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,
             src = nd.inputs[0]
             rs = [s[src][1] - s[src][0] for s in rows.spans]
             cs = [s[src][1] - s[src][0] for s in cols.spans]
-            if all(r[i] * c[j] <= rs[i] * cs[j] for i in range(n) for j in range(n)):
+            if all(r[i] * c[j] <= rs[i] * cs[j] for i in range(n) for j in range(m)):
                 inplace_ok.add(nd.name)
 
     sched = PatchSchedule(
         graph=graph, split_layer=k, n=n, stage_nodes=[nd.name for nd in stage],
         split_tensor=split_tensor, stage_macs_full=full_macs, stage_macs_patched=patched,
         total_macs=total, steps=[nd.name for nd in graph.nodes], tensor_elements=elements,
-        lifetimes=_lifetimes(graph, split_tensor, io, k),
+        # a pooled stage writes its 1×1 output once, after the last patch: from the pool's step
+        lifetimes=_lifetimes(graph, None if pooled else split_tensor, io, k),
         inplace_candidates=inplace_ok, io=io, stage_macs_recomputed=patched,
-        _rows=rows, _cols=cols)
+        m=m, pool_input=tiled if pooled else None, _rows=rows, _cols=cols)
+    if sched.accumulator is not None:  # its bytes, as a fixed 8-bit "tensor" of the arena
+        name, size = sched.accumulator
+        if name in graph.tensors:
+            raise MpqError(f"patch stage: the model has a tensor named '{name}'")
+        sched.tensor_elements[name] = size
     if cache is not False:
         _add_line_buffers(sched, stage, None if cache is True else frozenset(cache))
     return sched
@@ -969,20 +1068,39 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
     return best_sched
 
 
+def pooled_splits(graph: Graph) -> list[PatchSplit]:
+    """The rows-only splits of a stage ending in a global average pool (`global_pool_problem`):
+    one, two and four rows of the pool's input per patch (n = H, ⌈H/2⌉, ⌈H/4⌉ patches, each
+    the whole width; at least 2), halos recomputed — line buffers would hold a deep stage's
+    whole halo per map. Square grids of the same split are `search_patches`'s."""
+    index = _index(graph)
+    k = index.first_nonlocal + 1
+    if k >= len(graph.nodes) or split_problem(graph, k, index) is not None:
+        return []
+    if global_pool_problem(graph.nodes[k - 1], graph) is not None:
+        return []
+    h = graph.tensors[graph.nodes[k - 1].inputs[0]].shape[1]
+    return [PatchSplit(k, n, False, 1) for n in sorted({h, -(-h // 2), -(-h // 4)}, reverse=True)
+            if n >= 2]
+
+
 def plan_split(patch: dict) -> PatchSplit:
-    """The PatchSplit a plan's `patch` record names: (split_layer, n) and, with `cache`, the
-    maps its line buffers keep."""
+    """The PatchSplit a plan's `patch` record names: (split_layer, n, cols) and, with `cache`,
+    the maps its line buffers keep."""
     c = patch.get("cache")
     maps: bool | frozenset[str] = False
     if c is not None:
         maps = frozenset(str(b["tensor"]) for b in c["line_buffers"])
-    return PatchSplit(int(patch["split_layer"]), int(patch["n"]), maps)
+    cols = patch.get("cols")
+    return PatchSplit(int(patch["split_layer"]), int(patch["n"]), maps,
+                      None if cols is None else int(cols))
 
 
 def map_savings(sched: PatchSchedule) -> dict[str, int]:
     """MACs each cacheable map's line buffer saves on `sched`'s split: its producing conv's
     Cout·KH·KW·Cin/groups · Σ_i kept rows · Σ_j columns (0 for pools and element-wise ops)."""
-    full = plan_patches(sched.graph, PatchSplit(sched.split_layer, sched.n, True), sched.io)
+    full = plan_patches(sched.graph, PatchSplit(sched.split_layer, sched.n, True, sched.m),
+                        sched.io)
     by_name = {nd.name: nd for nd in sched.graph.nodes}
     assert full._rows is not None and full._rows.computed is not None and full._cols is not None
     out = {}
@@ -1008,7 +1126,7 @@ def cache_within_peak(sched: PatchSchedule, bits: dict[str, int] | None = None,
     within. None when no map fits or none saves MACs."""
     limit = sched.memory(bits).peak_sram_bytes if peak is None else peak
     g, k, n = sched.graph, sched.split_layer, sched.n
-    full = plan_patches(g, PatchSplit(k, n, True), sched.io)
+    full = plan_patches(g, PatchSplit(k, n, True, sched.m), sched.io)
     if not full.line_rows:
         return None
     if full.memory(bits).peak_sram_bytes <= limit:
@@ -1020,7 +1138,7 @@ def cache_within_peak(sched: PatchSchedule, bits: dict[str, int] | None = None,
     chosen: list[str] = []
     best = None
     for t in order:
-        trial = plan_patches(g, PatchSplit(k, n, frozenset([*chosen, t])), sched.io)
+        trial = plan_patches(g, PatchSplit(k, n, frozenset([*chosen, t]), sched.m), sched.io)
         if trial.memory(bits).peak_sram_bytes <= limit:
             chosen.append(t)
             best = trial
@@ -1040,7 +1158,9 @@ def run_patch_stage(schedule: PatchSchedule, feeds: dict[str, np.ndarray]) -> np
     with the IR interpreter's kernels, and writes its tile into the split tensor. With line
     buffers (`cache_rows`) the patches run in `patch_order`, each node computes only its
     computed rows, and the rest of each map's region comes from the strip the patch above
-    saved (rows nobody provides are NaN, so a wrong geometry cannot pass unnoticed).
+    saved (rows nobody provides are NaN, so a wrong geometry cannot pass unnoticed). A pooled
+    stage (`global_pool_problem`) sums each patch's tile of the pool's input and divides the
+    sums by H·W after the last patch.
     """
     from mpq.interpreter import OPS
 
@@ -1050,7 +1170,11 @@ def run_patch_stage(schedule: PatchSchedule, feeds: dict[str, np.ndarray]) -> np
     by_name = {nd.name: nd for nd in g.nodes}
     batch = next(iter(feeds.values())).shape[0]
     split = schedule.split_tensor
-    out = np.zeros((batch, *g.tensors[split].shape[1:]), np.float32)
+    tiled = schedule.tile_tensor
+    out = np.zeros((batch, *g.tensors[tiled].shape[1:]), np.float32)
+    pooled = schedule.pool_input is not None
+    sums = np.zeros((batch, 1, 1, g.tensors[split].shape[3]), np.float64)
+    stage = schedule.stage_nodes[:-1] if pooled else schedule.stage_nodes
     lines: dict[str, np.ndarray] = {}
     for i, j in schedule.patch_order:
         env: dict[str, np.ndarray] = {}
@@ -1058,7 +1182,7 @@ def run_patch_stage(schedule: PatchSchedule, feeds: dict[str, np.ndarray]) -> np
             if name in schedule.regions:
                 r = schedule.regions[name][i][j]
                 env[name] = feeds[name][:, r.y0:r.y1, r.x0:r.x1]
-        for name in schedule.stage_nodes:
+        for name in stage:
             nd = by_name[name]
             t = nd.outputs[0]
             r = schedule.computed_regions[t][i][j]
@@ -1083,8 +1207,15 @@ def run_patch_stage(schedule: PatchSchedule, feeds: dict[str, np.ndarray]) -> np
             if save:
                 lines[t] = full[:, start:start + save].copy()
             env[t] = full
-        r = schedule.regions[split][i][j]
-        out[:, r.y0:r.y1, r.x0:r.x1] = env[split]
+        r = schedule.regions[tiled][i][j]
+        if pooled:
+            sums += env[tiled].sum(axis=(1, 2), keepdims=True, dtype=np.float64)
+        out[:, r.y0:r.y1, r.x0:r.x1] = env[tiled]
+    if pooled:
+        if np.isnan(out).any():
+            raise MpqError("patch stage: a tile of the pooled map was never computed")
+        _, h, w, _ = g.tensors[tiled].shape
+        return (sums / (h * w)).astype(np.float32)
     return out
 
 
@@ -1111,10 +1242,10 @@ def window_of(x: np.ndarray, offset: tuple[int, int], node: Node, out: Region,
 
 
 __all__ = [
-    "LINE_PREFIX", "N_CHOICES", "PatchMemory", "PatchSchedule", "PatchSplit", "Region",
-    "cache_rows", "cache_within_peak", "cacheable_maps", "cached_span", "map_savings",
-    "plan_split", "grid_spans", "hull", "kept_rows", "live_bytes_per_step",
-    "locality_problem", "patch_conv_macs", "plan_patches", "run_patch_stage", "search_patches",
-    "split_problem", "stage_macs", "stage_node_scratch", "valid_splits", "window_of",
-    "window_params", "window_span",
+    "ACC_PREFIX", "LINE_PREFIX", "N_CHOICES", "PatchMemory", "PatchSchedule", "PatchSplit",
+    "Region", "cache_rows", "cache_within_peak", "cacheable_maps", "cached_span",
+    "global_pool_problem", "grid_spans", "hull", "kept_rows", "live_bytes_per_step",
+    "locality_problem", "map_savings", "patch_conv_macs", "plan_patches", "plan_split",
+    "pooled_splits", "run_patch_stage", "search_patches", "split_problem", "stage_macs",
+    "stage_node_scratch", "valid_splits", "window_of", "window_params", "window_span",
 ]

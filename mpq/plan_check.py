@@ -133,6 +133,20 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
         raise fail(where, str(exc)) from None
     if "cache" in p:  # first: which maps are kept decides the MACs compared below
         _check_cache(p["cache"], schedule, p["vdpc"])
+    if ("pool" in p) != (schedule.pool_input is not None):
+        raise fail("patch.pool", "must be present exactly when the stage ends in a global "
+                                 "average pool" if schedule.pool_input is None else
+                   f"is missing: the stage ends in the global pool '{schedule.stage_nodes[-1]}'")
+    if "pool" in p:
+        if p["vdpc"] is not None:
+            raise fail("patch.vdpc", "must be null: a stage ending in a global pool sums one "
+                                     "branch's integers")
+        if p["pool"]["tensor"] != schedule.pool_input:
+            raise fail("patch.pool.tensor", f"must be '{schedule.pool_input}'")
+        if p["pool"]["bytes"] != schedule.accumulator[1]:
+            raise fail("patch.pool.bytes", f"must be {schedule.accumulator[1]}")
+    if p["vdpc"] is not None and schedule.m != schedule.n:
+        raise fail("patch.vdpc", "must be null on a grid that is not n×n")
     expect = {
         "split_tensor": schedule.split_tensor,
         "stage_nodes": schedule.stage_nodes,
@@ -315,6 +329,13 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
     for buf in buffers:
         if buf.name in scratch:  # a layer's kernel scratch (`schedule.scratch`): checked above
             continue
+        if schedule.accumulator is not None and buf.name == schedule.accumulator[0]:
+            off = plan.patch["pool"]["offset"]  # the pooled stage's sums
+            if off + buf.size > arena:
+                raise fail("patch.pool.offset", f"{off} + {buf.size} bytes ends past "
+                                                f"predicted.arena_bytes ({arena})")
+            offsets[buf.name] = off
+            continue
         if buf.name in lines:  # a line buffer (`patch.cache`): its own bytes and offset
             i, off = lines[buf.name]
             field = f"patch.cache.line_buffers[{i}]"
@@ -346,6 +367,10 @@ def _check_memory(plan: Plan, graph: Graph, schedule: PatchSchedule,
                                f"'{b.name}' overlaps '{a.segments[0].tensor}' while both are "
                                "alive")
                 for x, y in ((b, a), (a, b)):
+                    if schedule.accumulator is not None and x.name == schedule.accumulator[0]:
+                        raise fail("patch.pool.offset", f"the pooled stage's sums overlap "
+                                                        f"'{y.segments[0].tensor}' while both "
+                                                        "are alive")
                     if x.name in scratch:
                         node = x.name[len(SCRATCH_PREFIX):]
                         raise fail(f"schedule.scratch.steps.{node}.offset",

@@ -307,10 +307,11 @@ def check_layer(layer: Any, field: str) -> None:
 
 
 def check_regions(v: Any, field: str) -> None:
-    """An n×n grid of [y0, y1, x0, x1] rectangles (`patch.tiles`, `vdpc.regions`)."""
+    """An n×m grid of [y0, y1, x0, x1] rectangles (`patch.tiles`, `vdpc.regions`): n rows of
+    the same length m."""
     rows = req_list(v, field, 64)
     for i, row in enumerate(rows):
-        req_list(row, f"{field}[{i}]", length=len(rows))
+        req_list(row, f"{field}[{i}]", 64, length=len(rows[0]) if i else None)
         for j, r in enumerate(row):
             req_list(r, f"{field}[{i}][{j}]", length=4)
             for q, c in enumerate(r):
@@ -339,9 +340,16 @@ def check_vdpc(v: Any, field: str) -> None:
 
 def check_patch(p: Any, field: str = "patch") -> None:
     """`patch` (null: the layer-based schedule)."""
-    req_dict(p, field, PATCH_KEYS, {"cache"})
+    req_dict(p, field, PATCH_KEYS, {"cache", "cols", "pool"})
     req_int(p["split_layer"], f"{field}.split_layer", 1, MAX_ITEMS)
     req_int(p["n"], f"{field}.n", 1, 64)
+    if "cols" in p:  # patch columns when the grid is not n×n
+        req_int(p["cols"], f"{field}.cols", 1, 64)
+    if "pool" in p:  # the stage ends in a global average pool: its int32 sums
+        req_dict(p["pool"], f"{field}.pool", {"tensor", "bytes", "offset"})
+        req_str(p["pool"]["tensor"], f"{field}.pool.tensor")
+        req_int(p["pool"]["bytes"], f"{field}.pool.bytes", 4, MAX_BYTES)
+        req_int(p["pool"]["offset"], f"{field}.pool.offset", 0, MAX_BYTES)
     req_str(p["split_tensor"], f"{field}.split_tensor")
     for i, s in enumerate(req_list(p["stage_nodes"], f"{field}.stage_nodes")):
         req_str(s, f"{field}.stage_nodes[{i}]")

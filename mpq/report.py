@@ -188,11 +188,14 @@ def patch_grid(plan: Plan, graph: Graph) -> dict[str, Any] | None:
     if plan.patch is None:
         return None
     p = plan.patch
-    _, h, w, _ = graph.tensors[p["split_tensor"]].shape
+    # a stage ending in a global pool tiles the pool's input (`patch.pool`)
+    tiled = p["pool"]["tensor"] if p.get("pool") else p["split_tensor"]
+    _, h, w, _ = graph.tensors[tiled].shape
     v = p.get("vdpc")
     return {
-        "n": int(p["n"]), "split_layer": int(p["split_layer"]),
-        "split_tensor": p["split_tensor"], "height": int(h), "width": int(w),
+        "n": int(p["n"]), "m": int(p.get("cols", p["n"])), "split_layer": int(p["split_layer"]),
+        "split_tensor": p["split_tensor"], "tiled_tensor": tiled, "pooled": bool(p.get("pool")),
+        "height": int(h), "width": int(w),
         "tiles": p["tiles"],
         "redundant_macs": int(p["redundant_macs"]),
         "redundant_macs_percent": float(p["redundant_macs_percent"]),
@@ -238,7 +241,8 @@ def headline(plan: Plan, sram: dict[str, Any], bitops: dict[str, Any],
         "expected_bitops_percent_of_int8": round(100.0 * total["expected"] / total["int8"], 2)
         if total["int8"] else None,
         "patches": None if grid is None else {
-            "split_layer": grid["split_layer"], "n": grid["n"],
+            "split_layer": grid["split_layer"], "n": grid["n"], "m": grid["m"],
+            "pooled": grid["pooled"],
             "redundant_macs": grid["redundant_macs"],
             "redundant_macs_percent": grid["redundant_macs_percent"]},
         "vdpc": None if grid is None or grid["vdpc"] is None else {
@@ -374,7 +378,7 @@ def figure_sram(summary: dict[str, Any]) -> bytes:
     edges = [i - 0.5 for i in range(len(s["steps"]) + 1)]
     _shade_stage(ax, grid["split_layer"] if grid else None)
     series = [("layer_based_int8", "layer-based, int8", COLORS["layer"], 4.0),
-              ("patch_based_int8", f"{grid['n']}×{grid['n']} patches, int8" if grid else "",
+              ("patch_based_int8", f"{grid['n']}×{grid['m']} patches, int8" if grid else "",
                COLORS["patch"], 2.8),
               ("plan", "the plan (mixed precision)", COLORS["plan"], 1.8)]
     top = 0
@@ -468,20 +472,23 @@ def figure_patches(summary: dict[str, Any]) -> bytes:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=face,
                                    edgecolor="white", lw=3))
             color = "white" if rate is not None and rate > 0.6 else "black"
-            small = g["n"] > 4
+            small = max(g["n"], g["m"]) > 4
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             if rate is not None:
                 ax.text(cx, cy, f"{100 * rate:.0f} %", ha="center", va="bottom",
                         fontsize=10 if small else 15, fontweight="bold", color=color)
-            ax.text(cx, cy, f"\n({i},{j}) {y1 - y0}×{x1 - x0} px", ha="center",
-                    va="top" if rate is not None else "center", fontsize=7 if small else 9,
-                    color=color)
+            if g["n"] <= 12:  # a label per tile while they stay legible
+                ax.text(cx, cy, f"\n({i},{j}) {y1 - y0}×{x1 - x0} px", ha="center",
+                        va="top" if rate is not None else "center",
+                        fontsize=7 if small else 9, color=color)
     ax.set_xlim(0, g["width"])
     ax.set_ylim(g["height"], 0)
     ax.set_aspect("equal")
-    ax.set_xlabel(f"column of the split tensor (pixels, width {g['width']})")
-    ax.set_ylabel(f"row of the split tensor (pixels, height {g['height']})")
-    title = (f"(c) {g['n']}×{g['n']} patches, first {g['split_layer']} layers per patch; "
+    what = "the global pool's input" if g["pooled"] else "the split tensor"
+    ax.set_xlabel(f"column of {what} (pixels, width {g['width']})")
+    ax.set_ylabel(f"row of {what} (pixels, height {g['height']})")
+    title = (f"(c) {g['n']}×{g['m']} patches, first {g['split_layer']} layers per patch"
+             f"{', summed into the global pool' if g['pooled'] else ''}; "
              f"redundant MACs {g['redundant_macs_percent']:.1f} %")
     if v:
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.8,

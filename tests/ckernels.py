@@ -254,6 +254,8 @@ class Kernels:
             "mpq_maxpool": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_avgpool_grouped": [ptr(PoolParams), ptr(View), ptr(View)],
             "mpq_maxpool_grouped": [ptr(PoolParams), ptr(View), ptr(View)],
+            "mpq_avgpool_accumulate": [ptr(View), ctypes.c_void_p],
+            "mpq_avgpool_finish": [ctypes.c_void_p, I32, I32, I32, ptr(View)],
             "mpq_softmax": [ptr(SoftmaxParams), ptr(View), ptr(View)],
             "mpq_copy_view": [ptr(View), ptr(View), I32],
             "mpq_mean": [ptr(MeanParams), ptr(View), ptr(View)],
@@ -370,6 +372,16 @@ class Kernels:
     def maxpool(self, p: PoolParams, inp: View, out: View, grouped: bool = False) -> int:
         """mpq_maxpool, or with `grouped` mpq_maxpool_grouped."""
         return (self.lib.mpq_maxpool_grouped if grouped else self.lib.mpq_maxpool)(p, inp, out)
+
+    def avgpool_accumulate(self, inp: View, sums: np.ndarray) -> int:
+        """mpq_avgpool_accumulate into `sums` (int32, updated in place)."""
+        assert sums.dtype == np.int32 and sums.flags.c_contiguous
+        return self.lib.mpq_avgpool_accumulate(inp, sums.ctypes.data)
+
+    def avgpool_finish(self, sums: np.ndarray, count: int, act_min: int, act_max: int,
+                       out: View) -> int:
+        assert sums.dtype == np.int32 and sums.flags.c_contiguous
+        return self.lib.mpq_avgpool_finish(sums.ctypes.data, count, act_min, act_max, out)
 
     def softmax(self, p: SoftmaxParams, inp: View, out: View) -> int:
         return self.lib.mpq_softmax(p, inp, out)

@@ -611,6 +611,46 @@ def test_pool_random(libs: list[ck.Kernels], kind: str) -> None:
     assert n >= scaled(200) and bad == 0 and n_grouped >= scaled(20), n_grouped
 
 
+def test_global_avgpool_in_parts_random(libs: list[ck.Kernels]) -> None:
+    """mpq_avgpool_accumulate over random row/column tiles, then mpq_avgpool_finish, equals the
+    reference's global average pool (mpq.sim AvgPool, window = the whole map) byte for byte,
+    at every bits, each tile read through a view of a larger stored buffer; bad arguments are
+    refused before anything is written."""
+    n = bad = 0
+    combos = [(b, b, b) for b in BITS] * 9
+    for rng, bits, _, _ in cases(31, combos):
+        h, w, c = int(rng.integers(1, 9)), int(rng.integers(1, 7)), int(rng.integers(1, 9))
+        q = rand_act(rng, bits)
+        lo, hi = rand_clamp(rng, q)
+        node = Node("pool", "avg_pool", ["x"], ["y"], {
+            "kernel": (h, w), "strides": (1, 1), "pads": (0, 0, 0, 0), "act_min": lo,
+            "act_max": hi})
+        qm = single_node_model(node, {"x": (1, h, w, c), "y": (1, 1, 1, c)}, {"x": q, "y": q})
+        lq = qm.layers["pool"]
+        x = rand_values(rng, bits, (h, w, c))
+        want = run_int(qm, {"x": x[None]})["y"][0]
+        rows = sorted({0, h, *(int(v) for v in rng.integers(0, h + 1, 2))})
+        cols = sorted({0, w, *(int(v) for v in rng.integers(0, w + 1, 2))})
+        s_out, v_out = placed(rng, np.zeros(want.shape, np.int64), bits)
+        for lib in libs:
+            sums = np.zeros(c, np.int32)
+            tiles = itertools.product(itertools.pairwise(rows), itertools.pairwise(cols))
+            for (y0, y1), (x0, x1) in tiles:
+                _, v_tile = placed(rng, x[y0:y1, x0:x1], bits)
+                assert lib.avgpool_accumulate(v_tile, sums) == MPQ_OK
+            assert sums.tolist() == x.sum(axis=(0, 1)).tolist()
+            s_out.restore()
+            assert lib.avgpool_finish(sums, h * w, lq.act_min, lq.act_max, v_out) == MPQ_OK
+            bad += not check_bytes(s_out, v_out, want)
+            s_out.restore()
+            assert lib.avgpool_finish(sums, 0, lq.act_min, lq.act_max, v_out) == MPQ_ERR_ARG
+            assert lib.avgpool_finish(sums, h * w, lq.act_max, lq.act_min - 1, v_out) \
+                == MPQ_ERR_ARG
+            assert check_bytes(s_out, v_out, s_out.read(v_out))
+        n += 1
+    assert n >= scaled(200) and bad == 0
+
+
 # -- softmax ------------------------------------------------------------------------------------
 
 def test_softmax_random(libs: list[ck.Kernels]) -> None:

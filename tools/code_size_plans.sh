@@ -43,11 +43,13 @@ for n in mobilenet_v3_small blazeface yolo; do
   s "$n" "$n.onnx" --board nano33ble --data "${n}_calib.npz" --strategy int8 --patches none
 done
 s se se.onnx --board nano33ble --data se_calib.npz --strategy qe --patches none
-# patch plans with VDPC (the stage's calls: conv, depthwise, activation, add, mul, sub, prelu)
+# patch plans, most with VDPC (the stage's calls: conv, depthwise, activation, add, mul, sub, prelu)
 s demo fashion.onnx --board nano33ble --strategy qe --sram 16000 --patches k=4,n=3 --data "$EX/calib.npz"
 s demo_measured fashion.onnx --board nano33ble --sram 14000 --data "$EX/calib.npz"
 s stagep stage.onnx --board nano33ble --data stage_calib.npz --strategy qe --patches k=6,n=2
 s yolop yolo.onnx --board nano33ble --data yolo_calib.npz --strategy qe --patches k=4,n=2
 s resp resnet.onnx --board nano33ble --strategy qe --patches k=4,n=2 --data resnet_calib.npz
+# a stage ending in a global average pool, one row per patch (mpq_avgpool_accumulate/_finish)
+s kwsp kws.onnx --board nano33ble --strategy qe --sram 6000 --patches k=10,n=25,m=1
 s mbv3p mobilenet_v3_small.onnx --board nano33ble --data mobilenet_v3_small_calib.npz --strategy qe --patches k=2,n=2
 cd "$REPO" && PYTHONPATH=$REPO "$PY" -m tools.code_sizes "$OUT"/*.plan.json

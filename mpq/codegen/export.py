@@ -55,6 +55,8 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "avgpool": ("mpq_pool.c",),
     "maxpool": ("mpq_pool.c",),
     "avgpool_grouped": ("mpq_pool.c",),
+    "avgpool_accumulate": ("mpq_pool.c",),
+    "avgpool_finish": ("mpq_pool.c",),
     "maxpool_grouped": ("mpq_pool.c",),
     "softmax": ("mpq_softmax.c",),
     "copy_view": ("mpq_copy.c",),
@@ -704,6 +706,8 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
     line_base = {b["tensor"]: f"mpq_arena + {_plan_int(b['offset'], 'a line buffer offset')}"
                  for b in pt.get("cache", {}).get("line_buffers", [])}
     split = pt["split_tensor"]
+    pool = pt.get("pool")  # a stage ending in a global average pool: its sums' buffer
+    pool_node = pt["stage_nodes"][-1] if pool else None
     vdpc = pt.get("vdpc")
     outlier = plan_quant_model(plan, graph, "outlier") if vdpc else None
     branches = {"mixed": qm, **({"outlier": outlier} if outlier else {})}
@@ -745,6 +749,8 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                   "activation": "activation"}.get(node.op)
         if node.op == "concat" or kernel is None:
             raise MpqError(f"export: '{node.op}' in the patch stage is not supported yet")
+        if name == pool_node:
+            kernel = "avgpool_accumulate"
         geo_node = name
         if node.op == "conv2d" and name in b.inplace:
             kernel = "depthwise_inplace"
@@ -845,12 +851,21 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
         r = regions[vdpc["map"]]
         cmap = {"base": b.operand(vdpc["map"]).base,
                 "bytes": [r[i][j].rows * r[i][j].cols * graph.tensors[vdpc["map"]].shape[3]
-                          for i in range(n) for j in range(n)],
+                          for i in range(n) for j in range(sched.m)],
                 "lo": _plan_int(vdpc["lo_threshold"], "patch.vdpc.lo_threshold"),
                 "hi": _plan_int(vdpc["hi_threshold"], "patch.vdpc.hi_threshold"),
                 "min_outliers": _plan_int(vdpc["min_outliers"], "patch.vdpc.min_outliers")}
-    return {"n": n, "patches": n * n, "calls": calls, "vdpc": cmap,
-            "branches": list(branches), "cache": sched.cache}
+    pooled = None
+    if pool:
+        if vdpc:
+            raise MpqError("export: a patch stage that ends in a global pool has no VDPC branch")
+        _, h, w, c = graph.tensors[sched.pool_input].shape
+        lq = qm.layers[pool_node]
+        pooled = {"sums": f"mpq_arena + {_plan_int(pool['offset'], 'patch.pool.offset')}",
+                  "channels": c, "count": h * w, "act_min": lq.act_min, "act_max": lq.act_max,
+                  "out": b.operand(split).base, "bits": qm.acts[split].bits}
+    return {"n": n, "m": sched.m, "patches": sched.patches, "calls": calls, "vdpc": cmap,
+            "branches": list(branches), "cache": sched.cache, "pool": pooled}
 
 
 def _stage_group_kernels(plan: Plan, node: Node, kernel: str, bits_in: dict[str, list[int]],

@@ -41,6 +41,7 @@ from mpq.ir import Graph, graph_fingerprint, node_macs, tensor_groups
 from mpq.latency import search_prediction
 from mpq.memory import (
     SCRATCH_PREFIX,
+    ArenaPlan,
     align_up,
     code_bytes_estimate,
     constant_flash_bytes,
@@ -55,6 +56,7 @@ from mpq.patch import (
     PatchSplit,
     cache_within_peak,
     plan_patches,
+    pooled_splits,
     search_patches,
 )
 from mpq.plan import (
@@ -148,6 +150,13 @@ class SearchOptions:
 #: 91.9 % where the 25 % bound leaves 2-bit maps and 88.4 %).
 PAPER_MAX_OVERHEAD = 0.25
 MEASURED_MAX_OVERHEAD = 1.0
+#: ... and of the default's pooled stages (`patch.pooled_splits`: the whole network up to its
+#: global average pool, one or a few rows of its last map per patch), which alone never hold
+#: a whole feature map: their recomputed halos are the price of fitting a budget below every
+#: other schedule (KWS DS-CNN: 25 one-row patches, 333 % redundant MACs, int8 in 6.8 kB
+#: where every other schedule needs 9.7 kB). The measured selection still prefers fewer
+#: redundant MACs at equal fidelity; `--max-overhead` bounds them too.
+POOLED_MAX_OVERHEAD = 4.0
 
 
 def overhead_bound(opts: SearchOptions) -> float:
@@ -185,15 +194,19 @@ class SearchResult:
 # -- patches ------------------------------------------------------------------------------------
 
 def parse_patches(text: str) -> PatchSplit | str:
-    """`auto`, `none` or `k=8,n=4` (k = number of layers in the patch stage)."""
+    """`auto`, `none`, `k=8,n=4` (k = number of layers in the patch stage, an n×n grid) or
+    `k=10,n=25,m=1` (n rows × m columns of patches)."""
     if text in ("auto", "none"):
         return text
     try:
         fields = dict(part.split("=", 1) for part in text.split(","))
-        return PatchSplit(int(fields["k"]), int(fields["n"]))
+        if set(fields) - {"k", "n", "m"}:
+            raise KeyError
+        return PatchSplit(int(fields["k"]), int(fields["n"]),
+                          cols=int(fields["m"]) if "m" in fields else None)
     except (ValueError, KeyError):
-        raise MpqError(f"--patches must be auto, none or k=K,n=N (e.g. k=8,n=4), not "
-                       f"'{text}'") from None
+        raise MpqError(f"--patches must be auto, none, k=K,n=N or k=K,n=N,m=M (e.g. k=8,n=4), "
+                       f"not '{text}'") from None
 
 
 # -- the allocation problem ---------------------------------------------------------------------
@@ -368,17 +381,18 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
             return 0
         return align_up(packed_bytes(elements[tensor], bits))
 
-    arenas: dict[tuple, int] = {}  # the planner is deterministic: each bit map planned once
+    plans: dict[tuple, ArenaPlan] = {}  # the planner is deterministic: each bit map planned once
 
-    def arena(bits: dict[str, int]) -> int:
+    def placement(bits: dict[str, int]) -> ArenaPlan:
         key = tuple(sorted(bits.items()))
-        if key not in arenas:
-            arenas[key] = schedule.memory(bits).arena_bytes
-        return arenas[key]
+        if key not in plans:
+            plans[key] = schedule.memory(bits).plan
+        return plans[key]
 
-    problem = Problem(groups=groups, live=live, size=size, arena=arena,
+    problem = Problem(groups=groups, live=live, size=size,
+                      arena=lambda bits: placement(bits).size,
                       sram_budget=sram_budget, flash_budget=flash_budget,
-                      flash_fixed=flash_fixed)
+                      flash_fixed=flash_fixed, placement=placement)
     return problem, order
 
 
@@ -825,10 +839,14 @@ class _Setup:
 
 def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str | None:
     """The map VDPC classifies on `schedule` (the first stage node's output, QuantMCU §III-A),
-    or None: no patches, VDPC not allowed (`vdpc_allowed`), line buffers, or that map is the
-    split tensor itself."""
+    or None: no patches, VDPC not allowed (`vdpc_allowed`), line buffers, a pooled stage or
+    a grid that is not n×n, or that map is the split tensor itself."""
     if not (vdpc_allowed(opts) and schedule.split_tensor is not None) or schedule.cache:
         return None  # line buffers: every patch must take the same branch (`cache_choice`)
+    if schedule.pool_input is not None or schedule.m != schedule.n:
+        # a pooled stage's sums add both branches' integers, which need not share their
+        # quantisation; VDPC's outlier rates are an n×n grid
+        return None
     by_name = {n.name: n for n in graph.nodes}
     classified = by_name[schedule.stage_nodes[0]].outputs[0]
     return None if classified == schedule.split_tensor else classified
@@ -927,6 +945,14 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
                                   bits=low, io=opts.io, cache=cache)
             if best is not None:
                 out.append(best)
+    pooled_bound = POOLED_MAX_OVERHEAD if opts.strategy == "measured" \
+        and opts.max_overhead is None else overhead_bound(opts)
+    baseline = out[0].memory(low).peak_sram_bytes
+    for split in pooled_splits(graph):
+        sched = plan_patches(graph, split, opts.io)
+        if sched.redundant_macs <= pooled_bound * sched.total_macs \
+                and sched.memory(low).peak_sram_bytes < baseline:
+            out.append(sched)
     return out
 
 
@@ -1007,7 +1033,8 @@ def _describe(schedule: PatchSchedule) -> str:
     if schedule.split_tensor is None:
         return "no patches"
     cached = " with line buffers" if schedule.cache else ""
-    return f"k={schedule.split_layer},n={schedule.n} patches{cached}"
+    cols = f",m={schedule.m}" if schedule.m != schedule.n else ""
+    return f"k={schedule.split_layer},n={schedule.n}{cols} patches{cached}"
 
 
 def _tie_break(attempt: _Attempt) -> tuple[int, int, int]:
@@ -1077,7 +1104,7 @@ def _impossible(problem: Problem, floor: dict[str, int], schedule: PatchSchedule
     smallest bits the strategy may use) on this schedule (DESIGN §7.2)."""
     best_sram = problem.arena(problem.tensor_bits(floor)) + align_up(scratch) + input_bytes
     best_flash = problem.flash_bytes(floor) + code
-    grid = f"{schedule.n}×{schedule.n} patches" if schedule.split_tensor else "no patches"
+    grid = f"{schedule.n}×{schedule.m} patches" if schedule.split_tensor else "no patches"
     parts = []
     if best_sram > sram_total:
         parts.append(f"needs at least {best_sram:,} B SRAM with {what} and {grid}; budget is "
@@ -1253,6 +1280,7 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
     patch = None
     if schedule.split_tensor is not None:
         patch = {"split_layer": schedule.split_layer, "n": schedule.n,
+                 **({"cols": schedule.m} if schedule.m != schedule.n else {}),
                  "split_tensor": schedule.split_tensor, "stage_nodes": schedule.stage_nodes,
                  "redundant_macs": schedule.redundant_macs,
                  "redundant_macs_percent": round(schedule.redundant_macs_percent, 4),
@@ -1260,6 +1288,10 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                  "vdpc": vdpc.to_dict() if vdpc is not None else None}
         if schedule.cache:
             patch["cache"] = cache_record(schedule, memory.plan.offsets, act_bits)
+        if schedule.accumulator is not None:  # a pooled stage's sums (`global_pool_problem`)
+            name, size = schedule.accumulator
+            patch["pool"] = {"tensor": schedule.pool_input, "bytes": size,
+                             "offset": memory.plan.offsets[name]}
     schedule_info = {"io": schedule.io, "inplace_depthwise": sorted(memory.inplace),
                      "fused_adds": {add: {"conv": conv, "skip": skip}
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}

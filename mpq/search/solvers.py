@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -76,6 +77,8 @@ class Problem:
     flash_fixed: int = 0  # Flash bytes that do not depend on the choice
     bitops: BitopsBudget | None = None  # optional BitOPs constraint (`--strategy importance`)
     exclude: tuple[dict[str, int], ...] = ()  # choices `solve_exact` must not return (next-best)
+    #: the real planner's placement (`memory.ArenaPlan`) for per-tensor bits, when known
+    placement: Callable[[dict[str, int]], Any] | None = None
 
     def tensor_bits(self, choice: dict[str, int]) -> dict[str, int]:
         bits: dict[str, int] = {}
