@@ -262,6 +262,10 @@ def split_problem(graph: Graph, k: int, index: _GraphIndex | None = None) -> str
     stage = graph.nodes[:k]
     pooled = k == index.first_nonlocal + 1 and global_pool_problem(stage[-1], graph) is None
     if k > index.first_nonlocal and not pooled:
+        first = graph.nodes[index.first_nonlocal]
+        if k > index.first_nonlocal + 1 and global_pool_problem(first, graph) is None:
+            return (f"{index.nonlocal_reason}: a stage may end with it (k = "
+                    f"{index.first_nonlocal + 1}), not run past it")
         return index.nonlocal_reason
     # A stage ending in a global average pool is tiled on the pool's input (`tile_tensor`)
     split = stage[-1].inputs[0] if pooled else stage[-1].outputs[0]

@@ -240,7 +240,7 @@ def test_sub_byte_bits_shrink_the_arena() -> None:
     (0, 2, "outside 1..64"),
     (65, 2, "outside 1..64"),
     (8, 2, "is read by '/features/3/Add' after the split"),
-    (64, 2, "global pool"),
+    (64, 2, "is a global pool: a stage may end with it \\(k = 63\\), not run past it"),
     (13, 29, "does not fit"),
     (13, 0, "does not fit"),
 ])
