@@ -184,6 +184,25 @@ def test_small_pooled_plans_are_bit_exact_at_sub_byte_bits(tmp_path: Path) -> No
         assert verify(p, g, x[:6], "host").mismatches == 0
 
 
+def test_resnet8_pooled_stage_with_residual_adds_is_bit_exact(tmp_path: Path) -> None:
+    """ResNet-8: stride-2 convolutions and residual adds fused into their convolutions inside
+    a stage that ends in the global pool, 4-bit maps where the budget needs them."""
+    from conftest import shared_model
+
+    x = np.random.default_rng(3).random((24, 32, 32, 3), dtype=np.float32) * 255
+    np.savez(tmp_path / "c.npz", x=x)
+    plan = tmp_path / "r.plan.json"
+    r = run_mpq("search", shared_model("pretrainedResnet.onnx"), "--board", "nano33ble",
+                "--data", tmp_path / "c.npz", "--patches", "k=13,n=8,m=1", "--sram", "30000",
+                "-o", plan, "-q")
+    assert r.returncode == 0, r.stderr
+    p = load_plan(plan)
+    assert p.patch["pool"] and p.schedule["fused_adds"]
+    assert min(t.bits for t in p.tensors) < 8
+    g = load_model(shared_model("pretrainedResnet.onnx"))
+    assert verify(p, g, x[:4], "host").mismatches == 0
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda p: p["patch"].pop("pool"), "patch.pool: is missing"),
     (lambda p: p["patch"]["pool"].update(bytes=128), "patch.pool.bytes: must be 256"),
