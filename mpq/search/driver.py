@@ -153,7 +153,7 @@ MEASURED_MAX_OVERHEAD = 1.0
 #: ... and of the default's pooled stages (`patch.pooled_splits`: the whole network up to its
 #: global average pool, one or a few rows of its last map per patch), which alone never hold
 #: a whole feature map: their recomputed halos are the price of fitting a budget below every
-#: other schedule (KWS DS-CNN: 25 one-row patches, 333 % redundant MACs, int8 in 6.8 kB
+#: other schedule (KWS DS-CNN: 25 one-row patches, 333 % redundant MACs, int8 in 6.7 kB
 #: where every other schedule needs 9.7 kB). The measured selection still prefers fewer
 #: redundant MACs at equal fidelity; `--max-overhead` bounds them too.
 POOLED_MAX_OVERHEAD = 4.0
