@@ -200,6 +200,11 @@ def locality_problem(node: Node, graph: Graph) -> str | None:
     return None
 
 
+#: The most pixels a pooled stage's int32 sums take: 2^24 values of at most 2^7 in magnitude
+#: stay below 2^31 (`mpq_avgpool_accumulate`).
+POOL_SUM_PIXELS = 1 << 24
+
+
 def global_pool_problem(node: Node, graph: Graph) -> str | None:
     """Why `node` cannot end a patch stage as a global average pool, or None when it can.
 
@@ -218,7 +223,10 @@ def global_pool_problem(node: Node, graph: Graph) -> str | None:
     (kh, kw), _, _, pads = window_params(node)
     if kh < shape_in[1] or kw < shape_in[2] or tuple(shape_out[1:3]) != (1, 1) or any(pads):
         return f"{label} is not a global pool without padding"
+    if shape_in[1] * shape_in[2] > POOL_SUM_PIXELS:
+        return f"{label} sums more than {POOL_SUM_PIXELS:,} pixels (int32 sums could wrap)"
     return None
+
 
 
 @dataclass

@@ -157,7 +157,7 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     for key, want in expect.items():
         if p[key] != want:
             raise fail(f"patch.{key}", f"does not match the split at layer {p['split_layer']} "
-                                       f"with n = {p['n']} (expected {_short(want)})")
+                                       f"with {_grid(p)} (expected {_short(want)})")
     v = p["vdpc"]
     if v is not None:
         classified = {n.name: n for n in graph.nodes}[schedule.stage_nodes[0]].outputs[0]
@@ -199,6 +199,11 @@ def line_offsets(plan: Plan) -> dict[str, tuple[int, int]]:
     c = (plan.patch or {}).get("cache")
     return {LINE_PREFIX + b["tensor"]: (i, b["offset"])
             for i, b in enumerate(c["line_buffers"])} if c else {}
+
+
+def _grid(p: dict[str, Any]) -> str:
+    """A plan's patch grid as the user gave it: `n = N`, or `the N×M grid` with `cols`."""
+    return f"n = {p['n']}" if "cols" not in p else f"the {p['n']}×{p['cols']} grid"
 
 
 def _short(v: Any) -> str:

@@ -68,6 +68,16 @@ def test_the_global_pool_ends_a_stage(small: dict) -> None:
     assert (seg.first, seg.last) == (0, 2)  # alive through the whole stage
 
 
+def test_a_pool_too_large_for_int32_sums_ends_no_stage(small: dict,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import mpq.patch as patch
+
+    monkeypatch.setattr(patch, "POOL_SUM_PIXELS", 63)  # the 8×8 map: 64 pixels
+    g = small["graph"]
+    assert "sums more than 63 pixels" in global_pool_problem(g.nodes[2], g)
+    assert 3 not in valid_splits(g)
+
+
 @pytest.mark.parametrize("n,m,cache", [(4, None, False), (8, 1, False), (3, 1, False),
                                        (2, None, True), (8, 2, False)])
 def test_pooled_stage_computes_the_full_pool(small: dict, n: int, m: int | None,
@@ -209,7 +219,7 @@ def test_resnet8_pooled_stage_with_residual_adds_is_bit_exact(tmp_path: Path) ->
     (lambda p: p["patch"]["pool"].update(offset=0), "patch.pool.offset: the pooled stage's "
                                                    "sums overlap"),
     (lambda p: p["patch"]["pool"].update(offset=10**6), "ends past predicted.arena_bytes"),
-    (lambda p: p["patch"].update(cols=5), "patch."),
+    (lambda p: p["patch"].update(cols=5), "×5 grid (expected"),
 ])
 def test_tampered_pool_records_are_refused(kws_plan: dict, kws, tmp_path: Path, edit,
                                            message: str) -> None:

@@ -945,10 +945,13 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
                                   bits=low, io=opts.io, cache=cache)
             if best is not None:
                 out.append(best)
+    splits = pooled_splits(graph)
+    if not splits:
+        return out
     pooled_bound = POOLED_MAX_OVERHEAD if opts.strategy == "measured" \
         and opts.max_overhead is None else overhead_bound(opts)
     baseline = out[0].memory(low).peak_sram_bytes
-    for split in pooled_splits(graph):
+    for split in splits:
         sched = plan_patches(graph, split, opts.io)
         if sched.redundant_macs <= pooled_bound * sched.total_macs \
                 and sched.memory(low).peak_sram_bytes < baseline:
