@@ -296,7 +296,8 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
                              inplace_ok: Callable[[Node], bool] | None = None,
                              fused: dict[str, tuple[str, str]] | None = None,
                              overlap_ok: Callable[[Node], bool] | None = None,
-                             reverse_ok: Callable[[Node], bool] | None = None
+                             reverse_ok: Callable[[Node], bool] | None = None,
+                             shift_of: Callable[[Node, int, int], int | None] | None = None
                              ) -> tuple[list[Buffer], set[str], dict[str, int]]:
     """Buffers of a schedule (DESIGN §5): tensors as (bytes, first, last), sharing storage
     where the kernels allow it.
@@ -314,8 +315,10 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
     `node_overlap_shift` bytes below the input's start, inside the same buffer, when that
     shares bytes at all (vMCU); with `reverse_ok`, a node it accepts writes its output
     `node_reverse_shift` bytes *above* the input's start instead, its rows run last to first
-    (D negative). Returns the buffers, the names of the in-place nodes and the overlapped
-    nodes with their shift D (output offset = input offset − D).
+    (D negative). `shift_of(node, in_bits, out_bits)` replaces `node_overlap_shift` where
+    the node's calls are not the whole map's (a patch stage's, per tile:
+    `mpq.patch.PatchSchedule.stage_shift`). Returns the buffers, the names of the in-place
+    nodes and the overlapped nodes with their shift D (output offset = input offset − D).
     """
     bits = bits or {}
     fused = fused or {}
@@ -364,7 +367,7 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
                                        bits, reverse=True)
             elif overlap_ok is not None and overlap_ok(n):
                 below = _overlap_below(n, graph, i, src, buffers[owner[src]], shift, elements,
-                                       bits)
+                                       bits, shift_of=shift_of)
             else:
                 below = None
             if below is not None:
@@ -389,7 +392,9 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
 
 def _overlap_below(n: Node, graph: Graph, i: int, src: str, buf: Buffer,
                    shift: dict[str, int], elements: dict[str, int], bits: dict[str, int],
-                   reverse: bool = False) -> int | None:
+                   reverse: bool = False,
+                   shift_of: Callable[[Node, int, int], int | None] | None = None
+                   ) -> int | None:
     """D for node `n` at step `i` writing below its input `src` (`node_overlap_shift`) — with
     `reverse`, −S for writing S bytes above it, rows last to first (`node_reverse_shift`) — or
     None when it may not: something in `src`'s storage other than `src` (or a view of its
@@ -406,7 +411,8 @@ def _overlap_below(n: Node, graph: Graph, i: int, src: str, buf: Buffer,
         if s is None or s <= 0 or s >= in_size:
             return None
         return -s
-    d = node_overlap_shift(n, graph, bits.get(src, 8), bits.get(n.outputs[0], 8))
+    d = (shift_of or (lambda nd, bi, bo: node_overlap_shift(nd, graph, bi, bo)))(
+        n, bits.get(src, 8), bits.get(n.outputs[0], 8))
     if d is None or d >= out_size:
         return None
     return d
@@ -550,7 +556,7 @@ OVERLAP_OPS = ("conv2d", "avg_pool", "max_pool")
 @lru_cache(maxsize=4096)
 def overlap_shift(in_hwc: tuple[int, int, int], out_hwc: tuple[int, int, int],
                   window: tuple[int, int, int, int, int, int], in_bits: int, out_bits: int,
-                  group: int = 1) -> int:
+                  group: int = 1, origin: tuple[int, int, int] | None = None) -> int:
     """The least D ≥ 0 such that an output stored D bytes *below* its input's start never
     overwrites input bytes the kernel still has to read (vMCU, Zheng et al., MLSys'24: the
     output of a layer overwrites the part of its input already consumed).
@@ -569,14 +575,21 @@ def overlap_shift(in_hwc: tuple[int, int, int], out_hwc: tuple[int, int, int],
     `window` = (s_h, s_w, p_t, p_l, kh, kw); a 1×1 stride-1 unpadded window is a pointwise op
     (output pixel p reads input pixel p only): 8-bit C→C gives D = G·C. The loop is the
     formula, exact; cached per geometry.
+
+    `origin` = (y0, x0, stored width): the input is a view whose element (0, 0) is element
+    (y0, x0) of a stored map that many pixels wide (a patch stage's tile read from inside its
+    buffer, `mpq.patch.PatchSchedule.stage_shift`); first(q) is then
+    ((y0 + clamp(oy·s_h − p_t))·W_s + x0 + clamp(ox·s_w − p_l))·C, byte 0 still the stored
+    map's first and the output dense from byte 0. None: the view is the whole map.
     """
     h, w, c = in_hwc
     ho, wo, co = out_hwc
     sh, sw, pt, pl, _, _ = window
+    y0, x0, stored_w = origin if origin is not None else (0, 0, w)
     n_pix = ho * wo
     firsts = [0] * n_pix
     for oy in range(ho):
-        row = min(max(oy * sh - pt, 0), h - 1) * w
+        row = (y0 + min(max(oy * sh - pt, 0), h - 1)) * stored_w + x0
         for ox in range(wo):
             firsts[oy * wo + ox] = (row + min(max(ox * sw - pl, 0), w - 1)) * c
     need = 1 << 62  # suffix minimum of `firsts`

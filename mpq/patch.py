@@ -48,6 +48,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.ir import Graph, Node, Tensor, node_macs
 from mpq.memory import (
+    ALIGN,
     ArenaPlan,
     Buffer,
     Segment,
@@ -59,6 +60,7 @@ from mpq.memory import (
     layer_lifetimes,
     layer_memory,
     live_bytes_per_step,
+    overlap_shift,
     packed_bytes,
     plan_arena,
     schedule_buffers_overlap,
@@ -513,8 +515,8 @@ class PatchSchedule:
     cache: bool = False  # line buffers keep shared rows (`cache_rows`); patches column-major
     stage_macs_recomputed: int = 0  # Σ_patches stage MACs when every patch recomputes its halo
     line_rows: dict[str, int] = field(default_factory=dict)  # map -> rows of its line buffer
-    # Nodes whose output may start inside their dying input (`memory.choose_overlaps`;
-    # layer-based schedules only: the patch stage's kernels write per patch)
+    # Nodes whose output may start inside their dying input (`memory.choose_overlaps`):
+    # layer-based nodes, or a patch stage's convolutions (`stage_shift`, every patch's tile)
     overlap: frozenset[str] = frozenset()
     # ... and those whose output starts above it, rows run last to first
     # (`memory.node_reverse_shift`)
@@ -702,7 +704,8 @@ class PatchSchedule:
             return schedule_buffers_overlap(
                 self.graph, self.tensor_elements, self.lifetimes, bits, inplace_ok,
                 self.fused_adds, (lambda nd: nd.name in ok) if ok else None,
-                (lambda nd: nd.name in up) if up else None)
+                (lambda nd: nd.name in up) if up else None,
+                self.stage_shift if self.split_tensor is not None else None)
 
         buffers, inplace, shifts = plan(allowed, above)
         if overlap is None and shifts and any(b != 8 for b in (bits or {}).values()):
@@ -715,6 +718,45 @@ class PatchSchedule:
                 buffers, inplace, shifts = plain
         return (buffers + self._line_buffer_list(bits or {}) + self._accumulator_list(),
                 inplace, shifts)
+
+    def stage_shift(self, node: Node, in_bits: int, out_bits: int) -> int | None:
+        """D of a patch stage's convolution written below its dying input (vMCU inside the
+        stage): the largest `memory.overlap_shift` over the patches, each with its own tile —
+        the input view's origin inside the input's stored tile ((dy, dx), `node_offsets`; the
+        stored width is the tile's), the view's extent, the effective pads (`node_pads`) and
+        the output tile dense from byte 0 — rounded up to the arena alignment, at least one
+        step. Every patch's buffers sit at the same offsets, so one D must hold for all.
+
+        None where the stage cannot: a node after the stage (patch plans keep the layer-based
+        rest without overlap), anything but a convolution (a stage's pooling may be the
+        global pool's sums, and its channel-group forms are not checked against the order),
+        a conv whose input is the graph input (stored whole and read by every patch) or
+        whose output is the split tensor (stored whole, written tile by tile at its place
+        in the map), and stages with line buffers (their output views start at the first
+        row not kept, not at byte 0)."""
+        if node.name not in set(self.stage_nodes) or self.cache or node.op != "conv2d":
+            return None
+        src, out = node.inputs[0], node.outputs[0]
+        if src in self.graph.inputs or out == self.split_tensor:
+            return None
+        a = node.attrs
+        kh, kw = node.weight.shape[1:3]
+        c_in = self.graph.tensors[src].shape[3]
+        c_out = self.graph.tensors[out].shape[3]
+        regions, offsets, pads = self.regions, self.node_offsets, self.node_pads
+        d = 0
+        for i in range(self.n):
+            for j in range(self.m):
+                r_in, r_out = regions[src][i][j], regions[out][i][j]
+                dy, dx = offsets[node.name][i][j][0]
+                pt, pl = pads[node.name][i][j][:2]
+                window = (a["strides"][0], a["strides"][1], pt, pl, int(kh), int(kw))
+                d = max(d, overlap_shift((r_in.rows - dy, r_in.cols - dx, c_in),
+                                         (r_out.rows, r_out.cols, c_out), window, in_bits,
+                                         out_bits, 2, (dy, dx, r_in.cols)))
+        # at least one alignment step: a kernel refuses an output at its input's very address
+        # (a view starting inside its stored tile can need D = 0)
+        return max(align_up(d), ALIGN)
 
     def _accumulator_list(self) -> list[Buffer]:
         """A pooled stage's int32 sums (`accumulator`), alive over the whole stage."""
@@ -869,11 +911,12 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
                  overlap: bool | Iterable[str] | Mapping[str, int] = False,
                  scratch: str = "separate") -> PatchSchedule:
     """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6. `io`:
-    where the graph input and outputs live (`memory.IO_MODES`). `overlap` (layer-based only):
-    True — outputs start inside their dying inputs where that lowers the int8 arena
-    (`memory.choose_overlaps`); a set of node names — exactly those may, below their input; a
-    mapping node → D (a plan's `schedule.overlap`) — those with D ≥ 0 below, those with D < 0
-    above their input in reverse row order. `scratch` (`memory.SCRATCH_MODES`; layer-based
+    where the graph input and outputs live (`memory.IO_MODES`). `overlap`: True — outputs
+    start inside their dying inputs where that lowers the int8 arena (`memory.choose_overlaps`;
+    with a split, the stage's convolutions, below their input: `choose_stage_overlaps`); a set
+    of node names — exactly those may, below their input; a mapping node → D (a plan's
+    `schedule.overlap`) — those with D ≥ 0 below, those with D < 0 above their input in
+    reverse row order (layer-based only). `scratch` (`memory.SCRATCH_MODES`; layer-based
     only, a patch schedule keeps the separate scratch): where the kernels' scratch lives.
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
@@ -907,8 +950,30 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
         elif overlap is not False:
             sched.overlap = frozenset(overlap)
         return sched
-    return _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache,
-                 split.cols)
+    sched = _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache,
+                  split.cols)
+    if overlap is True:
+        sched.overlap = choose_stage_overlaps(sched)
+    elif isinstance(overlap, Mapping):
+        sched.overlap = frozenset(n for n, d in overlap.items() if d >= 0)
+    elif overlap is not False:
+        sched.overlap = frozenset(overlap)
+    return sched
+
+
+def choose_stage_overlaps(sched: PatchSchedule) -> frozenset[str]:
+    """The stage convolutions a patch schedule writes below their dying input
+    (`PatchSchedule.stage_shift`): those of `memory.choose_overlaps`' passes (written below
+    only) with the smallest int8 arena; none when no overlap lowers it."""
+    every = frozenset(sched.stage_nodes)
+    eligible = sched._buffers(None, True, every)[2]
+    if not eligible:
+        return frozenset()
+
+    def arena_of(below: frozenset[str], above: frozenset[str]) -> int:
+        return plan_arena(sched._buffers(None, True, below)[0]).size
+
+    return choose_overlaps(arena_of, eligible, (), sched.stage_nodes)[0]
 
 
 def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,

@@ -55,6 +55,7 @@ from mpq.patch import (
     PatchSchedule,
     PatchSplit,
     cache_within_peak,
+    choose_stage_overlaps,
     plan_patches,
     pooled_splits,
     search_patches,
@@ -772,7 +773,7 @@ def given_split(graph: Graph, split: PatchSplit, opts: SearchOptions) -> PatchSc
     `cache_choice` allows them) the maps whose line buffers fit under the recomputing
     schedule's int8 peak (`patch.cache_within_peak`), if any saves MACs."""
     choice = cache_choice(opts)
-    plain = plan_patches(graph, split, opts.io)
+    plain = with_stage_overlap(graph, plan_patches(graph, split, opts.io), opts)
     if choice is False:
         return plain
     if choice:
@@ -780,6 +781,20 @@ def given_split(graph: Graph, split: PatchSplit, opts: SearchOptions) -> PatchSc
     cached = cache_within_peak(plain)
     return cached if cached is not None and cached.redundant_macs < plain.redundant_macs \
         else plain
+
+
+def with_stage_overlap(graph: Graph, schedule: PatchSchedule, opts: SearchOptions
+                       ) -> PatchSchedule:
+    """`schedule` with its stage convolutions written below their dying inputs where that
+    lowers its int8 arena (`patch.choose_stage_overlaps`), under `--overlap` — unless VDPC
+    would run on it: its outlier branch computes the same tiles at other bits, for which the
+    shifts were not computed (an int8 plan's branches are the same; the measured strategy
+    runs without VDPC)."""
+    if not opts.overlap or schedule.split_tensor is None or schedule.cache \
+            or (opts.strategy != "int8" and vdpc_map(graph, schedule, opts) is not None):
+        return schedule
+    chosen = choose_stage_overlaps(schedule)
+    return replace(schedule, overlap=chosen) if chosen else schedule
 
 
 def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[Candidate]:
@@ -841,8 +856,11 @@ def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str 
     """The map VDPC classifies on `schedule` (the first stage node's output, QuantMCU §III-A),
     or None: no patches, VDPC not allowed (`vdpc_allowed`), line buffers, a pooled stage or
     a grid that is not n×n, or that map is the split tensor itself."""
-    if not (vdpc_allowed(opts) and schedule.split_tensor is not None) or schedule.cache:
-        return None  # line buffers: every patch must take the same branch (`cache_choice`)
+    if not (vdpc_allowed(opts) and schedule.split_tensor is not None) or schedule.cache \
+            or schedule.overlap:
+        # line buffers: every patch must take the same branch (`cache_choice`); outputs over
+        # their inputs: the shifts hold at one branch's bits (`with_stage_overlap`)
+        return None
     if schedule.pool_input is not None or schedule.m != schedule.n:
         # a pooled stage's sums add both branches' integers, which need not share their
         # quantisation; VDPC's outlier rates are an n×n grid
@@ -944,7 +962,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
             best = search_patches(graph, n_choices=(n,), max_overhead=overhead_bound(opts),
                                   bits=low, io=opts.io, cache=cache)
             if best is not None:
-                out.append(best)
+                out.append(with_stage_overlap(graph, best, opts))
     splits = pooled_splits(graph)
     if not splits:
         return out
@@ -952,7 +970,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
         and opts.max_overhead is None else overhead_bound(opts)
     baseline = out[0].memory(low).peak_sram_bytes
     for split in splits:
-        sched = plan_patches(graph, split, opts.io)
+        sched = with_stage_overlap(graph, plan_patches(graph, split, opts.io), opts)
         if sched.redundant_macs <= pooled_bound * sched.total_macs \
                 and sched.memory(low).peak_sram_bytes < baseline:
             out.append(sched)
