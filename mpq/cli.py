@@ -1100,7 +1100,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Let a layer's output start inside its dying input where the kernels' "
                    "write order makes it exact and the arena shrinks (vMCU; layer-based "
-                   "layers).")
+                   "layers, and a patch stage's convolutions where VDPC does not run).")
 @click.option("--auto-ptq/--no-auto-ptq", default=True, show_default=True,
               help="Measured strategy: try bias correction (and AdaRound on 4/2-bit weights) "
                    "on the chosen plan, fitted on the --data samples it does not measure on, "
