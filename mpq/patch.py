@@ -531,6 +531,9 @@ class PatchSchedule:
     pool_input: str | None = None
     _rows: _AxisPlan | None = field(default=None, repr=False, compare=False)
     _cols: _AxisPlan | None = field(default=None, repr=False, compare=False)
+    # `stage_shift` per (node, in bits, out bits): the planner asks at every arena it plans
+    _shifts: dict[tuple[str, int, int, bool], int | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.m == 0:
@@ -734,6 +737,12 @@ class PatchSchedule:
         whose output is the split tensor (stored whole, written tile by tile at its place
         in the map), and stages with line buffers (their output views start at the first
         row not kept, not at byte 0)."""
+        key = (node.name, in_bits, out_bits, bool(self.cache))
+        if key not in self._shifts:
+            self._shifts[key] = self._stage_shift(node, in_bits, out_bits)
+        return self._shifts[key]
+
+    def _stage_shift(self, node: Node, in_bits: int, out_bits: int) -> int | None:
         if node.name not in set(self.stage_nodes) or self.cache or node.op != "conv2d":
             return None
         src, out = node.inputs[0], node.outputs[0]
