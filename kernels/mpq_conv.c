@@ -620,7 +620,7 @@ static void mpq__group_tquads(const mpq__conv_ctx *c, int32_t g, const void *x, 
    output pixel over its in-view taps, weights linear (t NULL) or tabled (t their tables). */
 static MPQ_INLINE uint32_t mpq__dw_taps(const uint8_t *src, int32_t xbits, const uint32_t *koff,
                                         uint32_t ch, int32_t zp, const uint8_t *w, int32_t wbits,
-                                        uint32_t wk, const int32_t *tix, int32_t nt,
+                                        uint32_t wk, const uint8_t *tix, int32_t nt,
                                         const mpq__wtab *t)
 {
     uint32_t acc = 0;
@@ -636,8 +636,9 @@ static MPQ_INLINE uint32_t mpq__dw_taps(const uint8_t *src, int32_t xbits, const
    channel per group): per output pixel the in-view taps are listed once, then every channel
    sums over them reading the input in place - instead of an im2col column and a group call per
    channel. The channels of a pixel are contiguous in the output, so the emitter gathers
-   sub-byte outputs as in mpq__conv_group. */
-static void mpq__conv_depthwise(const mpq__conv_ctx *c)
+   sub-byte outputs as in mpq__conv_group. Out of line: its tap lists would otherwise sit in
+   mpq__conv's frame, on the stack of every convolution. */
+static MPQ_NOINLINE void mpq__conv_depthwise(const mpq__conv_ctx *c)
 {
     const mpq_conv_params *p = c->p;
     const mpq_filter *f = c->f;
@@ -648,7 +649,7 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
     const int32_t zp = p->input_zp;
     const int bytes = in->bits == 8 && f->bits == 8;
     uint32_t koff[MPQ_DW_TAPS];
-    int32_t tix[MPQ_DW_TAPS];
+    uint8_t tix[MPQ_DW_TAPS]; /* tap indices, < MPQ_DW_TAPS: bytes keep the frame small */
     int32_t oy, ox, ky, kx, ch, j, nt;
     for (oy = 0; oy < out->h; ++oy) {
         for (ox = 0; ox < out->w; ++ox) {
@@ -660,7 +661,7 @@ static void mpq__conv_depthwise(const mpq__conv_ctx *c)
                     const int32_t ix = ox * p->stride_w - p->pad_left + kx * p->dilation_w;
                     if (iy >= 0 && iy < in->h && ix >= 0 && ix < in->w) {
                         koff[nt] = mpq__at(in, iy, ix);
-                        tix[nt++] = ky * f->w + kx;
+                        tix[nt++] = (uint8_t)(ky * f->w + kx);
                     }
                 }
             }

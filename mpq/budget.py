@@ -637,18 +637,53 @@ def read_call_graph(ci_files: list[Path]) -> tuple[dict[str, int], dict[str, set
     return frames, calls
 
 
+#: GCC's call graph names an indirect call only `__indirect_call`. The kernels' indirect calls
+#: and what they can reach (by name prefix; from the pointers each one is given):
+#: mpq__conv calls its group loop (`c.group`), the group loops their quad dot products
+#: (`quads`/`tquads`, set by mpq__conv), mpq__dot2 a quad dot product from the
+#: `mpq__quads_x`/`mpq__tquads_x` tables, the packed fully connected layer its output loop
+#: (`mpq__pk_out_for`). tests/test_budget.py checks every indirect call site of the kernels is
+#: listed and every function whose address the kernels take matches a prefix here.
+INDIRECT_CALL = "__indirect_call"
+INDIRECT_TARGETS: dict[str, tuple[str, ...]] = {
+    "mpq__conv": ("mpq__group_",),
+    "mpq__group_quads": ("mpq__quads_", "mpq__tquads_"),
+    "mpq__group_tquads": ("mpq__quads_", "mpq__tquads_"),
+    "mpq__dot2": ("mpq__quads_", "mpq__tquads_"),
+    "mpq_packed_fully_connected": ("mpq__pk_outputs_",),
+}
+
+
+def bare_name(title: str) -> str:
+    """A call-graph title without its `file:` part (static functions are `file:name`)."""
+    return title.rsplit(":", 1)[-1]
+
+
 def stack_depth(frames: dict[str, int], calls: dict[str, set[str]], root: str) -> int:
     """Deepest stack of a call from `root`: its frame plus its deepest callee's, over the
     static call graph (GCC `-fcallgraph-info=su`; a function without a frame record — a
-    libgcc helper — counts 0, leaf helpers of a few words). Recursion is refused."""
+    libgcc helper — counts 0, leaf helpers of a few words). An indirect call reaches every
+    function its caller's `INDIRECT_TARGETS` prefixes name; one from a caller not listed
+    there cannot be bounded, nor can recursion: both are refused in one line."""
     memo: dict[str, int] = {}
+
+    def callees(f: str) -> set[str]:
+        out = set(calls.get(f, ()))
+        if INDIRECT_CALL in out:
+            out.discard(INDIRECT_CALL)
+            prefixes = INDIRECT_TARGETS.get(bare_name(f))
+            if prefixes is None:
+                raise MpqError(f"{f}: an indirect call to functions mpq does not know, the "
+                               "stack cannot be bounded")
+            out |= {g for g in frames if bare_name(g).startswith(prefixes)}
+        return out
 
     def depth(f: str, path: tuple[str, ...]) -> int:
         if f in path:
             raise MpqError(f"{f}: recursive call, the stack cannot be bounded")
         if f not in memo:
-            memo[f] = frames.get(f, 0) + max((depth(g, (*path, f)) for g in
-                                              calls.get(f, ())), default=0)
+            memo[f] = frames.get(f, 0) + max((depth(g, (*path, f)) for g in callees(f)),
+                                              default=0)
         return memo[f]
 
     return depth(root, ())

@@ -214,3 +214,49 @@ def test_stack_depth_follows_the_call_graph(tmp_path):
                     STACK_FLAG, "vla.c"], cwd=tmp_path, check=True)
     with pytest.raises(MpqError, match="dynamic"):
         read_call_graph([tmp_path / "vla.ci"])
+
+
+def test_indirect_calls_reach_their_targets(tmp_path):
+    """The kernels' indirect calls (GCC's `__indirect_call`): every caller is listed in
+    `INDIRECT_TARGETS`, every function whose address the kernels take (GCC's own cgraph dump:
+    "Address is taken") matches one of its prefixes, and the bound counts the deepest target —
+    mpq_fully_connected reaches a quad dot product through mpq__dot2, deeper than its direct
+    calls alone. An indirect call from a caller not listed is refused in one line."""
+    from mpq.budget import (
+        INDIRECT_CALL,
+        INDIRECT_TARGETS,
+        STACK_FLAG,
+        bare_name,
+        read_call_graph,
+        stack_depth,
+    )
+    from mpq.errors import MpqError
+
+    if shutil.which("arm-none-eabi-gcc") is None:
+        pytest.skip("needs arm-none-eabi-gcc")
+    sources = sorted((REPO / "kernels").glob("mpq_*.c"))
+    for src in sources:
+        subprocess.run(["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard",
+                        "-mfpu=fpv4-sp-d16", "-O2", "-ffreestanding", "-ffunction-sections",
+                        f"-I{REPO / 'kernels'}", STACK_FLAG, "-fdump-ipa-cgraph", "-c", str(src),
+                        "-o", f"{src.stem}.o"], cwd=tmp_path, check=True)
+    frames, calls = read_call_graph(sorted(tmp_path.glob("*.ci")))
+    callers = {bare_name(f) for f, gs in calls.items() if INDIRECT_CALL in gs}
+    assert callers and callers <= set(INDIRECT_TARGETS), callers - set(INDIRECT_TARGETS)
+    taken = set()
+    for dump in tmp_path.glob("*.cgraph"):
+        name = None
+        for line in dump.read_text().splitlines():
+            if line and not line[0].isspace() and "/" in line.split(" ", 1)[0]:
+                name = line.split("/", 1)[0]
+            elif line.strip() == "Address is taken." and name is not None:
+                taken.add(name)
+    prefixes = tuple(p for ps in INDIRECT_TARGETS.values() for p in ps)
+    assert taken and all(t.startswith(prefixes) for t in taken), \
+        sorted(t for t in taken if not t.startswith(prefixes))
+    direct = {f: gs - {INDIRECT_CALL} for f, gs in calls.items()}
+    assert stack_depth(frames, calls, "mpq_fully_connected") \
+        > stack_depth(frames, direct, "mpq_fully_connected")
+    unknown = {"top": {INDIRECT_CALL}}
+    with pytest.raises(MpqError, match="indirect call"):
+        stack_depth({"top": 8}, unknown, "top")
