@@ -40,18 +40,22 @@ needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None
 
 # -- the shift ---------------------------------------------------------------------------------
 
-def _brute_shift(in_hwc, out_hwc, window, dil, in_bits, out_bits, group) -> int:
+def _brute_shift(in_hwc, out_hwc, window, dil, in_bits, out_bits, group,
+                 origin=None) -> int:
     """The least D from which on every shift is safe, by simulation: pixels in raster order,
     `group` per unit; with the output D bytes below the input, a unit may not write a byte
     holding any input element that unit or a later pixel still reads (every tap of every
-    window enumerated, dilation included)."""
+    window enumerated, dilation included). `origin` (y0, x0, stored width): the input is a
+    view whose element (0, 0) is that element of a wider stored map, D counted from the
+    stored map's first byte."""
     h, w, c = in_hwc
     ho, wo, co = out_hwc
     sh, sw, pt, pl, kh, kw = window
+    y0, x0, stored_w = origin or (0, 0, w)
     reads = []
     for oy in range(ho):
         for ox in range(wo):
-            reads.append({((iy * w + ix) * c + ch) * in_bits // 8
+            reads.append({(((y0 + iy) * stored_w + x0 + ix) * c + ch) * in_bits // 8
                           for ky in range(kh) for kx in range(kw)
                           for iy in [oy * sh - pt + ky * dil] for ix in [ox * sw - pl + kx * dil]
                           if 0 <= iy < h and 0 <= ix < w for ch in range(c)})

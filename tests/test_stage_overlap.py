@@ -16,6 +16,7 @@ import ckernels as ck
 import numpy as np
 import pytest
 from conftest import run_mpq
+from test_overlap import _brute_shift
 
 from mpq.boards import get_board
 from mpq.frontend import load_model
@@ -33,32 +34,6 @@ needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None
 
 # -- the shift of a view inside a stored tile ---------------------------------------------------
 
-def _brute_view_shift(view_hwc, origin, out_hwc, window, in_bits, out_bits, group) -> int:
-    """The least safe D by simulation: the kernel reads the view (h, w, C) whose element
-    (0, 0) is element (y0, x0) of a stored map `stored_w` pixels wide, writes its dense output
-    D bytes below the stored map's first byte, `group` output pixels per unit in raster order;
-    no unit may write a byte holding an input element it or a later pixel still reads."""
-    h, w, c = view_hwc
-    y0, x0, stored_w = origin
-    ho, wo, co = out_hwc
-    sh, sw, pt, pl, kh, kw = window
-    reads = []
-    for oy in range(ho):
-        for ox in range(wo):
-            reads.append({(((y0 + iy) * stored_w + x0 + ix) * c + ch) * in_bits // 8
-                          for ky in range(kh) for kx in range(kw)
-                          for iy in [oy * sh - pt + ky] for ix in [ox * sw - pl + kx]
-                          if 0 <= iy < h and 0 <= ix < w for ch in range(c)})
-    n = ho * wo
-    units = [(range(s * co * out_bits // 8, -(-min(s + group, n) * co * out_bits // 8)),
-              set().union(*reads[s:])) for s in range(0, n, group)]
-    top = -(-n * co * out_bits // 8)
-    for d in range(top, -1, -1):
-        if any(b - d in needed for written, needed in units for b in written):
-            return d + 1
-    return 0
-
-
 VIEW_CASES = [
     # view (h, w, C), origin (y0, x0, stored width), output, window, bits, group
     ((4, 3, 8), (1, 0, 3), (4, 3, 8), (1, 1, 0, 0, 1, 1), (8, 8), 2),    # rows below the top
@@ -72,7 +47,7 @@ VIEW_CASES = [
 @pytest.mark.parametrize("view,origin,out,window,bits,group", VIEW_CASES)
 def test_view_shift_is_the_least_safe_shift(view, origin, out, window, bits, group) -> None:
     got = overlap_shift(view, out, window, bits[0], bits[1], group, origin)
-    assert got == _brute_view_shift(view, origin, out, window, bits[0], bits[1], group)
+    assert got == _brute_shift(view, out, window, 1, bits[0], bits[1], group, origin)
     if origin == (0, 0, view[1]):  # the whole map: the layer-based formula
         assert got == overlap_shift(view, out, window, bits[0], bits[1], group)
 
