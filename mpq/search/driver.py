@@ -854,8 +854,9 @@ class _Setup:
 
 def vdpc_map(graph: Graph, schedule: PatchSchedule, opts: SearchOptions) -> str | None:
     """The map VDPC classifies on `schedule` (the first stage node's output, QuantMCU §III-A),
-    or None: no patches, VDPC not allowed (`vdpc_allowed`), line buffers, a pooled stage or
-    a grid that is not n×n, or that map is the split tensor itself."""
+    or None: no patches, VDPC not allowed (`vdpc_allowed`), line buffers, stage outputs over
+    their inputs (`with_stage_overlap`), a pooled stage or a grid that is not n×n, or that map
+    is the split tensor itself."""
     if not (vdpc_allowed(opts) and schedule.split_tensor is not None) or schedule.cache \
             or schedule.overlap:
         # line buffers: every patch must take the same branch (`cache_choice`); outputs over
