@@ -964,6 +964,8 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     if overlap is True:
         sched.overlap = choose_stage_overlaps(sched)
     elif isinstance(overlap, Mapping):
+        # a stage never writes above its input (rows reversed are a layer call's form): a
+        # recorded D < 0 is dropped here, so the plan check's recomputation refuses it
         sched.overlap = frozenset(n for n, d in overlap.items() if d >= 0)
     elif overlap is not False:
         sched.overlap = frozenset(overlap)

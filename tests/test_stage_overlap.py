@@ -15,7 +15,7 @@ from pathlib import Path
 import ckernels as ck
 import numpy as np
 import pytest
-from conftest import run_mpq
+from conftest import run_mpq, shared_model
 from test_overlap import _brute_shift
 
 from mpq.boards import get_board
@@ -154,7 +154,8 @@ def test_kws_pooled_stage_overlaps_its_pointwise_convolutions(kws_graph) -> None
 def test_what_a_stage_does_not_overlap(kws_graph) -> None:
     """No shift for the first convolution (it reads the graph input, stored whole), for
     nodes after the stage, or with line buffers; and a strategy that runs VDPC on an n×n
-    split keeps its schedule without stage overlap (the outlier branch has other bits)."""
+    split keeps its schedule without stage overlap (the outlier branch has other bits) —
+    ResNet-8's 2×2 split, where int8 (no VDPC) does overlap a convolution."""
     g = kws_graph
     sched = plan_patches(g, pooled_splits(g)[0], "arena")
     by_name = {n.name: n for n in g.nodes}
@@ -164,9 +165,13 @@ def test_what_a_stage_does_not_overlap(kws_graph) -> None:
     assert replace(sched, cache=True).stage_shift(by_name[sched.stage_nodes[2]], 8, 8) is None
     from mpq.patch import PatchSplit
 
-    square = plan_patches(g, PatchSplit(4, 2), "arena")
-    assert with_stage_overlap(g, square, SearchOptions(strategy="exact")).overlap == frozenset()
-    assert with_stage_overlap(g, square, SearchOptions(strategy="exact", overlap=False)) is square
+    resnet = load_model(shared_model("pretrainedResnet.onnx"))
+    square = plan_patches(resnet, PatchSplit(8, 2), "arena")
+    assert with_stage_overlap(resnet, square, SearchOptions(strategy="int8")).overlap
+    assert with_stage_overlap(resnet, square, SearchOptions(strategy="exact")).overlap \
+        == frozenset()
+    assert with_stage_overlap(resnet, square, SearchOptions(strategy="int8", overlap=False)) \
+        is square
 
 
 # -- the default search's plan, export and verify ------------------------------------------------

@@ -971,9 +971,11 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
         and opts.max_overhead is None else overhead_bound(opts)
     baseline = out[0].memory(low).peak_sram_bytes
     for split in splits:
-        sched = with_stage_overlap(graph, plan_patches(graph, split, opts.io), opts)
-        if sched.redundant_macs <= pooled_bound * sched.total_macs \
-                and sched.memory(low).peak_sram_bytes < baseline:
+        sched = plan_patches(graph, split, opts.io)
+        if sched.redundant_macs > pooled_bound * sched.total_macs:
+            continue  # before planning its overlaps: a stage the bound rules out is dropped
+        sched = with_stage_overlap(graph, sched, opts)
+        if sched.memory(low).peak_sram_bytes < baseline:
             out.append(sched)
     return out
 
