@@ -262,14 +262,18 @@ static void mpq__im2col(const mpq_conv_params *p, const mpq_filter *f, const mpq
     }
 }
 
-/* mpq__conv for what the quad loops do not take: 8-bit CODEBOOK weights, and sub-byte weight
-   rows or 1x1 input runs that do not start at byte boundaries - element by element, with the
-   im2col column in natural order (t: the tables of a tabled filter, else NULL). */
-static void mpq__conv_any(const mpq_conv_params *p, const mpq_filter *f,
+/* The convolution for what the quad loops do not take (mpq__conv_takes_any): 8-bit CODEBOOK
+   weights, and sub-byte weight rows or 1x1 input runs that do not start at byte boundaries -
+   element by element, with the im2col column in natural order (t: the tables of a tabled
+   filter, built in this frame, else NULL). Out of line, called by the entry points themselves,
+   so its frame never sits below mpq__conv's. */
+static MPQ_NOINLINE void mpq__conv_any(const mpq_conv_params *p, const mpq_filter *f,
                           const mpq_channel_quant *q, const mpq_view *in,
                           const mpq_add_params *add, const mpq_view *skip, const mpq_view *out,
-                          int16_t *scratch, const mpq__wtab *t)
+                          int16_t *scratch)
 {
+    mpq__wtab tab;
+    const mpq__wtab *t = NULL;
     const uint8_t *src = (const uint8_t *)in->data;
     const uint8_t *wts = (const uint8_t *)f->data;
     uint8_t *dst = (uint8_t *)out->data;
@@ -280,6 +284,10 @@ static void mpq__conv_any(const mpq_conv_params *p, const mpq_filter *f,
     /* Linear and tabled weights take two rows at a time; 8-bit CODEBOOK ones one by one. */
     const int paired = f->format == MPQ_WFMT_LINEAR || t != NULL;
     int32_t oy, ox, g, o, r, i;
+    if (mpq__tabled(f)) {
+        mpq__wtab_build(f, &tab);
+        t = &tab;
+    }
     for (oy = 0; oy < out->h; ++oy) {
         for (ox = 0; ox < out->w; ++ox) {
             const uint32_t ko = mpq__at(out, oy, ox);
@@ -1125,14 +1133,34 @@ static int mpq__conv_s8_ok(const mpq__conv_ctx *c)
            || (sk->y0 == out->y0 && sk->x0 == out->x0 && sk->stored_w == out->stored_w);
 }
 
+/* Does the call take mpq__conv_any: 8-bit CODEBOOK weights (no table), or weight rows or 1x1
+   input runs that do not start at byte boundaries (a depthwise filter excepted: its taps are
+   read one by one)? */
+static int mpq__conv_takes_any(const mpq_conv_params *p, const mpq_filter *f,
+                               const mpq_view *in, const mpq_view *out)
+{
+    const int depthwise = f->c == 1 && f->n == p->groups && p->groups > 1
+                          && f->h * f->w <= MPQ_DW_TAPS;
+    const int direct = mpq__conv_direct(p, f, in, out);
+    if (f->format != MPQ_WFMT_LINEAR && !mpq__tabled(f)) {
+        return 1;
+    }
+    return !depthwise && (!mpq__at_byte((uint32_t)(f->h * f->w * f->c), f->bits)
+                          || (direct && !(mpq__at_byte((uint32_t)in->c, in->bits)
+                                          && mpq__at_byte((uint32_t)f->c, in->bits))));
+}
+
 /* The convolution of mpq_conv2d; with `add` it is mpq_conv2d_add: each channel's result is
    added to the skip element right away, and the sum written where the skip element was.
-   Linear weights and tabled ones (t: their tables, built by mpq__conv_tab) whose rows start at
+   Linear weights and tabled ones (t: their tables, built in this frame) whose rows start at
    byte boundaries (and 1x1 input runs that do) go through the group loops, two output channels
-   at a time; the rest through mpq__conv_any. */
-static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
-                     const mpq_view *in, const mpq_add_params *add, const mpq_view *skip,
-                     const mpq_view *out, int16_t *scratch, const mpq__wtab *t, int cols8)
+   at a time. The callers send the rest to mpq__conv_any (mpq__conv_takes_any) before this
+   frame exists: the model's stack bound counts the deepest path any call could take, and
+   mpq__conv_any's below this frame was the deepest of every convolution. */
+static MPQ_NOINLINE int mpq__conv(const mpq_conv_params *p, const mpq_filter *f,
+                                  const mpq_channel_quant *q, const mpq_view *in,
+                                  const mpq_add_params *add, const mpq_view *skip,
+                                  const mpq_view *out, int16_t *scratch, int cols8)
 {
     /* cols8 (mpq_conv2d_unpacked): the int8 path on columns unpacked from any input bits,
        never read in place (the caller has the two columns' scratch) */
@@ -1142,13 +1170,12 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     const int depthwise = f->c == 1 && f->n == p->groups && p->groups > 1
                           && f->h * f->w <= MPQ_DW_TAPS;
     mpq__conv_ctx c;
+    mpq__wtab tab;
+    const mpq__wtab *t = NULL;
     int32_t oy, ox, g, o;
-    if ((f->format != MPQ_WFMT_LINEAR && t == NULL)
-        || (!depthwise && (!mpq__at_byte((uint32_t)klen, f->bits)
-                           || (direct && !(mpq__at_byte((uint32_t)in->c, in->bits)
-                                           && mpq__at_byte((uint32_t)f->c, in->bits)))))) {
-        mpq__conv_any(p, f, q, in, add, skip, out, scratch, t);
-        return MPQ_OK;
+    if (mpq__tabled(f)) {
+        mpq__wtab_build(f, &tab);
+        t = &tab;
     }
     c.p = p;
     c.f = f;
@@ -1231,30 +1258,6 @@ static int mpq__conv(const mpq_conv_params *p, const mpq_filter *f, const mpq_ch
     return MPQ_OK;
 }
 
-/* mpq__conv with the table of a tabled filter, built in this frame (mpq__wtab: 64 bytes of
-   stack) - or without, for any other filter, so that those calls do not carry it. */
-static MPQ_NOINLINE int mpq__conv_tab(const mpq_conv_params *p, const mpq_filter *f,
-                                      const mpq_channel_quant *q, const mpq_view *in,
-                                      const mpq_add_params *add, const mpq_view *skip,
-                                      const mpq_view *out, int16_t *scratch)
-{
-    mpq__wtab tab;
-    mpq__wtab_build(f, &tab);
-    return mpq__conv(p, f, q, in, add, skip, out, scratch, &tab, 0);
-}
-
-/* mpq__conv, through mpq__conv_tab for a tabled filter. */
-static int mpq__conv_run(const mpq_conv_params *p, const mpq_filter *f,
-                         const mpq_channel_quant *q, const mpq_view *in,
-                         const mpq_add_params *add, const mpq_view *skip, const mpq_view *out,
-                         int16_t *scratch)
-{
-    if (mpq__tabled(f)) {
-        return mpq__conv_tab(p, f, q, in, add, skip, out, scratch);
-    }
-    return mpq__conv(p, f, q, in, add, skip, out, scratch, NULL, 0);
-}
-
 int mpq_conv2d(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
                const mpq_view *in, const mpq_view *out, int16_t *scratch)
 {
@@ -1267,7 +1270,11 @@ int mpq_conv2d(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_
         || (scratch == NULL && !mpq__conv_direct(p, f, in, out))) {
         return MPQ_ERR_ARG;
     }
-    return mpq__conv_run(p, f, q, in, NULL, NULL, out, scratch);
+    if (mpq__conv_takes_any(p, f, in, out)) {
+        mpq__conv_any(p, f, q, in, NULL, NULL, out, scratch);
+        return MPQ_OK;
+    }
+    return mpq__conv(p, f, q, in, NULL, NULL, out, scratch, 0);
 }
 
 int mpq_conv2d_add(const mpq_conv_params *p, const mpq_filter *f, const mpq_channel_quant *q,
@@ -1292,7 +1299,11 @@ int mpq_conv2d_add(const mpq_conv_params *p, const mpq_filter *f, const mpq_chan
     if (!mpq__alias_ok(skip, out)) {
         return MPQ_ERR_BITS;
     }
-    return mpq__conv_run(p, f, q, in, add, skip, out, scratch);
+    if (mpq__conv_takes_any(p, f, in, out)) {
+        mpq__conv_any(p, f, q, in, add, skip, out, scratch);
+        return MPQ_OK;
+    }
+    return mpq__conv(p, f, q, in, add, skip, out, scratch, 0);
 }
 
 /* -- sub-byte operands unpacked to int8: mpq_conv2d_unpacked ---------------------------------- */
@@ -1374,7 +1385,7 @@ int mpq_conv2d_unpacked(const mpq_conv_params *p, const mpq_filter *f,
     }
     wbytes = mpq__decode_filter(f, scratch, &f8);
     return mpq__conv(p, &f8, q, in, NULL, NULL, out,
-                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
+                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), in->bits != 8);
 }
 
 int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
@@ -1403,5 +1414,5 @@ int mpq_conv2d_add_unpacked(const mpq_conv_params *p, const mpq_filter *f,
     }
     wbytes = mpq__decode_filter(f, scratch, &f8);
     return mpq__conv(p, &f8, q, in, add, skip, out,
-                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), NULL, in->bits != 8);
+                     (int16_t *)(void *)((uint8_t *)scratch + wbytes), in->bits != 8);
 }

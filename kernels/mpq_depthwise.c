@@ -155,6 +155,23 @@ static MPQ_NOINLINE uint32_t mpq__dw_weights(const mpq_filter *f, uint32_t wk, i
 
 /* -- sub-byte channel groups (4-bit pairs, 2-bit quads) ------------------------------------- */
 
+/* mpq__dw_weights into int8 values (every format's are: mpq__wval), for the channel pairs'
+   frames: a quarter of int32's stack. */
+static MPQ_NOINLINE uint32_t mpq__dw_weights8(const mpq_filter *f, uint32_t wk, int32_t taps,
+                                              int8_t *wv)
+{
+    const uint8_t *wts = (const uint8_t *)f->data;
+    uint32_t wsum = 0;
+    int32_t t;
+    for (t = 0; t < taps; ++t) {
+        wv[t] = (int8_t)(f->format == MPQ_WFMT_LINEAR
+                         ? mpq__ld(wts, f->bits, wk + (uint32_t)t)
+                         : mpq__wval(f, mpq__code(wts, f->bits, wk + (uint32_t)t)));
+        wsum += (uint32_t)wv[t];
+    }
+    return wsum;
+}
+
 /* The field of byte b that a left shift by `la` puts at the byte's top, as a signed byte: the
    field's value times 2^(8 - bits) (mask8 = the top `bits` bits). */
 static MPQ_INLINE int32_t mpq__dw_field(int32_t b, int32_t la, uint32_t mask8)
@@ -173,10 +190,11 @@ typedef struct {
     int32_t cg;           /* the group's first channel */
 } mpq__dw_group;
 
-/* One channel pair (ca, ca + 1) of a sub-byte channel group: its decoded weights, the
-   accumulators' start (bias - input_zp * sum(W)) and the requantisation (mpq__dw_split). */
+/* One channel pair (ca, ca + 1) of a sub-byte channel group: its decoded weights (int8:
+   mpq__dw_weights8), the accumulators' start (bias - input_zp * sum(W)) and the
+   requantisation (mpq__dw_split). */
 typedef struct {
-    int32_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
+    int8_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
     uint32_t acca, accb;
     int32_t ma, mb, lsa, rsa, lsb, rsb, fa, fb;
 } mpq__dw_pair;
@@ -188,8 +206,8 @@ static MPQ_NOINLINE void mpq__dw_pair_init(const mpq__dw_group *g, int32_t ca, m
     const mpq_channel_quant *q = g->q;
     const int32_t taps = f->h * f->w;
     const uint32_t zp = (uint32_t)g->p->input_zp;
-    const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ca * taps), taps, c->wa);
-    const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ca + 1) * taps), taps, c->wb);
+    const uint32_t suma = mpq__dw_weights8(f, (uint32_t)(ca * taps), taps, c->wa);
+    const uint32_t sumb = mpq__dw_weights8(f, (uint32_t)((ca + 1) * taps), taps, c->wb);
     c->acca = (q->bias != NULL ? (uint32_t)q->bias[ca] : 0u) - zp * suma;
     c->accb = (q->bias != NULL ? (uint32_t)q->bias[ca + 1] : 0u) - zp * sumb;
     c->ma = q->multiplier[ca];

@@ -59,7 +59,7 @@ static void mpq__fc(const mpq_fc_params *p, const mpq_filter *f, const mpq_chann
     }
 }
 
-/* mpq__fc with the tables of a tabled filter, built in this frame (as mpq__conv_tab). */
+/* mpq__fc with the tables of a tabled filter, built in this frame. */
 static MPQ_NOINLINE void mpq__fc_tab(const mpq_fc_params *p, const mpq_filter *f,
                                      const mpq_channel_quant *q, const mpq_view *in,
                                      const mpq_view *out)

@@ -603,8 +603,8 @@ static MPQ_INLINE void mpq__quad4(const uint8_t *p, int32_t bits, int32_t z, int
 /* -- dot products ---------------------------------------------------------------------------- */
 
 /* The decode table of a CODEBOOK or POW2 filter of b <= 4 bits (mpq__tabled), built once per
-   kernel call on the stack of the call's table entry (mpq__conv_tab, mpq__fc_tab): 64 bytes;
-   calls with LINEAR weights do not have it. With both formats a small table of int8 values
+   kernel call in the frame of the call's convolution or fully connected loop (mpq__conv,
+   mpq__conv_any, mpq__fc_tab): 64 bytes. With both formats a small table of int8 values
    indexed by the code, the loops below are the linear sub-byte loops with the value lookup in
    place of the sign extension. The DSP loops form each SMLAD halfword pair from two lookups
    (mpq__tpair) rather than from a 2^(2b)-entry pair table: that table took 1,024 more bytes of

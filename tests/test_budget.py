@@ -28,9 +28,9 @@ def layer_plans(tmp_path_factory, kws) -> dict[str, dict]:
     shutil.copy(kws["model"], root / "kws.onnx")
     out = {}
     shutil.copy(root / "fashion.onnx", root / "fashion_external.onnx")
-    for name, board, extra in (("fashion", "nano33ble", ["--flash", "96000"]),
+    for name, board, extra in (("fashion", "nano33ble", ["--flash", "97000"]),
                                ("fashion_external", "nano33ble",
-                                ["--flash", "96000", "--io", "external"]),
+                                ["--flash", "97000", "--io", "external"]),
                                ("kws", "stm32h743", [])):
         plan = root / f"{name}.plan.json"
         r = run_mpq("search", f"{name}.onnx", "--board", board, "--strategy", "qe",

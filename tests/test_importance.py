@@ -116,10 +116,10 @@ def test_budgets_met_by_the_plan(kws) -> None:
                   stats=stats)
     assert free.plan.predicted["bitops"] == free.plan.predicted["bitops_int8"]  # nothing binds
     budget = free.plan.predicted["bitops_int8"] // 2
-    # just above the 2-bit floor (86,208 B: the sub-byte kernels' code — packed, unpacked and
+    # just above the 2-bit floor (86,742 B: the sub-byte kernels' code — packed, unpacked and
     # the channel-group depthwise/pooling entry points — is reserved in it, so it is no longer
     # below int8's need with int8's smaller code)
-    flash = 86_700
+    flash = 87_200
     res = search(kws["model"], graph, get_board("nano33ble"), data,
                  SearchOptions(strategy="importance", sram=11_000, flash=flash,
                                weight_bits=(8, 4, 2), bitops=budget), stats=stats)

@@ -34,7 +34,7 @@ np.savez("stage_calib.npz", x=T._x((3, 16, 16), 32))
 P
 s() { out=$1; shift; PYTHONPATH=$REPO "$PY" -m mpq.cli search "$@" -o "$out.plan.json" -q >/dev/null; }
 # layer-based
-s fashion fashion.onnx --board nano33ble --strategy qe --weight-bits 8,4,2 --patches none --flash 96000
+s fashion fashion.onnx --board nano33ble --strategy qe --weight-bits 8,4,2 --patches none --flash 97000
 s kws kws.onnx --board stm32h743 --strategy qe --weight-bits 8,4,2 --patches none
 s fw4a4 fashion.onnx --board nano33ble --strategy qe --bits 4 --weights linear:4 --patches none
 s rw4a4 resnet.onnx --board nano33ble --strategy qe --bits 4 --weights linear:4 --patches none
