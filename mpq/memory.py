@@ -758,8 +758,9 @@ def node_reverse_shift(node: Node, graph: Graph, in_bits: int, out_bits: int) ->
 
 #: Where the kernels' scratch lives (the plan's `schedule.scratch`): "arena" — one arena buffer
 #: per layer that needs scratch, alive only during that layer's step(s), placed by the planner
-#: like any tensor; "separate" — one static buffer of the largest scratch beside the arena
-#: (plans before `schedule.scratch` existed, and patch-based schedules).
+#: like any tensor (a patch stage's nodes too: each patch runs the stage's steps in order);
+#: "separate" — one static buffer of the largest scratch beside the arena (plans before
+#: `schedule.scratch` existed, and stages with line buffers).
 SCRATCH_MODES = ("arena", "separate")
 SCRATCH_PREFIX = "scratch:"  # buffer name of a layer's scratch: "scratch:<node>"
 
@@ -820,23 +821,30 @@ def step_scratch_bytes(node: Node, graph: Graph, inplace: bool, in_bits: int = 8
 
 def scratch_buffers(graph: Graph, inplace: set[str], fused: dict[str, tuple[str, str]],
                     bits: dict[str, int] | None = None,
-                    grown: Mapping[str, int] | None = None) -> list[Buffer]:
-    """One arena buffer per layer-based node that needs scratch (`step_scratch_bytes`,
-    aligned), alive at its step only — a conv fused with the residual add after it
-    (`fused_residual_adds`) at its step and the add's, the steps its one kernel call spans —
-    so the planner reuses the bytes at every other step (TFLM plans its scratch buffers the
-    same way, with the lifetime of their op). `grown` (node → bytes, `grow_scratch`) sizes a
-    node's slot to at least those bytes (mpq_conv2d_unpacked's scratch), making one where
-    the int8/packed kernels need none."""
+                    grown: Mapping[str, int] | None = None,
+                    stage: Mapping[str, int] | None = None) -> list[Buffer]:
+    """One arena buffer per node that needs scratch (`step_scratch_bytes`, aligned), alive at
+    its step only — a conv fused with the residual add after it (`fused_residual_adds`) at
+    its step and the add's, the steps its one kernel call spans — so the planner reuses the
+    bytes at every other step (TFLM plans its scratch buffers the same way, with the
+    lifetime of their op). `grown` (node → bytes, `grow_scratch`) sizes a node's slot to at
+    least those bytes (mpq_conv2d_unpacked's scratch), making one where the int8/packed
+    kernels need none. `stage` (node → bytes): a patch stage's nodes, whose scratch is the
+    largest over the patches (`patch.stage_node_scratch`); every patch runs the stage's
+    steps in order, so a stage node's slot is alive at its step as a layer's is."""
     bits = bits or {}
     grown = grown or {}
+    stage = stage or {}
     fused_convs = {conv for conv, _ in fused.values()}
     out = []
     for i, n in enumerate(graph.nodes):
         if n.op not in ("conv2d", "fully_connected"):
             continue
-        size = max(step_scratch_bytes(n, graph, n.name in inplace, bits.get(n.inputs[0], 8)),
-                   grown.get(n.name, 0))
+        if n.name in stage:
+            size = stage[n.name]
+        else:
+            size = max(step_scratch_bytes(n, graph, n.name in inplace,
+                                          bits.get(n.inputs[0], 8)), grown.get(n.name, 0))
         if size == 0:
             continue
         last = i + 1 if n.name in fused_convs else i

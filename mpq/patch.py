@@ -57,6 +57,7 @@ from mpq.memory import (
     choose_overlaps,
     fused_residual_adds,
     grow_scratch,
+    kernel_scratch_bytes,
     layer_lifetimes,
     layer_memory,
     live_bytes_per_step,
@@ -66,6 +67,7 @@ from mpq.memory import (
     schedule_buffers_overlap,
     scratch_buffers,
     scratch_bytes,
+    step_scratch_bytes,
 )
 
 Span = tuple[int, int]  # [lo, hi) along one axis
@@ -522,7 +524,8 @@ class PatchSchedule:
     # (`memory.node_reverse_shift`)
     overlap_reverse: frozenset[str] = frozenset()
     # Where the kernel scratch lives (`memory.SCRATCH_MODES`): "arena" — per layer, in the
-    # arena for its step (`memory.scratch_buffers`; layer-based schedules only) — or "separate"
+    # arena for its step (`memory.scratch_buffers`; a stage node's the largest over the
+    # patches; not with line buffers) — or "separate"
     scratch: str = "separate"
     #: patch columns (0: n, the n×n grid; 1: each patch is whole rows)
     m: int = 0
@@ -829,18 +832,43 @@ class PatchSchedule:
     def scratch_buffers(self, inplace: set[str], bits: dict[str, int] | None = None,
                         grown: Mapping[str, int] | None = None) -> list[Buffer]:
         """The kernel scratch as arena buffers of one step each (`memory.scratch_buffers`;
-        `grown`: slots sized for mpq_conv2d_unpacked, `grow_scratch`) when the schedule keeps
-        it in the arena (`scratch` "arena", layer-based); else none."""
-        if self.scratch != "arena" or self.split_tensor is not None:
+        a stage node's slot the largest over the patches, `scratch_per_step`; `grown`: slots
+        sized for mpq_conv2d_unpacked, `grow_scratch`, layer-based) when the schedule keeps
+        it in the arena (`scratch_in_arena`); else none."""
+        if not self.scratch_in_arena:
             return []
-        return scratch_buffers(self.graph, inplace, self.fused_adds, bits, grown)
+        if self.split_tensor is None:
+            return scratch_buffers(self.graph, inplace, self.fused_adds, bits, grown)
+        slots = self.slot_bytes(inplace)
+        stage = {nd.name: slots[i] for i, nd in enumerate(self.graph.nodes)
+                 if i < self.split_layer}
+        return scratch_buffers(self.graph, inplace, self.fused_adds, bits, None, stage)
+
+    def slot_bytes(self, inplace: set[str]) -> list[int]:
+        """Per step, the arena slot its kernel's scratch takes with the scratch in the arena
+        (at int8 after the stage: `memory.step_scratch_bytes`). A stage node's is what mpq's
+        own stage kernel asks for (`memory.kernel_scratch_bytes`; the export's stage calls
+        never take CMSIS-NN, whose larger sizes `scratch_per_step` holds for the separate
+        buffer): an in-place depthwise's padded plane of its largest patch
+        (`stage_node_scratch`), else one im2col column — none for a 1×1 conv read in place."""
+        per_step = self.scratch_per_step(inplace)
+        out = []
+        for i, nd in enumerate(self.graph.nodes):
+            if i >= self.split_layer:
+                out.append(step_scratch_bytes(nd, self.graph, nd.name in inplace))
+            elif nd.name in inplace and nd.is_depthwise:
+                out.append(per_step[i])
+            else:
+                out.append(kernel_scratch_bytes(nd, self.graph, False))
+        return out
 
     def grow_scratch(self, bits: dict[str, int] | None, needs: Mapping[str, int], limit: int,
                      accept: Callable[[dict[str, int], int], bool] | None = None
                      ) -> dict[str, int]:
         """The slots `memory.grow_scratch` grows to `needs` within an arena of `limit` bytes;
-        none when the scratch is not in the arena."""
-        if not self.scratch_in_arena or not needs:
+        none when the scratch is not in the arena or the schedule has a patch stage (its
+        slots are the stage kernels', which have no unpacked form)."""
+        if not self.scratch_in_arena or self.split_tensor is not None or not needs:
             return {}
         buffers, inplace, _ = self._buffers(bits, True)
         return grow_scratch(self.graph, buffers, inplace, self.fused_adds, bits, needs, limit,
@@ -865,18 +893,25 @@ class PatchSchedule:
 
     @property
     def scratch_in_arena(self) -> bool:
-        """True when the kernel scratch is planned in the arena (`scratch_buffers`)."""
-        return self.scratch == "arena" and self.split_tensor is None
+        """True when the kernel scratch is planned in the arena (`scratch_buffers`): asked
+        for, and no line buffers (their stage calls' views depend on the rows kept, the
+        export sizes those calls' scratch from them)."""
+        return self.scratch == "arena" and not self.cache
 
     def peak_lower_bound(self, bits: dict[str, int] | None = None) -> int:
-        """Largest live bytes over the steps + the largest scratch: the peak is never lower.
+        """Largest live bytes over the steps + the largest scratch (the separate buffer), or,
+        with the scratch in the arena, the largest live bytes + slot of one step
+        (`slot_bytes`): the peak is never lower.
 
         (Buffers alive at the same step occupy disjoint addresses, so the arena holds at least
         their sum.)
         """
         buffers, inplace, _ = self._buffers(bits, True)
-        return max(live_bytes_per_step(buffers, len(self.steps)), default=0) \
-            + max(self.scratch_per_step(inplace), default=0)
+        live = live_bytes_per_step(buffers, len(self.steps))
+        if self.scratch_in_arena:  # a step's slot is alive with that step's buffers only
+            slots = self.slot_bytes(inplace)
+            return max((a + align_up(b) for a, b in zip(live, slots, strict=True)), default=0)
+        return max(live, default=0) + max(self.scratch_per_step(inplace), default=0)
 
 
 def stage_node_scratch(nd: Node, graph: Graph, row_reads: list[list[Span]],
@@ -925,8 +960,9 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     with a split, the stage's convolutions, below their input: `choose_stage_overlaps`); a set
     of node names — exactly those may, below their input; a mapping node → D (a plan's
     `schedule.overlap`) — those with D ≥ 0 below, those with D < 0 above their input in
-    reverse row order (layer-based only). `scratch` (`memory.SCRATCH_MODES`; layer-based
-    only, a patch schedule keeps the separate scratch): where the kernels' scratch lives.
+    reverse row order (layer-based only). `scratch` (`memory.SCRATCH_MODES`): where the
+    kernels' scratch lives (a schedule with line buffers keeps it separate:
+    `PatchSchedule.scratch_in_arena`).
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
     tensor (1 ≤ n ≤ min(H, W)).
@@ -961,6 +997,7 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
         return sched
     sched = _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache,
                   split.cols)
+    sched.scratch = scratch
     if overlap is True:
         sched.overlap = choose_stage_overlaps(sched)
     elif isinstance(overlap, Mapping):
@@ -982,7 +1019,8 @@ def choose_stage_overlaps(sched: PatchSchedule) -> frozenset[str]:
         return frozenset()
 
     def arena_of(below: frozenset[str], above: frozenset[str]) -> int:
-        return plan_arena(sched._buffers(None, True, below)[0]).size
+        bufs, inplace, _ = sched._buffers(None, True, below)
+        return plan_arena(bufs + sched.scratch_buffers(inplace)).size
 
     return choose_overlaps(arena_of, eligible, (), sched.stage_nodes)[0]
 
@@ -1106,14 +1144,16 @@ def _add_line_buffers(sched: PatchSchedule, stage: list[Node],
 def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
                    max_overhead: float | None = None,
                    bits: dict[str, int] | None = None, io: str = "external",
-                   cache: bool | None = False) -> PatchSchedule | None:
+                   cache: bool | None = False, scratch: str = "separate"
+                   ) -> PatchSchedule | None:
     """The valid (k, n) schedule with the lowest peak SRAM, or None if none beats layer-based.
 
     Ties go to fewer redundant MACs, then smaller k, then smaller n, then recomputed halos
     before line buffers. `cache`: False recomputes every halo (MCUNetV2), True caches rows
     (`cache_rows`), None tries both for every (k, n) — line buffers win when their peak is as
     low and they save MACs — and then, if halos recomputed won, line buffers for the maps that
-    fit under its peak (`cache_within_peak`). With `max_overhead`, only
+    fit under its peak (`cache_within_peak`). `scratch`: where the candidates keep the
+    kernels' scratch (`memory.SCRATCH_MODES`). With `max_overhead`, only
     schedules with redundant MACs ≤ max_overhead · total MACs are considered. Branch and bound:
     candidates are visited in order of a lower bound on their peak (live bytes per step +
     scratch), so the arena planner runs only for the few that can still win.
@@ -1131,6 +1171,7 @@ def search_patches(graph: Graph, n_choices: Iterable[int] = N_CHOICES,
                 continue
             for c in ((False, True) if cache is None else (cache,)):
                 sched = _plan(graph, k, n, index, total, io, c)
+                sched.scratch = scratch
                 if max_overhead is not None \
                         and sched.redundant_macs > max_overhead * sched.total_macs:
                     continue

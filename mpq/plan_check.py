@@ -120,14 +120,15 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     p = plan.patch
     if p is None:
         return plan_patches(graph, None, plan_io(plan), plan_overlap(plan), plan_scratch(plan))
-    if plan_scratch(plan) == "arena":
-        raise fail("schedule.scratch", "must be absent in a patch-based plan (the scratch in "
-                                       "the arena is layer-based only)")
+    if plan_scratch(plan) == "arena" and "cache" in p:
+        raise fail("schedule.scratch", "must be absent in a plan with line buffers (their "
+                                       "stage keeps the separate scratch)")
     if plan_overlap(plan) and p.get("vdpc"):
         raise fail("schedule.overlap", "must be empty in a plan with VDPC's outlier branch (the "
                                        "shifts hold at one branch's bits)")
     try:
-        schedule = plan_patches(graph, plan_split(p), plan_io(plan), plan_overlap(plan))
+        schedule = plan_patches(graph, plan_split(p), plan_io(plan), plan_overlap(plan),
+                                plan_scratch(plan))
     except MpqError as exc:
         where = "patch.cache.line_buffers" if "line buffer" in str(exc) else "patch.split_layer"
         raise fail(where, str(exc)) from None

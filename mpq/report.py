@@ -61,10 +61,10 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
     if [layer.name for layer in plan.layers] != [n.name for n in graph.nodes]:
         raise MpqError("the plan's layers are not the model's nodes; run `mpq search` again")
     io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
-    if plan.patch is None:
-        return plan_patches(graph, None, io, dict(plan.schedule.get("overlap", {})),
-                            "arena" if "scratch" in plan.schedule else "separate")
-    return plan_patches(graph, plan_split(plan.patch), io)
+    overlap = dict(plan.schedule.get("overlap", {}))  # `plan.plan_overlap`
+    scratch = "arena" if "scratch" in plan.schedule else "separate"  # `plan.plan_scratch`
+    split = None if plan.patch is None else plan_split(plan.patch)
+    return plan_patches(graph, split, io, overlap, scratch)
 
 
 def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:

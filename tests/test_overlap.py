@@ -433,7 +433,7 @@ def plans(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, opts in (("int8", ["--strategy", "int8"]),
                        ("plain", ["--strategy", "int8", "--no-overlap"]),
-                       ("tight", ["--strategy", "exact", "--sram", "5800", "--io", "external"])):
+                       ("tight", ["--strategy", "exact", "--sram", "5600", "--io", "external"])):
         out[name] = root / f"{name}.plan.json"
         r = run_mpq("search", "ov.onnx", "--board", "nano33ble", "--patches", "none",
                     "--data", "calib.npz", *opts, "-o", out[name], "-q", cwd=root)

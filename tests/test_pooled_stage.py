@@ -121,10 +121,11 @@ def test_kws_pooled_stage_needs_less_sram_than_any_other_schedule(kws) -> None:
 
 @pytest.fixture(scope="module")
 def kws_plan(kws, tmp_path_factory) -> dict:
-    """The default search at 5,000 B (0.53× of the layer-based int8 need): a pooled stage."""
+    """The default search at 4,700 B (0.50× of the layer-based int8 need, below the pooled
+    stage's int8 need of 4,776 B): a pooled stage with some maps below 8 bits."""
     g = load_model(kws["model"])
     res = search(kws["model"], g, get_board("nano33ble"), load_dataset(kws["calib"], g),
-                 SearchOptions(sram=5000))
+                 SearchOptions(sram=4700))
     root = tmp_path_factory.mktemp("pooled")
     path = root / "p.plan.json"
     res.plan.save(path)
@@ -141,7 +142,7 @@ def test_kws_plan_records_the_pool_and_meets_its_budget(kws_plan: dict) -> None:
     bits = {t.name: t.bits for t in p.tensors}
     mem = kws_plan["schedule"].memory(bits)
     assert mem.plan.offsets[ACC_PREFIX + p.patch["split_tensor"]] == pool["offset"]
-    assert p.predicted["sram_needed_bytes"] <= 5000
+    assert p.predicted["sram_needed_bytes"] <= 4700
     assert min(bits.values()) < 8
     check_plan(p, kws_plan["graph"])
 

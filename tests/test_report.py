@@ -77,8 +77,10 @@ def test_patch_plan_report(plans) -> None:
                                       strict=True))
     assert max(prof["layer_based_int8"]["sram_bytes"]) == layer_memory(graph).peak_sram_bytes
     split = PatchSplit(plan["patch"]["split_layer"], plan["patch"]["n"])
+    scratch = "arena" if "scratch" in plan["schedule"] else "separate"
     assert max(prof["patch_based_int8"]["sram_bytes"]) \
-        == plan_patches(graph, split, plan["schedule"]["io"]).memory().peak_sram_bytes
+        == plan_patches(graph, split, plan["schedule"]["io"], plan["schedule"].get("overlap", {}),
+                        scratch).memory().peak_sram_bytes
     assert prof["budget_for_arena_and_scratch"] == 14000 - io
     assert len(prof["steps"]) == len(plan["layers"])
 

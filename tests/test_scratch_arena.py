@@ -25,6 +25,7 @@ from mpq.order import apply_order, best_order
 from mpq.patch import plan_patches
 from mpq.plan import load_plan_with_model
 
+FASHION = Path(__file__).resolve().parents[1] / "examples" / "fashion"
 needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None
                                or shutil.which("qemu-system-arm") is None,
                                reason="needs arm-none-eabi-gcc and qemu-system-arm")
@@ -94,13 +95,23 @@ def searched(tmp_path_factory, kws) -> dict[str, tuple[Path, Path]]:
             ("separate", "ov.onnx", "calib.npz", "test.npz",
              ["--strategy", "int8", "--scratch", "separate"]),
             ("tight", "ov.onnx", "calib.npz", "test.npz",
-             ["--strategy", "exact", "--sram", "5800", "--io", "external", "--weights",
+             ["--strategy", "exact", "--sram", "5600", "--io", "external", "--weights",
               "linear:4"]),
             ("resnet", shared_model("pretrainedResnet.onnx"), "rcalib.npz", "rtest.npz",
              ["--strategy", "int8"]),
-            ("kws", kws["model"], kws["calib"], kws["test"], ["--strategy", "int8"])):
+            ("kws", kws["model"], kws["calib"], kws["test"], ["--strategy", "int8"]),
+            # patch stages: KWS's whole network to its global pool in rows (conv im2col and
+            # depthwise calls in the stage), the Fashion example's 3×3 grid with VDPC
+            # (in-place depthwise in the stage, both branches)
+            ("kws_patch", kws["model"], kws["calib"], kws["test"],
+             ["--strategy", "int8", "--patches", "k=10,n=25,m=1"]),
+            ("kws_patch_separate", kws["model"], kws["calib"], kws["test"],
+             ["--strategy", "int8", "--patches", "k=10,n=25,m=1", "--scratch", "separate"]),
+            ("fashion_patch", FASHION / "fashion_cnn.onnx", FASHION / "calib.npz",
+             FASHION / "test.npz", ["--strategy", "exact", "--sram", "14000"])):
         plan = root / f"{name}.plan.json"
-        r = run_mpq("search", model, "--board", "nano33ble", "--patches", "none",
+        patches = [] if "--patches" in opts or "patch" in name else ["--patches", "none"]
+        r = run_mpq("search", model, "--board", "nano33ble", *patches,
                     "--data", calib, *opts, "-o", plan, "-q", cwd=root)
         assert r.returncode == 0, r.stderr
         out[name] = (plan, root / test)
@@ -156,14 +167,45 @@ def test_export_hands_each_kernel_its_arena_slot(plans) -> None:
     assert "static int16_t mpq_scratch[" in code and "mpq_arena + " in code
 
 
-@pytest.mark.parametrize("name", ["int8", "separate", "tight", "kws"])
+def test_patch_stages_keep_their_scratch_in_the_arena(plans) -> None:
+    """A patch plan plans its stage's kernel scratch in the arena too (each stage node's slot
+    the largest over the patches, alive at its step of every patch): the record lists the
+    stage's convolutions, no separate scratch is predicted, and KWS's pooled stage needs
+    less SRAM than with `--scratch separate` (its first conv's im2col, 160 B, sits in a
+    hole of the arena); the export hands every stage call its slot and declares no scratch
+    array. With VDPC both branches' calls take the same slot."""
+    from mpq.codegen.export import render_export
+
+    for name in ("kws_patch", "fashion_patch"):
+        p = json.loads(plans[name].read_text())
+        stage = p["patch"]["stage_nodes"]
+        steps = p["schedule"]["scratch"]["steps"]
+        assert stage[0] in steps and any(n in steps for n in stage[1:]), name
+        assert p["predicted"]["scratch_bytes"] == 0
+        assert p["predicted"]["peak_sram_bytes"] == p["predicted"]["arena_bytes"]
+        plan, _, graph = load_plan_with_model(plans[name])
+        code = render_export(plan, graph, "portable")["mpq_model.c"]
+        for node in stage:
+            if node in steps:
+                assert f"(void *)(mpq_arena + {steps[node]['offset']})" in code, node
+        assert "mpq_scratch" not in code and "static int16_t" not in code
+    assert json.loads(plans["fashion_patch"].read_text())["patch"]["vdpc"] is not None
+    mine = json.loads(plans["kws_patch"].read_text())["predicted"]
+    sep = json.loads(plans["kws_patch_separate"].read_text())["predicted"]
+    assert "scratch" not in json.loads(plans["kws_patch_separate"].read_text())["schedule"]
+    assert sep["scratch_bytes"] == 160
+    assert mine["peak_sram_bytes"] <= sep["peak_sram_bytes"] - 160
+
+
+@pytest.mark.parametrize("name", ["int8", "separate", "tight", "kws", "kws_patch",
+                                  "fashion_patch"])
 def test_plans_are_byte_exact_on_the_host(searched, name) -> None:
     result = _verify(searched, name, "host", 2)
     assert result["mismatches"] == 0 and result["samples"] == 2
 
 
 @needs_arm
-@pytest.mark.parametrize("name", ["int8", "tight", "resnet"])
+@pytest.mark.parametrize("name", ["int8", "tight", "resnet", "kws_patch"])
 def test_plans_are_byte_exact_on_qemu_m4_with_the_predicted_sram(searched, plans,
                                                                  name) -> None:
     """Every output byte is the integer reference's, and the model's measured `.data`/`.bss`

@@ -51,9 +51,9 @@ def test_budget_met_and_checked_by_the_real_planner(kws) -> None:
     graph = load_model(kws["model"])
     from mpq.quant.calibrate import load_dataset
 
-    # int8 needs 5.1 kB on the pooled stage (patch.pooled_splits, its pointwise outputs over
-    # their inputs), 9.5 kB layer-based
-    for sram in (4_832, 5_000):
+    # int8 needs 4,776 B on the pooled stage (patch.pooled_splits, its pointwise outputs over
+    # their inputs, its first conv's scratch in the arena), 9.5 kB layer-based
+    for sram in (4_600, 4_740):
         res = search(kws["model"], graph, get_board("nano33ble"),
                      load_dataset(kws["calib"], graph), SearchOptions(sram=sram))
         p = res.plan.predicted

@@ -115,6 +115,7 @@ def both(*mutations: Callable[[dict], None]) -> Callable[[dict], None]:
 
 
 LAYER_ARENA = "predicted.arena_bytes"
+STAGE_CONV = "/features/0/0/Conv"  # the patch plan's first stage convolution (im2col scratch)
 
 # (id, base plan, mutation, fragment the one error line must contain). Tensor 1 of the
 # layer-based plan is the first conv's output (12,544 B, not a fused conv output); tensor 2,
@@ -194,8 +195,20 @@ CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
                                               + 16)(p), LAYER_ARENA),
     ("macs-changed", "layer", setter("layers[0].macs", 1), "layers[0].macs: must be"),
     ("predicted-macs-changed", "patch", setter("predicted.macs", 1), "predicted.macs"),
-    ("predicted-scratch-changed", "patch", setter("predicted.scratch_bytes", 0),
+    ("predicted-scratch-changed", "patch",
+     lambda p: setter("predicted.scratch_bytes", p["predicted"]["scratch_bytes"] + 16)(p),
      "predicted.scratch_bytes"),
+    # the patch stage's kernel scratch in the arena (`schedule.scratch`)
+    ("stage-scratch-bytes", "patch", setter(f"schedule.scratch.steps.{STAGE_CONV}.bytes", 16),
+     f"schedule.scratch.steps.{STAGE_CONV}.bytes: must be"),
+    ("stage-scratch-offset", "patch", setter(f"schedule.scratch.steps.{STAGE_CONV}.offset", 0),
+     f"schedule.scratch.steps.{STAGE_CONV}.offset: the scratch of"),
+    ("stage-scratch-missing", "patch",
+     lambda p: p["schedule"]["scratch"]["steps"].pop(STAGE_CONV), "schedule.scratch.steps:"),
+    ("stage-scratch-with-line-buffers", "patch",
+     setter("patch.cache", {"order": "column-major", "redundant_macs_recompute": 0,
+                            "line_buffers": []}),
+     "schedule.scratch: must be absent in a plan with line buffers"),
     # the measured search's record (shown only; malformed values are still refused)
     ("fidelity-samples-zero", "patch", with_fidelity("samples", 0),
      "predicted.fidelity.samples"),
@@ -207,18 +220,19 @@ CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("fidelity-unknown-key", "patch", with_fidelity("accuracy", 0.99),
      "predicted.fidelity.accuracy: unknown key"),
     # the patch schedule
-    ("patch-null", "patch", setter("patch", None), "tensors[1].outlier_branch"),
+    ("patch-null", "patch", setter("patch", None), "schedule.inplace_depthwise"),
     ("patch-grid-n", "patch", setter("patch.n", 2), "patch."),
     ("patch-grid-n-too-big", "patch", setter("patch.n", 20), "patch.split_layer: patch split"),
     ("patch-tiles", "patch", setter("patch.tiles[0][0][1]", 5), "patch.tiles: does not match"),
     ("patch-tiles-shape", "patch", setter("patch.tiles[1]", [[0, 4, 0, 4]]),
      "patch.tiles[1]: must have 3 entries"),
-    ("patch-split-layer", "patch", setter("patch.split_layer", 3), "patch."),
+    ("patch-split-layer", "patch",
+     lambda p: setter("patch.split_layer", p["patch"]["split_layer"] + 1)(p), "patch."),
     ("patch-split-layer-zero", "patch", setter("patch.split_layer", 0), "patch.split_layer"),
     ("patch-stage-nodes", "patch", setter("patch.stage_nodes[0]", "/features/1/conv/0/0/Conv"),
      "patch.stage_nodes: does not match"),
     ("patch-on-layer-plan", "layer", lambda p: setter("patch", PATCH_OF["patch"])(p),
-     "schedule.scratch: must be absent in a patch-based plan"),
+     "schedule.inplace_depthwise"),
     ("vdpc-regions", "patch", setter("patch.vdpc.regions[0][0][1]", 27),
      "patch.vdpc.regions: do not match"),
     ("vdpc-rate-shape", "patch", setter("patch.vdpc.outlier_rate", [[0.5]]),

@@ -686,6 +686,9 @@ class StageCall:
     #: branch's): a sub-byte depthwise / pooling by channel groups (`_stage_group_kernels`)
     #: beside the all-8-bit outlier branch's plain one
     branch_kernels: dict[str, str] = field(default_factory=dict)
+    #: the call's scratch argument: the separate array, its arena slot (`schedule.scratch`)
+    #: or NULL (no scratch needed)
+    scratch: str = "mpq_scratch"
 
 
 def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, Any]:
@@ -808,7 +811,12 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                         ConstArray(f"{sym}_s", "int32_t", [int(v) for v in lq.shift]),
                     ]
                     quant_syms[br] = sym
-                b.scratch = max(b.scratch, _patch_scratch(node, geometry, kernel))
+                if b.scratch_arena:  # its slot (`schedule.scratch`), as a layer call's
+                    b.use_scratch(node, _patch_scratch(node, geometry, kernel)
+                                  if kernel in INPLACE_KERNELS
+                                  else kernel_scratch_bytes(node, graph, False))
+                else:
+                    b.scratch = max(b.scratch, _patch_scratch(node, geometry, kernel))
             elif node.op == "add":
                 params[br] = bb.add_params(node, node.inputs[0])
             elif node.op in ("mul", "sub", "prelu"):
@@ -845,7 +853,8 @@ def _stage(plan: Plan, graph: Graph, qm: QuantModel, b: _Builder) -> dict[str, A
                 [graph.tensors[fused[name][1]].shape[3]] if add_node is not None else []),
             graph.tensors[out_t].shape[3], geometry, params, weight, quant_syms,
             line_base.get(out_t),
-            {br: k for br, k in per_branch.items() if k != kernel}))
+            {br: k for br, k in per_branch.items() if k != kernel},
+            b.scratch_of.get(name, "NULL") if b.scratch_arena else "mpq_scratch"))
     cmap = None
     if vdpc:
         r = regions[vdpc["map"]]
@@ -882,10 +891,14 @@ def _stage_group_kernels(plan: Plan, node: Node, kernel: str, bits_in: dict[str,
             for br, bits in bits_in.items()}
 
 
+#: The stage kernels whose scratch is the patch's padded input plane (`_patch_scratch`).
+INPLACE_KERNELS = ("depthwise_inplace", "depthwise_inplace_grouped")
+
+
 def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
     """Largest kernel scratch of a stage conv over the patches (the kernels' formulas)."""
     _, kh, kw, cin_g = node.weight.shape
-    if kernel not in ("depthwise_inplace", "depthwise_inplace_grouped"):
+    if kernel not in INPLACE_KERNELS:
         return 2 * kh * kw * cin_g
     a = node.attrs
     sh, sw = a["strides"]

@@ -360,6 +360,11 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
     flash_fixed += constant_flash_bytes(graph)
 
     buffers = schedule.buffers()
+    # The kernels' scratch in the arena (`schedule.scratch_buffers`): fixed bytes at their
+    # steps, so each step's row holds them as the real planner does (a slot a 4/2-bit input
+    # enlarges for the packed kernel counts at its int8 size: the rows stay a relaxation).
+    slots = schedule.scratch_buffers(inplace)
+    slot_bytes = {b.name: b.size for b in slots}
     live: list[list[tuple[str, ...]]] = []
     for t in range(len(schedule.steps)):
         step = []
@@ -372,6 +377,7 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
                               if s.first <= t <= s.last and s.shift == shift)
                 if alive:
                     step.append(alive)
+        step += [(b.name,) for b in slots if any(s.first <= t <= s.last for s in b.segments)]
         live.append(step)
 
     elements = schedule.tensor_elements
@@ -380,6 +386,8 @@ def build_problem(graph: Graph, schedule: PatchSchedule, scores: dict[str, MapSc
     def size(tensor: str, bits: int) -> int:
         if tensor in never_stored:
             return 0
+        if tensor in slot_bytes:
+            return slot_bytes[tensor]
         return align_up(packed_bytes(elements[tensor], bits))
 
     plans: dict[tuple, ArenaPlan] = {}  # the planner is deterministic: each bit map planned once
@@ -773,7 +781,8 @@ def given_split(graph: Graph, split: PatchSplit, opts: SearchOptions) -> PatchSc
     `cache_choice` allows them) the maps whose line buffers fit under the recomputing
     schedule's int8 peak (`patch.cache_within_peak`), if any saves MACs."""
     choice = cache_choice(opts)
-    plain = with_stage_overlap(graph, plan_patches(graph, split, opts.io), opts)
+    plain = with_stage_overlap(
+        graph, plan_patches(graph, split, opts.io, scratch=opts.scratch), opts)
     if choice is False:
         return plain
     if choice:
@@ -961,7 +970,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     for n in PATCH_N:
         for cache in forms:
             best = search_patches(graph, n_choices=(n,), max_overhead=overhead_bound(opts),
-                                  bits=low, io=opts.io, cache=cache)
+                                  bits=low, io=opts.io, cache=cache, scratch=opts.scratch)
             if best is not None:
                 out.append(with_stage_overlap(graph, best, opts))
     splits = pooled_splits(graph)
@@ -971,7 +980,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
         and opts.max_overhead is None else overhead_bound(opts)
     baseline = out[0].memory(low).peak_sram_bytes
     for split in splits:
-        sched = plan_patches(graph, split, opts.io)
+        sched = plan_patches(graph, split, opts.io, scratch=opts.scratch)
         if sched.redundant_macs > pooled_bound * sched.total_macs:
             continue  # before planning its overlaps: a stage the bound rules out is dropped
         sched = with_stage_overlap(graph, sched, opts)
@@ -1190,8 +1199,8 @@ def speed_slots(graph: Graph, board: Board, schedule: PatchSchedule, memory: Any
     region = place_buffers(board, memory.arena_bytes, memory.scratch_bytes, io_bytes)
     grown = unpacked_slots(graph, board, schedule, qm, act_bits, memory, io_bytes,
                            arena_limit, code_limit, region)
-    if not schedule.scratch_in_arena:
-        return schedule, grown
+    if not schedule.scratch_in_arena or schedule.split_tensor is not None:
+        return schedule, grown  # rows reversed and grown slots are layer-based forms
     fused_convs = {conv for conv, _ in schedule.fused_adds.values()}
     by_name = {n.name: n for n in graph.nodes}
     rows = [n for n in unpacked_needs(graph, board.core, lambda t: qm.acts[t].bits,
@@ -1221,7 +1230,7 @@ def unpacked_slots(graph: Graph, board: Board, schedule: PatchSchedule, qm: Quan
     code the export then links (`plan_code_bytes`) within `code_limit` (the Flash budget less
     the parameters).
     `io_bytes`: the SRAM beside the arena (the caller's buffers and the stack)."""
-    if not schedule.scratch_in_arena:
+    if not schedule.scratch_in_arena or schedule.split_tensor is not None:
         return {}
     weights = _weights_of(qm)
     fused_convs = {conv for conv, _ in schedule.fused_adds.values()}
