@@ -137,40 +137,30 @@ static MPQ_INLINE void mpq__dw_put(const mpq__dw_out *o, uint32_t k, uint32_t ac
     }
 }
 
-/* wv[t] = W[wk + t] for t < taps, weights of any format decoded; returns their sum (mod 2^32). */
+/* W[wk + t] for t < taps, weights of any format decoded, into w32[t] when w32 is not NULL,
+   else into w8[t] (every format's values are int8: mpq__wval; the channel pairs' frames keep
+   a quarter of int32's stack); returns their sum (mod 2^32). */
 static MPQ_NOINLINE uint32_t mpq__dw_weights(const mpq_filter *f, uint32_t wk, int32_t taps,
-                                             int32_t *wv)
+                                             int32_t *w32, int8_t *w8)
 {
     const uint8_t *wts = (const uint8_t *)f->data;
     uint32_t wsum = 0;
     int32_t t;
     for (t = 0; t < taps; ++t) {
-        wv[t] = f->format == MPQ_WFMT_LINEAR
+        const int32_t v = f->format == MPQ_WFMT_LINEAR
             ? mpq__ld(wts, f->bits, wk + (uint32_t)t)
             : mpq__wval(f, mpq__code(wts, f->bits, wk + (uint32_t)t));
-        wsum += (uint32_t)wv[t];
+        if (w32 != NULL) {
+            w32[t] = v;
+        } else {
+            w8[t] = (int8_t)v;
+        }
+        wsum += (uint32_t)v;
     }
     return wsum;
 }
 
 /* -- sub-byte channel groups (4-bit pairs, 2-bit quads) ------------------------------------- */
-
-/* mpq__dw_weights into int8 values (every format's are: mpq__wval), for the channel pairs'
-   frames: a quarter of int32's stack. */
-static MPQ_NOINLINE uint32_t mpq__dw_weights8(const mpq_filter *f, uint32_t wk, int32_t taps,
-                                              int8_t *wv)
-{
-    const uint8_t *wts = (const uint8_t *)f->data;
-    uint32_t wsum = 0;
-    int32_t t;
-    for (t = 0; t < taps; ++t) {
-        wv[t] = (int8_t)(f->format == MPQ_WFMT_LINEAR
-                         ? mpq__ld(wts, f->bits, wk + (uint32_t)t)
-                         : mpq__wval(f, mpq__code(wts, f->bits, wk + (uint32_t)t)));
-        wsum += (uint32_t)wv[t];
-    }
-    return wsum;
-}
 
 /* The field of byte b that a left shift by `la` puts at the byte's top, as a signed byte: the
    field's value times 2^(8 - bits) (mask8 = the top `bits` bits). */
@@ -190,8 +180,8 @@ typedef struct {
     int32_t cg;           /* the group's first channel */
 } mpq__dw_group;
 
-/* One channel pair (ca, ca + 1) of a sub-byte channel group: its decoded weights (int8:
-   mpq__dw_weights8), the accumulators' start (bias - input_zp * sum(W)) and the
+/* One channel pair (ca, ca + 1) of a sub-byte channel group: its decoded weights (int8,
+   mpq__dw_weights), the accumulators' start (bias - input_zp * sum(W)) and the
    requantisation (mpq__dw_split). */
 typedef struct {
     int8_t wa[MPQ_DW_TAPS], wb[MPQ_DW_TAPS];
@@ -206,8 +196,8 @@ static MPQ_NOINLINE void mpq__dw_pair_init(const mpq__dw_group *g, int32_t ca, m
     const mpq_channel_quant *q = g->q;
     const int32_t taps = f->h * f->w;
     const uint32_t zp = (uint32_t)g->p->input_zp;
-    const uint32_t suma = mpq__dw_weights8(f, (uint32_t)(ca * taps), taps, c->wa);
-    const uint32_t sumb = mpq__dw_weights8(f, (uint32_t)((ca + 1) * taps), taps, c->wb);
+    const uint32_t suma = mpq__dw_weights(f, (uint32_t)(ca * taps), taps, NULL, c->wa);
+    const uint32_t sumb = mpq__dw_weights(f, (uint32_t)((ca + 1) * taps), taps, NULL, c->wb);
     c->acca = (q->bias != NULL ? (uint32_t)q->bias[ca] : 0u) - zp * suma;
     c->accb = (q->bias != NULL ? (uint32_t)q->bias[ca + 1] : 0u) - zp * sumb;
     c->ma = q->multiplier[ca];
@@ -573,7 +563,7 @@ int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,
         o.shift = q->shift[ch];
         o.fast = o.shift <= 0 && o.shift >= -30 && o.mult >= 0;
         if (table) {
-            acc0 -= (uint32_t)p->input_zp * mpq__dw_weights(f, wk, taps, wv);
+            acc0 -= (uint32_t)p->input_zp * mpq__dw_weights(f, wk, taps, wv, NULL);
         }
 #if MPQ_USE_DSP
         /* The 3x3 loops' weights, packed once per channel: (w0, w2) halves and w1, w2 of each
