@@ -282,7 +282,7 @@ static MPQ_NOINLINE void mpq__conv_any(const mpq_conv_params *p, const mpq_filte
     const int32_t klen = f->h * f->w * f->c;
     const int direct = mpq__conv_direct(p, f, in, out);
     /* Linear and tabled weights take two rows at a time; 8-bit CODEBOOK ones one by one. */
-    const int paired = f->format == MPQ_WFMT_LINEAR || t != NULL;
+    const int paired = f->format == MPQ_WFMT_LINEAR || mpq__tabled(f);
     int32_t oy, ox, g, o, r, i;
     if (mpq__tabled(f)) {
         mpq__wtab_build(f, &tab);

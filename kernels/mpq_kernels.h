@@ -89,7 +89,8 @@ extern "C" {
               +-(x << e) modulo 2^32 (a multiply-accumulate costs a cycle on a Cortex-M).
    CODEBOOK and POW2 filters of 4, 3 or 2 bits are decoded through a table of their code
    values that mpq_conv2d, mpq_conv2d_add and mpq_fully_connected build on their stack once
-   per call (64 bytes); calls with other filters do not reserve it. */
+   per call (64 bytes; the convolutions' frames hold it for every filter, the fully connected
+   layer's only for these). */
 #define MPQ_WFMT_LINEAR 0
 #define MPQ_WFMT_CODEBOOK 1
 #define MPQ_WFMT_POW2 2
