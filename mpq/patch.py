@@ -20,8 +20,10 @@ Memory (§5): one step per node. Stage tensors get the largest per-patch rectang
 reused from patch to patch); the split tensor is a full-size buffer alive from step 0 to its
 last use; the graph input is the caller's buffer. Depthwise convolutions run in place and
 reshapes are views as in `mpq.memory`, and buffers are placed with `memory.plan_arena`.
-Peak SRAM = arena + the largest kernel scratch (`memory.scratch_bytes`, on per-patch shapes for
-stage nodes).
+Peak SRAM = the arena, each node's kernel scratch a slot in it alive at its step (`--scratch
+arena`, the default: `PatchSchedule.slot_bytes`, a stage node's the largest over the patches),
+or the arena + the largest kernel scratch (`--scratch separate` and stages with line buffers:
+`memory.scratch_bytes`, on per-patch shapes for stage nodes).
 
 A stage may end in a global average pool (`global_pool_problem`): the grid then tiles the
 pool's input, each patch adds its tile to an int32 sum per channel (the `accumulator`, alive
@@ -849,18 +851,41 @@ class PatchSchedule:
         (at int8 after the stage: `memory.step_scratch_bytes`). A stage node's is what mpq's
         own stage kernel asks for (`memory.kernel_scratch_bytes`; the export's stage calls
         never take CMSIS-NN, whose larger sizes `scratch_per_step` holds for the separate
-        buffer): an in-place depthwise's padded plane of its largest patch
-        (`stage_node_scratch`), else one im2col column — none for a 1×1 conv read in place."""
-        per_step = self.scratch_per_step(inplace)
+        buffer): an in-place depthwise's padded plane of its largest patch (`plane_bytes`),
+        else one im2col column — none for a 1×1 conv read in place."""
         out = []
         for i, nd in enumerate(self.graph.nodes):
             if i >= self.split_layer:
                 out.append(step_scratch_bytes(nd, self.graph, nd.name in inplace))
             elif nd.name in inplace and nd.is_depthwise:
-                out.append(per_step[i])
+                out.append(self.plane_bytes(nd))
             else:
                 out.append(kernel_scratch_bytes(nd, self.graph, False))
         return out
+
+    def plane_bytes(self, nd: Node) -> int:
+        """The largest padded input plane an in-place depthwise stage call saves over the
+        patches — the kernel's (p_t + H + p_b)·(p_l + W + p_r), H×W its input *view*: the
+        input tile from the node's offset in it (`node_offsets`) to the tile's end, which is
+        larger than the node's own reads when another consumer of the tensor reads further
+        (`memory.kernel_scratch_bytes`'s formula; the export sizes each call the same way)."""
+        src, dst = nd.inputs[0], nd.outputs[0]
+        kh, kw = int(nd.weight.shape[1]), int(nd.weight.shape[2])
+        sh, sw = nd.attrs["strides"]
+        dh, dw = nd.attrs.get("dilations", (1, 1))
+        worst = 0
+        for i in range(self.n):
+            for j in range(self.m):
+                r_in, r_out = self.regions[src][i][j], self.computed_regions[dst][i][j]
+                if r_out.rows == 0:
+                    continue  # every row kept in a line buffer: the call is skipped
+                dy, dx = self.node_offsets[nd.name][i][j][0]
+                h, w = r_in.rows - dy, r_in.cols - dx
+                pt, pl = self.node_pads[nd.name][i][j][:2]
+                pb = max(0, (r_out.rows - 1) * sh - pt + dh * (kh - 1) + 1 - h)
+                pr = max(0, (r_out.cols - 1) * sw - pl + dw * (kw - 1) + 1 - w)
+                worst = max(worst, (pt + h + pb) * (pl + w + pr))
+        return worst
 
     def grow_scratch(self, bits: dict[str, int] | None, needs: Mapping[str, int], limit: int,
                      accept: Callable[[dict[str, int], int], bool] | None = None

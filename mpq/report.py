@@ -25,6 +25,7 @@ from typing import Any
 from mpq.errors import MpqError
 from mpq.fileio import write_atomic
 from mpq.ir import Graph, graph_fingerprint
+from mpq.memory import SCRATCH_PREFIX
 from mpq.patch import PatchMemory, PatchSchedule, plan_patches, plan_split
 from mpq.plan import Plan
 from mpq.search.driver import stage_bitops
@@ -86,15 +87,20 @@ def memory_series(schedule: PatchSchedule, bits: dict[str, int] | None) -> dict[
     `sram_bytes[t]` = arena extent at t + the kernel scratch buffer (one static buffer of the
     largest scratch, as the export allocates it), so max_t sram_bytes = arena + scratch = the
     peak the search predicts. `live_bytes[t]` (tensors alive, `memory.live_bytes_per_step`) and
-    `scratch_bytes[t]` (the step's own scratch) show what the step itself needs.
+    `scratch_bytes[t]` (the step's own scratch: with the scratch in the arena its slots, which
+    `live_bytes` then include) show what the step itself needs.
     """
     mem = schedule.memory(bits)
     n = len(schedule.steps)
     extent = arena_extent_per_step(mem, n)
+    scratch = list(mem.per_step_scratch)
+    if schedule.scratch_in_arena:
+        scratch = [sum(s.size for b in mem.plan.buffers if b.name.startswith(SCRATCH_PREFIX)
+                       for s in b.segments if s.first <= t <= s.last) for t in range(n)]
     return {
         "sram_bytes": [e + mem.scratch_bytes for e in extent],
         "live_bytes": list(mem.per_step_bytes),
-        "scratch_bytes": list(mem.per_step_scratch),
+        "scratch_bytes": scratch,
         "arena_bytes": mem.arena_bytes,
         "scratch_max_bytes": mem.scratch_bytes,
         "peak_sram_bytes": mem.peak_sram_bytes,

@@ -512,3 +512,44 @@ def test_stack_bound_counts_the_sub_byte_kernels_frames(monkeypatch) -> None:
     assert budget.predicted_stack_bytes(graph) == 7 + 900
     families["conv2d_unpacked"] = 1
     assert budget.predicted_stack_bytes(graph) == 7 + 300
+
+
+def _shared_input_model() -> onnx.ModelProto:
+    """A 1×1 conv whose output two stage nodes read: a dilated 3×3 conv (reads two rows and
+    columns past the patch) and an in-place depthwise (one), summed. The depthwise's input
+    view runs to the end of the stored tile, past its own reads."""
+    b = _Builder(0)
+    t = b.conv("input", b.init("c0.w", b.he((8, 4, 1, 1))), b.init("c0.b", b.small(8)),
+               "/c0/Conv", 1)
+    t = b.node("Relu", [t], "/r0/Relu")
+    a = b.conv(t, b.init("cd.w", b.he((8, 8, 3, 3))), b.init("cd.b", b.small(8)), "/cd/Conv",
+               3, 1, (2, 2, 2, 2), dilation=2)
+    d = b.conv(t, b.init("dw.w", b.he((8, 1, 3, 3))), b.init("dw.b", b.small(8)), "/dw/Conv",
+               3, 1, (1, 1, 1, 1), group=8)
+    s = b.node("Add", [a, d], "/add/Add")
+    x = b.conv(s, b.init("c2.w", b.he((8, 8, 3, 3))), b.init("c2.b", b.small(8)), "/c2/Conv",
+               3, 2, (1, 1, 1, 1))
+    x = b.node("Relu", [x], "/r2/Relu")
+    b.conv(x, b.init("c3.w", b.he((16, 8, 3, 3))), b.init("c3.b", b.small(16)), "/c3/Conv", 3,
+           2, (1, 1, 1, 1), output="output")
+    return b.model("g", [_input("input", [1, 4, 32, 32])], ["output"])
+
+
+def test_a_stage_depthwise_slot_holds_its_whole_input_view(tmp_path: Path) -> None:
+    """The in-place depthwise saves its input *view* (the stored tile from its offset on), not
+    only the rows it reads: a slot sized from its reads was 9 B short here and the export
+    refused the plan. Planned from the view, the plan exports and runs byte-exact."""
+    onnx.save(_shared_input_model(), tmp_path / "g.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 4, 32, 32)).astype(np.float32))
+    plan = tmp_path / "g.plan.json"
+    r = run_mpq("search", "g.onnx", "--board", "nano33ble", "--strategy", "qe", "--order",
+                "file", "--patches", "k=4,n=4", "--data", "c.npz", "-o", plan, "-q",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(plan.read_text())
+    assert "/dw/Conv" in p["patch"]["stage_nodes"] and "/dw/Conv" in p["schedule"]["scratch"][
+        "steps"]
+    r = run_mpq("verify", plan, "--data", tmp_path / "c.npz", "--samples", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["mismatches"] == 0
