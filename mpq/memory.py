@@ -774,6 +774,21 @@ def check_scratch(mode: str, where: str = "--scratch") -> str:
     return mode
 
 
+def padded_plane_bytes(node: Node, in_hw: tuple[int, int], out_hw: tuple[int, int],
+                       pads_tl: tuple[int, int]) -> int:
+    """The padded input plane an in-place depthwise saves (`mpq_depthwise_inplace_scratch_size`,
+    kernels/mpq_depthwise.c): (p_t + H + p_b)·(p_l + W + p_r) bytes for an H×W input, its top
+    and left pads, and p_b, p_r the rows/columns the Ho×Wo output's windows reach below/right
+    of the input."""
+    (h, w), (ho, wo), (pt, pl) = in_hw, out_hw, pads_tl
+    kh, kw = int(node.weight.shape[1]), int(node.weight.shape[2])
+    sh, sw = node.attrs["strides"]
+    dh, dw = node.attrs.get("dilations", (1, 1))
+    pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
+    pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
+    return (pt + h + pb) * (pl + w + pr)
+
+
 def kernel_scratch_bytes(node: Node, graph: Graph, inplace: bool, packed: bool = False) -> int:
     """Bytes of scratch mpq's portable kernel for `node` asks for (kernels/mpq_kernels.h, the
     `*_scratch_size` functions): in-place depthwise — one padded input channel,
@@ -792,12 +807,7 @@ def kernel_scratch_bytes(node: Node, graph: Graph, inplace: bool, packed: bool =
     if inplace:
         _, h, w, _ = graph.tensors[node.inputs[0]].shape
         _, ho, wo, _ = graph.tensors[node.outputs[0]].shape
-        sh, sw = a["strides"]
-        dh, dw = a.get("dilations", (1, 1))
-        pt, pl = a["pads"][0], a["pads"][1]
-        pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
-        pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
-        return (pt + h + pb) * (pl + w + pr)
+        return padded_plane_bytes(node, (h, w), (ho, wo), (a["pads"][0], a["pads"][1]))
     in_shape = graph.tensors[node.inputs[0]].shape
     out_shape = graph.tensors[node.outputs[0]].shape
     if (kh, kw) == (1, 1) and tuple(a["strides"]) == (1, 1) and not any(a["pads"][:2]) \
@@ -830,7 +840,7 @@ def scratch_buffers(graph: Graph, inplace: set[str], fused: dict[str, tuple[str,
     lifetime of their op). `grown` (node → bytes, `grow_scratch`) sizes a node's slot to at
     least those bytes (mpq_conv2d_unpacked's scratch), making one where the int8/packed
     kernels need none. `stage` (node → bytes): a patch stage's nodes, whose scratch is the
-    largest over the patches (`patch.stage_node_scratch`); every patch runs the stage's
+    largest over the patches (`PatchSchedule.slot_bytes`); every patch runs the stage's
     steps in order, so a stage node's slot is alive at its step as a layer's is."""
     bits = bits or {}
     grown = grown or {}

@@ -65,6 +65,7 @@ from mpq.memory import (
     live_bytes_per_step,
     overlap_shift,
     packed_bytes,
+    padded_plane_bytes,
     plan_arena,
     schedule_buffers_overlap,
     scratch_buffers,
@@ -870,9 +871,6 @@ class PatchSchedule:
         larger than the node's own reads when another consumer of the tensor reads further
         (`memory.kernel_scratch_bytes`'s formula; the export sizes each call the same way)."""
         src, dst = nd.inputs[0], nd.outputs[0]
-        kh, kw = int(nd.weight.shape[1]), int(nd.weight.shape[2])
-        sh, sw = nd.attrs["strides"]
-        dh, dw = nd.attrs.get("dilations", (1, 1))
         worst = 0
         for i in range(self.n):
             for j in range(self.m):
@@ -880,11 +878,9 @@ class PatchSchedule:
                 if r_out.rows == 0:
                     continue  # every row kept in a line buffer: the call is skipped
                 dy, dx = self.node_offsets[nd.name][i][j][0]
-                h, w = r_in.rows - dy, r_in.cols - dx
-                pt, pl = self.node_pads[nd.name][i][j][:2]
-                pb = max(0, (r_out.rows - 1) * sh - pt + dh * (kh - 1) + 1 - h)
-                pr = max(0, (r_out.cols - 1) * sw - pl + dw * (kw - 1) + 1 - w)
-                worst = max(worst, (pt + h + pb) * (pl + w + pr))
+                worst = max(worst, padded_plane_bytes(
+                    nd, (r_in.rows - dy, r_in.cols - dx), (r_out.rows, r_out.cols),
+                    self.node_pads[nd.name][i][j][:2]))
         return worst
 
     def grow_scratch(self, bits: dict[str, int] | None, needs: Mapping[str, int], limit: int,

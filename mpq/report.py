@@ -27,7 +27,7 @@ from mpq.fileio import write_atomic
 from mpq.ir import Graph, graph_fingerprint
 from mpq.memory import SCRATCH_PREFIX
 from mpq.patch import PatchMemory, PatchSchedule, plan_patches, plan_split
-from mpq.plan import Plan
+from mpq.plan import Plan, plan_io, plan_overlap, plan_scratch
 from mpq.search.driver import stage_bitops
 from mpq.search.scores import layer_bitops
 from mpq.vdpc import VdpcResult
@@ -61,11 +61,8 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
         raise MpqError("the plan was made for a different model")
     if [layer.name for layer in plan.layers] != [n.name for n in graph.nodes]:
         raise MpqError("the plan's layers are not the model's nodes; run `mpq search` again")
-    io = str(plan.schedule.get("io", "external"))  # `plan.plan_io`
-    overlap = dict(plan.schedule.get("overlap", {}))  # `plan.plan_overlap`
-    scratch = "arena" if "scratch" in plan.schedule else "separate"  # `plan.plan_scratch`
     split = None if plan.patch is None else plan_split(plan.patch)
-    return plan_patches(graph, split, io, overlap, scratch)
+    return plan_patches(graph, split, plan_io(plan), plan_overlap(plan), plan_scratch(plan))
 
 
 def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:

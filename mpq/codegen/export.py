@@ -30,7 +30,7 @@ from mpq.codegen.render import linker_script, render
 from mpq.errors import MpqError
 from mpq.fileio import write_if_changed
 from mpq.ir import LAYOUT_NHWC, Graph, Node
-from mpq.memory import align_up, kernel_scratch_bytes, packed_bytes
+from mpq.memory import align_up, kernel_scratch_bytes, packed_bytes, padded_plane_bytes
 from mpq.plan import Plan, plan_io, plan_quant_model, plan_scratch, plan_scratch_slots
 from mpq.quant import arith, weights
 from mpq.quant.qmodel import QuantModel
@@ -900,20 +900,10 @@ def _patch_scratch(node: Node, geometry: list[list[int]], kernel: str) -> int:
     _, kh, kw, cin_g = node.weight.shape
     if kernel not in INPLACE_KERNELS:
         return 2 * kh * kw * cin_g
-    a = node.attrs
-    sh, sw = a["strides"]
-    dh, dw = a["dilations"]
-    worst = 0
-    for row in geometry:
-        _, _, h, w, _ = row[0:5]
-        _, _, ho, wo, _ = row[5:10]
-        if ho == 0:  # every row kept in the line buffer: the call is skipped
-            continue
-        pt, pl = row[10], row[11]
-        pb = max(0, (ho - 1) * sh - pt + dh * (kh - 1) + 1 - h)
-        pr = max(0, (wo - 1) * sw - pl + dw * (kw - 1) + 1 - w)
-        worst = max(worst, (pt + h + pb) * (pl + w + pr))
-    return worst
+    # per patch row: the input view (y0, x0, h, w, stored_w), the output view, then the pads;
+    # an output of no rows (every row kept in the line buffer) skips the call
+    return max((padded_plane_bytes(node, (row[2], row[3]), (row[7], row[8]), (row[10], row[11]))
+                for row in geometry if row[7] != 0), default=0)
 
 
 def export_context(plan: Plan, graph: Graph, backend: str = "portable") -> dict[str, Any]:

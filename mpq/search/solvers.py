@@ -273,7 +273,7 @@ def solve_exact(problem: Problem, max_rounds: int = 12) -> Solution:
         free_arena = problem.arena(problem.tensor_bits(free))
         if free_arena <= problem.sram_budget:
             return Solution(free, problem.objective(free), free_arena, problem.flash_bytes(free))
-    if choice is None or arena is None:
+    if choice is None:
         raise MpqError("no bit allocation fits the budget")
     # The liveness bound is exact per step, but the greedy planner can fragment. Bisect the
     # bound between "tightened by the whole excess" and the budget, keeping the best allocation
