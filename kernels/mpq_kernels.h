@@ -209,7 +209,10 @@ int32_t mpq_depthwise_inplace_scratch_size(const mpq_conv_params *p, const mpq_f
  * input_zp padding), then that channel's outputs are written. An output element of channel ch
  * is stored at an index == ch (mod C), i.e. over input channel ch, which is already saved; so
  * `out` may share storage with `in` when both views start at the same element (same `data`,
- * equal bits and C), whatever their offsets, widths and strides. Weights are [C][KH][KW][1].
+ * equal bits and C), whatever their offsets, widths and strides, or when `out->data` is a
+ * whole number of pixels (C*bits/8 bytes, C*bits a multiple of 8) above or below `in->data`:
+ * a patch stage ends a tile's output where its larger input tile ends. Weights are
+ * [C][KH][KW][1].
  * Any bits; 4- and 2-bit tensors one element at a time (mpq_depthwise_inplace_grouped is
  * their fast form). */
 int mpq_depthwise_inplace(const mpq_conv_params *p, const mpq_filter *f,

@@ -297,7 +297,8 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
                              fused: dict[str, tuple[str, str]] | None = None,
                              overlap_ok: Callable[[Node], bool] | None = None,
                              reverse_ok: Callable[[Node], bool] | None = None,
-                             shift_of: Callable[[Node, int, int], int | None] | None = None
+                             shift_of: Callable[[Node, int, int], int | None] | None = None,
+                             raise_of: Callable[[Node, int], int | None] | None = None
                              ) -> tuple[list[Buffer], set[str], dict[str, int]]:
     """Buffers of a schedule (DESIGN §5): tensors as (bytes, first, last), sharing storage
     where the kernels allow it.
@@ -317,8 +318,11 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
     `node_reverse_shift` bytes *above* the input's start instead, its rows run last to first
     (D negative). `shift_of(node, in_bits, out_bits)` replaces `node_overlap_shift` where
     the node's calls are not the whole map's (a patch stage's, per tile:
-    `mpq.patch.PatchSchedule.stage_shift`). Returns the buffers, the names of the in-place
-    nodes and the overlapped nodes with their shift D (output offset = input offset − D).
+    `mpq.patch.PatchSchedule.stage_shift`). `raise_of(node, bits)` gives an in-place depthwise
+    node's output a start U bytes *above* its input's (a patch stage's tile shrinks by its halo:
+    `mpq.patch.PatchSchedule.raise_shift`), None or 0 for the same start. Returns the buffers,
+    the names of the in-place nodes and the overlapped nodes with their shift D (output offset
+    = input offset − D).
     """
     bits = bits or {}
     fused = fused or {}
@@ -338,6 +342,7 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
     for i, n in enumerate(graph.nodes):
         src = n.inputs[0] if n.inputs else None
         share = None
+        up = 0  # bytes an in-place output starts above its input (`raise_of`)
         if n.name in fused:
             share = fused[n.name][1]
         elif src is not None and src in owner:
@@ -349,6 +354,8 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
                     and (inplace_ok is None or inplace_ok(n)):
                 share = src
                 inplace.add(n.name)
+                if raise_of is not None:
+                    up = raise_of(n, bits.get(src, 8)) or 0
             elif n.op == "activation" and src not in graph.outputs \
                     and all(seg.last <= i for seg in buffers[owner[src]].segments) \
                     and (inplace_ok is None or inplace_ok(n)):
@@ -378,7 +385,7 @@ def schedule_buffers_overlap(graph: Graph, elements: dict[str, int],
             size = 0 if t in fused_res else align_up(packed_bytes(elements[t], bits.get(t, 8)))
             if share is not None:
                 owner[t] = owner[share]
-                shift[t] = shift.get(share, 0) - (below or 0)
+                shift[t] = shift.get(share, 0) - (below or 0) + up
             else:
                 owner[t] = t
                 buffers[t] = Buffer(t)

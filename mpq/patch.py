@@ -41,6 +41,7 @@ Column overlaps are still recomputed (caching them too would need a strip per pa
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -526,6 +527,9 @@ class PatchSchedule:
     # ... and those whose output starts above it, rows run last to first
     # (`memory.node_reverse_shift`)
     overlap_reverse: frozenset[str] = frozenset()
+    # A stage's in-place depthwise nodes whose output tile starts `raise_shift` bytes above
+    # their input tile's start (`choose_stage_overlaps`)
+    inplace_raise: frozenset[str] = frozenset()
     # Where the kernel scratch lives (`memory.SCRATCH_MODES`): "arena" — per layer, in the
     # arena for its step (`memory.scratch_buffers`; a stage node's the largest over the
     # patches; not with line buffers) — or "separate"
@@ -698,11 +702,13 @@ class PatchSchedule:
 
     def _buffers(self, bits: dict[str, int] | None, inplace_depthwise: bool,
                  overlap: frozenset[str] | None = None,
-                 reverse: frozenset[str] | None = None
+                 reverse: frozenset[str] | None = None,
+                 raised: frozenset[str] | None = None
                  ) -> tuple[list[Buffer], set[str], dict[str, int]]:
         stage = set(self.stage_nodes)
         allowed = self.overlap if overlap is None else overlap
         above = self.overlap_reverse if overlap is None else (reverse or frozenset())
+        lifted = self.inplace_raise if raised is None else raised
 
         def inplace_ok(nd: Node) -> bool:
             return inplace_depthwise and (nd.name not in stage
@@ -714,7 +720,9 @@ class PatchSchedule:
                 self.graph, self.tensor_elements, self.lifetimes, bits, inplace_ok,
                 self.fused_adds, (lambda nd: nd.name in ok) if ok else None,
                 (lambda nd: nd.name in up) if up else None,
-                self.stage_shift if self.split_tensor is not None else None)
+                self.stage_shift if self.split_tensor is not None else None,
+                (lambda nd, b: self.raise_shift(nd, b) if nd.name in lifted else None)
+                if lifted else None)
 
         buffers, inplace, shifts = plan(allowed, above)
         if overlap is None and shifts and any(b != 8 for b in (bits or {}).values()):
@@ -772,6 +780,44 @@ class PatchSchedule:
         # at least one alignment step: a kernel refuses an output at its input's very address
         # (a view starting inside its stored tile can need D = 0)
         return max(align_up(d), ALIGN)
+
+    def raise_shift(self, node: Node, bits: int) -> int | None:
+        """U of a stage's in-place depthwise written U bytes above its input tile's start
+        (`memory.schedule_buffers_overlap`'s `raise_of`): its output tile is smaller than its
+        input's by the halo rows, so it may end where the input's largest tile ends,
+
+            U = ⌊(⌈E_in·b/8⌉ − ⌈E_out·b/8⌉) / L⌋ · L,  L = lcm(C·b/8, ALIGN),
+
+        E the largest tile's elements. A multiple of the pixel's C·b/8 bytes keeps every
+        output element of channel ch over input channel ch, which the in-place kernel has
+        saved before it writes that channel (kernels/mpq_kernels.h, mpq_depthwise_inplace),
+        whatever the offset; a multiple of ALIGN keeps the offset aligned. Then a convolution
+        written below that output (`stage_shift`) stays inside the input's bytes instead of
+        drifting the chain of tiles downward. None: not an in-place stage depthwise, a pixel
+        not a whole number of bytes, or no room (U = 0)."""
+        if node.name not in self.inplace_candidates:
+            return None
+        src, out = node.inputs[0], node.outputs[0]
+        c = self.graph.tensors[src].shape[3]
+        if c * bits % 8:
+            return None
+        unit = math.lcm(c * bits // 8, ALIGN)
+        room = packed_bytes(self.tensor_elements[src], bits) \
+            - packed_bytes(self.tensor_elements[out], bits)
+        u = room // unit * unit
+        return u if u > 0 else None
+
+    def raise_record(self, bits: dict[str, int] | None, inplace: set[str]) -> dict[str, int]:
+        """The plan's `schedule.inplace_raised`: each raised node that runs in place → its U
+        at these bits (`raise_shift`; a node it gives none keeps its input's start)."""
+        by_name = {nd.name: nd for nd in self.graph.nodes}
+        out = {}
+        for name in sorted(self.inplace_raise & set(inplace)):
+            nd = by_name[name]
+            u = self.raise_shift(nd, (bits or {}).get(nd.inputs[0], 8))
+            if u:
+                out[name] = u
+        return out
 
     def _accumulator_list(self) -> list[Buffer]:
         """A pooled stage's int32 sums (`accumulator`), alive over the whole stage."""
@@ -974,7 +1020,8 @@ def _lifetimes(graph: Graph, split_tensor: str | None, io: str = "external",
 
 def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
                  overlap: bool | Iterable[str] | Mapping[str, int] = False,
-                 scratch: str = "separate") -> PatchSchedule:
+                 scratch: str = "separate",
+                 raised: Iterable[str] = ()) -> PatchSchedule:
     """The patch schedule for `split` (None: the layer-based schedule). DESIGN §6. `io`:
     where the graph input and outputs live (`memory.IO_MODES`). `overlap`: True — outputs
     start inside their dying inputs where that lowers the int8 arena (`memory.choose_overlaps`;
@@ -983,7 +1030,9 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     `schedule.overlap`) — those with D ≥ 0 below, those with D < 0 above their input in
     reverse row order (layer-based only). `scratch` (`memory.SCRATCH_MODES`): where the
     kernels' scratch lives (a schedule with line buffers keeps it separate:
-    `PatchSchedule.scratch_in_arena`).
+    `PatchSchedule.scratch_in_arena`). `raised`: the stage's in-place depthwise nodes whose
+    output starts above their input (a plan's `schedule.inplace_raised`); with `overlap`
+    True they are chosen with the overlaps (`choose_stage_overlaps`).
 
     Raises MpqError naming the reason when the split is invalid or n does not fit the split
     tensor (1 ≤ n ≤ min(H, W)).
@@ -1019,8 +1068,9 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     sched = _plan(graph, split.split_layer, split.n, _index(graph), total, io, split.cache,
                   split.cols)
     sched.scratch = scratch
+    sched.inplace_raise = frozenset(raised)
     if overlap is True:
-        sched.overlap = choose_stage_overlaps(sched)
+        sched.overlap, sched.inplace_raise = choose_stage_overlaps(sched)
     elif isinstance(overlap, Mapping):
         # a stage never writes above its input (rows reversed are a layer call's form): a
         # recorded D < 0 is dropped here, so the plan check's recomputation refuses it
@@ -1030,20 +1080,44 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     return sched
 
 
-def choose_stage_overlaps(sched: PatchSchedule) -> frozenset[str]:
-    """The stage convolutions a patch schedule writes below their dying input
-    (`PatchSchedule.stage_shift`): those of `memory.choose_overlaps`' passes (written below
-    only) with the smallest int8 arena; none when no overlap lowers it."""
-    every = frozenset(sched.stage_nodes)
-    eligible = sched._buffers(None, True, every)[2]
-    if not eligible:
-        return frozenset()
+def choose_stage_overlaps(sched: PatchSchedule) -> tuple[frozenset[str], frozenset[str]]:
+    """(the stage convolutions a patch schedule writes below their dying input
+    (`PatchSchedule.stage_shift`), the in-place depthwise nodes whose output it raises
+    (`PatchSchedule.raise_shift`)): `memory.choose_overlaps`' passes (written below only) with
+    no depthwise raised and with all raised, the one with the smaller int8 arena (ties: fewer
+    nodes), then each raised node dropped where that is no larger. None when nothing lowers
+    the arena.
 
-    def arena_of(below: frozenset[str], above: frozenset[str]) -> int:
-        bufs, inplace, _ = sched._buffers(None, True, below)
+    KWS's pooled stage at int8: every pointwise convolution written 128 B below the in-place
+    depthwise before it drifts the chain of tiles 256 B below the first tile; with each
+    depthwise output ending where its input's tile ends, the chain stays inside it (176 B less
+    arena)."""
+    every = frozenset(sched.stage_nodes)
+    eligible = sched._buffers(None, True, every, None, frozenset())[2]
+    by_name = {nd.name: nd for nd in sched.graph.nodes}
+    liftable = frozenset(n for n in sched.stage_nodes
+                         if sched.raise_shift(by_name[n], 8) is not None)
+    if not eligible and not liftable:
+        return frozenset(), frozenset()
+
+    def arena_of(below: frozenset[str], raised: frozenset[str]) -> int:
+        bufs, inplace, _ = sched._buffers(None, True, below, None, raised)
         return plan_arena(bufs + sched.scratch_buffers(inplace)).size
 
-    return choose_overlaps(arena_of, eligible, (), sched.stage_nodes)[0]
+    none = arena_of(frozenset(), frozenset())
+    options = []
+    for raised in dict.fromkeys([frozenset(), liftable]):
+        below = choose_overlaps(lambda b, _a, r=raised: arena_of(b, r), eligible, (),
+                                sched.stage_nodes)[0] if eligible else frozenset()
+        options.append((arena_of(below, raised), len(below) + len(raised), below, raised))
+    size, _, below, raised = min(options, key=lambda o: o[:2])
+    for name in [n for n in sched.stage_nodes if n in raised]:
+        if arena_of(below, raised - {name}) <= size:
+            raised = raised - {name}
+            size = arena_of(below, raised)
+    if size >= none:
+        return frozenset(), frozenset()
+    return below, raised
 
 
 def _plan(graph: Graph, k: int, n: int, index: _GraphIndex, total: int,

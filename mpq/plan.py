@@ -290,6 +290,13 @@ def plan_scratch_slots(plan: Plan) -> dict[str, tuple[int, int]]:
     return {n: (int(v["offset"]), int(v["bytes"])) for n, v in rec["steps"].items()}
 
 
+def plan_raised(plan: Plan) -> dict[str, int]:
+    """A patch stage's in-place depthwise nodes whose output the plan starts U bytes above
+    their input's start (`schedule.inplace_raised`, `mpq.patch.PatchSchedule.raise_shift`);
+    none for plans without it."""
+    return dict(plan.schedule.get("inplace_raised", {}))
+
+
 def plan_overlap(plan: Plan) -> dict[str, int]:
     """The nodes whose output the plan writes inside their input, with their shift D
     (`schedule.overlap`: D ≥ 0 bytes below the input, `memory.overlap_shift`; D < 0: −D bytes

@@ -31,7 +31,14 @@ from mpq.memory import (
     packed_bytes,
 )
 from mpq.patch import PatchSchedule, plan_patches, plan_split
-from mpq.plan import Plan, plan_io, plan_overlap, plan_scratch, plan_scratch_slots
+from mpq.plan import (
+    Plan,
+    plan_io,
+    plan_overlap,
+    plan_raised,
+    plan_scratch,
+    plan_scratch_slots,
+)
 from mpq.plan_schema import PlanFieldError, fail
 from mpq.quant.weights import LINEAR, storage
 
@@ -128,7 +135,7 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
                                        "shifts hold at one branch's bits)")
     try:
         schedule = plan_patches(graph, plan_split(p), plan_io(plan), plan_overlap(plan),
-                                plan_scratch(plan))
+                                plan_scratch(plan), plan_raised(plan))
     except MpqError as exc:
         where = "patch.cache.line_buffers" if "line buffer" in str(exc) else "patch.split_layer"
         raise fail(where, str(exc)) from None
@@ -291,6 +298,10 @@ def _check_schedule(plan: Plan, schedule: PatchSchedule) -> set[str]:
     if plan.schedule["inplace_depthwise"] != sorted(inplace):
         raise fail("schedule.inplace_depthwise", f"does not match the model's schedule "
                                                  f"(expected {_short(inplace)})")
+    raised = schedule.raise_record(storage_bits(plan), inplace)
+    if plan_raised(plan) != raised:
+        raise fail("schedule.inplace_raised", f"must be {_short(raised)} (a patch stage's "
+                   "in-place depthwise outputs end where their input's largest tile ends)")
     fused = {add: {"conv": conv, "skip": skip}
              for add, (conv, skip) in sorted(schedule.fused_adds.items())}
     if plan.schedule["fused_adds"] != fused:

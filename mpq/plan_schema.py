@@ -385,9 +385,11 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
     `regions`, the board regions of the arena and the scratch (`mpq.regions`), and `io`, where
     the graph input and outputs live (plans before it: "external"), and `overlap`, the nodes
     whose output starts D bytes below their input's start (`memory.overlap_shift`; D < 0: −D
-    bytes above it, rows run last to first, `memory.reverse_overlap_shift`)."""
+    bytes above it, rows run last to first, `memory.reverse_overlap_shift`), and
+    `inplace_raised`, a patch stage's in-place depthwise nodes whose output starts U bytes
+    above their input's start (`mpq.patch.PatchSchedule.raise_shift`)."""
     req_dict(s, field, {"inplace_depthwise", "fused_adds"},
-             {"order", "regions", "io", "overlap", "scratch"})
+             {"order", "regions", "io", "overlap", "scratch", "inplace_raised"})
     if "scratch" in s:
         check_scratch_record(s["scratch"], f"{field}.scratch")
     if "overlap" in s:  # node -> bytes its output starts below its input (`memory.overlap_shift`)
@@ -396,6 +398,10 @@ def check_schedule(s: Any, field: str = "schedule") -> None:
             if not isinstance(d, int) or isinstance(d, bool):
                 raise fail(f"{field}.overlap.{n}", f"must be an integer (bytes below the "
                                                    f"input; < 0: above it), got {_show(d)}")
+    if "inplace_raised" in s:  # node -> bytes its in-place output starts above its input
+        for n, u in req_dict(s["inplace_raised"], f"{field}.inplace_raised").items():
+            req_str(n, f"{field}.inplace_raised key")
+            req_int(u, f"{field}.inplace_raised.{n}", 1, MAX_BYTES)
     if "order" in s:
         for i, n in enumerate(req_list(s["order"], f"{field}.order")):
             req_str(n, f"{field}.order[{i}]")

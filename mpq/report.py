@@ -27,7 +27,7 @@ from mpq.fileio import write_atomic
 from mpq.ir import Graph, graph_fingerprint
 from mpq.memory import SCRATCH_PREFIX
 from mpq.patch import PatchMemory, PatchSchedule, plan_patches, plan_split
-from mpq.plan import Plan, plan_io, plan_overlap, plan_scratch
+from mpq.plan import Plan, plan_io, plan_overlap, plan_raised, plan_scratch
 from mpq.search.driver import stage_bitops
 from mpq.search.scores import layer_bitops
 from mpq.vdpc import VdpcResult
@@ -62,7 +62,8 @@ def plan_schedule(plan: Plan, graph: Graph) -> PatchSchedule:
     if [layer.name for layer in plan.layers] != [n.name for n in graph.nodes]:
         raise MpqError("the plan's layers are not the model's nodes; run `mpq search` again")
     split = None if plan.patch is None else plan_split(plan.patch)
-    return plan_patches(graph, split, plan_io(plan), plan_overlap(plan), plan_scratch(plan))
+    return plan_patches(graph, split, plan_io(plan), plan_overlap(plan), plan_scratch(plan),
+                        plan_raised(plan))
 
 
 def arena_extent_per_step(memory: PatchMemory, n_steps: int) -> list[int]:

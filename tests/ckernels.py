@@ -142,11 +142,16 @@ class Stored:
         return cls(rng.integers(lo, hi + 1, n), bits)
 
     def view(self, h: int, w: int, c: int, y0: int = 0, x0: int = 0,
-             stored_w: int | None = None) -> View:
-        """A view of element (y, x, ch) at ((y0 + y)·stored_w + x0 + x)·c + ch."""
+             stored_w: int | None = None, start: int = 0) -> View:
+        """A view of element (y, x, ch) at start + ((y0 + y)·stored_w + x0 + x)·c + ch; its
+        `data` points `start` elements (whole bytes) into the buffer."""
         stored_w = w if stored_w is None else stored_w
-        assert ((y0 + h - 1) * stored_w + x0 + w) * c <= self.elements.size
-        return View(self.buf.ctypes.data, self.bits, h, w, c, y0, x0, stored_w)
+        assert start * self.bits % 8 == 0
+        assert start + ((y0 + h - 1) * stored_w + x0 + w) * c <= self.elements.size
+        v = View(self.buf.ctypes.data + int(start) * self.bits // 8, self.bits, h, w, c, y0, x0,
+                 stored_w)
+        v.start = start
+        return v
 
     @staticmethod
     def indices(v: View) -> np.ndarray:
@@ -154,7 +159,7 @@ class Stored:
         y = np.arange(v.h)[:, None, None]
         x = np.arange(v.w)[None, :, None]
         ch = np.arange(v.c)[None, None, :]
-        return ((v.y0 + y) * v.stored_w + v.x0 + x) * v.c + ch
+        return getattr(v, "start", 0) + ((v.y0 + y) * v.stored_w + v.x0 + x) * v.c + ch
 
     def read(self, v: View) -> np.ndarray:
         """The view's current values, (h, w, c) int64."""

@@ -460,8 +460,10 @@ def _depthwise_inplace_case(libs: list[ck.Kernels], rng: np.random.Generator, bi
     """One random in-place depthwise case of `geometry` ((kh, kw), (sh, sw), (dh, dw), pads,
     (h, w)) on every build: None when the output is empty, else whether every build wrote the
     reference's bytes (and nothing else) and reported the scratch formula. The output view
-    starts at the input's first element: either a plain contiguous tensor (the layer-based
-    arena) or the input's own sub-region layout."""
+    starts at the input's first element — either a plain contiguous tensor (the layer-based
+    arena) or the input's own sub-region layout — or, raised, a whole number of pixels
+    (whole bytes) above it, its `data` pointer that far into the buffer (a patch stage's
+    output tile ending where its input's tile ends, `PatchSchedule.raise_shift`)."""
     (kh, kw), (sh, sw), (dh, dw), pads, (h, w) = geometry
     ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
     wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
@@ -488,12 +490,17 @@ def _depthwise_inplace_case(libs: list[ck.Kernels], rng: np.random.Generator, bi
     same_layout = sub and rng.random() < 0.5
     sh_, sw_ = (h + 2, max(w, wo if same_layout else 0) + 3) if sub else (h, w)
     y0, x0 = (int(rng.integers(0, 3)), int(rng.integers(0, 4))) if sub else (0, 0)
-    out_extent = ((y0 + ho) * sw_ + x0 + wo) * ch if same_layout else ho * wo * ch
+    raised = 0
+    if not sub and rng.random() < 0.4:  # k pixels above the input, k·C·bits a whole byte
+        unit = 8 // int(np.gcd(ch * bits, 8))
+        raised = int(rng.integers(1, max(h * w // unit, 1) + 1)) * unit * ch
+    out_extent = ((y0 + ho) * sw_ + x0 + wo) * ch if same_layout else raised + ho * wo * ch
     store = ck.Stored.random(rng, max(sh_ * sw_ * ch, out_extent), bits)
     v_in = store.view(h, w, ch, y0, x0, sw_)
     store.elements[ck.Stored.indices(v_in)] = x
     store.restore()
-    v_out = store.view(ho, wo, ch, y0, x0, sw_) if same_layout else store.view(ho, wo, ch)
+    v_out = store.view(ho, wo, ch, y0, x0, sw_) if same_layout else \
+        store.view(ho, wo, ch, start=raised)
     p = ck.ConvParams(sh, sw, dh, dw, pads[0], pads[1], ch, a_in.zero_point,
                       a_out.zero_point, lq.act_min, lq.act_max)
     good = True

@@ -129,16 +129,31 @@ def test_kws_pooled_stage_overlaps_its_pointwise_convolutions(kws_graph) -> None
     """The 25×1 pooled stage at int8: two pointwise convolutions start one pixel pair (128 B)
     below their inputs and the arena shrinks by a quarter; every overlapped output starts
     exactly D below its input, D is the largest per-patch shift, and no two buffers alive
-    together share a byte."""
+    together share a byte. The first depthwise's output ends where its input's 9-row tile
+    ends (U = 2 rows, 640 B above its start), so the chain of tiles stays inside the first
+    tile: the arena is the first convolution's step exactly — its im2col column, its 9-row
+    output tile, the input and the sums (80 + 2,880 + 496 + 256 = 3,712 B), 176 B less than
+    with every depthwise output at its input's start."""
     g = kws_graph
     split = pooled_splits(g)[0]
-    plain = plan_patches(g, split, "arena")
-    sched = plan_patches(g, split, "arena", overlap=True)
-    assert sched.overlap == choose_stage_overlaps(plain)
+    plain = plan_patches(g, split, "arena", scratch="arena")
+    sched = plan_patches(g, split, "arena", overlap=True, scratch="arena")
+    assert (sched.overlap, sched.inplace_raise) == choose_stage_overlaps(plain)
     before, mem = plain.memory(), sched.memory()
     assert mem.arena_bytes <= 0.75 * before.arena_bytes
+    assert mem.arena_bytes == 80 + 2880 + 496 + 256
+    unraised = replace(sched, inplace_raise=frozenset()).memory()
+    assert unraised.arena_bytes == mem.arena_bytes + 176
     by_name = {n.name: n for n in g.nodes}
     offsets = mem.plan.tensor_offsets()
+    raised = sched.raise_record(None, mem.inplace)
+    assert list(raised.values()) == [640]
+    for name, u in raised.items():
+        node = by_name[name]
+        assert node.is_depthwise and name in mem.inplace
+        assert offsets[node.outputs[0]] == offsets[node.inputs[0]] + u
+        assert u + sched.tensor_elements[node.outputs[0]] == \
+            sched.tensor_elements[node.inputs[0]]  # int8: ends where the input's tile ends
     assert len(mem.overlap) == 2 and set(mem.overlap.values()) == {128}
     for name, d in mem.overlap.items():
         node = by_name[name]
@@ -178,15 +193,15 @@ def test_what_a_stage_does_not_overlap(kws_graph) -> None:
 
 @pytest.fixture(scope="module")
 def kws_tight(kws, kws_graph, tmp_path_factory) -> dict:
-    """The default search at 4,832 B (0.5× of KWS's layer-based int8 need), with and without
-    --overlap."""
+    """The default search at 4,636 B (0.5× of KWS's layer-based int8 need, 9,272 B), with and
+    without --overlap."""
     g = kws_graph
     data = load_dataset(kws["calib"], g)
     root = tmp_path_factory.mktemp("stage_overlap")
     out = {"graph": g, "x": np.load(kws["test"])["x"], "root": root}
     for name, overlap in (("overlap", True), ("plain", False)):
         res = search(kws["model"], g, get_board("nano33ble"), data,
-                     SearchOptions(sram=4832, overlap=overlap))
+                     SearchOptions(sram=4636, overlap=overlap))
         path = root / f"{name}.plan.json"
         res.plan.save(path)
         out[name] = res.plan
@@ -195,14 +210,17 @@ def kws_tight(kws, kws_graph, tmp_path_factory) -> dict:
 
 
 def test_search_overlaps_the_stage_and_keeps_more_bits(kws_tight: dict) -> None:
-    """With overlap the 4,832 B plan records its stage overlaps, runs without VDPC, meets the
-    budget, and its maps hold more bits than the plan without overlap at the same budget."""
+    """With overlap the 4,636 B plan records its stage overlaps and its raised depthwise, runs
+    without VDPC, meets the budget, and its maps hold more bits than the plan without overlap
+    at the same budget (all 8: the pooled stage's int8 need is 4,600 B)."""
     p, plain = kws_tight["overlap"], kws_tight["plain"]
     assert p.patch is not None and p.patch.get("pool") and p.patch["vdpc"] is None
     stage = set(p.patch["stage_nodes"])
     assert p.schedule["overlap"] and set(p.schedule["overlap"]) <= stage
-    assert "overlap" not in plain.schedule
-    assert p.predicted["sram_needed_bytes"] <= 4832
+    assert p.schedule["inplace_raised"] and set(p.schedule["inplace_raised"]) <= stage
+    assert "overlap" not in plain.schedule and "inplace_raised" not in plain.schedule
+    assert p.predicted["sram_needed_bytes"] <= 4636
+    assert {t.bits for t in p.tensors} == {8}
 
     def bits(plan) -> int:
         return sum(t.bytes for t in plan.tensors if t.name not in kws_tight["graph"].inputs)
@@ -239,12 +257,30 @@ def _outside(plan: dict) -> None:
     plan["schedule"]["overlap"][plan["layers"][-2]["name"]] = 16
 
 
+def _raise_more(plan: dict) -> None:
+    node = sorted(plan["schedule"]["inplace_raised"])[0]
+    plan["schedule"]["inplace_raised"][node] += 64
+
+
+def _raise_pointwise(plan: dict) -> None:
+    plan["schedule"]["inplace_raised"][sorted(plan["schedule"]["overlap"])[0]] = 64
+
+
+def _raise_dropped(plan: dict) -> None:
+    del plan["schedule"]["inplace_raised"]
+
+
 @pytest.mark.parametrize("edit,where", [(_shrink, "schedule.overlap"),
-                                        (_outside, "schedule.overlap")])
+                                        (_outside, "schedule.overlap"),
+                                        (_raise_more, "schedule.inplace_raised"),
+                                        (_raise_pointwise, "schedule.inplace_raised"),
+                                        (_raise_dropped, "they share storage")])
 def test_tampered_stage_overlaps_are_refused(kws_tight: dict, kws, tmp_path: Path, edit,
                                              where) -> None:
-    """A smaller shift than the kernels' order allows, or an overlap on a layer after the
-    stage: one line naming the field, exit 1, nothing written."""
+    """A smaller shift than the kernels' order allows, an overlap on a layer after the
+    stage, a raised depthwise output moved (past its input's tile), a pointwise convolution
+    "raised", or the raise left out (the tensors' offsets then disagree with the schedule):
+    one line naming the field, exit 1, nothing written."""
     bad = _tampered(kws_tight, edit, f"{edit.__name__}.plan.json")
     r = run_mpq("export", bad, "--model", kws["model"], "-o", tmp_path / "out")
     assert r.returncode == 1, r.stderr

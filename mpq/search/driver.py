@@ -802,8 +802,9 @@ def with_stage_overlap(graph: Graph, schedule: PatchSchedule, opts: SearchOption
     if not opts.overlap or schedule.split_tensor is None or schedule.cache \
             or (opts.strategy != "int8" and vdpc_map(graph, schedule, opts) is not None):
         return schedule
-    chosen = choose_stage_overlaps(schedule)
-    return replace(schedule, overlap=chosen) if chosen else schedule
+    chosen, raised = choose_stage_overlaps(schedule)
+    return replace(schedule, overlap=chosen, inplace_raise=raised) \
+        if chosen or raised else schedule
 
 
 def feasible_candidates(graph: Graph, board: Board, opts: SearchOptions) -> list[Candidate]:
@@ -1330,6 +1331,9 @@ def assemble_plan(model_path: Path, graph: Graph, board: Board, opts: SearchOpti
                                     for add, (conv, skip) in sorted(schedule.fused_adds.items())}}
     if memory.overlap:  # outputs written inside their inputs (`memory.overlap_shift`)
         schedule_info["overlap"] = dict(sorted(memory.overlap.items()))
+    raised = schedule.raise_record(act_bits, memory.inplace)
+    if raised:  # in-place depthwise outputs above their input (`PatchSchedule.raise_shift`)
+        schedule_info["inplace_raised"] = raised
     if schedule.scratch_in_arena:  # each layer's scratch in the arena (`memory.scratch_buffers`)
         schedule_info["scratch"] = scratch_record(memory.plan, grown or ())
     if graph.file_order:  # the nodes run in a memory-aware order (`mpq.order`)
