@@ -305,3 +305,25 @@ def test_stage_overlaps_beside_vdpc_are_refused(kws, tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "schedule.overlap" in lines[0] and "VDPC" in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bits", ["4", "2"])
+def test_raised_depthwise_in_a_square_grid_is_byte_exact(bits: str, tmp_path: Path) -> None:
+    """VWW's 4-layer 8×8 split at 4 and 2 bits (no VDPC): tiles of several widths, the first
+    depthwise's output raised a whole number of pixels above its input (the grouped sub-byte
+    kernel's path), byte-exact on the host."""
+    model = shared_model("vww_96_float.onnx")
+    x = np.random.default_rng(3).random((6, 96, 96, 3)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    plan = tmp_path / "p.plan.json"
+    r = run_mpq("search", model, "--board", "stm32h743", "--data", tmp_path / "c.npz",
+                "--strategy", "exact", "--no-vdpc", "--bits", bits, "--patches", "k=4,n=8",
+                "-o", plan, "-q")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(plan.read_text())
+    raised = p["schedule"]["inplace_raised"]
+    assert raised and all(u % ALIGN == 0 for u in raised.values())
+    from mpq.plan import load_plan
+
+    g = load_model(model)
+    assert verify(load_plan(plan), g, x[:2], "host").mismatches == 0
