@@ -133,6 +133,9 @@ def _check_patch(plan: Plan, graph: Graph) -> PatchSchedule:
     if plan_overlap(plan) and p.get("vdpc"):
         raise fail("schedule.overlap", "must be empty in a plan with VDPC's outlier branch (the "
                                        "shifts hold at one branch's bits)")
+    if plan_raised(plan) and p.get("vdpc"):
+        raise fail("schedule.inplace_raised", "must be empty in a plan with VDPC's outlier "
+                                              "branch (the search raises only without it)")
     try:
         schedule = plan_patches(graph, plan_split(p), plan_io(plan), plan_overlap(plan),
                                 plan_scratch(plan), plan_raised(plan))

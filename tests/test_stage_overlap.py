@@ -290,8 +290,9 @@ def test_tampered_stage_overlaps_are_refused(kws_tight: dict, kws, tmp_path: Pat
 
 
 def test_stage_overlaps_beside_vdpc_are_refused(kws, tmp_path: Path) -> None:
-    """A VDPC plan (its outlier branch runs the stage at 8 bits) given a stage overlap: the
-    shifts hold at one branch's bits, so the check refuses it in one line."""
+    """A VDPC plan (its outlier branch runs the stage at 8 bits) given a stage overlap, or a
+    raised depthwise: the shifts hold at one branch's bits, and the search raises only
+    without VDPC, so the check refuses either in one line."""
     plan = tmp_path / "vdpc.plan.json"
     r = run_mpq("search", kws["model"], "--board", "nano33ble", "--data", kws["calib"],
                 "--strategy", "exact", "--patches", "k=4,n=2", "-o", plan, "-q")
@@ -304,6 +305,15 @@ def test_stage_overlaps_beside_vdpc_are_refused(kws, tmp_path: Path) -> None:
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "schedule.overlap" in lines[0] and "VDPC" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+    del p["schedule"]["overlap"]
+    p["schedule"]["inplace_raised"] = {p["patch"]["stage_nodes"][1]: 64}
+    plan.write_text(json.dumps(p))
+    r = run_mpq("export", plan, "--model", kws["model"], "-o", tmp_path / "out")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "schedule.inplace_raised" in lines[0] and "VDPC" in lines[0], \
+        r.stderr
     assert not (tmp_path / "out").exists()
 
 
