@@ -1058,7 +1058,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
                    "--strategy int8 or measured).")
 @click.option("--max-overhead", type=click.FloatRange(min=0), default=None,
               help="With --patches auto: the most MACs the patch overlaps may recompute, as a "
-                   "fraction of the network's MACs (default: 1.0 for the measured strategy, "
+                   "fraction of the network's MACs (default: 2.0 for the measured strategy, "
                    "which spends compute to keep bits, and 4.0 for its stages that end in a "
                    "global average pool; 0.25 for the others).")
 @click.option("--scratch", type=click.Choice(["arena", "separate"]), default="arena",

@@ -122,7 +122,8 @@ def test_compare_strategies_keeps_the_best_ranked_plan(tmp_path: Path) -> None:
     one, the plan records every candidate, and the kept plan ranks best (top-1 agreement with
     float on the calibration samples, then the measured damage)."""
     out = tmp_path / "p.json"
-    r = _search(11_000, out, "measured", "--compare-strategies")
+    # below the int8 need (10,816 B: an 11-layer 7×7 stage), so the measured plan has damage
+    r = _search(10_000, out, "measured", "--compare-strategies")
     assert r.returncode == 0, r.stderr
     plan = json.loads(out.read_text())
     assert plan["strategy"] == "measured"
