@@ -1080,7 +1080,8 @@ def plan_patches(graph: Graph, split: PatchSplit | None, io: str = "external",
     return sched
 
 
-def choose_stage_overlaps(sched: PatchSchedule) -> tuple[frozenset[str], frozenset[str]]:
+def choose_stage_overlaps(sched: PatchSchedule, low: dict[str, int] | None = None
+                          ) -> tuple[frozenset[str], frozenset[str]]:
     """(the stage convolutions a patch schedule writes below their dying input
     (`PatchSchedule.stage_shift`), the in-place depthwise nodes whose output it raises
     (`PatchSchedule.raise_shift`)): `memory.choose_overlaps`' passes (written below only) with
@@ -1100,9 +1101,12 @@ def choose_stage_overlaps(sched: PatchSchedule) -> tuple[frozenset[str], frozens
     if not eligible and not liftable:
         return frozenset(), frozenset()
 
-    def arena_of(below: frozenset[str], raised: frozenset[str]) -> int:
-        bufs, inplace, _ = sched._buffers(None, True, below, None, raised)
-        return plan_arena(bufs + sched.scratch_buffers(inplace)).size
+    def arena_of(below: frozenset[str], raised: frozenset[str]) -> tuple[int, ...]:
+        sizes = []
+        for bits in (None, low) if low else (None,):
+            bufs, inplace, _ = sched._buffers(bits, True, below, None, raised)
+            sizes.append(plan_arena(bufs + sched.scratch_buffers(inplace, bits)).size)
+        return tuple(sizes)
 
     none = arena_of(frozenset(), frozenset())
     options = []

@@ -95,7 +95,14 @@ from mpq.search.solvers import Group, Problem, Solution, refine_bits, solve_exac
 from mpq.vdpc import VdpcResult, classify_rates
 
 STRATEGIES = ("measured", "exact", "vdqs", "int8", "qe", "importance", "rusci")
+#: The grid sizes n of `--patches auto`: MCUNetV2's choices in the paper strategies' space ...
 PATCH_N = (2, 3, 4, 5, 6, 8)
+#: ... and every n from 2 to 8 in the wider space of the measured default (a redundant-MAC
+#: bound above the paper's): a 7×7 split tensor has no 8×8 grid, and its 7×7 one can be the
+#: grid that keeps the most maps at 8 bits (the Fashion example at 0.35× of its int8 need: an
+#: 11-layer 7×7 stage with every map but one block's expansion at 8 bits, 92.1 % top-1, where
+#: the best other grid left 2-bit maps and 90.4 %).
+WIDE_PATCH_N = (2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass
@@ -159,6 +166,13 @@ MEASURED_MAX_OVERHEAD = 2.0
 #: where every other schedule needs 9.7 kB). The measured selection still prefers fewer
 #: redundant MACs at equal fidelity; `--max-overhead` bounds them too.
 POOLED_MAX_OVERHEAD = 4.0
+
+
+def grid_sizes(opts: SearchOptions) -> tuple[int, ...]:
+    """The n `--patches auto` tries: WIDE_PATCH_N beyond the paper's redundant-MAC bound (the
+    measured default, its wider tier for the paper strategies, a larger `--max-overhead`),
+    else PATCH_N."""
+    return WIDE_PATCH_N if overhead_bound(opts) > PAPER_MAX_OVERHEAD else PATCH_N
 
 
 def overhead_bound(opts: SearchOptions) -> float:
@@ -803,7 +817,8 @@ def with_stage_overlap(graph: Graph, schedule: PatchSchedule, opts: SearchOption
     if not opts.overlap or schedule.split_tensor is None or schedule.cache \
             or (opts.strategy != "int8" and vdpc_map(graph, schedule, opts) is not None):
         return schedule
-    chosen, raised = choose_stage_overlaps(schedule)
+    low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
+    chosen, raised = choose_stage_overlaps(schedule, low)
     return replace(schedule, overlap=chosen, inplace_raise=raised) \
         if chosen or raised else schedule
 
@@ -969,7 +984,7 @@ def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     # auto: the lowest-peak split of each form competes; at equal objective the solver's
     # ranking (`search`) then prefers the one with fewer redundant MACs that fits the budget
     forms = (False, True) if choice is None else (choice,)
-    for n in PATCH_N:
+    for n in grid_sizes(opts):
         for cache in forms:
             best = search_patches(graph, n_choices=(n,), max_overhead=overhead_bound(opts),
                                   bits=low, io=opts.io, cache=cache, scratch=opts.scratch)
