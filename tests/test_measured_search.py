@@ -208,3 +208,32 @@ def test_selection_keeps_the_plan_closest_to_float() -> None:
     best, cands = choose(_Result("own"), lambda: [("again", _Result("own")), ("a", _Result("a"))],
                          judge, lambda plan: damage[plan.name], lambda line: None)
     assert judge.measured == ["own", "a"] and [c.label for c in cands] == ["measured", "a"]
+
+
+def test_fashion_at_035x_stays_within_1pp_of_float(tmp_path: Path) -> None:
+    """Issue 13's target: at 8,551 B (0.35× of the Fashion example's 24,432 B int8 need) the
+    default plan keeps top-1 within 1 pp of float (92.9 %) on the 1000 held-out images — 92.1 %
+    measured: an 11-layer 7×7 stage whose expanding pointwise convolution writes over its
+    dying input, every map but one block's expansion at 8 bits — meets the budget, and its
+    export is byte-exact on the host."""
+    import shutil
+
+    from mpq.plan import load_plan
+    from mpq.verify import verify
+
+    out = tmp_path / "p.json"
+    r = _search(8_551, out)
+    assert r.returncode == 0, r.stderr
+    plan = load_plan(out)
+    assert plan.predicted["sram_needed_bytes"] <= 8_551
+    assert plan.patch is not None and plan.schedule.get("overlap")
+    r = run_mpq("eval", out, "--data", FASHION / "test.npz", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    top1 = json.loads(r.stdout)
+    assert top1["samples"] == 1000 and top1["float"] == pytest.approx(0.929)
+    assert top1["plan"] >= top1["float"] - 0.010
+    g = load_model(FASHION / "fashion_cnn.onnx")
+    x = np.load(FASHION / "test.npz")["x"][:4]
+    assert verify(plan, g, x, "host").mismatches == 0
+    if shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm"):
+        assert verify(plan, g, x[:1], "qemu-m4").mismatches == 0
