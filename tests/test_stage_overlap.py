@@ -337,3 +337,23 @@ def test_raised_depthwise_in_a_square_grid_is_byte_exact(bits: str, tmp_path: Pa
 
     g = load_model(model)
     assert verify(load_plan(plan), g, x[:2], "host").mismatches == 0
+
+
+def test_int8_ties_are_broken_at_the_floor_bits() -> None:
+    """The Fashion example's 11-layer 7×7 stage: at int8 the arena is set after the stage, so
+    no stage overlap changes it and none is chosen; with the search's floor bits as the
+    tie-break the expanding pointwise convolution is written over its dying input, which
+    saves 1,808 B once the last block's expansion is at 4 bits."""
+    from mpq.patch import PatchSplit
+
+    g = load_model(Path(__file__).parents[1] / "examples" / "fashion" / "fashion_cnn.onnx")
+    sched = plan_patches(g, PatchSplit(11, 7), "arena", scratch="arena")
+    low = {t: 8 if t in g.inputs else 2 for t in g.tensors}
+    assert choose_stage_overlaps(sched)[0] == frozenset()
+    chosen = choose_stage_overlaps(sched, low)[0]
+    assert [g.nodes[i].name in chosen for i in range(3)] == [False, True, False]
+    mixed = {t: 8 for t in g.tensors}
+    for node in g.nodes[11:13]:
+        mixed[node.outputs[0]] = 4
+    assert plan_patches(g, PatchSplit(11, 7), "arena", scratch="arena").memory(mixed) \
+        .arena_bytes - replace(sched, overlap=chosen).memory(mixed).arena_bytes == 1808

@@ -817,7 +817,9 @@ def with_stage_overlap(graph: Graph, schedule: PatchSchedule, opts: SearchOption
     if not opts.overlap or schedule.split_tensor is None or schedule.cache \
             or (opts.strategy != "int8" and vdpc_map(graph, schedule, opts) is not None):
         return schedule
-    low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
+    # ties at int8 go to the smaller arena at the floor bits (none to break with --bits 8)
+    low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors} \
+        if min(opts.bits) < 8 else None
     chosen, raised = choose_stage_overlaps(schedule, low)
     return replace(schedule, overlap=chosen, inplace_raise=raised) \
         if chosen or raised else schedule
