@@ -1258,6 +1258,13 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
         out.print(f"Patches: first {pt['split_layer']} layers in a {grid} grid{pooled}, "
                   f"redundant MACs {pt['redundant_macs']:,} "
                   f"({pt['redundant_macs_percent']:.1f} % of the network)")
+        stage = set(pt["stage_nodes"])
+        below = [n for n in plan.schedule.get("overlap", {}) if n in stage]
+        raised = plan.schedule.get("inplace_raised", {})
+        if below or raised:  # `patch.choose_stage_overlaps`
+            out.print(f"  inside the stage: {len(below)} output(s) written over their dying "
+                      f"input (schedule.overlap), {len(raised)} in-place depthwise output(s) "
+                      "ending where their input's tile ends (schedule.inplace_raised)")
         if pt.get("cache"):  # line buffers (`mpq.patch.cache_rows`)
             c = pt["cache"]
             out.print(f"  line buffers for {len(c['line_buffers'])} map(s), "

@@ -357,3 +357,13 @@ def test_int8_ties_are_broken_at_the_floor_bits() -> None:
         mixed[node.outputs[0]] = 4
     assert plan_patches(g, PatchSplit(11, 7), "arena", scratch="arena").memory(mixed) \
         .arena_bytes - replace(sched, overlap=chosen).memory(mixed).arena_bytes == 1808
+
+
+def test_search_says_what_the_stage_writes_over(kws, tmp_path: Path) -> None:
+    """`mpq search` names the stage's overlapped outputs and raised depthwise outputs under its
+    Patches line (KWS at 0.5× of its int8 need: two and one)."""
+    r = run_mpq("search", kws["model"], "--board", "nano33ble", "--data", kws["calib"],
+                "--sram", "4636", "-o", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr
+    assert "inside the stage: 2 output(s) written over their dying input (schedule.overlap), " \
+        "1 in-place depthwise output(s)" in " ".join(r.stdout.split()), r.stdout
