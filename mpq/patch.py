@@ -1119,9 +1119,9 @@ def choose_stage_overlaps(sched: PatchSchedule, low: dict[str, int] | None = Non
         options.append((arena_of(below, raised), len(below) + len(raised), below, raised))
     size, _, below, raised = min(options, key=lambda o: o[:2])
     for name in [n for n in sched.stage_nodes if n in raised]:
-        if arena_of(below, raised - {name}) <= size:
-            raised = raised - {name}
-            size = arena_of(below, raised)
+        trial = arena_of(below, raised - {name})
+        if trial <= size:
+            raised, size = raised - {name}, trial
     if size >= none:
         return frozenset(), frozenset()
     return below, raised

@@ -818,9 +818,8 @@ def with_stage_overlap(graph: Graph, schedule: PatchSchedule, opts: SearchOption
             or (opts.strategy != "int8" and vdpc_map(graph, schedule, opts) is not None):
         return schedule
     # ties at int8 go to the smaller arena at the floor bits (none to break with --bits 8)
-    low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors} \
-        if min(opts.bits) < 8 else None
-    chosen, raised = choose_stage_overlaps(schedule, low)
+    chosen, raised = choose_stage_overlaps(
+        schedule, floor_bits(graph, opts) if min(opts.bits) < 8 else None)
     return replace(schedule, overlap=chosen, inplace_raise=raised) \
         if chosen or raised else schedule
 
@@ -976,11 +975,17 @@ def schedule_value(problem: Problem, choice: dict[str, int],
     return float(value)
 
 
+def floor_bits(graph: Graph, opts: SearchOptions) -> dict[str, int]:
+    """Every map at the smallest candidate bitwidth, the graph input at 8: the bits the
+    candidate splits are ranked at (`auto_candidates`) and stage-overlap ties broken at."""
+    return {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
+
+
 def auto_candidates(graph: Graph, opts: SearchOptions) -> list[PatchSchedule]:
     """`--patches auto`: the layer-based schedule and, for each grid size n, the split with the
     lowest peak at the smallest candidate bitwidth, redundant MACs within `max_overhead` — for
     each form `cache_choice` allows (halos recomputed, rows kept in line buffers)."""
-    low = {t: 8 if t in graph.inputs else min(opts.bits) for t in graph.tensors}
+    low = floor_bits(graph, opts)
     out = [plan_patches(graph, None, opts.io, opts.overlap, opts.scratch)]
     choice = cache_choice(opts)
     # auto: the lowest-peak split of each form competes; at equal objective the solver's
