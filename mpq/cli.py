@@ -1288,6 +1288,11 @@ def _print_search(plan: Any, summary: dict[str, Any]) -> None:
             out.print(f"Fidelity on {fid['samples']} samples of --data (seen by the search), "
                       f"output '{_short(name, 30)}': {agree}SQNR {_db(f['sqnr_db'])} (int8 "
                       f"{_db(e['sqnr_db'])}), cosine {f['cosine']:.4f}")
+    ptq = plan.search.get("measured", {}).get("ptq")
+    if ptq and ptq.get("candidates"):
+        tried = ", ".join(f"{c['fit']} {c['damage_vs_float']:.5f}" for c in ptq["candidates"])
+        out.print(f"PTQ: {ptq['kept']} kept — damage against float on the validation samples: "
+                  f"{tried} (fitted on the {ptq['fit_samples']} samples of --data not measured)")
     out.print(f"objective {plan.search['objective']:.6f}; {summary['seconds']:.1f} s → "
               f"{plain(summary['plan'])}")
 

@@ -146,8 +146,8 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     assert scheduled.count("solving") == len(solving)
     expected = ["import", *order, "calibrated", "sensitivity", "scoring", *scheduled,
                 *["measuring"] * len(measuring),
-                # the PTQ fits tried on a plan with sub-byte maps (`search.ptq_choice`)
-                *(["ptq"] if "ptq" in phases else []),
+                # bias correction, tried on every plan (`search.ptq_choice`)
+                "ptq",
                 "quantisation", *(["VDPC"] if vdpc else []),
                 "fidelity", "plan", "total"]
     assert phases == expected, r.stderr
@@ -158,6 +158,11 @@ def test_verbose_prints_the_search_phases_and_quiet_runs_print_no_progress(tmp_p
     assert r.returncode == 0 and r.stderr == ""
     assert "\x1b[" not in r.stdout and "\r" not in r.stdout  # no bar, no colour in a pipe
     assert (tmp_path / "q.json").read_bytes() == plan.read_bytes()
+    # the summary names the PTQ fit kept and what each candidate measured
+    kept = json.loads(plan.read_text())["search"]["measured"]["ptq"]["kept"]
+    assert re.search(rf"^PTQ: {kept} kept — damage against float on the validation samples: "
+                     r"none \d\.\d{5}, bias correction \d\.\d{5} \(fitted on the 192 samples",
+                     r.stdout, re.M), r.stdout
 
 
 def test_version_names_the_command() -> None:
