@@ -18,8 +18,8 @@ was fitted to; with fewer than `MIN_FIT` such samples nothing is tried. Candidat
 - bias correction, on every plan — the all-8-bit one too: it measures 0 against the search's
   all-8-bit reference, but not against float, and 8-bit maps shift the mean as well. On the
   Fashion example's int8 plan it is kept (damage against float 0.0232 → 0.0156 on the
-  validation samples; top-1 on all 10,000 test images 90.98 → 91.16 %, agreement with float
-  97.07 → 97.67 %); on KWS's int8 plan it measures worse (0.00132 → 0.00239) and is not;
+  validation samples; top-1 on all 10,000 test images 90.98 → 91.08 %, agreement with float
+  97.07 → 97.66 %); on KWS's int8 plan it measures worse (0.00132 → 0.00239) and is not;
 - AdaRound, and AdaRound + bias correction, when some layer has 4- or 2-bit linear weights.
 
 Nothing is tried when the user set `--bias-correction` / `--adaround` themselves (then exactly
