@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,16 +186,21 @@ def over_budget(measured: dict[str, int], board: Any, plan_board: dict[str, Any]
     return problems
 
 
-def build_summary(measured: dict[str, int], predicted_flash: int | None) -> str:
-    """One line naming the measured parts (and the predicted Flash next to the measured)."""
+def build_summary(measured: dict[str, int], predicted_flash: int | None,
+                  predicted_stack: int | None = None) -> str:
+    """One line naming the measured parts (and the predicted Flash and stack next to the
+    measured: the plan's stack bound is its kernels', a CMSIS-NN export's calls are not)."""
     got = measured["model_flash_bytes"]
     pred = "" if predicted_flash is None else \
         f" (predicted {predicted_flash:,} B, {_pct(got, predicted_flash)})"
+    stack = measured.get("model_stack_bytes", 0)
+    stack_pred = "" if predicted_stack is None else \
+        f"; the plan predicted {predicted_stack:,} B, {_pct(stack, predicted_stack)}"
     return (f"model Flash {measured['model_flash_bytes']:,} B{pred} + harness "
             f"{measured['harness_flash_bytes']:,} B; model SRAM {measured['model_sram_bytes']:,}"
             f" B (arena + scratch {measured.get('mpq_arena', 0):,}, I/O buffers "
             f"{measured['io_buffer_bytes']:,}) + model stack "
-            f"{measured.get('model_stack_bytes', 0):,} B (call-graph bound, inside the "
+            f"{stack:,} B (call-graph bound{stack_pred}; inside the "
             f"{measured['stack_bytes']:,} B stack reserve)")
 
 
@@ -689,12 +695,19 @@ def stack_depth(frames: dict[str, int], calls: dict[str, set[str]], root: str) -
     return depth(root, ())
 
 
-def measured_stack(build_dir: Path, root: str = "mpq_model_run") -> int:
+def measured_stack(build_dir: Path, root: str = "mpq_model_run",
+                   also: Sequence[Path] = ()) -> int:
     """The deepest stack a call of `root` can take in a build compiled with `STACK_FLAG`
-    (its `.ci` files in `build_dir`): GCC's own frame sizes over the static call graph."""
+    (its `.ci` files in `build_dir`, and `also`: a library's, CMSIS-NN's, compiled apart):
+    GCC's own frame sizes over the static call graph."""
     files = sorted(Path(build_dir).glob("*.ci"))
     if not files:
         raise MpqError(f"{build_dir}: no call graph (.ci) files; build with {STACK_FLAG}")
+    missing = [p for p in also if not Path(p).is_file()]
+    if missing:
+        raise MpqError(f"{missing[0]}: no call graph for this library object; compile it "
+                       f"with {STACK_FLAG}")
+    files += [Path(p) for p in also]
     frames, calls = read_call_graph(files)
     if root not in frames:
         raise MpqError(f"{root}: not in the build's call graph")

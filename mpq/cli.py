@@ -860,7 +860,8 @@ def _check_build(measured: dict[str, int], board: Any, plan: Any, allow_over: bo
     out.print(f"built for {plain(board.name)}: Flash {measured['flash_bytes']:,} B, "
               f"SRAM {measured['sram_bytes']:,} B (measured)")
     p = plan.predicted
-    out.print("  " + plain(build_summary(measured, p["flash_bytes"] + p["code_bytes_estimate"])))
+    out.print("  " + plain(build_summary(measured, p["flash_bytes"] + p["code_bytes_estimate"],
+                                         p.get("stack_bytes"))))
     problems = over_budget(measured, board, plan.board)
     if not problems:
         return

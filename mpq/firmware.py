@@ -339,10 +339,13 @@ def library_objects(
     out_dir: Path | str,
     *,
     toolchain: Toolchain | None = None,
+    extra_flags: Sequence[str] = (),
 ) -> list[Path]:
     """Compile third-party C sources (CMSIS-NN) to objects for ``board`` — its CPU flags and the
     flags of :func:`build_elf`, warnings not fatal: the code is the user's, not mpq's — or for
-    the host (``board=None``: ``gcc -O2``). Returns the objects to link.
+    the host (``board=None``: ``gcc -O2``), with ``extra_flags`` after them. Returns the objects
+    to link. A compiler output beside the object (``-fcallgraph-info``'s ``.ci``, the model's
+    stack bound needs the library's frames too) is kept under the object's name.
 
     Objects are cached in the cache directory under a name that hashes the compiler, the flags,
     the source and every header of ``include_dirs``, so repeated builds of the same library
@@ -354,6 +357,8 @@ def library_objects(
     else:
         b = _resolve_board(board)
         cc, flags = tools.cc, (*b.cpu_flags, *_CFLAGS)
+    flags = (*flags, *extra_flags)
+    graph = any(f.startswith("-fcallgraph-info") for f in extra_flags)  # writes <object>.ci
     includes = [Path(d).resolve() for d in include_dirs]
     headers = _tree_digest(includes)
     out = Path(out_dir).resolve()
@@ -368,7 +373,7 @@ def library_objects(
         key = hashlib.sha256("\0".join([cc, *flags, headers]).encode() + b"\0"
                              + src.read_bytes()).hexdigest()[:20]
         obj = cache / f"{src.stem}-{key}.o"
-        if not obj.is_file():
+        if not obj.is_file() or (graph and not obj.with_suffix(".ci").is_file()):
             fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".o", dir=cache)
             os.close(fd)
             cmd = [cc, *flags, *(f"-I{d}" for d in includes), "-c", str(src.resolve()),
@@ -379,6 +384,9 @@ def library_objects(
                 Path(tmp).unlink(missing_ok=True)
                 raise MpqError(f"{Path(cc).name} failed on {src}: "
                                f"{_first_error(proc.stdout + proc.stderr)}")
+            aux = Path(tmp).with_suffix(".ci")
+            if aux.is_file():  # before the object: a cached object always has its .ci
+                os.replace(aux, obj.with_suffix(".ci"))
             os.replace(tmp, obj)
         objects.append(obj)
     return objects

@@ -1127,13 +1127,16 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
         (work / "main.c").write_text(render("firmware/verify_main.c.j2", target="board",
                                             samples=1))
         sources = [work / n for n in ("main.c", *c_sources(files))]
-        includes = [work]
-        if root is not None:
-            includes.append(root / "Include")
-            sources += firmware.library_objects([root / s for s in used["sources"]],
-                                                [root / "Include"], board, work / "lib")
         from mpq.budget import STACK_FLAG, build_breakdown, measured_stack
 
+        includes, library = [work], []
+        if root is not None:
+            includes.append(root / "Include")
+            # with their call graphs: CMSIS-NN's frames are on the model's stack too
+            library = firmware.library_objects([root / s for s in used["sources"]],
+                                               [root / "Include"], board, work / "lib",
+                                               extra_flags=[STACK_FLAG])
+            sources += library
         elf = firmware.build_elf(sources, includes, board, work / "build",
                                  extra_flags=[STACK_FLAG])
         sizes = firmware.section_sizes(elf)
@@ -1141,7 +1144,8 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
         sizes["mpq_arena"] = sum(v for k, v in sizes.items()
                                  if k == "mpq_arena" or k.startswith("mpq_arena_"))
         return {**sizes, **build_breakdown(elf, sizes, firmware.require_tools().nm),
-                "model_stack_bytes": measured_stack(work / "build")}
+                "model_stack_bytes": measured_stack(
+                    work / "build", also=[o.with_suffix(".ci") for o in library])}
 
 
 def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, str]:
