@@ -266,8 +266,12 @@ def _targets(results: list[dict], demo: float) -> dict:
                            if wrise[0][0] > 0 else ""),
                         str(wrise is None or wrise[0][0] <= 0)])
         if not res.get("filing_need"):  # not one of the models: its goals do not apply
+            example = next((r["float"] for r in results if r["model"] == "Fashion example CNN"),
+                           None)
             out.append([res["model"], "the issue's 0.5× / 0.35× goals",
-                        "the goals are KWS's and the Fashion example's (float 92.9 %); this "
+                        "the goals are KWS's and the Fashion example's"
+                        + ("" if example is None else f" (float {100 * example:.1f} %)")
+                        + "; this "
                         f"model's float is {100 * res['float']:.1f} %, its smallest plan "
                         f"{res['minimum']:,} B ({res['minimum'] / res['int8_need']:.2f}× of "
                         "its int8 need)", "n/a"])

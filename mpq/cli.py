@@ -1201,7 +1201,8 @@ def _search_summary(plan: Any, seconds: float, output: Path) -> dict[str, Any]:
                                            "redundant_macs_percent", "cache")
                 if k in plan.patch},
             "objective": plan.search["objective"], "seconds": round(seconds, 3),
-            "bits": {t.name: t.bits for t in plan.tensors}}
+            "bits": {t.name: t.bits for t in plan.tensors},
+            **({"measured": plan.search["measured"]} if "measured" in plan.search else {})}
 
 
 def _arena_budget_line(p: dict[str, Any], b: dict[str, Any]) -> str:

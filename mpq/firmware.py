@@ -382,6 +382,7 @@ def library_objects(
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 Path(tmp).unlink(missing_ok=True)
+                Path(tmp).with_suffix(".ci").unlink(missing_ok=True)
                 raise MpqError(f"{Path(cc).name} failed on {src}: "
                                f"{_first_error(proc.stdout + proc.stderr)}")
             aux = Path(tmp).with_suffix(".ci")

@@ -307,9 +307,11 @@ def test_adaround_plan_verifies_bit_exact_and_is_deterministic(grouped, tmp_path
 
 
 def test_plans_without_ptq_keep_their_keys(grouped, tmp_path: Path) -> None:
-    """Without the options a plan has no PTQ keys (older plans' bytes are unchanged)."""
+    """Without PTQ (no options, --no-auto-ptq) a plan has no PTQ keys (older plans' bytes are
+    unchanged)."""
     res = search(grouped["path"], grouped["graph"], get_board("nano33ble"),
-                 dataset_from_array(grouped["calib"], "calib"), SearchOptions(patches="none"))
+                 dataset_from_array(grouped["calib"], "calib"),
+                 SearchOptions(patches="none", auto_ptq=False))
     data = json.loads(res.plan.to_json())
     assert "bias_correction" not in data["search"] and "adaround" not in data["search"]
     assert all("bias_correction" not in layer and "w_params" not in layer
@@ -388,7 +390,8 @@ def test_measured_int8_plan_is_fitted_against_float_too(tmp_path: Path) -> None:
     assert set(damages) == {"none", "bias correction"}
     assert record["kept"] == "bias correction" and damages["bias correction"] < damages["none"]
     assert plan.search["bias_correction"] is True
-    assert plan.search["measured"]["damage"] > 0  # against int8: the fit moved it (to float)
+    # against the all-8-bit reference: the bits measure 0, the fitted model does not
+    assert plan.search["measured"]["damage_before_ptq"] == 0 < plan.search["measured"]["damage"]
     assert all(layer.bias_correction is not None for layer in plan.layers
                if layer.w_bits is not None)
     plan.save(tmp_path / "p.json")

@@ -652,6 +652,11 @@ def search(model_path: Path, graph: Graph, board: Board, data: Dataset | None,
             "plans_measured": m.candidates, "reference_runs": probe.runs}
         if ptq_choice is not None and ptq_choice.record:
             plan.search["measured"]["ptq"] = ptq_choice.record
+        if ptq_choice is not None and ptq_choice.fitted is not None:
+            # `damage` is the shipped model's, against the all-8-bit reference: a kept fit
+            # moves it (toward float; an all-8-bit plan's goes from 0 to > 0). The bits'
+            # own damage is what the search ranked plans by, monotone in the budget.
+            plan.search["measured"]["damage_before_ptq"] = round(m.damage, 9)
         plan.predicted["fidelity"] = plan_fidelity(plan, graph, x_val, probe.classifier_any,
                                                    damage, probe)
         say(f"fidelity: measured on {probe.samples} samples")
