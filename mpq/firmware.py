@@ -332,6 +332,12 @@ def _tree_digest(directories: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def call_graph_file(obj: Path) -> Path:
+    """Where `-fcallgraph-info` leaves an object's call graph: beside it, `<object stem>.ci`
+    (GCC names it after the output; `library_objects` keeps it under the cached object's)."""
+    return Path(obj).with_suffix(".ci")
+
+
 def library_objects(
     sources: Sequence[Path | str],
     include_dirs: Sequence[Path | str],
@@ -358,7 +364,7 @@ def library_objects(
         b = _resolve_board(board)
         cc, flags = tools.cc, (*b.cpu_flags, *_CFLAGS)
     flags = (*flags, *extra_flags)
-    graph = any(f.startswith("-fcallgraph-info") for f in extra_flags)  # writes <object>.ci
+    call_graph = any(f.startswith("-fcallgraph-info") for f in extra_flags)
     includes = [Path(d).resolve() for d in include_dirs]
     headers = _tree_digest(includes)
     out = Path(out_dir).resolve()
@@ -373,7 +379,7 @@ def library_objects(
         key = hashlib.sha256("\0".join([cc, *flags, headers]).encode() + b"\0"
                              + src.read_bytes()).hexdigest()[:20]
         obj = cache / f"{src.stem}-{key}.o"
-        if not obj.is_file() or (graph and not obj.with_suffix(".ci").is_file()):
+        if not obj.is_file() or (call_graph and not call_graph_file(obj).is_file()):
             fd, tmp = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".o", dir=cache)
             os.close(fd)
             cmd = [cc, *flags, *(f"-I{d}" for d in includes), "-c", str(src.resolve()),
@@ -382,12 +388,12 @@ def library_objects(
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 Path(tmp).unlink(missing_ok=True)
-                Path(tmp).with_suffix(".ci").unlink(missing_ok=True)
+                call_graph_file(Path(tmp)).unlink(missing_ok=True)
                 raise MpqError(f"{Path(cc).name} failed on {src}: "
                                f"{_first_error(proc.stdout + proc.stderr)}")
-            aux = Path(tmp).with_suffix(".ci")
+            aux = call_graph_file(Path(tmp))
             if aux.is_file():  # before the object: a cached object always has its .ci
-                os.replace(aux, obj.with_suffix(".ci"))
+                os.replace(aux, call_graph_file(obj))
             os.replace(tmp, obj)
         objects.append(obj)
     return objects

@@ -619,6 +619,11 @@ class PatchSchedule:
         return restore, start, save
 
     @cached_property
+    def node_by_name(self) -> dict[str, Node]:
+        """The graph's nodes by name."""
+        return {nd.name: nd for nd in self.graph.nodes}
+
+    @cached_property
     def computed_regions(self) -> dict[str, list[list[Region]]]:
         """map → [i][j] rectangle patch (i, j) computes: its region, or, with line buffers, the
         rows not kept from the patch above."""
@@ -660,9 +665,8 @@ class PatchSchedule:
         if self._rows is None or self._cols is None:
             return {}
         out: dict[str, list[list[list[tuple[int, int]]]]] = {}
-        by_name = {nd.name: nd for nd in self.graph.nodes}
         for name in self.stage_nodes:
-            ins = by_name[name].inputs
+            ins = self.node_by_name[name].inputs
             rr, cr = self._rows.reads[name], self._cols.reads[name]
             rs, cs = self._rows.spans, self._cols.spans
             out[name] = [[[(rr[i][q][0] - rs[i][t][0], cr[j][q][0] - cs[j][t][0])
@@ -810,10 +814,9 @@ class PatchSchedule:
     def raise_record(self, bits: dict[str, int] | None, inplace: set[str]) -> dict[str, int]:
         """The plan's `schedule.inplace_raised`: each raised node that runs in place → its U
         at these bits (`raise_shift`; a node it gives none keeps its input's start)."""
-        by_name = {nd.name: nd for nd in self.graph.nodes}
         out = {}
         for name in sorted(self.inplace_raise & set(inplace)):
-            nd = by_name[name]
+            nd = self.node_by_name[name]
             u = self.raise_shift(nd, (bits or {}).get(nd.inputs[0], 8))
             if u:
                 out[name] = u
@@ -1098,9 +1101,8 @@ def choose_stage_overlaps(sched: PatchSchedule, low: dict[str, int] | None = Non
     at the floor bits keeps it)."""
     every = frozenset(sched.stage_nodes)
     eligible = sched._buffers(None, True, every, None, frozenset())[2]
-    by_name = {nd.name: nd for nd in sched.graph.nodes}
     liftable = frozenset(n for n in sched.stage_nodes
-                         if sched.raise_shift(by_name[n], 8) is not None)
+                         if sched.raise_shift(sched.node_by_name[n], 8) is not None)
     if not eligible and not liftable:
         return frozenset(), frozenset()
 

@@ -523,7 +523,7 @@ def test_measured_stack_counts_cmsis_nn_frames(tmp_path: Path) -> None:
     objects = firmware.library_objects([root / s for s in report["cmsis_nn"]["sources"]],
                                        [root / "Include"], board, tmp_path / "lib",
                                        extra_flags=[STACK_FLAG])
-    frames, calls = read_call_graph([o.with_suffix(".ci") for o in objects])
+    frames, calls = read_call_graph([firmware.call_graph_file(o) for o in objects])
     deepest = max(stack_depth(frames, calls, c) for c in called)
     assert deepest > 0
     measured = measure_build(files, board)

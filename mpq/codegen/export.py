@@ -1145,7 +1145,7 @@ def measure_build(files: dict[str, str], board: Board) -> dict[str, int]:
                                  if k == "mpq_arena" or k.startswith("mpq_arena_"))
         return {**sizes, **build_breakdown(elf, sizes, firmware.require_tools().nm),
                 "model_stack_bytes": measured_stack(
-                    work / "build", also=[o.with_suffix(".ci") for o in library])}
+                    work / "build", also=[firmware.call_graph_file(o) for o in library])}
 
 
 def with_measured(files: dict[str, str], measured: dict[str, int]) -> dict[str, str]:
